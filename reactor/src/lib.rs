@@ -1,1 +1,23 @@
-//! Per-core polling reactors.
+//! Per-core polling reactors: one thread per core of a core mask, each looping
+//! over its message ring and its pollers, with an explicit idle policy.
+//!
+//! State is owned by one reactor and reached by others only through messages
+//! (see `ring`), which keeps every data path free of locks.
+#![forbid(unsafe_code)]
+
+mod clock;
+mod reactor;
+mod ring;
+mod set;
+mod sync;
+mod wake;
+
+pub use clock::Clock;
+pub use reactor::{
+    count, current, current_uid, for_each_reactor, global, local, now_ns, poller_names, register_poller,
+    register_timed_poller, send, send_raw, stopping, IdlePolicy, Message, PollStatus, PollerHandle,
+    ReactorId, MSG_BATCH,
+};
+pub use ring::Ring;
+pub use set::{parse_core_mask, CoreMaskError, ManualSet, ReactorConfig, ReactorSet, DEFAULT_RING_CAPACITY};
+pub use wake::WakeFlag;
