@@ -1,0 +1,258 @@
+//! The block-device trait (shaped like SPDK's `spdk_bdev_fn_table`), the
+//! per-reactor channel a bdev serves IO on, and per-channel IO statistics.
+
+use crate::io::{BdevIo, IoBox, IoError, IoStatus, IoType};
+use crate::registry::BdevHandle;
+use crate::tsc;
+use serde_json::Value;
+use std::cell::Cell;
+use std::rc::Rc;
+use uuid::Uuid;
+
+/// Fixed facts about a bdev, set when it is created.
+#[derive(Clone, Debug)]
+pub struct BdevProps {
+    pub name: String,
+    pub product_name: &'static str,
+    pub block_size: u32,
+    pub num_blocks: u64,
+    pub uuid: Uuid,
+    /// Preferred IO boundary in blocks (a RAID strip), 0 if none.
+    pub optimal_io_boundary: u32,
+    /// Largest IO in blocks the bdev accepts in one piece (0: no limit).
+    pub max_io_blocks: u32,
+    /// Volatile write cache present (flush matters).
+    pub write_cache: bool,
+}
+
+impl BdevProps {
+    pub fn new(name: &str, product_name: &'static str, block_size: u32, num_blocks: u64, uuid: Option<Uuid>) -> Self {
+        BdevProps {
+            name: name.to_string(),
+            product_name,
+            block_size,
+            num_blocks,
+            uuid: uuid.unwrap_or_else(Uuid::new_v4),
+            optimal_io_boundary: 0,
+            max_io_blocks: 0,
+            write_cache: false,
+        }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.num_blocks * self.block_size as u64
+    }
+}
+
+/// A block device. Shared by all reactors (`Send + Sync`); IO goes through a
+/// per-reactor [`BdevChannel`] that the bdev creates on the reactor using it.
+pub trait Bdev: Send + Sync + 'static {
+    fn props(&self) -> &BdevProps;
+
+    /// Module name (`malloc`, `null`, `raid`, ...) for logs and JSON.
+    fn module(&self) -> &'static str;
+
+    fn io_type_supported(&self, t: IoType) -> bool;
+
+    /// Creates this reactor's channel. Called on the reactor that will use it.
+    fn create_channel(&self) -> Result<Rc<dyn BdevChannel>, crate::BdevError>;
+
+    /// `driver_specific` entry for `bdev_get_bdevs`: (key, value).
+    fn driver_specific(&self) -> Option<(&'static str, Value)> {
+        None
+    }
+
+    /// The RPC call that recreates this bdev (`{"method":..,"params":..}`),
+    /// for `save_config`; None for bdevs that other modules create.
+    fn config(&self) -> Option<Value> {
+        None
+    }
+
+    /// Releases resources once no channel and no IO remains. `done` may be
+    /// called later (after metadata writes, say), from any reactor.
+    fn destruct(&self, done: Box<dyn FnOnce() + Send>) {
+        done();
+    }
+}
+
+/// A bdev's IO path on one reactor.
+pub trait BdevChannel {
+    /// Takes ownership of `io` and completes it exactly once, later (through
+    /// `IoBox::complete`). The range and buffer were checked by [`Channel`].
+    fn submit(&self, io: IoBox);
+}
+
+/// IO counters of one channel; summed over reactors by `bdev_get_iostat`.
+/// Cells: only the owning reactor writes them.
+#[derive(Default)]
+pub struct ChannelStats {
+    pub bytes_read: Cell<u64>,
+    pub num_read_ops: Cell<u64>,
+    pub bytes_written: Cell<u64>,
+    pub num_write_ops: Cell<u64>,
+    pub bytes_unmapped: Cell<u64>,
+    pub num_unmap_ops: Cell<u64>,
+    pub bytes_zeroed: Cell<u64>,
+    pub num_write_zeroes_ops: Cell<u64>,
+    pub num_flush_ops: Cell<u64>,
+    pub read_latency_ticks: Cell<u64>,
+    pub write_latency_ticks: Cell<u64>,
+    pub unmap_latency_ticks: Cell<u64>,
+    pub max_read_latency_ticks: Cell<u64>,
+    pub min_read_latency_ticks: Cell<u64>,
+    pub max_write_latency_ticks: Cell<u64>,
+    pub min_write_latency_ticks: Cell<u64>,
+    pub num_io_errors: Cell<u64>,
+    pub in_flight: Cell<u64>,
+}
+
+fn add(c: &Cell<u64>, v: u64) {
+    c.set(c.get().wrapping_add(v));
+}
+
+impl ChannelStats {
+    pub(crate) fn account(&self, io: &BdevIo) {
+        add(&self.in_flight, u64::MAX); // -1
+        if io.status != IoStatus::Success {
+            add(&self.num_io_errors, 1);
+            return;
+        }
+        let ticks = tsc::ticks().wrapping_sub(io.submit_ticks);
+        let bytes = io.buf.as_ref().map_or(0, |b| b.len() as u64);
+        let minmax = |max: &Cell<u64>, min: &Cell<u64>| {
+            max.set(max.get().max(ticks));
+            if min.get() == 0 || ticks < min.get() {
+                min.set(ticks);
+            }
+        };
+        match io.io_type {
+            IoType::Read => {
+                add(&self.bytes_read, bytes);
+                add(&self.num_read_ops, 1);
+                add(&self.read_latency_ticks, ticks);
+                minmax(&self.max_read_latency_ticks, &self.min_read_latency_ticks);
+            }
+            IoType::Write => {
+                add(&self.bytes_written, bytes);
+                add(&self.num_write_ops, 1);
+                add(&self.write_latency_ticks, ticks);
+                minmax(&self.max_write_latency_ticks, &self.min_write_latency_ticks);
+            }
+            IoType::Unmap => {
+                add(&self.num_unmap_ops, 1);
+                add(&self.unmap_latency_ticks, ticks);
+            }
+            IoType::WriteZeroes => add(&self.num_write_zeroes_ops, 1),
+            IoType::Flush => add(&self.num_flush_ops, 1),
+            IoType::Reset => {}
+        }
+    }
+
+    /// Adds this channel's counters into a JSON accumulator (SPDK's names).
+    pub fn add_to(&self, acc: &mut IoStatTotals) {
+        acc.bytes_read += self.bytes_read.get();
+        acc.num_read_ops += self.num_read_ops.get();
+        acc.bytes_written += self.bytes_written.get();
+        acc.num_write_ops += self.num_write_ops.get();
+        acc.bytes_unmapped += self.bytes_unmapped.get();
+        acc.num_unmap_ops += self.num_unmap_ops.get();
+        acc.num_write_zeroes_ops += self.num_write_zeroes_ops.get();
+        acc.num_flush_ops += self.num_flush_ops.get();
+        acc.read_latency_ticks += self.read_latency_ticks.get();
+        acc.write_latency_ticks += self.write_latency_ticks.get();
+        acc.unmap_latency_ticks += self.unmap_latency_ticks.get();
+        acc.max_read_latency_ticks = acc.max_read_latency_ticks.max(self.max_read_latency_ticks.get());
+        acc.max_write_latency_ticks = acc.max_write_latency_ticks.max(self.max_write_latency_ticks.get());
+        let min = |a: u64, b: u64| if a == 0 { b } else if b == 0 { a } else { a.min(b) };
+        acc.min_read_latency_ticks = min(acc.min_read_latency_ticks, self.min_read_latency_ticks.get());
+        acc.min_write_latency_ticks = min(acc.min_write_latency_ticks, self.min_write_latency_ticks.get());
+        acc.num_io_errors += self.num_io_errors.get();
+        acc.in_flight += self.in_flight.get();
+    }
+}
+
+/// Sum of channel counters, in SPDK's `bdev_get_iostat` field names.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct IoStatTotals {
+    pub bytes_read: u64,
+    pub num_read_ops: u64,
+    pub bytes_written: u64,
+    pub num_write_ops: u64,
+    pub bytes_unmapped: u64,
+    pub num_unmap_ops: u64,
+    pub num_write_zeroes_ops: u64,
+    pub num_flush_ops: u64,
+    pub read_latency_ticks: u64,
+    pub max_read_latency_ticks: u64,
+    pub min_read_latency_ticks: u64,
+    pub write_latency_ticks: u64,
+    pub max_write_latency_ticks: u64,
+    pub min_write_latency_ticks: u64,
+    pub unmap_latency_ticks: u64,
+    pub num_io_errors: u64,
+    #[serde(skip)]
+    pub in_flight: u64,
+}
+
+/// A bdev's channel on this reactor, as users see it: checks each IO,
+/// accounts it, and hands it to the module's channel.
+pub struct Channel {
+    handle: BdevHandle,
+    inner: Rc<dyn BdevChannel>,
+    stats: Rc<ChannelStats>,
+    block_size: u64,
+    num_blocks: u64,
+}
+
+impl Channel {
+    pub(crate) fn new(handle: BdevHandle, inner: Rc<dyn BdevChannel>) -> Self {
+        let p = handle.props();
+        let (block_size, num_blocks) = (p.block_size as u64, p.num_blocks);
+        Channel { handle, inner, stats: Rc::new(ChannelStats::default()), block_size, num_blocks }
+    }
+
+    pub fn handle(&self) -> &BdevHandle {
+        &self.handle
+    }
+
+    pub fn stats(&self) -> &ChannelStats {
+        &self.stats
+    }
+
+    /// Submits `io`; it completes through its completer, always later.
+    pub fn submit(&self, mut io: IoBox) {
+        if let Err(e) = self.check(&io) {
+            io.fail(e);
+            return;
+        }
+        add(&self.stats.in_flight, 1);
+        io.stats = Some(self.stats.clone());
+        io.submit_ticks = tsc::ticks();
+        self.inner.submit(io);
+    }
+
+    fn check(&self, io: &IoBox) -> Result<(), IoError> {
+        if self.handle.is_removing() {
+            return Err(IoError::NoDevice);
+        }
+        if !self.handle.bdev().io_type_supported(io.io_type) {
+            return Err(IoError::NotSupported);
+        }
+        match io.io_type {
+            IoType::Flush | IoType::Reset => Ok(()),
+            t => {
+                let end = io.offset_blocks.checked_add(io.num_blocks).ok_or(IoError::OutOfRange)?;
+                if end > self.num_blocks || io.num_blocks == 0 {
+                    return Err(IoError::OutOfRange);
+                }
+                if t.has_data() {
+                    let need = io.num_blocks * self.block_size;
+                    if io.buf.as_ref().is_none_or(|b| (b.len() as u64) < need) {
+                        return Err(IoError::OutOfRange);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}

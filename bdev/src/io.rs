@@ -1,0 +1,336 @@
+//! IO descriptors: pooled per reactor, moved down the stack on submit and
+//! back up on completion. Completions are always delivered from the reactor's
+//! completion poller, never inside `submit`, so no layer is re-entered while
+//! it is still submitting.
+
+use crate::channel::ChannelStats;
+use crate::dma::DmaBuf;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IoType {
+    Read,
+    Write,
+    Flush,
+    Unmap,
+    WriteZeroes,
+    Reset,
+}
+
+impl IoType {
+    pub const ALL: [IoType; 6] =
+        [IoType::Read, IoType::Write, IoType::Flush, IoType::Unmap, IoType::WriteZeroes, IoType::Reset];
+
+    /// SPDK's name in `supported_io_types` and RPC parameters.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoType::Read => "read",
+            IoType::Write => "write",
+            IoType::Flush => "flush",
+            IoType::Unmap => "unmap",
+            IoType::WriteZeroes => "write_zeroes",
+            IoType::Reset => "reset",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<IoType> {
+        Self::ALL.into_iter().find(|t| t.name() == s)
+    }
+
+    /// Changes media contents (the RAID layer serializes these).
+    pub fn is_write_like(self) -> bool {
+        matches!(self, IoType::Write | IoType::WriteZeroes | IoType::Unmap)
+    }
+
+    /// Carries a data buffer.
+    pub fn has_data(self) -> bool {
+        matches!(self, IoType::Read | IoType::Write)
+    }
+}
+
+/// Why an IO failed. Small and matchable; transports map it to their codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoError {
+    /// The medium failed (unrecovered read, write fault).
+    Media,
+    /// Out of descriptors or buffers: retry later.
+    NoMemory,
+    /// The bdev does not do this IO type.
+    NotSupported,
+    /// Beyond the end of the bdev, or the buffer is too small.
+    OutOfRange,
+    Aborted,
+    /// The bdev is gone or going.
+    NoDevice,
+    /// Status passed through from an NVMe device.
+    Nvme { sct: u8, sc: u8 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoStatus {
+    Pending,
+    Success,
+    Failed(IoError),
+}
+
+impl IoStatus {
+    pub fn is_ok(self) -> bool {
+        self == IoStatus::Success
+    }
+}
+
+/// Receives completed IOs. Implemented by whoever submits: a RAID channel, a
+/// transport queue pair, a benchmark job.
+pub trait IoDone {
+    fn io_done(&self, io: IoBox);
+}
+
+impl<F: Fn(IoBox)> IoDone for F {
+    fn io_done(&self, io: IoBox) {
+        self(io)
+    }
+}
+
+/// One IO. Fields are public for the layers that build and serve IOs.
+pub struct BdevIo {
+    pub io_type: IoType,
+    pub offset_blocks: u64,
+    pub num_blocks: u64,
+    /// Data for reads (filled by the bdev) and writes (read by it).
+    pub buf: Option<DmaBuf>,
+    pub status: IoStatus,
+    /// Two words for the submitter's bookkeeping (a slot index, a sequence).
+    pub tag: u64,
+    pub tag2: u64,
+    done: Option<Rc<dyn IoDone>>,
+    pub(crate) stats: Option<Rc<ChannelStats>>,
+    pub(crate) submit_ticks: u64,
+}
+
+impl BdevIo {
+    fn blank() -> Self {
+        BdevIo {
+            io_type: IoType::Read,
+            offset_blocks: 0,
+            num_blocks: 0,
+            buf: None,
+            status: IoStatus::Pending,
+            tag: 0,
+            tag2: 0,
+            done: None,
+            stats: None,
+            submit_ticks: 0,
+        }
+    }
+}
+
+/// Descriptors per reactor, created when the reactor first does IO.
+pub const DEFAULT_IO_POOL_SIZE: usize = 16_384;
+
+/// The reactor's IO pool and completion queue.
+pub(crate) struct IoLocal {
+    pool: RefCell<Vec<Box<BdevIo>>>,
+    completions: RefCell<VecDeque<IoBox>>,
+    created: std::cell::Cell<usize>,
+}
+
+impl Default for IoLocal {
+    fn default() -> Self {
+        let pool: Vec<Box<BdevIo>> = (0..DEFAULT_IO_POOL_SIZE).map(|_| Box::new(BdevIo::blank())).collect();
+        let local = IoLocal {
+            pool: RefCell::new(pool),
+            completions: RefCell::new(VecDeque::with_capacity(DEFAULT_IO_POOL_SIZE)),
+            created: std::cell::Cell::new(DEFAULT_IO_POOL_SIZE),
+        };
+        if reactor::current().is_some() {
+            reactor::register_poller("bdev_completions", || {
+                if drain_completions() > 0 {
+                    reactor::PollStatus::Busy
+                } else {
+                    reactor::PollStatus::Idle
+                }
+            });
+        }
+        local
+    }
+}
+
+thread_local! {
+    static LOCAL: RefCell<(u64, Option<Rc<IoLocal>>)> = const { RefCell::new((u64::MAX, None)) };
+}
+
+/// The current reactor's IO state (a thread-local fast path keyed by reactor).
+pub(crate) fn io_local() -> Rc<IoLocal> {
+    let uid = reactor::current_uid();
+    LOCAL.with(|l| {
+        if let (u, Some(local)) = &*l.borrow() {
+            if *u == uid {
+                return local.clone();
+            }
+        }
+        let local = if uid == 0 { Rc::new(IoLocal::default()) } else { reactor::local::<IoLocal>() };
+        *l.borrow_mut() = (uid, Some(local.clone()));
+        local
+    })
+}
+
+/// Runs the callbacks of the IOs completed so far on this reactor (those
+/// completed by the callbacks themselves wait for the next call). Returns how
+/// many ran. The reactor's poller calls this; tests without reactors may too.
+pub fn drain_completions() -> usize {
+    let local = io_local();
+    let n = local.completions.borrow().len();
+    for _ in 0..n {
+        let Some(mut io) = local.completions.borrow_mut().pop_front() else { break };
+        if let Some(stats) = io.stats.take() {
+            stats.account(&io);
+        }
+        match io.done.take() {
+            Some(done) => done.io_done(io),
+            None => drop(io),
+        }
+    }
+    n
+}
+
+/// An owned, pooled IO descriptor. Dropping it returns it to the pool.
+pub struct IoBox(Option<Box<BdevIo>>);
+
+impl IoBox {
+    /// A descriptor from the current reactor's pool, or `None` when the pool
+    /// is empty (the caller reports `NoMemory` or retries; never allocates).
+    pub fn alloc() -> Option<IoBox> {
+        let io = io_local().pool.borrow_mut().pop()?;
+        Some(IoBox(Some(io)))
+    }
+
+    /// Builds a data IO.
+    pub fn data(io_type: IoType, offset_blocks: u64, num_blocks: u64, buf: Option<DmaBuf>) -> Option<IoBox> {
+        let mut io = Self::alloc()?;
+        io.io_type = io_type;
+        io.offset_blocks = offset_blocks;
+        io.num_blocks = num_blocks;
+        io.buf = buf;
+        Some(io)
+    }
+
+    /// Who hears of the completion. Without one the IO is simply released.
+    pub fn set_done(&mut self, done: Rc<dyn IoDone>) {
+        self.inner_mut().done = Some(done);
+    }
+
+    fn inner_mut(&mut self) -> &mut BdevIo {
+        self.0.as_mut().unwrap_or_else(|| unreachable!("present until drop"))
+    }
+
+    /// Finishes the IO: its completer runs from the completion poller.
+    pub fn complete(mut self, status: IoStatus) {
+        self.inner_mut().status = status;
+        io_local().completions.borrow_mut().push_back(self);
+    }
+
+    pub fn fail(self, e: IoError) {
+        self.complete(IoStatus::Failed(e));
+    }
+
+    /// Descriptors available on this reactor right now.
+    pub fn available() -> usize {
+        io_local().pool.borrow().len()
+    }
+
+    /// Descriptors this reactor owns in all (free or in use).
+    pub fn capacity() -> usize {
+        io_local().created.get()
+    }
+}
+
+impl std::ops::Deref for IoBox {
+    type Target = BdevIo;
+    fn deref(&self) -> &BdevIo {
+        self.0.as_ref().unwrap_or_else(|| unreachable!("present until drop"))
+    }
+}
+
+impl std::ops::DerefMut for IoBox {
+    fn deref_mut(&mut self) -> &mut BdevIo {
+        self.inner_mut()
+    }
+}
+
+impl Drop for IoBox {
+    fn drop(&mut self) {
+        let Some(mut io) = self.0.take() else { return };
+        // Release what the descriptor holds so buffers return to their pool
+        // and completers are not kept alive by idle descriptors.
+        io.buf = None;
+        io.done = None;
+        io.stats = None;
+        io.status = IoStatus::Pending;
+        io.tag = 0;
+        io.tag2 = 0;
+        io_local().pool.borrow_mut().push(io);
+    }
+}
+
+/// A fixed-capacity table of IOs parked while their children run: a layer
+/// that splits or forwards an IO keeps the parent here and puts the slot index
+/// in each child's tag. Grows only past its high-water mark.
+pub struct IoSlab {
+    slots: Vec<Option<IoBox>>,
+    free: Vec<u32>,
+}
+
+impl IoSlab {
+    pub fn with_capacity(n: usize) -> Self {
+        IoSlab { slots: (0..n).map(|_| None).collect(), free: (0..n as u32).rev().collect() }
+    }
+
+    pub fn insert(&mut self, io: IoBox) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(io);
+                i
+            }
+            None => {
+                self.slots.push(Some(io));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    pub fn get_mut(&mut self, i: u32) -> Option<&mut IoBox> {
+        self.slots.get_mut(i as usize)?.as_mut()
+    }
+
+    pub fn get(&self, i: u32) -> Option<&IoBox> {
+        self.slots.get(i as usize)?.as_ref()
+    }
+
+    pub fn take(&mut self, i: u32) -> Option<IoBox> {
+        let io = self.slots.get_mut(i as usize)?.take()?;
+        self.free.push(i);
+        Some(io)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes every parked IO (teardown).
+    pub fn drain(&mut self) -> Vec<IoBox> {
+        let mut out = Vec::new();
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if let Some(io) = s.take() {
+                self.free.push(i as u32);
+                out.push(io);
+            }
+        }
+        out
+    }
+}
