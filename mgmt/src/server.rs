@@ -69,6 +69,16 @@ enum Target {
         slot_index: usize,
     },
     Channel(Sender<RpcResult>),
+    Callback(ReplyFn),
+}
+
+/// A result consumer for callers inside the process (config replay).
+struct ReplyFn(Box<dyn FnOnce(RpcResult) + Send>);
+
+impl std::fmt::Debug for ReplyFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplyFn")
+    }
 }
 
 /// A finished result travelling back to the server thread.
@@ -107,6 +117,14 @@ impl Reply {
         )
     }
 
+    /// A reply handed to `f`, on whatever thread completes it: lets the
+    /// daemon chain method calls (replaying a config) without blocking.
+    pub fn callback(f: impl FnOnce(RpcResult) + Send + 'static) -> Self {
+        Self {
+            target: Some(Target::Callback(ReplyFn(Box::new(f)))),
+        }
+    }
+
     /// Whether anybody will see the result; a handler may skip building a
     /// large result for a notification.
     pub fn is_notification(&self) -> bool {
@@ -125,6 +143,7 @@ impl Reply {
             Some(Target::Channel(sender)) => {
                 let _ = sender.send(result);
             }
+            Some(Target::Callback(f)) => (f.0)(result),
             Some(Target::Server {
                 completions,
                 connection_id,

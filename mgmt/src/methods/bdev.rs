@@ -1,0 +1,208 @@
+//! Bdev methods: listing, iostat, and the simple backends (malloc, null).
+//! Each backend's create returns the new bdev's name; delete returns true
+//! once the bdev is gone (after its in-flight IO drained).
+
+use super::{bdev_error, sync_call, Ctx, Handler, NoParams};
+use crate::jsonrpc::{decode_params, RpcError};
+use crate::server::Reply;
+use ::bdev::malloc::{MallocBdev, NullBdev};
+use ::bdev::{Bdev, BdevHandle, BdevProps, IoStatTotals, Registry};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use uuid::Uuid;
+
+pub const METHODS: &[(&str, Handler)] = &[
+    ("bdev_get_bdevs", bdev_get_bdevs),
+    ("bdev_get_iostat", bdev_get_iostat),
+    ("bdev_wait_for_examine", bdev_wait_for_examine),
+    ("bdev_malloc_create", bdev_malloc_create),
+    ("bdev_malloc_delete", |_, p, r| delete_of("malloc", p, r)),
+    ("bdev_null_create", bdev_null_create),
+    ("bdev_null_delete", |_, p, r| delete_of("null", p, r)),
+];
+
+/// The calls that recreate every bdev, in registration order (members come
+/// before the arrays built on them), then an examine barrier as SPDK writes.
+pub fn subsystem_config() -> Vec<Value> {
+    let mut out: Vec<Value> = Registry::get().list().iter().filter_map(|h| h.bdev().config()).collect();
+    out.push(json!({"method": "bdev_wait_for_examine"}));
+    out
+}
+
+#[derive(Deserialize, Default)]
+struct GetBdevs {
+    name: Option<String>,
+    #[serde(default)]
+    timeout: u64,
+}
+
+fn bdev_get_bdevs(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    let p: GetBdevs = match decode_params(params) {
+        Ok(p) => p,
+        Err(e) => return reply.send(Err(e)),
+    };
+    let Some(name) = p.name else {
+        let all: Vec<Value> = Registry::get().list().iter().map(BdevHandle::info_json).collect();
+        return reply.send(Ok(Value::Array(all)));
+    };
+    // With a timeout, wait (without blocking the reactor) for the bdev to appear.
+    let deadline_ns = reactor::now_ns() + p.timeout.saturating_mul(1_000_000);
+    let mut reply = Some(reply);
+    let mut check = move || {
+        let found = Registry::get().lookup(&name);
+        if found.is_none() && reactor::now_ns() < deadline_ns {
+            return reactor::PollStatus::Idle;
+        }
+        if let Some(reply) = reply.take() {
+            reply.send(match found {
+                Some(h) => Ok(json!([h.info_json()])),
+                None => Err(RpcError::errno(libc::ENODEV, format!("bdev {name} not found"))),
+            });
+        }
+        reactor::PollStatus::Done
+    };
+    if check() == reactor::PollStatus::Idle {
+        reactor::register_timed_poller("bdev_get_bdevs_wait", std::time::Duration::from_millis(10), check);
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct GetIostat {
+    /// Older clients send one name; current ones send `names`.
+    name: Option<String>,
+    names: Option<Vec<String>>,
+    #[serde(default)]
+    per_channel: bool,
+    reset_mode: Option<String>,
+}
+
+fn bdev_get_iostat(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    let p: GetIostat = match decode_params(params) {
+        Ok(p) => p,
+        Err(e) => return reply.send(Err(e)),
+    };
+    if p.per_channel || p.reset_mode.as_deref().is_some_and(|m| m != "none") {
+        return reply.send(Err(RpcError::errno(
+            libc::EOPNOTSUPP,
+            "per_channel and reset_mode are not supported; counters are cumulative per bdev",
+        )));
+    }
+    let wanted: Vec<String> = p.names.unwrap_or_default().into_iter().chain(p.name).collect();
+    let handles = if wanted.is_empty() {
+        Registry::get().list()
+    } else {
+        let mut hs = Vec::new();
+        for n in wanted {
+            match Registry::get().lookup(&n) {
+                Some(h) => hs.push(h),
+                None => return reply.send(Err(RpcError::errno(libc::ENODEV, format!("bdev {n} not found")))),
+            }
+        }
+        hs
+    };
+    collect_iostat(handles, Vec::new(), reply);
+}
+
+/// Sums each bdev's per-reactor counters, one bdev after another.
+fn collect_iostat(mut rest: Vec<BdevHandle>, mut acc: Vec<Value>, reply: Reply) {
+    let Some(h) = rest.pop() else {
+        acc.reverse();
+        let ticks = ::bdev::tsc::ticks();
+        return reply.send(Ok(json!({"tick_rate": ::bdev::tsc::tick_rate(), "ticks": ticks, "bdevs": acc})));
+    };
+    let name = h.name().to_string();
+    Registry::iostat(&h, move |t: IoStatTotals| {
+        let mut v = serde_json::to_value(&t).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("name".into(), Value::String(name));
+        }
+        acc.push(v);
+        collect_iostat(rest, acc, reply);
+    });
+}
+
+fn bdev_wait_for_examine(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    // Examiners run synchronously when a bdev registers, so by the time this
+    // request is served every registered bdev has been examined.
+    sync_call(params, reply, |_: NoParams| Ok(Value::Bool(true)));
+}
+
+pub(crate) fn parse_uuid(s: Option<&str>) -> Result<Option<Uuid>, RpcError> {
+    s.map(|s| Uuid::parse_str(s).map_err(|e| RpcError::invalid_params(format!("uuid '{s}': {e}")))).transpose()
+}
+
+/// Registers `bdev` and replies with its name.
+pub(crate) fn register_reply(bdev: Result<Arc<dyn Bdev>, ::bdev::BdevError>) -> Result<Value, RpcError> {
+    let h = Registry::get().register(bdev.map_err(bdev_error)?).map_err(bdev_error)?;
+    Ok(Value::String(h.name().to_string()))
+}
+
+#[derive(Deserialize)]
+struct MallocCreate {
+    name: Option<String>,
+    num_blocks: u64,
+    block_size: u32,
+    uuid: Option<String>,
+    #[serde(default)]
+    optimal_io_boundary: u32,
+}
+
+fn bdev_malloc_create(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: MallocCreate| {
+        let name = p.name.unwrap_or_else(|| free_name("Malloc"));
+        let mut props = BdevProps::new(&name, "Malloc disk", p.block_size, p.num_blocks, parse_uuid(p.uuid.as_deref())?);
+        props.optimal_io_boundary = p.optimal_io_boundary;
+        if Registry::get().lookup(&name).is_some() {
+            return Err(bdev_error(::bdev::BdevError::Exists(name)));
+        }
+        register_reply(MallocBdev::new(props).map(|b| Arc::new(b) as Arc<dyn Bdev>))
+    });
+}
+
+#[derive(Deserialize)]
+struct NullCreate {
+    name: String,
+    num_blocks: u64,
+    block_size: u32,
+    uuid: Option<String>,
+}
+
+fn bdev_null_create(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: NullCreate| {
+        let props = BdevProps::new(&p.name, "Null disk", p.block_size, p.num_blocks, parse_uuid(p.uuid.as_deref())?);
+        register_reply(NullBdev::new(props).map(|b| Arc::new(b) as Arc<dyn Bdev>))
+    });
+}
+
+/// First unused `PREFIX<n>` name, as SPDK names unnamed bdevs.
+fn free_name(prefix: &str) -> String {
+    let r = Registry::get();
+    (0..).map(|i| format!("{prefix}{i}")).find(|n| r.lookup(n).is_none()).unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+struct Delete {
+    name: String,
+}
+
+/// Shared by every `bdev_<module>_delete`: the bdev must be of that module;
+/// unregister is refused while it is claimed, and the reply comes once its
+/// in-flight IO has drained and it is destructed.
+pub(crate) fn delete_of(module: &str, params: Option<Value>, reply: Reply) {
+    let p: Delete = match decode_params(params) {
+        Ok(p) => p,
+        Err(e) => return reply.send(Err(e)),
+    };
+    match Registry::get().lookup(&p.name) {
+        None => return reply.send(Err(RpcError::errno(libc::ENODEV, format!("bdev {} not found", p.name)))),
+        Some(h) if h.bdev().module() != module => {
+            return reply.send(Err(RpcError::errno(
+                libc::EINVAL,
+                format!("bdev {} is a {} bdev, not {module}", p.name, h.bdev().module()),
+            )))
+        }
+        Some(_) => {}
+    }
+    Registry::get().unregister(&p.name, move |r| reply.send(r.map(|()| Value::Bool(true)).map_err(bdev_error)));
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need
+# (SPDK's Python client; the QEMU rig installs its own packages), then runs
+# unit and integration tests, the loom models, and the QEMU rig.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==== %s ====\n' "$*"; }
+t0=$(date +%s)
+
+step "SPDK's Python client (PyPI spdk) in build/spdk-venv"
+if [ ! -x build/spdk-venv/bin/spdk-rpc ]; then
+    mkdir -p build
+    python3 -m venv build/spdk-venv
+    build/spdk-venv/bin/pip install --quiet --disable-pip-version-check spdk
+fi
+build/spdk-venv/bin/spdk-rpc --help >/dev/null
+export NVRAID_SPDK_RPC="$PWD/build/spdk-venv/bin/spdk-rpc"
+export NVRAID_REQUIRE_SPDK_RPC=1
+
+step "unit and integration tests (cargo test --workspace)"
+cargo test --workspace --all-targets
+
+step "loom models"
+for t in $(ls */tests/loom_*.rs 2>/dev/null); do
+    crate=$(dirname "$(dirname "$t")")
+    pkg=$(sed -n 's/^name = "\(.*\)"/\1/p' "$crate/Cargo.toml" | head -1)
+    RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom \
+        cargo test --release -p "$pkg" --test "$(basename "$t" .rs)"
+done
+
+if [ -x scripts/rig/run.sh ] && [ -z "${NVRAID_SKIP_RIG:-}" ]; then
+    for s in scripts/rig/scenarios/*.sh; do
+        step "QEMU rig: $(basename "$s")"
+        scripts/rig/run.sh --scenario "$s"
+    done
+fi
+
+step "all tests passed in $(( $(date +%s) - t0 )) s"
