@@ -31,6 +31,7 @@ done
 
 if [ -x scripts/rig/run.sh ] && [ -z "${NVRAID_SKIP_RIG:-}" ]; then
     for s in scripts/rig/scenarios/*.sh; do
+        case "$s" in *.host.sh) continue ;; esac # host-side checks run by run.sh
         step "QEMU rig: $(basename "$s")"
         scripts/rig/run.sh --scenario "$s"
     done
