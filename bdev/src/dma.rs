@@ -193,9 +193,41 @@ fn with_local<R>(f: impl FnOnce(&DmaLocal) -> R) -> R {
     f(&local)
 }
 
+/// Buffers of reactors that have stopped, by class (addresses of regions
+/// inside arenas, which live for the process): a new reactor set reuses them
+/// before mapping more memory.
+fn recycled() -> &'static Mutex<Vec<Vec<usize>>> {
+    static R: OnceLock<Mutex<Vec<Vec<usize>>>> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(vec![Vec::new(); NUM_CLASSES]))
+}
+
+impl Drop for DmaLocal {
+    fn drop(&mut self) {
+        let mut r = recycled().lock().unwrap_or_else(|e| e.into_inner());
+        for (class, list) in self.free.get_mut().iter_mut().enumerate() {
+            // Only regions no handle still points at; a buffer still held
+            // elsewhere (in flight) stays pinned and is simply not recycled.
+            r[class].extend(list.drain(..).filter_map(|region| Rc::try_unwrap(region).ok()).map(|reg| reg.ptr.as_ptr() as usize));
+        }
+    }
+}
+
 impl DmaLocal {
     fn refill(&self, class: usize) -> bool {
         let size = class_size(class);
+        let reused: Vec<usize> = {
+            let mut r = recycled().lock().unwrap_or_else(|e| e.into_inner());
+            let n = r[class].len().saturating_sub((ARENA_SIZE / size).max(1));
+            r[class].split_off(n)
+        };
+        if !reused.is_empty() {
+            let mut free = self.free.borrow_mut();
+            for addr in reused {
+                let Some(ptr) = NonNull::new(addr as *mut u8) else { continue };
+                free[class].push(Rc::new(Region { ptr, class, borrow: Cell::new(0) }));
+            }
+            return true;
+        }
         let arena_len = size.max(ARENA_SIZE);
         let Some(base) = new_arena(arena_len) else { return false };
         let mut free = self.free.borrow_mut();
@@ -356,10 +388,10 @@ impl DmaBuf {
     /// Copies `len` bytes between two (possibly overlapping) buffer slices.
     pub fn copy_between(dst: &DmaBuf, src: &DmaBuf, len: usize) {
         let len = len.min(dst.len).min(src.len);
+        assert!(dst.region().borrow.get() == 0 && src.region().borrow.get() >= 0, "DmaBuf borrowed during copy");
         // SAFETY: both ranges are inside live regions; `copy` allows overlap;
         // the borrow flags of both regions are checked to be free, so no Rust
         // reference observes the bytes while they change.
-        assert!(dst.region().borrow.get() == 0 && src.region().borrow.get() >= 0, "DmaBuf borrowed during copy");
         unsafe { std::ptr::copy(src.as_mut_ptr(), dst.as_mut_ptr(), len) };
     }
 

@@ -131,6 +131,9 @@ pub const DEFAULT_IO_POOL_SIZE: usize = 16_384;
 
 /// The reactor's IO pool and completion queue.
 pub(crate) struct IoLocal {
+    // Boxed: an `IoBox` owns its descriptor by pointer, so moving one down
+    // the stack and back never copies the descriptor itself.
+    #[allow(clippy::vec_box)]
     pool: RefCell<Vec<Box<BdevIo>>>,
     completions: RefCell<VecDeque<IoBox>>,
     created: std::cell::Cell<usize>,
@@ -171,7 +174,11 @@ pub(crate) fn io_local() -> Rc<IoLocal> {
             }
         }
         let local = if uid == 0 { Rc::new(IoLocal::default()) } else { reactor::local::<IoLocal>() };
-        *l.borrow_mut() = (uid, Some(local.clone()));
+        // The previous reactor's state may be the last reference to a pool
+        // whose queued IoBoxes return to... this thread-local: drop it only
+        // after the borrow ends.
+        let stale = std::mem::replace(&mut *l.borrow_mut(), (uid, Some(local.clone())));
+        drop(stale);
         local
     })
 }

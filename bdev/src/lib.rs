@@ -4,15 +4,20 @@
 //! injection, delay).
 //!
 //! `unsafe` lives only in `dma` (raw buffer memory), `tsc` (RDTSC) and
-//! `uring` (buffers handed to the kernel), each block with its SAFETY note.
+//! `uring` (buffers handed to the kernel, ioctl/statx on the file), each
+//! block with its SAFETY note.
 
 pub mod channel;
+pub mod delay;
 pub mod dma;
+pub mod error;
 pub mod io;
 pub mod malloc;
 pub mod registry;
 pub mod rng;
+pub mod stamp;
 pub mod tsc;
+pub mod uring;
 
 pub use channel::{Bdev, BdevChannel, BdevProps, Channel, ChannelStats, IoStatTotals};
 pub use dma::DmaBuf;

@@ -30,11 +30,31 @@ fn spdk_client_drives_the_daemon_and_config_round_trips() {
     assert_eq!(spdk_ok(&rpc, &s, &["bdev_malloc_create", "-b", "Gone", "1", "512"]), json!("Gone"));
     spdk_ok(&rpc, &s, &["bdev_malloc_delete", "Gone"]);
     assert!(d.rpc("bdev_get_bdevs", json!({"name": "Gone"})).is_err());
+    // File, error and delay bdevs through the client's own argument syntax.
+    let file = dir.join("disk.img");
+    std::fs::write(&file, vec![0u8; 4 << 20]).unwrap();
+    assert_eq!(spdk_ok(&rpc, &s, &["bdev_aio_create", file.to_str().unwrap(), "Aio0", "4096"]), json!("Aio0"));
+    let file2 = dir.join("disk2.img");
+    std::fs::write(&file2, vec![0u8; 1 << 20]).unwrap();
+    assert_eq!(spdk_ok(&rpc, &s, &["bdev_uring_create", file2.to_str().unwrap(), "Uring0"]), json!("Uring0"));
+    spdk_ok(&rpc, &s, &["bdev_error_create", "Malloc1"]);
+    spdk_ok(&rpc, &s, &["bdev_error_inject_error", "EE_Malloc1", "write", "failure", "-n", "3"]);
+    spdk_ok(&rpc, &s, &["bdev_error_inject_error", "EE_Malloc1", "read", "nvme_failure", "--nvme-sct", "2", "--nvme-sc", "129"]);
+    let o = spdk_rpc(&rpc, &s, &["bdev_malloc_delete", "Malloc1"]);
+    assert!(!o.status.success(), "a claimed bdev must not be deleted");
+    assert_eq!(
+        spdk_ok(&rpc, &s, &["bdev_delay_create", "-b", "Null0", "-d", "Delay0", "-r", "10", "-t", "20", "-w", "30", "-n", "40"]),
+        json!("Delay0")
+    );
+    let ee = &spdk_ok(&rpc, &s, &["bdev_get_bdevs", "-b", "EE_Malloc1"])[0];
+    assert_eq!(ee["num_blocks"], json!(16 * 2048)); // 16 MiB of 512-byte blocks
+    let m1 = &spdk_ok(&rpc, &s, &["bdev_get_bdevs", "-b", "Malloc1"])[0];
+    assert_eq!(m1["claimed"], json!(true));
     spdk_ok(&rpc, &s, &["bdev_wait_for_examine"]);
 
     let bdevs = spdk_ok(&rpc, &s, &["bdev_get_bdevs"]);
     let names: Vec<&str> = bdevs.as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
-    assert_eq!(names, vec!["Malloc0", "Malloc1", "Null0"]);
+    assert_eq!(names, vec!["Malloc0", "Malloc1", "Null0", "Aio0", "Uring0", "EE_Malloc1", "Delay0"]);
     let m0 = &spdk_ok(&rpc, &s, &["bdev_get_bdevs", "-b", "Malloc0"])[0];
     assert_eq!(m0["block_size"], json!(4096));
     assert_eq!(m0["num_blocks"], json!(32 * 256));

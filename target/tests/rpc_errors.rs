@@ -58,6 +58,15 @@ fn bad_requests_get_json_rpc_errors() {
     assert_eq!(code, -22);
     assert!(msg.contains("null"), "{msg}");
 
+    // Deleting a bdev claimed by another (an error bdev over it).
+    d.ok("bdev_malloc_create", json!({"name": "Base", "num_blocks": 8, "block_size": 512}));
+    assert_eq!(d.ok("bdev_error_create", json!({"base_name": "Base"})), json!(true));
+    let (code, msg) = d.rpc("bdev_malloc_delete", json!({"name": "Base"})).unwrap_err();
+    assert_eq!(code, -16);
+    assert!(msg.contains("claimed") && msg.contains("EE_Base"), "{msg}");
+    d.ok("bdev_error_delete", json!({"name": "EE_Base"}));
+    assert_eq!(d.ok("bdev_malloc_delete", json!({"name": "Base"})), json!(true));
+
     // Cut off mid-stream: the client stops writing halfway through a request.
     let reply = d.raw(b"{\"jsonrpc\": \"2.0\", \"method\": \"bdev_get_bd", true, Duration::from_secs(10));
     let (code, msg) = error_of(&reply);

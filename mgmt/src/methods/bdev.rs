@@ -20,7 +20,28 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("bdev_malloc_delete", |_, p, r| delete_of("malloc", p, r)),
     ("bdev_null_create", bdev_null_create),
     ("bdev_null_delete", |_, p, r| delete_of("null", p, r)),
+    ("bdev_aio_create", |_, p, r| sync_call(p, r, |p| name_of(::bdev::uring::create_aio(p)))),
+    ("bdev_aio_delete", |_, p, r| delete_of("aio", p, r)),
+    ("bdev_uring_create", |_, p, r| sync_call(p, r, |p| name_of(::bdev::uring::create_uring(p)))),
+    ("bdev_uring_delete", |_, p, r| delete_of("uring", p, r)),
+    // SPDK answers `true` here rather than the new bdev's name.
+    ("bdev_error_create", |_, p, r| sync_call(p, r, |p| name_of(::bdev::error::create(p)).map(|_| Value::Bool(true)))),
+    ("bdev_error_delete", |_, p, r| delete_of("error", p, r)),
+    ("bdev_error_inject_error", |_, p, r| sync_call(p, r, |p| done_of(::bdev::error::inject(p)))),
+    ("bdev_error_resume_pending", |_, p, r| sync_call(p, r, |p| done_of(::bdev::error::resume_pending(p)))),
+    ("bdev_delay_create", |_, p, r| sync_call(p, r, |p| name_of(::bdev::delay::create(p)))),
+    ("bdev_delay_delete", |_, p, r| delete_of("delay", p, r)),
+    ("bdev_delay_update_latency", |_, p, r| sync_call(p, r, |p| done_of(::bdev::delay::update_latency(p)))),
 ];
+
+/// A created bdev's name, as most `*_create` methods reply.
+fn name_of(r: Result<BdevHandle, ::bdev::BdevError>) -> Result<Value, RpcError> {
+    r.map(|h| Value::String(h.name().to_string())).map_err(bdev_error)
+}
+
+fn done_of(r: Result<(), ::bdev::BdevError>) -> Result<Value, RpcError> {
+    r.map(|()| Value::Bool(true)).map_err(bdev_error)
+}
 
 /// The calls that recreate every bdev, in registration order (members come
 /// before the arrays built on them), then an examine barrier as SPDK writes.
