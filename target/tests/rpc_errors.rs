@@ -134,11 +134,36 @@ fn bad_command_lines_and_configs_exit_cleanly() {
 fn socket_is_owner_only_and_sigterm_is_clean() {
     use std::os::unix::fs::PermissionsExt;
     let dir = temp_dir("perm");
-    let mut d = Daemon::start(&dir, &["--default-config"]);
+    let cfg = two_malloc_config(&dir);
+    let mut d = Daemon::start(&dir, &["-c", cfg.to_str().unwrap()]);
     let mode = std::fs::metadata(&d.sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "RPC socket mode {mode:o}");
     let names: Vec<String> = d.ok("bdev_get_bdevs", Value::Null).as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, vec!["Malloc0", "Malloc1"]);
     d.stop();
     assert!(!d.sock.exists(), "socket removed at shutdown");
+}
+
+#[test]
+fn nvraid_rpc_client_reports_results_and_errors() {
+    let dir = temp_dir("cli");
+    let cfg = two_malloc_config(&dir);
+    let d = Daemon::start(&dir, &["-c", cfg.to_str().unwrap()]);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nvraid-rpc"))
+            .arg("-s")
+            .arg(&d.sock)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = cli(&["bdev_get_bdevs", r#"{"name": "Malloc1"}"#]);
+    assert!(o.status.success());
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["name"], json!("Malloc1"));
+    let o = cli(&["bdev_malloc_delete", r#"{"name": "Nope"}"#]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("-19"));
+    let o = cli(&["bdev_get_bdevs", "{not json"]);
+    assert_eq!(o.status.code(), Some(2));
 }

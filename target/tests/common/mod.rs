@@ -21,7 +21,8 @@ static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0)
 /// A fresh private directory under the target dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{tag}-{}-{n}", std::process::id()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -36,16 +37,31 @@ impl Daemon {
 
     pub fn try_start(dir: &Path, args: &[&str]) -> Result<Daemon, String> {
         let sock = dir.join("rpc.sock");
-        let log = dir.join(format!("tgt-{}.log", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+        let log = dir.join(format!(
+            "tgt-{}.log",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let logf = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_nvraid-tgt"))
-            .args(["-r", sock.to_str().unwrap(), "--idle", "sleep", "--no-pin", "--no-huge"])
+            .args([
+                "-r",
+                sock.to_str().unwrap(),
+                "--idle",
+                "sleep",
+                "--no-pin",
+                "--no-huge",
+            ])
             .args(args)
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
             .spawn()
             .map_err(|e| e.to_string())?;
-        let mut d = Daemon { child: Some(child), dir: dir.to_path_buf(), sock, log };
+        let mut d = Daemon {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            sock,
+            log,
+        };
         let t0 = Instant::now();
         loop {
             if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
@@ -73,16 +89,21 @@ impl Daemon {
         if !params.is_null() {
             req["params"] = params;
         }
-        s.write_all(serde_json::to_string_pretty(&req).unwrap().as_bytes()).unwrap();
+        s.write_all(serde_json::to_string_pretty(&req).unwrap().as_bytes())
+            .unwrap();
         let v = read_value(&mut s);
         match v.get("error") {
-            Some(e) => Err((e["code"].as_i64().unwrap(), e["message"].as_str().unwrap_or("").to_string())),
+            Some(e) => Err((
+                e["code"].as_i64().unwrap(),
+                e["message"].as_str().unwrap_or("").to_string(),
+            )),
             None => Ok(v["result"].clone()),
         }
     }
 
     pub fn ok(&self, method: &str, params: Value) -> Value {
-        self.rpc(method, params).unwrap_or_else(|e| panic!("{method} failed: {e:?}"))
+        self.rpc(method, params)
+            .unwrap_or_else(|e| panic!("{method} failed: {e:?}"))
     }
 
     /// Sends raw bytes on a fresh connection and returns what comes back
@@ -112,8 +133,12 @@ impl Daemon {
 
     /// Asks the daemon to stop (SIGTERM) and waits for a clean exit.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
         let t0 = Instant::now();
         loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -145,26 +170,52 @@ fn read_value(s: &mut UnixStream) -> Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
 }
 
+/// A config with two 128 MiB malloc bdevs (Malloc0, Malloc1) and nothing
+/// listening on the network, so tests can run side by side.
+pub fn two_malloc_config(dir: &Path) -> PathBuf {
+    let p = dir.join("two-malloc.json");
+    let cfg = json!({"subsystems": [{"subsystem": "bdev", "config": [
+        {"method": "bdev_malloc_create", "params": {"name": "Malloc0", "num_blocks": 32768, "block_size": 4096}},
+        {"method": "bdev_malloc_create", "params": {"name": "Malloc1", "num_blocks": 32768, "block_size": 4096}},
+    ]}]});
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    p
+}
+
 /// Path of SPDK's `spdk-rpc` (installed by scripts/test.sh into a venv).
 /// Without it the test fails when NVRAID_REQUIRE_SPDK_RPC=1 (as in CI), and
 /// is skipped with a notice otherwise.
 pub fn spdk_rpc_path() -> Option<PathBuf> {
-    let p = std::env::var_os("NVRAID_SPDK_RPC").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/spdk-venv/bin/spdk-rpc")
-    });
+    let p = std::env::var_os("NVRAID_SPDK_RPC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/spdk-venv/bin/spdk-rpc")
+        });
     if p.exists() {
         return Some(p);
     }
     if std::env::var("NVRAID_REQUIRE_SPDK_RPC").as_deref() == Ok("1") {
-        panic!("spdk-rpc not found at {} (scripts/test.sh installs it)", p.display());
+        panic!(
+            "spdk-rpc not found at {} (scripts/test.sh installs it)",
+            p.display()
+        );
     }
-    eprintln!("NOTE: skipping: SPDK's client not installed at {} (run scripts/test.sh)", p.display());
+    eprintln!(
+        "NOTE: skipping: SPDK's client not installed at {} (run scripts/test.sh)",
+        p.display()
+    );
     None
 }
 
 /// Runs `spdk-rpc -s SOCK args...`.
 pub fn spdk_rpc(rpc: &Path, sock: &Path, args: &[&str]) -> Output {
-    Command::new(rpc).arg("-s").arg(sock).args(args).stdin(Stdio::null()).output().unwrap()
+    Command::new(rpc)
+        .arg("-s")
+        .arg(sock)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// Like `spdk_rpc` but the call must succeed; returns stdout parsed as JSON
@@ -172,7 +223,11 @@ pub fn spdk_rpc(rpc: &Path, sock: &Path, args: &[&str]) -> Output {
 pub fn spdk_ok(rpc: &Path, sock: &Path, args: &[&str]) -> Value {
     let o = spdk_rpc(rpc, sock, args);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(o.status.success(), "spdk-rpc {args:?} failed: {out} {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "spdk-rpc {args:?} failed: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_str(&out).unwrap_or(Value::String(out.trim().to_string()))
 }
 
