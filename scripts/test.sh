@@ -30,10 +30,19 @@ for t in $(ls */tests/loom_*.rs 2>/dev/null); do
 done
 
 if [ -x scripts/rig/run.sh ] && [ -z "${NVRAID_SKIP_RIG:-}" ]; then
+    step "static binaries for the QEMU guest"
+    # The guest has no libc of ours: link glibc statically.
+    RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
+        --target x86_64-unknown-linux-gnu -p target --bins -p nvme --example nvme_probe
     for s in scripts/rig/scenarios/*.sh; do
         case "$s" in *.host.sh) continue ;; esac # host-side checks run by run.sh
         step "QEMU rig: $(basename "$s")"
-        scripts/rig/run.sh --scenario "$s"
+        args=()
+        # A scenario's extra run.sh arguments (binaries, files) sit beside it.
+        if [ -f "${s%.sh}.args" ]; then
+            read -r -a args < "${s%.sh}.args"
+        fi
+        scripts/rig/run.sh --scenario "$s" "${args[@]}"
     done
 fi
 

@@ -1,0 +1,1045 @@
+//! A seeded, in-process model of an NVMe PCIe controller behind the same
+//! `RegisterSpace` and queue memory the driver uses with real hardware: it
+//! fetches SQEs from host memory, walks PRPs and PRP lists (and SGL data
+//! blocks), reads and writes RAM-backed namespaces, and posts CQEs with
+//! phase tags. It reaches host memory only through its IOMMU model
+//! (`DmaWindow`, fed by `bdev::dma` like a VFIO container), so a bad address
+//! from the driver is a counted DMA fault, never a wild access.
+//!
+//! It does nothing by itself: `step()` (from a test, a reactor poller, or
+//! the driver's busy-wait `relax`) advances it by one tick, so a seed plus
+//! a step sequence replays exactly. Faults on demand: completion delays and
+//! reordering, injected media errors, swallowed commands (a controller that
+//! stops answering), refused aborts, and a controller that never becomes
+//! ready.
+
+use crate::mmio::{DmaWindow, RegisterSpace};
+use crate::prp::PAGE_SIZE;
+use bdev::dma::DmaMapper;
+use bdev::rng::SimRng;
+use nvme_spec::identify::{
+    Cns, IdentifyController, IdentifyNamespace, LbaFormat, NamespaceList, IDENTIFY_DATA_LEN,
+};
+use nvme_spec::regs::{offset, shutdown, Aqa, Cap, Cc, Csts, Vs};
+use nvme_spec::status::sct;
+use nvme_spec::{AdminOpcode, Cqe, IoOpcode, SglKind, Sqe, Status, U16, U32, U64};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Simulated time per `relax()` call of a busy-wait loop.
+pub const RELAX_NS: u64 = 10_000;
+
+/// One namespace of the model.
+#[derive(Clone, Debug)]
+pub struct SimNamespace {
+    pub num_blocks: u64,
+    pub block_size: u32,
+}
+
+/// What the model looks like and how it misbehaves.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub namespaces: Vec<SimNamespace>,
+    /// Identify MDTS (power of two in 4 KiB pages; 0 = no limit).
+    pub mdts: u8,
+    /// CAP.MQES: largest queue, 0's based.
+    pub mqes: u16,
+    /// IO queue pairs the controller grants.
+    pub max_io_queues: u16,
+    /// CAP.DSTRD.
+    pub dstrd: u8,
+    /// CAP.TO, 500 ms units.
+    pub timeout_500ms: u8,
+    /// Steps between CC.EN=1 and CSTS.RDY=1.
+    pub ready_delay_steps: u32,
+    /// Never becomes ready.
+    pub fail_ready: bool,
+    /// IO completions are delayed 0..=this many steps (seeded).
+    pub max_delay_steps: u32,
+    /// Due completions are posted in a seeded random order.
+    pub reorder: bool,
+    /// One IO in this many fails with a media error (0: never).
+    pub error_one_in: u32,
+    /// Report SGL support (data block descriptors).
+    pub sgl: bool,
+    pub vwc: bool,
+    pub serial: String,
+    pub model: String,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            seed: 1,
+            namespaces: vec![SimNamespace {
+                num_blocks: 8192,
+                block_size: 512,
+            }],
+            mdts: 5,
+            mqes: 1023,
+            max_io_queues: 8,
+            dstrd: 0,
+            timeout_500ms: 2,
+            ready_delay_steps: 3,
+            fail_ready: false,
+            max_delay_steps: 0,
+            reorder: false,
+            error_one_in: 0,
+            sgl: false,
+            vwc: true,
+            serial: "SIM0001".into(),
+            model: "nvraid simulated controller".into(),
+        }
+    }
+}
+
+/// Counters a test checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimStats {
+    pub admin_commands: u64,
+    pub io_commands: u64,
+    pub completions: u64,
+    /// DMA to an address outside every mapped arena (an IOMMU fault).
+    pub dma_faults: u64,
+    /// Controller resets (CC.EN 1 → 0).
+    pub resets: u64,
+    pub aborts_performed: u64,
+    pub aborts_refused: u64,
+    pub shutdowns: u64,
+    pub injected_errors: u64,
+    /// Doorbell writes to queues that do not exist, or beyond the ring.
+    pub bad_doorbells: u64,
+    /// Largest transfer seen in one command, bytes.
+    pub max_transfer_bytes: u64,
+    /// Commands whose PRP2 pointed at a list that chained to a second page.
+    pub chained_prp_lists: u64,
+    pub sgl_commands: u64,
+    pub io_queues_created: u64,
+    pub io_queues_deleted: u64,
+}
+
+struct SimSq {
+    base: u64,
+    size: u32,
+    head: u32,
+    cqid: u16,
+}
+
+struct SimCq {
+    base: u64,
+    size: u32,
+    tail: u32,
+    phase: bool,
+}
+
+/// An IO command fetched and not yet completed.
+struct InFlight {
+    sqid: u16,
+    sqe: Sqe,
+    due_step: u64,
+    /// Held forever (until a reset): the "stops answering" fault.
+    swallowed: bool,
+    /// Host memory the command transfers to or from.
+    segments: Vec<(u64, usize)>,
+}
+
+struct State {
+    cc: Cc,
+    csts: Csts,
+    aqa: Aqa,
+    asq: u64,
+    acq: u64,
+    ready_in_steps: Option<u32>,
+    sqs: Vec<Option<SimSq>>,
+    cqs: Vec<Option<SimCq>>,
+    inflight: Vec<InFlight>,
+    /// Completions waiting for CQ room: (cqid, sqid, cqe).
+    backlog: Vec<(u16, Cqe)>,
+    ns: Vec<Vec<u8>>,
+    rng: SimRng,
+    step: u64,
+    swallow_io: u32,
+    abort_works: bool,
+    unresponsive: bool,
+    ignore_disable: bool,
+    stats: SimStats,
+    last_asq_acq: (u64, u64),
+}
+
+/// The simulated controller. Share it as `Arc<SimController>`; hand it to
+/// the driver as its `RegisterSpace`.
+pub struct SimController {
+    cfg: SimConfig,
+    doorbells: Vec<AtomicU32>,
+    state: Mutex<State>,
+    window: Arc<DmaWindow>,
+    mapper: Arc<dyn DmaMapper>,
+    clock_ns: AtomicU64,
+}
+
+impl SimController {
+    /// A powered-on, disabled controller. Registers its IOMMU model with
+    /// `bdev::dma` (every existing and future DMA arena is mapped into it).
+    pub fn new(mut cfg: SimConfig) -> Result<Arc<Self>, String> {
+        cfg.max_io_queues = cfg.max_io_queues.clamp(1, 1024);
+        cfg.mqes = cfg.mqes.max(1);
+        let mut ns = Vec::new();
+        for n in &cfg.namespaces {
+            if !n.block_size.is_power_of_two() || n.block_size < 512 {
+                return Err(format!(
+                    "simulated block size {} is not a power of two >= 512",
+                    n.block_size
+                ));
+            }
+            let bytes = n
+                .num_blocks
+                .checked_mul(n.block_size as u64)
+                .and_then(|b| usize::try_from(b).ok())
+                .filter(|&b| b > 0 && b <= 1 << 32)
+                .ok_or_else(|| {
+                    format!(
+                        "simulated namespace of {} blocks must hold between 1 block and 4 GiB",
+                        n.num_blocks
+                    )
+                })?;
+            ns.push(vec![0u8; bytes]);
+        }
+        let window = Arc::new(DmaWindow::default());
+        let mapper: Arc<dyn DmaMapper> = window.clone();
+        bdev::dma::register_mapper(mapper.clone())?;
+        let queues = cfg.max_io_queues as usize + 1;
+        let rng = SimRng::new(cfg.seed);
+        Ok(Arc::new(SimController {
+            doorbells: (0..2 * queues).map(|_| AtomicU32::new(0)).collect(),
+            state: Mutex::new(State {
+                cc: Cc(0),
+                csts: Csts(0),
+                aqa: Aqa(0),
+                asq: 0,
+                acq: 0,
+                ready_in_steps: None,
+                sqs: (0..queues).map(|_| None).collect(),
+                cqs: (0..queues).map(|_| None).collect(),
+                inflight: Vec::new(),
+                backlog: Vec::new(),
+                ns,
+                rng,
+                step: 0,
+                swallow_io: 0,
+                abort_works: true,
+                unresponsive: false,
+                ignore_disable: false,
+                stats: SimStats::default(),
+                last_asq_acq: (0, 0),
+            }),
+            window,
+            mapper,
+            clock_ns: AtomicU64::new(0),
+            cfg,
+        }))
+    }
+
+    fn st(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> SimStats {
+        self.st().stats.clone()
+    }
+
+    /// The next `n` IO commands are fetched and never completed (until a
+    /// controller reset drops them).
+    pub fn swallow_next_io(&self, n: u32) {
+        self.st().swallow_io = n;
+    }
+
+    /// Whether Abort finds and aborts a command (else it reports "not aborted").
+    pub fn set_abort_works(&self, on: bool) {
+        self.st().abort_works = on;
+    }
+
+    /// Stops processing every queue (admin included) while set.
+    pub fn set_unresponsive(&self, on: bool) {
+        self.st().unresponsive = on;
+    }
+
+    /// Ignores CC.EN = 0 (a controller that cannot be disabled).
+    pub fn set_ignore_disable(&self, on: bool) {
+        self.st().ignore_disable = on;
+    }
+
+    /// Commands fetched and not yet completed.
+    pub fn inflight_count(&self) -> usize {
+        self.st().inflight.len()
+    }
+
+    /// True if a fetched, uncompleted command transfers to or from any byte
+    /// of `addr..addr+len`: memory the controller may still write.
+    pub fn inflight_overlaps(&self, addr: u64, len: usize) -> bool {
+        let end = addr + len as u64;
+        self.st()
+            .inflight
+            .iter()
+            .flat_map(|c| c.segments.iter())
+            .any(|&(a, l)| a < end && addr < a + l as u64)
+    }
+
+    /// IO queues that exist right now.
+    pub fn io_queue_count(&self) -> usize {
+        self.st().sqs.iter().skip(1).filter(|q| q.is_some()).count()
+    }
+
+    /// ASQ and ACQ of the last enable (to check the driver freed them).
+    pub fn last_admin_queues(&self) -> (u64, u64) {
+        self.st().last_asq_acq
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.st().cc.en()
+    }
+
+    pub fn shutdown_complete(&self) -> bool {
+        self.st().csts.shst() == shutdown::SHST_COMPLETE
+    }
+
+    /// Raw bytes of namespace `nsid` (1-based), for verification.
+    pub fn read_namespace(&self, nsid: u32, offset_bytes: usize, dst: &mut [u8]) -> bool {
+        let st = self.st();
+        let Some(ns) = st.ns.get(nsid.wrapping_sub(1) as usize) else {
+            return false;
+        };
+        match ns.get(offset_bytes..offset_bytes + dst.len()) {
+            Some(src) => {
+                dst.copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Registers a reactor poller that steps the model on every loop (for a
+    /// daemon that attaches a simulated controller).
+    pub fn start_poller(self: &Arc<Self>) -> reactor::PollerHandle {
+        let me = Arc::downgrade(self);
+        reactor::register_poller("nvme_sim", move || match me.upgrade() {
+            Some(s) => {
+                if s.step() {
+                    reactor::PollStatus::Busy
+                } else {
+                    reactor::PollStatus::Idle
+                }
+            }
+            None => reactor::PollStatus::Done,
+        })
+    }
+
+    fn doorbell_index(&self, off: u32) -> Option<usize> {
+        let rel = off.checked_sub(offset::DOORBELLS)? as usize;
+        let stride = 4usize << self.cfg.dstrd;
+        rel.is_multiple_of(stride)
+            .then_some(rel / stride)
+            .filter(|&i| i < self.doorbells.len())
+    }
+
+    fn cap(&self) -> Cap {
+        Cap::default()
+            .with_mqes(self.cfg.mqes)
+            .with_cqr(true)
+            .with_timeout_500ms(self.cfg.timeout_500ms)
+            .with_dstrd(self.cfg.dstrd)
+            .with_css(nvme_spec::regs::cap_css::NVM)
+            .with_mpsmin(0)
+            .with_mpsmax(4)
+    }
+
+    fn write_cc(&self, st: &mut State, new: Cc) {
+        let old = st.cc;
+        st.cc = new;
+        if old.en() && !new.en() {
+            if st.ignore_disable {
+                st.cc = new.with_en(true);
+                return;
+            }
+            // Controller reset: every queue and every in-flight command is
+            // gone; nothing is written to host memory after this.
+            st.stats.resets += 1;
+            st.sqs.iter_mut().for_each(|q| *q = None);
+            st.cqs.iter_mut().for_each(|q| *q = None);
+            st.inflight.clear();
+            st.backlog.clear();
+            st.csts = Csts(0);
+            st.ready_in_steps = None;
+            for d in &self.doorbells {
+                d.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        if !old.en() && new.en() {
+            let ok = st.asq != 0
+                && st.acq != 0
+                && st.asq.is_multiple_of(PAGE_SIZE)
+                && st.acq.is_multiple_of(PAGE_SIZE)
+                && new.iosqes() == 6
+                && new.iocqes() == 4
+                && new.mps() == 0;
+            if !ok {
+                st.csts = st.csts.with_cfs(true);
+                return;
+            }
+            st.last_asq_acq = (st.asq, st.acq);
+            st.sqs[0] = Some(SimSq {
+                base: st.asq,
+                size: st.aqa.asqs() as u32 + 1,
+                head: 0,
+                cqid: 0,
+            });
+            st.cqs[0] = Some(SimCq {
+                base: st.acq,
+                size: st.aqa.acqs() as u32 + 1,
+                tail: 0,
+                phase: true,
+            });
+            st.ready_in_steps = (!self.cfg.fail_ready).then_some(self.cfg.ready_delay_steps);
+            if st.ready_in_steps == Some(0) {
+                st.csts = st.csts.with_rdy(true);
+                st.ready_in_steps = None;
+            }
+        }
+        if new.en() && new.shn() != shutdown::SHN_NONE && old.shn() == shutdown::SHN_NONE {
+            st.stats.shutdowns += 1;
+            st.csts = st.csts.with_shst(shutdown::SHST_OCCURRING);
+        }
+    }
+
+    /// Advances the model by one tick. Returns true if it did anything.
+    pub fn step(&self) -> bool {
+        let mut st = self.st();
+        st.step += 1;
+        if let Some(n) = st.ready_in_steps {
+            if n <= 1 {
+                st.ready_in_steps = None;
+                st.csts = st.csts.with_rdy(true);
+            } else {
+                st.ready_in_steps = Some(n - 1);
+            }
+            return true;
+        }
+        if st.csts.shst() == shutdown::SHST_OCCURRING {
+            st.csts = st.csts.with_shst(shutdown::SHST_COMPLETE);
+            return true;
+        }
+        if !st.cc.en()
+            || !st.csts.rdy()
+            || st.unresponsive
+            || st.csts.shst() != shutdown::SHST_NORMAL
+        {
+            return false;
+        }
+        let mut busy = self.flush_backlog(&mut st);
+        busy |= self.process_admin(&mut st);
+        busy |= self.fetch_io(&mut st);
+        busy |= self.complete_io(&mut st);
+        busy
+    }
+
+    fn flush_backlog(&self, st: &mut State) -> bool {
+        if st.backlog.is_empty() {
+            return false;
+        }
+        let pending = std::mem::take(&mut st.backlog);
+        for (cqid, cqe) in pending {
+            self.post(st, cqid, cqe);
+        }
+        true
+    }
+
+    /// Posts a CQE (or parks it while the CQ is full).
+    fn post(&self, st: &mut State, cqid: u16, mut cqe: Cqe) {
+        let head = self.doorbells[2 * cqid as usize + 1].load(Ordering::Acquire);
+        let Some(cq) = st.cqs.get_mut(cqid as usize).and_then(|q| q.as_mut()) else {
+            return;
+        };
+        if (cq.tail + 1) % cq.size == head % cq.size.max(1) {
+            st.backlog.push((cqid, cqe));
+            return;
+        }
+        cqe.set_phase(cq.phase);
+        let addr = cq.base + cq.tail as u64 * 16;
+        cq.tail += 1;
+        if cq.tail == cq.size {
+            cq.tail = 0;
+            cq.phase = !cq.phase;
+        }
+        if self.window.post_cqe(addr, &cqe).is_err() {
+            st.stats.dma_faults += 1;
+        }
+        st.stats.completions += 1;
+    }
+
+    /// Next SQE of `sqid`, if the host rang past the head.
+    fn fetch(&self, st: &mut State, sqid: u16) -> Option<Sqe> {
+        let tail = self.doorbells[2 * sqid as usize].load(Ordering::Acquire);
+        let sq = st.sqs.get_mut(sqid as usize)?.as_mut()?;
+        if tail >= sq.size {
+            st.stats.bad_doorbells += 1;
+            return None;
+        }
+        if sq.head == tail {
+            return None;
+        }
+        let addr = sq.base + sq.head as u64 * 64;
+        sq.head = (sq.head + 1) % sq.size;
+        let mut bytes = [0u8; 64];
+        if self.window.read(addr, &mut bytes).is_err() {
+            st.stats.dma_faults += 1;
+            return None;
+        }
+        Sqe::read_from_bytes(&bytes).ok()
+    }
+
+    fn completion(&self, st: &State, sqid: u16, sqe: &Sqe, status: Status, dw0: u32) -> (u16, Cqe) {
+        let sq = st.sqs.get(sqid as usize).and_then(|q| q.as_ref());
+        let mut cqe = Cqe::new(sqe.cid.get(), status);
+        cqe.dw0 = U32::new(dw0);
+        cqe.sqid = U16::new(sqid);
+        cqe.sqhd = U16::new(sq.map_or(0, |q| q.head as u16));
+        (sq.map_or(0, |q| q.cqid), cqe)
+    }
+
+    fn process_admin(&self, st: &mut State) -> bool {
+        let mut busy = false;
+        while let Some(sqe) = self.fetch(st, 0) {
+            busy = true;
+            st.stats.admin_commands += 1;
+            let (status, dw0) = self.admin(st, &sqe);
+            let (cqid, cqe) = self.completion(st, 0, &sqe, status, dw0);
+            self.post(st, cqid, cqe);
+        }
+        busy
+    }
+
+    fn admin(&self, st: &mut State, sqe: &Sqe) -> (Status, u32) {
+        let cdw10 = sqe.cdw10.get();
+        let cdw11 = sqe.cdw11.get();
+        match AdminOpcode(sqe.opcode) {
+            AdminOpcode::IDENTIFY => {
+                let data = match self.identify(sqe) {
+                    Ok(d) => d,
+                    Err(s) => return (s, 0),
+                };
+                match self.transfer_out(st, sqe, &data) {
+                    Ok(()) => (Status::SUCCESS, 0),
+                    Err(s) => (s, 0),
+                }
+            }
+            AdminOpcode::SET_FEATURES
+                if cdw10 & 0xFF == nvme_spec::features::FeatureId::NUMBER_OF_QUEUES.0 as u32 =>
+            {
+                let n = self.cfg.max_io_queues as u32 - 1;
+                (Status::SUCCESS, n | (n << 16))
+            }
+            AdminOpcode::SET_FEATURES | AdminOpcode::GET_FEATURES => (Status::SUCCESS, 0),
+            AdminOpcode::CREATE_IO_CQ => {
+                let (qid, size) = ((cdw10 & 0xFFFF) as usize, (cdw10 >> 16) + 1);
+                if qid == 0 || qid >= st.cqs.len() || st.cqs[qid].is_some() {
+                    return (Status::INVALID_QUEUE_IDENTIFIER.with_dnr(), 0);
+                }
+                if size < 2 || size > self.cfg.mqes as u32 + 1 {
+                    return (Status::INVALID_QUEUE_SIZE.with_dnr(), 0);
+                }
+                let base = sqe.dptr.prp1.get();
+                if cdw11 & 1 == 0
+                    || !base.is_multiple_of(PAGE_SIZE)
+                    || self.window.read(base, &mut [0u8; 16]).is_err()
+                {
+                    return (Status::INVALID_FIELD.with_dnr(), 0);
+                }
+                self.doorbells[2 * qid + 1].store(0, Ordering::Relaxed);
+                st.cqs[qid] = Some(SimCq {
+                    base,
+                    size,
+                    tail: 0,
+                    phase: true,
+                });
+                (Status::SUCCESS, 0)
+            }
+            AdminOpcode::CREATE_IO_SQ => {
+                let (qid, size, cqid) = (
+                    (cdw10 & 0xFFFF) as usize,
+                    (cdw10 >> 16) + 1,
+                    (cdw11 >> 16) as u16,
+                );
+                if qid == 0 || qid >= st.sqs.len() || st.sqs[qid].is_some() {
+                    return (Status::INVALID_QUEUE_IDENTIFIER.with_dnr(), 0);
+                }
+                if cqid == 0 || st.cqs.get(cqid as usize).is_none_or(|q| q.is_none()) {
+                    return (Status::COMPLETION_QUEUE_INVALID.with_dnr(), 0);
+                }
+                if size < 2 || size > self.cfg.mqes as u32 + 1 {
+                    return (Status::INVALID_QUEUE_SIZE.with_dnr(), 0);
+                }
+                let base = sqe.dptr.prp1.get();
+                if cdw11 & 1 == 0 || !base.is_multiple_of(PAGE_SIZE) {
+                    return (Status::INVALID_FIELD.with_dnr(), 0);
+                }
+                self.doorbells[2 * qid].store(0, Ordering::Relaxed);
+                st.sqs[qid] = Some(SimSq {
+                    base,
+                    size,
+                    head: 0,
+                    cqid,
+                });
+                st.stats.io_queues_created += 1;
+                (Status::SUCCESS, 0)
+            }
+            AdminOpcode::DELETE_IO_SQ => {
+                let qid = (cdw10 & 0xFFFF) as u16;
+                if qid == 0 || st.sqs.get(qid as usize).is_none_or(|q| q.is_none()) {
+                    return (Status::INVALID_QUEUE_IDENTIFIER.with_dnr(), 0);
+                }
+                // Commands of the SQ complete as aborted before it goes.
+                let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut st.inflight)
+                    .into_iter()
+                    .partition(|c| c.sqid == qid);
+                st.inflight = kept;
+                for c in gone {
+                    let (cqid, cqe) =
+                        self.completion(st, qid, &c.sqe, Status::ABORTED_SQ_DELETION, 0);
+                    self.post(st, cqid, cqe);
+                }
+                st.sqs[qid as usize] = None;
+                st.stats.io_queues_deleted += 1;
+                (Status::SUCCESS, 0)
+            }
+            AdminOpcode::DELETE_IO_CQ => {
+                let qid = (cdw10 & 0xFFFF) as u16;
+                if qid == 0 || st.cqs.get(qid as usize).is_none_or(|q| q.is_none()) {
+                    return (Status::INVALID_QUEUE_IDENTIFIER.with_dnr(), 0);
+                }
+                if st.sqs.iter().flatten().any(|s| s.cqid == qid) {
+                    return (Status::INVALID_QUEUE_DELETION.with_dnr(), 0);
+                }
+                st.cqs[qid as usize] = None;
+                (Status::SUCCESS, 0)
+            }
+            AdminOpcode::ABORT => {
+                let (sqid, cid) = ((cdw10 & 0xFFFF) as u16, (cdw10 >> 16) as u16);
+                let found = st
+                    .inflight
+                    .iter()
+                    .position(|c| c.sqid == sqid && c.sqe.cid.get() == cid);
+                match found {
+                    Some(i) if st.abort_works => {
+                        let c = st.inflight.remove(i);
+                        let (cqid, cqe) =
+                            self.completion(st, sqid, &c.sqe, Status::ABORT_REQUESTED, 0);
+                        self.post(st, cqid, cqe);
+                        st.stats.aborts_performed += 1;
+                        (Status::SUCCESS, 0)
+                    }
+                    _ => {
+                        st.stats.aborts_refused += 1;
+                        (Status::SUCCESS, 1)
+                    }
+                }
+            }
+            _ => (Status::INVALID_OPCODE.with_dnr(), 0),
+        }
+    }
+
+    fn identify(&self, sqe: &Sqe) -> Result<Vec<u8>, Status> {
+        let cns = Cns((sqe.cdw10.get() & 0xFF) as u8);
+        let nsid = sqe.nsid.get();
+        let n = self.cfg.namespaces.len() as u32;
+        match cns {
+            Cns::CONTROLLER => {
+                let mut id = IdentifyController::zeroed();
+                id.vid = U16::new(0x1b36);
+                id.ssvid = U16::new(0x1af4);
+                pad(&mut id.sn, &self.cfg.serial);
+                pad(&mut id.mn, &self.cfg.model);
+                pad(&mut id.fr, "1.0");
+                id.mdts = self.cfg.mdts;
+                id.cntlid = U16::new(1);
+                id.ver = U32::new(Vs::V1_4.0);
+                id.acl = 3;
+                id.sqes = 0x66;
+                id.cqes = 0x44;
+                id.nn = U32::new(n);
+                id.oncs = U16::new(
+                    nvme_spec::identify::oncs::DATASET_MANAGEMENT
+                        | nvme_spec::identify::oncs::WRITE_ZEROES,
+                );
+                id.vwc = u8::from(self.cfg.vwc);
+                id.sgls = U32::new(if self.cfg.sgl {
+                    nvme_spec::identify::sgls::SUPPORTED
+                } else {
+                    0
+                });
+                let nqn = format!("nqn.2019-08.org.qemu:{}", self.cfg.serial);
+                id.subnqn[..nqn.len().min(255)]
+                    .copy_from_slice(&nqn.as_bytes()[..nqn.len().min(255)]);
+                Ok(id.as_bytes().to_vec())
+            }
+            Cns::NAMESPACE => {
+                let Some(ns) = self.cfg.namespaces.get(nsid.wrapping_sub(1) as usize) else {
+                    return Err(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
+                };
+                let mut id = IdentifyNamespace::zeroed();
+                id.nsze = U64::new(ns.num_blocks);
+                id.ncap = U64::new(ns.num_blocks);
+                id.nuse = U64::new(ns.num_blocks);
+                id.nlbaf = 0;
+                id.lbaf[0] = LbaFormat::new(ns.block_size.trailing_zeros() as u8, 0);
+                id.dlfeat = 1;
+                id.nguid[..8].copy_from_slice(&self.cfg.seed.to_le_bytes());
+                id.nguid[8..12].copy_from_slice(&nsid.to_le_bytes());
+                Ok(id.as_bytes().to_vec())
+            }
+            Cns::ACTIVE_NAMESPACE_LIST => {
+                let list = NamespaceList::from_ids((1..=n).filter(|&i| i > nsid));
+                Ok(list.as_bytes().to_vec())
+            }
+            _ => Err(Status::INVALID_FIELD.with_dnr()),
+        }
+    }
+
+    /// The host memory segments of a command's data pointer (PRP or SGL).
+    fn segments(&self, st: &mut State, sqe: &Sqe, len: usize) -> Result<Vec<(u64, usize)>, Status> {
+        if sqe.psdt() != nvme_spec::cmd::Psdt::Prp {
+            if !self.cfg.sgl {
+                return Err(Status::INVALID_FIELD.with_dnr());
+            }
+            st.stats.sgl_commands += 1;
+            return match sqe.sgl1().kind() {
+                SglKind::DataBlockAddress { address, length } if length as usize == len => {
+                    Ok(vec![(address, len)])
+                }
+                SglKind::DataBlockAddress { .. } => Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
+                _ => Err(Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr()),
+            };
+        }
+        let prp1 = sqe.dptr.prp1.get();
+        let prp2 = sqe.dptr.prp2.get();
+        if !prp1.is_multiple_of(4) {
+            return Err(Status::PRP_OFFSET_INVALID.with_dnr());
+        }
+        let first = (PAGE_SIZE - prp1 % PAGE_SIZE).min(len as u64) as usize;
+        let mut segs = vec![(prp1, first)];
+        let mut left = len - first;
+        if left == 0 {
+            return Ok(segs);
+        }
+        if left <= PAGE_SIZE as usize {
+            if !prp2.is_multiple_of(PAGE_SIZE) {
+                return Err(Status::PRP_OFFSET_INVALID.with_dnr());
+            }
+            segs.push((prp2, left));
+            return Ok(segs);
+        }
+        // PRP2 is a list; its last entry in each page chains when more remain.
+        if !prp2.is_multiple_of(8) {
+            return Err(Status::PRP_OFFSET_INVALID.with_dnr());
+        }
+        let mut entry_addr = prp2;
+        let mut chained = false;
+        while left > 0 {
+            let mut raw = [0u8; 8];
+            self.window.read(entry_addr, &mut raw).map_err(|_| {
+                st.stats.dma_faults += 1;
+                Status::DATA_TRANSFER_ERROR
+            })?;
+            let v = u64::from_le_bytes(raw);
+            let last_in_page = entry_addr % PAGE_SIZE == PAGE_SIZE - 8;
+            if last_in_page && left > PAGE_SIZE as usize {
+                if v % PAGE_SIZE != 0 {
+                    return Err(Status::PRP_OFFSET_INVALID.with_dnr());
+                }
+                entry_addr = v;
+                chained = true;
+                continue;
+            }
+            if v % PAGE_SIZE != 0 {
+                return Err(Status::PRP_OFFSET_INVALID.with_dnr());
+            }
+            let n = left.min(PAGE_SIZE as usize);
+            segs.push((v, n));
+            left -= n;
+            entry_addr += 8;
+        }
+        if chained {
+            st.stats.chained_prp_lists += 1;
+        }
+        Ok(segs)
+    }
+
+    fn transfer_out(&self, st: &mut State, sqe: &Sqe, data: &[u8]) -> Result<(), Status> {
+        let segs = self.segments(st, sqe, data.len())?;
+        self.scatter(st, &segs, data)
+    }
+
+    fn scatter(&self, st: &mut State, segs: &[(u64, usize)], data: &[u8]) -> Result<(), Status> {
+        let mut off = 0;
+        for &(addr, n) in segs {
+            if self.window.write(addr, &data[off..off + n]).is_err() {
+                st.stats.dma_faults += 1;
+                return Err(Status::DATA_TRANSFER_ERROR);
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn gather(&self, st: &mut State, segs: &[(u64, usize)], data: &mut [u8]) -> Result<(), Status> {
+        let mut off = 0;
+        for &(addr, n) in segs {
+            if self.window.read(addr, &mut data[off..off + n]).is_err() {
+                st.stats.dma_faults += 1;
+                return Err(Status::DATA_TRANSFER_ERROR);
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn fetch_io(&self, st: &mut State) -> bool {
+        let mut busy = false;
+        for qid in 1..st.sqs.len() as u16 {
+            if st.sqs[qid as usize].is_none() {
+                continue;
+            }
+            while let Some(sqe) = self.fetch(st, qid) {
+                busy = true;
+                st.stats.io_commands += 1;
+                let delay = st.rng.below(self.cfg.max_delay_steps as u64 + 1);
+                let swallowed = st.swallow_io > 0;
+                if swallowed {
+                    st.swallow_io -= 1;
+                }
+                let segments = self.data_len(st, &sqe).and_then(|len| match len {
+                    0 => Ok(Vec::new()),
+                    len => self.segments(st, &sqe, len),
+                });
+                let segments = match segments {
+                    Ok(s) => s,
+                    Err(status) => {
+                        let (cqid, cqe) = self.completion(st, qid, &sqe, status, 0);
+                        self.post(st, cqid, cqe);
+                        continue;
+                    }
+                };
+                let due_step = st.step + delay;
+                st.inflight.push(InFlight {
+                    sqid: qid,
+                    sqe,
+                    due_step,
+                    swallowed,
+                    segments,
+                });
+            }
+        }
+        busy
+    }
+
+    /// Bytes a read/write moves (0 for commands without data, or DSM's
+    /// range list, which is read at execution).
+    fn data_len(&self, st: &mut State, sqe: &Sqe) -> Result<usize, Status> {
+        let op = IoOpcode(sqe.opcode);
+        if op != IoOpcode::READ && op != IoOpcode::WRITE {
+            return Ok(0);
+        }
+        let ns = self
+            .cfg
+            .namespaces
+            .get(sqe.nsid.get().wrapping_sub(1) as usize)
+            .ok_or(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr())?;
+        let len = sqe.nlb() as usize * ns.block_size as usize;
+        st.stats.max_transfer_bytes = st.stats.max_transfer_bytes.max(len as u64);
+        if self.cfg.mdts > 0 && len as u64 > (PAGE_SIZE << self.cfg.mdts) {
+            return Err(Status::INVALID_FIELD.with_dnr());
+        }
+        Ok(len)
+    }
+
+    fn complete_io(&self, st: &mut State) -> bool {
+        let now = st.step;
+        let (mut due, rest): (Vec<InFlight>, Vec<InFlight>) = std::mem::take(&mut st.inflight)
+            .into_iter()
+            .partition(|c| !c.swallowed && c.due_step <= now);
+        st.inflight = rest;
+        if due.is_empty() {
+            return false;
+        }
+        if self.cfg.reorder {
+            for i in (1..due.len()).rev() {
+                let j = st.rng.below(i as u64 + 1) as usize;
+                due.swap(i, j);
+            }
+        }
+        for c in due {
+            let status = self.execute_io(st, &c);
+            let (cqid, cqe) = self.completion(st, c.sqid, &c.sqe, status, 0);
+            self.post(st, cqid, cqe);
+        }
+        true
+    }
+
+    fn execute_io(&self, st: &mut State, c: &InFlight) -> Status {
+        let sqe = &c.sqe;
+        let nsid = sqe.nsid.get();
+        let Some(ns_cfg) = self.cfg.namespaces.get(nsid.wrapping_sub(1) as usize) else {
+            return Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr();
+        };
+        let bs = ns_cfg.block_size as usize;
+        let op = IoOpcode(sqe.opcode);
+        let range = |slba: u64, nlb: u64| -> Result<std::ops::Range<usize>, Status> {
+            let end = slba
+                .checked_add(nlb)
+                .filter(|&e| e <= ns_cfg.num_blocks)
+                .ok_or(Status::LBA_OUT_OF_RANGE.with_dnr())?;
+            Ok(slba as usize * bs..end as usize * bs)
+        };
+        if self.cfg.error_one_in > 0
+            && (op == IoOpcode::READ || op == IoOpcode::WRITE)
+            && st.rng.below(self.cfg.error_one_in as u64) == 0
+        {
+            st.stats.injected_errors += 1;
+            return if op == IoOpcode::READ {
+                Status::UNRECOVERED_READ_ERROR
+            } else {
+                Status::WRITE_FAULT
+            };
+        }
+        let ns_index = nsid as usize - 1;
+        match op {
+            IoOpcode::READ | IoOpcode::WRITE => {
+                let r = match range(sqe.slba(), sqe.nlb() as u64) {
+                    Ok(r) => r,
+                    Err(s) => return s,
+                };
+                let mut data = vec![0u8; r.len()];
+                let res = if op == IoOpcode::READ {
+                    data.copy_from_slice(&st.ns[ns_index][r]);
+                    self.scatter(st, &c.segments, &data)
+                } else {
+                    self.gather(st, &c.segments, &mut data)
+                        .map(|()| st.ns[ns_index][r].copy_from_slice(&data))
+                };
+                res.err().unwrap_or(Status::SUCCESS)
+            }
+            IoOpcode::FLUSH => Status::SUCCESS,
+            IoOpcode::WRITE_ZEROES => match range(sqe.slba(), sqe.nlb() as u64) {
+                Ok(r) => {
+                    st.ns[ns_index][r].fill(0);
+                    Status::SUCCESS
+                }
+                Err(s) => s,
+            },
+            IoOpcode::DATASET_MANAGEMENT => {
+                let nr = (sqe.cdw10.get() & 0xFF) as usize + 1;
+                let mut raw = vec![0u8; nr * 16];
+                let segs = match self.segments(st, sqe, nr * 16) {
+                    Ok(s) => s,
+                    Err(s) => return s,
+                };
+                if let Err(s) = self.gather(st, &segs, &mut raw) {
+                    return s;
+                }
+                let deallocate = sqe.cdw11.get() & (1 << 2) != 0;
+                for r in raw.chunks_exact(16) {
+                    let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
+                    let slba =
+                        u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+                    match range(slba, nlb) {
+                        Ok(rg) if deallocate => st.ns[ns_index][rg].fill(0),
+                        Ok(_) => {}
+                        Err(s) => return s,
+                    }
+                }
+                Status::SUCCESS
+            }
+            _ => Status::new(sct::GENERIC, Status::INVALID_OPCODE.sc).with_dnr(),
+        }
+    }
+}
+
+fn pad(field: &mut [u8], s: &str) {
+    field.fill(b' ');
+    let n = s.len().min(field.len());
+    field[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+impl RegisterSpace for SimController {
+    fn read32(&self, off: u32) -> u32 {
+        let st = self.st();
+        match off {
+            offset::CAP => self.cap().0 as u32,
+            o if o == offset::CAP + 4 => (self.cap().0 >> 32) as u32,
+            offset::VS => Vs::V1_4.0,
+            offset::CC => st.cc.0,
+            offset::CSTS => st.csts.0,
+            offset::AQA => st.aqa.0,
+            offset::ASQ => st.asq as u32,
+            o if o == offset::ASQ + 4 => (st.asq >> 32) as u32,
+            offset::ACQ => st.acq as u32,
+            o if o == offset::ACQ + 4 => (st.acq >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn write32(&self, off: u32, value: u32) {
+        if off >= offset::DOORBELLS {
+            match self.doorbell_index(off) {
+                Some(i) => self.doorbells[i].store(value, Ordering::Release),
+                None => self.st().stats.bad_doorbells += 1,
+            }
+            return;
+        }
+        let mut st = self.st();
+        match off {
+            offset::CC => self.write_cc(&mut st, Cc(value)),
+            offset::AQA => st.aqa = Aqa(value),
+            offset::ASQ => st.asq = (st.asq & !0xFFFF_FFFF) | value as u64,
+            o if o == offset::ASQ + 4 => st.asq = (st.asq & 0xFFFF_FFFF) | ((value as u64) << 32),
+            offset::ACQ => st.acq = (st.acq & !0xFFFF_FFFF) | value as u64,
+            o if o == offset::ACQ + 4 => st.acq = (st.acq & 0xFFFF_FFFF) | ((value as u64) << 32),
+            _ => {}
+        }
+    }
+
+    fn relax(&self) {
+        self.clock_ns.fetch_add(RELAX_NS, Ordering::Relaxed);
+        self.step();
+    }
+
+    fn wait_clock_ns(&self) -> u64 {
+        self.clock_ns.load(Ordering::Relaxed)
+    }
+
+    fn stop_dma(&self) -> bool {
+        // Bus master off: the model drops every in-flight command unposted.
+        let mut st = self.st();
+        st.inflight.clear();
+        st.backlog.clear();
+        st.unresponsive = true;
+        true
+    }
+
+    fn describe(&self) -> String {
+        format!("SIM seed {}", self.cfg.seed)
+    }
+}
+
+impl Drop for SimController {
+    fn drop(&mut self) {
+        bdev::dma::unregister_mapper(&self.mapper);
+    }
+}
+
+const _: () = assert!(IDENTIFY_DATA_LEN == 4096);

@@ -1,0 +1,459 @@
+//! VFIO: container, group and device of one PCI function, type1 IOMMU, DMA
+//! mapping of every DMA arena (IOVA = VA), BAR0 mapping, and PCI bus
+//! mastering.
+//!
+//! Why our own ioctls on `libc` rather than `vfio-ioctls`/`vfio-bindings`:
+//! we need nine ioctls and four small structs, all stable kernel ABI since
+//! Linux 3.6; the crates pull in vmm-sys-util and KVM-oriented features we
+//! would have to disable, and their wrappers still leave the unsafe mmap and
+//! DMA-lifetime questions to us. Declaring the structs here keeps every
+//! unsafe block in this file, next to the argument for it.
+
+use crate::mmio::{Bar, RegisterSpace};
+use crate::NvmeError;
+use bdev::dma::DmaMapper;
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::Instant;
+
+const VFIO_TYPE: u64 = b';' as u64;
+const fn vfio_io(nr: u64) -> u64 {
+    (VFIO_TYPE << 8) | nr
+}
+const VFIO_GET_API_VERSION: u64 = vfio_io(100);
+const VFIO_CHECK_EXTENSION: u64 = vfio_io(101);
+const VFIO_SET_IOMMU: u64 = vfio_io(102);
+const VFIO_GROUP_GET_STATUS: u64 = vfio_io(103);
+const VFIO_GROUP_SET_CONTAINER: u64 = vfio_io(104);
+const VFIO_GROUP_GET_DEVICE_FD: u64 = vfio_io(106);
+const VFIO_DEVICE_GET_REGION_INFO: u64 = vfio_io(108);
+const VFIO_IOMMU_MAP_DMA: u64 = vfio_io(113);
+const VFIO_IOMMU_UNMAP_DMA: u64 = vfio_io(114);
+
+const VFIO_API_VERSION: i32 = 0;
+const VFIO_TYPE1_IOMMU: u64 = 1;
+const VFIO_TYPE1V2_IOMMU: u64 = 3;
+const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
+const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+const VFIO_DMA_MAP_FLAG_READ: u32 = 1;
+const VFIO_DMA_MAP_FLAG_WRITE: u32 = 2;
+const BAR0_REGION: u32 = 0;
+const CONFIG_REGION: u32 = 7;
+/// PCI command register: memory space enable and bus master enable.
+const PCI_COMMAND: u64 = 4;
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+
+#[repr(C)]
+#[derive(Default)]
+struct GroupStatus {
+    argsz: u32,
+    flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct RegionInfo {
+    argsz: u32,
+    flags: u32,
+    index: u32,
+    cap_offset: u32,
+    size: u64,
+    offset: u64,
+}
+
+#[repr(C)]
+struct DmaMap {
+    argsz: u32,
+    flags: u32,
+    vaddr: u64,
+    iova: u64,
+    size: u64,
+}
+
+#[repr(C)]
+struct DmaUnmap {
+    argsz: u32,
+    flags: u32,
+    iova: u64,
+    size: u64,
+}
+
+fn os_err(what: String) -> NvmeError {
+    let e = std::io::Error::last_os_error();
+    NvmeError::Vfio(
+        format!("{what}: {e}"),
+        e.raw_os_error().unwrap_or(libc::EIO),
+    )
+}
+
+/// Maps DMA arenas into the container's IOMMU domain, IOVA = VA.
+struct VfioMapper {
+    container: OwnedFd,
+}
+
+impl DmaMapper for VfioMapper {
+    fn map(&self, vaddr: u64, len: u64) -> Result<(), String> {
+        let arg = DmaMap {
+            argsz: std::mem::size_of::<DmaMap>() as u32,
+            flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr,
+            iova: vaddr,
+            size: len,
+        };
+        // SAFETY: MAP_DMA reads a properly initialized `vfio_iommu_type1_dma_map`
+        // that outlives the call; the range is a live mmap of ours that stays
+        // mapped for the process (bdev::dma never unmaps arenas).
+        let rc = unsafe { libc::ioctl(self.container.as_raw_fd(), VFIO_IOMMU_MAP_DMA as _, &arg) };
+        if rc < 0 {
+            return Err(format!(
+                "VFIO_IOMMU_MAP_DMA {vaddr:#x}+{len:#x}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    fn unmap(&self, vaddr: u64, len: u64) {
+        let arg = DmaUnmap {
+            argsz: std::mem::size_of::<DmaUnmap>() as u32,
+            flags: 0,
+            iova: vaddr,
+            size: len,
+        };
+        // SAFETY: UNMAP_DMA reads (and may write back `size` into) the struct,
+        // which is ours and lives across the call.
+        let rc =
+            unsafe { libc::ioctl(self.container.as_raw_fd(), VFIO_IOMMU_UNMAP_DMA as _, &arg) };
+        if rc < 0 {
+            tracing::warn!(
+                "VFIO_IOMMU_UNMAP_DMA {vaddr:#x}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// One PCI function opened through VFIO, with BAR0 mapped.
+pub struct VfioDevice {
+    bdf: String,
+    _group: OwnedFd,
+    device: OwnedFd,
+    bar: Bar,
+    config_offset: u64,
+    mapper: Arc<dyn DmaMapper>,
+    t0: Instant,
+}
+
+fn region_info(device: &OwnedFd, index: u32) -> Result<RegionInfo, NvmeError> {
+    let mut info = RegionInfo {
+        argsz: std::mem::size_of::<RegionInfo>() as u32,
+        index,
+        ..Default::default()
+    };
+    // SAFETY: GET_REGION_INFO fills the struct we own; argsz bounds its writes.
+    let rc = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            VFIO_DEVICE_GET_REGION_INFO as _,
+            &mut info,
+        )
+    };
+    if rc < 0 {
+        return Err(os_err(format!("VFIO_DEVICE_GET_REGION_INFO {index}")));
+    }
+    Ok(info)
+}
+
+/// Validates a PCI address: `DDDD:BB:DD.F`, hex.
+pub fn parse_bdf(s: &str) -> Result<String, NvmeError> {
+    let bad = || {
+        NvmeError::Invalid(format!(
+            "traddr '{s}' is not a PCI address like 0000:00:04.0"
+        ))
+    };
+    let s = s.trim();
+    let full = if s.matches(':').count() == 1 {
+        format!("0000:{s}")
+    } else {
+        s.to_string()
+    };
+    let (dom_bus_dev, func) = full.rsplit_once('.').ok_or_else(bad)?;
+    let parts: Vec<&str> = dom_bus_dev.split(':').collect();
+    let hex = |p: &str, n: usize| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit());
+    if parts.len() != 3
+        || !hex(parts[0], 4)
+        || !hex(parts[1], 2)
+        || !hex(parts[2], 2)
+        || !hex(func, 1)
+    {
+        return Err(bad());
+    }
+    Ok(full.to_ascii_lowercase())
+}
+
+impl VfioDevice {
+    /// Opens `bdf` (bound to vfio-pci), sets up a type1 container, maps
+    /// every DMA arena, maps BAR0 and enables bus mastering.
+    pub fn open(bdf: &str) -> Result<Arc<VfioDevice>, NvmeError> {
+        let bdf = parse_bdf(bdf)?;
+        let sys = Path::new("/sys/bus/pci/devices").join(&bdf);
+        if !sys.exists() {
+            return Err(NvmeError::Invalid(format!("no PCI device {bdf}")));
+        }
+        let driver = std::fs::read_link(sys.join("driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()));
+        if driver.as_deref() != Some("vfio-pci") {
+            return Err(NvmeError::Invalid(format!(
+                "{bdf} is bound to {}, not vfio-pci: run scripts/setup.sh first",
+                driver.as_deref().unwrap_or("no driver")
+            )));
+        }
+        let group_link = std::fs::read_link(sys.join("iommu_group")).map_err(|e| {
+            NvmeError::Vfio(
+                format!("{bdf}: no IOMMU group ({e}); is the IOMMU on?"),
+                libc::ENODEV,
+            )
+        })?;
+        let group_no = group_link
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let rw = |p: &str| OpenOptions::new().read(true).write(true).open(p);
+        let container: OwnedFd = rw("/dev/vfio/vfio")
+            .map_err(|e| NvmeError::Vfio(format!("/dev/vfio/vfio: {e}"), libc::ENODEV))?
+            .into();
+        // SAFETY: argument-less ioctls on a VFIO container fd.
+        let api = unsafe { libc::ioctl(container.as_raw_fd(), VFIO_GET_API_VERSION as _) };
+        if api != VFIO_API_VERSION {
+            return Err(NvmeError::Vfio(
+                format!("unknown VFIO API version {api}"),
+                libc::EINVAL,
+            ));
+        }
+        // SAFETY: CHECK_EXTENSION takes an integer argument by value.
+        let v2 = unsafe {
+            libc::ioctl(
+                container.as_raw_fd(),
+                VFIO_CHECK_EXTENSION as _,
+                VFIO_TYPE1V2_IOMMU,
+            )
+        } > 0;
+        // SAFETY: as above.
+        let v1 = unsafe {
+            libc::ioctl(
+                container.as_raw_fd(),
+                VFIO_CHECK_EXTENSION as _,
+                VFIO_TYPE1_IOMMU,
+            )
+        } > 0;
+        if !v1 && !v2 {
+            return Err(NvmeError::Vfio(
+                "the kernel offers no VFIO type1 IOMMU".into(),
+                libc::ENOTSUP,
+            ));
+        }
+        let group_path = format!("/dev/vfio/{group_no}");
+        let group: OwnedFd = rw(&group_path)
+            .map_err(|e| NvmeError::Vfio(format!("{group_path}: {e}"), libc::EBUSY))?
+            .into();
+        let mut status = GroupStatus {
+            argsz: std::mem::size_of::<GroupStatus>() as u32,
+            flags: 0,
+        };
+        // SAFETY: GET_STATUS fills the struct we own.
+        if unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_GET_STATUS as _, &mut status) } < 0 {
+            return Err(os_err(format!("{group_path}: VFIO_GROUP_GET_STATUS")));
+        }
+        if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
+            return Err(NvmeError::Vfio(
+                format!("IOMMU group {group_no} is not viable: bind every device of the group to vfio-pci"),
+                libc::EBUSY,
+            ));
+        }
+        let cfd: libc::c_int = container.as_raw_fd();
+        // SAFETY: SET_CONTAINER reads an int (the container fd) through the pointer.
+        if unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_SET_CONTAINER as _, &cfd) } < 0 {
+            return Err(os_err(format!("{group_path}: VFIO_GROUP_SET_CONTAINER")));
+        }
+        let iommu = if v2 {
+            VFIO_TYPE1V2_IOMMU
+        } else {
+            VFIO_TYPE1_IOMMU
+        };
+        // SAFETY: SET_IOMMU takes the IOMMU type by value.
+        if unsafe { libc::ioctl(container.as_raw_fd(), VFIO_SET_IOMMU as _, iommu) } < 0 {
+            return Err(os_err("VFIO_SET_IOMMU".into()));
+        }
+        let name = CString::new(bdf.clone()).map_err(|_| NvmeError::Invalid("bdf".into()))?;
+        // SAFETY: GET_DEVICE_FD reads a NUL-terminated string that outlives the call.
+        let dfd = unsafe {
+            libc::ioctl(
+                group.as_raw_fd(),
+                VFIO_GROUP_GET_DEVICE_FD as _,
+                name.as_ptr(),
+            )
+        };
+        if dfd < 0 {
+            return Err(os_err(format!("{bdf}: VFIO_GROUP_GET_DEVICE_FD")));
+        }
+        // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
+        let device: OwnedFd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dfd) };
+
+        let bar_info = region_info(&device, BAR0_REGION)?;
+        if bar_info.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || bar_info.size < 0x2000 {
+            return Err(NvmeError::Vfio(
+                format!("{bdf}: BAR0 cannot be mapped (size {:#x})", bar_info.size),
+                libc::EINVAL,
+            ));
+        }
+        // Map the whole BAR; where the kernel refuses (an MSI-X table inside
+        // BAR0 without interrupt remapping), the registers and the first
+        // doorbells are enough: 8 KiB covers 512 queue doorbells at stride 0.
+        let mut p = libc::MAP_FAILED;
+        let mut bar_len = 0usize;
+        for len in [bar_info.size as usize, 0x2000] {
+            // SAFETY: a shared mapping of the device fd at the offset VFIO
+            // gave for BAR0; it is unmapped in Drop and never aliased by a
+            // Rust reference (volatile accesses only, in mmio::Bar).
+            p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    device.as_raw_fd(),
+                    bar_info.offset as libc::off_t,
+                )
+            };
+            if p != libc::MAP_FAILED {
+                bar_len = len;
+                break;
+            }
+        }
+        if p == libc::MAP_FAILED {
+            return Err(os_err(format!("{bdf}: mmap BAR0")));
+        }
+        let base = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| NvmeError::Vfio("mmap returned NULL".into(), libc::EINVAL))?;
+        // SAFETY: base..base+bar_len is the mapping just created; VfioDevice
+        // owns it and unmaps it last.
+        let bar = unsafe { Bar::new(base, bar_len) };
+        let config_offset = region_info(&device, CONFIG_REGION)?.offset;
+
+        let dup = container
+            .try_clone()
+            .map_err(|e| NvmeError::Vfio(format!("dup container: {e}"), libc::EMFILE))?;
+        let mapper: Arc<dyn DmaMapper> = Arc::new(VfioMapper { container: dup });
+        let dev = VfioDevice {
+            bdf: bdf.clone(),
+            _group: group,
+            device,
+            bar,
+            config_offset,
+            mapper: mapper.clone(),
+            t0: Instant::now(),
+        };
+        dev.set_command_bits(PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, true)?;
+        bdev::dma::register_mapper(mapper)
+            .map_err(|e| NvmeError::Vfio(format!("{bdf}: {e}"), libc::ENOMEM))?;
+        // The container fd itself may close: the group keeps it attached and
+        // the mapper holds a duplicate for MAP/UNMAP.
+        drop(container);
+        tracing::info!(bdf, bar_len, "VFIO device opened");
+        Ok(Arc::new(dev))
+    }
+
+    fn config_rw(&self, off: u64, buf: &mut [u8], write: bool) -> bool {
+        let pos = (self.config_offset + off) as libc::off_t;
+        // SAFETY: pread/pwrite on our device fd with a buffer we own.
+        let n = unsafe {
+            if write {
+                libc::pwrite(self.device.as_raw_fd(), buf.as_ptr().cast(), buf.len(), pos)
+            } else {
+                libc::pread(
+                    self.device.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    pos,
+                )
+            }
+        };
+        n == buf.len() as isize
+    }
+
+    fn set_command_bits(&self, bits: u16, on: bool) -> Result<(), NvmeError> {
+        let mut raw = [0u8; 2];
+        if !self.config_rw(PCI_COMMAND, &mut raw, false) {
+            return Err(os_err(format!("{}: read PCI command register", self.bdf)));
+        }
+        let cmd = u16::from_le_bytes(raw);
+        let new = if on { cmd | bits } else { cmd & !bits };
+        let mut raw = new.to_le_bytes();
+        if !self.config_rw(PCI_COMMAND, &mut raw, true) {
+            return Err(os_err(format!("{}: write PCI command register", self.bdf)));
+        }
+        Ok(())
+    }
+
+    pub fn bdf(&self) -> &str {
+        &self.bdf
+    }
+}
+
+impl RegisterSpace for VfioDevice {
+    fn read32(&self, offset: u32) -> u32 {
+        self.bar.read32(offset)
+    }
+    fn write32(&self, offset: u32, value: u32) {
+        self.bar.write32(offset, value)
+    }
+    fn relax(&self) {
+        // Control-plane waits only (ready, admin commands): yield the core.
+        std::thread::sleep(std::time::Duration::from_micros(5));
+    }
+    fn wait_clock_ns(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+    fn stop_dma(&self) -> bool {
+        self.set_command_bits(PCI_COMMAND_MASTER, false).is_ok()
+    }
+    fn describe(&self) -> String {
+        format!("PCIe {}", self.bdf)
+    }
+}
+
+impl Drop for VfioDevice {
+    fn drop(&mut self) {
+        bdev::dma::unregister_mapper(&self.mapper);
+        // SAFETY: the BAR mapping created in `open`, unmapped exactly once;
+        // `self.bar` is not used after this.
+        unsafe { libc::munmap(self.bar.base().cast(), self.bar.len()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bdf;
+
+    #[test]
+    fn pci_addresses() {
+        assert_eq!(parse_bdf("0000:00:04.0").unwrap(), "0000:00:04.0");
+        assert_eq!(parse_bdf("00:05.0").unwrap(), "0000:00:05.0");
+        assert_eq!(parse_bdf("0000:AF:00.1").unwrap(), "0000:af:00.1");
+        for bad in [
+            "",
+            "0000:00:04",
+            "zz:00.0",
+            "0000:00:04.0/../x",
+            "0000:000:04.0",
+        ] {
+            assert!(parse_bdf(bad).is_err(), "{bad}");
+        }
+    }
+}
