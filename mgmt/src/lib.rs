@@ -11,4 +11,5 @@ pub use methods::{Ctx, MethodTable};
 
 // The layers below, for the daemon and tools that sit on top of mgmt only.
 pub use bdev;
+pub use nvmf;
 pub use reactor;

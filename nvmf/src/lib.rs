@@ -1,4 +1,18 @@
 //! NVMe over Fabrics TCP transport: target and initiator.
+//!
+//! - [`pdu`]: the PDU codec (layouts, validation, streaming reader, digests).
+//! - [`tgt`]: the target: subsystems, namespaces, listeners, controllers and
+//!   the per-reactor queue pairs that serve them ([`NvmfState`] is the
+//!   control-plane entry point, [`shutdown`] stops it).
+//! - [`host`]: the initiator, as a polled queue pair API and as bdevs.
 #![forbid(unsafe_code)]
 
+pub mod host;
 pub mod pdu;
+mod sock;
+pub mod tgt;
+
+pub use tgt::{
+    shutdown, ListenAddr, Namespace, NvmfError, NvmfState, Subsystem, SubsystemKind,
+    SubsystemParams, TransportOpts,
+};

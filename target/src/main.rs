@@ -153,6 +153,9 @@ fn run(args: Args) -> Result<()> {
             Ok(Event::Ready) => {
                 let sock = args.rpc_socket.display();
                 println!("nvraid-tgt: ready; JSON-RPC on {sock} (try: spdk-rpc -s {sock} bdev_get_bdevs)");
+                for line in mgmt::methods::nvmf::connect_lines(&set) {
+                    println!("nvraid-tgt: NVMe/TCP target up; connect with: {line}");
+                }
             }
             Ok(Event::InitFailed(e)) => {
                 shutdown(&set, &rpc_running);
@@ -168,13 +171,14 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Orderly shutdown: stop taking RPCs, remove every bdev newest first (an
-/// array before its members; each waits for its in-flight IO and metadata),
-/// then stop the reactors.
+/// Orderly shutdown: stop taking RPCs, stop the NVMe-oF target (listeners
+/// close, connections drain their in-flight IO), remove every bdev newest
+/// first (an array before its members; each waits for its in-flight IO and
+/// metadata), then stop the reactors.
 fn shutdown(set: &ReactorSet, rpc_running: &AtomicBool) {
     rpc_running.store(false, Ordering::Release);
     let (tx, rx) = mpsc::channel();
-    set.send(0, move || remove_all(tx));
+    set.send(0, move || mgmt::methods::nvmf::shutdown(move || remove_all(tx)));
     if rx.recv_timeout(Duration::from_secs(30)).is_err() {
         tracing::error!("bdevs did not finish within 30 s; stopping anyway");
     }

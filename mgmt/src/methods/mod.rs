@@ -4,6 +4,8 @@
 
 pub mod app;
 pub mod bdev;
+pub mod nvme;
+pub mod nvmf;
 
 use crate::jsonrpc::{decode_params, RpcError, RpcResult};
 use crate::server::{Dispatch, Reply};
@@ -32,11 +34,12 @@ pub struct Subsystem {
 }
 
 pub const SUBSYSTEMS: &[Subsystem] =
-    &[Subsystem { name: "bdev", depends_on: &[], config: bdev::subsystem_config }];
+    &[Subsystem { name: "bdev", depends_on: &[], config: bdev::subsystem_config },
+    Subsystem { name: "nvmf", depends_on: &["bdev"], config: nvmf::subsystem_config }];
 
 /// Every method the daemon serves.
 fn all_methods() -> impl Iterator<Item = &'static (&'static str, Handler)> {
-    [app::METHODS, bdev::METHODS].into_iter().flatten()
+    [app::METHODS, bdev::METHODS, nvme::METHODS, nvmf::METHODS].into_iter().flatten()
 }
 
 pub struct MethodTable {

@@ -1,0 +1,383 @@
+//! NVMe-oF target methods (SPDK's `nvmf_*` names and parameters): the TCP
+//! transport, subsystems, namespaces, listeners and hosts, and the
+//! subsystem's `save_config` section.
+
+use super::{sync_call, Ctx, Handler};
+use crate::jsonrpc::{RpcError, RpcResult};
+use crate::server::Reply;
+use ::nvmf::{ListenAddr, NvmfError, NvmfState, SubsystemParams, TransportOpts};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use uuid::Uuid;
+
+pub const METHODS: &[(&str, Handler)] = &[
+    ("nvmf_create_transport", nvmf_create_transport),
+    ("nvmf_get_transports", nvmf_get_transports),
+    ("nvmf_create_subsystem", nvmf_create_subsystem),
+    ("nvmf_delete_subsystem", nvmf_delete_subsystem),
+    ("nvmf_subsystem_add_ns", nvmf_subsystem_add_ns),
+    ("nvmf_subsystem_remove_ns", nvmf_subsystem_remove_ns),
+    ("nvmf_subsystem_add_listener", |_, p, r| {
+        listener(true, p, r)
+    }),
+    ("nvmf_subsystem_remove_listener", |_, p, r| {
+        listener(false, p, r)
+    }),
+    ("nvmf_subsystem_add_host", |_, p, r| host(true, p, r)),
+    ("nvmf_subsystem_remove_host", |_, p, r| host(false, p, r)),
+    (
+        "nvmf_subsystem_allow_any_host",
+        nvmf_subsystem_allow_any_host,
+    ),
+    ("nvmf_get_subsystems", nvmf_get_subsystems),
+];
+
+/// The calls that recreate the target, for `save_config`.
+pub fn subsystem_config() -> Vec<Value> {
+    NvmfState::get().config()
+}
+
+/// Stops the target before the bdevs go (the daemon's shutdown path).
+pub fn shutdown(done: impl FnOnce() + Send + 'static) {
+    ::nvmf::shutdown(done)
+}
+
+/// `nvme connect` lines for every TCP listener (printed when ready).
+pub fn connect_lines(set: &reactor::ReactorSet) -> Vec<String> {
+    set.global::<NvmfState>().connect_lines()
+}
+
+fn nvmf_error(e: NvmfError) -> RpcError {
+    match e {
+        NvmfError::Invalid(m) | NvmfError::NotFound(m) => RpcError::invalid_params(m),
+        e => RpcError::errno(e.errno(), e.to_string()),
+    }
+}
+
+fn u32_of(v: &Value, key: &str, into: &mut u32) -> Result<(), RpcError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(()),
+        Some(x) => {
+            let n = x
+                .as_u64()
+                .ok_or_else(|| RpcError::invalid_params(format!("{key} must be a number")))?;
+            *into = u32::try_from(n)
+                .map_err(|_| RpcError::invalid_params(format!("{key} is too large")))?;
+            Ok(())
+        }
+    }
+}
+
+fn bool_of(v: &Value, key: &str, into: &mut bool) -> Result<(), RpcError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(()),
+        Some(x) => {
+            *into = x
+                .as_bool()
+                .ok_or_else(|| RpcError::invalid_params(format!("{key} must be a boolean")))?;
+            Ok(())
+        }
+    }
+}
+
+fn nvmf_create_transport(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    let r = (|| -> RpcResult {
+        let v = params.unwrap_or(json!({}));
+        if !v.is_object() {
+            return Err(RpcError::invalid_params("params must be an object"));
+        }
+        let trtype = v
+            .get("trtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| RpcError::invalid_params("missing trtype"))?;
+        if !trtype.eq_ignore_ascii_case("tcp") {
+            return Err(RpcError::invalid_params(format!(
+                "transport type '{trtype}' is not supported (only TCP)"
+            )));
+        }
+        let mut o = TransportOpts::default();
+        for (k, f) in [
+            ("max_queue_depth", &mut o.max_queue_depth),
+            ("max_io_qpairs_per_ctrlr", &mut o.max_io_qpairs_per_ctrlr),
+            ("in_capsule_data_size", &mut o.in_capsule_data_size),
+            ("max_io_size", &mut o.max_io_size),
+            ("io_unit_size", &mut o.io_unit_size),
+            ("max_aq_depth", &mut o.max_aq_depth),
+            ("num_shared_buffers", &mut o.num_shared_buffers),
+            ("buf_cache_size", &mut o.buf_cache_size),
+            ("sock_priority", &mut o.sock_priority),
+            ("abort_timeout_sec", &mut o.abort_timeout_sec),
+            ("ack_timeout", &mut o.ack_timeout),
+            ("data_wr_pool_size", &mut o.data_wr_pool_size),
+        ] {
+            u32_of(&v, k, f)?;
+        }
+        // SPDK's client sends max_qpairs_per_ctrlr (admin included) in older versions.
+        if let Some(n) = v.get("max_qpairs_per_ctrlr").and_then(Value::as_u64) {
+            o.max_io_qpairs_per_ctrlr = (n.saturating_sub(1)).max(1) as u32;
+        }
+        bool_of(&v, "c2h_success", &mut o.c2h_success)?;
+        bool_of(&v, "zcopy", &mut o.zcopy)?;
+        bool_of(&v, "dif_insert_or_strip", &mut o.dif_insert_or_strip)?;
+        NvmfState::get().create_transport(o).map_err(nvmf_error)?;
+        Ok(Value::Bool(true))
+    })();
+    reply.send(r);
+}
+
+#[derive(Deserialize, Default)]
+struct GetTransports {
+    trtype: Option<String>,
+}
+
+fn nvmf_get_transports(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: GetTransports| {
+        if let Some(t) = &p.trtype {
+            if !t.eq_ignore_ascii_case("tcp") {
+                return Err(RpcError::invalid_params(format!(
+                    "transport type '{t}' not found"
+                )));
+            }
+        }
+        Ok(Value::Array(
+            NvmfState::get()
+                .transport()
+                .map(|t| t.to_json())
+                .into_iter()
+                .collect(),
+        ))
+    });
+}
+
+#[derive(Deserialize)]
+struct CreateSubsystem {
+    nqn: String,
+    serial_number: Option<String>,
+    model_number: Option<String>,
+    #[serde(default)]
+    allow_any_host: bool,
+    max_namespaces: Option<u32>,
+    min_cntlid: Option<u16>,
+    max_cntlid: Option<u16>,
+    #[serde(default)]
+    ana_reporting: bool,
+}
+
+fn nvmf_create_subsystem(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: CreateSubsystem| {
+        if p.ana_reporting {
+            return Err(RpcError::invalid_params("ANA reporting is not supported"));
+        }
+        let mut s = SubsystemParams::new(&p.nqn);
+        if let Some(v) = p.serial_number {
+            s.serial_number = v;
+        }
+        if let Some(v) = p.model_number {
+            s.model_number = v;
+        }
+        s.allow_any_host = p.allow_any_host;
+        if let Some(v) = p.max_namespaces.filter(|v| *v > 0) {
+            s.max_namespaces = v;
+        }
+        if let Some(v) = p.min_cntlid {
+            s.min_cntlid = v;
+        }
+        if let Some(v) = p.max_cntlid {
+            s.max_cntlid = v;
+        }
+        NvmfState::get().create_subsystem(s).map_err(nvmf_error)?;
+        Ok(Value::Bool(true))
+    });
+}
+
+#[derive(Deserialize)]
+struct Nqn {
+    nqn: String,
+}
+
+fn nvmf_delete_subsystem(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: Nqn| {
+        NvmfState::get()
+            .delete_subsystem(&p.nqn)
+            .map_err(nvmf_error)?;
+        Ok(Value::Bool(true))
+    });
+}
+
+#[derive(Deserialize)]
+struct NsParams {
+    bdev_name: String,
+    #[serde(default)]
+    nsid: u32,
+    uuid: Option<String>,
+    nguid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AddNs {
+    nqn: String,
+    namespace: NsParams,
+}
+
+fn parse_nguid(s: &str) -> Result<[u8; 16], RpcError> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return Err(RpcError::invalid_params(format!(
+            "nguid '{s}' must be 32 hex digits"
+        )));
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16)
+            .map_err(|_| RpcError::invalid_params(format!("nguid '{s}' is not hexadecimal")))?;
+    }
+    Ok(out)
+}
+
+fn nvmf_subsystem_add_ns(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: AddNs| {
+        let uuid = p
+            .namespace
+            .uuid
+            .as_deref()
+            .map(|u| {
+                Uuid::parse_str(u).map_err(|e| RpcError::invalid_params(format!("uuid '{u}': {e}")))
+            })
+            .transpose()?;
+        let nguid = p.namespace.nguid.as_deref().map(parse_nguid).transpose()?;
+        let nsid = NvmfState::get()
+            .add_ns(
+                &p.nqn,
+                &p.namespace.bdev_name,
+                p.namespace.nsid,
+                uuid,
+                nguid,
+            )
+            .map_err(nvmf_error)?;
+        Ok(json!(nsid))
+    });
+}
+
+#[derive(Deserialize)]
+struct RemoveNs {
+    nqn: String,
+    nsid: u32,
+}
+
+fn nvmf_subsystem_remove_ns(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: RemoveNs| {
+        NvmfState::get()
+            .remove_ns(&p.nqn, p.nsid)
+            .map_err(nvmf_error)?;
+        Ok(Value::Bool(true))
+    });
+}
+
+#[derive(Deserialize)]
+struct Address {
+    trtype: String,
+    #[serde(default)]
+    adrfam: Option<String>,
+    traddr: String,
+    trsvcid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Listener {
+    nqn: String,
+    listen_address: Address,
+}
+
+fn listener(add: bool, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: Listener| {
+        let a = p.listen_address;
+        if !a.trtype.eq_ignore_ascii_case("tcp") {
+            return Err(RpcError::invalid_params(format!(
+                "transport type '{}' is not supported",
+                a.trtype
+            )));
+        }
+        if let Some(f) = &a.adrfam {
+            if !f.eq_ignore_ascii_case("ipv4") && !f.eq_ignore_ascii_case("ipv6") {
+                return Err(RpcError::invalid_params(format!(
+                    "address family '{f}' is not supported"
+                )));
+            }
+        }
+        let addr = ListenAddr::new(&a.traddr, a.trsvcid.as_deref().unwrap_or("4420"));
+        let st = NvmfState::get();
+        // SPDK's client documents 'discovery' as a shortcut.
+        let nqn = if p.nqn == "discovery" {
+            nvme_spec_discovery_nqn()
+        } else {
+            p.nqn.as_str()
+        };
+        if add {
+            st.add_listener(nqn, addr).map_err(nvmf_error)?;
+        } else {
+            st.remove_listener(nqn, &addr).map_err(nvmf_error)?;
+        }
+        Ok(Value::Bool(true))
+    });
+}
+
+#[derive(Deserialize)]
+struct Host {
+    nqn: String,
+    host: String,
+}
+
+fn host(add: bool, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: Host| {
+        let st = NvmfState::get();
+        if add {
+            st.add_host(&p.nqn, &p.host).map_err(nvmf_error)?;
+        } else {
+            st.remove_host(&p.nqn, &p.host).map_err(nvmf_error)?;
+        }
+        Ok(Value::Bool(true))
+    });
+}
+
+#[derive(Deserialize)]
+struct AllowAny {
+    nqn: String,
+    allow_any_host: bool,
+}
+
+fn nvmf_subsystem_allow_any_host(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: AllowAny| {
+        NvmfState::get()
+            .allow_any_host(&p.nqn, p.allow_any_host)
+            .map_err(nvmf_error)?;
+        Ok(Value::Bool(true))
+    });
+}
+
+#[derive(Deserialize, Default)]
+struct GetSubsystems {
+    nqn: Option<String>,
+}
+
+fn nvmf_get_subsystems(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: GetSubsystems| {
+        let subs = NvmfState::get().subsystems();
+        let list: Vec<Value> = subs
+            .iter()
+            .filter(|s| p.nqn.as_deref().is_none_or(|n| n == s.nqn))
+            .map(|s| s.to_json())
+            .collect();
+        if p.nqn.is_some() && list.is_empty() {
+            return Err(RpcError::invalid_params(format!(
+                "subsystem {} not found",
+                p.nqn.unwrap_or_default()
+            )));
+        }
+        Ok(Value::Array(list))
+    });
+}
+
+fn nvme_spec_discovery_nqn() -> &'static str {
+    "nqn.2014-08.org.nvmexpress.discovery"
+}

@@ -1,0 +1,448 @@
+//! Admin and property commands of a target controller: the controller
+//! registers (CAP, VS, CC, CSTS with the enable and shutdown state
+//! machine), Identify, Get Log Page (error, SMART, changed namespaces,
+//! discovery), Set/Get Features, Keep Alive, and the answers for commands
+//! a fabrics controller does not do.
+
+use super::{Ctrl, NvmfState, Subsystem, SubsystemKind};
+use bdev::DmaBuf;
+use nvme_spec::fabrics::PropertySize;
+use nvme_spec::features::{select, FeatureId, FeatureParams, NumberOfQueues};
+use nvme_spec::identify::{
+    cmic, cntrltype, ctratt, encode_ns_id_descriptors, lpa, oaes, oncs, sgls, vwc, Cns,
+    IdentifyController, IdentifyNamespace, IdentifyParams, LbaFormat, NamespaceList,
+    NsIdDescriptor, IDENTIFY_DATA_LEN,
+};
+use nvme_spec::log::{
+    adrfam, subtype, tcp_sectype, treq, trtype, DiscoveryLogEntry, DiscoveryLogHeader,
+    GetLogPageParams, LogPageId, SmartLog, CHANGED_NS_LIST_OVERFLOW, CNTLID_DYNAMIC,
+};
+use nvme_spec::regs::{cap_css, offset, shutdown, Cap, Cc, Csts, Vs};
+use nvme_spec::text::{write_ascii_padded, write_nqn};
+use nvme_spec::{AdminOpcode, Sqe, Status, U16, U32, U64};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use zerocopy::IntoBytes;
+
+pub(crate) enum AdminOutcome {
+    Done {
+        status: Status,
+        dw0: u32,
+    },
+    /// Parked until an event (Asynchronous Event Request).
+    AsyncEventRequest,
+}
+
+fn done(status: Status) -> AdminOutcome {
+    AdminOutcome::Done { status, dw0: 0 }
+}
+
+/// Timeout CAP.TO reports, in 500 ms units (15 s).
+const CAP_TIMEOUT_500MS: u8 = 30;
+/// Keep alive granularity KAS reports, in 100 ms units.
+const KAS_100MS: u16 = 10;
+
+pub(crate) fn cap(ctrl: &Ctrl) -> Cap {
+    let depth = if ctrl.subsys.kind == SubsystemKind::Discovery {
+        ctrl.opts.max_aq_depth
+    } else {
+        ctrl.opts.max_queue_depth
+    };
+    Cap(0)
+        .with_mqes((depth - 1).min(0xFFFF) as u16)
+        .with_cqr(true)
+        .with_timeout_500ms(CAP_TIMEOUT_500MS)
+        .with_css(cap_css::NVM)
+        .with_mpsmin(0)
+        .with_mpsmax(0)
+}
+
+pub(crate) fn property_get(
+    ctrl: &Ctrl,
+    off: u32,
+    size: Option<PropertySize>,
+) -> Result<u64, Status> {
+    let size = size.ok_or(Status::INVALID_FIELD.with_dnr())?;
+    let a = ctrl.admin();
+    let (v, width) = match off {
+        offset::CAP => (cap(ctrl).0, PropertySize::EightBytes),
+        offset::VS => (u64::from(Vs::V1_3.0), PropertySize::FourBytes),
+        offset::CC => (u64::from(a.cc), PropertySize::FourBytes),
+        offset::CSTS => (u64::from(a.csts), PropertySize::FourBytes),
+        _ => return Err(Status::INVALID_FIELD.with_dnr()),
+    };
+    if size != width {
+        return Err(Status::INVALID_FIELD.with_dnr());
+    }
+    Ok(v)
+}
+
+pub(crate) fn property_set(
+    ctrl: &Ctrl,
+    off: u32,
+    size: Option<PropertySize>,
+    value: u64,
+) -> Status {
+    if off != offset::CC || size != Some(PropertySize::FourBytes) {
+        return Status::INVALID_FIELD.with_dnr();
+    }
+    let new = Cc(value as u32);
+    let mut a = ctrl.admin();
+    let old = Cc(a.cc);
+    let mut csts = Csts(a.csts);
+    if new.en() && !old.en() {
+        // Enabling: the host must use 64-byte SQEs, 16-byte CQEs, 4 KiB pages.
+        let sizes_ok = new.iosqes() == 6 && new.iocqes() == 4 && new.mps() == 0;
+        // A discovery controller has no IO queues: zero sizes are fine there.
+        let discovery_ok =
+            ctrl.subsys.kind == SubsystemKind::Discovery && new.iosqes() == 0 && new.mps() == 0;
+        if !sizes_ok && !discovery_ok {
+            return Status::INVALID_FIELD.with_dnr();
+        }
+        csts = csts.with_rdy(true).with_shst(shutdown::SHST_NORMAL);
+        ctrl.ready.store(true, Ordering::Release);
+    } else if !new.en() && old.en() {
+        // A controller reset: IO queues go away, the admin queue stays.
+        csts = csts.with_rdy(false);
+        ctrl.ready.store(false, Ordering::Release);
+    }
+    if new.shn() != shutdown::SHN_NONE && old.shn() == shutdown::SHN_NONE {
+        // Nothing is cached in the target: shutdown completes at once.
+        csts = csts.with_shst(shutdown::SHST_COMPLETE);
+        ctrl.ready.store(false, Ordering::Release);
+    } else if new.shn() == shutdown::SHN_NONE {
+        csts = csts.with_shst(shutdown::SHST_NORMAL);
+    }
+    a.cc = new.0;
+    a.csts = csts.0;
+    Status::SUCCESS
+}
+
+pub(crate) fn admin_cmd(
+    ctrl: &Arc<Ctrl>,
+    sqe: &Sqe,
+    data_in: Option<&DmaBuf>,
+    out: &mut Vec<u8>,
+    portid: u16,
+) -> AdminOutcome {
+    let discovery = ctrl.subsys.kind == SubsystemKind::Discovery;
+    match AdminOpcode(sqe.opcode) {
+        AdminOpcode::IDENTIFY => identify(ctrl, sqe, out),
+        AdminOpcode::GET_LOG_PAGE => get_log_page(ctrl, sqe, out, portid),
+        AdminOpcode::KEEP_ALIVE => {
+            ctrl.last_keep_alive_ns
+                .store(reactor::now_ns(), Ordering::Relaxed);
+            done(Status::SUCCESS)
+        }
+        AdminOpcode::SET_FEATURES => set_features(ctrl, sqe, data_in),
+        AdminOpcode::GET_FEATURES => get_features(ctrl, sqe, out),
+        AdminOpcode::ASYNC_EVENT_REQUEST => AdminOutcome::AsyncEventRequest,
+        // Commands finish quickly here, so nothing is ever abortable:
+        // DW0 bit 0 set means "not aborted".
+        AdminOpcode::ABORT if !discovery => AdminOutcome::Done {
+            status: Status::SUCCESS,
+            dw0: 1,
+        },
+        _ => done(Status::INVALID_OPCODE.with_dnr()),
+    }
+}
+
+fn fill_ascii(field: &mut [u8], s: &str) {
+    let s: String = s
+        .chars()
+        .filter(|c| c.is_ascii() && !c.is_ascii_control())
+        .take(field.len())
+        .collect();
+    let _ = write_ascii_padded(field, &s);
+}
+
+fn identify_controller(ctrl: &Ctrl) -> IdentifyController {
+    let sub: &Subsystem = &ctrl.subsys;
+    let discovery = sub.kind == SubsystemKind::Discovery;
+    let o = &ctrl.opts;
+    let mut id = IdentifyController::zeroed();
+    id.vid = U16::new(0);
+    id.ssvid = U16::new(0);
+    fill_ascii(&mut id.sn, &sub.serial_number);
+    fill_ascii(&mut id.mn, &sub.model_number);
+    fill_ascii(&mut id.fr, env!("CARGO_PKG_VERSION"));
+    id.rab = 6;
+    id.cntlid = U16::new(ctrl.cntlid);
+    id.ver = U32::new(Vs::V1_3.0);
+    id.ctratt = U32::new(ctratt::HOST_ID_128);
+    id.cntrltype = if discovery {
+        cntrltype::DISCOVERY
+    } else {
+        cntrltype::IO
+    };
+    id.acl = 3;
+    id.aerl = (super::conn::MAX_AERS - 1) as u8;
+    id.lpa = lpa::EXTENDED_DATA;
+    id.elpe = 0;
+    id.kas = U16::new(KAS_100MS);
+    id.sqes = 0x66;
+    id.cqes = 0x44;
+    id.maxcmd = U16::new(o.max_queue_depth.min(0xFFFF) as u16);
+    id.sgls = U32::new(sgls::SUPPORTED | sgls::OFFSET | sgls::TRANSPORT_DATA_BLOCK);
+    let _ = write_nqn(&mut id.subnqn, &sub.nqn);
+    id.ioccsz = U32::new((64 + o.in_capsule_data_size) / 16);
+    id.iorcsz = U32::new(1);
+    id.icdoff = U16::new(0);
+    id.fcatt = 0;
+    id.msdbd = 1;
+    if discovery {
+        id.mdts = o.mdts();
+        return id;
+    }
+    id.ieee = [0x38, 0x74, 0x8d];
+    id.cmic = cmic::MULTI_CONTROLLER;
+    id.mdts = o.mdts();
+    id.oaes = U32::new(oaes::NAMESPACE_ATTRIBUTE);
+    id.nn = U32::new(sub.max_namespaces);
+    id.mnan = U32::new(sub.max_namespaces);
+    id.oncs = U16::new(oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES);
+    id.vwc = vwc::PRESENT | vwc::FLUSH_BROADCAST_UNSUPPORTED;
+    id.awun = U16::new(0);
+    id.awupf = U16::new(0);
+    id
+}
+
+fn identify_namespace(sub: &Subsystem, nsid: u32) -> Option<IdentifyNamespace> {
+    let ns = sub.namespaces().into_iter().find(|n| n.nsid == nsid)?;
+    let p = ns.bdev.props();
+    let mut id = IdentifyNamespace::zeroed();
+    id.nsze = U64::new(p.num_blocks);
+    id.ncap = U64::new(p.num_blocks);
+    id.nuse = U64::new(p.num_blocks);
+    id.nlbaf = 0;
+    id.flbas = 0;
+    id.nmic = 1; // may be shared by several controllers
+                 // Deallocated blocks read back as zeroes (malloc and RAID unmap zero them).
+    id.dlfeat = 0b001;
+    id.nguid = ns.nguid;
+    id.lbaf[0] = LbaFormat::new(p.block_size.trailing_zeros() as u8, 0);
+    if p.optimal_io_boundary > 0 {
+        id.noiob = U16::new(p.optimal_io_boundary.min(0xFFFF) as u16);
+    }
+    Some(id)
+}
+
+fn identify(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome {
+    let p = IdentifyParams::from_sqe(sqe);
+    let sub = &ctrl.subsys;
+    let discovery = sub.kind == SubsystemKind::Discovery;
+    match p.cns {
+        Cns::CONTROLLER => out.extend_from_slice(identify_controller(ctrl).as_bytes()),
+        Cns::NAMESPACE if !discovery => match identify_namespace(sub, p.nsid) {
+            Some(id) => out.extend_from_slice(id.as_bytes()),
+            // An inactive NSID within range reads as zeroes.
+            None if p.nsid != 0 && p.nsid <= sub.max_namespaces => out.resize(IDENTIFY_DATA_LEN, 0),
+            None => return done(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr()),
+        },
+        Cns::ACTIVE_NAMESPACE_LIST | Cns::CSI_ACTIVE_NAMESPACE_LIST if !discovery => {
+            if p.cns == Cns::CSI_ACTIVE_NAMESPACE_LIST && p.csi != 0 {
+                out.resize(IDENTIFY_DATA_LEN, 0);
+                return done(Status::SUCCESS);
+            }
+            if p.nsid >= 0xFFFF_FFFE {
+                return done(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
+            }
+            let ids: Vec<u32> = sub
+                .namespaces()
+                .iter()
+                .map(|n| n.nsid)
+                .filter(|&n| n > p.nsid)
+                .collect();
+            out.extend_from_slice(NamespaceList::from_ids(ids).as_bytes());
+        }
+        Cns::NAMESPACE_ID_DESCRIPTORS if !discovery => {
+            let Some(ns) = sub.namespaces().into_iter().find(|n| n.nsid == p.nsid) else {
+                return done(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
+            };
+            out.resize(IDENTIFY_DATA_LEN, 0);
+            let descs = [
+                NsIdDescriptor::Nguid(ns.nguid),
+                NsIdDescriptor::Uuid(*ns.uuid.as_bytes()),
+                NsIdDescriptor::Csi(0),
+            ];
+            if encode_ns_id_descriptors(&descs, out).is_err() {
+                return done(Status::INTERNAL_ERROR);
+            }
+        }
+        // I/O command set specific data for the NVM command set: no
+        // limits beyond MDTS, all zeroes.
+        Cns::CSI_CONTROLLER | Cns::CSI_NAMESPACE if !discovery && p.csi == 0 => {
+            if p.cns == Cns::CSI_NAMESPACE && !sub.namespaces().iter().any(|n| n.nsid == p.nsid) {
+                return done(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
+            }
+            out.resize(IDENTIFY_DATA_LEN, 0);
+        }
+        _ => return done(Status::INVALID_FIELD.with_dnr()),
+    }
+    done(Status::SUCCESS)
+}
+
+fn get_log_page(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>, _portid: u16) -> AdminOutcome {
+    let p = GetLogPageParams::from_sqe(sqe);
+    let discovery = ctrl.subsys.kind == SubsystemKind::Discovery;
+    if !p.offset_bytes.is_multiple_of(4) {
+        return done(Status::INVALID_FIELD.with_dnr());
+    }
+    let mut page: Vec<u8> = Vec::new();
+    match p.lid {
+        LogPageId::ERROR_INFORMATION => page.resize(64, 0),
+        LogPageId::SMART_HEALTH if !discovery => {
+            let mut s = SmartLog::zeroed();
+            s.temperature = U16::new(300);
+            s.available_spare = 100;
+            s.available_spare_threshold = 10;
+            page.extend_from_slice(s.as_bytes());
+        }
+        LogPageId::CHANGED_NAMESPACE_LIST if !discovery => {
+            let mut a = ctrl.admin();
+            let ids = if a.changed_ns.len() > NamespaceList::CAPACITY {
+                vec![CHANGED_NS_LIST_OVERFLOW]
+            } else {
+                let mut v = a.changed_ns.clone();
+                v.sort_unstable();
+                v
+            };
+            page.extend_from_slice(NamespaceList::from_ids(ids).as_bytes());
+            if !p.rae {
+                a.changed_ns.clear();
+                a.ns_notice_masked = false;
+            }
+        }
+        LogPageId::FIRMWARE_SLOT if !discovery => {
+            // One slot, active, holding the running version.
+            page.resize(512, 0);
+            page[0] = 1;
+            fill_ascii(&mut page[8..16], env!("CARGO_PKG_VERSION"));
+        }
+        LogPageId::DISCOVERY if discovery => page = discovery_log(&ctrl.hostnqn),
+        _ => return done(Status::INVALID_LOG_PAGE.with_dnr()),
+    }
+    let start = (p.offset_bytes as usize).min(page.len());
+    if p.offset_bytes as usize > page.len() {
+        return done(Status::INVALID_FIELD.with_dnr());
+    }
+    let end = (start as u64 + p.len_bytes).min(page.len() as u64) as usize;
+    out.extend_from_slice(&page[start..end]);
+    done(Status::SUCCESS)
+}
+
+/// The discovery log a host sees: one entry per (subsystem it may
+/// connect to, listener of that subsystem).
+fn discovery_log(hostnqn: &str) -> Vec<u8> {
+    let state = NvmfState::get();
+    let asqsz = state.transport().map_or(128, |t| t.max_aq_depth);
+    let mut entries = Vec::new();
+    for s in state.subsystems() {
+        if s.kind != SubsystemKind::Nvme || !s.host_allowed(hostnqn) {
+            continue;
+        }
+        for a in s.listeners() {
+            let mut e = DiscoveryLogEntry::zeroed();
+            e.trtype = trtype::TCP;
+            e.adrfam = if a.ipv6() { adrfam::IPV6 } else { adrfam::IPV4 };
+            e.subtype = subtype::NVME;
+            e.treq = treq::SECURE_CHANNEL_NOT_REQUIRED | treq::DISABLE_SQ_FLOW_CONTROL;
+            e.portid = U16::new(a.trsvcid.parse::<u16>().unwrap_or(0));
+            e.cntlid = U16::new(CNTLID_DYNAMIC);
+            e.asqsz = U16::new(asqsz.min(0xFFFF) as u16);
+            fill_ascii(&mut e.trsvcid, &a.trsvcid);
+            let _ = write_nqn(&mut e.subnqn, &s.nqn);
+            fill_ascii(&mut e.traddr, &a.traddr);
+            e.tsas[0] = tcp_sectype::NONE;
+            entries.push(e);
+        }
+    }
+    let genctr = state.genctr.load(Ordering::Acquire);
+    let mut page = DiscoveryLogHeader::new(genctr, entries.len() as u64)
+        .as_bytes()
+        .to_vec();
+    for e in &entries {
+        page.extend_from_slice(e.as_bytes());
+    }
+    page
+}
+
+fn set_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, _data: Option<&DmaBuf>) -> AdminOutcome {
+    let f = FeatureParams::from_sqe(sqe);
+    if f.save {
+        return done(Status::FEATURE_NOT_SAVEABLE.with_dnr());
+    }
+    let discovery = ctrl.subsys.kind == SubsystemKind::Discovery;
+    let mut a = ctrl.admin();
+    match f.fid {
+        FeatureId::NUMBER_OF_QUEUES if !discovery => {
+            let want = NumberOfQueues::from_dword(f.value);
+            if want.io_sqs > 0xFFFE || want.io_cqs > 0xFFFE {
+                return done(Status::INVALID_FIELD.with_dnr());
+            }
+            let max = ctrl.opts.max_io_qpairs_per_ctrlr;
+            // Allocated counts are what the controller supports, whatever was asked.
+            a.num_io_queues = max;
+            let dw0 = NumberOfQueues {
+                io_sqs: max,
+                io_cqs: max,
+            }
+            .to_dword();
+            AdminOutcome::Done {
+                status: Status::SUCCESS,
+                dw0,
+            }
+        }
+        FeatureId::KEEP_ALIVE_TIMER => {
+            ctrl.kato_ms.store(f.value, Ordering::Relaxed);
+            ctrl.last_keep_alive_ns
+                .store(reactor::now_ns(), Ordering::Relaxed);
+            done(Status::SUCCESS)
+        }
+        FeatureId::ASYNC_EVENT_CONFIG => {
+            a.async_event_config = f.value;
+            done(Status::SUCCESS)
+        }
+        FeatureId::VOLATILE_WRITE_CACHE if !discovery => done(Status::SUCCESS),
+        FeatureId::ARBITRATION | FeatureId::POWER_MANAGEMENT | FeatureId::TEMPERATURE_THRESHOLD
+            if !discovery =>
+        {
+            done(Status::SUCCESS)
+        }
+        _ => done(Status::INVALID_FIELD.with_dnr()),
+    }
+}
+
+fn get_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome {
+    let f = FeatureParams::from_sqe(sqe);
+    let discovery = ctrl.subsys.kind == SubsystemKind::Discovery;
+    if f.select == select::SUPPORTED_CAPABILITIES {
+        // Changeable, not saveable, not namespace specific.
+        return AdminOutcome::Done {
+            status: Status::SUCCESS,
+            dw0: 0b100,
+        };
+    }
+    let a = ctrl.admin();
+    let dw0 = match f.fid {
+        FeatureId::NUMBER_OF_QUEUES if !discovery => NumberOfQueues {
+            io_sqs: a.num_io_queues,
+            io_cqs: a.num_io_queues,
+        }
+        .to_dword(),
+        FeatureId::KEEP_ALIVE_TIMER => ctrl.kato_ms.load(Ordering::Relaxed),
+        FeatureId::ASYNC_EVENT_CONFIG => a.async_event_config,
+        FeatureId::VOLATILE_WRITE_CACHE if !discovery => 1,
+        FeatureId::ARBITRATION | FeatureId::POWER_MANAGEMENT if !discovery => 0,
+        FeatureId::TEMPERATURE_THRESHOLD if !discovery => 350,
+        FeatureId::HOST_IDENTIFIER => {
+            out.extend_from_slice(&ctrl.hostid);
+            0
+        }
+        _ => return done(Status::INVALID_FIELD.with_dnr()),
+    };
+    AdminOutcome::Done {
+        status: Status::SUCCESS,
+        dw0,
+    }
+}

@@ -1,0 +1,1353 @@
+//! One NVMe/TCP connection on the target: a queue pair owned by one
+//! reactor, polled by that reactor (non-blocking socket, no thread). It
+//! runs the PDU state machine (ICReq, capsules, R2T/H2CData, C2HData,
+//! termination), owns its request slots (pre-allocated, one per queue
+//! entry), and maps IO commands onto the namespace's bdev.
+//!
+//! A request's data buffer moves into the bdev IO and comes back with its
+//! completion, so nothing reuses or frees a buffer a bdev may still write
+//! (invariant 5); a closing connection keeps itself alive until every
+//! submitted IO has completed.
+
+use super::admin::{self, AdminOutcome};
+use super::{
+    Ctrl, CtrlAdmin, ListenAddr, NvmfState, Subsystem, SubsystemKind, TransportOpts,
+    ADMIN_IN_CAPSULE_LEN,
+};
+use crate::pdu::{
+    self, encode_header, encode_term_req, C2HData, CapsuleResp, Direction, Event, Fes, IcResp,
+    PduError, PduHeader, PduReader, PduType, RxConfig, TxConfig, R2T,
+};
+use crate::sock::{read_into, RxBuf, RxFill, TxQueue};
+use bdev::{Channel, DmaBuf, IoBox, IoDone, IoError, IoStatus, IoType};
+use nvme_spec::fabrics::{
+    cattr, connect_command_offset, connect_data_offset, connect_invalid_parameter_dw0,
+    connect_success_dw0, ConnectCommand, ConnectData, FabricsCommand, InvalidParameterIn,
+    PropertyGetCommand, PropertySetCommand,
+};
+use nvme_spec::log::CNTLID_DYNAMIC;
+use nvme_spec::opcode::DataDirection;
+use nvme_spec::text::read_nqn;
+use nvme_spec::{AdminOpcode, Cqe, FabricsCommandType, IoOpcode, SglKind, Sqe, Status, U16, U32};
+use std::cell::RefCell;
+use std::net::TcpStream;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use zerocopy::FromBytes;
+
+/// Receive staging buffer per connection.
+const RX_BUF_LEN: usize = 64 * 1024;
+/// Data PDUs at least this long are received straight into the request's
+/// buffer when the staging buffer is empty.
+const DIRECT_RX_MIN: u32 = 8192;
+/// Stop reading while this much output waits (backpressure).
+const TX_HIGH_WATER: usize = 4 << 20;
+/// Most AERs held per controller (AERL + 1).
+pub(crate) const MAX_AERS: usize = 4;
+/// How long a closing connection tries to flush its last words.
+const CLOSE_FLUSH_NS: u64 = 100_000_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ReqState {
+    Free,
+    /// In-capsule data arriving.
+    RecvCapsule,
+    /// R2T sent; H2CData arriving.
+    AwaitH2C,
+    /// At the bdev (or parked: an AER).
+    Exec,
+    Parked,
+    /// The command already failed; its data is being skipped.
+    Failed,
+}
+
+struct Req {
+    state: ReqState,
+    sqe: Sqe,
+    buf: Option<DmaBuf>,
+    /// Bytes of command data (SGL length).
+    data_len: u32,
+    recvd: u32,
+    /// Bytes of response data to send back (C2HData).
+    xfer_len: u32,
+    pending: u32,
+    status: Status,
+    digest_err: bool,
+}
+
+impl Req {
+    fn blank() -> Self {
+        Req {
+            state: ReqState::Free,
+            sqe: Sqe::default(),
+            buf: None,
+            data_len: 0,
+            recvd: 0,
+            xfer_len: 0,
+            pending: 0,
+            status: Status::SUCCESS,
+            digest_err: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RxTarget {
+    None,
+    Capsule(usize),
+    H2C { slot: usize, datao: u32, datal: u32 },
+    Discard,
+}
+
+struct NsIo {
+    nsid: u32,
+    block_shift: u32,
+    num_blocks: u64,
+    ch: Rc<Channel>,
+}
+
+enum Owned {
+    Header(PduHeader, u32),
+    End { digest_ok: bool },
+}
+
+pub(crate) struct Conn {
+    stream: TcpStream,
+    listen: ListenAddr,
+    portid: u16,
+    opts: Arc<TransportOpts>,
+    state: Arc<NvmfState>,
+    reader: PduReader,
+    rx: RxBuf,
+    tx: TxQueue,
+    txcfg: TxConfig,
+    ic_done: bool,
+    qid: Option<u16>,
+    sq_entries: u32,
+    sqhd: u16,
+    /// The host disabled SQ flow control: the Connect response says so
+    /// with SQHD FFFFh (TP 8005).
+    sqhd_ffff_once: bool,
+    ctrl: Option<Arc<Ctrl>>,
+    c2h_success: bool,
+    reqs: Vec<Req>,
+    free: Vec<u16>,
+    rx_target: RxTarget,
+    ns: Vec<NsIo>,
+    ns_gen: u64,
+    aers: Vec<usize>,
+    done: Option<Rc<dyn IoDone>>,
+    closing: bool,
+    close_after_flush: bool,
+    close_deadline_ns: u64,
+    socket_shut: bool,
+    scratch: Vec<u8>,
+}
+
+/// Completions of this connection's bdev IOs come back here.
+struct ConnIoDone(Weak<RefCell<Conn>>);
+
+impl IoDone for ConnIoDone {
+    fn io_done(&self, io: IoBox) {
+        if let Some(c) = self.0.upgrade() {
+            c.borrow_mut().io_done(io);
+        }
+    }
+}
+
+/// Takes over an accepted connection on the current reactor.
+pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Arc<TransportOpts>) {
+    if let Err(e) = stream
+        .set_nonblocking(true)
+        .and_then(|()| stream.set_nodelay(true))
+    {
+        tracing::warn!("NVMe/TCP connection setup: {e}");
+        return;
+    }
+    let state = NvmfState::get();
+    if state.shutting_down.load(Ordering::Acquire) {
+        return;
+    }
+    state.connections.fetch_add(1, Ordering::AcqRel);
+    let slots = opts.max_queue_depth.max(opts.max_aq_depth) as usize;
+    let conn = Rc::new(RefCell::new(Conn {
+        stream,
+        listen,
+        portid,
+        opts,
+        state,
+        reader: PduReader::new(RxConfig::before_ic(Direction::HostToController)),
+        rx: RxBuf::new(RX_BUF_LEN),
+        tx: TxQueue::with_capacity(slots * 4 + 16),
+        txcfg: TxConfig::default(),
+        ic_done: false,
+        qid: None,
+        sq_entries: 0,
+        sqhd: 0,
+        sqhd_ffff_once: false,
+        ctrl: None,
+        c2h_success: false,
+        reqs: (0..slots).map(|_| Req::blank()).collect(),
+        free: (0..slots as u16).rev().collect(),
+        rx_target: RxTarget::None,
+        ns: Vec::new(),
+        ns_gen: 0,
+        aers: Vec::with_capacity(MAX_AERS),
+        done: None,
+        closing: false,
+        close_after_flush: false,
+        close_deadline_ns: 0,
+        socket_shut: false,
+        scratch: Vec::new(),
+    }));
+    let done: Rc<dyn IoDone> = Rc::new(ConnIoDone(Rc::downgrade(&conn)));
+    conn.borrow_mut().done = Some(done);
+    reactor::register_poller("nvmf_tcp_qpair", move || conn.borrow_mut().poll());
+}
+
+fn io_status(t: IoType, e: IoError) -> Status {
+    match e {
+        IoError::Nvme { sct, sc } => Status::new(sct, sc),
+        IoError::Media if t == IoType::Read => Status::UNRECOVERED_READ_ERROR,
+        IoError::Media => Status::WRITE_FAULT,
+        IoError::NoMemory => Status::NAMESPACE_NOT_READY,
+        IoError::NotSupported => Status::INVALID_OPCODE.with_dnr(),
+        IoError::OutOfRange => Status::LBA_OUT_OF_RANGE.with_dnr(),
+        IoError::Aborted => Status::ABORTED_SQ_DELETION,
+        IoError::NoDevice => Status::NAMESPACE_NOT_READY,
+    }
+}
+
+impl Conn {
+    fn poll(&mut self) -> reactor::PollStatus {
+        if self.closing {
+            return self.poll_closing();
+        }
+        if self.state.shutting_down.load(Ordering::Relaxed) {
+            self.begin_close("target shutting down");
+            return reactor::PollStatus::Busy;
+        }
+        if let Some(c) = self.ctrl.clone() {
+            if c.is_dead() {
+                self.begin_close("controller ended");
+                return reactor::PollStatus::Busy;
+            }
+            if c.subsys.generation.load(Ordering::Acquire) != self.ns_gen {
+                self.refresh_ns();
+            }
+            if self.qid == Some(0) && c.aen_flag.load(Ordering::Acquire) {
+                self.deliver_aen();
+            }
+        }
+        let mut busy = false;
+        if self.tx.queued_bytes() < TX_HIGH_WATER && !self.close_after_flush {
+            busy |= self.poll_rx();
+        }
+        busy |= self.flush();
+        if self.close_after_flush && self.tx.is_empty() && !self.closing {
+            self.begin_close("host disconnected");
+        }
+        if busy {
+            reactor::PollStatus::Busy
+        } else {
+            reactor::PollStatus::Idle
+        }
+    }
+
+    fn flush(&mut self) -> bool {
+        if self.tx.is_empty() || self.socket_shut {
+            return false;
+        }
+        let before = self.tx.queued_bytes();
+        match self.tx.flush(&mut self.stream) {
+            Ok(_) => before != self.tx.queued_bytes(),
+            Err(e) => {
+                self.tx.clear();
+                self.begin_close(&format!("send failed: {e}"));
+                true
+            }
+        }
+    }
+
+    fn begin_close(&mut self, why: &str) {
+        if self.closing {
+            return;
+        }
+        tracing::debug!(qid = ?self.qid, why, "NVMe/TCP connection closing");
+        self.closing = true;
+        self.close_deadline_ns = reactor::now_ns() + CLOSE_FLUSH_NS;
+        if let Some(c) = &self.ctrl {
+            if self.qid == Some(0) {
+                c.kill(why);
+            } else if let Some(q) = self.qid {
+                c.io_qids
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|x| *x != q);
+            }
+        }
+        // Requests not at the bdev are done with; their buffers go now.
+        for (i, r) in self.reqs.iter_mut().enumerate() {
+            if r.state != ReqState::Exec {
+                r.buf = None;
+                if r.state != ReqState::Free {
+                    r.state = ReqState::Free;
+                    self.free.push(i as u16);
+                }
+            }
+        }
+        self.aers.clear();
+        self.ns.clear();
+    }
+
+    fn poll_closing(&mut self) -> reactor::PollStatus {
+        if !self.socket_shut {
+            let flushed =
+                self.tx.is_empty() || matches!(self.tx.flush(&mut self.stream), Ok(true) | Err(_));
+            if flushed || reactor::now_ns() >= self.close_deadline_ns {
+                let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                self.socket_shut = true;
+                self.tx.clear();
+            }
+        }
+        let in_flight = self.reqs.iter().any(|r| r.state == ReqState::Exec);
+        if self.socket_shut && !in_flight {
+            self.done = None;
+            self.ctrl = None;
+            self.state.connections.fetch_sub(1, Ordering::AcqRel);
+            return reactor::PollStatus::Done;
+        }
+        reactor::PollStatus::Idle
+    }
+
+    /// Ends the connection for a protocol error, with a termination request
+    /// unless the bad PDU was the host's own termination request.
+    fn fatal(&mut self, err: PduError) {
+        let quoted = self.reader.received_header();
+        let was_term = quoted.first() == Some(&(PduType::H2CTermReq as u8));
+        if let (Some(term), false) = (err.term_req(), was_term) {
+            let mut out = [0u8; pdu::TERM_REQ_MAX_PLEN as usize];
+            if let Ok(n) = encode_term_req(Direction::ControllerToHost, term, quoted, &mut out) {
+                self.tx.push_bytes(&out[..n]);
+            }
+        }
+        tracing::info!(qid = ?self.qid, "NVMe/TCP protocol error: {err}");
+        self.begin_close("protocol error");
+    }
+
+    fn fatal_here(&mut self, fes: Fes, fei: u32, reason: &'static str) {
+        self.fatal(PduError::Fatal { fes, fei, reason });
+    }
+
+    fn poll_rx(&mut self) -> bool {
+        let mut busy = false;
+        for _ in 0..8 {
+            if self.closing || self.close_after_flush {
+                break;
+            }
+            if self.rx.is_empty() {
+                match self.try_direct_rx() {
+                    Ok(true) => {
+                        busy = true;
+                        self.process();
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.begin_close(&format!("receive failed: {e}"));
+                        return true;
+                    }
+                }
+                match self.rx.fill(&mut self.stream) {
+                    Ok(RxFill::Bytes) => busy = true,
+                    Ok(RxFill::WouldBlock) => {
+                        // An End may still be due (a PDU whose last bytes came
+                        // straight into a buffer).
+                        self.process();
+                        break;
+                    }
+                    Ok(RxFill::Closed) => {
+                        self.begin_close("host closed the connection");
+                        return true;
+                    }
+                    Err(e) => {
+                        self.begin_close(&format!("receive failed: {e}"));
+                        return true;
+                    }
+                }
+            }
+            self.process();
+        }
+        busy
+    }
+
+    /// Receives the rest of a long data PDU straight into its buffer.
+    fn try_direct_rx(&mut self) -> std::io::Result<bool> {
+        let rem = self.reader.data_remaining();
+        if rem < DIRECT_RX_MIN {
+            return Ok(false);
+        }
+        let Some(layout) = self.reader.layout().copied() else {
+            return Ok(false);
+        };
+        let (slot, base) = match self.rx_target {
+            RxTarget::Capsule(slot) => (slot, 0),
+            RxTarget::H2C { slot, datao, .. } => (slot, datao),
+            _ => return Ok(false),
+        };
+        let off = (base + layout.data_len - rem) as usize;
+        let Some(buf) = self.reqs[slot].buf.as_ref() else {
+            return Ok(false);
+        };
+        if off + rem as usize > buf.len() {
+            return Ok(false);
+        }
+        let (stream, reader) = (&mut self.stream, &mut self.reader);
+        let r = buf.with_mut(|b| -> std::io::Result<Option<Result<(), PduError>>> {
+            let dest = &mut b[off..off + rem as usize];
+            match read_into(stream, dest)? {
+                None => Ok(None),
+                Some(n) => Ok(Some(reader.feed(&dest[..n]).map(|_| ()))),
+            }
+        })?;
+        match r {
+            None => Ok(false),
+            Some(Ok(())) => Ok(true),
+            Some(Err(e)) => {
+                self.fatal(e);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Feeds buffered bytes to the reader and acts on its events.
+    fn process(&mut self) {
+        loop {
+            if self.closing || self.close_after_flush {
+                return;
+            }
+            let (used, owned) = {
+                let input = self.rx.pending();
+                match self.reader.feed(input) {
+                    Err(e) => {
+                        self.fatal(e);
+                        return;
+                    }
+                    Ok((used, None)) => (used, None),
+                    Ok((used, Some(Event::Data(chunk)))) => {
+                        let (slot, base) = match self.rx_target {
+                            RxTarget::Capsule(slot) => (Some(slot), 0),
+                            RxTarget::H2C { slot, datao, .. } => (Some(slot), datao),
+                            _ => (None, 0),
+                        };
+                        if let Some(buf) = slot.and_then(|s| self.reqs[s].buf.as_ref()) {
+                            buf.copy_from((base + chunk.offset) as usize, chunk.bytes);
+                        }
+                        (used, None)
+                    }
+                    Ok((used, Some(Event::Header { header, data_len }))) => {
+                        (used, Some(Owned::Header(header, data_len)))
+                    }
+                    Ok((used, Some(Event::End))) => (used, Some(Owned::End { digest_ok: true })),
+                    Ok((used, Some(Event::DataDigestMismatch { .. }))) => {
+                        (used, Some(Owned::End { digest_ok: false }))
+                    }
+                }
+            };
+            self.rx.consume(used);
+            match owned {
+                None if used == 0 => return,
+                None => {}
+                Some(Owned::Header(h, data_len)) => self.on_header(h, data_len),
+                Some(Owned::End { digest_ok }) => self.on_end(digest_ok),
+            }
+        }
+    }
+
+    fn on_header(&mut self, h: PduHeader, data_len: u32) {
+        match h {
+            PduHeader::IcReq(ic) => {
+                if self.ic_done {
+                    return self.fatal_here(Fes::PduSequenceError, 0, "second ICReq");
+                }
+                let maxh2cdata = self.opts.max_io_size.max(pdu::MIN_MAXH2CDATA);
+                let resp = PduHeader::IcResp(IcResp {
+                    pfv: 0,
+                    cpda: 0,
+                    hdgst: ic.hdgst,
+                    ddgst: ic.ddgst,
+                    maxh2cdata,
+                });
+                if self
+                    .tx
+                    .push_inline(|out| {
+                        encode_header(&resp, 0, &TxConfig::default(), out).map(|e| e.header_len)
+                    })
+                    .is_err()
+                {
+                    return self.begin_close("encoding ICResp");
+                }
+                self.ic_done = true;
+                self.txcfg = TxConfig {
+                    header_digest: ic.hdgst,
+                    data_digest: ic.ddgst,
+                    pda: ic.hpda,
+                };
+                self.reader.set_config(RxConfig {
+                    direction: Direction::HostToController,
+                    ic_done: true,
+                    header_digest: ic.hdgst,
+                    data_digest: ic.ddgst,
+                    pda: 0,
+                    max_data_pdu_len: maxh2cdata,
+                    max_in_capsule_data_len: self
+                        .opts
+                        .in_capsule_data_size
+                        .max(ADMIN_IN_CAPSULE_LEN),
+                });
+            }
+            PduHeader::H2CTermReq(t) => {
+                tracing::info!(fes = t.fes, fei = t.fei, "host terminated the connection");
+                self.begin_close("host sent a termination request");
+            }
+            PduHeader::CapsuleCmd(c) => self.on_capsule(c.sqe, data_len),
+            PduHeader::H2CData(d) => {
+                let slot = d.ttag as usize;
+                let ok_slot = self
+                    .reqs
+                    .get(slot)
+                    .is_some_and(|r| r.state == ReqState::AwaitH2C);
+                if !ok_slot {
+                    return self.fatal_here(
+                        Fes::InvalidHeaderField,
+                        10,
+                        "H2CData transfer tag names no R2T",
+                    );
+                }
+                let r = &self.reqs[slot];
+                if r.sqe.cid.get() != d.cccid {
+                    return self.fatal_here(
+                        Fes::InvalidHeaderField,
+                        8,
+                        "H2CData CCCID does not match the R2T",
+                    );
+                }
+                if d.datao != r.recvd {
+                    return self.fatal_here(
+                        Fes::DataTransferOutOfRange,
+                        pdu::fei::DATAO,
+                        "H2CData offset out of order",
+                    );
+                }
+                if d.datao
+                    .checked_add(d.datal)
+                    .is_none_or(|end| end > r.data_len)
+                {
+                    return self.fatal_here(
+                        Fes::DataTransferOutOfRange,
+                        pdu::fei::DATAL,
+                        "H2CData beyond the R2T",
+                    );
+                }
+                self.rx_target = RxTarget::H2C {
+                    slot,
+                    datao: d.datao,
+                    datal: d.datal,
+                };
+            }
+            _ => self.fatal_here(Fes::InvalidHeaderField, 0, "PDU type not valid from a host"),
+        }
+    }
+
+    fn on_end(&mut self, digest_ok: bool) {
+        let target = std::mem::replace(&mut self.rx_target, RxTarget::None);
+        match target {
+            RxTarget::Capsule(slot) => {
+                let r = &mut self.reqs[slot];
+                r.digest_err |= !digest_ok;
+                r.recvd = r.data_len;
+                self.dispatch(slot);
+            }
+            RxTarget::H2C { slot, datal, .. } => {
+                let r = &mut self.reqs[slot];
+                r.digest_err |= !digest_ok;
+                r.recvd += datal;
+                if r.recvd == r.data_len {
+                    self.dispatch(slot);
+                }
+            }
+            RxTarget::Discard => {
+                // A command that failed before its data: answer it now.
+                if let Some(slot) = self.reqs.iter().position(|r| r.state == ReqState::Failed) {
+                    let st = self.reqs[slot].status;
+                    self.complete(slot, st, 0);
+                }
+            }
+            RxTarget::None => {}
+        }
+    }
+
+    fn alloc_slot(&mut self) -> Option<usize> {
+        self.free.pop().map(usize::from)
+    }
+
+    fn on_capsule(&mut self, sqe: Sqe, data_len: u32) {
+        let is_connect = sqe.opcode == AdminOpcode::FABRICS.0
+            && FabricsCommand::view(&sqe).fctype() == FabricsCommandType::CONNECT;
+        let Some(slot) = self.alloc_slot() else {
+            return self.fatal_here(
+                Fes::PduSequenceError,
+                0,
+                "more commands outstanding than the queue holds",
+            );
+        };
+        let r = &mut self.reqs[slot];
+        *r = Req {
+            sqe,
+            ..Req::blank()
+        };
+        r.state = ReqState::Exec;
+        if self.qid.is_none() && !is_connect {
+            // A command before Connect: answered, then the connection ends.
+            self.close_after_flush = true;
+            return self.fail_early(slot, data_len, Status::COMMAND_SEQUENCE_ERROR.with_dnr());
+        }
+        let dir = if sqe.opcode == AdminOpcode::FABRICS.0 {
+            DataDirection::from_opcode(FabricsCommand::view(&sqe).fctype)
+        } else {
+            DataDirection::from_opcode(sqe.opcode)
+        };
+        let max_len = if self.qid == Some(0) || self.qid.is_none() {
+            self.opts.max_io_size.max(ADMIN_IN_CAPSULE_LEN)
+        } else {
+            self.opts.max_io_size
+        };
+        let sgl = sqe.sgl1();
+        if data_len > 0 {
+            let ok = match sgl.kind() {
+                SglKind::InCapsule { offset, length } => {
+                    if offset != 0 {
+                        return self.fail_early(
+                            slot,
+                            data_len,
+                            Status::SGL_OFFSET_INVALID.with_dnr(),
+                        );
+                    }
+                    if length > data_len || length == 0 {
+                        return self.fail_early(
+                            slot,
+                            data_len,
+                            Status::DATA_SGL_LENGTH_INVALID.with_dnr(),
+                        );
+                    }
+                    matches!(
+                        dir,
+                        DataDirection::HostToController | DataDirection::Bidirectional
+                    )
+                }
+                _ => false,
+            };
+            if !ok {
+                return self.fail_early(
+                    slot,
+                    data_len,
+                    Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr(),
+                );
+            }
+            let Some(buf) = DmaBuf::alloc(data_len as usize) else {
+                return self.fail_early(slot, data_len, Status::NAMESPACE_NOT_READY);
+            };
+            let r = &mut self.reqs[slot];
+            r.buf = Some(buf.slice(0, data_len as usize));
+            r.data_len = data_len;
+            r.state = ReqState::RecvCapsule;
+            self.rx_target = RxTarget::Capsule(slot);
+            return;
+        }
+        let length = sgl.length.get();
+        if length == 0 {
+            return self.dispatch(slot);
+        }
+        match sgl.kind() {
+            SglKind::TransportDataBlock { length } => {
+                if length > max_len {
+                    return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
+                }
+                let Some(buf) = DmaBuf::alloc(length as usize) else {
+                    return self.complete(slot, Status::NAMESPACE_NOT_READY, 0);
+                };
+                let r = &mut self.reqs[slot];
+                r.buf = Some(buf.slice(0, length as usize));
+                r.data_len = length;
+                match dir {
+                    DataDirection::HostToController => {
+                        r.state = ReqState::AwaitH2C;
+                        let r2t = PduHeader::R2T(R2T {
+                            cccid: sqe.cid.get(),
+                            ttag: slot as u16,
+                            r2to: 0,
+                            r2tl: length,
+                        });
+                        let cfg = self.txcfg;
+                        if self
+                            .tx
+                            .push_inline(|out| {
+                                encode_header(&r2t, 0, &cfg, out).map(|e| e.header_len)
+                            })
+                            .is_err()
+                        {
+                            self.begin_close("encoding R2T");
+                        }
+                    }
+                    DataDirection::ControllerToHost => self.dispatch(slot),
+                    _ => self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0),
+                }
+            }
+            SglKind::InCapsule { .. } => {
+                self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0)
+            }
+            _ => self.complete(slot, Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr(), 0),
+        }
+    }
+
+    /// Fails a command at once, skipping any in-capsule data it carries.
+    fn fail_early(&mut self, slot: usize, data_len: u32, status: Status) {
+        if data_len == 0 {
+            return self.complete(slot, status, 0);
+        }
+        let r = &mut self.reqs[slot];
+        r.state = ReqState::Failed;
+        r.status = status;
+        self.rx_target = RxTarget::Discard;
+    }
+
+    fn dispatch(&mut self, slot: usize) {
+        self.reqs[slot].state = ReqState::Exec;
+        if self.reqs[slot].digest_err {
+            return self.complete(slot, Status::TRANSIENT_TRANSPORT_ERROR, 0);
+        }
+        let sqe = self.reqs[slot].sqe;
+        if sqe.opcode == AdminOpcode::FABRICS.0 {
+            return self.fabrics(slot, &sqe);
+        }
+        match self.qid {
+            Some(0) => self.admin(slot, &sqe),
+            Some(_) => self.io(slot, &sqe),
+            None => self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0),
+        }
+    }
+
+    /// Sends the completion (with C2H data on success) and frees the slot.
+    fn complete(&mut self, slot: usize, status: Status, dw0: u32) {
+        let r = &mut self.reqs[slot];
+        let buf = r.buf.take();
+        let cid = r.sqe.cid.get();
+        let xfer = r.xfer_len;
+        r.state = ReqState::Free;
+        self.free.push(slot as u16);
+        if self.closing {
+            return;
+        }
+        let mut send_resp = true;
+        if let (Some(buf), true) = (buf, status.is_success() && xfer > 0) {
+            let data = buf.slice(0, xfer as usize);
+            let success = self.c2h_success && self.qid.is_some_and(|q| q > 0);
+            let hdr = PduHeader::C2HData(C2HData {
+                cccid: cid,
+                datao: 0,
+                datal: data.len() as u32,
+                last: true,
+                success,
+            });
+            let cfg = self.txcfg;
+            let mut ddgst = false;
+            let r = self.tx.push_inline(|out| {
+                encode_header(&hdr, data.len() as u32, &cfg, out).map(|e| {
+                    ddgst = e.data_digest;
+                    e.header_len
+                })
+            });
+            if r.is_err() {
+                return self.begin_close("encoding C2HData");
+            }
+            let digest = if ddgst {
+                Some(data.with(pdu::data_digest))
+            } else {
+                None
+            };
+            self.tx.push_data(data);
+            if let Some(d) = digest {
+                self.tx.push_bytes(&d.to_le_bytes());
+            }
+            send_resp = !success;
+        }
+        self.sqhd = if self.sq_entries > 0 {
+            ((u32::from(self.sqhd) + 1) % self.sq_entries) as u16
+        } else {
+            0
+        };
+        if send_resp {
+            let sqhd = if std::mem::take(&mut self.sqhd_ffff_once) {
+                0xFFFF
+            } else {
+                self.sqhd
+            };
+            let cqe = Cqe {
+                dw0: U32::new(dw0),
+                sqhd: U16::new(sqhd),
+                sqid: U16::new(self.qid.unwrap_or(0)),
+                cid: U16::new(cid),
+                status: U16::new(status.to_cqe_status(false)),
+                ..Cqe::default()
+            };
+            let hdr = PduHeader::CapsuleResp(CapsuleResp { cqe });
+            let cfg = self.txcfg;
+            if self
+                .tx
+                .push_inline(|out| encode_header(&hdr, 0, &cfg, out).map(|e| e.header_len))
+                .is_err()
+            {
+                self.begin_close("encoding CapsuleResp");
+            }
+        }
+    }
+
+    fn fabrics(&mut self, slot: usize, sqe: &Sqe) {
+        let fctype = FabricsCommand::view(sqe).fctype();
+        match fctype {
+            FabricsCommandType::CONNECT => self.connect(slot, sqe),
+            FabricsCommandType::PROPERTY_GET | FabricsCommandType::PROPERTY_SET
+                if self.qid == Some(0) =>
+            {
+                let Some(ctrl) = self.ctrl.clone() else {
+                    return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
+                };
+                if fctype == FabricsCommandType::PROPERTY_GET {
+                    let cmd = PropertyGetCommand::view(sqe);
+                    match admin::property_get(&ctrl, cmd.offset.get(), cmd.size()) {
+                        Ok(v) => {
+                            // An 8-byte property fills DW0 and DW1 of the completion.
+                            self.complete_with_dw1(slot, v);
+                        }
+                        Err(st) => self.complete(slot, st, 0),
+                    }
+                } else {
+                    let cmd = PropertySetCommand::view(sqe);
+                    let st =
+                        admin::property_set(&ctrl, cmd.offset.get(), cmd.size(), cmd.value.get());
+                    self.complete(slot, st, 0);
+                }
+            }
+            FabricsCommandType::DISCONNECT => {
+                self.complete(slot, Status::SUCCESS, 0);
+                self.close_after_flush = true;
+            }
+            FabricsCommandType::PROPERTY_GET | FabricsCommandType::PROPERTY_SET => {
+                self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0)
+            }
+            _ => self.complete(slot, Status::INVALID_OPCODE.with_dnr(), 0),
+        }
+    }
+
+    fn complete_with_dw1(&mut self, slot: usize, v: u64) {
+        // The CQE's DW1 is only reachable here: build the response by hand.
+        let cid = self.reqs[slot].sqe.cid.get();
+        self.reqs[slot].buf = None;
+        self.reqs[slot].state = ReqState::Free;
+        self.free.push(slot as u16);
+        self.sqhd = if self.sq_entries > 0 {
+            ((u32::from(self.sqhd) + 1) % self.sq_entries) as u16
+        } else {
+            0
+        };
+        let cqe = Cqe {
+            dw0: U32::new(v as u32),
+            dw1: U32::new((v >> 32) as u32),
+            sqhd: U16::new(self.sqhd),
+            sqid: U16::new(0),
+            cid: U16::new(cid),
+            status: U16::new(Status::SUCCESS.to_cqe_status(false)),
+        };
+        let hdr = PduHeader::CapsuleResp(CapsuleResp { cqe });
+        let cfg = self.txcfg;
+        if self
+            .tx
+            .push_inline(|out| encode_header(&hdr, 0, &cfg, out).map(|e| e.header_len))
+            .is_err()
+        {
+            self.begin_close("encoding CapsuleResp");
+        }
+    }
+
+    fn connect_fail(&mut self, slot: usize, status: Status, dw0: u32) {
+        self.complete(slot, status.with_dnr(), dw0);
+    }
+
+    fn connect(&mut self, slot: usize, sqe: &Sqe) {
+        if self.qid.is_some() {
+            return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
+        }
+        let cmd = *ConnectCommand::view(sqe);
+        let data = self.reqs[slot]
+            .buf
+            .as_ref()
+            .filter(|b| b.len() >= 1024)
+            .map(|b| {
+                let mut d = [0u8; 1024];
+                b.copy_to(0, &mut d);
+                d
+            });
+        let Some(data) = data.and_then(|d| ConnectData::read_from_bytes(&d).ok()) else {
+            return self.connect_fail(slot, Status::CONNECT_INVALID_PARAMETERS, 0);
+        };
+        let inv = |off: u16, w: InvalidParameterIn| connect_invalid_parameter_dw0(off, w);
+        if cmd.recfmt.get() != 0 {
+            return self.connect_fail(slot, Status::CONNECT_INCOMPATIBLE_FORMAT, 0);
+        }
+        let (Ok(subnqn), Ok(hostnqn)) = (read_nqn(&data.subnqn), read_nqn(&data.hostnqn)) else {
+            return self.connect_fail(
+                slot,
+                Status::CONNECT_INVALID_PARAMETERS,
+                inv(connect_data_offset::SUBNQN, InvalidParameterIn::Data),
+            );
+        };
+        let (subnqn, hostnqn) = (subnqn.to_string(), hostnqn.to_string());
+        let Some(sub) = self.state.subsystem(&subnqn) else {
+            return self.connect_fail(
+                slot,
+                Status::CONNECT_INVALID_PARAMETERS,
+                inv(connect_data_offset::SUBNQN, InvalidParameterIn::Data),
+            );
+        };
+        if sub.kind == SubsystemKind::Nvme && !sub.listeners().contains(&self.listen) {
+            return self.connect_fail(
+                slot,
+                Status::CONNECT_INVALID_PARAMETERS,
+                inv(connect_data_offset::SUBNQN, InvalidParameterIn::Data),
+            );
+        }
+        if !sub.host_allowed(&hostnqn) {
+            tracing::info!(subnqn, hostnqn, "Connect refused: host not allowed");
+            return self.connect_fail(slot, Status::CONNECT_INVALID_HOST, 0);
+        }
+        let qid = cmd.qid.get();
+        let entries = cmd.sq_entries();
+        let kato_ms = cmd.kato.get();
+        if qid == 0 {
+            if entries < 2 || entries > self.opts.max_aq_depth {
+                return self.connect_fail(
+                    slot,
+                    Status::CONNECT_INVALID_PARAMETERS,
+                    inv(connect_command_offset::SQSIZE, InvalidParameterIn::Command),
+                );
+            }
+            if data.cntlid.get() != CNTLID_DYNAMIC {
+                return self.connect_fail(
+                    slot,
+                    Status::CONNECT_INVALID_PARAMETERS,
+                    inv(connect_data_offset::CNTLID, InvalidParameterIn::Data),
+                );
+            }
+            let Some(cntlid) = sub.alloc_cntlid() else {
+                return self.connect_fail(slot, Status::CONNECT_CONTROLLER_BUSY, 0);
+            };
+            let ctrl = Arc::new(Ctrl {
+                cntlid,
+                subsys: sub.clone(),
+                hostnqn,
+                hostid: data.hostid,
+                opts: self.opts.clone(),
+                kato_ms: kato_ms.into(),
+                last_keep_alive_ns: reactor::now_ns().into(),
+                dead: false.into(),
+                ready: false.into(),
+                io_qids: Mutex::new(Vec::new()),
+                admin: Mutex::new(CtrlAdmin {
+                    cc: 0,
+                    csts: 0,
+                    async_event_config: 0,
+                    num_io_queues: self.opts.max_io_qpairs_per_ctrlr,
+                    changed_ns: Vec::new(),
+                    ns_notice_pending: false,
+                    ns_notice_masked: false,
+                }),
+                aen_flag: false.into(),
+            });
+            sub.lock().ctrls.push(Arc::downgrade(&ctrl));
+            start_keep_alive_timer(&ctrl);
+            tracing::info!(
+                cntlid,
+                subnqn,
+                host = ctrl.hostnqn,
+                kato_ms,
+                "controller created"
+            );
+            self.ctrl = Some(ctrl);
+        } else {
+            let Some(ctrl) = sub.find_ctrl(data.cntlid.get()) else {
+                return self.connect_fail(
+                    slot,
+                    Status::CONNECT_INVALID_PARAMETERS,
+                    inv(connect_data_offset::CNTLID, InvalidParameterIn::Data),
+                );
+            };
+            if ctrl.hostnqn != hostnqn {
+                return self.connect_fail(
+                    slot,
+                    Status::CONNECT_INVALID_PARAMETERS,
+                    inv(connect_data_offset::HOSTNQN, InvalidParameterIn::Data),
+                );
+            }
+            if sub.kind == SubsystemKind::Discovery || !ctrl.ready.load(Ordering::Acquire) {
+                return self.connect_fail(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
+            }
+            let max_q = ctrl
+                .admin()
+                .num_io_queues
+                .min(self.opts.max_io_qpairs_per_ctrlr);
+            if u32::from(qid) > max_q {
+                return self.connect_fail(
+                    slot,
+                    Status::CONNECT_INVALID_PARAMETERS,
+                    inv(connect_command_offset::QID, InvalidParameterIn::Command),
+                );
+            }
+            if entries < 2 || entries > self.opts.max_queue_depth {
+                return self.connect_fail(
+                    slot,
+                    Status::CONNECT_INVALID_PARAMETERS,
+                    inv(connect_command_offset::SQSIZE, InvalidParameterIn::Command),
+                );
+            }
+            {
+                let mut q = ctrl.io_qids.lock().unwrap_or_else(|e| e.into_inner());
+                if q.contains(&qid) {
+                    drop(q);
+                    return self.connect_fail(
+                        slot,
+                        Status::CONNECT_INVALID_PARAMETERS,
+                        inv(connect_command_offset::QID, InvalidParameterIn::Command),
+                    );
+                }
+                q.push(qid);
+            }
+            let cfg = *self.reader.config();
+            self.reader.set_config(RxConfig {
+                max_in_capsule_data_len: self.opts.in_capsule_data_size,
+                ..cfg
+            });
+            self.ctrl = Some(ctrl);
+        }
+        self.qid = Some(qid);
+        self.sq_entries = entries;
+        let sqfc_disabled = cmd.cattr & cattr::DISABLE_SQ_FLOW_CONTROL != 0;
+        // C2HData may replace the response only when no SQHD needs carrying.
+        self.c2h_success = self.opts.c2h_success && sqfc_disabled;
+        self.sqhd_ffff_once = sqfc_disabled;
+        let cntlid = self.ctrl.as_ref().map_or(0, |c| c.cntlid);
+        self.refresh_ns();
+        self.complete(slot, Status::SUCCESS, connect_success_dw0(cntlid, 0));
+    }
+
+    fn refresh_ns(&mut self) {
+        let Some(ctrl) = self.ctrl.clone() else {
+            return;
+        };
+        let sub: &Arc<Subsystem> = &ctrl.subsys;
+        let gen = sub.generation.load(Ordering::Acquire);
+        if sub.kind == SubsystemKind::Nvme && !sub.listeners().contains(&self.listen) {
+            self.ns_gen = gen;
+            return self.begin_close("listener removed");
+        }
+        self.ns.clear();
+        if self.qid.is_some_and(|q| q > 0) {
+            for n in sub.namespaces() {
+                if let Ok(ch) = n.bdev.channel() {
+                    let p = n.bdev.props();
+                    self.ns.push(NsIo {
+                        nsid: n.nsid,
+                        block_shift: p.block_size.trailing_zeros(),
+                        num_blocks: p.num_blocks,
+                        ch,
+                    });
+                }
+            }
+        }
+        self.ns_gen = gen;
+    }
+
+    fn admin(&mut self, slot: usize, sqe: &Sqe) {
+        let Some(ctrl) = self.ctrl.clone() else {
+            return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
+        };
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        let outcome = admin::admin_cmd(
+            &ctrl,
+            sqe,
+            self.reqs[slot].buf.as_ref(),
+            &mut out,
+            self.portid,
+        );
+        match outcome {
+            AdminOutcome::Done { status, dw0 } => {
+                let r = &mut self.reqs[slot];
+                if let Some(buf) = r.buf.as_ref() {
+                    let n = out.len().min(buf.len());
+                    buf.copy_from(0, &out[..n]);
+                    r.xfer_len = if DataDirection::from_opcode(sqe.opcode)
+                        == DataDirection::ControllerToHost
+                    {
+                        buf.len() as u32
+                    } else {
+                        0
+                    };
+                    if n < buf.len() && r.xfer_len > 0 {
+                        buf.with_mut(|b| b[n..].fill(0));
+                    }
+                }
+                self.scratch = out;
+                self.complete(slot, status, dw0);
+            }
+            AdminOutcome::AsyncEventRequest => {
+                self.scratch = out;
+                if self.aers.len() >= MAX_AERS {
+                    return self.complete(
+                        slot,
+                        Status::ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED.with_dnr(),
+                        0,
+                    );
+                }
+                self.reqs[slot].state = ReqState::Parked;
+                self.aers.push(slot);
+                self.deliver_aen();
+            }
+        }
+    }
+
+    fn deliver_aen(&mut self) {
+        let Some(ctrl) = self.ctrl.clone() else {
+            return;
+        };
+        ctrl.aen_flag.store(false, Ordering::Release);
+        let mut a = ctrl.admin();
+        if !a.ns_notice_pending || a.ns_notice_masked {
+            return;
+        }
+        let Some(slot) = self.aers.pop() else { return };
+        a.ns_notice_pending = false;
+        a.ns_notice_masked = true;
+        drop(a);
+        self.reqs[slot].state = ReqState::Exec;
+        self.complete(slot, Status::SUCCESS, Ctrl::ns_notice_dword());
+    }
+
+    fn io(&mut self, slot: usize, sqe: &Sqe) {
+        let ready = self
+            .ctrl
+            .as_ref()
+            .is_some_and(|c| c.ready.load(Ordering::Relaxed));
+        if !ready {
+            return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
+        }
+        let nsid = sqe.nsid.get();
+        let Some(nsi) = self.ns.iter().position(|n| n.nsid == nsid) else {
+            return self.complete(slot, Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr(), 0);
+        };
+        let op = IoOpcode(sqe.opcode);
+        let (shift, num_blocks) = (self.ns[nsi].block_shift, self.ns[nsi].num_blocks);
+        let ranged =
+            |slba: u64, nlb: u64| slba.checked_add(nlb).is_some_and(|end| end <= num_blocks);
+        match op {
+            IoOpcode::READ | IoOpcode::WRITE => {
+                let (slba, nlb) = (sqe.slba(), u64::from(sqe.nlb()));
+                let bytes = nlb << shift;
+                let r = &mut self.reqs[slot];
+                if bytes > u64::from(self.opts.max_io_size) || bytes > u64::from(r.data_len) {
+                    return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
+                }
+                if !ranged(slba, nlb) {
+                    return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
+                }
+                let t = if op == IoOpcode::READ {
+                    IoType::Read
+                } else {
+                    IoType::Write
+                };
+                if t == IoType::Read {
+                    r.xfer_len = bytes as u32;
+                }
+                let buf = r.buf.take();
+                self.submit(slot, nsi, t, slba, nlb, buf);
+            }
+            IoOpcode::FLUSH => {
+                if !self.ns[nsi]
+                    .ch
+                    .handle()
+                    .bdev()
+                    .io_type_supported(IoType::Flush)
+                {
+                    return self.complete(slot, Status::SUCCESS, 0);
+                }
+                self.submit(slot, nsi, IoType::Flush, 0, 0, None);
+            }
+            IoOpcode::WRITE_ZEROES => {
+                let (slba, nlb) = (sqe.slba(), u64::from(sqe.nlb()));
+                if !ranged(slba, nlb) {
+                    return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
+                }
+                if !self.ns[nsi]
+                    .ch
+                    .handle()
+                    .bdev()
+                    .io_type_supported(IoType::WriteZeroes)
+                {
+                    return self.complete(slot, Status::INVALID_OPCODE.with_dnr(), 0);
+                }
+                self.submit(slot, nsi, IoType::WriteZeroes, slba, nlb, None);
+            }
+            IoOpcode::DATASET_MANAGEMENT => self.dsm(slot, nsi, sqe),
+            _ => self.complete(slot, Status::INVALID_OPCODE.with_dnr(), 0),
+        }
+    }
+
+    fn dsm(&mut self, slot: usize, nsi: usize, sqe: &Sqe) {
+        let nr = (sqe.cdw10.get() & 0xFF) as usize + 1;
+        let deallocate = sqe.cdw11.get() & (1 << 2) != 0;
+        let num_blocks = self.ns[nsi].num_blocks;
+        let Some(buf) = self.reqs[slot].buf.take() else {
+            return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
+        };
+        if buf.len() < nr * 16 {
+            return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
+        }
+        if !deallocate
+            || !self.ns[nsi]
+                .ch
+                .handle()
+                .bdev()
+                .io_type_supported(IoType::Unmap)
+        {
+            return self.complete(slot, Status::SUCCESS, 0);
+        }
+        let mut ranges = [(0u64, 0u64); 256];
+        let mut count = 0;
+        let mut bad = false;
+        buf.with(|b| {
+            for i in 0..nr {
+                let e = &b[i * 16..i * 16 + 16];
+                let nlb = u64::from(u32::from_le_bytes([e[4], e[5], e[6], e[7]]));
+                let slba =
+                    u64::from_le_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
+                if nlb == 0 {
+                    continue;
+                }
+                if slba.checked_add(nlb).is_none_or(|end| end > num_blocks) {
+                    bad = true;
+                }
+                ranges[count] = (slba, nlb);
+                count += 1;
+            }
+        });
+        if bad {
+            return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
+        }
+        if count == 0 {
+            return self.complete(slot, Status::SUCCESS, 0);
+        }
+        self.reqs[slot].pending = count as u32;
+        for &(slba, nlb) in &ranges[..count] {
+            self.submit_one(slot, nsi, IoType::Unmap, slba, nlb, None);
+        }
+    }
+
+    fn submit(
+        &mut self,
+        slot: usize,
+        nsi: usize,
+        t: IoType,
+        slba: u64,
+        nlb: u64,
+        buf: Option<DmaBuf>,
+    ) {
+        self.reqs[slot].pending = 1;
+        self.submit_one(slot, nsi, t, slba, nlb, buf);
+    }
+
+    fn submit_one(
+        &mut self,
+        slot: usize,
+        nsi: usize,
+        t: IoType,
+        slba: u64,
+        nlb: u64,
+        buf: Option<DmaBuf>,
+    ) {
+        let Some(mut io) = IoBox::data(t, slba, nlb, buf) else {
+            // Out of descriptors: the command fails with a retryable status.
+            let r = &mut self.reqs[slot];
+            r.status = Status::NAMESPACE_NOT_READY;
+            r.pending -= 1;
+            if r.pending == 0 {
+                let st = r.status;
+                self.complete(slot, st, 0);
+            }
+            return;
+        };
+        io.tag = slot as u64;
+        if let Some(d) = &self.done {
+            io.set_done(d.clone());
+        }
+        self.ns[nsi].ch.submit(io);
+    }
+
+    fn io_done(&mut self, mut io: IoBox) {
+        let slot = io.tag as usize;
+        let Some(r) = self.reqs.get_mut(slot) else {
+            return;
+        };
+        if r.state != ReqState::Exec || r.pending == 0 {
+            return;
+        }
+        if let IoStatus::Failed(e) = io.status {
+            if r.status.is_success() {
+                r.status = io_status(io.io_type, e);
+            }
+        }
+        if io.io_type == IoType::Read {
+            r.buf = io.buf.take();
+        }
+        r.pending -= 1;
+        if r.pending == 0 {
+            let st = r.status;
+            self.complete(slot, st, 0);
+        }
+    }
+}
+
+/// Tears the controller down when its host goes silent for longer than
+/// KATO: a timed poller on the reactor of the admin queue.
+fn start_keep_alive_timer(ctrl: &Arc<Ctrl>) {
+    let weak = Arc::downgrade(ctrl);
+    reactor::register_timed_poller("nvmf_keep_alive", Duration::from_millis(50), move || {
+        let Some(c) = weak.upgrade() else {
+            return reactor::PollStatus::Done;
+        };
+        if c.is_dead() {
+            return reactor::PollStatus::Done;
+        }
+        let kato_ms = u64::from(c.kato_ms.load(Ordering::Relaxed));
+        if kato_ms == 0 {
+            return reactor::PollStatus::Idle;
+        }
+        let idle_ns =
+            reactor::now_ns().saturating_sub(c.last_keep_alive_ns.load(Ordering::Relaxed));
+        if idle_ns > kato_ms * 1_000_000 {
+            c.kill("keep alive timeout expired");
+            return reactor::PollStatus::Done;
+        }
+        reactor::PollStatus::Idle
+    });
+}

@@ -1,0 +1,991 @@
+//! The NVMe-oF/TCP target's control plane: the transport options, the
+//! subsystems with their namespaces, hosts and listeners, the discovery
+//! subsystem, the listening sockets, and the controllers hosts create.
+//!
+//! The whole table is per reactor set (`reactor::global::<NvmfState>()`),
+//! behind a mutex that only the control plane takes. Queue pairs on the
+//! reactors hold `Arc` snapshots (a subsystem, a controller) and notice
+//! changes through atomics (a generation counter, a `dead` flag), so the
+//! IO path never locks.
+
+pub(crate) mod admin;
+pub(crate) mod conn;
+
+use bdev::{BdevHandle, Registry};
+use nvme_spec::features::{async_event_notice, async_event_type, AsyncEvent};
+use nvme_spec::log::LogPageId;
+use nvme_spec::text::DISCOVERY_NQN;
+use serde_json::{json, Value};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Errors of the target's control plane, with the errno SPDK reports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NvmfError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl NvmfError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            NvmfError::Invalid(_) => libc::EINVAL,
+            NvmfError::NotFound(_) => libc::ENODEV,
+            NvmfError::Exists(_) => libc::EEXIST,
+            NvmfError::Busy(_) => libc::EBUSY,
+            NvmfError::Io(_) => libc::EIO,
+        }
+    }
+}
+
+/// `nvmf_create_transport` options (SPDK's names and defaults for TCP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportOpts {
+    pub max_queue_depth: u32,
+    pub max_io_qpairs_per_ctrlr: u32,
+    pub in_capsule_data_size: u32,
+    pub max_io_size: u32,
+    pub io_unit_size: u32,
+    pub max_aq_depth: u32,
+    pub num_shared_buffers: u32,
+    pub buf_cache_size: u32,
+    pub dif_insert_or_strip: bool,
+    pub zcopy: bool,
+    pub c2h_success: bool,
+    pub sock_priority: u32,
+    pub abort_timeout_sec: u32,
+    pub ack_timeout: u32,
+    pub data_wr_pool_size: u32,
+}
+
+impl Default for TransportOpts {
+    fn default() -> Self {
+        TransportOpts {
+            max_queue_depth: 128,
+            max_io_qpairs_per_ctrlr: 127,
+            in_capsule_data_size: 4096,
+            max_io_size: 131_072,
+            io_unit_size: 131_072,
+            max_aq_depth: 128,
+            num_shared_buffers: 511,
+            buf_cache_size: u32::MAX,
+            dif_insert_or_strip: false,
+            zcopy: false,
+            c2h_success: true,
+            sock_priority: 0,
+            abort_timeout_sec: 1,
+            ack_timeout: 0,
+            data_wr_pool_size: 0,
+        }
+    }
+}
+
+/// In-capsule data the admin queue accepts whatever the transport says:
+/// the Linux host sends up to 8 KiB of admin data in capsules.
+pub(crate) const ADMIN_IN_CAPSULE_LEN: u32 = 8192;
+
+impl TransportOpts {
+    /// Checks the values against what the implementation supports.
+    pub fn validate(&self) -> Result<(), NvmfError> {
+        let bad = |m: &str| Err(NvmfError::Invalid(m.to_string()));
+        if !(2..=4096).contains(&self.max_queue_depth) {
+            return bad("max_queue_depth must be 2..=4096");
+        }
+        if !(2..=4096).contains(&self.max_aq_depth) {
+            return bad("max_aq_depth must be 2..=4096");
+        }
+        if self.max_io_qpairs_per_ctrlr == 0 || self.max_io_qpairs_per_ctrlr > 1024 {
+            return bad("max_io_qpairs_per_ctrlr must be 1..=1024");
+        }
+        if !self.max_io_size.is_power_of_two()
+            || self.max_io_size < 4096
+            || self.max_io_size as usize > bdev::DmaBuf::MAX_LEN
+        {
+            return bad("max_io_size must be a power of two between 4096 and 8 MiB");
+        }
+        if self.in_capsule_data_size > 131_072 || !self.in_capsule_data_size.is_multiple_of(16) {
+            return bad("in_capsule_data_size must be a multiple of 16, at most 128 KiB");
+        }
+        Ok(())
+    }
+
+    /// MDTS in units of the minimum page size (4 KiB).
+    pub fn mdts(&self) -> u8 {
+        (self.max_io_size / 4096).trailing_zeros() as u8
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "trtype": "TCP",
+            "max_queue_depth": self.max_queue_depth,
+            "max_io_qpairs_per_ctrlr": self.max_io_qpairs_per_ctrlr,
+            "in_capsule_data_size": self.in_capsule_data_size,
+            "max_io_size": self.max_io_size,
+            "io_unit_size": self.io_unit_size,
+            "max_aq_depth": self.max_aq_depth,
+            "num_shared_buffers": self.num_shared_buffers,
+            "buf_cache_size": self.buf_cache_size,
+            "dif_insert_or_strip": self.dif_insert_or_strip,
+            "zcopy": self.zcopy,
+            "c2h_success": self.c2h_success,
+            "sock_priority": self.sock_priority,
+            "abort_timeout_sec": self.abort_timeout_sec,
+            "ack_timeout": self.ack_timeout,
+            "data_wr_pool_size": self.data_wr_pool_size,
+        })
+    }
+}
+
+/// A TCP listen address as RPCs name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ListenAddr {
+    pub traddr: String,
+    pub trsvcid: String,
+}
+
+impl ListenAddr {
+    pub fn new(traddr: &str, trsvcid: &str) -> Self {
+        ListenAddr {
+            traddr: traddr.to_string(),
+            trsvcid: trsvcid.to_string(),
+        }
+    }
+
+    pub fn ipv6(&self) -> bool {
+        self.traddr.contains(':')
+    }
+
+    pub fn adrfam(&self) -> &'static str {
+        if self.ipv6() {
+            "IPv6"
+        } else {
+            "IPv4"
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({"trtype": "TCP", "adrfam": self.adrfam(), "traddr": self.traddr, "trsvcid": self.trsvcid})
+    }
+
+    fn socket_addr(&self) -> Result<SocketAddr, NvmfError> {
+        let port: u16 = self.trsvcid.parse().map_err(|_| {
+            NvmfError::Invalid(format!("trsvcid '{}' is not a port number", self.trsvcid))
+        })?;
+        (self.traddr.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| NvmfError::Invalid(format!("traddr '{}': {e}", self.traddr)))?
+            .next()
+            .ok_or_else(|| {
+                NvmfError::Invalid(format!("traddr '{}' resolves to nothing", self.traddr))
+            })
+    }
+
+    /// The `nvme connect` line a Linux user types for `nqn` on this address.
+    pub fn connect_line(&self, nqn: &str) -> String {
+        format!(
+            "nvme connect -t tcp -a {} -s {} -n {}",
+            self.traddr, self.trsvcid, nqn
+        )
+    }
+}
+
+/// A namespace: an NSID mapped to a bdev.
+pub struct Namespace {
+    pub nsid: u32,
+    pub bdev: BdevHandle,
+    pub uuid: Uuid,
+    pub nguid: [u8; 16],
+}
+
+impl Namespace {
+    pub fn to_json(&self) -> Value {
+        let nguid: String = self.nguid.iter().map(|b| format!("{b:02X}")).collect();
+        json!({"nsid": self.nsid, "bdev_name": self.bdev.name(), "name": self.bdev.name(),
+               "nguid": nguid, "uuid": self.uuid.to_string()})
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubsystemKind {
+    Discovery,
+    Nvme,
+}
+
+/// Parameters of `nvmf_create_subsystem`.
+#[derive(Debug, Clone)]
+pub struct SubsystemParams {
+    pub nqn: String,
+    pub serial_number: String,
+    pub model_number: String,
+    pub allow_any_host: bool,
+    pub max_namespaces: u32,
+    pub min_cntlid: u16,
+    pub max_cntlid: u16,
+}
+
+impl SubsystemParams {
+    pub fn new(nqn: &str) -> Self {
+        SubsystemParams {
+            nqn: nqn.to_string(),
+            serial_number: "00000000000000000000".to_string(),
+            model_number: "nvraid Controller".to_string(),
+            allow_any_host: false,
+            max_namespaces: 32,
+            min_cntlid: 1,
+            max_cntlid: 0xFFEF,
+        }
+    }
+}
+
+pub(crate) struct SubsysInner {
+    pub(crate) namespaces: Vec<Arc<Namespace>>,
+    pub(crate) hosts: Vec<String>,
+    pub(crate) allow_any_host: bool,
+    pub(crate) listeners: Vec<ListenAddr>,
+    pub(crate) ctrls: Vec<Weak<Ctrl>>,
+    next_cntlid: u16,
+}
+
+/// An NVM subsystem (or the discovery subsystem).
+pub struct Subsystem {
+    pub nqn: String,
+    pub kind: SubsystemKind,
+    pub serial_number: String,
+    pub model_number: String,
+    pub max_namespaces: u32,
+    pub min_cntlid: u16,
+    pub max_cntlid: u16,
+    pub(crate) inner: Mutex<SubsysInner>,
+    /// Bumped on every change a queue pair must notice (namespaces,
+    /// listeners); qpairs compare it before using their cached view.
+    pub(crate) generation: AtomicU64,
+    pub(crate) deleted: AtomicBool,
+}
+
+impl Subsystem {
+    fn new(p: &SubsystemParams, kind: SubsystemKind) -> Self {
+        Subsystem {
+            nqn: p.nqn.clone(),
+            kind,
+            serial_number: p.serial_number.clone(),
+            model_number: p.model_number.clone(),
+            max_namespaces: p.max_namespaces,
+            min_cntlid: p.min_cntlid,
+            max_cntlid: p.max_cntlid,
+            inner: Mutex::new(SubsysInner {
+                namespaces: Vec::new(),
+                hosts: Vec::new(),
+                allow_any_host: p.allow_any_host,
+                listeners: Vec::new(),
+                ctrls: Vec::new(),
+                next_cntlid: p.min_cntlid,
+            }),
+            generation: AtomicU64::new(1),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SubsysInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn host_allowed(&self, hostnqn: &str) -> bool {
+        let i = self.lock();
+        i.allow_any_host || i.hosts.iter().any(|h| h == hostnqn)
+    }
+
+    pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
+        self.lock().namespaces.clone()
+    }
+
+    pub fn listeners(&self) -> Vec<ListenAddr> {
+        self.lock().listeners.clone()
+    }
+
+    pub(crate) fn alloc_cntlid(&self) -> Option<u16> {
+        let mut i = self.lock();
+        i.ctrls.retain(|c| c.strong_count() > 0);
+        let span = u32::from(self.max_cntlid - self.min_cntlid) + 1;
+        for _ in 0..span {
+            let id = i.next_cntlid;
+            i.next_cntlid = if id >= self.max_cntlid {
+                self.min_cntlid
+            } else {
+                id + 1
+            };
+            if !i
+                .ctrls
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|c| c.cntlid == id)
+            {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    pub(crate) fn find_ctrl(&self, cntlid: u16) -> Option<Arc<Ctrl>> {
+        self.lock()
+            .ctrls
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|c| c.cntlid == cntlid && !c.is_dead())
+    }
+
+    fn live_ctrls(&self) -> Vec<Arc<Ctrl>> {
+        self.lock().ctrls.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    pub fn to_json(&self) -> Value {
+        let i = self.lock();
+        let mut v = json!({
+            "nqn": self.nqn,
+            "subtype": if self.kind == SubsystemKind::Discovery { "Discovery" } else { "NVMe" },
+            "listen_addresses": i.listeners.iter().map(ListenAddr::to_json).collect::<Vec<_>>(),
+            "allow_any_host": i.allow_any_host,
+            "hosts": i.hosts.iter().map(|h| json!({"nqn": h})).collect::<Vec<_>>(),
+        });
+        if self.kind == SubsystemKind::Nvme {
+            let o = v.as_object_mut().expect("object");
+            o.insert("serial_number".into(), json!(self.serial_number));
+            o.insert("model_number".into(), json!(self.model_number));
+            o.insert("max_namespaces".into(), json!(self.max_namespaces));
+            o.insert("min_cntlid".into(), json!(self.min_cntlid));
+            o.insert("max_cntlid".into(), json!(self.max_cntlid));
+            o.insert(
+                "namespaces".into(),
+                json!(i.namespaces.iter().map(|n| n.to_json()).collect::<Vec<_>>()),
+            );
+        }
+        v
+    }
+}
+
+/// Admin-side state of a controller: only its admin queue and the control
+/// plane touch it, under the controller's mutex.
+pub(crate) struct CtrlAdmin {
+    pub(crate) cc: u32,
+    pub(crate) csts: u32,
+    pub(crate) async_event_config: u32,
+    pub(crate) num_io_queues: u32,
+    /// Namespaces changed since the host last read the log page.
+    pub(crate) changed_ns: Vec<u32>,
+    /// An AEN for the changed namespace list is waiting for an AER, or has
+    /// been sent and the log has not been read (no second one until then).
+    pub(crate) ns_notice_pending: bool,
+    pub(crate) ns_notice_masked: bool,
+}
+
+/// A controller: created by an admin Connect, shared by its queue pairs on
+/// any reactor.
+pub struct Ctrl {
+    pub cntlid: u16,
+    pub subsys: Arc<Subsystem>,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    pub(crate) opts: Arc<TransportOpts>,
+    pub(crate) kato_ms: AtomicU32,
+    pub(crate) last_keep_alive_ns: AtomicU64,
+    dead: AtomicBool,
+    /// CSTS.RDY: IO queues may connect and IO commands run.
+    pub(crate) ready: AtomicBool,
+    pub(crate) io_qids: Mutex<Vec<u16>>,
+    pub(crate) admin: Mutex<CtrlAdmin>,
+    /// Set when an event waits for the admin queue to deliver it.
+    pub(crate) aen_flag: AtomicBool,
+}
+
+impl Ctrl {
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Ends the controller: every queue pair of it disconnects.
+    pub(crate) fn kill(&self, why: &str) {
+        if !self.dead.swap(true, Ordering::AcqRel) {
+            tracing::info!(
+                cntlid = self.cntlid,
+                nqn = self.subsys.nqn,
+                host = self.hostnqn,
+                why,
+                "controller ended"
+            );
+        }
+    }
+
+    pub(crate) fn admin(&self) -> MutexGuard<'_, CtrlAdmin> {
+        self.admin.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records namespace changes and raises a notice if the host wants one.
+    fn notify_ns_changed(&self, nsid: u32) {
+        let mut a = self.admin();
+        if !a.changed_ns.contains(&nsid) {
+            a.changed_ns.push(nsid);
+        }
+        if a.async_event_config
+            & nvme_spec::features::async_event_config::NAMESPACE_ATTRIBUTE_NOTICES
+            != 0
+            && !a.ns_notice_masked
+        {
+            a.ns_notice_pending = true;
+            self.aen_flag.store(true, Ordering::Release);
+        }
+    }
+
+    pub(crate) fn ns_notice_dword() -> u32 {
+        AsyncEvent {
+            event_type: async_event_type::NOTICE,
+            info: async_event_notice::NAMESPACE_ATTRIBUTE_CHANGED,
+            log_page: LogPageId::CHANGED_NAMESPACE_LIST.0,
+        }
+        .to_dword()
+    }
+}
+
+struct ListenerEntry {
+    addr: ListenAddr,
+    local: SocketAddr,
+    stop: Arc<AtomicBool>,
+    users: usize,
+}
+
+#[derive(Default)]
+struct StateInner {
+    transport: Option<Arc<TransportOpts>>,
+    subsystems: Vec<Arc<Subsystem>>,
+    listeners: Vec<ListenerEntry>,
+}
+
+/// The target of one reactor set: `reactor::global::<NvmfState>()`.
+#[derive(Default)]
+pub struct NvmfState {
+    inner: Mutex<StateInner>,
+    next_reactor: AtomicUsize,
+    /// Discovery log generation counter.
+    pub(crate) genctr: AtomicU64,
+    /// Live connections (for shutdown's drain).
+    pub(crate) connections: AtomicUsize,
+    pub(crate) shutting_down: AtomicBool,
+    next_portid: AtomicU16,
+}
+
+impl NvmfState {
+    /// The target of the current reactor's set.
+    pub fn get() -> Arc<NvmfState> {
+        reactor::global::<NvmfState>()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StateInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn transport(&self) -> Option<Arc<TransportOpts>> {
+        self.lock().transport.clone()
+    }
+
+    /// `nvmf_create_transport`: one TCP transport per target.
+    pub fn create_transport(&self, opts: TransportOpts) -> Result<(), NvmfError> {
+        opts.validate()?;
+        let mut s = self.lock();
+        if s.transport.is_some() {
+            return Err(NvmfError::Exists("transport TCP".into()));
+        }
+        s.transport = Some(Arc::new(opts));
+        Self::ensure_discovery(&mut s);
+        Ok(())
+    }
+
+    fn ensure_discovery(s: &mut StateInner) {
+        if !s
+            .subsystems
+            .iter()
+            .any(|x| x.kind == SubsystemKind::Discovery)
+        {
+            let mut p = SubsystemParams::new(DISCOVERY_NQN);
+            p.allow_any_host = true;
+            s.subsystems
+                .insert(0, Arc::new(Subsystem::new(&p, SubsystemKind::Discovery)));
+        }
+    }
+
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        let mut s = self.lock();
+        Self::ensure_discovery(&mut s);
+        s.subsystems.clone()
+    }
+
+    pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        self.lock()
+            .subsystems
+            .iter()
+            .find(|s| s.nqn == nqn)
+            .cloned()
+    }
+
+    fn discovery_changed(&self) {
+        self.genctr.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// `nvmf_create_subsystem`.
+    pub fn create_subsystem(&self, p: SubsystemParams) -> Result<Arc<Subsystem>, NvmfError> {
+        validate_nqn(&p.nqn)?;
+        if p.nqn == DISCOVERY_NQN {
+            return Err(NvmfError::Exists(p.nqn));
+        }
+        if p.serial_number.len() > 20 || !p.serial_number.bytes().all(|b| (0x20..0x7f).contains(&b))
+        {
+            return Err(NvmfError::Invalid(format!(
+                "serial number '{}' must be at most 20 ASCII characters",
+                p.serial_number
+            )));
+        }
+        if p.model_number.len() > 40 || !p.model_number.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(NvmfError::Invalid(format!(
+                "model number '{}' must be at most 40 ASCII characters",
+                p.model_number
+            )));
+        }
+        if p.min_cntlid == 0 || p.min_cntlid > p.max_cntlid || p.max_cntlid > 0xFFEF {
+            return Err(NvmfError::Invalid(
+                "cntlid range must lie within 1..=65519".into(),
+            ));
+        }
+        if p.max_namespaces == 0 || p.max_namespaces > 1024 {
+            return Err(NvmfError::Invalid("max_namespaces must be 1..=1024".into()));
+        }
+        let mut s = self.lock();
+        Self::ensure_discovery(&mut s);
+        if s.subsystems.iter().any(|x| x.nqn == p.nqn) {
+            return Err(NvmfError::Exists(format!("subsystem {}", p.nqn)));
+        }
+        let sub = Arc::new(Subsystem::new(&p, SubsystemKind::Nvme));
+        s.subsystems.push(sub.clone());
+        drop(s);
+        self.discovery_changed();
+        Ok(sub)
+    }
+
+    fn nvme_subsystem(&self, nqn: &str) -> Result<Arc<Subsystem>, NvmfError> {
+        match self.subsystem(nqn) {
+            Some(s) if s.kind == SubsystemKind::Nvme => Ok(s),
+            Some(_) => Err(NvmfError::Invalid(format!(
+                "{nqn} is the discovery subsystem"
+            ))),
+            None => Err(NvmfError::NotFound(format!("subsystem {nqn}"))),
+        }
+    }
+
+    /// `nvmf_delete_subsystem`: its controllers end (their in-flight IO
+    /// completes first: a queue pair keeps its requests until the bdev is
+    /// done), its listeners are released.
+    pub fn delete_subsystem(&self, nqn: &str) -> Result<(), NvmfError> {
+        let sub = self.nvme_subsystem(nqn)?;
+        sub.deleted.store(true, Ordering::Release);
+        sub.bump();
+        for c in sub.live_ctrls() {
+            c.kill("subsystem deleted");
+        }
+        let addrs = sub.listeners();
+        let mut s = self.lock();
+        s.subsystems.retain(|x| !Arc::ptr_eq(x, &sub));
+        for a in addrs {
+            Self::release_listener(&mut s, &a);
+        }
+        drop(s);
+        sub.lock().namespaces.clear();
+        self.discovery_changed();
+        Ok(())
+    }
+
+    /// `nvmf_subsystem_add_ns`: returns the NSID. `nsid` 0 picks the lowest free.
+    pub fn add_ns(
+        &self,
+        nqn: &str,
+        bdev_name: &str,
+        nsid: u32,
+        uuid: Option<Uuid>,
+        nguid: Option<[u8; 16]>,
+    ) -> Result<u32, NvmfError> {
+        let sub = self.nvme_subsystem(nqn)?;
+        let bdev = Registry::get()
+            .lookup(bdev_name)
+            .ok_or_else(|| NvmfError::NotFound(format!("bdev {bdev_name}")))?;
+        let mut i = sub.lock();
+        let nsid = if nsid == 0 {
+            (1..=sub.max_namespaces)
+                .find(|n| !i.namespaces.iter().any(|x| x.nsid == *n))
+                .ok_or_else(|| {
+                    NvmfError::Invalid(format!("subsystem {nqn} has no free namespace ID"))
+                })?
+        } else {
+            nsid
+        };
+        if nsid > sub.max_namespaces || nsid == 0xFFFF_FFFF {
+            return Err(NvmfError::Invalid(format!(
+                "nsid {nsid} exceeds max_namespaces {}",
+                sub.max_namespaces
+            )));
+        }
+        if i.namespaces.iter().any(|x| x.nsid == nsid) {
+            return Err(NvmfError::Exists(format!("nsid {nsid} in {nqn}")));
+        }
+        if i.namespaces.iter().any(|x| x.bdev.same(&bdev)) {
+            return Err(NvmfError::Exists(format!("bdev {bdev_name} in {nqn}")));
+        }
+        let uuid = uuid.unwrap_or(bdev.props().uuid);
+        let nguid = nguid.unwrap_or(*uuid.as_bytes());
+        let ns = Arc::new(Namespace {
+            nsid,
+            bdev: bdev.clone(),
+            uuid,
+            nguid,
+        });
+        let pos = i
+            .namespaces
+            .iter()
+            .position(|x| x.nsid > nsid)
+            .unwrap_or(i.namespaces.len());
+        i.namespaces.insert(pos, ns);
+        drop(i);
+        sub.bump();
+        // Hot remove: the namespace goes with its bdev (and hosts hear of it).
+        let weak = Arc::downgrade(&sub);
+        let handle = bdev.clone();
+        bdev.on_remove(move || {
+            if let Some(sub) = weak.upgrade() {
+                let present = sub
+                    .lock()
+                    .namespaces
+                    .iter()
+                    .any(|n| n.nsid == nsid && n.bdev.same(&handle));
+                if present {
+                    tracing::info!(
+                        nqn = sub.nqn,
+                        nsid,
+                        "namespace's bdev is going away: detaching it"
+                    );
+                    detach_ns(&sub, nsid);
+                }
+            }
+        });
+        for c in sub.live_ctrls() {
+            c.notify_ns_changed(nsid);
+        }
+        Ok(nsid)
+    }
+
+    /// `nvmf_subsystem_remove_ns`.
+    pub fn remove_ns(&self, nqn: &str, nsid: u32) -> Result<(), NvmfError> {
+        let sub = self.nvme_subsystem(nqn)?;
+        if !sub.lock().namespaces.iter().any(|n| n.nsid == nsid) {
+            return Err(NvmfError::NotFound(format!("nsid {nsid} in {nqn}")));
+        }
+        detach_ns(&sub, nsid);
+        Ok(())
+    }
+
+    /// `nvmf_subsystem_add_host`.
+    pub fn add_host(&self, nqn: &str, host: &str) -> Result<(), NvmfError> {
+        validate_nqn(host)?;
+        let sub = self.nvme_subsystem(nqn)?;
+        let mut i = sub.lock();
+        if i.hosts.iter().any(|h| h == host) {
+            return Err(NvmfError::Exists(format!("host {host} in {nqn}")));
+        }
+        i.hosts.push(host.to_string());
+        drop(i);
+        self.discovery_changed();
+        Ok(())
+    }
+
+    /// `nvmf_subsystem_remove_host`: that host's controllers end.
+    pub fn remove_host(&self, nqn: &str, host: &str) -> Result<(), NvmfError> {
+        let sub = self.nvme_subsystem(nqn)?;
+        let mut i = sub.lock();
+        let before = i.hosts.len();
+        i.hosts.retain(|h| h != host);
+        if i.hosts.len() == before {
+            return Err(NvmfError::NotFound(format!("host {host} in {nqn}")));
+        }
+        let allow_any = i.allow_any_host;
+        drop(i);
+        if !allow_any {
+            for c in sub.live_ctrls().into_iter().filter(|c| c.hostnqn == host) {
+                c.kill("host removed from the subsystem");
+            }
+        }
+        self.discovery_changed();
+        Ok(())
+    }
+
+    /// `nvmf_subsystem_allow_any_host`.
+    pub fn allow_any_host(&self, nqn: &str, allow: bool) -> Result<(), NvmfError> {
+        let sub = self.nvme_subsystem(nqn)?;
+        sub.lock().allow_any_host = allow;
+        self.discovery_changed();
+        Ok(())
+    }
+
+    /// `nvmf_subsystem_add_listener`: binds the address (once per target)
+    /// and starts accepting on the calling reactor. Must run on a reactor.
+    pub fn add_listener(&self, nqn: &str, addr: ListenAddr) -> Result<(), NvmfError> {
+        let sub = self
+            .subsystem(nqn)
+            .ok_or_else(|| NvmfError::NotFound(format!("subsystem {nqn}")))?;
+        let opts = self
+            .transport()
+            .ok_or_else(|| NvmfError::Invalid("create the TCP transport first".into()))?;
+        if sub.lock().listeners.contains(&addr) {
+            return Err(NvmfError::Exists(format!(
+                "listener {}:{} on {nqn}",
+                addr.traddr, addr.trsvcid
+            )));
+        }
+        let mut s = self.lock();
+        if let Some(e) = s.listeners.iter_mut().find(|e| e.addr == addr) {
+            e.users += 1;
+        } else {
+            let sa = addr.socket_addr()?;
+            let l =
+                TcpListener::bind(sa).map_err(|e| NvmfError::Io(format!("listen on {sa}: {e}")))?;
+            l.set_nonblocking(true)
+                .map_err(|e| NvmfError::Io(e.to_string()))?;
+            let local = l.local_addr().map_err(|e| NvmfError::Io(e.to_string()))?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let portid = self.next_portid.fetch_add(1, Ordering::Relaxed) + 1;
+            start_accepting(l, addr.clone(), portid, opts, stop.clone());
+            tracing::info!(
+                traddr = addr.traddr,
+                trsvcid = addr.trsvcid,
+                "NVMe/TCP target listening"
+            );
+            s.listeners.push(ListenerEntry {
+                addr: addr.clone(),
+                local,
+                stop,
+                users: 1,
+            });
+        }
+        drop(s);
+        sub.lock().listeners.push(addr);
+        sub.bump();
+        self.discovery_changed();
+        Ok(())
+    }
+
+    fn release_listener(s: &mut StateInner, addr: &ListenAddr) {
+        if let Some(pos) = s.listeners.iter().position(|e| &e.addr == addr) {
+            s.listeners[pos].users -= 1;
+            if s.listeners[pos].users == 0 {
+                let e = s.listeners.remove(pos);
+                e.stop.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// `nvmf_subsystem_remove_listener`: the subsystem's connections that
+    /// came in through it end.
+    pub fn remove_listener(&self, nqn: &str, addr: &ListenAddr) -> Result<(), NvmfError> {
+        let sub = self
+            .subsystem(nqn)
+            .ok_or_else(|| NvmfError::NotFound(format!("subsystem {nqn}")))?;
+        let mut i = sub.lock();
+        let before = i.listeners.len();
+        i.listeners.retain(|a| a != addr);
+        if i.listeners.len() == before {
+            return Err(NvmfError::NotFound(format!(
+                "listener {}:{} on {nqn}",
+                addr.traddr, addr.trsvcid
+            )));
+        }
+        drop(i);
+        sub.bump();
+        Self::release_listener(&mut self.lock(), addr);
+        self.discovery_changed();
+        Ok(())
+    }
+
+    /// The bound address of a listener (tests bind port 0 and ask).
+    pub fn local_addr(&self, addr: &ListenAddr) -> Option<SocketAddr> {
+        self.lock()
+            .listeners
+            .iter()
+            .find(|e| &e.addr == addr)
+            .map(|e| e.local)
+    }
+
+    /// `nvme connect` lines for every subsystem's TCP listeners.
+    pub fn connect_lines(&self) -> Vec<String> {
+        self.subsystems()
+            .iter()
+            .filter(|s| s.kind == SubsystemKind::Nvme)
+            .flat_map(|s| {
+                s.listeners()
+                    .into_iter()
+                    .map(move |a| a.connect_line(&s.nqn))
+            })
+            .collect()
+    }
+
+    /// The calls that recreate the target (for `save_config`).
+    pub fn config(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let Some(t) = self.transport() else {
+            return out;
+        };
+        out.push(json!({"method": "nvmf_create_transport", "params": t.to_json()}));
+        for s in self.subsystems() {
+            if s.kind == SubsystemKind::Discovery {
+                for a in s.listeners() {
+                    out.push(json!({"method": "nvmf_subsystem_add_listener", "params": {
+                        "nqn": s.nqn, "listen_address": a.to_json(), "secure_channel": false}}));
+                }
+                continue;
+            }
+            let i = s.lock();
+            out.push(json!({"method": "nvmf_create_subsystem", "params": {
+                "nqn": s.nqn, "allow_any_host": i.allow_any_host, "serial_number": s.serial_number,
+                "model_number": s.model_number, "max_namespaces": s.max_namespaces,
+                "min_cntlid": s.min_cntlid, "max_cntlid": s.max_cntlid, "ana_reporting": false}}));
+            for h in &i.hosts {
+                out.push(json!({"method": "nvmf_subsystem_add_host", "params": {"nqn": s.nqn, "host": h}}));
+            }
+            for n in &i.namespaces {
+                let mut ns = n.to_json();
+                if let Some(o) = ns.as_object_mut() {
+                    o.remove("name");
+                    o.insert("no_auto_visible".into(), json!(false));
+                }
+                out.push(json!({"method": "nvmf_subsystem_add_ns", "params": {"nqn": s.nqn, "namespace": ns}}));
+            }
+            for a in &i.listeners {
+                out.push(json!({"method": "nvmf_subsystem_add_listener", "params": {
+                    "nqn": s.nqn, "listen_address": a.to_json(), "secure_channel": false}}));
+            }
+        }
+        out
+    }
+
+    /// Live NVMe/TCP connections.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+}
+
+fn detach_ns(sub: &Arc<Subsystem>, nsid: u32) {
+    sub.lock().namespaces.retain(|n| n.nsid != nsid);
+    sub.bump();
+    for c in sub.live_ctrls() {
+        c.notify_ns_changed(nsid);
+    }
+}
+
+pub(crate) fn validate_nqn(nqn: &str) -> Result<(), NvmfError> {
+    if nqn.is_empty() || nqn.len() > nvme_spec::text::NQN_MAX_LEN || nqn.contains('\0') {
+        return Err(NvmfError::Invalid(format!(
+            "NQN '{nqn}' must be 1..=223 bytes"
+        )));
+    }
+    if !nqn.starts_with("nqn.") {
+        return Err(NvmfError::Invalid(format!(
+            "NQN '{nqn}' must start with 'nqn.'"
+        )));
+    }
+    Ok(())
+}
+
+/// Accepts on the current reactor (a timed poller: accept latency does not
+/// matter, syscalls every loop would) and hands each connection to the
+/// next reactor round-robin.
+fn start_accepting(
+    l: TcpListener,
+    addr: ListenAddr,
+    portid: u16,
+    opts: Arc<TransportOpts>,
+    stop: Arc<AtomicBool>,
+) {
+    let state = NvmfState::get();
+    reactor::register_timed_poller("nvmf_tcp_accept", Duration::from_micros(500), move || {
+        if stop.load(Ordering::Acquire) || state.shutting_down.load(Ordering::Acquire) {
+            tracing::info!(
+                traddr = addr.traddr,
+                trsvcid = addr.trsvcid,
+                "NVMe/TCP listener closed"
+            );
+            return reactor::PollStatus::Done;
+        }
+        let mut busy = false;
+        for _ in 0..16 {
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    busy = true;
+                    let n = reactor::count().max(1);
+                    let to = state.next_reactor.fetch_add(1, Ordering::Relaxed) % n;
+                    let (addr, opts) = (addr.clone(), opts.clone());
+                    tracing::debug!(%peer, reactor = to, "NVMe/TCP connection accepted");
+                    reactor::send(to, move || conn::start(stream, addr, portid, opts));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    break;
+                }
+            }
+        }
+        if busy {
+            reactor::PollStatus::Busy
+        } else {
+            reactor::PollStatus::Idle
+        }
+    });
+}
+
+/// Stops the target before the bdevs go: listeners close, every controller
+/// ends, and `done` runs (on the calling reactor) once every connection
+/// has drained its in-flight IO and closed, or after 10 s.
+pub fn shutdown(done: impl FnOnce() + Send + 'static) {
+    let state = NvmfState::get();
+    state.shutting_down.store(true, Ordering::Release);
+    for s in state.subsystems() {
+        for c in s.live_ctrls() {
+            c.kill("target shutting down");
+        }
+    }
+    {
+        let mut s = state.lock();
+        for e in s.listeners.drain(..) {
+            e.stop.store(true, Ordering::Release);
+        }
+    }
+    let deadline_ns = reactor::now_ns() + 10_000_000_000;
+    let mut done = Some(done);
+    let mut check = move || {
+        if state.connection_count() > 0 && reactor::now_ns() < deadline_ns {
+            return reactor::PollStatus::Idle;
+        }
+        if let Some(d) = done.take() {
+            d();
+        }
+        reactor::PollStatus::Done
+    };
+    if check() == reactor::PollStatus::Idle {
+        reactor::register_timed_poller("nvmf_shutdown_wait", Duration::from_millis(2), check);
+    }
+}
