@@ -1,0 +1,231 @@
+//! The owner reactor's half of the batch protocol, without IO: deciding
+//! which idle chunks to clear, closing a batch (`seq_flush += 1`), building
+//! the new on-disk image and the list of pages to write, and publishing a
+//! completed batch (`on_disk` bits, then `seq_write`). `BitmapOwner` wraps
+//! it with page buffers and member writes; the loom model drives it with a
+//! simulated "persisted" image.
+
+use crate::geometry::WORDS_PER_PAGE;
+use crate::shared::{word_bit, Bitmap, COUNT_MASK};
+use crate::sync::{fence, Ordering};
+
+/// What one tick may do beyond the normal protocol.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TickOptions {
+    /// Write every page, changed or not (new member, creation, final flush).
+    pub force_all_pages: bool,
+    /// Clear every chunk with no write in flight now, ignoring the idle
+    /// countdown (the final batch of a clean stop). Still needs in-sync.
+    pub clear_idle_now: bool,
+}
+
+/// A closed batch: its sequence number and what to write.
+#[derive(Debug)]
+pub struct Plan {
+    pub seq: u64,
+    /// Pages whose image changed (or were forced), ascending.
+    pub pages: Vec<usize>,
+    /// Pending bits this batch took, published to `on_disk` on completion.
+    set_words: Vec<(usize, u64)>,
+    /// Chunks this batch clears on disk.
+    pub cleared_chunks: u64,
+}
+
+/// Owner-only bookkeeping (single writer: the owner reactor).
+pub struct Planner {
+    /// What the members' pages hold once the batch in flight (if any) lands.
+    image: Vec<u64>,
+    seq_flush: u64,
+    idle_ticks: Vec<u8>,
+    last_starts: Vec<u32>,
+    clear_after_ticks: u8,
+    /// Chunks the resync finished: clearable even while not in sync.
+    resynced: Vec<u64>,
+    in_flight: bool,
+    #[cfg(test)]
+    pub(crate) release_early: bool,
+}
+
+impl Planner {
+    /// A planner for `bitmap`; `initial` is the on-disk image loaded at
+    /// assembly (its bits count as persisted), `clear_after_ticks` the idle
+    /// ticks before a chunk is cleared.
+    pub fn new(bitmap: &Bitmap, initial: Option<&[u64]>, clear_after_ticks: u8) -> Planner {
+        let words = bitmap.geometry().num_words();
+        let mut image = vec![0u64; words];
+        if let Some(init) = initial {
+            for (w, v) in image.iter_mut().zip(init) {
+                *w = *v;
+            }
+            mask_tail(&mut image, bitmap.geometry().num_chunks());
+            for (a, v) in bitmap.on_disk.iter().zip(&image) {
+                a.store(*v, Ordering::Release);
+            }
+        }
+        let chunks = bitmap.geometry().num_chunks() as usize;
+        Planner {
+            image,
+            seq_flush: bitmap.seq_flush.load(Ordering::Acquire),
+            idle_ticks: vec![0; chunks],
+            last_starts: vec![0; chunks],
+            clear_after_ticks,
+            resynced: vec![0; words],
+            in_flight: false,
+            #[cfg(test)]
+            release_early: false,
+        }
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    /// The words of page `page` of the image to write.
+    pub fn page_words(&self, page: usize) -> &[u64] {
+        let start = (page * WORDS_PER_PAGE).min(self.image.len());
+        let end = (start + WORDS_PER_PAGE).min(self.image.len());
+        &self.image[start..end]
+    }
+
+    /// Lets the resynced chunks `chunks` be cleared even while the array is
+    /// not in sync (the caller vouches every member now agrees on them).
+    pub fn mark_resynced(&mut self, chunks: std::ops::Range<u64>) {
+        for c in chunks.filter(|&c| c < self.idle_ticks.len() as u64) {
+            let (w, bit) = word_bit(c);
+            self.resynced[w] |= bit;
+        }
+    }
+
+    /// One tick: when no batch is in flight, picks idle chunks to clear and,
+    /// if anything needs persisting, closes the next batch. `None`: nothing
+    /// to do (or a batch is still in flight).
+    pub fn tick(&mut self, bm: &Bitmap, opts: TickOptions) -> Option<Plan> {
+        if self.in_flight {
+            return None;
+        }
+        let clear_mask = self.pick_clears(bm, opts.clear_idle_now);
+        let wanted = bm.wanted.load(Ordering::Acquire);
+        let any_pending = bm.pending.iter().any(|w| w.load(Ordering::Acquire) != 0);
+        let clearing = clear_mask.iter().any(|&m| m != 0);
+        if !(any_pending || clearing || opts.force_all_pages || wanted > self.seq_flush) {
+            return None;
+        }
+        self.seq_flush += 1;
+        let seq = self.seq_flush;
+        bm.seq_flush.store(seq, Ordering::Release);
+        // Handshake 2 (see `shared`): publish seq_flush before taking bits.
+        fence(Ordering::SeqCst);
+        let mut pages = Vec::new();
+        let mut set_words = Vec::new();
+        let mut cleared_chunks = 0;
+        for (w, pending) in bm.pending.iter().enumerate() {
+            let taken = pending.swap(0, Ordering::AcqRel);
+            let clear = clear_mask.get(w).copied().unwrap_or(0);
+            let new = (self.image[w] & !clear) | taken;
+            cleared_chunks += u64::from((self.image[w] & !new).count_ones());
+            if new != self.image[w] || opts.force_all_pages {
+                let page = w / WORDS_PER_PAGE;
+                if pages.last() != Some(&page) {
+                    pages.push(page);
+                }
+            }
+            self.image[w] = new;
+            if taken != 0 {
+                set_words.push((w, taken));
+            }
+        }
+        if opts.force_all_pages {
+            pages = (0..bm.geometry().num_pages()).collect();
+        }
+        self.in_flight = true;
+        let plan = Plan { seq, pages, set_words, cleared_chunks };
+        #[cfg(test)]
+        if self.release_early {
+            // Test-only mutation: publish before the pages are persisted, so
+            // the protocol tests can show they would catch it.
+            self.publish(bm, &plan);
+        }
+        Some(plan)
+    }
+
+    /// Publishes a batch whose pages are persisted on every active member:
+    /// its bits become visible to the fast path, then its writers are released.
+    pub fn complete(&mut self, bm: &Bitmap, plan: &Plan) {
+        assert!(self.in_flight && plan.seq == self.seq_flush, "bitmap batch {} completed out of order", plan.seq);
+        self.publish(bm, plan);
+        self.in_flight = false;
+        bm.batches_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bm.pages_written.fetch_add(plan.pages.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn publish(&self, bm: &Bitmap, plan: &Plan) {
+        for &(w, bits) in &plan.set_words {
+            bm.on_disk[w].fetch_or(bits, Ordering::AcqRel);
+        }
+        bm.seq_write.store(plan.seq, Ordering::Release);
+    }
+
+    /// Advances the idle countdown of every chunk set on disk and takes the
+    /// bits of those due for clearing out of `on_disk` (handshake 1: a chunk
+    /// whose count is not zero after the fence gets its bit back).
+    fn pick_clears(&mut self, bm: &Bitmap, now: bool) -> Vec<u64> {
+        let in_sync = bm.in_sync();
+        let mut masks = vec![0u64; self.image.len()];
+        for (w, mask) in masks.iter_mut().enumerate() {
+            let set = bm.on_disk[w].load(Ordering::Acquire);
+            let mut bits = set;
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                let c = w * 64 + b as usize;
+                let v = bm.counters[c].load(Ordering::Acquire);
+                let (count, starts) = (v & COUNT_MASK, (v >> 32) as u32);
+                if count == 0 && starts == self.last_starts[c] {
+                    self.idle_ticks[c] = self.idle_ticks[c].saturating_add(1);
+                } else {
+                    self.idle_ticks[c] = 0;
+                    self.last_starts[c] = starts;
+                }
+                let allowed = in_sync || self.resynced[w] & (1 << b) != 0;
+                let due = self.idle_ticks[c] >= self.clear_after_ticks || (now && count == 0);
+                if allowed && due {
+                    *mask |= 1 << b;
+                }
+            }
+            if *mask == 0 {
+                continue;
+            }
+            bm.on_disk[w].fetch_and(!*mask, Ordering::AcqRel);
+            fence(Ordering::SeqCst);
+            let mut bits = *mask;
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                let c = w * 64 + b as usize;
+                if bm.counters[c].load(Ordering::Acquire) & COUNT_MASK != 0 {
+                    // A write marked it before the fence and may already be
+                    // on its way to the members: the bit stays.
+                    bm.on_disk[w].fetch_or(1 << b, Ordering::AcqRel);
+                    *mask &= !(1 << b);
+                }
+                self.idle_ticks[c] = 0;
+            }
+            self.resynced[w] &= !*mask;
+        }
+        masks
+    }
+}
+
+/// Clears bits past the last chunk (a loaded image never has them, but the
+/// page words of a corrupted source must not create chunks).
+fn mask_tail(words: &mut [u64], num_chunks: u64) {
+    let full = (num_chunks / 64) as usize;
+    let tail = num_chunks % 64;
+    for (i, w) in words.iter_mut().enumerate() {
+        if i > full || (i == full && tail == 0) {
+            *w = 0;
+        } else if i == full {
+            *w &= (1u64 << tail) - 1;
+        }
+    }
+}
