@@ -111,13 +111,14 @@ fn add(c: &Cell<u64>, v: u64) {
 }
 
 impl ChannelStats {
-    pub(crate) fn account(&self, io: &BdevIo) {
+    pub(crate) fn account(&self, io: &mut BdevIo, now: u64) {
         add(&self.in_flight, u64::MAX); // -1
+        let ticks = now.wrapping_sub(io.submit_ticks);
+        io.latency_ticks = ticks;
         if io.status != IoStatus::Success {
             add(&self.num_io_errors, 1);
             return;
         }
-        let ticks = tsc::ticks().wrapping_sub(io.submit_ticks);
         let bytes = io.buf.as_ref().map_or(0, |b| b.len() as u64);
         let minmax = |max: &Cell<u64>, min: &Cell<u64>| {
             max.set(max.get().max(ticks));

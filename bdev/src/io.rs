@@ -107,9 +107,16 @@ pub struct BdevIo {
     done: Option<Rc<dyn IoDone>>,
     pub(crate) stats: Option<Rc<ChannelStats>>,
     pub(crate) submit_ticks: u64,
+    pub(crate) latency_ticks: u64,
 }
 
 impl BdevIo {
+    /// Ticks from `Channel::submit` to the completion poller picking the IO
+    /// up (0 for an IO not submitted through a `Channel`, or not done yet).
+    pub fn latency_ticks(&self) -> u64 {
+        self.latency_ticks
+    }
+
     fn blank() -> Self {
         BdevIo {
             io_type: IoType::Read,
@@ -122,6 +129,7 @@ impl BdevIo {
             done: None,
             stats: None,
             submit_ticks: 0,
+            latency_ticks: 0,
         }
     }
 }
@@ -189,10 +197,12 @@ pub(crate) fn io_local() -> Rc<IoLocal> {
 pub fn drain_completions() -> usize {
     let local = io_local();
     let n = local.completions.borrow().len();
+    // One timestamp per batch: every IO in it completed before this point.
+    let now = if n > 0 { crate::tsc::ticks() } else { 0 };
     for _ in 0..n {
         let Some(mut io) = local.completions.borrow_mut().pop_front() else { break };
         if let Some(stats) = io.stats.take() {
-            stats.account(&io);
+            stats.account(&mut io, now);
         }
         match io.done.take() {
             Some(done) => done.io_done(io),
@@ -277,6 +287,7 @@ impl Drop for IoBox {
         io.status = IoStatus::Pending;
         io.tag = 0;
         io.tag2 = 0;
+        io.latency_ticks = 0;
         io_local().pool.borrow_mut().push(io);
     }
 }
