@@ -111,18 +111,7 @@ fn new_arena(len: usize) -> Option<NonNull<u8>> {
         hugepage = p != libc::MAP_FAILED;
     }
     if p == libc::MAP_FAILED {
-        // SAFETY: as above, without hugepages; MAP_POPULATE so devices never
-        // see unbacked pages.
-        p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
+        p = map_transparent_huge(len);
     }
     if p == libc::MAP_FAILED {
         return None;
@@ -141,6 +130,48 @@ fn new_arena(len: usize) -> Option<NonNull<u8>> {
     let counter = if hugepage { &HUGEPAGE_BYTES } else { &PLAIN_BYTES };
     counter.fetch_add(len as u64, Ordering::Relaxed);
     Some(ptr)
+}
+
+/// Without reserved hugepages: a 2 MiB-aligned anonymous mapping advised
+/// for transparent hugepages before it is populated, so the kernel can back
+/// it with huge pages (fewer TLB misses on large stores like malloc bdevs).
+/// Returns MAP_FAILED on failure.
+fn map_transparent_huge(len: usize) -> *mut libc::c_void {
+    let over = len + ARENA_SIZE;
+    // SAFETY: a fresh anonymous private mapping; nothing else is affected.
+    let raw = unsafe {
+        libc::mmap(std::ptr::null_mut(), over, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if raw == libc::MAP_FAILED {
+        return raw;
+    }
+    let start = raw as usize;
+    let aligned = (start + ARENA_SIZE - 1) & !(ARENA_SIZE - 1);
+    let head = aligned - start;
+    let tail = over - head - len;
+    // SAFETY: head and tail are the unused ends of the mapping made above;
+    // no reference to them exists. Failure only leaves them mapped.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+    }
+    let p = aligned as *mut libc::c_void;
+    // SAFETY: advice and population on the aligned range we own; both are
+    // best effort (old kernels lack MADV_POPULATE_WRITE: touch pages then).
+    unsafe {
+        libc::madvise(p, len, libc::MADV_HUGEPAGE);
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        if libc::madvise(p, len, MADV_POPULATE_WRITE) != 0 {
+            for off in (0..len).step_by(4096) {
+                std::ptr::write_volatile((aligned + off) as *mut u8, 0);
+            }
+        }
+    }
+    p
 }
 
 /// True if the arena at `ptr` is hugepage backed.
