@@ -9,9 +9,9 @@ step() { printf '\n==== %s ====\n' "$*"; }
 t0=$(date +%s)
 
 step "SPDK's Python client (PyPI spdk) in build/spdk-venv"
-if [ ! -x build/spdk-venv/bin/spdk-rpc ]; then
+if ! build/spdk-venv/bin/spdk-rpc --help >/dev/null 2>&1; then
     mkdir -p build
-    python3 -m venv build/spdk-venv
+    python3 -m venv --clear build/spdk-venv
     build/spdk-venv/bin/pip install --quiet --disable-pip-version-check spdk
 fi
 build/spdk-venv/bin/spdk-rpc --help >/dev/null

@@ -313,5 +313,11 @@ fn default_config_exports_an_array_and_prints_the_connect_line() {
     let s = host::connect(&p, 1).unwrap_or_else(|e| panic!("connect: {e}"));
     assert_eq!(s.info.namespaces.len(), 1);
     drop(s);
+    // The exported namespace is the RAID1 of the two malloc bdevs.
+    let raid = d.ok("bdev_raid_get_bdevs", serde_json::json!({"category": "online"}));
+    assert_eq!(raid[0]["name"], serde_json::json!("Raid1"));
+    assert_eq!(raid[0]["raid_level"], serde_json::json!("raid1"));
+    let subs = d.ok("nvmf_get_subsystems", serde_json::Value::Null);
+    assert!(subs.to_string().contains(r#""bdev_name":"Raid1""#), "{subs}");
     d.stop();
 }

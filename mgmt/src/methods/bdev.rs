@@ -46,7 +46,9 @@ fn done_of(r: Result<(), ::bdev::BdevError>) -> Result<Value, RpcError> {
 /// The calls that recreate every bdev, in registration order (members come
 /// before the arrays built on them), then an examine barrier as SPDK writes.
 pub fn subsystem_config() -> Vec<Value> {
-    let mut out: Vec<Value> = Registry::get().list().iter().filter_map(|h| h.bdev().config()).collect();
+    // Module options first, as SPDK writes them, so bdevs are created under them.
+    let mut out = vec![super::raid::options_config()];
+    out.extend(Registry::get().list().iter().filter_map(|h| h.bdev().config()));
     out.push(json!({"method": "bdev_wait_for_examine"}));
     out
 }

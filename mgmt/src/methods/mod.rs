@@ -6,6 +6,7 @@ pub mod app;
 pub mod bdev;
 pub mod nvme;
 pub mod nvmf;
+pub mod raid;
 
 use crate::jsonrpc::{decode_params, RpcError, RpcResult};
 use crate::server::{Dispatch, Reply};
@@ -39,7 +40,7 @@ pub const SUBSYSTEMS: &[Subsystem] =
 
 /// Every method the daemon serves.
 fn all_methods() -> impl Iterator<Item = &'static (&'static str, Handler)> {
-    [app::METHODS, bdev::METHODS, nvme::METHODS, nvmf::METHODS].into_iter().flatten()
+    [app::METHODS, bdev::METHODS, nvme::METHODS, nvmf::METHODS, raid::METHODS].into_iter().flatten()
 }
 
 pub struct MethodTable {

@@ -1,0 +1,1166 @@
+//! The array: its shared state (`ArrayShared`), control-plane membership
+//! (slots, roles, state) and every change to it — create, configuring →
+//! online through the examiner, add/remove/fail a member, delete and
+//! teardown — plus the `Bdev` the registry sees and the public handle.
+//!
+//! Threading: `ArrayShared` is reachable from every reactor. Its atomics
+//! have documented writers (see the fields); the `ctl` mutex guards the
+//! control state, which only the owner reactor writes (every change runs
+//! there, most under a fence) and others only read (RPC listings, channel
+//! refresh at resume). No IO path takes the mutex.
+
+use crate::channel::{drop_ras, ras_for, Ras};
+use crate::map::{Geometry, RaidLevel, MAX_MEMBERS};
+use crate::owner::{self, fenced, Fence};
+use crate::rebuild;
+use bdev::{Bdev, BdevChannel, BdevError, BdevHandle, BdevProps, IoType, Registry};
+use reactor::ReactorId;
+use serde_json::{json, Value};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use uuid::Uuid;
+
+/// SPDK's array states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaidState {
+    /// Members missing; not registered as a bdev yet.
+    Configuring,
+    Online,
+    /// Too few members left to serve every block.
+    Offline,
+}
+
+impl RaidState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RaidState::Configuring => "configuring",
+            RaidState::Online => "online",
+            RaidState::Offline => "offline",
+        }
+    }
+}
+
+/// A member slot's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Named at create, not present yet (the array is configuring).
+    Missing,
+    Active,
+    /// Receives writes, is being copied onto; not read, not counted as a copy.
+    Rebuilding,
+    /// An IO error took it out; still claimed until removed.
+    Failed,
+    /// Removed: free for `bdev_raid_add_base_bdev`.
+    Empty,
+}
+
+#[derive(Clone)]
+pub(crate) struct Slot {
+    pub name: Option<String>,
+    pub uuid: Option<Uuid>,
+    pub handle: Option<BdevHandle>,
+    pub role: Role,
+    /// Where array data starts on the member (0 until the superblock issue).
+    pub data_offset_blocks: u64,
+    pub data_size_blocks: u64,
+}
+
+impl Slot {
+    fn empty() -> Slot {
+        Slot {
+            name: None,
+            uuid: None,
+            handle: None,
+            role: Role::Empty,
+            data_offset_blocks: 0,
+            data_size_blocks: 0,
+        }
+    }
+}
+
+/// IO types other than read/write the array passes through (all members must).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Caps {
+    flush: bool,
+    unmap: bool,
+    write_zeroes: bool,
+    reset: bool,
+}
+
+impl Caps {
+    fn of<'a>(members: impl Iterator<Item = &'a BdevHandle> + Clone) -> Caps {
+        let all = |t| members.clone().all(|h| h.bdev().io_type_supported(t));
+        Caps {
+            flush: all(IoType::Flush),
+            unmap: all(IoType::Unmap),
+            write_zeroes: all(IoType::WriteZeroes),
+            reset: all(IoType::Reset),
+        }
+    }
+
+    pub(crate) fn supports(&self, t: IoType) -> bool {
+        match t {
+            IoType::Read | IoType::Write => true,
+            IoType::Flush => self.flush,
+            IoType::Unmap => self.unmap,
+            IoType::WriteZeroes => self.write_zeroes,
+            IoType::Reset => self.reset,
+        }
+    }
+
+    /// Whether a new member can serve what the array already advertises.
+    fn satisfied_by(&self, h: &BdevHandle) -> bool {
+        [
+            IoType::Flush,
+            IoType::Unmap,
+            IoType::WriteZeroes,
+            IoType::Reset,
+        ]
+        .into_iter()
+        .all(|t| !self.supports(t) || h.bdev().io_type_supported(t))
+    }
+}
+
+/// Control state: written only on the owner reactor.
+pub(crate) struct Control {
+    pub slots: Vec<Slot>,
+    pub state: RaidState,
+    pub handle: Option<BdevHandle>,
+    /// Slot being rebuilt, while a rebuild runs.
+    pub process_target: Option<usize>,
+    /// 0 until a member is known.
+    pub block_size: u32,
+    pub caps: Caps,
+    pub deleting: bool,
+}
+
+/// What every reactor can reach of an array.
+pub(crate) struct ArrayShared {
+    /// Unique within the reactor set, never reused: messages name arrays by it.
+    pub key: u32,
+    pub name: String,
+    /// The reactor that created the array: it owns the control state, the
+    /// serialization table and the rebuild.
+    pub owner: ReactorId,
+    pub level: RaidLevel,
+    pub strip_size_kb: u32,
+    pub uuid: Uuid,
+    pub superblock: bool,
+    /// Bit per slot: an IO error latched the member failed. Set (fetch_or)
+    /// by whichever reactor sees the error first — a set-only latch, so
+    /// racing setters agree — and cleared only by the owner inside a fence,
+    /// when no IO is in flight, as the slot gets a new member.
+    pub failed_mask: AtomicU32,
+    /// Test-only switch for write serialization (see `RaidArray`).
+    pub serialize: AtomicBool,
+    /// Set by the owner when a delete starts: new IO fails at once.
+    pub deleted: AtomicBool,
+    /// Set by the owner when teardown has finished.
+    pub torn_down: AtomicBool,
+    /// Fixed when the array first goes online.
+    pub geometry: OnceLock<Arc<Geometry>>,
+    /// Rebuild progress in array blocks (owner writes, listings read).
+    pub rebuild_blocks: AtomicU64,
+    ctl: Mutex<Control>,
+}
+
+impl ArrayShared {
+    pub(crate) fn ctl(&self) -> MutexGuard<'_, Control> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn owner_tag(&self) -> String {
+        format!("raid {}", self.name)
+    }
+}
+
+/// `bdev_raid_set_options`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RaidOptions {
+    pub process_window_size_kb: u32,
+    /// 0: unlimited.
+    pub process_max_bandwidth_mb_sec: u32,
+}
+
+impl Default for RaidOptions {
+    fn default() -> Self {
+        RaidOptions {
+            process_window_size_kb: 1024,
+            process_max_bandwidth_mb_sec: 0,
+        }
+    }
+}
+
+/// The module's set-wide state: `reactor::global::<RaidModule>()`.
+#[derive(Default)]
+pub(crate) struct RaidModule {
+    arrays: Mutex<Vec<Arc<ArrayShared>>>,
+    next_key: AtomicU32,
+    examiner_added: AtomicBool,
+    options: Mutex<RaidOptions>,
+}
+
+impl RaidModule {
+    pub(crate) fn get() -> Arc<RaidModule> {
+        reactor::global::<RaidModule>()
+    }
+
+    fn arrays(&self) -> Vec<Arc<ArrayShared>> {
+        self.arrays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn find(&self, name: &str) -> Option<Arc<ArrayShared>> {
+        self.arrays()
+            .into_iter()
+            .find(|a| a.name == name || a.uuid.to_string() == name)
+    }
+
+    pub(crate) fn options(&self) -> RaidOptions {
+        *self.options.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_options(&self, o: RaidOptions) {
+        *self.options.lock().unwrap_or_else(|e| e.into_inner()) = o;
+    }
+}
+
+// ---- the bdev --------------------------------------------------------------
+
+/// The registered RAID bdev (product "Raid Volume").
+pub(crate) struct RaidBdev {
+    shared: Arc<ArrayShared>,
+    props: BdevProps,
+    caps: Caps,
+}
+
+impl Bdev for RaidBdev {
+    fn props(&self) -> &BdevProps {
+        &self.props
+    }
+    fn module(&self) -> &'static str {
+        "raid"
+    }
+    fn io_type_supported(&self, t: IoType) -> bool {
+        self.caps.supports(t)
+    }
+    fn create_channel(&self) -> Result<Rc<dyn BdevChannel>, BdevError> {
+        crate::channel::create_channel(&self.shared)
+    }
+    fn driver_specific(&self) -> Option<(&'static str, Value)> {
+        Some(("raid", info_json(&self.shared, false)))
+    }
+    fn config(&self) -> Option<Value> {
+        Some(config_json(&self.shared))
+    }
+    fn destruct(&self, done: Box<dyn FnOnce() + Send>) {
+        teardown(self.shared.clone(), done);
+    }
+}
+
+/// The `bdev_raid_create` call that recreates the array.
+fn config_json(shared: &ArrayShared) -> Value {
+    let ctl = shared.ctl();
+    let names: Vec<&str> = ctl.slots.iter().filter_map(|s| s.name.as_deref()).collect();
+    let mut params = serde_json::Map::new();
+    params.insert("name".into(), json!(shared.name));
+    params.insert("uuid".into(), json!(shared.uuid.to_string()));
+    if shared.strip_size_kb > 0 {
+        params.insert("strip_size_kb".into(), json!(shared.strip_size_kb));
+    }
+    params.insert("raid_level".into(), json!(shared.level.name()));
+    params.insert("base_bdevs".into(), json!(names));
+    if shared.superblock {
+        params.insert("superblock".into(), json!(true));
+    }
+    json!({"method": "bdev_raid_create", "params": params})
+}
+
+/// The array as `bdev_raid_get_bdevs` (with the name) and
+/// `driver_specific.raid` (without) show it, in SPDK's field names.
+pub(crate) fn info_json(shared: &ArrayShared, with_name: bool) -> Value {
+    let ctl = shared.ctl();
+    let mut o = serde_json::Map::new();
+    if with_name {
+        o.insert("name".into(), json!(shared.name));
+    }
+    o.insert("uuid".into(), json!(shared.uuid.to_string()));
+    o.insert("strip_size_kb".into(), json!(shared.strip_size_kb));
+    o.insert("state".into(), json!(ctl.state.name()));
+    o.insert("raid_level".into(), json!(shared.level.name()));
+    o.insert("superblock".into(), json!(shared.superblock));
+    o.insert("num_base_bdevs".into(), json!(ctl.slots.len()));
+    let discovered = ctl
+        .slots
+        .iter()
+        .filter(|s| matches!(s.role, Role::Active | Role::Rebuilding))
+        .count();
+    let operational = ctl
+        .slots
+        .iter()
+        .filter(|s| matches!(s.role, Role::Active | Role::Rebuilding | Role::Missing))
+        .count();
+    o.insert("num_base_bdevs_discovered".into(), json!(discovered));
+    o.insert("num_base_bdevs_operational".into(), json!(operational));
+    if let (Some(t), Some(geo)) = (ctl.process_target, shared.geometry.get()) {
+        let blocks = shared
+            .rebuild_blocks
+            .load(Ordering::Relaxed)
+            .min(geo.array_blocks());
+        let percent = (blocks as f64 * 100.0 / geo.array_blocks() as f64) as u32;
+        o.insert(
+            "process".into(),
+            json!({
+                "type": "rebuild",
+                "target": ctl.slots.get(t).and_then(|s| s.name.clone()),
+                "progress": {"blocks": blocks, "percent": percent},
+            }),
+        );
+    }
+    let list: Vec<Value> = ctl
+        .slots
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "uuid": s.uuid.unwrap_or(Uuid::nil()).to_string(),
+                "is_configured": matches!(s.role, Role::Active | Role::Rebuilding),
+                "data_offset": s.data_offset_blocks,
+                "data_size": s.data_size_blocks,
+            })
+        })
+        .collect();
+    o.insert("base_bdevs_list".into(), Value::Array(list));
+    Value::Object(o)
+}
+
+// ---- public handle ---------------------------------------------------------
+
+/// A handle on an array, for tests, tools and the other layers. Cheap to
+/// clone and `Send`; methods that talk to the owner must run on a reactor.
+#[derive(Clone)]
+pub struct RaidArray(pub(crate) Arc<ArrayShared>);
+
+impl RaidArray {
+    /// The array named (or with UUID) `name`, in the current reactor set.
+    pub fn find(name: &str) -> Option<RaidArray> {
+        RaidModule::get().find(name).map(RaidArray)
+    }
+
+    /// Every array of the current reactor set, in creation order.
+    pub fn list() -> Vec<RaidArray> {
+        RaidModule::get()
+            .arrays()
+            .into_iter()
+            .map(RaidArray)
+            .collect()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn level(&self) -> RaidLevel {
+        self.0.level
+    }
+
+    pub fn state(&self) -> RaidState {
+        self.0.ctl().state
+    }
+
+    /// Online with fewer active members than slots.
+    pub fn is_degraded(&self) -> bool {
+        let ctl = self.0.ctl();
+        ctl.state == RaidState::Online && ctl.slots.iter().any(|s| s.role != Role::Active)
+    }
+
+    pub fn rebuild_running(&self) -> bool {
+        self.0.ctl().process_target.is_some()
+    }
+
+    /// Members by slot: `(name, is active)`.
+    pub fn members(&self) -> Vec<(Option<String>, bool)> {
+        self.0
+            .ctl()
+            .slots
+            .iter()
+            .map(|s| (s.name.clone(), s.role == Role::Active))
+            .collect()
+    }
+
+    pub fn geometry(&self) -> Option<Arc<Geometry>> {
+        self.0.geometry.get().cloned()
+    }
+
+    /// The registered bdev, once online.
+    pub fn bdev(&self) -> Option<BdevHandle> {
+        self.0.ctl().handle.clone()
+    }
+
+    /// TEST-ONLY: turns array-level write serialization off (or back on).
+    /// Off, overlapping writes can reach mirrors in different orders and
+    /// the copies diverge: the mirror-storm test shows it. Not reachable over
+    /// RPC. IO already in flight keeps the mode it started with.
+    pub fn set_serialization(&self, on: bool) {
+        self.0.serialize.store(on, Ordering::Relaxed);
+    }
+
+    /// Suspends the array: `done` runs (on the owner reactor) once no array
+    /// IO is in flight on any reactor and new IO is held; call
+    /// [`RaidArray::resume`] once after it ran. Callable any time, also
+    /// during a delete; fails with `NotFound` once the array is gone.
+    pub fn suspend(&self, done: impl FnOnce(Result<(), BdevError>) + Send + 'static) {
+        owner::suspend_any(&self.0, Box::new(done));
+    }
+
+    pub fn resume(&self) {
+        owner::resume_any(&self.0);
+    }
+
+    /// `bdev_raid_get_bdevs` entry.
+    pub fn info_json(&self) -> Value {
+        info_json(&self.0, true)
+    }
+}
+
+// ---- create ----------------------------------------------------------------
+
+/// A validated `bdev_raid_create`.
+pub(crate) struct CreateSpec {
+    pub name: String,
+    pub level: RaidLevel,
+    pub base_bdevs: Vec<String>,
+    pub strip_size_kb: u32,
+    pub uuid: Option<Uuid>,
+    pub superblock: bool,
+}
+
+fn eperm(msg: String) -> BdevError {
+    BdevError::Os(msg, 1) // EPERM, as SPDK answers for a claimed member
+}
+
+/// Creates an array (must run on a reactor, which becomes its owner). Members
+/// that exist are claimed now; the others are waited for (`configuring`).
+pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
+    let module = RaidModule::get();
+    let reg = Registry::get();
+    if module.find(&spec.name).is_some() || reg.lookup(&spec.name).is_some() {
+        return Err(BdevError::Exists(spec.name));
+    }
+    let owner_tag = format!("raid {}", spec.name);
+    // Check every present member before claiming any.
+    let mut block_size = 0u32;
+    for n in &spec.base_bdevs {
+        let Some(h) = reg.lookup(n) else { continue };
+        if let Some(by) = h.claimed_by() {
+            return Err(eperm(format!("base bdev {n} is already claimed by {by}")));
+        }
+        let bs = h.props().block_size;
+        if block_size != 0 && bs != block_size {
+            return Err(BdevError::Invalid(format!(
+                "base bdev {n} has block size {bs}, others {block_size}"
+            )));
+        }
+        block_size = bs;
+    }
+    let mut slots = Vec::with_capacity(spec.base_bdevs.len());
+    let mut claimed: Vec<BdevHandle> = Vec::new();
+    for n in &spec.base_bdevs {
+        match reg.lookup(n) {
+            Some(_) => match reg.claim(n, &owner_tag) {
+                Ok(h) => {
+                    slots.push(Slot {
+                        name: Some(h.name().to_string()),
+                        uuid: Some(h.props().uuid),
+                        data_size_blocks: h.props().num_blocks,
+                        handle: Some(h.clone()),
+                        role: Role::Active,
+                        data_offset_blocks: 0,
+                    });
+                    claimed.push(h);
+                }
+                Err(e) => {
+                    for h in &claimed {
+                        reg.release(h, &owner_tag);
+                    }
+                    return Err(match e {
+                        BdevError::Claimed(..) => eperm(e.to_string()),
+                        e => e,
+                    });
+                }
+            },
+            None => slots.push(Slot {
+                name: Some(n.clone()),
+                role: Role::Missing,
+                ..Slot::empty()
+            }),
+        }
+    }
+    let all_present = slots.iter().all(|s| s.role == Role::Active);
+    let shared = Arc::new(ArrayShared {
+        key: module.next_key.fetch_add(1, Ordering::Relaxed) + 1,
+        name: spec.name.clone(),
+        owner: reactor::current()
+            .ok_or_else(|| BdevError::Invalid("raid create must run on a reactor".into()))?,
+        level: spec.level,
+        strip_size_kb: spec.strip_size_kb,
+        uuid: spec.uuid.unwrap_or_else(Uuid::new_v4),
+        superblock: spec.superblock,
+        failed_mask: AtomicU32::new(0),
+        serialize: AtomicBool::new(true),
+        deleted: AtomicBool::new(false),
+        torn_down: AtomicBool::new(false),
+        geometry: OnceLock::new(),
+        rebuild_blocks: AtomicU64::new(0),
+        ctl: Mutex::new(Control {
+            slots,
+            state: RaidState::Configuring,
+            handle: None,
+            process_target: None,
+            block_size,
+            caps: Caps::default(),
+            deleting: false,
+        }),
+    });
+    let rollback = |shared: &Arc<ArrayShared>| {
+        for h in &claimed {
+            reg.release(h, &owner_tag);
+        }
+        module
+            .arrays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a| !Arc::ptr_eq(a, shared));
+        shared.torn_down.store(true, Ordering::Release);
+        drop_ras(shared.key);
+    };
+    let Some(ras) = ras_for(&shared) else {
+        return Err(BdevError::Invalid("no reactor".into()));
+    };
+    module
+        .arrays
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(shared.clone());
+    if all_present {
+        // A new array has no IO and no channel anywhere yet: no fence needed.
+        if let Err(e) = go_online(&shared) {
+            rollback(&shared);
+            return Err(e);
+        }
+        ras.refresh();
+    }
+    for h in &claimed {
+        watch_removal(&shared, h);
+    }
+    ensure_examiner(&module);
+    tracing::info!(name = %shared.name, level = shared.level.name(), state = shared.ctl().state.name(), "raid created");
+    Ok(())
+}
+
+/// Computes the geometry from the members and registers the bdev. The array
+/// must have no IO in flight (new, or under a fence).
+fn go_online(shared: &Arc<ArrayShared>) -> Result<(), BdevError> {
+    let (props, caps) = {
+        let mut ctl = shared.ctl();
+        let handles: Vec<BdevHandle> = ctl.slots.iter().filter_map(|s| s.handle.clone()).collect();
+        if handles.len() != ctl.slots.len() || ctl.slots.iter().any(|s| s.role != Role::Active) {
+            return Err(BdevError::Invalid("not every member is present".into()));
+        }
+        let bs = ctl.block_size.max(1);
+        let strip_blocks = if shared.level.uses_strips() {
+            shared.strip_size_kb as u64 * 1024 / bs as u64
+        } else {
+            0
+        };
+        if shared.level.uses_strips() && strip_blocks == 0 {
+            return Err(BdevError::Invalid(format!(
+                "strip size {} KiB is smaller than the block size {bs}",
+                shared.strip_size_kb
+            )));
+        }
+        let sizes: Vec<u64> = ctl
+            .slots
+            .iter()
+            .map(|s| s.handle.as_ref().map_or(0, |h| h.props().num_blocks) - s.data_offset_blocks)
+            .collect();
+        let geo = Geometry::new(shared.level, strip_blocks, &sizes)
+            .map_err(|e| BdevError::Invalid(e.to_string()))?;
+        let caps = Caps::of(handles.iter());
+        let mut props = BdevProps::new(
+            &shared.name,
+            "Raid Volume",
+            bs,
+            geo.array_blocks(),
+            Some(shared.uuid),
+        );
+        props.optimal_io_boundary = strip_blocks as u32;
+        let reg = Registry::get();
+        if reg.lookup(&shared.name).is_some() || reg.lookup(&shared.uuid.to_string()).is_some() {
+            return Err(BdevError::Exists(shared.name.clone()));
+        }
+        for (i, s) in ctl.slots.iter_mut().enumerate() {
+            s.data_size_blocks = geo.member_data_blocks(i);
+        }
+        ctl.caps = caps;
+        if shared.geometry.set(Arc::new(geo)).is_err() {
+            return Err(BdevError::Invalid("array was online before".into()));
+        }
+        ctl.state = RaidState::Online;
+        (props, caps)
+    };
+    // Registering runs examiners, which may look at this array: no lock held.
+    let bdev = Arc::new(RaidBdev {
+        shared: shared.clone(),
+        props,
+        caps,
+    });
+    match Registry::get().register(bdev) {
+        Ok(h) => {
+            shared.ctl().handle = Some(h);
+            tracing::info!(name = %shared.name, "raid online");
+            Ok(())
+        }
+        Err(e) => {
+            shared.ctl().state = RaidState::Offline;
+            Err(e)
+        }
+    }
+}
+
+/// State from roles: online while every block has an active copy.
+fn recompute_state(shared: &ArrayShared, ctl: &mut Control) {
+    if ctl.deleting {
+        return;
+    }
+    ctl.state = match shared.geometry.get() {
+        None => RaidState::Configuring,
+        Some(g) => {
+            if g.survives(|m| ctl.slots.get(m).is_none_or(|s| s.role != Role::Active)) {
+                RaidState::Online
+            } else {
+                RaidState::Offline
+            }
+        }
+    };
+}
+
+/// Hot-remove: when a member bdev goes away, its slot empties (fenced).
+fn watch_removal(shared: &Arc<ArrayShared>, h: &BdevHandle) {
+    let weak: Weak<ArrayShared> = Arc::downgrade(shared);
+    let id = h.id();
+    h.on_remove(move || {
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.torn_down.load(Ordering::Acquire) || reactor::current().is_none() {
+            return;
+        }
+        owner::on_owner(&shared, move |ras| {
+            let Some(ras) = ras else { return };
+            fenced(
+                &ras,
+                Box::new(move |ras, fence| {
+                    let Ok(fence) = fence else { return };
+                    let slot = ras
+                        .shared
+                        .ctl()
+                        .slots
+                        .iter()
+                        .position(|s| s.handle.as_ref().is_some_and(|h| h.id() == id));
+                    if let Some(slot) = slot {
+                        tracing::warn!(raid = %ras.shared.name, slot, "member bdev removed");
+                        empty_slot(ras, slot);
+                    }
+                    fence.done();
+                }),
+            );
+        });
+    });
+}
+
+fn ensure_examiner(module: &RaidModule) {
+    if module.examiner_added.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    Registry::get().add_examiner(Arc::new(examine));
+}
+
+/// A new bdev: if a configuring array waits for it by name, claim it there.
+fn examine(h: &BdevHandle) {
+    if reactor::current().is_none() {
+        return;
+    }
+    for shared in RaidModule::get().arrays() {
+        if shared.deleted.load(Ordering::Acquire) {
+            continue;
+        }
+        let slot = shared
+            .ctl()
+            .slots
+            .iter()
+            .position(|s| s.role == Role::Missing && s.name.as_deref() == Some(h.name()));
+        let Some(slot) = slot else { continue };
+        let name = h.name().to_string();
+        owner::on_owner(&shared, move |ras| {
+            let Some(ras) = ras else { return };
+            fenced(
+                &ras,
+                Box::new(move |ras, fence| {
+                    let Ok(fence) = fence else { return };
+                    if let Err(e) = claim_missing(ras, slot, &name) {
+                        tracing::warn!(raid = %ras.shared.name, member = %name, "cannot configure member: {e}");
+                    }
+                    fence.done();
+                }),
+            );
+        });
+    }
+}
+
+fn claim_missing(ras: &Rc<Ras>, slot: usize, name: &str) -> Result<(), BdevError> {
+    let shared = &ras.shared;
+    {
+        let ctl = shared.ctl();
+        let s = ctl
+            .slots
+            .get(slot)
+            .ok_or_else(|| BdevError::Invalid("bad slot".into()))?;
+        if ctl.deleting || s.role != Role::Missing || s.name.as_deref() != Some(name) {
+            return Ok(());
+        }
+        let reg = Registry::get();
+        let h = reg
+            .lookup(name)
+            .ok_or_else(|| BdevError::NotFound(name.into()))?;
+        let bs = h.props().block_size;
+        if ctl.block_size != 0 && ctl.block_size != bs {
+            return Err(BdevError::Invalid(format!(
+                "block size {bs} differs from the array's {}",
+                ctl.block_size
+            )));
+        }
+    }
+    let h = Registry::get().claim(name, &shared.owner_tag())?;
+    {
+        let mut ctl = shared.ctl();
+        ctl.block_size = h.props().block_size;
+        ctl.slots[slot] = Slot {
+            name: Some(h.name().to_string()),
+            uuid: Some(h.props().uuid),
+            data_size_blocks: h.props().num_blocks,
+            handle: Some(h.clone()),
+            role: Role::Active,
+            data_offset_blocks: 0,
+        };
+    }
+    watch_removal(shared, &h);
+    let complete = shared.ctl().slots.iter().all(|s| s.role == Role::Active);
+    if complete && shared.geometry.get().is_none() {
+        go_online(shared)?;
+    }
+    Ok(())
+}
+
+// ---- membership changes (fenced, on the owner) -------------------------------
+
+/// A latched member failure becomes official: its slot turns `Failed`.
+pub(crate) fn apply_member_failure(ras: &Rc<Ras>, m: usize) {
+    let shared = &ras.shared;
+    if shared.failed_mask.load(Ordering::Acquire) & (1 << m) == 0 {
+        return;
+    }
+    let mut ctl = shared.ctl();
+    let Some(slot) = ctl.slots.get_mut(m) else {
+        return;
+    };
+    if !matches!(slot.role, Role::Active | Role::Rebuilding) {
+        return;
+    }
+    slot.role = Role::Failed;
+    let was_target = ctl.process_target == Some(m);
+    recompute_state(shared, &mut ctl);
+    tracing::warn!(raid = %shared.name, member = m, state = ctl.state.name(), "member failed");
+    drop(ctl);
+    if was_target {
+        rebuild::cancel(ras);
+    }
+}
+
+/// Removes whatever is in `slot` (fenced): claim released, slot empty.
+fn empty_slot(ras: &Rc<Ras>, slot: usize) {
+    let shared = &ras.shared;
+    let (handle, was_target) = {
+        let mut ctl = shared.ctl();
+        let Some(s) = ctl.slots.get_mut(slot) else {
+            return;
+        };
+        let handle = s.handle.take();
+        *s = Slot::empty();
+        let was_target = ctl.process_target == Some(slot);
+        recompute_state(shared, &mut ctl);
+        (handle, was_target)
+    };
+    if was_target {
+        rebuild::cancel(ras);
+    }
+    if let Some(h) = handle {
+        Registry::get().release(&h, &shared.owner_tag());
+    }
+    // No IO in flight: the latch can be reset for the slot's next member.
+    shared
+        .failed_mask
+        .fetch_and(!(1u32 << slot), Ordering::AcqRel);
+}
+
+/// `bdev_raid_remove_base_bdev`: finds the array holding `member` and
+/// empties its slot under a fence.
+pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
+    let holder = RaidModule::get().arrays().into_iter().find(|a| {
+        !a.deleted.load(Ordering::Acquire)
+            && a.ctl()
+                .slots
+                .iter()
+                .any(|s| s.role != Role::Empty && s.name.as_deref() == Some(member))
+    });
+    let Some(shared) = holder else {
+        return done(Err(BdevError::NotFound(format!(
+            "{member} is not a member of any raid bdev"
+        ))));
+    };
+    let member = member.to_string();
+    owner::on_owner(&shared, move |ras| {
+        let Some(ras) = ras else {
+            return done(Err(BdevError::NotFound(member)));
+        };
+        fenced(
+            &ras,
+            Box::new(move |ras, fence| {
+                let fence = match fence {
+                    Ok(f) => f,
+                    Err(e) => return done(Err(e)),
+                };
+                let slot = ras
+                    .shared
+                    .ctl()
+                    .slots
+                    .iter()
+                    .position(|s| s.role != Role::Empty && s.name.as_deref() == Some(&member));
+                let r = match slot {
+                    Some(slot) => {
+                        empty_slot(ras, slot);
+                        tracing::info!(raid = %ras.shared.name, %member, state = ras.shared.ctl().state.name(), "member removed");
+                        Ok(())
+                    }
+                    None => Err(BdevError::NotFound(format!(
+                        "{member} is no longer a member of {}",
+                        ras.shared.name
+                    ))),
+                };
+                fence.done();
+                done(r);
+            }),
+        );
+    });
+}
+
+/// `bdev_raid_add_base_bdev`: puts `base` into a free (or failed) slot under
+/// a fence; on a degraded raid1/raid10 a rebuild onto it starts.
+pub(crate) fn add_base(
+    raid: &str,
+    base: &str,
+    done: Box<dyn FnOnce(Result<(), BdevError>) + Send>,
+) {
+    let Some(shared) = RaidModule::get().find(raid) else {
+        return done(Err(BdevError::NotFound(format!("raid bdev {raid}"))));
+    };
+    let base = base.to_string();
+    owner::on_owner(&shared, move |ras| {
+        let Some(ras) = ras else {
+            return done(Err(BdevError::NotFound(base)));
+        };
+        fenced(
+            &ras,
+            Box::new(move |ras, fence| {
+                let fence = match fence {
+                    Ok(f) => f,
+                    Err(e) => return done(Err(e)),
+                };
+                let r = add_member(ras, &base);
+                if let Ok(true) = r {
+                    rebuild::start_next(ras);
+                }
+                fence.done();
+                done(r.map(|_| ()));
+            }),
+        );
+    });
+}
+
+/// Returns whether the new member needs a rebuild.
+fn add_member(ras: &Rc<Ras>, base: &str) -> Result<bool, BdevError> {
+    let shared = &ras.shared;
+    let reg = Registry::get();
+    let h = reg
+        .lookup(base)
+        .ok_or_else(|| BdevError::NotFound(base.to_string()))?;
+    let (slot, old) = {
+        let ctl = shared.ctl();
+        if ctl.deleting {
+            return Err(BdevError::NotFound(shared.name.clone()));
+        }
+        if ctl.handle.as_ref().is_some_and(|me| me.same(&h)) {
+            return Err(BdevError::Invalid(
+                "a raid bdev cannot be its own member".into(),
+            ));
+        }
+        if ctl
+            .slots
+            .iter()
+            .any(|s| s.handle.as_ref().is_some_and(|x| x.same(&h)))
+        {
+            return Err(BdevError::Exists(format!(
+                "{base} is already a member of {}",
+                shared.name
+            )));
+        }
+        let slot = ctl
+            .slots
+            .iter()
+            .position(|s| s.role == Role::Empty)
+            .or_else(|| ctl.slots.iter().position(|s| s.role == Role::Failed))
+            .ok_or_else(|| {
+                BdevError::Invalid(format!("raid bdev {} has no free slot", shared.name))
+            })?;
+        let bs = h.props().block_size;
+        if ctl.block_size != 0 && bs != ctl.block_size {
+            return Err(BdevError::Invalid(format!(
+                "{base} has block size {bs}, the array {}",
+                ctl.block_size
+            )));
+        }
+        if let Some(geo) = shared.geometry.get() {
+            let need = geo.member_data_blocks(slot);
+            if h.props().num_blocks < need {
+                return Err(BdevError::Invalid(format!(
+                    "{base} has {} blocks, the array needs {need}",
+                    h.props().num_blocks
+                )));
+            }
+            if !ctl.caps.satisfied_by(&h) {
+                return Err(BdevError::Invalid(format!(
+                    "{base} lacks an IO type the array advertises"
+                )));
+            }
+        }
+        (slot, ctl.slots[slot].handle.clone())
+    };
+    let h = reg.claim(base, &shared.owner_tag()).map_err(|e| match e {
+        BdevError::Claimed(..) => eperm(e.to_string()),
+        e => e,
+    })?;
+    if let Some(old) = old {
+        reg.release(&old, &shared.owner_tag());
+    }
+    let online = shared.geometry.get().cloned();
+    let rebuild = online.is_some() && shared.level.is_redundant();
+    {
+        let mut ctl = shared.ctl();
+        ctl.block_size = h.props().block_size;
+        ctl.slots[slot] = Slot {
+            name: Some(h.name().to_string()),
+            uuid: Some(h.props().uuid),
+            data_size_blocks: online
+                .as_ref()
+                .map_or(h.props().num_blocks, |g| g.member_data_blocks(slot)),
+            handle: Some(h.clone()),
+            role: if rebuild {
+                Role::Rebuilding
+            } else {
+                Role::Active
+            },
+            data_offset_blocks: 0,
+        };
+        recompute_state(shared, &mut ctl);
+    }
+    // Fenced: no IO in flight, so the new member starts with a clear latch.
+    shared
+        .failed_mask
+        .fetch_and(!(1u32 << slot), Ordering::AcqRel);
+    watch_removal(shared, &h);
+    tracing::info!(raid = %shared.name, member = base, slot, rebuild, "member added");
+    let complete = shared.ctl().slots.iter().all(|s| s.role == Role::Active);
+    if online.is_none() && complete {
+        go_online(shared)?;
+    }
+    Ok(rebuild)
+}
+
+/// A finished rebuild makes its target active (fenced).
+pub(crate) fn rebuild_finished(ras: &Rc<Ras>, slot: usize) {
+    let shared = &ras.shared;
+    let mut ctl = shared.ctl();
+    if let Some(s) = ctl.slots.get_mut(slot) {
+        if s.role == Role::Rebuilding
+            && shared.failed_mask.load(Ordering::Acquire) & (1 << slot) == 0
+        {
+            s.role = Role::Active;
+        }
+    }
+    if ctl.process_target == Some(slot) {
+        ctl.process_target = None;
+    }
+    recompute_state(shared, &mut ctl);
+    tracing::info!(raid = %shared.name, slot, state = ctl.state.name(), "rebuild finished");
+}
+
+// ---- delete and teardown -----------------------------------------------------
+
+/// `bdev_raid_delete`: suspends (draining IO everywhere), fails held IO,
+/// unregisters the bdev (waiting for its channels), releases the members.
+/// `done` runs when all of that is over.
+pub(crate) fn delete(name: &str, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
+    let Some(shared) = RaidModule::get().find(name) else {
+        return done(Err(BdevError::NotFound(format!("raid bdev {name}"))));
+    };
+    if let Some(by) = shared.ctl().handle.as_ref().and_then(|h| h.claimed_by()) {
+        return done(Err(BdevError::Claimed(name.to_string(), by)));
+    }
+    let name = name.to_string();
+    owner::on_owner(&shared, move |ras| {
+        let Some(ras) = ras else {
+            return done(Err(BdevError::NotFound(name)));
+        };
+        fenced(
+            &ras,
+            Box::new(move |ras, fence| {
+                let fence = match fence {
+                    Ok(f) => f,
+                    Err(e) => return done(Err(e)),
+                };
+                start_delete(ras, fence, done);
+            }),
+        );
+    });
+}
+
+fn start_delete(ras: &Rc<Ras>, fence: Fence, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
+    let shared = ras.shared.clone();
+    let handle = {
+        let mut ctl = shared.ctl();
+        if ctl.deleting {
+            drop(ctl);
+            fence.done();
+            return done(Err(BdevError::NotFound(format!(
+                "raid bdev {} (already being deleted)",
+                shared.name
+            ))));
+        }
+        ctl.deleting = true;
+        ctl.handle.clone()
+    };
+    shared.deleted.store(true, Ordering::Release);
+    rebuild::cancel(ras);
+    // The fence stays up until teardown is over. IO that other reactors hold
+    // would be resubmitted at resume, which may never come if someone else
+    // holds the array suspended: fail it now.
+    if let Some(owner) = &ras.owner {
+        *owner.teardown_fence.borrow_mut() = Some(fence);
+    }
+    for r in 0..reactor::count() {
+        let s = shared.clone();
+        reactor::send(r, move || owner::fail_held(&s));
+    }
+    match handle {
+        // The registry fails new IO, waits for every reactor's in-flight IO
+        // on the raid bdev, then calls `destruct`, which tears down.
+        Some(h) => Registry::get().force_unregister(h, move |r| {
+            done(r);
+        }),
+        None => teardown(shared, Box::new(move || done(Ok(())))),
+    }
+}
+
+/// Drops every reactor's state for the array, releases the members and
+/// forgets the array; `done` runs after. Runs on the owner.
+fn teardown(shared: Arc<ArrayShared>, done: Box<dyn FnOnce() + Send>) {
+    if reactor::current() != Some(shared.owner) {
+        let owner = shared.owner;
+        return reactor::send(owner, move || teardown(shared, done));
+    }
+    shared.deleted.store(true, Ordering::Release);
+    let (key, owner) = (shared.key, shared.owner);
+    reactor::for_each_reactor(
+        Arc::new(move || {
+            if reactor::current() != Some(owner) {
+                if let Some(ras) = drop_ras(key) {
+                    owner::fail_held_on(&ras);
+                }
+            }
+        }),
+        move || {
+            let ras = drop_ras(key);
+            let handles: Vec<BdevHandle> = {
+                let mut ctl = shared.ctl();
+                ctl.deleting = true;
+                ctl.handle = None;
+                ctl.process_target = None;
+                ctl.state = RaidState::Offline;
+                ctl.slots.iter().filter_map(|s| s.handle.clone()).collect()
+            };
+            let reg = Registry::get();
+            for h in &handles {
+                reg.release(h, &shared.owner_tag());
+            }
+            RaidModule::get()
+                .arrays
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|a| !Arc::ptr_eq(a, &shared));
+            shared.torn_down.store(true, Ordering::Release);
+            if let Some(ras) = ras {
+                owner::fail_held_on(&ras);
+                rebuild::cancel(&ras);
+                let fence = ras
+                    .owner
+                    .as_ref()
+                    .and_then(|o| o.teardown_fence.borrow_mut().take());
+                match fence {
+                    Some(f) => f.done(),
+                    None => owner::fail_pending(&ras),
+                }
+            }
+            tracing::info!(name = %shared.name, "raid deleted");
+            done();
+        },
+    );
+}
+
+/// Checks a member count against the level (for create).
+pub(crate) fn check_member_count(level: RaidLevel, n: usize) -> Result<(), BdevError> {
+    if n < level.min_members() {
+        return Err(BdevError::Invalid(format!(
+            "{} needs at least {} base bdevs",
+            level.name(),
+            level.min_members()
+        )));
+    }
+    if n > MAX_MEMBERS {
+        return Err(BdevError::Invalid(format!(
+            "at most {MAX_MEMBERS} base bdevs are supported"
+        )));
+    }
+    Ok(())
+}
+
+/// `bdev_raid_get_bdevs` for one category.
+pub(crate) fn list_json(category: Option<RaidState>) -> Vec<Value> {
+    RaidModule::get()
+        .arrays()
+        .iter()
+        .filter(|a| !a.torn_down.load(Ordering::Acquire))
+        .filter(|a| category.is_none_or(|c| a.ctl().state == c))
+        .map(|a| info_json(a, true))
+        .collect()
+}

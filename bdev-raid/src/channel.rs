@@ -1,0 +1,751 @@
+//! One reactor's state for one array (`Ras`) and the IO path through it:
+//! admission through the quiesce gate, serialization of write-like IO with
+//! the owner's range table, mapping and fan-out to member channels, read
+//! balancing and retry, degraded writes, and completion.
+//!
+//! Everything here runs on the reactor that owns the `Ras`; the only state
+//! other reactors touch is in `ArrayShared` (atomics and the control mutex).
+//! Parent IOs are parked in an `IoSlab`; each child carries the slot in `tag`
+//! and its member index (plus, for reads, the set of members tried) in
+//! `tag2`. The hot path allocates nothing: children come from the reactor's
+//! IO pool, buffers are slices of the parent's, messages are `send_raw`.
+
+use crate::array::{ArrayShared, Role};
+use crate::map::{Geometry, Loc, Placement, RaidLevel};
+use crate::owner::OwnerPart;
+use crate::quiesce::Gate;
+use crate::range_table::{words, Acquired};
+use bdev::{
+    BdevChannel, BdevError, Channel, DmaBuf, IoBox, IoDone, IoError, IoSlab, IoStatus, IoType,
+};
+use reactor::ReactorId;
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+const NO_LOCK: u32 = u32::MAX;
+const MEMBER_MASK: u64 = 0xff;
+const TRIED_SHIFT: u32 = 8;
+
+/// A member as this reactor sees it (refreshed only while the array is
+/// suspended, so never while a child IO is in flight).
+pub(crate) struct MemberCh {
+    pub ch: Option<Rc<Channel>>,
+    pub role: Role,
+    pub data_offset_blocks: u64,
+    /// Children in flight on this reactor: read balancing picks the fewest.
+    pub outstanding: Cell<u32>,
+}
+
+#[derive(Clone, Copy)]
+struct ParentCtx {
+    remaining: u32,
+    /// First error that fails the IO.
+    error: Option<IoError>,
+    /// A copy of a redundant write failed (its member is now failed): the
+    /// IO succeeds only if every extent kept a surviving copy.
+    copy_failed: bool,
+    /// Range-table entry held by this write (granted), or `NO_LOCK`.
+    lock: u32,
+}
+
+impl ParentCtx {
+    const NEW: ParentCtx = ParentCtx {
+        remaining: 0,
+        error: None,
+        copy_failed: false,
+        lock: NO_LOCK,
+    };
+}
+
+/// Per-reactor, per-array state.
+pub(crate) struct Ras {
+    pub shared: Arc<ArrayShared>,
+    pub me: ReactorId,
+    weak: Weak<Ras>,
+    pub gate: RefCell<Gate<IoBox>>,
+    pub members: RefCell<Vec<MemberCh>>,
+    pub geo: RefCell<Option<Arc<Geometry>>>,
+    pub block_size: Cell<u64>,
+    parents: RefCell<IoSlab>,
+    ctx: RefCell<Vec<ParentCtx>>,
+    /// Children of one write, built before any is submitted (reused: its
+    /// capacity grows to the largest fan-out, then no more allocation).
+    scratch: RefCell<Vec<IoBox>>,
+    /// Present on the owner reactor only.
+    pub owner: Option<OwnerPart>,
+}
+
+/// The `BdevChannel` the registry hands out: a thin handle on the `Ras`.
+pub(crate) struct RaidChannel(pub Rc<Ras>);
+
+impl BdevChannel for RaidChannel {
+    fn submit(&self, io: IoBox) {
+        self.0.submit(io);
+    }
+}
+
+/// The arrays this reactor has state for (few: a linear scan).
+#[derive(Default)]
+pub(crate) struct RaidLocal {
+    arrays: RefCell<Vec<Rc<Ras>>>,
+}
+
+/// This reactor's state for the array with `key`, if any.
+pub(crate) fn find_ras(key: u32) -> Option<Rc<Ras>> {
+    let local = reactor::local::<RaidLocal>();
+    let arrays = local.arrays.borrow();
+    arrays.iter().find(|r| r.shared.key == key).cloned()
+}
+
+/// This reactor's state for `shared`, created (and loaded from the current
+/// membership) on first use; None once the array is torn down.
+pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
+    if let Some(r) = find_ras(shared.key) {
+        return Some(r);
+    }
+    if shared.torn_down.load(Ordering::Acquire) {
+        return None;
+    }
+    let me = reactor::current()?;
+    let owner = (me == shared.owner).then(|| OwnerPart::new(shared));
+    let ras = Rc::new_cyclic(|weak| Ras {
+        shared: shared.clone(),
+        me,
+        weak: weak.clone(),
+        gate: RefCell::new(Gate::new(bdev::io::DEFAULT_IO_POOL_SIZE)),
+        members: RefCell::new(Vec::new()),
+        geo: RefCell::new(None),
+        block_size: Cell::new(512),
+        parents: RefCell::new(IoSlab::with_capacity(1024)),
+        ctx: RefCell::new(vec![ParentCtx::NEW; 1024]),
+        scratch: RefCell::new(Vec::with_capacity(64)),
+        owner,
+    });
+    ras.refresh();
+    reactor::local::<RaidLocal>()
+        .arrays
+        .borrow_mut()
+        .push(ras.clone());
+    Some(ras)
+}
+
+/// Forgets this reactor's state for the array (teardown).
+pub(crate) fn drop_ras(key: u32) -> Option<Rc<Ras>> {
+    let local = reactor::local::<RaidLocal>();
+    let mut arrays = local.arrays.borrow_mut();
+    let i = arrays.iter().position(|r| r.shared.key == key)?;
+    Some(arrays.swap_remove(i))
+}
+
+impl Ras {
+    pub(crate) fn rc(&self) -> Rc<Ras> {
+        self.weak
+            .upgrade()
+            .unwrap_or_else(|| unreachable!("a Ras is used only through its Rc"))
+    }
+
+    fn level(&self) -> RaidLevel {
+        self.shared.level
+    }
+
+    /// Reloads members and geometry from the control state. Called when the
+    /// `Ras` is created and at every resume: both times no child IO of this
+    /// reactor is in flight.
+    pub(crate) fn refresh(&self) {
+        let (slots, geo, block_size) = {
+            let ctl = self.shared.ctl();
+            (
+                ctl.slots.clone(),
+                self.shared.geometry.get().cloned(),
+                ctl.block_size,
+            )
+        };
+        let members = slots
+            .iter()
+            .map(|s| MemberCh {
+                ch: match s.role {
+                    Role::Active | Role::Rebuilding => {
+                        s.handle.as_ref().and_then(|h| h.channel().ok())
+                    }
+                    _ => None,
+                },
+                role: s.role,
+                data_offset_blocks: s.data_offset_blocks,
+                outstanding: Cell::new(0),
+            })
+            .collect();
+        *self.members.borrow_mut() = members;
+        *self.geo.borrow_mut() = geo;
+        if block_size > 0 {
+            self.block_size.set(block_size as u64);
+        }
+    }
+
+    /// Entry from the bdev layer.
+    pub(crate) fn submit(&self, io: IoBox) {
+        if self.shared.deleted.load(Ordering::Acquire) {
+            return io.fail(IoError::NoDevice);
+        }
+        let admitted = self.gate.borrow_mut().try_enter();
+        if !admitted {
+            let refused = self.gate.borrow_mut().hold(io);
+            if let Err(io) = refused {
+                io.fail(IoError::NoMemory);
+            }
+            return;
+        }
+        let t = io.io_type;
+        let slot = self.park(io);
+        match t {
+            IoType::Read => self.dispatch_read(slot),
+            IoType::Write | IoType::Unmap | IoType::WriteZeroes => {
+                // Test-only switch (see `RaidArray::set_serialization`).
+                if self.shared.serialize.load(Ordering::Relaxed) {
+                    self.acquire(slot);
+                } else {
+                    self.dispatch_write(slot);
+                }
+            }
+            IoType::Flush | IoType::Reset => self.dispatch_all(slot),
+        }
+    }
+
+    fn park(&self, io: IoBox) -> u32 {
+        let slot = self.parents.borrow_mut().insert(io);
+        let mut ctx = self.ctx.borrow_mut();
+        if slot as usize >= ctx.len() {
+            ctx.resize(slot as usize + 1, ParentCtx::NEW);
+        }
+        ctx[slot as usize] = ParentCtx::NEW;
+        slot
+    }
+
+    /// Completes a parked parent and lets the gate count it out.
+    fn finish(&self, slot: u32, status: IoStatus) {
+        let lock =
+            std::mem::replace(&mut self.ctx.borrow_mut()[slot as usize], ParentCtx::NEW).lock;
+        let io = self.parents.borrow_mut().take(slot);
+        if lock != NO_LOCK {
+            self.release_lock(lock);
+        }
+        if let Some(io) = io {
+            io.complete(status);
+        }
+        self.exit_gate();
+    }
+
+    /// An admitted piece of work (user IO or a rebuild window) ended.
+    pub(crate) fn exit_gate(&self) {
+        let ack = self.gate.borrow_mut().exit();
+        if let Some(epoch) = ack {
+            crate::owner::send_drained(&self.shared, epoch);
+        }
+    }
+
+    // ---- serialization -------------------------------------------------
+
+    fn acquire(&self, slot: u32) {
+        let (start, num_blocks) = {
+            let parents = self.parents.borrow();
+            let Some(io) = parents.get(slot) else { return };
+            (io.offset_blocks, io.num_blocks)
+        };
+        if let Some(owner) = &self.owner {
+            // On the owner: a direct call, no message.
+            let r = owner.table.borrow_mut().acquire(
+                start,
+                start + num_blocks,
+                words::waiter(self.me, slot),
+            );
+            if let Acquired::Granted(entry) = r {
+                self.granted(slot, entry);
+            }
+            return;
+        }
+        match words::encode_acquire(self.shared.key, self.me, slot, start, num_blocks) {
+            Some((a, b)) => reactor::send_raw(self.shared.owner, on_acquire_msg, a, b),
+            None => self.finish(slot, IoStatus::Failed(IoError::NoMemory)),
+        }
+    }
+
+    /// The write in `slot` holds table entry `entry`: fan it out.
+    pub(crate) fn granted(&self, slot: u32, entry: u32) {
+        match self.ctx.borrow_mut().get_mut(slot as usize) {
+            Some(c) => c.lock = entry,
+            None => return,
+        }
+        self.dispatch_write(slot);
+    }
+
+    fn release_lock(&self, entry: u32) {
+        if let Some(owner) = &self.owner {
+            owner.release(self, entry);
+        } else {
+            reactor::send_raw(
+                self.shared.owner,
+                on_release_msg,
+                self.shared.key as u64,
+                entry as u64,
+            );
+        }
+    }
+
+    // ---- dispatch ------------------------------------------------------
+
+    /// Usable for reading and as a surviving copy: active, not failed.
+    #[inline]
+    fn active(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
+        members
+            .get(m)
+            .is_some_and(|mc| mc.role == Role::Active && mc.ch.is_some())
+            && failed_mask & (1 << m) == 0
+    }
+
+    /// Receives writes: active, or being rebuilt.
+    #[inline]
+    fn writable(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
+        members
+            .get(m)
+            .is_some_and(|mc| matches!(mc.role, Role::Active | Role::Rebuilding) && mc.ch.is_some())
+            && failed_mask & (1 << m) == 0
+    }
+
+    fn parent_args(&self, slot: u32) -> Option<(IoType, u64, u64, Option<DmaBuf>)> {
+        let parents = self.parents.borrow();
+        let io = parents.get(slot)?;
+        Some((io.io_type, io.offset_blocks, io.num_blocks, io.buf.clone()))
+    }
+
+    fn dispatch_write(&self, slot: u32) {
+        let Some((t, off, n, buf)) = self.parent_args(slot) else {
+            return;
+        };
+        let geo_ref = self.geo.borrow();
+        let Some(geo) = geo_ref.as_deref() else {
+            drop(geo_ref);
+            return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
+        };
+        let members = self.members.borrow();
+        // One snapshot of the failure latches for both passes, so the count
+        // and the fan-out agree even if a member fails meanwhile.
+        let failed = self.shared.failed_mask.load(Ordering::Acquire);
+        let nm = members.len();
+        let mut count = 0u32;
+        for e in geo.extents(off, n) {
+            let (copies, survivors) = match e.placement {
+                Placement::Single(l) => {
+                    let w = Self::writable(&members, failed, l.member as usize) as u32;
+                    (w, w)
+                }
+                Placement::Pair(p) => (
+                    p.iter()
+                        .filter(|l| Self::writable(&members, failed, l.member as usize))
+                        .count() as u32,
+                    p.iter()
+                        .filter(|l| Self::active(&members, failed, l.member as usize))
+                        .count() as u32,
+                ),
+                Placement::Mirror(_) => (
+                    (0..nm)
+                        .filter(|&m| Self::writable(&members, failed, m))
+                        .count() as u32,
+                    (0..nm)
+                        .filter(|&m| Self::active(&members, failed, m))
+                        .count() as u32,
+                ),
+            };
+            if survivors == 0 {
+                drop((members, geo_ref));
+                return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
+            }
+            count += copies;
+        }
+        if (IoBox::available() as u64) < count as u64 {
+            drop((members, geo_ref));
+            return self.finish(slot, IoStatus::Failed(IoError::NoMemory));
+        }
+        self.ctx.borrow_mut()[slot as usize].remaining = count;
+        // Build every child before submitting any: a member may take
+        // descriptors from this reactor's pool while it submits (a delay,
+        // error or raid bdev below us), and a write that reached one mirror
+        // but not the other would leave them different.
+        let bs = self.block_size.get();
+        let mut children = std::mem::take(&mut *self.scratch.borrow_mut());
+        let mut short = false;
+        for e in geo.extents(off, n) {
+            let mut add = |l: Loc| {
+                let b = buf.as_ref().map(|b| {
+                    b.slice(
+                        (e.buf_offset_blocks * bs) as usize,
+                        (e.num_blocks * bs) as usize,
+                    )
+                });
+                match Self::make_child(&members, slot, t, (l, b), e.num_blocks, 0) {
+                    Some(c) => children.push(c),
+                    None => short = true,
+                }
+            };
+            match e.placement {
+                Placement::Single(l) => add(l),
+                Placement::Pair(p) => {
+                    for l in p {
+                        if Self::writable(&members, failed, l.member as usize) {
+                            add(l);
+                        }
+                    }
+                }
+                Placement::Mirror(o) => {
+                    for m in 0..nm {
+                        if Self::writable(&members, failed, m) {
+                            add(Loc {
+                                member: m as u16,
+                                offset_blocks: o,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if short {
+            children.clear();
+            *self.scratch.borrow_mut() = children;
+            drop((members, geo_ref));
+            return self.finish(slot, IoStatus::Failed(IoError::NoMemory));
+        }
+        for child in children.drain(..) {
+            self.send_child(&members, child);
+        }
+        *self.scratch.borrow_mut() = children;
+    }
+
+    /// The active copy with the fewest children in flight on this reactor.
+    fn pick_copy(
+        members: &[MemberCh],
+        failed: u32,
+        candidates: impl Iterator<Item = Loc>,
+        tried: u32,
+    ) -> Option<Loc> {
+        candidates
+            .filter(|l| {
+                tried & (1 << l.member) == 0 && Self::active(members, failed, l.member as usize)
+            })
+            .min_by_key(|l| members[l.member as usize].outstanding.get())
+    }
+
+    fn read_target(members: &[MemberCh], failed: u32, p: Placement, tried: u32) -> Option<Loc> {
+        match p {
+            Placement::Single(l) => Self::pick_copy(members, failed, std::iter::once(l), tried),
+            Placement::Pair(ls) => Self::pick_copy(members, failed, ls.into_iter(), tried),
+            Placement::Mirror(o) => Self::pick_copy(
+                members,
+                failed,
+                (0..members.len()).map(|m| Loc {
+                    member: m as u16,
+                    offset_blocks: o,
+                }),
+                tried,
+            ),
+        }
+    }
+
+    fn dispatch_read(&self, slot: u32) {
+        let Some((t, off, n, buf)) = self.parent_args(slot) else {
+            return;
+        };
+        let geo_ref = self.geo.borrow();
+        let Some(geo) = geo_ref.as_deref() else {
+            drop(geo_ref);
+            return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
+        };
+        let members = self.members.borrow();
+        let failed = self.shared.failed_mask.load(Ordering::Acquire);
+        let mut count = 0u32;
+        for e in geo.extents(off, n) {
+            if Self::read_target(&members, failed, e.placement, 0).is_none() {
+                drop((members, geo_ref));
+                return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
+            }
+            count += 1;
+        }
+        if (IoBox::available() as u64) < count as u64 {
+            drop((members, geo_ref));
+            return self.finish(slot, IoStatus::Failed(IoError::NoMemory));
+        }
+        self.ctx.borrow_mut()[slot as usize].remaining = count;
+        let bs = self.block_size.get();
+        for e in geo.extents(off, n) {
+            let Some(l) = Self::read_target(&members, failed, e.placement, 0) else {
+                continue;
+            };
+            let b = buf.as_ref().map(|b| {
+                b.slice(
+                    (e.buf_offset_blocks * bs) as usize,
+                    (e.num_blocks * bs) as usize,
+                )
+            });
+            self.submit_child(&members, slot, t, (l, b), e.num_blocks, 0);
+        }
+    }
+
+    /// Flush and reset: every member that holds data.
+    fn dispatch_all(&self, slot: u32) {
+        let Some((t, ..)) = self.parent_args(slot) else {
+            return;
+        };
+        let members = self.members.borrow();
+        let failed = self.shared.failed_mask.load(Ordering::Acquire);
+        let targets = (0..members.len()).filter(|&m| Self::writable(&members, failed, m));
+        let count = targets.clone().count() as u32;
+        if count == 0 || (IoBox::available() as u64) < count as u64 {
+            drop(members);
+            let e = if count == 0 {
+                IoError::NoDevice
+            } else {
+                IoError::NoMemory
+            };
+            return self.finish(slot, IoStatus::Failed(e));
+        }
+        self.ctx.borrow_mut()[slot as usize].remaining = count;
+        for m in targets {
+            // Offsets are member-relative; flush and reset ignore them.
+            let l = Loc {
+                member: m as u16,
+                offset_blocks: 0,
+            };
+            self.submit_child(&members, slot, t, (l, None), 0, 0);
+        }
+    }
+
+    fn submit_child(
+        &self,
+        members: &[MemberCh],
+        slot: u32,
+        t: IoType,
+        target: (Loc, Option<DmaBuf>),
+        num_blocks: u64,
+        tried: u32,
+    ) {
+        match Self::make_child(members, slot, t, target, num_blocks, tried) {
+            Some(child) => self.send_child(members, child),
+            None => self.child_failed_to_start(slot, IoError::NoMemory),
+        }
+    }
+
+    /// A child IO for `l` (None: out of descriptors, or no channel).
+    fn make_child(
+        members: &[MemberCh],
+        slot: u32,
+        t: IoType,
+        (l, buf): (Loc, Option<DmaBuf>),
+        num_blocks: u64,
+        tried: u32,
+    ) -> Option<IoBox> {
+        let mc = members.get(l.member as usize)?;
+        mc.ch.as_ref()?;
+        let mut child = IoBox::data(t, l.offset_blocks + mc.data_offset_blocks, num_blocks, buf)?;
+        child.tag = slot as u64;
+        child.tag2 = l.member as u64 | (tried as u64) << TRIED_SHIFT;
+        Some(child)
+    }
+
+    fn send_child(&self, members: &[MemberCh], mut child: IoBox) {
+        let mc = &members[(child.tag2 & MEMBER_MASK) as usize];
+        let Some(ch) = mc.ch.as_ref() else {
+            return self.child_failed_to_start(child.tag as u32, IoError::NoDevice);
+        };
+        child.set_done(self.rc());
+        mc.outstanding.set(mc.outstanding.get() + 1);
+        ch.submit(child);
+    }
+
+    fn child_failed_to_start(&self, slot: u32, e: IoError) {
+        let done = {
+            let mut ctx = self.ctx.borrow_mut();
+            let c = &mut ctx[slot as usize];
+            c.error.get_or_insert(e);
+            c.remaining = c.remaining.saturating_sub(1);
+            c.remaining == 0
+        };
+        if done {
+            // Deferred like every completion: no parent completes inside submit.
+            self.complete_parent(slot);
+        }
+    }
+
+    // ---- completion ----------------------------------------------------
+
+    /// Marks member `m` failed (a latch: it only ever goes from clear to set
+    /// outside a fence) and tells the owner, who makes it official.
+    pub(crate) fn latch_failed(&self, m: usize) {
+        if !self.level().is_redundant() || m >= crate::map::MAX_MEMBERS {
+            return;
+        }
+        let prev = self.shared.failed_mask.fetch_or(1 << m, Ordering::AcqRel);
+        if prev & (1 << m) == 0 {
+            tracing::warn!(raid = %self.shared.name, member = m, "member IO failed: marking it failed");
+            crate::owner::member_failed(&self.shared, m);
+        }
+    }
+
+    /// Tries the read in `child` on another copy. Gives the child back when
+    /// there is none.
+    fn retry_read(&self, mut child: IoBox) -> Result<(), IoBox> {
+        let m = (child.tag2 & MEMBER_MASK) as usize;
+        let tried = ((child.tag2 >> TRIED_SHIFT) as u32) | 1 << m;
+        let geo_ref = self.geo.borrow();
+        let Some(geo) = geo_ref.as_deref() else {
+            return Err(child);
+        };
+        let members = self.members.borrow();
+        let failed = self.shared.failed_mask.load(Ordering::Acquire);
+        let Some(mc) = members.get(m) else {
+            return Err(child);
+        };
+        let here = Loc {
+            member: m as u16,
+            offset_blocks: child.offset_blocks.saturating_sub(mc.data_offset_blocks),
+        };
+        let placement = match self.level() {
+            RaidLevel::Raid1 => Placement::Mirror(here.offset_blocks),
+            RaidLevel::Raid10 => match geo.partner(here) {
+                Some(p) => Placement::Pair([here, p]),
+                None => return Err(child),
+            },
+            RaidLevel::Raid0 | RaidLevel::Concat => return Err(child),
+        };
+        let Some(l) = Self::read_target(&members, failed, placement, tried) else {
+            return Err(child);
+        };
+        let target = &members[l.member as usize];
+        let Some(ch) = target.ch.as_ref() else {
+            return Err(child);
+        };
+        child.offset_blocks = l.offset_blocks + target.data_offset_blocks;
+        child.status = IoStatus::Pending;
+        child.tag2 = l.member as u64 | (tried as u64) << TRIED_SHIFT;
+        child.set_done(self.rc());
+        target.outstanding.set(target.outstanding.get() + 1);
+        ch.submit(child);
+        Ok(())
+    }
+
+    fn complete_parent(&self, slot: u32) {
+        let c = self.ctx.borrow()[slot as usize];
+        let mut status = match c.error {
+            Some(e) => IoStatus::Failed(e),
+            None => IoStatus::Success,
+        };
+        if status.is_ok() && c.copy_failed {
+            // Every extent must have kept a copy on a member that is still
+            // active: if not, some pair (or every mirror) is gone entirely.
+            let failed = self.shared.failed_mask.load(Ordering::Acquire);
+            let members = self.members.borrow();
+            let ok = self
+                .geo
+                .borrow()
+                .as_deref()
+                .is_some_and(|g| g.survives(|m| !Self::active(&members, failed, m)));
+            if !ok {
+                status = IoStatus::Failed(IoError::Media);
+            }
+        }
+        self.finish(slot, status);
+    }
+}
+
+impl IoDone for Ras {
+    fn io_done(&self, child: IoBox) {
+        let m = (child.tag2 & MEMBER_MASK) as usize;
+        let slot = child.tag as u32;
+        if let Some(mc) = self.members.borrow().get(m) {
+            mc.outstanding.set(mc.outstanding.get().saturating_sub(1));
+        }
+        let parent_type = match self.parents.borrow().get(slot) {
+            Some(p) => p.io_type,
+            None => return,
+        };
+        if let IoStatus::Failed(err) = child.status {
+            let redundant = self.level().is_redundant();
+            match parent_type {
+                IoType::Read => {
+                    self.latch_failed(m);
+                    match self.retry_read(child) {
+                        Ok(()) => return,
+                        Err(_) => {
+                            self.ctx.borrow_mut()[slot as usize]
+                                .error
+                                .get_or_insert(err);
+                        }
+                    }
+                }
+                t if t.is_write_like() && redundant => {
+                    self.latch_failed(m);
+                    self.ctx.borrow_mut()[slot as usize].copy_failed = true;
+                }
+                _ => {
+                    self.ctx.borrow_mut()[slot as usize]
+                        .error
+                        .get_or_insert(err);
+                }
+            }
+        }
+        let done = {
+            let mut ctx = self.ctx.borrow_mut();
+            let c = &mut ctx[slot as usize];
+            c.remaining = c.remaining.saturating_sub(1);
+            c.remaining == 0
+        };
+        if done {
+            self.complete_parent(slot);
+        }
+    }
+}
+
+// ---- raw messages (allocation-free, indices only) -----------------------
+
+/// Owner: a write from another reactor asks for its range.
+fn on_acquire_msg(a: u64, b: u64) {
+    let key = (a >> 32) as u32;
+    let Some(ras) = find_ras(key) else { return };
+    let Some(owner) = &ras.owner else { return };
+    let array_blocks = ras
+        .geo
+        .borrow()
+        .as_deref()
+        .map_or(u64::MAX, Geometry::array_blocks);
+    let (key, reactor, slot, start, end) = words::decode_acquire(a, b, array_blocks);
+    let r = owner
+        .table
+        .borrow_mut()
+        .acquire(start, end, words::waiter(reactor, slot));
+    if let Acquired::Granted(entry) = r {
+        let (a, b) = words::encode_grant(key, slot, entry);
+        reactor::send_raw(reactor, on_grant_msg, a, b);
+    }
+}
+
+/// Requester: the owner granted the range of the write in `slot`.
+pub(crate) fn on_grant_msg(a: u64, b: u64) {
+    let (key, slot, entry) = words::decode_grant(a, b);
+    if let Some(ras) = find_ras(key) {
+        ras.granted(slot, entry);
+    }
+}
+
+/// Owner: a write on another reactor finished with its range.
+fn on_release_msg(a: u64, b: u64) {
+    let Some(ras) = find_ras(a as u32) else {
+        return;
+    };
+    if let Some(owner) = &ras.owner {
+        owner.release(&ras, b as u32);
+    }
+}
+
+/// The channel a reactor's registry cache holds for the raid bdev.
+pub(crate) fn create_channel(shared: &Arc<ArrayShared>) -> Result<Rc<dyn BdevChannel>, BdevError> {
+    let ras = ras_for(shared).ok_or_else(|| BdevError::NotFound(shared.name.clone()))?;
+    Ok(Rc::new(RaidChannel(ras)))
+}

@@ -1,0 +1,31 @@
+//! The RAID bdev: raid0, raid1 (N-way), raid10 (md's near-2 layout) and
+//! concat over any bdevs, itself a bdev (product "Raid Volume") that can be
+//! exported, benchmarked or used as a member of another array.
+//!
+//! Data-safety machinery from Linux md, on a polled, lock-free data path:
+//! - array-level write serialization (DESIGN invariant 1): overlapping
+//!   write-like IO from any reactor is ordered once, at the array's owner
+//!   reactor, before fan-out (`range_table`, `owner`, `channel`);
+//! - degraded mode: a member IO error latches the member failed, reads retry
+//!   on another copy, writes succeed when every surviving copy wrote them;
+//! - fenced reconfiguration and teardown (invariants 3 and 4): suspend holds
+//!   new IO, drains in-flight IO on every reactor, runs the change, resumes
+//!   the held IO in order (`quiesce`, `owner`);
+//! - rebuild of a re-added raid1/raid10 member while IO continues (`rebuild`).
+//!
+//! `map` holds the pure address arithmetic; `rpc` the SPDK methods.
+#![forbid(unsafe_code)]
+
+pub mod assemble;
+mod array;
+mod channel;
+pub mod map;
+mod owner;
+pub mod quiesce;
+pub mod range_table;
+mod rebuild;
+pub mod rpc;
+pub mod superblock;
+
+pub use array::{RaidArray, RaidOptions, RaidState};
+pub use map::{Geometry, RaidLevel};
