@@ -21,9 +21,7 @@ fn main() {
     let mut entries = [0u32; IN_FLIGHT];
     for (slot, e) in entries.iter_mut().enumerate() {
         let o = offset(slot);
-        let Acquired::Granted(i) = table.acquire(o, o + 1, slot as u64) else {
-            unreachable!("disjoint")
-        };
+        let Acquired::Granted(i) = table.acquire(o, o + 1, slot as u64) else { unreachable!("disjoint") };
         *e = i;
     }
     let t0 = std::time::Instant::now();
@@ -31,9 +29,7 @@ fn main() {
         let slot = (k % IN_FLIGHT as u64) as usize;
         assert!(table.release(entries[slot]));
         let o = offset(slot);
-        let Acquired::Granted(i) = table.acquire(o, o + 1, k) else {
-            unreachable!("disjoint")
-        };
+        let Acquired::Granted(i) = table.acquire(o, o + 1, k) else { unreachable!("disjoint") };
         entries[slot] = i;
     }
     let ns = t0.elapsed().as_nanos() as f64 / OPS as f64;

@@ -102,11 +102,7 @@ fn run(set: &ReactorSet, bdev: &'static str, io_type: IoType, secs: f64) -> (f64
             done_ios: Cell::new(0),
             in_flight: Cell::new(0),
             failed: Cell::new(0),
-            bufs: RefCell::new(
-                (0..QUEUE_DEPTH)
-                    .map(|_| DmaBuf::zeroed(BLOCK_SIZE as usize).unwrap())
-                    .collect(),
-            ),
+            bufs: RefCell::new((0..QUEUE_DEPTH).map(|_| DmaBuf::zeroed(BLOCK_SIZE as usize).unwrap()).collect()),
             me: RefCell::new(None),
         });
         *job.me.borrow_mut() = Some(job.clone());
@@ -128,15 +124,9 @@ fn run(set: &ReactorSet, bdev: &'static str, io_type: IoType, secs: f64) -> (f64
             PollStatus::Done
         });
     });
-    let (ios, failed, elapsed_s, cpu_s) = rx
-        .recv_timeout(Duration::from_secs_f64(secs + 30.0))
-        .expect("job finished");
+    let (ios, failed, elapsed_s, cpu_s) = rx.recv_timeout(Duration::from_secs_f64(secs + 30.0)).expect("job finished");
     assert_eq!(failed, 0, "{bdev}: IO errors during the benchmark");
-    let per_cpu = if cpu_s > 0.0 {
-        ios as f64 / cpu_s
-    } else {
-        f64::NAN
-    };
+    let per_cpu = if cpu_s > 0.0 { ios as f64 / cpu_s } else { f64::NAN };
     (ios as f64 / elapsed_s, per_cpu)
 }
 
@@ -150,22 +140,12 @@ fn main() {
     let secs: f64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let only: Option<bool> = args.next().map(|m| m == "on");
-    let cfg = ReactorConfig {
-        pin: false,
-        ..ReactorConfig::new(vec![0], IdlePolicy::BusyPoll)
-    };
+    let cfg = ReactorConfig { pin: false, ..ReactorConfig::new(vec![0], IdlePolicy::BusyPoll) };
     let set = ReactorSet::start(cfg, || {}).expect("reactor");
     let (tx, rx) = mpsc::channel();
     set.send(0, move || {
         for n in ["N0", "N1", "N2", "N3", "Single"] {
-            let b = NullBdev::new(BdevProps::new(
-                n,
-                "Null disk",
-                BLOCK_SIZE,
-                NULL_BLOCKS,
-                None,
-            ))
-            .unwrap();
+            let b = NullBdev::new(BdevProps::new(n, "Null disk", BLOCK_SIZE, NULL_BLOCKS, None)).unwrap();
             Registry::get().register(Arc::new(b)).unwrap();
         }
         let mk = |name: &str, level: &str, strip: Option<u32>, members: [&str; 2]| {
@@ -180,14 +160,7 @@ fn main() {
             .unwrap();
         };
         for n in ["M0", "M1"] {
-            let b = MallocBdev::new(BdevProps::new(
-                n,
-                "Malloc disk",
-                BLOCK_SIZE,
-                MALLOC_BLOCKS,
-                None,
-            ))
-            .unwrap();
+            let b = MallocBdev::new(BdevProps::new(n, "Malloc disk", BLOCK_SIZE, MALLOC_BLOCKS, None)).unwrap();
             Registry::get().register(Arc::new(b)).unwrap();
         }
         mk("Raid1", "raid1", None, ["N0", "N1"]);
@@ -200,9 +173,7 @@ fn main() {
     println!("4 KiB random IO, queue depth {QUEUE_DEPTH}, one reactor (busy poll), null members, {secs} s per run");
     println!();
     if let Some(on) = only {
-        set.send(0, move || {
-            RaidArray::find("Raid1").unwrap().set_serialization(on)
-        });
+        set.send(0, move || RaidArray::find("Raid1").unwrap().set_serialization(on));
         let (iops, per_cpu) = run(&set, "Raid1", IoType::Write, secs);
         println!("raid1 write, serialization {on}: {iops:.0} IOPS ({per_cpu:.0} per CPU-second)");
         set.stop();
@@ -212,20 +183,15 @@ fn main() {
     for (raid, what) in [("Raid1", "null"), ("MRaid1", "malloc")] {
         println!("raid1 over two {what} bdevs, random write, serialization on vs off ({rounds} rounds, alternating):");
         let set_ser = |on: bool| {
-            set.send(0, move || {
-                RaidArray::find(raid).unwrap().set_serialization(on)
-            });
+            set.send(0, move || RaidArray::find(raid).unwrap().set_serialization(on));
         };
-        let (mut on, mut off, mut on_cpu, mut off_cpu) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut on, mut off, mut on_cpu, mut off_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             set_ser(true);
             let (a, a_cpu) = run(&set, raid, IoType::Write, secs);
             set_ser(false);
             let (b, b_cpu) = run(&set, raid, IoType::Write, secs);
-            println!(
-                "  round {round}: on {a:>9.0} IOPS ({a_cpu:>9.0}/cpu-s)   off {b:>9.0} IOPS ({b_cpu:>9.0}/cpu-s)"
-            );
+            println!("  round {round}: on {a:>9.0} IOPS ({a_cpu:>9.0}/cpu-s)   off {b:>9.0} IOPS ({b_cpu:>9.0}/cpu-s)");
             on.push(a);
             off.push(b);
             on_cpu.push(a_cpu);
@@ -234,10 +200,7 @@ fn main() {
         set_ser(true);
         let (m_on, m_off) = (median(on), median(off));
         let (c_on, c_off) = (median(on_cpu), median(off_cpu));
-        println!(
-            "  median wall: on {m_on:.0} IOPS, off {m_off:.0} IOPS, cost {:.2} %",
-            (m_off - m_on) / m_off * 100.0
-        );
+        println!("  median wall: on {m_on:.0} IOPS, off {m_off:.0} IOPS, cost {:.2} %", (m_off - m_on) / m_off * 100.0);
         println!(
             "  median per CPU-second: on {c_on:.0}, off {c_off:.0}, serialization cost {:.2} %",
             (c_off - c_on) / c_off * 100.0
@@ -254,10 +217,7 @@ fn main() {
         ("Raid1", IoType::Write),
     ] {
         let (iops, per_cpu) = run(&set, bdev, t, secs);
-        println!(
-            "  {bdev:<7} {:<6} {iops:>10.0} IOPS  ({per_cpu:>10.0} per CPU-second)",
-            t.name()
-        );
+        println!("  {bdev:<7} {:<6} {iops:>10.0} IOPS  ({per_cpu:>10.0} per CPU-second)", t.name());
     }
     set.stop();
     set.join();

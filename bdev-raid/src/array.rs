@@ -68,14 +68,7 @@ pub(crate) struct Slot {
 
 impl Slot {
     fn empty() -> Slot {
-        Slot {
-            name: None,
-            uuid: None,
-            handle: None,
-            role: Role::Empty,
-            data_offset_blocks: 0,
-            data_size_blocks: 0,
-        }
+        Slot { name: None, uuid: None, handle: None, role: Role::Empty, data_offset_blocks: 0, data_size_blocks: 0 }
     }
 }
 
@@ -111,14 +104,9 @@ impl Caps {
 
     /// Whether a new member can serve what the array already advertises.
     fn satisfied_by(&self, h: &BdevHandle) -> bool {
-        [
-            IoType::Flush,
-            IoType::Unmap,
-            IoType::WriteZeroes,
-            IoType::Reset,
-        ]
-        .into_iter()
-        .all(|t| !self.supports(t) || h.bdev().io_type_supported(t))
+        [IoType::Flush, IoType::Unmap, IoType::WriteZeroes, IoType::Reset]
+            .into_iter()
+            .all(|t| !self.supports(t) || h.bdev().io_type_supported(t))
     }
 }
 
@@ -185,10 +173,7 @@ pub struct RaidOptions {
 
 impl Default for RaidOptions {
     fn default() -> Self {
-        RaidOptions {
-            process_window_size_kb: 1024,
-            process_max_bandwidth_mb_sec: 0,
-        }
+        RaidOptions { process_window_size_kb: 1024, process_max_bandwidth_mb_sec: 0 }
     }
 }
 
@@ -207,16 +192,11 @@ impl RaidModule {
     }
 
     fn arrays(&self) -> Vec<Arc<ArrayShared>> {
-        self.arrays
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.arrays.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn find(&self, name: &str) -> Option<Arc<ArrayShared>> {
-        self.arrays()
-            .into_iter()
-            .find(|a| a.name == name || a.uuid.to_string() == name)
+        self.arrays().into_iter().find(|a| a.name == name || a.uuid.to_string() == name)
     }
 
     pub(crate) fn options(&self) -> RaidOptions {
@@ -293,23 +273,13 @@ pub(crate) fn info_json(shared: &ArrayShared, with_name: bool) -> Value {
     o.insert("raid_level".into(), json!(shared.level.name()));
     o.insert("superblock".into(), json!(shared.superblock));
     o.insert("num_base_bdevs".into(), json!(ctl.slots.len()));
-    let discovered = ctl
-        .slots
-        .iter()
-        .filter(|s| matches!(s.role, Role::Active | Role::Rebuilding))
-        .count();
-    let operational = ctl
-        .slots
-        .iter()
-        .filter(|s| matches!(s.role, Role::Active | Role::Rebuilding | Role::Missing))
-        .count();
+    let discovered = ctl.slots.iter().filter(|s| matches!(s.role, Role::Active | Role::Rebuilding)).count();
+    let operational =
+        ctl.slots.iter().filter(|s| matches!(s.role, Role::Active | Role::Rebuilding | Role::Missing)).count();
     o.insert("num_base_bdevs_discovered".into(), json!(discovered));
     o.insert("num_base_bdevs_operational".into(), json!(operational));
     if let (Some(t), Some(geo)) = (ctl.process_target, shared.geometry.get()) {
-        let blocks = shared
-            .rebuild_blocks
-            .load(Ordering::Relaxed)
-            .min(geo.array_blocks());
+        let blocks = shared.rebuild_blocks.load(Ordering::Relaxed).min(geo.array_blocks());
         let percent = (blocks as f64 * 100.0 / geo.array_blocks() as f64) as u32;
         o.insert(
             "process".into(),
@@ -352,11 +322,7 @@ impl RaidArray {
 
     /// Every array of the current reactor set, in creation order.
     pub fn list() -> Vec<RaidArray> {
-        RaidModule::get()
-            .arrays()
-            .into_iter()
-            .map(RaidArray)
-            .collect()
+        RaidModule::get().arrays().into_iter().map(RaidArray).collect()
     }
 
     pub fn name(&self) -> &str {
@@ -383,12 +349,7 @@ impl RaidArray {
 
     /// Members by slot: `(name, is active)`.
     pub fn members(&self) -> Vec<(Option<String>, bool)> {
-        self.0
-            .ctl()
-            .slots
-            .iter()
-            .map(|s| (s.name.clone(), s.role == Role::Active))
-            .collect()
+        self.0.ctl().slots.iter().map(|s| (s.name.clone(), s.role == Role::Active)).collect()
     }
 
     pub fn geometry(&self) -> Option<Arc<Geometry>> {
@@ -460,9 +421,7 @@ pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
         }
         let bs = h.props().block_size;
         if block_size != 0 && bs != block_size {
-            return Err(BdevError::Invalid(format!(
-                "base bdev {n} has block size {bs}, others {block_size}"
-            )));
+            return Err(BdevError::Invalid(format!("base bdev {n} has block size {bs}, others {block_size}")));
         }
         block_size = bs;
     }
@@ -492,19 +451,14 @@ pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
                     });
                 }
             },
-            None => slots.push(Slot {
-                name: Some(n.clone()),
-                role: Role::Missing,
-                ..Slot::empty()
-            }),
+            None => slots.push(Slot { name: Some(n.clone()), role: Role::Missing, ..Slot::empty() }),
         }
     }
     let all_present = slots.iter().all(|s| s.role == Role::Active);
     let shared = Arc::new(ArrayShared {
         key: module.next_key.fetch_add(1, Ordering::Relaxed) + 1,
         name: spec.name.clone(),
-        owner: reactor::current()
-            .ok_or_else(|| BdevError::Invalid("raid create must run on a reactor".into()))?,
+        owner: reactor::current().ok_or_else(|| BdevError::Invalid("raid create must run on a reactor".into()))?,
         level: spec.level,
         strip_size_kb: spec.strip_size_kb,
         uuid: spec.uuid.unwrap_or_else(Uuid::new_v4),
@@ -529,22 +483,14 @@ pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
         for h in &claimed {
             reg.release(h, &owner_tag);
         }
-        module
-            .arrays
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|a| !Arc::ptr_eq(a, shared));
+        module.arrays.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| !Arc::ptr_eq(a, shared));
         shared.torn_down.store(true, Ordering::Release);
         drop_ras(shared.key);
     };
     let Some(ras) = ras_for(&shared) else {
         return Err(BdevError::Invalid("no reactor".into()));
     };
-    module
-        .arrays
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(shared.clone());
+    module.arrays.lock().unwrap_or_else(|e| e.into_inner()).push(shared.clone());
     if all_present {
         // A new array has no IO and no channel anywhere yet: no fence needed.
         if let Err(e) = go_online(&shared) {
@@ -571,11 +517,7 @@ fn go_online(shared: &Arc<ArrayShared>) -> Result<(), BdevError> {
             return Err(BdevError::Invalid("not every member is present".into()));
         }
         let bs = ctl.block_size.max(1);
-        let strip_blocks = if shared.level.uses_strips() {
-            shared.strip_size_kb as u64 * 1024 / bs as u64
-        } else {
-            0
-        };
+        let strip_blocks = if shared.level.uses_strips() { shared.strip_size_kb as u64 * 1024 / bs as u64 } else { 0 };
         if shared.level.uses_strips() && strip_blocks == 0 {
             return Err(BdevError::Invalid(format!(
                 "strip size {} KiB is smaller than the block size {bs}",
@@ -587,16 +529,9 @@ fn go_online(shared: &Arc<ArrayShared>) -> Result<(), BdevError> {
             .iter()
             .map(|s| s.handle.as_ref().map_or(0, |h| h.props().num_blocks) - s.data_offset_blocks)
             .collect();
-        let geo = Geometry::new(shared.level, strip_blocks, &sizes)
-            .map_err(|e| BdevError::Invalid(e.to_string()))?;
+        let geo = Geometry::new(shared.level, strip_blocks, &sizes).map_err(|e| BdevError::Invalid(e.to_string()))?;
         let caps = Caps::of(handles.iter());
-        let mut props = BdevProps::new(
-            &shared.name,
-            "Raid Volume",
-            bs,
-            geo.array_blocks(),
-            Some(shared.uuid),
-        );
+        let mut props = BdevProps::new(&shared.name, "Raid Volume", bs, geo.array_blocks(), Some(shared.uuid));
         props.optimal_io_boundary = strip_blocks as u32;
         let reg = Registry::get();
         if reg.lookup(&shared.name).is_some() || reg.lookup(&shared.uuid.to_string()).is_some() {
@@ -613,11 +548,7 @@ fn go_online(shared: &Arc<ArrayShared>) -> Result<(), BdevError> {
         (props, caps)
     };
     // Registering runs examiners, which may look at this array: no lock held.
-    let bdev = Arc::new(RaidBdev {
-        shared: shared.clone(),
-        props,
-        caps,
-    });
+    let bdev = Arc::new(RaidBdev { shared: shared.clone(), props, caps });
     match Registry::get().register(bdev) {
         Ok(h) => {
             shared.ctl().handle = Some(h);
@@ -663,12 +594,8 @@ fn watch_removal(shared: &Arc<ArrayShared>, h: &BdevHandle) {
                 &ras,
                 Box::new(move |ras, fence| {
                     let Ok(fence) = fence else { return };
-                    let slot = ras
-                        .shared
-                        .ctl()
-                        .slots
-                        .iter()
-                        .position(|s| s.handle.as_ref().is_some_and(|h| h.id() == id));
+                    let slot =
+                        ras.shared.ctl().slots.iter().position(|s| s.handle.as_ref().is_some_and(|h| h.id() == id));
                     if let Some(slot) = slot {
                         tracing::warn!(raid = %ras.shared.name, slot, "member bdev removed");
                         empty_slot(ras, slot);
@@ -696,11 +623,8 @@ fn examine(h: &BdevHandle) {
         if shared.deleted.load(Ordering::Acquire) {
             continue;
         }
-        let slot = shared
-            .ctl()
-            .slots
-            .iter()
-            .position(|s| s.role == Role::Missing && s.name.as_deref() == Some(h.name()));
+        let slot =
+            shared.ctl().slots.iter().position(|s| s.role == Role::Missing && s.name.as_deref() == Some(h.name()));
         let Some(slot) = slot else { continue };
         let name = h.name().to_string();
         owner::on_owner(&shared, move |ras| {
@@ -723,23 +647,15 @@ fn claim_missing(ras: &Rc<Ras>, slot: usize, name: &str) -> Result<(), BdevError
     let shared = &ras.shared;
     {
         let ctl = shared.ctl();
-        let s = ctl
-            .slots
-            .get(slot)
-            .ok_or_else(|| BdevError::Invalid("bad slot".into()))?;
+        let s = ctl.slots.get(slot).ok_or_else(|| BdevError::Invalid("bad slot".into()))?;
         if ctl.deleting || s.role != Role::Missing || s.name.as_deref() != Some(name) {
             return Ok(());
         }
         let reg = Registry::get();
-        let h = reg
-            .lookup(name)
-            .ok_or_else(|| BdevError::NotFound(name.into()))?;
+        let h = reg.lookup(name).ok_or_else(|| BdevError::NotFound(name.into()))?;
         let bs = h.props().block_size;
         if ctl.block_size != 0 && ctl.block_size != bs {
-            return Err(BdevError::Invalid(format!(
-                "block size {bs} differs from the array's {}",
-                ctl.block_size
-            )));
+            return Err(BdevError::Invalid(format!("block size {bs} differs from the array's {}", ctl.block_size)));
         }
     }
     let h = Registry::get().claim(name, &shared.owner_tag())?;
@@ -809,9 +725,7 @@ fn empty_slot(ras: &Rc<Ras>, slot: usize) {
         Registry::get().release(&h, &shared.owner_tag());
     }
     // No IO in flight: the latch can be reset for the slot's next member.
-    shared
-        .failed_mask
-        .fetch_and(!(1u32 << slot), Ordering::AcqRel);
+    shared.failed_mask.fetch_and(!(1u32 << slot), Ordering::AcqRel);
 }
 
 /// `bdev_raid_remove_base_bdev`: finds the array holding `member` and
@@ -819,15 +733,10 @@ fn empty_slot(ras: &Rc<Ras>, slot: usize) {
 pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let holder = RaidModule::get().arrays().into_iter().find(|a| {
         !a.deleted.load(Ordering::Acquire)
-            && a.ctl()
-                .slots
-                .iter()
-                .any(|s| s.role != Role::Empty && s.name.as_deref() == Some(member))
+            && a.ctl().slots.iter().any(|s| s.role != Role::Empty && s.name.as_deref() == Some(member))
     });
     let Some(shared) = holder else {
-        return done(Err(BdevError::NotFound(format!(
-            "{member} is not a member of any raid bdev"
-        ))));
+        return done(Err(BdevError::NotFound(format!("{member} is not a member of any raid bdev"))));
     };
     let member = member.to_string();
     owner::on_owner(&shared, move |ras| {
@@ -853,10 +762,7 @@ pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevErro
                         tracing::info!(raid = %ras.shared.name, %member, state = ras.shared.ctl().state.name(), "member removed");
                         Ok(())
                     }
-                    None => Err(BdevError::NotFound(format!(
-                        "{member} is no longer a member of {}",
-                        ras.shared.name
-                    ))),
+                    None => Err(BdevError::NotFound(format!("{member} is no longer a member of {}", ras.shared.name))),
                 };
                 fence.done();
                 done(r);
@@ -867,11 +773,7 @@ pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevErro
 
 /// `bdev_raid_add_base_bdev`: puts `base` into a free (or failed) slot under
 /// a fence; on a degraded raid1/raid10 a rebuild onto it starts.
-pub(crate) fn add_base(
-    raid: &str,
-    base: &str,
-    done: Box<dyn FnOnce(Result<(), BdevError>) + Send>,
-) {
+pub(crate) fn add_base(raid: &str, base: &str, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let Some(shared) = RaidModule::get().find(raid) else {
         return done(Err(BdevError::NotFound(format!("raid bdev {raid}"))));
     };
@@ -902,43 +804,27 @@ pub(crate) fn add_base(
 fn add_member(ras: &Rc<Ras>, base: &str) -> Result<bool, BdevError> {
     let shared = &ras.shared;
     let reg = Registry::get();
-    let h = reg
-        .lookup(base)
-        .ok_or_else(|| BdevError::NotFound(base.to_string()))?;
+    let h = reg.lookup(base).ok_or_else(|| BdevError::NotFound(base.to_string()))?;
     let (slot, old) = {
         let ctl = shared.ctl();
         if ctl.deleting {
             return Err(BdevError::NotFound(shared.name.clone()));
         }
         if ctl.handle.as_ref().is_some_and(|me| me.same(&h)) {
-            return Err(BdevError::Invalid(
-                "a raid bdev cannot be its own member".into(),
-            ));
+            return Err(BdevError::Invalid("a raid bdev cannot be its own member".into()));
         }
-        if ctl
-            .slots
-            .iter()
-            .any(|s| s.handle.as_ref().is_some_and(|x| x.same(&h)))
-        {
-            return Err(BdevError::Exists(format!(
-                "{base} is already a member of {}",
-                shared.name
-            )));
+        if ctl.slots.iter().any(|s| s.handle.as_ref().is_some_and(|x| x.same(&h))) {
+            return Err(BdevError::Exists(format!("{base} is already a member of {}", shared.name)));
         }
         let slot = ctl
             .slots
             .iter()
             .position(|s| s.role == Role::Empty)
             .or_else(|| ctl.slots.iter().position(|s| s.role == Role::Failed))
-            .ok_or_else(|| {
-                BdevError::Invalid(format!("raid bdev {} has no free slot", shared.name))
-            })?;
+            .ok_or_else(|| BdevError::Invalid(format!("raid bdev {} has no free slot", shared.name)))?;
         let bs = h.props().block_size;
         if ctl.block_size != 0 && bs != ctl.block_size {
-            return Err(BdevError::Invalid(format!(
-                "{base} has block size {bs}, the array {}",
-                ctl.block_size
-            )));
+            return Err(BdevError::Invalid(format!("{base} has block size {bs}, the array {}", ctl.block_size)));
         }
         if let Some(geo) = shared.geometry.get() {
             let need = geo.member_data_blocks(slot);
@@ -949,9 +835,7 @@ fn add_member(ras: &Rc<Ras>, base: &str) -> Result<bool, BdevError> {
                 )));
             }
             if !ctl.caps.satisfied_by(&h) {
-                return Err(BdevError::Invalid(format!(
-                    "{base} lacks an IO type the array advertises"
-                )));
+                return Err(BdevError::Invalid(format!("{base} lacks an IO type the array advertises")));
             }
         }
         (slot, ctl.slots[slot].handle.clone())
@@ -971,23 +855,15 @@ fn add_member(ras: &Rc<Ras>, base: &str) -> Result<bool, BdevError> {
         ctl.slots[slot] = Slot {
             name: Some(h.name().to_string()),
             uuid: Some(h.props().uuid),
-            data_size_blocks: online
-                .as_ref()
-                .map_or(h.props().num_blocks, |g| g.member_data_blocks(slot)),
+            data_size_blocks: online.as_ref().map_or(h.props().num_blocks, |g| g.member_data_blocks(slot)),
             handle: Some(h.clone()),
-            role: if rebuild {
-                Role::Rebuilding
-            } else {
-                Role::Active
-            },
+            role: if rebuild { Role::Rebuilding } else { Role::Active },
             data_offset_blocks: 0,
         };
         recompute_state(shared, &mut ctl);
     }
     // Fenced: no IO in flight, so the new member starts with a clear latch.
-    shared
-        .failed_mask
-        .fetch_and(!(1u32 << slot), Ordering::AcqRel);
+    shared.failed_mask.fetch_and(!(1u32 << slot), Ordering::AcqRel);
     watch_removal(shared, &h);
     tracing::info!(raid = %shared.name, member = base, slot, rebuild, "member added");
     let complete = shared.ctl().slots.iter().all(|s| s.role == Role::Active);
@@ -1002,9 +878,7 @@ pub(crate) fn rebuild_finished(ras: &Rc<Ras>, slot: usize) {
     let shared = &ras.shared;
     let mut ctl = shared.ctl();
     if let Some(s) = ctl.slots.get_mut(slot) {
-        if s.role == Role::Rebuilding
-            && shared.failed_mask.load(Ordering::Acquire) & (1 << slot) == 0
-        {
+        if s.role == Role::Rebuilding && shared.failed_mask.load(Ordering::Acquire) & (1 << slot) == 0 {
             s.role = Role::Active;
         }
     }
@@ -1052,10 +926,7 @@ fn start_delete(ras: &Rc<Ras>, fence: Fence, done: Box<dyn FnOnce(Result<(), Bde
         if ctl.deleting {
             drop(ctl);
             fence.done();
-            return done(Err(BdevError::NotFound(format!(
-                "raid bdev {} (already being deleted)",
-                shared.name
-            ))));
+            return done(Err(BdevError::NotFound(format!("raid bdev {} (already being deleted)", shared.name))));
         }
         ctl.deleting = true;
         ctl.handle.clone()
@@ -1113,19 +984,12 @@ fn teardown(shared: Arc<ArrayShared>, done: Box<dyn FnOnce() + Send>) {
             for h in &handles {
                 reg.release(h, &shared.owner_tag());
             }
-            RaidModule::get()
-                .arrays
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|a| !Arc::ptr_eq(a, &shared));
+            RaidModule::get().arrays.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| !Arc::ptr_eq(a, &shared));
             shared.torn_down.store(true, Ordering::Release);
             if let Some(ras) = ras {
                 owner::fail_held_on(&ras);
                 rebuild::cancel(&ras);
-                let fence = ras
-                    .owner
-                    .as_ref()
-                    .and_then(|o| o.teardown_fence.borrow_mut().take());
+                let fence = ras.owner.as_ref().and_then(|o| o.teardown_fence.borrow_mut().take());
                 match fence {
                     Some(f) => f.done(),
                     None => owner::fail_pending(&ras),
@@ -1140,16 +1004,10 @@ fn teardown(shared: Arc<ArrayShared>, done: Box<dyn FnOnce() + Send>) {
 /// Checks a member count against the level (for create).
 pub(crate) fn check_member_count(level: RaidLevel, n: usize) -> Result<(), BdevError> {
     if n < level.min_members() {
-        return Err(BdevError::Invalid(format!(
-            "{} needs at least {} base bdevs",
-            level.name(),
-            level.min_members()
-        )));
+        return Err(BdevError::Invalid(format!("{} needs at least {} base bdevs", level.name(), level.min_members())));
     }
     if n > MAX_MEMBERS {
-        return Err(BdevError::Invalid(format!(
-            "at most {MAX_MEMBERS} base bdevs are supported"
-        )));
+        return Err(BdevError::Invalid(format!("at most {MAX_MEMBERS} base bdevs are supported")));
     }
     Ok(())
 }

@@ -37,18 +37,12 @@ pub struct FoundSuperblock {
 
 impl From<(String, Uuid, SuperblockInfo)> for FoundSuperblock {
     fn from((bdev_name, member_uuid, info): (String, Uuid, SuperblockInfo)) -> Self {
-        FoundSuperblock {
-            bdev_name,
-            member_uuid,
-            info,
-        }
+        FoundSuperblock { bdev_name, member_uuid, info }
     }
 }
 
 /// Sorts found superblocks by the array they claim, in UUID order.
-pub fn group_by_array(
-    found: impl IntoIterator<Item = FoundSuperblock>,
-) -> BTreeMap<Uuid, Vec<FoundSuperblock>> {
+pub fn group_by_array(found: impl IntoIterator<Item = FoundSuperblock>) -> BTreeMap<Uuid, Vec<FoundSuperblock>> {
     let mut groups: BTreeMap<Uuid, Vec<FoundSuperblock>> = BTreeMap::new();
     for f in found {
         groups.entry(f.info.array_uuid).or_default().push(f);
@@ -83,13 +77,8 @@ pub struct PlannedMember {
 pub enum RefusalReason {
     #[error("its superblock belongs to array {found}, not {expected}")]
     OtherArray { expected: Uuid, found: Uuid },
-    #[error(
-        "the bdev is member {bdev_member} but its superblock describes member {superblock_member}"
-    )]
-    UuidMismatch {
-        bdev_member: Uuid,
-        superblock_member: Uuid,
-    },
+    #[error("the bdev is member {bdev_member} but its superblock describes member {superblock_member}")]
+    UuidMismatch { bdev_member: Uuid, superblock_member: Uuid },
     #[error("it claims to be a member of array {array_uuid} (slot {slot}) but the array does not list it")]
     NotListed { array_uuid: Uuid, slot: usize },
     #[error("it claims slot {claimed} but the array lists it in slot {listed}")]
@@ -124,18 +113,9 @@ pub enum AssemblyError {
     #[error(
         "array {array_uuid} has split: the superblocks on {first} and {second} both have events {events} but differ ({difference})"
     )]
-    Conflict {
-        array_uuid: Uuid,
-        events: u64,
-        first: String,
-        second: String,
-        difference: String,
-    },
+    Conflict { array_uuid: Uuid, events: u64, first: String, second: String, difference: String },
     #[error("the freshest superblock of array {array_uuid} describes no usable layout: {error}")]
-    Geometry {
-        array_uuid: Uuid,
-        error: SuperblockError,
-    },
+    Geometry { array_uuid: Uuid, error: SuperblockError },
 }
 
 /// What to do with one array.
@@ -169,24 +149,12 @@ impl AssemblyPlan {
 
     /// Slots with no bdev at all.
     pub fn missing_slots(&self) -> impl Iterator<Item = usize> + '_ {
-        self.members
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.is_none())
-            .map(|(i, _)| i)
+        self.members.iter().enumerate().filter(|(_, m)| m.is_none()).map(|(i, _)| i)
     }
 
     /// Every slot has an in-sync member.
     pub fn complete(&self) -> bool {
-        self.members.iter().all(|m| {
-            matches!(
-                m,
-                Some(PlannedMember {
-                    role: MemberRole::InSync,
-                    ..
-                })
-            )
-        })
+        self.members.iter().all(|m| matches!(m, Some(PlannedMember { role: MemberRole::InSync, .. })))
     }
 }
 
@@ -200,11 +168,7 @@ fn state_difference(a: &SuperblockInfo, b: &SuperblockInfo) -> String {
     };
     field("name", format!("{:?}", a.name), format!("{:?}", b.name));
     field("clean", a.clean.to_string(), b.clean.to_string());
-    field(
-        "slots",
-        a.slots.len().to_string(),
-        b.slots.len().to_string(),
-    );
+    field("slots", a.slots.len().to_string(), b.slots.len().to_string());
     for (i, (x, y)) in a.slots.iter().zip(&b.slots).enumerate() {
         field(&format!("slot {i}"), format!("{x:?}"), format!("{y:?}"));
     }
@@ -228,16 +192,8 @@ fn geometry_difference(a: &SuperblockInfo, b: &SuperblockInfo) -> Option<String>
             d.push(format!("{name} {x} vs {y}"));
         }
     };
-    num(
-        "strip_size_blocks",
-        a.strip_size_blocks,
-        b.strip_size_blocks,
-    );
-    num(
-        "block_size",
-        u64::from(a.block_size),
-        u64::from(b.block_size),
-    );
+    num("strip_size_blocks", a.strip_size_blocks, b.strip_size_blocks);
+    num("block_size", u64::from(a.block_size), u64::from(b.block_size));
     num("members", a.slots.len() as u64, b.slots.len() as u64);
     num("array_blocks", a.array_blocks, b.array_blocks);
     if a.bitmap != b.bitmap {
@@ -258,35 +214,20 @@ pub fn assemble(
 ) -> Result<AssemblyPlan, AssemblyError> {
     let mut refused: Vec<Refused> = undecodable
         .iter()
-        .map(|(bdev, e)| Refused {
-            bdev_name: bdev.clone(),
-            reason: RefusalReason::Undecodable(e.clone()),
-        })
+        .map(|(bdev, e)| Refused { bdev_name: bdev.clone(), reason: RefusalReason::Undecodable(e.clone()) })
         .collect();
     fn refuse(refused: &mut Vec<Refused>, f: &FoundSuperblock, reason: RefusalReason) {
-        refused.push(Refused {
-            bdev_name: f.bdev_name.clone(),
-            reason,
-        });
+        refused.push(Refused { bdev_name: f.bdev_name.clone(), reason });
     }
 
     // Copies that may take part in choosing the freshest.
     let mut candidates: Vec<&FoundSuperblock> = Vec::with_capacity(found.len());
     for f in found {
         if f.info.array_uuid != array_uuid {
-            refuse(
-                &mut refused,
-                f,
-                RefusalReason::OtherArray {
-                    expected: array_uuid,
-                    found: f.info.array_uuid,
-                },
-            );
+            refuse(&mut refused, f, RefusalReason::OtherArray { expected: array_uuid, found: f.info.array_uuid });
         } else if f.member_uuid != f.info.member_uuid {
-            let reason = RefusalReason::UuidMismatch {
-                bdev_member: f.member_uuid,
-                superblock_member: f.info.member_uuid,
-            };
+            let reason =
+                RefusalReason::UuidMismatch { bdev_member: f.member_uuid, superblock_member: f.info.member_uuid };
             refuse(&mut refused, f, reason);
         } else if candidates.iter().any(|c| c.bdev_name == f.bdev_name) {
             refuse(&mut refused, f, RefusalReason::DuplicateBdev);
@@ -295,14 +236,9 @@ pub fn assemble(
         }
     }
 
-    let freshest = *candidates
-        .iter()
-        .max_by_key(|c| c.info.events)
-        .ok_or(AssemblyError::NoMembers(array_uuid))?;
+    let freshest = *candidates.iter().max_by_key(|c| c.info.events).ok_or(AssemblyError::NoMembers(array_uuid))?;
     let events = freshest.info.events;
-    if let Some(other) = candidates
-        .iter()
-        .find(|c| c.info.events == events && !c.info.same_array_state(&freshest.info))
+    if let Some(other) = candidates.iter().find(|c| c.info.events == events && !c.info.same_array_state(&freshest.info))
     {
         return Err(AssemblyError::Conflict {
             array_uuid,
@@ -313,45 +249,27 @@ pub fn assemble(
         });
     }
     let sb = &freshest.info;
-    let geometry = sb
-        .geometry()
-        .map_err(|error| AssemblyError::Geometry { array_uuid, error })?;
+    let geometry = sb.geometry().map_err(|error| AssemblyError::Geometry { array_uuid, error })?;
 
     // Which slot each remaining candidate fills.
     let mut claims: Vec<(usize, &FoundSuperblock)> = Vec::with_capacity(candidates.len());
     for &c in &candidates {
         let claimed = c.info.this_slot;
         let Some(listed) = sb.slot_of(c.member_uuid) else {
-            refuse(
-                &mut refused,
-                c,
-                RefusalReason::NotListed {
-                    array_uuid,
-                    slot: claimed,
-                },
-            );
+            refuse(&mut refused, c, RefusalReason::NotListed { array_uuid, slot: claimed });
             continue;
         };
         if listed != claimed {
-            refuse(
-                &mut refused,
-                c,
-                RefusalReason::WrongSlot { claimed, listed },
-            );
+            refuse(&mut refused, c, RefusalReason::WrongSlot { claimed, listed });
             continue;
         }
         let ours = &c.info.slots[claimed];
         let theirs = &sb.slots[listed];
         let mut diff = geometry_difference(sb, &c.info);
-        if (ours.data_offset_blocks, ours.data_size_blocks)
-            != (theirs.data_offset_blocks, theirs.data_size_blocks)
-        {
+        if (ours.data_offset_blocks, ours.data_size_blocks) != (theirs.data_offset_blocks, theirs.data_size_blocks) {
             let data = format!(
                 "data area {}+{} vs {}+{} blocks",
-                theirs.data_offset_blocks,
-                theirs.data_size_blocks,
-                ours.data_offset_blocks,
-                ours.data_size_blocks
+                theirs.data_offset_blocks, theirs.data_size_blocks, ours.data_offset_blocks, ours.data_size_blocks
             );
             diff = Some(diff.map_or(data.clone(), |d| format!("{d}, {data}")));
         }
@@ -370,49 +288,24 @@ pub fn assemble(
             .map(|(_, o)| o.bdev_name.as_str())
             .collect();
         if !rivals.is_empty() {
-            refuse(
-                &mut refused,
-                c,
-                RefusalReason::DuplicateSlot {
-                    slot,
-                    other: rivals.join(", "),
-                },
-            );
+            refuse(&mut refused, c, RefusalReason::DuplicateSlot { slot, other: rivals.join(", ") });
             continue;
         }
         let up_to_date = c.info.events == events;
         let role = match sb.slots[slot].state {
             SlotState::Active if up_to_date => MemberRole::InSync,
-            SlotState::Active | SlotState::Failed => MemberRole::Stale {
-                events: c.info.events,
-            },
+            SlotState::Active | SlotState::Failed => MemberRole::Stale { events: c.info.events },
             // Progress recorded while this member was away may not cover writes
             // it missed since: start over.
-            SlotState::Rebuilding {
-                recovery_offset_blocks,
-            } if up_to_date => MemberRole::Recovering {
-                recovery_offset_blocks,
-            },
-            SlotState::Rebuilding { .. } | SlotState::Spare => MemberRole::Recovering {
-                recovery_offset_blocks: 0,
-            },
+            SlotState::Rebuilding { recovery_offset_blocks } if up_to_date => {
+                MemberRole::Recovering { recovery_offset_blocks }
+            }
+            SlotState::Rebuilding { .. } | SlotState::Spare => MemberRole::Recovering { recovery_offset_blocks: 0 },
         };
-        members[slot] = Some(PlannedMember {
-            bdev_name: c.bdev_name.clone(),
-            member_uuid: c.member_uuid,
-            role,
-        });
+        members[slot] = Some(PlannedMember { bdev_name: c.bdev_name.clone(), member_uuid: c.member_uuid, role });
     }
 
-    let in_sync = |m: usize| {
-        matches!(
-            members[m],
-            Some(PlannedMember {
-                role: MemberRole::InSync,
-                ..
-            })
-        )
-    };
+    let in_sync = |m: usize| matches!(members[m], Some(PlannedMember { role: MemberRole::InSync, .. }));
     let startable = geometry.survives(|m| !in_sync(m));
     let degraded = (0..members.len()).any(|m| !in_sync(m));
     let dirty = !sb.clean;
@@ -421,20 +314,15 @@ pub fn assemble(
     for (slot, m) in members.iter().enumerate() {
         let s = &sb.slots[slot];
         match m {
-            None => problems.push(format!(
-                "slot {slot} ({}, member {}) has no bdev",
-                s.state.name(),
-                s.member_uuid
-            )),
+            None => problems.push(format!("slot {slot} ({}, member {}) has no bdev", s.state.name(), s.member_uuid)),
             Some(PlannedMember { bdev_name, role: MemberRole::Stale { events: e }, .. }) => problems.push(format!(
                 "bdev {bdev_name} (slot {slot}) is stale: events {e} < {events}; it will be resynced, not read"
             )),
-            Some(PlannedMember { bdev_name, role: MemberRole::Recovering { recovery_offset_blocks }, .. }) => {
-                problems.push(format!(
+            Some(PlannedMember { bdev_name, role: MemberRole::Recovering { recovery_offset_blocks }, .. }) => problems
+                .push(format!(
                     "bdev {bdev_name} (slot {slot}) is {}: rebuild resumes at block {recovery_offset_blocks}",
                     s.state.name()
-                ))
-            }
+                )),
             Some(_) => {}
         }
     }
@@ -446,22 +334,10 @@ pub fn assemble(
         ));
     }
     if dirty {
-        problems.push(format!(
-            "array {} was not shut down cleanly: dirty regions need resync",
-            sb.name
-        ));
+        problems.push(format!("array {} was not shut down cleanly: dirty regions need resync", sb.name));
     }
 
-    Ok(AssemblyPlan {
-        superblock: sb.clone(),
-        geometry,
-        members,
-        refused,
-        degraded,
-        startable,
-        dirty,
-        problems,
-    })
+    Ok(AssemblyPlan { superblock: sb.clone(), geometry, members, refused, degraded, startable, dirty, problems })
 }
 
 #[cfg(test)]
@@ -481,8 +357,7 @@ mod tests {
     fn array(level: RaidLevel, n: usize) -> SuperblockInfo {
         let layout = MetadataLayout::new(512, 16, 1 << 14).unwrap();
         let members: Vec<(Uuid, u64)> = (0..n).map(|i| (member(i), 1 << 21)).collect();
-        let mut info =
-            SuperblockInfo::new_array("md0", ARRAY, level, 128, 512, &layout, &members).unwrap();
+        let mut info = SuperblockInfo::new_array("md0", ARRAY, level, 128, 512, &layout, &members).unwrap();
         info.events = 10;
         info
     }
@@ -490,11 +365,7 @@ mod tests {
     /// The copy on slot `slot`'s bdev, round-tripped through the disk format.
     fn found(info: &SuperblockInfo, slot: usize) -> FoundSuperblock {
         let info = decode(&encode(&info.for_slot(slot).unwrap())).unwrap();
-        FoundSuperblock {
-            bdev_name: format!("bdev{slot}"),
-            member_uuid: member(slot),
-            info,
-        }
+        FoundSuperblock { bdev_name: format!("bdev{slot}"), member_uuid: member(slot), info }
     }
 
     fn all(info: &SuperblockInfo) -> Vec<FoundSuperblock> {
@@ -502,31 +373,16 @@ mod tests {
     }
 
     fn roles(plan: &AssemblyPlan) -> Vec<Option<MemberRole>> {
-        plan.members
-            .iter()
-            .map(|m| m.as_ref().map(|m| m.role))
-            .collect()
+        plan.members.iter().map(|m| m.as_ref().map(|m| m.role)).collect()
     }
 
     #[test]
     fn complete_clean_array() {
-        for level in [
-            RaidLevel::Raid0,
-            RaidLevel::Raid1,
-            RaidLevel::Raid10,
-            RaidLevel::Concat,
-        ] {
+        for level in [RaidLevel::Raid0, RaidLevel::Raid1, RaidLevel::Raid10, RaidLevel::Concat] {
             let info = array(level, 4);
             let plan = assemble(ARRAY, &all(&info), &[]).unwrap();
-            assert!(
-                plan.startable && !plan.degraded && !plan.dirty && plan.complete(),
-                "{level:?}"
-            );
-            assert!(
-                plan.problems.is_empty() && plan.refused.is_empty(),
-                "{:?}",
-                plan.problems
-            );
+            assert!(plan.startable && !plan.degraded && !plan.dirty && plan.complete(), "{level:?}");
+            assert!(plan.problems.is_empty() && plan.refused.is_empty(), "{:?}", plan.problems);
             assert_eq!(plan.superblock.events, 10);
             assert_eq!(plan.geometry, info.geometry().unwrap());
             assert_eq!(plan.members[3].as_ref().unwrap().bdev_name, "bdev3");
@@ -548,33 +404,16 @@ mod tests {
             assert_eq!(plan.superblock.slots[0].state, SlotState::Failed);
             assert_eq!(
                 roles(&plan),
-                vec![
-                    Some(MemberRole::Stale { events: 10 }),
-                    Some(MemberRole::InSync),
-                    Some(MemberRole::InSync)
-                ]
+                vec![Some(MemberRole::Stale { events: 10 }), Some(MemberRole::InSync), Some(MemberRole::InSync)]
             );
             assert!(plan.startable && plan.degraded && !plan.complete());
-            assert!(
-                plan.problems
-                    .iter()
-                    .any(|p| p.contains("bdev0") && p.contains("stale")),
-                "{:?}",
-                plan.problems
-            );
+            assert!(plan.problems.iter().any(|p| p.contains("bdev0") && p.contains("stale")), "{:?}", plan.problems);
         }
         // Stale although the array still lists it active (it missed the last update).
         let mut newer = old.clone();
         newer.events = 11;
         let plan = assemble(ARRAY, &[found(&old, 0), found(&newer, 1)], &[]).unwrap();
-        assert_eq!(
-            roles(&plan),
-            vec![
-                Some(MemberRole::Stale { events: 10 }),
-                Some(MemberRole::InSync),
-                None
-            ]
-        );
+        assert_eq!(roles(&plan), vec![Some(MemberRole::Stale { events: 10 }), Some(MemberRole::InSync), None]);
         // Alone, an old copy cannot know it is old (md has the same limit):
         // it is the freshest there is.
         let plan = assemble(ARRAY, &[found(&old, 0)], &[]).unwrap();
@@ -585,21 +424,15 @@ mod tests {
     #[test]
     fn rebuilding_and_spare_slots_recover() {
         let mut info = array(RaidLevel::Raid1, 3);
-        info.slots[1].state = SlotState::Rebuilding {
-            recovery_offset_blocks: 4096,
-        };
+        info.slots[1].state = SlotState::Rebuilding { recovery_offset_blocks: 4096 };
         info.slots[2].state = SlotState::Spare;
         let plan = assemble(ARRAY, &all(&info), &[]).unwrap();
         assert_eq!(
             roles(&plan),
             vec![
                 Some(MemberRole::InSync),
-                Some(MemberRole::Recovering {
-                    recovery_offset_blocks: 4096
-                }),
-                Some(MemberRole::Recovering {
-                    recovery_offset_blocks: 0
-                }),
+                Some(MemberRole::Recovering { recovery_offset_blocks: 4096 }),
+                Some(MemberRole::Recovering { recovery_offset_blocks: 0 }),
             ]
         );
         assert!(plan.startable && plan.degraded);
@@ -607,12 +440,7 @@ mod tests {
         let mut newer = info.clone();
         newer.events += 1;
         let plan = assemble(ARRAY, &[found(&newer, 0), found(&info, 1)], &[]).unwrap();
-        assert_eq!(
-            plan.members[1].as_ref().unwrap().role,
-            MemberRole::Recovering {
-                recovery_offset_blocks: 0
-            }
-        );
+        assert_eq!(plan.members[1].as_ref().unwrap().role, MemberRole::Recovering { recovery_offset_blocks: 0 });
     }
 
     #[test]
@@ -622,20 +450,15 @@ mod tests {
         b.slots[0].state = SlotState::Failed; // same events, different history: split brain
         let err = assemble(ARRAY, &[found(&a, 0), found(&b, 1)], &[]).unwrap_err();
         match &err {
-            AssemblyError::Conflict {
-                events: 10,
-                difference,
-                ..
-            } => assert!(difference.contains("slot 0"), "{difference}"),
+            AssemblyError::Conflict { events: 10, difference, .. } => {
+                assert!(difference.contains("slot 0"), "{difference}")
+            }
             e => panic!("{e:?}"),
         }
         assert!(err.to_string().contains("has split"));
         let mut c = a.clone();
         c.clean = false;
-        assert!(matches!(
-            assemble(ARRAY, &[found(&a, 0), found(&c, 1)], &[]),
-            Err(AssemblyError::Conflict { .. })
-        ));
+        assert!(matches!(assemble(ARRAY, &[found(&a, 0), found(&c, 1)], &[]), Err(AssemblyError::Conflict { .. })));
     }
 
     #[test]
@@ -645,10 +468,7 @@ mod tests {
         let mut other = info.clone();
         other.array_uuid = Uuid::from_u128(0xbeef);
         let mut set = all(&info);
-        set.push(FoundSuperblock {
-            bdev_name: "stray".into(),
-            ..found(&other, 1)
-        });
+        set.push(FoundSuperblock { bdev_name: "stray".into(), ..found(&other, 1) });
         let plan = assemble(ARRAY, &set, &[]).unwrap();
         assert!(plan.startable && !plan.degraded);
         assert!(
@@ -669,28 +489,18 @@ mod tests {
         assert!(plan.complete());
         assert_eq!(plan.refused.len(), 1);
         let msg = plan.refused[0].to_string();
-        assert!(
-            msg.contains("bdev1")
-                && msg.contains(&format!("claims to be a member of array {ARRAY}")),
-            "{msg}"
-        );
+        assert!(msg.contains("bdev1") && msg.contains(&format!("claims to be a member of array {ARRAY}")), "{msg}");
         assert!(msg.contains("does not list it"), "{msg}");
 
         // The bdev's own UUID disagrees with its superblock's.
         let mut liar = found(&info, 1);
         liar.member_uuid = Uuid::from_u128(5);
         let plan = assemble(ARRAY, &[found(&info, 0), liar], &[]).unwrap();
-        assert!(matches!(
-            plan.refused[0].reason,
-            RefusalReason::UuidMismatch { .. }
-        ));
+        assert!(matches!(plan.refused[0].reason, RefusalReason::UuidMismatch { .. }));
         assert!(plan.members[1].is_none() && plan.degraded);
 
         // Nothing of this array at all.
-        assert_eq!(
-            assemble(ARRAY, &[found(&other, 0)], &[]).unwrap_err(),
-            AssemblyError::NoMembers(ARRAY)
-        );
+        assert_eq!(assemble(ARRAY, &[found(&other, 0)], &[]).unwrap_err(), AssemblyError::NoMembers(ARRAY));
     }
 
     #[test]
@@ -703,35 +513,15 @@ mod tests {
         let layout = MetadataLayout::new(512, 16, 1 << 14).unwrap();
         let members: Vec<(Uuid, u64)> = (0..4).map(|i| (member(i), 1 << 21)).collect();
         let other_strip =
-            SuperblockInfo::new_array("md0", ARRAY, RaidLevel::Raid10, 64, 512, &layout, &members)
-                .unwrap();
+            SuperblockInfo::new_array("md0", ARRAY, RaidLevel::Raid10, 64, 512, &layout, &members).unwrap();
         let no_bitmap = MetadataLayout::new(512, 0, 0).unwrap();
-        let other_bitmap = SuperblockInfo::new_array(
-            "md0",
-            ARRAY,
-            RaidLevel::Raid10,
-            128,
-            512,
-            &no_bitmap,
-            &members,
-        )
-        .unwrap();
+        let other_bitmap =
+            SuperblockInfo::new_array("md0", ARRAY, RaidLevel::Raid10, 128, 512, &no_bitmap, &members).unwrap();
         for odd in [other_strip, other_bitmap] {
-            let set = vec![
-                found(&fresh, 0),
-                found(&fresh, 1),
-                found(&fresh, 2),
-                found(&odd, 3),
-            ];
+            let set = vec![found(&fresh, 0), found(&fresh, 1), found(&fresh, 2), found(&odd, 3)];
             let plan = assemble(ARRAY, &set, &[]).unwrap();
             assert!(
-                matches!(
-                    &plan.refused[..],
-                    [Refused {
-                        reason: RefusalReason::GeometryMismatch(_),
-                        ..
-                    }]
-                ),
+                matches!(&plan.refused[..], [Refused { reason: RefusalReason::GeometryMismatch(_), .. }]),
                 "{:?}",
                 plan.refused
             );
@@ -741,59 +531,23 @@ mod tests {
         let mut moved = fresh.clone();
         moved.events = 5;
         moved.slots.swap(2, 3);
-        let stale = FoundSuperblock {
-            bdev_name: "bdev3".into(),
-            member_uuid: member(3),
-            info: moved.for_slot(2).unwrap(),
-        };
-        let plan = assemble(
-            ARRAY,
-            &[found(&fresh, 0), found(&fresh, 1), found(&fresh, 2), stale],
-            &[],
-        )
-        .unwrap();
-        assert_eq!(
-            plan.refused[0].reason,
-            RefusalReason::WrongSlot {
-                claimed: 2,
-                listed: 3
-            }
-        );
+        let stale =
+            FoundSuperblock { bdev_name: "bdev3".into(), member_uuid: member(3), info: moved.for_slot(2).unwrap() };
+        let plan = assemble(ARRAY, &[found(&fresh, 0), found(&fresh, 1), found(&fresh, 2), stale], &[]).unwrap();
+        assert_eq!(plan.refused[0].reason, RefusalReason::WrongSlot { claimed: 2, listed: 3 });
     }
 
     #[test]
     fn duplicate_slots_are_refused() {
         let info = array(RaidLevel::Raid1, 2);
-        let clone = FoundSuperblock {
-            bdev_name: "copy_of_1".into(),
-            ..found(&info, 1)
-        };
-        let plan = assemble(
-            ARRAY,
-            &[found(&info, 0), found(&info, 1), clone.clone()],
-            &[],
-        )
-        .unwrap();
+        let clone = FoundSuperblock { bdev_name: "copy_of_1".into(), ..found(&info, 1) };
+        let plan = assemble(ARRAY, &[found(&info, 0), found(&info, 1), clone.clone()], &[]).unwrap();
         assert_eq!(plan.refused.len(), 2);
-        assert!(plan
-            .refused
-            .iter()
-            .all(|r| matches!(r.reason, RefusalReason::DuplicateSlot { slot: 1, .. })));
+        assert!(plan.refused.iter().all(|r| matches!(r.reason, RefusalReason::DuplicateSlot { slot: 1, .. })));
         assert!(plan.members[1].is_none() && plan.startable && plan.degraded);
         // The same bdev twice is a caller bug, reported once.
-        let plan = assemble(
-            ARRAY,
-            &[found(&info, 0), found(&info, 1), found(&info, 1)],
-            &[],
-        )
-        .unwrap();
-        assert_eq!(
-            plan.refused,
-            vec![Refused {
-                bdev_name: "bdev1".into(),
-                reason: RefusalReason::DuplicateBdev
-            }]
-        );
+        let plan = assemble(ARRAY, &[found(&info, 0), found(&info, 1), found(&info, 1)], &[]).unwrap();
+        assert_eq!(plan.refused, vec![Refused { bdev_name: "bdev1".into(), reason: RefusalReason::DuplicateBdev }]);
         assert!(plan.complete());
     }
 
@@ -823,19 +577,10 @@ mod tests {
         // Stale members do not count toward starting.
         let mut newer = r10.clone();
         newer.events = 11;
-        let set = vec![
-            found(&r10, 0),
-            found(&r10, 1),
-            found(&newer, 2),
-            found(&newer, 3),
-        ];
+        let set = vec![found(&r10, 0), found(&r10, 1), found(&newer, 2), found(&newer, 3)];
         let plan = assemble(ARRAY, &set, &[]).unwrap();
         assert!(!plan.startable && plan.degraded);
-        assert!(
-            plan.problems.iter().any(|p| p.contains("cannot start")),
-            "{:?}",
-            plan.problems
-        );
+        assert!(plan.problems.iter().any(|p| p.contains("cannot start")), "{:?}", plan.problems);
     }
 
     #[test]
@@ -843,13 +588,7 @@ mod tests {
         let mut crashed = array(RaidLevel::Raid1, 2);
         crashed.clean = false;
         let plan = assemble(ARRAY, &all(&crashed), &[]).unwrap();
-        assert!(
-            plan.dirty
-                && plan
-                    .problems
-                    .iter()
-                    .any(|p| p.contains("not shut down cleanly"))
-        );
+        assert!(plan.dirty && plan.problems.iter().any(|p| p.contains("not shut down cleanly")));
         let mut closed = crashed.clone();
         closed.clean = true;
         closed.events += 1;
@@ -864,13 +603,9 @@ mod tests {
         bytes[200] ^= 4;
         let err = decode(&bytes).unwrap_err();
         let plan = assemble(ARRAY, &[found(&info, 0)], &[("bdev1".into(), err)]).unwrap();
-        assert!(matches!(
-            plan.refused[0].reason,
-            RefusalReason::Undecodable(SuperblockError::BadChecksum { .. })
-        ));
-        assert!(plan.problems[0].starts_with(
-            "bdev bdev1 refused: its superblock is unreadable: superblock checksum mismatch"
-        ));
+        assert!(matches!(plan.refused[0].reason, RefusalReason::Undecodable(SuperblockError::BadChecksum { .. })));
+        assert!(plan.problems[0]
+            .starts_with("bdev bdev1 refused: its superblock is unreadable: superblock checksum mismatch"));
         assert!(plan.members[1].is_none() && plan.degraded);
     }
 
@@ -880,10 +615,7 @@ mod tests {
         let mut b = array(RaidLevel::Raid0, 2);
         b.array_uuid = Uuid::from_u128(1);
         let groups = group_by_array(vec![found(&a, 0), found(&b, 0), found(&a, 1), found(&b, 1)]);
-        assert_eq!(
-            groups.keys().copied().collect::<Vec<_>>(),
-            vec![Uuid::from_u128(1), ARRAY]
-        );
+        assert_eq!(groups.keys().copied().collect::<Vec<_>>(), vec![Uuid::from_u128(1), ARRAY]);
         for (uuid, set) in &groups {
             let plan = assemble(*uuid, set, &[]).unwrap();
             assert!(plan.complete() && plan.refused.is_empty());

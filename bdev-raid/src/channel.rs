@@ -15,9 +15,7 @@ use crate::map::{Geometry, Loc, Placement, RaidLevel};
 use crate::owner::OwnerPart;
 use crate::quiesce::Gate;
 use crate::range_table::{words, Acquired};
-use bdev::{
-    BdevChannel, BdevError, Channel, DmaBuf, IoBox, IoDone, IoError, IoSlab, IoStatus, IoType,
-};
+use bdev::{BdevChannel, BdevError, Channel, DmaBuf, IoBox, IoDone, IoError, IoSlab, IoStatus, IoType};
 use reactor::ReactorId;
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -51,12 +49,7 @@ struct ParentCtx {
 }
 
 impl ParentCtx {
-    const NEW: ParentCtx = ParentCtx {
-        remaining: 0,
-        error: None,
-        copy_failed: false,
-        lock: NO_LOCK,
-    };
+    const NEW: ParentCtx = ParentCtx { remaining: 0, error: None, copy_failed: false, lock: NO_LOCK };
 }
 
 /// Per-reactor, per-array state.
@@ -124,10 +117,7 @@ pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
         owner,
     });
     ras.refresh();
-    reactor::local::<RaidLocal>()
-        .arrays
-        .borrow_mut()
-        .push(ras.clone());
+    reactor::local::<RaidLocal>().arrays.borrow_mut().push(ras.clone());
     Some(ras)
 }
 
@@ -141,9 +131,7 @@ pub(crate) fn drop_ras(key: u32) -> Option<Rc<Ras>> {
 
 impl Ras {
     pub(crate) fn rc(&self) -> Rc<Ras> {
-        self.weak
-            .upgrade()
-            .unwrap_or_else(|| unreachable!("a Ras is used only through its Rc"))
+        self.weak.upgrade().unwrap_or_else(|| unreachable!("a Ras is used only through its Rc"))
     }
 
     fn level(&self) -> RaidLevel {
@@ -156,19 +144,13 @@ impl Ras {
     pub(crate) fn refresh(&self) {
         let (slots, geo, block_size) = {
             let ctl = self.shared.ctl();
-            (
-                ctl.slots.clone(),
-                self.shared.geometry.get().cloned(),
-                ctl.block_size,
-            )
+            (ctl.slots.clone(), self.shared.geometry.get().cloned(), ctl.block_size)
         };
         let members = slots
             .iter()
             .map(|s| MemberCh {
                 ch: match s.role {
-                    Role::Active | Role::Rebuilding => {
-                        s.handle.as_ref().and_then(|h| h.channel().ok())
-                    }
+                    Role::Active | Role::Rebuilding => s.handle.as_ref().and_then(|h| h.channel().ok()),
                     _ => None,
                 },
                 role: s.role,
@@ -224,8 +206,7 @@ impl Ras {
 
     /// Completes a parked parent and lets the gate count it out.
     fn finish(&self, slot: u32, status: IoStatus) {
-        let lock =
-            std::mem::replace(&mut self.ctx.borrow_mut()[slot as usize], ParentCtx::NEW).lock;
+        let lock = std::mem::replace(&mut self.ctx.borrow_mut()[slot as usize], ParentCtx::NEW).lock;
         let io = self.parents.borrow_mut().take(slot);
         if lock != NO_LOCK {
             self.release_lock(lock);
@@ -254,11 +235,7 @@ impl Ras {
         };
         if let Some(owner) = &self.owner {
             // On the owner: a direct call, no message.
-            let r = owner.table.borrow_mut().acquire(
-                start,
-                start + num_blocks,
-                words::waiter(self.me, slot),
-            );
+            let r = owner.table.borrow_mut().acquire(start, start + num_blocks, words::waiter(self.me, slot));
             if let Acquired::Granted(entry) = r {
                 self.granted(slot, entry);
             }
@@ -283,12 +260,7 @@ impl Ras {
         if let Some(owner) = &self.owner {
             owner.release(self, entry);
         } else {
-            reactor::send_raw(
-                self.shared.owner,
-                on_release_msg,
-                self.shared.key as u64,
-                entry as u64,
-            );
+            reactor::send_raw(self.shared.owner, on_release_msg, self.shared.key as u64, entry as u64);
         }
     }
 
@@ -297,18 +269,13 @@ impl Ras {
     /// Usable for reading and as a surviving copy: active, not failed.
     #[inline]
     fn active(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
-        members
-            .get(m)
-            .is_some_and(|mc| mc.role == Role::Active && mc.ch.is_some())
-            && failed_mask & (1 << m) == 0
+        members.get(m).is_some_and(|mc| mc.role == Role::Active && mc.ch.is_some()) && failed_mask & (1 << m) == 0
     }
 
     /// Receives writes: active, or being rebuilt.
     #[inline]
     fn writable(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
-        members
-            .get(m)
-            .is_some_and(|mc| matches!(mc.role, Role::Active | Role::Rebuilding) && mc.ch.is_some())
+        members.get(m).is_some_and(|mc| matches!(mc.role, Role::Active | Role::Rebuilding) && mc.ch.is_some())
             && failed_mask & (1 << m) == 0
     }
 
@@ -340,20 +307,12 @@ impl Ras {
                     (w, w)
                 }
                 Placement::Pair(p) => (
-                    p.iter()
-                        .filter(|l| Self::writable(&members, failed, l.member as usize))
-                        .count() as u32,
-                    p.iter()
-                        .filter(|l| Self::active(&members, failed, l.member as usize))
-                        .count() as u32,
+                    p.iter().filter(|l| Self::writable(&members, failed, l.member as usize)).count() as u32,
+                    p.iter().filter(|l| Self::active(&members, failed, l.member as usize)).count() as u32,
                 ),
                 Placement::Mirror(_) => (
-                    (0..nm)
-                        .filter(|&m| Self::writable(&members, failed, m))
-                        .count() as u32,
-                    (0..nm)
-                        .filter(|&m| Self::active(&members, failed, m))
-                        .count() as u32,
+                    (0..nm).filter(|&m| Self::writable(&members, failed, m)).count() as u32,
+                    (0..nm).filter(|&m| Self::active(&members, failed, m)).count() as u32,
                 ),
             };
             if survivors == 0 {
@@ -376,12 +335,8 @@ impl Ras {
         let mut short = false;
         for e in geo.extents(off, n) {
             let mut add = |l: Loc| {
-                let b = buf.as_ref().map(|b| {
-                    b.slice(
-                        (e.buf_offset_blocks * bs) as usize,
-                        (e.num_blocks * bs) as usize,
-                    )
-                });
+                let b =
+                    buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
                 match Self::make_child(&members, slot, t, (l, b), e.num_blocks, 0) {
                     Some(c) => children.push(c),
                     None => short = true,
@@ -399,10 +354,7 @@ impl Ras {
                 Placement::Mirror(o) => {
                     for m in 0..nm {
                         if Self::writable(&members, failed, m) {
-                            add(Loc {
-                                member: m as u16,
-                                offset_blocks: o,
-                            });
+                            add(Loc { member: m as u16, offset_blocks: o });
                         }
                     }
                 }
@@ -421,16 +373,9 @@ impl Ras {
     }
 
     /// The active copy with the fewest children in flight on this reactor.
-    fn pick_copy(
-        members: &[MemberCh],
-        failed: u32,
-        candidates: impl Iterator<Item = Loc>,
-        tried: u32,
-    ) -> Option<Loc> {
+    fn pick_copy(members: &[MemberCh], failed: u32, candidates: impl Iterator<Item = Loc>, tried: u32) -> Option<Loc> {
         candidates
-            .filter(|l| {
-                tried & (1 << l.member) == 0 && Self::active(members, failed, l.member as usize)
-            })
+            .filter(|l| tried & (1 << l.member) == 0 && Self::active(members, failed, l.member as usize))
             .min_by_key(|l| members[l.member as usize].outstanding.get())
     }
 
@@ -441,10 +386,7 @@ impl Ras {
             Placement::Mirror(o) => Self::pick_copy(
                 members,
                 failed,
-                (0..members.len()).map(|m| Loc {
-                    member: m as u16,
-                    offset_blocks: o,
-                }),
+                (0..members.len()).map(|m| Loc { member: m as u16, offset_blocks: o }),
                 tried,
             ),
         }
@@ -479,12 +421,7 @@ impl Ras {
             let Some(l) = Self::read_target(&members, failed, e.placement, 0) else {
                 continue;
             };
-            let b = buf.as_ref().map(|b| {
-                b.slice(
-                    (e.buf_offset_blocks * bs) as usize,
-                    (e.num_blocks * bs) as usize,
-                )
-            });
+            let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
             self.submit_child(&members, slot, t, (l, b), e.num_blocks, 0);
         }
     }
@@ -500,20 +437,13 @@ impl Ras {
         let count = targets.clone().count() as u32;
         if count == 0 || (IoBox::available() as u64) < count as u64 {
             drop(members);
-            let e = if count == 0 {
-                IoError::NoDevice
-            } else {
-                IoError::NoMemory
-            };
+            let e = if count == 0 { IoError::NoDevice } else { IoError::NoMemory };
             return self.finish(slot, IoStatus::Failed(e));
         }
         self.ctx.borrow_mut()[slot as usize].remaining = count;
         for m in targets {
             // Offsets are member-relative; flush and reset ignore them.
-            let l = Loc {
-                member: m as u16,
-                offset_blocks: 0,
-            };
+            let l = Loc { member: m as u16, offset_blocks: 0 };
             self.submit_child(&members, slot, t, (l, None), 0, 0);
         }
     }
@@ -603,10 +533,7 @@ impl Ras {
         let Some(mc) = members.get(m) else {
             return Err(child);
         };
-        let here = Loc {
-            member: m as u16,
-            offset_blocks: child.offset_blocks.saturating_sub(mc.data_offset_blocks),
-        };
+        let here = Loc { member: m as u16, offset_blocks: child.offset_blocks.saturating_sub(mc.data_offset_blocks) };
         let placement = match self.level() {
             RaidLevel::Raid1 => Placement::Mirror(here.offset_blocks),
             RaidLevel::Raid10 => match geo.partner(here) {
@@ -642,11 +569,7 @@ impl Ras {
             // active: if not, some pair (or every mirror) is gone entirely.
             let failed = self.shared.failed_mask.load(Ordering::Acquire);
             let members = self.members.borrow();
-            let ok = self
-                .geo
-                .borrow()
-                .as_deref()
-                .is_some_and(|g| g.survives(|m| !Self::active(&members, failed, m)));
+            let ok = self.geo.borrow().as_deref().is_some_and(|g| g.survives(|m| !Self::active(&members, failed, m)));
             if !ok {
                 status = IoStatus::Failed(IoError::Media);
             }
@@ -674,9 +597,7 @@ impl IoDone for Ras {
                     match self.retry_read(child) {
                         Ok(()) => return,
                         Err(_) => {
-                            self.ctx.borrow_mut()[slot as usize]
-                                .error
-                                .get_or_insert(err);
+                            self.ctx.borrow_mut()[slot as usize].error.get_or_insert(err);
                         }
                     }
                 }
@@ -685,9 +606,7 @@ impl IoDone for Ras {
                     self.ctx.borrow_mut()[slot as usize].copy_failed = true;
                 }
                 _ => {
-                    self.ctx.borrow_mut()[slot as usize]
-                        .error
-                        .get_or_insert(err);
+                    self.ctx.borrow_mut()[slot as usize].error.get_or_insert(err);
                 }
             }
         }
@@ -710,16 +629,9 @@ fn on_acquire_msg(a: u64, b: u64) {
     let key = (a >> 32) as u32;
     let Some(ras) = find_ras(key) else { return };
     let Some(owner) = &ras.owner else { return };
-    let array_blocks = ras
-        .geo
-        .borrow()
-        .as_deref()
-        .map_or(u64::MAX, Geometry::array_blocks);
+    let array_blocks = ras.geo.borrow().as_deref().map_or(u64::MAX, Geometry::array_blocks);
     let (key, reactor, slot, start, end) = words::decode_acquire(a, b, array_blocks);
-    let r = owner
-        .table
-        .borrow_mut()
-        .acquire(start, end, words::waiter(reactor, slot));
+    let r = owner.table.borrow_mut().acquire(start, end, words::waiter(reactor, slot));
     if let Acquired::Granted(entry) = r {
         let (a, b) = words::encode_grant(key, slot, entry);
         reactor::send_raw(reactor, on_grant_msg, a, b);

@@ -16,8 +16,8 @@
 //! `map` holds the pure address arithmetic; `rpc` the SPDK methods.
 #![forbid(unsafe_code)]
 
-pub mod assemble;
 mod array;
+pub mod assemble;
 mod channel;
 pub mod map;
 mod owner;

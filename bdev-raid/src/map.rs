@@ -91,10 +91,7 @@ impl Placement {
         match *self {
             Placement::Single(l) => (l.member as usize == member).then_some(l),
             Placement::Pair(p) => p.into_iter().find(|l| l.member as usize == member),
-            Placement::Mirror(off) => Some(Loc {
-                member: member as u16,
-                offset_blocks: off,
-            }),
+            Placement::Mirror(off) => Some(Loc { member: member as u16, offset_blocks: off }),
         }
     }
 }
@@ -113,11 +110,7 @@ pub struct Extent {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum GeometryError {
     #[error("{level} needs at least {min} members, got {got}")]
-    TooFewMembers {
-        level: &'static str,
-        min: usize,
-        got: usize,
-    },
+    TooFewMembers { level: &'static str, min: usize, got: usize },
     #[error("at most {MAX_MEMBERS} members are supported, got {0}")]
     TooManyMembers(usize),
     #[error("strip size must be a power of two number of blocks (got {0})")]
@@ -146,27 +139,15 @@ impl Geometry {
     /// Usable size: raid0 `n * min` and raid10 `n * min / 2` (both rounded
     /// down to whole strips), raid1 `min`, concat the sum of strip-rounded
     /// member sizes.
-    pub fn new(
-        level: RaidLevel,
-        strip_size_blocks: u64,
-        member_blocks: &[u64],
-    ) -> Result<Geometry, GeometryError> {
+    pub fn new(level: RaidLevel, strip_size_blocks: u64, member_blocks: &[u64]) -> Result<Geometry, GeometryError> {
         let n = member_blocks.len();
         if n < level.min_members() {
-            return Err(GeometryError::TooFewMembers {
-                level: level.name(),
-                min: level.min_members(),
-                got: n,
-            });
+            return Err(GeometryError::TooFewMembers { level: level.name(), min: level.min_members(), got: n });
         }
         if n > MAX_MEMBERS {
             return Err(GeometryError::TooManyMembers(n));
         }
-        let strip = if level.uses_strips() {
-            strip_size_blocks
-        } else {
-            0
-        };
+        let strip = if level.uses_strips() { strip_size_blocks } else { 0 };
         if level.uses_strips() && !strip.is_power_of_two() {
             return Err(GeometryError::BadStrip(strip));
         }
@@ -204,11 +185,7 @@ impl Geometry {
             level,
             num_members: n,
             strip_size_blocks: strip,
-            strip_shift: if strip == 0 {
-                0
-            } else {
-                strip.trailing_zeros()
-            },
+            strip_shift: if strip == 0 { 0 } else { strip.trailing_zeros() },
             member_data_blocks,
             concat_ends,
             array_blocks,
@@ -235,15 +212,8 @@ impl Geometry {
     /// Splits `[offset, offset + num_blocks)` (which must lie inside the
     /// array) into extents, lazily and without allocating.
     pub fn extents(&self, offset_blocks: u64, num_blocks: u64) -> Extents<'_> {
-        let end = offset_blocks
-            .saturating_add(num_blocks)
-            .min(self.array_blocks);
-        Extents {
-            geo: self,
-            start: offset_blocks,
-            cur: offset_blocks.min(end),
-            end,
-        }
+        let end = offset_blocks.saturating_add(num_blocks).min(self.array_blocks);
+        Extents { geo: self, start: offset_blocks, cur: offset_blocks.min(end), end }
     }
 
     /// The placement of the one block at `lba` (and how many blocks after it,
@@ -256,28 +226,19 @@ impl Geometry {
                 let s = lba >> self.strip_shift;
                 let within = lba & (strip - 1);
                 let n = self.num_members as u64;
-                let loc = Loc {
-                    member: (s % n) as u16,
-                    offset_blocks: (s / n) * strip + within,
-                };
+                let loc = Loc { member: (s % n) as u16, offset_blocks: (s / n) * strip + within };
                 (Placement::Single(loc), strip - within)
             }
             RaidLevel::Raid10 => {
                 let c = lba >> self.strip_shift;
                 let within = lba & (strip - 1);
-                let pair = [
-                    self.slot_loc(2 * c, within),
-                    self.slot_loc(2 * c + 1, within),
-                ];
+                let pair = [self.slot_loc(2 * c, within), self.slot_loc(2 * c + 1, within)];
                 (Placement::Pair(pair), strip - within)
             }
             RaidLevel::Concat => {
                 let i = self.concat_ends.partition_point(|&e| e <= lba);
                 let start = self.concat_ends[i] - self.member_data_blocks[i];
-                let loc = Loc {
-                    member: i as u16,
-                    offset_blocks: lba - start,
-                };
+                let loc = Loc { member: i as u16, offset_blocks: lba - start };
                 (Placement::Single(loc), self.concat_ends[i] - lba)
             }
         }
@@ -285,10 +246,7 @@ impl Geometry {
 
     fn slot_loc(&self, slot: u64, within: u64) -> Loc {
         let n = self.num_members as u64;
-        Loc {
-            member: (slot % n) as u16,
-            offset_blocks: (slot / n) * self.strip_size_blocks + within,
-        }
+        Loc { member: (slot % n) as u16, offset_blocks: (slot / n) * self.strip_size_blocks + within }
     }
 
     /// Placement of one array block.
@@ -317,9 +275,7 @@ impl Geometry {
     pub fn survives(&self, lost: impl Fn(usize) -> bool) -> bool {
         let n = self.num_members;
         match self.level {
-            RaidLevel::Raid0 | RaidLevel::Concat => {
-                (0..n).all(|m| !lost(m) || self.member_data_blocks[m] == 0)
-            }
+            RaidLevel::Raid0 | RaidLevel::Concat => (0..n).all(|m| !lost(m) || self.member_data_blocks[m] == 0),
             RaidLevel::Raid1 => (0..n).any(|m| !lost(m)),
             RaidLevel::Raid10 => {
                 // The pair pattern of chunk c repeats with period n.
@@ -350,12 +306,8 @@ impl Iterator for Extents<'_> {
         }
         let (placement, run) = self.geo.place(self.cur);
         let num_blocks = run.min(self.end - self.cur);
-        let e = Extent {
-            array_offset_blocks: self.cur,
-            buf_offset_blocks: self.cur - self.start,
-            num_blocks,
-            placement,
-        };
+        let e =
+            Extent { array_offset_blocks: self.cur, buf_offset_blocks: self.cur - self.start, num_blocks, placement };
         self.cur += num_blocks;
         Some(e)
     }
@@ -422,12 +374,7 @@ mod tests {
     }
 
     fn level_strategy() -> impl Strategy<Value = RaidLevel> {
-        prop_oneof![
-            Just(RaidLevel::Raid0),
-            Just(RaidLevel::Raid1),
-            Just(RaidLevel::Raid10),
-            Just(RaidLevel::Concat)
-        ]
+        prop_oneof![Just(RaidLevel::Raid0), Just(RaidLevel::Raid1), Just(RaidLevel::Raid10), Just(RaidLevel::Concat)]
     }
 
     proptest! {
@@ -511,25 +458,13 @@ mod tests {
         assert_eq!(g.array_blocks(), 128);
         let g = Geometry::new(RaidLevel::Concat, 8, &[20, 17]).unwrap();
         assert_eq!((g.array_blocks(), g.member_data_blocks(1)), (32, 16));
-        assert_eq!(
-            Geometry::new(RaidLevel::Raid0, 16, &[8, 8]),
-            Err(GeometryError::Empty)
-        );
-        assert!(matches!(
-            Geometry::new(RaidLevel::Raid1, 0, &[8]),
-            Err(GeometryError::TooFewMembers { .. })
-        ));
-        assert_eq!(
-            Geometry::new(RaidLevel::Raid0, 3, &[8]),
-            Err(GeometryError::BadStrip(3))
-        );
+        assert_eq!(Geometry::new(RaidLevel::Raid0, 16, &[8, 8]), Err(GeometryError::Empty));
+        assert!(matches!(Geometry::new(RaidLevel::Raid1, 0, &[8]), Err(GeometryError::TooFewMembers { .. })));
+        assert_eq!(Geometry::new(RaidLevel::Raid0, 3, &[8]), Err(GeometryError::BadStrip(3)));
         assert!(Geometry::new(RaidLevel::Raid0, 1, &[8; MAX_MEMBERS + 1]).is_err());
-        for (s, l) in [
-            ("raid0", RaidLevel::Raid0),
-            ("0", RaidLevel::Raid0),
-            ("1", RaidLevel::Raid1),
-            ("10", RaidLevel::Raid10),
-        ] {
+        for (s, l) in
+            [("raid0", RaidLevel::Raid0), ("0", RaidLevel::Raid0), ("1", RaidLevel::Raid1), ("10", RaidLevel::Raid10)]
+        {
             assert_eq!(RaidLevel::parse(s), Some(l));
         }
         assert_eq!(RaidLevel::parse("raid5f"), None);
@@ -545,9 +480,7 @@ mod tests {
                 p => panic!("{p:?}"),
             })
             .collect();
-        assert!(pairs
-            .iter()
-            .all(|&(a, b)| (a, b) == (0, 1) || (a, b) == (2, 3)));
+        assert!(pairs.iter().all(|&(a, b)| (a, b) == (0, 1) || (a, b) == (2, 3)));
         assert!(g.survives(|m| m == 0 || m == 2));
         assert!(!g.survives(|m| m == 2 || m == 3));
     }

@@ -52,11 +52,7 @@ impl OwnerPart {
     pub(crate) fn new(shared: &ArrayShared) -> Self {
         let block_size = shared.ctl().block_size.max(512) as u64;
         OwnerPart {
-            table: RefCell::new(RangeTable::new(
-                (REGION_BYTES / block_size).max(1),
-                BUCKETS,
-                TABLE_CAPACITY,
-            )),
+            table: RefCell::new(RangeTable::new((REGION_BYTES / block_size).max(1), BUCKETS, TABLE_CAPACITY)),
             coord: RefCell::new(Coordinator::new(reactor::count())),
             waiters: RefCell::new(Vec::new()),
             ops: RefCell::new(VecDeque::new()),
@@ -120,9 +116,7 @@ impl Drop for Fence {
 }
 
 fn owner_of(ras: &Rc<Ras>) -> &OwnerPart {
-    ras.owner
-        .as_ref()
-        .unwrap_or_else(|| unreachable!("fenced operations run on the owner"))
+    ras.owner.as_ref().unwrap_or_else(|| unreachable!("fenced operations run on the owner"))
 }
 
 /// Queues `op` to run fenced (owner reactor only).
@@ -151,12 +145,7 @@ fn pump(ras: &Rc<Ras>) {
                 return;
             };
             match res {
-                Ok(()) => op(
-                    &r2,
-                    Ok(Fence {
-                        ras: Some(r2.clone()),
-                    }),
-                ),
+                Ok(()) => op(&r2, Ok(Fence { ras: Some(r2.clone()) })),
                 Err(e) => {
                     op(&r2, Err(e));
                     owner_of(&r2).op_running.set(false);
@@ -176,12 +165,7 @@ fn end_op(ras: &Rc<Ras>) {
     let next = owner.ops.borrow_mut().pop_front();
     match next {
         // Still suspended: run the next change under the same suspension.
-        Some(op) => op(
-            ras,
-            Ok(Fence {
-                ras: Some(ras.clone()),
-            }),
-        ),
+        Some(op) => op(ras, Ok(Fence { ras: Some(ras.clone()) })),
         None => {
             owner.op_running.set(false);
             resume_local(ras);
@@ -322,10 +306,7 @@ pub(crate) fn member_failed(shared: &Arc<ArrayShared>, m: usize) {
 }
 
 /// Public suspend: from any reactor.
-pub(crate) fn suspend_any(
-    shared: &Arc<ArrayShared>,
-    done: Box<dyn FnOnce(Result<(), BdevError>) + Send>,
-) {
+pub(crate) fn suspend_any(shared: &Arc<ArrayShared>, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let key = shared.key;
     let name = shared.name.clone();
     reactor::send(shared.owner, move || match find_ras(key) {
@@ -345,10 +326,7 @@ pub(crate) fn resume_any(shared: &Arc<ArrayShared>) {
 }
 
 /// Runs `f` on the owner reactor with its state (None: the array is gone).
-pub(crate) fn on_owner(
-    shared: &Arc<ArrayShared>,
-    f: impl FnOnce(Option<Rc<Ras>>) + Send + 'static,
-) {
+pub(crate) fn on_owner(shared: &Arc<ArrayShared>, f: impl FnOnce(Option<Rc<Ras>>) + Send + 'static) {
     let key = shared.key;
     reactor::send(shared.owner, move || f(find_ras(key)));
 }

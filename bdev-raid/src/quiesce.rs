@@ -68,12 +68,7 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn new(num_reactors: usize) -> Self {
-        Coordinator {
-            phase: Phase::Active,
-            epoch: 0,
-            holders: 0,
-            num_reactors: num_reactors.max(1),
-        }
+        Coordinator { phase: Phase::Active, epoch: 0, holders: 0, num_reactors: num_reactors.max(1) }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -95,9 +90,7 @@ impl Coordinator {
         match self.phase {
             Phase::Active => {
                 self.epoch += 1;
-                self.phase = Phase::Suspending {
-                    acks_left: self.num_reactors,
-                };
+                self.phase = Phase::Suspending { acks_left: self.num_reactors };
                 SuspendStep::Broadcast(self.epoch)
             }
             Phase::Suspending { .. } => SuspendStep::Wait,
@@ -110,9 +103,7 @@ impl Coordinator {
         match self.phase {
             Phase::Suspending { acks_left } if epoch == self.epoch => {
                 if acks_left > 1 {
-                    self.phase = Phase::Suspending {
-                        acks_left: acks_left - 1,
-                    };
+                    self.phase = Phase::Suspending { acks_left: acks_left - 1 };
                     return Drained::Pending;
                 }
                 if self.holders == 0 {
@@ -158,14 +149,7 @@ impl<T> Gate<T> {
     /// `held_limit`: most IOs held while suspended (beyond it they fail with
     /// a retryable status; the reactor's IO pool bounds it anyway).
     pub fn new(held_limit: usize) -> Self {
-        Gate {
-            closed: false,
-            epoch: 0,
-            in_flight: 0,
-            ack_pending: false,
-            held: VecDeque::new(),
-            held_limit,
-        }
+        Gate { closed: false, epoch: 0, in_flight: 0, ack_pending: false, held: VecDeque::new(), held_limit }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -250,9 +234,7 @@ mod tests {
         let mut g0: Gate<u32> = Gate::new(8);
         let mut g1: Gate<u32> = Gate::new(8);
         assert!(g0.try_enter());
-        let SuspendStep::Broadcast(e) = c.suspend() else {
-            panic!()
-        };
+        let SuspendStep::Broadcast(e) = c.suspend() else { panic!() };
         assert_eq!(g0.on_suspend(e), None, "one IO still in flight");
         assert_eq!(g1.on_suspend(e), Some(e));
         assert_eq!(c.on_drained(e), Drained::Pending);
@@ -267,28 +249,19 @@ mod tests {
         assert_eq!(c.resume(), None);
         assert_eq!(c.resume(), Some(e));
         g0.on_resume(e);
-        assert_eq!(
-            (g0.pop_held(), g0.pop_held(), g0.pop_held()),
-            (Some(1), Some(2), None)
-        );
+        assert_eq!((g0.pop_held(), g0.pop_held(), g0.pop_held()), (Some(1), Some(2), None));
         assert!(g0.try_enter());
     }
 
     #[test]
     fn second_suspender_during_suspending_waits_and_bounds_hold() {
         let mut c = Coordinator::new(1);
-        let SuspendStep::Broadcast(e) = c.suspend() else {
-            panic!()
-        };
+        let SuspendStep::Broadcast(e) = c.suspend() else { panic!() };
         assert_eq!(c.suspend(), SuspendStep::Wait);
         let mut g: Gate<u8> = Gate::new(1);
         assert_eq!(g.on_suspend(e), Some(e));
         assert_eq!(c.on_drained(e), Drained::Suspended);
-        assert_eq!(
-            c.on_drained(e),
-            Drained::Pending,
-            "duplicate acks are ignored"
-        );
+        assert_eq!(c.on_drained(e), Drained::Pending, "duplicate acks are ignored");
         g.hold(1).unwrap();
         assert_eq!(g.hold(2), Err(2));
         assert_eq!(c.resume(), None);
@@ -296,9 +269,7 @@ mod tests {
         assert_eq!(c.resume(), None, "unbalanced resume is ignored");
         assert!(c.is_active());
         // A suspender that gives up before the drain ends: resume at once.
-        let SuspendStep::Broadcast(e) = c.suspend() else {
-            panic!()
-        };
+        let SuspendStep::Broadcast(e) = c.suspend() else { panic!() };
         assert_eq!(c.resume(), None);
         assert_eq!(c.on_drained(e), Drained::Resume(e));
         assert!(c.is_active());

@@ -27,10 +27,7 @@ const NODE_SHIFT: u32 = 2;
 const _: () = assert!(MAX_SPAN <= 1 << NODE_SHIFT);
 
 fn node_parts(node: u32) -> (u32, usize) {
-    (
-        node >> NODE_SHIFT,
-        (node & ((1 << NODE_SHIFT) - 1)) as usize,
-    )
+    (node >> NODE_SHIFT, (node & ((1 << NODE_SHIFT) - 1)) as usize)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,10 +43,7 @@ struct Link {
     next: u32,
 }
 
-const UNLINKED: Link = Link {
-    prev: NIL,
-    next: NIL,
-};
+const UNLINKED: Link = Link { prev: NIL, next: NIL };
 
 /// One request: everything a lookup, a grant or a release touches, in one
 /// cache line (a release comes long after the acquire, when the line has
@@ -157,11 +151,7 @@ impl RangeTable {
         };
         let first_region = start >> self.region_shift;
         let regions = ((end - 1) >> self.region_shift) - first_region + 1;
-        let span = if regions as usize <= MAX_SPAN {
-            regions as u8
-        } else {
-            0
-        };
+        let span = if regions as usize <= MAX_SPAN { regions as u8 } else { 0 };
         self.entries[idx as usize] = Entry {
             start,
             end,
@@ -191,10 +181,7 @@ impl RangeTable {
                 node = xe.links[xk].next;
             }
             let me = idx << NODE_SHIFT;
-            self.entries[idx as usize].links[0] = Link {
-                prev: NIL,
-                next: head,
-            };
+            self.entries[idx as usize].links[0] = Link { prev: NIL, next: head };
             if head != NIL {
                 let (h, hk) = node_parts(head);
                 self.entries[h as usize].links[hk].prev = me;
@@ -270,9 +257,7 @@ impl RangeTable {
 
     /// Whether `idx` is a granted request (for assertions and tests).
     pub fn is_granted(&self, idx: u32) -> bool {
-        self.entries
-            .get(idx as usize)
-            .is_some_and(|e| e.state == State::Granted)
+        self.entries.get(idx as usize).is_some_and(|e| e.state == State::Granted)
     }
 
     fn push_ready(&mut self, x: u32) {
@@ -341,10 +326,7 @@ impl RangeTable {
         };
         if span == 0 {
             let old = self.wide_head;
-            self.entries[idx as usize].links[0] = Link {
-                prev: NIL,
-                next: old,
-            };
+            self.entries[idx as usize].links[0] = Link { prev: NIL, next: old };
             if old != NIL {
                 self.entries[old as usize].links[0].prev = idx;
             }
@@ -355,10 +337,7 @@ impl RangeTable {
             let b = ((first_bucket + k) & self.bucket_mask as u32) as usize;
             let node = idx << NODE_SHIFT | k;
             let old = self.buckets[b];
-            self.entries[idx as usize].links[k as usize] = Link {
-                prev: NIL,
-                next: old,
-            };
+            self.entries[idx as usize].links[k as usize] = Link { prev: NIL, next: old };
             if old != NIL {
                 let (o, ok) = node_parts(old);
                 self.entries[o as usize].links[ok].prev = node;
@@ -417,13 +396,7 @@ pub mod words {
     /// longer than 2^20 blocks) is sent as "from `min(start, 2^44-1)` to the
     /// end of the array": a superset, so ordering stays correct and only
     /// parallelism is lost for such huge requests.
-    pub fn encode_acquire(
-        key: u32,
-        reactor: usize,
-        slot: u32,
-        start: u64,
-        num_blocks: u64,
-    ) -> Option<(u64, u64)> {
+    pub fn encode_acquire(key: u32, reactor: usize, slot: u32, start: u64, num_blocks: u64) -> Option<(u64, u64)> {
         if reactor >= MAX_REACTORS || slot >= MAX_SLOTS {
             return None;
         }
@@ -486,12 +459,7 @@ mod tests {
             let mut out: Vec<u32> = self
                 .present
                 .iter()
-                .filter(|&&(s, a, b, _)| {
-                    !self
-                        .present
-                        .iter()
-                        .any(|&(s2, a2, b2, _)| s2 < s && a2 < b && a < b2)
-                })
+                .filter(|&&(s, a, b, _)| !self.present.iter().any(|&(s2, a2, b2, _)| s2 < s && a2 < b && a < b2))
                 .map(|e| e.3)
                 .collect();
             out.sort_unstable();
@@ -556,16 +524,10 @@ mod tests {
     #[test]
     fn fifo_no_overtaking_and_bad_release() {
         let mut t = RangeTable::new(8, 16, 4);
-        let Acquired::Granted(a) = t.acquire(0, 10, 1) else {
-            panic!()
-        };
-        let Acquired::Waiting(b) = t.acquire(5, 20, 2) else {
-            panic!()
-        };
+        let Acquired::Granted(a) = t.acquire(0, 10, 1) else { panic!() };
+        let Acquired::Waiting(b) = t.acquire(5, 20, 2) else { panic!() };
         // Overlaps only b (waiting): must not overtake it.
-        let Acquired::Waiting(c) = t.acquire(15, 16, 3) else {
-            panic!()
-        };
+        let Acquired::Waiting(c) = t.acquire(15, 16, 3) else { panic!() };
         assert!(matches!(t.acquire(100, 101, 4), Acquired::Granted(_)));
         assert!(!t.release(b), "a waiting entry cannot be released");
         assert!(t.release(a));
@@ -579,15 +541,9 @@ mod tests {
     #[test]
     fn wide_requests() {
         let mut t = RangeTable::new(1, 4, 4);
-        let Acquired::Granted(w) = t.acquire(0, 1000, 7) else {
-            panic!()
-        };
-        let Acquired::Waiting(x) = t.acquire(999, 1000, 8) else {
-            panic!()
-        };
-        let Acquired::Granted(_) = t.acquire(1000, 1001, 9) else {
-            panic!()
-        };
+        let Acquired::Granted(w) = t.acquire(0, 1000, 7) else { panic!() };
+        let Acquired::Waiting(x) = t.acquire(999, 1000, 8) else { panic!() };
+        let Acquired::Granted(_) = t.acquire(1000, 1001, 9) else { panic!() };
         assert!(t.release(w));
         assert_eq!(t.pop_ready(), Some((x, 8)));
     }
@@ -596,10 +552,7 @@ mod tests {
     fn word_encodings_round_trip() {
         use words::*;
         let (a, b) = encode_acquire(7, 3, 12345, 1 << 40, 256).unwrap();
-        assert_eq!(
-            decode_acquire(a, b, u64::MAX),
-            (7, 3, 12345, 1 << 40, (1 << 40) + 256)
-        );
+        assert_eq!(decode_acquire(a, b, u64::MAX), (7, 3, 12345, 1 << 40, (1 << 40) + 256));
         // Too long: becomes "to the end of the array".
         let (a, b) = encode_acquire(1, 0, 0, 10, 1 << 21).unwrap();
         assert_eq!(decode_acquire(a, b, 5_000_000), (1, 0, 0, 10, 5_000_000));
@@ -608,10 +561,7 @@ mod tests {
         let (_, _, _, s, e) = decode_acquire(a, b, (1 << 50) + 100);
         assert!(s <= 1 << 50 && e == (1 << 50) + 100);
         assert!(encode_acquire(1, MAX_REACTORS, 0, 0, 1).is_none());
-        assert_eq!(
-            decode_grant(encode_grant(9, 77, 5).0, encode_grant(9, 77, 5).1),
-            (9, 77, 5)
-        );
+        assert_eq!(decode_grant(encode_grant(9, 77, 5).0, encode_grant(9, 77, 5).1), (9, 77, 5));
         assert_eq!(decode_waiter(waiter(5, 6)), (5, 6));
     }
 }

@@ -59,9 +59,7 @@ pub(crate) struct Rebuild {
 }
 
 fn owner_of(ras: &Ras) -> &OwnerPart {
-    ras.owner
-        .as_ref()
-        .unwrap_or_else(|| unreachable!("rebuilds run on the owner"))
+    ras.owner.as_ref().unwrap_or_else(|| unreachable!("rebuilds run on the owner"))
 }
 
 /// Starts a rebuild onto the first `Rebuilding` slot, if none runs (owner,
@@ -73,11 +71,7 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
     }
     let target = {
         let mut ctl = ras.shared.ctl();
-        let Some(t) = ctl
-            .slots
-            .iter()
-            .position(|s| s.role == array::Role::Rebuilding)
-        else {
+        let Some(t) = ctl.slots.iter().position(|s| s.role == array::Role::Rebuilding) else {
             return;
         };
         ctl.process_target = Some(t);
@@ -125,9 +119,7 @@ pub(crate) fn cancel(ras: &Rc<Ras>) {
 
 impl Rebuild {
     fn rc(&self) -> Rc<Rebuild> {
-        self.weak
-            .upgrade()
-            .unwrap_or_else(|| unreachable!("used through its Rc"))
+        self.weak.upgrade().unwrap_or_else(|| unreachable!("used through its Rc"))
     }
 
     fn stop(&self, ras: &Ras) {
@@ -136,11 +128,7 @@ impl Rebuild {
             p.unregister();
         }
         let owner = owner_of(ras);
-        let mine = owner
-            .rebuild
-            .borrow()
-            .as_ref()
-            .is_some_and(|r| std::ptr::eq(Rc::as_ptr(r), self));
+        let mine = owner.rebuild.borrow().as_ref().is_some_and(|r| std::ptr::eq(Rc::as_ptr(r), self));
         if mine {
             *owner.rebuild.borrow_mut() = None;
         }
@@ -148,11 +136,7 @@ impl Rebuild {
 
     fn poll(&self) -> PollStatus {
         if self.phase.get() != Phase::Idle {
-            return if self.phase.get() == Phase::Stopped {
-                PollStatus::Done
-            } else {
-                PollStatus::Idle
-            };
+            return if self.phase.get() == Phase::Stopped { PollStatus::Done } else { PollStatus::Idle };
         }
         let Some(ras) = self.ras.upgrade() else {
             return PollStatus::Done;
@@ -184,10 +168,7 @@ impl Rebuild {
         self.window.set((start, end));
         self.window_started_ns.set(now);
         self.phase.set(Phase::Locking);
-        let r = owner_of(&ras)
-            .table
-            .borrow_mut()
-            .acquire(start, end, words::REBUILD_WAITER);
+        let r = owner_of(&ras).table.borrow_mut().acquire(start, end, words::REBUILD_WAITER);
         match r {
             Acquired::Granted(e) => self.on_granted(e),
             Acquired::Waiting(e) => self.entry.set(e),
@@ -210,10 +191,7 @@ impl Rebuild {
         let members = ras.members.borrow();
         let failed = ras.shared.failed_mask.load(Ordering::Acquire);
         let active = |m: usize| {
-            members
-                .get(m)
-                .is_some_and(|mc| mc.role == array::Role::Active && mc.ch.is_some())
-                && failed & (1 << m) == 0
+            members.get(m).is_some_and(|mc| mc.role == array::Role::Active && mc.ch.is_some()) && failed & (1 << m) == 0
         };
         let (start, end) = self.window.get();
         for e in geo.extents(start, end - start) {
@@ -224,22 +202,14 @@ impl Rebuild {
                 Placement::Mirror(o) => (0..members.len())
                     .filter(|&m| m != self.target && active(m))
                     .min_by_key(|&m| members[m].outstanding.get())
-                    .map(|m| Loc {
-                        member: m as u16,
-                        offset_blocks: o,
-                    }),
-                Placement::Pair(p) => p
-                    .into_iter()
-                    .find(|l| l.member as usize != self.target && active(l.member as usize)),
+                    .map(|m| Loc { member: m as u16, offset_blocks: o }),
+                Placement::Pair(p) => {
+                    p.into_iter().find(|l| l.member as usize != self.target && active(l.member as usize))
+                }
                 Placement::Single(_) => None,
             };
             let Some(from) = from else { return false };
-            f(Copy {
-                from,
-                to,
-                num_blocks: e.num_blocks,
-                buf_offset_blocks: e.array_offset_blocks - start,
-            });
+            f(Copy { from, to, num_blocks: e.num_blocks, buf_offset_blocks: e.array_offset_blocks - start });
         }
         true
     }
@@ -280,10 +250,7 @@ impl Rebuild {
         self.remaining.set(count);
         let members = ras.members.borrow();
         self.plan(&ras, |c| {
-            let b = buf.slice(
-                (c.buf_offset_blocks * bs) as usize,
-                (c.num_blocks * bs) as usize,
-            );
+            let b = buf.slice((c.buf_offset_blocks * bs) as usize, (c.num_blocks * bs) as usize);
             self.submit(&members, IoType::Read, c.from, c.num_blocks, b);
         });
     }
@@ -302,31 +269,15 @@ impl Rebuild {
         self.remaining.set(copies);
         let members = ras.members.borrow();
         self.plan(ras, |c| {
-            let b = buf.slice(
-                (c.buf_offset_blocks * bs) as usize,
-                (c.num_blocks * bs) as usize,
-            );
+            let b = buf.slice((c.buf_offset_blocks * bs) as usize, (c.num_blocks * bs) as usize);
             self.submit(&members, IoType::Write, c.to, c.num_blocks, b);
         });
     }
 
-    fn submit(
-        &self,
-        members: &[crate::channel::MemberCh],
-        t: IoType,
-        l: Loc,
-        num_blocks: u64,
-        buf: DmaBuf,
-    ) {
+    fn submit(&self, members: &[crate::channel::MemberCh], t: IoType, l: Loc, num_blocks: u64, buf: DmaBuf) {
         let mc = &members[l.member as usize];
         let io = mc.ch.as_ref().and_then(|ch| {
-            IoBox::data(
-                t,
-                l.offset_blocks + mc.data_offset_blocks,
-                num_blocks,
-                Some(buf),
-            )
-            .map(|io| (ch, io))
+            IoBox::data(t, l.offset_blocks + mc.data_offset_blocks, num_blocks, Some(buf)).map(|io| (ch, io))
         });
         match io {
             Some((ch, mut io)) => {
@@ -367,8 +318,7 @@ impl Rebuild {
         if bw_mib > 0 {
             let bytes = (end - start) * ras.block_size.get();
             let ns = bytes as u128 * 1_000_000_000 / (bw_mib as u128 * 1024 * 1024);
-            self.next_start_ns
-                .set(self.window_started_ns.get() + ns as u64);
+            self.next_start_ns.set(self.window_started_ns.get() + ns as u64);
         }
         if self.cancelled.get() {
             self.stop(ras);
@@ -421,9 +371,7 @@ impl IoDone for Rebuild {
 
 impl Rebuild {
     fn start_reads_again(&self, ras: &Ras) {
-        if self.cancelled.get()
-            || ras.shared.failed_mask.load(Ordering::Acquire) & (1 << self.target) != 0
-        {
+        if self.cancelled.get() || ras.shared.failed_mask.load(Ordering::Acquire) & (1 << self.target) != 0 {
             return self.end_window(ras, false);
         }
         self.phase.set(Phase::Locking);

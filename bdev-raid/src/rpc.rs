@@ -87,9 +87,7 @@ fn failed_to(what: &str, name: &str, e: BdevError) -> BdevError {
 /// array `configuring` until they are registered.
 pub fn bdev_raid_create(p: RaidCreateParams) -> Result<Value, BdevError> {
     let name = p.name.clone();
-    validate_create(p)
-        .and_then(array::create)
-        .map_err(|e| failed_to("create", &name, e))?;
+    validate_create(p).and_then(array::create).map_err(|e| failed_to("create", &name, e))?;
     Ok(Value::Bool(true))
 }
 
@@ -98,17 +96,12 @@ fn validate_create(p: RaidCreateParams) -> Result<CreateSpec, BdevError> {
         return Err(BdevError::Invalid("name must not be empty".into()));
     }
     let level = RaidLevel::parse(&p.raid_level).ok_or_else(|| {
-        BdevError::Invalid(format!(
-            "raid_level '{}' is not one of raid0, raid1, raid10, concat",
-            p.raid_level
-        ))
+        BdevError::Invalid(format!("raid_level '{}' is not one of raid0, raid1, raid10, concat", p.raid_level))
     })?;
     let strip_size_kb = p.strip_size_kb.unwrap_or(0);
     if level == RaidLevel::Raid1 {
         if strip_size_kb != 0 {
-            return Err(BdevError::Invalid(
-                "strip size is not supported by raid1".into(),
-            ));
+            return Err(BdevError::Invalid("strip size is not supported by raid1".into()));
         }
     } else if !strip_size_kb.is_power_of_two() {
         return Err(BdevError::Invalid(format!(
@@ -119,18 +112,14 @@ fn validate_create(p: RaidCreateParams) -> Result<CreateSpec, BdevError> {
     array::check_member_count(level, p.base_bdevs.len())?;
     for (i, n) in p.base_bdevs.iter().enumerate() {
         if n.is_empty() {
-            return Err(BdevError::Invalid(
-                "base bdev names must not be empty".into(),
-            ));
+            return Err(BdevError::Invalid("base bdev names must not be empty".into()));
         }
         if p.base_bdevs[..i].contains(n) {
             return Err(BdevError::Invalid(format!("base bdev {n} is listed twice")));
         }
     }
     let uuid = match p.uuid.as_deref().filter(|u| !u.is_empty()) {
-        Some(u) => {
-            Some(Uuid::parse_str(u).map_err(|e| BdevError::Invalid(format!("uuid '{u}': {e}")))?)
-        }
+        Some(u) => Some(Uuid::parse_str(u).map_err(|e| BdevError::Invalid(format!("uuid '{u}': {e}")))?),
         None => None,
     };
     Ok(CreateSpec {
@@ -145,19 +134,11 @@ fn validate_create(p: RaidCreateParams) -> Result<CreateSpec, BdevError> {
 
 /// `bdev_raid_delete` → `true`, once in-flight IO has drained, held IO has
 /// failed, the bdev is unregistered and the members are released.
-pub fn bdev_raid_delete(
-    p: RaidDeleteParams,
-    done: impl FnOnce(Result<Value, BdevError>) + Send + 'static,
-) {
+pub fn bdev_raid_delete(p: RaidDeleteParams, done: impl FnOnce(Result<Value, BdevError>) + Send + 'static) {
     let name = p.name.clone();
     array::delete(
         &p.name,
-        Box::new(move |r| {
-            done(
-                r.map(|()| Value::Bool(true))
-                    .map_err(|e| failed_to("delete", &name, e)),
-            )
-        }),
+        Box::new(move |r| done(r.map(|()| Value::Bool(true)).map_err(|e| failed_to("delete", &name, e)))),
     );
 }
 
@@ -179,20 +160,12 @@ pub fn bdev_raid_get_bdevs(p: RaidGetBdevsParams) -> Result<Value, BdevError> {
 
 /// `bdev_raid_add_base_bdev` → `true` once the member is in (a rebuild onto
 /// it may still be running: see `process` in `bdev_raid_get_bdevs`).
-pub fn bdev_raid_add_base_bdev(
-    p: RaidAddBaseBdevParams,
-    done: impl FnOnce(Result<Value, BdevError>) + Send + 'static,
-) {
+pub fn bdev_raid_add_base_bdev(p: RaidAddBaseBdevParams, done: impl FnOnce(Result<Value, BdevError>) + Send + 'static) {
     let raid = p.raid_bdev.clone();
     array::add_base(
         &p.raid_bdev,
         &p.base_bdev,
-        Box::new(move |r| {
-            done(
-                r.map(|()| Value::Bool(true))
-                    .map_err(|e| failed_to("add a member to", &raid, e)),
-            )
-        }),
+        Box::new(move |r| done(r.map(|()| Value::Bool(true)).map_err(|e| failed_to("add a member to", &raid, e)))),
     );
 }
 
@@ -201,10 +174,7 @@ pub fn bdev_raid_remove_base_bdev(
     p: RaidRemoveBaseBdevParams,
     done: impl FnOnce(Result<Value, BdevError>) + Send + 'static,
 ) {
-    array::remove_base(
-        &p.name,
-        Box::new(move |r| done(r.map(|()| Value::Bool(true)))),
-    );
+    array::remove_base(&p.name, Box::new(move |r| done(r.map(|()| Value::Bool(true)))));
 }
 
 /// `bdev_raid_set_options` → `true`. Applies from the next rebuild window.
@@ -213,9 +183,7 @@ pub fn bdev_raid_set_options(p: RaidSetOptionsParams) -> Result<Value, BdevError
     let mut o = module.options();
     if let Some(w) = p.process_window_size_kb {
         if w == 0 {
-            return Err(BdevError::Invalid(
-                "process_window_size_kb must be greater than 0".into(),
-            ));
+            return Err(BdevError::Invalid("process_window_size_kb must be greater than 0".into()));
         }
         o.process_window_size_kb = w;
     }
@@ -250,12 +218,8 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(p.base_bdevs, vec!["A", "B", "C"]);
-        assert!(serde_json::from_value::<RaidCreateParams>(
-            json!({"name": "R", "raid_level": "0"})
-        )
-        .is_err());
-        let d: RaidDeleteParams =
-            serde_json::from_value(json!({"name": "R", "clear_sb": false})).unwrap();
+        assert!(serde_json::from_value::<RaidCreateParams>(json!({"name": "R", "raid_level": "0"})).is_err());
+        let d: RaidDeleteParams = serde_json::from_value(json!({"name": "R", "clear_sb": false})).unwrap();
         assert_eq!(d.name, "R");
     }
 
@@ -271,18 +235,13 @@ mod tests {
         };
         for (p, why) in [
             (base("raid0", None, &["A", "B"]), "missing strip"),
-            (
-                base("raid0", Some(48), &["A", "B"]),
-                "strip not a power of two",
-            ),
+            (base("raid0", Some(48), &["A", "B"]), "strip not a power of two"),
             (base("raid1", Some(64), &["A", "B"]), "raid1 with strip"),
             (base("raid1", None, &["A"]), "too few"),
             (base("raid5f", Some(64), &["A", "B", "C"]), "unknown level"),
             (base("concat", Some(64), &["A", "A"]), "duplicate"),
         ] {
-            let e = validate_create(p)
-                .err()
-                .unwrap_or_else(|| panic!("{why} accepted"));
+            let e = validate_create(p).err().unwrap_or_else(|| panic!("{why} accepted"));
             assert_eq!(e.errno(), 22, "{why}: {e}");
         }
         let mut p = base("raid10", Some(64), &["A", "B", "C", "D"]);

@@ -241,40 +241,25 @@ impl MetadataLayout {
                 chunk_size_blocks: bitmap_chunk_size_blocks,
             })
         };
-        let meta_end = bitmap.map_or(Some(superblock_blocks), |b| {
-            b.offset_blocks.checked_add(b.length_blocks)
-        });
+        let meta_end = bitmap.map_or(Some(superblock_blocks), |b| b.offset_blocks.checked_add(b.length_blocks));
         let align_blocks = (DATA_ALIGN_BYTES / u64::from(block_size)).max(1);
         let data_offset_blocks = meta_end
             .and_then(|e| e.checked_next_multiple_of(align_blocks))
             .ok_or_else(|| SuperblockError::ImpossibleGeometry("bitmap area overflows".into()))?;
-        Ok(MetadataLayout {
-            superblock_blocks,
-            bitmap,
-            data_offset_blocks,
-        })
+        Ok(MetadataLayout { superblock_blocks, bitmap, data_offset_blocks })
     }
 }
 
 /// `map::Geometry::new` over sizes read from disk. Its size arithmetic
 /// (`n * min`, the concat sum) is unchecked, so sizes whose sum overflows are
 /// refused first: every array size it computes is at most that sum.
-fn checked_geometry(
-    level: RaidLevel,
-    strip_size_blocks: u64,
-    sizes: &[u64],
-) -> Result<Geometry, SuperblockError> {
-    if sizes
-        .iter()
-        .try_fold(0u64, |sum, &s| sum.checked_add(s))
-        .is_none()
-    {
+fn checked_geometry(level: RaidLevel, strip_size_blocks: u64, sizes: &[u64]) -> Result<Geometry, SuperblockError> {
+    if sizes.iter().try_fold(0u64, |sum, &s| sum.checked_add(s)).is_none() {
         return Err(SuperblockError::ImpossibleGeometry(format!(
             "member data sizes {sizes:?} add up past 2^64 blocks"
         )));
     }
-    Geometry::new(level, strip_size_blocks, sizes)
-        .map_err(|e| SuperblockError::ImpossibleGeometry(e.to_string()))
+    Geometry::new(level, strip_size_blocks, sizes).map_err(|e| SuperblockError::ImpossibleGeometry(e.to_string()))
 }
 
 impl SuperblockInfo {
@@ -294,22 +279,15 @@ impl SuperblockInfo {
         let capacities: Vec<u64> = members
             .iter()
             .map(|&(uuid, total)| {
-                total
-                    .checked_sub(layout.data_offset_blocks)
-                    .filter(|&c| c > 0)
-                    .ok_or_else(|| {
-                        SuperblockError::ImpossibleGeometry(format!(
-                            "member {uuid} has {total} blocks, metadata needs {}",
-                            layout.data_offset_blocks
-                        ))
-                    })
+                total.checked_sub(layout.data_offset_blocks).filter(|&c| c > 0).ok_or_else(|| {
+                    SuperblockError::ImpossibleGeometry(format!(
+                        "member {uuid} has {total} blocks, metadata needs {}",
+                        layout.data_offset_blocks
+                    ))
+                })
             })
             .collect::<Result<_, _>>()?;
-        let strip_size_blocks = if level.uses_strips() {
-            strip_size_blocks
-        } else {
-            0
-        };
+        let strip_size_blocks = if level.uses_strips() { strip_size_blocks } else { 0 };
         let geometry = checked_geometry(level, strip_size_blocks, &capacities)?;
         let slots = members
             .iter()
@@ -352,11 +330,7 @@ impl SuperblockInfo {
     /// range or has no member).
     pub fn for_slot(&self, slot: usize) -> Option<SuperblockInfo> {
         let s = self.slots.get(slot).filter(|s| !s.member_uuid.is_nil())?;
-        Some(SuperblockInfo {
-            this_slot: slot,
-            member_uuid: s.member_uuid,
-            ..self.clone()
-        })
+        Some(SuperblockInfo { this_slot: slot, member_uuid: s.member_uuid, ..self.clone() })
     }
 
     /// The slot `member_uuid` fills in this copy's table.
@@ -376,16 +350,8 @@ impl SuperblockInfo {
     /// Whether `self` and `other` describe the same array state, ignoring
     /// which member each copy was written for.
     pub fn same_array_state(&self, other: &SuperblockInfo) -> bool {
-        let a = SuperblockInfo {
-            this_slot: 0,
-            member_uuid: Uuid::nil(),
-            ..self.clone()
-        };
-        let b = SuperblockInfo {
-            this_slot: 0,
-            member_uuid: Uuid::nil(),
-            ..other.clone()
-        };
+        let a = SuperblockInfo { this_slot: 0, member_uuid: Uuid::nil(), ..self.clone() };
+        let b = SuperblockInfo { this_slot: 0, member_uuid: Uuid::nil(), ..other.clone() };
         a == b
     }
 
@@ -408,31 +374,17 @@ impl SuperblockInfo {
             return geo(format!("{n} members (1..={SB_MAX_SLOTS} supported)"));
         }
         if n < self.level.min_members() {
-            return geo(format!(
-                "{} needs at least {} members, has {n}",
-                self.level.name(),
-                self.level.min_members()
-            ));
+            return geo(format!("{} needs at least {} members, has {n}", self.level.name(), self.level.min_members()));
         }
         if self.this_slot >= n {
-            return geo(format!(
-                "this member's slot {} is not below the member count {n}",
-                self.this_slot
-            ));
+            return geo(format!("this member's slot {} is not below the member count {n}", self.this_slot));
         }
         if self.level.uses_strips() {
             if !self.strip_size_blocks.is_power_of_two() {
-                return geo(format!(
-                    "strip size {} blocks is not a power of two",
-                    self.strip_size_blocks
-                ));
+                return geo(format!("strip size {} blocks is not a power of two", self.strip_size_blocks));
             }
         } else if self.strip_size_blocks != 0 {
-            return geo(format!(
-                "{} has no strips but strip size is {}",
-                self.level.name(),
-                self.strip_size_blocks
-            ));
+            return geo(format!("{} has no strips but strip size is {}", self.level.name(), self.strip_size_blocks));
         }
         let sb_blocks = superblock_blocks(self.block_size);
         let meta_end = match self.bitmap {
@@ -463,24 +415,13 @@ impl SuperblockInfo {
                     s.data_offset_blocks
                 ));
             }
-            if s.data_size_blocks == 0
-                || s.data_offset_blocks
-                    .checked_add(s.data_size_blocks)
-                    .is_none()
-            {
-                return geo(format!(
-                    "slot {i} data area of {} blocks at {}",
-                    s.data_size_blocks, s.data_offset_blocks
-                ));
+            if s.data_size_blocks == 0 || s.data_offset_blocks.checked_add(s.data_size_blocks).is_none() {
+                return geo(format!("slot {i} data area of {} blocks at {}", s.data_size_blocks, s.data_offset_blocks));
             }
             match s.state {
                 SlotState::Failed => {}
-                _ if s.member_uuid.is_nil() => {
-                    return table(format!("slot {i} is {} with no member", s.state.name()))
-                }
-                SlotState::Rebuilding {
-                    recovery_offset_blocks,
-                } if recovery_offset_blocks > s.data_size_blocks => {
+                _ if s.member_uuid.is_nil() => return table(format!("slot {i} is {} with no member", s.state.name())),
+                SlotState::Rebuilding { recovery_offset_blocks } if recovery_offset_blocks > s.data_size_blocks => {
                     return table(format!(
                         "slot {i} recovery offset {recovery_offset_blocks} past its {} data blocks",
                         s.data_size_blocks
@@ -488,11 +429,7 @@ impl SuperblockInfo {
                 }
                 _ => {}
             }
-            if !s.member_uuid.is_nil()
-                && self.slots[..i]
-                    .iter()
-                    .any(|p| p.member_uuid == s.member_uuid)
-            {
+            if !s.member_uuid.is_nil() && self.slots[..i].iter().any(|p| p.member_uuid == s.member_uuid) {
                 return table(format!("member {} fills more than one slot", s.member_uuid));
             }
         }
@@ -505,14 +442,9 @@ impl SuperblockInfo {
         }
         let g = self.geometry()?;
         if g.array_blocks() != self.array_blocks {
-            return geo(format!(
-                "array size {} blocks, the slot table gives {}",
-                self.array_blocks,
-                g.array_blocks()
-            ));
+            return geo(format!("array size {} blocks, the slot table gives {}", self.array_blocks, g.array_blocks()));
         }
-        if let Some(i) = (0..n).find(|&i| g.member_data_blocks(i) != self.slots[i].data_size_blocks)
-        {
+        if let Some(i) = (0..n).find(|&i| g.member_data_blocks(i) != self.slots[i].data_size_blocks) {
             return geo(format!(
                 "slot {i} data size {} blocks, the layout uses {}",
                 self.slots[i].data_size_blocks,
@@ -558,28 +490,15 @@ fn nonzero_at(bytes: &[u8], base: usize) -> Result<(), SuperblockError> {
 
 fn decode_slot(i: usize, e: &SlotEntry) -> Result<SlotInfo, SuperblockError> {
     let base = SLOTS_OFFSET + i * std::mem::size_of::<SlotEntry>();
-    nonzero_at(
-        &e.reserved,
-        base + std::mem::offset_of!(SlotEntry, reserved),
-    )?;
+    nonzero_at(&e.reserved, base + std::mem::offset_of!(SlotEntry, reserved))?;
     let recovery_offset_blocks = e.recovery_offset_blocks.get();
     let state = match e.state {
         1 => SlotState::Active,
         2 => SlotState::Failed,
         3 => SlotState::Spare,
-        4 => SlotState::Rebuilding {
-            recovery_offset_blocks,
-        },
-        0 => {
-            return Err(SuperblockError::BadSlotTable(format!(
-                "slot {i} is below the member count but unused"
-            )))
-        }
-        c => {
-            return Err(SuperblockError::BadSlotTable(format!(
-                "slot {i} has unknown state {c}"
-            )))
-        }
+        4 => SlotState::Rebuilding { recovery_offset_blocks },
+        0 => return Err(SuperblockError::BadSlotTable(format!("slot {i} is below the member count but unused"))),
+        c => return Err(SuperblockError::BadSlotTable(format!("slot {i} has unknown state {c}"))),
     };
     if !matches!(state, SlotState::Rebuilding { .. }) && recovery_offset_blocks != 0 {
         return Err(SuperblockError::BadSlotTable(format!(
@@ -599,9 +518,7 @@ fn decode_slot(i: usize, e: &SlotEntry) -> Result<SlotInfo, SuperblockError> {
 /// ignored). Checks run in order: length, magic, version, checksum, then
 /// every field; the first failure is returned.
 pub fn decode(bytes: &[u8]) -> Result<SuperblockInfo, SuperblockError> {
-    let raw = bytes
-        .get(..SB_SIZE_BYTES)
-        .ok_or(SuperblockError::Short(bytes.len()))?;
+    let raw = bytes.get(..SB_SIZE_BYTES).ok_or(SuperblockError::Short(bytes.len()))?;
     let sb = Superblock::ref_from_bytes(raw).map_err(|_| SuperblockError::Short(bytes.len()))?;
     if sb.magic != SB_MAGIC {
         return Err(SuperblockError::BadMagic);
@@ -611,66 +528,45 @@ pub fn decode(bytes: &[u8]) -> Result<SuperblockInfo, SuperblockError> {
     }
     let computed = sb_crc(raw);
     if computed != sb.crc32c.get() {
-        return Err(SuperblockError::BadChecksum {
-            stored: sb.crc32c.get(),
-            computed,
-        });
+        return Err(SuperblockError::BadChecksum { stored: sb.crc32c.get(), computed });
     }
     nonzero_at(&sb.reserved0, std::mem::offset_of!(Superblock, reserved0))?;
     nonzero_at(&sb.reserved1, std::mem::offset_of!(Superblock, reserved1))?;
     nonzero_at(&sb.reserved2, std::mem::offset_of!(Superblock, reserved2))?;
     let flags = sb.flags.get();
     if flags & !FLAG_CLEAN != 0 {
-        return Err(SuperblockError::UnknownBits(std::mem::offset_of!(
-            Superblock, flags
-        )));
+        return Err(SuperblockError::UnknownBits(std::mem::offset_of!(Superblock, flags)));
     }
     let level = level_from_code(sb.level).ok_or(SuperblockError::UnknownLevel(sb.level))?;
-    let name_len = sb.name.iter().position(|&b| b == 0).ok_or_else(|| {
-        SuperblockError::BadName(format!("no NUL terminator in {SB_NAME_BYTES} bytes"))
-    })?;
+    let name_len = sb
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| SuperblockError::BadName(format!("no NUL terminator in {SB_NAME_BYTES} bytes")))?;
     if sb.name[name_len..].iter().any(|&b| b != 0) {
-        return Err(SuperblockError::BadName(
-            "bytes after the terminator are not zero".into(),
-        ));
+        return Err(SuperblockError::BadName("bytes after the terminator are not zero".into()));
     }
     let name = std::str::from_utf8(&sb.name[..name_len])
         .map_err(|e| SuperblockError::BadName(format!("not UTF-8: {e}")))?
         .to_owned();
     let n = usize::from(sb.num_members);
     if n == 0 || n > SB_MAX_SLOTS {
-        return Err(SuperblockError::ImpossibleGeometry(format!(
-            "{n} members (1..={SB_MAX_SLOTS} supported)"
-        )));
+        return Err(SuperblockError::ImpossibleGeometry(format!("{n} members (1..={SB_MAX_SLOTS} supported)")));
     }
     let (used, unused) = sb.slots.split_at(n);
-    if let Some(i) = unused
-        .iter()
-        .position(|e| e.as_bytes().iter().any(|&b| b != 0))
-    {
+    if let Some(i) = unused.iter().position(|e| e.as_bytes().iter().any(|&b| b != 0)) {
         return Err(SuperblockError::BadSlotTable(format!(
             "slot {} lies past the member count {n} but is not empty",
             n + i
         )));
     }
-    let slots = used
-        .iter()
-        .enumerate()
-        .map(|(i, e)| decode_slot(i, e))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (bm_offset, bm_length, bm_chunk) = (
-        sb.bitmap_offset_blocks.get(),
-        sb.bitmap_length_blocks.get(),
-        sb.bitmap_chunk_size_blocks.get(),
-    );
+    let slots = used.iter().enumerate().map(|(i, e)| decode_slot(i, e)).collect::<Result<Vec<_>, _>>()?;
+    let (bm_offset, bm_length, bm_chunk) =
+        (sb.bitmap_offset_blocks.get(), sb.bitmap_length_blocks.get(), sb.bitmap_chunk_size_blocks.get());
     let bitmap = if (bm_offset, bm_length, bm_chunk) == (0, 0, 0) {
         None
     } else {
-        Some(BitmapLocation {
-            offset_blocks: bm_offset,
-            length_blocks: bm_length,
-            chunk_size_blocks: bm_chunk,
-        })
+        Some(BitmapLocation { offset_blocks: bm_offset, length_blocks: bm_length, chunk_size_blocks: bm_chunk })
     };
     let info = SuperblockInfo {
         array_uuid: Uuid::from_bytes(sb.array_uuid),
@@ -718,10 +614,7 @@ pub fn try_encode(info: &SuperblockInfo) -> Result<[u8; SB_SIZE_BYTES], Superblo
         e.data_offset_blocks = U64::new(s.data_offset_blocks);
         e.data_size_blocks = U64::new(s.data_size_blocks);
         e.state = s.state.code();
-        if let SlotState::Rebuilding {
-            recovery_offset_blocks,
-        } = s.state
-        {
+        if let SlotState::Rebuilding { recovery_offset_blocks } = s.state {
             e.recovery_offset_blocks = U64::new(recovery_offset_blocks);
         }
     }
@@ -743,10 +636,7 @@ pub fn encode(info: &SuperblockInfo) -> [u8; SB_SIZE_BYTES] {
         Err(e) => panic!("refusing to encode an invalid superblock: {e}"),
     };
     match decode(&out) {
-        Ok(back) => assert!(
-            back == *info,
-            "encoded superblock decodes to different content"
-        ),
+        Ok(back) => assert!(back == *info, "encoded superblock decodes to different content"),
         Err(e) => panic!("encoded superblock does not decode: {e}"),
     }
     out
@@ -797,12 +687,7 @@ mod tests {
     }
 
     fn level_strategy() -> impl Strategy<Value = RaidLevel> {
-        prop_oneof![
-            Just(RaidLevel::Raid0),
-            Just(RaidLevel::Raid1),
-            Just(RaidLevel::Raid10),
-            Just(RaidLevel::Concat)
-        ]
+        prop_oneof![Just(RaidLevel::Raid0), Just(RaidLevel::Raid1), Just(RaidLevel::Raid10), Just(RaidLevel::Concat)]
     }
 
     fn state_strategy() -> impl Strategy<Value = u8> {
@@ -903,59 +788,23 @@ mod tests {
         let mut b = good;
         b[3] ^= 0x20;
         assert_eq!(decode(&b), Err(SuperblockError::BadMagic));
-        assert_eq!(
-            tampered(|s| s.version = U32::new(2)),
-            Err(SuperblockError::UnsupportedVersion(2))
-        );
+        assert_eq!(tampered(|s| s.version = U32::new(2)), Err(SuperblockError::UnsupportedVersion(2)));
         let mut b = good;
         b[3000] ^= 1;
-        assert!(matches!(
-            decode(&b),
-            Err(SuperblockError::BadChecksum { .. })
-        ));
+        assert!(matches!(decode(&b), Err(SuperblockError::BadChecksum { .. })));
         let mut b = good;
         b[CRC_OFFSET] ^= 1;
-        assert!(matches!(
-            decode(&b),
-            Err(SuperblockError::BadChecksum { .. })
-        ));
+        assert!(matches!(decode(&b), Err(SuperblockError::BadChecksum { .. })));
 
-        assert_eq!(
-            tampered(|s| s.level = 5),
-            Err(SuperblockError::UnknownLevel(5))
-        );
-        assert!(matches!(
-            tampered(|s| s.name = [b'a'; 64]),
-            Err(SuperblockError::BadName(_))
-        ));
-        assert!(matches!(
-            tampered(|s| s.name[0] = 0xff),
-            Err(SuperblockError::BadName(_))
-        ));
-        assert!(matches!(
-            tampered(|s| s.name = [0; 64]),
-            Err(SuperblockError::BadName(_))
-        ));
-        assert!(matches!(
-            tampered(|s| s.name[40] = b'x'),
-            Err(SuperblockError::BadName(_))
-        ));
-        assert!(matches!(
-            tampered(|s| s.reserved1[7] = 1),
-            Err(SuperblockError::UnknownBits(_))
-        ));
-        assert!(matches!(
-            tampered(|s| s.reserved2[0] = 1),
-            Err(SuperblockError::UnknownBits(_))
-        ));
-        assert!(matches!(
-            tampered(|s| s.slots[1].reserved[3] = 1),
-            Err(SuperblockError::UnknownBits(_))
-        ));
-        assert!(matches!(
-            tampered(|s| s.flags = U32::new(6)),
-            Err(SuperblockError::UnknownBits(124))
-        ));
+        assert_eq!(tampered(|s| s.level = 5), Err(SuperblockError::UnknownLevel(5)));
+        assert!(matches!(tampered(|s| s.name = [b'a'; 64]), Err(SuperblockError::BadName(_))));
+        assert!(matches!(tampered(|s| s.name[0] = 0xff), Err(SuperblockError::BadName(_))));
+        assert!(matches!(tampered(|s| s.name = [0; 64]), Err(SuperblockError::BadName(_))));
+        assert!(matches!(tampered(|s| s.name[40] = b'x'), Err(SuperblockError::BadName(_))));
+        assert!(matches!(tampered(|s| s.reserved1[7] = 1), Err(SuperblockError::UnknownBits(_))));
+        assert!(matches!(tampered(|s| s.reserved2[0] = 1), Err(SuperblockError::UnknownBits(_))));
+        assert!(matches!(tampered(|s| s.slots[1].reserved[3] = 1), Err(SuperblockError::UnknownBits(_))));
+        assert!(matches!(tampered(|s| s.flags = U32::new(6)), Err(SuperblockError::UnknownBits(124))));
 
         let impossible: [Tamper; 13] = [
             ("no members", |s| s.num_members = 0),
@@ -972,51 +821,29 @@ mod tests {
             }),
             ("raid10 strip zero", |s| s.level = 10),
             ("block size", |s| s.block_size = U32::new(1000)),
-            ("data before bitmap end", |s| {
-                s.slots[0].data_offset_blocks = U64::new(20)
-            }),
-            ("bitmap over the superblock", |s| {
-                s.bitmap_offset_blocks = U64::new(4)
-            }),
+            ("data before bitmap end", |s| s.slots[0].data_offset_blocks = U64::new(20)),
+            ("bitmap over the superblock", |s| s.bitmap_offset_blocks = U64::new(4)),
             ("bitmap chunk", |s| s.bitmap_chunk_size_blocks = U64::new(3)),
-            ("array size", |s| {
-                s.array_blocks = U64::new(s.array_blocks.get() + 1)
-            }),
-            ("uneven mirror", |s| {
-                s.slots[1].data_size_blocks = U64::new(s.slots[1].data_size_blocks.get() - 1)
-            }),
+            ("array size", |s| s.array_blocks = U64::new(s.array_blocks.get() + 1)),
+            ("uneven mirror", |s| s.slots[1].data_size_blocks = U64::new(s.slots[1].data_size_blocks.get() - 1)),
         ];
         for (what, edit) in impossible {
             let r = tampered(edit);
-            assert!(
-                matches!(r, Err(SuperblockError::ImpossibleGeometry(_))),
-                "{what}: {r:?}"
-            );
+            assert!(matches!(r, Err(SuperblockError::ImpossibleGeometry(_))), "{what}: {r:?}");
         }
 
         let bad_tables: [Tamper; 7] = [
             ("entry past the count in use", |s| s.slots[2].state = 1),
-            ("unused entry below the count", |s| {
-                s.slots[1] = SlotEntry::new_zeroed()
-            }),
+            ("unused entry below the count", |s| s.slots[1] = SlotEntry::new_zeroed()),
             ("unknown state", |s| s.slots[1].state = 9),
-            ("recovery offset on an active slot", |s| {
-                s.slots[1].recovery_offset_blocks = U64::new(1)
-            }),
-            ("active slot without a member", |s| {
-                s.slots[1].member_uuid = [0; 16]
-            }),
-            ("one member in two slots", |s| {
-                s.slots[1].member_uuid = s.slots[0].member_uuid
-            }),
+            ("recovery offset on an active slot", |s| s.slots[1].recovery_offset_blocks = U64::new(1)),
+            ("active slot without a member", |s| s.slots[1].member_uuid = [0; 16]),
+            ("one member in two slots", |s| s.slots[1].member_uuid = s.slots[0].member_uuid),
             ("this member not in its slot", |s| s.member_uuid = [9; 16]),
         ];
         for (what, edit) in bad_tables {
             let r = tampered(edit);
-            assert!(
-                matches!(r, Err(SuperblockError::BadSlotTable(_))),
-                "{what}: {r:?}"
-            );
+            assert!(matches!(r, Err(SuperblockError::BadSlotTable(_))), "{what}: {r:?}");
         }
         let r = tampered(|s| {
             s.slots[1].state = 4;
@@ -1034,12 +861,7 @@ mod tests {
             s.slots[1].recovery_offset_blocks = U64::new(100);
         })
         .unwrap();
-        assert_eq!(
-            ok.slots[1].state,
-            SlotState::Rebuilding {
-                recovery_offset_blocks: 100
-            }
-        );
+        assert_eq!(ok.slots[1].state, SlotState::Rebuilding { recovery_offset_blocks: 100 });
     }
 
     /// Sizes whose array size would overflow are refused, not wrapped or panicked on.
@@ -1054,19 +876,12 @@ mod tests {
                     e.data_size_blocks = U64::new(u64::MAX - 4096);
                 }
             });
-            assert!(
-                matches!(r, Err(SuperblockError::ImpossibleGeometry(_))),
-                "level {level}: {r:?}"
-            );
+            assert!(matches!(r, Err(SuperblockError::ImpossibleGeometry(_))), "level {level}: {r:?}");
         }
         let layout = MetadataLayout::new(512, 0, 0).unwrap();
         let members = [(uuid(1), u64::MAX), (uuid(2), u64::MAX)];
-        let r =
-            SuperblockInfo::new_array("big", uuid(9), RaidLevel::Raid0, 8, 512, &layout, &members);
-        assert!(
-            matches!(r, Err(SuperblockError::ImpossibleGeometry(_))),
-            "{r:?}"
-        );
+        let r = SuperblockInfo::new_array("big", uuid(9), RaidLevel::Raid0, 8, 512, &layout, &members);
+        assert!(matches!(r, Err(SuperblockError::ImpossibleGeometry(_))), "{r:?}");
     }
 
     #[test]
@@ -1074,29 +889,16 @@ mod tests {
         let e = decode(&[0u8; 100]).unwrap_err();
         assert_eq!(e.to_string(), "superblock buffer is 100 bytes, need 4096");
         let e = tampered(|s| s.num_members = 0).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "impossible superblock geometry: 0 members (1..=32 supported)"
-        );
+        assert_eq!(e.to_string(), "impossible superblock geometry: 0 members (1..=32 supported)");
     }
 
     #[test]
     fn layout_aligns_data() {
         let l = MetadataLayout::new(512, 0, 0).unwrap();
-        assert_eq!(
-            (l.superblock_blocks, l.bitmap, l.data_offset_blocks),
-            (8, None, 2048)
-        );
+        assert_eq!((l.superblock_blocks, l.bitmap, l.data_offset_blocks), (8, None, 2048));
         let l = MetadataLayout::new(4096, 300, 1 << 14).unwrap();
         assert_eq!(l.superblock_blocks, 1);
-        assert_eq!(
-            l.bitmap,
-            Some(BitmapLocation {
-                offset_blocks: 1,
-                length_blocks: 300,
-                chunk_size_blocks: 1 << 14
-            })
-        );
+        assert_eq!(l.bitmap, Some(BitmapLocation { offset_blocks: 1, length_blocks: 300, chunk_size_blocks: 1 << 14 }));
         assert_eq!(l.data_offset_blocks, 512);
         assert!(MetadataLayout::new(4096, 300, 3).is_err());
         assert!(MetadataLayout::new(4096, u64::MAX, 1).is_err());
@@ -1106,21 +908,8 @@ mod tests {
     #[test]
     fn new_array_follows_the_layout() {
         let layout = MetadataLayout::new(4096, 0, 0).unwrap();
-        let members = [
-            (uuid(1), 256 + 1000),
-            (uuid(2), 256 + 2000),
-            (uuid(3), 256 + 515),
-        ];
-        let c = SuperblockInfo::new_array(
-            "cat",
-            uuid(9),
-            RaidLevel::Concat,
-            8,
-            4096,
-            &layout,
-            &members,
-        )
-        .unwrap();
+        let members = [(uuid(1), 256 + 1000), (uuid(2), 256 + 2000), (uuid(3), 256 + 515)];
+        let c = SuperblockInfo::new_array("cat", uuid(9), RaidLevel::Concat, 8, 4096, &layout, &members).unwrap();
         let sizes: Vec<u64> = c.slots.iter().map(|s| s.data_size_blocks).collect();
         assert_eq!(sizes, vec![1000, 2000, 512]);
         assert_eq!(c.array_blocks, 3512);
@@ -1128,34 +917,18 @@ mod tests {
         assert_eq!(c.slot_of(uuid(2)), Some(1));
         assert!(c.for_slot(3).is_none());
         let small = [(uuid(1), 256), (uuid(2), 4096)];
-        assert!(SuperblockInfo::new_array(
-            "x",
-            uuid(9),
-            RaidLevel::Raid1,
-            0,
-            4096,
-            &layout,
-            &small
-        )
-        .is_err());
+        assert!(SuperblockInfo::new_array("x", uuid(9), RaidLevel::Raid1, 0, 4096, &layout, &small).is_err());
         let dup = [(uuid(1), 4096), (uuid(1), 4096)];
         assert!(matches!(
             SuperblockInfo::new_array("x", uuid(9), RaidLevel::Raid1, 0, 4096, &layout, &dup),
             Err(SuperblockError::BadSlotTable(_))
         ));
-        assert!(try_encode(&SuperblockInfo {
-            name: String::new(),
-            ..c.clone()
-        })
-        .is_err());
+        assert!(try_encode(&SuperblockInfo { name: String::new(), ..c.clone() }).is_err());
     }
 
     #[test]
     #[should_panic(expected = "refusing to encode")]
     fn encode_refuses_invalid_info() {
-        let _ = encode(&SuperblockInfo {
-            this_slot: 5,
-            ..sample()
-        });
+        let _ = encode(&SuperblockInfo { this_slot: 5, ..sample() });
     }
 }

@@ -39,11 +39,7 @@ fn build(set: &Set, level: &'static str, members: usize) {
         for i in 0..members {
             malloc(&format!("M{i}"), MEMBER_BLOCKS);
             if i == 0 {
-                error::create(ErrorCreateParams {
-                    base_name: "M0".into(),
-                    uuid: None,
-                })
-                .unwrap();
+                error::create(ErrorCreateParams { base_name: "M0".into(), uuid: None }).unwrap();
                 names.push("EE_M0".to_string());
             } else {
                 names.push(format!("M{i}"));
@@ -63,11 +59,7 @@ fn start_jobs(set: &Set, seed: u64, array_blocks: u64) -> Vec<Arc<VerifyStats>> 
             let stats = Arc::new(VerifyStats::default());
             let s2 = stats.clone();
             set.0.send(r, move || {
-                let ch = bdev::Registry::get()
-                    .lookup("R")
-                    .unwrap()
-                    .channel()
-                    .unwrap();
+                let ch = bdev::Registry::get().lookup("R").unwrap().channel().unwrap();
                 let lanes = 16;
                 let cfg = VerifyCfg {
                     writer: r as u64 + 1,
@@ -87,17 +79,8 @@ fn start_jobs(set: &Set, seed: u64, array_blocks: u64) -> Vec<Arc<VerifyStats>> 
 
 fn wait_ios(stats: &[Arc<VerifyStats>], at_least: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while stats
-        .iter()
-        .map(|s| s.ios.load(Ordering::Relaxed))
-        .min()
-        .unwrap_or(0)
-        < at_least
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "workload made no progress"
-        );
+    while stats.iter().map(|s| s.ios.load(Ordering::Relaxed)).min().unwrap_or(0) < at_least {
+        assert!(std::time::Instant::now() < deadline, "workload made no progress");
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -108,10 +91,7 @@ fn stop_jobs(stats: &[Arc<VerifyStats>]) {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !stats.iter().all(|s| s.finished.load(Ordering::Acquire)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "workload did not drain"
-        );
+        assert!(std::time::Instant::now() < deadline, "workload did not drain");
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -121,13 +101,7 @@ fn redundant(level: &'static str, members: usize) {
     eprintln!("{level} failure storm: seed {seed} (replay with NVRAID_SEED={seed})");
     let set = start(2);
     build(&set, level, members);
-    let array_blocks = set.call(0, || {
-        RaidArray::find("R")
-            .unwrap()
-            .geometry()
-            .unwrap()
-            .array_blocks()
-    });
+    let array_blocks = set.call(0, || RaidArray::find("R").unwrap().geometry().unwrap().array_blocks());
     let stats = start_jobs(&set, seed, array_blocks);
     wait_ios(&stats, 2000);
     set.call(0, || inject_all_failures("EE_M0"));
@@ -140,27 +114,17 @@ fn redundant(level: &'static str, members: usize) {
             s.read_errors.load(Ordering::Relaxed),
             s.mismatches.load(Ordering::Relaxed),
         );
-        assert_eq!(
-            (we, re, mm),
-            (0, 0, 0),
-            "reactor {r}: (write errors, read errors, mismatches) (seed {seed})"
-        );
+        assert_eq!((we, re, mm), (0, 0, 0), "reactor {r}: (write errors, read errors, mismatches) (seed {seed})");
     }
     // The failure became official: degraded, the member out, still online.
-    set.wait_for(10, "member marked failed", || {
-        !RaidArray::find("R").unwrap().members()[0].1
-    });
+    set.wait_for(10, "member marked failed", || !RaidArray::find("R").unwrap().members()[0].1);
     let (state, degraded, info) = set.call(0, || {
         let a = RaidArray::find("R").unwrap();
         (a.state(), a.is_degraded(), a.info_json())
     });
     assert_eq!(state, RaidState::Online);
     assert!(degraded);
-    assert_eq!(
-        info["num_base_bdevs_operational"],
-        members as u64 - 1,
-        "{info}"
-    );
+    assert_eq!(info["num_base_bdevs_operational"], members as u64 - 1, "{info}");
     assert_eq!(info["base_bdevs_list"][0]["is_configured"], false, "{info}");
     assert_eq!(info["base_bdevs_list"][0]["name"], "EE_M0", "{info}");
     // Reads after the storm still verify everything (a fresh pass).
@@ -169,8 +133,7 @@ fn redundant(level: &'static str, members: usize) {
     stop_jobs(&stats);
     assert!(stats
         .iter()
-        .all(|s| s.read_errors.load(Ordering::Relaxed) == 0
-            && s.mismatches.load(Ordering::Relaxed) == 0));
+        .all(|s| s.read_errors.load(Ordering::Relaxed) == 0 && s.mismatches.load(Ordering::Relaxed) == 0));
 }
 
 #[test]
@@ -188,30 +151,17 @@ fn raid0_reports_member_errors() {
     let seed = seed();
     let set = start(2);
     build(&set, "raid0", 2);
-    let array_blocks = set.call(0, || {
-        RaidArray::find("R")
-            .unwrap()
-            .geometry()
-            .unwrap()
-            .array_blocks()
-    });
+    let array_blocks = set.call(0, || RaidArray::find("R").unwrap().geometry().unwrap().array_blocks());
     let stats = start_jobs(&set, seed, array_blocks);
     wait_ios(&stats, 500);
     set.call(0, || inject_all_failures("EE_M0"));
     let before: u64 = stats.iter().map(|s| s.ios.load(Ordering::Relaxed)).sum();
     wait_ios(&stats, before / 2 + 1000);
     stop_jobs(&stats);
-    let errors: u64 = stats
-        .iter()
-        .map(|s| s.write_errors.load(Ordering::Relaxed) + s.read_errors.load(Ordering::Relaxed))
-        .sum();
-    assert!(
-        errors > 0,
-        "raid0 must report errors of a member it cannot do without (seed {seed})"
-    );
+    let errors: u64 =
+        stats.iter().map(|s| s.write_errors.load(Ordering::Relaxed) + s.read_errors.load(Ordering::Relaxed)).sum();
+    assert!(errors > 0, "raid0 must report errors of a member it cannot do without (seed {seed})");
     // No copy to lose: data the array acknowledged still reads back right
     // wherever it reads at all.
-    assert!(stats
-        .iter()
-        .all(|s| s.mismatches.load(Ordering::Relaxed) == 0));
+    assert!(stats.iter().all(|s| s.mismatches.load(Ordering::Relaxed) == 0));
 }

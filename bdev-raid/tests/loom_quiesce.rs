@@ -37,10 +37,7 @@ fn send(ring: &Ring<Msg>, m: Msg) {
 
 impl World {
     fn dispatch(&self) {
-        assert!(
-            !self.fenced.load(Ordering::SeqCst),
-            "IO reached a member while suspended"
-        );
+        assert!(!self.fenced.load(Ordering::SeqCst), "IO reached a member while suspended");
         self.in_members.fetch_add(1, Ordering::SeqCst);
     }
     fn complete(&self) {
@@ -69,8 +66,7 @@ fn model(suspenders: u32, ack_early: bool) {
             assert!(gate.try_enter());
             world.dispatch();
             thread::spawn(move || {
-                let (mut first_done, mut second_submitted, mut second_done, mut resumed) =
-                    (false, false, false, false);
+                let (mut first_done, mut second_submitted, mut second_done, mut resumed) = (false, false, false, false);
                 let mut second_in_flight = false;
                 while !(first_done && second_done && resumed) {
                     if let Some(m) = to_r1.pop() {
@@ -154,11 +150,7 @@ fn model(suspenders: u32, ack_early: bool) {
         // The fenced change: nothing may be in flight at a member, and
         // nothing may reach one until resume is sent.
         world.fenced.store(true, Ordering::SeqCst);
-        assert_eq!(
-            world.in_members.load(Ordering::SeqCst),
-            0,
-            "suspended with IO in flight"
-        );
+        assert_eq!(world.in_members.load(Ordering::SeqCst), 0, "suspended with IO in flight");
         let mut resume = None;
         for _ in 0..suspenders {
             if let Some(e) = coord.resume() {

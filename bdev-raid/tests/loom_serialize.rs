@@ -46,10 +46,7 @@ struct Mailbox {
 
 impl Mailbox {
     fn new() -> Arc<Mailbox> {
-        Arc::new(Mailbox {
-            ring: Ring::new(4),
-            notify: Notify::new(),
-        })
+        Arc::new(Mailbox { ring: Ring::new(4), notify: Notify::new() })
     }
 }
 
@@ -81,9 +78,7 @@ fn owner(mb: &Mailbox, requesters: &[Arc<Mailbox>], releases: usize) {
             ACQUIRE => {
                 let (key, reactor, slot, start, end) = words::decode_acquire(a, b, 1 << 20);
                 assert_eq!(key, KEY);
-                if let Acquired::Granted(e) =
-                    table.acquire(start, end, words::waiter(reactor, slot))
-                {
+                if let Acquired::Granted(e) = table.acquire(start, end, words::waiter(reactor, slot)) {
                     grant(reactor, slot, e);
                 }
             }
@@ -131,11 +126,7 @@ fn mirrors(serialize: bool) {
                 let mut entry = None;
                 if serialize {
                     entry = Some(acquire(&owner_mb, &mine2, r, start, 8));
-                    assert_eq!(
-                        holders.fetch_add(1, Ordering::SeqCst),
-                        0,
-                        "overlapping writes granted together"
-                    );
+                    assert_eq!(holders.fetch_add(1, Ordering::SeqCst), 0, "overlapping writes granted together");
                 }
                 // Member IOs complete in any order: writer 1 reaches A
                 // first, writer 2 reaches B first.
@@ -156,11 +147,7 @@ fn mirrors(serialize: bool) {
         for h in handles {
             h.join().unwrap();
         }
-        assert_eq!(
-            mirror_a.load(Ordering::SeqCst),
-            mirror_b.load(Ordering::SeqCst),
-            "mirrors diverged"
-        );
+        assert_eq!(mirror_a.load(Ordering::SeqCst), mirror_b.load(Ordering::SeqCst), "mirrors diverged");
     });
 }
 

@@ -52,11 +52,7 @@ fn build(seed: u64, level: &str, members: usize) -> Storm {
         let geo = RaidArray::find("R").unwrap().geometry().unwrap();
         (mallocs, geo.member_data_blocks(0))
     });
-    Storm {
-        set,
-        mallocs,
-        data_blocks,
-    }
+    Storm { set, mallocs, data_blocks }
 }
 
 /// Runs the storm from both reactors; returns the mirror pairs that differ
@@ -68,18 +64,12 @@ fn storm(
     pairs: &[(usize, usize)],
     region_blocks: u64,
 ) -> Vec<(usize, usize, u64)> {
-    s.set.call(0, move || {
-        RaidArray::find("R").unwrap().set_serialization(serialize)
-    });
+    s.set.call(0, move || RaidArray::find("R").unwrap().set_serialization(serialize));
     let (tx, rx) = std::sync::mpsc::channel();
     for r in 0..2usize {
         let tx = tx.clone();
         s.set.0.send(r, move || {
-            let ch = bdev::Registry::get()
-                .lookup("R")
-                .unwrap()
-                .channel()
-                .unwrap();
+            let ch = bdev::Registry::get().lookup("R").unwrap().channel().unwrap();
             let cfg = StormCfg {
                 writer: r as u64 + 1,
                 seed: seed ^ ((r as u64 + 1) * 0x5851_F42D),
@@ -92,16 +82,12 @@ fn storm(
         });
     }
     for _ in 0..2 {
-        let errors = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("storm finished in time");
+        let errors = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("storm finished in time");
         assert_eq!(errors, 0, "no write may fail (seed {seed})");
     }
     pairs
         .iter()
-        .filter_map(|&(a, b)| {
-            first_difference(&s.mallocs[a], &s.mallocs[b], s.data_blocks).map(|blk| (a, b, blk))
-        })
+        .filter_map(|&(a, b)| first_difference(&s.mallocs[a], &s.mallocs[b], s.data_blocks).map(|blk| (a, b, blk)))
         .collect()
 }
 
@@ -116,31 +102,18 @@ fn run(level: &str, members: usize, pairs: &[(usize, usize)], region_blocks: u64
     );
     // Every written region really holds storm data (the check is not vacuous).
     let written = raw(&s.mallocs[0], 0, region_blocks.min(s.data_blocks));
-    assert!(
-        written
-            .chunks_exact(BLOCK as usize)
-            .any(|b| block_stamp(b).0 != 0),
-        "storm wrote nothing"
-    );
+    assert!(written.chunks_exact(BLOCK as usize).any(|b| block_stamp(b).0 != 0), "storm wrote nothing");
 
     // The same storm without serialization must be caught diverging.
     let mut found = None;
     for attempt in 0..5u64 {
-        let d = storm(
-            &s,
-            seed.wrapping_add(attempt + 1),
-            false,
-            pairs,
-            region_blocks,
-        );
+        let d = storm(&s, seed.wrapping_add(attempt + 1), false, pairs, region_blocks);
         if !d.is_empty() {
             found = Some(d);
             break;
         }
     }
-    let d = found.unwrap_or_else(|| {
-        panic!("{level}: no divergence without serialization in 5 storms (seed {seed})")
-    });
+    let d = found.unwrap_or_else(|| panic!("{level}: no divergence without serialization in 5 storms (seed {seed})"));
     eprintln!("{level}: without serialization the mirrors diverged as expected: {d:?}");
 }
 

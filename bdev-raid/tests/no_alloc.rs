@@ -81,11 +81,7 @@ impl Job {
 
     fn submit(&self, mut io: IoBox) {
         io.offset_blocks = self.offset();
-        io.io_type = if io.io_type == IoType::Write {
-            IoType::Read
-        } else {
-            IoType::Write
-        };
+        io.io_type = if io.io_type == IoType::Write { IoType::Read } else { IoType::Write };
         io.status = IoStatus::Pending;
         if let Some(me) = self.me.upgrade() {
             io.set_done(me);
@@ -141,14 +137,7 @@ fn raid_io_path_allocates_nothing() {
     let m = ReactorSet::manual(2);
     m.on(0, || {
         for i in 0..6 {
-            let b = MallocBdev::new(BdevProps::new(
-                &format!("M{i}"),
-                "Malloc disk",
-                512,
-                512,
-                None,
-            ))
-            .unwrap();
+            let b = MallocBdev::new(BdevProps::new(&format!("M{i}"), "Malloc disk", 512, 512, None)).unwrap();
             Registry::get().register(Arc::new(b)).unwrap();
         }
         let mk = |name: &str, level: &str, strip: Option<u32>, members: &[&str]| {
@@ -185,8 +174,5 @@ fn raid_io_path_allocates_nothing() {
     m.run_until_idle(10_000);
     assert!(jobs.iter().all(|j| j.failed.get() == 0), "IO failed");
     assert!(ios >= 30_000);
-    assert_eq!(
-        allocated, 0,
-        "{allocated} allocations during {ios} steady-state RAID IOs"
-    );
+    assert_eq!(allocated, 0, "{allocated} allocations during {ios} steady-state RAID IOs");
 }

@@ -16,8 +16,7 @@ use std::sync::{mpsc, Arc};
 const BLOCKS: u64 = 2048; // 1 MiB of 512-byte blocks
 
 fn malloc(name: &str) -> Arc<MallocBdev> {
-    let m =
-        Arc::new(MallocBdev::new(BdevProps::new(name, "Malloc disk", 512, BLOCKS, None)).unwrap());
+    let m = Arc::new(MallocBdev::new(BdevProps::new(name, "Malloc disk", 512, BLOCKS, None)).unwrap());
     Registry::get().register(m.clone()).unwrap();
     m
 }
@@ -47,10 +46,7 @@ fn progress(m: &ManualSet) -> Option<(u64, u64)> {
         info.get("process").map(|p| {
             assert_eq!(p["type"], "rebuild");
             assert_eq!(p["target"], "B");
-            (
-                p["progress"]["blocks"].as_u64().unwrap(),
-                p["progress"]["percent"].as_u64().unwrap(),
-            )
+            (p["progress"]["blocks"].as_u64().unwrap(), p["progress"]["percent"].as_u64().unwrap())
         })
     })
 }
@@ -77,20 +73,13 @@ fn rebuild_is_rate_limited_reports_progress_and_copies_exactly() {
         .unwrap();
         (a, b)
     });
-    run_async(&m, |d| {
-        bdev_raid_remove_base_bdev(RaidRemoveBaseBdevParams { name: "B".into() }, d)
-    })
-    .unwrap();
+    run_async(&m, |d| bdev_raid_remove_base_bdev(RaidRemoveBaseBdevParams { name: "B".into() }, d)).unwrap();
     // Data written while degraded must end up on B by the rebuild.
     let log: Rc<RefCell<Vec<IoStatus>>> = Rc::default();
     m.on(1, || {
         let ch = Registry::get().lookup("R").unwrap().channel().unwrap();
         let buf = DmaBuf::alloc((BLOCKS * 512) as usize).unwrap();
-        buf.with_mut(|x| {
-            x.iter_mut()
-                .enumerate()
-                .for_each(|(i, v)| *v = (i % 253) as u8 + 1)
-        });
+        buf.with_mut(|x| x.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 253) as u8 + 1));
         let mut io = IoBox::data(IoType::Write, 0, BLOCKS, Some(buf)).unwrap();
         let l = log.clone();
         io.set_done(Rc::new(move |io: IoBox| l.borrow_mut().push(io.status)));
@@ -100,19 +89,10 @@ fn rebuild_is_rate_limited_reports_progress_and_copies_exactly() {
     assert_eq!(log.borrow().as_slice(), &[IoStatus::Success]);
     let mut raw_b = vec![0u8; 512];
     b.read_raw(0, &mut raw_b);
-    assert!(
-        raw_b.iter().all(|&x| x == 0),
-        "B was out of the array during the write"
-    );
+    assert!(raw_b.iter().all(|&x| x == 0), "B was out of the array during the write");
 
     run_async(&m, |d| {
-        bdev_raid_add_base_bdev(
-            RaidAddBaseBdevParams {
-                raid_bdev: "R".into(),
-                base_bdev: "B".into(),
-            },
-            d,
-        )
+        bdev_raid_add_base_bdev(RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: "B".into() }, d)
     })
     .unwrap();
     // 100 ms of manual time: two windows at most.
@@ -121,10 +101,7 @@ fn rebuild_is_rate_limited_reports_progress_and_copies_exactly() {
         m.run_until_idle(100);
     }
     let (blocks, percent) = progress(&m).expect("rebuild running");
-    assert!(
-        (128..=3 * 128).contains(&blocks),
-        "rate limit: {blocks} blocks after 100 ms"
-    );
+    assert!((128..=3 * 128).contains(&blocks), "rate limit: {blocks} blocks after 100 ms");
     assert_eq!(percent, blocks * 100 / BLOCKS);
     assert!(m.on(0, || RaidArray::find("R").unwrap().is_degraded()));
     // Unlimited from the next window on.
@@ -145,10 +122,7 @@ fn rebuild_is_rate_limited_reports_progress_and_copies_exactly() {
         assert!(!r.is_degraded());
         assert_eq!(r.state(), RaidState::Online);
     });
-    let (mut x, mut y) = (
-        vec![0u8; (BLOCKS * 512) as usize],
-        vec![0u8; (BLOCKS * 512) as usize],
-    );
+    let (mut x, mut y) = (vec![0u8; (BLOCKS * 512) as usize], vec![0u8; (BLOCKS * 512) as usize]);
     a.read_raw(0, &mut x);
     b.read_raw(0, &mut y);
     assert!(x == y && x[0] == 1, "the rebuilt copy is exact");
@@ -197,8 +171,5 @@ fn hot_removed_member_leaves_the_mirror_degraded() {
         }
     });
     m.run_until_idle(100);
-    assert_eq!(
-        log.borrow().as_slice(),
-        &[IoStatus::Success, IoStatus::Success]
-    );
+    assert_eq!(log.borrow().as_slice(), &[IoStatus::Success, IoStatus::Success]);
 }

@@ -51,10 +51,7 @@ fn stop_jobs(stats: &[Arc<VerifyStats>]) {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !stats.iter().all(|s| s.finished.load(Ordering::Acquire)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "workload did not drain"
-        );
+        assert!(std::time::Instant::now() < deadline, "workload did not drain");
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -74,25 +71,14 @@ fn wait_more_ios(stats: &[Arc<VerifyStats>], more: u64) {
 
 fn remove(set: &Set, member: &'static str) {
     rpc_async(set, 20, move |done| {
-        rpc::bdev_raid_remove_base_bdev(
-            RaidRemoveBaseBdevParams {
-                name: member.into(),
-            },
-            done,
-        )
+        rpc::bdev_raid_remove_base_bdev(RaidRemoveBaseBdevParams { name: member.into() }, done)
     })
     .unwrap_or_else(|e| panic!("remove {member}: {e}"));
 }
 
 fn add(set: &Set, member: &'static str) {
     rpc_async(set, 20, move |done| {
-        rpc::bdev_raid_add_base_bdev(
-            RaidAddBaseBdevParams {
-                raid_bdev: "R".into(),
-                base_bdev: member.into(),
-            },
-            done,
-        )
+        rpc::bdev_raid_add_base_bdev(RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: member.into() }, done)
     })
     .unwrap_or_else(|e| panic!("add {member}: {e}"));
 }
@@ -104,11 +90,7 @@ fn assert_clean(stats: &[Arc<VerifyStats>], seed: u64) {
             s.read_errors.load(Ordering::Relaxed),
             s.mismatches.load(Ordering::Relaxed),
         );
-        assert_eq!(
-            v,
-            (0, 0, 0),
-            "reactor {r}: (write errors, read errors, mismatches), seed {seed}"
-        );
+        assert_eq!(v, (0, 0, 0), "reactor {r}: (write errors, read errors, mismatches), seed {seed}");
     }
 }
 
@@ -124,9 +106,7 @@ fn run(level: &'static str, members: usize, cycle: &[&'static str], pairs: &[(us
             process_max_bandwidth_mb_sec: Some(0),
         })
         .unwrap();
-        let ms: Vec<_> = (0..members)
-            .map(|i| malloc(&format!("M{i}"), MEMBER_BLOCKS))
-            .collect();
+        let ms: Vec<_> = (0..members).map(|i| malloc(&format!("M{i}"), MEMBER_BLOCKS)).collect();
         let names: Vec<String> = (0..members).map(|i| format!("M{i}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         create_raid("R", level, (level != "raid1").then_some(8), &refs).unwrap();
@@ -149,17 +129,11 @@ fn run(level: &'static str, members: usize, cycle: &[&'static str], pairs: &[(us
             let a = RaidArray::find("R").unwrap();
             (a.state(), a.is_degraded())
         });
-        assert_eq!(
-            (state, degraded),
-            (RaidState::Online, true),
-            "after removing {member}"
-        );
+        assert_eq!((state, degraded), (RaidState::Online, true), "after removing {member}");
         wait_more_ios(&stats, 300);
         add(&set, member);
         let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
-        saw_process |= info
-            .get("process")
-            .is_some_and(|p| p["type"] == "rebuild" && p["target"] == member);
+        saw_process |= info.get("process").is_some_and(|p| p["type"] == "rebuild" && p["target"] == member);
         if i % 3 == 1 {
             // Take the member out again in the middle of its rebuild, then
             // put it back: the rebuild restarts from scratch.
@@ -202,15 +176,9 @@ fn run(level: &'static str, members: usize, cycle: &[&'static str], pairs: &[(us
     let (tx, rx) = std::sync::mpsc::channel();
     let tx2 = tx.clone();
     set.0.send(0, move || {
-        rpc::bdev_raid_delete(
-            rpc::RaidDeleteParams {
-                name: "R".into(),
-                clear_sb: None,
-            },
-            move |r| {
-                let _ = tx.send(("delete", r.is_ok()));
-            },
-        )
+        rpc::bdev_raid_delete(rpc::RaidDeleteParams { name: "R".into(), clear_sb: None }, move |r| {
+            let _ = tx.send(("delete", r.is_ok()));
+        })
     });
     set.0.send(1, move || {
         let a = RaidArray::find("R");
@@ -231,36 +199,19 @@ fn run(level: &'static str, members: usize, cycle: &[&'static str], pairs: &[(us
     });
     let mut got = Vec::new();
     for _ in 0..2 {
-        got.push(
-            rx.recv_timeout(Duration::from_secs(20))
-                .expect("delete and the racing suspend finish"),
-        );
+        got.push(rx.recv_timeout(Duration::from_secs(20)).expect("delete and the racing suspend finish"));
     }
     assert!(got.contains(&("delete", true)), "{got:?}");
     stop_jobs(&stats);
     // Reads that completed before the delete returned the right data.
-    assert!(
-        stats
-            .iter()
-            .all(|s| s.mismatches.load(Ordering::Relaxed) == 0),
-        "mismatch during delete (seed {seed})"
-    );
+    assert!(stats.iter().all(|s| s.mismatches.load(Ordering::Relaxed) == 0), "mismatch during delete (seed {seed})");
     let leftovers = set.call(0, move || {
         let reg = Registry::get();
-        let claimed: Vec<String> = (0..members)
-            .filter_map(|i| reg.lookup(&format!("M{i}")).and_then(|h| h.claimed_by()))
-            .collect();
-        (
-            RaidArray::find("R").is_none(),
-            reg.lookup("R").is_none(),
-            claimed,
-        )
+        let claimed: Vec<String> =
+            (0..members).filter_map(|i| reg.lookup(&format!("M{i}")).and_then(|h| h.claimed_by())).collect();
+        (RaidArray::find("R").is_none(), reg.lookup("R").is_none(), claimed)
     });
-    assert_eq!(
-        leftovers,
-        (true, true, vec![]),
-        "array gone, bdev gone, members released"
-    );
+    assert_eq!(leftovers, (true, true, vec![]), "array gone, bdev gone, members released");
     // A suspend after the delete answers (with an error) instead of hanging.
     let late = set.call(0, || RaidArray::list().len());
     assert_eq!(late, 0);

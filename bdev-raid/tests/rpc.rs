@@ -39,12 +39,7 @@ fn malloc(name: &str, blocks: u64, bs: u32) {
     Registry::get().register(Arc::new(m)).unwrap();
 }
 
-fn create(
-    name: &str,
-    level: &str,
-    strip: Option<u32>,
-    members: &[&str],
-) -> Result<Value, BdevError> {
+fn create(name: &str, level: &str, strip: Option<u32>, members: &[&str]) -> Result<Value, BdevError> {
     bdev_raid_create(RaidCreateParams {
         name: name.into(),
         raid_level: level.into(),
@@ -91,11 +86,9 @@ fn shapes_match_spdk_wire_bytes() {
             malloc(n, 16384, 4096);
         }
         // 007 and 012: the client's exact requests.
-        let p007: RaidCreateParams =
-            serde_json::from_value(wire(captured::REQ_007)["params"].clone()).unwrap();
+        let p007: RaidCreateParams = serde_json::from_value(wire(captured::REQ_007)["params"].clone()).unwrap();
         assert_eq!(bdev_raid_create(p007).unwrap(), json!(true));
-        let p012: RaidCreateParams =
-            serde_json::from_value(wire(captured::REQ_012)["params"].clone()).unwrap();
+        let p012: RaidCreateParams = serde_json::from_value(wire(captured::REQ_012)["params"].clone()).unwrap();
         assert_eq!(bdev_raid_create(p012).unwrap(), json!(true));
     });
     m.run_until_idle(50);
@@ -105,12 +98,21 @@ fn shapes_match_spdk_wire_bytes() {
         assert_eq!(ours.as_array().unwrap().len(), 2);
         for (o, t) in ours.as_array().unwrap().iter().zip(theirs.as_array().unwrap()) {
             assert_eq!(keys(o), keys(t), "bdev_raid_get_bdevs keys");
-            for k in ["name", "strip_size_kb", "state", "raid_level", "superblock", "num_base_bdevs",
-                "num_base_bdevs_discovered", "num_base_bdevs_operational"]
-            {
+            for k in [
+                "name",
+                "strip_size_kb",
+                "state",
+                "raid_level",
+                "superblock",
+                "num_base_bdevs",
+                "num_base_bdevs_discovered",
+                "num_base_bdevs_operational",
+            ] {
                 assert_eq!(o[k], t[k], "{k}");
             }
-            for (ob, tb) in o["base_bdevs_list"].as_array().unwrap().iter().zip(t["base_bdevs_list"].as_array().unwrap()) {
+            for (ob, tb) in
+                o["base_bdevs_list"].as_array().unwrap().iter().zip(t["base_bdevs_list"].as_array().unwrap())
+            {
                 assert_eq!(keys(ob), keys(tb));
                 for k in ["name", "is_configured", "data_offset", "data_size"] {
                     assert_eq!(ob[k], tb[k], "base bdev {k}");
@@ -142,7 +144,8 @@ fn shapes_match_spdk_wire_bytes() {
         assert_eq!(cfg["params"]["base_bdevs"], spdk_raid0["params"]["base_bdevs"]);
         let raid1_cfg = Registry::get().lookup("Raid1").unwrap().bdev().config().unwrap();
         assert!(raid1_cfg["params"].get("strip_size_kb").is_none(), "raid1 has no strip size in its config");
-        let spdk_opts = saved.as_array().unwrap().iter().find(|c| c["method"] == "bdev_raid_set_options").unwrap().clone();
+        let spdk_opts =
+            saved.as_array().unwrap().iter().find(|c| c["method"] == "bdev_raid_set_options").unwrap().clone();
         assert_eq!(options_config(), spdk_opts);
 
         // 024: a claimed member → -EPERM; 025: raid0 without strip → -EINVAL.
@@ -160,46 +163,18 @@ fn shapes_match_spdk_wire_bytes() {
         assert!(matches!(create("Raid0", "raid0", Some(64), &["X", "Y"]), Err(e) if e.errno() == libc_eexist()));
     });
     // 028 + 029: delete Raid0, only Raid1 remains.
-    let r = run_async(&m, |done| {
-        bdev_raid_delete(
-            RaidDeleteParams {
-                name: "Raid0".into(),
-                clear_sb: Some(false),
-            },
-            done,
-        )
-    });
+    let r =
+        run_async(&m, |done| bdev_raid_delete(RaidDeleteParams { name: "Raid0".into(), clear_sb: Some(false) }, done));
     assert_eq!(r.unwrap(), json!(true));
     m.on(0, || {
         let all = bdev_raid_get_bdevs(RaidGetBdevsParams::default()).unwrap();
-        let names: Vec<&str> = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a["name"].as_str().unwrap())
-            .collect();
+        let names: Vec<&str> = all.as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
         assert_eq!(names, vec!["Raid1"]);
         assert!(Registry::get().lookup("Raid0").is_none());
-        assert!(Registry::get()
-            .lookup("Malloc2")
-            .unwrap()
-            .claimed_by()
-            .is_none());
+        assert!(Registry::get().lookup("Malloc2").unwrap().claimed_by().is_none());
     });
-    let r = run_async(&m, |done| {
-        bdev_raid_delete(
-            RaidDeleteParams {
-                name: "Raid0".into(),
-                clear_sb: None,
-            },
-            done,
-        )
-    });
-    assert_eq!(
-        r.unwrap_err().errno(),
-        19,
-        "deleting a deleted array: -ENODEV"
-    );
+    let r = run_async(&m, |done| bdev_raid_delete(RaidDeleteParams { name: "Raid0".into(), clear_sb: None }, done));
+    assert_eq!(r.unwrap_err().errno(), 19, "deleting a deleted array: -ENODEV");
 }
 
 fn libc_eexist() -> i32 {
@@ -214,14 +189,8 @@ fn configuring_until_members_appear_then_online() {
         create("C", "concat", Some(4), &["A", "B", "D"]).unwrap();
         let a = RaidArray::find("C").unwrap();
         assert_eq!(a.state(), RaidState::Configuring);
-        assert!(
-            Registry::get().lookup("C").is_none(),
-            "a configuring array is not a bdev yet"
-        );
-        let c = bdev_raid_get_bdevs(RaidGetBdevsParams {
-            category: Some("configuring".into()),
-        })
-        .unwrap();
+        assert!(Registry::get().lookup("C").is_none(), "a configuring array is not a bdev yet");
+        let c = bdev_raid_get_bdevs(RaidGetBdevsParams { category: Some("configuring".into()) }).unwrap();
         assert_eq!(c[0]["num_base_bdevs_discovered"], 1);
         assert_eq!(c[0]["num_base_bdevs_operational"], 3);
         assert_eq!(c[0]["base_bdevs_list"][1]["name"], "B");
@@ -230,10 +199,7 @@ fn configuring_until_members_appear_then_online() {
     });
     m.run_until_idle(100);
     m.on(0, || {
-        assert_eq!(
-            RaidArray::find("C").unwrap().state(),
-            RaidState::Configuring
-        );
+        assert_eq!(RaidArray::find("C").unwrap().state(), RaidState::Configuring);
         malloc("D", 512, 512);
     });
     m.run_until_idle(100);
@@ -243,14 +209,8 @@ fn configuring_until_members_appear_then_online() {
         let h = Registry::get().lookup("C").unwrap();
         // concat: sizes add up (each rounded down to 4 KiB strips).
         assert_eq!(h.props().num_blocks, 1024 + 2048 + 512);
-        assert_eq!(
-            Registry::get().lookup("D").unwrap().claimed_by().as_deref(),
-            Some("raid C")
-        );
-        let online = bdev_raid_get_bdevs(RaidGetBdevsParams {
-            category: Some("online".into()),
-        })
-        .unwrap();
+        assert_eq!(Registry::get().lookup("D").unwrap().claimed_by().as_deref(), Some("raid C"));
+        let online = bdev_raid_get_bdevs(RaidGetBdevsParams { category: Some("online".into()) }).unwrap();
         assert_eq!(online.as_array().unwrap().len(), 1);
     });
 }
@@ -268,14 +228,7 @@ fn every_level_round_trips_data_and_nests() {
         create("R10", "10", Some(4), &["M5", "M6", "M7"]).unwrap();
         // A raid of raids: concat over raid0 and raid1.
         create("Top", "concat", Some(4), &["R0", "R1"]).unwrap();
-        assert_eq!(
-            Registry::get()
-                .lookup("R0")
-                .unwrap()
-                .claimed_by()
-                .as_deref(),
-            Some("raid Top")
-        );
+        assert_eq!(Registry::get().lookup("R0").unwrap().claimed_by().as_deref(), Some("raid Top"));
     });
     m.run_until_idle(50);
     for (name, blocks) in [("R10", 384u64), ("Top", 512 + 256)] {
@@ -285,11 +238,7 @@ fn every_level_round_trips_data_and_nests() {
             assert_eq!(h.props().num_blocks, blocks, "{name} size");
             let ch = h.channel().unwrap();
             let w = DmaBuf::alloc((blocks * 512) as usize).unwrap();
-            w.with_mut(|b| {
-                b.iter_mut()
-                    .enumerate()
-                    .for_each(|(i, x)| *x = (i / 512 * 7 + i % 251) as u8)
-            });
+            w.with_mut(|b| b.iter_mut().enumerate().for_each(|(i, x)| *x = (i / 512 * 7 + i % 251) as u8));
             let l = log.clone();
             let mut io = IoBox::data(IoType::Write, 0, blocks, Some(w.clone())).unwrap();
             io.set_done(Rc::new(move |io: IoBox| l.borrow_mut().push(io.status)));
@@ -308,47 +257,19 @@ fn every_level_round_trips_data_and_nests() {
             r
         });
         m.run_until_idle(200);
-        assert_eq!(
-            log.borrow().as_slice(),
-            &[IoStatus::Success, IoStatus::Success],
-            "{name}"
-        );
-        assert_eq!(
-            out.to_vec(),
-            buf.to_vec(),
-            "{name}: read back what was written"
-        );
+        assert_eq!(log.borrow().as_slice(), &[IoStatus::Success, IoStatus::Success], "{name}");
+        assert_eq!(out.to_vec(), buf.to_vec(), "{name}: read back what was written");
     }
     // Deleting a claimed array is refused; top first, then the rest.
-    let r = run_async(&m, |done| {
-        bdev_raid_delete(
-            RaidDeleteParams {
-                name: "R0".into(),
-                clear_sb: None,
-            },
-            done,
-        )
-    });
+    let r = run_async(&m, |done| bdev_raid_delete(RaidDeleteParams { name: "R0".into(), clear_sb: None }, done));
     assert_eq!(r.unwrap_err().errno(), 16, "-EBUSY while Top uses it");
     for n in ["Top", "R0", "R1", "R10"] {
-        let r = run_async(&m, |done| {
-            bdev_raid_delete(
-                RaidDeleteParams {
-                    name: n.into(),
-                    clear_sb: None,
-                },
-                done,
-            )
-        });
+        let r = run_async(&m, |done| bdev_raid_delete(RaidDeleteParams { name: n.into(), clear_sb: None }, done));
         assert_eq!(r.unwrap(), json!(true), "delete {n}");
     }
     m.on(0, || {
         assert!(RaidArray::list().is_empty());
-        assert!((0..8).all(|i| Registry::get()
-            .lookup(&format!("M{i}"))
-            .unwrap()
-            .claimed_by()
-            .is_none()));
+        assert!((0..8).all(|i| Registry::get().lookup(&format!("M{i}")).unwrap().claimed_by().is_none()));
     });
 }
 
@@ -373,19 +294,11 @@ fn remove_add_members_and_capabilities() {
         assert_eq!(info["supported_io_types"]["write"], true);
     });
     let rm = |name: &'static str| {
-        run_async(&m, move |done| {
-            bdev_raid_remove_base_bdev(RaidRemoveBaseBdevParams { name: name.into() }, done)
-        })
+        run_async(&m, move |done| bdev_raid_remove_base_bdev(RaidRemoveBaseBdevParams { name: name.into() }, done))
     };
     let add = |base: &'static str| {
         run_async(&m, move |done| {
-            bdev_raid_add_base_bdev(
-                RaidAddBaseBdevParams {
-                    raid_bdev: "R".into(),
-                    base_bdev: base.into(),
-                },
-                done,
-            )
+            bdev_raid_add_base_bdev(RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: base.into() }, done)
         })
     };
     assert_eq!(rm("B").unwrap(), json!(true));
@@ -394,10 +307,7 @@ fn remove_add_members_and_capabilities() {
         assert!(a.is_degraded());
         let info = a.info_json();
         assert_eq!(info["base_bdevs_list"][1]["name"], Value::Null);
-        assert_eq!(
-            info["base_bdevs_list"][1]["uuid"],
-            "00000000-0000-0000-0000-000000000000"
-        );
+        assert_eq!(info["base_bdevs_list"][1]["uuid"], "00000000-0000-0000-0000-000000000000");
         assert_eq!(info["num_base_bdevs_operational"], 1);
         assert!(Registry::get().lookup("B").unwrap().claimed_by().is_none());
     });
@@ -408,16 +318,8 @@ fn remove_add_members_and_capabilities() {
         let n = NullBdev::new(BdevProps::new("Null2", "Null disk", 512, 4096, None)).unwrap();
         Registry::get().register(Arc::new(n)).unwrap();
     });
-    assert_eq!(
-        add("Null2").unwrap_err().errno(),
-        22,
-        "R advertises unmap, Null2 cannot"
-    );
-    assert_eq!(
-        add("C").unwrap_err().errno(),
-        1,
-        "C is claimed by RN: -EPERM"
-    );
+    assert_eq!(add("Null2").unwrap_err().errno(), 22, "R advertises unmap, Null2 cannot");
+    assert_eq!(add("C").unwrap_err().errno(), 1, "C is claimed by RN: -EPERM");
     assert_eq!(add("B").unwrap(), json!(true));
     // The rebuild runs on the owner's poller.
     for _ in 0..100 {
@@ -425,19 +327,13 @@ fn remove_add_members_and_capabilities() {
     }
     m.on(0, || {
         let a = RaidArray::find("R").unwrap();
-        assert!(
-            !a.is_degraded() && !a.rebuild_running(),
-            "{}",
-            a.info_json()
-        );
+        assert!(!a.is_degraded() && !a.rebuild_running(), "{}", a.info_json());
     });
     assert_eq!(add("C").unwrap_err().errno(), 22, "no free slot");
     // Removing every copy takes the array offline; IO then fails.
     assert_eq!(rm("A").unwrap(), json!(true));
     assert_eq!(rm("B").unwrap(), json!(true));
-    m.on(0, || {
-        assert_eq!(RaidArray::find("R").unwrap().state(), RaidState::Offline)
-    });
+    m.on(0, || assert_eq!(RaidArray::find("R").unwrap().state(), RaidState::Offline));
     let log: Rc<RefCell<Vec<IoStatus>>> = Rc::default();
     m.on(1, || {
         let ch = Registry::get().lookup("R").unwrap().channel().unwrap();

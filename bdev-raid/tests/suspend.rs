@@ -21,16 +21,8 @@ fn setup(m: &ManualSet, with_delay: bool) -> Vec<Arc<MallocBdev>> {
         let mut ms = Vec::new();
         let mut names = Vec::new();
         for i in 0..2 {
-            let mb = Arc::new(
-                MallocBdev::new(BdevProps::new(
-                    &format!("M{i}"),
-                    "Malloc disk",
-                    512,
-                    256,
-                    None,
-                ))
-                .unwrap(),
-            );
+            let mb =
+                Arc::new(MallocBdev::new(BdevProps::new(&format!("M{i}"), "Malloc disk", 512, 256, None)).unwrap());
             Registry::get().register(mb.clone()).unwrap();
             ms.push(mb);
             if with_delay {
@@ -72,9 +64,7 @@ fn write(m: &ManualSet, r: usize, tag: u64, fill: u8, log: &Log) {
         b.fill(fill);
         let mut io = IoBox::data(IoType::Write, 0, 8, Some(b)).unwrap();
         io.tag = tag;
-        io.set_done(Rc::new(move |io: IoBox| {
-            l.borrow_mut().push((io.tag, io.status))
-        }));
+        io.set_done(Rc::new(move |io: IoBox| l.borrow_mut().push((io.tag, io.status))));
         ch.submit(io);
     });
 }
@@ -106,10 +96,7 @@ fn suspend_drains_holds_and_resumes_in_order() {
     for _ in 0..5 {
         m.run_once(0);
     }
-    assert!(
-        rx.try_recv().is_err(),
-        "suspended with IO in flight on reactor 1"
-    );
+    assert!(rx.try_recv().is_err(), "suspended with IO in flight on reactor 1");
     m.run_until_idle(50);
     assert_eq!(rx.try_recv().unwrap(), Ok(()));
     assert_eq!(log.borrow().as_slice(), &[(1, IoStatus::Success)]);
@@ -152,34 +139,17 @@ fn delete_while_someone_holds_a_suspension() {
     assert!(log.borrow().is_empty(), "held");
     let (tx, del) = mpsc::channel();
     m.on(0, || {
-        bdev_raid_delete(
-            RaidDeleteParams {
-                name: "R".into(),
-                clear_sb: None,
-            },
-            move |r| {
-                let _ = tx.send(r.is_ok());
-            },
-        )
+        bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: None }, move |r| {
+            let _ = tx.send(r.is_ok());
+        })
     });
     for _ in 0..20 {
         m.run_until_idle(50);
         m.advance_ns(2_000_000);
     }
-    assert_eq!(
-        del.try_recv(),
-        Ok(true),
-        "delete finished although a suspension is held"
-    );
-    assert_eq!(
-        log.borrow().as_slice(),
-        &[(7, IoStatus::Failed(IoError::NoDevice))]
-    );
-    assert_eq!(
-        first_byte(&ms[0]),
-        0,
-        "the held write never reached a member"
-    );
+    assert_eq!(del.try_recv(), Ok(true), "delete finished although a suspension is held");
+    assert_eq!(log.borrow().as_slice(), &[(7, IoStatus::Failed(IoError::NoDevice))]);
+    assert_eq!(first_byte(&ms[0]), 0, "the held write never reached a member");
     // The late resume and a new suspend on the dead array neither hang nor panic.
     let (tx, late) = mpsc::channel();
     m.on(1, || {
@@ -207,21 +177,12 @@ fn delete_waits_for_in_flight_io() {
     assert!(log.borrow().is_empty(), "delayed by 1 ms of manual time");
     let (tx, del) = mpsc::channel();
     m.on(0, || {
-        bdev_raid_delete(
-            RaidDeleteParams {
-                name: "R".into(),
-                clear_sb: None,
-            },
-            move |r| {
-                let _ = tx.send(r.is_ok());
-            },
-        )
+        bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: None }, move |r| {
+            let _ = tx.send(r.is_ok());
+        })
     });
     m.run_until_idle(50);
-    assert!(
-        del.try_recv().is_err(),
-        "delete must wait for the write in flight"
-    );
+    assert!(del.try_recv().is_err(), "delete must wait for the write in flight");
     write(&m, 1, 10, 0x10, &log);
     for _ in 0..20 {
         m.advance_ns(500_000);
@@ -230,9 +191,6 @@ fn delete_waits_for_in_flight_io() {
     assert_eq!(del.try_recv(), Ok(true));
     let l = log.borrow();
     assert!(l.contains(&(9, IoStatus::Success)), "{l:?}");
-    assert!(
-        l.contains(&(10, IoStatus::Failed(IoError::NoDevice))),
-        "{l:?}"
-    );
+    assert!(l.contains(&(10, IoStatus::Failed(IoError::NoDevice))), "{l:?}");
     assert!(ms.iter().all(|mb| first_byte(mb) == 0x99));
 }

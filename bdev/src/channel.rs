@@ -164,7 +164,15 @@ impl ChannelStats {
         acc.unmap_latency_ticks += self.unmap_latency_ticks.get();
         acc.max_read_latency_ticks = acc.max_read_latency_ticks.max(self.max_read_latency_ticks.get());
         acc.max_write_latency_ticks = acc.max_write_latency_ticks.max(self.max_write_latency_ticks.get());
-        let min = |a: u64, b: u64| if a == 0 { b } else if b == 0 { a } else { a.min(b) };
+        let min = |a: u64, b: u64| {
+            if a == 0 {
+                b
+            } else if b == 0 {
+                a
+            } else {
+                a.min(b)
+            }
+        };
         acc.min_read_latency_ticks = min(acc.min_read_latency_ticks, self.min_read_latency_ticks.get());
         acc.min_write_latency_ticks = min(acc.min_write_latency_ticks, self.min_write_latency_ticks.get());
         acc.num_io_errors += self.num_io_errors.get();

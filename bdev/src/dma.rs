@@ -140,7 +140,14 @@ fn map_transparent_huge(len: usize) -> *mut libc::c_void {
     let over = len + ARENA_SIZE;
     // SAFETY: a fresh anonymous private mapping; nothing else is affected.
     let raw = unsafe {
-        libc::mmap(std::ptr::null_mut(), over, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            over,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     if raw == libc::MAP_FAILED {
         return raw;
@@ -238,7 +245,9 @@ impl Drop for DmaLocal {
         for (class, list) in self.free.get_mut().iter_mut().enumerate() {
             // Only regions no handle still points at; a buffer still held
             // elsewhere (in flight) stays pinned and is simply not recycled.
-            r[class].extend(list.drain(..).filter_map(|region| Rc::try_unwrap(region).ok()).map(|reg| reg.ptr.as_ptr() as usize));
+            r[class].extend(
+                list.drain(..).filter_map(|region| Rc::try_unwrap(region).ok()).map(|reg| reg.ptr.as_ptr() as usize),
+            );
         }
     }
 }

@@ -65,7 +65,10 @@ pub enum IoError {
     /// The bdev is gone or going.
     NoDevice,
     /// Status passed through from an NVMe device.
-    Nvme { sct: u8, sc: u8 },
+    Nvme {
+        sct: u8,
+        sc: u8,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

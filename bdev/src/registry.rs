@@ -85,10 +85,22 @@ impl BdevHandle {
         for t in crate::IoType::ALL {
             types.insert(t.name().into(), Value::Bool(b.io_type_supported(t)));
         }
-        for extra in ["nvme_admin", "nvme_io", "nvme_io_md", "zcopy", "get_zone_info", "zone_management",
-            "zone_append", "compare", "compare_and_write", "abort", "seek_hole", "seek_data", "copy",
-            "nvme_iov_md"]
-        {
+        for extra in [
+            "nvme_admin",
+            "nvme_io",
+            "nvme_io_md",
+            "zcopy",
+            "get_zone_info",
+            "zone_management",
+            "zone_append",
+            "compare",
+            "compare_and_write",
+            "abort",
+            "seek_hole",
+            "seek_data",
+            "copy",
+            "nvme_iov_md",
+        ] {
             types.insert(extra.into(), Value::Bool(false));
         }
         let mut driver_specific = serde_json::Map::new();

@@ -37,10 +37,7 @@ pub struct RpcError {
 
 impl RpcError {
     pub fn new(code: i32, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
 
     pub fn parse(detail: impl fmt::Display) -> Self {
@@ -157,10 +154,7 @@ pub fn parse_message(value: Value) -> Message {
     match value {
         Value::Array(elements) => {
             if elements.is_empty() {
-                Message::Single(Err(error_response(
-                    Value::Null,
-                    RpcError::invalid_request("empty batch"),
-                )))
+                Message::Single(Err(error_response(Value::Null, RpcError::invalid_request("empty batch"))))
             } else if elements.len() > MAX_BATCH_LEN {
                 let error = RpcError::invalid_request(format_args!(
                     "batch of {} requests is larger than the limit of {MAX_BATCH_LEN}",
@@ -176,10 +170,7 @@ pub fn parse_message(value: Value) -> Message {
 }
 
 fn error_response(id: Value, error: RpcError) -> Response {
-    Response {
-        id,
-        outcome: Err(error),
-    }
+    Response { id, outcome: Err(error) }
 }
 
 /// Checks one request object. The reply to an invalid request echoes its id
@@ -189,10 +180,7 @@ pub fn validate_request(value: Value) -> Entry {
     let mut object = match value {
         Value::Object(object) => object,
         other => {
-            let error = RpcError::invalid_request(format_args!(
-                "expected a request object, got {}",
-                kind_of(&other)
-            ));
+            let error = RpcError::invalid_request(format_args!("expected a request object, got {}", kind_of(&other)));
             return Err(error_response(Value::Null, error));
         }
     };
@@ -208,44 +196,21 @@ pub fn validate_request(value: Value) -> Entry {
         }
     };
     let reply_id = id.clone().unwrap_or(Value::Null);
-    let fail = |detail: String| {
-        Err(error_response(
-            reply_id.clone(),
-            RpcError::invalid_request(detail),
-        ))
-    };
+    let fail = |detail: String| Err(error_response(reply_id.clone(), RpcError::invalid_request(detail)));
     match object.get("jsonrpc") {
         Some(Value::String(version)) if version == JSONRPC_VERSION => {}
-        Some(other) => {
-            return fail(format!(
-                "\"jsonrpc\" must be \"{JSONRPC_VERSION}\", got {other}"
-            ))
-        }
-        None => {
-            return fail(format!(
-                "missing member \"jsonrpc\" (must be \"{JSONRPC_VERSION}\")"
-            ))
-        }
+        Some(other) => return fail(format!("\"jsonrpc\" must be \"{JSONRPC_VERSION}\", got {other}")),
+        None => return fail(format!("missing member \"jsonrpc\" (must be \"{JSONRPC_VERSION}\")")),
     }
     let method = match object.remove("method") {
         Some(Value::String(method)) => method,
-        Some(other) => {
-            return fail(format!(
-                "\"method\" must be a string, got {}",
-                kind_of(&other)
-            ))
-        }
+        Some(other) => return fail(format!("\"method\" must be a string, got {}", kind_of(&other))),
         None => return fail("missing member \"method\"".to_owned()),
     };
     let params = match object.remove("params") {
         None => None,
         Some(params @ (Value::Object(_) | Value::Array(_))) => Some(params),
-        Some(other) => {
-            return fail(format!(
-                "\"params\" must be an object or an array, got {}",
-                kind_of(&other)
-            ))
-        }
+        Some(other) => return fail(format!("\"params\" must be an object or an array, got {}", kind_of(&other))),
     };
     Ok(Request { id, method, params })
 }
@@ -279,10 +244,7 @@ fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
         // Writing a `Value` into a Vec cannot fail today; if serde ever does,
         // the client still gets a well-formed answer instead of half a line.
         out.truncate(start);
-        let fallback = error_response(
-            Value::Null,
-            RpcError::internal(format_args!("cannot encode reply: {error}")),
-        );
+        let fallback = error_response(Value::Null, RpcError::internal(format_args!("cannot encode reply: {error}")));
         let _ = serde_json::to_writer(&mut *out, &fallback);
     }
 }
@@ -327,14 +289,7 @@ impl StreamDecoder {
     /// `max_value_bytes`: more than this buffered without a complete value is
     /// a fatal error, which bounds the memory one connection can pin.
     pub fn new(max_value_bytes: usize) -> Self {
-        Self {
-            buf: Vec::new(),
-            start: 0,
-            framer: Framer::default(),
-            fresh: false,
-            max_value_bytes,
-            parse_attempts: 0,
-        }
+        Self { buf: Vec::new(), start: 0, framer: Framer::default(), fresh: false, max_value_bytes, parse_attempts: 0 }
     }
 
     /// Bytes received and not yet returned as values.
@@ -405,14 +360,9 @@ impl StreamDecoder {
     fn incomplete(&self, peer_eof: bool) -> Decoded {
         let pending = self.buffered_bytes();
         if peer_eof {
-            Decoded::Fatal(RpcError::parse(format_args!(
-                "request cut off after {pending} bytes"
-            )))
+            Decoded::Fatal(RpcError::parse(format_args!("request cut off after {pending} bytes")))
         } else if pending > self.max_value_bytes {
-            Decoded::Fatal(RpcError::parse(format_args!(
-                "request larger than {} bytes",
-                self.max_value_bytes
-            )))
+            Decoded::Fatal(RpcError::parse(format_args!("request larger than {} bytes", self.max_value_bytes)))
         } else {
             Decoded::NeedMore
         }
@@ -517,62 +467,18 @@ mod tests {
     #[test]
     fn invalid_requests_get_32600_with_a_reason() {
         let cases = [
-            (
-                json!(42),
-                Value::Null,
-                "expected a request object, got a number",
-            ),
+            (json!(42), Value::Null, "expected a request object, got a number"),
             (json!("x"), Value::Null, "got a string"),
-            (
-                json!({"method": "m", "id": 1}),
-                json!(1),
-                "missing member \"jsonrpc\"",
-            ),
-            (
-                json!({"jsonrpc": "1.0", "method": "m", "id": 1}),
-                json!(1),
-                "\"jsonrpc\" must be \"2.0\"",
-            ),
-            (
-                json!({"jsonrpc": 2.0, "method": "m", "id": 1}),
-                json!(1),
-                "\"jsonrpc\" must be \"2.0\"",
-            ),
-            (
-                json!({"jsonrpc": "2.0", "id": 1}),
-                json!(1),
-                "missing member \"method\"",
-            ),
-            (
-                json!({"jsonrpc": "2.0", "method": 5, "id": 1}),
-                json!(1),
-                "\"method\" must be a string",
-            ),
-            (
-                json!({"jsonrpc": "2.0", "method": "m", "id": [1]}),
-                Value::Null,
-                "\"id\" must be",
-            ),
-            (
-                json!({"jsonrpc": "2.0", "method": "m", "id": {}}),
-                Value::Null,
-                "\"id\" must be",
-            ),
-            (
-                json!({"jsonrpc": "2.0", "method": "m", "id": 3, "params": 1}),
-                json!(3),
-                "\"params\" must be",
-            ),
-            (
-                json!({"jsonrpc": "2.0", "method": "m", "id": 3, "params": null}),
-                json!(3),
-                "\"params\" must be",
-            ),
-            (
-                json!({"jsonrpc": "2.0", "method": "m", "params": "s"}),
-                Value::Null,
-                "\"params\" must be",
-            ),
+            (json!({"method": "m", "id": 1}), json!(1), "missing member \"jsonrpc\""),
+            (json!({"jsonrpc": "1.0", "method": "m", "id": 1}), json!(1), "\"jsonrpc\" must be \"2.0\""),
+            (json!({"jsonrpc": 2.0, "method": "m", "id": 1}), json!(1), "\"jsonrpc\" must be \"2.0\""),
+            (json!({"jsonrpc": "2.0", "id": 1}), json!(1), "missing member \"method\""),
+            (json!({"jsonrpc": "2.0", "method": 5, "id": 1}), json!(1), "\"method\" must be a string"),
+            (json!({"jsonrpc": "2.0", "method": "m", "id": [1]}), Value::Null, "\"id\" must be"),
+            (json!({"jsonrpc": "2.0", "method": "m", "id": {}}), Value::Null, "\"id\" must be"),
+            (json!({"jsonrpc": "2.0", "method": "m", "id": 3, "params": 1}), json!(3), "\"params\" must be"),
+            (json!({"jsonrpc": "2.0", "method": "m", "id": 3, "params": null}), json!(3), "\"params\" must be"),
+            (json!({"jsonrpc": "2.0", "method": "m", "params": "s"}), Value::Null, "\"params\" must be"),
             (json!([]), Value::Null, "empty batch"),
         ];
         for (value, id, text) in cases {
@@ -580,11 +486,7 @@ mod tests {
             assert_eq!(response.id, id, "{value}");
             let error = response.outcome.unwrap_err();
             assert_eq!(error.code, INVALID_REQUEST, "{value}");
-            assert!(
-                error.message.starts_with("Invalid request: "),
-                "{}",
-                error.message
-            );
+            assert!(error.message.starts_with("Invalid request: "), "{}", error.message);
             assert!(error.message.contains(text), "{value}: {}", error.message);
         }
     }
@@ -596,21 +498,10 @@ mod tests {
             7,
             {"jsonrpc": "2.0", "method": "b"},
         ]));
-        let Message::Batch(entries) = message else {
-            panic!("not a batch")
-        };
+        let Message::Batch(entries) = message else { panic!("not a batch") };
         assert_eq!(entries.len(), 3);
         assert_eq!(entries[0].as_ref().unwrap().method, "a");
-        assert_eq!(
-            entries[1]
-                .as_ref()
-                .unwrap_err()
-                .outcome
-                .as_ref()
-                .unwrap_err()
-                .code,
-            INVALID_REQUEST
-        );
+        assert_eq!(entries[1].as_ref().unwrap_err().outcome.as_ref().unwrap_err().code, INVALID_REQUEST);
         assert!(entries[2].as_ref().unwrap().is_notification());
     }
 
@@ -618,48 +509,24 @@ mod tests {
     fn oversized_batch_is_refused_whole() {
         let element = json!({"jsonrpc": "2.0", "method": "a", "id": 1});
         let response = invalid(Value::Array(vec![element; MAX_BATCH_LEN + 1]));
-        assert!(response
-            .outcome
-            .unwrap_err()
-            .message
-            .contains("larger than the limit"));
+        assert!(response.outcome.unwrap_err().message.contains("larger than the limit"));
     }
 
     #[test]
     fn responses_encode_like_spdk() {
         let mut out = Vec::new();
-        encode_response(
-            &Response {
-                id: json!(1),
-                outcome: Ok(json!(true)),
-            },
-            &mut out,
-        );
+        encode_response(&Response { id: json!(1), outcome: Ok(json!(true)) }, &mut out);
         assert_eq!(out, b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":true}\n");
         out.clear();
         let error = RpcError::errno(libc::ENODEV, "No such device");
-        encode_response(
-            &Response {
-                id: json!("x"),
-                outcome: Err(error),
-            },
-            &mut out,
-        );
+        encode_response(&Response { id: json!("x"), outcome: Err(error) }, &mut out);
         assert_eq!(
             out,
             b"{\"jsonrpc\":\"2.0\",\"id\":\"x\",\"error\":{\"code\":-19,\"message\":\"No such device\"}}\n"
         );
         out.clear();
-        let responses = [
-            Response {
-                id: json!(1),
-                outcome: Ok(json!(1)),
-            },
-            Response {
-                id: json!(2),
-                outcome: Ok(Value::Null),
-            },
-        ];
+        let responses =
+            [Response { id: json!(1), outcome: Ok(json!(1)) }, Response { id: json!(2), outcome: Ok(Value::Null) }];
         encode_batch(&responses, &mut out);
         assert_eq!(
             out,
@@ -671,10 +538,7 @@ mod tests {
     fn error_constructors() {
         assert_eq!(RpcError::errno(libc::EEXIST, "x").code, -17);
         assert_eq!(RpcError::errno(-libc::EBUSY, "x").code, -16);
-        assert_eq!(
-            RpcError::method_not_found("foo").message,
-            "Method not found: foo"
-        );
+        assert_eq!(RpcError::method_not_found("foo").message, "Method not found: foo");
         assert_eq!(RpcError::parse("bad").code, PARSE_ERROR);
         assert_eq!(RpcError::internal("x").code, INTERNAL_ERROR);
         assert_eq!(RpcError::invalid_params("x").code, INVALID_PARAMS);
@@ -689,28 +553,16 @@ mod tests {
 
     #[test]
     fn decode_params_reports_readably_and_ignores_unknown_keys() {
-        let ok: Create =
-            decode_params(Some(json!({"name": "M0", "size_mib": 4, "extra": [1]}))).unwrap();
-        assert_eq!(
-            ok,
-            Create {
-                name: "M0".into(),
-                size_mib: 4
-            }
-        );
+        let ok: Create = decode_params(Some(json!({"name": "M0", "size_mib": 4, "extra": [1]}))).unwrap();
+        assert_eq!(ok, Create { name: "M0".into(), size_mib: 4 });
 
         let missing = decode_params::<Create>(Some(json!({"size_mib": 4}))).unwrap_err();
         assert_eq!(missing.code, INVALID_PARAMS);
         assert_eq!(missing.message, "Invalid parameters: missing field `name`");
 
-        let wrong =
-            decode_params::<Create>(Some(json!({"name": "a", "size_mib": "big"}))).unwrap_err();
+        let wrong = decode_params::<Create>(Some(json!({"name": "a", "size_mib": "big"}))).unwrap_err();
         assert_eq!(wrong.code, INVALID_PARAMS);
-        assert!(
-            wrong.message.contains("invalid type: string \"big\""),
-            "{}",
-            wrong.message
-        );
+        assert!(wrong.message.contains("invalid type: string \"big\""), "{}", wrong.message);
 
         let absent = decode_params::<Create>(None).unwrap_err();
         assert_eq!(absent.message, "Invalid parameters: missing field `name`");
@@ -768,12 +620,7 @@ mod tests {
         let (mut rest, error) = drain(&mut decoder, true);
         assert!(error.is_none());
         values.append(&mut rest);
-        let objects = |v: &[Value]| {
-            v.iter()
-                .filter(|v| !v.is_number())
-                .cloned()
-                .collect::<Vec<_>>()
-        };
+        let objects = |v: &[Value]| v.iter().filter(|v| !v.is_number()).cloned().collect::<Vec<_>>();
         assert_eq!(objects(&values), objects(&expected));
     }
 
@@ -785,11 +632,7 @@ mod tests {
         assert!(values.is_empty());
         let error = error.expect("syntax error");
         assert_eq!(error.code, PARSE_ERROR);
-        assert!(
-            error.message.starts_with("Parse error: "),
-            "{}",
-            error.message
-        );
+        assert!(error.message.starts_with("Parse error: "), "{}", error.message);
 
         let mut decoder = StreamDecoder::new(1 << 20);
         decoder.push(b"{\"a\":1} {\"b\":");
@@ -821,17 +664,9 @@ mod tests {
         }
         let error = fatal.expect("limit reached");
         assert_eq!(error.code, PARSE_ERROR);
-        assert!(
-            error.message.contains("larger than 262144 bytes"),
-            "{}",
-            error.message
-        );
+        assert!(error.message.contains("larger than 262144 bytes"), "{}", error.message);
         // Only while the partial value was small was it re-parsed per chunk.
-        assert!(
-            decoder.parse_attempts <= (EAGER_PARSE_BYTES / 1024 + 1) as u64,
-            "{}",
-            decoder.parse_attempts
-        );
+        assert!(decoder.parse_attempts <= (EAGER_PARSE_BYTES / 1024 + 1) as u64, "{}", decoder.parse_attempts);
 
         // A large value arriving in pieces is parsed once, when it closes.
         let mut decoder = StreamDecoder::new(1 << 20);

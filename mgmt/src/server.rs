@@ -27,8 +27,7 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use serde_json::Value;
 
 use crate::jsonrpc::{
-    encode_batch, encode_response, parse_message, Decoded, Entry, Message, Response, RpcError,
-    RpcResult, StreamDecoder,
+    encode_batch, encode_response, parse_message, Decoded, Entry, Message, Response, RpcError, RpcResult, StreamDecoder,
 };
 
 /// More than this buffered without a complete request closes the connection.
@@ -62,12 +61,7 @@ pub struct Reply {
 
 #[derive(Debug)]
 enum Target {
-    Server {
-        completions: Sender<Completion>,
-        connection_id: u64,
-        unit_seq: u64,
-        slot_index: usize,
-    },
+    Server { completions: Sender<Completion>, connection_id: u64, unit_seq: u64, slot_index: usize },
     Channel(Sender<RpcResult>),
     Callback(ReplyFn),
 }
@@ -109,20 +103,13 @@ impl Reply {
     /// methods without a client (loading a config file, unit tests).
     pub fn channel() -> (Self, Receiver<RpcResult>) {
         let (sender, receiver) = mpsc::channel();
-        (
-            Self {
-                target: Some(Target::Channel(sender)),
-            },
-            receiver,
-        )
+        (Self { target: Some(Target::Channel(sender)) }, receiver)
     }
 
     /// A reply handed to `f`, on whatever thread completes it: lets the
     /// daemon chain method calls (replaying a config) without blocking.
     pub fn callback(f: impl FnOnce(RpcResult) + Send + 'static) -> Self {
-        Self {
-            target: Some(Target::Callback(ReplyFn(Box::new(f)))),
-        }
+        Self { target: Some(Target::Callback(ReplyFn(Box::new(f)))) }
     }
 
     /// Whether anybody will see the result; a handler may skip building a
@@ -144,18 +131,8 @@ impl Reply {
                 let _ = sender.send(result);
             }
             Some(Target::Callback(f)) => (f.0)(result),
-            Some(Target::Server {
-                completions,
-                connection_id,
-                unit_seq,
-                slot_index,
-            }) => {
-                let _ = completions.send(Completion {
-                    connection_id,
-                    unit_seq,
-                    slot_index,
-                    result,
-                });
+            Some(Target::Server { completions, connection_id, unit_seq, slot_index }) => {
+                let _ = completions.send(Completion { connection_id, unit_seq, slot_index, result });
             }
         }
     }
@@ -280,11 +257,7 @@ impl RpcServer {
         self.connections.retain(|c| {
             let keep = !c.finished();
             if !keep {
-                tracing::debug!(
-                    connection = c.id,
-                    broken = c.broken,
-                    "rpc: connection closed"
-                );
+                tracing::debug!(connection = c.id, broken = c.broken, "rpc: connection closed");
             }
             keep
         });
@@ -332,16 +305,8 @@ impl RpcServer {
             };
             busy = true;
             // The connection may be gone (peer hung up); its results are moot.
-            if let Some(connection) = self
-                .connections
-                .iter_mut()
-                .find(|c| c.id == completion.connection_id)
-            {
-                connection.complete(
-                    completion.unit_seq,
-                    completion.slot_index,
-                    completion.result,
-                );
+            if let Some(connection) = self.connections.iter_mut().find(|c| c.id == completion.connection_id) {
+                connection.complete(completion.unit_seq, completion.slot_index, completion.result);
             }
         }
         busy
@@ -350,9 +315,7 @@ impl RpcServer {
 
 impl Drop for RpcServer {
     fn drop(&mut self) {
-        let ours = fs::symlink_metadata(&self.path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
+        let ours = fs::symlink_metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
         if ours.is_some() && ours == self.socket_file {
             if let Err(e) = fs::remove_file(&self.path) {
                 tracing::warn!(path = %self.path.display(), error = %e, "rpc: cannot remove socket file");
@@ -366,16 +329,8 @@ impl Drop for RpcServer {
 fn refuse(mut stream: UnixStream) {
     tracing::warn!("rpc: too many connections, refusing one");
     let mut out = Vec::new();
-    let error = RpcError::internal(format_args!(
-        "too many connections (limit {MAX_CONNECTIONS})"
-    ));
-    encode_response(
-        &Response {
-            id: Value::Null,
-            outcome: Err(error),
-        },
-        &mut out,
-    );
+    let error = RpcError::internal(format_args!("too many connections (limit {MAX_CONNECTIONS})"));
+    encode_response(&Response { id: Value::Null, outcome: Err(error) }, &mut out);
     // Best effort on a fresh socket, whose buffer has room for one line.
     let _ = stream.set_nonblocking(true);
     let _ = stream.write(&out);
@@ -394,10 +349,9 @@ fn check_existing(path: &Path) -> io::Result<()> {
         ));
     }
     match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("another server is listening on {}", path.display()),
-        )),
+        Ok(_) => {
+            Err(io::Error::new(io::ErrorKind::AddrInUse, format!("another server is listening on {}", path.display())))
+        }
         // Stale: the rename in `bind_owner_only` replaces it atomically.
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -418,11 +372,8 @@ fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
     };
     let mut attempts = 0;
     let (staging, staged) = loop {
-        let staging = parent.join(format!(
-            ".rpc{}.{}",
-            std::process::id(),
-            STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
+        let staging =
+            parent.join(format!(".rpc{}.{}", std::process::id(), STAGING_SEQ.fetch_add(1, Ordering::Relaxed)));
         let staged = staging.join("s");
         if staged.as_os_str().len() >= SUN_PATH_MAX {
             // The staged name does not fit in sockaddr_un although `path`
@@ -559,26 +510,13 @@ impl Connection {
         self.input_done = true;
         let seq = self.next_unit_seq;
         self.next_unit_seq += 1;
-        let slot = Slot {
-            id: Value::Null,
-            result: Some(Err(error)),
-        };
-        self.units.push_back(Unit {
-            seq,
-            batch: false,
-            slots: vec![slot],
-            unfilled: 0,
-        });
+        let slot = Slot { id: Value::Null, result: Some(Err(error)) };
+        self.units.push_back(Unit { seq, batch: false, slots: vec![slot], unfilled: 0 });
     }
 
     /// Registers the reply slots for one top-level value, then dispatches its
     /// requests in order. Returns the number of elements it held.
-    fn start_unit(
-        &mut self,
-        value: Value,
-        dispatch: &dyn Dispatch,
-        completions: &Sender<Completion>,
-    ) -> usize {
+    fn start_unit(&mut self, value: Value, dispatch: &dyn Dispatch, completions: &Sender<Completion>) -> usize {
         let (batch, entries): (bool, Vec<Entry>) = match parse_message(value) {
             Message::Single(entry) => (false, vec![entry]),
             Message::Batch(entries) => (true, entries),
@@ -589,10 +527,7 @@ impl Connection {
         let mut calls = Vec::new();
         for entry in entries {
             match entry {
-                Err(Response { id, outcome }) => slots.push(Slot {
-                    id,
-                    result: Some(outcome),
-                }),
+                Err(Response { id, outcome }) => slots.push(Slot { id, result: Some(outcome) }),
                 Ok(request) => {
                     let reply = match request.id {
                         None => Reply::notification(),
@@ -615,12 +550,7 @@ impl Connection {
         }
         if !slots.is_empty() {
             let unfilled = slots.iter().filter(|s| s.result.is_none()).count();
-            self.units.push_back(Unit {
-                seq,
-                batch,
-                slots,
-                unfilled,
-            });
+            self.units.push_back(Unit { seq, batch, slots, unfilled });
             self.next_unit_seq += 1;
         }
         for (method, params, reply) in calls {
@@ -636,10 +566,7 @@ impl Connection {
         let Some(offset) = unit_seq.checked_sub(front_seq) else {
             return;
         };
-        let Some(unit) = usize::try_from(offset)
-            .ok()
-            .and_then(|i| self.units.get_mut(i))
-        else {
+        let Some(unit) = usize::try_from(offset).ok().and_then(|i| self.units.get_mut(i)) else {
             return;
         };
         debug_assert_eq!(unit.seq, unit_seq);
@@ -669,10 +596,7 @@ impl Connection {
         let mut busy = false;
         let mut written = 0;
         while self.pending_output() > 0 && written < WRITE_BYTES_PER_POLL {
-            let end = self
-                .output
-                .len()
-                .min(self.output_written + WRITE_BYTES_PER_POLL - written);
+            let end = self.output.len().min(self.output_written + WRITE_BYTES_PER_POLL - written);
             match self.stream.write(&self.output[self.output_written..end]) {
                 Ok(0) => {
                     self.broken = true;
@@ -705,9 +629,7 @@ impl Connection {
     fn encode_unit(&mut self, unit: Unit) {
         let responses = unit.slots.into_iter().map(|slot| Response {
             id: slot.id,
-            outcome: slot
-                .result
-                .unwrap_or_else(|| Err(RpcError::internal("reply missing"))),
+            outcome: slot.result.unwrap_or_else(|| Err(RpcError::internal("reply missing"))),
         });
         if unit.batch {
             let responses: Vec<Response> = responses.collect();
@@ -738,9 +660,7 @@ mod tests {
         assert!(error.message.contains("request dropped without a reply"));
 
         let (reply, results) = Reply::channel();
-        std::thread::spawn(move || reply.send(Ok(Value::Null)))
-            .join()
-            .unwrap();
+        std::thread::spawn(move || reply.send(Ok(Value::Null))).join().unwrap();
         assert_eq!(results.recv().unwrap(), Ok(Value::Null));
 
         let reply = Reply::notification();

@@ -13,8 +13,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use mgmt::jsonrpc::{
-    decode_params, encode_response, parse_message, Decoded, Message, Response, RpcError, RpcResult,
-    StreamDecoder, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
+    decode_params, encode_response, parse_message, Decoded, Message, Response, RpcError, RpcResult, StreamDecoder,
+    INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
 };
 use mgmt::server::{Dispatch, Reply, RpcServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES};
 use serde::Deserialize;
@@ -58,10 +58,7 @@ impl Dispatch for TestMethods {
                 Err(e) => reply.send(Err(e)),
             },
             "forget" => drop(reply),
-            "exists" => reply.send(Err(RpcError::errno(
-                libc::EEXIST,
-                "bdev Malloc0 already exists",
-            ))),
+            "exists" => reply.send(Err(RpcError::errno(libc::EEXIST, "bdev Malloc0 already exists"))),
             "notify" => {
                 self.notified.fetch_add(1, Ordering::SeqCst);
                 reply.send(Ok(Value::Bool(true)));
@@ -142,14 +139,7 @@ fn start_with<D: Dispatch + Send + Sync + 'static>(methods: D) -> Harness<D> {
             }
         })
     };
-    Harness {
-        path,
-        methods,
-        connections,
-        stop,
-        thread: Some(thread),
-        _dir: dir,
-    }
+    Harness { path, methods, connections, stop, thread: Some(thread), _dir: dir }
 }
 
 impl<D: Dispatch + Send + Sync + 'static> Harness<D> {
@@ -199,15 +189,9 @@ impl Client {
     /// One reply line, checked to be compact JSON terminated by one newline.
     fn recv(&mut self) -> Value {
         let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .expect("reply within the timeout");
+        let n = self.reader.read_line(&mut line).expect("reply within the timeout");
         assert!(n > 0, "connection closed while waiting for a reply");
-        assert!(
-            line.ends_with('\n') && !line[..line.len() - 1].contains('\n'),
-            "{line:?}"
-        );
+        assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'), "{line:?}");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {line:?}"))
     }
 
@@ -231,20 +215,14 @@ impl Client {
             Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
             Err(e) => panic!("expected the server to close the connection: {e}"),
         }
-        assert!(
-            rest.is_empty(),
-            "unexpected bytes before EOF: {:?}",
-            String::from_utf8_lossy(&rest)
-        );
+        assert!(rest.is_empty(), "unexpected bytes before EOF: {:?}", String::from_utf8_lossy(&rest));
     }
 }
 
 fn error_of(reply: &Value) -> (i64, String) {
     assert_eq!(reply["jsonrpc"], "2.0", "{reply}");
     assert!(reply.get("result").is_none(), "{reply}");
-    let code = reply["error"]["code"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no error code: {reply}"));
+    let code = reply["error"]["code"].as_i64().unwrap_or_else(|| panic!("no error code: {reply}"));
     (code, reply["error"]["message"].as_str().unwrap().to_owned())
 }
 
@@ -255,10 +233,7 @@ fn result_of(reply: &Value) -> &Value {
 }
 
 fn pretty(method: &str, id: u64, params: Value) -> Vec<u8> {
-    serde_json::to_vec_pretty(
-        &json!({"jsonrpc": "2.0", "method": method, "id": id, "params": params}),
-    )
-    .unwrap()
+    serde_json::to_vec_pretty(&json!({"jsonrpc": "2.0", "method": method, "id": id, "params": params})).unwrap()
 }
 
 #[test]
@@ -329,9 +304,7 @@ fn batch_with_notifications_mixed_in() {
     ]"#,
     );
     let reply = c.recv();
-    let replies = reply
-        .as_array()
-        .unwrap_or_else(|| panic!("batch reply must be an array: {reply}"));
+    let replies = reply.as_array().unwrap_or_else(|| panic!("batch reply must be an array: {reply}"));
     assert_eq!(replies.len(), 4, "{reply}");
     assert_eq!(replies[0]["id"], 1);
     assert_eq!(result_of(&replies[0]), &json!(2));
@@ -393,10 +366,7 @@ fn malformed_json_closes_only_that_connection() {
     bad.expect_closed();
 
     let mut good = h.connect();
-    assert_eq!(
-        result_of(&good.call("add", json!(1), Some(json!({"a": 1, "b": 2})))),
-        &json!(3)
-    );
+    assert_eq!(result_of(&good.call("add", json!(1), Some(json!({"a": 1, "b": 2})))), &json!(3));
     h.wait_for_connections(2);
     drop(idle);
     drop(good);
@@ -420,37 +390,13 @@ fn invalid_request_variants_keep_the_connection() {
         (r#"42"#, Value::Null, "expected a request object"),
         (r#""echo""#, Value::Null, "expected a request object"),
         (r#"{"method": "echo", "id": 1}"#, json!(1), "jsonrpc"),
-        (
-            r#"{"jsonrpc": "1.0", "method": "echo", "id": 2}"#,
-            json!(2),
-            "jsonrpc",
-        ),
+        (r#"{"jsonrpc": "1.0", "method": "echo", "id": 2}"#, json!(2), "jsonrpc"),
         (r#"{"jsonrpc": "2.0", "id": 3}"#, json!(3), "method"),
-        (
-            r#"{"jsonrpc": "2.0", "method": 1, "id": 4}"#,
-            json!(4),
-            "method",
-        ),
-        (
-            r#"{"jsonrpc": "2.0", "method": "echo", "id": {"a": 1}}"#,
-            Value::Null,
-            "id",
-        ),
-        (
-            r#"{"jsonrpc": "2.0", "method": "echo", "id": true}"#,
-            Value::Null,
-            "id",
-        ),
-        (
-            r#"{"jsonrpc": "2.0", "method": "echo", "id": 5, "params": "x"}"#,
-            json!(5),
-            "params",
-        ),
-        (
-            r#"{"jsonrpc": "2.0", "method": "echo", "id": 6, "params": 3}"#,
-            json!(6),
-            "params",
-        ),
+        (r#"{"jsonrpc": "2.0", "method": 1, "id": 4}"#, json!(4), "method"),
+        (r#"{"jsonrpc": "2.0", "method": "echo", "id": {"a": 1}}"#, Value::Null, "id"),
+        (r#"{"jsonrpc": "2.0", "method": "echo", "id": true}"#, Value::Null, "id"),
+        (r#"{"jsonrpc": "2.0", "method": "echo", "id": 5, "params": "x"}"#, json!(5), "params"),
+        (r#"{"jsonrpc": "2.0", "method": "echo", "id": 6, "params": 3}"#, json!(6), "params"),
         // Invalid without an id is still answered: it is not a notification.
         (r#"{"jsonrpc": "2.0", "method": 1}"#, Value::Null, "method"),
     ];
@@ -460,22 +406,14 @@ fn invalid_request_variants_keep_the_connection() {
         assert_eq!(reply["id"], id, "{request} -> {reply}");
         let (code, message) = error_of(&reply);
         assert_eq!(code, i64::from(INVALID_REQUEST), "{request} -> {reply}");
-        assert!(
-            message.starts_with("Invalid request: ") && message.contains(mentions),
-            "{request} -> {message}"
-        );
+        assert!(message.starts_with("Invalid request: ") && message.contains(mentions), "{request} -> {message}");
     }
     c.send("[1, 2]");
     let reply = c.recv();
     let replies = reply.as_array().unwrap();
     assert_eq!(replies.len(), 2);
-    assert!(replies
-        .iter()
-        .all(|r| error_of(r).0 == i64::from(INVALID_REQUEST)));
-    assert_eq!(
-        result_of(&c.call("echo", json!(7), Some(json!({})))),
-        &json!({})
-    );
+    assert!(replies.iter().all(|r| error_of(r).0 == i64::from(INVALID_REQUEST)));
+    assert_eq!(result_of(&c.call("echo", json!(7), Some(json!({})))), &json!({}));
 }
 
 #[test]
@@ -487,19 +425,12 @@ fn wrong_or_missing_params_are_readable() {
     assert_eq!(message, "Invalid parameters: missing field `b`");
     let (code, message) = error_of(&c.call("add", json!(2), Some(json!({"a": 1, "b": "two"}))));
     assert_eq!(code, i64::from(INVALID_PARAMS));
-    assert!(
-        message.contains("invalid type: string \"two\", expected i64"),
-        "{message}"
-    );
+    assert!(message.contains("invalid type: string \"two\", expected i64"), "{message}");
     let (code, message) = error_of(&c.call("add", json!(3), None));
     assert_eq!(code, i64::from(INVALID_PARAMS));
     assert_eq!(message, "Invalid parameters: missing field `a`");
     // Unknown keys are ignored: SPDK's client sends many.
-    let reply = c.call(
-        "add",
-        json!(4),
-        Some(json!({"a": 1, "b": 2, "c": 3, "trtype": "TCP"})),
-    );
+    let reply = c.call("add", json!(4), Some(json!({"a": 1, "b": 2, "c": 3, "trtype": "TCP"})));
     assert_eq!(result_of(&reply), &json!(3));
 }
 
@@ -518,10 +449,7 @@ fn dropped_reply_answers_internal_error() {
     let mut c = h.connect();
     let (code, message) = error_of(&c.call("forget", json!(1), None));
     assert_eq!(code, i64::from(INTERNAL_ERROR));
-    assert!(
-        message.contains("request dropped without a reply"),
-        "{message}"
-    );
+    assert!(message.contains("request dropped without a reply"), "{message}");
     assert_eq!(result_of(&c.call("echo", json!(2), None)), &Value::Null);
 }
 
@@ -536,10 +464,7 @@ fn cut_off_mid_request_gets_parse_error() {
     assert_eq!(reply["id"], Value::Null);
     let (code, message) = error_of(&reply);
     assert_eq!(code, i64::from(PARSE_ERROR));
-    assert_eq!(
-        message,
-        format!("Parse error: request cut off after {} bytes", partial.len())
-    );
+    assert_eq!(message, format!("Parse error: request cut off after {} bytes", partial.len()));
     c.expect_closed();
 }
 
@@ -571,28 +496,12 @@ fn async_reply_holds_later_replies_in_order() {
     bytes.extend(pretty("echo", 6, json!(["last"])));
     c.send(&bytes);
     let first = c.recv();
-    assert_eq!(
-        (first["id"].clone(), result_of(&first).clone()),
-        (json!(1), json!("first"))
-    );
+    assert_eq!((first["id"].clone(), result_of(&first).clone()), (json!(1), json!("first")));
     let second = c.recv();
-    assert_eq!(
-        (second["id"].clone(), result_of(&second).clone()),
-        (json!(2), json!(["second"]))
-    );
+    assert_eq!((second["id"].clone(), result_of(&second).clone()), (json!(2), json!(["second"])));
     let batch = c.recv();
-    let ids: Vec<_> = batch
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].clone())
-        .collect();
-    let results: Vec<_> = batch
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| result_of(r).clone())
-        .collect();
+    let ids: Vec<_> = batch.as_array().unwrap().iter().map(|r| r["id"].clone()).collect();
+    let results: Vec<_> = batch.as_array().unwrap().iter().map(|r| result_of(r).clone()).collect();
     assert_eq!(ids, vec![json!(3), json!(4), json!(5)]);
     assert_eq!(results, vec![json!("a"), json!(["b"]), json!("c")]);
     assert_eq!(c.recv()["id"], 6);
@@ -602,21 +511,11 @@ fn async_reply_holds_later_replies_in_order() {
 fn slow_reply_on_one_connection_does_not_hold_another() {
     let h = start();
     let mut slow = h.connect();
-    slow.send(pretty(
-        "later",
-        1,
-        json!({"delay_ms": 1000, "value": "slow"}),
-    ));
+    slow.send(pretty("later", 1, json!({"delay_ms": 1000, "value": "slow"})));
     let mut fast = h.connect();
     let started = Instant::now();
-    assert_eq!(
-        result_of(&fast.call("echo", json!(1), Some(json!(["fast"])))),
-        &json!(["fast"])
-    );
-    assert!(
-        started.elapsed() < Duration::from_millis(1000),
-        "fast client waited for the slow one"
-    );
+    assert_eq!(result_of(&fast.call("echo", json!(1), Some(json!(["fast"])))), &json!(["fast"]));
+    assert!(started.elapsed() < Duration::from_millis(1000), "fast client waited for the slow one");
     assert_eq!(result_of(&slow.recv()), &json!("slow"));
 }
 
@@ -625,11 +524,7 @@ fn client_hanging_up_with_a_reply_pending_is_reaped() {
     let h = start();
     {
         let mut c = h.connect();
-        c.send(pretty(
-            "later",
-            1,
-            json!({"delay_ms": 20, "value": "nobody listens"}),
-        ));
+        c.send(pretty("later", 1, json!({"delay_ms": 20, "value": "nobody listens"})));
         h.wait_for_connections(1);
     }
     h.wait_for_connections(0);
@@ -677,10 +572,7 @@ fn client_that_never_reads_does_not_stall_others() {
     });
     let mut polite = h.connect();
     for id in 0..20 {
-        assert_eq!(
-            result_of(&polite.call("add", json!(id), Some(json!({"a": id, "b": 1})))),
-            &json!(id + 1)
-        );
+        assert_eq!(result_of(&polite.call("add", json!(id), Some(json!({"a": id, "b": 1})))), &json!(id + 1));
     }
     flood.stream.shutdown(Shutdown::Both).unwrap();
     sender.join().unwrap();
@@ -700,10 +592,7 @@ fn connections_beyond_the_limit_are_refused() {
     assert!(message.contains("too many connections"), "{message}");
     extra.expect_closed();
     // Everyone admitted is still served, and a freed place can be taken.
-    assert_eq!(
-        result_of(&clients[0].call("echo", json!(1), None)),
-        &Value::Null
-    );
+    assert_eq!(result_of(&clients[0].call("echo", json!(1), None)), &Value::Null);
     clients.pop();
     h.wait_for_connections(MAX_CONNECTIONS - 1);
     let mut late = h.connect();
@@ -728,10 +617,7 @@ fn oversized_request_closes_the_connection() {
     let reply = c.recv();
     let (code, message) = error_of(&reply);
     assert_eq!(code, i64::from(PARSE_ERROR));
-    assert!(
-        message.contains(&format!("larger than {MAX_REQUEST_BYTES} bytes")),
-        "{message}"
-    );
+    assert!(message.contains(&format!("larger than {MAX_REQUEST_BYTES} bytes")), "{message}");
     c.expect_closed();
     sender.join().unwrap();
     let mut other = h.connect();
@@ -739,11 +625,7 @@ fn oversized_request_closes_the_connection() {
 }
 
 /// Drives `server` on this thread until `client` has one whole reply line.
-fn poll_until_reply(
-    server: &mut RpcServer,
-    methods: &dyn Dispatch,
-    client: &mut Client,
-) -> (Vec<u8>, usize) {
+fn poll_until_reply(server: &mut RpcServer, methods: &dyn Dispatch, client: &mut Client) -> (Vec<u8>, usize) {
     let deadline = Instant::now() + REPLY_TIMEOUT;
     client.stream.set_nonblocking(true).unwrap();
     let mut reply = Vec::new();
@@ -786,10 +668,7 @@ fn socket_is_owner_only() {
     let mode = fs::metadata(&h.path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
     // No staging directory is left next to it.
-    let entries: Vec<_> = fs::read_dir(h.path.parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let entries: Vec<_> = fs::read_dir(h.path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(entries, vec![h.path.file_name().unwrap().to_owned()]);
 }
 
@@ -874,10 +753,7 @@ fn captures_dir() -> Option<PathBuf> {
     if dir.is_dir() {
         Some(dir)
     } else {
-        println!(
-            "note: {} is absent; skipping the SPDK capture replay",
-            dir.display()
-        );
+        println!("note: {} is absent; skipping the SPDK capture replay", dir.display());
         None
     }
 }
@@ -940,13 +816,7 @@ fn captured_responses(bytes: &[u8]) -> Vec<(Vec<u8>, Response)> {
                 )),
                 None => Ok(value["result"].clone()),
             };
-            (
-                line.to_vec(),
-                Response {
-                    id: value["id"].clone(),
-                    outcome,
-                },
-            )
+            (line.to_vec(), Response { id: value["id"].clone(), outcome })
         })
         .collect()
 }
@@ -959,26 +829,15 @@ fn spdk_client_requests_parse_as_valid_requests() {
         assert!(!request_bytes.ends_with(b"\n"), "{name}");
         let values = decode_all(&request_bytes);
         let methods = expected_methods(&name, values.len());
-        assert_eq!(
-            values.len(),
-            captured_responses(&response_bytes).len(),
-            "{name}"
-        );
+        assert_eq!(values.len(), captured_responses(&response_bytes).len(), "{name}");
         for (index, value) in values.into_iter().enumerate() {
             let request = match parse_message(value) {
                 Message::Single(Ok(request)) => request,
                 other => panic!("{name}: request {index} is not one valid request: {other:?}"),
             };
             assert_eq!(request.method, methods[index], "{name}");
-            assert_eq!(
-                request.id,
-                Some(json!(index + 1)),
-                "{name}: ids count from 1 per connection"
-            );
-            assert!(
-                matches!(request.params, None | Some(Value::Object(_))),
-                "{name}"
-            );
+            assert_eq!(request.id, Some(json!(index + 1)), "{name}: ids count from 1 per connection");
+            assert!(matches!(request.params, None | Some(Value::Object(_))), "{name}");
         }
     }
 }
@@ -994,19 +853,12 @@ fn spdk_responses_encode_byte_for_byte() {
             // so only replies without objects in their result compare as bytes.
             let plain = !matches!(&response.outcome, Ok(Value::Object(_) | Value::Array(_)));
             if plain {
-                assert_eq!(
-                    String::from_utf8_lossy(&ours),
-                    String::from_utf8_lossy(&line),
-                    "{name}"
-                );
+                assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&line), "{name}");
             } else {
                 let ours_value: Value = serde_json::from_slice(&ours).unwrap();
                 let theirs: Value = serde_json::from_slice(&line).unwrap();
                 assert_eq!(ours_value, theirs, "{name}");
-                assert!(
-                    ours.starts_with(b"{\"jsonrpc\":\"2.0\",\"id\":") && ours.ends_with(b"}\n"),
-                    "{name}"
-                );
+                assert!(ours.starts_with(b"{\"jsonrpc\":\"2.0\",\"id\":") && ours.ends_with(b"}\n"), "{name}");
             }
         }
     }
@@ -1021,9 +873,7 @@ struct Replay {
 impl Dispatch for Replay {
     fn call(&self, _method: &str, _params: Option<Value>, reply: Reply) {
         let outcome = self.outcomes.lock().unwrap().pop_front();
-        reply.send(
-            outcome.unwrap_or_else(|| Err(RpcError::internal("capture has no more replies"))),
-        );
+        reply.send(outcome.unwrap_or_else(|| Err(RpcError::internal("capture has no more replies"))));
     }
 }
 
@@ -1033,11 +883,7 @@ fn spdk_client_conversations_replay_through_the_server() {
     let h = start_with(Replay::default());
     for (name, request_bytes, response_bytes) in captures(&dir) {
         let expected = captured_responses(&response_bytes);
-        h.methods
-            .outcomes
-            .lock()
-            .unwrap()
-            .extend(expected.iter().map(|(_, r)| r.outcome.clone()));
+        h.methods.outcomes.lock().unwrap().extend(expected.iter().map(|(_, r)| r.outcome.clone()));
         // One connection per spdk-rpc call, as the client does.
         let mut c = h.connect();
         c.send(&request_bytes);

@@ -33,9 +33,7 @@ pub enum Psdt {
 /// Data pointer (DPTR, bytes 24..40): PRP entry 1 and 2, or one SGL
 /// descriptor (see [`Sqe::sgl1`]).
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct Dptr {
     pub prp1: U64,
     pub prp2: U64,
@@ -43,9 +41,7 @@ pub struct Dptr {
 
 /// Submission queue entry (64 bytes), the common command format.
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct Sqe {
     /// Opcode (CDW0 bits 7:0).
     pub opcode: u8,
@@ -76,11 +72,7 @@ const FLAGS_PSDT_SHIFT: u32 = 6;
 impl Sqe {
     /// A zeroed command with the given opcode and command identifier.
     pub fn new(opcode: u8, cid: u16) -> Self {
-        Self {
-            opcode,
-            cid: U16::new(cid),
-            ..Self::default()
-        }
+        Self { opcode, cid: U16::new(cid), ..Self::default() }
     }
 
     pub fn fuse(&self) -> Fuse {
@@ -133,14 +125,7 @@ impl Sqe {
 
     /// Command dwords 10..=15 in order, for handlers that index them.
     pub fn cdws(&self) -> [u32; 6] {
-        [
-            self.cdw10.get(),
-            self.cdw11.get(),
-            self.cdw12.get(),
-            self.cdw13.get(),
-            self.cdw14.get(),
-            self.cdw15.get(),
-        ]
+        [self.cdw10.get(), self.cdw11.get(), self.cdw12.get(), self.cdw13.get(), self.cdw14.get(), self.cdw15.get()]
     }
 
     /// The starting LBA of a read/write/write-zeroes/verify command
@@ -174,9 +159,7 @@ impl Sqe {
 
 /// Completion queue entry (16 bytes).
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct Cqe {
     /// Command specific result (DW0).
     pub dw0: U32,
@@ -199,11 +182,7 @@ impl Cqe {
     /// transports do not use the phase bit; a PCIe controller model sets it
     /// with [`Cqe::set_phase`].
     pub fn new(cid: u16, status: Status) -> Self {
-        Self {
-            cid: U16::new(cid),
-            status: U16::new(status.to_cqe_status(false)),
-            ..Self::default()
-        }
+        Self { cid: U16::new(cid), status: U16::new(status.to_cqe_status(false)), ..Self::default() }
     }
 
     /// The phase tag (P, bit 0 of the status field).
@@ -253,9 +232,7 @@ pub mod sgl_subtype {
 /// identifier byte; the keyed form (RDMA) reuses bytes 8..15 as a 24-bit
 /// length and a 32-bit key, read with [`SglDescriptor::kind`].
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct SglDescriptor {
     pub address: U64,
     pub length: U32,
@@ -277,12 +254,7 @@ pub enum SglKind {
     /// after R2T, or C2HData); the address field is reserved.
     TransportDataBlock { length: u32 },
     /// Keyed data block (RDMA): 24-bit length and a remote key.
-    KeyedDataBlock {
-        address: u64,
-        length: u32,
-        key: u32,
-        subtype: u8,
-    },
+    KeyedDataBlock { address: u64, length: u32, key: u32, subtype: u8 },
     /// Segment, last segment, bit bucket or anything reserved: left to the
     /// caller, which usually answers "SGL descriptor type invalid".
     Other { sgl_type: u8, subtype: u8 },
@@ -308,10 +280,7 @@ impl SglDescriptor {
             address: U64::ZERO,
             length: U32::new(length),
             reserved: [0; 3],
-            id: Self::make_id(
-                sgl_type::TRANSPORT_DATA_BLOCK,
-                sgl_subtype::TRANSPORT_SPECIFIC,
-            ),
+            id: Self::make_id(sgl_type::TRANSPORT_DATA_BLOCK, sgl_subtype::TRANSPORT_SPECIFIC),
         }
     }
 
@@ -338,10 +307,7 @@ impl SglDescriptor {
 
     /// Keyed data block (type 4). Only the low 24 bits of `length` fit.
     pub fn keyed_data_block(address: u64, length: u32, key: u32, subtype: u8) -> Self {
-        let mut sgl = Self {
-            address: U64::new(address),
-            ..Self::default()
-        };
+        let mut sgl = Self { address: U64::new(address), ..Self::default() };
         let bytes = sgl.as_mut_bytes();
         bytes[8..11].copy_from_slice(&length.to_le_bytes()[..3]);
         bytes[11..15].copy_from_slice(&key.to_le_bytes());
@@ -352,18 +318,14 @@ impl SglDescriptor {
     pub fn kind(&self) -> SglKind {
         let (sgl_type, subtype) = (self.sgl_type(), self.subtype());
         match (sgl_type, subtype) {
-            (sgl_type::DATA_BLOCK, sgl_subtype::ADDRESS) => SglKind::DataBlockAddress {
-                address: self.address.get(),
-                length: self.length.get(),
-            },
-            (sgl_type::DATA_BLOCK, sgl_subtype::OFFSET) => SglKind::InCapsule {
-                offset: self.address.get(),
-                length: self.length.get(),
-            },
+            (sgl_type::DATA_BLOCK, sgl_subtype::ADDRESS) => {
+                SglKind::DataBlockAddress { address: self.address.get(), length: self.length.get() }
+            }
+            (sgl_type::DATA_BLOCK, sgl_subtype::OFFSET) => {
+                SglKind::InCapsule { offset: self.address.get(), length: self.length.get() }
+            }
             (sgl_type::TRANSPORT_DATA_BLOCK, sgl_subtype::TRANSPORT_SPECIFIC) => {
-                SglKind::TransportDataBlock {
-                    length: self.length.get(),
-                }
+                SglKind::TransportDataBlock { length: self.length.get() }
             }
             (sgl_type::KEYED_DATA_BLOCK, _) => {
                 let b = self.as_bytes();
@@ -385,16 +347,10 @@ impl From<SglKind> for SglDescriptor {
             SglKind::DataBlockAddress { address, length } => Self::data_block(address, length),
             SglKind::InCapsule { offset, length } => Self::in_capsule(offset, length),
             SglKind::TransportDataBlock { length } => Self::transport_data_block(length),
-            SglKind::KeyedDataBlock {
-                address,
-                length,
-                key,
-                subtype,
-            } => Self::keyed_data_block(address, length, key, subtype),
-            SglKind::Other { sgl_type, subtype } => Self {
-                id: Self::make_id(sgl_type, subtype),
-                ..Self::default()
-            },
+            SglKind::KeyedDataBlock { address, length, key, subtype } => {
+                Self::keyed_data_block(address, length, key, subtype)
+            }
+            SglKind::Other { sgl_type, subtype } => Self { id: Self::make_id(sgl_type, subtype), ..Self::default() },
         }
     }
 }
@@ -464,13 +420,7 @@ mod tests {
 
         let icd = SglDescriptor::in_capsule(0, 1024);
         assert_eq!(icd.as_bytes()[15], 0x01);
-        assert_eq!(
-            icd.kind(),
-            SglKind::InCapsule {
-                offset: 0,
-                length: 1024
-            }
-        );
+        assert_eq!(icd.kind(), SglKind::InCapsule { offset: 0, length: 1024 });
 
         let mut sqe = Sqe::default();
         sqe.set_sgl1(icd);

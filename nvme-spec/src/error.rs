@@ -16,13 +16,6 @@ pub enum SpecError {
     #[error("byte {byte:#04x} at offset {offset} is not allowed in this text field")]
     BadText { offset: usize, byte: u8 },
     /// A descriptor's length does not match what its type requires.
-    #[error(
-        "descriptor type {kind:#04x} at offset {offset} has length {len}, expected {expected}"
-    )]
-    BadDescriptorLength {
-        offset: usize,
-        kind: u8,
-        len: usize,
-        expected: usize,
-    },
+    #[error("descriptor type {kind:#04x} at offset {offset} has length {len}, expected {expected}")]
+    BadDescriptorLength { offset: usize, kind: u8, len: usize, expected: usize },
 }

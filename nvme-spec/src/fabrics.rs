@@ -177,13 +177,7 @@ macro_rules! sqe_views {
     )*};
 }
 
-sqe_views!(
-    FabricsCommand,
-    ConnectCommand,
-    PropertySetCommand,
-    PropertyGetCommand,
-    DisconnectCommand
-);
+sqe_views!(FabricsCommand, ConnectCommand, PropertySetCommand, PropertyGetCommand, DisconnectCommand);
 
 impl FabricsCommand {
     pub fn fctype(&self) -> FabricsCommandType {
@@ -321,38 +315,14 @@ mod tests {
     fn connect_layout() {
         assert_eq!(offset_of!(ConnectCommand, fctype), 4);
         assert_eq!(offset_of!(ConnectCommand, sgl1), 24);
-        assert_eq!(
-            offset_of!(ConnectCommand, recfmt),
-            connect_command_offset::RECFMT.into()
-        );
-        assert_eq!(
-            offset_of!(ConnectCommand, qid),
-            connect_command_offset::QID.into()
-        );
-        assert_eq!(
-            offset_of!(ConnectCommand, sqsize),
-            connect_command_offset::SQSIZE.into()
-        );
-        assert_eq!(
-            offset_of!(ConnectCommand, cattr),
-            connect_command_offset::CATTR.into()
-        );
-        assert_eq!(
-            offset_of!(ConnectCommand, kato),
-            connect_command_offset::KATO.into()
-        );
-        assert_eq!(
-            offset_of!(ConnectData, cntlid),
-            connect_data_offset::CNTLID.into()
-        );
-        assert_eq!(
-            offset_of!(ConnectData, subnqn),
-            connect_data_offset::SUBNQN.into()
-        );
-        assert_eq!(
-            offset_of!(ConnectData, hostnqn),
-            connect_data_offset::HOSTNQN.into()
-        );
+        assert_eq!(offset_of!(ConnectCommand, recfmt), connect_command_offset::RECFMT.into());
+        assert_eq!(offset_of!(ConnectCommand, qid), connect_command_offset::QID.into());
+        assert_eq!(offset_of!(ConnectCommand, sqsize), connect_command_offset::SQSIZE.into());
+        assert_eq!(offset_of!(ConnectCommand, cattr), connect_command_offset::CATTR.into());
+        assert_eq!(offset_of!(ConnectCommand, kato), connect_command_offset::KATO.into());
+        assert_eq!(offset_of!(ConnectData, cntlid), connect_data_offset::CNTLID.into());
+        assert_eq!(offset_of!(ConnectData, subnqn), connect_data_offset::SUBNQN.into());
+        assert_eq!(offset_of!(ConnectData, hostnqn), connect_data_offset::HOSTNQN.into());
     }
 
     #[test]
@@ -372,20 +342,11 @@ mod tests {
         assert_eq!(sqe.psdt(), Psdt::SglMetadataBuffer);
         assert_eq!(sqe.cid.get(), 9);
         assert_eq!(sqe.as_bytes()[4], FabricsCommandType::CONNECT.0);
-        assert_eq!(
-            FabricsCommand::view(&sqe).fctype(),
-            FabricsCommandType::CONNECT
-        );
+        assert_eq!(FabricsCommand::view(&sqe).fctype(), FabricsCommandType::CONNECT);
         let back = ConnectCommand::view(&sqe);
         assert_eq!(back.sq_entries(), 32);
         assert_eq!(back.kato.get(), 15_000);
-        assert_eq!(
-            sqe.sgl1().kind(),
-            crate::cmd::SglKind::InCapsule {
-                offset: 0,
-                length: 1024
-            }
-        );
+        assert_eq!(sqe.sgl1().kind(), crate::cmd::SglKind::InCapsule { offset: 0, length: 1024 });
 
         let mut data = ConnectData::zeroed();
         write_nqn(&mut data.hostnqn, "nqn.2014-08.org.nvmexpress:uuid:1").unwrap();
@@ -393,10 +354,7 @@ mod tests {
         let bytes = data.as_bytes();
         assert_eq!(&bytes[16..18], &[0xFF, 0xFF]);
         let parsed = ConnectData::read_from_bytes(bytes).unwrap();
-        assert_eq!(
-            read_nqn(&parsed.hostnqn).unwrap(),
-            "nqn.2014-08.org.nvmexpress:uuid:1"
-        );
+        assert_eq!(read_nqn(&parsed.hostnqn).unwrap(), "nqn.2014-08.org.nvmexpress:uuid:1");
     }
 
     #[test]
@@ -404,10 +362,7 @@ mod tests {
         let set = PropertySetCommand::new(1, offset::CC, PropertySize::FourBytes, 0x0046_0001);
         let sqe = set.to_sqe();
         assert_eq!(&sqe.as_bytes()[44..48], &0x14u32.to_le_bytes());
-        assert_eq!(
-            PropertySetCommand::view(&sqe).size(),
-            Some(PropertySize::FourBytes)
-        );
+        assert_eq!(PropertySetCommand::view(&sqe).size(), Some(PropertySize::FourBytes));
         let get = PropertyGetCommand::new(2, offset::CAP, PropertySize::EightBytes);
         assert_eq!(get.to_sqe().as_bytes()[40], 1);
         assert_eq!(PropertySize::from_attrib(3), None);
@@ -417,9 +372,6 @@ mod tests {
     fn connect_response_dwords() {
         assert_eq!(connect_success_dw0(5, 0), 5);
         assert_eq!(connect_cntlid(connect_success_dw0(0x1234, 1)), 0x1234);
-        assert_eq!(
-            connect_invalid_parameter_dw0(connect_data_offset::SUBNQN, InvalidParameterIn::Data),
-            0x0001_0100
-        );
+        assert_eq!(connect_invalid_parameter_dw0(connect_data_offset::SUBNQN, InvalidParameterIn::Data), 0x0001_0100);
     }
 }

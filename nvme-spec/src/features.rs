@@ -66,11 +66,8 @@ impl FeatureParams {
     }
 
     pub fn write_to(&self, sqe: &mut Sqe) {
-        sqe.cdw10 = U32::new(
-            u32::from(self.fid.0)
-                | (u32::from(self.select & 0x7) << 8)
-                | (u32::from(self.save) << 31),
-        );
+        sqe.cdw10 =
+            U32::new(u32::from(self.fid.0) | (u32::from(self.select & 0x7) << 8) | (u32::from(self.save) << 31));
         sqe.cdw11 = U32::new(self.value);
     }
 }
@@ -86,10 +83,7 @@ pub struct NumberOfQueues {
 
 impl NumberOfQueues {
     pub fn from_dword(dw: u32) -> Self {
-        Self {
-            io_sqs: (dw & 0xFFFF) + 1,
-            io_cqs: (dw >> 16) + 1,
-        }
+        Self { io_sqs: (dw & 0xFFFF) + 1, io_cqs: (dw >> 16) + 1 }
     }
 
     /// Counts are clamped to 1..=65535 (FFFFh 0's based is reserved).
@@ -144,17 +138,11 @@ pub struct AsyncEvent {
 
 impl AsyncEvent {
     pub fn to_dword(self) -> u32 {
-        u32::from(self.event_type & 0x7)
-            | (u32::from(self.info) << 8)
-            | (u32::from(self.log_page) << 16)
+        u32::from(self.event_type & 0x7) | (u32::from(self.info) << 8) | (u32::from(self.log_page) << 16)
     }
 
     pub fn from_dword(dw: u32) -> Self {
-        Self {
-            event_type: (dw & 0x7) as u8,
-            info: (dw >> 8) as u8,
-            log_page: (dw >> 16) as u8,
-        }
+        Self { event_type: (dw & 0x7) as u8, info: (dw >> 8) as u8, log_page: (dw >> 16) as u8 }
     }
 }
 
@@ -165,10 +153,7 @@ mod tests {
 
     #[test]
     fn number_of_queues_is_zero_based_on_the_wire() {
-        let n = NumberOfQueues {
-            io_sqs: 4,
-            io_cqs: 2,
-        };
+        let n = NumberOfQueues { io_sqs: 4, io_cqs: 2 };
         assert_eq!(n.to_dword(), 0x0001_0003);
         assert_eq!(NumberOfQueues::from_dword(0x0001_0003), n);
         assert_eq!(NumberOfQueues::from_dword(0xFFFF_FFFF).io_sqs, 0x1_0000);
@@ -176,12 +161,7 @@ mod tests {
 
     #[test]
     fn feature_params_round_trip() {
-        let p = FeatureParams {
-            fid: FeatureId::KEEP_ALIVE_TIMER,
-            save: true,
-            select: select::DEFAULT,
-            value: 120_000,
-        };
+        let p = FeatureParams { fid: FeatureId::KEEP_ALIVE_TIMER, save: true, select: select::DEFAULT, value: 120_000 };
         let mut sqe = Sqe::default();
         p.write_to(&mut sqe);
         assert_eq!(sqe.cdw10.get(), 0x8000_010F);

@@ -149,9 +149,7 @@ pub mod sgls {
 
 /// Power state descriptor (32 bytes).
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct PowerStateDescriptor {
     /// Maximum power (MP), in 0.01 W or 0.0001 W units (see flags bit 0).
     pub mp: U16,
@@ -299,9 +297,7 @@ impl IdentifyController {
 
 /// LBA format (4 bytes).
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct LbaFormat {
     /// Metadata bytes per LBA.
     pub ms: U16,
@@ -315,11 +311,7 @@ const _: () = assert!(size_of::<LbaFormat>() == 4);
 
 impl LbaFormat {
     pub fn new(block_size_log2: u8, metadata_bytes: u16) -> Self {
-        Self {
-            ms: U16::new(metadata_bytes),
-            lbads: block_size_log2,
-            rp: 0,
-        }
+        Self { ms: U16::new(metadata_bytes), lbads: block_size_log2, rp: 0 }
     }
 
     /// The data size of one LBA in bytes, or `None` for a value no real
@@ -483,10 +475,7 @@ impl NsIdDescriptor {
 /// Encodes descriptors into `out` (normally the 4096-byte Identify buffer),
 /// zero-filling the rest: a zero NIDT ends the list. Returns bytes used.
 /// [`NsIdDescriptor::Unknown`] entries are skipped.
-pub fn encode_ns_id_descriptors(
-    descriptors: &[NsIdDescriptor],
-    out: &mut [u8],
-) -> Result<usize, SpecError> {
+pub fn encode_ns_id_descriptors(descriptors: &[NsIdDescriptor], out: &mut [u8]) -> Result<usize, SpecError> {
     let mut at = 0usize;
     for d in descriptors {
         if matches!(d, NsIdDescriptor::Unknown { .. }) {
@@ -495,10 +484,7 @@ pub fn encode_ns_id_descriptors(
         let value = d.value();
         let end = at + NS_ID_DESC_HEADER_LEN + value.len();
         let Some(slot) = out.get_mut(at..end) else {
-            return Err(SpecError::Truncated {
-                needed: end,
-                available: out.len(),
-            });
+            return Err(SpecError::Truncated { needed: end, available: out.len() });
         };
         slot[0] = d.nidt();
         slot[1] = value.len() as u8;
@@ -515,11 +501,7 @@ pub fn encode_ns_id_descriptors(
 /// first zero NIDT or the end of the buffer. Yields an error, then stops,
 /// on a descriptor that overruns the buffer or has the wrong length.
 pub fn decode_ns_id_descriptors(buf: &[u8]) -> NsIdDescriptorIter<'_> {
-    NsIdDescriptorIter {
-        buf,
-        at: 0,
-        done: false,
-    }
+    NsIdDescriptorIter { buf, at: 0, done: false }
 }
 
 /// Iterator returned by [`decode_ns_id_descriptors`].
@@ -564,12 +546,7 @@ impl Iterator for NsIdDescriptorIter<'_> {
         if let Some(expected) = NsIdDescriptor::expected_len(kind) {
             if expected != len {
                 self.done = true;
-                return Some(Err(SpecError::BadDescriptorLength {
-                    offset: start,
-                    kind,
-                    len,
-                    expected,
-                }));
+                return Some(Err(SpecError::BadDescriptorLength { offset: start, kind, len, expected }));
             }
         }
         let d = match kind {
@@ -577,10 +554,7 @@ impl Iterator for NsIdDescriptorIter<'_> {
             nidt::NGUID => NsIdDescriptor::Nguid(value.try_into().unwrap_or_default()),
             nidt::UUID => NsIdDescriptor::Uuid(value.try_into().unwrap_or_default()),
             nidt::CSI => NsIdDescriptor::Csi(value.first().copied().unwrap_or(0)),
-            _ => NsIdDescriptor::Unknown {
-                nidt: kind,
-                nidl: len as u8,
-            },
+            _ => NsIdDescriptor::Unknown { nidt: kind, nidl: len as u8 },
         };
         Some(Ok(d))
     }
@@ -696,10 +670,7 @@ mod tests {
         ns.set_formatted_lba_index(17);
         assert_eq!(ns.flbas, 0x21);
         assert_eq!(ns.formatted_lba_index(), 17);
-        assert_eq!(
-            ns.formatted_lba_format().and_then(|f| f.block_size()),
-            Some(4096)
-        );
+        assert_eq!(ns.formatted_lba_format().and_then(|f| f.block_size()), Some(4096));
         ns.nlbaf = 0;
         assert_eq!(ns.formatted_lba_format(), None);
         assert_eq!(ns.as_bytes()[128 + 17 * 4 + 2], 12);
@@ -718,9 +689,7 @@ mod tests {
         assert_eq!(used, 12 + 20 + 20 + 5);
         assert_eq!(&buf[0..4], &[1, 8, 0, 0]);
         assert_eq!(&buf[12..16], &[2, 16, 0, 0]);
-        let back: Vec<_> = decode_ns_id_descriptors(&buf)
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let back: Vec<_> = decode_ns_id_descriptors(&buf).collect::<Result<_, _>>().unwrap();
         assert_eq!(back, descs);
     }
 
@@ -729,36 +698,17 @@ mod tests {
         // NGUID with a length of 8.
         let bad = [2u8, 8, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
         let first = decode_ns_id_descriptors(&bad).next().unwrap();
-        assert!(matches!(
-            first,
-            Err(SpecError::BadDescriptorLength {
-                kind: 2,
-                len: 8,
-                ..
-            })
-        ));
+        assert!(matches!(first, Err(SpecError::BadDescriptorLength { kind: 2, len: 8, .. })));
         // Overruns the buffer.
         let short = [3u8, 16, 0, 0, 1];
-        assert!(matches!(
-            decode_ns_id_descriptors(&short).next(),
-            Some(Err(SpecError::Truncated { .. }))
-        ));
+        assert!(matches!(decode_ns_id_descriptors(&short).next(), Some(Err(SpecError::Truncated { .. }))));
         // Unknown types are skipped by length.
         let unknown = [9u8, 2, 0, 0, 0xAA, 0xBB, 4, 1, 0, 0, 2];
         let all: Vec<_> = decode_ns_id_descriptors(&unknown).collect();
-        assert_eq!(
-            all,
-            vec![
-                Ok(NsIdDescriptor::Unknown { nidt: 9, nidl: 2 }),
-                Ok(NsIdDescriptor::Csi(2))
-            ]
-        );
+        assert_eq!(all, vec![Ok(NsIdDescriptor::Unknown { nidt: 9, nidl: 2 }), Ok(NsIdDescriptor::Csi(2))]);
         assert_eq!(
             encode_ns_id_descriptors(&[NsIdDescriptor::Uuid([0; 16])], &mut [0u8; 10]),
-            Err(SpecError::Truncated {
-                needed: 20,
-                available: 10
-            })
+            Err(SpecError::Truncated { needed: 20, available: 10 })
         );
     }
 

@@ -82,9 +82,7 @@ impl GetLogPageParams {
 
 /// Error information log entry (64 bytes).
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct ErrorInfoEntry {
     /// Unique, incrementing identifier of this error; 0 marks an empty entry.
     pub error_count: U64,

@@ -109,22 +109,10 @@ mod tests {
 
     #[test]
     fn direction_bits_follow_the_opcode() {
-        assert_eq!(
-            IoOpcode::WRITE.data_direction(),
-            DataDirection::HostToController
-        );
-        assert_eq!(
-            IoOpcode::READ.data_direction(),
-            DataDirection::ControllerToHost
-        );
+        assert_eq!(IoOpcode::WRITE.data_direction(), DataDirection::HostToController);
+        assert_eq!(IoOpcode::READ.data_direction(), DataDirection::ControllerToHost);
         assert_eq!(IoOpcode::FLUSH.data_direction(), DataDirection::None);
-        assert_eq!(
-            DataDirection::from_opcode(AdminOpcode::IDENTIFY.0),
-            DataDirection::ControllerToHost
-        );
-        assert_eq!(
-            DataDirection::from_opcode(FabricsCommandType::CONNECT.0),
-            DataDirection::HostToController
-        );
+        assert_eq!(DataDirection::from_opcode(AdminOpcode::IDENTIFY.0), DataDirection::ControllerToHost);
+        assert_eq!(DataDirection::from_opcode(FabricsCommandType::CONNECT.0), DataDirection::HostToController);
     }
 }

@@ -323,10 +323,7 @@ mod tests {
         assert_eq!(doorbell_offset(1, true, 0), 0x100C);
         // DSTRD 2: 16-byte stride.
         assert_eq!(doorbell_offset(3, true, 2), 0x1000 + 7 * 16);
-        assert_eq!(
-            doorbell_offset(u16::MAX, true, 15),
-            0x1000 + 131_071 * (4 << 15)
-        );
+        assert_eq!(doorbell_offset(u16::MAX, true, 15), 0x1000 + 131_071 * (4 << 15));
     }
 
     #[test]
@@ -352,11 +349,7 @@ mod tests {
 
     #[test]
     fn cc_and_csts_bits() {
-        let cc = Cc::default()
-            .with_en(true)
-            .with_iosqes(6)
-            .with_iocqes(4)
-            .with_shn(shutdown::SHN_NORMAL);
+        let cc = Cc::default().with_en(true).with_iosqes(6).with_iocqes(4).with_shn(shutdown::SHN_NORMAL);
         assert_eq!(cc.0, 0x0046_4001);
         assert!(cc.en());
         assert_eq!(cc.iosqes(), 6);
@@ -364,9 +357,7 @@ mod tests {
         assert_eq!(cc.shn(), shutdown::SHN_NORMAL);
         assert_eq!(cc.with_en(false).0, 0x0046_4000);
 
-        let csts = Csts::default()
-            .with_rdy(true)
-            .with_shst(shutdown::SHST_COMPLETE);
+        let csts = Csts::default().with_rdy(true).with_shst(shutdown::SHST_COMPLETE);
         assert_eq!(csts.0, 0b1001);
         assert!(csts.rdy() && !csts.cfs());
         assert_eq!(csts.shst(), shutdown::SHST_COMPLETE);

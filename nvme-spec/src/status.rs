@@ -49,12 +49,7 @@ const fn media(sc: u8) -> Status {
 
 impl Status {
     pub const fn new(sct: u8, sc: u8) -> Self {
-        Self {
-            sct,
-            sc,
-            dnr: false,
-            more: false,
-        }
+        Self { sct, sc, dnr: false, more: false }
     }
 
     /// The same status with Do Not Retry set.
@@ -214,15 +209,9 @@ mod tests {
     #[test]
     fn known_fields_land_in_the_documented_bits() {
         // LBA out of range, DNR: SC 0x80 -> bits 8:1, DNR bit 15.
-        assert_eq!(
-            Status::LBA_OUT_OF_RANGE.with_dnr().to_cqe_status(false),
-            0x8100
-        );
+        assert_eq!(Status::LBA_OUT_OF_RANGE.with_dnr().to_cqe_status(false), 0x8100);
         // Connect invalid parameters: SCT 1 (bit 9), SC 0x82.
-        assert_eq!(
-            Status::CONNECT_INVALID_PARAMETERS.to_cqe_status(true),
-            0x0305
-        );
+        assert_eq!(Status::CONNECT_INVALID_PARAMETERS.to_cqe_status(true), 0x0305);
         // Unrecovered read error: SCT 2 (bit 10), SC 0x81.
         assert_eq!(Status::UNRECOVERED_READ_ERROR.to_cqe_status(false), 0x0502);
         assert_eq!(Status::SUCCESS.to_cqe_status(true), 1);

@@ -15,16 +15,9 @@ pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 pub fn write_ascii_padded(field: &mut [u8], text: &str) -> Result<(), SpecError> {
     let bytes = text.as_bytes();
     if bytes.len() > field.len() {
-        return Err(SpecError::TextTooLong {
-            len: bytes.len(),
-            max: field.len(),
-        });
+        return Err(SpecError::TextTooLong { len: bytes.len(), max: field.len() });
     }
-    if let Some((offset, &byte)) = bytes
-        .iter()
-        .enumerate()
-        .find(|(_, b)| !(0x20..=0x7E).contains(*b))
-    {
+    if let Some((offset, &byte)) = bytes.iter().enumerate().find(|(_, b)| !(0x20..=0x7E).contains(*b)) {
         return Err(SpecError::BadText { offset, byte });
     }
     let (head, tail) = field.split_at_mut(bytes.len());
@@ -36,16 +29,9 @@ pub fn write_ascii_padded(field: &mut [u8], text: &str) -> Result<(), SpecError>
 /// Reads a space-padded ASCII field, trailing spaces (and NULs, which some
 /// devices use instead) removed. Fails on any byte that is not printable ASCII.
 pub fn read_ascii_padded(field: &[u8]) -> Result<&str, SpecError> {
-    let end = field
-        .iter()
-        .rposition(|&b| b != b' ' && b != 0)
-        .map_or(0, |i| i + 1);
+    let end = field.iter().rposition(|&b| b != b' ' && b != 0).map_or(0, |i| i + 1);
     let text = &field[..end];
-    if let Some((offset, &byte)) = text
-        .iter()
-        .enumerate()
-        .find(|(_, b)| !(0x20..=0x7E).contains(*b))
-    {
+    if let Some((offset, &byte)) = text.iter().enumerate().find(|(_, b)| !(0x20..=0x7E).contains(*b)) {
         return Err(SpecError::BadText { offset, byte });
     }
     // Printable ASCII is always valid UTF-8.
@@ -61,10 +47,7 @@ pub fn write_nqn(field: &mut [u8], nqn: &str) -> Result<(), SpecError> {
     let bytes = nqn.as_bytes();
     let max = NQN_MAX_LEN.min(field.len().saturating_sub(1));
     if bytes.len() > max {
-        return Err(SpecError::TextTooLong {
-            len: bytes.len(),
-            max,
-        });
+        return Err(SpecError::TextTooLong { len: bytes.len(), max });
     }
     if let Some(offset) = bytes.iter().position(|&b| b == 0) {
         return Err(SpecError::BadText { offset, byte: 0 });
@@ -81,10 +64,7 @@ pub fn write_nqn(field: &mut [u8], nqn: &str) -> Result<(), SpecError> {
 pub fn read_nqn(field: &[u8]) -> Result<&str, SpecError> {
     let limit = field.len().min(NQN_MAX_LEN + 1);
     let Some(len) = field[..limit].iter().position(|&b| b == 0) else {
-        return Err(SpecError::TextTooLong {
-            len: field.len(),
-            max: NQN_MAX_LEN,
-        });
+        return Err(SpecError::TextTooLong { len: field.len(), max: NQN_MAX_LEN });
     };
     let text = &field[..len];
     core::str::from_utf8(text).map_err(|e| SpecError::BadText {
@@ -108,10 +88,7 @@ mod tests {
             write_ascii_padded(&mut sn, "x".repeat(21).as_str()),
             Err(SpecError::TextTooLong { len: 21, max: 20 })
         ));
-        assert!(matches!(
-            write_ascii_padded(&mut sn, "tab\there"),
-            Err(SpecError::BadText { offset: 3, byte: 9 })
-        ));
+        assert!(matches!(write_ascii_padded(&mut sn, "tab\there"), Err(SpecError::BadText { offset: 3, byte: 9 })));
     }
 
     #[test]

@@ -33,11 +33,7 @@ impl Probe {
         let done: Rc<Cell<Option<IoStatus>>> = Rc::default();
         let d2 = done.clone();
         self.m.on(0, || {
-            let ch = Registry::get()
-                .lookup(bdev)
-                .expect("bdev")
-                .channel()
-                .expect("channel");
+            let ch = Registry::get().lookup(bdev).expect("bdev").channel().expect("channel");
             let mut io = IoBox::data(t, off, n, buf).expect("descriptor");
             io.set_done(Rc::new(move |io: IoBox| d2.set(Some(io.status))));
             ch.submit(io);
@@ -68,13 +64,7 @@ impl Probe {
                 free.borrow_mut().push(DmaBuf::alloc(4096).expect("buffer"));
             }
         });
-        let ch = self.m.on(0, || {
-            Registry::get()
-                .lookup(bdev)
-                .expect("bdev")
-                .channel()
-                .expect("channel")
-        });
+        let ch = self.m.on(0, || Registry::get().lookup(bdev).expect("bdev").channel().expect("channel"));
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs_f64(secs);
@@ -92,15 +82,9 @@ impl Probe {
                 x ^= x >> 7;
                 x ^= x << 17;
                 let off = (x % span) * per_io;
-                let (c, e, f, inf) = (
-                    completed.clone(),
-                    errors.clone(),
-                    free.clone(),
-                    inflight.clone(),
-                );
+                let (c, e, f, inf) = (completed.clone(), errors.clone(), free.clone(), inflight.clone());
                 self.m.on(0, || {
-                    let mut io =
-                        IoBox::data(IoType::Read, off, per_io, Some(buf)).expect("descriptor");
+                    let mut io = IoBox::data(IoType::Read, off, per_io, Some(buf)).expect("descriptor");
                     io.set_done(Rc::new(move |mut io: IoBox| {
                         if io.status == IoStatus::Success {
                             c.set(c.get() + 1);
@@ -118,19 +102,12 @@ impl Probe {
             }
             self.tick();
         }
-        (
-            completed.get() as f64 / t0.elapsed().as_secs_f64(),
-            errors.get(),
-        )
+        (completed.get() as f64 / t0.elapsed().as_secs_f64(), errors.get())
     }
 }
 
 fn pattern_bytes(text: &str, len: usize) -> Vec<u8> {
-    let unit = if text.is_empty() {
-        b"nvraid".to_vec()
-    } else {
-        format!("{text}\n").into_bytes()
-    };
+    let unit = if text.is_empty() { b"nvraid".to_vec() } else { format!("{text}\n").into_bytes() };
     unit.iter().copied().cycle().take(len).collect()
 }
 
@@ -144,31 +121,18 @@ fn main() {
         match a.as_str() {
             "--seconds" => secs = args.next().and_then(|v| v.parse().ok()).unwrap_or(secs),
             "--pattern" => pattern = args.next().unwrap_or_default(),
-            "--pattern-offset" => {
-                pattern_off = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(pattern_off)
-            }
+            "--pattern-offset" => pattern_off = args.next().and_then(|v| v.parse().ok()).unwrap_or(pattern_off),
             _ => bdfs.push(a),
         }
     }
     if bdfs.is_empty() {
-        eprintln!(
-            "usage: nvme_probe [--seconds S] [--pattern TEXT] [--pattern-offset BYTES] BDF..."
-        );
+        eprintln!("usage: nvme_probe [--seconds S] [--pattern TEXT] [--pattern-offset BYTES] BDF...");
         std::process::exit(2);
     }
-    let probe = Probe {
-        m: ReactorSet::manual(1),
-        last: Cell::new(Instant::now()),
-    };
+    let probe = Probe { m: ReactorSet::manual(1), last: Cell::new(Instant::now()) };
     let mut failed = false;
     let mut check = |what: &str, ok: bool, detail: String| {
-        println!(
-            "{} {what} {detail}",
-            if ok { "PROBE-OK" } else { "PROBE-FAIL" }
-        );
+        println!("{} {what} {detail}", if ok { "PROBE-OK" } else { "PROBE-FAIL" });
         failed |= !ok;
     };
     for (i, bdf) in bdfs.iter().enumerate() {
@@ -177,14 +141,9 @@ fn main() {
         let r = probe.m.on(0, || {
             nvme::attach_controller(
                 &name,
-                Transport::Pcie {
-                    traddr: bdf.clone(),
-                },
+                Transport::Pcie { traddr: bdf.clone() },
                 // Every second controller describes data with SGLs when it can.
-                CtrlrOpts {
-                    prefer_sgl: i % 2 == 1,
-                    ..CtrlrOpts::default()
-                },
+                CtrlrOpts { prefer_sgl: i % 2 == 1, ..CtrlrOpts::default() },
                 None,
             )
         });
@@ -195,10 +154,7 @@ fn main() {
                 continue;
             }
         };
-        let c = probe
-            .m
-            .on(0, || nvme::Controllers::get().lookup(&name))
-            .expect("controller");
+        let c = probe.m.on(0, || nvme::Controllers::get().lookup(&name)).expect("controller");
         check(
             "attach",
             !names.is_empty(),
@@ -221,56 +177,21 @@ fn main() {
         let data = pattern_bytes(&pattern, 1 << 20);
         let buf = probe.m.on(0, || DmaBuf::alloc(data.len()).expect("buffer"));
         buf.copy_from(0, &data);
-        let s = probe.io(
-            &bdev,
-            IoType::Write,
-            pattern_off / bs,
-            data.len() as u64 / bs,
-            Some(buf),
-        );
-        check(
-            "write-pattern",
-            s == IoStatus::Success,
-            format!("{bdev} 1 MiB at {pattern_off}: {s:?}"),
-        );
-        let back = probe
-            .m
-            .on(0, || DmaBuf::zeroed(data.len()).expect("buffer"));
-        let s = probe.io(
-            &bdev,
-            IoType::Read,
-            pattern_off / bs,
-            data.len() as u64 / bs,
-            Some(back.clone()),
-        );
-        check(
-            "read-pattern",
-            s == IoStatus::Success && back.to_vec() == data,
-            format!("{bdev}: {s:?}"),
-        );
+        let s = probe.io(&bdev, IoType::Write, pattern_off / bs, data.len() as u64 / bs, Some(buf));
+        check("write-pattern", s == IoStatus::Success, format!("{bdev} 1 MiB at {pattern_off}: {s:?}"));
+        let back = probe.m.on(0, || DmaBuf::zeroed(data.len()).expect("buffer"));
+        let s = probe.io(&bdev, IoType::Read, pattern_off / bs, data.len() as u64 / bs, Some(back.clone()));
+        check("read-pattern", s == IoStatus::Success && back.to_vec() == data, format!("{bdev}: {s:?}"));
         // 3 MiB at an odd page offset: split by MDTS, PRP lists per piece.
         let big = probe.m.on(0, || DmaBuf::alloc(4 << 20).expect("buffer"));
         let slice = big.slice(512, 3 << 20);
-        let big_data: Vec<u8> = (0..slice.len())
-            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1])
-            .collect();
+        let big_data: Vec<u8> =
+            (0..slice.len()).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1]).collect();
         slice.copy_from(0, &big_data);
         let at = (8u64 << 20) / bs;
-        let s = probe.io(
-            &bdev,
-            IoType::Write,
-            at,
-            slice.len() as u64 / bs,
-            Some(slice.clone()),
-        );
+        let s = probe.io(&bdev, IoType::Write, at, slice.len() as u64 / bs, Some(slice.clone()));
         let back = probe.m.on(0, || DmaBuf::zeroed(3 << 20).expect("buffer"));
-        let s2 = probe.io(
-            &bdev,
-            IoType::Read,
-            at,
-            slice.len() as u64 / bs,
-            Some(back.clone()),
-        );
+        let s2 = probe.io(&bdev, IoType::Read, at, slice.len() as u64 / bs, Some(back.clone()));
         check(
             "large-io",
             s == IoStatus::Success && s2 == IoStatus::Success && back.to_vec() == big_data,
@@ -282,26 +203,14 @@ fn main() {
         // pattern must still read back.
         probe.m.on(0, || c.request_reset("nvme_probe"));
         let t0 = Instant::now();
-        while c.stats.resets.load(std::sync::atomic::Ordering::Relaxed) == 0
-            && t0.elapsed() < Duration::from_secs(30)
-        {
+        while c.stats.resets.load(std::sync::atomic::Ordering::Relaxed) == 0 && t0.elapsed() < Duration::from_secs(30) {
             probe.tick();
         }
-        let back = probe
-            .m
-            .on(0, || DmaBuf::zeroed(data.len()).expect("buffer"));
-        let s = probe.io(
-            &bdev,
-            IoType::Read,
-            pattern_off / bs,
-            data.len() as u64 / bs,
-            Some(back.clone()),
-        );
+        let back = probe.m.on(0, || DmaBuf::zeroed(data.len()).expect("buffer"));
+        let s = probe.io(&bdev, IoType::Read, pattern_off / bs, data.len() as u64 / bs, Some(back.clone()));
         check(
             "reset",
-            c.state() == nvme::CtrlrState::Enabled
-                && s == IoStatus::Success
-                && back.to_vec() == data,
+            c.state() == nvme::CtrlrState::Enabled && s == IoStatus::Success && back.to_vec() == data,
             format!(
                 "state {:?} in {} ms, read after reset {s:?}, sgl {}",
                 c.state(),
@@ -312,35 +221,23 @@ fn main() {
         for qd in [1usize, 32] {
             let (iops, errors) = probe.iops(&bdev, qd, secs);
             println!("PROBE-FIGURE {bdev} polled 4KiB random read QD{qd}: {iops:.0} IOPS ({errors} errors, {secs} s)");
-            check(
-                &format!("iops-qd{qd}"),
-                errors == 0 && iops > 0.0,
-                format!("{iops:.0} IOPS"),
-            );
+            check(&format!("iops-qd{qd}"), errors == 0 && iops > 0.0, format!("{iops:.0} IOPS"));
         }
     }
     for i in 0..bdfs.len() {
         let name = format!("Nvme{i}");
-        if probe
-            .m
-            .on(0, || nvme::Controllers::get().lookup(&name))
-            .is_none()
-        {
+        if probe.m.on(0, || nvme::Controllers::get().lookup(&name)).is_none() {
             continue;
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        probe.m.on(0, || {
-            nvme::detach_controller(&name, move |r| tx.send(r).unwrap_or(()))
-        });
+        probe.m.on(0, || nvme::detach_controller(&name, move |r| tx.send(r).unwrap_or(())));
         let t0 = Instant::now();
         let r = loop {
             if let Ok(r) = rx.try_recv() {
                 break r;
             }
             if t0.elapsed() > Duration::from_secs(30) {
-                break Err(nvme::NvmeError::Invalid(
-                    "detach did not finish in 30 s".into(),
-                ));
+                break Err(nvme::NvmeError::Invalid("detach did not finish in 30 s".into()));
             }
             probe.tick();
         };

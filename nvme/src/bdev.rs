@@ -22,19 +22,10 @@ pub struct NvmeBdev {
 impl NvmeBdev {
     pub(crate) fn new(ctrlr: Arc<Controller>, ns: Namespace, attach_config: Option<Value>) -> Self {
         let name = format!("{}n{}", ctrlr.name(), ns.nsid);
-        let uuid = if ns.nguid.iter().any(|&b| b != 0) {
-            Some(uuid::Uuid::from_bytes(ns.nguid))
-        } else {
-            None
-        };
+        let uuid = if ns.nguid.iter().any(|&b| b != 0) { Some(uuid::Uuid::from_bytes(ns.nguid)) } else { None };
         let mut props = BdevProps::new(&name, "NVMe disk", ns.block_size, ns.num_blocks, uuid);
         props.write_cache = ctrlr.data().vwc;
-        NvmeBdev {
-            props,
-            ctrlr,
-            ns,
-            attach_config,
-        }
+        NvmeBdev { props, ctrlr, ns, attach_config }
     }
 
     pub fn controller(&self) -> &Arc<Controller> {
@@ -55,8 +46,7 @@ struct NvmeChannel {
 
 impl BdevChannel for NvmeChannel {
     fn submit(&self, io: IoBox) {
-        self.qp
-            .submit(io, self.nsid, self.block_size, self.max_io_blocks);
+        self.qp.submit(io, self.nsid, self.block_size, self.max_io_blocks);
     }
 }
 
@@ -80,8 +70,7 @@ impl Bdev for NvmeBdev {
     }
 
     fn create_channel(&self) -> Result<Rc<dyn BdevChannel>, BdevError> {
-        let qp = qpair::get_or_create(&self.ctrlr)
-            .map_err(|e| BdevError::Os(e.to_string(), e.errno()))?;
+        let qp = qpair::get_or_create(&self.ctrlr).map_err(|e| BdevError::Os(e.to_string(), e.errno()))?;
         Ok(Rc::new(NvmeChannel {
             qp,
             nsid: self.ns.nsid,

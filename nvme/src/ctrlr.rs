@@ -202,9 +202,7 @@ impl AdminQueue {
     }
 
     fn pop(&mut self) -> Option<Cqe> {
-        let cqe = self
-            .cq
-            .read_cqe_if_phase(self.cq_head as usize, self.phase)?;
+        let cqe = self.cq.read_cqe_if_phase(self.cq_head as usize, self.phase)?;
         self.cq_head += 1;
         if self.cq_head == ADMIN_QUEUE_DEPTH {
             self.cq_head = 0;
@@ -261,11 +259,7 @@ fn timeout_ms(cap: Cap) -> u64 {
 }
 
 /// Polls CSTS until `done`, or CFS, or the CAP.TO-derived bound.
-fn wait_csts(
-    regs: &dyn RegisterSpace,
-    bound_ms: u64,
-    done: impl Fn(Csts) -> bool,
-) -> Result<Csts, (Csts, u64)> {
+fn wait_csts(regs: &dyn RegisterSpace, bound_ms: u64, done: impl Fn(Csts) -> bool) -> Result<Csts, (Csts, u64)> {
     let start = regs.wait_clock_ns();
     loop {
         let csts = Csts(regs.read32(offset::CSTS));
@@ -304,10 +298,7 @@ fn disable(regs: &dyn RegisterSpace, cap: Cap) -> Result<(), NvmeError> {
 /// Programs the admin queue and enables the controller.
 fn enable(regs: &dyn RegisterSpace, cap: Cap, asq: u64, acq: u64) -> Result<(), NvmeError> {
     let dev = regs.describe();
-    regs.write32(
-        offset::AQA,
-        Aqa::new(ADMIN_QUEUE_DEPTH, ADMIN_QUEUE_DEPTH).0,
-    );
+    regs.write32(offset::AQA, Aqa::new(ADMIN_QUEUE_DEPTH, ADMIN_QUEUE_DEPTH).0);
     regs.write64(offset::ASQ, asq);
     regs.write64(offset::ACQ, acq);
     let cc = Cc::default()
@@ -328,11 +319,7 @@ fn enable(regs: &dyn RegisterSpace, cap: Cap, asq: u64, acq: u64) -> Result<(), 
             if csts.cfs() {
                 Err(NvmeError::Fatal(dev))
             } else {
-                Err(NvmeError::NotReady {
-                    dev,
-                    waited_ms,
-                    cap_to_ms: bound,
-                })
+                Err(NvmeError::NotReady { dev, waited_ms, cap_to_ms: bound })
             }
         }
     }
@@ -352,13 +339,8 @@ impl Controller {
     /// reset orchestration). Blocks for at most CAP.TO plus the admin
     /// timeouts. On error nothing is left behind: admin memory is freed
     /// only once the controller is disabled, and no poller is registered.
-    pub fn attach(
-        name: &str,
-        target: AttachTarget,
-        opts: CtrlrOpts,
-    ) -> Result<Arc<Controller>, NvmeError> {
-        let home = reactor::current()
-            .ok_or_else(|| NvmeError::Invalid("attach must run on a reactor".into()))?;
+    pub fn attach(name: &str, target: AttachTarget, opts: CtrlrOpts) -> Result<Arc<Controller>, NvmeError> {
+        let home = reactor::current().ok_or_else(|| NvmeError::Invalid("attach must run on a reactor".into()))?;
         let regs = target.regs;
         let dev = regs.describe();
         let cap = Cap(regs.read64(offset::CAP));
@@ -366,9 +348,7 @@ impl Controller {
             return Err(NvmeError::Gone(dev));
         }
         if cap.css() & cap_css::NVM == 0 {
-            return Err(NvmeError::Unsupported(format!(
-                "{dev}: controller does not support the NVM command set"
-            )));
+            return Err(NvmeError::Unsupported(format!("{dev}: controller does not support the NVM command set")));
         }
         if cap.mpsmin() != 0 {
             return Err(NvmeError::Unsupported(format!(
@@ -388,10 +368,7 @@ impl Controller {
 
         let mut aq = AdminQueue::new(DeviceMem::of(&asq), DeviceMem::of(&acq));
         aq.live = true;
-        let depth = opts
-            .io_queue_depth
-            .clamp(2, 1024)
-            .min(cap.mqes().saturating_add(1).max(2));
+        let depth = opts.io_queue_depth.clamp(2, 1024).min(cap.mqes().saturating_add(1).max(2));
         let ctrlr = Arc::new(Controller {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
@@ -425,29 +402,18 @@ impl Controller {
                 if stopped {
                     drop((asq, acq));
                 } else {
-                    ctrlr
-                        .stats
-                        .leaked_bytes
-                        .fetch_add((sq_bytes + cq_bytes) as u64, Ordering::Relaxed);
+                    ctrlr.stats.leaked_bytes.fetch_add((sq_bytes + cq_bytes) as u64, Ordering::Relaxed);
                     std::mem::forget((asq, acq));
                 }
                 return Err(e);
             }
         };
         // Only this function holds the Arc so far: fill in what identify found.
-        let mut ctrlr = Arc::try_unwrap(ctrlr)
-            .map_err(|_| NvmeError::Invalid("controller shared during attach".into()))?;
+        let mut ctrlr =
+            Arc::try_unwrap(ctrlr).map_err(|_| NvmeError::Invalid("controller shared during attach".into()))?;
         ctrlr.use_sgl = ctrlr.opts.prefer_sgl && data.sgls & 0b11 != 0;
-        let mdts_bytes = if data.mdts == 0 {
-            u64::MAX
-        } else {
-            prp::PAGE_SIZE << data.mdts.min(20)
-        };
-        let room_bytes = if ctrlr.use_sgl {
-            32 << 20
-        } else {
-            prp::max_transfer_bytes(PRP_LIST_PAGES)
-        };
+        let mdts_bytes = if data.mdts == 0 { u64::MAX } else { prp::PAGE_SIZE << data.mdts.min(20) };
+        let room_bytes = if ctrlr.use_sgl { 32 << 20 } else { prp::max_transfer_bytes(PRP_LIST_PAGES) };
         let max_xfer_bytes = mdts_bytes.min(room_bytes);
         ctrlr.namespaces = namespaces
             .into_iter()
@@ -458,8 +424,7 @@ impl Controller {
             .collect();
         ctrlr.data = data;
         ctrlr.io_queues = io_queues;
-        *ctrlr.qids.get_mut().unwrap_or_else(|e| e.into_inner()) =
-            vec![false; io_queues as usize + 1];
+        *ctrlr.qids.get_mut().unwrap_or_else(|e| e.into_inner()) = vec![false; io_queues as usize + 1];
         let ctrlr = Arc::new(ctrlr);
 
         let weak = Arc::downgrade(&ctrlr);
@@ -467,14 +432,10 @@ impl Controller {
             Some(c) => c.poll_admin(),
             None => PollStatus::Done,
         });
-        reactor::local::<HomeState>().0.borrow_mut().insert(
-            ctrlr.id,
-            HomeEntry {
-                _admin_sq: asq,
-                _admin_cq: acq,
-                pollers: vec![poller],
-            },
-        );
+        reactor::local::<HomeState>()
+            .0
+            .borrow_mut()
+            .insert(ctrlr.id, HomeEntry { _admin_sq: asq, _admin_cq: acq, pollers: vec![poller] });
         tracing::info!(
             name,
             dev = %ctrlr.regs.describe(),
@@ -490,16 +451,11 @@ impl Controller {
     /// Identify Controller, Set Features (number of queues), active
     /// namespace list, Identify Namespace for each.
     fn identify_all(&self) -> Result<(ControllerData, Vec<Namespace>, u16), NvmeError> {
-        let buf = DmaBuf::zeroed(IDENTIFY_DATA_LEN)
-            .ok_or_else(|| NvmeError::NoMemory("identify buffer".into()))?;
+        let buf = DmaBuf::zeroed(IDENTIFY_DATA_LEN).ok_or_else(|| NvmeError::NoMemory("identify buffer".into()))?;
         let raw = self.identify(&buf, Cns::CONTROLLER, 0)?;
-        let id = IdentifyController::read_from_bytes(&raw[..])
-            .map_err(|_| NvmeError::Invalid("identify data".into()))?;
-        let text = |b: &[u8]| {
-            String::from_utf8_lossy(b)
-                .trim_end_matches([' ', '\0'])
-                .to_string()
-        };
+        let id =
+            IdentifyController::read_from_bytes(&raw[..]).map_err(|_| NvmeError::Invalid("identify data".into()))?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).trim_end_matches([' ', '\0']).to_string();
         let data = ControllerData {
             vid: id.vid.get(),
             ssvid: id.ssvid.get(),
@@ -524,38 +480,26 @@ impl Controller {
             )));
         }
 
-        let wanted = if self.opts.io_queues > 0 {
-            self.opts.io_queues
-        } else {
-            reactor::count().max(1) as u16
-        };
+        let wanted = if self.opts.io_queues > 0 { self.opts.io_queues } else { reactor::count().max(1) as u16 };
         let mut sqe = Sqe::new(AdminOpcode::SET_FEATURES.0, 0);
         FeatureParams {
             fid: FeatureId::NUMBER_OF_QUEUES,
             save: false,
             select: 0,
-            value: NumberOfQueues {
-                io_sqs: wanted as u32,
-                io_cqs: wanted as u32,
-            }
-            .to_dword(),
+            value: NumberOfQueues { io_sqs: wanted as u32, io_cqs: wanted as u32 }.to_dword(),
         }
         .write_to(&mut sqe);
         let cqe = self.admin_sync(sqe, None, "set features (number of queues)")?;
         let granted = NumberOfQueues::from_dword(cqe.dw0.get());
-        let io_queues = granted
-            .io_sqs
-            .min(granted.io_cqs)
-            .min(wanted as u32)
-            .min(1024) as u16;
+        let io_queues = granted.io_sqs.min(granted.io_cqs).min(wanted as u32).min(1024) as u16;
 
         let mut nsids = Vec::new();
         if self.vs >= Vs::new(1, 1, 0) {
             let mut last = 0u32;
             loop {
                 let raw = self.identify(&buf, Cns::ACTIVE_NAMESPACE_LIST, last)?;
-                let list = NamespaceList::read_from_bytes(&raw[..])
-                    .map_err(|_| NvmeError::Invalid("ns list".into()))?;
+                let list =
+                    NamespaceList::read_from_bytes(&raw[..]).map_err(|_| NvmeError::Invalid("ns list".into()))?;
                 let before = nsids.len();
                 nsids.extend(list.iter().filter(|&id| id > last && id <= data.nn.max(id)));
                 if nsids.len() - before < NamespaceList::CAPACITY {
@@ -569,8 +513,8 @@ impl Controller {
         let mut namespaces = Vec::new();
         for nsid in nsids {
             let raw = self.identify(&buf, Cns::NAMESPACE, nsid)?;
-            let ns = IdentifyNamespace::read_from_bytes(&raw[..])
-                .map_err(|_| NvmeError::Invalid("identify ns".into()))?;
+            let ns =
+                IdentifyNamespace::read_from_bytes(&raw[..]).map_err(|_| NvmeError::Invalid("identify ns".into()))?;
             let Some(fmt) = ns.formatted_lba_format() else {
                 continue;
             };
@@ -581,10 +525,7 @@ impl Controller {
                 continue;
             }
             if fmt.ms.get() != 0 {
-                tracing::warn!(
-                    nsid,
-                    "namespace formatted with metadata is not supported; skipped"
-                );
+                tracing::warn!(nsid, "namespace formatted with metadata is not supported; skipped");
                 continue;
             }
             namespaces.push(Namespace {
@@ -601,13 +542,7 @@ impl Controller {
 
     fn identify(&self, buf: &DmaBuf, cns: Cns, nsid: u32) -> Result<Vec<u8>, NvmeError> {
         let mut sqe = Sqe::new(AdminOpcode::IDENTIFY.0, 0);
-        IdentifyParams {
-            cns,
-            cntid: 0,
-            csi: 0,
-            nsid,
-        }
-        .write_to(&mut sqe);
+        IdentifyParams { cns, cntid: 0, csi: 0, nsid }.write_to(&mut sqe);
         self.admin_sync(sqe, Some(buf), "identify")?;
         let mut out = vec![0u8; IDENTIFY_DATA_LEN];
         DeviceMem::of(buf).read_bytes(0, &mut out);
@@ -626,12 +561,7 @@ impl Controller {
     /// control plane only). `data` is the command's buffer (one page at
     /// most); if the command times out the buffer is leaked, since the
     /// controller may still write it, and a reset is requested.
-    pub(crate) fn admin_sync(
-        &self,
-        mut sqe: Sqe,
-        data: Option<&DmaBuf>,
-        what: &'static str,
-    ) -> Result<Cqe, NvmeError> {
+    pub(crate) fn admin_sync(&self, mut sqe: Sqe, data: Option<&DmaBuf>, what: &'static str) -> Result<Cqe, NvmeError> {
         let dev = self.regs.describe();
         if let Some(buf) = data {
             let (p1, p2) = prp::build(buf.iova(), buf.len() as u64, 0, 0, |_, _| ())
@@ -659,10 +589,7 @@ impl Controller {
                 self.async_completion(&mut aq, &cqe);
             }
             if consumed {
-                self.regs.write32(
-                    doorbell_offset(0, true, self.dstrd()) as u32,
-                    aq.cq_head as u32,
-                );
+                self.regs.write32(doorbell_offset(0, true, self.dstrd()) as u32, aq.cq_head as u32);
             }
             if let Some(cqe) = found {
                 let status = cqe.status();
@@ -674,19 +601,13 @@ impl Controller {
             let waited_ms = self.regs.wait_clock_ns().saturating_sub(start) / 1_000_000;
             if waited_ms >= self.opts.admin_timeout_ms {
                 if let Some(buf) = data {
-                    self.stats
-                        .leaked_bytes
-                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    self.stats.leaked_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
                     std::mem::forget(buf.clone());
                 }
                 drop(aq);
                 // The admin poller (which holds the Arc) starts the reset.
                 self.reset_wanted.store(true, Ordering::Release);
-                return Err(NvmeError::AdminTimeout {
-                    dev,
-                    what,
-                    waited_ms,
-                });
+                return Err(NvmeError::AdminTimeout { dev, what, waited_ms });
             }
             self.regs.relax();
         }
@@ -701,9 +622,7 @@ impl Controller {
                 tracing::warn!(ctrlr = %self.name, sqid, cid = io_cid, aborted, "abort completed");
             }
             None => {
-                self.stats
-                    .spurious_completions
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stats.spurious_completions.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(ctrlr = %self.name, cid, "admin completion for no outstanding command");
             }
         }
@@ -748,10 +667,7 @@ impl Controller {
             self.async_completion(&mut aq, &cqe);
         }
         if consumed {
-            self.regs.write32(
-                doorbell_offset(0, true, self.dstrd()) as u32,
-                aq.cq_head as u32,
-            );
+            self.regs.write32(doorbell_offset(0, true, self.dstrd()) as u32, aq.cq_head as u32);
         }
         let now = reactor::now_ns();
         let expired = aq.aborts.iter().any(|a| now > a.3);
@@ -781,13 +697,7 @@ impl Controller {
     }
 
     /// Creates IO CQ and SQ `qid` on the controller.
-    pub(crate) fn create_io_queue(
-        &self,
-        qid: u16,
-        depth: u16,
-        sq_iova: u64,
-        cq_iova: u64,
-    ) -> Result<(), NvmeError> {
+    pub(crate) fn create_io_queue(&self, qid: u16, depth: u16, sq_iova: u64, cq_iova: u64) -> Result<(), NvmeError> {
         let mut sqe = Sqe::new(AdminOpcode::CREATE_IO_CQ.0, 0);
         sqe.dptr.prp1 = U64::new(cq_iova);
         sqe.cdw10 = U32::new(qid as u32 | ((depth as u32 - 1) << 16));
@@ -904,30 +814,20 @@ impl Controller {
         if !self.dma_stopped() {
             let cc = Cc(self.regs.read32(offset::CC));
             if cc.en() {
-                self.regs
-                    .write32(offset::CC, cc.with_shn(shutdown::SHN_NORMAL).0);
+                self.regs.write32(offset::CC, cc.with_shn(shutdown::SHN_NORMAL).0);
                 let bound = timeout_ms(self.cap).max(1000);
-                if let Err((_, waited_ms)) = wait_csts(self.regs.as_ref(), bound, |s| {
-                    s.shst() == shutdown::SHST_COMPLETE
-                }) {
+                if let Err((_, waited_ms)) =
+                    wait_csts(self.regs.as_ref(), bound, |s| s.shst() == shutdown::SHST_COMPLETE)
+                {
                     tracing::warn!(dev, waited_ms, "shutdown did not complete; disabling");
-                    result = Err(NvmeError::ShutdownTimeout {
-                        dev: dev.clone(),
-                        waited_ms,
-                    });
+                    result = Err(NvmeError::ShutdownTimeout { dev: dev.clone(), waited_ms });
                     if disable(self.regs.as_ref(), self.cap).is_err() && !self.regs.stop_dma() {
                         self.admin_lock().live = false;
                         self.set_state(CtrlrState::Failed);
                         // Cannot prove DMA stopped: keep the admin memory pinned.
-                        if let Some(e) = reactor::local::<HomeState>()
-                            .0
-                            .borrow_mut()
-                            .remove(&self.id)
-                        {
+                        if let Some(e) = reactor::local::<HomeState>().0.borrow_mut().remove(&self.id) {
                             e.pollers.iter().for_each(PollerHandle::unregister);
-                            self.stats
-                                .leaked_bytes
-                                .fetch_add(ADMIN_QUEUE_DEPTH as u64 * 80, Ordering::Relaxed);
+                            self.stats.leaked_bytes.fetch_add(ADMIN_QUEUE_DEPTH as u64 * 80, Ordering::Relaxed);
                             std::mem::forget(e);
                         }
                         return result;
@@ -938,11 +838,7 @@ impl Controller {
         self.dma_stopped.store(true, Ordering::Release);
         self.admin_lock().live = false;
         self.set_state(CtrlrState::Detached);
-        if let Some(e) = reactor::local::<HomeState>()
-            .0
-            .borrow_mut()
-            .remove(&self.id)
-        {
+        if let Some(e) = reactor::local::<HomeState>().0.borrow_mut().remove(&self.id) {
             e.pollers.iter().for_each(PollerHandle::unregister);
         }
         tracing::info!(ctrlr = %self.name, "NVMe controller shut down");
@@ -955,11 +851,7 @@ impl Controller {
 
     /// Keeps `p` until detach (a simulator's poller, say). Home reactor only.
     pub fn add_home_poller(&self, p: PollerHandle) {
-        if let Some(e) = reactor::local::<HomeState>()
-            .0
-            .borrow_mut()
-            .get_mut(&self.id)
-        {
+        if let Some(e) = reactor::local::<HomeState>().0.borrow_mut().get_mut(&self.id) {
             e.pollers.push(p);
         }
     }
@@ -990,10 +882,9 @@ impl Controller {
 /// Reset, step 1 (home): every reactor stops touching its queue pair.
 fn reset_quiesce(ctrlr: Arc<Controller>) {
     let c = ctrlr.clone();
-    reactor::for_each_reactor(
-        Arc::new(move || qpair::for_each_local(&c, |q| q.quiesce())),
-        move || reset_restart(ctrlr),
-    );
+    reactor::for_each_reactor(Arc::new(move || qpair::for_each_local(&c, |q| q.quiesce())), move || {
+        reset_restart(ctrlr)
+    });
 }
 
 /// Reset, step 2 (home): disable — which stops all DMA — then re-enable and
@@ -1028,11 +919,7 @@ fn reset_restart(ctrlr: Arc<Controller>) {
                     fid: FeatureId::NUMBER_OF_QUEUES,
                     save: false,
                     select: 0,
-                    value: NumberOfQueues {
-                        io_sqs: ctrlr.io_queues as u32,
-                        io_cqs: ctrlr.io_queues as u32,
-                    }
-                    .to_dword(),
+                    value: NumberOfQueues { io_sqs: ctrlr.io_queues as u32, io_cqs: ctrlr.io_queues as u32 }.to_dword(),
                 }
                 .write_to(&mut sqe);
                 match ctrlr.admin_sync(sqe, None, "set features (number of queues)") {
@@ -1055,18 +942,11 @@ fn reset_restart(ctrlr: Arc<Controller>) {
         ctrlr.admin_lock().live = false;
     }
     let c = ctrlr.clone();
-    reactor::for_each_reactor(
-        Arc::new(move || qpair::for_each_local(&c, |q| q.after_reset(ok))),
-        move || {
-            ctrlr.stats.resets.fetch_add(1, Ordering::Relaxed);
-            ctrlr.set_state(if ok {
-                CtrlrState::Enabled
-            } else {
-                CtrlrState::Failed
-            });
-            tracing::warn!(ctrlr = %ctrlr.name, ok, "NVMe controller reset finished");
-        },
-    );
+    reactor::for_each_reactor(Arc::new(move || qpair::for_each_local(&c, |q| q.after_reset(ok))), move || {
+        ctrlr.stats.resets.fetch_add(1, Ordering::Relaxed);
+        ctrlr.set_state(if ok { CtrlrState::Enabled } else { CtrlrState::Failed });
+        tracing::warn!(ctrlr = %ctrlr.name, ok, "NVMe controller reset finished");
+    });
 }
 
 /// Maps an NVMe completion status to the bdev layer's error.
@@ -1074,18 +954,12 @@ pub(crate) fn io_error(status: Status) -> bdev::IoError {
     use nvme_spec::status::sct;
     match status.sct {
         sct::MEDIA_AND_DATA_INTEGRITY => bdev::IoError::Media,
-        _ if status == Status::LBA_OUT_OF_RANGE || status == Status::CAPACITY_EXCEEDED => {
-            bdev::IoError::OutOfRange
-        }
+        _ if status == Status::LBA_OUT_OF_RANGE || status == Status::CAPACITY_EXCEEDED => bdev::IoError::OutOfRange,
         _ if status.sct == sct::GENERIC
-            && (status.sc == Status::ABORT_REQUESTED.sc
-                || status.sc == Status::ABORTED_SQ_DELETION.sc) =>
+            && (status.sc == Status::ABORT_REQUESTED.sc || status.sc == Status::ABORTED_SQ_DELETION.sc) =>
         {
             bdev::IoError::Aborted
         }
-        _ => bdev::IoError::Nvme {
-            sct: status.sct,
-            sc: status.sc,
-        },
+        _ => bdev::IoError::Nvme { sct: status.sct, sc: status.sc },
     }
 }

@@ -34,14 +34,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NvmeError {
     #[error("{dev}: controller did not become ready within {waited_ms} ms (CAP.TO allows {cap_to_ms} ms)")]
-    NotReady {
-        dev: String,
-        waited_ms: u64,
-        cap_to_ms: u64,
-    },
-    #[error(
-        "{dev}: controller did not become disabled (CSTS.RDY stuck at 1) within {waited_ms} ms"
-    )]
+    NotReady { dev: String, waited_ms: u64, cap_to_ms: u64 },
+    #[error("{dev}: controller did not become disabled (CSTS.RDY stuck at 1) within {waited_ms} ms")]
     DisableTimeout { dev: String, waited_ms: u64 },
     #[error("{dev}: shutdown did not complete within {waited_ms} ms")]
     ShutdownTimeout { dev: String, waited_ms: u64 },
@@ -50,17 +44,9 @@ pub enum NvmeError {
     #[error("{0}: device does not answer (registers read all ones)")]
     Gone(String),
     #[error("{dev}: admin command {what} timed out after {waited_ms} ms")]
-    AdminTimeout {
-        dev: String,
-        what: &'static str,
-        waited_ms: u64,
-    },
+    AdminTimeout { dev: String, what: &'static str, waited_ms: u64 },
     #[error("{dev}: admin command {what} failed: {status:?}")]
-    AdminFailed {
-        dev: String,
-        what: &'static str,
-        status: nvme_spec::Status,
-    },
+    AdminFailed { dev: String, what: &'static str, status: nvme_spec::Status },
     #[error("{0}")]
     Unsupported(String),
     #[error("{0}")]
@@ -81,9 +67,9 @@ impl NvmeError {
     /// The positive errno SPDK would report.
     pub fn errno(&self) -> i32 {
         match self {
-            NvmeError::NotReady { .. }
-            | NvmeError::DisableTimeout { .. }
-            | NvmeError::ShutdownTimeout { .. } => libc::ETIMEDOUT,
+            NvmeError::NotReady { .. } | NvmeError::DisableTimeout { .. } | NvmeError::ShutdownTimeout { .. } => {
+                libc::ETIMEDOUT
+            }
             NvmeError::AdminTimeout { .. } => libc::ETIMEDOUT,
             NvmeError::Fatal(_) | NvmeError::AdminFailed { .. } => libc::EIO,
             NvmeError::Gone(_) | NvmeError::NotFound(_) => libc::ENODEV,
@@ -125,10 +111,7 @@ impl Controllers {
     }
 
     pub fn lookup(&self, name: &str) -> Option<Arc<Controller>> {
-        self.lock()
-            .iter()
-            .find(|e| e.ctrlr.name() == name)
-            .map(|e| e.ctrlr.clone())
+        self.lock().iter().find(|e| e.ctrlr.name() == name).map(|e| e.ctrlr.clone())
     }
 
     pub fn list(&self) -> Vec<Arc<Controller>> {
@@ -147,14 +130,10 @@ pub fn attach_controller(
     config: Option<Value>,
 ) -> Result<Vec<String>, NvmeError> {
     if reactor::current().is_none() {
-        return Err(NvmeError::Invalid(
-            "attach_controller must run on a reactor".into(),
-        ));
+        return Err(NvmeError::Invalid("attach_controller must run on a reactor".into()));
     }
     if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '/') {
-        return Err(NvmeError::Invalid(format!(
-            "controller name '{name}' is not valid"
-        )));
+        return Err(NvmeError::Invalid(format!("controller name '{name}' is not valid")));
     }
     let table = Controllers::get();
     if table.lookup(name).is_some() {
@@ -163,32 +142,12 @@ pub fn attach_controller(
     let (target, sim) = match transport {
         Transport::Pcie { traddr } => {
             let dev = vfio::VfioDevice::open(&traddr)?;
-            let trid = TransportId {
-                trtype: "PCIe".into(),
-                traddr: dev.bdf().to_string(),
-            };
-            (
-                AttachTarget {
-                    regs: dev,
-                    trid,
-                    keep: None,
-                },
-                None,
-            )
+            let trid = TransportId { trtype: "PCIe".into(), traddr: dev.bdf().to_string() };
+            (AttachTarget { regs: dev, trid, keep: None }, None)
         }
         Transport::Sim(sim) => {
-            let trid = TransportId {
-                trtype: "SIM".into(),
-                traddr: format!("sim:{}", sim.config().seed),
-            };
-            (
-                AttachTarget {
-                    regs: sim.clone(),
-                    trid,
-                    keep: None,
-                },
-                Some(sim),
-            )
+            let trid = TransportId { trtype: "SIM".into(), traddr: format!("sim:{}", sim.config().seed) };
+            (AttachTarget { regs: sim.clone(), trid, keep: None }, Some(sim))
         }
     };
     let ctrlr = Controller::attach(name, target, opts)?;
@@ -209,10 +168,7 @@ pub fn attach_controller(
             }
         }
     }
-    table.lock().push(Entry {
-        ctrlr: ctrlr.clone(),
-        bdevs: names.clone(),
-    });
+    table.lock().push(Entry { ctrlr: ctrlr.clone(), bdevs: names.clone() });
     if let Some(e) = failure {
         // Undo: the bdevs made so far have no IO yet; detach runs to completion
         // on later reactor loops.
@@ -227,9 +183,7 @@ pub fn attach_controller(
 /// memory released. `done` runs on the controller's home reactor.
 pub fn detach_controller(name: &str, done: impl FnOnce(Result<(), NvmeError>) + Send + 'static) {
     if reactor::current().is_none() {
-        return done(Err(NvmeError::Invalid(
-            "detach_controller must run on a reactor".into(),
-        )));
+        return done(Err(NvmeError::Invalid("detach_controller must run on a reactor".into())));
     }
     let table = Controllers::get();
     let entry = {
@@ -281,16 +235,11 @@ fn unregister_next(ctrlr: Arc<Controller>, mut bdevs: Vec<String>, done: DetachD
 /// `bdev_nvme_get_controllers` entries (one controller, or all).
 pub fn controllers_json(name: Option<&str>) -> Result<Vec<Value>, NvmeError> {
     if reactor::current().is_none() {
-        return Err(NvmeError::Invalid(
-            "controllers_json must run on a reactor".into(),
-        ));
+        return Err(NvmeError::Invalid("controllers_json must run on a reactor".into()));
     }
     let table = Controllers::get();
     match name {
-        Some(n) => table
-            .lookup(n)
-            .map(|c| vec![c.info_json()])
-            .ok_or_else(|| NvmeError::NotFound(n.to_string())),
+        Some(n) => table.lookup(n).map(|c| vec![c.info_json()]).ok_or_else(|| NvmeError::NotFound(n.to_string())),
         None => Ok(table.list().iter().map(|c| c.info_json()).collect()),
     }
 }

@@ -129,10 +129,7 @@ impl DeviceMem {
     /// view or the device uses the memory.
     pub fn of(buf: &bdev::DmaBuf) -> Self {
         let base = NonNull::new(buf.as_mut_ptr()).unwrap_or(NonNull::dangling());
-        DeviceMem {
-            base,
-            len: buf.len(),
-        }
+        DeviceMem { base, len: buf.len() }
     }
 
     pub fn iova(&self) -> u64 {
@@ -148,9 +145,7 @@ impl DeviceMem {
     }
 
     fn at(&self, off: usize, n: usize, align: usize) -> Option<*mut u8> {
-        if off.checked_add(n).is_none_or(|end| end > self.len)
-            || !(self.iova() as usize + off).is_multiple_of(align)
-        {
+        if off.checked_add(n).is_none_or(|end| end > self.len) || !(self.iova() as usize + off).is_multiple_of(align) {
             return None;
         }
         // SAFETY: off+n <= len: inside the buffer this view was made from.
@@ -197,12 +192,7 @@ impl DeviceMem {
         let p = self.at(index * 16, 16, 8)?;
         // SAFETY: in bounds and aligned (checked by `at`); volatile loads of
         // an entry the device finished writing (phase observed above, fence).
-        let (a, b) = unsafe {
-            (
-                p.cast::<u64>().read_volatile(),
-                p.cast::<u64>().add(1).read_volatile(),
-            )
-        };
+        let (a, b) = unsafe { (p.cast::<u64>().read_volatile(), p.cast::<u64>().add(1).read_volatile()) };
         let mut bytes = [0u8; 16];
         bytes[..8].copy_from_slice(&a.to_ne_bytes());
         bytes[8..].copy_from_slice(&b.to_ne_bytes());
@@ -218,9 +208,7 @@ impl DeviceMem {
         // SAFETY: in bounds and 2-byte aligned (checked); the status word is
         // only ever accessed atomically by host and (simulated) device, and
         // the memory lives as long as the owning DmaBuf.
-        Some(u16::from_le(
-            unsafe { AtomicU16::from_ptr(p.cast::<u16>()) }.load(Ordering::Relaxed),
-        ))
+        Some(u16::from_le(unsafe { AtomicU16::from_ptr(p.cast::<u16>()) }.load(Ordering::Relaxed)))
     }
 
     /// Copies out `dst.len()` bytes at `off` (identify data after its
@@ -302,25 +290,18 @@ impl DmaWindow {
         fence(Ordering::Release);
         // SAFETY: addr is 16-byte aligned, so addr+14 is 2-byte aligned and
         // inside the checked range; the host accesses this word atomically.
-        unsafe { AtomicU16::from_ptr(p.add(14).cast::<u16>()) }
-            .store(cqe.status.get().to_le(), Ordering::Relaxed);
+        unsafe { AtomicU16::from_ptr(p.add(14).cast::<u16>()) }.store(cqe.status.get().to_le(), Ordering::Relaxed);
         Ok(())
     }
 }
 
 impl DmaMapper for DmaWindow {
     fn map(&self, vaddr: u64, len: u64) -> Result<(), String> {
-        self.ranges
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((vaddr, len));
+        self.ranges.write().unwrap_or_else(|e| e.into_inner()).push((vaddr, len));
         Ok(())
     }
     fn unmap(&self, vaddr: u64, len: u64) {
-        self.ranges
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|&r| r != (vaddr, len));
+        self.ranges.write().unwrap_or_else(|e| e.into_inner()).retain(|&r| r != (vaddr, len));
     }
 }
 

@@ -125,32 +125,16 @@ mod tests {
 
     #[test]
     fn single_two_and_list() {
-        assert_eq!(
-            build(0x10000, 4096, 0, 1, |_, _| panic!()).unwrap(),
-            (0x10000, 0)
-        );
-        assert_eq!(
-            build(0x10200, 512, 0, 1, |_, _| panic!()).unwrap(),
-            (0x10200, 0)
-        );
-        assert_eq!(
-            build(0x10200, 4096, 0, 1, |_, _| panic!()).unwrap(),
-            (0x10200, 0x11000)
-        );
-        assert_eq!(
-            build(0x10003, 4, 0, 1, |_, _| ()),
-            Err(PrpError::Misaligned)
-        );
+        assert_eq!(build(0x10000, 4096, 0, 1, |_, _| panic!()).unwrap(), (0x10000, 0));
+        assert_eq!(build(0x10200, 512, 0, 1, |_, _| panic!()).unwrap(), (0x10200, 0));
+        assert_eq!(build(0x10200, 4096, 0, 1, |_, _| panic!()).unwrap(), (0x10200, 0x11000));
+        assert_eq!(build(0x10003, 4, 0, 1, |_, _| ()), Err(PrpError::Misaligned));
     }
 
     #[test]
     fn chained_lists_cover_every_page() {
         let list_iova = 0x4000_0000;
-        for (addr, len) in [
-            (0x100000u64, 3 << 20),
-            (0x100200, (2 << 20) + 4096),
-            (0x100000, 512 * 4096 + 4096),
-        ] {
+        for (addr, len) in [(0x100000u64, 3 << 20), (0x100200, (2 << 20) + 4096), (0x100000, 512 * 4096 + 4096)] {
             let mut list = BTreeMap::new();
             let (p1, p2) = build(addr, len, list_iova, 2, |off, v| {
                 list.insert(list_iova + off as u64, v);
@@ -162,9 +146,6 @@ mod tests {
                 assert_eq!(*p, (addr & !4095) + i as u64 * 4096);
             }
         }
-        assert_eq!(
-            build(0x100000, max_transfer_bytes(1) + 8192, 0, 1, |_, _| ()),
-            Err(PrpError::TooLong)
-        );
+        assert_eq!(build(0x100000, max_transfer_bytes(1) + 8192, 0, 1, |_, _| ()), Err(PrpError::TooLong));
     }
 }

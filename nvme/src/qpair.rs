@@ -110,13 +110,8 @@ pub(crate) struct QPair {
 /// Runs `f` on each live queue pair of `ctrlr` on the current reactor.
 pub(crate) fn for_each_local(ctrlr: &Arc<Controller>, f: impl Fn(&QPair)) {
     let table = reactor::local::<LocalQpairs>();
-    let qps: Vec<Rc<QPair>> = table
-        .0
-        .borrow()
-        .iter()
-        .filter(|(id, _)| *id == ctrlr.id)
-        .filter_map(|(_, w)| w.upgrade())
-        .collect();
+    let qps: Vec<Rc<QPair>> =
+        table.0.borrow().iter().filter(|(id, _)| *id == ctrlr.id).filter_map(|(_, w)| w.upgrade()).collect();
     for q in qps {
         f(&q);
     }
@@ -129,11 +124,7 @@ pub(crate) fn get_or_create(ctrlr: &Arc<Controller>) -> Result<Rc<QPair>, crate:
     {
         let mut t = table.0.borrow_mut();
         t.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(q) = t
-            .iter()
-            .find(|(id, _)| *id == ctrlr.id)
-            .and_then(|(_, w)| w.upgrade())
-        {
+        if let Some(q) = t.iter().find(|(id, _)| *id == ctrlr.id).and_then(|(_, w)| w.upgrade()) {
             return Ok(q);
         }
     }
@@ -153,10 +144,7 @@ impl QPair {
         }
         let depth = ctrlr.io_depth;
         let qid = ctrlr.alloc_qid().ok_or_else(|| {
-            crate::NvmeError::NoMemory(format!(
-                "{name}: all {} IO queues are in use",
-                ctrlr.io_queue_count()
-            ))
+            crate::NvmeError::NoMemory(format!("{name}: all {} IO queues are in use", ctrlr.io_queue_count()))
         })?;
         let bufs = (
             DmaBuf::zeroed(depth as usize * 64),
@@ -165,9 +153,7 @@ impl QPair {
         );
         let (Some(sq_buf), Some(cq_buf), Some(lists_buf)) = bufs else {
             ctrlr.free_qid(qid);
-            return Err(crate::NvmeError::NoMemory(format!(
-                "{name}: IO queue memory"
-            )));
+            return Err(crate::NvmeError::NoMemory(format!("{name}: IO queue memory")));
         };
         let dstrd = ctrlr.dstrd();
         let trackers = depth as usize - 1;
@@ -190,11 +176,7 @@ impl QPair {
                 phase: true,
                 trackers: vec![
                     Tracker {
-                        child: Child {
-                            parent: NO_PARENT,
-                            rel_block: 0,
-                            blocks: 0
-                        },
+                        child: Child { parent: NO_PARENT, rel_block: 0, blocks: 0 },
                         active: false,
                         submit_ns: 0,
                         abort_sent: false
@@ -250,11 +232,7 @@ impl QPair {
         }
         if io.io_type.has_data() {
             let need = io.num_blocks.saturating_mul(block_size as u64);
-            if io
-                .buf
-                .as_ref()
-                .is_none_or(|b| (b.len() as u64) < need || b.iova() % 4 != 0)
-            {
+            if io.buf.as_ref().is_none_or(|b| (b.len() as u64) < need || b.iova() % 4 != 0) {
                 return io.fail(IoError::OutOfRange);
             }
         }
@@ -306,11 +284,7 @@ impl QPair {
                     continue;
                 }
                 let blocks = (p.total - p.next_rel).min(p.max_blocks);
-                let c = Child {
-                    parent: slot,
-                    rel_block: p.next_rel,
-                    blocks,
-                };
+                let c = Child { parent: slot, rel_block: p.next_rel, blocks };
                 p.next_rel += blocks;
                 p.outstanding += 1;
                 if p.next_rel >= p.total {
@@ -322,10 +296,7 @@ impl QPair {
                 break;
             };
             // A retried piece of an IO that already failed elsewhere is done.
-            if st.parents[child.parent as usize]
-                .as_ref()
-                .is_none_or(|p| p.error.is_some())
-            {
+            if st.parents[child.parent as usize].as_ref().is_none_or(|p| p.error.is_some()) {
                 self.finish_child(st, child, None);
                 continue;
             }
@@ -335,12 +306,7 @@ impl QPair {
                     self.sq.write_sqe(st.sq_tail as usize, &sqe);
                     st.sq_tail = (st.sq_tail + 1) % self.depth;
                     st.submitted_since_doorbell = true;
-                    st.trackers[cid as usize] = Tracker {
-                        child,
-                        active: true,
-                        submit_ns: now,
-                        abort_sent: false,
-                    };
+                    st.trackers[cid as usize] = Tracker { child, active: true, submit_ns: now, abort_sent: false };
                 }
                 Err(e) => {
                     st.free.push(cid);
@@ -358,20 +324,14 @@ impl QPair {
     /// The command for `child` in slot `cid` (its PRP list / DSM range goes
     /// to the slot's own list pages).
     fn build(&self, st: &QState, cid: u16, child: Child) -> Result<Sqe, IoError> {
-        let p = st.parents[child.parent as usize]
-            .as_ref()
-            .ok_or(IoError::Aborted)?;
+        let p = st.parents[child.parent as usize].as_ref().ok_or(IoError::Aborted)?;
         let slba = p.io.offset_blocks + child.rel_block;
         let list_off = cid as usize * LIST_BYTES;
         let list_iova = self.lists.iova() + list_off as u64;
         let mut sqe;
         match p.io.io_type {
             IoType::Read | IoType::Write => {
-                let op = if p.io.io_type == IoType::Read {
-                    IoOpcode::READ
-                } else {
-                    IoOpcode::WRITE
-                };
+                let op = if p.io.io_type == IoType::Read { IoOpcode::READ } else { IoOpcode::WRITE };
                 sqe = Sqe::new(op.0, cid);
                 sqe.set_slba(slba);
                 sqe.set_nlb(child.blocks as u32);
@@ -399,8 +359,7 @@ impl QPair {
             IoType::Unmap => {
                 sqe = Sqe::new(IoOpcode::DATASET_MANAGEMENT.0, cid);
                 // One range: context attributes 0, length, starting LBA.
-                self.lists
-                    .write_u64(list_off, (child.blocks as u32 as u64) << 32);
+                self.lists.write_u64(list_off, (child.blocks as u32 as u64) << 32);
                 self.lists.write_u64(list_off + 8, slba);
                 sqe.dptr.prp1 = U64::new(list_iova);
                 sqe.cdw10 = U32::new(0);
@@ -429,8 +388,7 @@ impl QPair {
             }
         }
         // A child waiting in the retry queue still counts as outstanding.
-        let done =
-            p.outstanding == 0 && (p.next_rel >= p.total || p.error.is_some()) && !p.in_pending;
+        let done = p.outstanding == 0 && (p.next_rel >= p.total || p.error.is_some()) && !p.in_pending;
         if done {
             if let Some(p) = st.parents[slot].take() {
                 st.free_parents.push(slot as u32);
@@ -446,11 +404,7 @@ impl QPair {
     /// been retried enough.
     fn retry_child(&self, st: &mut QState, child: Child, final_error: IoError) {
         let limit = self.ctrlr.opts.retry_count;
-        match st
-            .parents
-            .get_mut(child.parent as usize)
-            .and_then(|p| p.as_mut())
-        {
+        match st.parents.get_mut(child.parent as usize).and_then(|p| p.as_mut()) {
             Some(p) if p.retries < limit && p.error.is_none() => {
                 p.retries += 1;
                 self.ctrlr.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -478,10 +432,7 @@ impl QPair {
             reaped += 1;
             let cid = cqe.cid.get() as usize;
             let Some(t) = st.trackers.get(cid).copied().filter(|t| t.active) else {
-                self.ctrlr
-                    .stats
-                    .spurious_completions
-                    .fetch_add(1, Ordering::Relaxed);
+                self.ctrlr.stats.spurious_completions.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(ctrlr = %self.ctrlr.name(), qid = self.qid, cid, "completion for no outstanding command");
                 continue;
             };
@@ -566,11 +517,7 @@ impl QPair {
             st.free.push(cid as u16);
             let child = st.trackers[cid].child;
             let retry = ok
-                && match st
-                    .parents
-                    .get_mut(child.parent as usize)
-                    .and_then(|p| p.as_mut())
-                {
+                && match st.parents.get_mut(child.parent as usize).and_then(|p| p.as_mut()) {
                     Some(p) if p.error.is_none() => {
                         if p.epoch != epoch {
                             p.epoch = epoch;
@@ -593,9 +540,7 @@ impl QPair {
         self.cq.zero();
         let recreated = ok && {
             drop(st);
-            let r =
-                self.ctrlr
-                    .create_io_queue(self.qid, self.depth, self.sq.iova(), self.cq.iova());
+            let r = self.ctrlr.create_io_queue(self.qid, self.depth, self.sq.iova(), self.cq.iova());
             st = self.st.borrow_mut();
             match r {
                 Ok(()) => true,
@@ -610,14 +555,7 @@ impl QPair {
             st.created = true;
             self.issue(&mut st);
         } else {
-            self.fail_all(
-                &mut st,
-                if ok {
-                    IoError::NoDevice
-                } else {
-                    IoError::Aborted
-                },
-            );
+            self.fail_all(&mut st, if ok { IoError::NoDevice } else { IoError::Aborted });
         }
     }
 
@@ -667,14 +605,8 @@ impl Drop for QPair {
         let mut safe = !self.leak.get();
         if st.created && !self.ctrlr.dma_stopped() {
             safe = self.ctrlr.state() == CtrlrState::Enabled
-                && self
-                    .ctrlr
-                    .delete_queue(AdminOpcode::DELETE_IO_SQ, self.qid)
-                    .is_ok()
-                && self
-                    .ctrlr
-                    .delete_queue(AdminOpcode::DELETE_IO_CQ, self.qid)
-                    .is_ok();
+                && self.ctrlr.delete_queue(AdminOpcode::DELETE_IO_SQ, self.qid).is_ok()
+                && self.ctrlr.delete_queue(AdminOpcode::DELETE_IO_CQ, self.qid).is_ok();
         } else if !st.created && !self.ctrlr.dma_stopped() && self.leak.get() {
             safe = false;
         }
@@ -688,20 +620,11 @@ impl Drop for QPair {
         }
         let bytes = self.sq_buf.len() + self.cq_buf.len() + self.lists_buf.len();
         tracing::error!(ctrlr = %self.ctrlr.name(), qid = self.qid, bytes, "IO queue memory leaked: the controller may still use it");
-        self.ctrlr
-            .stats
-            .leaked_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.ctrlr.stats.leaked_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         std::mem::forget(self.sq_buf.clone());
         std::mem::forget(self.cq_buf.clone());
         std::mem::forget(self.lists_buf.clone());
-        for p in self
-            .st
-            .get_mut()
-            .parents
-            .iter_mut()
-            .filter_map(|p| p.take())
-        {
+        for p in self.st.get_mut().parents.iter_mut().filter_map(|p| p.take()) {
             if let Some(b) = p.io.buf.as_ref() {
                 std::mem::forget(b.clone());
             }

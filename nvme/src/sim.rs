@@ -17,9 +17,7 @@ use crate::mmio::{DmaWindow, RegisterSpace};
 use crate::prp::PAGE_SIZE;
 use bdev::dma::DmaMapper;
 use bdev::rng::SimRng;
-use nvme_spec::identify::{
-    Cns, IdentifyController, IdentifyNamespace, LbaFormat, NamespaceList, IDENTIFY_DATA_LEN,
-};
+use nvme_spec::identify::{Cns, IdentifyController, IdentifyNamespace, LbaFormat, NamespaceList, IDENTIFY_DATA_LEN};
 use nvme_spec::regs::{offset, shutdown, Aqa, Cap, Cc, Csts, Vs};
 use nvme_spec::status::sct;
 use nvme_spec::{AdminOpcode, Cqe, IoOpcode, SglKind, Sqe, Status, U16, U32, U64};
@@ -73,10 +71,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             seed: 1,
-            namespaces: vec![SimNamespace {
-                num_blocks: 8192,
-                block_size: 512,
-            }],
+            namespaces: vec![SimNamespace { num_blocks: 8192, block_size: 512 }],
             mdts: 5,
             mqes: 1023,
             max_io_queues: 8,
@@ -188,10 +183,7 @@ impl SimController {
         let mut ns = Vec::new();
         for n in &cfg.namespaces {
             if !n.block_size.is_power_of_two() || n.block_size < 512 {
-                return Err(format!(
-                    "simulated block size {} is not a power of two >= 512",
-                    n.block_size
-                ));
+                return Err(format!("simulated block size {} is not a power of two >= 512", n.block_size));
             }
             let bytes = n
                 .num_blocks
@@ -199,10 +191,7 @@ impl SimController {
                 .and_then(|b| usize::try_from(b).ok())
                 .filter(|&b| b > 0 && b <= 1 << 32)
                 .ok_or_else(|| {
-                    format!(
-                        "simulated namespace of {} blocks must hold between 1 block and 4 GiB",
-                        n.num_blocks
-                    )
+                    format!("simulated namespace of {} blocks must hold between 1 block and 4 GiB", n.num_blocks)
                 })?;
             ns.push(vec![0u8; bytes]);
         }
@@ -283,11 +272,7 @@ impl SimController {
     /// of `addr..addr+len`: memory the controller may still write.
     pub fn inflight_overlaps(&self, addr: u64, len: usize) -> bool {
         let end = addr + len as u64;
-        self.st()
-            .inflight
-            .iter()
-            .flat_map(|c| c.segments.iter())
-            .any(|&(a, l)| a < end && addr < a + l as u64)
+        self.st().inflight.iter().flat_map(|c| c.segments.iter()).any(|&(a, l)| a < end && addr < a + l as u64)
     }
 
     /// IO queues that exist right now.
@@ -342,9 +327,7 @@ impl SimController {
     fn doorbell_index(&self, off: u32) -> Option<usize> {
         let rel = off.checked_sub(offset::DOORBELLS)? as usize;
         let stride = 4usize << self.cfg.dstrd;
-        rel.is_multiple_of(stride)
-            .then_some(rel / stride)
-            .filter(|&i| i < self.doorbells.len())
+        rel.is_multiple_of(stride).then_some(rel / stride).filter(|&i| i < self.doorbells.len())
     }
 
     fn cap(&self) -> Cap {
@@ -393,18 +376,8 @@ impl SimController {
                 return;
             }
             st.last_asq_acq = (st.asq, st.acq);
-            st.sqs[0] = Some(SimSq {
-                base: st.asq,
-                size: st.aqa.asqs() as u32 + 1,
-                head: 0,
-                cqid: 0,
-            });
-            st.cqs[0] = Some(SimCq {
-                base: st.acq,
-                size: st.aqa.acqs() as u32 + 1,
-                tail: 0,
-                phase: true,
-            });
+            st.sqs[0] = Some(SimSq { base: st.asq, size: st.aqa.asqs() as u32 + 1, head: 0, cqid: 0 });
+            st.cqs[0] = Some(SimCq { base: st.acq, size: st.aqa.acqs() as u32 + 1, tail: 0, phase: true });
             st.ready_in_steps = (!self.cfg.fail_ready).then_some(self.cfg.ready_delay_steps);
             if st.ready_in_steps == Some(0) {
                 st.csts = st.csts.with_rdy(true);
@@ -434,11 +407,7 @@ impl SimController {
             st.csts = st.csts.with_shst(shutdown::SHST_COMPLETE);
             return true;
         }
-        if !st.cc.en()
-            || !st.csts.rdy()
-            || st.unresponsive
-            || st.csts.shst() != shutdown::SHST_NORMAL
-        {
+        if !st.cc.en() || !st.csts.rdy() || st.unresponsive || st.csts.shst() != shutdown::SHST_NORMAL {
             return false;
         }
         let mut busy = self.flush_backlog(&mut st);
@@ -538,9 +507,7 @@ impl SimController {
                     Err(s) => (s, 0),
                 }
             }
-            AdminOpcode::SET_FEATURES
-                if cdw10 & 0xFF == nvme_spec::features::FeatureId::NUMBER_OF_QUEUES.0 as u32 =>
-            {
+            AdminOpcode::SET_FEATURES if cdw10 & 0xFF == nvme_spec::features::FeatureId::NUMBER_OF_QUEUES.0 as u32 => {
                 let n = self.cfg.max_io_queues as u32 - 1;
                 (Status::SUCCESS, n | (n << 16))
             }
@@ -554,27 +521,16 @@ impl SimController {
                     return (Status::INVALID_QUEUE_SIZE.with_dnr(), 0);
                 }
                 let base = sqe.dptr.prp1.get();
-                if cdw11 & 1 == 0
-                    || !base.is_multiple_of(PAGE_SIZE)
-                    || self.window.read(base, &mut [0u8; 16]).is_err()
+                if cdw11 & 1 == 0 || !base.is_multiple_of(PAGE_SIZE) || self.window.read(base, &mut [0u8; 16]).is_err()
                 {
                     return (Status::INVALID_FIELD.with_dnr(), 0);
                 }
                 self.doorbells[2 * qid + 1].store(0, Ordering::Relaxed);
-                st.cqs[qid] = Some(SimCq {
-                    base,
-                    size,
-                    tail: 0,
-                    phase: true,
-                });
+                st.cqs[qid] = Some(SimCq { base, size, tail: 0, phase: true });
                 (Status::SUCCESS, 0)
             }
             AdminOpcode::CREATE_IO_SQ => {
-                let (qid, size, cqid) = (
-                    (cdw10 & 0xFFFF) as usize,
-                    (cdw10 >> 16) + 1,
-                    (cdw11 >> 16) as u16,
-                );
+                let (qid, size, cqid) = ((cdw10 & 0xFFFF) as usize, (cdw10 >> 16) + 1, (cdw11 >> 16) as u16);
                 if qid == 0 || qid >= st.sqs.len() || st.sqs[qid].is_some() {
                     return (Status::INVALID_QUEUE_IDENTIFIER.with_dnr(), 0);
                 }
@@ -589,12 +545,7 @@ impl SimController {
                     return (Status::INVALID_FIELD.with_dnr(), 0);
                 }
                 self.doorbells[2 * qid].store(0, Ordering::Relaxed);
-                st.sqs[qid] = Some(SimSq {
-                    base,
-                    size,
-                    head: 0,
-                    cqid,
-                });
+                st.sqs[qid] = Some(SimSq { base, size, head: 0, cqid });
                 st.stats.io_queues_created += 1;
                 (Status::SUCCESS, 0)
             }
@@ -604,13 +555,11 @@ impl SimController {
                     return (Status::INVALID_QUEUE_IDENTIFIER.with_dnr(), 0);
                 }
                 // Commands of the SQ complete as aborted before it goes.
-                let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut st.inflight)
-                    .into_iter()
-                    .partition(|c| c.sqid == qid);
+                let (gone, kept): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut st.inflight).into_iter().partition(|c| c.sqid == qid);
                 st.inflight = kept;
                 for c in gone {
-                    let (cqid, cqe) =
-                        self.completion(st, qid, &c.sqe, Status::ABORTED_SQ_DELETION, 0);
+                    let (cqid, cqe) = self.completion(st, qid, &c.sqe, Status::ABORTED_SQ_DELETION, 0);
                     self.post(st, cqid, cqe);
                 }
                 st.sqs[qid as usize] = None;
@@ -630,15 +579,11 @@ impl SimController {
             }
             AdminOpcode::ABORT => {
                 let (sqid, cid) = ((cdw10 & 0xFFFF) as u16, (cdw10 >> 16) as u16);
-                let found = st
-                    .inflight
-                    .iter()
-                    .position(|c| c.sqid == sqid && c.sqe.cid.get() == cid);
+                let found = st.inflight.iter().position(|c| c.sqid == sqid && c.sqe.cid.get() == cid);
                 match found {
                     Some(i) if st.abort_works => {
                         let c = st.inflight.remove(i);
-                        let (cqid, cqe) =
-                            self.completion(st, sqid, &c.sqe, Status::ABORT_REQUESTED, 0);
+                        let (cqid, cqe) = self.completion(st, sqid, &c.sqe, Status::ABORT_REQUESTED, 0);
                         self.post(st, cqid, cqe);
                         st.stats.aborts_performed += 1;
                         (Status::SUCCESS, 0)
@@ -672,19 +617,12 @@ impl SimController {
                 id.sqes = 0x66;
                 id.cqes = 0x44;
                 id.nn = U32::new(n);
-                id.oncs = U16::new(
-                    nvme_spec::identify::oncs::DATASET_MANAGEMENT
-                        | nvme_spec::identify::oncs::WRITE_ZEROES,
-                );
+                id.oncs =
+                    U16::new(nvme_spec::identify::oncs::DATASET_MANAGEMENT | nvme_spec::identify::oncs::WRITE_ZEROES);
                 id.vwc = u8::from(self.cfg.vwc);
-                id.sgls = U32::new(if self.cfg.sgl {
-                    nvme_spec::identify::sgls::SUPPORTED
-                } else {
-                    0
-                });
+                id.sgls = U32::new(if self.cfg.sgl { nvme_spec::identify::sgls::SUPPORTED } else { 0 });
                 let nqn = format!("nqn.2019-08.org.qemu:{}", self.cfg.serial);
-                id.subnqn[..nqn.len().min(255)]
-                    .copy_from_slice(&nqn.as_bytes()[..nqn.len().min(255)]);
+                id.subnqn[..nqn.len().min(255)].copy_from_slice(&nqn.as_bytes()[..nqn.len().min(255)]);
                 Ok(id.as_bytes().to_vec())
             }
             Cns::NAMESPACE => {
@@ -718,9 +656,7 @@ impl SimController {
             }
             st.stats.sgl_commands += 1;
             return match sqe.sgl1().kind() {
-                SglKind::DataBlockAddress { address, length } if length as usize == len => {
-                    Ok(vec![(address, len)])
-                }
+                SglKind::DataBlockAddress { address, length } if length as usize == len => Ok(vec![(address, len)]),
                 SglKind::DataBlockAddress { .. } => Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
                 _ => Err(Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr()),
             };
@@ -835,13 +771,7 @@ impl SimController {
                     }
                 };
                 let due_step = st.step + delay;
-                st.inflight.push(InFlight {
-                    sqid: qid,
-                    sqe,
-                    due_step,
-                    swallowed,
-                    segments,
-                });
+                st.inflight.push(InFlight { sqid: qid, sqe, due_step, swallowed, segments });
             }
         }
         busy
@@ -869,9 +799,8 @@ impl SimController {
 
     fn complete_io(&self, st: &mut State) -> bool {
         let now = st.step;
-        let (mut due, rest): (Vec<InFlight>, Vec<InFlight>) = std::mem::take(&mut st.inflight)
-            .into_iter()
-            .partition(|c| !c.swallowed && c.due_step <= now);
+        let (mut due, rest): (Vec<InFlight>, Vec<InFlight>) =
+            std::mem::take(&mut st.inflight).into_iter().partition(|c| !c.swallowed && c.due_step <= now);
         st.inflight = rest;
         if due.is_empty() {
             return false;
@@ -899,10 +828,8 @@ impl SimController {
         let bs = ns_cfg.block_size as usize;
         let op = IoOpcode(sqe.opcode);
         let range = |slba: u64, nlb: u64| -> Result<std::ops::Range<usize>, Status> {
-            let end = slba
-                .checked_add(nlb)
-                .filter(|&e| e <= ns_cfg.num_blocks)
-                .ok_or(Status::LBA_OUT_OF_RANGE.with_dnr())?;
+            let end =
+                slba.checked_add(nlb).filter(|&e| e <= ns_cfg.num_blocks).ok_or(Status::LBA_OUT_OF_RANGE.with_dnr())?;
             Ok(slba as usize * bs..end as usize * bs)
         };
         if self.cfg.error_one_in > 0
@@ -910,11 +837,7 @@ impl SimController {
             && st.rng.below(self.cfg.error_one_in as u64) == 0
         {
             st.stats.injected_errors += 1;
-            return if op == IoOpcode::READ {
-                Status::UNRECOVERED_READ_ERROR
-            } else {
-                Status::WRITE_FAULT
-            };
+            return if op == IoOpcode::READ { Status::UNRECOVERED_READ_ERROR } else { Status::WRITE_FAULT };
         }
         let ns_index = nsid as usize - 1;
         match op {
@@ -928,8 +851,7 @@ impl SimController {
                     data.copy_from_slice(&st.ns[ns_index][r]);
                     self.scatter(st, &c.segments, &data)
                 } else {
-                    self.gather(st, &c.segments, &mut data)
-                        .map(|()| st.ns[ns_index][r].copy_from_slice(&data))
+                    self.gather(st, &c.segments, &mut data).map(|()| st.ns[ns_index][r].copy_from_slice(&data))
                 };
                 res.err().unwrap_or(Status::SUCCESS)
             }
@@ -954,8 +876,7 @@ impl SimController {
                 let deallocate = sqe.cdw11.get() & (1 << 2) != 0;
                 for r in raw.chunks_exact(16) {
                     let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
-                    let slba =
-                        u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+                    let slba = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
                     match range(slba, nlb) {
                         Ok(rg) if deallocate => st.ns[ns_index][rg].fill(0),
                         Ok(_) => {}

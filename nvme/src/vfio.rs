@@ -85,10 +85,7 @@ struct DmaUnmap {
 
 fn os_err(what: String) -> NvmeError {
     let e = std::io::Error::last_os_error();
-    NvmeError::Vfio(
-        format!("{what}: {e}"),
-        e.raw_os_error().unwrap_or(libc::EIO),
-    )
+    NvmeError::Vfio(format!("{what}: {e}"), e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Maps DMA arenas into the container's IOMMU domain, IOVA = VA.
@@ -110,30 +107,18 @@ impl DmaMapper for VfioMapper {
         // mapped for the process (bdev::dma never unmaps arenas).
         let rc = unsafe { libc::ioctl(self.container.as_raw_fd(), VFIO_IOMMU_MAP_DMA as _, &arg) };
         if rc < 0 {
-            return Err(format!(
-                "VFIO_IOMMU_MAP_DMA {vaddr:#x}+{len:#x}: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(format!("VFIO_IOMMU_MAP_DMA {vaddr:#x}+{len:#x}: {}", std::io::Error::last_os_error()));
         }
         Ok(())
     }
 
     fn unmap(&self, vaddr: u64, len: u64) {
-        let arg = DmaUnmap {
-            argsz: std::mem::size_of::<DmaUnmap>() as u32,
-            flags: 0,
-            iova: vaddr,
-            size: len,
-        };
+        let arg = DmaUnmap { argsz: std::mem::size_of::<DmaUnmap>() as u32, flags: 0, iova: vaddr, size: len };
         // SAFETY: UNMAP_DMA reads (and may write back `size` into) the struct,
         // which is ours and lives across the call.
-        let rc =
-            unsafe { libc::ioctl(self.container.as_raw_fd(), VFIO_IOMMU_UNMAP_DMA as _, &arg) };
+        let rc = unsafe { libc::ioctl(self.container.as_raw_fd(), VFIO_IOMMU_UNMAP_DMA as _, &arg) };
         if rc < 0 {
-            tracing::warn!(
-                "VFIO_IOMMU_UNMAP_DMA {vaddr:#x}: {}",
-                std::io::Error::last_os_error()
-            );
+            tracing::warn!("VFIO_IOMMU_UNMAP_DMA {vaddr:#x}: {}", std::io::Error::last_os_error());
         }
     }
 }
@@ -150,19 +135,9 @@ pub struct VfioDevice {
 }
 
 fn region_info(device: &OwnedFd, index: u32) -> Result<RegionInfo, NvmeError> {
-    let mut info = RegionInfo {
-        argsz: std::mem::size_of::<RegionInfo>() as u32,
-        index,
-        ..Default::default()
-    };
+    let mut info = RegionInfo { argsz: std::mem::size_of::<RegionInfo>() as u32, index, ..Default::default() };
     // SAFETY: GET_REGION_INFO fills the struct we own; argsz bounds its writes.
-    let rc = unsafe {
-        libc::ioctl(
-            device.as_raw_fd(),
-            VFIO_DEVICE_GET_REGION_INFO as _,
-            &mut info,
-        )
-    };
+    let rc = unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_GET_REGION_INFO as _, &mut info) };
     if rc < 0 {
         return Err(os_err(format!("VFIO_DEVICE_GET_REGION_INFO {index}")));
     }
@@ -171,26 +146,13 @@ fn region_info(device: &OwnedFd, index: u32) -> Result<RegionInfo, NvmeError> {
 
 /// Validates a PCI address: `DDDD:BB:DD.F`, hex.
 pub fn parse_bdf(s: &str) -> Result<String, NvmeError> {
-    let bad = || {
-        NvmeError::Invalid(format!(
-            "traddr '{s}' is not a PCI address like 0000:00:04.0"
-        ))
-    };
+    let bad = || NvmeError::Invalid(format!("traddr '{s}' is not a PCI address like 0000:00:04.0"));
     let s = s.trim();
-    let full = if s.matches(':').count() == 1 {
-        format!("0000:{s}")
-    } else {
-        s.to_string()
-    };
+    let full = if s.matches(':').count() == 1 { format!("0000:{s}") } else { s.to_string() };
     let (dom_bus_dev, func) = full.rsplit_once('.').ok_or_else(bad)?;
     let parts: Vec<&str> = dom_bus_dev.split(':').collect();
     let hex = |p: &str, n: usize| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit());
-    if parts.len() != 3
-        || !hex(parts[0], 4)
-        || !hex(parts[1], 2)
-        || !hex(parts[2], 2)
-        || !hex(func, 1)
-    {
+    if parts.len() != 3 || !hex(parts[0], 4) || !hex(parts[1], 2) || !hex(parts[2], 2) || !hex(func, 1) {
         return Err(bad());
     }
     Ok(full.to_ascii_lowercase())
@@ -214,58 +176,28 @@ impl VfioDevice {
                 driver.as_deref().unwrap_or("no driver")
             )));
         }
-        let group_link = std::fs::read_link(sys.join("iommu_group")).map_err(|e| {
-            NvmeError::Vfio(
-                format!("{bdf}: no IOMMU group ({e}); is the IOMMU on?"),
-                libc::ENODEV,
-            )
-        })?;
-        let group_no = group_link
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let group_link = std::fs::read_link(sys.join("iommu_group"))
+            .map_err(|e| NvmeError::Vfio(format!("{bdf}: no IOMMU group ({e}); is the IOMMU on?"), libc::ENODEV))?;
+        let group_no = group_link.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         let rw = |p: &str| OpenOptions::new().read(true).write(true).open(p);
-        let container: OwnedFd = rw("/dev/vfio/vfio")
-            .map_err(|e| NvmeError::Vfio(format!("/dev/vfio/vfio: {e}"), libc::ENODEV))?
-            .into();
+        let container: OwnedFd =
+            rw("/dev/vfio/vfio").map_err(|e| NvmeError::Vfio(format!("/dev/vfio/vfio: {e}"), libc::ENODEV))?.into();
         // SAFETY: argument-less ioctls on a VFIO container fd.
         let api = unsafe { libc::ioctl(container.as_raw_fd(), VFIO_GET_API_VERSION as _) };
         if api != VFIO_API_VERSION {
-            return Err(NvmeError::Vfio(
-                format!("unknown VFIO API version {api}"),
-                libc::EINVAL,
-            ));
+            return Err(NvmeError::Vfio(format!("unknown VFIO API version {api}"), libc::EINVAL));
         }
         // SAFETY: CHECK_EXTENSION takes an integer argument by value.
-        let v2 = unsafe {
-            libc::ioctl(
-                container.as_raw_fd(),
-                VFIO_CHECK_EXTENSION as _,
-                VFIO_TYPE1V2_IOMMU,
-            )
-        } > 0;
+        let v2 = unsafe { libc::ioctl(container.as_raw_fd(), VFIO_CHECK_EXTENSION as _, VFIO_TYPE1V2_IOMMU) } > 0;
         // SAFETY: as above.
-        let v1 = unsafe {
-            libc::ioctl(
-                container.as_raw_fd(),
-                VFIO_CHECK_EXTENSION as _,
-                VFIO_TYPE1_IOMMU,
-            )
-        } > 0;
+        let v1 = unsafe { libc::ioctl(container.as_raw_fd(), VFIO_CHECK_EXTENSION as _, VFIO_TYPE1_IOMMU) } > 0;
         if !v1 && !v2 {
-            return Err(NvmeError::Vfio(
-                "the kernel offers no VFIO type1 IOMMU".into(),
-                libc::ENOTSUP,
-            ));
+            return Err(NvmeError::Vfio("the kernel offers no VFIO type1 IOMMU".into(), libc::ENOTSUP));
         }
         let group_path = format!("/dev/vfio/{group_no}");
-        let group: OwnedFd = rw(&group_path)
-            .map_err(|e| NvmeError::Vfio(format!("{group_path}: {e}"), libc::EBUSY))?
-            .into();
-        let mut status = GroupStatus {
-            argsz: std::mem::size_of::<GroupStatus>() as u32,
-            flags: 0,
-        };
+        let group: OwnedFd =
+            rw(&group_path).map_err(|e| NvmeError::Vfio(format!("{group_path}: {e}"), libc::EBUSY))?.into();
+        let mut status = GroupStatus { argsz: std::mem::size_of::<GroupStatus>() as u32, flags: 0 };
         // SAFETY: GET_STATUS fills the struct we own.
         if unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_GET_STATUS as _, &mut status) } < 0 {
             return Err(os_err(format!("{group_path}: VFIO_GROUP_GET_STATUS")));
@@ -281,24 +213,14 @@ impl VfioDevice {
         if unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_SET_CONTAINER as _, &cfd) } < 0 {
             return Err(os_err(format!("{group_path}: VFIO_GROUP_SET_CONTAINER")));
         }
-        let iommu = if v2 {
-            VFIO_TYPE1V2_IOMMU
-        } else {
-            VFIO_TYPE1_IOMMU
-        };
+        let iommu = if v2 { VFIO_TYPE1V2_IOMMU } else { VFIO_TYPE1_IOMMU };
         // SAFETY: SET_IOMMU takes the IOMMU type by value.
         if unsafe { libc::ioctl(container.as_raw_fd(), VFIO_SET_IOMMU as _, iommu) } < 0 {
             return Err(os_err("VFIO_SET_IOMMU".into()));
         }
         let name = CString::new(bdf.clone()).map_err(|_| NvmeError::Invalid("bdf".into()))?;
         // SAFETY: GET_DEVICE_FD reads a NUL-terminated string that outlives the call.
-        let dfd = unsafe {
-            libc::ioctl(
-                group.as_raw_fd(),
-                VFIO_GROUP_GET_DEVICE_FD as _,
-                name.as_ptr(),
-            )
-        };
+        let dfd = unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_GET_DEVICE_FD as _, name.as_ptr()) };
         if dfd < 0 {
             return Err(os_err(format!("{bdf}: VFIO_GROUP_GET_DEVICE_FD")));
         }
@@ -339,16 +261,14 @@ impl VfioDevice {
         if p == libc::MAP_FAILED {
             return Err(os_err(format!("{bdf}: mmap BAR0")));
         }
-        let base = NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| NvmeError::Vfio("mmap returned NULL".into(), libc::EINVAL))?;
+        let base =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| NvmeError::Vfio("mmap returned NULL".into(), libc::EINVAL))?;
         // SAFETY: base..base+bar_len is the mapping just created; VfioDevice
         // owns it and unmaps it last.
         let bar = unsafe { Bar::new(base, bar_len) };
         let config_offset = region_info(&device, CONFIG_REGION)?.offset;
 
-        let dup = container
-            .try_clone()
-            .map_err(|e| NvmeError::Vfio(format!("dup container: {e}"), libc::EMFILE))?;
+        let dup = container.try_clone().map_err(|e| NvmeError::Vfio(format!("dup container: {e}"), libc::EMFILE))?;
         let mapper: Arc<dyn DmaMapper> = Arc::new(VfioMapper { container: dup });
         let dev = VfioDevice {
             bdf: bdf.clone(),
@@ -360,8 +280,7 @@ impl VfioDevice {
             t0: Instant::now(),
         };
         dev.set_command_bits(PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, true)?;
-        bdev::dma::register_mapper(mapper)
-            .map_err(|e| NvmeError::Vfio(format!("{bdf}: {e}"), libc::ENOMEM))?;
+        bdev::dma::register_mapper(mapper).map_err(|e| NvmeError::Vfio(format!("{bdf}: {e}"), libc::ENOMEM))?;
         // The container fd itself may close: the group keeps it attached and
         // the mapper holds a duplicate for MAP/UNMAP.
         drop(container);
@@ -376,12 +295,7 @@ impl VfioDevice {
             if write {
                 libc::pwrite(self.device.as_raw_fd(), buf.as_ptr().cast(), buf.len(), pos)
             } else {
-                libc::pread(
-                    self.device.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    pos,
-                )
+                libc::pread(self.device.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), pos)
             }
         };
         n == buf.len() as isize
@@ -446,13 +360,7 @@ mod tests {
         assert_eq!(parse_bdf("0000:00:04.0").unwrap(), "0000:00:04.0");
         assert_eq!(parse_bdf("00:05.0").unwrap(), "0000:00:05.0");
         assert_eq!(parse_bdf("0000:AF:00.1").unwrap(), "0000:af:00.1");
-        for bad in [
-            "",
-            "0000:00:04",
-            "zz:00.0",
-            "0000:00:04.0/../x",
-            "0000:000:04.0",
-        ] {
+        for bad in ["", "0000:00:04", "zz:00.0", "0000:00:04.0/../x", "0000:000:04.0"] {
             assert!(parse_bdf(bad).is_err(), "{bad}");
         }
     }

@@ -16,10 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 fn seed() -> u64 {
-    let s = std::env::var("NVME_SIM_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5EED);
+    let s = std::env::var("NVME_SIM_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5EED);
     eprintln!("simulator seed = {s} (replay with NVME_SIM_SEED={s})");
     s
 }
@@ -40,17 +37,9 @@ impl Rig {
     fn new(cfg: SimConfig, opts: CtrlrOpts, reactors: usize) -> Rig {
         let m = ReactorSet::manual(reactors);
         let sim = SimController::new(cfg).unwrap();
-        let names = m
-            .on(0, || {
-                nvme::attach_controller("Nvme0", Transport::Sim(sim.clone()), opts, None)
-            })
-            .unwrap();
+        let names = m.on(0, || nvme::attach_controller("Nvme0", Transport::Sim(sim.clone()), opts, None)).unwrap();
         assert_eq!(names, vec!["Nvme0n1".to_string()]);
-        Rig {
-            m,
-            sim,
-            early_releases: Rc::default(),
-        }
+        Rig { m, sim, early_releases: Rc::default() }
     }
 
     fn round(&self) {
@@ -74,11 +63,7 @@ impl Rig {
         let done: Done = Rc::default();
         let (d2, sim, early) = (done.clone(), self.sim.clone(), self.early_releases.clone());
         self.m.on(on, || {
-            let ch = Registry::get()
-                .lookup("Nvme0n1")
-                .unwrap()
-                .channel()
-                .unwrap();
+            let ch = Registry::get().lookup("Nvme0n1").unwrap().channel().unwrap();
             let mut io = IoBox::data(t, off, n, buf).unwrap();
             io.set_done(Rc::new(move |io: IoBox| {
                 if let Some(b) = io.buf.as_ref() {
@@ -94,10 +79,7 @@ impl Rig {
     }
 
     fn wait(&self, d: &Done) -> IoStatus {
-        assert!(
-            self.run_until(200_000, || d.borrow().is_some()),
-            "IO did not complete"
-        );
+        assert!(self.run_until(200_000, || d.borrow().is_some()), "IO did not complete");
         let s = d.borrow().unwrap();
         s
     }
@@ -117,16 +99,13 @@ impl Rig {
     }
 
     fn ctrlr(&self) -> Arc<nvme::Controller> {
-        self.m
-            .on(0, || nvme::Controllers::get().lookup("Nvme0").unwrap())
+        self.m.on(0, || nvme::Controllers::get().lookup("Nvme0").unwrap())
     }
 
     fn detach(&self) -> Rc<RefCell<Option<Result<(), nvme::NvmeError>>>> {
         let out: Rc<RefCell<Option<Result<(), nvme::NvmeError>>>> = Rc::default();
         let (tx, rx) = std::sync::mpsc::channel();
-        self.m.on(0, || {
-            nvme::detach_controller("Nvme0", move |r| tx.send(r).unwrap())
-        });
+        self.m.on(0, || nvme::detach_controller("Nvme0", move |r| tx.send(r).unwrap()));
         let o2 = out.clone();
         assert!(self.run_until(200_000, || {
             if let Ok(r) = rx.try_recv() {
@@ -158,10 +137,7 @@ fn pattern(len: usize, salt: u64) -> Vec<u8> {
 }
 
 fn cfg(seed: u64) -> SimConfig {
-    SimConfig {
-        seed,
-        ..SimConfig::default()
-    }
+    SimConfig { seed, ..SimConfig::default() }
 }
 
 #[test]
@@ -188,10 +164,7 @@ fn identify_read_write_flush_zeroes_unmap() {
     let (_, back) = r.read(0, 16, 4096);
     assert!(back[..1024].iter().all(|&b| b == 0), "write zeroes");
     assert_eq!(&back[1024..2048], &data[1024..2048], "untouched blocks");
-    assert!(
-        back[2048..].iter().all(|&b| b == 0),
-        "deallocated blocks read as zeroes"
-    );
+    assert!(back[2048..].iter().all(|&b| b == 0), "deallocated blocks read as zeroes");
     // Past the end: refused by the bdev layer, never reaches the device.
     let (s, _) = r.read(0, 8190, 4096);
     assert_eq!(s, IoStatus::Failed(IoError::OutOfRange));
@@ -205,16 +178,8 @@ fn identify_read_write_flush_zeroes_unmap() {
 #[test]
 fn queue_wraparound_phase_flips_reordering_and_doorbell_stride() {
     let s = seed();
-    let sim_cfg = SimConfig {
-        dstrd: 2,
-        max_delay_steps: 3,
-        reorder: true,
-        ..cfg(s)
-    };
-    let opts = CtrlrOpts {
-        io_queue_depth: 8,
-        ..CtrlrOpts::default()
-    };
+    let sim_cfg = SimConfig { dstrd: 2, max_delay_steps: 3, reorder: true, ..cfg(s) };
+    let opts = CtrlrOpts { io_queue_depth: 8, ..CtrlrOpts::default() };
     let r = Rig::new(sim_cfg, opts, 2);
     // 600 writes of 4 KiB from two reactors, 32 submitted at a time into
     // queues of 8 entries: the rings wrap dozens of times.
@@ -249,24 +214,14 @@ fn queue_wraparound_phase_flips_reordering_and_doorbell_stride() {
 
 #[test]
 fn prp_lists_spanning_many_pages_and_chained_lists() {
-    let sim_cfg = SimConfig {
-        mdts: 0,
-        namespaces: vec![SimNamespace {
-            num_blocks: 32768,
-            block_size: 512,
-        }],
-        ..cfg(seed())
-    };
+    let sim_cfg =
+        SimConfig { mdts: 0, namespaces: vec![SimNamespace { num_blocks: 32768, block_size: 512 }], ..cfg(seed()) };
     let r = Rig::new(sim_cfg, CtrlrOpts::default(), 1);
     // 3 MiB aligned: PRP1 + 767 list entries, more than one list page.
     let data = pattern(3 << 20, 7);
     assert_eq!(r.write(0, 0, &data), IoStatus::Success);
     assert!(r.sim.stats().chained_prp_lists >= 1);
-    assert_eq!(
-        r.sim.stats().io_commands,
-        1,
-        "one command: no split without MDTS"
-    );
+    assert_eq!(r.sim.stats().io_commands, 1, "one command: no split without MDTS");
     let (s, back) = r.read(0, 0, 3 << 20);
     assert_eq!(s, IoStatus::Success);
     assert!(back == data);
@@ -274,19 +229,10 @@ fn prp_lists_spanning_many_pages_and_chained_lists() {
     // transfer touches one more page; the list crosses its page boundary.
     let big = r.m.on(0, || DmaBuf::zeroed(4 << 20).unwrap());
     let slice = big.slice(512, (2 << 20) + 8192);
-    let d = r.submit(
-        0,
-        IoType::Read,
-        0,
-        slice.len() as u64 / 512,
-        Some(slice.clone()),
-    );
+    let d = r.submit(0, IoType::Read, 0, slice.len() as u64 / 512, Some(slice.clone()));
     assert_eq!(r.wait(&d), IoStatus::Success);
     assert!(slice.to_vec() == data[..slice.len()]);
-    assert!(
-        big.to_vec()[..512].iter().all(|&b| b == 0),
-        "nothing written before the slice"
-    );
+    assert!(big.to_vec()[..512].iter().all(|&b| b == 0), "nothing written before the slice");
     assert!(r.sim.stats().chained_prp_lists >= 3);
     assert_eq!(r.sim.stats().dma_faults, 0);
     assert_eq!(*r.early_releases.borrow(), 0);
@@ -294,18 +240,9 @@ fn prp_lists_spanning_many_pages_and_chained_lists() {
 
 #[test]
 fn mdts_splits_large_io() {
-    let sim_cfg = SimConfig {
-        mdts: 1,
-        max_delay_steps: 2,
-        reorder: true,
-        ..cfg(seed())
-    };
+    let sim_cfg = SimConfig { mdts: 1, max_delay_steps: 2, reorder: true, ..cfg(seed()) };
     let r = Rig::new(sim_cfg, CtrlrOpts::default(), 1);
-    assert_eq!(
-        r.ctrlr().namespaces()[0].max_io_blocks,
-        16,
-        "8 KiB MDTS at 512 B blocks"
-    );
+    assert_eq!(r.ctrlr().namespaces()[0].max_io_blocks, 16, "8 KiB MDTS at 512 B blocks");
     let data = pattern(64 * 1024 + 1024, 3);
     assert_eq!(r.write(0, 10, &data), IoStatus::Success);
     let st = r.sim.stats();
@@ -315,13 +252,7 @@ fn mdts_splits_large_io() {
     assert_eq!(s, IoStatus::Success);
     assert!(back == data);
     // Write zeroes of more than 65536 blocks splits on the NLB field.
-    let sim2 = SimConfig {
-        namespaces: vec![SimNamespace {
-            num_blocks: 200_000,
-            block_size: 512,
-        }],
-        ..cfg(seed())
-    };
+    let sim2 = SimConfig { namespaces: vec![SimNamespace { num_blocks: 200_000, block_size: 512 }], ..cfg(seed()) };
     let r2 = Rig::new(sim2, CtrlrOpts::default(), 1);
     let d = r2.submit(0, IoType::WriteZeroes, 0, 150_000, None);
     assert_eq!(r2.wait(&d), IoStatus::Success);
@@ -330,19 +261,8 @@ fn mdts_splits_large_io() {
 
 #[test]
 fn sgl_data_blocks_when_the_controller_has_them() {
-    let sim_cfg = SimConfig {
-        sgl: true,
-        mdts: 0,
-        ..cfg(seed())
-    };
-    let r = Rig::new(
-        sim_cfg,
-        CtrlrOpts {
-            prefer_sgl: true,
-            ..CtrlrOpts::default()
-        },
-        1,
-    );
+    let sim_cfg = SimConfig { sgl: true, mdts: 0, ..cfg(seed()) };
+    let r = Rig::new(sim_cfg, CtrlrOpts { prefer_sgl: true, ..CtrlrOpts::default() }, 1);
     let data = pattern(1 << 20, 9);
     assert_eq!(r.write(0, 0, &data), IoStatus::Success);
     let (s, back) = r.read(0, 0, 1 << 20);
@@ -353,10 +273,7 @@ fn sgl_data_blocks_when_the_controller_has_them() {
 
 #[test]
 fn timeout_then_abort_then_reset_with_io_retried() {
-    let opts = CtrlrOpts {
-        io_timeout_us: 2_000,
-        ..CtrlrOpts::default()
-    };
+    let opts = CtrlrOpts { io_timeout_us: 2_000, ..CtrlrOpts::default() };
     let r = Rig::new(cfg(seed()), opts, 2);
     let before = pattern(8192, 11);
     assert_eq!(r.write(1, 64, &before), IoStatus::Success);
@@ -364,11 +281,7 @@ fn timeout_then_abort_then_reset_with_io_retried() {
     r.sim.swallow_next_io(1);
     r.sim.set_abort_works(false);
     let data = pattern(8192, 12);
-    assert_eq!(
-        r.write(1, 64, &data),
-        IoStatus::Success,
-        "retried after the reset"
-    );
+    assert_eq!(r.write(1, 64, &data), IoStatus::Success, "retried after the reset");
     let c = r.ctrlr();
     assert_eq!(c.stats.resets.load(Ordering::Relaxed), 1);
     assert!(c.stats.aborts_sent.load(Ordering::Relaxed) >= 1);
@@ -386,10 +299,7 @@ fn timeout_then_abort_then_reset_with_io_retried() {
 
 #[test]
 fn timeout_then_abort_retries_without_reset() {
-    let opts = CtrlrOpts {
-        io_timeout_us: 2_000,
-        ..CtrlrOpts::default()
-    };
+    let opts = CtrlrOpts { io_timeout_us: 2_000, ..CtrlrOpts::default() };
     let r = Rig::new(cfg(seed()), opts, 1);
     r.sim.swallow_next_io(1);
     let data = pattern(4096, 13);
@@ -404,21 +314,9 @@ fn timeout_then_abort_retries_without_reset() {
 #[test]
 fn controller_that_never_becomes_ready_fails_cleanly() {
     let m = ReactorSet::manual(1);
-    let sim = SimController::new(SimConfig {
-        fail_ready: true,
-        timeout_500ms: 1,
-        ..cfg(seed())
-    })
-    .unwrap();
+    let sim = SimController::new(SimConfig { fail_ready: true, timeout_500ms: 1, ..cfg(seed()) }).unwrap();
     let err = m
-        .on(0, || {
-            nvme::attach_controller(
-                "Nvme9",
-                Transport::Sim(sim.clone()),
-                CtrlrOpts::default(),
-                None,
-            )
-        })
+        .on(0, || nvme::attach_controller("Nvme9", Transport::Sim(sim.clone()), CtrlrOpts::default(), None))
         .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("did not become ready within 500 ms"), "{msg}");
@@ -436,9 +334,7 @@ fn controller_that_never_becomes_ready_fails_cleanly() {
         let mut want = [asq, acq];
         want.sort_unstable();
         assert_eq!(got, want, "admin queue buffers returned to the DMA pool");
-        assert!(reactor::poller_names()
-            .iter()
-            .all(|n| !n.starts_with("nvme")));
+        assert!(reactor::poller_names().iter().all(|n| !n.starts_with("nvme")));
         assert!(Registry::get().list().is_empty());
         assert!(nvme::Controllers::get().list().is_empty());
     });
@@ -447,11 +343,7 @@ fn controller_that_never_becomes_ready_fails_cleanly() {
 
 #[test]
 fn detach_with_io_in_flight() {
-    let sim_cfg = SimConfig {
-        max_delay_steps: 20,
-        reorder: true,
-        ..cfg(seed())
-    };
+    let sim_cfg = SimConfig { max_delay_steps: 20, reorder: true, ..cfg(seed()) };
     let r = Rig::new(sim_cfg, CtrlrOpts::default(), 2);
     let mut ios = Vec::new();
     for i in 0..64u64 {
@@ -461,40 +353,23 @@ fn detach_with_io_in_flight() {
         ios.push(r.submit(on, IoType::Write, i * 16, 16, Some(buf)));
     }
     r.round();
-    assert!(
-        r.sim.inflight_count() > 0,
-        "IO is in flight when detach starts"
-    );
+    assert!(r.sim.inflight_count() > 0, "IO is in flight when detach starts");
     let res = r.detach();
     assert_eq!(*res.borrow(), Some(Ok(())));
     for d in &ios {
         let s = d.borrow().expect("every IO completed");
-        assert!(
-            matches!(s, IoStatus::Success | IoStatus::Failed(IoError::Aborted)),
-            "{s:?}"
-        );
+        assert!(matches!(s, IoStatus::Success | IoStatus::Failed(IoError::Aborted)), "{s:?}");
     }
-    assert_eq!(
-        *r.early_releases.borrow(),
-        0,
-        "no buffer released while the controller held it"
-    );
+    assert_eq!(*r.early_releases.borrow(), 0, "no buffer released while the controller held it");
     assert!(r.sim.shutdown_complete(), "CC.SHN shutdown completed");
-    assert_eq!(
-        r.sim.io_queue_count(),
-        0,
-        "IO queues deleted before their memory went"
-    );
+    assert_eq!(r.sim.io_queue_count(), 0, "IO queues deleted before their memory went");
     assert!(r.nvme_pollers().is_empty(), "{:?}", r.nvme_pollers());
     r.m.on(0, || assert!(Registry::get().lookup("Nvme0n1").is_none()));
 }
 
 #[test]
 fn detach_while_the_device_hangs_aborts_io_after_disable() {
-    let opts = CtrlrOpts {
-        io_timeout_us: 2_000,
-        ..CtrlrOpts::default()
-    };
+    let opts = CtrlrOpts { io_timeout_us: 2_000, ..CtrlrOpts::default() };
     let r = Rig::new(cfg(seed()), opts, 2);
     // Make the queue pairs exist, then let the device swallow everything.
     assert_eq!(r.write(1, 0, &pattern(512, 1)), IoStatus::Success);
@@ -512,11 +387,7 @@ fn detach_while_the_device_hangs_aborts_io_after_disable() {
         assert_eq!(d.borrow().unwrap(), IoStatus::Failed(IoError::Aborted));
     }
     assert_eq!(*r.early_releases.borrow(), 0);
-    assert_eq!(
-        r.sim.inflight_count(),
-        0,
-        "the disable dropped the swallowed commands"
-    );
+    assert_eq!(r.sim.inflight_count(), 0, "the disable dropped the swallowed commands");
     assert!(r.nvme_pollers().is_empty());
     let c_stats_resets = r.sim.stats().resets;
     assert_eq!(c_stats_resets, 1);
@@ -524,14 +395,7 @@ fn detach_while_the_device_hangs_aborts_io_after_disable() {
 
 #[test]
 fn injected_media_errors_reach_the_caller() {
-    let r = Rig::new(
-        SimConfig {
-            error_one_in: 3,
-            ..cfg(seed())
-        },
-        CtrlrOpts::default(),
-        1,
-    );
+    let r = Rig::new(SimConfig { error_one_in: 3, ..cfg(seed()) }, CtrlrOpts::default(), 1);
     let mut failed = 0;
     for i in 0..60u64 {
         let (s, _) = r.read(0, i * 8, 4096);
@@ -547,18 +411,8 @@ fn injected_media_errors_reach_the_caller() {
 
 #[test]
 fn controller_that_cannot_be_disabled_is_cut_off_before_io_is_released() {
-    let opts = CtrlrOpts {
-        io_timeout_us: 2_000,
-        ..CtrlrOpts::default()
-    };
-    let r = Rig::new(
-        SimConfig {
-            timeout_500ms: 1,
-            ..cfg(seed())
-        },
-        opts,
-        2,
-    );
+    let opts = CtrlrOpts { io_timeout_us: 2_000, ..CtrlrOpts::default() };
+    let r = Rig::new(SimConfig { timeout_500ms: 1, ..cfg(seed()) }, opts, 2);
     assert_eq!(r.write(1, 0, &pattern(4096, 5)), IoStatus::Success);
     assert_eq!(r.write(0, 8, &pattern(4096, 6)), IoStatus::Success);
     assert_eq!(r.sim.io_queue_count(), 2, "one IO queue pair per reactor");
@@ -593,17 +447,10 @@ fn randomized_io_against_a_model() {
         mdts: 2,
         max_delay_steps: 4,
         reorder: true,
-        namespaces: vec![SimNamespace {
-            num_blocks: blocks,
-            block_size: 512,
-        }],
+        namespaces: vec![SimNamespace { num_blocks: blocks, block_size: 512 }],
         ..cfg(s)
     };
-    let opts = CtrlrOpts {
-        io_queue_depth: 16,
-        io_timeout_us: 3_000,
-        ..CtrlrOpts::default()
-    };
+    let opts = CtrlrOpts { io_queue_depth: 16, io_timeout_us: 3_000, ..CtrlrOpts::default() };
     let r = Rig::new(sim_cfg, opts, 2);
     let mut model = vec![0u8; (blocks * 512) as usize];
     for round in 0..40u64 {
@@ -622,13 +469,8 @@ fn randomized_io_against_a_model() {
             }
             let on = (k % 2) as usize;
             let range = (at * 512) as usize..((at + n) * 512) as usize;
-            let t = [
-                IoType::Write,
-                IoType::Write,
-                IoType::Read,
-                IoType::WriteZeroes,
-                IoType::Unmap,
-            ][rng.below(5) as usize];
+            let t =
+                [IoType::Write, IoType::Write, IoType::Read, IoType::WriteZeroes, IoType::Unmap][rng.below(5) as usize];
             let buf = match t {
                 IoType::Write => {
                     let data = pattern(range.len(), round * 100 + k + s);
@@ -649,10 +491,7 @@ fn randomized_io_against_a_model() {
         for (t, range, buf, d) in &ios {
             assert_eq!(r.wait(d), IoStatus::Success, "seed {s} round {round} {t:?}");
             if *t == IoType::Read {
-                assert!(
-                    buf.as_ref().unwrap().to_vec() == model[range.clone()],
-                    "seed {s} round {round}: read data"
-                );
+                assert!(buf.as_ref().unwrap().to_vec() == model[range.clone()], "seed {s} round {round}: read data");
             }
         }
     }

@@ -41,9 +41,7 @@ fn run_job(ini: &ReactorSet, parts: QpairParts, job: &Job, secs: f64) -> (Result
     ini.send(0, move || {
         let qp = Rc::new(RefCell::new(Some(HostQpair::from_parts(parts))));
         let len = (io_blocks * BS) as usize;
-        let bufs: Vec<DmaBuf> = (0..qd)
-            .map(|_| DmaBuf::zeroed(len).unwrap().slice(0, len))
-            .collect();
+        let bufs: Vec<DmaBuf> = (0..qd).map(|_| DmaBuf::zeroed(len).unwrap().slice(0, len)).collect();
         let mut started = vec![0u64; qd];
         let mut hist = Histogram::<u64>::new(3).unwrap();
         let mut rng = 0x1234_5678_9abc_def1u64;
@@ -136,22 +134,13 @@ fn run_job(ini: &ReactorSet, parts: QpairParts, job: &Job, secs: f64) -> (Result
 }
 
 fn main() {
-    let secs: f64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5.0);
+    let secs: f64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
     let cores = core_count();
     let (tcore, icore) = if cores >= 2 { (0, 1) } else { (0, 0) };
-    let tgt =
-        ReactorSet::start(ReactorConfig::new(vec![tcore], IdlePolicy::BusyPoll), || {}).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let tgt = ReactorSet::start(ReactorConfig::new(vec![tcore], IdlePolicy::BusyPoll), || {}).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     tgt.call(0, move || {
-        let m =
-            MallocBdev::new(BdevProps::new("Malloc0", "Malloc disk", BS, BLOCKS, None)).unwrap();
+        let m = MallocBdev::new(BdevProps::new("Malloc0", "Malloc disk", BS, BLOCKS, None)).unwrap();
         Registry::get().register(Arc::new(m)).unwrap();
         let st = NvmfState::get();
         st.create_transport(TransportOpts::default()).unwrap();
@@ -159,43 +148,17 @@ fn main() {
         p.allow_any_host = true;
         st.create_subsystem(p).unwrap();
         st.add_ns(NQN, "Malloc0", 1, None, None).unwrap();
-        st.add_listener(NQN, ListenAddr::new("127.0.0.1", &port.to_string()))
-            .unwrap();
+        st.add_listener(NQN, ListenAddr::new("127.0.0.1", &port.to_string())).unwrap();
     });
     let mut cp = ConnectParams::new("127.0.0.1", &port.to_string(), NQN);
     cp.kato_ms = 0;
     let s = host::connect(&cp, 1).expect("connect");
-    let ini =
-        ReactorSet::start(ReactorConfig::new(vec![icore], IdlePolicy::BusyPoll), || {}).unwrap();
+    let ini = ReactorSet::start(ReactorConfig::new(vec![icore], IdlePolicy::BusyPoll), || {}).unwrap();
     let jobs = [
-        Job {
-            name: "4KiB randread  QD32 ",
-            write: false,
-            random: true,
-            io_blocks: 1,
-            qd: 32,
-        },
-        Job {
-            name: "4KiB randread  QD128",
-            write: false,
-            random: true,
-            io_blocks: 1,
-            qd: 128,
-        },
-        Job {
-            name: "4KiB randwrite QD32 ",
-            write: true,
-            random: true,
-            io_blocks: 1,
-            qd: 32,
-        },
-        Job {
-            name: "128KiB seqread QD16 ",
-            write: false,
-            random: false,
-            io_blocks: 32,
-            qd: 16,
-        },
+        Job { name: "4KiB randread  QD32 ", write: false, random: true, io_blocks: 1, qd: 32 },
+        Job { name: "4KiB randread  QD128", write: false, random: true, io_blocks: 1, qd: 128 },
+        Job { name: "4KiB randwrite QD32 ", write: true, random: true, io_blocks: 1, qd: 32 },
+        Job { name: "128KiB seqread QD16 ", write: false, random: false, io_blocks: 32, qd: 16 },
     ];
     println!("nvraid NVMe/TCP loopback: target on core {tcore}, initiator on core {icore}, {secs} s per job");
     let mut parts = s.io.into_iter().next().unwrap();
@@ -252,7 +215,5 @@ fn thread_cpu_ticks(name: &str) -> u64 {
 }
 
 fn core_count() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

@@ -13,6 +13,5 @@ mod sock;
 pub mod tgt;
 
 pub use tgt::{
-    shutdown, ListenAddr, Namespace, NvmfError, NvmfState, Subsystem, SubsystemKind,
-    SubsystemParams, TransportOpts,
+    shutdown, ListenAddr, Namespace, NvmfError, NvmfState, Subsystem, SubsystemKind, SubsystemParams, TransportOpts,
 };

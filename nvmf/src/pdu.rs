@@ -142,9 +142,7 @@ impl PduType {
 
     pub const fn direction(self) -> Direction {
         match self {
-            Self::IcReq | Self::H2CTermReq | Self::CapsuleCmd | Self::H2CData => {
-                Direction::HostToController
-            }
+            Self::IcReq | Self::H2CTermReq | Self::CapsuleCmd | Self::H2CData => Direction::HostToController,
             Self::IcResp | Self::C2HTermReq | Self::CapsuleResp | Self::C2HData | Self::R2T => {
                 Direction::ControllerToHost
             }
@@ -198,11 +196,7 @@ pub enum PduError {
     /// termination request carrying `fes` and `fei` (unless the bad PDU
     /// was itself a termination request, which is never answered).
     #[error("fatal transport error {fes:?} at header byte {fei}: {reason}")]
-    Fatal {
-        fes: Fes,
-        fei: u32,
-        reason: &'static str,
-    },
+    Fatal { fes: Fes, fei: u32, reason: &'static str },
     /// An encoder's output buffer is too small.
     #[error("output buffer too small: need {needed} bytes, have {available}")]
     BufferTooSmall { needed: usize, available: usize },
@@ -239,10 +233,7 @@ impl PduError {
     /// The termination request header this error calls for.
     pub fn term_req(&self) -> Option<TermReq> {
         match self {
-            Self::Fatal { fes, fei, .. } => Some(TermReq {
-                fes: *fes as u16,
-                fei: *fei,
-            }),
+            Self::Fatal { fes, fei, .. } => Some(TermReq { fes: *fes as u16, fei: *fei }),
             _ => None,
         }
     }
@@ -262,11 +253,8 @@ pub struct CommonHeader {
 /// Decodes the 8-byte common header at the start of `bytes`. Succeeds on
 /// any 8 bytes: judging them is [`validate_header`]'s job.
 pub fn parse_common_header(bytes: &[u8]) -> Result<CommonHeader, PduError> {
-    let (wire, _) =
-        wire::CommonHeader::read_from_prefix(bytes).map_err(|_| PduError::Truncated {
-            needed: COMMON_HEADER_LEN,
-            available: bytes.len(),
-        })?;
+    let (wire, _) = wire::CommonHeader::read_from_prefix(bytes)
+        .map_err(|_| PduError::Truncated { needed: COMMON_HEADER_LEN, available: bytes.len() })?;
     Ok(CommonHeader {
         pdu_type: wire.pdu_type,
         flags: wire.flags,
@@ -374,10 +362,7 @@ pub fn validate_header(ch: &CommonHeader, cfg: &RxConfig) -> Result<PduLayout, P
         return Err(PduError::invalid_field(fei::PDU_TYPE, "unknown PDU type"));
     };
     if pdu_type.direction() != cfg.direction {
-        return Err(PduError::invalid_field(
-            fei::PDU_TYPE,
-            "PDU type not valid in this direction",
-        ));
+        return Err(PduError::invalid_field(fei::PDU_TYPE, "PDU type not valid in this direction"));
     }
     let class = pdu_type.class();
     match class {
@@ -389,19 +374,12 @@ pub fn validate_header(ch: &CommonHeader, cfg: &RxConfig) -> Result<PduLayout, P
             ));
         }
         Class::HeaderOnly | Class::Data if !cfg.ic_done => {
-            return Err(PduError::fatal(
-                Fes::PduSequenceError,
-                0,
-                "PDU before connection initialization",
-            ));
+            return Err(PduError::fatal(Fes::PduSequenceError, 0, "PDU before connection initialization"));
         }
         _ => {}
     }
     if ch.hlen != pdu_type.hlen() {
-        return Err(PduError::invalid_field(
-            fei::HLEN,
-            "header length does not match the PDU type",
-        ));
+        return Err(PduError::invalid_field(fei::HLEN, "header length does not match the PDU type"));
     }
     let hlen = u32::from(ch.hlen);
     let hdgstf = ch.flags & flags::HDGSTF != 0;
@@ -410,16 +388,10 @@ pub fn validate_header(ch: &CommonHeader, cfg: &RxConfig) -> Result<PduLayout, P
     match class {
         Class::Ic => {
             if hdgstf || ddgstf {
-                return Err(PduError::invalid_field(
-                    fei::FLAGS,
-                    "digest flag set in a connection initialization PDU",
-                ));
+                return Err(PduError::invalid_field(fei::FLAGS, "digest flag set in a connection initialization PDU"));
             }
             if ch.plen != hlen {
-                return Err(PduError::invalid_field(
-                    fei::PLEN,
-                    "connection initialization PDU length is not 128",
-                ));
+                return Err(PduError::invalid_field(fei::PLEN, "connection initialization PDU length is not 128"));
             }
             Ok(PduLayout::header_only(pdu_type, hlen, 0))
         }
@@ -428,29 +400,16 @@ pub fn validate_header(ch: &CommonHeader, cfg: &RxConfig) -> Result<PduLayout, P
             // PDO are ignored so that the reason can always be read, but its
             // length is bounded so that it cannot stream unbounded data.
             if ch.plen < hlen || ch.plen > TERM_REQ_MAX_PLEN {
-                return Err(PduError::invalid_field(
-                    fei::PLEN,
-                    "termination request length out of bounds",
-                ));
+                return Err(PduError::invalid_field(fei::PLEN, "termination request length out of bounds"));
             }
-            Ok(PduLayout {
-                data_len: ch.plen - hlen,
-                plen: ch.plen,
-                ..PduLayout::header_only(pdu_type, hlen, 0)
-            })
+            Ok(PduLayout { data_len: ch.plen - hlen, plen: ch.plen, ..PduLayout::header_only(pdu_type, hlen, 0) })
         }
         Class::HeaderOnly | Class::Data => {
             if hdgstf != cfg.header_digest {
-                return Err(PduError::invalid_field(
-                    fei::FLAGS,
-                    "header digest flag disagrees with negotiation",
-                ));
+                return Err(PduError::invalid_field(fei::FLAGS, "header digest flag disagrees with negotiation"));
             }
             if ddgstf && !cfg.data_digest {
-                return Err(PduError::invalid_field(
-                    fei::FLAGS,
-                    "data digest flag set but data digests are off",
-                ));
+                return Err(PduError::invalid_field(fei::FLAGS, "data digest flag set but data digests are off"));
             }
             let hdgst_len = if hdgstf { DIGEST_LEN as u32 } else { 0 };
             let header_end = hlen + hdgst_len;
@@ -459,47 +418,27 @@ pub fn validate_header(ch: &CommonHeader, cfg: &RxConfig) -> Result<PduLayout, P
                     return Err(PduError::invalid_field(fei::PDO, "data PDU without data"));
                 }
                 if ch.plen != header_end {
-                    return Err(PduError::invalid_field(
-                        fei::PLEN,
-                        "PDU length does not match a PDU without data",
-                    ));
+                    return Err(PduError::invalid_field(fei::PLEN, "PDU length does not match a PDU without data"));
                 }
                 return Ok(PduLayout::header_only(pdu_type, hlen, hdgst_len));
             }
             let pdo = u32::from(ch.pdo);
             if pdo < header_end {
-                return Err(PduError::invalid_field(
-                    fei::PDO,
-                    "data offset inside the header",
-                ));
+                return Err(PduError::invalid_field(fei::PDO, "data offset inside the header"));
             }
             if pdo % cfg.pda_alignment() != 0 {
-                return Err(PduError::invalid_field(
-                    fei::PDO,
-                    "data offset breaks the negotiated alignment",
-                ));
+                return Err(PduError::invalid_field(fei::PDO, "data offset breaks the negotiated alignment"));
             }
             if cfg.data_digest && !ddgstf {
-                return Err(PduError::invalid_field(
-                    fei::FLAGS,
-                    "data digest flag missing",
-                ));
+                return Err(PduError::invalid_field(fei::FLAGS, "data digest flag missing"));
             }
             let ddgst_len = if ddgstf { DIGEST_LEN as u32 } else { 0 };
             let data_len = match ch.plen.checked_sub(pdo + ddgst_len) {
                 Some(n) if n > 0 => n,
-                _ => {
-                    return Err(PduError::invalid_field(
-                        fei::PLEN,
-                        "PDU length leaves no room for data",
-                    ))
-                }
+                _ => return Err(PduError::invalid_field(fei::PLEN, "PDU length leaves no room for data")),
             };
-            let limit = if pdu_type == PduType::CapsuleCmd {
-                cfg.max_in_capsule_data_len
-            } else {
-                cfg.max_data_pdu_len
-            };
+            let limit =
+                if pdu_type == PduType::CapsuleCmd { cfg.max_in_capsule_data_len } else { cfg.max_data_pdu_len };
             if data_len > limit {
                 return Err(PduError::fatal(
                     Fes::DataTransferLimitExceeded,
@@ -656,9 +595,7 @@ pub mod wire {
     use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
     #[repr(C)]
-    #[derive(
-        Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
-    )]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
     pub struct CommonHeader {
         pub pdu_type: u8,
         pub flags: u8,
@@ -769,11 +706,7 @@ fn decode_typed(bytes: &[u8], layout: &PduLayout) -> Result<PduHeader, PduError>
         PduType::IcReq => {
             let w: wire::IcReq = read_wire(bytes)?;
             if w.pfv.get() != PFV_1_0 {
-                return Err(PduError::fatal(
-                    Fes::UnsupportedParameter,
-                    fei::PFV,
-                    "unsupported PDU format version",
-                ));
+                return Err(PduError::fatal(Fes::UnsupportedParameter, fei::PFV, "unsupported PDU format version"));
             }
             if w.hpda > MAX_PDA {
                 return Err(PduError::invalid_field(fei::PDA, "HPDA above 31"));
@@ -789,21 +722,14 @@ fn decode_typed(bytes: &[u8], layout: &PduLayout) -> Result<PduHeader, PduError>
         PduType::IcResp => {
             let w: wire::IcResp = read_wire(bytes)?;
             if w.pfv.get() != PFV_1_0 {
-                return Err(PduError::fatal(
-                    Fes::UnsupportedParameter,
-                    fei::PFV,
-                    "unsupported PDU format version",
-                ));
+                return Err(PduError::fatal(Fes::UnsupportedParameter, fei::PFV, "unsupported PDU format version"));
             }
             if w.cpda > MAX_PDA {
                 return Err(PduError::invalid_field(fei::PDA, "CPDA above 31"));
             }
             let maxh2cdata = w.maxh2cdata.get();
             if maxh2cdata < MIN_MAXH2CDATA || maxh2cdata & 3 != 0 {
-                return Err(PduError::invalid_field(
-                    fei::MAXH2CDATA,
-                    "MAXH2CDATA below 4096 or not a multiple of 4",
-                ));
+                return Err(PduError::invalid_field(fei::MAXH2CDATA, "MAXH2CDATA below 4096 or not a multiple of 4"));
             }
             PduHeader::IcResp(IcResp {
                 pfv: w.pfv.get(),
@@ -815,10 +741,7 @@ fn decode_typed(bytes: &[u8], layout: &PduLayout) -> Result<PduHeader, PduError>
         }
         PduType::H2CTermReq | PduType::C2HTermReq => {
             let w: wire::TermReq = read_wire(bytes)?;
-            let term = TermReq {
-                fes: w.fes.get(),
-                fei: w.fei.get(),
-            };
+            let term = TermReq { fes: w.fes.get(), fei: w.fei.get() };
             if layout.pdu_type == PduType::H2CTermReq {
                 PduHeader::H2CTermReq(term)
             } else {
@@ -836,10 +759,7 @@ fn decode_typed(bytes: &[u8], layout: &PduLayout) -> Result<PduHeader, PduError>
         PduType::H2CData | PduType::C2HData => {
             let w: wire::Data = read_wire(bytes)?;
             if w.datal.get() != layout.data_len {
-                return Err(PduError::invalid_field(
-                    fei::DATAL,
-                    "DATAL disagrees with the PDU length",
-                ));
+                return Err(PduError::invalid_field(fei::DATAL, "DATAL disagrees with the PDU length"));
             }
             let last = ch.flags & flags::LAST_PDU != 0;
             if layout.pdu_type == PduType::H2CData {
@@ -853,10 +773,7 @@ fn decode_typed(bytes: &[u8], layout: &PduLayout) -> Result<PduHeader, PduError>
             } else {
                 let success = ch.flags & flags::SUCCESS != 0;
                 if success && !last {
-                    return Err(PduError::invalid_field(
-                        fei::FLAGS,
-                        "SUCCESS flag without LAST_PDU",
-                    ));
+                    return Err(PduError::invalid_field(fei::FLAGS, "SUCCESS flag without LAST_PDU"));
                 }
                 PduHeader::C2HData(C2HData {
                     cccid: w.cccid.get(),
@@ -869,12 +786,7 @@ fn decode_typed(bytes: &[u8], layout: &PduLayout) -> Result<PduHeader, PduError>
         }
         PduType::R2T => {
             let w: wire::R2T = read_wire(bytes)?;
-            PduHeader::R2T(R2T {
-                cccid: w.cccid.get(),
-                ttag: w.ttag.get(),
-                r2to: w.r2to.get(),
-                r2tl: w.r2tl.get(),
-            })
+            PduHeader::R2T(R2T { cccid: w.cccid.get(), ttag: w.ttag.get(), r2to: w.r2to.get(), r2tl: w.r2tl.get() })
         }
     })
 }
@@ -883,11 +795,7 @@ fn check_header_digest(header: &[u8], digest: &[u8]) -> Result<(), PduError> {
     let mut received = [0u8; DIGEST_LEN];
     received.copy_from_slice(digest.get(..DIGEST_LEN).unwrap_or(&[0; DIGEST_LEN]));
     if crc32c::crc32c(header) != u32::from_le_bytes(received) {
-        return Err(PduError::fatal(
-            Fes::HeaderDigestError,
-            0,
-            "header digest mismatch",
-        ));
+        return Err(PduError::fatal(Fes::HeaderDigestError, 0, "header digest mismatch"));
     }
     Ok(())
 }
@@ -899,10 +807,7 @@ pub fn parse_header(bytes: &[u8], cfg: &RxConfig) -> Result<(PduHeader, PduLayou
     let layout = validate_header(&ch, cfg)?;
     let header_len = layout.header_len() as usize;
     let Some(header) = bytes.get(..header_len) else {
-        return Err(PduError::Truncated {
-            needed: header_len,
-            available: bytes.len(),
-        });
+        return Err(PduError::Truncated { needed: header_len, available: bytes.len() });
     };
     let hlen = layout.hlen as usize;
     if layout.hdgst_len > 0 {
@@ -928,10 +833,7 @@ impl DataChunk<'_> {
         let end = start + self.bytes.len();
         let available = dest.len();
         let Some(slot) = dest.get_mut(start..end) else {
-            return Err(PduError::BufferTooSmall {
-                needed: end,
-                available,
-            });
+            return Err(PduError::BufferTooSmall { needed: end, available });
         };
         slot.copy_from_slice(self.bytes);
         Ok(())
@@ -1100,8 +1002,7 @@ impl PduReader {
                     if self.hdr_filled < COMMON_HEADER_LEN {
                         return Ok((used, None));
                     }
-                    let validated = parse_common_header(&self.hdr)
-                        .and_then(|ch| validate_header(&ch, &self.cfg));
+                    let validated = parse_common_header(&self.hdr).and_then(|ch| validate_header(&ch, &self.cfg));
                     match validated {
                         Ok(layout) => {
                             self.layout = Some(layout);
@@ -1112,11 +1013,7 @@ impl PduReader {
                 }
                 Stage::Header => {
                     let Some(layout) = self.layout else {
-                        return Err(self.fail(PduError::fatal(
-                            Fes::PduSequenceError,
-                            0,
-                            "reader lost its layout",
-                        )));
+                        return Err(self.fail(PduError::fatal(Fes::PduSequenceError, 0, "reader lost its layout")));
                     };
                     let need = layout.header_len() as usize;
                     used += self.fill_header(rest, need);
@@ -1125,9 +1022,7 @@ impl PduReader {
                     }
                     let hlen = layout.hlen as usize;
                     if layout.hdgst_len > 0 {
-                        if let Err(err) =
-                            check_header_digest(&self.hdr[..hlen], &self.hdr[hlen..need])
-                        {
+                        if let Err(err) = check_header_digest(&self.hdr[..hlen], &self.hdr[hlen..need]) {
                             return Err(self.fail(err));
                         }
                     }
@@ -1144,10 +1039,7 @@ impl PduReader {
                     } else {
                         Stage::Data
                     };
-                    let event = Event::Header {
-                        header,
-                        data_len: layout.data_len,
-                    };
+                    let event = Event::Header { header, data_len: layout.data_len };
                     return Ok((used, Some(event)));
                 }
                 Stage::Padding => {
@@ -1161,11 +1053,7 @@ impl PduReader {
                 }
                 Stage::Data => {
                     let Some(layout) = self.layout else {
-                        return Err(self.fail(PduError::fatal(
-                            Fes::PduSequenceError,
-                            0,
-                            "reader lost its layout",
-                        )));
+                        return Err(self.fail(PduError::fatal(Fes::PduSequenceError, 0, "reader lost its layout")));
                     };
                     if rest.is_empty() {
                         return Ok((used, None));
@@ -1180,18 +1068,13 @@ impl PduReader {
                     self.data_done += take as u32;
                     used += take;
                     if self.data_done == layout.data_len {
-                        self.stage = if layout.ddgst_len > 0 {
-                            Stage::DataDigest
-                        } else {
-                            Stage::End
-                        };
+                        self.stage = if layout.ddgst_len > 0 { Stage::DataDigest } else { Stage::End };
                     }
                     return Ok((used, Some(Event::Data(DataChunk { offset, bytes }))));
                 }
                 Stage::DataDigest => {
                     let take = (DIGEST_LEN - self.ddgst_filled).min(rest.len());
-                    self.ddgst[self.ddgst_filled..self.ddgst_filled + take]
-                        .copy_from_slice(&rest[..take]);
+                    self.ddgst[self.ddgst_filled..self.ddgst_filled + take].copy_from_slice(&rest[..take]);
                     self.ddgst_filled += take;
                     used += take;
                     if self.ddgst_filled < DIGEST_LEN {
@@ -1244,12 +1127,7 @@ pub struct Encoded {
 /// sends next (in-capsule data, H2C/C2H data equal to DATAL, or the
 /// termination request's quoted header); then the data digest if
 /// [`Encoded::data_digest`].
-pub fn encode_header(
-    header: &PduHeader,
-    data_len: u32,
-    cfg: &TxConfig,
-    out: &mut [u8],
-) -> Result<Encoded, PduError> {
+pub fn encode_header(header: &PduHeader, data_len: u32, cfg: &TxConfig, out: &mut [u8]) -> Result<Encoded, PduError> {
     let pdu_type = header.pdu_type();
     let class = pdu_type.class();
     let hlen = usize::from(pdu_type.hlen());
@@ -1258,40 +1136,23 @@ pub fn encode_header(
             return Err(PduError::InvalidArgument("this PDU type carries no data"));
         }
         (Class::Term, _) if data_len as usize > TERM_REQ_MAX_DATA_LEN => {
-            return Err(PduError::InvalidArgument(
-                "termination request data longer than 128 bytes",
-            ));
+            return Err(PduError::InvalidArgument("termination request data longer than 128 bytes"));
         }
-        (
-            _,
-            PduHeader::H2CData(H2CData { datal, .. }) | PduHeader::C2HData(C2HData { datal, .. }),
-        ) if *datal != data_len || data_len == 0 => {
-            return Err(PduError::InvalidArgument(
-                "DATAL must equal a non-zero data length",
-            ));
+        (_, PduHeader::H2CData(H2CData { datal, .. }) | PduHeader::C2HData(C2HData { datal, .. }))
+            if *datal != data_len || data_len == 0 =>
+        {
+            return Err(PduError::InvalidArgument("DATAL must equal a non-zero data length"));
         }
-        (
-            _,
-            PduHeader::C2HData(C2HData {
-                success: true,
-                last: false,
-                ..
-            }),
-        ) => {
+        (_, PduHeader::C2HData(C2HData { success: true, last: false, .. })) => {
             return Err(PduError::InvalidArgument("SUCCESS requires LAST_PDU"));
         }
         (_, PduHeader::IcReq(IcReq { hpda, .. })) if *hpda > MAX_PDA => {
             return Err(PduError::InvalidArgument("HPDA above 31"));
         }
-        (
-            _,
-            PduHeader::IcResp(IcResp {
-                cpda, maxh2cdata, ..
-            }),
-        ) if *cpda > MAX_PDA || *maxh2cdata < MIN_MAXH2CDATA || maxh2cdata & 3 != 0 => {
-            return Err(PduError::InvalidArgument(
-                "CPDA above 31 or MAXH2CDATA invalid",
-            ));
+        (_, PduHeader::IcResp(IcResp { cpda, maxh2cdata, .. }))
+            if *cpda > MAX_PDA || *maxh2cdata < MIN_MAXH2CDATA || maxh2cdata & 3 != 0 =>
+        {
+            return Err(PduError::InvalidArgument("CPDA above 31 or MAXH2CDATA invalid"));
         }
         _ => {}
     }
@@ -1314,10 +1175,7 @@ pub fn encode_header(
     };
     let available = out.len();
     let Some(out) = out.get_mut(..header_len) else {
-        return Err(PduError::BufferTooSmall {
-            needed: header_len,
-            available,
-        });
+        return Err(PduError::BufferTooSmall { needed: header_len, available });
     };
     out.fill(0);
 
@@ -1329,8 +1187,7 @@ pub fn encode_header(
         pdu_flags |= flags::DDGSTF;
     }
     match header {
-        PduHeader::H2CData(H2CData { last: true, .. })
-        | PduHeader::C2HData(C2HData { last: true, .. }) => {
+        PduHeader::H2CData(H2CData { last: true, .. }) | PduHeader::C2HData(C2HData { last: true, .. }) => {
             pdu_flags |= flags::LAST_PDU;
         }
         _ => {}
@@ -1346,8 +1203,7 @@ pub fn encode_header(
         pdo: pdo as u8,
         plen: U32::new(plen),
     };
-    let dgst =
-        |h: bool, d: bool| (if h { DGST_HEADER } else { 0 }) | (if d { DGST_DATA } else { 0 });
+    let dgst = |h: bool, d: bool| (if h { DGST_HEADER } else { 0 }) | (if d { DGST_DATA } else { 0 });
     let written = match header {
         PduHeader::IcReq(h) => wire::IcReq {
             ch,
@@ -1369,20 +1225,13 @@ pub fn encode_header(
         }
         .write_to_prefix(out)
         .is_ok(),
-        PduHeader::H2CTermReq(t) | PduHeader::C2HTermReq(t) => wire::TermReq {
-            ch,
-            fes: U16::new(t.fes),
-            fei: U32::new(t.fei),
-            rsvd14: [0; 10],
+        PduHeader::H2CTermReq(t) | PduHeader::C2HTermReq(t) => {
+            wire::TermReq { ch, fes: U16::new(t.fes), fei: U32::new(t.fei), rsvd14: [0; 10] }
+                .write_to_prefix(out)
+                .is_ok()
         }
-        .write_to_prefix(out)
-        .is_ok(),
-        PduHeader::CapsuleCmd(c) => wire::CapsuleCmd { ch, sqe: c.sqe }
-            .write_to_prefix(out)
-            .is_ok(),
-        PduHeader::CapsuleResp(c) => wire::CapsuleResp { ch, cqe: c.cqe }
-            .write_to_prefix(out)
-            .is_ok(),
+        PduHeader::CapsuleCmd(c) => wire::CapsuleCmd { ch, sqe: c.sqe }.write_to_prefix(out).is_ok(),
+        PduHeader::CapsuleResp(c) => wire::CapsuleResp { ch, cqe: c.cqe }.write_to_prefix(out).is_ok(),
         PduHeader::H2CData(d) => wire::Data {
             ch,
             cccid: U16::new(d.cccid),
@@ -1415,20 +1264,13 @@ pub fn encode_header(
         .is_ok(),
     };
     if !written {
-        return Err(PduError::BufferTooSmall {
-            needed: hlen,
-            available,
-        });
+        return Err(PduError::BufferTooSmall { needed: hlen, available });
     }
     if hdgst {
         let digest = crc32c::crc32c(&out[..hlen]);
         out[hlen..hlen + DIGEST_LEN].copy_from_slice(&digest.to_le_bytes());
     }
-    Ok(Encoded {
-        header_len,
-        plen,
-        data_digest: ddgst,
-    })
+    Ok(Encoded { header_len, plen, data_digest: ddgst })
 }
 
 /// Writes a whole termination request (header, then up to 128 bytes of the
@@ -1449,10 +1291,7 @@ pub fn encode_term_req(
     let total = encoded.plen as usize;
     let available = out.len();
     let Some(data) = out.get_mut(encoded.header_len..total) else {
-        return Err(PduError::BufferTooSmall {
-            needed: total,
-            available,
-        });
+        return Err(PduError::BufferTooSmall { needed: total, available });
     };
     data.copy_from_slice(quoted);
     Ok(total)
@@ -1498,12 +1337,7 @@ mod tests {
     const H2C: Direction = Direction::HostToController;
     const C2H: Direction = Direction::ControllerToHost;
 
-    fn connected(
-        direction: Direction,
-        header_digest: bool,
-        data_digest: bool,
-        pda: u8,
-    ) -> RxConfig {
+    fn connected(direction: Direction, header_digest: bool, data_digest: bool, pda: u8) -> RxConfig {
         RxConfig {
             direction,
             ic_done: true,
@@ -1516,11 +1350,7 @@ mod tests {
     }
 
     fn tx(header_digest: bool, data_digest: bool, pda: u8) -> TxConfig {
-        TxConfig {
-            header_digest,
-            data_digest,
-            pda,
-        }
+        TxConfig { header_digest, data_digest, pda }
     }
 
     /// Encodes a whole PDU: header, data, data digest.
@@ -1593,9 +1423,7 @@ mod tests {
                                 assert!(reader.is_idle());
                                 seen.push(Seen::End);
                             }
-                            Some(Event::DataDigestMismatch { .. }) => {
-                                seen.push(Seen::DigestMismatch)
-                            }
+                            Some(Event::DataDigestMismatch { .. }) => seen.push(Seen::DigestMismatch),
                         }
                     }
                 }
@@ -1645,10 +1473,7 @@ mod tests {
         assert_eq!(offset_of!(wire::IcReq, dgst), 11);
         assert_eq!(offset_of!(wire::IcReq, maxr2t), 12);
         assert_eq!(offset_of!(wire::IcResp, cpda), 10);
-        assert_eq!(
-            offset_of!(wire::IcResp, maxh2cdata),
-            fei::MAXH2CDATA as usize
-        );
+        assert_eq!(offset_of!(wire::IcResp, maxh2cdata), fei::MAXH2CDATA as usize);
         assert_eq!(offset_of!(wire::TermReq, fes), 8);
         assert_eq!(offset_of!(wire::TermReq, fei), 10);
         assert_eq!(offset_of!(wire::CapsuleCmd, sqe), 8);
@@ -1686,60 +1511,30 @@ mod tests {
         assert!(padded[76..96].iter().all(|&b| b == 0));
         let (header, layout) = parse_header(&padded, &connected(H2C, true, true, 7)).unwrap();
         assert_eq!(header, write_cmd(7));
-        assert_eq!(
-            (layout.pad_len, layout.data_offset, layout.data_len),
-            (20, 96, 512)
-        );
+        assert_eq!((layout.pad_len, layout.data_offset, layout.data_len), (20, 96, 512));
     }
 
     #[test]
     fn ic_exchange_round_trips() {
-        let req = PduHeader::IcReq(IcReq {
-            pfv: PFV_1_0,
-            hpda: 0,
-            hdgst: true,
-            ddgst: false,
-            maxr2t: 0,
-        });
+        let req = PduHeader::IcReq(IcReq { pfv: PFV_1_0, hpda: 0, hdgst: true, ddgst: false, maxr2t: 0 });
         let pdu = encode_pdu(&req, &[], &tx(true, true, 5));
         // IC PDUs are never digested or padded, whatever was negotiated.
         assert_eq!(&pdu[..8], &[0, 0, 128, 0, 128, 0, 0, 0]);
         assert_eq!(pdu[11], 0x01);
-        assert_eq!(
-            run(RxConfig::before_ic(H2C), &pdu, &[1]),
-            expected(req, &[])
-        );
+        assert_eq!(run(RxConfig::before_ic(H2C), &pdu, &[1]), expected(req, &[]));
 
-        let resp = PduHeader::IcResp(IcResp {
-            pfv: PFV_1_0,
-            cpda: 0,
-            hdgst: true,
-            ddgst: true,
-            maxh2cdata: 131_072,
-        });
+        let resp = PduHeader::IcResp(IcResp { pfv: PFV_1_0, cpda: 0, hdgst: true, ddgst: true, maxh2cdata: 131_072 });
         let pdu = encode_pdu(&resp, &[], &TxConfig::default());
-        assert_eq!(
-            run(RxConfig::before_ic(C2H), &pdu, &[7, 100]),
-            expected(resp, &[])
-        );
+        assert_eq!(run(RxConfig::before_ic(C2H), &pdu, &[7, 100]), expected(resp, &[]));
     }
 
     #[test]
     fn truncated_input() {
-        assert_eq!(
-            parse_common_header(&[4, 0, 72]),
-            Err(PduError::Truncated {
-                needed: 8,
-                available: 3
-            })
-        );
+        assert_eq!(parse_common_header(&[4, 0, 72]), Err(PduError::Truncated { needed: 8, available: 3 }));
         let pdu = encode_pdu(&write_cmd(1), &[], &tx(true, false, 0));
         assert_eq!(
             parse_header(&pdu[..70], &connected(H2C, true, false, 0)),
-            Err(PduError::Truncated {
-                needed: 76,
-                available: 70
-            })
+            Err(PduError::Truncated { needed: 76, available: 70 })
         );
         // A stream that stops mid-header reports nothing and waits.
         let mut reader = PduReader::new(connected(H2C, true, false, 0));
@@ -1754,31 +1549,14 @@ mod tests {
         let cfg = connected(H2C, false, false, 0);
         // Unknown type 0x08.
         let err = first_error(cfg, &[0x08, 0, 24, 0, 24, 0, 0, 0]);
-        assert_eq!(
-            fes_fei(err),
-            (Some(Fes::InvalidHeaderField), Some(fei::PDU_TYPE))
-        );
+        assert_eq!(fes_fei(err), (Some(Fes::InvalidHeaderField), Some(fei::PDU_TYPE)));
         // A controller-to-host type sent to a controller.
-        let r2t = encode_pdu(
-            &PduHeader::R2T(R2T {
-                cccid: 1,
-                ttag: 2,
-                r2to: 0,
-                r2tl: 4096,
-            }),
-            &[],
-            &TxConfig::default(),
-        );
+        let r2t =
+            encode_pdu(&PduHeader::R2T(R2T { cccid: 1, ttag: 2, r2to: 0, r2tl: 4096 }), &[], &TxConfig::default());
         let err = first_error(cfg, &r2t);
-        assert_eq!(
-            fes_fei(err),
-            (Some(Fes::InvalidHeaderField), Some(fei::PDU_TYPE))
-        );
+        assert_eq!(fes_fei(err), (Some(Fes::InvalidHeaderField), Some(fei::PDU_TYPE)));
         // And the same PDU is fine for a host.
-        assert!(matches!(
-            run(connected(C2H, false, false, 0), &r2t, &[3])[0],
-            Seen::Header(..)
-        ));
+        assert!(matches!(run(connected(C2H, false, false, 0), &r2t, &[3])[0], Seen::Header(..)));
     }
 
     #[test]
@@ -1787,13 +1565,7 @@ mod tests {
         let err = first_error(RxConfig::before_ic(H2C), &capsule);
         assert_eq!(fes_fei(err), (Some(Fes::PduSequenceError), Some(0)));
         let icreq = encode_pdu(
-            &PduHeader::IcReq(IcReq {
-                pfv: 0,
-                hpda: 0,
-                hdgst: false,
-                ddgst: false,
-                maxr2t: 0,
-            }),
+            &PduHeader::IcReq(IcReq { pfv: 0, hpda: 0, hdgst: false, ddgst: false, maxr2t: 0 }),
             &[],
             &TxConfig::default(),
         );
@@ -1801,25 +1573,11 @@ mod tests {
         assert_eq!(fes_fei(err), (Some(Fes::PduSequenceError), Some(0)));
         // A termination request is accepted before the IC exchange.
         let mut buf = [0u8; 160];
-        let n = encode_term_req(
-            H2C,
-            TermReq {
-                fes: Fes::InvalidHeaderField as u16,
-                fei: 2,
-            },
-            &icreq[..24],
-            &mut buf,
-        )
-        .unwrap();
+        let n = encode_term_req(H2C, TermReq { fes: Fes::InvalidHeaderField as u16, fei: 2 }, &icreq[..24], &mut buf)
+            .unwrap();
         assert_eq!(n, 48);
         let seen = run(RxConfig::before_ic(H2C), &buf[..n], &[5]);
-        assert_eq!(
-            seen,
-            expected(
-                PduHeader::H2CTermReq(TermReq { fes: 1, fei: 2 }),
-                &icreq[..24]
-            )
-        );
+        assert_eq!(seen, expected(PduHeader::H2CTermReq(TermReq { fes: 1, fei: 2 }), &icreq[..24]));
     }
 
     #[test]
@@ -1827,10 +1585,7 @@ mod tests {
         let mut pdu = encode_pdu(&write_cmd(1), &[], &TxConfig::default());
         pdu[2] = 24;
         let err = first_error(connected(H2C, false, false, 0), &pdu);
-        assert_eq!(
-            fes_fei(err),
-            (Some(Fes::InvalidHeaderField), Some(fei::HLEN))
-        );
+        assert_eq!(fes_fei(err), (Some(Fes::InvalidHeaderField), Some(fei::HLEN)));
     }
 
     #[test]
@@ -1839,10 +1594,7 @@ mod tests {
         // plen < hlen.
         let mut pdu = encode_pdu(&write_cmd(1), &[], &TxConfig::default());
         pdu[4] = 60;
-        assert_eq!(
-            fes_fei(first_error(cfg, &pdu)),
-            (Some(Fes::InvalidHeaderField), Some(fei::PLEN))
-        );
+        assert_eq!(fes_fei(first_error(cfg, &pdu)), (Some(Fes::InvalidHeaderField), Some(fei::PLEN)));
         // plen < hlen + header digest.
         let mut pdu = encode_pdu(&write_cmd(1), &[], &tx(true, false, 0));
         pdu[4] = 72;
@@ -1867,10 +1619,7 @@ mod tests {
         );
         // Oversized termination request.
         let term = [0x02u8, 0, 24, 0, 153, 0, 0, 0];
-        assert_eq!(
-            fes_fei(first_error(cfg, &term)),
-            (Some(Fes::InvalidHeaderField), Some(fei::PLEN))
-        );
+        assert_eq!(fes_fei(first_error(cfg, &term)), (Some(Fes::InvalidHeaderField), Some(fei::PLEN)));
     }
 
     #[test]
@@ -1881,17 +1630,11 @@ mod tests {
         // Inside the header digest.
         let mut pdu = good.clone();
         pdu[3] = 72;
-        assert_eq!(
-            fes_fei(first_error(cfg, &pdu)),
-            (Some(Fes::InvalidHeaderField), Some(fei::PDO))
-        );
+        assert_eq!(fes_fei(first_error(cfg, &pdu)), (Some(Fes::InvalidHeaderField), Some(fei::PDO)));
         // Past the header but not on the 32-byte alignment.
         let mut pdu = good.clone();
         pdu[3] = 80;
-        assert_eq!(
-            fes_fei(first_error(cfg, &pdu)),
-            (Some(Fes::InvalidHeaderField), Some(fei::PDO))
-        );
+        assert_eq!(fes_fei(first_error(cfg, &pdu)), (Some(Fes::InvalidHeaderField), Some(fei::PDO)));
         // H2CData without data (PDO 0).
         let h2c = [0x06u8, 0, 24, 0, 24, 0, 0, 0];
         assert_eq!(
@@ -1921,13 +1664,7 @@ mod tests {
             (Some(Fes::InvalidHeaderField), Some(fei::FLAGS))
         );
         // C2HData SUCCESS without LAST_PDU.
-        let c2h = PduHeader::C2HData(C2HData {
-            cccid: 1,
-            datao: 0,
-            datal: 4,
-            last: true,
-            success: true,
-        });
+        let c2h = PduHeader::C2HData(C2HData { cccid: 1, datao: 0, datal: 4, last: true, success: true });
         let mut pdu = encode_pdu(&c2h, &[1; 4], &TxConfig::default());
         pdu[1] &= !flags::LAST_PDU;
         assert_eq!(
@@ -1980,45 +1717,22 @@ mod tests {
         cfg.max_in_capsule_data_len = 4096;
         cfg.max_data_pdu_len = 8192;
         let pdu = encode_pdu(&write_cmd(1), &[0; 4097], &TxConfig::default());
-        assert_eq!(
-            fes_fei(first_error(cfg, &pdu)),
-            (Some(Fes::DataTransferLimitExceeded), Some(fei::PLEN))
-        );
-        let h2c = |datal| {
-            PduHeader::H2CData(H2CData {
-                cccid: 1,
-                ttag: 1,
-                datao: 0,
-                datal,
-                last: true,
-            })
-        };
+        assert_eq!(fes_fei(first_error(cfg, &pdu)), (Some(Fes::DataTransferLimitExceeded), Some(fei::PLEN)));
+        let h2c = |datal| PduHeader::H2CData(H2CData { cccid: 1, ttag: 1, datao: 0, datal, last: true });
         let ok = encode_pdu(&h2c(8192), &[0; 8192], &TxConfig::default());
         assert_eq!(run(cfg, &ok, &[1000]), expected(h2c(8192), &[0; 8192]));
         let big = encode_pdu(&h2c(8193), &[0; 8193], &TxConfig::default());
-        assert_eq!(
-            fes_fei(first_error(cfg, &big)),
-            (Some(Fes::DataTransferLimitExceeded), Some(fei::PLEN))
-        );
+        assert_eq!(fes_fei(first_error(cfg, &big)), (Some(Fes::DataTransferLimitExceeded), Some(fei::PLEN)));
         // DATAL that disagrees with PLEN.
         let mut lying = ok.clone();
         lying[16] = 1;
-        assert_eq!(
-            fes_fei(first_error(cfg, &lying)),
-            (Some(Fes::InvalidHeaderField), Some(fei::DATAL))
-        );
+        assert_eq!(fes_fei(first_error(cfg, &lying)), (Some(Fes::InvalidHeaderField), Some(fei::DATAL)));
     }
 
     #[test]
     fn ic_field_errors() {
         let mut icreq = encode_pdu(
-            &PduHeader::IcReq(IcReq {
-                pfv: 0,
-                hpda: 0,
-                hdgst: false,
-                ddgst: false,
-                maxr2t: 0,
-            }),
+            &PduHeader::IcReq(IcReq { pfv: 0, hpda: 0, hdgst: false, ddgst: false, maxr2t: 0 }),
             &[],
             &TxConfig::default(),
         );
@@ -2052,35 +1766,15 @@ mod tests {
     #[test]
     fn encoder_rejects_impossible_pdus() {
         let mut buf = [0u8; MAX_ENCODED_HEADER_LEN];
-        let resp = PduHeader::CapsuleResp(CapsuleResp {
-            cqe: Cqe::new(1, Status::SUCCESS),
-        });
-        assert!(matches!(
-            encode_header(&resp, 1, &TxConfig::default(), &mut buf),
-            Err(PduError::InvalidArgument(_))
-        ));
+        let resp = PduHeader::CapsuleResp(CapsuleResp { cqe: Cqe::new(1, Status::SUCCESS) });
+        assert!(matches!(encode_header(&resp, 1, &TxConfig::default(), &mut buf), Err(PduError::InvalidArgument(_))));
         assert_eq!(
             encode_header(&resp, 0, &tx(true, false, 0), &mut buf[..27]),
-            Err(PduError::BufferTooSmall {
-                needed: 28,
-                available: 27
-            })
+            Err(PduError::BufferTooSmall { needed: 28, available: 27 })
         );
-        let c2h = PduHeader::C2HData(C2HData {
-            cccid: 1,
-            datao: 0,
-            datal: 8,
-            last: false,
-            success: true,
-        });
+        let c2h = PduHeader::C2HData(C2HData { cccid: 1, datao: 0, datal: 8, last: false, success: true });
         assert!(encode_header(&c2h, 8, &TxConfig::default(), &mut buf).is_err());
-        let h2c = PduHeader::H2CData(H2CData {
-            cccid: 1,
-            ttag: 0,
-            datao: 0,
-            datal: 8,
-            last: true,
-        });
+        let h2c = PduHeader::H2CData(H2CData { cccid: 1, ttag: 0, datao: 0, datal: 8, last: true });
         assert!(encode_header(&h2c, 9, &TxConfig::default(), &mut buf).is_err());
         let term = PduHeader::C2HTermReq(TermReq { fes: 1, fei: 0 });
         assert!(encode_header(&term, 129, &TxConfig::default(), &mut buf).is_err());
@@ -2116,15 +1810,8 @@ mod tests {
         assert_eq!(dest, data);
         assert!(input.is_empty());
         assert_eq!(
-            DataChunk {
-                offset: 10,
-                bytes: &[1, 2]
-            }
-            .copy_into(&mut [0u8; 11]),
-            Err(PduError::BufferTooSmall {
-                needed: 12,
-                available: 11
-            })
+            DataChunk { offset: 10, bytes: &[1, 2] }.copy_into(&mut [0u8; 11]),
+            Err(PduError::BufferTooSmall { needed: 12, available: 11 })
         );
     }
 
@@ -2169,85 +1856,28 @@ mod tests {
     fn arb_pdu() -> impl Strategy<Value = (PduHeader, Vec<u8>)> {
         let data = || proptest::collection::vec(any::<u8>(), 1..600);
         prop_oneof![
-            (0u8..=MAX_PDA, any::<bool>(), any::<bool>(), any::<u32>()).prop_map(
-                |(hpda, h, d, m)| {
-                    (
-                        PduHeader::IcReq(IcReq {
-                            pfv: 0,
-                            hpda,
-                            hdgst: h,
-                            ddgst: d,
-                            maxr2t: m,
-                        }),
-                        vec![],
-                    )
+            (0u8..=MAX_PDA, any::<bool>(), any::<bool>(), any::<u32>()).prop_map(|(hpda, h, d, m)| {
+                (PduHeader::IcReq(IcReq { pfv: 0, hpda, hdgst: h, ddgst: d, maxr2t: m }), vec![])
+            }),
+            (0u8..=MAX_PDA, any::<bool>(), any::<bool>(), 1024u32..(1 << 28)).prop_map(|(cpda, h, d, m)| {
+                (PduHeader::IcResp(IcResp { pfv: 0, cpda, hdgst: h, ddgst: d, maxh2cdata: m * 4 }), vec![])
+            }),
+            (any::<bool>(), any::<u16>(), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..=128)).prop_map(
+                |(h2c, fes, fei, quoted)| {
+                    let t = TermReq { fes, fei };
+                    (if h2c { PduHeader::H2CTermReq(t) } else { PduHeader::C2HTermReq(t) }, quoted)
                 }
             ),
-            (
-                0u8..=MAX_PDA,
-                any::<bool>(),
-                any::<bool>(),
-                1024u32..(1 << 28)
-            )
-                .prop_map(|(cpda, h, d, m)| {
-                    (
-                        PduHeader::IcResp(IcResp {
-                            pfv: 0,
-                            cpda,
-                            hdgst: h,
-                            ddgst: d,
-                            maxh2cdata: m * 4,
-                        }),
-                        vec![],
-                    )
-                }),
-            (
-                any::<bool>(),
-                any::<u16>(),
-                any::<u32>(),
-                proptest::collection::vec(any::<u8>(), 0..=128)
-            )
-                .prop_map(|(h2c, fes, fei, quoted)| {
-                    let t = TermReq { fes, fei };
-                    (
-                        if h2c {
-                            PduHeader::H2CTermReq(t)
-                        } else {
-                            PduHeader::C2HTermReq(t)
-                        },
-                        quoted,
-                    )
-                }),
             (arb_sqe(), proptest::collection::vec(any::<u8>(), 0..600))
                 .prop_map(|(sqe, d)| (PduHeader::CapsuleCmd(CapsuleCmd { sqe }), d)),
             arb_cqe().prop_map(|cqe| (PduHeader::CapsuleResp(CapsuleResp { cqe }), vec![])),
-            (
-                any::<u16>(),
-                any::<u16>(),
-                any::<u32>(),
-                any::<bool>(),
-                data()
-            )
-                .prop_map(|(cccid, ttag, datao, last, d)| {
-                    (
-                        PduHeader::H2CData(H2CData {
-                            cccid,
-                            ttag,
-                            datao,
-                            datal: d.len() as u32,
-                            last,
-                        }),
-                        d,
-                    )
-                }),
-            (
-                any::<u16>(),
-                any::<u32>(),
-                any::<bool>(),
-                any::<bool>(),
-                data()
-            )
-                .prop_map(|(cccid, datao, last, success, d)| {
+            (any::<u16>(), any::<u16>(), any::<u32>(), any::<bool>(), data()).prop_map(
+                |(cccid, ttag, datao, last, d)| {
+                    (PduHeader::H2CData(H2CData { cccid, ttag, datao, datal: d.len() as u32, last }), d)
+                }
+            ),
+            (any::<u16>(), any::<u32>(), any::<bool>(), any::<bool>(), data()).prop_map(
+                |(cccid, datao, last, success, d)| {
                     (
                         PduHeader::C2HData(C2HData {
                             cccid,
@@ -2258,18 +1888,10 @@ mod tests {
                         }),
                         d,
                     )
-                }),
-            (any::<u16>(), any::<u16>(), any::<u32>(), any::<u32>()).prop_map(
-                |(cccid, ttag, r2to, r2tl)| (
-                    PduHeader::R2T(R2T {
-                        cccid,
-                        ttag,
-                        r2to,
-                        r2tl
-                    }),
-                    vec![]
-                )
+                }
             ),
+            (any::<u16>(), any::<u16>(), any::<u32>(), any::<u32>())
+                .prop_map(|(cccid, ttag, r2to, r2tl)| (PduHeader::R2T(R2T { cccid, ttag, r2to, r2tl }), vec![])),
         ]
     }
 

@@ -22,15 +22,8 @@ const IOV_MAX: usize = 16;
 /// memory only, not time.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum TxSeg {
-    Inline {
-        bytes: [u8; INLINE_LEN],
-        len: u16,
-        pos: u16,
-    },
-    Data {
-        buf: DmaBuf,
-        pos: usize,
-    },
+    Inline { bytes: [u8; INLINE_LEN], len: u16, pos: u16 },
+    Data { buf: DmaBuf, pos: usize },
 }
 
 /// The output queue of one connection.
@@ -41,10 +34,7 @@ pub(crate) struct TxQueue {
 
 impl TxQueue {
     pub(crate) fn with_capacity(segs: usize) -> Self {
-        TxQueue {
-            segs: VecDeque::with_capacity(segs),
-            queued_bytes: 0,
-        }
+        TxQueue { segs: VecDeque::with_capacity(segs), queued_bytes: 0 }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -57,19 +47,12 @@ impl TxQueue {
 
     /// Queues bytes that `fill` writes into an inline buffer (at most
     /// [`INLINE_LEN`]); `fill` returns how many it wrote.
-    pub(crate) fn push_inline<E>(
-        &mut self,
-        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
-    ) -> Result<(), E> {
+    pub(crate) fn push_inline<E>(&mut self, fill: impl FnOnce(&mut [u8]) -> Result<usize, E>) -> Result<(), E> {
         let mut bytes = [0u8; INLINE_LEN];
         let len = fill(&mut bytes)?.min(INLINE_LEN);
         if len > 0 {
             self.queued_bytes += len;
-            self.segs.push_back(TxSeg::Inline {
-                bytes,
-                len: len as u16,
-                pos: 0,
-            });
+            self.segs.push_back(TxSeg::Inline { bytes, len: len as u16, pos: 0 });
         }
         Ok(())
     }
@@ -186,11 +169,7 @@ pub(crate) enum RxFill {
 
 impl RxBuf {
     pub(crate) fn new(len: usize) -> Self {
-        RxBuf {
-            buf: vec![0u8; len].into_boxed_slice(),
-            start: 0,
-            end: 0,
-        }
+        RxBuf { buf: vec![0u8; len].into_boxed_slice(), start: 0, end: 0 }
     }
 
     pub(crate) fn is_empty(&self) -> bool {

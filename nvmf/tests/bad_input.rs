@@ -11,8 +11,8 @@ use nvme_spec::text::write_nqn;
 use nvme_spec::{IoOpcode, SglDescriptor, Sqe, Status, U16, U32};
 use nvmf::host::HostQpair;
 use nvmf::pdu::{
-    encode_header, fei, parse_common_header, parse_header, CapsuleCmd, Direction, Fes, H2CData,
-    IcReq, PduHeader, RxConfig, TxConfig,
+    encode_header, fei, parse_common_header, parse_header, CapsuleCmd, Direction, Fes, H2CData, IcReq, PduHeader,
+    RxConfig, TxConfig,
 };
 use nvmf::TransportOpts;
 use std::io::{Read, Write};
@@ -31,33 +31,16 @@ impl Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.set_nodelay(true).unwrap();
-        Raw {
-            s,
-            tx: TxConfig::default(),
-            rx: RxConfig::before_ic(Direction::ControllerToHost),
-        }
+        Raw { s, tx: TxConfig::default(), rx: RxConfig::before_ic(Direction::ControllerToHost) }
     }
 
     /// ICReq/ICResp.
     fn ic(port: u16, digests: bool) -> Raw {
         let mut r = Raw::open(port);
-        r.send(
-            &PduHeader::IcReq(IcReq {
-                pfv: 0,
-                hpda: 0,
-                hdgst: digests,
-                ddgst: digests,
-                maxr2t: 0,
-            }),
-            &[],
-        );
+        r.send(&PduHeader::IcReq(IcReq { pfv: 0, hpda: 0, hdgst: digests, ddgst: digests, maxr2t: 0 }), &[]);
         let (h, _) = r.recv().expect("ICResp");
         assert!(matches!(h, PduHeader::IcResp(_)), "{h:?}");
-        r.tx = TxConfig {
-            header_digest: digests,
-            data_digest: digests,
-            pda: 0,
-        };
+        r.tx = TxConfig { header_digest: digests, data_digest: digests, pda: 0 };
         r.rx = RxConfig {
             direction: Direction::ControllerToHost,
             ic_done: true,
@@ -97,8 +80,7 @@ impl Raw {
         all.resize(plen, 0);
         self.s.read_exact(&mut all[8..]).ok()?;
         let (h, layout) = parse_header(&all, &self.rx).unwrap();
-        let d = all[layout.data_offset as usize..(layout.data_offset + layout.data_len) as usize]
-            .to_vec();
+        let d = all[layout.data_offset as usize..(layout.data_offset + layout.data_len) as usize].to_vec();
         Some((h, d))
     }
 
@@ -142,10 +124,7 @@ impl Raw {
         d.cntlid = U16::new(cntlid);
         write_nqn(&mut d.subnqn, NQN).unwrap();
         write_nqn(&mut d.hostnqn, hostnqn).unwrap();
-        self.send(
-            &PduHeader::CapsuleCmd(CapsuleCmd { sqe: cmd.to_sqe() }),
-            d.as_bytes(),
-        );
+        self.send(&PduHeader::CapsuleCmd(CapsuleCmd { sqe: cmd.to_sqe() }), d.as_bytes());
         self.resp()
     }
 }
@@ -186,18 +165,9 @@ fn io_queue(port: u16, digests: bool) -> (Raw, Raw) {
         2,
         nvme_spec::regs::offset::CC,
         nvme_spec::fabrics::PropertySize::FourBytes,
-        u64::from(
-            nvme_spec::regs::Cc(0)
-                .with_en(true)
-                .with_iosqes(6)
-                .with_iocqes(4)
-                .0,
-        ),
+        u64::from(nvme_spec::regs::Cc(0).with_en(true).with_iosqes(6).with_iocqes(4).0),
     );
-    a.send(
-        &PduHeader::CapsuleCmd(CapsuleCmd { sqe: set.to_sqe() }),
-        &[],
-    );
+    a.send(&PduHeader::CapsuleCmd(CapsuleCmd { sqe: set.to_sqe() }), &[]);
     assert!(a.resp().status().is_success());
     let mut q = Raw::ic(port, digests);
     let c = q.connect(1, cntlid, HOSTNQN, 0);
@@ -233,16 +203,7 @@ fn wrong_pdu_type_for_the_state() {
     r.expect_term(Fes::PduSequenceError, None);
     // A second ICReq.
     let mut r = Raw::ic(t.port, false);
-    r.send(
-        &PduHeader::IcReq(IcReq {
-            pfv: 0,
-            hpda: 0,
-            hdgst: false,
-            ddgst: false,
-            maxr2t: 0,
-        }),
-        &[],
-    );
+    r.send(&PduHeader::IcReq(IcReq { pfv: 0, hpda: 0, hdgst: false, ddgst: false, maxr2t: 0 }), &[]);
     r.expect_term(Fes::PduSequenceError, None);
     // A controller-to-host PDU type from the host.
     let mut r = Raw::ic(t.port, false);
@@ -252,16 +213,7 @@ fn wrong_pdu_type_for_the_state() {
     r.expect_term(Fes::InvalidHeaderField, Some(fei::PDU_TYPE));
     // H2CData that answers no R2T.
     let (_a, mut q) = io_queue(t.port, false);
-    q.send(
-        &PduHeader::H2CData(H2CData {
-            cccid: 3,
-            ttag: 5,
-            datao: 0,
-            datal: 512,
-            last: true,
-        }),
-        &[0u8; 512],
-    );
+    q.send(&PduHeader::H2CData(H2CData { cccid: 3, ttag: 5, datao: 0, datal: 512, last: true }), &[0u8; 512]);
     q.expect_term(Fes::InvalidHeaderField, None);
     good_host_works(t.port);
 }
@@ -287,30 +239,12 @@ fn bad_lengths_and_offsets() {
     // H2CData beyond what the R2T asked for.
     let (_a, mut q) = io_queue(t.port, false);
     let (cccid, ttag) = write_r2t(&mut q, 8192);
-    q.send(
-        &PduHeader::H2CData(H2CData {
-            cccid,
-            ttag,
-            datao: 4096,
-            datal: 8192,
-            last: true,
-        }),
-        &[7u8; 8192],
-    );
+    q.send(&PduHeader::H2CData(H2CData { cccid, ttag, datao: 4096, datal: 8192, last: true }), &[7u8; 8192]);
     q.expect_term(Fes::DataTransferOutOfRange, None);
     // H2CData out of order.
     let (_a, mut q) = io_queue(t.port, false);
     let (cccid, ttag) = write_r2t(&mut q, 8192);
-    q.send(
-        &PduHeader::H2CData(H2CData {
-            cccid,
-            ttag,
-            datao: 4096,
-            datal: 4096,
-            last: true,
-        }),
-        &[7u8; 4096],
-    );
+    q.send(&PduHeader::H2CData(H2CData { cccid, ttag, datao: 4096, datal: 4096, last: true }), &[7u8; 4096]);
     q.expect_term(Fes::DataTransferOutOfRange, Some(fei::DATAO));
     // A data offset that breaks the alignment (PDO inside the header).
     let (_a, mut q) = io_queue(t.port, false);
@@ -366,10 +300,7 @@ fn data_beyond_limits() {
     sqe.set_nlb(512);
     sqe.set_sgl1(SglDescriptor::transport_data_block(262_144));
     q.send(&PduHeader::CapsuleCmd(CapsuleCmd { sqe }), &[]);
-    assert_eq!(
-        q.resp().status(),
-        Status::DATA_SGL_LENGTH_INVALID.with_dnr()
-    );
+    assert_eq!(q.resp().status(), Status::DATA_SGL_LENGTH_INVALID.with_dnr());
     q.send(&PduHeader::CapsuleCmd(CapsuleCmd { sqe: read_sqe(1) }), &[]);
     assert!(q.resp().status().is_success());
     good_host_works(t.port);
@@ -393,12 +324,7 @@ fn command_on_a_queue_that_is_not_connected() {
 fn connect_with_an_unknown_host_is_refused() {
     let t = target();
     let mut r = Raw::ic(t.port, false);
-    let c = r.connect(
-        0,
-        0xFFFF,
-        "nqn.2014-08.org.nvmexpress:uuid:99999999-0000-0000-0000-000000000000",
-        0,
-    );
+    let c = r.connect(0, 0xFFFF, "nqn.2014-08.org.nvmexpress:uuid:99999999-0000-0000-0000-000000000000", 0);
     assert_eq!(c.status(), Status::CONNECT_INVALID_HOST.with_dnr());
     // Through the initiator too.
     let mut p = params(t.port);
@@ -422,21 +348,13 @@ fn keep_alive_expiry_tears_the_controller_down() {
     let t0 = std::time::Instant::now();
     a.expect_closed();
     let waited = t0.elapsed();
-    assert!(
-        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
-        "closed after {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "closed after {waited:?}");
     // A host that keeps its controller alive is not touched.
     let mut b = Raw::ic(t.port, false);
     assert!(b.connect(0, 0xFFFF, HOSTNQN, 300).status().is_success());
     for i in 0..8 {
         std::thread::sleep(Duration::from_millis(100));
-        b.send(
-            &PduHeader::CapsuleCmd(CapsuleCmd {
-                sqe: Sqe::new(0x18, 10 + i),
-            }),
-            &[],
-        );
+        b.send(&PduHeader::CapsuleCmd(CapsuleCmd { sqe: Sqe::new(0x18, 10 + i) }), &[]);
         assert!(b.resp().status().is_success());
     }
     good_host_works(t.port);

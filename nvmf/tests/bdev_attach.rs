@@ -12,12 +12,7 @@ use std::rc::Rc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-fn io(
-    t: IoType,
-    off: u64,
-    n: u64,
-    buf: Option<DmaBuf>,
-) -> mpsc::Receiver<(IoStatus, Option<Vec<u8>>)> {
+fn io(t: IoType, off: u64, n: u64, buf: Option<DmaBuf>) -> mpsc::Receiver<(IoStatus, Option<Vec<u8>>)> {
     let (tx, rx) = mpsc::channel();
     let h = Registry::get().lookup("Remoten1").unwrap();
     let ch = h.channel().unwrap();
@@ -32,10 +27,7 @@ fn io(
 #[test]
 fn attached_namespace_serves_io_from_every_reactor() {
     let t = start_target(1, 512, 8192, TransportOpts::default(), &[]);
-    let cfg = ReactorConfig {
-        pin: false,
-        ..ReactorConfig::new(vec![0, 1], IdlePolicy::sleep())
-    };
+    let cfg = ReactorConfig { pin: false, ..ReactorConfig::new(vec![0, 1], IdlePolicy::sleep()) };
     let ini = ReactorSet::start(cfg, || {}).unwrap();
     let port = t.port;
     let (tx, rx) = mpsc::channel();
@@ -71,41 +63,22 @@ fn attached_namespace_serves_io_from_every_reactor() {
             b.fill(fill);
             io(IoType::Write, off, 128, Some(b))
         });
-        assert_eq!(
-            w.recv_timeout(Duration::from_secs(10)).unwrap().0,
-            IoStatus::Success
-        );
-        let rd = ini.call(r, move || {
-            io(IoType::Read, off, 128, Some(DmaBuf::alloc(65536).unwrap()))
-        });
+        assert_eq!(w.recv_timeout(Duration::from_secs(10)).unwrap().0, IoStatus::Success);
+        let rd = ini.call(r, move || io(IoType::Read, off, 128, Some(DmaBuf::alloc(65536).unwrap())));
         let (st, data) = rd.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(st, IoStatus::Success);
-        assert!(
-            data.unwrap().iter().all(|&x| x == fill),
-            "reactor {r} read back"
-        );
+        assert!(data.unwrap().iter().all(|&x| x == fill), "reactor {r} read back");
         for t in [IoType::WriteZeroes, IoType::Unmap, IoType::Flush] {
             let c = ini.call(r, move || io(t, off, 8, None));
-            assert_eq!(
-                c.recv_timeout(Duration::from_secs(10)).unwrap().0,
-                IoStatus::Success,
-                "{t:?}"
-            );
+            assert_eq!(c.recv_timeout(Duration::from_secs(10)).unwrap().0, IoStatus::Success, "{t:?}");
         }
-        let rd = ini.call(r, move || {
-            io(IoType::Read, off, 8, Some(DmaBuf::alloc(4096).unwrap()))
-        });
+        let rd = ini.call(r, move || io(IoType::Read, off, 8, Some(DmaBuf::alloc(4096).unwrap())));
         let (_, data) = rd.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(data.unwrap().iter().all(|&x| x == 0));
     }
     // Beyond the end: a clean error from the bdev layer.
-    let e = ini.call(0, || {
-        io(IoType::Read, 8190, 8, Some(DmaBuf::alloc(4096).unwrap()))
-    });
-    assert!(matches!(
-        e.recv_timeout(Duration::from_secs(10)).unwrap().0,
-        IoStatus::Failed(_)
-    ));
+    let e = ini.call(0, || io(IoType::Read, 8190, 8, Some(DmaBuf::alloc(4096).unwrap())));
+    assert!(matches!(e.recv_timeout(Duration::from_secs(10)).unwrap().0, IoStatus::Failed(_)));
 
     let (tx, rx) = mpsc::channel();
     ini.send(0, move || {
@@ -118,10 +91,7 @@ fn attached_namespace_serves_io_from_every_reactor() {
     // The target sees the queues go.
     let t0 = std::time::Instant::now();
     while t.set.call(0, || nvmf::NvmfState::get().connection_count()) > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "initiator queues not closed"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "initiator queues not closed");
         std::thread::sleep(Duration::from_millis(10));
     }
     ini.stop();

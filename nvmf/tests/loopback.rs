@@ -32,11 +32,7 @@ fn expected(r: &Region, lba: u64, nlb: u32) -> Vec<u8> {
     for i in 0..nlb as u64 {
         let g = r.gens[(lba - r.base + i) as usize];
         if g != 0 {
-            pattern(
-                lba + i,
-                g,
-                &mut v[(i * BS as u64) as usize..((i + 1) * BS as u64) as usize],
-            );
+            pattern(lba + i, g, &mut v[(i * BS as u64) as usize..((i + 1) * BS as u64) as usize]);
         }
     }
     v
@@ -46,10 +42,7 @@ fn expected(r: &Region, lba: u64, nlb: u32) -> Vec<u8> {
 /// flight on disjoint sub-regions.
 fn verify_queue(qp: &mut HostQpair, base: u64, len: u64, seed: u64, rounds: usize) {
     let mut rng = Rng(seed | 1);
-    let mut r = Region {
-        base,
-        gens: vec![0; len as usize],
-    };
+    let mut r = Region { base, gens: vec![0; len as usize] };
     let lanes = 8u64;
     let lane_len = len / lanes;
     let mut gen = 1u64;
@@ -71,16 +64,10 @@ fn verify_queue(qp: &mut HostQpair, base: u64, len: u64, seed: u64, rounds: usiz
             match rng.below(10) {
                 0..=3 => {
                     gen += 1;
-                    let buf = DmaBuf::alloc((nlb * BS) as usize)
-                        .unwrap()
-                        .slice(0, (nlb * BS) as usize);
+                    let buf = DmaBuf::alloc((nlb * BS) as usize).unwrap().slice(0, (nlb * BS) as usize);
                     buf.with_mut(|b| {
                         for i in 0..nlb as usize {
-                            pattern(
-                                lba + i as u64,
-                                gen,
-                                &mut b[i * BS as usize..(i + 1) * BS as usize],
-                            );
+                            pattern(lba + i as u64, gen, &mut b[i * BS as usize..(i + 1) * BS as usize]);
                         }
                     });
                     qp.write(1, lba, nlb, buf, tag).unwrap();
@@ -92,9 +79,7 @@ fn verify_queue(qp: &mut HostQpair, base: u64, len: u64, seed: u64, rounds: usiz
                     let buf = if lane == 0 {
                         rbuf.slice(0, (nlb * BS) as usize)
                     } else {
-                        DmaBuf::alloc((nlb * BS) as usize)
-                            .unwrap()
-                            .slice(0, (nlb * BS) as usize)
+                        DmaBuf::alloc((nlb * BS) as usize).unwrap().slice(0, (nlb * BS) as usize)
                     };
                     qp.read(1, lba, nlb, buf, tag).unwrap();
                     reads.push((tag, lba, nlb, expected(&r, lba, nlb)));
@@ -126,18 +111,10 @@ fn verify_queue(qp: &mut HostQpair, base: u64, len: u64, seed: u64, rounds: usiz
             n += 1;
         }
         for c in wait(qp, n) {
-            assert!(
-                c.status.is_success(),
-                "command {} failed: {:?} (seed {seed})",
-                c.tag,
-                c.status
-            );
+            assert!(c.status.is_success(), "command {} failed: {:?} (seed {seed})", c.tag, c.status);
             if let Some((_, lba, nlb, exp)) = reads.iter().find(|x| x.0 == c.tag) {
                 let got = c.buf.as_ref().unwrap().to_vec();
-                assert!(
-                    got == *exp,
-                    "read back at lba {lba} nlb {nlb} differs (seed {seed})"
-                );
+                assert!(got == *exp, "read back at lba {lba} nlb {nlb} differs (seed {seed})");
             }
         }
     }
@@ -145,22 +122,10 @@ fn verify_queue(qp: &mut HostQpair, base: u64, len: u64, seed: u64, rounds: usiz
     let mut lba = base;
     while lba < base + len {
         let nlb = MDTS_BLOCKS.min((base + len - lba) as u32);
-        qp.read(
-            1,
-            lba,
-            nlb,
-            DmaBuf::alloc((nlb * BS) as usize)
-                .unwrap()
-                .slice(0, (nlb * BS) as usize),
-            99,
-        )
-        .unwrap();
+        qp.read(1, lba, nlb, DmaBuf::alloc((nlb * BS) as usize).unwrap().slice(0, (nlb * BS) as usize), 99).unwrap();
         let c = wait(qp, 1).pop().unwrap();
         assert!(c.status.is_success());
-        assert!(
-            c.buf.unwrap().to_vec() == expected(&r, lba, nlb),
-            "final verify at {lba} (seed {seed})"
-        );
+        assert!(c.buf.unwrap().to_vec() == expected(&r, lba, nlb), "final verify at {lba} (seed {seed})");
         lba += nlb as u64;
     }
 }
@@ -183,13 +148,7 @@ fn run(digests: bool, queues: u16) {
     for (i, parts) in s.io.into_iter().enumerate() {
         threads.push(std::thread::spawn(move || {
             let mut qp = HostQpair::from_parts(parts);
-            verify_queue(
-                &mut qp,
-                i as u64 * region,
-                region,
-                seed.wrapping_add(i as u64 * 7919),
-                40,
-            );
+            verify_queue(&mut qp, i as u64 * region, region, seed.wrapping_add(i as u64 * 7919), 40);
         }));
     }
     for th in threads {
@@ -198,10 +157,7 @@ fn run(digests: bool, queues: u16) {
     // Closed IO queues are torn down; the admin queue stays.
     let t0 = std::time::Instant::now();
     while t.set.call(0, || nvmf::NvmfState::get().connection_count()) != 1 {
-        assert!(
-            t0.elapsed().as_secs() < 10,
-            "closed queues were not torn down"
-        );
+        assert!(t0.elapsed().as_secs() < 10, "closed queues were not torn down");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
@@ -222,27 +178,17 @@ fn beyond_mdts_and_out_of_range_are_command_errors() {
     let s = session(t.port, 1, false);
     let mut qp = HostQpair::from_parts(s.io.into_iter().next().unwrap());
     // 256 KiB read: more than MDTS.
-    qp.read(1, 0, 512, DmaBuf::alloc(262_144).unwrap(), 1)
-        .unwrap();
+    qp.read(1, 0, 512, DmaBuf::alloc(262_144).unwrap(), 1).unwrap();
     let c = wait(&mut qp, 1).pop().unwrap();
-    assert_eq!(
-        c.status,
-        nvme_spec::Status::DATA_SGL_LENGTH_INVALID.with_dnr()
-    );
-    qp.read(1, 1020, 8, DmaBuf::alloc(4096).unwrap(), 2)
-        .unwrap();
+    assert_eq!(c.status, nvme_spec::Status::DATA_SGL_LENGTH_INVALID.with_dnr());
+    qp.read(1, 1020, 8, DmaBuf::alloc(4096).unwrap(), 2).unwrap();
     let c = wait(&mut qp, 1).pop().unwrap();
     assert_eq!(c.status, nvme_spec::Status::LBA_OUT_OF_RANGE.with_dnr());
-    qp.read(7, 0, 1, DmaBuf::alloc(512).unwrap().slice(0, 512), 3)
-        .unwrap();
+    qp.read(7, 0, 1, DmaBuf::alloc(512).unwrap().slice(0, 512), 3).unwrap();
     let c = wait(&mut qp, 1).pop().unwrap();
-    assert_eq!(
-        c.status,
-        nvme_spec::Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr()
-    );
+    assert_eq!(c.status, nvme_spec::Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
     // The queue still works.
-    qp.read(1, 0, 1, DmaBuf::alloc(512).unwrap().slice(0, 512), 4)
-        .unwrap();
+    qp.read(1, 0, 1, DmaBuf::alloc(512).unwrap().slice(0, 512), 4).unwrap();
     assert!(wait(&mut qp, 1).pop().unwrap().status.is_success());
 }
 
@@ -267,34 +213,16 @@ fn discovery_shows_a_host_only_what_it_may_connect_to() {
         let mut p = nvmf::SubsystemParams::new("nqn.2016-06.io.nvraid:private");
         p.allow_any_host = false;
         st.create_subsystem(p).unwrap();
-        st.add_host(
-            "nqn.2016-06.io.nvraid:private",
-            "nqn.2014-08.org.example:friend",
-        )
-        .unwrap();
-        st.add_listener(
-            "nqn.2016-06.io.nvraid:private",
-            nvmf::ListenAddr::new("127.0.0.1", &port.to_string()),
-        )
-        .unwrap();
+        st.add_host("nqn.2016-06.io.nvraid:private", "nqn.2014-08.org.example:friend").unwrap();
+        st.add_listener("nqn.2016-06.io.nvraid:private", nvmf::ListenAddr::new("127.0.0.1", &port.to_string()))
+            .unwrap();
     });
     let mut p = params(t.port);
     p.subnqn = nvme_spec::text::DISCOVERY_NQN.into();
-    let seen: Vec<String> = nvmf::host::discover(&p)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.subnqn)
-        .collect();
+    let seen: Vec<String> = nvmf::host::discover(&p).unwrap().into_iter().map(|e| e.subnqn).collect();
     assert_eq!(seen, vec![NQN.to_string()]);
     p.hostnqn = "nqn.2014-08.org.example:friend".into();
-    let mut seen: Vec<String> = nvmf::host::discover(&p)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.subnqn)
-        .collect();
+    let mut seen: Vec<String> = nvmf::host::discover(&p).unwrap().into_iter().map(|e| e.subnqn).collect();
     seen.sort();
-    assert_eq!(
-        seen,
-        vec!["nqn.2016-06.io.nvraid:private".to_string(), NQN.to_string()]
-    );
+    assert_eq!(seen, vec!["nqn.2016-06.io.nvraid:private".to_string(), NQN.to_string()]);
 }

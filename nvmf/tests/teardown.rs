@@ -20,10 +20,7 @@ const DELAY_US: u64 = 150_000;
 
 /// A target exporting a delay bdev (150 ms per IO) over a malloc bdev.
 fn delayed_target() -> Target {
-    let cfg = ReactorConfig {
-        pin: false,
-        ..ReactorConfig::new(vec![0, 1], IdlePolicy::sleep())
-    };
+    let cfg = ReactorConfig { pin: false, ..ReactorConfig::new(vec![0, 1], IdlePolicy::sleep()) };
     let set = ReactorSet::start(cfg, || {}).unwrap();
     let port = free_port();
     set.call(0, move || {
@@ -47,8 +44,7 @@ fn delayed_target() -> Target {
         p.allow_any_host = true;
         st.create_subsystem(p).unwrap();
         st.add_ns(NQN, "Delay0", 1, None, None).unwrap();
-        st.add_listener(NQN, ListenAddr::new("127.0.0.1", &port.to_string()))
-            .unwrap();
+        st.add_listener(NQN, ListenAddr::new("127.0.0.1", &port.to_string())).unwrap();
     });
     Target { set, port }
 }
@@ -56,10 +52,7 @@ fn delayed_target() -> Target {
 fn in_flight(t: &Target) -> u64 {
     let (tx, rx) = std::sync::mpsc::channel();
     t.set.send(0, move || {
-        let h = Registry::get()
-            .lookup("Delay0")
-            .or_else(|| Registry::get().lookup("Base0"))
-            .unwrap();
+        let h = Registry::get().lookup("Delay0").or_else(|| Registry::get().lookup("Base0")).unwrap();
         Registry::iostat(&h, move |s| {
             let _ = tx.send(s.in_flight);
         });
@@ -74,8 +67,7 @@ fn submit_mixed(qp: &mut HostQpair, n: u64) {
             b.fill(i as u8);
             qp.write(1, i * 8, 8, b, i).unwrap();
         } else {
-            qp.read(1, i * 8, 8, DmaBuf::alloc(4096).unwrap(), i)
-                .unwrap();
+            qp.read(1, i * 8, 8, DmaBuf::alloc(4096).unwrap(), i).unwrap();
         }
     }
     // Put them on the wire (nothing completes for the next 150 ms).
@@ -107,9 +99,7 @@ fn removing_a_namespace_with_io_in_flight_completes_the_io_and_raises_an_aen() {
     submit_mixed(&mut qp, 16);
     std::thread::sleep(Duration::from_millis(20));
     assert!(in_flight(&t) > 0, "IO should be at the delay bdev");
-    t.set
-        .call(0, || NvmfState::get().remove_ns(NQN, 1))
-        .unwrap();
+    t.set.call(0, || NvmfState::get().remove_ns(NQN, 1)).unwrap();
     // Every outstanding command comes back (the bdev finishes them).
     let done = wait(&mut qp, 16);
     assert_eq!(done.len(), 16);
@@ -134,12 +124,8 @@ fn removing_a_namespace_with_io_in_flight_completes_the_io_and_raises_an_aen() {
     let log = c.buf.unwrap().to_vec();
     assert_eq!(&log[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
     // New IO to the removed namespace fails cleanly.
-    qp.read(1, 0, 1, DmaBuf::alloc(512).unwrap().slice(0, 512), 99)
-        .unwrap();
-    assert_eq!(
-        wait(&mut qp, 1)[0].status,
-        Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr()
-    );
+    qp.read(1, 0, 1, DmaBuf::alloc(512).unwrap().slice(0, 512), 99).unwrap();
+    assert_eq!(wait(&mut qp, 1)[0].status, Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
     assert_eq!(in_flight(&t), 0);
 }
 
@@ -159,10 +145,7 @@ fn a_host_vanishing_with_io_in_flight_is_torn_down_after_the_io() {
     // buffers are the IOs'), then go.
     let t0 = Instant::now();
     while t.set.call(0, || NvmfState::get().connection_count()) > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "connections not torn down"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "connections not torn down");
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(in_flight(&t), 0);
@@ -192,24 +175,17 @@ fn deleting_the_subsystem_or_hot_removing_the_bdev_under_io() {
     });
     assert_eq!(wait(&mut qp, 16).len(), 16);
     assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
-    let nss = t.set.call(0, || {
-        NvmfState::get().subsystem(NQN).unwrap().namespaces().len()
-    });
+    let nss = t.set.call(0, || NvmfState::get().subsystem(NQN).unwrap().namespaces().len());
     assert_eq!(nss, 0, "hot-removed bdev's namespace detached");
 
     // Subsystem deletion with IO in flight on a fresh namespace.
-    t.set
-        .call(0, || NvmfState::get().add_ns(NQN, "Base0", 1, None, None))
-        .unwrap();
+    t.set.call(0, || NvmfState::get().add_ns(NQN, "Base0", 1, None, None)).unwrap();
     let s = session(t.port, 1, false);
     let mut qp = HostQpair::from_parts(s.io.into_iter().next().unwrap());
     for i in 0..8u64 {
-        qp.read(1, i, 1, DmaBuf::alloc(512).unwrap().slice(0, 512), i)
-            .unwrap();
+        qp.read(1, i, 1, DmaBuf::alloc(512).unwrap().slice(0, 512), i).unwrap();
     }
-    t.set
-        .call(0, || NvmfState::get().delete_subsystem(NQN))
-        .unwrap();
+    t.set.call(0, || NvmfState::get().delete_subsystem(NQN)).unwrap();
     // The host sees its queue end: completions or a transport error.
     let t0 = Instant::now();
     let mut got = 0;
@@ -223,10 +199,7 @@ fn deleting_the_subsystem_or_hot_removing_the_bdev_under_io() {
     }
     let t0 = Instant::now();
     while t.set.call(0, || NvmfState::get().connection_count()) > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "connections not torn down"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "connections not torn down");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -239,9 +212,7 @@ fn removing_the_listener_ends_its_connections_after_their_io() {
     submit_mixed(&mut qp, 8);
     let port = t.port;
     t.set
-        .call(0, move || {
-            NvmfState::get().remove_listener(NQN, &ListenAddr::new("127.0.0.1", &port.to_string()))
-        })
+        .call(0, move || NvmfState::get().remove_listener(NQN, &ListenAddr::new("127.0.0.1", &port.to_string())))
         .unwrap();
     // The queue ends; whatever the bdev finished was answered before.
     let t0 = Instant::now();
@@ -256,10 +227,7 @@ fn removing_the_listener_ends_its_connections_after_their_io() {
     }
     let t0 = Instant::now();
     while t.set.call(0, || NvmfState::get().connection_count()) > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "connections not torn down"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "connections not torn down");
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(in_flight(&t), 0);

@@ -26,11 +26,8 @@ pub const SPDK_IOPS: &[(&str, &str, f64)] = &[
 ];
 
 /// The matrix's workloads: (workload, queue depth, IO size).
-pub const WORKLOADS: &[(&str, u32, u64)] = &[
-    ("randread", 128, 4096),
-    ("randwrite", 128, 4096),
-    ("write", 16, 128 << 10),
-];
+pub const WORKLOADS: &[(&str, u32, u64)] =
+    &[("randread", 128, 4096), ("randwrite", 128, 4096), ("write", 16, 128 << 10)];
 
 /// The matrix's bdevs.
 pub const BDEVS: &[&str] = &["null", "malloc", "raid0", "raid1"];
@@ -48,10 +45,7 @@ pub struct Row {
 /// True when this build's method table can create RAID bdevs.
 pub fn raid_available() -> bool {
     let m = ReactorSet::manual(1);
-    let table = MethodTable::new(Ctx {
-        reactors: m.handle().clone(),
-        shutdown: Box::new(|_| {}),
-    });
+    let table = MethodTable::new(Ctx { reactors: m.handle().clone(), shutdown: Box::new(|_| {}) });
     table.has("bdev_raid_create")
 }
 
@@ -64,16 +58,11 @@ pub fn config_for(kind: &str, block_size: u32, malloc_mib: u64) -> Option<Value>
             "params": {"name": "Bench0", "num_blocks": blocks, "block_size": block_size}})],
         "malloc" => vec![malloc("Bench0")],
         "raid0" | "raid1" => {
-            let mut params =
-                json!({"name": "Bench0", "raid_level": kind, "base_bdevs": ["BenchM0", "BenchM1"]});
+            let mut params = json!({"name": "Bench0", "raid_level": kind, "base_bdevs": ["BenchM0", "BenchM1"]});
             if kind == "raid0" {
                 params["strip_size_kb"] = json!(64);
             }
-            vec![
-                malloc("BenchM0"),
-                malloc("BenchM1"),
-                json!({"method": "bdev_raid_create", "params": params}),
-            ]
+            vec![malloc("BenchM0"), malloc("BenchM1"), json!({"method": "bdev_raid_create", "params": params})]
         }
         _ => return None,
     };
@@ -88,8 +77,7 @@ pub fn config_for(kind: &str, block_size: u32, malloc_mib: u64) -> Option<Value>
 pub fn memcpy_mib_per_sec(core: usize, duration: Duration) -> Result<(f64, Option<f64>)> {
     let mut cfg = ReactorConfig::new(vec![core], IdlePolicy::sleep());
     cfg.pin = true;
-    let set =
-        ReactorSet::start(cfg, || {}).context("starting a reactor for the memcpy measurement")?;
+    let set = ReactorSet::start(cfg, || {}).context("starting a reactor for the memcpy measurement")?;
     let r = set.call(0, move || {
         const CHUNK: usize = 128 << 10;
         let src: Vec<Vec<u8>> = (0..16).map(|i| vec![i as u8 ^ 0xa5; CHUNK]).collect();
@@ -106,10 +94,7 @@ pub fn memcpy_mib_per_sec(core: usize, duration: Duration) -> Result<(f64, Optio
             std::hint::black_box(&dst);
         }
         let mib = bytes as f64 / (1u64 << 20) as f64;
-        let cpu_s = cpu0
-            .zip(crate::job::thread_cpu_s())
-            .map(|(a, b)| b - a)
-            .filter(|c| *c > 0.0);
+        let cpu_s = cpu0.zip(crate::job::thread_cpu_s()).map(|(a, b)| b - a).filter(|c| *c > 0.0);
         (mib / t0.elapsed().as_secs_f64(), cpu_s.map(|c| mib / c))
     });
     set.stop();
@@ -118,12 +103,7 @@ pub fn memcpy_mib_per_sec(core: usize, duration: Duration) -> Result<(f64, Optio
 }
 
 fn spdk_iops(bdev: &str, workload: &str, io_size: u64) -> Option<f64> {
-    (io_size == 4096).then(|| {
-        SPDK_IOPS
-            .iter()
-            .find(|(b, w, _)| *b == bdev && *w == workload)
-            .map(|r| r.2)
-    })?
+    (io_size == 4096).then(|| SPDK_IOPS.iter().find(|(b, w, _)| *b == bdev && *w == workload).map(|r| r.2))?
 }
 
 /// Runs one `nvraid-perf` process and reads its JSON report back.
@@ -137,16 +117,7 @@ fn run_perf(
 ) -> Result<Value, String> {
     let out = Command::new(bin)
         .args(target_args)
-        .args([
-            "-q",
-            &row.qd.to_string(),
-            "-o",
-            &row.io.to_string(),
-            "-w",
-            row.workload,
-            "-t",
-            &row.time_s.to_string(),
-        ])
+        .args(["-q", &row.qd.to_string(), "-o", &row.io.to_string(), "-w", row.workload, "-t", &row.time_s.to_string()])
         .args(["-m", &format!("[{core}]"), "--seed", "1", "--report-json"])
         .arg(out_path)
         .output()
@@ -157,15 +128,10 @@ fn run_perf(
     }
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no output");
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
         return Err(format!("failed ({}): {last}", out.status));
     }
-    let text = std::fs::read_to_string(out_path)
-        .map_err(|e| format!("reading {}: {e}", out_path.display()))?;
+    let text = std::fs::read_to_string(out_path).map_err(|e| format!("reading {}: {e}", out_path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("report: {e}"))
 }
 
@@ -186,24 +152,12 @@ fn run_row(
     qd: u32,
     io: u64,
 ) -> Result<Value, String> {
-    let cfg = config_for(bdev, args.block_size, args.malloc_mib)
-        .ok_or_else(|| format!("unknown bdev kind {bdev}"))?;
+    let cfg = config_for(bdev, args.block_size, args.malloc_mib).ok_or_else(|| format!("unknown bdev kind {bdev}"))?;
     let cfg_path = dir.join(format!("{bdev}.json"));
-    std::fs::write(&cfg_path, cfg.to_string())
-        .map_err(|e| format!("writing {}: {e}", cfg_path.display()))?;
-    let target_args = vec![
-        "--json".to_string(),
-        cfg_path.display().to_string(),
-        "-b".into(),
-        "Bench0".into(),
-    ];
+    std::fs::write(&cfg_path, cfg.to_string()).map_err(|e| format!("writing {}: {e}", cfg_path.display()))?;
+    let target_args = vec!["--json".to_string(), cfg_path.display().to_string(), "-b".into(), "Bench0".into()];
     let out_path = dir.join(format!("{bdev}-{w}-{qd}-{io}.report.json"));
-    let row = RowSpec {
-        workload: w,
-        qd,
-        io,
-        time_s: args.time_s,
-    };
+    let row = RowSpec { workload: w, qd, io, time_s: args.time_s };
     run_perf(bin, &out_path, &target_args, args.core, args.verbose, &row)
 }
 
@@ -223,7 +177,9 @@ fn tgt_config(args: &BenchArgs, port: u16, raid: bool) -> Value {
     let mut exports = vec![("malloc", "TcpMalloc")];
     if raid {
         for m in ["TcpM0", "TcpM1"] {
-            bdevs.push(json!({"method": "bdev_malloc_create", "params": {"name": m, "num_blocks": blocks, "block_size": bs}}));
+            bdevs.push(
+                json!({"method": "bdev_malloc_create", "params": {"name": m, "num_blocks": blocks, "block_size": bs}}),
+            );
         }
         bdevs.push(json!({"method": "bdev_raid_create",
             "params": {"name": "TcpRaid1", "raid_level": "raid1", "base_bdevs": ["TcpM0", "TcpM1"]}}));
@@ -252,8 +208,7 @@ impl Drop for Tgt {
 
 fn start_tgt(bin: &Path, dir: &Path, cfg: &Value, core: usize, port: u16) -> Result<Tgt, String> {
     let cfg_path = dir.join("tgt.json");
-    std::fs::write(&cfg_path, cfg.to_string())
-        .map_err(|e| format!("writing {}: {e}", cfg_path.display()))?;
+    std::fs::write(&cfg_path, cfg.to_string()).map_err(|e| format!("writing {}: {e}", cfg_path.display()))?;
     let child = Command::new(bin)
         .arg("-c")
         .arg(&cfg_path)
@@ -282,12 +237,8 @@ type RowFn<'a> = dyn Fn(&str, &'static str, u32, u64) -> Result<Value, String> +
 
 /// The NVMe/TCP rows: nvraid-tgt on `tgt_core`, nvraid-perf on `perf_core`.
 fn tcp_rows(bin: &Path, dir: &Path, args: &BenchArgs, raid: bool) -> Vec<Row> {
-    let specs: [(&'static str, u32, u64); 4] = [
-        ("randread", 32, 4096),
-        ("randread", 128, 4096),
-        ("randwrite", 32, 4096),
-        ("read", 16, 128 << 10),
-    ];
+    let specs: [(&'static str, u32, u64); 4] =
+        [("randread", 32, 4096), ("randread", 128, 4096), ("randwrite", 32, 4096), ("read", 16, 128 << 10)];
     let kinds = ["malloc", "raid1"];
     let rows_with = |f: &RowFn| -> Vec<Row> {
         let mut rows = Vec::new();
@@ -327,25 +278,10 @@ fn tcp_rows(bin: &Path, dir: &Path, args: &BenchArgs, raid: bool) -> Vec<Row> {
         if kind == "raid1" && !raid {
             return Err("n/a (raid not available)".into());
         }
-        let trid = format!(
-            "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{}",
-            tcp_nqn(kind)
-        );
+        let trid = format!("trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{}", tcp_nqn(kind));
         let out_path = dir.join(format!("tcp-{kind}-{w}-{qd}-{io}.report.json"));
-        let row = RowSpec {
-            workload: w,
-            qd,
-            io,
-            time_s: args.time_s,
-        };
-        run_perf(
-            bin,
-            &out_path,
-            &["-r".to_string(), trid],
-            perf_core,
-            args.verbose,
-            &row,
-        )
+        let row = RowSpec { workload: w, qd, io, time_s: args.time_s };
+        run_perf(bin, &out_path, &["-r".to_string(), trid], perf_core, args.verbose, &row)
     });
     drop(tgt);
     rows
@@ -375,11 +311,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         args.time_s,
         args.block_size,
         args.malloc_mib,
-        if raid {
-            ""
-        } else {
-            "; raid not available in this build"
-        }
+        if raid { "" } else { "; raid not available in this build" }
     );
     let memcpy = memcpy_mib_per_sec(args.core, Duration::from_secs(1))?;
     let mut rows = Vec::new();
@@ -390,13 +322,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             } else {
                 run_row(&bin, &dir, args, bdev, w, qd, io)
             };
-            let row = Row {
-                bdev: bdev.into(),
-                workload: w.into(),
-                queue_depth: qd,
-                io_size: io,
-                outcome,
-            };
+            let row = Row { bdev: bdev.into(), workload: w.into(), queue_depth: qd, io_size: io, outcome };
             if args.verbose {
                 println!("{}", row_line(&row));
             }
@@ -429,12 +355,8 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
     match malloc_write {
         Some(t) => {
             let wall = t["mib_per_sec"].as_f64().unwrap_or(f64::NAN);
-            let cpu = t["iops_per_cpu_s"]
-                .as_f64()
-                .map(|iops| iops * (128u64 << 10) as f64 / (1u64 << 20) as f64);
-            let frac = cpu
-                .zip(memcpy_cpu)
-                .map_or("n/a".into(), |(a, b)| format!("{:.2}", a / b));
+            let cpu = t["iops_per_cpu_s"].as_f64().map(|iops| iops * (128u64 << 10) as f64 / (1u64 << 20) as f64);
+            let frac = cpu.zip(memcpy_cpu).map_or("n/a".into(), |(a, b)| format!("{:.2}", a / b));
             println!(
                 "malloc 128 KiB write qd16: {wall:.0} MiB/s = {:.2} of memcpy (wall); {} MiB/s per CPU-second = {frac} of memcpy (per CPU-second)",
                 wall / memcpy,
@@ -456,10 +378,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         std::fs::write(p, serde_json::to_string_pretty(&v)? + "\n")
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    let failed = rows
-        .iter()
-        .filter(|r| r.outcome.as_ref().is_err_and(|e| !e.starts_with("n/a")))
-        .count();
+    let failed = rows.iter().filter(|r| r.outcome.as_ref().is_err_and(|e| !e.starts_with("n/a"))).count();
     if failed > 0 {
         bail!("{failed} rows failed");
     }
@@ -494,13 +413,7 @@ fn header() -> String {
 }
 
 fn row_line(r: &Row) -> String {
-    let head = format!(
-        "{:<11} {:<10} {:>4} {:>7}",
-        r.bdev,
-        r.workload,
-        r.queue_depth,
-        size_label(r.io_size)
-    );
+    let head = format!("{:<11} {:<10} {:>4} {:>7}", r.bdev, r.workload, r.queue_depth, size_label(r.io_size));
     match &r.outcome {
         Err(e) => format!("{head}   {e}"),
         Ok(v) => {
@@ -509,11 +422,9 @@ fn row_line(r: &Row) -> String {
             let iops = f("iops");
             let per_cpu = t["iops_per_cpu_s"].as_f64();
             let (spdk, ratio, cpu_ratio) = match spdk_iops(&r.bdev, &r.workload, r.io_size) {
-                Some(s) => (
-                    fmt_iops(s),
-                    format!("{:.2}x", iops / s),
-                    per_cpu.map_or("-".into(), |c| format!("{:.2}x", c / s)),
-                ),
+                Some(s) => {
+                    (fmt_iops(s), format!("{:.2}x", iops / s), per_cpu.map_or("-".into(), |c| format!("{:.2}x", c / s)))
+                }
                 None => ("-".into(), "-".into(), "-".into()),
             };
             format!(

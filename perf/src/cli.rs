@@ -172,9 +172,7 @@ impl TransportId {
                 "trsvcid" => t.trsvcid = v.to_string(),
                 "subnqn" => t.subnqn = v.to_string(),
                 "ns" | "hostnqn" => {}
-                other => bail!(
-                    "-r: unknown key '{other}' (expected trtype, adrfam, traddr, trsvcid, subnqn)"
-                ),
+                other => bail!("-r: unknown key '{other}' (expected trtype, adrfam, traddr, trsvcid, subnqn)"),
             }
         }
         if !t.trtype.eq_ignore_ascii_case("tcp") {
@@ -189,9 +187,7 @@ impl TransportId {
         if t.subnqn.is_empty() {
             bail!("-r: subnqn is missing (the subsystem whose namespaces to drive)");
         }
-        t.trsvcid
-            .parse::<u16>()
-            .map_err(|_| anyhow!("-r: trsvcid '{}' is not a port number", t.trsvcid))?;
+        t.trsvcid.parse::<u16>().map_err(|_| anyhow!("-r: trsvcid '{}' is not a port number", t.trsvcid))?;
         Ok(t)
     }
 }
@@ -199,10 +195,7 @@ impl TransportId {
 /// Local bdevs or a remote namespace.
 #[derive(Clone, Debug)]
 pub enum Target {
-    Local {
-        config: ConfigSource,
-        bdevs: Vec<String>,
-    },
+    Local { config: ConfigSource, bdevs: Vec<String> },
     Tcp(TransportId),
 }
 
@@ -230,13 +223,7 @@ pub struct RunSpec {
 impl RunSpec {
     /// A spec for tests and the bench driver: local mode on core 0, sleeping
     /// reactors, unpinned.
-    pub fn local(
-        config_json: &str,
-        bdevs: &[&str],
-        workload: Workload,
-        queue_depth: u32,
-        io_size_bytes: u64,
-    ) -> Self {
+    pub fn local(config_json: &str, bdevs: &[&str], workload: Workload, queue_depth: u32, io_size_bytes: u64) -> Self {
         RunSpec {
             target: Target::Local {
                 config: ConfigSource::Text(config_json.to_string()),
@@ -273,9 +260,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow!("'{s}' is not a size (examples: 4096, 4k, 128KiB)"))?;
+    let n: u64 = num.parse().map_err(|_| anyhow!("'{s}' is not a size (examples: 4096, 4k, 128KiB)"))?;
     let mult: u64 = match unit.trim() {
         "" | "b" | "B" => 1,
         "k" | "K" | "KiB" | "kiB" | "KB" | "kB" => 1 << 10,
@@ -283,8 +268,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "g" | "G" | "GiB" | "GB" => 1 << 30,
         u => bail!("'{s}': unknown size unit '{u}'"),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| anyhow!("'{s}' is too large"))
+    n.checked_mul(mult).ok_or_else(|| anyhow!("'{s}' is too large"))
 }
 
 fn parse_seed(s: &str) -> Result<u64> {
@@ -297,9 +281,7 @@ fn parse_seed(s: &str) -> Result<u64> {
 
 /// A seed from the clock, for runs that give none (printed so it can be replayed).
 pub fn clock_seed() -> u64 {
-    let ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     mgmt::bdev::rng::SimRng::new(ns ^ u64::from(std::process::id())).next_u64()
 }
 
@@ -310,13 +292,8 @@ impl RunArgs {
             (Some(_), Some(_)) => {
                 bail!("give either --json (local bdevs) or -r (NVMe/TCP target), not both")
             }
-            (None, None) => bail!(
-                "nothing to run against: give --json FILE (local bdevs) or -r TRID (NVMe/TCP)"
-            ),
-            (Some(p), None) => Target::Local {
-                config: ConfigSource::File(p.clone()),
-                bdevs: self.bdevs.clone(),
-            },
+            (None, None) => bail!("nothing to run against: give --json FILE (local bdevs) or -r TRID (NVMe/TCP)"),
+            (Some(p), None) => Target::Local { config: ConfigSource::File(p.clone()), bdevs: self.bdevs.clone() },
             (None, Some(r)) => {
                 if !self.bdevs.is_empty() {
                     bail!("-b names local bdevs; with -r the target's namespace is used");
@@ -324,29 +301,18 @@ impl RunArgs {
                 Target::Tcp(TransportId::parse(r)?)
             }
         };
-        let queue_depth = self
-            .queue_depth
-            .ok_or_else(|| anyhow!("missing -q (queue depth)"))?;
+        let queue_depth = self.queue_depth.ok_or_else(|| anyhow!("missing -q (queue depth)"))?;
         if queue_depth == 0 || queue_depth > MAX_QUEUE_DEPTH {
             bail!("-q {queue_depth}: queue depth must be between 1 and {MAX_QUEUE_DEPTH}");
         }
-        let io_size = self
-            .io_size
-            .as_deref()
-            .ok_or_else(|| anyhow!("missing -o (IO size in bytes)"))?;
+        let io_size = self.io_size.as_deref().ok_or_else(|| anyhow!("missing -o (IO size in bytes)"))?;
         let io_size_bytes = parse_size(io_size).context("-o")?;
         if io_size_bytes == 0 || io_size_bytes > DmaBuf::MAX_LEN as u64 {
-            bail!(
-                "-o {io_size}: IO size must be between 1 byte and {} MiB",
-                DmaBuf::MAX_LEN >> 20
-            );
+            bail!("-o {io_size}: IO size must be between 1 byte and {} MiB", DmaBuf::MAX_LEN >> 20);
         }
-        let w = self
-            .workload
-            .as_deref()
-            .ok_or_else(|| anyhow!("missing -w (workload: {})", workload::names()))?;
-        let workload = Workload::from_name(w)
-            .ok_or_else(|| anyhow!("-w {w}: unknown workload (one of {})", workload::names()))?;
+        let w = self.workload.as_deref().ok_or_else(|| anyhow!("missing -w (workload: {})", workload::names()))?;
+        let workload =
+            Workload::from_name(w).ok_or_else(|| anyhow!("-w {w}: unknown workload (one of {})", workload::names()))?;
         let read_pct = match self.read_pct {
             Some(m) if !workload.is_mixed() => {
                 bail!("-M {m}: the read percentage applies only to rw and randrw")
@@ -355,9 +321,7 @@ impl RunArgs {
             Some(m) => m,
             None => default_read_pct(workload),
         };
-        let time_s = self
-            .time_s
-            .ok_or_else(|| anyhow!("missing -t (run time in seconds)"))?;
+        let time_s = self.time_s.ok_or_else(|| anyhow!("missing -t (run time in seconds)"))?;
         if !(time_s > 0.0 && time_s <= MAX_TIME_S) {
             bail!("-t {time_s}: run time must be more than 0 and at most {MAX_TIME_S} seconds");
         }
@@ -413,18 +377,11 @@ where
     match cli.command {
         Some(Command::Bench(b)) => {
             if !(b.time_s > 0.0 && b.time_s <= MAX_TIME_S) {
-                return Err(ParseError::Invalid(anyhow!(
-                    "bench -t {}: must be more than 0 seconds",
-                    b.time_s
-                )));
+                return Err(ParseError::Invalid(anyhow!("bench -t {}: must be more than 0 seconds", b.time_s)));
             }
             Ok(Parsed::Bench(b))
         }
-        None => cli
-            .run
-            .to_spec()
-            .map(|s| Parsed::Run(Box::new(s)))
-            .map_err(ParseError::Invalid),
+        None => cli.run.to_spec().map(|s| Parsed::Run(Box::new(s))).map_err(ParseError::Invalid),
     }
 }
 

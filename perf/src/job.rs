@@ -76,17 +76,9 @@ pub struct Mismatch {
 
 impl std::fmt::Display for Mismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "LBA {}: first bad byte at {}; wrote seq {}",
-            self.lba, self.first_bad_byte, self.expected.seq
-        )?;
+        write!(f, "LBA {}: first bad byte at {}; wrote seq {}", self.lba, self.first_bad_byte, self.expected.seq)?;
         match &self.found {
-            Ok(s) => write!(
-                f,
-                ", read back stamp lba {} seq {} seed {:#x}",
-                s.lba, s.seq, s.seed
-            ),
+            Ok(s) => write!(f, ", read back stamp lba {} seq {} seed {:#x}", s.lba, s.seq, s.seed),
             Err(e) => write!(f, ", read back: {e}"),
         }
     }
@@ -175,11 +167,8 @@ pub fn thread_cpu_s() -> Option<f64> {
 /// A histogram for latencies in ticks, fixed in size (never resizes while
 /// recording).
 pub fn new_histogram() -> Histogram<u64> {
-    let high = tsc::tick_rate()
-        .max(1_000_000)
-        .saturating_mul(MAX_LATENCY_S);
-    Histogram::new_with_bounds(1, high, HISTOGRAM_SIGFIG)
-        .unwrap_or_else(|_| unreachable!("bounds are valid"))
+    let high = tsc::tick_rate().max(1_000_000).saturating_mul(MAX_LATENCY_S);
+    Histogram::new_with_bounds(1, high, HISTOGRAM_SIGFIG).unwrap_or_else(|_| unreachable!("bounds are valid"))
 }
 
 impl Job {
@@ -212,15 +201,12 @@ impl Job {
                 cfg.range_blocks
             ));
         }
-        let io_bytes =
-            usize::try_from(cfg.io_bytes()).map_err(|_| "IO size too large".to_string())?;
+        let io_bytes = usize::try_from(cfg.io_bytes()).map_err(|_| "IO size too large".to_string())?;
         let mut rng = SimRng::new(cfg.seed ^ (u64::from(cfg.job_index) << 32) ^ 0x005e_ed0f_10b5);
         let mut slots = Vec::with_capacity(cfg.queue_depth as usize);
         for i in 0..qd {
-            let alloc = || {
-                DmaBuf::alloc(io_bytes)
-                    .ok_or_else(|| format!("out of DMA memory for {io_bytes}-byte buffers"))
-            };
+            let alloc =
+                || DmaBuf::alloc(io_bytes).ok_or_else(|| format!("out of DMA memory for {io_bytes}-byte buffers"));
             let (buf, read_buf) = if !cfg.workload.has_data() {
                 (None, None)
             } else if cfg.workload == Workload::Verify {
@@ -239,10 +225,7 @@ impl Job {
                 b.fill(0);
                 (Some(b), None)
             };
-            let (sub_start_ios, sub_len_ios) = (
-                range_ios * i / qd,
-                range_ios * (i + 1) / qd - range_ios * i / qd,
-            );
+            let (sub_start_ios, sub_len_ios) = (range_ios * i / qd, range_ios * (i + 1) / qd - range_ios * i / qd);
             slots.push(Slot {
                 buf,
                 read_buf,
@@ -315,8 +298,7 @@ impl Job {
             self.rng.borrow_mut().below(self.range_ios)
         } else {
             let n = self.next_io.get();
-            self.next_io
-                .set(if n + 1 >= self.range_ios { 0 } else { n + 1 });
+            self.next_io.set(if n + 1 >= self.range_ios { 0 } else { n + 1 });
             n
         };
         self.cfg.range_start_blocks + unit * self.cfg.io_blocks
@@ -337,14 +319,8 @@ impl Job {
         io.status = IoStatus::Pending;
         io.num_blocks = cfg.io_blocks;
         let (io_type, offset) = match cfg.workload {
-            Workload::Read | Workload::RandRead => (
-                IoType::Read,
-                self.next_offset_blocks(cfg.workload.is_random()),
-            ),
-            Workload::Write | Workload::RandWrite => (
-                IoType::Write,
-                self.next_offset_blocks(cfg.workload.is_random()),
-            ),
+            Workload::Read | Workload::RandRead => (IoType::Read, self.next_offset_blocks(cfg.workload.is_random())),
+            Workload::Write | Workload::RandWrite => (IoType::Write, self.next_offset_blocks(cfg.workload.is_random())),
             Workload::Rw | Workload::RandRw => {
                 let read = self.rng.borrow_mut().below(100) < u64::from(cfg.read_pct);
                 let t = if read { IoType::Read } else { IoType::Write };
@@ -353,8 +329,7 @@ impl Job {
             Workload::Verify => match slot.phase.get() {
                 Phase::Write => {
                     let c = slot.cursor.get();
-                    slot.cursor
-                        .set(if c + 1 >= slot.sub_len_ios { 0 } else { c + 1 });
+                    slot.cursor.set(if c + 1 >= slot.sub_len_ios { 0 } else { c + 1 });
                     let off = cfg.range_start_blocks + (slot.sub_start_ios + c) * cfg.io_blocks;
                     slot.offset_blocks.set(off);
                     (IoType::Write, off)
@@ -401,8 +376,7 @@ impl Job {
         w.with(|wb| {
             r.with(|rb| {
                 for (k, (wblk, rblk)) in wb.chunks(bs).zip(rb.chunks(bs)).enumerate() {
-                    let Some(first_bad_byte) = wblk.iter().zip(rblk).position(|(a, b)| a != b)
-                    else {
+                    let Some(first_bad_byte) = wblk.iter().zip(rblk).position(|(a, b)| a != b) else {
                         continue;
                     };
                     self.mismatch_count.set(self.mismatch_count.get() + 1);
@@ -411,11 +385,7 @@ impl Job {
                         let lba = first_lba + k as u64;
                         kept.push(Mismatch {
                             lba,
-                            expected: Stamp {
-                                lba,
-                                seq,
-                                seed: self.cfg.seed,
-                            },
+                            expected: Stamp { lba, seq, seed: self.cfg.seed },
                             found: stamp::check_block_seq(rblk, lba, seq, self.cfg.seed),
                             first_bad_byte,
                         });
@@ -426,11 +396,7 @@ impl Job {
     }
 
     fn finish(&self) {
-        let end = if self.end_ticks.get() == 0 {
-            tsc::ticks()
-        } else {
-            self.end_ticks.get()
-        };
+        let end = if self.end_ticks.get() == 0 { tsc::ticks() } else { self.end_ticks.get() };
         let hist = std::mem::replace(&mut *self.hist.borrow_mut(), new_histogram());
         let result = JobResult {
             config: self.cfg.clone(),
@@ -439,11 +405,7 @@ impl Job {
             errors: self.errors.get(),
             first_error: self.first_error.get(),
             elapsed_ticks: end.wrapping_sub(self.start_ticks.get()),
-            cpu_s: self
-                .start_cpu_s
-                .get()
-                .zip(thread_cpu_s())
-                .map(|(a, b)| b - a),
+            cpu_s: self.start_cpu_s.get().zip(thread_cpu_s()).map(|(a, b)| b - a),
             latency_ticks: hist,
             mismatch_count: self.mismatch_count.get(),
             mismatches: std::mem::take(&mut *self.mismatches.borrow_mut()),
@@ -463,9 +425,7 @@ impl IoDone for Job {
         }
         let ok = io.status == IoStatus::Success;
         if !self.stopped.get() {
-            self.hist
-                .borrow_mut()
-                .saturating_record(io.latency_ticks());
+            self.hist.borrow_mut().saturating_record(io.latency_ticks());
             let ios = self.ios.get() + 1;
             let bytes = self.bytes.get() + self.cfg.io_bytes();
             self.ios.set(ios);
@@ -476,9 +436,7 @@ impl IoDone for Job {
         }
         if !ok {
             self.errors.set(self.errors.get() + 1);
-            self.progress
-                .errors
-                .store(self.errors.get(), Ordering::Relaxed);
+            self.progress.errors.store(self.errors.get(), Ordering::Relaxed);
             if self.first_error.get().is_none() {
                 if let IoStatus::Failed(e) = io.status {
                     self.first_error.set(Some(e));

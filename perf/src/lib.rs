@@ -33,19 +33,11 @@ pub fn run(spec: &RunSpec, hooks: Hooks) -> Result<Report> {
         Target::Local { .. } => local::run(spec, hooks),
         Target::Tcp(t) => {
             let mut local_spec = spec.clone();
-            local_spec.target = Target::Local {
-                config: cli::ConfigSource::Text(tcp_config(t)),
-                bdevs: Vec::new(),
-            };
+            local_spec.target = Target::Local { config: cli::ConfigSource::Text(tcp_config(t)), bdevs: Vec::new() };
             local::run(&local_spec, hooks).map_err(|e| {
                 let msg = format!("{e:#}");
                 if msg.contains("bdev_nvme_attach_controller failed") {
-                    anyhow::anyhow!(
-                        "cannot reach NVMe/TCP target {}:{} ({}): {msg}",
-                        t.traddr,
-                        t.trsvcid,
-                        t.subnqn
-                    )
+                    anyhow::anyhow!("cannot reach NVMe/TCP target {}:{} ({}): {msg}", t.traddr, t.trsvcid, t.subnqn)
                 } else if msg.contains("creates no bdev") {
                     anyhow::anyhow!(
                         "NVMe/TCP target {}:{} subsystem {} has no usable namespace",

@@ -61,11 +61,7 @@ impl Drop for Reactors {
 
 /// Runs `spec` (which must be local) and returns its report.
 pub fn run(spec: &RunSpec, mut hooks: Hooks) -> Result<Report> {
-    let Target::Local {
-        config: source,
-        bdevs: wanted,
-    } = &spec.target
-    else {
+    let Target::Local { config: source, bdevs: wanted } = &spec.target else {
         bail!("run_local called with a remote target");
     };
     let text = match source {
@@ -81,24 +77,16 @@ pub fn run(spec: &RunSpec, mut hooks: Hooks) -> Result<Report> {
     let mut rcfg = ReactorConfig::new(spec.cores.clone(), spec.idle);
     rcfg.pin = spec.pin;
     let set = Reactors(ReactorSet::start(rcfg, || {}).context("starting reactors")?);
-    let ctx = Ctx {
-        reactors: set.0.clone(),
-        shutdown: Box::new(|_| {}),
-    };
+    let ctx = Ctx { reactors: set.0.clone(), shutdown: Box::new(|_| {}) };
     let table = Arc::new(MethodTable::new(ctx));
     config::check_methods(&calls, &table).map_err(|e| anyhow!("config: {e}"))?;
 
     let (tx, rx) = mpsc::channel();
-    set.0.send(0, move || {
-        config::replay(table, calls, move |r| drop(tx.send(r)))
-    });
+    set.0.send(0, move || config::replay(table, calls, move |r| drop(tx.send(r))));
     match rx.recv_timeout(SETUP_TIMEOUT) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => bail!("config: {e}"),
-        Err(_) => bail!(
-            "config replay did not finish within {} s",
-            SETUP_TIMEOUT.as_secs()
-        ),
+        Err(_) => bail!("config replay did not finish within {} s", SETUP_TIMEOUT.as_secs()),
     }
     if let Some(hook) = hooks.setup.take() {
         set.0.call(0, hook).map_err(|e| anyhow!("setup: {e}"))?;
@@ -106,18 +94,12 @@ pub fn run(spec: &RunSpec, mut hooks: Hooks) -> Result<Report> {
 
     let wanted = wanted.clone();
     let types = spec.workload.io_types();
-    let facts = set
-        .0
-        .call(0, move || resolve_bdevs(&wanted, types))
-        .map_err(|e| anyhow!(e))?;
+    let facts = set.0.call(0, move || resolve_bdevs(&wanted, types)).map_err(|e| anyhow!(e))?;
     let jobs = plan_jobs(spec, &set.0, &facts)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = mpsc::channel::<JobResult>();
-    let progress: Vec<Arc<JobProgress>> = jobs
-        .iter()
-        .map(|_| Arc::new(JobProgress::default()))
-        .collect();
+    let progress: Vec<Arc<JobProgress>> = jobs.iter().map(|_| Arc::new(JobProgress::default())).collect();
     let ticks_per_s = bdev::tsc::tick_rate();
     let built = build_jobs(&set.0, &jobs, &progress, &stop, done_tx);
     if let Err(e) = built {
@@ -142,14 +124,8 @@ pub fn run(spec: &RunSpec, mut hooks: Hooks) -> Result<Report> {
     let sample = |elapsed| Sample {
         elapsed,
         ios: progress.iter().map(|p| p.ios.load(Ordering::Relaxed)).sum(),
-        bytes: progress
-            .iter()
-            .map(|p| p.bytes.load(Ordering::Relaxed))
-            .sum(),
-        errors: progress
-            .iter()
-            .map(|p| p.errors.load(Ordering::Relaxed))
-            .sum(),
+        bytes: progress.iter().map(|p| p.bytes.load(Ordering::Relaxed)).sum(),
+        errors: progress.iter().map(|p| p.errors.load(Ordering::Relaxed)).sum(),
     };
     loop {
         let elapsed = started.elapsed();
@@ -196,18 +172,12 @@ fn build_jobs(
     done_tx: mpsc::Sender<JobResult>,
 ) -> Result<()> {
     for r in 0..set.count() {
-        let mine: Vec<(JobConfig, Arc<JobProgress>)> = jobs
-            .iter()
-            .zip(progress)
-            .filter(|(j, _)| j.reactor == r)
-            .map(|(j, p)| (j.clone(), p.clone()))
-            .collect();
+        let mine: Vec<(JobConfig, Arc<JobProgress>)> =
+            jobs.iter().zip(progress).filter(|(j, _)| j.reactor == r).map(|(j, p)| (j.clone(), p.clone())).collect();
         let (stop, done_tx) = (stop.clone(), done_tx.clone());
         set.call(r, move || {
             for (cfg, prog) in mine {
-                let h = Registry::get()
-                    .lookup(&cfg.bdev)
-                    .ok_or_else(|| format!("bdev {} vanished", cfg.bdev))?;
+                let h = Registry::get().lookup(&cfg.bdev).ok_or_else(|| format!("bdev {} vanished", cfg.bdev))?;
                 let ch = h.channel().map_err(|e| format!("bdev {}: {e}", cfg.bdev))?;
                 let job = Job::new(cfg, ch, prog, stop.clone(), done_tx.clone())?;
                 STAGED.with(|s| s.borrow_mut().push(job));
@@ -229,18 +199,9 @@ thread_local! {
 fn resolve_bdevs(wanted: &[String], types: &[IoType]) -> Result<Vec<BdevFacts>, String> {
     let registry = Registry::get();
     let all = registry.list();
-    let names_of = || {
-        all.iter()
-            .map(|h| h.name().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let names_of = || all.iter().map(|h| h.name().to_string()).collect::<Vec<_>>().join(", ");
     let handles = if wanted.is_empty() {
-        let free: Vec<_> = all
-            .iter()
-            .filter(|h| h.claimed_by().is_none())
-            .cloned()
-            .collect();
+        let free: Vec<_> = all.iter().filter(|h| h.claimed_by().is_none()).cloned().collect();
         if free.is_empty() {
             return Err("the config creates no bdev to run on".into());
         }
@@ -250,17 +211,11 @@ fn resolve_bdevs(wanted: &[String], types: &[IoType]) -> Result<Vec<BdevFacts>, 
         for name in wanted {
             let h = registry.lookup(name).ok_or_else(|| {
                 let have = names_of();
-                let have = if have.is_empty() {
-                    "none".to_string()
-                } else {
-                    have
-                };
+                let have = if have.is_empty() { "none".to_string() } else { have };
                 format!("-b {name}: no such bdev (bdevs in the config: {have})")
             })?;
             if let Some(by) = h.claimed_by() {
-                return Err(format!(
-                    "-b {name}: bdev is claimed by {by}; run on the bdev that claims it"
-                ));
+                return Err(format!("-b {name}: bdev is claimed by {by}; run on the bdev that claims it"));
             }
             hs.push(h);
         }
@@ -270,20 +225,11 @@ fn resolve_bdevs(wanted: &[String], types: &[IoType]) -> Result<Vec<BdevFacts>, 
     for h in handles {
         for &t in types {
             if !h.bdev().io_type_supported(t) {
-                return Err(format!(
-                    "bdev {} ({}) does not support {} IO",
-                    h.name(),
-                    h.bdev().module(),
-                    t.name()
-                ));
+                return Err(format!("bdev {} ({}) does not support {} IO", h.name(), h.bdev().module(), t.name()));
             }
         }
         let p = h.props();
-        out.push(BdevFacts {
-            name: p.name.clone(),
-            block_size: u64::from(p.block_size),
-            num_blocks: p.num_blocks,
-        });
+        out.push(BdevFacts { name: p.name.clone(), block_size: u64::from(p.block_size), num_blocks: p.num_blocks });
     }
     Ok(out)
 }
@@ -296,21 +242,11 @@ fn plan_jobs(spec: &RunSpec, set: &ReactorSet, facts: &[BdevFacts]) -> Result<Ve
     for (r, &core) in spec.cores.iter().enumerate() {
         for f in facts {
             if !spec.io_size_bytes.is_multiple_of(f.block_size) {
-                bail!(
-                    "-o {}: not a multiple of bdev {}'s block size {}",
-                    spec.io_size_bytes,
-                    f.name,
-                    f.block_size
-                );
+                bail!("-o {}: not a multiple of bdev {}'s block size {}", spec.io_size_bytes, f.name, f.block_size);
             }
             let io_blocks = spec.io_size_bytes / f.block_size;
             if io_blocks > f.num_blocks {
-                bail!(
-                    "-o {}: larger than bdev {} ({} bytes)",
-                    spec.io_size_bytes,
-                    f.name,
-                    f.num_blocks * f.block_size
-                );
+                bail!("-o {}: larger than bdev {} ({} bytes)", spec.io_size_bytes, f.name, f.num_blocks * f.block_size);
             }
             let (start, len) = if spec.workload == crate::Workload::Verify {
                 let per = f.num_blocks / n / io_blocks * io_blocks;

@@ -43,12 +43,7 @@ fn run(spec: &RunSpec) -> anyhow::Result<i32> {
         spec.duration.as_secs_f64(),
         spec.cores,
         spec.seed,
-        if spec.stamp
-            && spec
-                .workload
-                .io_types()
-                .contains(&mgmt::bdev::IoType::Write)
-        {
+        if spec.stamp && spec.workload.io_types().contains(&mgmt::bdev::IoType::Write) {
             ", writes stamped"
         } else {
             ""
@@ -60,10 +55,7 @@ fn run(spec: &RunSpec) -> anyhow::Result<i32> {
         println!("verify mismatch in {job}: {m}");
     }
     if report.total.mismatch_count > report.mismatches.len() as u64 {
-        println!(
-            "({} more mismatches not listed)",
-            report.total.mismatch_count - report.mismatches.len() as u64
-        );
+        println!("({} more mismatches not listed)", report.total.mismatch_count - report.mismatches.len() as u64);
     }
     for (job, e) in &report.io_errors {
         println!("IO errors in {job}: first was {e}");
@@ -72,10 +64,7 @@ fn run(spec: &RunSpec) -> anyhow::Result<i32> {
         report.write_json(spec, p)?;
     }
     if let Some(p) = &spec.latency_svg {
-        let title = format!(
-            "{} qd{} {} B: latency by percentile",
-            spec.workload, spec.queue_depth, spec.io_size_bytes
-        );
+        let title = format!("{} qd{} {} B: latency by percentile", spec.workload, spec.queue_depth, spec.io_size_bytes);
         report.write_svg(&title, p)?;
     }
     let failed = report.total.errors > 0 || report.total.mismatch_count > 0;

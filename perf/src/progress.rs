@@ -14,25 +14,16 @@ pub struct Progress {
 impl Progress {
     pub fn new(duration: Duration, quiet: bool) -> Progress {
         if quiet {
-            return Progress {
-                bar: None,
-                plain: false,
-            };
+            return Progress { bar: None, plain: false };
         }
         if !std::io::stdout().is_terminal() {
-            return Progress {
-                bar: None,
-                plain: true,
-            };
+            return Progress { bar: None, plain: true };
         }
         let bar = ProgressBar::new(duration.as_millis() as u64);
         let style = ProgressStyle::with_template("[{elapsed_precise}] {bar:30.cyan/blue} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
-        Progress {
-            bar: Some(bar),
-            plain: false,
-        }
+        Progress { bar: Some(bar), plain: false }
     }
 
     /// Reports the interval from `prev` to `now`.
@@ -43,10 +34,7 @@ impl Progress {
         }
         let iops = now.ios.saturating_sub(prev.ios) as f64 / dt;
         let mibs = now.bytes.saturating_sub(prev.bytes) as f64 / dt / (1u64 << 20) as f64;
-        let line = format!(
-            "{iops:>12.0} IOPS {mibs:>10.2} MiB/s  errors {}",
-            now.errors
-        );
+        let line = format!("{iops:>12.0} IOPS {mibs:>10.2} MiB/s  errors {}", now.errors);
         if let Some(bar) = &self.bar {
             bar.set_position(now.elapsed.as_millis() as u64);
             bar.set_message(line);

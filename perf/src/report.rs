@@ -10,13 +10,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// The percentiles every report carries.
-pub const PERCENTILES: [(f64, &str); 5] = [
-    (50.0, "p50"),
-    (90.0, "p90"),
-    (99.0, "p99"),
-    (99.9, "p99_9"),
-    (99.99, "p99_99"),
-];
+pub const PERCENTILES: [(f64, &str); 5] =
+    [(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99_9"), (99.99, "p99_99")];
 
 /// Latency figures in microseconds.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -95,10 +90,7 @@ impl RowReport {
         self.latency.to_json(&mut o);
         o.insert("mismatches".into(), json!(self.mismatch_count));
         o.insert("cpu_s".into(), json!(self.cpu_s.map(round3)));
-        o.insert(
-            "iops_per_cpu_s".into(),
-            json!(self.iops_per_cpu_s.map(f64::round)),
-        );
+        o.insert("iops_per_cpu_s".into(), json!(self.iops_per_cpu_s.map(f64::round)));
         Value::Object(o)
     }
 }
@@ -123,8 +115,7 @@ impl Report {
         results.sort_by_key(|r| r.config.job_index);
         let mut merged = new_histogram();
         let (mut jobs, mut mismatches, mut io_errors) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut ios, mut errors, mut iops, mut mibs, mut elapsed_max, mut mm) =
-            (0, 0, 0.0, 0.0, 0.0f64, 0);
+        let (mut ios, mut errors, mut iops, mut mibs, mut elapsed_max, mut mm) = (0, 0, 0.0, 0.0, 0.0f64, 0);
         for r in &results {
             let name = format!("{}@core{}", r.config.bdev, r.config.core);
             let elapsed_s = r.elapsed_ticks as f64 / ticks_per_s.max(1) as f64;
@@ -159,10 +150,7 @@ impl Report {
         let mut cpu_by_reactor: Vec<(usize, f64)> = Vec::new();
         for r in &results {
             if let Some(c) = r.cpu_s {
-                match cpu_by_reactor
-                    .iter_mut()
-                    .find(|(id, _)| *id == r.config.reactor)
-                {
+                match cpu_by_reactor.iter_mut().find(|(id, _)| *id == r.config.reactor) {
                     Some((_, v)) => *v = v.max(c),
                     None => cpu_by_reactor.push((r.config.reactor, c)),
                 }
@@ -182,19 +170,9 @@ impl Report {
             cpu_s,
             // Summed per-reactor rates, taking each reactor's share of the IOs
             // as equal to its share of CPU (the jobs of a run are alike).
-            iops_per_cpu_s: cpu_s
-                .filter(|c| *c > 0.0)
-                .map(|c| ios as f64 / c * cpu_by_reactor.len() as f64),
+            iops_per_cpu_s: cpu_s.filter(|c| *c > 0.0).map(|c| ios as f64 / c * cpu_by_reactor.len() as f64),
         };
-        Report {
-            jobs,
-            total,
-            latency_ticks: merged,
-            ticks_per_s,
-            mismatches,
-            io_errors,
-            seed,
-        }
+        Report { jobs, total, latency_ticks: merged, ticks_per_s, mismatches, io_errors, seed }
     }
 
     /// The final table (bdevperf's columns plus the percentiles).
@@ -203,18 +181,7 @@ impl Report {
         let _ = writeln!(
             s,
             "{:<24} {:>12} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
-            "Job",
-            "IOPS",
-            "MiB/s",
-            "avg(us)",
-            "min(us)",
-            "max(us)",
-            "p50",
-            "p90",
-            "p99",
-            "p99.9",
-            "p99.99",
-            "errors"
+            "Job", "IOPS", "MiB/s", "avg(us)", "min(us)", "max(us)", "p50", "p90", "p99", "p99.9", "p99.99", "errors"
         );
         for r in self.jobs.iter().chain(std::iter::once(&self.total)) {
             let l = &r.latency;
@@ -231,10 +198,7 @@ impl Report {
     pub fn to_json(&self, spec: &RunSpec) -> Value {
         let bdevs = match &spec.target {
             crate::cli::Target::Local { bdevs, .. } => json!(bdevs),
-            crate::cli::Target::Tcp(t) => json!([format!(
-                "{} {}:{} {}",
-                t.trtype, t.traddr, t.trsvcid, t.subnqn
-            )]),
+            crate::cli::Target::Tcp(t) => json!([format!("{} {}:{} {}", t.trtype, t.traddr, t.trsvcid, t.subnqn)]),
         };
         json!({
             "config": {
@@ -259,8 +223,7 @@ impl Report {
     }
 
     pub fn write_json(&self, spec: &RunSpec, path: &Path) -> Result<()> {
-        let text =
-            serde_json::to_string_pretty(&self.to_json(spec)).context("encoding the report")?;
+        let text = serde_json::to_string_pretty(&self.to_json(spec)).context("encoding the report")?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
     }
 

@@ -28,12 +28,7 @@ pub fn latency_plot(h: &Histogram<u64>, ticks_per_s: u64, title: &str, path: &Pa
             points.push((stretch(v.quantile_iterated_to()), us(v.value_iterated_to())));
         }
     }
-    let x_max = points
-        .iter()
-        .map(|p| p.0)
-        .fold(1.0f64, f64::max)
-        .ceil()
-        .max(1.0);
+    let x_max = points.iter().map(|p| p.0).fold(1.0f64, f64::max).ceil().max(1.0);
     let y_max = points.iter().map(|p| p.1).fold(1.0f64, f64::max) * 1.1;
     let err = |e: String| anyhow!("drawing {}: {e}", path.display());
     let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
@@ -53,9 +48,7 @@ pub fn latency_plot(h: &Histogram<u64>, ticks_per_s: u64, title: &str, path: &Pa
         .x_label_formatter(&|x| label(*x))
         .draw()
         .map_err(|e| err(e.to_string()))?;
-    chart
-        .draw_series(LineSeries::new(points, &BLUE))
-        .map_err(|e| err(e.to_string()))?;
+    chart.draw_series(LineSeries::new(points, &BLUE)).map_err(|e| err(e.to_string()))?;
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(())
 }

@@ -55,10 +55,7 @@ impl Workload {
 
     /// Offsets drawn at random (aligned to the IO size) rather than in order.
     pub fn is_random(self) -> bool {
-        matches!(
-            self,
-            Workload::RandRead | Workload::RandWrite | Workload::RandRw
-        )
+        matches!(self, Workload::RandRead | Workload::RandWrite | Workload::RandRw)
     }
 
     /// Reads and writes mixed by `-M`.
@@ -92,9 +89,5 @@ impl std::fmt::Display for Workload {
 
 /// All workload names, for error messages.
 pub fn names() -> String {
-    Workload::ALL
-        .iter()
-        .map(|w| w.name())
-        .collect::<Vec<_>>()
-        .join(", ")
+    Workload::ALL.iter().map(|w| w.name()).collect::<Vec<_>>().join(", ")
 }

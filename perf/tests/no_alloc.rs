@@ -76,14 +76,8 @@ fn check(name: &str, config: &str, bdev: &str, workload: Workload, qd: u32, io_s
     let ios = b.0.ios - a.0.ios;
     let allocs = b.1 - a.1;
     println!("{name}: {ios} IOs, {allocs} allocations between ticks");
-    assert!(
-        ios >= MIN_IOS,
-        "{name}: only {ios} IOs in the window; the machine is too slow for this check"
-    );
-    assert!(
-        allocs <= SLACK,
-        "{name}: {allocs} allocations during {ios} IOs in steady state: the IO path allocates"
-    );
+    assert!(ios >= MIN_IOS, "{name}: only {ios} IOs in the window; the machine is too slow for this check");
+    assert!(allocs <= SLACK, "{name}: {allocs} allocations during {ios} IOs in steady state: the IO path allocates");
 }
 
 fn config(calls: &str) -> String {
@@ -92,21 +86,11 @@ fn config(calls: &str) -> String {
 
 #[test]
 fn steady_state_does_not_allocate() {
-    let null = config(
-        r#"{"method":"bdev_null_create","params":{"name":"N0","num_blocks":262144,"block_size":4096}}"#,
-    );
-    let malloc = config(
-        r#"{"method":"bdev_malloc_create","params":{"name":"M0","num_blocks":4096,"block_size":4096}}"#,
-    );
+    let null = config(r#"{"method":"bdev_null_create","params":{"name":"N0","num_blocks":262144,"block_size":4096}}"#);
+    let malloc =
+        config(r#"{"method":"bdev_malloc_create","params":{"name":"M0","num_blocks":4096,"block_size":4096}}"#);
     check("null randread", &null, "N0", Workload::RandRead, 32, 4096);
-    check(
-        "malloc randwrite (stamped)",
-        &malloc,
-        "M0",
-        Workload::RandWrite,
-        32,
-        4096,
-    );
+    check("malloc randwrite (stamped)", &malloc, "M0", Workload::RandWrite, 32, 4096);
     check("malloc rw", &malloc, "M0", Workload::Rw, 16, 8192);
     check("malloc verify", &malloc, "M0", Workload::Verify, 16, 4096);
 }

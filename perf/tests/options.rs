@@ -22,9 +22,7 @@ fn invalid(args: &[&str]) -> String {
     }
 }
 
-const BASE: &[&str] = &[
-    "--json", "cfg.json", "-q", "32", "-o", "4k", "-w", "randread", "-t", "2",
-];
+const BASE: &[&str] = &["--json", "cfg.json", "-q", "32", "-o", "4k", "-w", "randread", "-t", "2"];
 
 #[test]
 fn a_full_command_line_parses() {
@@ -89,11 +87,7 @@ fn defaults_and_every_workload_name() {
     }
     let s = spec(BASE);
     assert_eq!(s.cores, vec![0]);
-    assert_eq!(
-        s.idle,
-        mgmt::reactor::IdlePolicy::BusyPoll,
-        "a benchmark busy-polls by default"
-    );
+    assert_eq!(s.idle, mgmt::reactor::IdlePolicy::BusyPoll, "a benchmark busy-polls by default");
     assert!(s.pin);
 }
 
@@ -164,23 +158,16 @@ fn bad_options_are_refused_by_name() {
 
 #[test]
 fn transport_ids() {
-    let t = TransportId::parse(
-        "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420 subnqn:nqn.2016-06.io.spdk:cnode1",
-    )
-    .unwrap();
+    let t =
+        TransportId::parse("trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420 subnqn:nqn.2016-06.io.spdk:cnode1")
+            .unwrap();
     assert_eq!(t.traddr, "127.0.0.1");
     assert_eq!(t.trsvcid, "4420");
     assert_eq!(t.subnqn, "nqn.2016-06.io.spdk:cnode1");
     assert!(TransportId::parse("trtype:RDMA traddr:1.2.3.4").is_err());
-    assert!(TransportId::parse("trtype:TCP")
-        .unwrap_err()
-        .to_string()
-        .contains("traddr"));
+    assert!(TransportId::parse("trtype:TCP").unwrap_err().to_string().contains("traddr"));
     assert!(TransportId::parse("trtype:TCP traddr:x trsvcid:99999 subnqn:n").is_err());
-    assert!(TransportId::parse("trtype:TCP traddr:x")
-        .unwrap_err()
-        .to_string()
-        .contains("subnqn"));
+    assert!(TransportId::parse("trtype:TCP traddr:x").unwrap_err().to_string().contains("subnqn"));
     assert!(TransportId::parse("trtype:TCP traddr:x bogus").is_err());
     assert!(TransportId::parse("trtype:TCP traddr:x color:red").is_err());
     let s = spec(&[

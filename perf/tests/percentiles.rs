@@ -7,10 +7,7 @@ use perf::Workload;
 
 fn close(got: f64, want: f64) {
     // HDR with 3 significant digits: within 0.1 % (plus one unit of rounding).
-    assert!(
-        (got - want).abs() <= want * 0.001 + 1.0,
-        "got {got}, want {want}"
-    );
+    assert!((got - want).abs() <= want * 0.001 + 1.0, "got {got}, want {want}");
 }
 
 #[test]
@@ -25,11 +22,7 @@ fn uniform_distribution() {
     close(s.min_us, 1.0);
     close(s.max_us, 100_000.0);
     close(s.avg_us, 50_000.5);
-    for (got, want) in s
-        .percentiles_us
-        .iter()
-        .zip([50_000.0, 90_000.0, 99_000.0, 99_900.0, 99_990.0])
-    {
+    for (got, want) in s.percentiles_us.iter().zip([50_000.0, 90_000.0, 99_000.0, 99_900.0, 99_990.0]) {
         close(*got, want);
     }
 }
@@ -50,14 +43,8 @@ fn skewed_distribution_and_tick_conversion() {
     close(s.percentiles_us[3], 1000.0);
     close(s.percentiles_us[4], 50_000.0);
     close(s.max_us, 50_000.0);
-    close(
-        s.avg_us,
-        (9_980.0 * 10.0 + 15.0 * 1000.0 + 5.0 * 50_000.0) / 10_000.0,
-    );
-    assert_eq!(
-        LatencySummary::from_histogram(&new_histogram(), ghz3),
-        LatencySummary::default()
-    );
+    close(s.avg_us, (9_980.0 * 10.0 + 15.0 * 1000.0 + 5.0 * 50_000.0) / 10_000.0);
+    assert_eq!(LatencySummary::from_histogram(&new_histogram(), ghz3), LatencySummary::default());
 }
 
 fn job(index: u32, values: impl Iterator<Item = u64>, ticks_per_s: u64) -> JobResult {
@@ -100,11 +87,7 @@ fn per_core_histograms_merge_into_the_total() {
     let tps = 1_000_000;
     // Core 0 saw the fast half, core 1 the slow half: only the merge gets
     // the percentiles of the whole right.
-    let r = Report::from_results(
-        vec![job(1, 50_001..=100_000, tps), job(0, 1..=50_000, tps)],
-        tps,
-        9,
-    );
+    let r = Report::from_results(vec![job(1, 50_001..=100_000, tps), job(0, 1..=50_000, tps)], tps, 9);
     assert_eq!(r.jobs[0].name, "B0@core0");
     close(r.jobs[0].latency.percentiles_us[0], 25_000.0);
     close(r.jobs[1].latency.percentiles_us[0], 75_000.0);

@@ -21,21 +21,13 @@ fn malloc(name: &str, blocks: u64, block_size: u32) -> String {
 }
 
 fn quiet(setup: Option<SetupHook>) -> Hooks {
-    Hooks {
-        setup,
-        on_sample: None,
-        quiet: true,
-    }
+    Hooks { setup, on_sample: None, quiet: true }
 }
 
 /// Wraps M0 in EE_M0 with one corrupt_data rule for `io_type`.
 fn corrupt_hook(io_type: &'static str, offset: u64) -> SetupHook {
     Box::new(move || {
-        error::create(ErrorCreateParams {
-            base_name: "M0".into(),
-            uuid: None,
-        })
-        .map_err(|e| e.to_string())?;
+        error::create(ErrorCreateParams { base_name: "M0".into(), uuid: None }).map_err(|e| e.to_string())?;
         error::inject(ErrorInjectParams {
             name: "EE_M0".into(),
             io_type: io_type.into(),
@@ -125,38 +117,16 @@ fn two_cores_two_bdevs_make_four_jobs_and_reports_are_written() {
     let names: Vec<&str> = r.jobs.iter().map(|j| j.name.as_str()).collect();
     assert_eq!(names, ["M0@core0", "N0@core0", "M0@core1", "N0@core1"]);
     assert_eq!(r.total.ios, r.jobs.iter().map(|j| j.ios).sum::<u64>());
-    assert_eq!(
-        r.latency_ticks.len(),
-        r.total.ios,
-        "merged histogram holds every job's IOs"
-    );
+    assert_eq!(r.latency_ticks.len(), r.total.ios, "merged histogram holds every job's IOs");
     r.write_json(&spec, &dir.join("r.json")).unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).unwrap()).unwrap();
-    for k in [
-        "iops",
-        "mib_per_sec",
-        "p50_us",
-        "p90_us",
-        "p99_us",
-        "p99_9_us",
-        "p99_99_us",
-        "avg_us",
-    ] {
-        assert!(
-            v["total"][k].is_number(),
-            "total.{k} missing: {}",
-            v["total"]
-        );
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).unwrap()).unwrap();
+    for k in ["iops", "mib_per_sec", "p50_us", "p90_us", "p99_us", "p99_9_us", "p99_99_us", "avg_us"] {
+        assert!(v["total"][k].is_number(), "total.{k} missing: {}", v["total"]);
     }
     assert_eq!(v["jobs"].as_array().unwrap().len(), 4);
     r.write_svg("test", &dir.join("l.svg")).unwrap();
     let svg = std::fs::read_to_string(dir.join("l.svg")).unwrap();
-    assert!(
-        svg.contains("<svg") && svg.contains("<polyline"),
-        "{}",
-        &svg[..svg.len().min(300)]
-    );
+    assert!(svg.contains("<svg") && svg.contains("<polyline"), "{}", &svg[..svg.len().min(300)]);
     let table = r.table();
     assert!(table.contains("Total") && table.contains("p99.99"));
     std::fs::remove_dir_all(&dir).ok();
@@ -175,26 +145,15 @@ fn bad_setups_fail_with_clear_errors() {
     assert!(err(&spec).contains("larger than bdev"));
     let spec = RunSpec::local(&cfg, &["M0"], Workload::Verify, 64, 4096);
     assert!(err(&spec).contains("verify needs"));
-    let null = config(
-        r#"{"method":"bdev_null_create","params":{"name":"N0","num_blocks":64,"block_size":512}}"#,
-    );
+    let null = config(r#"{"method":"bdev_null_create","params":{"name":"N0","num_blocks":64,"block_size":512}}"#);
     let spec = RunSpec::local(&null, &["N0"], Workload::Unmap, 1, 512);
     assert!(err(&spec).contains("does not support unmap"));
     let spec = RunSpec::local("{not json", &[], Workload::Read, 1, 512);
     assert!(err(&spec).contains("config"));
-    let spec = RunSpec::local(
-        &config(r#"{"method":"bdev_frob_create"}"#),
-        &[],
-        Workload::Read,
-        1,
-        512,
-    );
+    let spec = RunSpec::local(&config(r#"{"method":"bdev_frob_create"}"#), &[], Workload::Read, 1, 512);
     assert!(err(&spec).contains("unknown method bdev_frob_create"));
-    let bad = config(
-        r#"{"method":"bdev_malloc_create","params":{"name":"X","num_blocks":8,"block_size":100}}"#,
-    );
-    assert!(err(&RunSpec::local(&bad, &[], Workload::Read, 1, 512))
-        .contains("bdev_malloc_create failed"));
+    let bad = config(r#"{"method":"bdev_malloc_create","params":{"name":"X","num_blocks":8,"block_size":100}}"#);
+    assert!(err(&RunSpec::local(&bad, &[], Workload::Read, 1, 512)).contains("bdev_malloc_create failed"));
     assert!(err(&RunSpec::local(&config(""), &[], Workload::Read, 1, 512)).contains("no bdev"));
 }
 
@@ -207,10 +166,7 @@ fn free_port() -> u16 {
 #[test]
 fn an_unreachable_target_is_a_clear_error() {
     let mut spec = RunSpec::local(&config(""), &[], Workload::Read, 1, 512);
-    let trid = format!(
-        "trtype:TCP traddr:127.0.0.1 trsvcid:{} subnqn:nqn.2016-06.io.nvraid:none",
-        free_port()
-    );
+    let trid = format!("trtype:TCP traddr:127.0.0.1 trsvcid:{} subnqn:nqn.2016-06.io.nvraid:none", free_port());
     spec.target = perf::Target::Tcp(perf::cli::TransportId::parse(&trid).unwrap());
     let e = format!("{:#}", perf::run(&spec, quiet(None)).unwrap_err());
     assert!(e.contains("cannot reach NVMe/TCP target 127.0.0.1"), "{e}");
@@ -223,28 +179,21 @@ fn verify_through_the_nvme_tcp_initiator_against_an_in_process_target() {
     // remote namespace exactly as NVMe/TCP mode runs them.
     let port = free_port();
     let nqn = "nqn.2016-06.io.nvraid:perftest";
-    let listen =
-        format!(r#"{{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{port}"}}"#);
-    let trid = perf::cli::TransportId::parse(&format!(
-        "trtype:TCP traddr:127.0.0.1 trsvcid:{port} subnqn:{nqn}"
-    ))
-    .unwrap();
+    let listen = format!(r#"{{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{port}"}}"#);
+    let trid =
+        perf::cli::TransportId::parse(&format!("trtype:TCP traddr:127.0.0.1 trsvcid:{port} subnqn:{nqn}")).unwrap();
     let attach: serde_json::Value = serde_json::from_str(&perf::tcp_config(&trid)).unwrap();
     let attach = attach["subsystems"][0]["config"][0].to_string();
     let calls = [
         malloc("M0", 8192, 512),
         r#"{"method":"nvmf_create_transport","params":{"trtype":"TCP"}}"#.to_string(),
-        format!(
-            r#"{{"method":"nvmf_create_subsystem","params":{{"nqn":"{nqn}","allow_any_host":true}}}}"#
-        ),
+        format!(r#"{{"method":"nvmf_create_subsystem","params":{{"nqn":"{nqn}","allow_any_host":true}}}}"#),
         // A namespace UUID of its own: the initiator's bdev registers in the
         // same registry as M0 and may not reuse M0's UUID.
         format!(
             r#"{{"method":"nvmf_subsystem_add_ns","params":{{"nqn":"{nqn}","namespace":{{"bdev_name":"M0","uuid":"6e767261-6964-4000-8000-000000000001"}}}}}}"#
         ),
-        format!(
-            r#"{{"method":"nvmf_subsystem_add_listener","params":{{"nqn":"{nqn}","listen_address":{listen}}}}}"#
-        ),
+        format!(r#"{{"method":"nvmf_subsystem_add_listener","params":{{"nqn":"{nqn}","listen_address":{listen}}}}}"#),
         attach,
     ];
     let cfg = config(&calls.join(","));

@@ -15,8 +15,8 @@ mod wake;
 pub use clock::Clock;
 pub use reactor::{
     count, current, current_uid, for_each_reactor, global, local, now_ns, poller_names, register_poller,
-    register_timed_poller, send, send_raw, stopping, IdlePolicy, Message, PollStatus, PollerHandle,
-    ReactorId, MSG_BATCH,
+    register_timed_poller, send, send_raw, stopping, IdlePolicy, Message, PollStatus, PollerHandle, ReactorId,
+    MSG_BATCH,
 };
 pub use ring::Ring;
 pub use set::{parse_core_mask, CoreMaskError, ManualSet, ReactorConfig, ReactorSet, DEFAULT_RING_CAPACITY};

@@ -449,8 +449,7 @@ pub fn register_timed_poller(
 
 /// Names of the pollers on the current reactor (for diagnostics).
 pub fn poller_names() -> Vec<&'static str> {
-    with_current(|l| l.pollers.borrow().iter().filter(|p| p.alive.get()).map(|p| p.name).collect())
-        .unwrap_or_default()
+    with_current(|l| l.pollers.borrow().iter().filter(|p| p.alive.get()).map(|p| p.name).collect()).unwrap_or_default()
 }
 
 /// Per-reactor state of type `T`, created on first use and dropped when the

@@ -78,7 +78,8 @@ fn pollers_and_timed_pollers() {
             PollStatus::Idle
         });
     });
-    let mut got = vec![rx.recv_timeout(Duration::from_secs(10)).unwrap(), rx.recv_timeout(Duration::from_secs(10)).unwrap()];
+    let mut got =
+        vec![rx.recv_timeout(Duration::from_secs(10)).unwrap(), rx.recv_timeout(Duration::from_secs(10)).unwrap()];
     got.sort();
     assert_eq!(got, vec!["every-loop", "timed"]);
     set.stop();

@@ -5,11 +5,11 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Context, Result};
-use mgmt::bdev::{self, Registry};
 use clap::{Parser, ValueEnum};
+use mgmt::bdev::{self, Registry};
+use mgmt::reactor::{self, IdlePolicy, PollStatus, ReactorConfig, ReactorSet};
 use mgmt::server::RpcServer;
 use mgmt::{config, Ctx, MethodTable};
-use mgmt::reactor::{self, IdlePolicy, PollStatus, ReactorConfig, ReactorSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -60,9 +60,7 @@ enum Event {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NVRAID_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NVRAID_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Args::parse()) {

@@ -15,11 +15,7 @@ const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Writes a pattern and reads it back through the daemon's target.
@@ -39,21 +35,14 @@ fn data_round_trip(port: u16, fill: u8) {
         assert!(t0.elapsed() < Duration::from_secs(10));
     }
     assert!(done[0].status.is_success());
-    qp.read(1, 16, 128, DmaBuf::alloc(65536).unwrap(), 2)
-        .unwrap();
+    qp.read(1, 16, 128, DmaBuf::alloc(65536).unwrap(), 2).unwrap();
     done.clear();
     while done.is_empty() {
         qp.poll(|c| done.push(c)).unwrap();
         assert!(t0.elapsed() < Duration::from_secs(10));
     }
     assert!(done[0].status.is_success());
-    assert!(done[0]
-        .buf
-        .as_ref()
-        .unwrap()
-        .to_vec()
-        .iter()
-        .all(|&x| x == fill));
+    assert!(done[0].buf.as_ref().unwrap().to_vec().iter().all(|&x| x == fill));
 }
 
 #[test]
@@ -64,94 +53,25 @@ fn spdk_client_sets_up_the_target_and_save_config_restores_it() {
     let s = d.sock.clone();
     let port = free_port().to_string();
 
-    spdk_ok(
-        &rpc,
-        &s,
-        &["bdev_malloc_create", "-b", "Malloc0", "16", "512"],
-    );
-    spdk_ok(
-        &rpc,
-        &s,
-        &[
-            "nvmf_create_transport",
-            "-t",
-            "TCP",
-            "-q",
-            "64",
-            "-c",
-            "8192",
-            "-i",
-            "131072",
-        ],
-    );
+    spdk_ok(&rpc, &s, &["bdev_malloc_create", "-b", "Malloc0", "16", "512"]);
+    spdk_ok(&rpc, &s, &["nvmf_create_transport", "-t", "TCP", "-q", "64", "-c", "8192", "-i", "131072"]);
     let tr = spdk_ok(&rpc, &s, &["nvmf_get_transports"]);
     assert_eq!(tr[0]["trtype"], json!("TCP"));
     assert_eq!(tr[0]["max_queue_depth"], json!(64));
     assert_eq!(tr[0]["in_capsule_data_size"], json!(8192));
-    spdk_ok(
-        &rpc,
-        &s,
-        &[
-            "nvmf_create_subsystem",
-            NQN,
-            "-s",
-            "SPDK00000000000001",
-            "-d",
-            "nvraid test",
-        ],
-    );
+    spdk_ok(&rpc, &s, &["nvmf_create_subsystem", NQN, "-s", "SPDK00000000000001", "-d", "nvraid test"]);
     spdk_ok(&rpc, &s, &["nvmf_subsystem_add_ns", NQN, "Malloc0"]);
-    spdk_ok(
-        &rpc,
-        &s,
-        &[
-            "nvmf_subsystem_add_listener",
-            NQN,
-            "-t",
-            "tcp",
-            "-a",
-            "127.0.0.1",
-            "-s",
-            &port,
-        ],
-    );
-    spdk_ok(
-        &rpc,
-        &s,
-        &[
-            "nvmf_subsystem_add_listener",
-            "discovery",
-            "-t",
-            "tcp",
-            "-a",
-            "127.0.0.1",
-            "-s",
-            &port,
-        ],
-    );
+    spdk_ok(&rpc, &s, &["nvmf_subsystem_add_listener", NQN, "-t", "tcp", "-a", "127.0.0.1", "-s", &port]);
+    spdk_ok(&rpc, &s, &["nvmf_subsystem_add_listener", "discovery", "-t", "tcp", "-a", "127.0.0.1", "-s", &port]);
     spdk_ok(&rpc, &s, &["nvmf_subsystem_add_host", NQN, HOST]);
     // Readable errors for bad requests.
-    let o = spdk_rpc(
-        &rpc,
-        &s,
-        &[
-            "nvmf_subsystem_add_ns",
-            "nqn.2016-06.io.spdk:nope",
-            "Malloc0",
-        ],
-    );
+    let o = spdk_rpc(&rpc, &s, &["nvmf_subsystem_add_ns", "nqn.2016-06.io.spdk:nope", "Malloc0"]);
     assert!(!o.status.success());
     let o = spdk_rpc(&rpc, &s, &["nvmf_create_subsystem", NQN]);
     assert!(!o.status.success());
 
     let subs = spdk_ok(&rpc, &s, &["nvmf_get_subsystems"]);
-    let sub = subs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["nqn"] == json!(NQN))
-        .unwrap()
-        .clone();
+    let sub = subs.as_array().unwrap().iter().find(|x| x["nqn"] == json!(NQN)).unwrap().clone();
     assert_eq!(sub["namespaces"][0]["bdev_name"], json!("Malloc0"));
     assert_eq!(sub["hosts"][0]["nqn"], json!(HOST));
     assert_eq!(sub["allow_any_host"], json!(false));
@@ -163,24 +83,12 @@ fn spdk_client_sets_up_the_target_and_save_config_restores_it() {
     let mut p = ConnectParams::new("127.0.0.1", &port, NQN);
     p.hostnqn = "nqn.2014-08.org.example:other".into();
     assert!(host::connect(&p, 1).is_err());
-    spdk_ok(
-        &rpc,
-        &s,
-        &["nvmf_subsystem_allow_any_host", NQN, "--allow-any-host"],
-    );
+    spdk_ok(&rpc, &s, &["nvmf_subsystem_allow_any_host", NQN, "--allow-any-host"]);
     host::connect(&p, 1).unwrap_or_else(|e| panic!("allow_any_host: {e}"));
-    spdk_ok(
-        &rpc,
-        &s,
-        &["nvmf_subsystem_allow_any_host", NQN, "--no-allow-any-host"],
-    );
+    spdk_ok(&rpc, &s, &["nvmf_subsystem_allow_any_host", NQN, "--no-allow-any-host"]);
 
     let saved = spdk_rpc(&rpc, &s, &["save_config"]);
-    assert!(
-        saved.status.success(),
-        "{}",
-        String::from_utf8_lossy(&saved.stderr)
-    );
+    assert!(saved.status.success(), "{}", String::from_utf8_lossy(&saved.stderr));
     let cfg_path = dir.join("saved.json");
     std::fs::write(&cfg_path, &saved.stdout).unwrap();
     let before = spdk_ok(&rpc, &s, &["nvmf_get_subsystems"]);
@@ -189,38 +97,18 @@ fn spdk_client_sets_up_the_target_and_save_config_restores_it() {
 
     let d2 = Daemon::start(&dir, &["-m", "0x3", "-c", cfg_path.to_str().unwrap()]);
     let after = spdk_ok(&rpc, &d2.sock, &["nvmf_get_subsystems"]);
-    assert_eq!(
-        before, after,
-        "restart from save_config must give the same subsystems"
-    );
+    assert_eq!(before, after, "restart from save_config must give the same subsystems");
     assert_eq!(tr_before, spdk_ok(&rpc, &d2.sock, &["nvmf_get_transports"]));
     // The malloc data did not survive (RAM), but the export did.
     data_round_trip(port.parse().unwrap(), 0x3C);
 
     // Teardown through RPCs.
-    spdk_ok(
-        &rpc,
-        &d2.sock,
-        &[
-            "nvmf_subsystem_remove_listener",
-            NQN,
-            "-t",
-            "tcp",
-            "-a",
-            "127.0.0.1",
-            "-s",
-            &port,
-        ],
-    );
+    spdk_ok(&rpc, &d2.sock, &["nvmf_subsystem_remove_listener", NQN, "-t", "tcp", "-a", "127.0.0.1", "-s", &port]);
     spdk_ok(&rpc, &d2.sock, &["nvmf_subsystem_remove_ns", NQN, "1"]);
     spdk_ok(&rpc, &d2.sock, &["nvmf_subsystem_remove_host", NQN, HOST]);
     spdk_ok(&rpc, &d2.sock, &["nvmf_delete_subsystem", NQN]);
     let subs = spdk_ok(&rpc, &d2.sock, &["nvmf_get_subsystems"]);
-    assert_eq!(
-        subs.as_array().unwrap().len(),
-        1,
-        "only the discovery subsystem is left: {subs}"
-    );
+    assert_eq!(subs.as_array().unwrap().len(), 1, "only the discovery subsystem is left: {subs}");
 }
 
 #[test]
@@ -230,28 +118,11 @@ fn attach_controller_makes_remote_namespaces_bdevs() {
     // One daemon exports, the other attaches.
     let tgt = Daemon::start(&dir, &["-m", "0x1"]);
     let port = free_port().to_string();
-    spdk_ok(
-        &rpc,
-        &tgt.sock,
-        &["bdev_malloc_create", "-b", "Malloc0", "8", "512"],
-    );
+    spdk_ok(&rpc, &tgt.sock, &["bdev_malloc_create", "-b", "Malloc0", "8", "512"]);
     spdk_ok(&rpc, &tgt.sock, &["nvmf_create_transport", "-t", "TCP"]);
     spdk_ok(&rpc, &tgt.sock, &["nvmf_create_subsystem", NQN, "-a"]);
     spdk_ok(&rpc, &tgt.sock, &["nvmf_subsystem_add_ns", NQN, "Malloc0"]);
-    spdk_ok(
-        &rpc,
-        &tgt.sock,
-        &[
-            "nvmf_subsystem_add_listener",
-            NQN,
-            "-t",
-            "tcp",
-            "-a",
-            "127.0.0.1",
-            "-s",
-            &port,
-        ],
-    );
+    spdk_ok(&rpc, &tgt.sock, &["nvmf_subsystem_add_listener", NQN, "-t", "tcp", "-a", "127.0.0.1", "-s", &port]);
 
     let dir2 = temp_dir("nvmf-attach-host");
     let ini = Daemon::start(&dir2, &["-m", "0x3"]);
@@ -282,9 +153,7 @@ fn attach_controller_makes_remote_namespaces_bdevs() {
     let c = spdk_ok(&rpc, &ini.sock, &["bdev_nvme_get_controllers"]);
     assert_eq!(c[0]["name"], json!("Remote"));
     spdk_ok(&rpc, &ini.sock, &["bdev_nvme_detach_controller", "Remote"]);
-    assert!(ini
-        .rpc("bdev_get_bdevs", json!({"name": "Remoten1"}))
-        .is_err());
+    assert!(ini.rpc("bdev_get_bdevs", json!({"name": "Remoten1"})).is_err());
 }
 
 #[test]
@@ -298,15 +167,8 @@ fn default_config_exports_an_array_and_prints_the_connect_line() {
     let dir = temp_dir("nvmf-default");
     let mut d = Daemon::start(&dir, &["--default-config"]);
     let t0 = std::time::Instant::now();
-    while !d
-        .log_text()
-        .contains("nvme connect -t tcp -a 127.0.0.1 -s 4420 -n nqn.2016-06.io.nvraid:array0")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no connect line: {}",
-            d.log_text()
-        );
+    while !d.log_text().contains("nvme connect -t tcp -a 127.0.0.1 -s 4420 -n nqn.2016-06.io.nvraid:array0") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no connect line: {}", d.log_text());
         std::thread::sleep(Duration::from_millis(20));
     }
     let p = ConnectParams::new("127.0.0.1", "4420", "nqn.2016-06.io.nvraid:array0");

@@ -39,11 +39,19 @@ fn spdk_client_drives_the_daemon_and_config_round_trips() {
     assert_eq!(spdk_ok(&rpc, &s, &["bdev_uring_create", file2.to_str().unwrap(), "Uring0"]), json!("Uring0"));
     spdk_ok(&rpc, &s, &["bdev_error_create", "Malloc1"]);
     spdk_ok(&rpc, &s, &["bdev_error_inject_error", "EE_Malloc1", "write", "failure", "-n", "3"]);
-    spdk_ok(&rpc, &s, &["bdev_error_inject_error", "EE_Malloc1", "read", "nvme_failure", "--nvme-sct", "2", "--nvme-sc", "129"]);
+    spdk_ok(
+        &rpc,
+        &s,
+        &["bdev_error_inject_error", "EE_Malloc1", "read", "nvme_failure", "--nvme-sct", "2", "--nvme-sc", "129"],
+    );
     let o = spdk_rpc(&rpc, &s, &["bdev_malloc_delete", "Malloc1"]);
     assert!(!o.status.success(), "a claimed bdev must not be deleted");
     assert_eq!(
-        spdk_ok(&rpc, &s, &["bdev_delay_create", "-b", "Null0", "-d", "Delay0", "-r", "10", "-t", "20", "-w", "30", "-n", "40"]),
+        spdk_ok(
+            &rpc,
+            &s,
+            &["bdev_delay_create", "-b", "Null0", "-d", "Delay0", "-r", "10", "-t", "20", "-w", "30", "-n", "40"]
+        ),
         json!("Delay0")
     );
     let ee = &spdk_ok(&rpc, &s, &["bdev_get_bdevs", "-b", "EE_Malloc1"])[0];

@@ -11,7 +11,8 @@ fn still_serving(d: &Daemon) {
 }
 
 fn error_of(reply: &str) -> (i64, String) {
-    let v: Value = serde_json::from_str(reply.lines().next().unwrap_or("")).unwrap_or_else(|e| panic!("{reply:?}: {e}"));
+    let v: Value =
+        serde_json::from_str(reply.lines().next().unwrap_or("")).unwrap_or_else(|e| panic!("{reply:?}: {e}"));
     (v["error"]["code"].as_i64().unwrap(), v["error"]["message"].as_str().unwrap().to_string())
 }
 
@@ -48,7 +49,8 @@ fn bad_requests_get_json_rpc_errors() {
 
     // A name that already exists.
     d.ok("bdev_malloc_create", json!({"name": "A", "num_blocks": 8, "block_size": 512}));
-    let (code, msg) = d.rpc("bdev_malloc_create", json!({"name": "A", "num_blocks": 8, "block_size": 512})).unwrap_err();
+    let (code, msg) =
+        d.rpc("bdev_malloc_create", json!({"name": "A", "num_blocks": 8, "block_size": 512})).unwrap_err();
     assert_eq!(code, -17);
     assert!(msg.contains("already exists"), "{msg}");
 
@@ -109,7 +111,8 @@ fn bad_command_lines_and_configs_exit_cleanly() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not valid JSON"));
 
-    std::fs::write(&bad, r#"{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_teleport_create"}]}]}"#).unwrap();
+    std::fs::write(&bad, r#"{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_teleport_create"}]}]}"#)
+        .unwrap();
     let o = run(&["-c", bad.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown method bdev_teleport_create"));
@@ -138,7 +141,13 @@ fn socket_is_owner_only_and_sigterm_is_clean() {
     let mut d = Daemon::start(&dir, &["-c", cfg.to_str().unwrap()]);
     let mode = std::fs::metadata(&d.sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "RPC socket mode {mode:o}");
-    let names: Vec<String> = d.ok("bdev_get_bdevs", Value::Null).as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = d
+        .ok("bdev_get_bdevs", Value::Null)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, vec!["Malloc0", "Malloc1"]);
     d.stop();
     assert!(!d.sock.exists(), "socket removed at shutdown");
@@ -150,12 +159,7 @@ fn nvraid_rpc_client_reports_results_and_errors() {
     let cfg = two_malloc_config(&dir);
     let d = Daemon::start(&dir, &["-c", cfg.to_str().unwrap()]);
     let cli = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_nvraid-rpc"))
-            .arg("-s")
-            .arg(&d.sock)
-            .args(args)
-            .output()
-            .unwrap()
+        std::process::Command::new(env!("CARGO_BIN_EXE_nvraid-rpc")).arg("-s").arg(&d.sock).args(args).output().unwrap()
     };
     let o = cli(&["bdev_get_bdevs", r#"{"name": "Malloc1"}"#]);
     assert!(o.status.success());

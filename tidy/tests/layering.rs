@@ -17,7 +17,8 @@ fn metadata() -> Value {
 }
 
 fn workspace_crates(meta: &Value) -> Vec<(String, PathBuf, Vec<String>)> {
-    let members: Vec<String> = meta["packages"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+    let members: Vec<String> =
+        meta["packages"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
     meta["packages"]
         .as_array()
         .unwrap()

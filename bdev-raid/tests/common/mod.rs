@@ -23,9 +23,7 @@ pub const BLOCK: u64 = 512;
 pub fn seed() -> u64 {
     match std::env::var("NVRAID_SEED") {
         Ok(s) => s.parse().expect("NVRAID_SEED must be a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64),
+        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64),
     }
 }
 
@@ -39,10 +37,7 @@ impl Drop for Set {
 }
 
 pub fn start(n: usize) -> Set {
-    let cfg = ReactorConfig {
-        pin: false,
-        ..ReactorConfig::new((0..n).collect(), IdlePolicy::sleep())
-    };
+    let cfg = ReactorConfig { pin: false, ..ReactorConfig::new((0..n).collect(), IdlePolicy::sleep()) };
     Set(ReactorSet::start(cfg, || {}).expect("reactors start"))
 }
 
@@ -53,8 +48,7 @@ impl Set {
         self.0.send(r, move || {
             let _ = tx.send(f());
         });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("reactor call timed out")
+        rx.recv_timeout(Duration::from_secs(20)).expect("reactor call timed out")
     }
 
     /// Runs `f(done)` on reactor `r`; waits (at most `secs`) for `done`.
@@ -70,27 +64,18 @@ impl Set {
                 let _ = tx.send(v);
             }))
         });
-        rx.recv_timeout(Duration::from_secs(secs))
-            .expect("asynchronous call timed out")
+        rx.recv_timeout(Duration::from_secs(secs)).expect("asynchronous call timed out")
     }
 
     /// Polls `cond` on reactor 0 every 5 ms until true or `secs` pass.
-    pub fn wait_for(
-        &self,
-        secs: u64,
-        what: &str,
-        cond: impl Fn() -> bool + Send + Sync + Clone + 'static,
-    ) {
+    pub fn wait_for(&self, secs: u64, what: &str, cond: impl Fn() -> bool + Send + Sync + Clone + 'static) {
         let deadline = std::time::Instant::now() + Duration::from_secs(secs);
         loop {
             let c = cond.clone();
             if self.call(0, c) {
                 return;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -98,16 +83,7 @@ impl Set {
 
 /// Registers a malloc bdev (512-byte blocks) and returns it for raw reads.
 pub fn malloc(name: &str, blocks: u64) -> Arc<MallocBdev> {
-    let m = Arc::new(
-        MallocBdev::new(BdevProps::new(
-            name,
-            "Malloc disk",
-            BLOCK as u32,
-            blocks,
-            None,
-        ))
-        .unwrap(),
-    );
+    let m = Arc::new(MallocBdev::new(BdevProps::new(name, "Malloc disk", BLOCK as u32, blocks, None)).unwrap());
     Registry::get().register(m.clone()).unwrap();
     m
 }
@@ -127,12 +103,7 @@ pub fn first_difference(a: &MallocBdev, b: &MallocBdev, blocks: u64) -> Option<u
     })
 }
 
-pub fn create_raid(
-    name: &str,
-    level: &str,
-    strip_kb: Option<u32>,
-    members: &[&str],
-) -> Result<Value, bdev::BdevError> {
+pub fn create_raid(name: &str, level: &str, strip_kb: Option<u32>, members: &[&str]) -> Result<Value, bdev::BdevError> {
     bdev_raid::rpc::bdev_raid_create(bdev_raid::rpc::RaidCreateParams {
         name: name.into(),
         raid_level: level.into(),
@@ -376,10 +347,7 @@ pub fn start_verify(ch: Rc<Channel>, cfg: VerifyCfg, stats: Arc<VerifyStats>) {
             let (off, n) = {
                 let mut rng = j.rng.borrow_mut();
                 let n = 1 + rng.below(j.cfg.max_blocks.min(j.cfg.lane_blocks));
-                (
-                    j.cfg.first_block + lane.base + rng.below(j.cfg.lane_blocks - n + 1),
-                    n,
-                )
+                (j.cfg.first_block + lane.base + rng.below(j.cfg.lane_blocks - n + 1), n)
             };
             let write = !lane.writing.get();
             lane.writing.set(write);

@@ -76,9 +76,7 @@ fn framework_get_reactors(ctx: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
 
 fn framework_get_subsystems(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |_: NoParams| {
-        Ok(Value::Array(
-            SUBSYSTEMS.iter().map(|s| json!({"subsystem": s.name, "depends_on": s.depends_on})).collect(),
-        ))
+        Ok(Value::Array(SUBSYSTEMS.iter().map(|s| json!({"subsystem": s.name, "depends_on": s.depends_on})).collect()))
     });
 }
 

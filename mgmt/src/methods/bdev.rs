@@ -174,7 +174,8 @@ struct MallocCreate {
 fn bdev_malloc_create(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: MallocCreate| {
         let name = p.name.unwrap_or_else(|| free_name("Malloc"));
-        let mut props = BdevProps::new(&name, "Malloc disk", p.block_size, p.num_blocks, parse_uuid(p.uuid.as_deref())?);
+        let mut props =
+            BdevProps::new(&name, "Malloc disk", p.block_size, p.num_blocks, parse_uuid(p.uuid.as_deref())?);
         props.optimal_io_boundary = p.optimal_io_boundary;
         if Registry::get().lookup(&name).is_some() {
             return Err(bdev_error(::bdev::BdevError::Exists(name)));

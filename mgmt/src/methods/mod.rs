@@ -34,9 +34,10 @@ pub struct Subsystem {
     pub config: fn() -> Vec<Value>,
 }
 
-pub const SUBSYSTEMS: &[Subsystem] =
-    &[Subsystem { name: "bdev", depends_on: &[], config: bdev::subsystem_config },
-    Subsystem { name: "nvmf", depends_on: &["bdev"], config: nvmf::subsystem_config }];
+pub const SUBSYSTEMS: &[Subsystem] = &[
+    Subsystem { name: "bdev", depends_on: &[], config: bdev::subsystem_config },
+    Subsystem { name: "nvmf", depends_on: &["bdev"], config: nvmf::subsystem_config },
+];
 
 /// Every method the daemon serves.
 fn all_methods() -> impl Iterator<Item = &'static (&'static str, Handler)> {
@@ -77,11 +78,7 @@ impl Dispatch for MethodTable {
 }
 
 /// Decodes params and runs a synchronous method body.
-pub(crate) fn sync_call<P: DeserializeOwned>(
-    params: Option<Value>,
-    reply: Reply,
-    f: impl FnOnce(P) -> RpcResult,
-) {
+pub(crate) fn sync_call<P: DeserializeOwned>(params: Option<Value>, reply: Reply, f: impl FnOnce(P) -> RpcResult) {
     reply.send(decode_params::<P>(params).and_then(f));
 }
 

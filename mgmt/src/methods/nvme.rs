@@ -66,9 +66,7 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
         hdgst: p.hdgst,
         ddgst: p.ddgst,
     };
-    host::attach_controller(params, move |r| {
-        reply.send(r.map(|names| serde_json::json!(names)).map_err(bdev_error))
-    });
+    host::attach_controller(params, move |r| reply.send(r.map(|names| serde_json::json!(names)).map_err(bdev_error)));
 }
 
 fn nvme_error(e: ::nvme::NvmeError) -> RpcError {
@@ -79,10 +77,7 @@ fn nvme_error(e: ::nvme::NvmeError) -> RpcError {
 /// on this (the application) reactor, which becomes the controller's home.
 fn attach_local(p: Attach) -> Result<Value, RpcError> {
     if !host::controllers_json(Some(&p.name)).is_empty() {
-        return Err(RpcError::errno(
-            libc::EEXIST,
-            format!("controller {} already exists", p.name),
-        ));
+        return Err(RpcError::errno(libc::EEXIST, format!("controller {} already exists", p.name)));
     }
     let pcie = p.trtype.eq_ignore_ascii_case("pcie");
     let config = if pcie {
@@ -94,28 +89,17 @@ fn attach_local(p: Attach) -> Result<Value, RpcError> {
                        "sim_num_blocks": p.sim_num_blocks, "sim_block_size": p.sim_block_size}})
     };
     let transport = if pcie {
-        ::nvme::Transport::Pcie {
-            traddr: p.traddr.clone(),
-        }
+        ::nvme::Transport::Pcie { traddr: p.traddr.clone() }
     } else {
         let ns = ::nvme::SimNamespace {
             num_blocks: p.sim_num_blocks.unwrap_or(262_144),
             block_size: p.sim_block_size.unwrap_or(512),
         };
-        let cfg = ::nvme::SimConfig {
-            seed: p.sim_seed.unwrap_or(1),
-            namespaces: vec![ns],
-            ..Default::default()
-        };
+        let cfg = ::nvme::SimConfig { seed: p.sim_seed.unwrap_or(1), namespaces: vec![ns], ..Default::default() };
         ::nvme::Transport::Sim(::nvme::SimController::new(cfg).map_err(RpcError::invalid_params)?)
     };
-    let names = ::nvme::attach_controller(
-        &p.name,
-        transport,
-        ::nvme::CtrlrOpts::default(),
-        Some(config),
-    )
-    .map_err(nvme_error)?;
+    let names = ::nvme::attach_controller(&p.name, transport, ::nvme::CtrlrOpts::default(), Some(config))
+        .map_err(nvme_error)?;
     Ok(serde_json::json!(names))
 }
 
@@ -134,9 +118,7 @@ fn bdev_nvme_detach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
             reply.send(r.map(|()| Value::Bool(true)).map_err(nvme_error))
         });
     }
-    host::detach_controller(&p.name, move |r| {
-        reply.send(r.map(|()| Value::Bool(true)).map_err(bdev_error))
-    });
+    host::detach_controller(&p.name, move |r| reply.send(r.map(|()| Value::Bool(true)).map_err(bdev_error)));
 }
 
 #[derive(Deserialize, Default)]
@@ -149,10 +131,7 @@ fn bdev_nvme_get_controllers(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) 
         let mut list = host::controllers_json(p.name.as_deref());
         list.extend(::nvme::controllers_json(p.name.as_deref()).unwrap_or_default());
         if let (Some(n), true) = (&p.name, list.is_empty()) {
-            return Err(RpcError::errno(
-                libc::ENODEV,
-                format!("controller {n} not found"),
-            ));
+            return Err(RpcError::errno(libc::ENODEV, format!("controller {n} not found")));
         }
         Ok(Value::Array(list))
     });
@@ -168,21 +147,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    fn call(
-        set: &ReactorSet,
-        table: &Arc<MethodTable>,
-        method: &'static str,
-        params: Value,
-    ) -> RpcResult {
+    fn call(set: &ReactorSet, table: &Arc<MethodTable>, method: &'static str, params: Value) -> RpcResult {
         let (tx, rx) = std::sync::mpsc::channel();
         let t = table.clone();
-        set.send(0, move || {
-            t.call(
-                method,
-                Some(params),
-                Reply::callback(move |r| drop(tx.send(r))),
-            )
-        });
+        set.send(0, move || t.call(method, Some(params), Reply::callback(move |r| drop(tx.send(r)))));
         rx.recv_timeout(Duration::from_secs(20)).expect("reply")
     }
 
@@ -192,21 +160,12 @@ mod tests {
     /// detach removes it.
     #[test]
     fn attach_get_detach_with_the_simulated_controller() {
-        let cfg = ReactorConfig {
-            pin: false,
-            ..ReactorConfig::new(vec![0, 1], IdlePolicy::sleep())
-        };
+        let cfg = ReactorConfig { pin: false, ..ReactorConfig::new(vec![0, 1], IdlePolicy::sleep()) };
         let set = ReactorSet::start(cfg, || ()).unwrap();
-        let table = Arc::new(MethodTable::new(Ctx {
-            reactors: set.clone(),
-            shutdown: Box::new(|_| ()),
-        }));
+        let table = Arc::new(MethodTable::new(Ctx { reactors: set.clone(), shutdown: Box::new(|_| ()) }));
         let attach = json!({"name": "Sim0", "trtype": "SIM", "traddr": "sim", "sim_seed": 7,
                             "sim_num_blocks": 4096, "sim_block_size": 4096});
-        assert_eq!(
-            call(&set, &table, "bdev_nvme_attach_controller", attach.clone()).unwrap(),
-            json!(["Sim0n1"])
-        );
+        assert_eq!(call(&set, &table, "bdev_nvme_attach_controller", attach.clone()).unwrap(), json!(["Sim0n1"]));
         let e = call(&set, &table, "bdev_nvme_attach_controller", attach).unwrap_err();
         assert_eq!(e.code, -libc::EEXIST, "{e:?}");
 
@@ -215,22 +174,10 @@ mod tests {
         assert_eq!(b[0]["num_blocks"], 4096);
         assert_eq!(b[0]["product_name"], "NVMe disk");
         assert_eq!(b[0]["driver_specific"]["nvme"][0]["trid"]["trtype"], "SIM");
-        let c = call(
-            &set,
-            &table,
-            "bdev_nvme_get_controllers",
-            json!({"name": "Sim0"}),
-        )
-        .unwrap();
+        let c = call(&set, &table, "bdev_nvme_get_controllers", json!({"name": "Sim0"})).unwrap();
         assert_eq!(c[0]["name"], "Sim0");
         assert_eq!(c[0]["ctrlrs"][0]["state"], "enabled");
-        let conf = call(
-            &set,
-            &table,
-            "framework_get_config",
-            json!({"name": "bdev"}),
-        )
-        .unwrap();
+        let conf = call(&set, &table, "framework_get_config", json!({"name": "bdev"})).unwrap();
         let found = conf.as_array().unwrap().iter().any(|m| {
             m["method"] == "bdev_nvme_attach_controller"
                 && m["params"]["name"] == "Sim0"
@@ -238,13 +185,9 @@ mod tests {
         });
         assert!(found, "{conf}");
 
-        let e = call(
-            &set,
-            &table,
-            "bdev_nvme_attach_controller",
-            json!({"name": "X", "trtype": "RDMA", "traddr": "1"}),
-        )
-        .unwrap_err();
+        let e =
+            call(&set, &table, "bdev_nvme_attach_controller", json!({"name": "X", "trtype": "RDMA", "traddr": "1"}))
+                .unwrap_err();
         assert!(e.message.contains("trtype RDMA is not supported"), "{e:?}");
         let e = call(
             &set,
@@ -263,24 +206,9 @@ mod tests {
         .unwrap_err();
         assert!(e.message.contains("no PCI device 0000:ff:1f.7"), "{e:?}");
 
-        assert_eq!(
-            call(
-                &set,
-                &table,
-                "bdev_nvme_detach_controller",
-                json!({"name": "Sim0"})
-            )
-            .unwrap(),
-            json!(true)
-        );
+        assert_eq!(call(&set, &table, "bdev_nvme_detach_controller", json!({"name": "Sim0"})).unwrap(), json!(true));
         assert!(call(&set, &table, "bdev_get_bdevs", json!({"name": "Sim0n1"})).is_err());
-        let e = call(
-            &set,
-            &table,
-            "bdev_nvme_get_controllers",
-            json!({"name": "Sim0"}),
-        )
-        .unwrap_err();
+        let e = call(&set, &table, "bdev_nvme_get_controllers", json!({"name": "Sim0"})).unwrap_err();
         assert_eq!(e.code, -libc::ENODEV);
         set.stop();
         set.join();

@@ -18,18 +18,11 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("nvmf_delete_subsystem", nvmf_delete_subsystem),
     ("nvmf_subsystem_add_ns", nvmf_subsystem_add_ns),
     ("nvmf_subsystem_remove_ns", nvmf_subsystem_remove_ns),
-    ("nvmf_subsystem_add_listener", |_, p, r| {
-        listener(true, p, r)
-    }),
-    ("nvmf_subsystem_remove_listener", |_, p, r| {
-        listener(false, p, r)
-    }),
+    ("nvmf_subsystem_add_listener", |_, p, r| listener(true, p, r)),
+    ("nvmf_subsystem_remove_listener", |_, p, r| listener(false, p, r)),
     ("nvmf_subsystem_add_host", |_, p, r| host(true, p, r)),
     ("nvmf_subsystem_remove_host", |_, p, r| host(false, p, r)),
-    (
-        "nvmf_subsystem_allow_any_host",
-        nvmf_subsystem_allow_any_host,
-    ),
+    ("nvmf_subsystem_allow_any_host", nvmf_subsystem_allow_any_host),
     ("nvmf_get_subsystems", nvmf_get_subsystems),
 ];
 
@@ -59,11 +52,8 @@ fn u32_of(v: &Value, key: &str, into: &mut u32) -> Result<(), RpcError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(()),
         Some(x) => {
-            let n = x
-                .as_u64()
-                .ok_or_else(|| RpcError::invalid_params(format!("{key} must be a number")))?;
-            *into = u32::try_from(n)
-                .map_err(|_| RpcError::invalid_params(format!("{key} is too large")))?;
+            let n = x.as_u64().ok_or_else(|| RpcError::invalid_params(format!("{key} must be a number")))?;
+            *into = u32::try_from(n).map_err(|_| RpcError::invalid_params(format!("{key} is too large")))?;
             Ok(())
         }
     }
@@ -73,9 +63,7 @@ fn bool_of(v: &Value, key: &str, into: &mut bool) -> Result<(), RpcError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(()),
         Some(x) => {
-            *into = x
-                .as_bool()
-                .ok_or_else(|| RpcError::invalid_params(format!("{key} must be a boolean")))?;
+            *into = x.as_bool().ok_or_else(|| RpcError::invalid_params(format!("{key} must be a boolean")))?;
             Ok(())
         }
     }
@@ -87,14 +75,10 @@ fn nvmf_create_transport(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
         if !v.is_object() {
             return Err(RpcError::invalid_params("params must be an object"));
         }
-        let trtype = v
-            .get("trtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| RpcError::invalid_params("missing trtype"))?;
+        let trtype =
+            v.get("trtype").and_then(Value::as_str).ok_or_else(|| RpcError::invalid_params("missing trtype"))?;
         if !trtype.eq_ignore_ascii_case("tcp") {
-            return Err(RpcError::invalid_params(format!(
-                "transport type '{trtype}' is not supported (only TCP)"
-            )));
+            return Err(RpcError::invalid_params(format!("transport type '{trtype}' is not supported (only TCP)")));
         }
         let mut o = TransportOpts::default();
         for (k, f) in [
@@ -135,18 +119,10 @@ fn nvmf_get_transports(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: GetTransports| {
         if let Some(t) = &p.trtype {
             if !t.eq_ignore_ascii_case("tcp") {
-                return Err(RpcError::invalid_params(format!(
-                    "transport type '{t}' not found"
-                )));
+                return Err(RpcError::invalid_params(format!("transport type '{t}' not found")));
             }
         }
-        Ok(Value::Array(
-            NvmfState::get()
-                .transport()
-                .map(|t| t.to_json())
-                .into_iter()
-                .collect(),
-        ))
+        Ok(Value::Array(NvmfState::get().transport().map(|t| t.to_json()).into_iter().collect()))
     });
 }
 
@@ -198,9 +174,7 @@ struct Nqn {
 
 fn nvmf_delete_subsystem(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: Nqn| {
-        NvmfState::get()
-            .delete_subsystem(&p.nqn)
-            .map_err(nvmf_error)?;
+        NvmfState::get().delete_subsystem(&p.nqn).map_err(nvmf_error)?;
         Ok(Value::Bool(true))
     });
 }
@@ -223,9 +197,7 @@ struct AddNs {
 fn parse_nguid(s: &str) -> Result<[u8; 16], RpcError> {
     let hex: String = s.chars().filter(|c| *c != '-').collect();
     if hex.len() != 32 {
-        return Err(RpcError::invalid_params(format!(
-            "nguid '{s}' must be 32 hex digits"
-        )));
+        return Err(RpcError::invalid_params(format!("nguid '{s}' must be 32 hex digits")));
     }
     let mut out = [0u8; 16];
     for (i, o) in out.iter_mut().enumerate() {
@@ -241,19 +213,11 @@ fn nvmf_subsystem_add_ns(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
             .namespace
             .uuid
             .as_deref()
-            .map(|u| {
-                Uuid::parse_str(u).map_err(|e| RpcError::invalid_params(format!("uuid '{u}': {e}")))
-            })
+            .map(|u| Uuid::parse_str(u).map_err(|e| RpcError::invalid_params(format!("uuid '{u}': {e}"))))
             .transpose()?;
         let nguid = p.namespace.nguid.as_deref().map(parse_nguid).transpose()?;
         let nsid = NvmfState::get()
-            .add_ns(
-                &p.nqn,
-                &p.namespace.bdev_name,
-                p.namespace.nsid,
-                uuid,
-                nguid,
-            )
+            .add_ns(&p.nqn, &p.namespace.bdev_name, p.namespace.nsid, uuid, nguid)
             .map_err(nvmf_error)?;
         Ok(json!(nsid))
     });
@@ -267,9 +231,7 @@ struct RemoveNs {
 
 fn nvmf_subsystem_remove_ns(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: RemoveNs| {
-        NvmfState::get()
-            .remove_ns(&p.nqn, p.nsid)
-            .map_err(nvmf_error)?;
+        NvmfState::get().remove_ns(&p.nqn, p.nsid).map_err(nvmf_error)?;
         Ok(Value::Bool(true))
     });
 }
@@ -293,26 +255,17 @@ fn listener(add: bool, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: Listener| {
         let a = p.listen_address;
         if !a.trtype.eq_ignore_ascii_case("tcp") {
-            return Err(RpcError::invalid_params(format!(
-                "transport type '{}' is not supported",
-                a.trtype
-            )));
+            return Err(RpcError::invalid_params(format!("transport type '{}' is not supported", a.trtype)));
         }
         if let Some(f) = &a.adrfam {
             if !f.eq_ignore_ascii_case("ipv4") && !f.eq_ignore_ascii_case("ipv6") {
-                return Err(RpcError::invalid_params(format!(
-                    "address family '{f}' is not supported"
-                )));
+                return Err(RpcError::invalid_params(format!("address family '{f}' is not supported")));
             }
         }
         let addr = ListenAddr::new(&a.traddr, a.trsvcid.as_deref().unwrap_or("4420"));
         let st = NvmfState::get();
         // SPDK's client documents 'discovery' as a shortcut.
-        let nqn = if p.nqn == "discovery" {
-            nvme_spec_discovery_nqn()
-        } else {
-            p.nqn.as_str()
-        };
+        let nqn = if p.nqn == "discovery" { nvme_spec_discovery_nqn() } else { p.nqn.as_str() };
         if add {
             st.add_listener(nqn, addr).map_err(nvmf_error)?;
         } else {
@@ -348,9 +301,7 @@ struct AllowAny {
 
 fn nvmf_subsystem_allow_any_host(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: AllowAny| {
-        NvmfState::get()
-            .allow_any_host(&p.nqn, p.allow_any_host)
-            .map_err(nvmf_error)?;
+        NvmfState::get().allow_any_host(&p.nqn, p.allow_any_host).map_err(nvmf_error)?;
         Ok(Value::Bool(true))
     });
 }
@@ -363,16 +314,10 @@ struct GetSubsystems {
 fn nvmf_get_subsystems(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: GetSubsystems| {
         let subs = NvmfState::get().subsystems();
-        let list: Vec<Value> = subs
-            .iter()
-            .filter(|s| p.nqn.as_deref().is_none_or(|n| n == s.nqn))
-            .map(|s| s.to_json())
-            .collect();
+        let list: Vec<Value> =
+            subs.iter().filter(|s| p.nqn.as_deref().is_none_or(|n| n == s.nqn)).map(|s| s.to_json()).collect();
         if p.nqn.is_some() && list.is_empty() {
-            return Err(RpcError::invalid_params(format!(
-                "subsystem {} not found",
-                p.nqn.unwrap_or_default()
-            )));
+            return Err(RpcError::invalid_params(format!("subsystem {} not found", p.nqn.unwrap_or_default())));
         }
         Ok(Value::Array(list))
     });

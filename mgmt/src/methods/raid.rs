@@ -27,21 +27,15 @@ pub fn options_config() -> Value {
 }
 
 fn bdev_raid_create(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    sync_call(params, reply, |p: rpc::RaidCreateParams| {
-        rpc::bdev_raid_create(p).map_err(bdev_error)
-    });
+    sync_call(params, reply, |p: rpc::RaidCreateParams| rpc::bdev_raid_create(p).map_err(bdev_error));
 }
 
 fn bdev_raid_get_bdevs(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    sync_call(params, reply, |p: rpc::RaidGetBdevsParams| {
-        rpc::bdev_raid_get_bdevs(p).map_err(bdev_error)
-    });
+    sync_call(params, reply, |p: rpc::RaidGetBdevsParams| rpc::bdev_raid_get_bdevs(p).map_err(bdev_error));
 }
 
 fn bdev_raid_set_options(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    sync_call(params, reply, |p: rpc::RaidSetOptionsParams| {
-        rpc::bdev_raid_set_options(p).map_err(bdev_error)
-    });
+    sync_call(params, reply, |p: rpc::RaidSetOptionsParams| rpc::bdev_raid_set_options(p).map_err(bdev_error));
 }
 
 /// Decodes params and runs an asynchronous method body that answers later.
@@ -57,19 +51,13 @@ fn async_call<P: DeserializeOwned>(
 }
 
 fn bdev_raid_delete(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    async_call(params, reply, |p: rpc::RaidDeleteParams, done| {
-        rpc::bdev_raid_delete(p, done)
-    });
+    async_call(params, reply, |p: rpc::RaidDeleteParams, done| rpc::bdev_raid_delete(p, done));
 }
 
 fn bdev_raid_add_base_bdev(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    async_call(params, reply, |p: rpc::RaidAddBaseBdevParams, done| {
-        rpc::bdev_raid_add_base_bdev(p, done)
-    });
+    async_call(params, reply, |p: rpc::RaidAddBaseBdevParams, done| rpc::bdev_raid_add_base_bdev(p, done));
 }
 
 fn bdev_raid_remove_base_bdev(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    async_call(params, reply, |p: rpc::RaidRemoveBaseBdevParams, done| {
-        rpc::bdev_raid_remove_base_bdev(p, done)
-    });
+    async_call(params, reply, |p: rpc::RaidRemoveBaseBdevParams, done| rpc::bdev_raid_remove_base_bdev(p, done));
 }

@@ -5,9 +5,7 @@
 
 use super::qpair::{AdminQpair, HostQpair, QpairParts, SubmitError};
 use super::{connect, status_io_error, ConnectParams, CtrlInfo, Session, DEFAULT_HOSTNQN};
-use bdev::{
-    Bdev, BdevChannel, BdevError, BdevProps, IoBox, IoError, IoSlab, IoStatus, IoType, Registry,
-};
+use bdev::{Bdev, BdevChannel, BdevError, BdevProps, IoBox, IoError, IoSlab, IoStatus, IoType, Registry};
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -71,27 +69,12 @@ pub fn controllers_json(name: Option<&str>) -> Vec<Value> {
 /// Connects (off the reactor: a helper thread does the blocking connect)
 /// and registers one bdev per namespace; `done` runs on the calling
 /// reactor with the bdev names. Must be called on a reactor.
-pub fn attach_controller(
-    params: AttachParams,
-    done: impl FnOnce(Result<Vec<String>, BdevError>) + Send + 'static,
-) {
+pub fn attach_controller(params: AttachParams, done: impl FnOnce(Result<Vec<String>, BdevError>) + Send + 'static) {
     if !params.trtype.eq_ignore_ascii_case("tcp") {
-        return done(Err(BdevError::Invalid(format!(
-            "trtype {} is not TCP",
-            params.trtype
-        ))));
+        return done(Err(BdevError::Invalid(format!("trtype {} is not TCP", params.trtype))));
     }
-    if ctrls()
-        .list
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .any(|c| c.params.name == params.name)
-    {
-        return done(Err(BdevError::Exists(format!(
-            "controller {}",
-            params.name
-        ))));
+    if ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.params.name == params.name) {
+        return done(Err(BdevError::Exists(format!("controller {}", params.name))));
     }
     let reactors = reactor::count().max(1);
     let mut cp = ConnectParams::new(&params.traddr, &params.trsvcid, &params.subnqn);
@@ -101,16 +84,11 @@ pub fn attach_controller(
     cp.hdgst = params.hdgst;
     cp.ddgst = params.ddgst;
     let (tx, rx) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("nvme_tcp_connect".into())
-        .spawn(move || {
-            let _ = tx.send(connect(&cp, reactors as u16));
-        });
+    let spawned = std::thread::Builder::new().name("nvme_tcp_connect".into()).spawn(move || {
+        let _ = tx.send(connect(&cp, reactors as u16));
+    });
     if let Err(e) = spawned {
-        return done(Err(BdevError::Os(
-            format!("spawning the connect thread: {e}"),
-            libc::EAGAIN,
-        )));
+        return done(Err(BdevError::Os(format!("spawning the connect thread: {e}"), libc::EAGAIN)));
     }
     let mut state = Some((params, done));
     reactor::register_timed_poller("nvme_tcp_attach", Duration::from_millis(1), move || {
@@ -124,10 +102,7 @@ pub fn attach_controller(
         if let Some((params, done)) = state.take() {
             match r {
                 Ok(session) => done(register(params, session)),
-                Err(e) => done(Err(BdevError::Os(
-                    format!("attaching {}: {e}", params.traddr),
-                    libc::EIO,
-                ))),
+                Err(e) => done(Err(BdevError::Os(format!("attaching {}: {e}", params.traddr), libc::EIO))),
             }
         }
         reactor::PollStatus::Done
@@ -167,11 +142,7 @@ fn register(params: AttachParams, s: Session) -> Result<Vec<String>, BdevError> 
         if ctrl.info.max_transfer_bytes > 0 {
             props.max_io_blocks = ctrl.info.max_transfer_bytes / ns.block_size;
         }
-        let b = Arc::new(TcpNsBdev {
-            props,
-            ctrl: ctrl.clone(),
-            nsid: ns.nsid,
-        });
+        let b = Arc::new(TcpNsBdev { props, ctrl: ctrl.clone(), nsid: ns.nsid });
         match Registry::get().register(b) {
             Ok(_) => names.push(name),
             Err(e) => tracing::warn!("NVMe/TCP namespace {}: {e}", ns.nsid),
@@ -197,11 +168,7 @@ pub fn detach_controller(name: &str, done: impl FnOnce(Result<(), BdevError>) + 
     remove_next(ctrl, names, Box::new(done));
 }
 
-fn remove_next(
-    ctrl: Arc<RemoteCtrl>,
-    mut names: Vec<String>,
-    done: Box<dyn FnOnce(Result<(), BdevError>) + Send>,
-) {
+fn remove_next(ctrl: Arc<RemoteCtrl>, mut names: Vec<String>, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let Some(n) = names.pop() else {
         ctrl.detached.store(true, Ordering::Release);
         return done(Ok(()));
@@ -266,10 +233,7 @@ impl Queue {
             _ => Err(SubmitError::BadBuffer),
         };
         r.map_err(|e| {
-            let io = self
-                .ios
-                .take(slot)
-                .unwrap_or_else(|| unreachable!("just inserted"));
+            let io = self.ios.take(slot).unwrap_or_else(|| unreachable!("just inserted"));
             (io, e == SubmitError::Full)
         })
     }
@@ -298,18 +262,10 @@ impl Bdev for TcpNsBdev {
             Some(q) => q,
             None => {
                 let me = reactor::current().unwrap_or(0);
-                let parts = self
-                    .ctrl
-                    .io_parts
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_mut(me)
-                    .and_then(Option::take);
+                let parts =
+                    self.ctrl.io_parts.lock().unwrap_or_else(|e| e.into_inner()).get_mut(me).and_then(Option::take);
                 let Some(parts) = parts else {
-                    return Err(BdevError::NoMemory(format!(
-                        "{}: no IO queue for reactor {me}",
-                        self.props.name
-                    )));
+                    return Err(BdevError::NoMemory(format!("{}: no IO queue for reactor {me}", self.props.name)));
                 };
                 let qp = HostQpair::from_parts(parts);
                 let depth = qp.queue_depth();
@@ -325,11 +281,7 @@ impl Bdev for TcpNsBdev {
                 q
             }
         };
-        Ok(Rc::new(TcpNsChannel {
-            q,
-            nsid: self.nsid,
-            block_size: self.props.block_size as usize,
-        }))
+        Ok(Rc::new(TcpNsChannel { q, nsid: self.nsid, block_size: self.props.block_size as usize }))
     }
     fn config(&self) -> Option<Value> {
         // One attach call recreates every namespace: the first one says it.
@@ -369,11 +321,8 @@ fn poll_queue(q: &Rc<RefCell<Queue>>, ctrl: &Arc<RemoteCtrl>) -> reactor::PollSt
     let ios = &mut q.ios;
     let r = q.qp.poll(|c| {
         if let Some(io) = ios.take(c.tag as u32) {
-            let st = if c.status.is_success() {
-                IoStatus::Success
-            } else {
-                IoStatus::Failed(status_io_error(c.status))
-            };
+            let st =
+                if c.status.is_success() { IoStatus::Success } else { IoStatus::Failed(status_io_error(c.status)) };
             io.complete(st);
         }
     });

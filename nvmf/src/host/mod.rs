@@ -44,13 +44,10 @@ pub use bdev_nvme::{attach_controller, controllers_json, detach_controller, Atta
 pub use qpair::{AdminQpair, Completion, Data, HostError, HostQpair, QpairParts, SubmitError};
 
 pub use ::bdev::DmaBuf;
-use nvme_spec::fabrics::{
-    ConnectCommand, ConnectData, PropertyGetCommand, PropertySetCommand, PropertySize,
-};
+use nvme_spec::fabrics::{ConnectCommand, ConnectData, PropertyGetCommand, PropertySetCommand, PropertySize};
 use nvme_spec::features::{FeatureId, FeatureParams, NumberOfQueues};
 use nvme_spec::identify::{
-    decode_ns_id_descriptors, Cns, IdentifyController, IdentifyNamespace, IdentifyParams,
-    NamespaceList, NsIdDescriptor,
+    decode_ns_id_descriptors, Cns, IdentifyController, IdentifyNamespace, IdentifyParams, NamespaceList, NsIdDescriptor,
 };
 use nvme_spec::log::{DiscoveryLogEntry, DiscoveryLogHeader, GetLogPageParams, LogPageId};
 use nvme_spec::regs::{offset, Cap, Cc, Csts};
@@ -81,8 +78,7 @@ pub struct ConnectParams {
 }
 
 /// The host NQN used when none is given.
-pub const DEFAULT_HOSTNQN: &str =
-    "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-6e7672616964";
+pub const DEFAULT_HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-6e7672616964";
 
 impl ConnectParams {
     pub fn new(traddr: &str, trsvcid: &str, subnqn: &str) -> Self {
@@ -143,8 +139,7 @@ pub(crate) fn sync_cmd(
     data: qpair::Data,
     timeout: Duration,
 ) -> Result<Completion, HostError> {
-    qp.submit(sqe, data, 0)
-        .map_err(|e| HostError::Protocol(format!("submit: {e:?}")))?;
+    qp.submit(sqe, data, 0).map_err(|e| HostError::Protocol(format!("submit: {e:?}")))?;
     let t0 = Instant::now();
     let mut got = None;
     loop {
@@ -168,17 +163,13 @@ fn ok(c: Completion, what: &str) -> Result<Completion, HostError> {
 }
 
 fn open(p: &ConnectParams) -> Result<TcpStream, HostError> {
-    let port: u16 = p
-        .trsvcid
-        .parse()
-        .map_err(|_| HostError::Protocol(format!("bad port '{}'", p.trsvcid)))?;
+    let port: u16 = p.trsvcid.parse().map_err(|_| HostError::Protocol(format!("bad port '{}'", p.trsvcid)))?;
     let addr = (p.traddr.as_str(), port)
         .to_socket_addrs()
         .map_err(|e| HostError::Io(e.to_string()))?
         .next()
         .ok_or_else(|| HostError::Io(format!("{} resolves to nothing", p.traddr)))?;
-    TcpStream::connect_timeout(&addr, p.timeout)
-        .map_err(|e| HostError::Io(format!("connect {addr}: {e}")))
+    TcpStream::connect_timeout(&addr, p.timeout).map_err(|e| HostError::Io(format!("connect {addr}: {e}")))
 }
 
 /// Opens one queue: TCP connect, ICReq/ICResp, then the fabrics Connect.
@@ -199,52 +190,26 @@ pub fn connect_queue(
     let mut data = ConnectData::zeroed();
     data.hostid = hostid;
     data.cntlid = U16::new(cntlid);
-    write_nqn(&mut data.subnqn, &p.subnqn)
-        .map_err(|e| HostError::Protocol(format!("subnqn: {e}")))?;
-    write_nqn(&mut data.hostnqn, &p.hostnqn)
-        .map_err(|e| HostError::Protocol(format!("hostnqn: {e}")))?;
+    write_nqn(&mut data.subnqn, &p.subnqn).map_err(|e| HostError::Protocol(format!("subnqn: {e}")))?;
+    write_nqn(&mut data.hostnqn, &p.hostnqn).map_err(|e| HostError::Protocol(format!("hostnqn: {e}")))?;
     let buf = DmaBuf::alloc(1024).ok_or(HostError::NoMemory)?;
     buf.copy_from(0, data.as_bytes());
-    let c = sync_cmd(
-        &mut qp,
-        cmd.to_sqe(),
-        qpair::Data::Out(buf.slice(0, 1024)),
-        p.timeout,
-    )?;
+    let c = sync_cmd(&mut qp, cmd.to_sqe(), qpair::Data::Out(buf.slice(0, 1024)), p.timeout)?;
     let c = ok(c, "Connect")?;
     Ok((qp, nvme_spec::fabrics::connect_cntlid(c.dw0)))
 }
 
-fn prop_get(
-    qp: &mut HostQpair,
-    off: u32,
-    size: PropertySize,
-    t: Duration,
-) -> Result<u64, HostError> {
-    let c = sync_cmd(
-        qp,
-        PropertyGetCommand::new(0, off, size).to_sqe(),
-        qpair::Data::None,
-        t,
-    )?;
+fn prop_get(qp: &mut HostQpair, off: u32, size: PropertySize, t: Duration) -> Result<u64, HostError> {
+    let c = sync_cmd(qp, PropertyGetCommand::new(0, off, size).to_sqe(), qpair::Data::None, t)?;
     let c = ok(c, "Property Get")?;
     Ok(u64::from(c.dw0) | (u64::from(c.dw1) << 32))
 }
 
 fn identify(qp: &mut HostQpair, cns: Cns, nsid: u32, t: Duration) -> Result<Vec<u8>, HostError> {
     let mut sqe = Sqe::new(AdminOpcode::IDENTIFY.0, 0);
-    IdentifyParams {
-        cns,
-        cntid: 0,
-        csi: 0,
-        nsid,
-    }
-    .write_to(&mut sqe);
+    IdentifyParams { cns, cntid: 0, csi: 0, nsid }.write_to(&mut sqe);
     let buf = DmaBuf::zeroed(4096).ok_or(HostError::NoMemory)?;
-    let c = ok(
-        sync_cmd(qp, sqe, qpair::Data::In(buf.slice(0, 4096)), t)?,
-        "Identify",
-    )?;
+    let c = ok(sync_cmd(qp, sqe, qpair::Data::In(buf.slice(0, 4096)), t)?, "Identify")?;
     Ok(c.buf.map(|b| b.to_vec()).unwrap_or_default())
 }
 
@@ -256,10 +221,7 @@ fn bring_up(p: &ConnectParams, hostid: [u8; 16]) -> Result<(HostQpair, CtrlInfo)
     let vs = prop_get(&mut admin, offset::VS, PropertySize::FourBytes, t)? as u32;
     let cc = Cc(0).with_en(true).with_iosqes(6).with_iocqes(4);
     let set = PropertySetCommand::new(0, offset::CC, PropertySize::FourBytes, u64::from(cc.0));
-    ok(
-        sync_cmd(&mut admin, set.to_sqe(), qpair::Data::None, t)?,
-        "Property Set CC",
-    )?;
+    ok(sync_cmd(&mut admin, set.to_sqe(), qpair::Data::None, t)?, "Property Set CC")?;
     let t0 = Instant::now();
     while !Csts(prop_get(&mut admin, offset::CSTS, PropertySize::FourBytes, t)? as u32).rdy() {
         if t0.elapsed() > t {
@@ -271,16 +233,10 @@ fn bring_up(p: &ConnectParams, hostid: [u8; 16]) -> Result<(HostQpair, CtrlInfo)
     let id = IdentifyController::read_from_bytes(&idc[..4096.min(idc.len())])
         .map_err(|_| HostError::Protocol("short Identify Controller".into()))?;
     if id.cntlid.get() != cntlid {
-        return Err(HostError::Protocol(
-            "Identify cntlid differs from Connect's".into(),
-        ));
+        return Err(HostError::Protocol("Identify cntlid differs from Connect's".into()));
     }
     let mps_min = 4096u64 << Cap(cap).mpsmin();
-    let max_transfer_bytes = if id.mdts == 0 {
-        0
-    } else {
-        (mps_min << id.mdts).min(u64::from(u32::MAX)) as u32
-    };
+    let max_transfer_bytes = if id.mdts == 0 { 0 } else { (mps_min << id.mdts).min(u64::from(u32::MAX)) as u32 };
     let ioccsz = id.ioccsz.get();
     let info = CtrlInfo {
         cntlid,
@@ -307,20 +263,11 @@ fn scan_namespaces(admin: &mut HostQpair, t: Duration) -> Result<Vec<NsInfo>, Ho
         let d = identify(admin, Cns::NAMESPACE, nsid, t)?;
         let ns = IdentifyNamespace::read_from_bytes(&d[..4096.min(d.len())])
             .map_err(|_| HostError::Protocol("short Identify Namespace".into()))?;
-        let block_size = ns
-            .formatted_lba_format()
-            .and_then(|f| f.block_size())
-            .unwrap_or(0);
+        let block_size = ns.formatted_lba_format().and_then(|f| f.block_size()).unwrap_or(0);
         if block_size == 0 || ns.nsze.get() == 0 {
             continue;
         }
-        let mut info = NsInfo {
-            nsid,
-            block_size,
-            num_blocks: ns.nsze.get(),
-            uuid: None,
-            nguid: None,
-        };
+        let mut info = NsInfo { nsid, block_size, num_blocks: ns.nsze.get(), uuid: None, nguid: None };
         if ns.nguid != [0; 16] {
             info.nguid = Some(ns.nguid);
         }
@@ -345,45 +292,24 @@ pub fn connect(p: &ConnectParams, num_io_queues: u16) -> Result<Session, HostErr
     let (mut admin, mut info) = bring_up(p, hostid)?;
     let t = p.timeout;
     let mut sqe = Sqe::new(AdminOpcode::SET_FEATURES.0, 0);
-    let nq = NumberOfQueues {
-        io_sqs: u32::from(num_io_queues.max(1)),
-        io_cqs: u32::from(num_io_queues.max(1)),
-    };
-    FeatureParams {
-        fid: FeatureId::NUMBER_OF_QUEUES,
-        save: false,
-        select: 0,
-        value: nq.to_dword(),
-    }
-    .write_to(&mut sqe);
-    let c = ok(
-        sync_cmd(&mut admin, sqe, qpair::Data::None, t)?,
-        "Set Features (number of queues)",
-    )?;
+    let nq = NumberOfQueues { io_sqs: u32::from(num_io_queues.max(1)), io_cqs: u32::from(num_io_queues.max(1)) };
+    FeatureParams { fid: FeatureId::NUMBER_OF_QUEUES, save: false, select: 0, value: nq.to_dword() }.write_to(&mut sqe);
+    let c = ok(sync_cmd(&mut admin, sqe, qpair::Data::None, t)?, "Set Features (number of queues)")?;
     let granted = NumberOfQueues::from_dword(c.dw0).io_sqs;
     if u32::from(num_io_queues) > granted {
-        return Err(HostError::Protocol(format!(
-            "controller grants {granted} IO queues, {num_io_queues} wanted"
-        )));
+        return Err(HostError::Protocol(format!("controller grants {granted} IO queues, {num_io_queues} wanted")));
     }
     info.namespaces = scan_namespaces(&mut admin, t)?;
     let mut io = Vec::new();
     // CAP.MQES bounds every queue's size (0's based).
-    let entries = p
-        .io_queue_entries
-        .min(Cap(info.cap).mqes().saturating_add(1))
-        .max(2);
+    let entries = p.io_queue_entries.min(Cap(info.cap).mqes().saturating_add(1)).max(2);
     for qid in 1..=num_io_queues {
         let (qp, _) = connect_queue(p, qid, entries, info.cntlid, hostid)?;
         let mut qp = qp;
         qp.set_in_capsule_limit(info.in_capsule_bytes);
         io.push(qp.into_parts()?);
     }
-    Ok(Session {
-        info,
-        admin: admin.into_parts()?,
-        io,
-    })
+    Ok(Session { info, admin: admin.into_parts()?, io })
 }
 
 /// One discovery log entry.
@@ -413,15 +339,7 @@ pub fn discover(p: &ConnectParams) -> Result<Vec<DiscoveryEntry>, HostError> {
         }
         .write_to(&mut sqe);
         let buf = DmaBuf::zeroed(len as usize).ok_or(HostError::NoMemory)?;
-        let c = ok(
-            sync_cmd(
-                admin,
-                sqe,
-                qpair::Data::In(buf.slice(0, len as usize)),
-                p.timeout,
-            )?,
-            "Get Log Page",
-        )?;
+        let c = ok(sync_cmd(admin, sqe, qpair::Data::In(buf.slice(0, len as usize)), p.timeout)?, "Get Log Page")?;
         Ok(c.buf.map(|b| b.to_vec()).unwrap_or_default())
     };
     let head = read(&mut admin, 0, 1024)?;
@@ -436,9 +354,7 @@ pub fn discover(p: &ConnectParams) -> Result<Vec<DiscoveryEntry>, HostError> {
         out.push(DiscoveryEntry {
             subnqn: read_nqn(&e.subnqn).unwrap_or_default().to_string(),
             traddr: read_ascii_padded(&e.traddr).unwrap_or_default().to_string(),
-            trsvcid: read_ascii_padded(&e.trsvcid)
-                .unwrap_or_default()
-                .to_string(),
+            trsvcid: read_ascii_padded(&e.trsvcid).unwrap_or_default().to_string(),
             subtype: e.subtype,
         });
     }
@@ -447,8 +363,5 @@ pub fn discover(p: &ConnectParams) -> Result<Vec<DiscoveryEntry>, HostError> {
 
 /// Maps a failed NVMe status to the bdev layer's error.
 pub(crate) fn status_io_error(s: Status) -> ::bdev::IoError {
-    ::bdev::IoError::Nvme {
-        sct: s.sct,
-        sc: s.sc,
-    }
+    ::bdev::IoError::Nvme { sct: s.sct, sc: s.sc }
 }

@@ -2,8 +2,8 @@
 //! transmit queue and pre-allocated command slots (CID = slot index).
 
 use crate::pdu::{
-    self, encode_header, parse_header, CapsuleCmd, Direction, Event, H2CData, IcReq, PduError,
-    PduHeader, PduReader, RxConfig, TxConfig,
+    self, encode_header, parse_header, CapsuleCmd, Direction, Event, H2CData, IcReq, PduError, PduHeader, PduReader,
+    RxConfig, TxConfig,
 };
 use crate::sock::{read_into, RxBuf, RxFill, TxQueue};
 use bdev::DmaBuf;
@@ -83,16 +83,10 @@ impl QpairParts {
         let io = |e: std::io::Error| HostError::Io(e.to_string());
         stream.set_nodelay(true).map_err(io)?;
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
-        let ic = PduHeader::IcReq(IcReq {
-            pfv: 0,
-            hpda: 0,
-            hdgst,
-            ddgst,
-            maxr2t: 0,
-        });
+        let ic = PduHeader::IcReq(IcReq { pfv: 0, hpda: 0, hdgst, ddgst, maxr2t: 0 });
         let mut out = [0u8; 128];
-        let e = encode_header(&ic, 0, &TxConfig::default(), &mut out)
-            .map_err(|e| HostError::Protocol(e.to_string()))?;
+        let e =
+            encode_header(&ic, 0, &TxConfig::default(), &mut out).map_err(|e| HostError::Protocol(e.to_string()))?;
         stream.write_all(&out[..e.header_len]).map_err(io)?;
         let mut resp = [0u8; 128];
         stream.read_exact(&mut resp[..8]).map_err(io)?;
@@ -106,9 +100,7 @@ impl QpairParts {
             return Err(HostError::Protocol("expected ICResp".into()));
         };
         if r.hdgst != hdgst || r.ddgst != ddgst {
-            return Err(HostError::Protocol(
-                "controller refused the digests asked for".into(),
-            ));
+            return Err(HostError::Protocol("controller refused the digests asked for".into()));
         }
         stream.set_read_timeout(None).map_err(io)?;
         stream.set_nonblocking(true).map_err(io)?;
@@ -127,11 +119,7 @@ impl QpairParts {
                 max_data_pdu_len: u32::MAX,
                 max_in_capsule_data_len: 0,
             },
-            txcfg: TxConfig {
-                header_digest: hdgst,
-                data_digest: ddgst,
-                pda: r.cpda,
-            },
+            txcfg: TxConfig { header_digest: hdgst, data_digest: ddgst, pda: r.cpda },
             maxh2cdata: r.maxh2cdata,
             in_capsule_max,
         })
@@ -157,12 +145,7 @@ struct Slot {
 #[derive(Clone, Copy)]
 enum RxTarget {
     None,
-    C2H {
-        slot: usize,
-        datao: u32,
-        datal: u32,
-        success: bool,
-    },
+    C2H { slot: usize, datao: u32, datal: u32, success: bool },
 }
 
 /// One queue pair, owned by the thread (reactor) that polls it.
@@ -217,11 +200,7 @@ impl HostQpair {
     /// Back to plain parts (to move the queue to another thread). The queue
     /// must be idle.
     pub fn into_parts(self) -> Result<QpairParts, HostError> {
-        if self.outstanding > 0
-            || !self.tx.is_empty()
-            || !self.rx.is_empty()
-            || !self.reader.is_idle()
-        {
+        if self.outstanding > 0 || !self.tx.is_empty() || !self.rx.is_empty() || !self.reader.is_idle() {
             return Err(HostError::Protocol("queue pair is not idle".into()));
         }
         Ok(QpairParts {
@@ -279,8 +258,7 @@ impl HostQpair {
                 s.is_read = false;
                 s.data_len = 0;
                 let h = PduHeader::CapsuleCmd(CapsuleCmd { sqe });
-                self.tx
-                    .push_inline(|out| encode_header(&h, 0, &cfg, out).map(|e| e.header_len))
+                self.tx.push_inline(|out| encode_header(&h, 0, &cfg, out).map(|e| e.header_len))
             }
             Data::In(buf) => {
                 let len = buf.len() as u32;
@@ -289,8 +267,7 @@ impl HostQpair {
                 s.is_read = true;
                 s.data_len = len;
                 let h = PduHeader::CapsuleCmd(CapsuleCmd { sqe });
-                self.tx
-                    .push_inline(|out| encode_header(&h, 0, &cfg, out).map(|e| e.header_len))
+                self.tx.push_inline(|out| encode_header(&h, 0, &cfg, out).map(|e| e.header_len))
             }
             Data::Out(buf) => {
                 let len = buf.len() as u32;
@@ -322,8 +299,7 @@ impl HostQpair {
                     sqe.set_sgl1(SglDescriptor::transport_data_block(len));
                     s.buf = Some(buf);
                     let h = PduHeader::CapsuleCmd(CapsuleCmd { sqe });
-                    self.tx
-                        .push_inline(|out| encode_header(&h, 0, &cfg, out).map(|e| e.header_len))
+                    self.tx.push_inline(|out| encode_header(&h, 0, &cfg, out).map(|e| e.header_len))
                 }
             }
         };
@@ -334,15 +310,7 @@ impl HostQpair {
         Ok(())
     }
 
-    fn rw(
-        &mut self,
-        op: IoOpcode,
-        nsid: u32,
-        slba: u64,
-        nlb: u32,
-        data: Data,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
+    fn rw(&mut self, op: IoOpcode, nsid: u32, slba: u64, nlb: u32, data: Data, tag: u64) -> Result<(), SubmitError> {
         if nlb == 0 || nlb > 65536 {
             return Err(SubmitError::BadBuffer);
         }
@@ -354,36 +322,16 @@ impl HostQpair {
     }
 
     /// Reads `nlb` blocks into `buf` (exactly the data length).
-    pub fn read(
-        &mut self,
-        nsid: u32,
-        slba: u64,
-        nlb: u32,
-        buf: DmaBuf,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
+    pub fn read(&mut self, nsid: u32, slba: u64, nlb: u32, buf: DmaBuf, tag: u64) -> Result<(), SubmitError> {
         self.rw(IoOpcode::READ, nsid, slba, nlb, Data::In(buf), tag)
     }
 
     /// Writes `buf` (exactly the data length) at `slba`.
-    pub fn write(
-        &mut self,
-        nsid: u32,
-        slba: u64,
-        nlb: u32,
-        buf: DmaBuf,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
+    pub fn write(&mut self, nsid: u32, slba: u64, nlb: u32, buf: DmaBuf, tag: u64) -> Result<(), SubmitError> {
         self.rw(IoOpcode::WRITE, nsid, slba, nlb, Data::Out(buf), tag)
     }
 
-    pub fn write_zeroes(
-        &mut self,
-        nsid: u32,
-        slba: u64,
-        nlb: u32,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
+    pub fn write_zeroes(&mut self, nsid: u32, slba: u64, nlb: u32, tag: u64) -> Result<(), SubmitError> {
         self.rw(IoOpcode::WRITE_ZEROES, nsid, slba, nlb, Data::None, tag)
     }
 
@@ -395,13 +343,7 @@ impl HostQpair {
 
     /// Deallocates ranges `(slba, nlb)`; `buf` holds at least 16 bytes per
     /// range and is filled here (up to 256 ranges).
-    pub fn deallocate(
-        &mut self,
-        nsid: u32,
-        ranges: &[(u64, u32)],
-        buf: DmaBuf,
-        tag: u64,
-    ) -> Result<(), SubmitError> {
+    pub fn deallocate(&mut self, nsid: u32, ranges: &[(u64, u32)], buf: DmaBuf, tag: u64) -> Result<(), SubmitError> {
         if ranges.is_empty() || ranges.len() > 256 || buf.len() < ranges.len() * 16 {
             return Err(SubmitError::BadBuffer);
         }
@@ -475,13 +417,7 @@ impl HostQpair {
         s.state = SlotState::Free;
         self.free.push(slot as u16);
         self.outstanding -= 1;
-        Completion {
-            tag: s.tag,
-            status,
-            dw0,
-            dw1,
-            buf: s.buf.take(),
-        }
+        Completion { tag: s.tag, status, dw0, dw1, buf: s.buf.take() }
     }
 
     fn receive(&mut self) {
@@ -500,9 +436,7 @@ impl HostQpair {
                         self.process();
                         return;
                     }
-                    Ok(RxFill::Closed) => {
-                        return self.fail(HostError::Io("controller closed the connection".into()))
-                    }
+                    Ok(RxFill::Closed) => return self.fail(HostError::Io("controller closed the connection".into())),
                     Err(e) => return self.fail(HostError::Io(e.to_string())),
                 }
             }
@@ -533,10 +467,7 @@ impl HostQpair {
             let dest = &mut b[off..off + rem as usize];
             match read_into(stream, dest) {
                 Ok(None) => Ok(false),
-                Ok(Some(n)) => reader
-                    .feed(&dest[..n])
-                    .map(|_| true)
-                    .map_err(|e| HostError::Protocol(e.to_string())),
+                Ok(Some(n)) => reader.feed(&dest[..n]).map(|_| true).map_err(|e| HostError::Protocol(e.to_string())),
                 Err(e) => Err(HostError::Io(e.to_string())),
             }
         });
@@ -569,13 +500,9 @@ impl HostQpair {
                     }
                     (used, None)
                 }
-                Ok((used, Some(Event::Header { header, .. }))) => {
-                    (used, Some(Owned::Header(header)))
-                }
+                Ok((used, Some(Event::Header { header, .. }))) => (used, Some(Owned::Header(header))),
                 Ok((used, Some(Event::End))) => (used, Some(Owned::End(true))),
-                Ok((used, Some(Event::DataDigestMismatch { .. }))) => {
-                    (used, Some(Owned::End(false)))
-                }
+                Ok((used, Some(Event::DataDigestMismatch { .. }))) => (used, Some(Owned::End(false))),
             };
             self.rx.consume(used);
             match owned {
@@ -596,9 +523,7 @@ impl HostQpair {
         match h {
             PduHeader::CapsuleResp(r) => {
                 let Some(slot) = self.busy_slot(r.cqe.cid.get()) else {
-                    return self.fail(HostError::Protocol(
-                        "response for an unknown command".into(),
-                    ));
+                    return self.fail(HostError::Protocol("response for an unknown command".into()));
                 };
                 let mut status = r.cqe.status();
                 if self.slots[slot].digest_err && status.is_success() {
@@ -613,16 +538,9 @@ impl HostQpair {
                 };
                 let s = &self.slots[slot];
                 if !s.is_read || d.datao.checked_add(d.datal).is_none_or(|e| e > s.data_len) {
-                    return self.fail(HostError::Protocol(
-                        "C2HData outside the command's buffer".into(),
-                    ));
+                    return self.fail(HostError::Protocol("C2HData outside the command's buffer".into()));
                 }
-                self.rx_target = RxTarget::C2H {
-                    slot,
-                    datao: d.datao,
-                    datal: d.datal,
-                    success: d.success && d.last,
-                };
+                self.rx_target = RxTarget::C2H { slot, datao: d.datao, datal: d.datal, success: d.success && d.last };
             }
             PduHeader::R2T(r) => {
                 let Some(slot) = self.busy_slot(r.cccid) else {
@@ -630,9 +548,7 @@ impl HostQpair {
                 };
                 let s = &self.slots[slot];
                 let Some(buf) = s.buf.clone() else {
-                    return self.fail(HostError::Protocol(
-                        "R2T for a command without host data".into(),
-                    ));
+                    return self.fail(HostError::Protocol("R2T for a command without host data".into()));
                 };
                 if s.is_read || r.r2to.checked_add(r.r2tl).is_none_or(|e| e > s.data_len) {
                     return self.fail(HostError::Protocol("R2T outside the command's data".into()));
@@ -650,13 +566,7 @@ impl HostQpair {
         let end = r2to + r2tl;
         while off < end {
             let len = (end - off).min(self.maxh2cdata);
-            let h = PduHeader::H2CData(H2CData {
-                cccid,
-                ttag,
-                datao: off,
-                datal: len,
-                last: off + len == end,
-            });
+            let h = PduHeader::H2CData(H2CData { cccid, ttag, datao: off, datal: len, last: off + len == end });
             let mut ddgst = false;
             let r = self.tx.push_inline(|out| {
                 encode_header(&h, len, &cfg, out).map(|e| {
@@ -679,22 +589,12 @@ impl HostQpair {
 
     fn on_end(&mut self, digest_ok: bool) {
         let t = std::mem::replace(&mut self.rx_target, RxTarget::None);
-        if let RxTarget::C2H {
-            slot,
-            datal,
-            success,
-            ..
-        } = t
-        {
+        if let RxTarget::C2H { slot, datal, success, .. } = t {
             let s = &mut self.slots[slot];
             s.recvd += datal;
             s.digest_err |= !digest_ok;
             if success {
-                let st = if s.digest_err {
-                    Status::TRANSIENT_TRANSPORT_ERROR
-                } else {
-                    Status::SUCCESS
-                };
+                let st = if s.digest_err { Status::TRANSIENT_TRANSPORT_ERROR } else { Status::SUCCESS };
                 let c = self.finish(slot, st, 0, 0);
                 self.done.push_back(c);
             }
@@ -713,11 +613,7 @@ pub struct AdminQpair {
 impl AdminQpair {
     pub fn new(parts: QpairParts, kato_ms: u32) -> Self {
         let period_ns = u64::from(kato_ms.max(4)) * 250_000;
-        AdminQpair {
-            qp: HostQpair::from_parts(parts),
-            period_ns,
-            next_ns: 0,
-        }
+        AdminQpair { qp: HostQpair::from_parts(parts), period_ns, next_ns: 0 }
     }
 
     /// Call from a poller (a timed one is enough). Err when the connection died.

@@ -9,13 +9,12 @@ use bdev::DmaBuf;
 use nvme_spec::fabrics::PropertySize;
 use nvme_spec::features::{select, FeatureId, FeatureParams, NumberOfQueues};
 use nvme_spec::identify::{
-    cmic, cntrltype, ctratt, encode_ns_id_descriptors, lpa, oaes, oncs, sgls, vwc, Cns,
-    IdentifyController, IdentifyNamespace, IdentifyParams, LbaFormat, NamespaceList,
-    NsIdDescriptor, IDENTIFY_DATA_LEN,
+    cmic, cntrltype, ctratt, encode_ns_id_descriptors, lpa, oaes, oncs, sgls, vwc, Cns, IdentifyController,
+    IdentifyNamespace, IdentifyParams, LbaFormat, NamespaceList, NsIdDescriptor, IDENTIFY_DATA_LEN,
 };
 use nvme_spec::log::{
-    adrfam, subtype, tcp_sectype, treq, trtype, DiscoveryLogEntry, DiscoveryLogHeader,
-    GetLogPageParams, LogPageId, SmartLog, CHANGED_NS_LIST_OVERFLOW, CNTLID_DYNAMIC,
+    adrfam, subtype, tcp_sectype, treq, trtype, DiscoveryLogEntry, DiscoveryLogHeader, GetLogPageParams, LogPageId,
+    SmartLog, CHANGED_NS_LIST_OVERFLOW, CNTLID_DYNAMIC,
 };
 use nvme_spec::regs::{cap_css, offset, shutdown, Cap, Cc, Csts, Vs};
 use nvme_spec::text::{write_ascii_padded, write_nqn};
@@ -43,11 +42,8 @@ const CAP_TIMEOUT_500MS: u8 = 30;
 const KAS_100MS: u16 = 10;
 
 pub(crate) fn cap(ctrl: &Ctrl) -> Cap {
-    let depth = if ctrl.subsys.kind == SubsystemKind::Discovery {
-        ctrl.opts.max_aq_depth
-    } else {
-        ctrl.opts.max_queue_depth
-    };
+    let depth =
+        if ctrl.subsys.kind == SubsystemKind::Discovery { ctrl.opts.max_aq_depth } else { ctrl.opts.max_queue_depth };
     Cap(0)
         .with_mqes((depth - 1).min(0xFFFF) as u16)
         .with_cqr(true)
@@ -57,11 +53,7 @@ pub(crate) fn cap(ctrl: &Ctrl) -> Cap {
         .with_mpsmax(0)
 }
 
-pub(crate) fn property_get(
-    ctrl: &Ctrl,
-    off: u32,
-    size: Option<PropertySize>,
-) -> Result<u64, Status> {
+pub(crate) fn property_get(ctrl: &Ctrl, off: u32, size: Option<PropertySize>) -> Result<u64, Status> {
     let size = size.ok_or(Status::INVALID_FIELD.with_dnr())?;
     let a = ctrl.admin();
     let (v, width) = match off {
@@ -77,12 +69,7 @@ pub(crate) fn property_get(
     Ok(v)
 }
 
-pub(crate) fn property_set(
-    ctrl: &Ctrl,
-    off: u32,
-    size: Option<PropertySize>,
-    value: u64,
-) -> Status {
+pub(crate) fn property_set(ctrl: &Ctrl, off: u32, size: Option<PropertySize>, value: u64) -> Status {
     if off != offset::CC || size != Some(PropertySize::FourBytes) {
         return Status::INVALID_FIELD.with_dnr();
     }
@@ -94,8 +81,7 @@ pub(crate) fn property_set(
         // Enabling: the host must use 64-byte SQEs, 16-byte CQEs, 4 KiB pages.
         let sizes_ok = new.iosqes() == 6 && new.iocqes() == 4 && new.mps() == 0;
         // A discovery controller has no IO queues: zero sizes are fine there.
-        let discovery_ok =
-            ctrl.subsys.kind == SubsystemKind::Discovery && new.iosqes() == 0 && new.mps() == 0;
+        let discovery_ok = ctrl.subsys.kind == SubsystemKind::Discovery && new.iosqes() == 0 && new.mps() == 0;
         if !sizes_ok && !discovery_ok {
             return Status::INVALID_FIELD.with_dnr();
         }
@@ -130,8 +116,7 @@ pub(crate) fn admin_cmd(
         AdminOpcode::IDENTIFY => identify(ctrl, sqe, out),
         AdminOpcode::GET_LOG_PAGE => get_log_page(ctrl, sqe, out, portid),
         AdminOpcode::KEEP_ALIVE => {
-            ctrl.last_keep_alive_ns
-                .store(reactor::now_ns(), Ordering::Relaxed);
+            ctrl.last_keep_alive_ns.store(reactor::now_ns(), Ordering::Relaxed);
             done(Status::SUCCESS)
         }
         AdminOpcode::SET_FEATURES => set_features(ctrl, sqe, data_in),
@@ -139,20 +124,13 @@ pub(crate) fn admin_cmd(
         AdminOpcode::ASYNC_EVENT_REQUEST => AdminOutcome::AsyncEventRequest,
         // Commands finish quickly here, so nothing is ever abortable:
         // DW0 bit 0 set means "not aborted".
-        AdminOpcode::ABORT if !discovery => AdminOutcome::Done {
-            status: Status::SUCCESS,
-            dw0: 1,
-        },
+        AdminOpcode::ABORT if !discovery => AdminOutcome::Done { status: Status::SUCCESS, dw0: 1 },
         _ => done(Status::INVALID_OPCODE.with_dnr()),
     }
 }
 
 fn fill_ascii(field: &mut [u8], s: &str) {
-    let s: String = s
-        .chars()
-        .filter(|c| c.is_ascii() && !c.is_ascii_control())
-        .take(field.len())
-        .collect();
+    let s: String = s.chars().filter(|c| c.is_ascii() && !c.is_ascii_control()).take(field.len()).collect();
     let _ = write_ascii_padded(field, &s);
 }
 
@@ -170,11 +148,7 @@ fn identify_controller(ctrl: &Ctrl) -> IdentifyController {
     id.cntlid = U16::new(ctrl.cntlid);
     id.ver = U32::new(Vs::V1_3.0);
     id.ctratt = U32::new(ctratt::HOST_ID_128);
-    id.cntrltype = if discovery {
-        cntrltype::DISCOVERY
-    } else {
-        cntrltype::IO
-    };
+    id.cntrltype = if discovery { cntrltype::DISCOVERY } else { cntrltype::IO };
     id.acl = 3;
     id.aerl = (super::conn::MAX_AERS - 1) as u8;
     id.lpa = lpa::EXTENDED_DATA;
@@ -247,12 +221,7 @@ fn identify(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome {
             if p.nsid >= 0xFFFF_FFFE {
                 return done(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
             }
-            let ids: Vec<u32> = sub
-                .namespaces()
-                .iter()
-                .map(|n| n.nsid)
-                .filter(|&n| n > p.nsid)
-                .collect();
+            let ids: Vec<u32> = sub.namespaces().iter().map(|n| n.nsid).filter(|&n| n > p.nsid).collect();
             out.extend_from_slice(NamespaceList::from_ids(ids).as_bytes());
         }
         Cns::NAMESPACE_ID_DESCRIPTORS if !discovery => {
@@ -260,11 +229,8 @@ fn identify(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome {
                 return done(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
             };
             out.resize(IDENTIFY_DATA_LEN, 0);
-            let descs = [
-                NsIdDescriptor::Nguid(ns.nguid),
-                NsIdDescriptor::Uuid(*ns.uuid.as_bytes()),
-                NsIdDescriptor::Csi(0),
-            ];
+            let descs =
+                [NsIdDescriptor::Nguid(ns.nguid), NsIdDescriptor::Uuid(*ns.uuid.as_bytes()), NsIdDescriptor::Csi(0)];
             if encode_ns_id_descriptors(&descs, out).is_err() {
                 return done(Status::INTERNAL_ERROR);
             }
@@ -358,9 +324,7 @@ fn discovery_log(hostnqn: &str) -> Vec<u8> {
         }
     }
     let genctr = state.genctr.load(Ordering::Acquire);
-    let mut page = DiscoveryLogHeader::new(genctr, entries.len() as u64)
-        .as_bytes()
-        .to_vec();
+    let mut page = DiscoveryLogHeader::new(genctr, entries.len() as u64).as_bytes().to_vec();
     for e in &entries {
         page.extend_from_slice(e.as_bytes());
     }
@@ -383,20 +347,12 @@ fn set_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, _data: Option<&DmaBuf>) -> AdminOut
             let max = ctrl.opts.max_io_qpairs_per_ctrlr;
             // Allocated counts are what the controller supports, whatever was asked.
             a.num_io_queues = max;
-            let dw0 = NumberOfQueues {
-                io_sqs: max,
-                io_cqs: max,
-            }
-            .to_dword();
-            AdminOutcome::Done {
-                status: Status::SUCCESS,
-                dw0,
-            }
+            let dw0 = NumberOfQueues { io_sqs: max, io_cqs: max }.to_dword();
+            AdminOutcome::Done { status: Status::SUCCESS, dw0 }
         }
         FeatureId::KEEP_ALIVE_TIMER => {
             ctrl.kato_ms.store(f.value, Ordering::Relaxed);
-            ctrl.last_keep_alive_ns
-                .store(reactor::now_ns(), Ordering::Relaxed);
+            ctrl.last_keep_alive_ns.store(reactor::now_ns(), Ordering::Relaxed);
             done(Status::SUCCESS)
         }
         FeatureId::ASYNC_EVENT_CONFIG => {
@@ -404,9 +360,7 @@ fn set_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, _data: Option<&DmaBuf>) -> AdminOut
             done(Status::SUCCESS)
         }
         FeatureId::VOLATILE_WRITE_CACHE if !discovery => done(Status::SUCCESS),
-        FeatureId::ARBITRATION | FeatureId::POWER_MANAGEMENT | FeatureId::TEMPERATURE_THRESHOLD
-            if !discovery =>
-        {
+        FeatureId::ARBITRATION | FeatureId::POWER_MANAGEMENT | FeatureId::TEMPERATURE_THRESHOLD if !discovery => {
             done(Status::SUCCESS)
         }
         _ => done(Status::INVALID_FIELD.with_dnr()),
@@ -418,18 +372,13 @@ fn get_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome 
     let discovery = ctrl.subsys.kind == SubsystemKind::Discovery;
     if f.select == select::SUPPORTED_CAPABILITIES {
         // Changeable, not saveable, not namespace specific.
-        return AdminOutcome::Done {
-            status: Status::SUCCESS,
-            dw0: 0b100,
-        };
+        return AdminOutcome::Done { status: Status::SUCCESS, dw0: 0b100 };
     }
     let a = ctrl.admin();
     let dw0 = match f.fid {
-        FeatureId::NUMBER_OF_QUEUES if !discovery => NumberOfQueues {
-            io_sqs: a.num_io_queues,
-            io_cqs: a.num_io_queues,
+        FeatureId::NUMBER_OF_QUEUES if !discovery => {
+            NumberOfQueues { io_sqs: a.num_io_queues, io_cqs: a.num_io_queues }.to_dword()
         }
-        .to_dword(),
         FeatureId::KEEP_ALIVE_TIMER => ctrl.kato_ms.load(Ordering::Relaxed),
         FeatureId::ASYNC_EVENT_CONFIG => a.async_event_config,
         FeatureId::VOLATILE_WRITE_CACHE if !discovery => 1,
@@ -441,8 +390,5 @@ fn get_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome 
         }
         _ => return done(Status::INVALID_FIELD.with_dnr()),
     };
-    AdminOutcome::Done {
-        status: Status::SUCCESS,
-        dw0,
-    }
+    AdminOutcome::Done { status: Status::SUCCESS, dw0 }
 }

@@ -10,20 +10,16 @@
 //! submitted IO has completed.
 
 use super::admin::{self, AdminOutcome};
-use super::{
-    Ctrl, CtrlAdmin, ListenAddr, NvmfState, Subsystem, SubsystemKind, TransportOpts,
-    ADMIN_IN_CAPSULE_LEN,
-};
+use super::{Ctrl, CtrlAdmin, ListenAddr, NvmfState, Subsystem, SubsystemKind, TransportOpts, ADMIN_IN_CAPSULE_LEN};
 use crate::pdu::{
-    self, encode_header, encode_term_req, C2HData, CapsuleResp, Direction, Event, Fes, IcResp,
-    PduError, PduHeader, PduReader, PduType, RxConfig, TxConfig, R2T,
+    self, encode_header, encode_term_req, C2HData, CapsuleResp, Direction, Event, Fes, IcResp, PduError, PduHeader,
+    PduReader, PduType, RxConfig, TxConfig, R2T,
 };
 use crate::sock::{read_into, RxBuf, RxFill, TxQueue};
 use bdev::{Channel, DmaBuf, IoBox, IoDone, IoError, IoStatus, IoType};
 use nvme_spec::fabrics::{
-    cattr, connect_command_offset, connect_data_offset, connect_invalid_parameter_dw0,
-    connect_success_dw0, ConnectCommand, ConnectData, FabricsCommand, InvalidParameterIn,
-    PropertyGetCommand, PropertySetCommand,
+    cattr, connect_command_offset, connect_data_offset, connect_invalid_parameter_dw0, connect_success_dw0,
+    ConnectCommand, ConnectData, FabricsCommand, InvalidParameterIn, PropertyGetCommand, PropertySetCommand,
 };
 use nvme_spec::log::CNTLID_DYNAMIC;
 use nvme_spec::opcode::DataDirection;
@@ -159,10 +155,7 @@ impl IoDone for ConnIoDone {
 
 /// Takes over an accepted connection on the current reactor.
 pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Arc<TransportOpts>) {
-    if let Err(e) = stream
-        .set_nonblocking(true)
-        .and_then(|()| stream.set_nodelay(true))
-    {
+    if let Err(e) = stream.set_nonblocking(true).and_then(|()| stream.set_nodelay(true)) {
         tracing::warn!("NVMe/TCP connection setup: {e}");
         return;
     }
@@ -282,10 +275,7 @@ impl Conn {
             if self.qid == Some(0) {
                 c.kill(why);
             } else if let Some(q) = self.qid {
-                c.io_qids
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .retain(|x| *x != q);
+                c.io_qids.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| *x != q);
             }
         }
         // Requests not at the bdev are done with; their buffers go now.
@@ -304,8 +294,7 @@ impl Conn {
 
     fn poll_closing(&mut self) -> reactor::PollStatus {
         if !self.socket_shut {
-            let flushed =
-                self.tx.is_empty() || matches!(self.tx.flush(&mut self.stream), Ok(true) | Err(_));
+            let flushed = self.tx.is_empty() || matches!(self.tx.flush(&mut self.stream), Ok(true) | Err(_));
             if flushed || reactor::now_ns() >= self.close_deadline_ns {
                 let _ = self.stream.shutdown(std::net::Shutdown::Both);
                 self.socket_shut = true;
@@ -451,9 +440,7 @@ impl Conn {
                         (used, Some(Owned::Header(header, data_len)))
                     }
                     Ok((used, Some(Event::End))) => (used, Some(Owned::End { digest_ok: true })),
-                    Ok((used, Some(Event::DataDigestMismatch { .. }))) => {
-                        (used, Some(Owned::End { digest_ok: false }))
-                    }
+                    Ok((used, Some(Event::DataDigestMismatch { .. }))) => (used, Some(Owned::End { digest_ok: false })),
                 }
             };
             self.rx.consume(used);
@@ -473,28 +460,16 @@ impl Conn {
                     return self.fatal_here(Fes::PduSequenceError, 0, "second ICReq");
                 }
                 let maxh2cdata = self.opts.max_io_size.max(pdu::MIN_MAXH2CDATA);
-                let resp = PduHeader::IcResp(IcResp {
-                    pfv: 0,
-                    cpda: 0,
-                    hdgst: ic.hdgst,
-                    ddgst: ic.ddgst,
-                    maxh2cdata,
-                });
+                let resp = PduHeader::IcResp(IcResp { pfv: 0, cpda: 0, hdgst: ic.hdgst, ddgst: ic.ddgst, maxh2cdata });
                 if self
                     .tx
-                    .push_inline(|out| {
-                        encode_header(&resp, 0, &TxConfig::default(), out).map(|e| e.header_len)
-                    })
+                    .push_inline(|out| encode_header(&resp, 0, &TxConfig::default(), out).map(|e| e.header_len))
                     .is_err()
                 {
                     return self.begin_close("encoding ICResp");
                 }
                 self.ic_done = true;
-                self.txcfg = TxConfig {
-                    header_digest: ic.hdgst,
-                    data_digest: ic.ddgst,
-                    pda: ic.hpda,
-                };
+                self.txcfg = TxConfig { header_digest: ic.hdgst, data_digest: ic.ddgst, pda: ic.hpda };
                 self.reader.set_config(RxConfig {
                     direction: Direction::HostToController,
                     ic_done: true,
@@ -502,10 +477,7 @@ impl Conn {
                     data_digest: ic.ddgst,
                     pda: 0,
                     max_data_pdu_len: maxh2cdata,
-                    max_in_capsule_data_len: self
-                        .opts
-                        .in_capsule_data_size
-                        .max(ADMIN_IN_CAPSULE_LEN),
+                    max_in_capsule_data_len: self.opts.in_capsule_data_size.max(ADMIN_IN_CAPSULE_LEN),
                 });
             }
             PduHeader::H2CTermReq(t) => {
@@ -515,24 +487,13 @@ impl Conn {
             PduHeader::CapsuleCmd(c) => self.on_capsule(c.sqe, data_len),
             PduHeader::H2CData(d) => {
                 let slot = d.ttag as usize;
-                let ok_slot = self
-                    .reqs
-                    .get(slot)
-                    .is_some_and(|r| r.state == ReqState::AwaitH2C);
+                let ok_slot = self.reqs.get(slot).is_some_and(|r| r.state == ReqState::AwaitH2C);
                 if !ok_slot {
-                    return self.fatal_here(
-                        Fes::InvalidHeaderField,
-                        10,
-                        "H2CData transfer tag names no R2T",
-                    );
+                    return self.fatal_here(Fes::InvalidHeaderField, 10, "H2CData transfer tag names no R2T");
                 }
                 let r = &self.reqs[slot];
                 if r.sqe.cid.get() != d.cccid {
-                    return self.fatal_here(
-                        Fes::InvalidHeaderField,
-                        8,
-                        "H2CData CCCID does not match the R2T",
-                    );
+                    return self.fatal_here(Fes::InvalidHeaderField, 8, "H2CData CCCID does not match the R2T");
                 }
                 if d.datao != r.recvd {
                     return self.fatal_here(
@@ -541,21 +502,10 @@ impl Conn {
                         "H2CData offset out of order",
                     );
                 }
-                if d.datao
-                    .checked_add(d.datal)
-                    .is_none_or(|end| end > r.data_len)
-                {
-                    return self.fatal_here(
-                        Fes::DataTransferOutOfRange,
-                        pdu::fei::DATAL,
-                        "H2CData beyond the R2T",
-                    );
+                if d.datao.checked_add(d.datal).is_none_or(|end| end > r.data_len) {
+                    return self.fatal_here(Fes::DataTransferOutOfRange, pdu::fei::DATAL, "H2CData beyond the R2T");
                 }
-                self.rx_target = RxTarget::H2C {
-                    slot,
-                    datao: d.datao,
-                    datal: d.datal,
-                };
+                self.rx_target = RxTarget::H2C { slot, datao: d.datao, datal: d.datal };
             }
             _ => self.fatal_here(Fes::InvalidHeaderField, 0, "PDU type not valid from a host"),
         }
@@ -594,20 +544,13 @@ impl Conn {
     }
 
     fn on_capsule(&mut self, sqe: Sqe, data_len: u32) {
-        let is_connect = sqe.opcode == AdminOpcode::FABRICS.0
-            && FabricsCommand::view(&sqe).fctype() == FabricsCommandType::CONNECT;
+        let is_connect =
+            sqe.opcode == AdminOpcode::FABRICS.0 && FabricsCommand::view(&sqe).fctype() == FabricsCommandType::CONNECT;
         let Some(slot) = self.alloc_slot() else {
-            return self.fatal_here(
-                Fes::PduSequenceError,
-                0,
-                "more commands outstanding than the queue holds",
-            );
+            return self.fatal_here(Fes::PduSequenceError, 0, "more commands outstanding than the queue holds");
         };
         let r = &mut self.reqs[slot];
-        *r = Req {
-            sqe,
-            ..Req::blank()
-        };
+        *r = Req { sqe, ..Req::blank() };
         r.state = ReqState::Exec;
         if self.qid.is_none() && !is_connect {
             // A command before Connect: answered, then the connection ends.
@@ -629,32 +572,17 @@ impl Conn {
             let ok = match sgl.kind() {
                 SglKind::InCapsule { offset, length } => {
                     if offset != 0 {
-                        return self.fail_early(
-                            slot,
-                            data_len,
-                            Status::SGL_OFFSET_INVALID.with_dnr(),
-                        );
+                        return self.fail_early(slot, data_len, Status::SGL_OFFSET_INVALID.with_dnr());
                     }
                     if length > data_len || length == 0 {
-                        return self.fail_early(
-                            slot,
-                            data_len,
-                            Status::DATA_SGL_LENGTH_INVALID.with_dnr(),
-                        );
+                        return self.fail_early(slot, data_len, Status::DATA_SGL_LENGTH_INVALID.with_dnr());
                     }
-                    matches!(
-                        dir,
-                        DataDirection::HostToController | DataDirection::Bidirectional
-                    )
+                    matches!(dir, DataDirection::HostToController | DataDirection::Bidirectional)
                 }
                 _ => false,
             };
             if !ok {
-                return self.fail_early(
-                    slot,
-                    data_len,
-                    Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr(),
-                );
+                return self.fail_early(slot, data_len, Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr());
             }
             let Some(buf) = DmaBuf::alloc(data_len as usize) else {
                 return self.fail_early(slot, data_len, Status::NAMESPACE_NOT_READY);
@@ -684,20 +612,10 @@ impl Conn {
                 match dir {
                     DataDirection::HostToController => {
                         r.state = ReqState::AwaitH2C;
-                        let r2t = PduHeader::R2T(R2T {
-                            cccid: sqe.cid.get(),
-                            ttag: slot as u16,
-                            r2to: 0,
-                            r2tl: length,
-                        });
+                        let r2t =
+                            PduHeader::R2T(R2T { cccid: sqe.cid.get(), ttag: slot as u16, r2to: 0, r2tl: length });
                         let cfg = self.txcfg;
-                        if self
-                            .tx
-                            .push_inline(|out| {
-                                encode_header(&r2t, 0, &cfg, out).map(|e| e.header_len)
-                            })
-                            .is_err()
-                        {
+                        if self.tx.push_inline(|out| encode_header(&r2t, 0, &cfg, out).map(|e| e.header_len)).is_err() {
                             self.begin_close("encoding R2T");
                         }
                     }
@@ -705,9 +623,7 @@ impl Conn {
                     _ => self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0),
                 }
             }
-            SglKind::InCapsule { .. } => {
-                self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0)
-            }
+            SglKind::InCapsule { .. } => self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0),
             _ => self.complete(slot, Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr(), 0),
         }
     }
@@ -754,13 +670,8 @@ impl Conn {
         if let (Some(buf), true) = (buf, status.is_success() && xfer > 0) {
             let data = buf.slice(0, xfer as usize);
             let success = self.c2h_success && self.qid.is_some_and(|q| q > 0);
-            let hdr = PduHeader::C2HData(C2HData {
-                cccid: cid,
-                datao: 0,
-                datal: data.len() as u32,
-                last: true,
-                success,
-            });
+            let hdr =
+                PduHeader::C2HData(C2HData { cccid: cid, datao: 0, datal: data.len() as u32, last: true, success });
             let cfg = self.txcfg;
             let mut ddgst = false;
             let r = self.tx.push_inline(|out| {
@@ -772,28 +683,16 @@ impl Conn {
             if r.is_err() {
                 return self.begin_close("encoding C2HData");
             }
-            let digest = if ddgst {
-                Some(data.with(pdu::data_digest))
-            } else {
-                None
-            };
+            let digest = if ddgst { Some(data.with(pdu::data_digest)) } else { None };
             self.tx.push_data(data);
             if let Some(d) = digest {
                 self.tx.push_bytes(&d.to_le_bytes());
             }
             send_resp = !success;
         }
-        self.sqhd = if self.sq_entries > 0 {
-            ((u32::from(self.sqhd) + 1) % self.sq_entries) as u16
-        } else {
-            0
-        };
+        self.sqhd = if self.sq_entries > 0 { ((u32::from(self.sqhd) + 1) % self.sq_entries) as u16 } else { 0 };
         if send_resp {
-            let sqhd = if std::mem::take(&mut self.sqhd_ffff_once) {
-                0xFFFF
-            } else {
-                self.sqhd
-            };
+            let sqhd = if std::mem::take(&mut self.sqhd_ffff_once) { 0xFFFF } else { self.sqhd };
             let cqe = Cqe {
                 dw0: U32::new(dw0),
                 sqhd: U16::new(sqhd),
@@ -804,11 +703,7 @@ impl Conn {
             };
             let hdr = PduHeader::CapsuleResp(CapsuleResp { cqe });
             let cfg = self.txcfg;
-            if self
-                .tx
-                .push_inline(|out| encode_header(&hdr, 0, &cfg, out).map(|e| e.header_len))
-                .is_err()
-            {
+            if self.tx.push_inline(|out| encode_header(&hdr, 0, &cfg, out).map(|e| e.header_len)).is_err() {
                 self.begin_close("encoding CapsuleResp");
             }
         }
@@ -818,9 +713,7 @@ impl Conn {
         let fctype = FabricsCommand::view(sqe).fctype();
         match fctype {
             FabricsCommandType::CONNECT => self.connect(slot, sqe),
-            FabricsCommandType::PROPERTY_GET | FabricsCommandType::PROPERTY_SET
-                if self.qid == Some(0) =>
-            {
+            FabricsCommandType::PROPERTY_GET | FabricsCommandType::PROPERTY_SET if self.qid == Some(0) => {
                 let Some(ctrl) = self.ctrl.clone() else {
                     return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
                 };
@@ -835,8 +728,7 @@ impl Conn {
                     }
                 } else {
                     let cmd = PropertySetCommand::view(sqe);
-                    let st =
-                        admin::property_set(&ctrl, cmd.offset.get(), cmd.size(), cmd.value.get());
+                    let st = admin::property_set(&ctrl, cmd.offset.get(), cmd.size(), cmd.value.get());
                     self.complete(slot, st, 0);
                 }
             }
@@ -857,11 +749,7 @@ impl Conn {
         self.reqs[slot].buf = None;
         self.reqs[slot].state = ReqState::Free;
         self.free.push(slot as u16);
-        self.sqhd = if self.sq_entries > 0 {
-            ((u32::from(self.sqhd) + 1) % self.sq_entries) as u16
-        } else {
-            0
-        };
+        self.sqhd = if self.sq_entries > 0 { ((u32::from(self.sqhd) + 1) % self.sq_entries) as u16 } else { 0 };
         let cqe = Cqe {
             dw0: U32::new(v as u32),
             dw1: U32::new((v >> 32) as u32),
@@ -872,11 +760,7 @@ impl Conn {
         };
         let hdr = PduHeader::CapsuleResp(CapsuleResp { cqe });
         let cfg = self.txcfg;
-        if self
-            .tx
-            .push_inline(|out| encode_header(&hdr, 0, &cfg, out).map(|e| e.header_len))
-            .is_err()
-        {
+        if self.tx.push_inline(|out| encode_header(&hdr, 0, &cfg, out).map(|e| e.header_len)).is_err() {
             self.begin_close("encoding CapsuleResp");
         }
     }
@@ -890,15 +774,11 @@ impl Conn {
             return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
         }
         let cmd = *ConnectCommand::view(sqe);
-        let data = self.reqs[slot]
-            .buf
-            .as_ref()
-            .filter(|b| b.len() >= 1024)
-            .map(|b| {
-                let mut d = [0u8; 1024];
-                b.copy_to(0, &mut d);
-                d
-            });
+        let data = self.reqs[slot].buf.as_ref().filter(|b| b.len() >= 1024).map(|b| {
+            let mut d = [0u8; 1024];
+            b.copy_to(0, &mut d);
+            d
+        });
         let Some(data) = data.and_then(|d| ConnectData::read_from_bytes(&d).ok()) else {
             return self.connect_fail(slot, Status::CONNECT_INVALID_PARAMETERS, 0);
         };
@@ -977,13 +857,7 @@ impl Conn {
             });
             sub.lock().ctrls.push(Arc::downgrade(&ctrl));
             start_keep_alive_timer(&ctrl);
-            tracing::info!(
-                cntlid,
-                subnqn,
-                host = ctrl.hostnqn,
-                kato_ms,
-                "controller created"
-            );
+            tracing::info!(cntlid, subnqn, host = ctrl.hostnqn, kato_ms, "controller created");
             self.ctrl = Some(ctrl);
         } else {
             let Some(ctrl) = sub.find_ctrl(data.cntlid.get()) else {
@@ -1003,10 +877,7 @@ impl Conn {
             if sub.kind == SubsystemKind::Discovery || !ctrl.ready.load(Ordering::Acquire) {
                 return self.connect_fail(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
             }
-            let max_q = ctrl
-                .admin()
-                .num_io_queues
-                .min(self.opts.max_io_qpairs_per_ctrlr);
+            let max_q = ctrl.admin().num_io_queues.min(self.opts.max_io_qpairs_per_ctrlr);
             if u32::from(qid) > max_q {
                 return self.connect_fail(
                     slot,
@@ -1034,10 +905,7 @@ impl Conn {
                 q.push(qid);
             }
             let cfg = *self.reader.config();
-            self.reader.set_config(RxConfig {
-                max_in_capsule_data_len: self.opts.in_capsule_data_size,
-                ..cfg
-            });
+            self.reader.set_config(RxConfig { max_in_capsule_data_len: self.opts.in_capsule_data_size, ..cfg });
             self.ctrl = Some(ctrl);
         }
         self.qid = Some(qid);
@@ -1084,22 +952,14 @@ impl Conn {
         };
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
-        let outcome = admin::admin_cmd(
-            &ctrl,
-            sqe,
-            self.reqs[slot].buf.as_ref(),
-            &mut out,
-            self.portid,
-        );
+        let outcome = admin::admin_cmd(&ctrl, sqe, self.reqs[slot].buf.as_ref(), &mut out, self.portid);
         match outcome {
             AdminOutcome::Done { status, dw0 } => {
                 let r = &mut self.reqs[slot];
                 if let Some(buf) = r.buf.as_ref() {
                     let n = out.len().min(buf.len());
                     buf.copy_from(0, &out[..n]);
-                    r.xfer_len = if DataDirection::from_opcode(sqe.opcode)
-                        == DataDirection::ControllerToHost
-                    {
+                    r.xfer_len = if DataDirection::from_opcode(sqe.opcode) == DataDirection::ControllerToHost {
                         buf.len() as u32
                     } else {
                         0
@@ -1114,11 +974,7 @@ impl Conn {
             AdminOutcome::AsyncEventRequest => {
                 self.scratch = out;
                 if self.aers.len() >= MAX_AERS {
-                    return self.complete(
-                        slot,
-                        Status::ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED.with_dnr(),
-                        0,
-                    );
+                    return self.complete(slot, Status::ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED.with_dnr(), 0);
                 }
                 self.reqs[slot].state = ReqState::Parked;
                 self.aers.push(slot);
@@ -1145,10 +1001,7 @@ impl Conn {
     }
 
     fn io(&mut self, slot: usize, sqe: &Sqe) {
-        let ready = self
-            .ctrl
-            .as_ref()
-            .is_some_and(|c| c.ready.load(Ordering::Relaxed));
+        let ready = self.ctrl.as_ref().is_some_and(|c| c.ready.load(Ordering::Relaxed));
         if !ready {
             return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
         }
@@ -1158,8 +1011,7 @@ impl Conn {
         };
         let op = IoOpcode(sqe.opcode);
         let (shift, num_blocks) = (self.ns[nsi].block_shift, self.ns[nsi].num_blocks);
-        let ranged =
-            |slba: u64, nlb: u64| slba.checked_add(nlb).is_some_and(|end| end <= num_blocks);
+        let ranged = |slba: u64, nlb: u64| slba.checked_add(nlb).is_some_and(|end| end <= num_blocks);
         match op {
             IoOpcode::READ | IoOpcode::WRITE => {
                 let (slba, nlb) = (sqe.slba(), u64::from(sqe.nlb()));
@@ -1171,11 +1023,7 @@ impl Conn {
                 if !ranged(slba, nlb) {
                     return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
                 }
-                let t = if op == IoOpcode::READ {
-                    IoType::Read
-                } else {
-                    IoType::Write
-                };
+                let t = if op == IoOpcode::READ { IoType::Read } else { IoType::Write };
                 if t == IoType::Read {
                     r.xfer_len = bytes as u32;
                 }
@@ -1183,12 +1031,7 @@ impl Conn {
                 self.submit(slot, nsi, t, slba, nlb, buf);
             }
             IoOpcode::FLUSH => {
-                if !self.ns[nsi]
-                    .ch
-                    .handle()
-                    .bdev()
-                    .io_type_supported(IoType::Flush)
-                {
+                if !self.ns[nsi].ch.handle().bdev().io_type_supported(IoType::Flush) {
                     return self.complete(slot, Status::SUCCESS, 0);
                 }
                 self.submit(slot, nsi, IoType::Flush, 0, 0, None);
@@ -1198,12 +1041,7 @@ impl Conn {
                 if !ranged(slba, nlb) {
                     return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
                 }
-                if !self.ns[nsi]
-                    .ch
-                    .handle()
-                    .bdev()
-                    .io_type_supported(IoType::WriteZeroes)
-                {
+                if !self.ns[nsi].ch.handle().bdev().io_type_supported(IoType::WriteZeroes) {
                     return self.complete(slot, Status::INVALID_OPCODE.with_dnr(), 0);
                 }
                 self.submit(slot, nsi, IoType::WriteZeroes, slba, nlb, None);
@@ -1223,13 +1061,7 @@ impl Conn {
         if buf.len() < nr * 16 {
             return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
         }
-        if !deallocate
-            || !self.ns[nsi]
-                .ch
-                .handle()
-                .bdev()
-                .io_type_supported(IoType::Unmap)
-        {
+        if !deallocate || !self.ns[nsi].ch.handle().bdev().io_type_supported(IoType::Unmap) {
             return self.complete(slot, Status::SUCCESS, 0);
         }
         let mut ranges = [(0u64, 0u64); 256];
@@ -1239,8 +1071,7 @@ impl Conn {
             for i in 0..nr {
                 let e = &b[i * 16..i * 16 + 16];
                 let nlb = u64::from(u32::from_le_bytes([e[4], e[5], e[6], e[7]]));
-                let slba =
-                    u64::from_le_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
+                let slba = u64::from_le_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
                 if nlb == 0 {
                     continue;
                 }
@@ -1263,28 +1094,12 @@ impl Conn {
         }
     }
 
-    fn submit(
-        &mut self,
-        slot: usize,
-        nsi: usize,
-        t: IoType,
-        slba: u64,
-        nlb: u64,
-        buf: Option<DmaBuf>,
-    ) {
+    fn submit(&mut self, slot: usize, nsi: usize, t: IoType, slba: u64, nlb: u64, buf: Option<DmaBuf>) {
         self.reqs[slot].pending = 1;
         self.submit_one(slot, nsi, t, slba, nlb, buf);
     }
 
-    fn submit_one(
-        &mut self,
-        slot: usize,
-        nsi: usize,
-        t: IoType,
-        slba: u64,
-        nlb: u64,
-        buf: Option<DmaBuf>,
-    ) {
+    fn submit_one(&mut self, slot: usize, nsi: usize, t: IoType, slba: u64, nlb: u64, buf: Option<DmaBuf>) {
         let Some(mut io) = IoBox::data(t, slba, nlb, buf) else {
             // Out of descriptors: the command fails with a retryable status.
             let r = &mut self.reqs[slot];
@@ -1342,8 +1157,7 @@ fn start_keep_alive_timer(ctrl: &Arc<Ctrl>) {
         if kato_ms == 0 {
             return reactor::PollStatus::Idle;
         }
-        let idle_ns =
-            reactor::now_ns().saturating_sub(c.last_keep_alive_ns.load(Ordering::Relaxed));
+        let idle_ns = reactor::now_ns().saturating_sub(c.last_keep_alive_ns.load(Ordering::Relaxed));
         if idle_ns > kato_ms * 1_000_000 {
             c.kill("keep alive timeout expired");
             return reactor::PollStatus::Done;

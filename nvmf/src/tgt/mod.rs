@@ -156,10 +156,7 @@ pub struct ListenAddr {
 
 impl ListenAddr {
     pub fn new(traddr: &str, trsvcid: &str) -> Self {
-        ListenAddr {
-            traddr: traddr.to_string(),
-            trsvcid: trsvcid.to_string(),
-        }
+        ListenAddr { traddr: traddr.to_string(), trsvcid: trsvcid.to_string() }
     }
 
     pub fn ipv6(&self) -> bool {
@@ -179,24 +176,20 @@ impl ListenAddr {
     }
 
     fn socket_addr(&self) -> Result<SocketAddr, NvmfError> {
-        let port: u16 = self.trsvcid.parse().map_err(|_| {
-            NvmfError::Invalid(format!("trsvcid '{}' is not a port number", self.trsvcid))
-        })?;
+        let port: u16 = self
+            .trsvcid
+            .parse()
+            .map_err(|_| NvmfError::Invalid(format!("trsvcid '{}' is not a port number", self.trsvcid)))?;
         (self.traddr.as_str(), port)
             .to_socket_addrs()
             .map_err(|e| NvmfError::Invalid(format!("traddr '{}': {e}", self.traddr)))?
             .next()
-            .ok_or_else(|| {
-                NvmfError::Invalid(format!("traddr '{}' resolves to nothing", self.traddr))
-            })
+            .ok_or_else(|| NvmfError::Invalid(format!("traddr '{}' resolves to nothing", self.traddr)))
     }
 
     /// The `nvme connect` line a Linux user types for `nqn` on this address.
     pub fn connect_line(&self, nqn: &str) -> String {
-        format!(
-            "nvme connect -t tcp -a {} -s {} -n {}",
-            self.traddr, self.trsvcid, nqn
-        )
+        format!("nvme connect -t tcp -a {} -s {} -n {}", self.traddr, self.trsvcid, nqn)
     }
 }
 
@@ -323,17 +316,8 @@ impl Subsystem {
         let span = u32::from(self.max_cntlid - self.min_cntlid) + 1;
         for _ in 0..span {
             let id = i.next_cntlid;
-            i.next_cntlid = if id >= self.max_cntlid {
-                self.min_cntlid
-            } else {
-                id + 1
-            };
-            if !i
-                .ctrls
-                .iter()
-                .filter_map(Weak::upgrade)
-                .any(|c| c.cntlid == id)
-            {
+            i.next_cntlid = if id >= self.max_cntlid { self.min_cntlid } else { id + 1 };
+            if !i.ctrls.iter().filter_map(Weak::upgrade).any(|c| c.cntlid == id) {
                 return Some(id);
             }
         }
@@ -341,11 +325,7 @@ impl Subsystem {
     }
 
     pub(crate) fn find_ctrl(&self, cntlid: u16) -> Option<Arc<Ctrl>> {
-        self.lock()
-            .ctrls
-            .iter()
-            .filter_map(Weak::upgrade)
-            .find(|c| c.cntlid == cntlid && !c.is_dead())
+        self.lock().ctrls.iter().filter_map(Weak::upgrade).find(|c| c.cntlid == cntlid && !c.is_dead())
     }
 
     fn live_ctrls(&self) -> Vec<Arc<Ctrl>> {
@@ -368,10 +348,7 @@ impl Subsystem {
             o.insert("max_namespaces".into(), json!(self.max_namespaces));
             o.insert("min_cntlid".into(), json!(self.min_cntlid));
             o.insert("max_cntlid".into(), json!(self.max_cntlid));
-            o.insert(
-                "namespaces".into(),
-                json!(i.namespaces.iter().map(|n| n.to_json()).collect::<Vec<_>>()),
-            );
+            o.insert("namespaces".into(), json!(i.namespaces.iter().map(|n| n.to_json()).collect::<Vec<_>>()));
         }
         v
     }
@@ -419,13 +396,7 @@ impl Ctrl {
     /// Ends the controller: every queue pair of it disconnects.
     pub(crate) fn kill(&self, why: &str) {
         if !self.dead.swap(true, Ordering::AcqRel) {
-            tracing::info!(
-                cntlid = self.cntlid,
-                nqn = self.subsys.nqn,
-                host = self.hostnqn,
-                why,
-                "controller ended"
-            );
+            tracing::info!(cntlid = self.cntlid, nqn = self.subsys.nqn, host = self.hostnqn, why, "controller ended");
         }
     }
 
@@ -439,9 +410,7 @@ impl Ctrl {
         if !a.changed_ns.contains(&nsid) {
             a.changed_ns.push(nsid);
         }
-        if a.async_event_config
-            & nvme_spec::features::async_event_config::NAMESPACE_ATTRIBUTE_NOTICES
-            != 0
+        if a.async_event_config & nvme_spec::features::async_event_config::NAMESPACE_ATTRIBUTE_NOTICES != 0
             && !a.ns_notice_masked
         {
             a.ns_notice_pending = true;
@@ -513,15 +482,10 @@ impl NvmfState {
     }
 
     fn ensure_discovery(s: &mut StateInner) {
-        if !s
-            .subsystems
-            .iter()
-            .any(|x| x.kind == SubsystemKind::Discovery)
-        {
+        if !s.subsystems.iter().any(|x| x.kind == SubsystemKind::Discovery) {
             let mut p = SubsystemParams::new(DISCOVERY_NQN);
             p.allow_any_host = true;
-            s.subsystems
-                .insert(0, Arc::new(Subsystem::new(&p, SubsystemKind::Discovery)));
+            s.subsystems.insert(0, Arc::new(Subsystem::new(&p, SubsystemKind::Discovery)));
         }
     }
 
@@ -532,11 +496,7 @@ impl NvmfState {
     }
 
     pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
-        self.lock()
-            .subsystems
-            .iter()
-            .find(|s| s.nqn == nqn)
-            .cloned()
+        self.lock().subsystems.iter().find(|s| s.nqn == nqn).cloned()
     }
 
     fn discovery_changed(&self) {
@@ -549,8 +509,7 @@ impl NvmfState {
         if p.nqn == DISCOVERY_NQN {
             return Err(NvmfError::Exists(p.nqn));
         }
-        if p.serial_number.len() > 20 || !p.serial_number.bytes().all(|b| (0x20..0x7f).contains(&b))
-        {
+        if p.serial_number.len() > 20 || !p.serial_number.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return Err(NvmfError::Invalid(format!(
                 "serial number '{}' must be at most 20 ASCII characters",
                 p.serial_number
@@ -563,9 +522,7 @@ impl NvmfState {
             )));
         }
         if p.min_cntlid == 0 || p.min_cntlid > p.max_cntlid || p.max_cntlid > 0xFFEF {
-            return Err(NvmfError::Invalid(
-                "cntlid range must lie within 1..=65519".into(),
-            ));
+            return Err(NvmfError::Invalid("cntlid range must lie within 1..=65519".into()));
         }
         if p.max_namespaces == 0 || p.max_namespaces > 1024 {
             return Err(NvmfError::Invalid("max_namespaces must be 1..=1024".into()));
@@ -585,9 +542,7 @@ impl NvmfState {
     fn nvme_subsystem(&self, nqn: &str) -> Result<Arc<Subsystem>, NvmfError> {
         match self.subsystem(nqn) {
             Some(s) if s.kind == SubsystemKind::Nvme => Ok(s),
-            Some(_) => Err(NvmfError::Invalid(format!(
-                "{nqn} is the discovery subsystem"
-            ))),
+            Some(_) => Err(NvmfError::Invalid(format!("{nqn} is the discovery subsystem"))),
             None => Err(NvmfError::NotFound(format!("subsystem {nqn}"))),
         }
     }
@@ -624,24 +579,17 @@ impl NvmfState {
         nguid: Option<[u8; 16]>,
     ) -> Result<u32, NvmfError> {
         let sub = self.nvme_subsystem(nqn)?;
-        let bdev = Registry::get()
-            .lookup(bdev_name)
-            .ok_or_else(|| NvmfError::NotFound(format!("bdev {bdev_name}")))?;
+        let bdev = Registry::get().lookup(bdev_name).ok_or_else(|| NvmfError::NotFound(format!("bdev {bdev_name}")))?;
         let mut i = sub.lock();
         let nsid = if nsid == 0 {
             (1..=sub.max_namespaces)
                 .find(|n| !i.namespaces.iter().any(|x| x.nsid == *n))
-                .ok_or_else(|| {
-                    NvmfError::Invalid(format!("subsystem {nqn} has no free namespace ID"))
-                })?
+                .ok_or_else(|| NvmfError::Invalid(format!("subsystem {nqn} has no free namespace ID")))?
         } else {
             nsid
         };
         if nsid > sub.max_namespaces || nsid == 0xFFFF_FFFF {
-            return Err(NvmfError::Invalid(format!(
-                "nsid {nsid} exceeds max_namespaces {}",
-                sub.max_namespaces
-            )));
+            return Err(NvmfError::Invalid(format!("nsid {nsid} exceeds max_namespaces {}", sub.max_namespaces)));
         }
         if i.namespaces.iter().any(|x| x.nsid == nsid) {
             return Err(NvmfError::Exists(format!("nsid {nsid} in {nqn}")));
@@ -651,17 +599,8 @@ impl NvmfState {
         }
         let uuid = uuid.unwrap_or(bdev.props().uuid);
         let nguid = nguid.unwrap_or(*uuid.as_bytes());
-        let ns = Arc::new(Namespace {
-            nsid,
-            bdev: bdev.clone(),
-            uuid,
-            nguid,
-        });
-        let pos = i
-            .namespaces
-            .iter()
-            .position(|x| x.nsid > nsid)
-            .unwrap_or(i.namespaces.len());
+        let ns = Arc::new(Namespace { nsid, bdev: bdev.clone(), uuid, nguid });
+        let pos = i.namespaces.iter().position(|x| x.nsid > nsid).unwrap_or(i.namespaces.len());
         i.namespaces.insert(pos, ns);
         drop(i);
         sub.bump();
@@ -670,17 +609,9 @@ impl NvmfState {
         let handle = bdev.clone();
         bdev.on_remove(move || {
             if let Some(sub) = weak.upgrade() {
-                let present = sub
-                    .lock()
-                    .namespaces
-                    .iter()
-                    .any(|n| n.nsid == nsid && n.bdev.same(&handle));
+                let present = sub.lock().namespaces.iter().any(|n| n.nsid == nsid && n.bdev.same(&handle));
                 if present {
-                    tracing::info!(
-                        nqn = sub.nqn,
-                        nsid,
-                        "namespace's bdev is going away: detaching it"
-                    );
+                    tracing::info!(nqn = sub.nqn, nsid, "namespace's bdev is going away: detaching it");
                     detach_ns(&sub, nsid);
                 }
             }
@@ -746,42 +677,24 @@ impl NvmfState {
     /// `nvmf_subsystem_add_listener`: binds the address (once per target)
     /// and starts accepting on the calling reactor. Must run on a reactor.
     pub fn add_listener(&self, nqn: &str, addr: ListenAddr) -> Result<(), NvmfError> {
-        let sub = self
-            .subsystem(nqn)
-            .ok_or_else(|| NvmfError::NotFound(format!("subsystem {nqn}")))?;
-        let opts = self
-            .transport()
-            .ok_or_else(|| NvmfError::Invalid("create the TCP transport first".into()))?;
+        let sub = self.subsystem(nqn).ok_or_else(|| NvmfError::NotFound(format!("subsystem {nqn}")))?;
+        let opts = self.transport().ok_or_else(|| NvmfError::Invalid("create the TCP transport first".into()))?;
         if sub.lock().listeners.contains(&addr) {
-            return Err(NvmfError::Exists(format!(
-                "listener {}:{} on {nqn}",
-                addr.traddr, addr.trsvcid
-            )));
+            return Err(NvmfError::Exists(format!("listener {}:{} on {nqn}", addr.traddr, addr.trsvcid)));
         }
         let mut s = self.lock();
         if let Some(e) = s.listeners.iter_mut().find(|e| e.addr == addr) {
             e.users += 1;
         } else {
             let sa = addr.socket_addr()?;
-            let l =
-                TcpListener::bind(sa).map_err(|e| NvmfError::Io(format!("listen on {sa}: {e}")))?;
-            l.set_nonblocking(true)
-                .map_err(|e| NvmfError::Io(e.to_string()))?;
+            let l = TcpListener::bind(sa).map_err(|e| NvmfError::Io(format!("listen on {sa}: {e}")))?;
+            l.set_nonblocking(true).map_err(|e| NvmfError::Io(e.to_string()))?;
             let local = l.local_addr().map_err(|e| NvmfError::Io(e.to_string()))?;
             let stop = Arc::new(AtomicBool::new(false));
             let portid = self.next_portid.fetch_add(1, Ordering::Relaxed) + 1;
             start_accepting(l, addr.clone(), portid, opts, stop.clone());
-            tracing::info!(
-                traddr = addr.traddr,
-                trsvcid = addr.trsvcid,
-                "NVMe/TCP target listening"
-            );
-            s.listeners.push(ListenerEntry {
-                addr: addr.clone(),
-                local,
-                stop,
-                users: 1,
-            });
+            tracing::info!(traddr = addr.traddr, trsvcid = addr.trsvcid, "NVMe/TCP target listening");
+            s.listeners.push(ListenerEntry { addr: addr.clone(), local, stop, users: 1 });
         }
         drop(s);
         sub.lock().listeners.push(addr);
@@ -803,17 +716,12 @@ impl NvmfState {
     /// `nvmf_subsystem_remove_listener`: the subsystem's connections that
     /// came in through it end.
     pub fn remove_listener(&self, nqn: &str, addr: &ListenAddr) -> Result<(), NvmfError> {
-        let sub = self
-            .subsystem(nqn)
-            .ok_or_else(|| NvmfError::NotFound(format!("subsystem {nqn}")))?;
+        let sub = self.subsystem(nqn).ok_or_else(|| NvmfError::NotFound(format!("subsystem {nqn}")))?;
         let mut i = sub.lock();
         let before = i.listeners.len();
         i.listeners.retain(|a| a != addr);
         if i.listeners.len() == before {
-            return Err(NvmfError::NotFound(format!(
-                "listener {}:{} on {nqn}",
-                addr.traddr, addr.trsvcid
-            )));
+            return Err(NvmfError::NotFound(format!("listener {}:{} on {nqn}", addr.traddr, addr.trsvcid)));
         }
         drop(i);
         sub.bump();
@@ -824,11 +732,7 @@ impl NvmfState {
 
     /// The bound address of a listener (tests bind port 0 and ask).
     pub fn local_addr(&self, addr: &ListenAddr) -> Option<SocketAddr> {
-        self.lock()
-            .listeners
-            .iter()
-            .find(|e| &e.addr == addr)
-            .map(|e| e.local)
+        self.lock().listeners.iter().find(|e| &e.addr == addr).map(|e| e.local)
     }
 
     /// `nvme connect` lines for every subsystem's TCP listeners.
@@ -836,11 +740,7 @@ impl NvmfState {
         self.subsystems()
             .iter()
             .filter(|s| s.kind == SubsystemKind::Nvme)
-            .flat_map(|s| {
-                s.listeners()
-                    .into_iter()
-                    .map(move |a| a.connect_line(&s.nqn))
-            })
+            .flat_map(|s| s.listeners().into_iter().map(move |a| a.connect_line(&s.nqn)))
             .collect()
     }
 
@@ -899,14 +799,10 @@ fn detach_ns(sub: &Arc<Subsystem>, nsid: u32) {
 
 pub(crate) fn validate_nqn(nqn: &str) -> Result<(), NvmfError> {
     if nqn.is_empty() || nqn.len() > nvme_spec::text::NQN_MAX_LEN || nqn.contains('\0') {
-        return Err(NvmfError::Invalid(format!(
-            "NQN '{nqn}' must be 1..=223 bytes"
-        )));
+        return Err(NvmfError::Invalid(format!("NQN '{nqn}' must be 1..=223 bytes")));
     }
     if !nqn.starts_with("nqn.") {
-        return Err(NvmfError::Invalid(format!(
-            "NQN '{nqn}' must start with 'nqn.'"
-        )));
+        return Err(NvmfError::Invalid(format!("NQN '{nqn}' must start with 'nqn.'")));
     }
     Ok(())
 }
@@ -914,21 +810,11 @@ pub(crate) fn validate_nqn(nqn: &str) -> Result<(), NvmfError> {
 /// Accepts on the current reactor (a timed poller: accept latency does not
 /// matter, syscalls every loop would) and hands each connection to the
 /// next reactor round-robin.
-fn start_accepting(
-    l: TcpListener,
-    addr: ListenAddr,
-    portid: u16,
-    opts: Arc<TransportOpts>,
-    stop: Arc<AtomicBool>,
-) {
+fn start_accepting(l: TcpListener, addr: ListenAddr, portid: u16, opts: Arc<TransportOpts>, stop: Arc<AtomicBool>) {
     let state = NvmfState::get();
     reactor::register_timed_poller("nvmf_tcp_accept", Duration::from_micros(500), move || {
         if stop.load(Ordering::Acquire) || state.shutting_down.load(Ordering::Acquire) {
-            tracing::info!(
-                traddr = addr.traddr,
-                trsvcid = addr.trsvcid,
-                "NVMe/TCP listener closed"
-            );
+            tracing::info!(traddr = addr.traddr, trsvcid = addr.trsvcid, "NVMe/TCP listener closed");
             return reactor::PollStatus::Done;
         }
         let mut busy = false;

@@ -33,33 +33,19 @@ impl Drop for Target {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A target on `reactors` reactors exporting a malloc bdev (block size
 /// `bs`, `blocks` blocks) as NSID 1 of NQN, any host allowed unless
 /// `hosts` is non-empty.
-pub fn start_target(
-    reactors: usize,
-    bs: u32,
-    blocks: u64,
-    opts: TransportOpts,
-    hosts: &[&str],
-) -> Target {
-    let cfg = ReactorConfig {
-        pin: false,
-        ..ReactorConfig::new((0..reactors).collect(), IdlePolicy::sleep())
-    };
+pub fn start_target(reactors: usize, bs: u32, blocks: u64, opts: TransportOpts, hosts: &[&str]) -> Target {
+    let cfg = ReactorConfig { pin: false, ..ReactorConfig::new((0..reactors).collect(), IdlePolicy::sleep()) };
     let set = ReactorSet::start(cfg, || {}).unwrap();
     let port = free_port();
     let hosts: Vec<String> = hosts.iter().map(|s| s.to_string()).collect();
     set.call(0, move || {
-        let m =
-            MallocBdev::new(BdevProps::new("Malloc0", "Malloc disk", bs, blocks, None)).unwrap();
+        let m = MallocBdev::new(BdevProps::new("Malloc0", "Malloc disk", bs, blocks, None)).unwrap();
         Registry::get().register(Arc::new(m)).unwrap();
         let st = NvmfState::get();
         st.create_transport(opts).unwrap();
@@ -71,13 +57,8 @@ pub fn start_target(
             st.add_host(NQN, h).unwrap();
         }
         assert_eq!(st.add_ns(NQN, "Malloc0", 0, None, None).unwrap(), 1);
-        st.add_listener(NQN, ListenAddr::new("127.0.0.1", &port.to_string()))
-            .unwrap();
-        st.add_listener(
-            nvme_spec::text::DISCOVERY_NQN,
-            ListenAddr::new("127.0.0.1", &port.to_string()),
-        )
-        .unwrap();
+        st.add_listener(NQN, ListenAddr::new("127.0.0.1", &port.to_string())).unwrap();
+        st.add_listener(nvme_spec::text::DISCOVERY_NQN, ListenAddr::new("127.0.0.1", &port.to_string())).unwrap();
     });
     Target { set, port }
 }
@@ -100,12 +81,8 @@ pub fn wait(qp: &mut HostQpair, n: usize) -> Vec<host::Completion> {
     let mut out = Vec::new();
     let t0 = std::time::Instant::now();
     while out.len() < n {
-        qp.poll(|c| out.push(c))
-            .unwrap_or_else(|e| panic!("queue failed: {e}"));
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {n} completions"
-        );
+        qp.poll(|c| out.push(c)).unwrap_or_else(|e| panic!("queue failed: {e}"));
+        assert!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {n} completions");
         if out.len() < n {
             std::thread::sleep(Duration::from_micros(20));
         }
@@ -127,14 +104,7 @@ impl Rng {
 }
 
 pub fn seed() -> u64 {
-    std::env::var("NVMF_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
+    std::env::var("NVMF_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    })
 }

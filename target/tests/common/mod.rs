@@ -21,8 +21,7 @@ static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0)
 /// A fresh private directory under the target dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{tag}-{}-{n}", std::process::id()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -37,31 +36,16 @@ impl Daemon {
 
     pub fn try_start(dir: &Path, args: &[&str]) -> Result<Daemon, String> {
         let sock = dir.join("rpc.sock");
-        let log = dir.join(format!(
-            "tgt-{}.log",
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
+        let log = dir.join(format!("tgt-{}.log", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let logf = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_nvraid-tgt"))
-            .args([
-                "-r",
-                sock.to_str().unwrap(),
-                "--idle",
-                "sleep",
-                "--no-pin",
-                "--no-huge",
-            ])
+            .args(["-r", sock.to_str().unwrap(), "--idle", "sleep", "--no-pin", "--no-huge"])
             .args(args)
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
             .spawn()
             .map_err(|e| e.to_string())?;
-        let mut d = Daemon {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-            sock,
-            log,
-        };
+        let mut d = Daemon { child: Some(child), dir: dir.to_path_buf(), sock, log };
         let t0 = Instant::now();
         loop {
             if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
@@ -89,21 +73,16 @@ impl Daemon {
         if !params.is_null() {
             req["params"] = params;
         }
-        s.write_all(serde_json::to_string_pretty(&req).unwrap().as_bytes())
-            .unwrap();
+        s.write_all(serde_json::to_string_pretty(&req).unwrap().as_bytes()).unwrap();
         let v = read_value(&mut s);
         match v.get("error") {
-            Some(e) => Err((
-                e["code"].as_i64().unwrap(),
-                e["message"].as_str().unwrap_or("").to_string(),
-            )),
+            Some(e) => Err((e["code"].as_i64().unwrap(), e["message"].as_str().unwrap_or("").to_string())),
             None => Ok(v["result"].clone()),
         }
     }
 
     pub fn ok(&self, method: &str, params: Value) -> Value {
-        self.rpc(method, params)
-            .unwrap_or_else(|e| panic!("{method} failed: {e:?}"))
+        self.rpc(method, params).unwrap_or_else(|e| panic!("{method} failed: {e:?}"))
     }
 
     /// Sends raw bytes on a fresh connection and returns what comes back
@@ -136,9 +115,7 @@ impl Daemon {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let t0 = Instant::now();
         loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -188,34 +165,20 @@ pub fn two_malloc_config(dir: &Path) -> PathBuf {
 pub fn spdk_rpc_path() -> Option<PathBuf> {
     let p = std::env::var_os("NVRAID_SPDK_RPC")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/spdk-venv/bin/spdk-rpc")
-        });
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/spdk-venv/bin/spdk-rpc"));
     if p.exists() {
         return Some(p);
     }
     if std::env::var("NVRAID_REQUIRE_SPDK_RPC").as_deref() == Ok("1") {
-        panic!(
-            "spdk-rpc not found at {} (scripts/test.sh installs it)",
-            p.display()
-        );
+        panic!("spdk-rpc not found at {} (scripts/test.sh installs it)", p.display());
     }
-    eprintln!(
-        "NOTE: skipping: SPDK's client not installed at {} (run scripts/test.sh)",
-        p.display()
-    );
+    eprintln!("NOTE: skipping: SPDK's client not installed at {} (run scripts/test.sh)", p.display());
     None
 }
 
 /// Runs `spdk-rpc -s SOCK args...`.
 pub fn spdk_rpc(rpc: &Path, sock: &Path, args: &[&str]) -> Output {
-    Command::new(rpc)
-        .arg("-s")
-        .arg(sock)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    Command::new(rpc).arg("-s").arg(sock).args(args).stdin(Stdio::null()).output().unwrap()
 }
 
 /// Like `spdk_rpc` but the call must succeed; returns stdout parsed as JSON
@@ -223,11 +186,7 @@ pub fn spdk_rpc(rpc: &Path, sock: &Path, args: &[&str]) -> Output {
 pub fn spdk_ok(rpc: &Path, sock: &Path, args: &[&str]) -> Value {
     let o = spdk_rpc(rpc, sock, args);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success(),
-        "spdk-rpc {args:?} failed: {out} {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "spdk-rpc {args:?} failed: {out} {}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_str(&out).unwrap_or(Value::String(out.trim().to_string()))
 }
 
