@@ -117,6 +117,22 @@ pub enum GeometryError {
     BadStrip(u64),
     #[error("members are too small for one strip per member: usable size would be 0")]
     Empty,
+    #[error("array size overflows 64 bits of blocks")]
+    TooLarge,
+}
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+
+    #[test]
+    fn huge_members_are_refused_not_overflowed() {
+        let huge = [u64::MAX / 2, u64::MAX / 2, u64::MAX / 2];
+        assert_eq!(Geometry::new(RaidLevel::Raid0, 8, &huge), Err(GeometryError::TooLarge));
+        assert_eq!(Geometry::new(RaidLevel::Concat, 8, &huge), Err(GeometryError::TooLarge));
+        assert_eq!(Geometry::new(RaidLevel::Raid10, 8, &[u64::MAX; 4]), Err(GeometryError::TooLarge));
+        assert!(Geometry::new(RaidLevel::Raid1, 0, &huge).is_ok());
+    }
 }
 
 /// The fixed shape of an online array.
@@ -153,20 +169,22 @@ impl Geometry {
         }
         let min = member_blocks.iter().copied().min().unwrap_or(0);
         let round = |b: u64| b.checked_div(strip).map_or(b, |q| q * strip);
+        // Sizes may come from disk (superblocks): checked arithmetic throughout.
+        let too_large = GeometryError::TooLarge;
         let (member_data_blocks, array_blocks) = match level {
             RaidLevel::Raid0 => {
                 let per = round(min);
-                (vec![per; n], per * n as u64)
+                (vec![per; n], per.checked_mul(n as u64).ok_or(too_large)?)
             }
             RaidLevel::Raid1 => (vec![min; n], min),
             RaidLevel::Raid10 => {
                 let per = round(min);
-                let chunks = (per / strip) * n as u64 / 2;
-                (vec![per; n], chunks * strip)
+                let chunks = (per / strip).checked_mul(n as u64).ok_or(too_large.clone())? / 2;
+                (vec![per; n], chunks.checked_mul(strip).ok_or(too_large)?)
             }
             RaidLevel::Concat => {
                 let sizes: Vec<u64> = member_blocks.iter().map(|&b| round(b)).collect();
-                let total = sizes.iter().sum();
+                let total = sizes.iter().try_fold(0u64, |acc, &s| acc.checked_add(s)).ok_or(too_large)?;
                 (sizes, total)
             }
         };
