@@ -97,3 +97,33 @@ fn attached_namespace_serves_io_from_every_reactor() {
     ini.stop();
     ini.join();
 }
+
+/// Attaching, in the target's own process, the namespace that exports a local
+/// bdev: its UUID is already taken, so no bdev can be registered and the
+/// attach fails with EEXIST instead of succeeding with nothing attached.
+#[test]
+fn attach_whose_namespaces_cannot_register_fails() {
+    let t = start_target(1, 512, 1024, TransportOpts::default(), &[]);
+    let port = t.port;
+    let (tx, rx) = mpsc::channel();
+    t.set.send(0, move || {
+        let p = AttachParams {
+            name: "Loop".into(),
+            trtype: "TCP".into(),
+            traddr: "127.0.0.1".into(),
+            adrfam: Some("IPv4".into()),
+            trsvcid: port.to_string(),
+            subnqn: NQN.into(),
+            hostnqn: Some(HOSTNQN.into()),
+            hdgst: false,
+            ddgst: false,
+        };
+        attach_controller(p, move |r| {
+            let _ = tx.send(r);
+        });
+    });
+    let r = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let e = r.expect_err("a namespace whose UUID is in use must not attach silently");
+    assert_eq!(e.errno(), libc::EEXIST, "{e}");
+    assert!(t.set.call(0, || Registry::get().lookup("Loopn1").is_none()));
+}

@@ -135,6 +135,7 @@ fn register(params: AttachParams, s: Session) -> Result<Vec<String>, BdevError> 
         reactor::PollStatus::Idle
     });
     let mut names = Vec::new();
+    let mut first_err = None;
     for ns in &ctrl.info.namespaces {
         let name = format!("{}n{}", ctrl.params.name, ns.nsid);
         let mut props = BdevProps::new(&name, "NVMe disk", ns.block_size, ns.num_blocks, ns.uuid);
@@ -145,7 +146,18 @@ fn register(params: AttachParams, s: Session) -> Result<Vec<String>, BdevError> 
         let b = Arc::new(TcpNsBdev { props, ctrl: ctrl.clone(), nsid: ns.nsid });
         match Registry::get().register(b) {
             Ok(_) => names.push(name),
-            Err(e) => tracing::warn!("NVMe/TCP namespace {}: {e}", ns.nsid),
+            Err(e) => {
+                tracing::warn!("NVMe/TCP namespace {}: {e}", ns.nsid);
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    // A controller none of whose namespaces could become a bdev (a name or
+    // UUID already in use) is an error, not a silent empty attach.
+    if names.is_empty() {
+        if let Some(e) = first_err {
+            ctrl.detached.store(true, Ordering::Release); // ends the admin poller; queues close on drop
+            return Err(e);
         }
     }
     *ctrl.bdevs.lock().unwrap_or_else(|e| e.into_inner()) = names.clone();
