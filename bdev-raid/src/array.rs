@@ -11,7 +11,7 @@
 
 use crate::channel::{drop_ras, ras_for, Ras};
 use crate::map::{Geometry, RaidLevel, MAX_MEMBERS};
-use crate::owner::{self, fenced, Fence};
+use crate::owner::{self, Fence};
 use crate::rebuild;
 use bdev::{Bdev, BdevChannel, BdevError, BdevHandle, BdevProps, IoType, Registry};
 use reactor::ReactorId;
@@ -588,21 +588,14 @@ fn watch_removal(shared: &Arc<ArrayShared>, h: &BdevHandle) {
         if shared.torn_down.load(Ordering::Acquire) || reactor::current().is_none() {
             return;
         }
-        owner::on_owner(&shared, move |ras| {
-            let Some(ras) = ras else { return };
-            fenced(
-                &ras,
-                Box::new(move |ras, fence| {
-                    let Ok(fence) = fence else { return };
-                    let slot =
-                        ras.shared.ctl().slots.iter().position(|s| s.handle.as_ref().is_some_and(|h| h.id() == id));
-                    if let Some(slot) = slot {
-                        tracing::warn!(raid = %ras.shared.name, slot, "member bdev removed");
-                        empty_slot(ras, slot);
-                    }
-                    fence.done();
-                }),
-            );
+        owner::on_owner_fenced(&shared, move |fenced| {
+            let Ok((ras, fence)) = fenced else { return };
+            let slot = ras.shared.ctl().slots.iter().position(|s| s.handle.as_ref().is_some_and(|h| h.id() == id));
+            if let Some(slot) = slot {
+                tracing::warn!(raid = %ras.shared.name, slot, "member bdev removed");
+                empty_slot(ras, slot);
+            }
+            fence.done();
         });
     });
 }
@@ -627,18 +620,12 @@ fn examine(h: &BdevHandle) {
             shared.ctl().slots.iter().position(|s| s.role == Role::Missing && s.name.as_deref() == Some(h.name()));
         let Some(slot) = slot else { continue };
         let name = h.name().to_string();
-        owner::on_owner(&shared, move |ras| {
-            let Some(ras) = ras else { return };
-            fenced(
-                &ras,
-                Box::new(move |ras, fence| {
-                    let Ok(fence) = fence else { return };
-                    if let Err(e) = claim_missing(ras, slot, &name) {
-                        tracing::warn!(raid = %ras.shared.name, member = %name, "cannot configure member: {e}");
-                    }
-                    fence.done();
-                }),
-            );
+        owner::on_owner_fenced(&shared, move |fenced| {
+            let Ok((ras, fence)) = fenced else { return };
+            if let Err(e) = claim_missing(ras, slot, &name) {
+                tracing::warn!(raid = %ras.shared.name, member = %name, "cannot configure member: {e}");
+            }
+            fence.done();
         });
     }
 }
@@ -739,35 +726,23 @@ pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevErro
         return done(Err(BdevError::NotFound(format!("{member} is not a member of any raid bdev"))));
     };
     let member = member.to_string();
-    owner::on_owner(&shared, move |ras| {
-        let Some(ras) = ras else {
-            return done(Err(BdevError::NotFound(member)));
+    owner::on_owner_fenced(&shared, move |fenced| {
+        let (ras, fence) = match fenced {
+            Ok(f) => f,
+            Err(e) => return done(Err(e)),
         };
-        fenced(
-            &ras,
-            Box::new(move |ras, fence| {
-                let fence = match fence {
-                    Ok(f) => f,
-                    Err(e) => return done(Err(e)),
-                };
-                let slot = ras
-                    .shared
-                    .ctl()
-                    .slots
-                    .iter()
-                    .position(|s| s.role != Role::Empty && s.name.as_deref() == Some(&member));
-                let r = match slot {
-                    Some(slot) => {
-                        empty_slot(ras, slot);
-                        tracing::info!(raid = %ras.shared.name, %member, state = ras.shared.ctl().state.name(), "member removed");
-                        Ok(())
-                    }
-                    None => Err(BdevError::NotFound(format!("{member} is no longer a member of {}", ras.shared.name))),
-                };
-                fence.done();
-                done(r);
-            }),
-        );
+        let slot =
+            ras.shared.ctl().slots.iter().position(|s| s.role != Role::Empty && s.name.as_deref() == Some(&member));
+        let r = match slot {
+            Some(slot) => {
+                empty_slot(ras, slot);
+                tracing::info!(raid = %ras.shared.name, %member, state = ras.shared.ctl().state.name(), "member removed");
+                Ok(())
+            }
+            None => Err(BdevError::NotFound(format!("{member} is no longer a member of {}", ras.shared.name))),
+        };
+        fence.done();
+        done(r);
     });
 }
 
@@ -778,25 +753,17 @@ pub(crate) fn add_base(raid: &str, base: &str, done: Box<dyn FnOnce(Result<(), B
         return done(Err(BdevError::NotFound(format!("raid bdev {raid}"))));
     };
     let base = base.to_string();
-    owner::on_owner(&shared, move |ras| {
-        let Some(ras) = ras else {
-            return done(Err(BdevError::NotFound(base)));
+    owner::on_owner_fenced(&shared, move |fenced| {
+        let (ras, fence) = match fenced {
+            Ok(f) => f,
+            Err(e) => return done(Err(e)),
         };
-        fenced(
-            &ras,
-            Box::new(move |ras, fence| {
-                let fence = match fence {
-                    Ok(f) => f,
-                    Err(e) => return done(Err(e)),
-                };
-                let r = add_member(ras, &base);
-                if let Ok(true) = r {
-                    rebuild::start_next(ras);
-                }
-                fence.done();
-                done(r.map(|_| ()));
-            }),
-        );
+        let r = add_member(ras, &base);
+        if let Ok(true) = r {
+            rebuild::start_next(ras);
+        }
+        fence.done();
+        done(r.map(|_| ()));
     });
 }
 
@@ -901,21 +868,9 @@ pub(crate) fn delete(name: &str, done: Box<dyn FnOnce(Result<(), BdevError>) + S
     if let Some(by) = shared.ctl().handle.as_ref().and_then(|h| h.claimed_by()) {
         return done(Err(BdevError::Claimed(name.to_string(), by)));
     }
-    let name = name.to_string();
-    owner::on_owner(&shared, move |ras| {
-        let Some(ras) = ras else {
-            return done(Err(BdevError::NotFound(name)));
-        };
-        fenced(
-            &ras,
-            Box::new(move |ras, fence| {
-                let fence = match fence {
-                    Ok(f) => f,
-                    Err(e) => return done(Err(e)),
-                };
-                start_delete(ras, fence, done);
-            }),
-        );
+    owner::on_owner_fenced(&shared, move |fenced| match fenced {
+        Ok((ras, fence)) => start_delete(ras, fence, done),
+        Err(e) => done(Err(e)),
     });
 }
 

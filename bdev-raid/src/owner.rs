@@ -331,6 +331,27 @@ pub(crate) fn on_owner(shared: &Arc<ArrayShared>, f: impl FnOnce(Option<Rc<Ras>>
     reactor::send(shared.owner, move || f(find_ras(key)));
 }
 
+/// Runs `change` on the array's owner reactor inside a fence (held IO,
+/// drained reactors): the shape of every reconfiguration. `change` gets the
+/// state and the fence to finish, or why no fence could be had (the array is
+/// gone or being torn down).
+pub(crate) fn on_owner_fenced(
+    shared: &Arc<ArrayShared>,
+    change: impl FnOnce(Result<(&Rc<Ras>, Fence), BdevError>) + Send + 'static,
+) {
+    let name = shared.name.clone();
+    on_owner(shared, move |ras| match ras {
+        None => change(Err(BdevError::NotFound(format!("raid bdev {name}")))),
+        Some(ras) => fenced(
+            &ras,
+            Box::new(move |ras, fence| match fence {
+                Ok(fence) => change(Ok((ras, fence))),
+                Err(e) => change(Err(e)),
+            }),
+        ),
+    });
+}
+
 /// Fails every queued operation and suspend waiter (teardown finished).
 pub(crate) fn fail_pending(ras: &Rc<Ras>) {
     let owner = owner_of(ras);
