@@ -156,6 +156,8 @@ fn main() {
                 strip_size_kb: strip,
                 uuid: None,
                 superblock: None,
+                bitmap: None,
+                bitmap_chunk_size_kb: None,
             })
             .unwrap();
         };

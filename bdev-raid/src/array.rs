@@ -9,13 +9,16 @@
 //! there, most under a fence) and others only read (RPC listings, channel
 //! refresh at resume). No IO path takes the mutex.
 
-use crate::channel::{drop_ras, ras_for, Ras};
+use crate::channel::{drop_ras, find_ras, ras_for, Ras};
 use crate::map::{Geometry, RaidLevel, MAX_MEMBERS};
+use crate::meta::{self, SbWrite};
 use crate::owner::{self, Fence};
 use crate::rebuild;
 use bdev::{Bdev, BdevChannel, BdevError, BdevHandle, BdevProps, IoType, Registry};
+use bitmap::Bitmap;
 use reactor::ReactorId;
 use serde_json::{json, Value};
+use std::ops::Range;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -61,14 +64,40 @@ pub(crate) struct Slot {
     pub uuid: Option<Uuid>,
     pub handle: Option<BdevHandle>,
     pub role: Role,
-    /// Where array data starts on the member (0 until the superblock issue).
+    /// Where array data starts on the member (after the metadata area with
+    /// a superblock, else 0).
     pub data_offset_blocks: u64,
     pub data_size_blocks: u64,
+    /// The member UUID the superblock records for this slot (nil without a
+    /// superblock). Kept when the slot empties, so that the same member
+    /// coming back is recognised and resynced only where it missed writes.
+    pub sb_uuid: Uuid,
+    /// For a `Rebuilding` slot: the array ranges it must be copied (None: all).
+    pub partial: Option<Arc<Vec<Range<u64>>>>,
 }
 
 impl Slot {
-    fn empty() -> Slot {
-        Slot { name: None, uuid: None, handle: None, role: Role::Empty, data_offset_blocks: 0, data_size_blocks: 0 }
+    pub(crate) fn empty() -> Slot {
+        Slot {
+            name: None,
+            uuid: None,
+            handle: None,
+            role: Role::Empty,
+            data_offset_blocks: 0,
+            data_size_blocks: 0,
+            sb_uuid: Uuid::nil(),
+            partial: None,
+        }
+    }
+
+    /// A slot emptied of its member: the superblock's record and data area stay.
+    fn vacated(&self) -> Slot {
+        Slot {
+            sb_uuid: self.sb_uuid,
+            data_offset_blocks: self.data_offset_blocks,
+            data_size_blocks: self.data_size_blocks,
+            ..Slot::empty()
+        }
     }
 }
 
@@ -121,6 +150,16 @@ pub(crate) struct Control {
     pub block_size: u32,
     pub caps: Caps,
     pub deleting: bool,
+    /// The bitmap's shared half, for every reactor's write path.
+    pub bitmap: Option<Arc<Bitmap>>,
+    /// After an unclean shutdown: array ranges whose copies may differ,
+    /// until the resync of them finished.
+    pub dirty: Option<Arc<Vec<Range<u64>>>>,
+    /// What the running process is ("rebuild", "resync", "check").
+    pub process_kind: &'static str,
+    /// Reads go to the lowest-numbered active copy (a resync is running:
+    /// copies may differ until it is done, and reads must not flip).
+    pub prefer_first: bool,
 }
 
 /// What every reactor can reach of an array.
@@ -150,6 +189,20 @@ pub(crate) struct ArrayShared {
     pub geometry: OnceLock<Arc<Geometry>>,
     /// Rebuild progress in array blocks (owner writes, listings read).
     pub rebuild_blocks: AtomicU64,
+    /// Blocks the running process must cover.
+    pub process_total: AtomicU64,
+    /// Blocks written by rebuilds and resyncs since start (tests count them).
+    pub copied_blocks: AtomicU64,
+    /// Set by `bdev_raid_delete` with `clear_sb`.
+    pub clear_sb: AtomicBool,
+    /// Bitmap chunk size asked for at create (0: no bitmap).
+    pub bitmap_chunk_kb: u32,
+    /// Set once a scrub finished: its counts, for the listing.
+    pub last_check: Mutex<Option<Value>>,
+    /// Superblocks found for an array assembling from them.
+    pub found: Mutex<Vec<crate::assemble::FoundSuperblock>>,
+    /// Set when an assembling array starts (once).
+    pub starting: AtomicBool,
     ctl: Mutex<Control>,
 }
 
@@ -184,6 +237,7 @@ pub(crate) struct RaidModule {
     next_key: AtomicU32,
     examiner_added: AtomicBool,
     options: Mutex<RaidOptions>,
+    problems: Mutex<Vec<String>>,
 }
 
 impl RaidModule {
@@ -195,7 +249,26 @@ impl RaidModule {
         self.arrays.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn find(&self, name: &str) -> Option<Arc<ArrayShared>> {
+    pub(crate) fn find_uuid(&self, uuid: Uuid) -> Option<Arc<ArrayShared>> {
+        self.arrays().into_iter().find(|a| a.uuid == uuid && !a.deleted.load(Ordering::Acquire))
+    }
+
+    /// Something an operator must hear about from examination or assembly:
+    /// logged and kept for `problems()`.
+    pub(crate) fn problem(&self, msg: String) {
+        tracing::error!("{msg}");
+        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() >= 256 {
+            p.remove(0);
+        }
+        p.push(msg);
+    }
+
+    pub(crate) fn problems(&self) -> Vec<String> {
+        self.problems.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn find(&self, name: &str) -> Option<Arc<ArrayShared>> {
         self.arrays().into_iter().find(|a| a.name == name || a.uuid.to_string() == name)
     }
 
@@ -234,7 +307,9 @@ impl Bdev for RaidBdev {
         Some(("raid", info_json(&self.shared, false)))
     }
     fn config(&self) -> Option<Value> {
-        Some(config_json(&self.shared))
+        // An array with a superblock assembles itself from its members'
+        // superblocks: a create in the saved config would wipe them.
+        (!self.shared.superblock).then(|| config_json(&self.shared))
     }
     fn destruct(&self, done: Box<dyn FnOnce() + Send>) {
         teardown(self.shared.clone(), done);
@@ -279,28 +354,66 @@ pub(crate) fn info_json(shared: &ArrayShared, with_name: bool) -> Value {
     o.insert("num_base_bdevs_discovered".into(), json!(discovered));
     o.insert("num_base_bdevs_operational".into(), json!(operational));
     if let (Some(t), Some(geo)) = (ctl.process_target, shared.geometry.get()) {
-        let blocks = shared.rebuild_blocks.load(Ordering::Relaxed).min(geo.array_blocks());
-        let percent = (blocks as f64 * 100.0 / geo.array_blocks() as f64) as u32;
+        let total = match shared.process_total.load(Ordering::Relaxed) {
+            0 => geo.array_blocks(),
+            t => t,
+        };
+        let blocks = shared.rebuild_blocks.load(Ordering::Relaxed).min(total);
+        let percent = (blocks as f64 * 100.0 / total.max(1) as f64) as u32;
         o.insert(
             "process".into(),
             json!({
-                "type": "rebuild",
+                "type": ctl.process_kind,
                 "target": ctl.slots.get(t).and_then(|s| s.name.clone()),
-                "progress": {"blocks": blocks, "percent": percent},
+                "progress": {"blocks": blocks, "total_blocks": total, "percent": percent},
             }),
         );
+    }
+    // Beyond SPDK's shape (which its clients and tests compare exactly): only
+    // for arrays with a superblock, which SPDK's listing shapes do not cover.
+    if shared.superblock {
+        o.insert("copied_blocks".into(), json!(shared.copied_blocks.load(Ordering::Relaxed)));
+    }
+    if let Some(bm) = &ctl.bitmap {
+        let g = bm.geometry();
+        o.insert(
+            "bitmap".into(),
+            json!({
+                "chunk_size_kb": g.chunk_size_blocks * g.block_size as u64 / 1024,
+                "num_chunks": g.num_chunks(),
+                "dirty_chunks": bm.dirty_chunks().len(),
+                "batches_written": bm.batches_written(),
+                "writes_waited": bm.writes_waited(),
+            }),
+        );
+    }
+    if let Some(c) = &*shared.last_check.lock().unwrap_or_else(|e| e.into_inner()) {
+        o.insert("last_check".into(), c.clone());
     }
     let list: Vec<Value> = ctl
         .slots
         .iter()
         .map(|s| {
-            json!({
+            let mut v = json!({
                 "name": s.name,
                 "uuid": s.uuid.unwrap_or(Uuid::nil()).to_string(),
                 "is_configured": matches!(s.role, Role::Active | Role::Rebuilding),
                 "data_offset": s.data_offset_blocks,
                 "data_size": s.data_size_blocks,
-            })
+                "state": match s.role {
+                    Role::Missing => "missing",
+                    Role::Active => "active",
+                    Role::Rebuilding => "rebuilding",
+                    Role::Failed => "failed",
+                    Role::Empty => "empty",
+                },
+            });
+            if !shared.superblock {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("state");
+                }
+            }
+            v
         })
         .collect();
     o.insert("base_bdevs_list".into(), Value::Array(list));
@@ -385,6 +498,28 @@ impl RaidArray {
     pub fn info_json(&self) -> Value {
         info_json(&self.0, true)
     }
+
+    /// Blocks written by rebuilds and resyncs of this array so far.
+    pub fn copied_blocks(&self) -> u64 {
+        self.0.copied_blocks.load(Ordering::Relaxed)
+    }
+
+    /// The write-intent bitmap's shared half, if the array has one.
+    pub fn bitmap(&self) -> Option<Arc<Bitmap>> {
+        self.0.ctl().bitmap.clone()
+    }
+
+    /// A resync or rebuild is pending or running.
+    pub fn process_running(&self) -> bool {
+        let ctl = self.0.ctl();
+        ctl.process_target.is_some() || ctl.dirty.is_some() || ctl.slots.iter().any(|s| s.role == Role::Rebuilding)
+    }
+
+    /// What examination and assembly reported (bad superblocks, refused
+    /// members, arrays that cannot start), oldest first.
+    pub fn problems() -> Vec<String> {
+        RaidModule::get().problems()
+    }
 }
 
 // ---- create ----------------------------------------------------------------
@@ -397,6 +532,8 @@ pub(crate) struct CreateSpec {
     pub strip_size_kb: u32,
     pub uuid: Option<Uuid>,
     pub superblock: bool,
+    /// Bitmap chunk size with a superblock on a redundant level (0: none).
+    pub bitmap_chunk_kb: u32,
 }
 
 fn eperm(msg: String) -> BdevError {
@@ -405,7 +542,9 @@ fn eperm(msg: String) -> BdevError {
 
 /// Creates an array (must run on a reactor, which becomes its owner). Members
 /// that exist are claimed now; the others are waited for (`configuring`).
-pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
+/// An array with a superblock needs every member now, and is online only
+/// once `meta::init_new` wrote its metadata.
+pub(crate) fn create(spec: CreateSpec) -> Result<Arc<ArrayShared>, BdevError> {
     let module = RaidModule::get();
     let reg = Registry::get();
     if module.find(&spec.name).is_some() || reg.lookup(&spec.name).is_some() {
@@ -425,6 +564,9 @@ pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
         }
         block_size = bs;
     }
+    if spec.superblock && spec.base_bdevs.iter().any(|n| reg.lookup(n).is_none()) {
+        return Err(BdevError::NotFound("an array with a superblock needs every base bdev present at create".into()));
+    }
     let mut slots = Vec::with_capacity(spec.base_bdevs.len());
     let mut claimed: Vec<BdevHandle> = Vec::new();
     for n in &spec.base_bdevs {
@@ -437,7 +579,7 @@ pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
                         data_size_blocks: h.props().num_blocks,
                         handle: Some(h.clone()),
                         role: Role::Active,
-                        data_offset_blocks: 0,
+                        ..Slot::empty()
                     });
                     claimed.push(h);
                 }
@@ -455,30 +597,7 @@ pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
         }
     }
     let all_present = slots.iter().all(|s| s.role == Role::Active);
-    let shared = Arc::new(ArrayShared {
-        key: module.next_key.fetch_add(1, Ordering::Relaxed) + 1,
-        name: spec.name.clone(),
-        owner: reactor::current().ok_or_else(|| BdevError::Invalid("raid create must run on a reactor".into()))?,
-        level: spec.level,
-        strip_size_kb: spec.strip_size_kb,
-        uuid: spec.uuid.unwrap_or_else(Uuid::new_v4),
-        superblock: spec.superblock,
-        failed_mask: AtomicU32::new(0),
-        serialize: AtomicBool::new(true),
-        deleted: AtomicBool::new(false),
-        torn_down: AtomicBool::new(false),
-        geometry: OnceLock::new(),
-        rebuild_blocks: AtomicU64::new(0),
-        ctl: Mutex::new(Control {
-            slots,
-            state: RaidState::Configuring,
-            handle: None,
-            process_target: None,
-            block_size,
-            caps: Caps::default(),
-            deleting: false,
-        }),
-    });
+    let shared = new_shared(&spec, slots, block_size)?;
     let rollback = |shared: &Arc<ArrayShared>| {
         for h in &claimed {
             reg.release(h, &owner_tag);
@@ -491,7 +610,7 @@ pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
         return Err(BdevError::Invalid("no reactor".into()));
     };
     module.arrays.lock().unwrap_or_else(|e| e.into_inner()).push(shared.clone());
-    if all_present {
+    if all_present && !spec.superblock {
         // A new array has no IO and no channel anywhere yet: no fence needed.
         if let Err(e) = go_online(&shared) {
             rollback(&shared);
@@ -504,16 +623,86 @@ pub(crate) fn create(spec: CreateSpec) -> Result<(), BdevError> {
     }
     ensure_examiner(&module);
     tracing::info!(name = %shared.name, level = shared.level.name(), state = shared.ctl().state.name(), "raid created");
-    Ok(())
+    Ok(shared)
+}
+
+/// The shared state of a new array (owner: the current reactor).
+pub(crate) fn new_shared(spec: &CreateSpec, slots: Vec<Slot>, block_size: u32) -> Result<Arc<ArrayShared>, BdevError> {
+    Ok(Arc::new(ArrayShared {
+        key: RaidModule::get().next_key.fetch_add(1, Ordering::Relaxed) + 1,
+        name: spec.name.clone(),
+        owner: reactor::current().ok_or_else(|| BdevError::Invalid("raid create must run on a reactor".into()))?,
+        level: spec.level,
+        strip_size_kb: spec.strip_size_kb,
+        uuid: spec.uuid.unwrap_or_else(Uuid::new_v4),
+        superblock: spec.superblock,
+        failed_mask: AtomicU32::new(0),
+        serialize: AtomicBool::new(true),
+        deleted: AtomicBool::new(false),
+        torn_down: AtomicBool::new(false),
+        geometry: OnceLock::new(),
+        rebuild_blocks: AtomicU64::new(0),
+        process_total: AtomicU64::new(0),
+        copied_blocks: AtomicU64::new(0),
+        clear_sb: AtomicBool::new(false),
+        bitmap_chunk_kb: spec.bitmap_chunk_kb,
+        last_check: Mutex::new(None),
+        found: Mutex::new(Vec::new()),
+        starting: AtomicBool::new(false),
+        ctl: Mutex::new(Control::new(slots, block_size)),
+    }))
+}
+
+/// Adds an array to the module's list (assembly; `create` does it itself).
+pub(crate) fn publish(shared: &Arc<ArrayShared>) {
+    RaidModule::get().arrays.lock().unwrap_or_else(|e| e.into_inner()).push(shared.clone());
+}
+
+impl Control {
+    pub(crate) fn new(slots: Vec<Slot>, block_size: u32) -> Control {
+        Control {
+            slots,
+            state: RaidState::Configuring,
+            handle: None,
+            process_target: None,
+            block_size,
+            caps: Caps::default(),
+            deleting: false,
+            bitmap: None,
+            dirty: None,
+            process_kind: "rebuild",
+            prefer_first: false,
+        }
+    }
+}
+
+/// Forgets an array that never went online: members released, no state left.
+pub(crate) fn abandon(shared: &Arc<ArrayShared>) {
+    let handles: Vec<BdevHandle> = shared.ctl().slots.iter_mut().filter_map(|s| s.handle.take()).collect();
+    let reg = Registry::get();
+    for h in &handles {
+        reg.release(h, &shared.owner_tag());
+    }
+    RaidModule::get().arrays.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| !Arc::ptr_eq(a, shared));
+    shared.deleted.store(true, Ordering::Release);
+    shared.torn_down.store(true, Ordering::Release);
+    drop_ras(shared.key);
 }
 
 /// Computes the geometry from the members and registers the bdev. The array
 /// must have no IO in flight (new, or under a fence).
 fn go_online(shared: &Arc<ArrayShared>) -> Result<(), BdevError> {
+    go_online_with(shared, None)
+}
+
+/// `go_online`; `assembled`: the geometry a superblock recorded (members may
+/// be missing or stale then: the assembly plan checked the array can run).
+pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geometry>) -> Result<(), BdevError> {
     let (props, caps) = {
         let mut ctl = shared.ctl();
         let handles: Vec<BdevHandle> = ctl.slots.iter().filter_map(|s| s.handle.clone()).collect();
-        if handles.len() != ctl.slots.len() || ctl.slots.iter().any(|s| s.role != Role::Active) {
+        if assembled.is_none() && (handles.len() != ctl.slots.len() || ctl.slots.iter().any(|s| s.role != Role::Active))
+        {
             return Err(BdevError::Invalid("not every member is present".into()));
         }
         let bs = ctl.block_size.max(1);
@@ -527,9 +716,12 @@ fn go_online(shared: &Arc<ArrayShared>) -> Result<(), BdevError> {
         let sizes: Vec<u64> = ctl
             .slots
             .iter()
-            .map(|s| s.handle.as_ref().map_or(0, |h| h.props().num_blocks) - s.data_offset_blocks)
+            .map(|s| s.handle.as_ref().map_or(0, |h| h.props().num_blocks).saturating_sub(s.data_offset_blocks))
             .collect();
-        let geo = Geometry::new(shared.level, strip_blocks, &sizes).map_err(|e| BdevError::Invalid(e.to_string()))?;
+        let geo = match assembled {
+            Some(g) => g,
+            None => Geometry::new(shared.level, strip_blocks, &sizes).map_err(|e| BdevError::Invalid(e.to_string()))?,
+        };
         let caps = Caps::of(handles.iter());
         let mut props = BdevProps::new(&shared.name, "Raid Volume", bs, geo.array_blocks(), Some(shared.uuid));
         props.optimal_io_boundary = strip_blocks as u32;
@@ -544,7 +736,10 @@ fn go_online(shared: &Arc<ArrayShared>) -> Result<(), BdevError> {
         if shared.geometry.set(Arc::new(geo)).is_err() {
             return Err(BdevError::Invalid("array was online before".into()));
         }
-        ctl.state = RaidState::Online;
+        recompute_state(shared, &mut ctl);
+        if ctl.state != RaidState::Online {
+            return Err(BdevError::Invalid("too few members to serve every block".into()));
+        }
         (props, caps)
     };
     // Registering runs examiners, which may look at this array: no lock held.
@@ -580,7 +775,7 @@ fn recompute_state(shared: &ArrayShared, ctl: &mut Control) {
 }
 
 /// Hot-remove: when a member bdev goes away, its slot empties (fenced).
-fn watch_removal(shared: &Arc<ArrayShared>, h: &BdevHandle) {
+pub(crate) fn watch_removal(shared: &Arc<ArrayShared>, h: &BdevHandle) {
     let weak: Weak<ArrayShared> = Arc::downgrade(shared);
     let id = h.id();
     h.on_remove(move || {
@@ -595,9 +790,16 @@ fn watch_removal(shared: &Arc<ArrayShared>, h: &BdevHandle) {
                 tracing::warn!(raid = %ras.shared.name, slot, "member bdev removed");
                 empty_slot(ras, slot);
             }
-            fence.done();
+            commit(ras, fence, |_| {});
         });
     });
+}
+
+/// Registers the module's examiner, so arrays with superblocks assemble as
+/// their members appear. Call once the reactor set runs, before bdevs are
+/// created; calling it again does nothing. (Creating an array also does it.)
+pub fn init() {
+    ensure_examiner(&RaidModule::get());
 }
 
 fn ensure_examiner(module: &RaidModule) {
@@ -607,11 +809,19 @@ fn ensure_examiner(module: &RaidModule) {
     Registry::get().add_examiner(Arc::new(examine));
 }
 
-/// A new bdev: if a configuring array waits for it by name, claim it there.
+/// A new bdev: if a configuring array waits for it by name, claim it there;
+/// otherwise look for a superblock on it.
 fn examine(h: &BdevHandle) {
     if reactor::current().is_none() {
         return;
     }
+    if !examine_by_name(h) && h.claimed_by().is_none() {
+        crate::examine::examine_superblock(h);
+    }
+}
+
+fn examine_by_name(h: &BdevHandle) -> bool {
+    let mut matched = false;
     for shared in RaidModule::get().arrays() {
         if shared.deleted.load(Ordering::Acquire) {
             continue;
@@ -619,6 +829,7 @@ fn examine(h: &BdevHandle) {
         let slot =
             shared.ctl().slots.iter().position(|s| s.role == Role::Missing && s.name.as_deref() == Some(h.name()));
         let Some(slot) = slot else { continue };
+        matched = true;
         let name = h.name().to_string();
         owner::on_owner_fenced(&shared, move |fenced| {
             let Ok((ras, fence)) = fenced else { return };
@@ -628,6 +839,7 @@ fn examine(h: &BdevHandle) {
             fence.done();
         });
     }
+    matched
 }
 
 fn claim_missing(ras: &Rc<Ras>, slot: usize, name: &str) -> Result<(), BdevError> {
@@ -655,7 +867,7 @@ fn claim_missing(ras: &Rc<Ras>, slot: usize, name: &str) -> Result<(), BdevError
             data_size_blocks: h.props().num_blocks,
             handle: Some(h.clone()),
             role: Role::Active,
-            data_offset_blocks: 0,
+            ..Slot::empty()
         };
     }
     watch_removal(shared, &h);
@@ -700,7 +912,7 @@ fn empty_slot(ras: &Rc<Ras>, slot: usize) {
             return;
         };
         let handle = s.handle.take();
-        *s = Slot::empty();
+        *s = s.vacated();
         let was_target = ctl.process_target == Some(slot);
         recompute_state(shared, &mut ctl);
         (handle, was_target)
@@ -741,8 +953,13 @@ pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevErro
             }
             None => Err(BdevError::NotFound(format!("{member} is no longer a member of {}", ras.shared.name))),
         };
-        fence.done();
-        done(r);
+        match r {
+            Ok(()) => commit(ras, fence, move |c| done(c)),
+            Err(e) => {
+                fence.done();
+                done(Err(e));
+            }
+        }
     });
 }
 
@@ -758,17 +975,54 @@ pub(crate) fn add_base(raid: &str, base: &str, done: Box<dyn FnOnce(Result<(), B
             Ok(f) => f,
             Err(e) => return done(Err(e)),
         };
-        let r = add_member(ras, &base);
-        if let Ok(true) = r {
-            rebuild::start_next(ras);
+        let has_sb = ras.owner.as_ref().is_some_and(|o| o.meta.borrow().is_some());
+        if !has_sb {
+            let r = add_member(ras, &base, None);
+            if let Ok(true) = r {
+                rebuild::start_next(ras);
+            }
+            fence.done();
+            return done(r.map(|_| ()));
         }
-        fence.done();
-        done(r.map(|_| ()));
+        // With a superblock: a member coming back is recognised by its own
+        // superblock and resynced only where it missed writes.
+        let Some(h) = Registry::get().lookup(&base) else {
+            fence.done();
+            return done(Err(BdevError::NotFound(base)));
+        };
+        let ras2 = ras.clone();
+        crate::meta::read_superblock(&h, move |found| {
+            let ras = &ras2;
+            let returning = crate::examine::returning_member(ras, &found);
+            let r = add_member(ras, &base, returning);
+            match r {
+                Ok(_) => commit(ras, fence, {
+                    let ras = ras.clone();
+                    move |c| {
+                        rebuild::start_next(&ras);
+                        done(c);
+                    }
+                }),
+                Err(e) => {
+                    fence.done();
+                    done(Err(e));
+                }
+            }
+        });
     });
 }
 
+/// A member that carries this array's superblock from before it left: the
+/// slot it held, and the array ranges written while it was away (None when
+/// the bitmap cannot tell: a full rebuild).
+pub(crate) struct Returning {
+    pub slot: usize,
+    pub member_uuid: Uuid,
+    pub ranges: Option<Arc<Vec<Range<u64>>>>,
+}
+
 /// Returns whether the new member needs a rebuild.
-fn add_member(ras: &Rc<Ras>, base: &str) -> Result<bool, BdevError> {
+pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>) -> Result<bool, BdevError> {
     let shared = &ras.shared;
     let reg = Registry::get();
     let h = reg.lookup(base).ok_or_else(|| BdevError::NotFound(base.to_string()))?;
@@ -783,10 +1037,15 @@ fn add_member(ras: &Rc<Ras>, base: &str) -> Result<bool, BdevError> {
         if ctl.slots.iter().any(|s| s.handle.as_ref().is_some_and(|x| x.same(&h))) {
             return Err(BdevError::Exists(format!("{base} is already a member of {}", shared.name)));
         }
-        let slot = ctl
-            .slots
-            .iter()
-            .position(|s| s.role == Role::Empty)
+        let free = |s: &Slot| matches!(s.role, Role::Empty | Role::Failed);
+        let slot = match &returning {
+            Some(r) if ctl.slots.get(r.slot).is_some_and(free) => Some(r.slot),
+            _ => None,
+        };
+        // A new member prefers a slot no returning member could claim back.
+        let slot = slot
+            .or_else(|| ctl.slots.iter().position(|s| s.role == Role::Empty && s.sb_uuid.is_nil()))
+            .or_else(|| ctl.slots.iter().position(|s| s.role == Role::Empty))
             .or_else(|| ctl.slots.iter().position(|s| s.role == Role::Failed))
             .ok_or_else(|| BdevError::Invalid(format!("raid bdev {} has no free slot", shared.name)))?;
         let bs = h.props().block_size;
@@ -794,7 +1053,7 @@ fn add_member(ras: &Rc<Ras>, base: &str) -> Result<bool, BdevError> {
             return Err(BdevError::Invalid(format!("{base} has block size {bs}, the array {}", ctl.block_size)));
         }
         if let Some(geo) = shared.geometry.get() {
-            let need = geo.member_data_blocks(slot);
+            let need = geo.member_data_blocks(slot) + ctl.slots[slot].data_offset_blocks;
             if h.props().num_blocks < need {
                 return Err(BdevError::Invalid(format!(
                     "{base} has {} blocks, the array needs {need}",
@@ -819,13 +1078,22 @@ fn add_member(ras: &Rc<Ras>, base: &str) -> Result<bool, BdevError> {
     {
         let mut ctl = shared.ctl();
         ctl.block_size = h.props().block_size;
+        let prev = ctl.slots[slot].clone();
+        let (sb_uuid, partial) = match returning {
+            Some(r) if r.slot == slot => (r.member_uuid, r.ranges),
+            // A new member of an array with a superblock: a fresh identity.
+            _ if shared.superblock => (Uuid::new_v4(), None),
+            _ => (Uuid::nil(), None),
+        };
         ctl.slots[slot] = Slot {
             name: Some(h.name().to_string()),
             uuid: Some(h.props().uuid),
             data_size_blocks: online.as_ref().map_or(h.props().num_blocks, |g| g.member_data_blocks(slot)),
             handle: Some(h.clone()),
             role: if rebuild { Role::Rebuilding } else { Role::Active },
-            data_offset_blocks: 0,
+            data_offset_blocks: prev.data_offset_blocks,
+            sb_uuid,
+            partial,
         };
         recompute_state(shared, &mut ctl);
     }
@@ -840,20 +1108,77 @@ fn add_member(ras: &Rc<Ras>, base: &str) -> Result<bool, BdevError> {
     Ok(rebuild)
 }
 
-/// A finished rebuild makes its target active (fenced).
-pub(crate) fn rebuild_finished(ras: &Rc<Ras>, slot: usize) {
+/// A finished rebuild or resync: the rebuilt slots in `dests` become
+/// active; a resync clears the dirty state (fenced).
+pub(crate) fn rebuild_finished(ras: &Rc<Ras>, dests: u32, resync: bool) {
     let shared = &ras.shared;
     let mut ctl = shared.ctl();
-    if let Some(s) = ctl.slots.get_mut(slot) {
-        if s.role == Role::Rebuilding && shared.failed_mask.load(Ordering::Acquire) & (1 << slot) == 0 {
+    let failed = shared.failed_mask.load(Ordering::Acquire);
+    for (i, s) in ctl.slots.iter_mut().enumerate() {
+        if dests & (1 << i) != 0 && s.role == Role::Rebuilding && failed & (1 << i) == 0 {
             s.role = Role::Active;
+            s.partial = None;
         }
     }
-    if ctl.process_target == Some(slot) {
-        ctl.process_target = None;
+    if resync {
+        ctl.dirty = None;
+        ctl.prefer_first = false;
     }
+    ctl.process_target = None;
     recompute_state(shared, &mut ctl);
-    tracing::info!(raid = %shared.name, slot, state = ctl.state.name(), "rebuild finished");
+    tracing::info!(raid = %shared.name, dests, resync, state = ctl.state.name(), "rebuild finished");
+}
+
+/// Whether every member holds the same data outside the bitmap's chunks:
+/// all slots active, no failure latched, no resync pending.
+pub(crate) fn in_sync(shared: &ArrayShared, ctl: &Control) -> bool {
+    ctl.slots.iter().all(|s| s.role == Role::Active)
+        && shared.failed_mask.load(Ordering::Acquire) == 0
+        && ctl.dirty.is_none()
+}
+
+/// Ends a fenced membership change. With a superblock, the bitmap's member
+/// set (a new member gets every page first) and the superblock (events + 1,
+/// the new slot table) are on disk before the fence ends and IO resumes.
+pub(crate) fn commit(ras: &Rc<Ras>, fence: Fence, then: impl FnOnce(Result<(), BdevError>) + 'static) {
+    let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone());
+    let Some(meta) = meta else {
+        fence.done();
+        return then(Ok(()));
+    };
+    let sync = in_sync(&ras.shared, &ras.shared.ctl());
+    let ras2 = ras.clone();
+    let meta2 = meta.clone();
+    let write_sb = move || {
+        meta::update(
+            &ras2,
+            &meta2,
+            SbWrite::Dirty,
+            Box::new(move |r| {
+                fence.done();
+                then(r);
+            }),
+        );
+    };
+    match &meta.bitmap {
+        Some(bm) => {
+            bm.set_in_sync(sync);
+            let cell = Rc::new(std::cell::RefCell::new(Some(write_sb)));
+            let c2 = cell.clone();
+            let r = bm.set_members(meta::writable_handles(ras), move || {
+                if let Some(f) = c2.borrow_mut().take() {
+                    f();
+                }
+            });
+            if let Err(e) = r {
+                tracing::error!(raid = %ras.shared.name, "bitmap members not updated: {e}");
+                if let Some(f) = cell.borrow_mut().take() {
+                    f();
+                }
+            }
+        }
+        None => write_sb(),
+    }
 }
 
 // ---- delete and teardown -----------------------------------------------------
@@ -861,12 +1186,15 @@ pub(crate) fn rebuild_finished(ras: &Rc<Ras>, slot: usize) {
 /// `bdev_raid_delete`: suspends (draining IO everywhere), fails held IO,
 /// unregisters the bdev (waiting for its channels), releases the members.
 /// `done` runs when all of that is over.
-pub(crate) fn delete(name: &str, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
+pub(crate) fn delete(name: &str, clear_sb: bool, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let Some(shared) = RaidModule::get().find(name) else {
         return done(Err(BdevError::NotFound(format!("raid bdev {name}"))));
     };
     if let Some(by) = shared.ctl().handle.as_ref().and_then(|h| h.claimed_by()) {
         return done(Err(BdevError::Claimed(name.to_string(), by)));
+    }
+    if clear_sb {
+        shared.clear_sb.store(true, Ordering::Release);
     }
     owner::on_owner_fenced(&shared, move |fenced| match fenced {
         Ok((ras, fence)) => start_delete(ras, fence, done),
@@ -916,6 +1244,15 @@ fn teardown(shared: Arc<ArrayShared>, done: Box<dyn FnOnce() + Send>) {
         return reactor::send(owner, move || teardown(shared, done));
     }
     shared.deleted.store(true, Ordering::Release);
+    // Metadata last of all IO: the bitmap's final batch, then the superblock
+    // (clean, or wiped for `clear_sb`), before any member is released.
+    let meta = find_ras(shared.key).and_then(|ras| {
+        let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow_mut().take());
+        meta.map(|m| (ras, m))
+    });
+    if let Some((ras, meta)) = meta {
+        return crate::examine::close_metadata(&ras, meta, move || teardown(shared, done));
+    }
     let (key, owner) = (shared.key, shared.owner);
     reactor::for_each_reactor(
         Arc::new(move || {
@@ -954,6 +1291,19 @@ fn teardown(shared: Arc<ArrayShared>, done: Box<dyn FnOnce() + Send>) {
             done();
         },
     );
+}
+
+/// `bdev_raid_check`: a scrub of every copy on the owner reactor (see
+/// `rebuild::start_check`); `done` gets its counts when it finished.
+pub(crate) fn check(name: &str, repair: bool, done: Box<dyn FnOnce(Result<Value, BdevError>) + Send>) {
+    let Some(shared) = RaidModule::get().find(name) else {
+        return done(Err(BdevError::NotFound(format!("raid bdev {name}"))));
+    };
+    let name = name.to_string();
+    owner::on_owner(&shared, move |ras| match ras {
+        Some(ras) => rebuild::start_check(&ras, repair, done),
+        None => done(Err(BdevError::NotFound(format!("raid bdev {name}")))),
+    });
 }
 
 /// Checks a member count against the level (for create).

@@ -16,8 +16,10 @@ use crate::owner::OwnerPart;
 use crate::quiesce::Gate;
 use crate::range_table::{words, Acquired};
 use bdev::{BdevChannel, BdevError, Channel, DmaBuf, IoBox, IoDone, IoError, IoSlab, IoStatus, IoType};
-use reactor::ReactorId;
+use bitmap::{Bitmap, WriteTicket};
+use reactor::{PollStatus, PollerHandle, ReactorId};
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -46,10 +48,12 @@ struct ParentCtx {
     copy_failed: bool,
     /// Range-table entry held by this write (granted), or `NO_LOCK`.
     lock: u32,
+    /// The write marked its chunks in the bitmap: `end_write` at finish.
+    marked: bool,
 }
 
 impl ParentCtx {
-    const NEW: ParentCtx = ParentCtx { remaining: 0, error: None, copy_failed: false, lock: NO_LOCK };
+    const NEW: ParentCtx = ParentCtx { remaining: 0, error: None, copy_failed: false, lock: NO_LOCK, marked: false };
 }
 
 /// Per-reactor, per-array state.
@@ -66,6 +70,13 @@ pub(crate) struct Ras {
     /// Children of one write, built before any is submitted (reused: its
     /// capacity grows to the largest fan-out, then no more allocation).
     scratch: RefCell<Vec<IoBox>>,
+    /// The write-intent bitmap's shared half (arrays with one).
+    bitmap: RefCell<Option<Arc<Bitmap>>>,
+    /// Writes waiting for their bitmap batch: (parent slot, batch), in order.
+    bm_wait: RefCell<VecDeque<(u32, u64)>>,
+    bm_poller: RefCell<Option<PollerHandle>>,
+    /// Reads go to the lowest-numbered active copy (a resync runs).
+    prefer_first: Cell<bool>,
     /// Present on the owner reactor only.
     pub owner: Option<OwnerPart>,
 }
@@ -114,6 +125,10 @@ pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
         parents: RefCell::new(IoSlab::with_capacity(1024)),
         ctx: RefCell::new(vec![ParentCtx::NEW; 1024]),
         scratch: RefCell::new(Vec::with_capacity(64)),
+        bitmap: RefCell::new(None),
+        bm_wait: RefCell::new(VecDeque::with_capacity(1024)),
+        bm_poller: RefCell::new(None),
+        prefer_first: Cell::new(false),
         owner,
     });
     ras.refresh();
@@ -144,6 +159,8 @@ impl Ras {
     pub(crate) fn refresh(&self) {
         let (slots, geo, block_size) = {
             let ctl = self.shared.ctl();
+            *self.bitmap.borrow_mut() = ctl.bitmap.clone();
+            self.prefer_first.set(ctl.prefer_first);
             (ctl.slots.clone(), self.shared.geometry.get().cloned(), ctl.block_size)
         };
         let members = slots
@@ -182,15 +199,84 @@ impl Ras {
         let slot = self.park(io);
         match t {
             IoType::Read => self.dispatch_read(slot),
-            IoType::Write | IoType::Unmap | IoType::WriteZeroes => {
-                // Test-only switch (see `RaidArray::set_serialization`).
-                if self.shared.serialize.load(Ordering::Relaxed) {
-                    self.acquire(slot);
-                } else {
-                    self.dispatch_write(slot);
-                }
-            }
+            IoType::Write | IoType::Unmap | IoType::WriteZeroes => self.mark(slot),
             IoType::Flush | IoType::Reset => self.dispatch_all(slot),
+        }
+    }
+
+    /// Marks a write's chunks in the bitmap (invariant 2): it goes on at
+    /// once when their bits are on disk already, else after the batch that
+    /// persists them.
+    fn mark(&self, slot: u32) {
+        let bm = self.bitmap.borrow();
+        let Some(bm) = bm.as_ref() else {
+            return self.write_marked(slot);
+        };
+        let Some((_, off, n, _)) = self.parent_args(slot) else { return };
+        match bm.start_write(off, n) {
+            Ok(WriteTicket::Ready) => {
+                self.ctx.borrow_mut()[slot as usize].marked = true;
+                self.write_marked(slot);
+            }
+            Ok(WriteTicket::Wait(batch)) => {
+                self.ctx.borrow_mut()[slot as usize].marked = true;
+                self.bm_wait.borrow_mut().push_back((slot, batch));
+                self.ensure_bm_poller();
+            }
+            Ok(WriteTicket::Closed) | Err(_) => self.finish(slot, IoStatus::Failed(IoError::NoDevice)),
+        }
+    }
+
+    /// Releases waiting writes whose batch is on disk, oldest first.
+    fn ensure_bm_poller(&self) {
+        if self.bm_poller.borrow().is_some() {
+            return;
+        }
+        let weak = self.weak.clone();
+        let p = reactor::register_poller("raid_bitmap_wait", move || {
+            let Some(ras) = weak.upgrade() else { return PollStatus::Done };
+            ras.release_waiting()
+        });
+        *self.bm_poller.borrow_mut() = Some(p);
+    }
+
+    fn release_waiting(&self) -> PollStatus {
+        loop {
+            let next = {
+                let bm = self.bitmap.borrow();
+                let mut q = self.bm_wait.borrow_mut();
+                match (q.front(), bm.as_ref()) {
+                    (Some(&(slot, batch)), Some(bm)) if bm.is_released(batch) => {
+                        q.pop_front();
+                        Some(slot)
+                    }
+                    // The bitmap went away (teardown): let the write go on, it fails there.
+                    (Some(&(slot, _)), None) => {
+                        q.pop_front();
+                        Some(slot)
+                    }
+                    _ => None,
+                }
+            };
+            let Some(slot) = next else { break };
+            self.write_marked(slot);
+        }
+        if self.bm_wait.borrow().is_empty() {
+            self.bm_poller.borrow_mut().take();
+            return PollStatus::Done;
+        }
+        // The reactor stays awake while writes wait: their batch completes
+        // within a tick or two.
+        PollStatus::Busy
+    }
+
+    /// A write whose bits are on disk: serialize, then fan out.
+    fn write_marked(&self, slot: u32) {
+        // Test-only switch (see `RaidArray::set_serialization`).
+        if self.shared.serialize.load(Ordering::Relaxed) {
+            self.acquire(slot);
+        } else {
+            self.dispatch_write(slot);
         }
     }
 
@@ -206,10 +292,16 @@ impl Ras {
 
     /// Completes a parked parent and lets the gate count it out.
     fn finish(&self, slot: u32, status: IoStatus) {
-        let lock = std::mem::replace(&mut self.ctx.borrow_mut()[slot as usize], ParentCtx::NEW).lock;
+        let ctx = std::mem::replace(&mut self.ctx.borrow_mut()[slot as usize], ParentCtx::NEW);
         let io = self.parents.borrow_mut().take(slot);
-        if lock != NO_LOCK {
-            self.release_lock(lock);
+        if ctx.lock != NO_LOCK {
+            self.release_lock(ctx.lock);
+        }
+        if ctx.marked {
+            // Every member write of it has completed: the chunk may go idle.
+            if let (Some(bm), Some(io)) = (self.bitmap.borrow().as_ref(), io.as_ref()) {
+                let _ = bm.end_write(io.offset_blocks, io.num_blocks);
+            }
         }
         if let Some(io) = io {
             io.complete(status);
@@ -373,21 +465,31 @@ impl Ras {
     }
 
     /// The active copy with the fewest children in flight on this reactor.
-    fn pick_copy(members: &[MemberCh], failed: u32, candidates: impl Iterator<Item = Loc>, tried: u32) -> Option<Loc> {
+    /// The active copy with the fewest children in flight on this reactor
+    /// (`first`: the lowest-numbered active copy).
+    fn pick_copy(
+        members: &[MemberCh],
+        failed: u32,
+        candidates: impl Iterator<Item = Loc>,
+        tried: u32,
+        first: bool,
+    ) -> Option<Loc> {
         candidates
             .filter(|l| tried & (1 << l.member) == 0 && Self::active(members, failed, l.member as usize))
-            .min_by_key(|l| members[l.member as usize].outstanding.get())
+            .min_by_key(|l| if first { l.member as u32 } else { members[l.member as usize].outstanding.get() })
     }
 
-    fn read_target(members: &[MemberCh], failed: u32, p: Placement, tried: u32) -> Option<Loc> {
+    fn read_target(&self, members: &[MemberCh], failed: u32, p: Placement, tried: u32) -> Option<Loc> {
+        let first = self.prefer_first.get();
         match p {
-            Placement::Single(l) => Self::pick_copy(members, failed, std::iter::once(l), tried),
-            Placement::Pair(ls) => Self::pick_copy(members, failed, ls.into_iter(), tried),
+            Placement::Single(l) => Self::pick_copy(members, failed, std::iter::once(l), tried, first),
+            Placement::Pair(ls) => Self::pick_copy(members, failed, ls.into_iter(), tried, first),
             Placement::Mirror(o) => Self::pick_copy(
                 members,
                 failed,
                 (0..members.len()).map(|m| Loc { member: m as u16, offset_blocks: o }),
                 tried,
+                first,
             ),
         }
     }
@@ -405,7 +507,7 @@ impl Ras {
         let failed = self.shared.failed_mask.load(Ordering::Acquire);
         let mut count = 0u32;
         for e in geo.extents(off, n) {
-            if Self::read_target(&members, failed, e.placement, 0).is_none() {
+            if self.read_target(&members, failed, e.placement, 0).is_none() {
                 drop((members, geo_ref));
                 return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
             }
@@ -418,7 +520,7 @@ impl Ras {
         self.ctx.borrow_mut()[slot as usize].remaining = count;
         let bs = self.block_size.get();
         for e in geo.extents(off, n) {
-            let Some(l) = Self::read_target(&members, failed, e.placement, 0) else {
+            let Some(l) = self.read_target(&members, failed, e.placement, 0) else {
                 continue;
             };
             let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
@@ -542,7 +644,7 @@ impl Ras {
             },
             RaidLevel::Raid0 | RaidLevel::Concat => return Err(child),
         };
-        let Some(l) = Self::read_target(&members, failed, placement, tried) else {
+        let Some(l) = self.read_target(&members, failed, placement, tried) else {
             return Err(child);
         };
         let target = &members[l.member as usize];

@@ -19,7 +19,9 @@
 mod array;
 pub mod assemble;
 mod channel;
+mod examine;
 pub mod map;
+mod meta;
 mod owner;
 pub mod quiesce;
 pub mod range_table;
@@ -27,5 +29,5 @@ mod rebuild;
 pub mod rpc;
 pub mod superblock;
 
-pub use array::{RaidArray, RaidOptions, RaidState};
+pub use array::{init, RaidArray, RaidOptions, RaidState};
 pub use map::{Geometry, RaidLevel};

@@ -46,6 +46,8 @@ pub(crate) struct OwnerPart {
     /// The delete operation's fence, held until teardown has finished so no
     /// other change runs on a dying array.
     pub teardown_fence: RefCell<Option<Fence>>,
+    /// Superblock and bitmap, for an array with a superblock.
+    pub meta: RefCell<Option<Rc<crate::meta::Meta>>>,
 }
 
 impl OwnerPart {
@@ -59,6 +61,7 @@ impl OwnerPart {
             op_running: Cell::new(false),
             rebuild: RefCell::new(None),
             teardown_fence: RefCell::new(None),
+            meta: RefCell::new(None),
         }
     }
 
@@ -299,7 +302,7 @@ pub(crate) fn member_failed(shared: &Arc<ArrayShared>, m: usize) {
             Box::new(move |ras, fence| {
                 let Ok(fence) = fence else { return };
                 crate::array::apply_member_failure(ras, m);
-                fence.done();
+                crate::array::commit(ras, fence, |_| {});
             }),
         );
     });

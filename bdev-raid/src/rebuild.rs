@@ -1,8 +1,10 @@
-//! Rebuild of a raid1/raid10 member, run by the owner reactor while user IO
-//! continues: window by window (`process_window_size_kb`) in array order,
-//! each window holds its range in the serialization table, reads every
-//! extent that has a copy on the target from a healthy copy and writes it to
-//! the target. User writes overlapping the window wait for it (they are
+//! Rebuild and resync of raid1/raid10 members, run by the owner reactor
+//! while user IO continues: window by window (`process_window_size_kb`) in
+//! array order over the ranges to copy (the whole array, or the bitmap's
+//! dirty chunks), each window holds its range in the serialization table,
+//! reads every extent from its first active copy and writes it to the copies
+//! being repaired (a rebuilding member; after an unclean shutdown, every
+//! other copy). User writes overlapping the window wait for it (they are
 //! ordered in the same table); user writes elsewhere go to the target too,
 //! so the finished copy is exact. A window counts as in-flight IO at the
 //! owner's gate, so a suspend waits for it and no window starts while the
@@ -13,11 +15,24 @@ use crate::channel::Ras;
 use crate::map::{Loc, Placement};
 use crate::owner::{fenced, OwnerPart};
 use crate::range_table::{words, Acquired};
-use bdev::{DmaBuf, IoBox, IoDone, IoType};
+use bdev::{BdevError, DmaBuf, IoBox, IoDone, IoType};
 use reactor::{PollStatus, PollerHandle};
+use serde_json::{json, Value};
 use std::cell::{Cell, RefCell};
+use std::ops::Range;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
+
+type CheckDone = Box<dyn FnOnce(Result<Value, BdevError>)>;
+
+/// A scrub's counts and its caller.
+struct CheckState {
+    repair: bool,
+    mismatched: Cell<u64>,
+    repaired: Cell<u64>,
+    started_ns: u64,
+    done: RefCell<Option<CheckDone>>,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -30,11 +45,11 @@ enum Phase {
     Stopped,
 }
 
-/// One copy operation: one extent of the current window.
-#[derive(Clone, Copy)]
+/// One copy operation: one extent of the current window, read once from
+/// `from` and written to every `to`.
 struct Copy {
     from: Loc,
-    to: Loc,
+    to: Vec<Loc>,
     num_blocks: u64,
     buf_offset_blocks: u64,
 }
@@ -42,7 +57,21 @@ struct Copy {
 pub(crate) struct Rebuild {
     ras: Weak<Ras>,
     weak: Weak<Rebuild>,
-    pub(crate) target: usize,
+    /// Members written (bit per slot).
+    dests: u32,
+    /// Array ranges to copy, sorted and disjoint.
+    ranges: Vec<Range<u64>>,
+    range_idx: Cell<usize>,
+    /// Blocks of `ranges` done.
+    done_blocks: Cell<u64>,
+    /// The unclean-shutdown resync is part of this run.
+    resync: bool,
+    /// A scrub (`bdev_raid_check`) rather than a copy.
+    check: Option<CheckState>,
+    /// The current window's copies (planned when its reads start).
+    current: RefCell<Vec<Copy>>,
+    /// Scrub: one comparison buffer per other copy.
+    cmp: RefCell<Vec<DmaBuf>>,
     phase: Cell<Phase>,
     /// Set by `cancel` while a window runs: stop after it.
     cancelled: Cell<bool>,
@@ -62,29 +91,115 @@ fn owner_of(ras: &Ras) -> &OwnerPart {
     ras.owner.as_ref().unwrap_or_else(|| unreachable!("rebuilds run on the owner"))
 }
 
-/// Starts a rebuild onto the first `Rebuilding` slot, if none runs (owner,
-/// fenced: the first window starts after the resume).
+/// Sorted, coalesced ranges.
+fn merge(mut v: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    v.retain(|r| r.start < r.end);
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Starts copying onto every `Rebuilding` slot (their partial ranges, or
+/// everything) and, after an unclean shutdown, the dirty ranges onto every
+/// copy — one process at a time (owner, fenced: the first window starts
+/// after the resume).
 pub(crate) fn start_next(ras: &Rc<Ras>) {
     let owner = owner_of(ras);
-    if owner.rebuild.borrow().is_some() {
+    if owner.rebuild.borrow().is_some() || ras.shared.deleted.load(Ordering::Acquire) {
         return;
     }
-    let target = {
-        let mut ctl = ras.shared.ctl();
-        let Some(t) = ctl.slots.iter().position(|s| s.role == array::Role::Rebuilding) else {
-            return;
-        };
-        ctl.process_target = Some(t);
-        t
+    let Some(array_blocks) = ras.shared.geometry.get().map(|g| g.array_blocks()) else {
+        return;
     };
+    let (dests, ranges, resync, target) = {
+        let mut ctl = ras.shared.ctl();
+        let rebuilding: Vec<usize> =
+            (0..ctl.slots.len()).filter(|&i| ctl.slots[i].role == array::Role::Rebuilding).collect();
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        let mut full = false;
+        for &i in &rebuilding {
+            match &ctl.slots[i].partial {
+                Some(p) => ranges.extend(p.iter().cloned()),
+                None => full = true,
+            }
+        }
+        let resync = ctl.dirty.is_some();
+        if let Some(d) = &ctl.dirty {
+            ranges.extend(d.iter().cloned());
+        }
+        if rebuilding.is_empty() && !resync {
+            return;
+        }
+        let dests: u32 = if resync {
+            (0..ctl.slots.len()).fold(0, |m, i| m | 1 << i)
+        } else {
+            rebuilding.iter().fold(0, |m, &i| m | 1 << i)
+        };
+        let ranges = if full { vec![0..array_blocks] } else { merge(ranges) };
+        let target = rebuilding.first().copied().unwrap_or(0);
+        ctl.process_target = Some(target);
+        ctl.process_kind = if rebuilding.is_empty() { "resync" } else { "rebuild" };
+        (dests, ranges, resync, target)
+    };
+    spawn(ras, dests, ranges, resync, None);
+    tracing::info!(raid = %ras.shared.name, slot = target, dests, resync, "rebuild started");
+}
+
+/// `bdev_raid_check`: reads every copy of every block, counts the blocks
+/// whose copies differ and, with `repair`, rewrites them from the first
+/// active copy. One process at a time: refused while a rebuild runs.
+pub(crate) fn start_check(ras: &Rc<Ras>, repair: bool, done: CheckDone) {
+    let owner = owner_of(ras);
+    if owner.rebuild.borrow().is_some() {
+        return done(Err(BdevError::Os(format!("{}: a rebuild, resync or check is running", ras.shared.name), 16)));
+    }
+    if !ras.shared.level.is_redundant() {
+        return done(Err(BdevError::Invalid(format!("{} has no redundancy to check", ras.shared.name))));
+    }
+    let Some(array_blocks) = ras.shared.geometry.get().map(|g| g.array_blocks()) else {
+        return done(Err(BdevError::Invalid(format!("{} is not online", ras.shared.name))));
+    };
+    {
+        let mut ctl = ras.shared.ctl();
+        ctl.process_target = Some(0);
+        ctl.process_kind = "check";
+    }
+    let check = CheckState {
+        repair,
+        mismatched: Cell::new(0),
+        repaired: Cell::new(0),
+        started_ns: reactor::now_ns(),
+        done: RefCell::new(Some(done)),
+    };
+    spawn(ras, u32::MAX, vec![0..array_blocks], false, Some(check));
+}
+
+fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check: Option<CheckState>) {
+    let owner = owner_of(ras);
+    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
     ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
+    ras.shared.process_total.store(total, Ordering::Relaxed);
+    let first = ranges.first().map_or(0, |r| r.start);
     let rb = Rc::new_cyclic(|weak| Rebuild {
         ras: Rc::downgrade(ras),
         weak: weak.clone(),
-        target,
+        dests,
+        ranges,
+        range_idx: Cell::new(0),
+        done_blocks: Cell::new(0),
+        resync,
+        check,
+        current: RefCell::new(Vec::new()),
+        cmp: RefCell::new(Vec::new()),
         phase: Cell::new(Phase::Idle),
         cancelled: Cell::new(false),
-        offset: Cell::new(0),
+        offset: Cell::new(first),
         window: Cell::new((0, 0)),
         entry: Cell::new(u32::MAX),
         remaining: Cell::new(0),
@@ -97,7 +212,6 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
     let r2 = rb.clone();
     *rb.poller.borrow_mut() = Some(reactor::register_poller("raid_rebuild", move || r2.poll()));
     *owner.rebuild.borrow_mut() = Some(rb);
-    tracing::info!(raid = %ras.shared.name, slot = target, "rebuild started");
 }
 
 /// Stops the running rebuild (owner). Between windows it stops at once;
@@ -124,6 +238,26 @@ impl Rebuild {
 
     fn stop(&self, ras: &Ras) {
         self.phase.set(Phase::Stopped);
+        if let Some(c) = &self.check {
+            let done = c.done.borrow_mut().take();
+            if let Some(done) = done {
+                ras.shared.ctl().process_target = None;
+                let finished = self.range_idx.get() >= self.ranges.len();
+                let r = json!({
+                    "name": ras.shared.name,
+                    "blocks_checked": self.done_blocks.get(),
+                    "mismatched_blocks": c.mismatched.get(),
+                    "repaired_blocks": c.repaired.get(),
+                    "repair": c.repair,
+                    "completed": finished,
+                    "duration_ms": (reactor::now_ns().saturating_sub(c.started_ns)) / 1_000_000,
+                });
+                *ras.shared.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                tracing::info!(raid = %ras.shared.name, result = %r, "check finished");
+                let stopped = || BdevError::Os(format!("{}: check stopped before the end", ras.shared.name), 125);
+                done(if finished { Ok(r) } else { Err(stopped()) });
+            }
+        }
         if let Some(p) = self.poller.borrow_mut().take() {
             p.unregister();
         }
@@ -149,13 +283,10 @@ impl Rebuild {
         if now < self.next_start_ns.get() {
             return PollStatus::Idle;
         }
-        let Some(geo) = ras.geo.borrow().clone() else {
-            return PollStatus::Idle;
-        };
-        if self.offset.get() >= geo.array_blocks() {
+        let Some(range) = self.ranges.get(self.range_idx.get()).cloned() else {
             self.finish(&ras);
             return PollStatus::Busy;
-        }
+        };
         if !ras.gate.borrow_mut().try_enter() {
             return PollStatus::Idle;
         }
@@ -163,8 +294,8 @@ impl Rebuild {
         let opts = RaidModule::get().options();
         let max_blocks = (DmaBuf::MAX_LEN as u64 / bs).max(1);
         let window_blocks = (opts.process_window_size_kb as u64 * 1024 / bs).clamp(1, max_blocks);
-        let start = self.offset.get();
-        let end = (start + window_blocks).min(geo.array_blocks());
+        let start = self.offset.get().max(range.start);
+        let end = (start + window_blocks).min(range.end);
         self.window.set((start, end));
         self.window_started_ns.set(now);
         self.phase.set(Phase::Locking);
@@ -182,36 +313,44 @@ impl Rebuild {
         self.start_reads();
     }
 
-    /// The copies of the current window, from a healthy copy to the target.
-    fn plan(&self, ras: &Ras, mut f: impl FnMut(Copy)) -> bool {
+    /// The copies of the current window: each extent from its first
+    /// active copy to its copies among `dests` (None: an extent to repair
+    /// has no healthy copy).
+    fn plan(&self, ras: &Ras) -> Option<Vec<Copy>> {
         let geo_ref = ras.geo.borrow();
-        let Some(geo) = geo_ref.as_deref() else {
-            return false;
-        };
+        let geo = geo_ref.as_deref()?;
         let members = ras.members.borrow();
         let failed = ras.shared.failed_mask.load(Ordering::Acquire);
-        let active = |m: usize| {
-            members.get(m).is_some_and(|mc| mc.role == array::Role::Active && mc.ch.is_some()) && failed & (1 << m) == 0
-        };
+        let ok = |m: usize| members.get(m).is_some_and(|mc| mc.ch.is_some()) && failed & (1 << m) == 0;
+        let active = |m: usize| ok(m) && members[m].role == array::Role::Active;
+        let writable = |m: usize| ok(m) && matches!(members[m].role, array::Role::Active | array::Role::Rebuilding);
         let (start, end) = self.window.get();
+        let mut out = Vec::new();
         for e in geo.extents(start, end - start) {
-            let Some(to) = e.placement.on_member(self.target) else {
-                continue;
-            };
-            let from = match e.placement {
-                Placement::Mirror(o) => (0..members.len())
-                    .filter(|&m| m != self.target && active(m))
-                    .min_by_key(|&m| members[m].outstanding.get())
-                    .map(|m| Loc { member: m as u16, offset_blocks: o }),
-                Placement::Pair(p) => {
-                    p.into_iter().find(|l| l.member as usize != self.target && active(l.member as usize))
+            let copies: Vec<Loc> = match e.placement {
+                Placement::Mirror(o) => {
+                    (0..members.len()).map(|m| Loc { member: m as u16, offset_blocks: o }).collect()
                 }
-                Placement::Single(_) => None,
+                Placement::Pair(p) => p.to_vec(),
+                Placement::Single(_) => continue,
             };
-            let Some(from) = from else { return false };
-            f(Copy { from, to, num_blocks: e.num_blocks, buf_offset_blocks: e.array_offset_blocks - start });
+            let from = copies.iter().copied().find(|l| active(l.member as usize));
+            let to: Vec<Loc> = copies
+                .iter()
+                .copied()
+                .filter(|l| {
+                    let m = l.member as usize;
+                    let usable = if self.check.is_some() { active(m) } else { writable(m) };
+                    self.dests & (1 << m) != 0 && usable && from.is_none_or(|f| f.member != l.member)
+                })
+                .collect();
+            if to.is_empty() {
+                continue;
+            }
+            let from = from?;
+            out.push(Copy { from, to, num_blocks: e.num_blocks, buf_offset_blocks: e.array_offset_blocks - start });
         }
-        true
+        Some(out)
     }
 
     fn start_reads(&self) {
@@ -221,11 +360,12 @@ impl Rebuild {
         if self.cancelled.get() {
             return self.end_window(&ras, false);
         }
-        let mut count = 0u32;
-        if !self.plan(&ras, |_| count += 1) {
+        let Some(copies) = self.plan(&ras) else {
             tracing::error!(raid = %ras.shared.name, "rebuild has no healthy source copy: stopping");
             return self.end_window(&ras, false);
-        }
+        };
+        let count =
+            if self.check.is_some() { copies.iter().map(|c| 1 + c.to.len() as u32).sum() } else { copies.len() as u32 };
         if count == 0 {
             return self.end_window(&ras, true);
         }
@@ -245,33 +385,109 @@ impl Rebuild {
             self.next_start_ns.set(reactor::now_ns() + 1_000_000);
             return self.release_window(&ras);
         };
+        if self.check.is_some() {
+            let others = copies.iter().map(|c| c.to.len()).max().unwrap_or(0);
+            let mut cmp = self.cmp.borrow_mut();
+            if cmp.first().is_some_and(|b| b.len() < len) {
+                cmp.clear();
+            }
+            while cmp.len() < others {
+                match DmaBuf::alloc(len) {
+                    Some(b) => cmp.push(b),
+                    None => {
+                        drop(cmp);
+                        self.next_start_ns.set(reactor::now_ns() + 1_000_000);
+                        return self.release_window(&ras);
+                    }
+                }
+            }
+        }
         self.phase.set(Phase::Reading);
         self.failed.set(false);
         self.remaining.set(count);
         let members = ras.members.borrow();
-        self.plan(&ras, |c| {
-            let b = buf.slice((c.buf_offset_blocks * bs) as usize, (c.num_blocks * bs) as usize);
-            self.submit(&members, IoType::Read, c.from, c.num_blocks, b);
-        });
+        let cmp = self.cmp.borrow();
+        for c in &copies {
+            let (off, n) = ((c.buf_offset_blocks * bs) as usize, (c.num_blocks * bs) as usize);
+            self.submit(&members, IoType::Read, c.from, c.num_blocks, buf.slice(off, n));
+            if self.check.is_some() {
+                for (k, &to) in c.to.iter().enumerate() {
+                    self.submit(&members, IoType::Read, to, c.num_blocks, cmp[k].slice(off, n));
+                }
+            }
+        }
+        drop((members, cmp));
+        *self.current.borrow_mut() = copies;
+    }
+
+    /// Scrub: compares every copy with the first; mismatching blocks are
+    /// counted and, with `repair`, their extents rewritten from the first.
+    fn compare(&self, ras: &Ras) {
+        let Some(check) = &self.check else { return };
+        let (Some(buf), bs) = (self.buf.borrow().clone(), ras.block_size.get() as usize) else {
+            return self.end_window(ras, false);
+        };
+        let copies = std::mem::take(&mut *self.current.borrow_mut());
+        let cmp = self.cmp.borrow().clone();
+        let mut repairs: Vec<(Loc, u64, u64)> = Vec::new();
+        for c in &copies {
+            let (off, n) = ((c.buf_offset_blocks as usize) * bs, c.num_blocks as usize * bs);
+            for (k, &to) in c.to.iter().enumerate() {
+                let differ = buf.with(|a| {
+                    cmp[k].with(|b| {
+                        a[off..off + n].chunks(bs).zip(b[off..off + n].chunks(bs)).filter(|(x, y)| x != y).count()
+                    })
+                }) as u64;
+                if differ > 0 {
+                    check.mismatched.set(check.mismatched.get() + differ);
+                    if check.repair {
+                        check.repaired.set(check.repaired.get() + differ);
+                        repairs.push((to, c.num_blocks, c.buf_offset_blocks));
+                    }
+                }
+            }
+        }
+        if repairs.is_empty() {
+            return self.end_window(ras, true);
+        }
+        if (IoBox::available() as u64) < repairs.len() as u64 {
+            return self.end_window(ras, false);
+        }
+        self.phase.set(Phase::Writing);
+        self.failed.set(false);
+        self.remaining.set(repairs.len() as u32);
+        let members = ras.members.borrow();
+        for (to, n, off) in repairs {
+            let b = buf.slice(off as usize * bs, n as usize * bs);
+            self.submit(&members, IoType::Write, to, n, b);
+        }
     }
 
     fn start_writes(&self, ras: &Ras) {
         let Some(buf) = self.buf.borrow().clone() else {
             return self.end_window(ras, false);
         };
-        let mut copies = 0u32;
-        if !self.plan(ras, |_| copies += 1) || (IoBox::available() as u64) < copies as u64 {
+        let Some(copies) = self.plan(ras) else {
             return self.end_window(ras, false);
+        };
+        let writes: u32 = copies.iter().map(|c| c.to.len() as u32).sum();
+        if (IoBox::available() as u64) < writes as u64 {
+            return self.end_window(ras, false);
+        }
+        if writes == 0 {
+            return self.end_window(ras, true);
         }
         let bs = ras.block_size.get();
         self.phase.set(Phase::Writing);
         self.failed.set(false);
-        self.remaining.set(copies);
+        self.remaining.set(writes);
         let members = ras.members.borrow();
-        self.plan(ras, |c| {
-            let b = buf.slice((c.buf_offset_blocks * bs) as usize, (c.num_blocks * bs) as usize);
-            self.submit(&members, IoType::Write, c.to, c.num_blocks, b);
-        });
+        for c in &copies {
+            for &to in &c.to {
+                let b = buf.slice((c.buf_offset_blocks * bs) as usize, (c.num_blocks * bs) as usize);
+                self.submit(&members, IoType::Write, to, c.num_blocks, b);
+            }
+        }
     }
 
     fn submit(&self, members: &[crate::channel::MemberCh], t: IoType, l: Loc, num_blocks: u64, buf: DmaBuf) {
@@ -313,7 +529,16 @@ impl Rebuild {
             return self.stop(ras);
         }
         self.offset.set(end);
-        ras.shared.rebuild_blocks.store(end, Ordering::Relaxed);
+        self.done_blocks.set(self.done_blocks.get() + (end - start));
+        ras.shared.rebuild_blocks.store(self.done_blocks.get(), Ordering::Relaxed);
+        ras.shared.copied_blocks.fetch_add(end - start, Ordering::Relaxed);
+        let idx = self.range_idx.get();
+        if self.ranges.get(idx).is_some_and(|r| end >= r.end) {
+            self.range_idx.set(idx + 1);
+            if let Some(next) = self.ranges.get(idx + 1) {
+                self.offset.set(next.start);
+            }
+        }
         let bw_mib = RaidModule::get().options().process_max_bandwidth_mb_sec as u64;
         if bw_mib > 0 {
             let bytes = (end - start) * ras.block_size.get();
@@ -325,18 +550,25 @@ impl Rebuild {
         }
     }
 
-    /// Every window copied: make the target active under a fence.
+    /// Every window copied: the repaired members become active (and the
+    /// array in sync) under a fence.
     fn finish(&self, ras: &Rc<Ras>) {
         self.stop(ras);
-        let target = self.target;
+        if self.check.is_some() {
+            ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
+            ras.shared.process_total.store(0, Ordering::Relaxed);
+            return;
+        }
+        let (dests, resync) = (self.dests, self.resync);
         fenced(
             ras,
             Box::new(move |ras, fence| {
                 let Ok(fence) = fence else { return };
-                array::rebuild_finished(ras, target);
+                array::rebuild_finished(ras, dests, resync);
                 ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
-                start_next(ras);
-                fence.done();
+                ras.shared.process_total.store(0, Ordering::Relaxed);
+                let r2 = ras.clone();
+                array::commit(ras, fence, move |_| start_next(&r2));
             }),
         );
     }
@@ -362,6 +594,7 @@ impl IoDone for Rebuild {
         match (self.phase.get(), self.failed.get()) {
             // A source failed: read again from the copies still healthy.
             (Phase::Reading, true) => self.start_reads_again(&ras),
+            (Phase::Reading, false) if self.check.is_some() => self.compare(&ras),
             (Phase::Reading, false) => self.start_writes(&ras),
             (Phase::Writing, failed) => self.end_window(&ras, !failed),
             _ => {}
@@ -371,7 +604,9 @@ impl IoDone for Rebuild {
 
 impl Rebuild {
     fn start_reads_again(&self, ras: &Ras) {
-        if self.cancelled.get() || ras.shared.failed_mask.load(Ordering::Acquire) & (1 << self.target) != 0 {
+        // Every member being repaired failed: nothing left to copy onto.
+        let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+        if self.cancelled.get() || self.dests & !failed == 0 {
             return self.end_window(ras, false);
         }
         self.phase.set(Phase::Locking);

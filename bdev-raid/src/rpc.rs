@@ -39,15 +39,24 @@ pub struct RaidCreateParams {
     pub strip_size_kb: Option<u32>,
     #[serde(default)]
     pub uuid: Option<String>,
-    /// Accepted and kept; the on-disk superblock comes with its own issue.
+    /// Every member carries the array's superblock (and, on raid1/raid10,
+    /// its write-intent bitmap); the array then assembles itself when its
+    /// members appear, with no RPC.
     #[serde(default)]
     pub superblock: Option<bool>,
+    /// With a superblock on raid1/raid10: keep a write-intent bitmap
+    /// (default true).
+    #[serde(default)]
+    pub bitmap: Option<bool>,
+    /// Bitmap chunk size (default 65536 KiB = 64 MiB; a power of two).
+    #[serde(default)]
+    pub bitmap_chunk_size_kb: Option<u32>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct RaidDeleteParams {
     pub name: String,
-    /// Sent by current clients; nothing to clear until superblocks exist.
+    /// Wipe the members' superblocks, so the array does not assemble again.
     #[serde(default)]
     pub clear_sb: Option<bool>,
 }
@@ -71,6 +80,14 @@ pub struct RaidRemoveBaseBdevParams {
     pub name: String,
 }
 
+#[derive(Clone, Debug, Deserialize)]
+pub struct RaidCheckParams {
+    pub name: String,
+    /// Rewrite mismatching blocks from the first active copy (md's "repair").
+    #[serde(default)]
+    pub repair: bool,
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct RaidSetOptionsParams {
     #[serde(default)]
@@ -84,11 +101,35 @@ fn failed_to(what: &str, name: &str, e: BdevError) -> BdevError {
 }
 
 /// `bdev_raid_create` → `true`. Members that do not exist yet leave the
-/// array `configuring` until they are registered.
+/// array `configuring` until they are registered. Without a superblock only
+/// (it answers at once); see [`bdev_raid_create_async`].
 pub fn bdev_raid_create(p: RaidCreateParams) -> Result<Value, BdevError> {
     let name = p.name.clone();
-    validate_create(p).and_then(array::create).map_err(|e| failed_to("create", &name, e))?;
+    let spec = validate_create(p).map_err(|e| failed_to("create", &name, e))?;
+    if spec.superblock {
+        return Err(failed_to("create", &name, BdevError::Invalid("use the asynchronous create".into())));
+    }
+    array::create(spec).map_err(|e| failed_to("create", &name, e))?;
     Ok(Value::Bool(true))
+}
+
+/// `bdev_raid_create` → `true`; with `superblock: true` it answers once the
+/// superblocks and the bitmap are on every member and the array is online.
+pub fn bdev_raid_create_async(p: RaidCreateParams, done: impl FnOnce(Result<Value, BdevError>) + Send + 'static) {
+    let name = p.name.clone();
+    let spec = match validate_create(p) {
+        Ok(s) => s,
+        Err(e) => return done(Err(failed_to("create", &name, e))),
+    };
+    let superblock = spec.superblock;
+    match array::create(spec) {
+        Err(e) => done(Err(failed_to("create", &name, e))),
+        Ok(_) if !superblock => done(Ok(Value::Bool(true))),
+        Ok(shared) => crate::examine::init_new(
+            &shared,
+            Box::new(move |r| done(r.map(|()| Value::Bool(true)).map_err(|e| failed_to("create", &name, e)))),
+        ),
+    }
 }
 
 fn validate_create(p: RaidCreateParams) -> Result<CreateSpec, BdevError> {
@@ -122,13 +163,29 @@ fn validate_create(p: RaidCreateParams) -> Result<CreateSpec, BdevError> {
         Some(u) => Some(Uuid::parse_str(u).map_err(|e| BdevError::Invalid(format!("uuid '{u}': {e}")))?),
         None => None,
     };
+    let superblock = p.superblock.unwrap_or(false);
+    let chunk_kb = p.bitmap_chunk_size_kb.unwrap_or(65536);
+    if !chunk_kb.is_power_of_two() {
+        return Err(BdevError::Invalid(format!("bitmap_chunk_size_kb must be a power of two (got {chunk_kb})")));
+    }
+    let bitmap = superblock && level.is_redundant() && p.bitmap.unwrap_or(true);
+    if p.bitmap == Some(true) && !(superblock && level.is_redundant()) {
+        return Err(BdevError::Invalid("a bitmap needs superblock: true and raid1 or raid10".into()));
+    }
+    if p.name.len() >= crate::superblock::SB_NAME_BYTES && superblock {
+        return Err(BdevError::Invalid(format!(
+            "a name stored in a superblock is at most {} bytes",
+            crate::superblock::SB_NAME_BYTES - 1
+        )));
+    }
     Ok(CreateSpec {
         name: p.name,
         level,
         base_bdevs: p.base_bdevs,
         strip_size_kb,
         uuid,
-        superblock: p.superblock.unwrap_or(false),
+        superblock,
+        bitmap_chunk_kb: if bitmap { chunk_kb } else { 0 },
     })
 }
 
@@ -138,6 +195,7 @@ pub fn bdev_raid_delete(p: RaidDeleteParams, done: impl FnOnce(Result<Value, Bde
     let name = p.name.clone();
     array::delete(
         &p.name,
+        p.clear_sb.unwrap_or(false),
         Box::new(move |r| done(r.map(|()| Value::Bool(true)).map_err(|e| failed_to("delete", &name, e)))),
     );
 }
@@ -175,6 +233,15 @@ pub fn bdev_raid_remove_base_bdev(
     done: impl FnOnce(Result<Value, BdevError>) + Send + 'static,
 ) {
     array::remove_base(&p.name, Box::new(move |r| done(r.map(|()| Value::Bool(true)))));
+}
+
+/// `bdev_raid_check` → `{name, blocks_checked, mismatched_blocks,
+/// repaired_blocks, repair, completed, duration_ms}` once every copy of
+/// every block was read and compared (md's `check`/`repair` sync actions).
+/// User IO continues meanwhile; the scrub shows as `process` type "check".
+pub fn bdev_raid_check(p: RaidCheckParams, done: impl FnOnce(Result<Value, BdevError>) + Send + 'static) {
+    let name = p.name.clone();
+    array::check(&p.name, p.repair, Box::new(move |r| done(r.map_err(|e| failed_to("check", &name, e)))));
 }
 
 /// `bdev_raid_set_options` → `true`. Applies from the next rebuild window.
@@ -232,6 +299,8 @@ mod tests {
             strip_size_kb: strip,
             uuid: None,
             superblock: None,
+            bitmap: None,
+            bitmap_chunk_size_kb: None,
         };
         for (p, why) in [
             (base("raid0", None, &["A", "B"]), "missing strip"),

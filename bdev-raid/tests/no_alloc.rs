@@ -148,6 +148,8 @@ fn raid_io_path_allocates_nothing() {
                 strip_size_kb: strip,
                 uuid: None,
                 superblock: None,
+                bitmap: None,
+                bitmap_chunk_size_kb: None,
             })
             .unwrap();
         };

@@ -63,6 +63,8 @@ fn rebuild_is_rate_limited_reports_progress_and_copies_exactly() {
             strip_size_kb: None,
             uuid: None,
             superblock: None,
+            bitmap: None,
+            bitmap_chunk_size_kb: None,
         })
         .unwrap();
         // 64 KiB windows at 1 MiB/s: one window per 62.5 ms, 16 in all.
@@ -141,6 +143,8 @@ fn hot_removed_member_leaves_the_mirror_degraded() {
             strip_size_kb: None,
             uuid: None,
             superblock: None,
+            bitmap: None,
+            bitmap_chunk_size_kb: None,
         })
         .unwrap();
         // The device vanishes (a controller gone): forced, claims ignored.

@@ -47,6 +47,8 @@ fn create(name: &str, level: &str, strip: Option<u32>, members: &[&str]) -> Resu
         strip_size_kb: strip,
         uuid: None,
         superblock: Some(false),
+        bitmap: None,
+        bitmap_chunk_size_kb: None,
     })
 }
 

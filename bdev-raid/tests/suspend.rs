@@ -50,6 +50,8 @@ fn setup(m: &ManualSet, with_delay: bool) -> Vec<Arc<MallocBdev>> {
             strip_size_kb: None,
             uuid: None,
             superblock: None,
+            bitmap: None,
+            bitmap_chunk_size_kb: None,
         })
         .unwrap();
         ms

@@ -22,7 +22,7 @@ pub mod uring;
 pub use channel::{Bdev, BdevChannel, BdevProps, Channel, ChannelStats, IoStatTotals};
 pub use dma::DmaBuf;
 pub use io::{drain_completions, BdevIo, IoBox, IoDone, IoError, IoSlab, IoStatus, IoType};
-pub use registry::{BdevHandle, Registry};
+pub use registry::{BdevHandle, ExamineHold, Registry};
 
 /// Errors of bdev management (creation, lookup, claims); IO errors travel
 /// in `IoStatus` instead.

@@ -139,6 +139,19 @@ struct Tables {
 pub struct Registry {
     tables: Mutex<Tables>,
     next_id: AtomicU64,
+    /// Examinations still under way (an examiner that reads the bdev holds
+    /// an [`ExamineHold`] until it has decided): `bdev_wait_for_examine`.
+    examines: Arc<AtomicU64>,
+}
+
+/// Keeps `Registry::examines_pending` above zero while an examiner works
+/// asynchronously on a bdev; dropping it ends the examination.
+pub struct ExamineHold(Arc<AtomicU64>);
+
+impl Drop for ExamineHold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Registry {
@@ -209,6 +222,17 @@ impl Registry {
         let h = Self::find(&t, key).ok_or_else(|| BdevError::NotFound(key.to_string()))?;
         h.0.aliases.lock().unwrap_or_else(|e| e.into_inner()).push(alias.to_string());
         Ok(())
+    }
+
+    /// Marks an asynchronous examination as started (see [`ExamineHold`]).
+    pub fn examine_hold(&self) -> ExamineHold {
+        self.examines.fetch_add(1, Ordering::AcqRel);
+        ExamineHold(self.examines.clone())
+    }
+
+    /// Asynchronous examinations not finished yet.
+    pub fn examines_pending(&self) -> u64 {
+        self.examines.load(Ordering::Acquire)
     }
 
     /// Runs `f` for every bdev registered from now on, and for those present.

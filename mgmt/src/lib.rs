@@ -13,3 +13,10 @@ pub use methods::{Ctx, MethodTable};
 pub use bdev;
 pub use nvmf;
 pub use reactor;
+
+/// Module set-up that must run on a reactor before any bdev is created
+/// (the RAID examiner, so arrays with superblocks assemble from the config's
+/// bdevs).
+pub fn init_modules() {
+    bdev_raid::init();
+}

@@ -114,6 +114,7 @@ fn run(args: Args) -> Result<()> {
     let running = rpc_running.clone();
     let ev = events.clone();
     set.send(0, move || {
+        mgmt::init_modules();
         let t2 = table.clone();
         config::replay(table, calls, move |r| {
             if let Err(e) = r {

@@ -111,6 +111,8 @@ pub fn create_raid(name: &str, level: &str, strip_kb: Option<u32>, members: &[&s
         strip_size_kb: strip_kb,
         uuid: None,
         superblock: Some(false),
+        bitmap: None,
+        bitmap_chunk_size_kb: None,
     })
 }
 

@@ -146,9 +146,25 @@ fn collect_iostat(mut rest: Vec<BdevHandle>, mut acc: Vec<Value>, reply: Reply) 
 }
 
 fn bdev_wait_for_examine(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    // Examiners run synchronously when a bdev registers, so by the time this
-    // request is served every registered bdev has been examined.
-    sync_call(params, reply, |_: NoParams| Ok(Value::Bool(true)));
+    // Examiners that read their bdev (a RAID looking for its superblock)
+    // hold the registry's examine count until they have decided; answer
+    // once none is left. Polled without blocking the reactor.
+    if let Err(e) = decode_params::<NoParams>(params) {
+        return reply.send(Err(e));
+    }
+    let mut reply = Some(reply);
+    let mut check = move || {
+        if Registry::get().examines_pending() > 0 {
+            return reactor::PollStatus::Idle;
+        }
+        if let Some(reply) = reply.take() {
+            reply.send(Ok(Value::Bool(true)));
+        }
+        reactor::PollStatus::Done
+    };
+    if check() == reactor::PollStatus::Idle {
+        reactor::register_timed_poller("bdev_wait_for_examine", std::time::Duration::from_millis(1), check);
+    }
 }
 
 pub(crate) fn parse_uuid(s: Option<&str>) -> Result<Option<Uuid>, RpcError> {

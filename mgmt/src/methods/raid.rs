@@ -18,6 +18,7 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("bdev_raid_add_base_bdev", bdev_raid_add_base_bdev),
     ("bdev_raid_remove_base_bdev", bdev_raid_remove_base_bdev),
     ("bdev_raid_set_options", bdev_raid_set_options),
+    ("bdev_raid_check", bdev_raid_check),
 ];
 
 /// The `bdev_raid_set_options` call `save_config` writes (SPDK puts it
@@ -27,7 +28,7 @@ pub fn options_config() -> Value {
 }
 
 fn bdev_raid_create(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    sync_call(params, reply, |p: rpc::RaidCreateParams| rpc::bdev_raid_create(p).map_err(bdev_error));
+    async_call(params, reply, |p: rpc::RaidCreateParams, done| rpc::bdev_raid_create_async(p, done));
 }
 
 fn bdev_raid_get_bdevs(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
@@ -60,4 +61,8 @@ fn bdev_raid_add_base_bdev(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
 
 fn bdev_raid_remove_base_bdev(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     async_call(params, reply, |p: rpc::RaidRemoveBaseBdevParams, done| rpc::bdev_raid_remove_base_bdev(p, done));
+}
+
+fn bdev_raid_check(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    async_call(params, reply, |p: rpc::RaidCheckParams, done| rpc::bdev_raid_check(p, done));
 }

@@ -1,0 +1,308 @@
+//! On-disk metadata of an array with a superblock: reading a member's
+//! superblock, writing the array's superblock to every member (one write at
+//! a time, later requests folded into the next), wiping it (`clear_sb`), and
+//! the write-intent bitmap's owner half.
+//!
+//! Lives on the owner reactor (`OwnerPart::meta`). The superblock written is
+//! always built from the control state at the time of the write, so a write
+//! that was folded into a later one records the later state: nothing older
+//! than what the caller saw can land after it.
+
+use crate::array::{Role, Slot};
+use crate::channel::Ras;
+use crate::superblock::{self, SlotState, SuperblockError, SuperblockInfo};
+use bdev::{BdevError, BdevHandle, DmaBuf, IoBox, IoType};
+use bitmap::BitmapOwner;
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+
+type Done = Box<dyn FnOnce(Result<(), BdevError>)>;
+
+const EIO: i32 = 5;
+
+/// What a superblock write records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SbWrite {
+    /// The array is running: after a crash, the bitmap's chunks need resync.
+    Dirty,
+    /// Shut down with no write half done.
+    Clean,
+    /// `clear_sb`: zeros over every member's superblock.
+    Wipe,
+}
+
+/// The owner's metadata state of one array.
+pub(crate) struct Meta {
+    /// The last superblock written (or read at assembly): the template of the next.
+    pub sb: RefCell<SuperblockInfo>,
+    pub bitmap: Option<BitmapOwner>,
+    writing: Cell<bool>,
+    queued: RefCell<Vec<(SbWrite, Done)>>,
+    /// Set after a wipe: no further superblock write may happen.
+    wiped: Cell<bool>,
+}
+
+impl Meta {
+    pub(crate) fn new(sb: SuperblockInfo, bitmap: Option<BitmapOwner>) -> Rc<Meta> {
+        Rc::new(Meta {
+            sb: RefCell::new(sb),
+            bitmap,
+            writing: Cell::new(false),
+            queued: RefCell::new(Vec::new()),
+            wiped: Cell::new(false),
+        })
+    }
+
+    pub(crate) fn events(&self) -> u64 {
+        self.sb.borrow().events
+    }
+}
+
+/// The superblock's slot entry for a slot of the control state (`failed`:
+/// its IO-error latch is set).
+fn slot_state(s: &Slot, failed: bool, prev: SlotState) -> SlotState {
+    match s.role {
+        _ if failed => SlotState::Failed,
+        Role::Active => SlotState::Active,
+        Role::Rebuilding => SlotState::Rebuilding { recovery_offset_blocks: 0 },
+        Role::Failed | Role::Empty => SlotState::Failed,
+        Role::Missing => prev,
+    }
+}
+
+/// The next superblock: the template with `events + 1`, `clean`, and the slot
+/// table from the control state.
+fn next_info(ras: &Ras, meta: &Meta, clean: bool) -> SuperblockInfo {
+    let mut info = meta.sb.borrow().clone();
+    info.events += 1;
+    info.clean = clean;
+    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    let ctl = ras.shared.ctl();
+    for (i, (e, s)) in info.slots.iter_mut().zip(ctl.slots.iter()).enumerate() {
+        e.state = slot_state(s, failed & (1 << i) != 0, e.state);
+        if !s.sb_uuid.is_nil() {
+            e.member_uuid = s.sb_uuid;
+        }
+    }
+    info
+}
+
+/// Members a superblock write goes to: present, active or rebuilding, not failed.
+fn sb_targets(ras: &Ras) -> Vec<(usize, BdevHandle)> {
+    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    let ctl = ras.shared.ctl();
+    ctl.slots
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| matches!(s.role, Role::Active | Role::Rebuilding) && failed & (1 << i) == 0)
+        .filter_map(|(i, s)| s.handle.clone().map(|h| (i, h)))
+        .collect()
+}
+
+/// Writes the array's superblock (`kind`) to every member that should carry
+/// it; `done` runs once it is on them. Requests made while a write is in
+/// flight are folded into one write after it. Owner reactor only.
+pub(crate) fn update(ras: &Rc<Ras>, meta: &Rc<Meta>, kind: SbWrite, done: Done) {
+    meta.queued.borrow_mut().push((kind, done));
+    if !meta.writing.get() {
+        start_next(ras, meta);
+    }
+}
+
+fn start_next(ras: &Rc<Ras>, meta: &Rc<Meta>) {
+    let batch = std::mem::take(&mut *meta.queued.borrow_mut());
+    if batch.is_empty() {
+        return;
+    }
+    if meta.wiped.get() {
+        for (_, d) in batch {
+            d(Ok(()));
+        }
+        return;
+    }
+    // The newest request decides what is written (a wipe wins over all).
+    let kind = if batch.iter().any(|(k, _)| *k == SbWrite::Wipe) {
+        SbWrite::Wipe
+    } else {
+        batch.last().map_or(SbWrite::Dirty, |(k, _)| *k)
+    };
+    meta.writing.set(true);
+    let targets = match kind {
+        // A wipe clears every member the array holds, failed ones included.
+        SbWrite::Wipe => {
+            let ctl = ras.shared.ctl();
+            ctl.slots.iter().enumerate().filter_map(|(i, s)| s.handle.clone().map(|h| (i, h))).collect()
+        }
+        _ => sb_targets(ras),
+    };
+    let info = (kind != SbWrite::Wipe).then(|| next_info(ras, meta, kind == SbWrite::Clean));
+    let left = Rc::new(Cell::new(targets.len() + 1));
+    let ok = Rc::new(Cell::new(0usize));
+    let weak_ras = Rc::downgrade(ras);
+    let meta2 = meta.clone();
+    let info2 = info.clone();
+    let finish = Rc::new(RefCell::new(Some(Box::new(move |n_ok: usize, n: usize| {
+        let r = if n > 0 && n_ok == 0 {
+            Err(BdevError::Os("superblock write failed on every member".into(), EIO))
+        } else {
+            Ok(())
+        };
+        match (&info2, r.is_ok()) {
+            (Some(i), true) => *meta2.sb.borrow_mut() = i.clone(),
+            (None, true) => meta2.wiped.set(true),
+            _ => {}
+        }
+        meta2.writing.set(false);
+        for (_, d) in batch {
+            d(r.clone());
+        }
+        if let Some(ras) = weak_ras.upgrade() {
+            start_next(&ras, &meta2);
+        }
+    }) as Box<dyn FnOnce(usize, usize)>)));
+    let n = targets.len();
+    let step = {
+        let (left, ok, finish) = (left.clone(), ok.clone(), finish.clone());
+        // `None`: the guard that keeps the count up while writes are submitted.
+        move |good: Option<bool>| {
+            if good == Some(true) {
+                ok.set(ok.get() + 1);
+            }
+            left.set(left.get() - 1);
+            if left.get() == 0 {
+                if let Some(f) = finish.borrow_mut().take() {
+                    f(ok.get(), n);
+                }
+            }
+        }
+    };
+    let step = Rc::new(step);
+    for (slot, h) in targets {
+        let bs = h.props().block_size;
+        let blocks = superblock::superblock_blocks(bs);
+        let Some(buf) = DmaBuf::zeroed((blocks * bs as u64) as usize) else {
+            step(Some(false));
+            continue;
+        };
+        if let Some(info) = &info {
+            match info.for_slot(slot) {
+                Some(mine) => {
+                    let bytes = superblock::encode(&mine);
+                    buf.copy_from(0, &bytes);
+                }
+                None => {
+                    step(Some(false));
+                    continue;
+                }
+            }
+        }
+        let st = step.clone();
+        let weak = Rc::downgrade(ras);
+        write_blocks(&h, 0, blocks, buf, move |good| {
+            if !good && kind != SbWrite::Wipe {
+                tracing::error!(slot, "superblock write failed: marking the member failed");
+                if let Some(ras) = weak.upgrade() {
+                    ras.latch_failed(slot);
+                }
+            }
+            st(Some(good));
+        });
+    }
+    step(None);
+}
+
+/// One IO to `h` at `offset` of `blocks` blocks with `buf`; `done(success)`
+/// runs later on this reactor.
+pub(crate) fn io_blocks(
+    h: &BdevHandle,
+    t: IoType,
+    offset: u64,
+    blocks: u64,
+    buf: DmaBuf,
+    done: impl FnOnce(bool, Option<DmaBuf>) + 'static,
+) {
+    let ch = match h.channel() {
+        Ok(c) => c,
+        Err(_) => return later(move || done(false, None)),
+    };
+    let Some(mut io) = IoBox::data(t, offset, blocks, Some(buf)) else {
+        return later(move || done(false, None));
+    };
+    let done = RefCell::new(Some(done));
+    io.set_done(Rc::new(move |io: IoBox| {
+        if let Some(d) = done.borrow_mut().take() {
+            d(io.status.is_ok(), io.buf.clone());
+        }
+    }));
+    ch.submit(io);
+}
+
+fn write_blocks(h: &BdevHandle, offset: u64, blocks: u64, buf: DmaBuf, done: impl FnOnce(bool) + 'static) {
+    io_blocks(h, IoType::Write, offset, blocks, buf, move |ok, _| done(ok));
+}
+
+/// Runs `f` from a poller: a completion is never called inside its request.
+fn later(f: impl FnOnce() + 'static) {
+    let mut f = Some(f);
+    reactor::register_poller("raid_meta_later", move || {
+        if let Some(f) = f.take() {
+            f();
+        }
+        reactor::PollStatus::Done
+    });
+}
+
+/// What block 0 of a bdev holds.
+#[derive(Debug)]
+pub(crate) enum Found {
+    Superblock(SuperblockInfo),
+    /// No superblock (blank, or another format).
+    None,
+    /// Our magic, but not usable: reported, never assembled.
+    Bad(SuperblockError),
+    /// The read itself failed.
+    Unreadable,
+}
+
+/// Reads and decodes the superblock of `h` (any reactor).
+pub(crate) fn read_superblock(h: &BdevHandle, done: impl FnOnce(Found) + 'static) {
+    let p = h.props();
+    let blocks = superblock::superblock_blocks(p.block_size);
+    if p.num_blocks < blocks || !(512..=65536).contains(&p.block_size) {
+        return later(move || done(Found::None));
+    }
+    let Some(buf) = DmaBuf::alloc((blocks * p.block_size as u64) as usize) else {
+        return later(move || done(Found::Unreadable));
+    };
+    io_blocks(h, IoType::Read, 0, blocks, buf, move |ok, buf| {
+        let found = match (ok, buf) {
+            (true, Some(b)) => b.with(|bytes| match superblock::decode(bytes) {
+                Ok(i) => Found::Superblock(i),
+                Err(SuperblockError::BadMagic) => Found::None,
+                Err(e) => Found::Bad(e),
+            }),
+            _ => Found::Unreadable,
+        };
+        done(found);
+    });
+}
+
+/// The bitmap's page-write failure hook: the member is failed like any
+/// member whose IO failed.
+pub(crate) fn watch_bitmap_failures(ras: &Rc<Ras>, bm: &BitmapOwner) {
+    let weak: Weak<Ras> = Rc::downgrade(ras);
+    bm.on_member_failed(move |h| {
+        let Some(ras) = weak.upgrade() else { return };
+        let slot = ras.shared.ctl().slots.iter().position(|s| s.handle.as_ref().is_some_and(|x| x.same(h)));
+        if let Some(slot) = slot {
+            tracing::error!(raid = %ras.shared.name, slot, "bitmap page write failed: marking the member failed");
+            ras.latch_failed(slot);
+        }
+    });
+}
+
+/// Handles of the members that receive writes (the bitmap's member set).
+pub(crate) fn writable_handles(ras: &Ras) -> Vec<BdevHandle> {
+    sb_targets(ras).into_iter().map(|(_, h)| h).collect()
+}

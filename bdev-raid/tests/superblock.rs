@@ -1,0 +1,209 @@
+//! Arrays with superblocks over file members, in process: create writes a
+//! superblock and bitmap to every member; a clean delete marks them clean; a
+//! new reactor set (a restart) assembles the array from the files with no
+//! create call; `clear_sb` stops that.
+
+mod common;
+use bdev::uring::{create_uring, UringCreateParams};
+use bdev::{BdevHandle, Channel, DmaBuf, IoBox, IoType, Registry};
+use bdev_raid::rpc::{bdev_raid_create_async, bdev_raid_delete, RaidCreateParams, RaidDeleteParams};
+use bdev_raid::superblock::{decode, SB_SIZE_BYTES};
+use bdev_raid::RaidArray;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+pub const BS: u64 = 4096;
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nvraid-sb-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn make_files(dir: &Path, n: usize, mib: u64) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("m{i}.img"));
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_len(mib << 20).unwrap();
+            p
+        })
+        .collect()
+}
+
+pub fn open_members(set: &Set, files: &[PathBuf]) {
+    let files = files.to_vec();
+    set.call(0, move || {
+        bdev_raid::init();
+        for (i, f) in files.iter().enumerate() {
+            create_uring(UringCreateParams {
+                filename: f.to_string_lossy().into(),
+                name: format!("F{i}"),
+                block_size: Some(BS as u32),
+                uuid: None,
+            })
+            .unwrap();
+        }
+    });
+}
+
+pub fn create_sb_raid(set: &Set, members: usize, chunk_kb: u32) -> Result<Value, bdev::BdevError> {
+    set.call_async(0, 20, move |done| {
+        bdev_raid_create_async(
+            RaidCreateParams {
+                name: "R".into(),
+                raid_level: "raid1".into(),
+                base_bdevs: (0..members).map(|i| format!("F{i}")).collect(),
+                strip_size_kb: None,
+                uuid: None,
+                superblock: Some(true),
+                bitmap: None,
+                bitmap_chunk_size_kb: Some(chunk_kb),
+            },
+            move |r| done(r),
+        )
+    })
+}
+
+pub fn delete_raid(set: &Set, clear_sb: bool) {
+    set.call_async(0, 20, move |done| {
+        bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: Some(clear_sb) }, move |r| done(r))
+    })
+    .unwrap();
+}
+
+/// The superblock at the start of a member file.
+pub fn file_sb(f: &Path) -> Result<bdev_raid::superblock::SuperblockInfo, bdev_raid::superblock::SuperblockError> {
+    let bytes = std::fs::read(f).unwrap();
+    decode(&bytes[..SB_SIZE_BYTES])
+}
+
+/// One IO on reactor 0 through the raid bdev; waits for it.
+pub fn raid_io(set: &Set, t: IoType, lba: u64, data: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    set.call_async(0, 20, move |done| {
+        let h: BdevHandle = Registry::get().lookup("R").expect("raid bdev");
+        let ch: Rc<Channel> = h.channel().unwrap();
+        let buf = DmaBuf::alloc(BS as usize).unwrap();
+        if let Some(d) = &data {
+            buf.copy_from(0, d);
+        }
+        let mut io = IoBox::data(t, lba, 1, Some(buf)).unwrap();
+        let done = std::cell::RefCell::new(Some(done));
+        io.set_done(Rc::new(move |io: IoBox| {
+            assert!(io.status.is_ok(), "raid IO failed: {:?}", io.status);
+            let out = io.buf.as_ref().map(|b| b.to_vec());
+            if let Some(d) = done.borrow_mut().take() {
+                d(out);
+            }
+        }));
+        ch.submit(io);
+    })
+}
+
+fn wait_online(set: &Set) {
+    set.wait_for(20, "raid assembled and online", || {
+        RaidArray::find("R").is_some_and(|r| r.state() == bdev_raid::RaidState::Online && !r.process_running())
+    });
+}
+
+#[test]
+fn superblocks_are_written_marked_clean_and_assemble_after_restart() {
+    let dir = temp_dir("life");
+    let files = make_files(&dir, 2, 16);
+    let data_offset;
+    {
+        let set = start(2);
+        open_members(&set, &files);
+        create_sb_raid(&set, 2, 1024).unwrap();
+        let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
+        data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+        assert!(data_offset > 0, "{info}");
+        for f in &files {
+            let sb = file_sb(f).unwrap();
+            assert!(!sb.clean, "a running array's superblock is dirty");
+            assert!(sb.bitmap.is_some());
+        }
+        let pattern: Vec<u8> = (0..BS).map(|i| (i * 7 % 251) as u8).collect();
+        raid_io(&set, IoType::Write, 5, Some(pattern.clone()));
+        delete_raid(&set, false);
+        for f in &files {
+            let sb = file_sb(f).unwrap();
+            assert!(sb.clean, "clean after delete");
+            let bytes = std::fs::read(f).unwrap();
+            let at = ((data_offset + 5) * BS) as usize;
+            assert_eq!(&bytes[at..at + BS as usize], &pattern[..], "data at the data offset");
+        }
+    }
+    {
+        // A restart: the members alone bring the array back, clean (no resync).
+        let set = start(2);
+        open_members(&set, &files);
+        wait_online(&set);
+        let copied = set.call(0, || RaidArray::find("R").unwrap().copied_blocks());
+        assert_eq!(copied, 0, "a clean array resyncs nothing");
+        let back = raid_io(&set, IoType::Read, 5, None).unwrap();
+        assert_eq!(back[..16], (0..16).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>()[..]);
+        delete_raid(&set, true);
+        for f in &files {
+            assert!(file_sb(f).is_err(), "clear_sb wiped the superblock");
+        }
+    }
+    {
+        let set = start(1);
+        open_members(&set, &files);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(set.call(0, || RaidArray::find("R").is_none()), "a wiped array does not assemble");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn check(set: &Set, repair: bool) -> Value {
+    set.call_async(0, 30, move |done| {
+        bdev_raid::rpc::bdev_raid_check(bdev_raid::rpc::RaidCheckParams { name: "R".into(), repair }, move |r| done(r))
+    })
+    .unwrap()
+}
+
+#[test]
+fn check_counts_mismatches_and_repair_fixes_them() {
+    use std::os::unix::fs::FileExt;
+    let dir = temp_dir("check");
+    let files = make_files(&dir, 2, 8);
+    let set = start(2);
+    open_members(&set, &files);
+    create_sb_raid(&set, 2, 1024).unwrap();
+    let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
+    let data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+    for lba in [0u64, 7, 100] {
+        raid_io(&set, IoType::Write, lba, Some(vec![lba as u8 + 1; BS as usize]));
+    }
+    let clean = check(&set, false);
+    assert_eq!(clean["mismatched_blocks"], 0, "{clean}");
+    assert_eq!(clean["completed"], true);
+    // Damage two blocks of the second copy behind the array's back.
+    let f = std::fs::OpenOptions::new().write(true).open(&files[1]).unwrap();
+    for lba in [7u64, 300] {
+        f.write_all_at(&[0xEE; BS as usize], (data_offset + lba) * BS).unwrap();
+    }
+    f.sync_all().unwrap();
+    let found = check(&set, false);
+    assert_eq!(found["mismatched_blocks"], 2, "{found}");
+    assert_eq!(found["repaired_blocks"], 0, "{found}");
+    let fixed = check(&set, true);
+    assert_eq!(fixed["mismatched_blocks"], 2, "{fixed}");
+    assert_eq!(fixed["repaired_blocks"], 2, "{fixed}");
+    let after = check(&set, false);
+    assert_eq!(after["mismatched_blocks"], 0, "{after}");
+    // The repair copied from the first copy: the written data is back.
+    let bytes = std::fs::read(&files[1]).unwrap();
+    let at = ((data_offset + 7) * BS) as usize;
+    assert!(bytes[at..at + BS as usize].iter().all(|&b| b == 8));
+    let listed = set.call(0, || RaidArray::find("R").unwrap().info_json());
+    assert_eq!(listed["last_check"]["mismatched_blocks"], 0, "{listed}");
+    delete_raid(&set, true);
+    drop(set);
+    let _ = std::fs::remove_dir_all(&dir);
+}
