@@ -179,6 +179,11 @@ pub(crate) struct ArrayShared {
     /// racing setters agree — and cleared only by the owner inside a fence,
     /// when no IO is in flight, as the slot gets a new member.
     pub failed_mask: AtomicU32,
+    /// Bit per slot: the member's failure is recorded in the superblock on
+    /// the surviving members (set by the owner after that write; cleared
+    /// with `failed_mask`). A write that succeeded only because a copy
+    /// failed completes once its failed member's bit is here.
+    pub recorded_mask: AtomicU32,
     /// Test-only switch for write serialization (see `RaidArray`).
     pub serialize: AtomicBool,
     /// Set by the owner when a delete starts: new IO fails at once.
@@ -637,6 +642,7 @@ pub(crate) fn new_shared(spec: &CreateSpec, slots: Vec<Slot>, block_size: u32) -
         uuid: spec.uuid.unwrap_or_else(Uuid::new_v4),
         superblock: spec.superblock,
         failed_mask: AtomicU32::new(0),
+        recorded_mask: AtomicU32::new(0),
         serialize: AtomicBool::new(true),
         deleted: AtomicBool::new(false),
         torn_down: AtomicBool::new(false),
@@ -925,6 +931,7 @@ fn empty_slot(ras: &Rc<Ras>, slot: usize) {
     }
     // No IO in flight: the latch can be reset for the slot's next member.
     shared.failed_mask.fetch_and(!(1u32 << slot), Ordering::AcqRel);
+    shared.recorded_mask.fetch_and(!(1u32 << slot), Ordering::AcqRel);
 }
 
 /// `bdev_raid_remove_base_bdev`: finds the array holding `member` and
@@ -1099,6 +1106,7 @@ pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>
     }
     // Fenced: no IO in flight, so the new member starts with a clear latch.
     shared.failed_mask.fetch_and(!(1u32 << slot), Ordering::AcqRel);
+    shared.recorded_mask.fetch_and(!(1u32 << slot), Ordering::AcqRel);
     watch_removal(shared, &h);
     tracing::info!(raid = %shared.name, member = base, slot, rebuild, "member added");
     let complete = shared.ctl().slots.iter().all(|s| s.role == Role::Active);

@@ -75,6 +75,9 @@ pub(crate) struct Ras {
     /// Writes waiting for their bitmap batch: (parent slot, batch), in order.
     bm_wait: RefCell<VecDeque<(u32, u64)>>,
     bm_poller: RefCell<Option<PollerHandle>>,
+    /// Writes that succeeded only on surviving copies, waiting until the
+    /// failure is recorded in the superblock (parent slots).
+    meta_wait: RefCell<VecDeque<u32>>,
     /// Reads go to the lowest-numbered active copy (a resync runs).
     prefer_first: Cell<bool>,
     /// Present on the owner reactor only.
@@ -128,6 +131,7 @@ pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
         bitmap: RefCell::new(None),
         bm_wait: RefCell::new(VecDeque::with_capacity(1024)),
         bm_poller: RefCell::new(None),
+        meta_wait: RefCell::new(VecDeque::new()),
         prefer_first: Cell::new(false),
         owner,
     });
@@ -261,7 +265,18 @@ impl Ras {
             let Some(slot) = next else { break };
             self.write_marked(slot);
         }
-        if self.bm_wait.borrow().is_empty() {
+        let failed = self.shared.failed_mask.load(Ordering::Acquire);
+        let recorded = failed & !self.shared.recorded_mask.load(Ordering::Acquire) == 0;
+        // (No escape for a deleted array: teardown waits for these writes,
+        // and the owner's superblock write sets the bits whatever happens.)
+        if recorded {
+            loop {
+                let next = self.meta_wait.borrow_mut().pop_front();
+                let Some(slot) = next else { break };
+                self.finish(slot, IoStatus::Success);
+            }
+        }
+        if self.bm_wait.borrow().is_empty() && self.meta_wait.borrow().is_empty() {
             self.bm_poller.borrow_mut().take();
             return PollStatus::Done;
         }
@@ -674,6 +689,10 @@ impl Ras {
             let ok = self.geo.borrow().as_deref().is_some_and(|g| g.survives(|m| !Self::active(&members, failed, m)));
             if !ok {
                 status = IoStatus::Failed(IoError::Media);
+            } else if failed & !self.shared.recorded_mask.load(Ordering::Acquire) != 0 {
+                // Acknowledge only once the superblock says which copy failed.
+                self.meta_wait.borrow_mut().push_back(slot);
+                return self.ensure_bm_poller();
             }
         }
         self.finish(slot, status);

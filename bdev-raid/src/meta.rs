@@ -306,3 +306,31 @@ pub(crate) fn watch_bitmap_failures(ras: &Rc<Ras>, bm: &BitmapOwner) {
 pub(crate) fn writable_handles(ras: &Ras) -> Vec<BdevHandle> {
     sb_targets(ras).into_iter().map(|(_, h)| h).collect()
 }
+
+/// Writes the superblock with every latched member failure, then marks
+/// those failures recorded (`ArrayShared::recorded_mask`), which releases
+/// the writes waiting for it. Owner reactor; a no-op without a superblock.
+pub(crate) fn record_failures(ras: &Rc<Ras>) {
+    let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone());
+    let shared = ras.shared.clone();
+    let Some(meta) = meta else {
+        // Nothing to record on disk: nobody needs to wait.
+        let failed = shared.failed_mask.load(Ordering::Acquire);
+        shared.recorded_mask.fetch_or(failed, Ordering::AcqRel);
+        return;
+    };
+    let failed = shared.failed_mask.load(Ordering::Acquire);
+    update(
+        ras,
+        &meta,
+        SbWrite::Dirty,
+        Box::new(move |r| {
+            if let Err(e) = r {
+                // No surviving member took the superblock: the array is
+                // lost anyway; let the writes complete (they fail there).
+                tracing::error!(raid = %shared.name, "recording a member failure: {e}");
+            }
+            shared.recorded_mask.fetch_or(failed, Ordering::AcqRel);
+        }),
+    );
+}

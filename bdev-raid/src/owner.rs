@@ -297,6 +297,11 @@ pub(crate) fn member_failed(shared: &Arc<ArrayShared>, m: usize) {
     let key = shared.key;
     reactor::send(shared.owner, move || {
         let Some(ras) = find_ras(key) else { return };
+        // With a superblock the failure is recorded on the surviving members
+        // at once, outside any fence: writes that succeeded only on the
+        // others wait for it before they complete (a restart must not take
+        // the failed copy for a good one), and a fence would wait for them.
+        crate::meta::record_failures(&ras);
         fenced(
             &ras,
             Box::new(move |ras, fence| {

@@ -207,3 +207,63 @@ fn check_counts_mismatches_and_repair_fixes_them() {
     drop(set);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_write_that_lost_a_copy_is_acknowledged_only_after_the_superblock_records_the_failure() {
+    let dir = temp_dir("ackorder");
+    let files = make_files(&dir, 2, 8);
+    let set = start(2);
+    open_members(&set, &files);
+    set.call(0, || {
+        bdev::error::create(bdev::error::ErrorCreateParams { base_name: "F0".into(), uuid: None }).unwrap();
+    });
+    let created = set.call_async(0, 20, move |done| {
+        bdev_raid_create_async(
+            RaidCreateParams {
+                name: "R".into(),
+                raid_level: "raid1".into(),
+                base_bdevs: vec!["EE_F0".into(), "F1".into()],
+                strip_size_kb: None,
+                uuid: None,
+                superblock: Some(true),
+                bitmap: None,
+                bitmap_chunk_size_kb: Some(1024),
+            },
+            move |r| done(r),
+        )
+    });
+    created.unwrap();
+    let before = file_sb(&files[1]).unwrap();
+    assert_eq!(before.slots[0].state, bdev_raid::superblock::SlotState::Active);
+    set.call(0, || {
+        let p = serde_json::from_value(serde_json::json!({
+            "name": "EE_F0", "io_type": "write", "error_type": "failure", "num": 1
+        }))
+        .unwrap();
+        bdev::error::inject(p).unwrap();
+    });
+    // Succeeds on the surviving copy; by the time it is acknowledged the
+    // survivor's superblock must already say slot 0 failed, else a crash
+    // now would let a resync copy the stale slot 0 over it.
+    // The superblock is read inside the completion, at the instant of the ack.
+    let f1 = files[1].clone();
+    let after = set.call_async(0, 20, move |done| {
+        let h: BdevHandle = Registry::get().lookup("R").expect("raid bdev");
+        let buf = DmaBuf::alloc(BS as usize).unwrap();
+        buf.fill(0x5A);
+        let mut io = IoBox::data(IoType::Write, 3, 1, Some(buf)).unwrap();
+        let done = std::cell::RefCell::new(Some(done));
+        io.set_done(Rc::new(move |io: IoBox| {
+            assert!(io.status.is_ok(), "the write survives on one copy: {:?}", io.status);
+            if let Some(d) = done.borrow_mut().take() {
+                d(file_sb(&f1).unwrap());
+            }
+        }));
+        h.channel().unwrap().submit(io);
+    });
+    assert_eq!(after.slots[0].state, bdev_raid::superblock::SlotState::Failed, "{after:?}");
+    assert!(after.events > before.events);
+    delete_raid(&set, false);
+    drop(set);
+    let _ = std::fs::remove_dir_all(&dir);
+}
