@@ -115,3 +115,57 @@ fn spdk_client_drives_raid_bdevs() {
     assert_eq!(spdk_ok(&rpc, &s, &["bdev_get_bdevs", "-b", "Malloc0"])[0]["claimed"], json!(false));
     d.stop();
 }
+
+/// An array with a superblock through SPDK's client: `-s` at create, the
+/// data offset in the listing, no create in `save_config` (the members carry
+/// the array), a restart with only the member bdevs in the config assembles
+/// it, `bdev_raid_check` (raw: SPDK's client has no such method), and
+/// `bdev_raid_delete -c` wipes the superblocks so the next start has none.
+#[test]
+fn spdk_client_drives_a_superblock_array_across_restarts() {
+    let Some(rpc) = spdk_rpc_path() else { return };
+    let dir = temp_dir("raid-sb");
+    let files: Vec<std::path::PathBuf> = (0..2).map(|i| dir.join(format!("m{i}.img"))).collect();
+    for f in &files {
+        std::fs::File::create(f).unwrap().set_len(16 << 20).unwrap();
+    }
+    let bdevs: Vec<Value> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| json!({"method": "bdev_uring_create", "params": {"name": format!("F{i}"), "filename": f, "block_size": 4096}}))
+        .collect();
+    let cfg_path = dir.join("members.json");
+    let mut cfg = bdevs.clone();
+    cfg.push(json!({"method": "bdev_wait_for_examine"}));
+    std::fs::write(&cfg_path, json!({"subsystems": [{"subsystem": "bdev", "config": cfg}]}).to_string()).unwrap();
+
+    let mut d = Daemon::start(&dir, &["-m", "0x3", "-c", cfg_path.to_str().unwrap()]);
+    let s = d.sock.clone();
+    spdk_ok(&rpc, &s, &["bdev_raid_create", "-n", "RaidSb", "-r", "raid1", "-b", "F0 F1", "-s"]);
+    let r = raid(&spdk_ok(&rpc, &s, &["bdev_raid_get_bdevs", "all"]), "RaidSb").clone();
+    assert_eq!(r["superblock"], json!(true), "{r}");
+    assert_eq!(r["state"], json!("online"), "{r}");
+    let offset = r["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+    assert!(offset > 0 && offset * 4096 % (1 << 20) == 0, "data offset {offset} is 1 MiB aligned: {r}");
+    let saved = spdk_ok(&rpc, &s, &["save_config"]).to_string();
+    assert!(!saved.contains("RaidSb"), "a superblock array is not in save_config: {saved}");
+    let check = d.ok("bdev_raid_check", json!({"name": "RaidSb"}));
+    assert_eq!(check["mismatched_blocks"], json!(0), "{check}");
+    assert_eq!(check["completed"], json!(true), "{check}");
+    d.stop();
+
+    // The member bdevs alone bring the array back.
+    let mut d = Daemon::start(&dir, &["-m", "0x3", "-c", cfg_path.to_str().unwrap()]);
+    let s = d.sock.clone();
+    let r = raid(&spdk_ok(&rpc, &s, &["bdev_raid_get_bdevs", "online"]), "RaidSb").clone();
+    assert_eq!(r["base_bdevs_list"][1]["name"], json!("F1"), "{r}");
+    assert_eq!(r["copied_blocks"], json!(0), "a clean shutdown needs no resync: {r}");
+    spdk_ok(&rpc, &s, &["bdev_raid_delete", "-c", "RaidSb"]);
+    d.stop();
+
+    let mut d = Daemon::start(&dir, &["-m", "0x3", "-c", cfg_path.to_str().unwrap()]);
+    let s = d.sock.clone();
+    assert_eq!(spdk_ok(&rpc, &s, &["bdev_raid_get_bdevs", "all"]), json!([]), "wiped superblocks assemble nothing");
+    assert_eq!(spdk_ok(&rpc, &s, &["bdev_get_bdevs", "-b", "F0"])[0]["claimed"], json!(false));
+    d.stop();
+}
