@@ -208,6 +208,8 @@ pub(crate) struct ArrayShared {
     pub found: Mutex<Vec<crate::assemble::FoundSuperblock>>,
     /// Set when an assembling array starts (once).
     pub starting: AtomicBool,
+    /// The degraded-start timer of an assembling array is armed.
+    pub timer_armed: AtomicBool,
     ctl: Mutex<Control>,
 }
 
@@ -227,11 +229,26 @@ pub struct RaidOptions {
     pub process_window_size_kb: u32,
     /// 0: unlimited.
     pub process_max_bandwidth_mb_sec: u32,
+    /// An array assembling from superblocks that could run without its
+    /// missing members starts degraded after this long (md's last-resort
+    /// start). Not SPDK's: written to save_config only when changed.
+    #[serde(skip_serializing_if = "is_default_assemble_timeout")]
+    pub assemble_timeout_sec: u32,
+}
+
+pub const DEFAULT_ASSEMBLE_TIMEOUT_SEC: u32 = 10;
+
+fn is_default_assemble_timeout(v: &u32) -> bool {
+    *v == DEFAULT_ASSEMBLE_TIMEOUT_SEC
 }
 
 impl Default for RaidOptions {
     fn default() -> Self {
-        RaidOptions { process_window_size_kb: 1024, process_max_bandwidth_mb_sec: 0 }
+        RaidOptions {
+            process_window_size_kb: 1024,
+            process_max_bandwidth_mb_sec: 0,
+            assemble_timeout_sec: DEFAULT_ASSEMBLE_TIMEOUT_SEC,
+        }
     }
 }
 
@@ -655,6 +672,7 @@ pub(crate) fn new_shared(spec: &CreateSpec, slots: Vec<Slot>, block_size: u32) -
         last_check: Mutex::new(None),
         found: Mutex::new(Vec::new()),
         starting: AtomicBool::new(false),
+        timer_armed: AtomicBool::new(false),
         ctl: Mutex::new(Control::new(slots, block_size)),
     }))
 }

@@ -305,8 +305,13 @@ fn new_assembling(info: &SuperblockInfo) -> Option<Arc<ArrayShared>> {
 }
 
 /// Re-plans an assembling array with every superblock found so far; starts
-/// it once every member the superblock counts on is present.
+/// it once every member the superblock counts on is present — or, when it
+/// can run without the missing ones, degraded after `assemble_timeout_sec`.
 fn try_start(ras: &Rc<Ras>, hold: ExamineHold) {
+    try_start_as(ras, hold, false);
+}
+
+fn try_start_as(ras: &Rc<Ras>, hold: ExamineHold, degraded_ok: bool) {
     let shared = ras.shared.clone();
     if shared.starting.load(Ordering::Acquire) || shared.deleted.load(Ordering::Acquire) {
         return;
@@ -335,8 +340,14 @@ fn try_start(ras: &Rc<Ras>, hold: ExamineHold) {
         .zip(&plan.superblock.slots)
         .filter(|(m, s)| m.is_none() && s.state != SlotState::Failed)
         .count();
-    if waiting > 0 {
+    if waiting > 0 && !degraded_ok {
+        if plan.startable {
+            arm_degraded_start(ras);
+        }
         return tracing::info!(raid = %shared.name, waiting, "assembling: waiting for members");
+    }
+    if waiting > 0 {
+        tracing::warn!(raid = %shared.name, waiting, "members still missing: starting degraded");
     }
     if !plan.startable {
         return module.problem(format!("array {}: cannot start: {}", shared.name, plan.problems.join("; ")));
@@ -348,6 +359,28 @@ fn try_start(ras: &Rc<Ras>, hold: ExamineHold) {
         tracing::warn!(raid = %shared.name, "{p}");
     }
     start_assembled(ras, plan, hold);
+}
+
+/// Starts the array degraded if its members are still missing when the
+/// assembly timeout expires (once per array).
+fn arm_degraded_start(ras: &Rc<Ras>) {
+    let shared = &ras.shared;
+    let secs = RaidModule::get().options().assemble_timeout_sec;
+    if secs == 0 || shared.timer_armed.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let weak = Rc::downgrade(ras);
+    let deadline = reactor::now_ns() + u64::from(secs) * 1_000_000_000;
+    reactor::register_timed_poller("raid_assemble_timeout", std::time::Duration::from_millis(100), move || {
+        if reactor::now_ns() < deadline {
+            return reactor::PollStatus::Idle;
+        }
+        if let Some(ras) = weak.upgrade() {
+            ras.shared.timer_armed.store(false, Ordering::Release);
+            try_start_as(&ras, Registry::get().examine_hold(), true);
+        }
+        reactor::PollStatus::Done
+    });
 }
 
 /// The union of the bitmaps of `members` (all of them in sync, so each

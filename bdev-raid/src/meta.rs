@@ -65,6 +65,11 @@ fn slot_state(s: &Slot, failed: bool, prev: SlotState) -> SlotState {
     match s.role {
         _ if failed => SlotState::Failed,
         Role::Active => SlotState::Active,
+        // A returning member resynced only where it missed writes stays
+        // "failed" on disk until done: after a restart it is again a stale
+        // member, resynced from the bitmap (a full rebuild is recorded as
+        // rebuilding, and restarts from the beginning).
+        Role::Rebuilding if s.partial.is_some() => SlotState::Failed,
         Role::Rebuilding => SlotState::Rebuilding { recovery_offset_blocks: 0 },
         Role::Failed | Role::Empty => SlotState::Failed,
         Role::Missing => prev,

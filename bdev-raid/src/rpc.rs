@@ -94,6 +94,10 @@ pub struct RaidSetOptionsParams {
     pub process_window_size_kb: Option<u32>,
     #[serde(default)]
     pub process_max_bandwidth_mb_sec: Option<u32>,
+    /// Seconds an assembling array waits for missing members before it
+    /// starts degraded (when it can); 0 waits forever.
+    #[serde(default)]
+    pub assemble_timeout_sec: Option<u32>,
 }
 
 fn failed_to(what: &str, name: &str, e: BdevError) -> BdevError {
@@ -256,6 +260,9 @@ pub fn bdev_raid_set_options(p: RaidSetOptionsParams) -> Result<Value, BdevError
     }
     if let Some(b) = p.process_max_bandwidth_mb_sec {
         o.process_max_bandwidth_mb_sec = b;
+    }
+    if let Some(t) = p.assemble_timeout_sec {
+        o.assemble_timeout_sec = t;
     }
     module.set_options(o);
     Ok(Value::Bool(true))

@@ -71,6 +71,7 @@ fn rebuild_is_rate_limited_reports_progress_and_copies_exactly() {
         bdev_raid_set_options(RaidSetOptionsParams {
             process_window_size_kb: Some(64),
             process_max_bandwidth_mb_sec: Some(1),
+            ..Default::default()
         })
         .unwrap();
         (a, b)
@@ -111,6 +112,7 @@ fn rebuild_is_rate_limited_reports_progress_and_copies_exactly() {
         bdev_raid_set_options(RaidSetOptionsParams {
             process_window_size_kb: None,
             process_max_bandwidth_mb_sec: Some(0),
+            ..Default::default()
         })
         .unwrap()
     });

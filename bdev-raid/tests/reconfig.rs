@@ -104,6 +104,7 @@ fn run(level: &'static str, members: usize, cycle: &[&'static str], pairs: &[(us
         rpc::bdev_raid_set_options(RaidSetOptionsParams {
             process_window_size_kb: Some(64),
             process_max_bandwidth_mb_sec: Some(0),
+            ..Default::default()
         })
         .unwrap();
         let ms: Vec<_> = (0..members).map(|i| malloc(&format!("M{i}"), MEMBER_BLOCKS)).collect();

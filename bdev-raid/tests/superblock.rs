@@ -267,3 +267,68 @@ fn a_write_that_lost_a_copy_is_acknowledged_only_after_the_superblock_records_th
     drop(set);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn open_member(set: &Set, file: &Path, name: &str) {
+    let (f, n) = (file.to_string_lossy().to_string(), name.to_string());
+    set.call(0, move || {
+        create_uring(UringCreateParams { filename: f, name: n, block_size: Some(BS as u32), uuid: None }).unwrap();
+    });
+}
+
+/// Data areas of two member files, compared.
+fn same_data(a: &Path, b: &Path, data_offset: u64) -> bool {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    let at = (data_offset * BS) as usize;
+    x[at..] == y[at..]
+}
+
+#[test]
+fn a_missing_member_starts_the_array_degraded_and_coming_back_resyncs_only_what_it_missed() {
+    let dir = temp_dir("degraded");
+    let files = make_files(&dir, 2, 16);
+    let data_offset;
+    {
+        let set = start(2);
+        open_members(&set, &files);
+        create_sb_raid(&set, 2, 1024).unwrap();
+        let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
+        data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+        for lba in [0u64, 1000, 2000] {
+            raid_io(&set, IoType::Write, lba, Some(vec![1; BS as usize]));
+        }
+        delete_raid(&set, false);
+    }
+    let set = start(2);
+    set.call(0, || {
+        bdev_raid::init();
+        let o = bdev_raid::rpc::RaidSetOptionsParams { assemble_timeout_sec: Some(1), ..Default::default() };
+        bdev_raid::rpc::bdev_raid_set_options(o).unwrap();
+    });
+    open_member(&set, &files[0], "F0");
+    // Configuring first: the superblock counts on F1.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let state = set.call(0, || RaidArray::find("R").map(|r| r.state()));
+    assert_eq!(state, Some(bdev_raid::RaidState::Configuring));
+    set.wait_for(10, "degraded start", || {
+        RaidArray::find("R").is_some_and(|r| r.state() == bdev_raid::RaidState::Online && r.is_degraded())
+    });
+    // Two chunks (256 blocks of 4 KiB each) written while F1 is away.
+    for lba in [1000u64, 1001, 2000] {
+        raid_io(&set, IoType::Write, lba, Some(vec![2; BS as usize]));
+    }
+    open_member(&set, &files[1], "F1");
+    set.wait_for(20, "F1 back in sync", || {
+        RaidArray::find("R").is_some_and(|r| !r.is_degraded() && !r.process_running())
+    });
+    let copied = set.call(0, || RaidArray::find("R").unwrap().copied_blocks());
+    assert_eq!(copied, 2 * 256, "only the two chunks written while F1 was away are copied");
+    delete_raid(&set, false);
+    drop(set);
+    assert!(same_data(&files[0], &files[1], data_offset), "copies identical after the partial resync");
+    let bytes = std::fs::read(&files[1]).unwrap();
+    for (lba, want) in [(0u64, 1u8), (1000, 2), (1001, 2), (2000, 2)] {
+        let at = ((data_offset + lba) * BS) as usize;
+        assert!(bytes[at..at + BS as usize].iter().all(|&b| b == want), "lba {lba}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
