@@ -307,7 +307,10 @@ pub(crate) fn member_failed(shared: &Arc<ArrayShared>, m: usize) {
             Box::new(move |ras, fence| {
                 let Ok(fence) = fence else { return };
                 crate::array::apply_member_failure(ras, m);
-                crate::array::commit(ras, fence, |_| {});
+                // A resync that stopped for the failure goes on with the
+                // copies that remain.
+                let r2 = ras.clone();
+                crate::array::commit(ras, fence, move |_| crate::rebuild::start_next(&r2));
             }),
         );
     });

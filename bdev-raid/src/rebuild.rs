@@ -557,7 +557,8 @@ impl Rebuild {
         if self.check.is_some() {
             ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
             ras.shared.process_total.store(0, Ordering::Relaxed);
-            return;
+            // A member added while the scrub ran waited for it.
+            return start_next(ras);
         }
         let (dests, resync) = (self.dests, self.resync);
         fenced(
