@@ -583,6 +583,7 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
                         r3.refresh();
                         tracing::info!(raid = %r3.shared.name, "assembled from superblocks");
                         rebuild::start_next(&r3);
+                        rejoin_latecomers(&r3.shared);
                         drop(hold);
                     }
                     Err(e) => {
@@ -600,6 +601,19 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
     match (bm_geo, bitmap_loc) {
         (Some(g), Some(loc)) => load_union(in_sync_members, g, loc.offset_blocks, after_load),
         _ => after_load(None),
+    }
+}
+
+/// Bdevs whose superblocks were found while the array was starting (after
+/// its plan was made): each joins the running array if it is a member
+/// coming back.
+fn rejoin_latecomers(shared: &Arc<ArrayShared>) {
+    let found = std::mem::take(&mut *shared.found.lock().unwrap_or_else(|e| e.into_inner()));
+    for f in found {
+        let unclaimed = Registry::get().lookup(&f.bdev_name).is_some_and(|h| h.claimed_by().is_none());
+        if unclaimed {
+            rejoin(shared, f.bdev_name, f.info);
+        }
     }
 }
 
