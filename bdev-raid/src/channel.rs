@@ -216,7 +216,11 @@ impl Ras {
         let Some(bm) = bm.as_ref() else {
             return self.write_marked(slot);
         };
-        let Some((_, off, n, _)) = self.parent_args(slot) else { return };
+        let (off, n) = {
+            let parents = self.parents.borrow();
+            let Some(io) = parents.get(slot) else { return };
+            (io.offset_blocks, io.num_blocks)
+        };
         match bm.start_write(off, n) {
             Ok(WriteTicket::Ready) => {
                 self.ctx.borrow_mut()[slot as usize].marked = true;

@@ -291,7 +291,11 @@ impl Drop for IoBox {
         io.tag = 0;
         io.tag2 = 0;
         io.latency_ticks = 0;
-        io_local().pool.borrow_mut().push(io);
+        // A reactor thread exiting with IOs still queued drops them from its
+        // thread-local's destructor: the pool is gone then, so is the memory.
+        if let Ok(local) = LOCAL.try_with(|_| ()).map(|()| io_local()) {
+            local.pool.borrow_mut().push(io);
+        }
     }
 }
 
