@@ -979,7 +979,7 @@ pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevErro
             None => Err(BdevError::NotFound(format!("{member} is no longer a member of {}", ras.shared.name))),
         };
         match r {
-            Ok(()) => commit(ras, fence, move |c| done(c)),
+            Ok(()) => commit(ras, fence, done),
             Err(e) => {
                 fence.done();
                 done(Err(e));

@@ -434,7 +434,7 @@ fn load_union(
 fn all_dirty(g: bitmap::Geometry, events: u64) -> LoadedBitmap {
     let n = g.num_chunks();
     let mut words = vec![u64::MAX; g.num_words()];
-    if n % 64 != 0 {
+    if !n.is_multiple_of(64) {
         if let Some(last) = words.last_mut() {
             *last = (1u64 << (n % 64)) - 1;
         }
@@ -563,7 +563,7 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
                 ctl.slots[i].partial = dirty_ranges.clone().map(Arc::new);
             }
             if dirty_start {
-                let ranges = dirty_ranges.clone().unwrap_or_else(|| vec![0..array_blocks]);
+                let ranges = dirty_ranges.clone().unwrap_or_else(|| std::iter::once(0..array_blocks).collect());
                 tracing::warn!(raid = %shared.name, ranges = ranges.len(), "unclean shutdown: resyncing");
                 ctl.dirty = Some(Arc::new(ranges));
                 ctl.prefer_first = true;

@@ -141,7 +141,7 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         } else {
             rebuilding.iter().fold(0, |m, &i| m | 1 << i)
         };
-        let ranges = if full { vec![0..array_blocks] } else { merge(ranges) };
+        let ranges = if full { std::iter::once(0..array_blocks).collect() } else { merge(ranges) };
         let target = rebuilding.first().copied().unwrap_or(0);
         ctl.process_target = Some(target);
         ctl.process_kind = if rebuilding.is_empty() { "resync" } else { "rebuild" };
@@ -177,7 +177,7 @@ pub(crate) fn start_check(ras: &Rc<Ras>, repair: bool, done: CheckDone) {
         started_ns: reactor::now_ns(),
         done: RefCell::new(Some(done)),
     };
-    spawn(ras, u32::MAX, vec![0..array_blocks], false, Some(check));
+    spawn(ras, u32::MAX, std::iter::once(0..array_blocks).collect(), false, Some(check));
 }
 
 fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check: Option<CheckState>) {

@@ -63,14 +63,14 @@ pub fn create_sb_raid(set: &Set, members: usize, chunk_kb: u32) -> Result<Value,
                 bitmap: None,
                 bitmap_chunk_size_kb: Some(chunk_kb),
             },
-            move |r| done(r),
+            done,
         )
     })
 }
 
 pub fn delete_raid(set: &Set, clear_sb: bool) {
     set.call_async(0, 20, move |done| {
-        bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: Some(clear_sb) }, move |r| done(r))
+        bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: Some(clear_sb) }, done)
     })
     .unwrap();
 }
@@ -162,7 +162,7 @@ fn superblocks_are_written_marked_clean_and_assemble_after_restart() {
 
 fn check(set: &Set, repair: bool) -> Value {
     set.call_async(0, 30, move |done| {
-        bdev_raid::rpc::bdev_raid_check(bdev_raid::rpc::RaidCheckParams { name: "R".into(), repair }, move |r| done(r))
+        bdev_raid::rpc::bdev_raid_check(bdev_raid::rpc::RaidCheckParams { name: "R".into(), repair }, done)
     })
     .unwrap()
 }
@@ -229,7 +229,7 @@ fn a_write_that_lost_a_copy_is_acknowledged_only_after_the_superblock_records_th
                 bitmap: None,
                 bitmap_chunk_size_kb: Some(1024),
             },
-            move |r| done(r),
+            done,
         )
     });
     created.unwrap();
@@ -356,7 +356,7 @@ fn stale_member_scenario(order: &[usize]) {
         set.call_async(0, 20, |done| {
             bdev_raid::rpc::bdev_raid_remove_base_bdev(
                 bdev_raid::rpc::RaidRemoveBaseBdevParams { name: "F1".into() },
-                move |r| done(r),
+                done,
             )
         })
         .unwrap();

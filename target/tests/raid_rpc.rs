@@ -146,7 +146,7 @@ fn spdk_client_drives_a_superblock_array_across_restarts() {
     assert_eq!(r["superblock"], json!(true), "{r}");
     assert_eq!(r["state"], json!("online"), "{r}");
     let offset = r["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
-    assert!(offset > 0 && offset * 4096 % (1 << 20) == 0, "data offset {offset} is 1 MiB aligned: {r}");
+    assert!(offset > 0 && (offset * 4096).is_multiple_of(1 << 20), "data offset {offset} is 1 MiB aligned: {r}");
     let saved = spdk_ok(&rpc, &s, &["save_config"]).to_string();
     assert!(!saved.contains("RaidSb"), "a superblock array is not in save_config: {saved}");
     let check = d.ok("bdev_raid_check", json!({"name": "RaidSb"}));
