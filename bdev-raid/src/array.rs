@@ -766,7 +766,11 @@ pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geomet
         }
         (props, caps)
     };
-    // Registering runs examiners, which may look at this array: no lock held.
+    // Registering runs examiners, which may read the array at once: this
+    // reactor's state must know the geometry and members first (no lock held).
+    if let Some(ras) = find_ras(shared.key) {
+        ras.refresh();
+    }
     let bdev = Arc::new(RaidBdev { shared: shared.clone(), props, caps });
     match Registry::get().register(bdev) {
         Ok(h) => {
