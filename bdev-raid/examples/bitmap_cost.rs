@@ -18,14 +18,11 @@
 //! cost is in the figures. Rerun to see the spread.
 
 use bdev::malloc::MallocBdev;
-use bdev::rng::SimRng;
-use bdev::{BdevError, BdevProps, DmaBuf, IoBox, IoDone, IoType, Registry};
+use bdev::{BdevError, BdevProps, IoType, Registry};
 use bdev_raid::rpc::{bdev_raid_create, bdev_raid_create_async, RaidCreateParams};
 use bdev_raid::RaidArray;
-use reactor::{IdlePolicy, PollStatus, ReactorConfig, ReactorSet};
+use reactor::{IdlePolicy, ReactorConfig, ReactorSet};
 use serde_json::Value;
-use std::cell::{Cell, RefCell};
-use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -36,123 +33,6 @@ const FILL_BLOCKS: u64 = 32;
 const FILL_DEPTH: usize = 32;
 const ARRAYS: [&str; 3] = ["On", "Off", "NoSb"];
 
-struct Job {
-    ch: Rc<bdev::Channel>,
-    rng: RefCell<SimRng>,
-    span_blocks: u64,
-    blocks_per_io: u64,
-    /// Next offset of a sequential job (None: random offsets).
-    next: Option<Cell<u64>>,
-    end_ns: u64,
-    done_ios: Cell<u64>,
-    in_flight: Cell<usize>,
-    failed: Cell<u64>,
-    me: RefCell<Option<Rc<dyn IoDone>>>,
-}
-
-impl Job {
-    /// Submits one write with `buf`, or keeps `buf` back when the job is over.
-    fn submit_one(&self, buf: DmaBuf) {
-        let off = match &self.next {
-            Some(next) => {
-                let off = next.get();
-                if off >= self.span_blocks {
-                    return;
-                }
-                next.set(off + self.blocks_per_io);
-                off
-            }
-            None => self.rng.borrow_mut().below(self.span_blocks - self.blocks_per_io + 1),
-        };
-        let n = self.blocks_per_io.min(self.span_blocks - off);
-        let Some(mut io) = IoBox::data(IoType::Write, off, n, Some(buf)) else {
-            return;
-        };
-        if let Some(me) = self.me.borrow().as_ref() {
-            io.set_done(me.clone());
-        }
-        self.in_flight.set(self.in_flight.get() + 1);
-        self.ch.submit(io);
-    }
-}
-
-impl IoDone for Job {
-    fn io_done(&self, mut io: IoBox) {
-        self.in_flight.set(self.in_flight.get() - 1);
-        if io.status.is_ok() {
-            self.done_ios.set(self.done_ios.get() + 1);
-        } else {
-            self.failed.set(self.failed.get() + 1);
-        }
-        let buf = io.buf.take();
-        drop(io);
-        if let Some(buf) = buf {
-            if reactor::now_ns() < self.end_ns {
-                self.submit_one(buf);
-            }
-        }
-    }
-}
-
-/// Nanoseconds this thread has run on a CPU (Linux schedstat; 0 elsewhere).
-fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
-/// Runs one write job on reactor 0 of `set` (random 4 KiB at queue depth
-/// 128 for `secs`, or a sequential fill of the whole bdev); returns (IOPS,
-/// IOPS per CPU-second).
-fn run(set: &ReactorSet, bdev: &'static str, fill: bool, secs: f64) -> (f64, f64) {
-    let (tx, rx) = mpsc::channel();
-    set.send(0, move || {
-        let h = Registry::get().lookup(bdev).expect("bdev exists");
-        let (blocks_per_io, depth) = if fill { (FILL_BLOCKS, FILL_DEPTH) } else { (1, QUEUE_DEPTH) };
-        let start_ns = reactor::now_ns();
-        let start_cpu_ns = thread_cpu_ns();
-        let job = Rc::new(Job {
-            ch: h.channel().expect("channel"),
-            rng: RefCell::new(SimRng::new(0x5EED)),
-            span_blocks: h.props().num_blocks,
-            blocks_per_io,
-            next: fill.then(|| Cell::new(0)),
-            end_ns: start_ns + (secs * 1e9) as u64,
-            done_ios: Cell::new(0),
-            in_flight: Cell::new(0),
-            failed: Cell::new(0),
-            me: RefCell::new(None),
-        });
-        *job.me.borrow_mut() = Some(job.clone());
-        for _ in 0..depth {
-            job.submit_one(DmaBuf::zeroed((blocks_per_io * BLOCK_SIZE as u64) as usize).unwrap());
-        }
-        let mut tx = Some(tx);
-        reactor::register_poller("bench_wait", move || {
-            if job.in_flight.get() > 0 {
-                return PollStatus::Idle;
-            }
-            let elapsed_s = (reactor::now_ns() - start_ns) as f64 / 1e9;
-            let cpu_s = thread_cpu_ns().saturating_sub(start_cpu_ns) as f64 / 1e9;
-            if let Some(tx) = tx.take() {
-                let _ = tx.send((job.done_ios.get(), job.failed.get(), elapsed_s, cpu_s));
-            }
-            *job.me.borrow_mut() = None;
-            PollStatus::Done
-        });
-    });
-    let (ios, failed, elapsed_s, cpu_s) = rx.recv_timeout(Duration::from_secs_f64(secs + 60.0)).expect("job finished");
-    assert_eq!(failed, 0, "{bdev}: IO errors during the benchmark");
-    let per_cpu = if cpu_s > 0.0 { ios as f64 / cpu_s } else { f64::NAN };
-    (ios as f64 / elapsed_s, per_cpu)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// The bitmap counters of array `On`: (batches written, pages written, writes waited, dirty chunks).
 fn bitmap_stats(set: &ReactorSet) -> (u64, u64, u64, usize) {
     let (tx, rx) = mpsc::channel();
@@ -162,6 +42,10 @@ fn bitmap_stats(set: &ReactorSet) -> (u64, u64, u64, usize) {
     });
     rx.recv_timeout(Duration::from_secs(10)).expect("reactor answers")
 }
+
+#[path = "support/job.rs"]
+mod job;
+use job::{median, run, Spec};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -223,7 +107,12 @@ fn main() {
     );
     for a in ARRAYS {
         let t = std::time::Instant::now();
-        run(&set, a, true, 600.0);
+        run(
+            &set,
+            a,
+            Spec { io_type: IoType::Write, blocks_per_io: FILL_BLOCKS, depth: FILL_DEPTH, sequential: true },
+            600.0,
+        );
         println!("  filled {a} in {:.1} s", t.elapsed().as_secs_f64());
     }
     let before = bitmap_stats(&set);
@@ -235,7 +124,7 @@ fn main() {
     for round in 0..rounds {
         let mut line = format!("  round {round}:");
         for (i, a) in ARRAYS.into_iter().enumerate() {
-            let (iops, per_cpu) = run(&set, a, false, secs);
+            let (iops, per_cpu) = run(&set, a, Spec::random(IoType::Write, QUEUE_DEPTH), secs);
             if i == 0 {
                 on_ios += iops * secs;
             }

@@ -15,125 +15,20 @@
 //! figure to compare. Rerun to see the spread.
 
 use bdev::malloc::{MallocBdev, NullBdev};
-use bdev::rng::SimRng;
-use bdev::{BdevProps, DmaBuf, IoBox, IoDone, IoType, Registry};
+use bdev::{BdevProps, IoType, Registry};
 use bdev_raid::rpc::{bdev_raid_create, RaidCreateParams};
 use bdev_raid::RaidArray;
-use reactor::{IdlePolicy, PollStatus, ReactorConfig, ReactorSet};
-use std::cell::{Cell, RefCell};
-use std::rc::Rc;
+use reactor::{IdlePolicy, ReactorConfig, ReactorSet};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
 
 const BLOCK_SIZE: u32 = 4096;
 const NULL_BLOCKS: u64 = 1 << 24; // 64 GiB each
 const QUEUE_DEPTH: usize = 128;
 const MALLOC_BLOCKS: u64 = 16384; // 64 MiB each
 
-struct Job {
-    ch: Rc<bdev::Channel>,
-    io_type: IoType,
-    rng: RefCell<SimRng>,
-    span_blocks: u64,
-    end_ns: u64,
-    done_ios: Cell<u64>,
-    in_flight: Cell<usize>,
-    failed: Cell<u64>,
-    bufs: RefCell<Vec<DmaBuf>>,
-    me: RefCell<Option<Rc<dyn IoDone>>>,
-}
-
-impl Job {
-    fn submit_one(&self, buf: DmaBuf) {
-        let off = self.rng.borrow_mut().below(self.span_blocks);
-        let Some(mut io) = IoBox::data(self.io_type, off, 1, Some(buf)) else {
-            return;
-        };
-        if let Some(me) = self.me.borrow().as_ref() {
-            io.set_done(me.clone());
-        }
-        self.in_flight.set(self.in_flight.get() + 1);
-        self.ch.submit(io);
-    }
-}
-
-impl IoDone for Job {
-    fn io_done(&self, mut io: IoBox) {
-        self.in_flight.set(self.in_flight.get() - 1);
-        if io.status.is_ok() {
-            self.done_ios.set(self.done_ios.get() + 1);
-        } else {
-            self.failed.set(self.failed.get() + 1);
-        }
-        let buf = io.buf.take();
-        drop(io);
-        if let Some(buf) = buf {
-            if reactor::now_ns() < self.end_ns {
-                self.submit_one(buf);
-            } else {
-                self.bufs.borrow_mut().push(buf);
-            }
-        }
-    }
-}
-
-/// Nanoseconds this thread has run on a CPU (Linux schedstat; 0 elsewhere).
-fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
-/// Runs one job on reactor 0 of `set`; returns (IOPS, IOPS per CPU-second).
-fn run(set: &ReactorSet, bdev: &'static str, io_type: IoType, secs: f64) -> (f64, f64) {
-    let (tx, rx) = mpsc::channel();
-    set.send(0, move || {
-        let h = Registry::get().lookup(bdev).expect("bdev exists");
-        let span_blocks = h.props().num_blocks;
-        let start_ns = reactor::now_ns();
-        let start_cpu_ns = thread_cpu_ns();
-        let job = Rc::new(Job {
-            ch: h.channel().expect("channel"),
-            io_type,
-            rng: RefCell::new(SimRng::new(0x5EED)),
-            span_blocks,
-            end_ns: start_ns + (secs * 1e9) as u64,
-            done_ios: Cell::new(0),
-            in_flight: Cell::new(0),
-            failed: Cell::new(0),
-            bufs: RefCell::new((0..QUEUE_DEPTH).map(|_| DmaBuf::zeroed(BLOCK_SIZE as usize).unwrap()).collect()),
-            me: RefCell::new(None),
-        });
-        *job.me.borrow_mut() = Some(job.clone());
-        let bufs: Vec<DmaBuf> = job.bufs.borrow_mut().drain(..).collect();
-        for b in bufs {
-            job.submit_one(b);
-        }
-        let mut tx = Some(tx);
-        reactor::register_poller("bench_wait", move || {
-            if job.in_flight.get() > 0 {
-                return PollStatus::Idle;
-            }
-            let elapsed_s = (reactor::now_ns() - start_ns) as f64 / 1e9;
-            let cpu_s = thread_cpu_ns().saturating_sub(start_cpu_ns) as f64 / 1e9;
-            if let Some(tx) = tx.take() {
-                let _ = tx.send((job.done_ios.get(), job.failed.get(), elapsed_s, cpu_s));
-            }
-            *job.me.borrow_mut() = None;
-            PollStatus::Done
-        });
-    });
-    let (ios, failed, elapsed_s, cpu_s) = rx.recv_timeout(Duration::from_secs_f64(secs + 30.0)).expect("job finished");
-    assert_eq!(failed, 0, "{bdev}: IO errors during the benchmark");
-    let per_cpu = if cpu_s > 0.0 { ios as f64 / cpu_s } else { f64::NAN };
-    (ios as f64 / elapsed_s, per_cpu)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+#[path = "support/job.rs"]
+mod job;
+use job::{median, run, Spec};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -176,7 +71,7 @@ fn main() {
     println!();
     if let Some(on) = only {
         set.send(0, move || RaidArray::find("Raid1").unwrap().set_serialization(on));
-        let (iops, per_cpu) = run(&set, "Raid1", IoType::Write, secs);
+        let (iops, per_cpu) = run(&set, "Raid1", Spec::random(IoType::Write, QUEUE_DEPTH), secs);
         println!("raid1 write, serialization {on}: {iops:.0} IOPS ({per_cpu:.0} per CPU-second)");
         set.stop();
         set.join();
@@ -190,9 +85,9 @@ fn main() {
         let (mut on, mut off, mut on_cpu, mut off_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             set_ser(true);
-            let (a, a_cpu) = run(&set, raid, IoType::Write, secs);
+            let (a, a_cpu) = run(&set, raid, Spec::random(IoType::Write, QUEUE_DEPTH), secs);
             set_ser(false);
-            let (b, b_cpu) = run(&set, raid, IoType::Write, secs);
+            let (b, b_cpu) = run(&set, raid, Spec::random(IoType::Write, QUEUE_DEPTH), secs);
             println!("  round {round}: on {a:>9.0} IOPS ({a_cpu:>9.0}/cpu-s)   off {b:>9.0} IOPS ({b_cpu:>9.0}/cpu-s)");
             on.push(a);
             off.push(b);
@@ -218,7 +113,7 @@ fn main() {
         ("Raid1", IoType::Read),
         ("Raid1", IoType::Write),
     ] {
-        let (iops, per_cpu) = run(&set, bdev, t, secs);
+        let (iops, per_cpu) = run(&set, bdev, Spec::random(t, QUEUE_DEPTH), secs);
         println!("  {bdev:<7} {:<6} {iops:>10.0} IOPS  ({per_cpu:>10.0} per CPU-second)", t.name());
     }
     set.stop();

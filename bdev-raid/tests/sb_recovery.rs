@@ -11,14 +11,14 @@
 
 mod common;
 use bdev::rng::SimRng;
-use bdev::uring::{create_uring, UringCreateParams};
-use bdev::{BdevHandle, Channel, DmaBuf, IoBox, IoStatus, IoType, Registry};
+use bdev::{Channel, DmaBuf, IoBox, IoStatus, IoType, Registry};
 use bdev_raid::rpc::{
-    bdev_raid_add_base_bdev, bdev_raid_create_async, bdev_raid_delete, bdev_raid_remove_base_bdev,
-    RaidAddBaseBdevParams, RaidCreateParams, RaidDeleteParams, RaidRemoveBaseBdevParams,
+    bdev_raid_add_base_bdev, bdev_raid_delete, bdev_raid_remove_base_bdev, RaidAddBaseBdevParams, RaidDeleteParams,
+    RaidRemoveBaseBdevParams,
 };
-use bdev_raid::superblock::{decode, try_encode, Superblock, SuperblockError, SuperblockInfo, SB_SIZE_BYTES};
+use bdev_raid::superblock::{decode, try_encode, Superblock, SuperblockInfo, SB_SIZE_BYTES};
 use bdev_raid::{RaidArray, RaidState};
+use common::files::*;
 use common::*;
 use reactor::PollStatus;
 use serde_json::Value;
@@ -30,66 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BS: u64 = 4096;
-
-// ---- helpers (small copies of tests/superblock.rs's, plus a few more) --------
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("nvraid-sbrec-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn make_files(dir: &Path, n: usize, mib: u64) -> Vec<PathBuf> {
-    (0..n)
-        .map(|i| {
-            let p = dir.join(format!("m{i}.img"));
-            std::fs::File::create(&p).unwrap().set_len(mib << 20).unwrap();
-            p
-        })
-        .collect()
-}
-
-/// Registers `file` as uring bdev `name` (the RAID examiner looks at it).
-fn open_member(set: &Set, file: &Path, name: &str) {
-    let (file, name) = (file.to_string_lossy().to_string(), name.to_string());
-    set.call(0, move || {
-        bdev_raid::init();
-        create_uring(UringCreateParams { filename: file, name, block_size: Some(BS as u32), uuid: None }).unwrap();
-    });
-}
-
-/// Files as bdevs F0, F1, ... in order.
-fn open_members(set: &Set, files: &[PathBuf]) {
-    for (i, f) in files.iter().enumerate() {
-        open_member(set, f, &format!("F{i}"));
-    }
-}
-
-fn create_sb_raid(set: &Set, members: usize, chunk_kb: u32) {
-    set.call_async(0, 20, move |done| {
-        bdev_raid_create_async(
-            RaidCreateParams {
-                name: "R".into(),
-                raid_level: "raid1".into(),
-                base_bdevs: (0..members).map(|i| format!("F{i}")).collect(),
-                strip_size_kb: None,
-                uuid: None,
-                superblock: Some(true),
-                bitmap: None,
-                bitmap_chunk_size_kb: Some(chunk_kb),
-            },
-            done,
-        )
-    })
-    .expect("create R");
-}
-
-fn delete_raid(set: &Set) {
-    set.call_async(0, 20, |done| bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: Some(false) }, done))
-        .expect("delete R");
-}
+// ---- helpers (see also common::files) ----------------------------------------
 
 fn remove_member(set: &Set, name: &str) {
     let name = name.to_string();
@@ -103,13 +44,6 @@ fn add_member(set: &Set, name: &str) {
         bdev_raid_add_base_bdev(RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: name }, done)
     })
     .expect("add member");
-}
-
-/// The superblock at the start of a member file.
-fn file_sb(f: &Path) -> Result<SuperblockInfo, SuperblockError> {
-    let mut bytes = vec![0u8; SB_SIZE_BYTES];
-    std::io::Read::read_exact(&mut std::fs::File::open(f).unwrap(), &mut bytes).unwrap();
-    decode(&bytes)
 }
 
 fn info(set: &Set) -> Value {
@@ -159,28 +93,6 @@ fn block_of(stamp: u64, lba: u64) -> Vec<u8> {
 
 fn blocks_of(stamp: u64, lba: u64, n: u64) -> Vec<u8> {
     (lba..lba + n).flat_map(|l| block_of(stamp, l)).collect()
-}
-
-/// One IO of `n` blocks through the raid bdev on reactor 0; must succeed.
-fn raid_io(set: &Set, t: IoType, lba: u64, n: u64, data: Option<Vec<u8>>) -> Vec<u8> {
-    set.call_async(0, 20, move |done| {
-        let h: BdevHandle = Registry::get().lookup("R").expect("raid bdev");
-        let ch: Rc<Channel> = h.channel().unwrap();
-        let buf = DmaBuf::alloc((n * BS) as usize).unwrap();
-        if let Some(d) = &data {
-            buf.copy_from(0, d);
-        }
-        let mut io = IoBox::data(t, lba, n, Some(buf)).unwrap();
-        let done = RefCell::new(Some(done));
-        io.set_done(Rc::new(move |io: IoBox| {
-            assert!(io.status.is_ok(), "raid {:?} at {} failed: {:?}", io.io_type, io.offset_blocks, io.status);
-            let out = io.buf.as_ref().map(|b| b.to_vec()).unwrap_or_default();
-            if let Some(d) = done.borrow_mut().take() {
-                d(out);
-            }
-        }));
-        ch.submit(io);
-    })
 }
 
 /// The data area of a member file: array blocks `[0, blocks)`.
@@ -416,7 +328,7 @@ fn returning_member_resyncs_only_missed_chunks_and_a_blank_bdev_gets_everything(
     let files = make_files(&dir, 3, 32);
     let set = start(2);
     open_members(&set, &files[..2]);
-    create_sb_raid(&set, 2, 256);
+    create_sb_raid(&set, 2, 256).expect("create R");
     let (off, blocks) = layout(&set);
     let chunk = 256 * 1024 / BS;
     assert_eq!(info(&set)["bitmap"]["num_chunks"].as_u64(), Some(blocks.div_ceil(chunk)), "{}", info(&set));
@@ -471,7 +383,7 @@ fn returning_member_resyncs_only_missed_chunks_and_a_blank_bdev_gets_everything(
     let c = file_data(&files[2], off, blocks);
     assert_eq!(first_diff_block(&a, &c), None, "the new member differs from F0 (array block shown)");
 
-    delete_raid(&set);
+    delete_raid(&set, false);
     let sb = file_sb(&files[2]).expect("F2 carries the superblock");
     assert!(sb.clean && sb.this_slot == 1, "{sb:?}");
     drop(set);
@@ -519,10 +431,10 @@ fn corrupted_superblocks_are_reported_not_assembled() {
     {
         let set = start(2);
         open_members(&set, &files);
-        create_sb_raid(&set, 2, 256);
+        create_sb_raid(&set, 2, 256).expect("create R");
         let (off, _) = layout(&set);
         raid_io(&set, IoType::Write, 7, 1, Some(block_of(9, 7)));
-        delete_raid(&set);
+        delete_raid(&set, false);
         meta_bytes = (off * BS) as usize;
         array_uuid = file_sb(&files[0]).unwrap().array_uuid;
     }
@@ -541,7 +453,7 @@ fn corrupted_superblocks_are_reported_not_assembled() {
         wait_settled(&set, 10);
         assert_eq!(copied(&set), 0);
         assert!(problems(&set).is_empty(), "{:?}", problems(&set));
-        delete_raid(&set);
+        delete_raid(&set, false);
     }
 
     let good1 = decode(&pristine[1][..SB_SIZE_BYTES]).unwrap();
@@ -665,7 +577,7 @@ fn delete_under_io_completes_leaves_clean_superblocks_and_keeps_acknowledged_wri
     {
         let set = start(2);
         open_members(&set, &files);
-        create_sb_raid(&set, 2, 128);
+        create_sb_raid(&set, 2, 128).expect("create R");
         (off, blocks) = layout(&set);
         load = Load::new(blocks);
         // 32 lanes over the whole array: writes hit every chunk.
@@ -713,7 +625,7 @@ fn delete_under_io_completes_leaves_clean_superblocks_and_keeps_acknowledged_wri
     }
     let bad = model_mismatches(&data, &model);
     assert!(bad.is_empty(), "seed {seed}: acknowledged writes lost (lba, want, got (stamp, lba)): {bad:?}");
-    delete_raid(&set);
+    delete_raid(&set, false);
     drop(set);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -741,7 +653,7 @@ fn crash_case(in_flight: bool) {
     {
         let set = start(2);
         open_members(&set, &files);
-        create_sb_raid(&set, 2, 256);
+        create_sb_raid(&set, 2, 256).expect("create R");
         (off, blocks) = layout(&set);
         written_chunks = (0..blocks / chunk).filter(|c| c % 4 == 1).collect();
         load = Load::new(blocks);
@@ -792,7 +704,7 @@ fn crash_case(in_flight: bool) {
     if let Some(dirty) = &dirty_at_crash {
         assert_eq!(copied, dirty.len() as u64 * chunk, "seed {seed}: the resync covers exactly the dirty chunks");
     }
-    delete_raid(&set);
+    delete_raid(&set, false);
     drop(set);
     let a = file_data(&files[0], off, blocks);
     let b = file_data(&files[1], off, blocks);

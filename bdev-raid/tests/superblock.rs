@@ -4,104 +4,14 @@
 //! create call; `clear_sb` stops that.
 
 mod common;
-use bdev::uring::{create_uring, UringCreateParams};
-use bdev::{BdevHandle, Channel, DmaBuf, IoBox, IoType, Registry};
-use bdev_raid::rpc::{bdev_raid_create_async, bdev_raid_delete, RaidCreateParams, RaidDeleteParams};
-use bdev_raid::superblock::{decode, SB_SIZE_BYTES};
+use bdev::{BdevHandle, DmaBuf, IoBox, IoType, Registry};
+use bdev_raid::rpc::{bdev_raid_create_async, RaidCreateParams};
 use bdev_raid::RaidArray;
+use common::files::*;
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
-
-pub const BS: u64 = 4096;
-
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("nvraid-sb-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-pub fn make_files(dir: &Path, n: usize, mib: u64) -> Vec<PathBuf> {
-    (0..n)
-        .map(|i| {
-            let p = dir.join(format!("m{i}.img"));
-            let f = std::fs::File::create(&p).unwrap();
-            f.set_len(mib << 20).unwrap();
-            p
-        })
-        .collect()
-}
-
-pub fn open_members(set: &Set, files: &[PathBuf]) {
-    let files = files.to_vec();
-    set.call(0, move || {
-        bdev_raid::init();
-        for (i, f) in files.iter().enumerate() {
-            create_uring(UringCreateParams {
-                filename: f.to_string_lossy().into(),
-                name: format!("F{i}"),
-                block_size: Some(BS as u32),
-                uuid: None,
-            })
-            .unwrap();
-        }
-    });
-}
-
-pub fn create_sb_raid(set: &Set, members: usize, chunk_kb: u32) -> Result<Value, bdev::BdevError> {
-    set.call_async(0, 20, move |done| {
-        bdev_raid_create_async(
-            RaidCreateParams {
-                name: "R".into(),
-                raid_level: "raid1".into(),
-                base_bdevs: (0..members).map(|i| format!("F{i}")).collect(),
-                strip_size_kb: None,
-                uuid: None,
-                superblock: Some(true),
-                bitmap: None,
-                bitmap_chunk_size_kb: Some(chunk_kb),
-            },
-            done,
-        )
-    })
-}
-
-pub fn delete_raid(set: &Set, clear_sb: bool) {
-    set.call_async(0, 20, move |done| {
-        bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: Some(clear_sb) }, done)
-    })
-    .unwrap();
-}
-
-/// The superblock at the start of a member file.
-pub fn file_sb(f: &Path) -> Result<bdev_raid::superblock::SuperblockInfo, bdev_raid::superblock::SuperblockError> {
-    let bytes = std::fs::read(f).unwrap();
-    decode(&bytes[..SB_SIZE_BYTES])
-}
-
-/// One IO on reactor 0 through the raid bdev; waits for it.
-pub fn raid_io(set: &Set, t: IoType, lba: u64, data: Option<Vec<u8>>) -> Option<Vec<u8>> {
-    set.call_async(0, 20, move |done| {
-        let h: BdevHandle = Registry::get().lookup("R").expect("raid bdev");
-        let ch: Rc<Channel> = h.channel().unwrap();
-        let buf = DmaBuf::alloc(BS as usize).unwrap();
-        if let Some(d) = &data {
-            buf.copy_from(0, d);
-        }
-        let mut io = IoBox::data(t, lba, 1, Some(buf)).unwrap();
-        let done = std::cell::RefCell::new(Some(done));
-        io.set_done(Rc::new(move |io: IoBox| {
-            assert!(io.status.is_ok(), "raid IO failed: {:?}", io.status);
-            let out = io.buf.as_ref().map(|b| b.to_vec());
-            if let Some(d) = done.borrow_mut().take() {
-                d(out);
-            }
-        }));
-        ch.submit(io);
-    })
-}
 
 fn wait_online(set: &Set) {
     set.wait_for(20, "raid assembled and online", || {
@@ -127,7 +37,7 @@ fn superblocks_are_written_marked_clean_and_assemble_after_restart() {
             assert!(sb.bitmap.is_some());
         }
         let pattern: Vec<u8> = (0..BS).map(|i| (i * 7 % 251) as u8).collect();
-        raid_io(&set, IoType::Write, 5, Some(pattern.clone()));
+        raid_io(&set, IoType::Write, 5, 1, Some(pattern.clone()));
         delete_raid(&set, false);
         for f in &files {
             let sb = file_sb(f).unwrap();
@@ -144,7 +54,7 @@ fn superblocks_are_written_marked_clean_and_assemble_after_restart() {
         wait_online(&set);
         let copied = set.call(0, || RaidArray::find("R").unwrap().copied_blocks());
         assert_eq!(copied, 0, "a clean array resyncs nothing");
-        let back = raid_io(&set, IoType::Read, 5, None).unwrap();
+        let back = raid_io(&set, IoType::Read, 5, 1, None);
         assert_eq!(back[..16], (0..16).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>()[..]);
         delete_raid(&set, true);
         for f in &files {
@@ -178,7 +88,7 @@ fn check_counts_mismatches_and_repair_fixes_them() {
     let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
     let data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
     for lba in [0u64, 7, 100] {
-        raid_io(&set, IoType::Write, lba, Some(vec![lba as u8 + 1; BS as usize]));
+        raid_io(&set, IoType::Write, lba, 1, Some(vec![lba as u8 + 1; BS as usize]));
     }
     let clean = check(&set, false);
     assert_eq!(clean["mismatched_blocks"], 0, "{clean}");
@@ -268,13 +178,6 @@ fn a_write_that_lost_a_copy_is_acknowledged_only_after_the_superblock_records_th
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn open_member(set: &Set, file: &Path, name: &str) {
-    let (f, n) = (file.to_string_lossy().to_string(), name.to_string());
-    set.call(0, move || {
-        create_uring(UringCreateParams { filename: f, name: n, block_size: Some(BS as u32), uuid: None }).unwrap();
-    });
-}
-
 /// Data areas of two member files, compared.
 fn same_data(a: &Path, b: &Path, data_offset: u64) -> bool {
     let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
@@ -294,7 +197,7 @@ fn a_missing_member_starts_the_array_degraded_and_coming_back_resyncs_only_what_
         let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
         data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
         for lba in [0u64, 1000, 2000] {
-            raid_io(&set, IoType::Write, lba, Some(vec![1; BS as usize]));
+            raid_io(&set, IoType::Write, lba, 1, Some(vec![1; BS as usize]));
         }
         delete_raid(&set, false);
     }
@@ -314,7 +217,7 @@ fn a_missing_member_starts_the_array_degraded_and_coming_back_resyncs_only_what_
     });
     // Two chunks (256 blocks of 4 KiB each) written while F1 is away.
     for lba in [1000u64, 1001, 2000] {
-        raid_io(&set, IoType::Write, lba, Some(vec![2; BS as usize]));
+        raid_io(&set, IoType::Write, lba, 1, Some(vec![2; BS as usize]));
     }
     open_member(&set, &files[1], "F1");
     set.wait_for(20, "F1 back in sync", || {
@@ -351,7 +254,7 @@ fn stale_member_scenario(order: &[usize]) {
         create_sb_raid(&set, 2, 1024).unwrap();
         let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
         data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
-        raid_io(&set, IoType::Write, 10, Some(vec![1; BS as usize]));
+        raid_io(&set, IoType::Write, 10, 1, Some(vec![1; BS as usize]));
         // F1 leaves; the array goes on and records it failed.
         set.call_async(0, 20, |done| {
             bdev_raid::rpc::bdev_raid_remove_base_bdev(
@@ -360,8 +263,8 @@ fn stale_member_scenario(order: &[usize]) {
             )
         })
         .unwrap();
-        raid_io(&set, IoType::Write, 10, Some(vec![3; BS as usize]));
-        raid_io(&set, IoType::Write, 700, Some(vec![3; BS as usize]));
+        raid_io(&set, IoType::Write, 10, 1, Some(vec![3; BS as usize]));
+        raid_io(&set, IoType::Write, 700, 1, Some(vec![3; BS as usize]));
         delete_raid(&set, false);
     }
     let sb1 = file_sb(&files[1]).unwrap();
@@ -378,7 +281,7 @@ fn stale_member_scenario(order: &[usize]) {
         RaidArray::find("R").is_some_and(|r| r.state() == bdev_raid::RaidState::Online && r.members()[1].0.is_some())
     });
     for _ in 0..8 {
-        let b = raid_io(&set, IoType::Read, 10, None).unwrap();
+        let b = raid_io(&set, IoType::Read, 10, 1, None);
         assert!(b.iter().all(|&x| x == 3), "a read returned the stale copy");
     }
     set.wait_for(20, "resync done", || RaidArray::find("R").is_some_and(|r| !r.process_running() && !r.is_degraded()));

@@ -5,6 +5,8 @@
 //! read against what was last written successfully.
 #![allow(dead_code)]
 
+pub mod files;
+
 use bdev::malloc::MallocBdev;
 use bdev::rng::SimRng;
 use bdev::{BdevProps, Channel, DmaBuf, IoBox, IoStatus, IoType, Registry};

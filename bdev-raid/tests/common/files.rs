@@ -1,0 +1,107 @@
+//! Arrays with superblocks over uring file members, for the tests that need
+//! members to outlive a reactor set (restarts, crashes): member files,
+//! opening them as bdevs, create/delete with a superblock, one raid IO, and
+//! the superblock as it lies in a file.
+
+use super::Set;
+use bdev::uring::{create_uring, UringCreateParams};
+use bdev::{BdevHandle, Channel, DmaBuf, IoBox, IoType, Registry};
+use bdev_raid::rpc::{bdev_raid_create_async, bdev_raid_delete, RaidCreateParams, RaidDeleteParams};
+use bdev_raid::superblock::{decode, SuperblockError, SuperblockInfo, SB_SIZE_BYTES};
+use serde_json::Value;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// Block size of the file members.
+pub const BS: u64 = 4096;
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nvraid-sb-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `n` sparse member files of `mib` MiB.
+pub fn make_files(dir: &Path, n: usize, mib: u64) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("m{i}.img"));
+            std::fs::File::create(&p).unwrap().set_len(mib << 20).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// Registers `file` as uring bdev `name` (the RAID examiner looks at it).
+pub fn open_member(set: &Set, file: &Path, name: &str) {
+    let (file, name) = (file.to_string_lossy().to_string(), name.to_string());
+    set.call(0, move || {
+        bdev_raid::init();
+        create_uring(UringCreateParams { filename: file, name, block_size: Some(BS as u32), uuid: None }).unwrap();
+    });
+}
+
+/// Files as bdevs F0, F1, ... in order.
+pub fn open_members(set: &Set, files: &[PathBuf]) {
+    for (i, f) in files.iter().enumerate() {
+        open_member(set, f, &format!("F{i}"));
+    }
+}
+
+/// raid1 "R" over F0.. with a superblock and bitmap chunks of `chunk_kb`.
+pub fn create_sb_raid(set: &Set, members: usize, chunk_kb: u32) -> Result<Value, bdev::BdevError> {
+    set.call_async(0, 20, move |done| {
+        bdev_raid_create_async(
+            RaidCreateParams {
+                name: "R".into(),
+                raid_level: "raid1".into(),
+                base_bdevs: (0..members).map(|i| format!("F{i}")).collect(),
+                strip_size_kb: None,
+                uuid: None,
+                superblock: Some(true),
+                bitmap: None,
+                bitmap_chunk_size_kb: Some(chunk_kb),
+            },
+            done,
+        )
+    })
+}
+
+pub fn delete_raid(set: &Set, clear_sb: bool) {
+    set.call_async(0, 20, move |done| {
+        bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: Some(clear_sb) }, done)
+    })
+    .expect("delete R");
+}
+
+/// The superblock at the start of a member file.
+pub fn file_sb(f: &Path) -> Result<SuperblockInfo, SuperblockError> {
+    let mut bytes = vec![0u8; SB_SIZE_BYTES];
+    std::io::Read::read_exact(&mut std::fs::File::open(f).unwrap(), &mut bytes).unwrap();
+    decode(&bytes)
+}
+
+/// One IO of `n` blocks through "R" on reactor 0; must succeed. Returns the
+/// buffer after the IO (the data, for a read).
+pub fn raid_io(set: &Set, t: IoType, lba: u64, n: u64, data: Option<Vec<u8>>) -> Vec<u8> {
+    set.call_async(0, 20, move |done| {
+        let h: BdevHandle = Registry::get().lookup("R").expect("raid bdev");
+        let ch: Rc<Channel> = h.channel().unwrap();
+        let buf = DmaBuf::alloc((n * BS) as usize).unwrap();
+        if let Some(d) = &data {
+            buf.copy_from(0, d);
+        }
+        let mut io = IoBox::data(t, lba, n, Some(buf)).unwrap();
+        let done = RefCell::new(Some(done));
+        io.set_done(Rc::new(move |io: IoBox| {
+            assert!(io.status.is_ok(), "raid {:?} at {} failed: {:?}", io.io_type, io.offset_blocks, io.status);
+            let out = io.buf.as_ref().map(|b| b.to_vec()).unwrap_or_default();
+            if let Some(d) = done.borrow_mut().take() {
+                d(out);
+            }
+        }));
+        ch.submit(io);
+    })
+}
