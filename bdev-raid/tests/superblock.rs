@@ -28,9 +28,8 @@ fn superblocks_are_written_marked_clean_and_assemble_after_restart() {
         let set = start(2);
         open_members(&set, &files);
         create_sb_raid(&set, 2, 1024).unwrap();
-        let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
-        data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
-        assert!(data_offset > 0, "{info}");
+        data_offset = common::files::data_offset(&set);
+        assert!(data_offset > 0);
         for f in &files {
             let sb = file_sb(f).unwrap();
             assert!(!sb.clean, "a running array's superblock is dirty");
@@ -85,8 +84,7 @@ fn check_counts_mismatches_and_repair_fixes_them() {
     let set = start(2);
     open_members(&set, &files);
     create_sb_raid(&set, 2, 1024).unwrap();
-    let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
-    let data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+    let data_offset = common::files::data_offset(&set);
     for lba in [0u64, 7, 100] {
         raid_io(&set, IoType::Write, lba, 1, Some(vec![lba as u8 + 1; BS as usize]));
     }
@@ -194,8 +192,7 @@ fn a_missing_member_starts_the_array_degraded_and_coming_back_resyncs_only_what_
         let set = start(2);
         open_members(&set, &files);
         create_sb_raid(&set, 2, 1024).unwrap();
-        let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
-        data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+        data_offset = common::files::data_offset(&set);
         for lba in [0u64, 1000, 2000] {
             raid_io(&set, IoType::Write, lba, 1, Some(vec![1; BS as usize]));
         }
@@ -252,8 +249,7 @@ fn stale_member_scenario(order: &[usize]) {
         let set = start(2);
         open_members(&set, &files);
         create_sb_raid(&set, 2, 1024).unwrap();
-        let info = set.call(0, || RaidArray::find("R").unwrap().info_json());
-        data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+        data_offset = common::files::data_offset(&set);
         raid_io(&set, IoType::Write, 10, 1, Some(vec![1; BS as usize]));
         // F1 leaves; the array goes on and records it failed.
         set.call_async(0, 20, |done| {

@@ -69,6 +69,12 @@ pub fn create_sb_raid(set: &Set, members: usize, chunk_kb: u32) -> Result<Value,
     })
 }
 
+/// Where array data starts on every member of "R", in blocks.
+pub fn data_offset(set: &Set) -> u64 {
+    let info = set.call(0, || bdev_raid::RaidArray::find("R").expect("array R").info_json());
+    info["base_bdevs_list"][0]["data_offset"].as_u64().expect("data_offset")
+}
+
 pub fn delete_raid(set: &Set, clear_sb: bool) {
     set.call_async(0, 20, move |done| {
         bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: Some(clear_sb) }, done)
