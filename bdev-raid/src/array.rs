@@ -74,6 +74,9 @@ pub(crate) struct Slot {
     pub sb_uuid: Uuid,
     /// For a `Rebuilding` slot: the array ranges it must be copied (None: all).
     pub partial: Option<Arc<Vec<Range<u64>>>>,
+    /// For a slot under a full raid1 rebuild: member blocks below this are
+    /// copied (recorded in the superblock, so a restart resumes there).
+    pub recovered_blocks: u64,
 }
 
 impl Slot {
@@ -87,6 +90,7 @@ impl Slot {
             data_size_blocks: 0,
             sb_uuid: Uuid::nil(),
             partial: None,
+            recovered_blocks: 0,
         }
     }
 
@@ -1123,6 +1127,7 @@ pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>
             data_offset_blocks: prev.data_offset_blocks,
             sb_uuid,
             partial,
+            recovered_blocks: 0,
         };
         recompute_state(shared, &mut ctl);
     }
@@ -1148,6 +1153,7 @@ pub(crate) fn rebuild_finished(ras: &Rc<Ras>, dests: u32, resync: bool) {
         if dests & (1 << i) != 0 && s.role == Role::Rebuilding && failed & (1 << i) == 0 {
             s.role = Role::Active;
             s.partial = None;
+            s.recovered_blocks = 0;
         }
     }
     if resync {

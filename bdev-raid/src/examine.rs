@@ -521,11 +521,16 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
                             in_sync_members.push(h.clone());
                         }
                     }
+                    let recovered_blocks = match pm.role {
+                        MemberRole::Recovering { recovery_offset_blocks } => recovery_offset_blocks,
+                        _ => 0,
+                    };
                     Slot {
                         name: Some(pm.bdev_name.clone()),
                         uuid: h.as_ref().map(|h| h.props().uuid),
                         handle: h,
                         role,
+                        recovered_blocks,
                         ..base
                     }
                 }

@@ -70,7 +70,9 @@ fn slot_state(s: &Slot, failed: bool, prev: SlotState) -> SlotState {
         // member, resynced from the bitmap (a full rebuild is recorded as
         // rebuilding, and restarts from the beginning).
         Role::Rebuilding if s.partial.is_some() => SlotState::Failed,
-        Role::Rebuilding => SlotState::Rebuilding { recovery_offset_blocks: 0 },
+        Role::Rebuilding => {
+            SlotState::Rebuilding { recovery_offset_blocks: s.recovered_blocks.min(s.data_size_blocks) }
+        }
         Role::Failed | Role::Empty => SlotState::Failed,
         Role::Missing => prev,
     }

@@ -83,6 +83,8 @@ pub(crate) struct Rebuild {
     failed: Cell<bool>,
     buf: RefCell<Option<DmaBuf>>,
     window_started_ns: Cell<u64>,
+    /// When the rebuild's progress was last written to the superblock.
+    progress_saved_ns: Cell<u64>,
     next_start_ns: Cell<u64>,
     poller: RefCell<Option<PollerHandle>>,
 }
@@ -141,7 +143,20 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         } else {
             rebuilding.iter().fold(0, |m, &i| m | 1 << i)
         };
-        let ranges = if full { std::iter::once(0..array_blocks).collect() } else { merge(ranges) };
+        // A full raid1 rebuild resumes where the superblock says it got to
+        // (member blocks are array blocks there); the resync ranges, if any,
+        // are copied too.
+        let resume = if full && ras.shared.level == crate::map::RaidLevel::Raid1 {
+            rebuilding.iter().map(|&i| ctl.slots[i].recovered_blocks).min().unwrap_or(0).min(array_blocks)
+        } else {
+            0
+        };
+        let ranges = if full {
+            ranges.push(resume..array_blocks);
+            merge(ranges)
+        } else {
+            merge(ranges)
+        };
         let target = rebuilding.first().copied().unwrap_or(0);
         ctl.process_target = Some(target);
         ctl.process_kind = if rebuilding.is_empty() { "resync" } else { "rebuild" };
@@ -206,6 +221,7 @@ fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check
         failed: Cell::new(false),
         buf: RefCell::new(None),
         window_started_ns: Cell::new(0),
+        progress_saved_ns: Cell::new(reactor::now_ns()),
         next_start_ns: Cell::new(0),
         poller: RefCell::new(None),
     });
@@ -532,6 +548,7 @@ impl Rebuild {
         self.done_blocks.set(self.done_blocks.get() + (end - start));
         ras.shared.rebuild_blocks.store(self.done_blocks.get(), Ordering::Relaxed);
         ras.shared.copied_blocks.fetch_add(end - start, Ordering::Relaxed);
+        self.save_progress(ras, end);
         let idx = self.range_idx.get();
         if self.ranges.get(idx).is_some_and(|r| end >= r.end) {
             self.range_idx.set(idx + 1);
@@ -547,6 +564,32 @@ impl Rebuild {
         }
         if self.cancelled.get() {
             self.stop(ras);
+        }
+    }
+
+    /// A full raid1 rebuild records how far it got: in the slots at once, in
+    /// the superblock at most once a second (any write of it carries it).
+    fn save_progress(&self, ras: &Ras, end: u64) {
+        if self.check.is_some() || self.resync || ras.shared.level != crate::map::RaidLevel::Raid1 {
+            return;
+        }
+        {
+            let mut ctl = ras.shared.ctl();
+            for (i, s) in ctl.slots.iter_mut().enumerate() {
+                if self.dests & (1 << i) != 0 && s.role == array::Role::Rebuilding && s.partial.is_none() {
+                    s.recovered_blocks = s.recovered_blocks.max(end);
+                }
+            }
+        }
+        let now = reactor::now_ns();
+        if now.saturating_sub(self.progress_saved_ns.get()) < 1_000_000_000 {
+            return;
+        }
+        self.progress_saved_ns.set(now);
+        let ras = ras.rc();
+        let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone());
+        if let Some(meta) = meta {
+            crate::meta::update(&ras, &meta, crate::meta::SbWrite::Dirty, Box::new(|_| {}));
         }
     }
 
