@@ -624,6 +624,8 @@ pub(crate) fn create(spec: CreateSpec) -> Result<Arc<ArrayShared>, BdevError> {
     }
     let all_present = slots.iter().all(|s| s.role == Role::Active);
     let shared = new_shared(&spec, slots, block_size)?;
+    // Created by RPC: never assembled from superblocks found on other bdevs.
+    shared.starting.store(true, Ordering::Release);
     let rollback = |shared: &Arc<ArrayShared>| {
         for h in &claimed {
             reg.release(h, &owner_tag);

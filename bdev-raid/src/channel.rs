@@ -212,16 +212,17 @@ impl Ras {
     /// once when their bits are on disk already, else after the batch that
     /// persists them.
     fn mark(&self, slot: u32) {
-        let bm = self.bitmap.borrow();
-        let Some(bm) = bm.as_ref() else {
-            return self.write_marked(slot);
-        };
-        let (off, n) = {
+        let ticket = {
+            let bm = self.bitmap.borrow();
+            let Some(bm) = bm.as_ref() else {
+                drop(bm);
+                return self.write_marked(slot);
+            };
             let parents = self.parents.borrow();
             let Some(io) = parents.get(slot) else { return };
-            (io.offset_blocks, io.num_blocks)
+            bm.start_write(io.offset_blocks, io.num_blocks)
         };
-        match bm.start_write(off, n) {
+        match ticket {
             Ok(WriteTicket::Ready) => {
                 self.ctx.borrow_mut()[slot as usize].marked = true;
                 self.write_marked(slot);
@@ -258,10 +259,13 @@ impl Ras {
                         q.pop_front();
                         Some(slot)
                     }
-                    // The bitmap went away (teardown): let the write go on, it fails there.
+                    // No bitmap to wait for (cannot happen: an array never
+                    // loses its bitmap): never let such a write through.
                     (Some(&(slot, _)), None) => {
                         q.pop_front();
-                        Some(slot)
+                        drop((q, bm));
+                        self.finish(slot, IoStatus::Failed(IoError::NoDevice));
+                        continue;
                     }
                     _ => None,
                 }
@@ -483,7 +487,6 @@ impl Ras {
         *self.scratch.borrow_mut() = children;
     }
 
-    /// The active copy with the fewest children in flight on this reactor.
     /// The active copy with the fewest children in flight on this reactor
     /// (`first`: the lowest-numbered active copy).
     fn pick_copy(
