@@ -282,8 +282,12 @@ impl RaidModule {
     /// Something an operator must hear about from examination or assembly:
     /// logged and kept for `problems()`.
     pub(crate) fn problem(&self, msg: String) {
-        tracing::error!("{msg}");
         let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        // Re-planning an assembly meets the same refusals again: say each once.
+        if p.contains(&msg) {
+            return;
+        }
+        tracing::error!("{msg}");
         if p.len() >= 256 {
             p.remove(0);
         }
