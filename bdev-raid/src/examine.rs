@@ -221,7 +221,9 @@ pub(crate) fn close_metadata(ras: &Rc<Ras>, meta: Rc<Meta>, then: impl FnOnce() 
 pub(crate) fn examine_superblock(h: &BdevHandle) {
     let hold = Registry::get().examine_hold();
     let name = h.name().to_string();
-    meta::read_superblock(h, move |found| on_found(name, found, hold));
+    // Decisions run on reactor 0 only: two members of a new array found on
+    // different reactors must not each start an array of their own.
+    meta::read_superblock(h, move |found| reactor::send(0, move || on_found(name, found, hold)));
 }
 
 fn on_found(name: String, found: Found, hold: ExamineHold) {
