@@ -3,15 +3,18 @@
 //! code) watches raid1 and raid10 arrays serve overlapping writes and reads
 //! from the owner reactor and from another reactor — fan-out, the
 //! serialization table with its acquire/grant/release messages and waiting
-//! writes, read balancing, completion — on a manual reactor set.
+//! writes, read balancing, completion — on a manual reactor set; and a
+//! raid1 with a superblock and write-intent bitmap, whose writes mark and
+//! end their chunks (bits on disk: the common case, no batch to wait for).
 
 use bdev::malloc::MallocBdev;
 use bdev::{BdevProps, Channel, DmaBuf, IoBox, IoDone, IoStatus, IoType, Registry};
-use bdev_raid::rpc::{bdev_raid_create, RaidCreateParams};
+use bdev_raid::rpc::{bdev_raid_create, bdev_raid_create_async, RaidCreateParams};
 use reactor::{ManualSet, ReactorSet};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Counts allocations made by the current thread (the manual set's
@@ -128,6 +131,8 @@ fn run_until(m: &ManualSet, jobs: &[Rc<Job>], each: u64) {
         }
         m.run_once(0);
         m.run_once(1);
+        // The bitmap's tick is a timed poller: let the manual clock move.
+        m.advance_ns(20_000);
     }
     panic!("jobs stalled");
 }
@@ -155,13 +160,48 @@ fn raid_io_path_allocates_nothing() {
         };
         mk("R1", "raid1", None, &["M0", "M1"]);
         mk("R10", "raid10", Some(2), &["M2", "M3", "M4", "M5"]);
+        // 4 MiB members: room for the superblock, the bitmap and 1 MiB alignment.
+        for i in 6..8 {
+            let b = MallocBdev::new(BdevProps::new(&format!("M{i}"), "Malloc disk", 512, 8192, None)).unwrap();
+            Registry::get().register(Arc::new(b)).unwrap();
+        }
     });
+    let online = m.on(0, || {
+        let p = RaidCreateParams {
+            name: "RB".into(),
+            raid_level: "raid1".into(),
+            base_bdevs: vec!["M6".into(), "M7".into()],
+            strip_size_kb: None,
+            uuid: None,
+            superblock: Some(true),
+            bitmap: None,
+            bitmap_chunk_size_kb: Some(64),
+        };
+        let flag = Arc::new(AtomicBool::new(false));
+        let f2 = flag.clone();
+        bdev_raid_create_async(p, move |r| {
+            r.expect("create RB");
+            f2.store(true, Ordering::Release);
+        });
+        flag
+    });
+    for _ in 0..100_000 {
+        if online.load(Ordering::Acquire) {
+            break;
+        }
+        m.run_once(0);
+        m.run_once(1);
+        m.advance_ns(100_000);
+    }
+    assert!(online.load(Ordering::Acquire), "RB never came online");
     // Owner (0) and another reactor (1) on both arrays.
     let jobs = vec![
         start_job(&m, 0, "R1", 1),
         start_job(&m, 1, "R1", 2),
         start_job(&m, 0, "R10", 3),
         start_job(&m, 1, "R10", 4),
+        start_job(&m, 0, "RB", 5),
+        start_job(&m, 1, "RB", 6),
     ];
     // Warm-up: pools, slabs and queues reach their high-water marks.
     run_until(&m, &jobs, 2_000);

@@ -42,6 +42,8 @@ pub struct Planner {
     /// Chunks the resync finished: clearable even while not in sync.
     resynced: Vec<u64>,
     in_flight: bool,
+    /// The chunks a tick clears, per word: reused so an idle tick allocates nothing.
+    clear_scratch: Vec<u64>,
     #[cfg(test)]
     pub(crate) release_early: bool,
 }
@@ -71,6 +73,7 @@ impl Planner {
             clear_after_ticks,
             resynced: vec![0; words],
             in_flight: false,
+            clear_scratch: vec![0; words],
             #[cfg(test)]
             release_early: false,
         }
@@ -108,6 +111,7 @@ impl Planner {
         let any_pending = bm.pending.iter().any(|w| w.load(Ordering::Acquire) != 0);
         let clearing = clear_mask.iter().any(|&m| m != 0);
         if !(any_pending || clearing || opts.force_all_pages || wanted > self.seq_flush) {
+            self.clear_scratch = clear_mask;
             return None;
         }
         self.seq_flush += 1;
@@ -138,6 +142,7 @@ impl Planner {
             pages = (0..bm.geometry().num_pages()).collect();
         }
         self.in_flight = true;
+        self.clear_scratch = clear_mask;
         let plan = Plan { seq, pages, set_words, cleared_chunks };
         #[cfg(test)]
         if self.release_early {
@@ -170,7 +175,9 @@ impl Planner {
     /// whose count is not zero after the fence gets its bit back).
     fn pick_clears(&mut self, bm: &Bitmap, now: bool) -> Vec<u64> {
         let in_sync = bm.in_sync();
-        let mut masks = vec![0u64; self.image.len()];
+        let mut masks = std::mem::take(&mut self.clear_scratch);
+        masks.clear();
+        masks.resize(self.image.len(), 0);
         for (w, mask) in masks.iter_mut().enumerate() {
             let set = bm.on_disk[w].load(Ordering::Acquire);
             let mut bits = set;
