@@ -144,79 +144,93 @@ fn start_next(ras: &Rc<Ras>, meta: &Rc<Meta>) {
         _ => sb_targets(ras),
     };
     let info = (kind != SbWrite::Wipe).then(|| next_info(ras, meta, kind == SbWrite::Clean));
-    let left = Rc::new(Cell::new(targets.len() + 1));
-    let ok = Rc::new(Cell::new(0usize));
+    // Each member's image (zeros for a wipe); None where it cannot be built.
+    let images: Vec<(usize, BdevHandle, Option<DmaBuf>)> = targets
+        .into_iter()
+        .map(|(slot, h)| {
+            let bytes = superblock::superblock_blocks(h.props().block_size) * u64::from(h.props().block_size);
+            let buf = DmaBuf::zeroed(bytes as usize).and_then(|buf| match &info {
+                None => Some(buf),
+                Some(info) => info.for_slot(slot).map(|mine| {
+                    buf.copy_from(0, &superblock::encode(&mine));
+                    buf
+                }),
+            });
+            (slot, h, buf)
+        })
+        .collect();
     let weak_ras = Rc::downgrade(ras);
     let meta2 = meta.clone();
-    let info2 = info.clone();
-    let finish = Rc::new(RefCell::new(Some(Box::new(move |n_ok: usize, n: usize| {
-        let r = if n > 0 && n_ok == 0 {
-            Err(BdevError::Os("superblock write failed on every member".into(), EIO))
-        } else {
-            Ok(())
-        };
-        match (&info2, r.is_ok()) {
-            (Some(i), true) => *meta2.sb.borrow_mut() = i.clone(),
-            (None, true) => meta2.wiped.set(true),
-            _ => {}
-        }
-        meta2.writing.set(false);
-        for (_, d) in batch {
-            d(r.clone());
-        }
-        if let Some(ras) = weak_ras.upgrade() {
-            start_next(&ras, &meta2);
-        }
-    }) as Box<dyn FnOnce(usize, usize)>)));
-    let n = targets.len();
-    let step = {
-        let (left, ok, finish) = (left.clone(), ok.clone(), finish.clone());
-        // `None`: the guard that keeps the count up while writes are submitted.
-        move |good: Option<bool>| {
-            if good == Some(true) {
-                ok.set(ok.get() + 1);
-            }
-            left.set(left.get() - 1);
-            if left.get() == 0 {
-                if let Some(f) = finish.borrow_mut().take() {
-                    f(ok.get(), n);
+    let total = images.len();
+    let round = Rc::new(Round {
+        left: Cell::new(total),
+        ok: Cell::new(0),
+        finish: RefCell::new(Some(Box::new(move |ok: usize| {
+            let r = if total > 0 && ok == 0 {
+                Err(BdevError::Os("superblock write failed on every member".into(), EIO))
+            } else {
+                Ok(())
+            };
+            if r.is_ok() {
+                match info {
+                    Some(i) => *meta2.sb.borrow_mut() = i,
+                    None => meta2.wiped.set(true),
                 }
             }
-        }
-    };
-    let step = Rc::new(step);
-    for (slot, h) in targets {
-        let bs = h.props().block_size;
-        let blocks = superblock::superblock_blocks(bs);
-        let Some(buf) = DmaBuf::zeroed((blocks * bs as u64) as usize) else {
-            step(Some(false));
+            meta2.writing.set(false);
+            for (_, d) in batch {
+                d(r.clone());
+            }
+            if let Some(ras) = weak_ras.upgrade() {
+                start_next(&ras, &meta2);
+            }
+        }))),
+    });
+    if total == 0 {
+        return round.finish_now();
+    }
+    for (slot, h, buf) in images {
+        let Some(buf) = buf else {
+            round.one(false);
             continue;
         };
-        if let Some(info) = &info {
-            match info.for_slot(slot) {
-                Some(mine) => {
-                    let bytes = superblock::encode(&mine);
-                    buf.copy_from(0, &bytes);
-                }
-                None => {
-                    step(Some(false));
-                    continue;
-                }
-            }
-        }
-        let st = step.clone();
-        let weak = Rc::downgrade(ras);
-        write_blocks(&h, 0, blocks, buf, move |good| {
+        let (round, weak) = (round.clone(), Rc::downgrade(ras));
+        let blocks = superblock::superblock_blocks(h.props().block_size);
+        io_blocks(&h, IoType::Write, 0, blocks, buf, move |good, _| {
             if !good && kind != SbWrite::Wipe {
                 tracing::error!(slot, "superblock write failed: marking the member failed");
                 if let Some(ras) = weak.upgrade() {
                     ras.latch_failed(slot);
                 }
             }
-            st(Some(good));
+            round.one(good);
         });
     }
-    step(None);
+}
+
+/// The member writes of one superblock write: `finish` runs with the count
+/// that succeeded once every one has completed.
+struct Round {
+    left: Cell<usize>,
+    ok: Cell<usize>,
+    finish: RefCell<Option<Box<dyn FnOnce(usize)>>>,
+}
+
+impl Round {
+    fn one(&self, good: bool) {
+        self.ok.set(self.ok.get() + usize::from(good));
+        self.left.set(self.left.get() - 1);
+        if self.left.get() == 0 {
+            self.finish_now();
+        }
+    }
+
+    fn finish_now(&self) {
+        let f = self.finish.borrow_mut().take();
+        if let Some(f) = f {
+            f(self.ok.get());
+        }
+    }
 }
 
 /// One IO to `h` at `offset` of `blocks` blocks with `buf`; `done(success)`
@@ -243,10 +257,6 @@ pub(crate) fn io_blocks(
         }
     }));
     ch.submit(io);
-}
-
-fn write_blocks(h: &BdevHandle, offset: u64, blocks: u64, buf: DmaBuf, done: impl FnOnce(bool) + 'static) {
-    io_blocks(h, IoType::Write, offset, blocks, buf, move |ok, _| done(ok));
 }
 
 /// Runs `f` from a poller: a completion is never called inside its request.
