@@ -157,13 +157,11 @@ pub(crate) struct Control {
     /// The bitmap's shared half, for every reactor's write path.
     pub bitmap: Option<Arc<Bitmap>>,
     /// After an unclean shutdown: array ranges whose copies may differ,
-    /// until the resync of them finished.
+    /// until the resync of them finished. Meanwhile reads go to the
+    /// lowest-numbered active copy, so they do not flip between copies.
     pub dirty: Option<Arc<Vec<Range<u64>>>>,
     /// What the running process is ("rebuild", "resync", "check").
     pub process_kind: &'static str,
-    /// Reads go to the lowest-numbered active copy (a resync is running:
-    /// copies may differ until it is done, and reads must not flip).
-    pub prefer_first: bool,
 }
 
 /// What every reactor can reach of an array.
@@ -210,7 +208,10 @@ pub(crate) struct ArrayShared {
     pub last_check: Mutex<Option<Value>>,
     /// Superblocks found for an array assembling from them.
     pub found: Mutex<Vec<crate::assemble::FoundSuperblock>>,
-    /// Set when an assembling array starts (once).
+    /// Assembled from superblocks found on bdevs (not created by RPC):
+    /// only such an array takes in the superblocks examination finds.
+    pub from_superblocks: bool,
+    /// Set when an array assembling from superblocks starts (once).
     pub starting: AtomicBool,
     /// The degraded-start timer of an assembling array is armed.
     pub timer_armed: AtomicBool,
@@ -627,9 +628,7 @@ pub(crate) fn create(spec: CreateSpec) -> Result<Arc<ArrayShared>, BdevError> {
         }
     }
     let all_present = slots.iter().all(|s| s.role == Role::Active);
-    let shared = new_shared(&spec, slots, block_size)?;
-    // Created by RPC: never assembled from superblocks found on other bdevs.
-    shared.starting.store(true, Ordering::Release);
+    let shared = new_shared(&spec, slots, block_size, false)?;
     let rollback = |shared: &Arc<ArrayShared>| {
         for h in &claimed {
             reg.release(h, &owner_tag);
@@ -659,7 +658,12 @@ pub(crate) fn create(spec: CreateSpec) -> Result<Arc<ArrayShared>, BdevError> {
 }
 
 /// The shared state of a new array (owner: the current reactor).
-pub(crate) fn new_shared(spec: &CreateSpec, slots: Vec<Slot>, block_size: u32) -> Result<Arc<ArrayShared>, BdevError> {
+pub(crate) fn new_shared(
+    spec: &CreateSpec,
+    slots: Vec<Slot>,
+    block_size: u32,
+    from_superblocks: bool,
+) -> Result<Arc<ArrayShared>, BdevError> {
     Ok(Arc::new(ArrayShared {
         key: RaidModule::get().next_key.fetch_add(1, Ordering::Relaxed) + 1,
         name: spec.name.clone(),
@@ -681,6 +685,7 @@ pub(crate) fn new_shared(spec: &CreateSpec, slots: Vec<Slot>, block_size: u32) -
         bitmap_chunk_kb: spec.bitmap_chunk_kb,
         last_check: Mutex::new(None),
         found: Mutex::new(Vec::new()),
+        from_superblocks,
         starting: AtomicBool::new(false),
         timer_armed: AtomicBool::new(false),
         ctl: Mutex::new(Control::new(slots, block_size)),
@@ -705,7 +710,6 @@ impl Control {
             bitmap: None,
             dirty: None,
             process_kind: "rebuild",
-            prefer_first: false,
         }
     }
 }
@@ -1164,7 +1168,6 @@ pub(crate) fn rebuild_finished(ras: &Rc<Ras>, dests: u32, resync: bool) {
     }
     if resync {
         ctl.dirty = None;
-        ctl.prefer_first = false;
     }
     ctl.process_target = None;
     recompute_state(shared, &mut ctl);

@@ -74,11 +74,12 @@ pub(crate) struct Ras {
     bitmap: RefCell<Option<Arc<Bitmap>>>,
     /// Writes waiting for their bitmap batch: (parent slot, batch), in order.
     bm_wait: RefCell<VecDeque<(u32, u64)>>,
-    bm_poller: RefCell<Option<PollerHandle>>,
+    /// Releases `bm_wait` and `meta_wait`; registered while either holds a write.
+    wait_poller: RefCell<Option<PollerHandle>>,
     /// Writes that succeeded only on surviving copies, waiting until the
     /// failure is recorded in the superblock (parent slots).
     meta_wait: RefCell<VecDeque<u32>>,
-    /// Reads go to the lowest-numbered active copy (a resync runs).
+    /// Reads go to the lowest-numbered active copy (a resync is owed).
     prefer_first: Cell<bool>,
     /// Present on the owner reactor only.
     pub owner: Option<OwnerPart>,
@@ -130,7 +131,7 @@ pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
         scratch: RefCell::new(Vec::with_capacity(64)),
         bitmap: RefCell::new(None),
         bm_wait: RefCell::new(VecDeque::with_capacity(1024)),
-        bm_poller: RefCell::new(None),
+        wait_poller: RefCell::new(None),
         meta_wait: RefCell::new(VecDeque::new()),
         prefer_first: Cell::new(false),
         owner,
@@ -164,7 +165,7 @@ impl Ras {
         let (slots, geo, block_size) = {
             let ctl = self.shared.ctl();
             *self.bitmap.borrow_mut() = ctl.bitmap.clone();
-            self.prefer_first.set(ctl.prefer_first);
+            self.prefer_first.set(ctl.dirty.is_some());
             (ctl.slots.clone(), self.shared.geometry.get().cloned(), ctl.block_size)
         };
         let members = slots
@@ -230,15 +231,15 @@ impl Ras {
             Ok(WriteTicket::Wait(batch)) => {
                 self.ctx.borrow_mut()[slot as usize].marked = true;
                 self.bm_wait.borrow_mut().push_back((slot, batch));
-                self.ensure_bm_poller();
+                self.ensure_wait_poller();
             }
             Ok(WriteTicket::Closed) | Err(_) => self.finish(slot, IoStatus::Failed(IoError::NoDevice)),
         }
     }
 
-    /// Releases waiting writes whose batch is on disk, oldest first.
-    fn ensure_bm_poller(&self) {
-        if self.bm_poller.borrow().is_some() {
+    /// Registers the poller that releases waiting writes (`release_waiting`).
+    fn ensure_wait_poller(&self) {
+        if self.wait_poller.borrow().is_some() {
             return;
         }
         let weak = self.weak.clone();
@@ -246,9 +247,11 @@ impl Ras {
             let Some(ras) = weak.upgrade() else { return PollStatus::Done };
             ras.release_waiting()
         });
-        *self.bm_poller.borrow_mut() = Some(p);
+        *self.wait_poller.borrow_mut() = Some(p);
     }
 
+    /// Writes whose bitmap batch is on disk go on, oldest first; writes
+    /// waiting for a failure to be recorded complete once it is.
     fn release_waiting(&self) -> PollStatus {
         loop {
             let next = {
@@ -285,7 +288,7 @@ impl Ras {
             }
         }
         if self.bm_wait.borrow().is_empty() && self.meta_wait.borrow().is_empty() {
-            self.bm_poller.borrow_mut().take();
+            self.wait_poller.borrow_mut().take();
             return PollStatus::Done;
         }
         // The reactor stays awake while writes wait: their batch completes
@@ -699,7 +702,7 @@ impl Ras {
             } else if failed & !self.shared.recorded_mask.load(Ordering::Acquire) != 0 {
                 // Acknowledge only once the superblock says which copy failed.
                 self.meta_wait.borrow_mut().push_back(slot);
-                return self.ensure_bm_poller();
+                return self.ensure_wait_poller();
             }
         }
         self.finish(slot, status);

@@ -241,7 +241,7 @@ fn on_found(name: String, found: Found, hold: ExamineHold) {
     }
     match module.find_uuid(info.array_uuid) {
         Some(shared) if shared.geometry.get().is_some() => rejoin(&shared, name, info),
-        Some(shared) if shared.superblock && shared.ctl().handle.is_none() => {
+        Some(shared) if shared.from_superblocks => {
             let f = FoundSuperblock { bdev_name: name, member_uuid: info.member_uuid, info };
             shared.found.lock().unwrap_or_else(|e| e.into_inner()).push(f);
             owner::on_owner(&shared, move |ras| {
@@ -294,7 +294,7 @@ fn new_assembling(info: &SuperblockInfo) -> Option<Arc<ArrayShared>> {
             ..Slot::empty()
         })
         .collect();
-    let shared = match array::new_shared(&spec, slots, info.block_size) {
+    let shared = match array::new_shared(&spec, slots, info.block_size, true) {
         Ok(s) => s,
         Err(e) => {
             RaidModule::get().problem(format!("array {}: {e}", info.name));
@@ -573,7 +573,6 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
                 let ranges = dirty_ranges.clone().unwrap_or_else(|| std::iter::once(0..array_blocks).collect());
                 tracing::warn!(raid = %shared.name, ranges = ranges.len(), "unclean shutdown: resyncing");
                 ctl.dirty = Some(Arc::new(ranges));
-                ctl.prefer_first = true;
             }
         }
         let r3 = ras.clone();
