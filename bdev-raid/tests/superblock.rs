@@ -25,10 +25,8 @@ fn superblocks_are_written_marked_clean_and_assemble_after_restart() {
     let files = make_files(&dir, 2, 16);
     let data_offset;
     {
-        let set = start(2);
-        open_members(&set, &files);
-        create_sb_raid(&set, 2, 1024).unwrap();
-        data_offset = common::files::data_offset(&set);
+        let (set, offset) = start_with_sb_raid(&files, 1024);
+        data_offset = offset;
         assert!(data_offset > 0);
         for f in &files {
             let sb = file_sb(f).unwrap();
@@ -81,10 +79,7 @@ fn check_counts_mismatches_and_repair_fixes_them() {
     use std::os::unix::fs::FileExt;
     let dir = temp_dir("check");
     let files = make_files(&dir, 2, 8);
-    let set = start(2);
-    open_members(&set, &files);
-    create_sb_raid(&set, 2, 1024).unwrap();
-    let data_offset = common::files::data_offset(&set);
+    let (set, data_offset) = start_with_sb_raid(&files, 1024);
     for lba in [0u64, 7, 100] {
         raid_io(&set, IoType::Write, lba, 1, Some(vec![lba as u8 + 1; BS as usize]));
     }
@@ -189,10 +184,8 @@ fn a_missing_member_starts_the_array_degraded_and_coming_back_resyncs_only_what_
     let files = make_files(&dir, 2, 16);
     let data_offset;
     {
-        let set = start(2);
-        open_members(&set, &files);
-        create_sb_raid(&set, 2, 1024).unwrap();
-        data_offset = common::files::data_offset(&set);
+        let (set, offset) = start_with_sb_raid(&files, 1024);
+        data_offset = offset;
         for lba in [0u64, 1000, 2000] {
             raid_io(&set, IoType::Write, lba, 1, Some(vec![1; BS as usize]));
         }
@@ -246,10 +239,8 @@ fn stale_member_scenario(order: &[usize]) {
     let files = make_files(&dir, 2, 16);
     let data_offset;
     {
-        let set = start(2);
-        open_members(&set, &files);
-        create_sb_raid(&set, 2, 1024).unwrap();
-        data_offset = common::files::data_offset(&set);
+        let (set, offset) = start_with_sb_raid(&files, 1024);
+        data_offset = offset;
         raid_io(&set, IoType::Write, 10, 1, Some(vec![1; BS as usize]));
         // F1 leaves; the array goes on and records it failed.
         set.call_async(0, 20, |done| {

@@ -75,6 +75,16 @@ pub fn data_offset(set: &Set) -> u64 {
     info["base_bdevs_list"][0]["data_offset"].as_u64().expect("data_offset")
 }
 
+/// A new two-reactor set with `files` open as F0.. and raid1 "R" created
+/// over them (superblock, bitmap chunks of `chunk_kb`); and R's data offset.
+pub fn start_with_sb_raid(files: &[PathBuf], chunk_kb: u32) -> (Set, u64) {
+    let set = super::start(2);
+    open_members(&set, files);
+    create_sb_raid(&set, files.len(), chunk_kb).expect("create R");
+    let offset = data_offset(&set);
+    (set, offset)
+}
+
 pub fn delete_raid(set: &Set, clear_sb: bool) {
     set.call_async(0, 20, move |done| {
         bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: Some(clear_sb) }, done)
