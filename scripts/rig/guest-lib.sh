@@ -299,6 +299,17 @@ bg_stop() {
   return "$_rc"
 }
 
+# json_num FILE KEY: the first integer value of "KEY" in FILE (nvraid-rpc
+# prints pretty JSON, one key per line)
+json_num() { sed -n "s/.*\"$2\": \([0-9]*\).*/\1/p" "$1" | head -n 1; }
+
+# disk_holds FILE DISK BS BLOCK: DISK holds FILE's bytes from block BLOCK (of
+# BS bytes) on, read O_DIRECT
+disk_holds() {
+  dd if="$2" of=/tmp/disk_holds bs="$3" skip="$4" count=$(($(wc -c <"$1") / $3)) iflag=direct 2>/dev/null &&
+    cmp "$1" /tmp/disk_holds
+}
+
 # pattern_file PATH BYTES [SEED=$RIG_NONCE]: deterministic test data (also
 # reproducible on the host: see scenarios/smoke.host.sh)
 pattern_file() {

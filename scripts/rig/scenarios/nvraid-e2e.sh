@@ -101,13 +101,13 @@ back_to_kernel() {
 # Both mirrors hold the pattern written before the failure, at the RAID's
 # data offset (in member blocks).
 mirrors_hold_pattern() {
-  bs=$(sed -n 's/.*"block_size": \([0-9]*\).*/\1/p' /tmp/n0.json | head -n 1)
-  off=$(sed -n 's/.*"data_offset": \([0-9]*\).*/\1/p' /tmp/raid.json | head -n 1)
+  bs=$(json_num /tmp/n0.json block_size)
+  off=$(json_num /tmp/raid.json data_offset)
   echo "member block size $bs, data offset $off blocks"
   for serial in NVRAID0 NVRAID1; do
     disk=$(wait_nvme_serial "$serial") || return 1
-    dd if="$disk" of=/tmp/m bs="$bs" skip=$((off + (PAT_OFF_MB << 20) / bs)) count=$((PAT_LEN / bs)) iflag=direct 2>/dev/null
-    cmp /tmp/pat /tmp/m || fail "mirror $serial ($disk) does not hold the pattern"
+    disk_holds /tmp/pat "$disk" "$bs" $((off + (PAT_OFF_MB << 20) / bs)) ||
+      fail "mirror $serial ($disk) does not hold the pattern"
     echo "$serial: pattern present"
   done
 }

@@ -98,16 +98,16 @@ back_to_kernel() {
 # Block 0 of each mirror starts with the superblock magic; the pattern lies
 # at the array's data offset (member blocks).
 mirrors_hold_superblock_and_pattern() {
-  bs=$(sed -n 's/.*"block_size": \([0-9]*\).*/\1/p' /tmp/n0.json | head -n 1)
-  off=$(sed -n 's/.*"data_offset": \([0-9]*\).*/\1/p' /tmp/raid.json | head -n 1)
+  bs=$(json_num /tmp/n0.json block_size)
+  off=$(json_num /tmp/raid.json data_offset)
   echo "member block size $bs, data offset $off blocks"
   [ "$off" -gt 0 ] || fail "no data offset"
   for serial in NVRAID0 NVRAID1; do
     disk=$(wait_nvme_serial "$serial") || return 1
     magic=$(dd if="$disk" bs="$bs" count=1 iflag=direct 2>/dev/null | head -c 8)
     [ "$magic" = NVRAIDSB ] || fail "$serial: no superblock at block 0 ($magic)"
-    dd if="$disk" of=/tmp/m bs="$bs" skip=$((off + (PAT_OFF_MB << 20) / bs)) count=$((PAT_LEN / bs)) iflag=direct 2>/dev/null
-    cmp /tmp/pat /tmp/m || fail "mirror $serial ($disk) does not hold the pattern"
+    disk_holds /tmp/pat "$disk" "$bs" $((off + (PAT_OFF_MB << 20) / bs)) ||
+      fail "mirror $serial ($disk) does not hold the pattern"
     echo "$serial: superblock and pattern present"
   done
 }
