@@ -127,10 +127,10 @@ fn logical_block_size(file: &File) -> Result<u32, BdevError> {
 fn dio_offset_align(file: &File) -> Option<u32> {
     // SAFETY: `statx` is a C struct of integers; all-zero is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let (fd, empty_path) = (file.as_raw_fd(), c"".as_ptr());
     // SAFETY: the path is a valid NUL-terminated empty string (AT_EMPTY_PATH
     // makes statx look at the fd itself) and `stx` is a live, writable struct.
-    let rc =
-        unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
+    let rc = unsafe { libc::statx(fd, empty_path, libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
         return None;
     }

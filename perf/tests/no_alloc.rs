@@ -20,21 +20,25 @@ static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 // SAFETY: every call is forwarded unchanged to the system allocator, which
 // upholds GlobalAlloc's contract; the counter is a relaxed atomic add.
 unsafe impl GlobalAlloc for Counting {
+    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the caller's layout contract is passed on as is.
         unsafe { System.alloc(layout) }
     }
+    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: as for alloc.
         unsafe { System.alloc_zeroed(layout) }
     }
+    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: ptr was allocated by System with this layout (all allocations go through it).
         unsafe { System.realloc(ptr, layout, new_size) }
     }
+    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: as for realloc.
         unsafe { System.dealloc(ptr, layout) }
