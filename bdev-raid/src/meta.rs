@@ -213,8 +213,10 @@ fn start_next(ras: &Rc<Ras>, meta: &Rc<Meta>) {
 struct Round {
     left: Cell<usize>,
     ok: Cell<usize>,
-    finish: RefCell<Option<Box<dyn FnOnce(usize)>>>,
+    finish: RefCell<Option<RoundDone>>,
 }
+
+type RoundDone = Box<dyn FnOnce(usize)>;
 
 impl Round {
     fn one(&self, good: bool) {
