@@ -1292,19 +1292,8 @@ fn teardown(shared: Arc<ArrayShared>, done: Box<dyn FnOnce() + Send>) {
     // A rebuild window still copying (a shutdown does not fence the array)
     // ends first: no member IO of the array may outlive the release.
     if let Some(ras) = find_ras(shared.key) {
-        rebuild::cancel(&ras);
         if ras.owner.as_ref().is_some_and(|o| o.rebuild.borrow().is_some()) {
-            let mut pending = Some((shared, done));
-            reactor::register_timed_poller("raid_teardown_wait", std::time::Duration::from_millis(1), move || {
-                if ras.owner.as_ref().is_some_and(|o| o.rebuild.borrow().is_some()) {
-                    return reactor::PollStatus::Idle;
-                }
-                if let Some((shared, done)) = pending.take() {
-                    teardown(shared, done);
-                }
-                reactor::PollStatus::Done
-            });
-            return;
+            return rebuild::cancel_then(&ras, move || teardown(shared, done));
         }
     }
     // Metadata last of all IO: the bitmap's final batch, then the superblock

@@ -72,6 +72,8 @@ pub(crate) struct Rebuild {
     current: RefCell<Vec<Copy>>,
     /// Scrub: one comparison buffer per other copy.
     cmp: RefCell<Vec<DmaBuf>>,
+    /// Run when the process has stopped (`cancel_then`).
+    on_stop: RefCell<Vec<Box<dyn FnOnce()>>>,
     phase: Cell<Phase>,
     /// Set by `cancel` while a window runs: stop after it.
     cancelled: Cell<bool>,
@@ -212,6 +214,7 @@ fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check
         check,
         current: RefCell::new(Vec::new()),
         cmp: RefCell::new(Vec::new()),
+        on_stop: RefCell::new(Vec::new()),
         phase: Cell::new(Phase::Idle),
         cancelled: Cell::new(false),
         offset: Cell::new(first),
@@ -233,15 +236,22 @@ fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check
 /// Stops the running rebuild (owner). Between windows it stops at once;
 /// inside one (only outside fences) it stops when the window ends.
 pub(crate) fn cancel(ras: &Rc<Ras>) {
-    let Some(owner) = &ras.owner else { return };
+    cancel_then(ras, || {});
+}
+
+/// `cancel`, and `stopped` runs once no window of it is in flight any
+/// more (at once when it was between windows or none ran).
+pub(crate) fn cancel_then(ras: &Rc<Ras>, stopped: impl FnOnce() + 'static) {
+    let Some(owner) = &ras.owner else { return stopped() };
     let rb = owner.rebuild.borrow().clone();
     {
         let mut ctl = ras.shared.ctl();
         ctl.process_target = None;
     }
     ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
-    let Some(rb) = rb else { return };
+    let Some(rb) = rb else { return stopped() };
     rb.cancelled.set(true);
+    rb.on_stop.borrow_mut().push(Box::new(stopped));
     if rb.phase.get() == Phase::Idle {
         rb.stop(ras);
     }
@@ -281,6 +291,11 @@ impl Rebuild {
         let mine = owner.rebuild.borrow().as_ref().is_some_and(|r| std::ptr::eq(Rc::as_ptr(r), self));
         if mine {
             *owner.rebuild.borrow_mut() = None;
+        }
+        // Last: a waiter may look at the owner's rebuild slot (now empty).
+        let waiters = std::mem::take(&mut *self.on_stop.borrow_mut());
+        for w in waiters {
+            w();
         }
     }
 

@@ -439,3 +439,41 @@ fn raid10_with_a_bitmap_readds_and_recovers_from_a_crash() {
     assert!(same_data(&files[2], &files[3], data_offset), "pair 2+3 identical");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A daemon shutdown unregisters the array with no fence while a rebuild
+/// runs (a window may be copying; teardown stops the rebuild first). The
+/// unregister completes, the superblock is clean, and the member being
+/// rebuilt stays recorded as rebuilding.
+#[test]
+fn shutdown_during_a_rebuild_waits_for_the_window_and_leaves_it_recorded() {
+    use bdev_raid::superblock::SlotState;
+    let dir = temp_dir("shutdown-rebuild");
+    let files = make_files(&dir, 3, 16);
+    let (set, _) = start_with_sb_raid(&files[..2], 1024);
+    set.call(0, || {
+        let o = bdev_raid::rpc::RaidSetOptionsParams {
+            process_window_size_kb: Some(256),
+            process_max_bandwidth_mb_sec: Some(4),
+            ..Default::default()
+        };
+        bdev_raid::rpc::bdev_raid_set_options(o).unwrap();
+    });
+    set.call_async(0, 20, |done| {
+        bdev_raid::rpc::bdev_raid_remove_base_bdev(bdev_raid::rpc::RaidRemoveBaseBdevParams { name: "F1".into() }, done)
+    })
+    .unwrap();
+    open_member(&set, &files[2], "F2");
+    set.call_async(0, 20, |done| {
+        let p = bdev_raid::rpc::RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: "F2".into() };
+        bdev_raid::rpc::bdev_raid_add_base_bdev(p, done)
+    })
+    .unwrap();
+    set.wait_for(10, "rebuild running", || RaidArray::find("R").is_some_and(|r| r.rebuild_running()));
+    set.call_async(0, 20, |done| Registry::get().unregister("R", done)).unwrap();
+    assert!(set.call(0, || RaidArray::find("R").is_none()), "the array is gone");
+    let sb = file_sb(&files[0]).unwrap();
+    assert!(sb.clean, "{sb:?}");
+    assert!(matches!(sb.slots[1].state, SlotState::Rebuilding { .. }), "{sb:?}");
+    drop(set);
+    let _ = std::fs::remove_dir_all(&dir);
+}
