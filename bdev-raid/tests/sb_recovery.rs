@@ -12,10 +12,7 @@
 mod common;
 use bdev::rng::SimRng;
 use bdev::{Channel, DmaBuf, IoBox, IoStatus, IoType, Registry};
-use bdev_raid::rpc::{
-    bdev_raid_add_base_bdev, bdev_raid_delete, bdev_raid_remove_base_bdev, RaidAddBaseBdevParams, RaidDeleteParams,
-    RaidRemoveBaseBdevParams,
-};
+use bdev_raid::rpc::{bdev_raid_delete, RaidDeleteParams};
 use bdev_raid::superblock::{decode, try_encode, Superblock, SuperblockInfo, SB_SIZE_BYTES};
 use bdev_raid::{RaidArray, RaidState};
 use common::files::*;
@@ -31,20 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 // ---- helpers (see also common::files) ----------------------------------------
-
-fn remove_member(set: &Set, name: &str) {
-    let name = name.to_string();
-    set.call_async(0, 20, move |done| bdev_raid_remove_base_bdev(RaidRemoveBaseBdevParams { name }, done))
-        .expect("remove member");
-}
-
-fn add_member(set: &Set, name: &str) {
-    let name = name.to_string();
-    set.call_async(0, 20, move |done| {
-        bdev_raid_add_base_bdev(RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: name }, done)
-    })
-    .expect("add member");
-}
 
 fn info(set: &Set) -> Value {
     set.call(0, || RaidArray::find("R").expect("array R").info_json())

@@ -243,13 +243,7 @@ fn stale_member_scenario(order: &[usize]) {
         data_offset = offset;
         raid_io(&set, IoType::Write, 10, 1, Some(vec![1; BS as usize]));
         // F1 leaves; the array goes on and records it failed.
-        set.call_async(0, 20, |done| {
-            bdev_raid::rpc::bdev_raid_remove_base_bdev(
-                bdev_raid::rpc::RaidRemoveBaseBdevParams { name: "F1".into() },
-                done,
-            )
-        })
-        .unwrap();
+        remove_member(&set, "F1");
         raid_io(&set, IoType::Write, 10, 1, Some(vec![3; BS as usize]));
         raid_io(&set, IoType::Write, 700, 1, Some(vec![3; BS as usize]));
         delete_raid(&set, false);
@@ -295,27 +289,10 @@ fn a_full_rebuild_interrupted_by_a_crash_resumes_where_the_superblock_says() {
             raid_io(&set, IoType::Write, lba, 1, Some(vec![7; BS as usize]));
         }
         // A slow rebuild onto a blank F2: 64 KiB windows at 2 MiB/s.
-        set.call(0, || {
-            let o = bdev_raid::rpc::RaidSetOptionsParams {
-                process_window_size_kb: Some(64),
-                process_max_bandwidth_mb_sec: Some(2),
-                ..Default::default()
-            };
-            bdev_raid::rpc::bdev_raid_set_options(o).unwrap();
-        });
-        set.call_async(0, 20, |done| {
-            bdev_raid::rpc::bdev_raid_remove_base_bdev(
-                bdev_raid::rpc::RaidRemoveBaseBdevParams { name: "F1".into() },
-                done,
-            )
-        })
-        .unwrap();
+        set_process_rate(&set, 64, 2);
+        remove_member(&set, "F1");
         open_member(&set, &files[2], "F2");
-        set.call_async(0, 20, |done| {
-            let p = bdev_raid::rpc::RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: "F2".into() };
-            bdev_raid::rpc::bdev_raid_add_base_bdev(p, done)
-        })
-        .unwrap();
+        add_member(&set, "F2");
         // Wait until the superblock records some progress, then crash.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         recorded = loop {
@@ -387,22 +364,12 @@ fn raid10_with_a_bitmap_readds_and_recovers_from_a_crash() {
             raid_io(&set, IoType::Write, lba, 1, Some(vec![(lba % 251) as u8 + 1; BS as usize]));
         }
         set.wait_for(10, "bits cleared", || RaidArray::find("R").unwrap().bitmap().unwrap().dirty_chunks().is_empty());
-        set.call_async(0, 20, |done| {
-            bdev_raid::rpc::bdev_raid_remove_base_bdev(
-                bdev_raid::rpc::RaidRemoveBaseBdevParams { name: "F1".into() },
-                done,
-            )
-        })
-        .unwrap();
+        remove_member(&set, "F1");
         // Two chunks of 256 blocks written while F1 is away.
         for lba in [300u64, 301, 5000] {
             raid_io(&set, IoType::Write, lba, 1, Some(vec![0xC3; BS as usize]));
         }
-        set.call_async(0, 20, |done| {
-            let p = bdev_raid::rpc::RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: "F1".into() };
-            bdev_raid::rpc::bdev_raid_add_base_bdev(p, done)
-        })
-        .unwrap();
+        add_member(&set, "F1");
         set.wait_for(20, "F1 back", || RaidArray::find("R").is_some_and(|r| !r.is_degraded() && !r.process_running()));
         let copied = set.call(0, || RaidArray::find("R").unwrap().copied_blocks());
         assert_eq!(copied, 2 * 256, "only the two chunks written while F1 was away");
@@ -450,24 +417,10 @@ fn shutdown_during_a_rebuild_waits_for_the_window_and_leaves_it_recorded() {
     let dir = temp_dir("shutdown-rebuild");
     let files = make_files(&dir, 3, 16);
     let (set, _) = start_with_sb_raid(&files[..2], 1024);
-    set.call(0, || {
-        let o = bdev_raid::rpc::RaidSetOptionsParams {
-            process_window_size_kb: Some(256),
-            process_max_bandwidth_mb_sec: Some(4),
-            ..Default::default()
-        };
-        bdev_raid::rpc::bdev_raid_set_options(o).unwrap();
-    });
-    set.call_async(0, 20, |done| {
-        bdev_raid::rpc::bdev_raid_remove_base_bdev(bdev_raid::rpc::RaidRemoveBaseBdevParams { name: "F1".into() }, done)
-    })
-    .unwrap();
+    set_process_rate(&set, 256, 4);
+    remove_member(&set, "F1");
     open_member(&set, &files[2], "F2");
-    set.call_async(0, 20, |done| {
-        let p = bdev_raid::rpc::RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: "F2".into() };
-        bdev_raid::rpc::bdev_raid_add_base_bdev(p, done)
-    })
-    .unwrap();
+    add_member(&set, "F2");
     set.wait_for(10, "rebuild running", || RaidArray::find("R").is_some_and(|r| r.rebuild_running()));
     set.call_async(0, 20, |done| Registry::get().unregister("R", done)).unwrap();
     assert!(set.call(0, || RaidArray::find("R").is_none()), "the array is gone");

@@ -85,6 +85,37 @@ pub fn start_with_sb_raid(files: &[PathBuf], chunk_kb: u32) -> (Set, u64) {
     (set, offset)
 }
 
+/// `bdev_raid_remove_base_bdev` of member `name`.
+pub fn remove_member(set: &Set, name: &str) {
+    let name = name.to_string();
+    set.call_async(0, 20, move |done| {
+        bdev_raid::rpc::bdev_raid_remove_base_bdev(bdev_raid::rpc::RaidRemoveBaseBdevParams { name }, done)
+    })
+    .expect("remove member");
+}
+
+/// `bdev_raid_add_base_bdev` of `name` to "R".
+pub fn add_member(set: &Set, name: &str) {
+    let name = name.to_string();
+    set.call_async(0, 20, move |done| {
+        let p = bdev_raid::rpc::RaidAddBaseBdevParams { raid_bdev: "R".into(), base_bdev: name };
+        bdev_raid::rpc::bdev_raid_add_base_bdev(p, done)
+    })
+    .expect("add member");
+}
+
+/// Rebuild windows of `window_kb` at most `mb_sec` MiB/s (0: unlimited).
+pub fn set_process_rate(set: &Set, window_kb: u32, mb_sec: u32) {
+    set.call(0, move || {
+        let o = bdev_raid::rpc::RaidSetOptionsParams {
+            process_window_size_kb: Some(window_kb),
+            process_max_bandwidth_mb_sec: Some(mb_sec),
+            ..Default::default()
+        };
+        bdev_raid::rpc::bdev_raid_set_options(o).expect("set options");
+    });
+}
+
 pub fn delete_raid(set: &Set, clear_sb: bool) {
     set.call_async(0, 20, move |done| {
         bdev_raid_delete(RaidDeleteParams { name: "R".into(), clear_sb: Some(clear_sb) }, done)
