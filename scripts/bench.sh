@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== building release (nvraid-perf, nvraid-tgt)"
-cargo build --release -p perf -p target
+cargo build --release -p perf -p daemon
 
 echo "== checking that the IO path does not allocate per IO"
 if ! cargo test --release -p perf --test no_alloc -- --nocapture; then

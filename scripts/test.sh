@@ -8,14 +8,14 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==== %s ====\n' "$*"; }
 t0=$(date +%s)
 
-step "SPDK's Python client (PyPI spdk) in build/spdk-venv"
-if ! build/spdk-venv/bin/spdk-rpc --help >/dev/null 2>&1; then
-    mkdir -p build
-    python3 -m venv --clear build/spdk-venv
-    build/spdk-venv/bin/pip install --quiet --disable-pip-version-check spdk
+step "SPDK's Python client (PyPI spdk) in target/spdk-venv"
+if ! target/spdk-venv/bin/spdk-rpc --help >/dev/null 2>&1; then
+    mkdir -p target
+    python3 -m venv --clear target/spdk-venv
+    target/spdk-venv/bin/pip install --quiet --disable-pip-version-check spdk
 fi
-build/spdk-venv/bin/spdk-rpc --help >/dev/null
-export NVRAID_SPDK_RPC="$PWD/build/spdk-venv/bin/spdk-rpc"
+target/spdk-venv/bin/spdk-rpc --help >/dev/null
+export NVRAID_SPDK_RPC="$PWD/target/spdk-venv/bin/spdk-rpc"
 export NVRAID_REQUIRE_SPDK_RPC=1
 
 step "unit and integration tests (cargo test --workspace)"
@@ -25,7 +25,7 @@ step "loom models"
 for t in $(ls */tests/loom_*.rs 2>/dev/null); do
     crate=$(dirname "$(dirname "$t")")
     pkg=$(sed -n 's/^name = "\(.*\)"/\1/p' "$crate/Cargo.toml" | head -1)
-    RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom \
+    RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
         cargo test --release -p "$pkg" --test "$(basename "$t" .rs)"
 done
 
@@ -33,7 +33,7 @@ if [ -x scripts/rig/run.sh ] && [ -z "${NVRAID_SKIP_RIG:-}" ]; then
     step "static binaries for the QEMU guest"
     # The guest has no libc of ours: link glibc statically.
     RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
-        --target x86_64-unknown-linux-gnu -p target --bins -p nvme --example nvme_probe
+        --target x86_64-unknown-linux-gnu -p daemon --bins -p nvme --example nvme_probe
     for s in scripts/rig/scenarios/*.sh; do
         case "$s" in *.host.sh) continue ;; esac # host-side checks run by run.sh
         step "QEMU rig: $(basename "$s")"

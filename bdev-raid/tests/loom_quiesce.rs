@@ -7,7 +7,7 @@
 //! suspended, held IO is resubmitted after resume, everything completes,
 //! and nobody waits forever (loom reports deadlocks).
 //!
-//! Run: `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom cargo test -p bdev-raid --release --test loom_quiesce`
+//! Run: `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p bdev-raid --release --test loom_quiesce`
 #![cfg(loom)]
 
 use bdev_raid::quiesce::{Coordinator, Drained, Gate, SuspendStep};

@@ -7,7 +7,7 @@
 //! without the table (the test-only switch) loom finds the divergence.
 //! Non-overlapping writes are granted without waiting for each other.
 //!
-//! Run: `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom cargo test -p bdev-raid --release --test loom_serialize`
+//! Run: `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p bdev-raid --release --test loom_serialize`
 #![cfg(loom)]
 
 use bdev_raid::range_table::{words, Acquired, RangeTable};

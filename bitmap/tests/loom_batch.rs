@@ -3,7 +3,7 @@
 //! real `Planner`, with writers on two threads and the tick on a third (the
 //! model's main thread). The members' page write is an atomic "persisted"
 //! image the tick stores between closing a batch and completing it. Run with
-//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom cargo test -p bitmap --release --test loom_batch`.
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p bitmap --release --test loom_batch`.
 //!
 //! Checked in every interleaving (preemption bound 2):
 //! * no write is released (`Ready`, or `Wait` and then `is_released`)

@@ -15,7 +15,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("nvmf", &["reactor", "bdev", "nvme-spec"]),
     ("iscsi", &["reactor", "bdev"]),
     ("mgmt", &["reactor", "bdev", "nvme-spec", "nvme", "bitmap", "bdev-raid", "nvmf", "iscsi"]),
-    ("target", &["mgmt"]),
+    ("daemon", &["mgmt"]),
     ("perf", &["mgmt"]),
     ("tidy", &[]),
 ];

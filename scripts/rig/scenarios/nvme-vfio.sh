@@ -7,7 +7,7 @@
 # detaches (CC.SHN); then both go back to the kernel nvme driver, which must
 # find the pattern. Run:
 #   scripts/rig/run.sh --scenario scripts/rig/scenarios/nvme-vfio.sh \
-#     --bin build/x86_64-unknown-linux-gnu/release/examples/nvme_probe \
+#     --bin target/x86_64-unknown-linux-gnu/release/examples/nvme_probe \
 #     --file scripts/setup.sh:/rig/files/setup.sh --module ext4
 set -eu
 # shellcheck source=../guest-lib.sh

@@ -165,7 +165,7 @@ pub fn two_malloc_config(dir: &Path) -> PathBuf {
 pub fn spdk_rpc_path() -> Option<PathBuf> {
     let p = std::env::var_os("NVRAID_SPDK_RPC")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/spdk-venv/bin/spdk-rpc"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/spdk-venv/bin/spdk-rpc"));
     if p.exists() {
         return Some(p);
     }
