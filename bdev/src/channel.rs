@@ -21,8 +21,14 @@ pub struct BdevProps {
     pub optimal_io_boundary: u32,
     /// Largest IO in blocks the bdev accepts in one piece (0: no limit).
     pub max_io_blocks: u32,
-    /// Volatile write cache present (flush matters).
+    /// A volatile write cache sits in front of the media: a completed write
+    /// may be lost at power loss unless it carried FUA or a flush completed
+    /// after it. Without one, every completed write is durable and FUA and
+    /// flush cost nothing. A bdev with a cache honours FUA and flush.
     pub write_cache: bool,
+    /// Deallocated (unmapped) blocks read back as zeroes (NVMe DLFEAT 001b).
+    /// False when the bdev cannot say, or does not unmap.
+    pub deallocated_reads_zeroes: bool,
 }
 
 impl BdevProps {
@@ -36,6 +42,7 @@ impl BdevProps {
             optimal_io_boundary: 0,
             max_io_blocks: 0,
             write_cache: false,
+            deallocated_reads_zeroes: false,
         }
     }
 
@@ -53,6 +60,12 @@ pub trait Bdev: Send + Sync + 'static {
     fn module(&self) -> &'static str;
 
     fn io_type_supported(&self, t: IoType) -> bool;
+
+    /// SPDK's `spdk_bdev_has_write_cache`: whether completed writes can be
+    /// lost at power loss without FUA or a later flush.
+    fn has_write_cache(&self) -> bool {
+        self.props().write_cache
+    }
 
     /// Creates this reactor's channel. Called on the reactor that will use it.
     fn create_channel(&self) -> Result<Rc<dyn BdevChannel>, crate::BdevError>;
@@ -80,6 +93,16 @@ pub trait BdevChannel {
     /// Takes ownership of `io` and completes it exactly once, later (through
     /// `IoBox::complete`). The range and buffer were checked by [`Channel`].
     fn submit(&self, io: IoBox);
+
+    /// Aborts the first IO that `matches` among those this channel still
+    /// holds before they reached the layer below (waiting for a range lock,
+    /// a bitmap batch, a timer, a buffer): it completes with
+    /// `IoError::Aborted`. False when no such IO is held here; an IO already
+    /// at a device cannot be called back.
+    fn abort(&self, matches: &dyn Fn(&BdevIo) -> bool) -> bool {
+        let _ = matches;
+        false
+    }
 }
 
 /// IO counters of one channel; summed over reactors by `bdev_get_iostat`.
@@ -90,6 +113,8 @@ pub struct ChannelStats {
     pub num_read_ops: Cell<u64>,
     pub bytes_written: Cell<u64>,
     pub num_write_ops: Cell<u64>,
+    /// Writes (and write zeroes) that carried FUA.
+    pub num_fua_write_ops: Cell<u64>,
     pub bytes_unmapped: Cell<u64>,
     pub num_unmap_ops: Cell<u64>,
     pub bytes_zeroed: Cell<u64>,
@@ -136,6 +161,7 @@ impl ChannelStats {
             IoType::Write => {
                 add(&self.bytes_written, bytes);
                 add(&self.num_write_ops, 1);
+                add(&self.num_fua_write_ops, u64::from(io.flags.fua()));
                 add(&self.write_latency_ticks, ticks);
                 minmax(&self.max_write_latency_ticks, &self.min_write_latency_ticks);
             }
@@ -143,7 +169,10 @@ impl ChannelStats {
                 add(&self.num_unmap_ops, 1);
                 add(&self.unmap_latency_ticks, ticks);
             }
-            IoType::WriteZeroes => add(&self.num_write_zeroes_ops, 1),
+            IoType::WriteZeroes => {
+                add(&self.num_write_zeroes_ops, 1);
+                add(&self.num_fua_write_ops, u64::from(io.flags.fua()));
+            }
             IoType::Flush => add(&self.num_flush_ops, 1),
             IoType::Reset => {}
         }
@@ -155,6 +184,7 @@ impl ChannelStats {
         acc.num_read_ops += self.num_read_ops.get();
         acc.bytes_written += self.bytes_written.get();
         acc.num_write_ops += self.num_write_ops.get();
+        acc.num_fua_write_ops += self.num_fua_write_ops.get();
         acc.bytes_unmapped += self.bytes_unmapped.get();
         acc.num_unmap_ops += self.num_unmap_ops.get();
         acc.num_write_zeroes_ops += self.num_write_zeroes_ops.get();
@@ -187,6 +217,8 @@ pub struct IoStatTotals {
     pub num_read_ops: u64,
     pub bytes_written: u64,
     pub num_write_ops: u64,
+    /// nvraid's own: writes that carried FUA (not in SPDK's output).
+    pub num_fua_write_ops: u64,
     pub bytes_unmapped: u64,
     pub num_unmap_ops: u64,
     pub num_write_zeroes_ops: u64,
@@ -238,6 +270,11 @@ impl Channel {
         io.stats = Some(self.stats.clone());
         io.submit_ticks = tsc::ticks();
         self.inner.submit(io);
+    }
+
+    /// See [`BdevChannel::abort`].
+    pub fn abort(&self, matches: &dyn Fn(&BdevIo) -> bool) -> bool {
+        self.inner.abort(matches)
     }
 
     fn check(&self, io: &IoBox) -> Result<(), IoError> {

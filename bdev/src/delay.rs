@@ -113,6 +113,7 @@ pub fn create(p: DelayCreateParams) -> Result<BdevHandle, BdevError> {
     props.optimal_io_boundary = bp.optimal_io_boundary;
     props.max_io_blocks = bp.max_io_blocks;
     props.write_cache = bp.write_cache;
+    props.deallocated_reads_zeroes = bp.deallocated_reads_zeroes;
     // Without a seed, one derived from the UUID: reported in driver_specific
     // so a run can be replayed.
     let seed = p.random_seed.unwrap_or_else(|| {
@@ -334,7 +335,10 @@ impl DelayChannel {
         let child = {
             let parked = self.parked.borrow();
             let Some(p) = parked.get(slot) else { return };
-            IoBox::data(p.io_type, p.offset_blocks, p.num_blocks, p.buf.clone())
+            IoBox::data(p.io_type, p.offset_blocks, p.num_blocks, p.buf.clone()).map(|mut child| {
+                child.flags = p.flags;
+                child
+            })
         };
         let (Some(mut child), Some(me)) = (child, self.me.upgrade()) else {
             if let Some(io) = self.parked.borrow_mut().take(slot) {

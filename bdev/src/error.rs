@@ -189,6 +189,7 @@ pub fn create(p: ErrorCreateParams) -> Result<BdevHandle, BdevError> {
     props.optimal_io_boundary = bp.optimal_io_boundary;
     props.max_io_blocks = bp.max_io_blocks;
     props.write_cache = bp.write_cache;
+    props.deallocated_reads_zeroes = bp.deallocated_reads_zeroes;
     let shared = Arc::new(Shared::default());
     let bdev = Arc::new(ErrorBdev { props, base: base.clone(), owner: owner.clone(), shared: shared.clone() });
     let h = match registry.register(bdev) {
@@ -431,6 +432,7 @@ impl ErrorChannel {
         let Some(mut child) = IoBox::data(io.io_type, io.offset_blocks, io.num_blocks, buf) else {
             return io.fail(IoError::NoMemory);
         };
+        child.flags = io.flags;
         let Some(me) = self.me.upgrade() else { return io.fail(IoError::NoDevice) };
         child.tag = self.parked.borrow_mut().insert(io) as u64;
         child.tag2 = tag2;

@@ -50,6 +50,52 @@ impl IoType {
     }
 }
 
+/// Per-IO modifiers that travel with the IO through every layer (SPDK keeps
+/// the same bits in its bdev_io; NVMe carries them in CDW12, SCSI in the CDB).
+/// A layer that splits or forwards an IO copies them onto every child.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IoFlags(u8);
+
+impl IoFlags {
+    pub const NONE: IoFlags = IoFlags(0);
+    /// Force Unit Access: the write is durable (on non-volatile media) when it
+    /// completes, whatever the write cache holds.
+    pub const FUA: IoFlags = IoFlags(1 << 0);
+    /// Disable Page Out: a hint that the data will not be read again soon.
+    pub const DPO: IoFlags = IoFlags(1 << 1);
+
+    pub const fn contains(self, other: IoFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn insert(&mut self, other: IoFlags) {
+        self.0 |= other.0;
+    }
+
+    pub fn remove(&mut self, other: IoFlags) {
+        self.0 &= !other.0;
+    }
+
+    pub const fn union(self, other: IoFlags) -> IoFlags {
+        IoFlags(self.0 | other.0)
+    }
+
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn fua(self) -> bool {
+        self.contains(IoFlags::FUA)
+    }
+}
+
+impl std::ops::BitOr for IoFlags {
+    type Output = IoFlags;
+    fn bitor(self, rhs: IoFlags) -> IoFlags {
+        self.union(rhs)
+    }
+}
+
 /// Why an IO failed. Small and matchable; transports map it to their codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoError {
@@ -101,6 +147,8 @@ pub struct BdevIo {
     pub io_type: IoType,
     pub offset_blocks: u64,
     pub num_blocks: u64,
+    /// FUA, DPO: honoured by every layer (see [`IoFlags`]).
+    pub flags: IoFlags,
     /// Data for reads (filled by the bdev) and writes (read by it).
     pub buf: Option<DmaBuf>,
     pub status: IoStatus,
@@ -125,6 +173,7 @@ impl BdevIo {
             io_type: IoType::Read,
             offset_blocks: 0,
             num_blocks: 0,
+            flags: IoFlags::NONE,
             buf: None,
             status: IoStatus::Pending,
             tag: 0,
@@ -232,6 +281,7 @@ impl IoBox {
         io.io_type = io_type;
         io.offset_blocks = offset_blocks;
         io.num_blocks = num_blocks;
+        io.flags = IoFlags::NONE;
         io.buf = buf;
         Some(io)
     }
@@ -288,6 +338,7 @@ impl Drop for IoBox {
         io.done = None;
         io.stats = None;
         io.status = IoStatus::Pending;
+        io.flags = IoFlags::NONE;
         io.tag = 0;
         io.tag2 = 0;
         io.latency_ticks = 0;

@@ -1,7 +1,8 @@
 //! Block devices: the `Bdev` trait and its per-reactor channels, pooled IO
 //! descriptors with deferred completion, DMA-able buffers, the registry, IO
 //! statistics, and the simple backends (malloc, null, io_uring file, error
-//! injection, delay).
+//! injection, delay), and a volatile-cache model with a power switch for
+//! durability tests.
 //!
 //! `unsafe` lives only in `dma` (raw buffer memory), `tsc` (RDTSC) and
 //! `uring` (buffers handed to the kernel, ioctl/statx on the file), each
@@ -18,10 +19,11 @@ pub mod rng;
 pub mod stamp;
 pub mod tsc;
 pub mod uring;
+pub mod volatile_cache;
 
 pub use channel::{Bdev, BdevChannel, BdevProps, Channel, ChannelStats, IoStatTotals};
 pub use dma::DmaBuf;
-pub use io::{drain_completions, BdevIo, IoBox, IoDone, IoError, IoSlab, IoStatus, IoType};
+pub use io::{drain_completions, BdevIo, IoBox, IoDone, IoError, IoFlags, IoSlab, IoStatus, IoType};
 pub use registry::{BdevHandle, ExamineHold, Registry};
 
 /// Errors of bdev management (creation, lookup, claims); IO errors travel

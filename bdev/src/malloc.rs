@@ -15,8 +15,11 @@ pub struct MallocBdev {
 }
 
 impl MallocBdev {
-    pub fn new(props: BdevProps) -> Result<Self, BdevError> {
+    pub fn new(mut props: BdevProps) -> Result<Self, BdevError> {
         validate_geometry(&props)?;
+        // RAM has no cache to lose; unmapped blocks are filled with zeroes.
+        props.write_cache = false;
+        props.deallocated_reads_zeroes = true;
         let bytes = usize::try_from(props.size_bytes())
             .map_err(|_| BdevError::Invalid(format!("{}: size does not fit in memory", props.name)))?;
         let mem = SharedMem::new(bytes)
