@@ -20,7 +20,7 @@ fn wire(text: &str) -> Value {
 }
 
 /// Captured between SPDK's `spdk-rpc` client and SPDK v25.09's `nvmf_tgt`
-/// (`shared/spdk-rpc-wire/`: 007, 012, 013, 015 excerpt, 024, 025 and the
+/// (`mgmt/tests/fixtures/spdk-rpc-wire/`: 007, 012, 013, 015 excerpt, 024, 025 and the
 /// raid entries of save_config.json), compacted.
 mod captured {
     pub const REQ_007: &str = r#"{"jsonrpc":"2.0","method":"bdev_raid_create","id":1,"params":{"name":"Raid1","raid_level":"raid1","base_bdevs":["Malloc0","Malloc1"],"superblock":false}}"#;

@@ -158,11 +158,10 @@ fn attach_controller_makes_remote_namespaces_bdevs() {
 
 #[test]
 fn default_config_exports_an_array_and_prints_the_connect_line() {
-    // The README's run command: --default-config listens on 4420. Skip when
-    // something else (a running daemon) holds the port.
+    // The README's run command: --default-config listens on 4420, which
+    // something else (a running daemon) may hold on a developer's machine.
     if std::net::TcpListener::bind("127.0.0.1:4420").is_err() {
-        eprintln!("NOTE: skipping: 127.0.0.1:4420 is in use");
-        return;
+        return common::cannot_run("127.0.0.1:4420 is in use");
     }
     let dir = temp_dir("nvmf-default");
     let mut d = Daemon::start(&dir, &["--default-config"]);

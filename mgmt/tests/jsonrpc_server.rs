@@ -748,14 +748,12 @@ fn reply_channel_serves_callers_without_a_socket() {
 
 // --- SPDK client captures -------------------------------------------------
 
-fn captures_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/spdk-rpc-wire");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        println!("note: {} is absent; skipping the SPDK capture replay", dir.display());
-        None
-    }
+/// The recorded bytes live in the repository (`tests/fixtures/spdk-rpc-wire/`,
+/// see its README), so every clone replays the same captures.
+fn captures_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spdk-rpc-wire");
+    assert!(dir.is_dir(), "{} is missing from the checkout", dir.display());
+    dir
 }
 
 /// (name, request bytes, response bytes) for every captured call, in order.
@@ -823,7 +821,7 @@ fn captured_responses(bytes: &[u8]) -> Vec<(Vec<u8>, Response)> {
 
 #[test]
 fn spdk_client_requests_parse_as_valid_requests() {
-    let Some(dir) = captures_dir() else { return };
+    let dir = captures_dir();
     for (name, request_bytes, response_bytes) in captures(&dir) {
         // Exactly what the client writes: pretty-printed, no newline at the end.
         assert!(!request_bytes.ends_with(b"\n"), "{name}");
@@ -844,7 +842,7 @@ fn spdk_client_requests_parse_as_valid_requests() {
 
 #[test]
 fn spdk_responses_encode_byte_for_byte() {
-    let Some(dir) = captures_dir() else { return };
+    let dir = captures_dir();
     for (name, _, response_bytes) in captures(&dir) {
         for (line, response) in captured_responses(&response_bytes) {
             let mut ours = Vec::new();
@@ -879,7 +877,7 @@ impl Dispatch for Replay {
 
 #[test]
 fn spdk_client_conversations_replay_through_the_server() {
-    let Some(dir) = captures_dir() else { return };
+    let dir = captures_dir();
     let h = start_with(Replay::default());
     for (name, request_bytes, response_bytes) in captures(&dir) {
         let expected = captured_responses(&response_bytes);

@@ -159,9 +159,21 @@ pub fn two_malloc_config(dir: &Path) -> PathBuf {
     p
 }
 
+/// Whether the tests run under CI (`CI` set and not "false"/"0", as CI
+/// runners and scripts/test.sh set it): there a test never skips.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// A test cannot run its check because `why`. Under CI that fails the test;
+/// on a developer's machine it says so and the caller returns.
+pub fn cannot_run(why: &str) {
+    assert!(!under_ci(), "this test cannot run its check under CI: {why}");
+    eprintln!("NOTE: not run: {why}");
+}
+
 /// Path of SPDK's `spdk-rpc` (installed by scripts/test.sh into a venv).
-/// Without it the test fails when NVRAID_REQUIRE_SPDK_RPC=1 (as in CI), and
-/// is skipped with a notice otherwise.
+/// Without it the test fails under CI and is not run otherwise.
 pub fn spdk_rpc_path() -> Option<PathBuf> {
     let p = std::env::var_os("NVRAID_SPDK_RPC")
         .map(PathBuf::from)
@@ -169,10 +181,7 @@ pub fn spdk_rpc_path() -> Option<PathBuf> {
     if p.exists() {
         return Some(p);
     }
-    if std::env::var("NVRAID_REQUIRE_SPDK_RPC").as_deref() == Ok("1") {
-        panic!("spdk-rpc not found at {} (scripts/test.sh installs it)", p.display());
-    }
-    eprintln!("NOTE: skipping: SPDK's client not installed at {} (run scripts/test.sh)", p.display());
+    cannot_run(&format!("SPDK's client is not installed at {} (scripts/test.sh installs it)", p.display()));
     None
 }
 
