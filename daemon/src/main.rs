@@ -1,7 +1,7 @@
 //! `nvraid-tgt`: the nvraid daemon. Starts the reactors, applies the start-up
-//! config, serves JSON-RPC, and shuts down in order on SIGINT/SIGTERM or
-//! `spdk_kill_instance`: RPC first, then every bdev once its in-flight IO has
-//! completed, then the reactors.
+//! config, serves JSON-RPC, and shuts down in order on SIGINT/SIGTERM (also
+//! when `spdk_kill_instance` sends them): RPC first, then every bdev once its
+//! in-flight IO has completed, then the reactors.
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +10,7 @@ use mgmt::bdev::{self, Registry};
 use mgmt::reactor::{self, IdlePolicy, PollStatus, ReactorConfig, ReactorSet};
 use mgmt::server::RpcServer;
 use mgmt::{config, Ctx, MethodTable};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -59,9 +60,12 @@ enum Event {
 }
 
 fn main() {
+    // Colour codes only for a person at a terminal: a log file or a pipe
+    // gets plain text that grep and log collectors read as written.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NVRAID_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = run(Args::parse()) {
         eprintln!("nvraid-tgt: error: {e:#}");
@@ -96,12 +100,7 @@ fn run(args: Args) -> Result<()> {
     let (events, rx) = mpsc::channel::<Event>();
 
     let ev = events.clone();
-    let ctx = Ctx {
-        reactors: set.clone(),
-        shutdown: Box::new(move |sig| {
-            let _ = ev.send(Event::Shutdown(sig.to_string()));
-        }),
-    };
+    let ctx = Ctx { reactors: set.clone(), shutdown: Box::new(move |sig| deliver_signal(sig, &ev)) };
     let table = Arc::new(MethodTable::new(ctx));
     if let Err(e) = config::check_methods(&calls, &table) {
         set.stop();
@@ -168,6 +167,34 @@ fn run(args: Args) -> Result<()> {
     tracing::info!(reason, "shutting down");
     shutdown(&set, &rpc_running);
     Ok(())
+}
+
+/// `spdk_kill_instance`: what SPDK does, which is to send the signal to
+/// itself. SIGINT and SIGTERM are this daemon's orderly shutdown (asked of
+/// the main thread directly, so the log names the signal); any other signal
+/// is raised with its default action, which for SIGKILL is immediate death
+/// and for SIGQUIT, SIGHUP and SIGUSR1 termination, as for SPDK's nvmf_tgt.
+fn deliver_signal(sig: &str, events: &mpsc::Sender<Event>) {
+    use signal_hook::consts::{SIGHUP, SIGKILL, SIGQUIT, SIGUSR1};
+    let number = match sig {
+        "SIGINT" | "SIGTERM" => {
+            let _ = events.send(Event::Shutdown(sig.to_string()));
+            return;
+        }
+        "SIGKILL" => SIGKILL,
+        "SIGQUIT" => SIGQUIT,
+        "SIGHUP" => SIGHUP,
+        "SIGUSR1" => SIGUSR1,
+        other => {
+            // mgmt checks the name against SPDK's list first.
+            tracing::error!(signal = other, "spdk_kill_instance: unknown signal ignored");
+            return;
+        }
+    };
+    tracing::warn!(signal = sig, "spdk_kill_instance: raising the signal; it takes its default action");
+    if let Err(e) = signal_hook::low_level::raise(number) {
+        tracing::error!(signal = sig, "spdk_kill_instance: raising the signal failed: {e}");
+    }
 }
 
 /// Orderly shutdown: stop taking RPCs, stop the NVMe-oF target (listeners

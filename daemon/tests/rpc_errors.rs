@@ -171,3 +171,155 @@ fn nvraid_rpc_client_reports_results_and_errors() {
     let o = cli(&["bdev_get_bdevs", "{not json"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Waits up to 30 s for the daemon to exit and returns how.
+fn wait_exit(d: &mut Daemon) -> std::process::ExitStatus {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+            d.child = None;
+            return st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "daemon still running: {}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// spdk_kill_instance does what SPDK's does, sending the signal to the
+/// daemon itself: SIGTERM is the orderly shutdown, SIGKILL immediate death
+/// (no reply, no cleanup: the socket file stays), SIGHUP its default
+/// action; a name SPDK does not know is refused and changes nothing.
+#[test]
+fn spdk_kill_instance_sends_the_signal() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = temp_dir("kill");
+    let mut d = Daemon::start(&dir, &[]);
+    let (code, msg) = d.rpc("spdk_kill_instance", json!({"sig_name": "SIGFOO"})).unwrap_err();
+    assert_eq!(code, -32602);
+    assert!(msg.contains("SIGFOO") && msg.contains("SIGKILL"), "{msg}");
+    still_serving(&d);
+    let reply = d.raw(
+        br#"{"jsonrpc":"2.0","method":"spdk_kill_instance","params":{"sig_name":"SIGKILL"},"id":1}"#,
+        false,
+        Duration::from_secs(10),
+    );
+    assert_eq!(reply, "", "a killed process answers nothing");
+    let st = wait_exit(&mut d);
+    assert_eq!(st.signal(), Some(9), "{st}: {}", d.log_text());
+    assert!(d.sock.exists(), "SIGKILL leaves no time to remove the socket");
+
+    let dir = temp_dir("kill-hup");
+    let mut d = Daemon::start(&dir, &[]);
+    let _ = d.raw(
+        br#"{"jsonrpc":"2.0","method":"spdk_kill_instance","params":{"sig_name":"SIGHUP"},"id":1}"#,
+        false,
+        Duration::from_secs(10),
+    );
+    assert_eq!(wait_exit(&mut d).signal(), Some(1), "{}", d.log_text());
+
+    let dir = temp_dir("kill-term");
+    let mut d = Daemon::start(&dir, &[]);
+    assert_eq!(d.ok("spdk_kill_instance", json!({"sig_name": "SIGTERM"})), json!(true));
+    let st = wait_exit(&mut d);
+    assert!(st.success(), "{st}: {}", d.log_text());
+    assert!(!d.sock.exists(), "an orderly shutdown removes its socket");
+}
+
+/// Logs written to a pipe (or a file) are plain text: no ANSI colour codes.
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = temp_dir("ansi");
+    let sock = dir.join("rpc.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvraid-tgt"))
+        .args(["-r", sock.to_str().unwrap(), "--idle", "sleep", "--no-pin", "--no-huge"])
+        .env("NVRAID_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no RPC socket");
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("INFO") && log.contains("shutting down"), "expected log lines: {log}");
+    assert!(!out.stderr.contains(&0x1b), "ESC (ANSI colour) in piped logs: {log:?}");
+}
+
+/// Each SPDK option method nvraid skips, fed in a start-up config with the
+/// values SPDK writes: the daemon starts and names every one in a warning.
+/// The option methods for parts nvraid has are applied instead, so a value
+/// nvraid cannot honour stops the start with a readable error.
+#[test]
+fn config_option_methods_are_skipped_by_name_or_applied() {
+    let dir = temp_dir("options");
+    let cfg = dir.join("options.json");
+    let skipped = json!([
+        {"method": "framework_set_scheduler", "params": {"name": "static"}},
+        {"method": "sock_set_default_impl", "params": {"impl_name": "posix"}},
+        {"method": "sock_impl_set_options", "params": {"impl_name": "posix", "recv_buf_size": 2097152}},
+        {"method": "iobuf_set_options", "params": {"small_pool_count": 8192, "large_pool_count": 1024}},
+        {"method": "accel_set_options", "params": {"small_cache_size": 128, "large_cache_size": 16}},
+        {"method": "vmd_enable"},
+        {"method": "nvmf_set_config", "params": {"discovery_filter": "match_any"}},
+        {"method": "nvmf_set_max_subsystems", "params": {"max_subsystems": 1024}},
+        {"method": "nvmf_set_crdt", "params": {"crdt1": 0, "crdt2": 0, "crdt3": 0}},
+    ]);
+    let applied = json!([
+        {"method": "bdev_set_options", "params": {"bdev_io_pool_size": 65535, "bdev_io_cache_size": 256,
+            "bdev_auto_examine": true, "iobuf_small_cache_size": 128, "iobuf_large_cache_size": 16}},
+        {"method": "bdev_nvme_set_options", "params": {"action_on_timeout": "abort", "timeout_us": 5000000,
+            "transport_retry_count": 3, "bdev_retry_count": 3, "keep_alive_timeout_ms": 10000}},
+        {"method": "bdev_nvme_set_hotplug", "params": {"enable": false, "period_us": 100000}},
+    ]);
+    let mut calls = skipped.as_array().unwrap().clone();
+    calls.extend(applied.as_array().unwrap().iter().cloned());
+    std::fs::write(&cfg, json!({"subsystems": [{"subsystem": "bdev", "config": calls}]}).to_string()).unwrap();
+    let d = Daemon::start(&dir, &["-c", cfg.to_str().unwrap()]);
+    still_serving(&d);
+    let log = d.log_text();
+    let warning = log.lines().find(|l| l.contains("skipping SPDK option methods")).unwrap_or_else(|| panic!("{log}"));
+    for call in skipped.as_array().unwrap() {
+        let m = call["method"].as_str().unwrap();
+        assert!(warning.contains(m), "{m} not named in: {warning}");
+    }
+    for call in applied.as_array().unwrap() {
+        let m = call["method"].as_str().unwrap();
+        assert!(!warning.contains(m), "{m} was skipped: {warning}");
+    }
+    drop(d);
+
+    // Applied, so refused when nvraid cannot do what it asks.
+    let run = |calls: serde_json::Value| {
+        std::fs::write(&cfg, json!({"subsystems": [{"subsystem": "bdev", "config": calls}]}).to_string()).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_nvraid-tgt"))
+            .args(["-r", dir.join("s.sock").to_str().unwrap(), "--idle", "sleep", "--no-pin", "-c"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    for (call, named) in [
+        (json!({"method": "bdev_set_options", "params": {"bdev_io_pool_size": 1024}}), "bdev_io_pool_size=1024"),
+        (json!({"method": "bdev_set_options", "params": {"bdev_auto_examine": false}}), "bdev_auto_examine=false"),
+        (
+            json!({"method": "bdev_nvme_set_options", "params": {"ctrlr_loss_timeout_sec": 5}}),
+            "ctrlr_loss_timeout_sec=5",
+        ),
+        (
+            json!({"method": "bdev_nvme_set_options", "params": {"action_on_timeout": "none", "timeout_us": 10}}),
+            "action_on_timeout",
+        ),
+        (json!({"method": "bdev_nvme_set_hotplug", "params": {"enable": true}}), "enable=true"),
+    ] {
+        let o = run(json!([call]));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{call} must stop the start: {err}");
+        let method = call["method"].as_str().unwrap();
+        assert!(err.contains(&format!("{method} failed")) && err.contains(named), "{call}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -9,21 +9,24 @@ use serde_json::Value;
 use std::sync::Arc;
 
 /// SPDK option methods that SPDK's `save_config` writes but that configure
-/// parts nvraid does not have (its scheduler, socket layer, accel framework,
-/// buffer pools). A config file from SPDK loads with a warning for each.
-pub const FOREIGN_OPTION_METHODS: &[&str] = &[
+/// parts nvraid does not have: its scheduler (nvraid pins one reactor per
+/// core), socket layer, iobuf and accel frameworks, VMD, and the NVMe-oF
+/// target's global settings (passthrough, discovery filter, subsystem limit,
+/// command retry delays). A config file from SPDK loads; these calls are
+/// skipped and one warning names them (the README lists them too). Option
+/// methods for parts nvraid has (`bdev_set_options`, `bdev_nvme_set_options`,
+/// `bdev_nvme_set_hotplug`, `bdev_raid_set_options`) are methods of the
+/// table: applied, or refused when they ask for what nvraid cannot do.
+pub const SKIPPED_OPTION_METHODS: &[&str] = &[
     "framework_set_scheduler",
     "sock_set_default_impl",
     "sock_impl_set_options",
     "iobuf_set_options",
     "accel_set_options",
-    "bdev_set_options",
-    "bdev_nvme_set_options",
-    "bdev_nvme_set_hotplug",
+    "vmd_enable",
     "nvmf_set_config",
     "nvmf_set_max_subsystems",
     "nvmf_set_crdt",
-    "vmd_enable",
 ];
 
 #[derive(Debug, Clone)]
@@ -67,11 +70,11 @@ pub fn parse(text: &str) -> Result<Vec<Call>, String> {
     Ok(calls)
 }
 
-/// Checks every call names a known method (or a foreign option method)
+/// Checks every call names a known method (or a skipped option method)
 /// before anything runs, so a bad file changes nothing.
 pub fn check_methods(calls: &[Call], table: &MethodTable) -> Result<(), String> {
     for c in calls {
-        if !table.has(&c.method) && !FOREIGN_OPTION_METHODS.contains(&c.method.as_str()) {
+        if !table.has(&c.method) && !SKIPPED_OPTION_METHODS.contains(&c.method.as_str()) {
             return Err(format!("subsystem {}: unknown method {}", c.subsystem, c.method));
         }
     }
@@ -81,7 +84,22 @@ pub fn check_methods(calls: &[Call], table: &MethodTable) -> Result<(), String> 
 /// Replays `calls` in order on the application reactor; `done` gets the
 /// first failure (with the method and its error) or Ok.
 pub fn replay(table: Arc<MethodTable>, calls: Vec<Call>, done: impl FnOnce(Result<(), String>) + Send + 'static) {
+    let skipped = skipped_methods(&calls, &table);
+    if !skipped.is_empty() {
+        tracing::warn!("config: skipping SPDK option methods for parts nvraid does not have: {}", skipped.join(", "));
+    }
     step(table, calls.into_iter(), Box::new(done));
+}
+
+/// The methods of `calls` that replay skips, each named once in file order.
+pub fn skipped_methods(calls: &[Call], table: &MethodTable) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for c in calls.iter().filter(|c| !table.has(&c.method)) {
+        if !names.contains(&c.method) {
+            names.push(c.method.clone());
+        }
+    }
+    names
 }
 
 type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -89,7 +107,6 @@ type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 fn step(table: Arc<MethodTable>, mut rest: std::vec::IntoIter<Call>, done: Done) {
     let Some(call) = rest.next() else { return done(Ok(())) };
     if !table.has(&call.method) {
-        tracing::warn!(method = call.method, "config: skipping SPDK option method that nvraid does not have");
         return step(table, rest, done);
     }
     let set = table.ctx().reactors.clone();

@@ -56,6 +56,14 @@ impl RpcError {
         Self::new(INVALID_PARAMS, format!("Invalid parameters: {detail}"))
     }
 
+    /// -32602 for keys the method does not know; `keys` are paths such as
+    /// `superblok` or `namespace.eui46`.
+    pub fn unknown_parameters(method: &str, keys: &[String]) -> Self {
+        let quoted: Vec<String> = keys.iter().map(|k| format!("'{k}'")).collect();
+        let noun = if keys.len() == 1 { "parameter" } else { "parameters" };
+        Self::new(INVALID_PARAMS, format!("{method}: unknown {noun} {}", quoted.join(", ")))
+    }
+
     pub fn internal(detail: impl fmt::Display) -> Self {
         Self::new(INTERNAL_ERROR, format!("Internal error: {detail}"))
     }
@@ -71,17 +79,25 @@ impl RpcError {
 
 pub type RpcResult = Result<Value, RpcError>;
 
-/// Decodes `params` into a typed struct.
+/// Decodes `params` of `method` into a typed struct, strictly.
 ///
-/// Missing or wrongly typed fields give -32602 with serde's own wording
-/// ("Invalid parameters: missing field `name`"). Unknown keys are ignored as
-/// long as `T` does not say `#[serde(deny_unknown_fields)]`: SPDK's client
-/// sends many default-valued keys explicitly, and a newer client sends keys an
-/// older server never heard of. Absent params decode as an empty object, so a
-/// struct whose fields all have defaults works with or without params.
-pub fn decode_params<T: DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError> {
+/// A key that `T` does not know gets -32602 naming the key and the method
+/// ("bdev_raid_create: unknown parameter 'superblok'"), as SPDK's decoder
+/// rejects unknown keys: a misspelt option silently ignored is how a user
+/// ends up without the feature while believing it is on. Keys SPDK defines
+/// for features nvraid lacks are refused before this, by the method table
+/// (see `methods::unsupported`). Missing or wrongly typed fields give -32602
+/// with serde's own wording ("Invalid parameters: missing field `name`").
+/// Absent params decode as an empty object, so a struct whose fields all
+/// have defaults works with or without params.
+pub fn decode_params<T: DeserializeOwned>(method: &str, params: Option<Value>) -> Result<T, RpcError> {
     let value = params.unwrap_or_else(|| Value::Object(Map::new()));
-    serde_json::from_value(value).map_err(RpcError::invalid_params)
+    let mut unknown = Vec::new();
+    let decoded = serde_ignored::deserialize(value, |path| unknown.push(path.to_string()));
+    if !unknown.is_empty() {
+        return Err(RpcError::unknown_parameters(method, &unknown));
+    }
+    decoded.map_err(RpcError::invalid_params)
 }
 
 /// A validated request.
@@ -552,19 +568,34 @@ mod tests {
     }
 
     #[test]
-    fn decode_params_reports_readably_and_ignores_unknown_keys() {
-        let ok: Create = decode_params(Some(json!({"name": "M0", "size_mib": 4, "extra": [1]}))).unwrap();
+    fn decode_params_reports_readably_and_rejects_unknown_keys() {
+        let ok: Create = decode_params("m", Some(json!({"name": "M0", "size_mib": 4}))).unwrap();
         assert_eq!(ok, Create { name: "M0".into(), size_mib: 4 });
 
-        let missing = decode_params::<Create>(Some(json!({"size_mib": 4}))).unwrap_err();
+        let unknown = decode_params::<Create>("bdev_x_create", Some(json!({"name": "M0", "extra": [1]}))).unwrap_err();
+        assert_eq!(unknown.code, INVALID_PARAMS);
+        assert_eq!(unknown.message, "bdev_x_create: unknown parameter 'extra'");
+        // A misspelt required key: the unknown key explains the missing one.
+        let typo = decode_params::<Create>("m", Some(json!({"nmae": "M0", "size_mb": 4}))).unwrap_err();
+        assert_eq!(typo.message, "m: unknown parameters 'nmae', 'size_mb'");
+
+        #[derive(Debug, Deserialize)]
+        struct Outer {
+            #[serde(rename = "namespace")]
+            _namespace: Create,
+        }
+        let nested = decode_params::<Outer>("m", Some(json!({"namespace": {"name": "a", "eui46": "x"}}))).unwrap_err();
+        assert_eq!(nested.message, "m: unknown parameter 'namespace.eui46'");
+
+        let missing = decode_params::<Create>("m", Some(json!({"size_mib": 4}))).unwrap_err();
         assert_eq!(missing.code, INVALID_PARAMS);
         assert_eq!(missing.message, "Invalid parameters: missing field `name`");
 
-        let wrong = decode_params::<Create>(Some(json!({"name": "a", "size_mib": "big"}))).unwrap_err();
+        let wrong = decode_params::<Create>("m", Some(json!({"name": "a", "size_mib": "big"}))).unwrap_err();
         assert_eq!(wrong.code, INVALID_PARAMS);
         assert!(wrong.message.contains("invalid type: string \"big\""), "{}", wrong.message);
 
-        let absent = decode_params::<Create>(None).unwrap_err();
+        let absent = decode_params::<Create>("m", None).unwrap_err();
         assert_eq!(absent.message, "Invalid parameters: missing field `name`");
 
         #[derive(Debug, Deserialize)]
@@ -572,7 +603,9 @@ mod tests {
             #[serde(default)]
             _verbose: bool,
         }
-        decode_params::<AllDefault>(None).unwrap();
+        decode_params::<AllDefault>("m", None).unwrap();
+        let e = decode_params::<AllDefault>("m", Some(json!({"verbose": true}))).unwrap_err();
+        assert_eq!(e.message, "m: unknown parameter 'verbose'");
     }
 
     fn drain(decoder: &mut StreamDecoder, eof: bool) -> (Vec<Value>, Option<RpcError>) {

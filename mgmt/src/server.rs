@@ -57,6 +57,9 @@ const COMPLETIONS_PER_POLL: usize = 1024;
 #[must_use = "dropping a Reply answers the client with an internal error"]
 pub struct Reply {
     target: Option<Target>,
+    /// The method being answered, for error messages ("" until the method
+    /// table names it).
+    method: &'static str,
 }
 
 #[derive(Debug)]
@@ -96,20 +99,32 @@ impl Reply {
     /// A reply that goes nowhere: the request was a notification, which is
     /// executed but never answered.
     pub fn notification() -> Self {
-        Self { target: None }
+        Self { target: None, method: "" }
     }
 
     /// A reply delivered to a channel instead of a socket, for calling
     /// methods without a client (loading a config file, unit tests).
     pub fn channel() -> (Self, Receiver<RpcResult>) {
         let (sender, receiver) = mpsc::channel();
-        (Self { target: Some(Target::Channel(sender)) }, receiver)
+        (Self { target: Some(Target::Channel(sender)), method: "" }, receiver)
     }
 
     /// A reply handed to `f`, on whatever thread completes it: lets the
     /// daemon chain method calls (replaying a config) without blocking.
     pub fn callback(f: impl FnOnce(RpcResult) + Send + 'static) -> Self {
-        Self { target: Some(Target::Callback(ReplyFn(Box::new(f)))) }
+        Self { target: Some(Target::Callback(ReplyFn(Box::new(f)))), method: "" }
+    }
+
+    /// The same reply, answering `method` (the method table sets this, so a
+    /// handler can name its method in errors without knowing its own name).
+    pub fn for_method(mut self, method: &'static str) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// The method this reply answers, or "" when nobody said.
+    pub fn method(&self) -> &'static str {
+        self.method
     }
 
     /// Whether anybody will see the result; a handler may skip building a
@@ -541,6 +556,7 @@ impl Connection {
                                     unit_seq: seq,
                                     slot_index,
                                 }),
+                                method: "",
                             }
                         }
                     };

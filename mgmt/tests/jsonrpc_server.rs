@@ -47,8 +47,8 @@ impl Dispatch for TestMethods {
     fn call(&self, method: &str, params: Option<Value>, reply: Reply) {
         match method {
             "echo" => reply.send(Ok(params.unwrap_or(Value::Null))),
-            "add" => reply.send(decode_params::<AddParams>(params).map(|p| json!(p.a + p.b))),
-            "later" => match decode_params::<LaterParams>(params) {
+            "add" => reply.send(decode_params::<AddParams>(method, params).map(|p| json!(p.a + p.b))),
+            "later" => match decode_params::<LaterParams>(method, params) {
                 Ok(p) => {
                     thread::spawn(move || {
                         thread::sleep(Duration::from_millis(p.delay_ms));
@@ -429,9 +429,11 @@ fn wrong_or_missing_params_are_readable() {
     let (code, message) = error_of(&c.call("add", json!(3), None));
     assert_eq!(code, i64::from(INVALID_PARAMS));
     assert_eq!(message, "Invalid parameters: missing field `a`");
-    // Unknown keys are ignored: SPDK's client sends many.
-    let reply = c.call("add", json!(4), Some(json!({"a": 1, "b": 2, "c": 3, "trtype": "TCP"})));
-    assert_eq!(result_of(&reply), &json!(3));
+    // Unknown keys are refused by name, as SPDK's decoder does.
+    let reply = c.call("add", json!(4), Some(json!({"a": 1, "b": 2, "c": 3})));
+    let (code, message) = error_of(&reply);
+    assert_eq!(code, i64::from(INVALID_PARAMS));
+    assert_eq!(message, "add: unknown parameter 'c'");
 }
 
 #[test]

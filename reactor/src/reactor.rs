@@ -77,6 +77,14 @@ pub(crate) struct Shared {
     pub(crate) busy_loops: AtomicU64,
     pub(crate) idle_loops: AtomicU64,
     pub(crate) sleeping_ns: AtomicU64,
+    /// Ticks (`tsc`) spent in loops that did work, and in loops that did
+    /// not (sleeping included), as SPDK's `busy_tsc` and `idle_tsc`.
+    pub(crate) busy_ticks: AtomicU64,
+    pub(crate) idle_ticks: AtomicU64,
+    /// Tick count when the reactor's loop started (0 before).
+    pub(crate) started_ticks: AtomicU64,
+    /// The reactor thread's Linux thread id, once it runs.
+    pub(crate) tid: OnceLock<u64>,
 }
 
 impl Shared {
@@ -89,8 +97,40 @@ impl Shared {
             busy_loops: AtomicU64::new(0),
             idle_loops: AtomicU64::new(0),
             sleeping_ns: AtomicU64::new(0),
+            busy_ticks: AtomicU64::new(0),
+            idle_ticks: AtomicU64::new(0),
+            started_ticks: AtomicU64::new(0),
+            tid: OnceLock::new(),
         }
     }
+
+    /// Adds the ticks since `since` to the busy or idle total and returns
+    /// the current tick count: the one TSC read of a loop. Only the
+    /// reactor's own thread calls this (single writer, so load + store).
+    pub(crate) fn account_ticks(&self, busy: bool, since: u64) -> u64 {
+        let now = crate::tsc::ticks();
+        let total = if busy { &self.busy_ticks } else { &self.idle_ticks };
+        total.store(total.load(Ordering::Relaxed) + now.saturating_sub(since), Ordering::Relaxed);
+        now
+    }
+
+    /// Records, on the reactor's thread, when its loop starts and which
+    /// thread runs it. Returns the start tick count.
+    pub(crate) fn start_loop(&self) -> u64 {
+        if let Some(tid) = current_tid() {
+            let _ = self.tid.set(tid);
+        }
+        let now = crate::tsc::ticks();
+        self.started_ticks.store(now, Ordering::Relaxed);
+        now
+    }
+}
+
+/// The calling thread's Linux thread id, read without libc from the
+/// `/proc/thread-self` link (`PID/task/TID`); None off Linux.
+fn current_tid() -> Option<u64> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
 }
 
 /// What all reactors of a set share.

@@ -72,6 +72,25 @@ pub fn parse_core_mask(s: &str) -> Result<Vec<usize>, CoreMaskError> {
     Ok(cores)
 }
 
+/// A reactor's measurements of its own loop. Ticks are [`crate::tsc`] ticks
+/// (rate: [`crate::tsc::tick_rate`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReactorStats {
+    /// Loops that did work, and loops that did not.
+    pub busy_loops: u64,
+    pub idle_loops: u64,
+    /// Time parked by the sleep-when-idle policy.
+    pub slept_ns: u64,
+    /// Ticks spent in loops that did work, and in loops that did not
+    /// (sleeping included): SPDK's `busy` and `idle`.
+    pub busy_ticks: u64,
+    pub idle_ticks: u64,
+    /// Tick count when the loop started (0 until it has).
+    pub started_ticks: u64,
+    /// The reactor thread's Linux thread id (None in a manual set, or off Linux).
+    pub tid: Option<u64>,
+}
+
 /// Handle to a running (or manual) set of reactors. Cloneable and `Send`.
 #[derive(Clone)]
 pub struct ReactorSet {
@@ -92,6 +111,7 @@ impl ReactorSet {
         if cfg.cores.is_empty() {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no cores"));
         }
+        crate::tsc::calibrate_in_background();
         let shared = cfg.cores.iter().map(|&c| Shared::new(Some(c), cfg.ring_capacity)).collect();
         let inner = SetInner::new(shared, Clock::real(), cfg.idle);
         let set = ReactorSet { inner: inner.clone(), threads: Arc::new(Mutex::new(Vec::new())) };
@@ -110,10 +130,14 @@ impl ReactorSet {
                 }
                 let _ = inner.reactors[id].thread.set(std::thread::current());
                 let local = Local::new(id, inner.clone());
+                let shared = &inner.reactors[id];
                 enter(&local, || {
+                    let mut loop_start = shared.start_loop();
                     while !inner.stop.load(Ordering::Acquire) {
                         let busy = local.run_once();
                         local.idle(busy);
+                        // A sleep inside `idle` counts as idle time, as in SPDK.
+                        loop_start = shared.account_ticks(busy, loop_start);
                     }
                 });
                 // Per-reactor state (channels, pools) is dropped here, on its own thread.
@@ -179,14 +203,16 @@ impl ReactorSet {
         }
     }
 
-    /// Loop counters per reactor: (busy loops, idle loops, ns slept).
-    pub fn stats(&self, id: ReactorId) -> Option<(u64, u64, u64)> {
-        self.inner.reactors.get(id).map(|r| {
-            (
-                r.busy_loops.load(Ordering::Relaxed),
-                r.idle_loops.load(Ordering::Relaxed),
-                r.sleeping_ns.load(Ordering::Relaxed),
-            )
+    /// What a reactor has measured of its own loop.
+    pub fn stats(&self, id: ReactorId) -> Option<ReactorStats> {
+        self.inner.reactors.get(id).map(|r| ReactorStats {
+            busy_loops: r.busy_loops.load(Ordering::Relaxed),
+            idle_loops: r.idle_loops.load(Ordering::Relaxed),
+            slept_ns: r.sleeping_ns.load(Ordering::Relaxed),
+            busy_ticks: r.busy_ticks.load(Ordering::Relaxed),
+            idle_ticks: r.idle_ticks.load(Ordering::Relaxed),
+            started_ticks: r.started_ticks.load(Ordering::Relaxed),
+            tid: r.tid.get().copied(),
         })
     }
 
@@ -216,7 +242,11 @@ impl ManualSet {
     /// Runs one loop of reactor `id` on this thread. Returns true if it did work.
     pub fn run_once(&self, id: ReactorId) -> bool {
         let local = &self.locals[id];
-        enter(local, || local.run_once())
+        let shared = &self.set.inner.reactors[id];
+        let loop_start = crate::tsc::ticks();
+        let busy = enter(local, || local.run_once());
+        shared.account_ticks(busy, loop_start);
+        busy
     }
 
     /// Runs `f` as if on reactor `id` (to register pollers, submit IO, …).

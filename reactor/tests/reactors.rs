@@ -110,13 +110,47 @@ fn for_each_reactor_visits_all_then_returns() {
 fn sleep_policy_sleeps_when_idle_and_wakes_on_message() {
     let set = start(1);
     std::thread::sleep(Duration::from_millis(50));
-    let (_, _, slept_ns) = set.stats(0).unwrap();
+    let slept_ns = set.stats(0).unwrap().slept_ns;
     assert!(slept_ns > 10_000_000, "an idle reactor in sleep mode should sleep (slept {slept_ns} ns)");
     // A message to a sleeping reactor is served well before the sleep bound
     // would have let it notice on its own many times over.
     let t = std::time::Instant::now();
     assert_eq!(set.call(0, || 7), 7);
     assert!(t.elapsed() < Duration::from_secs(5));
+    set.stop();
+    set.join();
+}
+
+/// Busy and idle time are measured in ticks per loop: work done in a
+/// message lands in `busy_ticks`, a quiet reactor's sleep in `idle_ticks`,
+/// and together they cover the reactor's life since its loop started.
+#[test]
+fn busy_and_idle_ticks_measure_the_loop() {
+    let set = start(1);
+    let rate = reactor::tsc::tick_rate();
+    std::thread::sleep(Duration::from_millis(50));
+    let before = set.stats(0).unwrap();
+    assert!(before.tid.is_some_and(|t| t > 0), "{before:?}");
+    assert!(before.started_ticks > 0);
+    // 60 ms of work in one message: one busy loop of at least that long.
+    set.call(0, || {
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_millis(60) {
+            std::hint::spin_loop();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let after = set.stats(0).unwrap();
+    let now = reactor::tsc::ticks();
+    let busy_ms = (after.busy_ticks - before.busy_ticks) * 1000 / rate;
+    assert!(busy_ms >= 55, "60 ms of work showed as {busy_ms} ms busy ({after:?})");
+    let idle_ms = after.idle_ticks * 1000 / rate;
+    assert!(idle_ms >= 50, "an idle reactor showed {idle_ms} ms idle ({after:?})");
+    // Busy + idle is the time since the loop started, up to the loop in progress.
+    let accounted = after.busy_ticks + after.idle_ticks;
+    let lived = now - after.started_ticks;
+    assert!(accounted <= lived, "{accounted} ticks accounted of {lived} lived");
+    assert!(lived - accounted < rate / 10, "more than 100 ms unaccounted: {} ticks", lived - accounted);
     set.stop();
     set.join();
 }

@@ -1,4 +1,4 @@
-//! Fails when a crate depends on a workspace crate that DESIGN.md does not
+//! Fails when a crate depends on a workspace crate that docs/architecture.md does not
 //! allow, when a crate not listed may hold `unsafe` lacks
 //! `#![forbid(unsafe_code)]`, or when an `unsafe` block has no SAFETY note.
 
@@ -43,12 +43,12 @@ fn crate_dependencies_follow_the_layering() {
     let mut errors = Vec::new();
     for (name, _, deps) in workspace_crates(&meta) {
         let Some((_, allowed)) = tidy::ALLOWED.iter().find(|(c, _)| *c == name) else {
-            errors.push(format!("crate {name} is not in the layering table (tidy/src/lib.rs, DESIGN.md)"));
+            errors.push(format!("crate {name} is not in the layering table (tidy/src/lib.rs, docs/architecture.md)"));
             continue;
         };
         for d in deps {
             if !allowed.contains(&d.as_str()) {
-                errors.push(format!("{name} depends on {d}, which DESIGN.md does not allow"));
+                errors.push(format!("{name} depends on {d}, which docs/architecture.md does not allow"));
             }
         }
     }

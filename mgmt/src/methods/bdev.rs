@@ -2,8 +2,9 @@
 //! Each backend's create returns the new bdev's name; delete returns true
 //! once the bdev is gone (after its in-flight IO drained).
 
-use super::{bdev_error, sync_call, Ctx, Handler, NoParams};
-use crate::jsonrpc::{decode_params, RpcError};
+use super::unsupported::{at, Accepted, Unsupported};
+use super::{bdev_error, decode, sync_call, Ctx, Handler, NoParams, UnsupportedTable};
+use crate::jsonrpc::{RpcError, INVALID_PARAMS};
 use crate::server::Reply;
 use ::bdev::malloc::{MallocBdev, NullBdev};
 use ::bdev::{Bdev, BdevHandle, BdevProps, IoStatTotals, Registry};
@@ -32,7 +33,76 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("bdev_delay_create", |_, p, r| sync_call(p, r, |p| name_of(::bdev::delay::create(p)))),
     ("bdev_delay_delete", |_, p, r| delete_of("delay", p, r)),
     ("bdev_delay_update_latency", |_, p, r| sync_call(p, r, |p| done_of(::bdev::delay::update_latency(p)))),
+    ("bdev_set_options", bdev_set_options),
 ];
+
+const NO_METADATA: &str = "per-block metadata";
+const NO_DIF: &str = "protection information (DIF/DIX)";
+const NO_HINTS: &str = "write or unmap alignment hints";
+/// Per-block metadata and protection information, as the malloc and null
+/// bdevs take them (SPDK's defaults: none).
+const METADATA_AND_DIF: [Unsupported; 4] = [
+    at("md_size", Accepted::Int(0), NO_METADATA),
+    at("dif_type", Accepted::Int(0), NO_DIF),
+    at("dif_is_head_of_md", Accepted::Bool(false), NO_DIF),
+    at("dif_pi_format", Accepted::Int(0), NO_DIF),
+];
+
+/// Parameters SPDK defines for these methods whose feature nvraid lacks
+/// (see `unsupported`).
+pub(crate) const UNSUPPORTED: UnsupportedTable = &[
+    (
+        "bdev_malloc_create",
+        &[
+            METADATA_AND_DIF[0],
+            METADATA_AND_DIF[1],
+            METADATA_AND_DIF[2],
+            METADATA_AND_DIF[3],
+            at("md_interleave", Accepted::Bool(false), NO_METADATA),
+            at("numa_id", Accepted::Int(-1), "NUMA placement of bdev memory"),
+        ],
+    ),
+    (
+        "bdev_null_create",
+        &[
+            METADATA_AND_DIF[0],
+            METADATA_AND_DIF[1],
+            METADATA_AND_DIF[2],
+            METADATA_AND_DIF[3],
+            at("preferred_write_alignment", Accepted::Int(0), NO_HINTS),
+            at("preferred_write_granularity", Accepted::Int(0), NO_HINTS),
+            at("optimal_write_size", Accepted::Int(0), NO_HINTS),
+            at("preferred_unmap_alignment", Accepted::Int(0), NO_HINTS),
+            at("preferred_unmap_granularity", Accepted::Int(0), NO_HINTS),
+        ],
+    ),
+    ("bdev_aio_create", &[at("nowait", Accepted::Bool(false), "RWF_NOWAIT submission")]),
+    (
+        "bdev_get_iostat",
+        &[
+            at("per_channel", Accepted::Bool(false), "per-channel statistics (counters are summed per bdev)"),
+            at("reset_mode", Accepted::Str("none"), "statistics reset (counters are cumulative)"),
+        ],
+    ),
+    // The bdev layer's pools: each reactor owns a fixed pool of IO
+    // descriptors and there is no iobuf layer, so SPDK's defaults (which
+    // its save_config writes) are accepted and nothing else.
+    (
+        "bdev_set_options",
+        &[
+            at("bdev_io_pool_size", Accepted::Int(65535), "shared bdev_io pool (each reactor owns a fixed one)"),
+            at("bdev_io_cache_size", Accepted::Int(256), "per-thread bdev_io cache (each reactor owns its pool)"),
+            at("bdev_auto_examine", Accepted::Bool(true), "way to skip examine (arrays assemble on examine)"),
+            at("iobuf_small_cache_size", Accepted::Int(128), "iobuf buffer caches"),
+            at("iobuf_large_cache_size", Accepted::Int(16), "iobuf buffer caches"),
+        ],
+    ),
+];
+
+fn bdev_set_options(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    // Every option is in UNSUPPORTED: what reaches here asked for SPDK's defaults.
+    sync_call(params, reply, |_: NoParams| Ok(Value::Bool(true)));
+}
 
 /// A created bdev's name, as most `*_create` methods reply.
 fn name_of(r: Result<BdevHandle, ::bdev::BdevError>) -> Result<Value, RpcError> {
@@ -61,7 +131,7 @@ struct GetBdevs {
 }
 
 fn bdev_get_bdevs(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    let p: GetBdevs = match decode_params(params) {
+    let p: GetBdevs = match decode(params, &reply) {
         Ok(p) => p,
         Err(e) => return reply.send(Err(e)),
     };
@@ -95,22 +165,13 @@ struct GetIostat {
     /// Older clients send one name; current ones send `names`.
     name: Option<String>,
     names: Option<Vec<String>>,
-    #[serde(default)]
-    per_channel: bool,
-    reset_mode: Option<String>,
 }
 
 fn bdev_get_iostat(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    let p: GetIostat = match decode_params(params) {
+    let p: GetIostat = match decode(params, &reply) {
         Ok(p) => p,
         Err(e) => return reply.send(Err(e)),
     };
-    if p.per_channel || p.reset_mode.as_deref().is_some_and(|m| m != "none") {
-        return reply.send(Err(RpcError::errno(
-            libc::EOPNOTSUPP,
-            "per_channel and reset_mode are not supported; counters are cumulative per bdev",
-        )));
-    }
     let wanted: Vec<String> = p.names.unwrap_or_default().into_iter().chain(p.name).collect();
     let handles = if wanted.is_empty() {
         Registry::get().list()
@@ -149,7 +210,7 @@ fn bdev_wait_for_examine(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     // Examiners that read their bdev (a RAID looking for its superblock)
     // hold the registry's examine count until they have decided; answer
     // once none is left. Polled without blocking the reactor.
-    if let Err(e) = decode_params::<NoParams>(params) {
+    if let Err(e) = decode::<NoParams>(params, &reply) {
         return reply.send(Err(e));
     }
     let mut reply = Some(reply);
@@ -182,13 +243,31 @@ struct MallocCreate {
     name: Option<String>,
     num_blocks: u64,
     block_size: u32,
+    physical_block_size: Option<u32>,
     uuid: Option<String>,
     #[serde(default)]
     optimal_io_boundary: u32,
 }
 
+/// nvraid's bdevs report their block size as the physical block size too;
+/// SPDK's save_config writes it explicitly, so that value is accepted.
+fn check_physical_block_size(method: &str, physical: Option<u32>, block_size: u32) -> Result<(), RpcError> {
+    match physical {
+        Some(p) if p != block_size => Err(RpcError::new(
+            INVALID_PARAMS,
+            format!(
+                "{method}: physical_block_size={p} is not supported (nvraid has no physical block size apart \
+                 from the block size); leave it out or give {block_size}"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn bdev_malloc_create(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    let method = reply.method();
     sync_call(params, reply, |p: MallocCreate| {
+        check_physical_block_size(method, p.physical_block_size, p.block_size)?;
         let name = p.name.unwrap_or_else(|| free_name("Malloc"));
         let mut props =
             BdevProps::new(&name, "Malloc disk", p.block_size, p.num_blocks, parse_uuid(p.uuid.as_deref())?);
@@ -205,11 +284,14 @@ struct NullCreate {
     name: String,
     num_blocks: u64,
     block_size: u32,
+    physical_block_size: Option<u32>,
     uuid: Option<String>,
 }
 
 fn bdev_null_create(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    let method = reply.method();
     sync_call(params, reply, |p: NullCreate| {
+        check_physical_block_size(method, p.physical_block_size, p.block_size)?;
         let props = BdevProps::new(&p.name, "Null disk", p.block_size, p.num_blocks, parse_uuid(p.uuid.as_deref())?);
         register_reply(NullBdev::new(props).map(|b| Arc::new(b) as Arc<dyn Bdev>))
     });
@@ -230,7 +312,7 @@ struct Delete {
 /// unregister is refused while it is claimed, and the reply comes once its
 /// in-flight IO has drained and it is destructed.
 pub(crate) fn delete_of(module: &str, params: Option<Value>, reply: Reply) {
-    let p: Delete = match decode_params(params) {
+    let p: Delete = match decode(params, &reply) {
         Ok(p) => p,
         Err(e) => return reply.send(Err(e)),
     };

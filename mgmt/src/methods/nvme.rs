@@ -5,19 +5,126 @@
 //! simulated controller of `nvme::sim` — a test transport for daemon-level
 //! tests without hardware (`sim_seed`, `sim_num_blocks`, `sim_block_size`).
 
-use super::{bdev_error, sync_call, Ctx, Handler};
-use crate::jsonrpc::{decode_params, RpcError};
+use super::unsupported::{at, Accepted};
+use super::{bdev_error, decode, sync_call, Ctx, Handler, UnsupportedTable};
+use crate::jsonrpc::{RpcError, INVALID_PARAMS};
 use crate::server::Reply;
 use ::nvmf::host::{self, AttachParams};
 use serde::Deserialize;
 use serde_json::Value;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub const METHODS: &[(&str, Handler)] = &[
     ("bdev_nvme_attach_controller", bdev_nvme_attach_controller),
     ("bdev_nvme_detach_controller", bdev_nvme_detach_controller),
     ("bdev_nvme_get_controllers", bdev_nvme_get_controllers),
+    ("bdev_nvme_set_options", bdev_nvme_set_options),
+    ("bdev_nvme_set_hotplug", bdev_nvme_set_hotplug),
 ];
+
+const NO_TLS: &str = "TLS for NVMe/TCP";
+const NO_DHCHAP: &str = "DH-HMAC-CHAP authentication";
+const NO_RECONNECT: &str = "automatic reconnect of a lost controller";
+const NO_PRIORITIES: &str = "weighted round robin arbitration";
+const NO_MULTIPATH: &str = "multipath (one path per controller)";
+const NO_PATH_DETACH: &str = "detaching one path of a controller; give the controller name alone";
+
+/// Parameters SPDK defines for these methods whose feature nvraid lacks
+/// (see `unsupported`). For `bdev_nvme_set_options` the accepted values are
+/// SPDK's defaults, which its save_config writes.
+pub(crate) const UNSUPPORTED: UnsupportedTable = &[
+    (
+        "bdev_nvme_attach_controller",
+        &[
+            at("priority", Accepted::Absent, "socket priorities"),
+            at("hostaddr", Accepted::Absent, "binding the initiator to a local address"),
+            at("hostsvcid", Accepted::Absent, "binding the initiator to a local port"),
+            at("prchk_reftag", Accepted::Bool(false), "protection information checking"),
+            at("prchk_guard", Accepted::Bool(false), "protection information checking"),
+            at("fabrics_connect_timeout_us", Accepted::Absent, "a configurable fabrics connect timeout"),
+            at("multipath", Accepted::Str("disable"), NO_MULTIPATH),
+            at("ctrlr_loss_timeout_sec", Accepted::Int(0), NO_RECONNECT),
+            at("reconnect_delay_sec", Accepted::Int(0), NO_RECONNECT),
+            at("fast_io_fail_timeout_sec", Accepted::Int(0), NO_RECONNECT),
+            at("psk", Accepted::Absent, NO_TLS),
+            at("max_bdevs", Accepted::Int(128), "cap on the bdevs one controller creates"),
+            at("dhchap_key", Accepted::Absent, NO_DHCHAP),
+            at("dhchap_ctrlr_key", Accepted::Absent, NO_DHCHAP),
+            at("allow_unrecognized_csi", Accepted::Bool(false), "namespaces of other command sets"),
+            at("multipath_opts.policy", Accepted::Str("active_passive"), NO_MULTIPATH),
+            at("multipath_opts.selector", Accepted::Absent, NO_MULTIPATH),
+            at("multipath_opts.min_io", Accepted::Absent, NO_MULTIPATH),
+            at("disable_sq_flow_control", Accepted::Bool(false), "way to turn off SQ flow control"),
+        ],
+    ),
+    (
+        "bdev_nvme_detach_controller",
+        &[
+            at("trtype", Accepted::Absent, NO_PATH_DETACH),
+            at("traddr", Accepted::Absent, NO_PATH_DETACH),
+            at("adrfam", Accepted::Absent, NO_PATH_DETACH),
+            at("trsvcid", Accepted::Absent, NO_PATH_DETACH),
+            at("subnqn", Accepted::Absent, NO_PATH_DETACH),
+            at("hostaddr", Accepted::Absent, NO_PATH_DETACH),
+            at("hostsvcid", Accepted::Absent, NO_PATH_DETACH),
+        ],
+    ),
+    (
+        "bdev_nvme_set_options",
+        &[
+            at("keep_alive_timeout_ms", Accepted::Int(10_000), "configurable keep-alive (NVMe/TCP uses 10 s)"),
+            at("arbitration_burst", Accepted::Int(0), NO_PRIORITIES),
+            at("low_priority_weight", Accepted::Int(0), NO_PRIORITIES),
+            at("medium_priority_weight", Accepted::Int(0), NO_PRIORITIES),
+            at("high_priority_weight", Accepted::Int(0), NO_PRIORITIES),
+            at("nvme_adminq_poll_period_us", Accepted::Int(10_000), "configurable admin queue poll period"),
+            at("nvme_ioq_poll_period_us", Accepted::Int(0), "IO queue poll period (it polls every loop)"),
+            at("io_queue_requests", Accepted::Int(0), "request count apart from the IO queue depth"),
+            at("delay_cmd_submit", Accepted::Bool(true), "way to turn off batched submission"),
+            at("bdev_retry_count", Accepted::Int(3), "bdev-layer retry apart from transport_retry_count"),
+            at("transport_ack_timeout", Accepted::Int(0), "configurable transport ACK timeout"),
+            at("ctrlr_loss_timeout_sec", Accepted::Int(0), NO_RECONNECT),
+            at("reconnect_delay_sec", Accepted::Int(0), NO_RECONNECT),
+            at("fast_io_fail_timeout_sec", Accepted::Int(0), NO_RECONNECT),
+            at("disable_auto_failback", Accepted::Bool(false), NO_MULTIPATH),
+            at("generate_uuids", Accepted::Bool(false), "generated namespace UUIDs"),
+            at("transport_tos", Accepted::Int(0), "RDMA"),
+            at("nvme_error_stat", Accepted::Bool(false), "NVMe error statistics"),
+            at("rdma_srq_size", Accepted::Int(0), "RDMA"),
+            at("io_path_stat", Accepted::Bool(false), "per-path IO statistics"),
+            at("allow_accel_sequence", Accepted::Bool(false), "accel framework"),
+            at("rdma_max_cq_size", Accepted::Int(0), "RDMA"),
+            at("rdma_cm_event_timeout_ms", Accepted::Int(0), "RDMA"),
+            at("dhchap_digests", Accepted::Strs(&["sha256", "sha384", "sha512"]), NO_DHCHAP),
+            at(
+                "dhchap_dhgroups",
+                Accepted::Strs(&["null", "ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192"]),
+                NO_DHCHAP,
+            ),
+            at("rdma_umr_per_io", Accepted::Bool(false), "RDMA"),
+            at("tcp_connect_timeout_ms", Accepted::Int(0), "configurable TCP connect timeout"),
+            at("multipath_opts.policy", Accepted::Str("active_passive"), NO_MULTIPATH),
+            at("multipath_opts.selector", Accepted::Absent, NO_MULTIPATH),
+            at("multipath_opts.min_io", Accepted::Absent, NO_MULTIPATH),
+        ],
+    ),
+];
+
+/// The controller options `bdev_nvme_set_options` set, used by every later
+/// PCIe (and SIM) attach; set-wide, as SPDK's are process-wide.
+#[derive(Default)]
+struct NvmeOptions(Mutex<Option<::nvme::CtrlrOpts>>);
+
+/// What `bdev_nvme_set_options` set, if it was called.
+fn set_options() -> Option<::nvme::CtrlrOpts> {
+    let opts = reactor::global::<NvmeOptions>();
+    let g = opts.0.lock().unwrap_or_else(|e| e.into_inner());
+    g.clone()
+}
+
+fn ctrlr_opts() -> ::nvme::CtrlrOpts {
+    set_options().unwrap_or_default()
+}
 
 #[derive(Deserialize)]
 struct Attach {
@@ -32,6 +139,8 @@ struct Attach {
     hdgst: bool,
     #[serde(default)]
     ddgst: bool,
+    /// IO queues to create (PCIe and SIM; NVMe/TCP creates one per reactor).
+    num_io_queues: Option<u32>,
     /// Test transport SIM: the simulated controller's seed and geometry.
     sim_seed: Option<u64>,
     sim_num_blocks: Option<u64>,
@@ -39,7 +148,7 @@ struct Attach {
 }
 
 fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    let p: Attach = match decode_params(params) {
+    let p: Attach = match decode(params, &reply) {
         Ok(p) => p,
         Err(e) => return reply.send(Err(e)),
     };
@@ -55,6 +164,21 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
     let Some(subnqn) = p.subnqn else {
         return reply.send(Err(RpcError::invalid_params("subnqn is required for TCP")));
     };
+    if p.num_io_queues.is_some() {
+        return reply.send(Err(RpcError::new(
+            INVALID_PARAMS,
+            "bdev_nvme_attach_controller: num_io_queues is not supported for NVMe/TCP (nvraid connects one IO \
+             queue per reactor); leave it out",
+        )));
+    }
+    if set_options().is_some() {
+        // Said, not hidden: bdev_nvme_set_options reaches the controllers
+        // nvraid drives itself; its NVMe/TCP initiator has no IO timeout.
+        tracing::warn!(
+            name = p.name,
+            "bdev_nvme_set_options (timeouts, retries) applies to PCIe controllers, not to this NVMe/TCP one"
+        );
+    }
     let params = AttachParams {
         name: p.name,
         trtype: p.trtype,
@@ -98,8 +222,14 @@ fn attach_local(p: Attach) -> Result<Value, RpcError> {
         let cfg = ::nvme::SimConfig { seed: p.sim_seed.unwrap_or(1), namespaces: vec![ns], ..Default::default() };
         ::nvme::Transport::Sim(::nvme::SimController::new(cfg).map_err(RpcError::invalid_params)?)
     };
-    let names = ::nvme::attach_controller(&p.name, transport, ::nvme::CtrlrOpts::default(), Some(config))
-        .map_err(nvme_error)?;
+    let mut opts = ctrlr_opts();
+    if let Some(n) = p.num_io_queues {
+        opts.io_queues = u16::try_from(n)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| RpcError::invalid_params(format!("num_io_queues {n} must be 1..=65535")))?;
+    }
+    let names = ::nvme::attach_controller(&p.name, transport, opts, Some(config)).map_err(nvme_error)?;
     Ok(serde_json::json!(names))
 }
 
@@ -109,7 +239,7 @@ struct Detach {
 }
 
 fn bdev_nvme_detach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    let p: Detach = match decode_params(params) {
+    let p: Detach = match decode(params, &reply) {
         Ok(p) => p,
         Err(e) => return reply.send(Err(e)),
     };
@@ -134,6 +264,102 @@ fn bdev_nvme_get_controllers(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) 
             return Err(RpcError::errno(libc::ENODEV, format!("controller {n} not found")));
         }
         Ok(Value::Array(list))
+    });
+}
+
+#[derive(Deserialize)]
+struct SetOptions {
+    action_on_timeout: Option<String>,
+    timeout_us: Option<u64>,
+    timeout_admin_us: Option<u64>,
+    transport_retry_count: Option<u32>,
+    enable_flush: Option<bool>,
+}
+
+/// `bdev_nvme_set_options`: the command timeout and retry count of the
+/// controllers nvraid drives itself, for controllers attached afterwards
+/// (SPDK refuses the call once one is attached, and so does nvraid).
+fn bdev_nvme_set_options(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: SetOptions| {
+        let attached =
+            !host::controllers_json(None).is_empty() || !::nvme::controllers_json(None).unwrap_or_default().is_empty();
+        if attached {
+            return Err(RpcError::errno(libc::EPERM, "RPC not permitted with nvme controllers already attached"));
+        }
+        let opts = apply_set_options(ctrlr_opts(), &p)?;
+        *reactor::global::<NvmeOptions>().0.lock().unwrap_or_else(|e| e.into_inner()) = Some(opts);
+        Ok(Value::Bool(true))
+    });
+}
+
+fn apply_set_options(mut opts: ::nvme::CtrlrOpts, p: &SetOptions) -> Result<::nvme::CtrlrOpts, RpcError> {
+    let refuse = |what: String| RpcError::new(INVALID_PARAMS, format!("bdev_nvme_set_options: {what}"));
+    if let Some(us) = p.timeout_us {
+        // SPDK: 0 tracks no timeouts; nvraid's driver treats 0 the same.
+        opts.io_timeout_us = us;
+    }
+    // nvraid's own behaviour is "abort"; SPDK's default ("none") comes with
+    // timeout_us 0 in the configs it writes.
+    let action = p.action_on_timeout.as_deref().unwrap_or("abort");
+    if !matches!(action, "none" | "reset" | "abort") {
+        return Err(refuse(format!("action_on_timeout '{action}' is not one of none, reset, abort")));
+    }
+    if opts.io_timeout_us > 0 && action != "abort" {
+        // The driver aborts a command past its timeout and resets the
+        // controller when the abort does not help: SPDK's "abort".
+        return Err(refuse(format!(
+            "action_on_timeout '{action}' is not supported with a timeout (nvraid aborts a timed-out command and \
+             resets the controller if that does not help); use \"abort\", or timeout_us 0"
+        )));
+    }
+    // SPDK: an admin timeout of 0 means "as the IO timeout". nvraid's admin
+    // commands wait on the reactor, so they keep a bound even when SPDK's
+    // configuration tracks no timeouts at all (both 0).
+    let admin_us = match (p.timeout_admin_us.unwrap_or(0), opts.io_timeout_us) {
+        (0, 0) => None,
+        (0, io_us) => Some(io_us),
+        (admin_us, _) => Some(admin_us),
+    };
+    if let Some(us) = admin_us {
+        opts.admin_timeout_ms = us.div_ceil(1000).max(1);
+    }
+    if let Some(n) = p.transport_retry_count {
+        opts.retry_count =
+            u8::try_from(n).map_err(|_| refuse(format!("transport_retry_count {n} is above the limit of 255")))?;
+    }
+    if p.enable_flush == Some(false) {
+        // SPDK's default acknowledges a flush without sending it to the
+        // device; nvraid never does that (it would lose writes a host was
+        // told are durable), so the setting is not honoured, and said so.
+        tracing::warn!(
+            "bdev_nvme_set_options: enable_flush=false is not honoured: nvraid always sends Flush to a \
+             controller with a volatile write cache"
+        );
+    }
+    Ok(opts)
+}
+
+#[derive(Deserialize)]
+struct SetHotplug {
+    enable: bool,
+    period_us: Option<u64>,
+}
+
+/// `bdev_nvme_set_hotplug`: nvraid has no hotplug monitor; "off" (what
+/// SPDK's save_config writes by default) is its state, "on" is refused.
+fn bdev_nvme_set_hotplug(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: SetHotplug| {
+        if p.period_us.is_some_and(|us| us > 10_000_000) {
+            return Err(RpcError::invalid_params("period_us must be at most 10000000"));
+        }
+        if p.enable {
+            return Err(RpcError::new(
+                INVALID_PARAMS,
+                "bdev_nvme_set_hotplug: enable=true is not supported (nvraid has no NVMe hotplug monitor); \
+                 attach controllers with bdev_nvme_attach_controller",
+            ));
+        }
+        Ok(Value::Bool(true))
     });
 }
 

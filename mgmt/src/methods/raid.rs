@@ -3,8 +3,7 @@
 //! answer at once; delete, add and remove answer once the array has been
 //! suspended, changed and resumed (delete: torn down).
 
-use super::{bdev_error, sync_call, Ctx, Handler};
-use crate::jsonrpc::decode_params;
+use super::{bdev_error, decode, sync_call, Ctx, Handler};
 use crate::server::Reply;
 use bdev_raid::rpc;
 use serde::de::DeserializeOwned;
@@ -45,7 +44,7 @@ fn async_call<P: DeserializeOwned>(
     reply: Reply,
     f: impl FnOnce(P, Box<dyn FnOnce(Result<Value, ::bdev::BdevError>) + Send>),
 ) {
-    match decode_params::<P>(params) {
+    match decode::<P>(params, &reply) {
         Ok(p) => f(p, Box::new(move |r| reply.send(r.map_err(bdev_error)))),
         Err(e) => reply.send(Err(e)),
     }
