@@ -9,7 +9,7 @@
 //! sleep idle policy a due IO may wait up to one reactor sleep (1 ms).
 
 use crate::channel::{Bdev, BdevChannel, BdevProps, Channel};
-use crate::io::{IoBox, IoDone, IoError, IoSlab, IoStatus, IoType};
+use crate::io::{BdevIo, IoBox, IoDone, IoError, IoSlab, IoStatus, IoType};
 use crate::registry::{BdevHandle, Registry};
 use crate::rng::SimRng;
 use crate::BdevError;
@@ -380,6 +380,30 @@ impl BdevChannel for DelayChannel {
         self.next_seq.set(seq + 1);
         let due_ns = reactor::now_ns().saturating_add(delay_ns);
         self.timers.borrow_mut().push(Reverse((due_ns, seq, slot)));
+    }
+
+    /// An IO still in the delay queue never reaches the base: it completes
+    /// Aborted now. One already forwarded is the base's.
+    fn abort(&self, matches: &dyn Fn(&BdevIo) -> bool) -> bool {
+        let Some(slot) = self.find_delayed(matches) else {
+            return false;
+        };
+        self.timers.borrow_mut().retain(|Reverse((_, _, s))| *s != slot);
+        match self.parked.borrow_mut().take(slot) {
+            Some(io) => io.fail(IoError::Aborted),
+            None => return false,
+        }
+        true
+    }
+}
+
+impl DelayChannel {
+    /// The parked slot of the first IO still waiting for its time that
+    /// `matches` (IOs already forwarded to the base are not this layer's).
+    fn find_delayed(&self, matches: &dyn Fn(&BdevIo) -> bool) -> Option<u32> {
+        let parked = self.parked.borrow();
+        let timers = self.timers.borrow();
+        timers.iter().map(|Reverse((_, _, slot))| *slot).find(|&slot| parked.get(slot).is_some_and(|io| matches(io)))
     }
 }
 

@@ -69,6 +69,11 @@ const _: () = assert!(size_of::<Sqe>() == 64);
 const FLAGS_FUSE_MASK: u8 = 0b0000_0011;
 const FLAGS_PSDT_SHIFT: u32 = 6;
 
+/// CDW12 bit of Read, Write and Write Zeroes: Force Unit Access.
+pub const CDW12_FUA: u32 = 1 << 30;
+/// CDW12 bit of Read, Write and Write Zeroes: Disable Page Out.
+pub const CDW12_DPO: u32 = 1 << 29;
+
 impl Sqe {
     /// A zeroed command with the given opcode and command identifier.
     pub fn new(opcode: u8, cid: u16) -> Self {
@@ -153,7 +158,26 @@ impl Sqe {
 
     /// Force unit access (CDW12 bit 30) of a read/write command.
     pub fn fua(&self) -> bool {
-        self.cdw12.get() & (1 << 30) != 0
+        self.cdw12.get() & CDW12_FUA != 0
+    }
+
+    pub fn set_fua(&mut self, fua: bool) {
+        self.set_cdw12_bit(CDW12_FUA, fua);
+    }
+
+    /// Disable page out (CDW12 bit 29) of a read/write command: a hint that
+    /// the data will not be read again soon.
+    pub fn dpo(&self) -> bool {
+        self.cdw12.get() & CDW12_DPO != 0
+    }
+
+    pub fn set_dpo(&mut self, dpo: bool) {
+        self.set_cdw12_bit(CDW12_DPO, dpo);
+    }
+
+    fn set_cdw12_bit(&mut self, bit: u32, on: bool) {
+        let v = self.cdw12.get();
+        self.cdw12 = U32::new(if on { v | bit } else { v & !bit });
     }
 }
 

@@ -22,19 +22,38 @@ const IOV_MAX: usize = 16;
 /// memory only, not time.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum TxSeg {
-    Inline { bytes: [u8; INLINE_LEN], len: u16, pos: u16 },
-    Data { buf: DmaBuf, pos: usize },
+    Inline {
+        bytes: [u8; INLINE_LEN],
+        len: u16,
+        pos: u16,
+    },
+    /// `units`: buffer-pool units the data holds until it has been sent
+    /// (the target's data buffer budget; 0 elsewhere).
+    Data {
+        buf: DmaBuf,
+        pos: usize,
+        units: u32,
+    },
 }
 
 /// The output queue of one connection.
 pub(crate) struct TxQueue {
     segs: VecDeque<TxSeg>,
     queued_bytes: usize,
+    /// Units of data segments sent (or dropped) since the last
+    /// [`TxQueue::take_released_units`].
+    released_units: u32,
 }
 
 impl TxQueue {
     pub(crate) fn with_capacity(segs: usize) -> Self {
-        TxQueue { segs: VecDeque::with_capacity(segs), queued_bytes: 0 }
+        TxQueue { segs: VecDeque::with_capacity(segs), queued_bytes: 0, released_units: 0 }
+    }
+
+    /// Buffer units whose data has left the queue, for the owner to give
+    /// back to its pool.
+    pub(crate) fn take_released_units(&mut self) -> u32 {
+        std::mem::take(&mut self.released_units)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -69,11 +88,18 @@ impl TxQueue {
     /// Queues a data buffer (shared, not copied: the queue holds a handle
     /// until the bytes are on the wire).
     pub(crate) fn push_data(&mut self, buf: DmaBuf) {
+        self.push_data_holding(buf, 0);
+    }
+
+    /// Like `push_data`; the data holds `units` of a buffer pool until it
+    /// has been sent.
+    pub(crate) fn push_data_holding(&mut self, buf: DmaBuf, units: u32) {
         if buf.is_empty() {
+            self.released_units += units;
             return;
         }
         self.queued_bytes += buf.len();
-        self.segs.push_back(TxSeg::Data { buf, pos: 0 });
+        self.segs.push_back(TxSeg::Data { buf, pos: 0, units });
     }
 
     /// Writes as much as the socket takes. Ok(true) when everything went.
@@ -106,7 +132,7 @@ impl TxQueue {
                     n -= take;
                     left - take
                 }
-                TxSeg::Data { buf, pos } => {
+                TxSeg::Data { buf, pos, .. } => {
                     let left = buf.len() - *pos;
                     let take = left.min(n);
                     *pos += take;
@@ -115,14 +141,20 @@ impl TxQueue {
                 }
             };
             if left == 0 {
-                self.segs.pop_front();
+                if let Some(TxSeg::Data { units, .. }) = self.segs.pop_front() {
+                    self.released_units += units;
+                }
             }
         }
         // Zero-length leftovers cannot exist: segments are never empty.
     }
 
     pub(crate) fn clear(&mut self) {
-        self.segs.clear();
+        for seg in self.segs.drain(..) {
+            if let TxSeg::Data { units, .. } = seg {
+                self.released_units += units;
+            }
+        }
         self.queued_bytes = 0;
     }
 }
@@ -145,7 +177,7 @@ fn gather_write<'a>(
             acc[k] = IoSlice::new(&bytes[*pos as usize..*len as usize]);
             gather_write(stream, segs, i + 1, acc, k + 1)
         }
-        TxSeg::Data { buf, pos } => buf.with(|b| {
+        TxSeg::Data { buf, pos, .. } => buf.with(|b| {
             let mut acc2: [IoSlice<'_>; IOV_MAX] = acc;
             acc2[k] = IoSlice::new(&b[*pos..]);
             gather_write(stream, segs, i + 1, acc2, k + 1)

@@ -1,4 +1,4 @@
-//! Teardown while IO is in flight (invariant 5): removing a namespace,
+//! Teardown while IO is in flight (invariant 5, docs/architecture.md): removing a namespace,
 //! deleting the subsystem, hot-removing the bdev, and a host vanishing.
 //! Outstanding IO completes or fails cleanly, hosts hear of namespace
 //! changes through an AEN, and every buffer stays with its IO until the

@@ -2,7 +2,8 @@
 //! transport, subsystems, namespaces, listeners and hosts, and the
 //! subsystem's `save_config` section.
 
-use super::{sync_call, Ctx, Handler};
+use super::unsupported::{at, Accepted, Unsupported};
+use super::{sync_call, Ctx, Handler, UnsupportedTable};
 use crate::jsonrpc::{RpcError, RpcResult};
 use crate::server::Reply;
 use ::nvmf::{ListenAddr, NvmfError, NvmfState, SubsystemParams, TransportOpts};
@@ -24,6 +25,79 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("nvmf_subsystem_remove_host", |_, p, r| host(false, p, r)),
     ("nvmf_subsystem_allow_any_host", nvmf_subsystem_allow_any_host),
     ("nvmf_get_subsystems", nvmf_get_subsystems),
+    ("nvmf_get_stats", nvmf_get_stats),
+];
+
+/// nvraid serves one target; SPDK names its default one "nvmf_tgt".
+const ONE_TARGET: Unsupported =
+    at("tgt_name", Accepted::Str("nvmf_tgt"), "named NVMe-oF targets (it serves one, nvmf_tgt)");
+const NO_TLS: &str = "TLS for NVMe/TCP";
+const NO_DHCHAP: &str = "DH-HMAC-CHAP authentication";
+const NO_ANA: &str = "ANA (asymmetric namespace access) reporting";
+
+/// Parameters SPDK defines for these methods whose feature nvraid lacks
+/// (see `unsupported`). `nvmf_create_transport` checks its own.
+pub(crate) const UNSUPPORTED: UnsupportedTable = &[
+    ("nvmf_get_transports", &[ONE_TARGET]),
+    (
+        "nvmf_create_subsystem",
+        &[
+            ONE_TARGET,
+            at("admin_label", Accepted::Absent, "extended discovery admin labels"),
+            at("dmrsl", Accepted::Absent, "configurable Dataset Management range limit"),
+            at("wzsl", Accepted::Absent, "configurable Write Zeroes size limit"),
+            at("passthrough", Accepted::Bool(false), "NVMe passthrough"),
+            at("enable_nssr", Accepted::Bool(false), "NVM subsystem reset"),
+            at("ana_reporting", Accepted::Bool(false), NO_ANA),
+        ],
+    ),
+    ("nvmf_delete_subsystem", &[ONE_TARGET]),
+    (
+        "nvmf_subsystem_add_ns",
+        &[
+            ONE_TARGET,
+            at("namespace.eui64", Accepted::Absent, "EUI-64 namespace identifiers"),
+            at("namespace.ptpl_file", Accepted::Absent, "persistent reservations"),
+            at("namespace.anagrpid", Accepted::Absent, NO_ANA),
+            at("namespace.no_auto_visible", Accepted::Bool(false), "per-host namespace visibility"),
+            at("namespace.hide_metadata", Accepted::Bool(false), "per-block metadata"),
+        ],
+    ),
+    ("nvmf_subsystem_remove_ns", &[ONE_TARGET]),
+    (
+        "nvmf_subsystem_add_listener",
+        &[
+            ONE_TARGET,
+            at("secure_channel", Accepted::Bool(false), NO_TLS),
+            at("ana_state", Accepted::Absent, NO_ANA),
+            // Kernel sockets, as SPDK's default "posix" implementation.
+            at("sock_impl", Accepted::Str("posix"), "other socket implementations"),
+            at("numa_id", Accepted::Int(-1), "NUMA placement of listeners"),
+        ],
+    ),
+    ("nvmf_subsystem_remove_listener", &[ONE_TARGET]),
+    (
+        "nvmf_subsystem_add_host",
+        &[
+            ONE_TARGET,
+            at("psk", Accepted::Absent, NO_TLS),
+            at("dhchap_key", Accepted::Absent, NO_DHCHAP),
+            at("dhchap_ctrlr_key", Accepted::Absent, NO_DHCHAP),
+        ],
+    ),
+    (
+        "nvmf_subsystem_remove_host",
+        &[
+            ONE_TARGET,
+            at(
+                "timeout_ms",
+                Accepted::Absent,
+                "bound on the wait (the host's controllers end once their IO completes)",
+            ),
+        ],
+    ),
+    ("nvmf_subsystem_allow_any_host", &[ONE_TARGET]),
+    ("nvmf_get_subsystems", &[ONE_TARGET]),
 ];
 
 /// The calls that recreate the target, for `save_config`.
@@ -70,18 +144,31 @@ fn bool_of(v: &Value, key: &str, into: &mut bool) -> Result<(), RpcError> {
 }
 
 fn nvmf_create_transport(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    // Parameters SPDK's client may send that belong to other transports or
+    // to features nvraid does not have: accepted at their defaults (the
+    // client sends several of them unasked), refused otherwise.
+    const OFF_BY_DEFAULT: &[&str] = &[
+        "no_srq",
+        "no_wr_batching",
+        "disable_mappable_bar0",
+        "disable_adaptive_irq",
+        "disable_shadow_doorbells",
+        "disable_command_passthru",
+    ];
+    const NOT_SUPPORTED: &[&str] =
+        &["num_cqe", "max_srq_depth", "acceptor_backlog", "control_msg_num", "kas", "min_kato"];
     let r = (|| -> RpcResult {
         let v = params.unwrap_or(json!({}));
-        if !v.is_object() {
+        let Some(obj) = v.as_object() else {
             return Err(RpcError::invalid_params("params must be an object"));
-        }
+        };
         let trtype =
             v.get("trtype").and_then(Value::as_str).ok_or_else(|| RpcError::invalid_params("missing trtype"))?;
         if !trtype.eq_ignore_ascii_case("tcp") {
             return Err(RpcError::invalid_params(format!("transport type '{trtype}' is not supported (only TCP)")));
         }
         let mut o = TransportOpts::default();
-        for (k, f) in [
+        let mut numbers = [
             ("max_queue_depth", &mut o.max_queue_depth),
             ("max_io_qpairs_per_ctrlr", &mut o.max_io_qpairs_per_ctrlr),
             ("in_capsule_data_size", &mut o.in_capsule_data_size),
@@ -94,16 +181,55 @@ fn nvmf_create_transport(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
             ("abort_timeout_sec", &mut o.abort_timeout_sec),
             ("ack_timeout", &mut o.ack_timeout),
             ("data_wr_pool_size", &mut o.data_wr_pool_size),
-        ] {
-            u32_of(&v, k, f)?;
+        ];
+        let mut flags = [
+            ("c2h_success", &mut o.c2h_success),
+            ("zcopy", &mut o.zcopy),
+            ("dif_insert_or_strip", &mut o.dif_insert_or_strip),
+        ];
+        for (k, x) in obj {
+            if k == "trtype" || k == "max_qpairs_per_ctrlr" {
+                continue;
+            }
+            if k == "tgt_name" {
+                // One target, SPDK's default name.
+                if !x.is_null() && x.as_str() != Some("nvmf_tgt") {
+                    return Err(RpcError::invalid_params(
+                        "nvmf_create_transport: tgt_name: nvraid serves one NVMe-oF target, nvmf_tgt",
+                    ));
+                }
+                continue;
+            }
+            if let Some((_, f)) = numbers.iter_mut().find(|(n, _)| n == k) {
+                u32_of(&v, k, f)?;
+            } else if let Some((_, f)) = flags.iter_mut().find(|(n, _)| n == k) {
+                bool_of(&v, k, f)?;
+            } else if OFF_BY_DEFAULT.contains(&k.as_str()) {
+                let mut on = false;
+                bool_of(&v, k, &mut on)?;
+                if on {
+                    return Err(RpcError::invalid_params(format!(
+                        "nvmf_create_transport: {k} is not supported by nvraid's TCP transport"
+                    )));
+                }
+            } else if NOT_SUPPORTED.contains(&k.as_str()) {
+                if !x.is_null() {
+                    return Err(RpcError::invalid_params(format!(
+                        "nvmf_create_transport: {k} is not supported by nvraid's TCP transport"
+                    )));
+                }
+            } else {
+                return Err(RpcError::invalid_params(format!("nvmf_create_transport: unknown parameter '{k}'")));
+            }
         }
         // SPDK's client sends max_qpairs_per_ctrlr (admin included) in older versions.
-        if let Some(n) = v.get("max_qpairs_per_ctrlr").and_then(Value::as_u64) {
-            o.max_io_qpairs_per_ctrlr = (n.saturating_sub(1)).max(1) as u32;
+        if let Some(x) = v.get("max_qpairs_per_ctrlr").filter(|x| !x.is_null()) {
+            let n = x.as_u64().ok_or_else(|| RpcError::invalid_params("max_qpairs_per_ctrlr must be a number"))?;
+            o.max_io_qpairs_per_ctrlr = u32::try_from(n.saturating_sub(1).max(1))
+                .map_err(|_| RpcError::invalid_params("max_qpairs_per_ctrlr is too large"))?;
         }
-        bool_of(&v, "c2h_success", &mut o.c2h_success)?;
-        bool_of(&v, "zcopy", &mut o.zcopy)?;
-        bool_of(&v, "dif_insert_or_strip", &mut o.dif_insert_or_strip)?;
+        // Values nvraid cannot honour (zcopy, DIF, socket priority, ...) are
+        // refused by validation, with the option named.
         NvmfState::get().create_transport(o).map_err(nvmf_error)?;
         Ok(Value::Bool(true))
     })();
@@ -136,15 +262,10 @@ struct CreateSubsystem {
     max_namespaces: Option<u32>,
     min_cntlid: Option<u16>,
     max_cntlid: Option<u16>,
-    #[serde(default)]
-    ana_reporting: bool,
 }
 
 fn nvmf_create_subsystem(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: CreateSubsystem| {
-        if p.ana_reporting {
-            return Err(RpcError::invalid_params("ANA reporting is not supported"));
-        }
         let mut s = SubsystemParams::new(&p.nqn);
         if let Some(v) = p.serial_number {
             s.serial_number = v;
@@ -325,4 +446,22 @@ fn nvmf_get_subsystems(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
 
 fn nvme_spec_discovery_nqn() -> &'static str {
     "nqn.2014-08.org.nvmexpress.discovery"
+}
+
+#[derive(Deserialize, Default)]
+struct GetStats {
+    tgt_name: Option<String>,
+}
+
+/// `nvmf_get_stats`: SPDK's shape; the TCP transport's entry carries the
+/// data buffer pool and nvraid's count of impossible IO path states.
+fn nvmf_get_stats(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: GetStats| {
+        if p.tgt_name.as_deref().is_some_and(|t| t != "nvmf_tgt") {
+            return Err(RpcError::invalid_params(
+                "nvmf_get_stats: tgt_name: nvraid serves one NVMe-oF target, nvmf_tgt",
+            ));
+        }
+        Ok(NvmfState::get().stats_json())
+    });
 }

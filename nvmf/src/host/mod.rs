@@ -105,6 +105,8 @@ pub struct NsInfo {
     pub num_blocks: u64,
     pub uuid: Option<Uuid>,
     pub nguid: Option<[u8; 16]>,
+    /// DLFEAT says deallocated blocks read back as zeroes.
+    pub deallocated_reads_zeroes: bool,
 }
 
 /// What the controller said about itself.
@@ -123,6 +125,9 @@ pub struct CtrlInfo {
     pub vs: u32,
     pub namespaces: Vec<NsInfo>,
     pub kato_ms: u32,
+    /// Identify VWC bit 0: a volatile write cache is present, so completed
+    /// writes need FUA or a flush to be durable.
+    pub volatile_write_cache: bool,
 }
 
 /// A connected controller, ready to be spread over reactors.
@@ -250,6 +255,7 @@ fn bring_up(p: &ConnectParams, hostid: [u8; 16]) -> Result<(HostQpair, CtrlInfo)
         vs,
         namespaces: Vec::new(),
         kato_ms: p.kato_ms,
+        volatile_write_cache: id.vwc & nvme_spec::identify::vwc::PRESENT != 0,
     };
     Ok((admin, info))
 }
@@ -267,7 +273,14 @@ fn scan_namespaces(admin: &mut HostQpair, t: Duration) -> Result<Vec<NsInfo>, Ho
         if block_size == 0 || ns.nsze.get() == 0 {
             continue;
         }
-        let mut info = NsInfo { nsid, block_size, num_blocks: ns.nsze.get(), uuid: None, nguid: None };
+        let mut info = NsInfo {
+            nsid,
+            block_size,
+            num_blocks: ns.nsze.get(),
+            uuid: None,
+            nguid: None,
+            deallocated_reads_zeroes: ns.dlfeat & 0b111 == 0b001,
+        };
         if ns.nguid != [0; 16] {
             info.nguid = Some(ns.nguid);
         }

@@ -6,7 +6,7 @@ use crate::pdu::{
     RxConfig, TxConfig,
 };
 use crate::sock::{read_into, RxBuf, RxFill, TxQueue};
-use bdev::DmaBuf;
+use bdev::{DmaBuf, IoFlags};
 use nvme_spec::{AdminOpcode, IoOpcode, SglDescriptor, Sqe, Status, U16, U32};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -310,7 +310,17 @@ impl HostQpair {
         Ok(())
     }
 
-    fn rw(&mut self, op: IoOpcode, nsid: u32, slba: u64, nlb: u32, data: Data, tag: u64) -> Result<(), SubmitError> {
+    #[allow(clippy::too_many_arguments)]
+    fn rw(
+        &mut self,
+        op: IoOpcode,
+        nsid: u32,
+        slba: u64,
+        nlb: u32,
+        data: Data,
+        tag: u64,
+        flags: IoFlags,
+    ) -> Result<(), SubmitError> {
         if nlb == 0 || nlb > 65536 {
             return Err(SubmitError::BadBuffer);
         }
@@ -318,21 +328,62 @@ impl HostQpair {
         sqe.nsid = U32::new(nsid);
         sqe.set_slba(slba);
         sqe.set_nlb(nlb);
+        // CDW12: FUA on writes (a read's FUA is not asked for), DPO on all.
+        sqe.set_fua(flags.fua() && op != IoOpcode::READ);
+        sqe.set_dpo(flags.contains(IoFlags::DPO));
         self.submit(sqe, data, tag)
     }
 
     /// Reads `nlb` blocks into `buf` (exactly the data length).
     pub fn read(&mut self, nsid: u32, slba: u64, nlb: u32, buf: DmaBuf, tag: u64) -> Result<(), SubmitError> {
-        self.rw(IoOpcode::READ, nsid, slba, nlb, Data::In(buf), tag)
+        self.rw(IoOpcode::READ, nsid, slba, nlb, Data::In(buf), tag, IoFlags::NONE)
+    }
+
+    /// A read with flags (DPO).
+    pub fn read_with(
+        &mut self,
+        nsid: u32,
+        slba: u64,
+        nlb: u32,
+        buf: DmaBuf,
+        tag: u64,
+        flags: IoFlags,
+    ) -> Result<(), SubmitError> {
+        self.rw(IoOpcode::READ, nsid, slba, nlb, Data::In(buf), tag, flags)
     }
 
     /// Writes `buf` (exactly the data length) at `slba`.
     pub fn write(&mut self, nsid: u32, slba: u64, nlb: u32, buf: DmaBuf, tag: u64) -> Result<(), SubmitError> {
-        self.rw(IoOpcode::WRITE, nsid, slba, nlb, Data::Out(buf), tag)
+        self.rw(IoOpcode::WRITE, nsid, slba, nlb, Data::Out(buf), tag, IoFlags::NONE)
+    }
+
+    /// A write with flags: FUA makes it durable when it completes.
+    pub fn write_with(
+        &mut self,
+        nsid: u32,
+        slba: u64,
+        nlb: u32,
+        buf: DmaBuf,
+        tag: u64,
+        flags: IoFlags,
+    ) -> Result<(), SubmitError> {
+        self.rw(IoOpcode::WRITE, nsid, slba, nlb, Data::Out(buf), tag, flags)
     }
 
     pub fn write_zeroes(&mut self, nsid: u32, slba: u64, nlb: u32, tag: u64) -> Result<(), SubmitError> {
-        self.rw(IoOpcode::WRITE_ZEROES, nsid, slba, nlb, Data::None, tag)
+        self.rw(IoOpcode::WRITE_ZEROES, nsid, slba, nlb, Data::None, tag, IoFlags::NONE)
+    }
+
+    /// Write Zeroes with flags (FUA, DPO).
+    pub fn write_zeroes_with(
+        &mut self,
+        nsid: u32,
+        slba: u64,
+        nlb: u32,
+        tag: u64,
+        flags: IoFlags,
+    ) -> Result<(), SubmitError> {
+        self.rw(IoOpcode::WRITE_ZEROES, nsid, slba, nlb, Data::None, tag, flags)
     }
 
     pub fn flush(&mut self, nsid: u32, tag: u64) -> Result<(), SubmitError> {

@@ -7,7 +7,7 @@
 use super::{Ctrl, NvmfState, Subsystem, SubsystemKind};
 use bdev::DmaBuf;
 use nvme_spec::fabrics::PropertySize;
-use nvme_spec::features::{select, FeatureId, FeatureParams, NumberOfQueues};
+use nvme_spec::features::{select, FeatureId, FeatureParams, NumberOfQueues, VWC_ENABLE};
 use nvme_spec::identify::{
     cmic, cntrltype, ctratt, encode_ns_id_descriptors, lpa, oaes, oncs, sgls, vwc, Cns, IdentifyController,
     IdentifyNamespace, IdentifyParams, LbaFormat, NamespaceList, NsIdDescriptor, IDENTIFY_DATA_LEN,
@@ -18,7 +18,7 @@ use nvme_spec::log::{
 };
 use nvme_spec::regs::{cap_css, offset, shutdown, Cap, Cc, Csts, Vs};
 use nvme_spec::text::{write_ascii_padded, write_nqn};
-use nvme_spec::{AdminOpcode, Sqe, Status, U16, U32, U64};
+use nvme_spec::{AdminOpcode, Sqe, Status, U128, U16, U32, U64};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use zerocopy::IntoBytes;
@@ -30,6 +30,9 @@ pub(crate) enum AdminOutcome {
     },
     /// Parked until an event (Asynchronous Event Request).
     AsyncEventRequest,
+    /// The host turned the volatile write cache off: write back what the
+    /// namespaces' caches hold, then complete with success.
+    FlushNamespaces,
 }
 
 fn done(status: Status) -> AdminOutcome {
@@ -111,7 +114,6 @@ pub(crate) fn admin_cmd(
     out: &mut Vec<u8>,
     portid: u16,
 ) -> AdminOutcome {
-    let discovery = ctrl.subsys.kind == SubsystemKind::Discovery;
     match AdminOpcode(sqe.opcode) {
         AdminOpcode::IDENTIFY => identify(ctrl, sqe, out),
         AdminOpcode::GET_LOG_PAGE => get_log_page(ctrl, sqe, out, portid),
@@ -122,9 +124,7 @@ pub(crate) fn admin_cmd(
         AdminOpcode::SET_FEATURES => set_features(ctrl, sqe, data_in),
         AdminOpcode::GET_FEATURES => get_features(ctrl, sqe, out),
         AdminOpcode::ASYNC_EVENT_REQUEST => AdminOutcome::AsyncEventRequest,
-        // Commands finish quickly here, so nothing is ever abortable:
-        // DW0 bit 0 set means "not aborted".
-        AdminOpcode::ABORT if !discovery => AdminOutcome::Done { status: Status::SUCCESS, dw0: 1 },
+        // Abort is the queue pair's (conn/abort.rs): it needs the commands.
         _ => done(Status::INVALID_OPCODE.with_dnr()),
     }
 }
@@ -175,7 +175,9 @@ fn identify_controller(ctrl: &Ctrl) -> IdentifyController {
     id.nn = U32::new(sub.max_namespaces);
     id.mnan = U32::new(sub.max_namespaces);
     id.oncs = U16::new(oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES);
-    id.vwc = vwc::PRESENT | vwc::FLUSH_BROADCAST_UNSUPPORTED;
+    // Present when some namespace's bdev has a volatile write cache: the
+    // host then sends FUA and Flush where it needs durability.
+    id.vwc = if ctrl.write_cache_present() { vwc::PRESENT } else { 0 } | vwc::FLUSH_BROADCAST_UNSUPPORTED;
     id.awun = U16::new(0);
     id.awupf = U16::new(0);
     id
@@ -190,9 +192,11 @@ fn identify_namespace(sub: &Subsystem, nsid: u32) -> Option<IdentifyNamespace> {
     id.nuse = U64::new(p.num_blocks);
     id.nlbaf = 0;
     id.flbas = 0;
-    id.nmic = 1; // may be shared by several controllers
-                 // Deallocated blocks read back as zeroes (malloc and RAID unmap zero them).
-    id.dlfeat = 0b001;
+    // May be shared by several controllers.
+    id.nmic = 1;
+    // What a deallocated block reads back as: zeroes (001b) only when the
+    // bdev says so; otherwise "not reported" (000b).
+    id.dlfeat = if p.deallocated_reads_zeroes { 0b001 } else { 0b000 };
     id.nguid = ns.nguid;
     id.lbaf[0] = LbaFormat::new(p.block_size.trailing_zeros() as u8, 0);
     if p.optimal_io_boundary > 0 {
@@ -258,11 +262,11 @@ fn get_log_page(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>, _portid: u16) ->
     match p.lid {
         LogPageId::ERROR_INFORMATION => page.resize(64, 0),
         LogPageId::SMART_HEALTH if !discovery => {
-            let mut s = SmartLog::zeroed();
-            s.temperature = U16::new(300);
-            s.available_spare = 100;
-            s.available_spare_threshold = 10;
-            page.extend_from_slice(s.as_bytes());
+            // Controller-wide only (LPA bit 0 clear): NSID 0 or FFFFFFFFh.
+            if p.nsid != 0 && p.nsid != 0xFFFF_FFFF {
+                return done(Status::INVALID_FIELD.with_dnr());
+            }
+            page.extend_from_slice(smart_log(ctrl).as_bytes());
         }
         LogPageId::CHANGED_NAMESPACE_LIST if !discovery => {
             let mut a = ctrl.admin();
@@ -295,6 +299,24 @@ fn get_log_page(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>, _portid: u16) ->
     let end = (start as u64 + p.len_bytes).min(page.len() as u64) as usize;
     out.extend_from_slice(&page[start..end]);
     done(Status::SUCCESS)
+}
+
+/// The SMART / health log of a controller, from its queues' counters.
+/// What a target in software cannot know (temperature, spare capacity,
+/// wear, power cycles, unsafe shutdowns, busy time) is 0, as the Linux
+/// target reports it, never an invented figure.
+fn smart_log(ctrl: &Ctrl) -> SmartLog {
+    let [read_cmds, write_cmds, bytes_read, bytes_written, media_errors] = ctrl.smart_counters();
+    // Thousands of 512-byte units, rounded up (1 means 1..=1000 units).
+    let data_units = |bytes: u64| bytes.div_ceil(512).div_ceil(1000);
+    let mut s = SmartLog::zeroed();
+    s.data_units_read = U128::new(u128::from(data_units(bytes_read)));
+    s.data_units_written = U128::new(u128::from(data_units(bytes_written)));
+    s.host_read_commands = U128::new(u128::from(read_cmds));
+    s.host_write_commands = U128::new(u128::from(write_cmds));
+    s.power_on_hours = U128::new(u128::from(NvmfState::get().uptime_secs() / 3600));
+    s.media_errors = U128::new(u128::from(media_errors));
+    s
 }
 
 /// The discovery log a host sees: one entry per (subsystem it may
@@ -359,7 +381,21 @@ fn set_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, _data: Option<&DmaBuf>) -> AdminOut
             a.async_event_config = f.value;
             done(Status::SUCCESS)
         }
-        FeatureId::VOLATILE_WRITE_CACHE if !discovery => done(Status::SUCCESS),
+        FeatureId::VOLATILE_WRITE_CACHE if !discovery => {
+            // Without a volatile write cache the feature is not supported.
+            if !ctrl.write_cache_present() || f.value & !VWC_ENABLE != 0 {
+                return done(Status::INVALID_FIELD.with_dnr());
+            }
+            let enable = f.value & VWC_ENABLE != 0;
+            let was = ctrl.write_cache_enabled.swap(enable, Ordering::AcqRel);
+            if was && !enable {
+                // From now on every write is FUA; what the caches already
+                // hold is written back before the command completes.
+                drop(a);
+                return AdminOutcome::FlushNamespaces;
+            }
+            done(Status::SUCCESS)
+        }
         FeatureId::ARBITRATION | FeatureId::POWER_MANAGEMENT | FeatureId::TEMPERATURE_THRESHOLD if !discovery => {
             done(Status::SUCCESS)
         }
@@ -381,7 +417,17 @@ fn get_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome 
         }
         FeatureId::KEEP_ALIVE_TIMER => ctrl.kato_ms.load(Ordering::Relaxed),
         FeatureId::ASYNC_EVENT_CONFIG => a.async_event_config,
-        FeatureId::VOLATILE_WRITE_CACHE if !discovery => 1,
+        FeatureId::VOLATILE_WRITE_CACHE if !discovery => {
+            if !ctrl.write_cache_present() {
+                return done(Status::INVALID_FIELD.with_dnr());
+            }
+            // Current value; the default (and the "saved" one, this feature
+            // not being saveable) is enabled.
+            match f.select {
+                select::CURRENT => u32::from(ctrl.write_cache_enabled.load(Ordering::Acquire)),
+                _ => VWC_ENABLE,
+            }
+        }
         FeatureId::ARBITRATION | FeatureId::POWER_MANAGEMENT if !discovery => 0,
         FeatureId::TEMPERATURE_THRESHOLD if !discovery => 350,
         FeatureId::HOST_IDENTIFIER => {

@@ -6,17 +6,30 @@
 //!
 //! A request's data buffer moves into the bdev IO and comes back with its
 //! completion, so nothing reuses or frees a buffer a bdev may still write
-//! (invariant 5); a closing connection keeps itself alive until every
+//! (invariant 5, docs/architecture.md); a closing connection keeps itself alive until every
 //! submitted IO has completed.
+//!
+//! Data buffers for R2T and C2HData transfers draw on the transport's
+//! buffer budget ([`BufPool`]); a command that finds it spent waits here
+//! (`AwaitBuf`, FIFO) until units come back. IO command handling lives in
+//! [`io`], Abort in [`abort`].
+
+mod abort;
+mod io;
 
 use super::admin::{self, AdminOutcome};
-use super::{Ctrl, CtrlAdmin, ListenAddr, NvmfState, Subsystem, SubsystemKind, TransportOpts, ADMIN_IN_CAPSULE_LEN};
+use super::bufpool::BufPool;
+use super::{
+    Ctrl, CtrlAdmin, ListenAddr, NvmfState, QpairStats, QueueRef, Subsystem, SubsystemKind, TransportOpts,
+    ADMIN_IN_CAPSULE_LEN,
+};
 use crate::pdu::{
     self, encode_header, encode_term_req, C2HData, CapsuleResp, Direction, Event, Fes, IcResp, PduError, PduHeader,
     PduReader, PduType, RxConfig, TxConfig, R2T,
 };
 use crate::sock::{read_into, RxBuf, RxFill, TxQueue};
-use bdev::{Channel, DmaBuf, IoBox, IoDone, IoError, IoStatus, IoType};
+use abort::AbortWait;
+use bdev::{Channel, DmaBuf, IoBox, IoDone, IoType};
 use nvme_spec::fabrics::{
     cattr, connect_command_offset, connect_data_offset, connect_invalid_parameter_dw0, connect_success_dw0,
     ConnectCommand, ConnectData, FabricsCommand, InvalidParameterIn, PropertyGetCommand, PropertySetCommand,
@@ -24,8 +37,9 @@ use nvme_spec::fabrics::{
 use nvme_spec::log::CNTLID_DYNAMIC;
 use nvme_spec::opcode::DataDirection;
 use nvme_spec::text::read_nqn;
-use nvme_spec::{AdminOpcode, Cqe, FabricsCommandType, IoOpcode, SglKind, Sqe, Status, U16, U32};
+use nvme_spec::{AdminOpcode, Cqe, FabricsCommandType, SglKind, Sqe, Status, U16, U32};
 use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::net::TcpStream;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
@@ -42,6 +56,8 @@ const DIRECT_RX_MIN: u32 = 8192;
 const TX_HIGH_WATER: usize = 4 << 20;
 /// Most AERs held per controller (AERL + 1).
 pub(crate) const MAX_AERS: usize = 4;
+/// Most Abort commands outstanding per controller (ACL + 1).
+pub(crate) const MAX_ABORTS: usize = 4;
 /// How long a closing connection tries to flush its last words.
 const CLOSE_FLUSH_NS: u64 = 100_000_000;
 
@@ -52,8 +68,11 @@ enum ReqState {
     RecvCapsule,
     /// R2T sent; H2CData arriving.
     AwaitH2C,
-    /// At the bdev (or parked: an AER).
+    /// Waiting for data buffer units (the pool is spent).
+    AwaitBuf,
+    /// At the bdev, or being answered.
     Exec,
+    /// Waiting for an event: an AER, or an Abort for its answer.
     Parked,
     /// The command already failed; its data is being skipped.
     Failed,
@@ -71,6 +90,16 @@ struct Req {
     pending: u32,
     status: Status,
     digest_err: bool,
+    /// Bumped each time the slot is taken: IOs carry it (`tag2`) so that a
+    /// completion meant for an earlier use of the slot is recognised.
+    gen: u32,
+    /// Buffer units of the pool this request holds.
+    units: u32,
+    /// An Abort asked for this command: it completes with Command Abort
+    /// Requested instead of running (or its IO came back Aborted).
+    abort_requested: bool,
+    /// Bytes a Read or Write moves (for the SMART log).
+    io_bytes: u32,
 }
 
 impl Req {
@@ -85,6 +114,10 @@ impl Req {
             pending: 0,
             status: Status::SUCCESS,
             digest_err: false,
+            gen: 0,
+            units: 0,
+            abort_requested: false,
+            io_bytes: 0,
         }
     }
 }
@@ -135,6 +168,17 @@ pub(crate) struct Conn {
     ns_gen: u64,
     aers: Vec<usize>,
     done: Option<Rc<dyn IoDone>>,
+    pool: Arc<BufPool>,
+    /// Slots in `AwaitBuf`, oldest first.
+    waiting_buf: VecDeque<u16>,
+    /// This connection's key in its reactor's [`ConnTable`].
+    key: u64,
+    /// SMART counters (IO queues).
+    stats: Arc<QpairStats>,
+    /// Aborts waiting for a command of this queue to finish receiving data.
+    abort_waits: Vec<AbortWait>,
+    /// Abort commands of this (admin) queue waiting for their answer.
+    aborts_parked: usize,
     closing: bool,
     close_after_flush: bool,
     close_deadline_ns: u64,
@@ -147,10 +191,21 @@ struct ConnIoDone(Weak<RefCell<Conn>>);
 
 impl IoDone for ConnIoDone {
     fn io_done(&self, io: IoBox) {
-        if let Some(c) = self.0.upgrade() {
-            c.borrow_mut().io_done(io);
+        match self.0.upgrade() {
+            Some(c) => c.borrow_mut().io_done(io),
+            // A closing connection lives until its last IO is back.
+            None => NvmfState::get().impossible("IO completion for a connection that is gone"),
         }
     }
+}
+
+/// The connections of one reactor, by key, so that messages from other
+/// reactors (an Abort from the admin queue) can reach them.
+#[derive(Default)]
+struct ConnTable(RefCell<HashMap<u64, Weak<RefCell<Conn>>>>);
+
+fn lookup(key: u64) -> Option<Rc<RefCell<Conn>>> {
+    reactor::local::<ConnTable>().0.borrow().get(&key).and_then(Weak::upgrade)
 }
 
 /// Takes over an accepted connection on the current reactor.
@@ -163,7 +218,12 @@ pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Ar
     if state.shutting_down.load(Ordering::Acquire) {
         return;
     }
+    let Some(pool) = state.pool() else {
+        tracing::warn!("NVMe/TCP connection without a transport");
+        return;
+    };
     state.connections.fetch_add(1, Ordering::AcqRel);
+    let key = state.next_conn_key.fetch_add(1, Ordering::Relaxed) + 1;
     let slots = opts.max_queue_depth.max(opts.max_aq_depth) as usize;
     let conn = Rc::new(RefCell::new(Conn {
         stream,
@@ -189,6 +249,12 @@ pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Ar
         ns_gen: 0,
         aers: Vec::with_capacity(MAX_AERS),
         done: None,
+        pool,
+        waiting_buf: VecDeque::with_capacity(slots),
+        key,
+        stats: Arc::new(QpairStats::default()),
+        abort_waits: Vec::with_capacity(MAX_ABORTS),
+        aborts_parked: 0,
         closing: false,
         close_after_flush: false,
         close_deadline_ns: 0,
@@ -197,20 +263,8 @@ pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Ar
     }));
     let done: Rc<dyn IoDone> = Rc::new(ConnIoDone(Rc::downgrade(&conn)));
     conn.borrow_mut().done = Some(done);
+    reactor::local::<ConnTable>().0.borrow_mut().insert(key, Rc::downgrade(&conn));
     reactor::register_poller("nvmf_tcp_qpair", move || conn.borrow_mut().poll());
-}
-
-fn io_status(t: IoType, e: IoError) -> Status {
-    match e {
-        IoError::Nvme { sct, sc } => Status::new(sct, sc),
-        IoError::Media if t == IoType::Read => Status::UNRECOVERED_READ_ERROR,
-        IoError::Media => Status::WRITE_FAULT,
-        IoError::NoMemory => Status::NAMESPACE_NOT_READY,
-        IoError::NotSupported => Status::INVALID_OPCODE.with_dnr(),
-        IoError::OutOfRange => Status::LBA_OUT_OF_RANGE.with_dnr(),
-        IoError::Aborted => Status::ABORTED_SQ_DELETION,
-        IoError::NoDevice => Status::NAMESPACE_NOT_READY,
-    }
 }
 
 impl Conn {
@@ -235,10 +289,17 @@ impl Conn {
             }
         }
         let mut busy = false;
+        if !self.waiting_buf.is_empty() {
+            busy |= self.serve_buffer_waiters();
+        }
+        if !self.abort_waits.is_empty() {
+            self.expire_abort_waits();
+        }
         if self.tx.queued_bytes() < TX_HIGH_WATER && !self.close_after_flush {
             busy |= self.poll_rx();
         }
         busy |= self.flush();
+        self.return_tx_units();
         if self.close_after_flush && self.tx.is_empty() && !self.closing {
             self.begin_close("host disconnected");
         }
@@ -275,21 +336,36 @@ impl Conn {
             if self.qid == Some(0) {
                 c.kill(why);
             } else if let Some(q) = self.qid {
-                c.io_qids.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| *x != q);
+                c.retire_queue(q, self.key);
             }
+        }
+        // Aborts waiting on this queue's commands: those never run now.
+        for w in std::mem::take(&mut self.abort_waits) {
+            abort::send_answer(w.reply, false);
         }
         // Requests not at the bdev are done with; their buffers go now.
         for (i, r) in self.reqs.iter_mut().enumerate() {
             if r.state != ReqState::Exec {
                 r.buf = None;
+                self.pool.give(std::mem::take(&mut r.units));
                 if r.state != ReqState::Free {
                     r.state = ReqState::Free;
                     self.free.push(i as u16);
                 }
             }
         }
+        self.waiting_buf.clear();
         self.aers.clear();
+        self.aborts_parked = 0;
         self.ns.clear();
+    }
+
+    /// Gives back the buffer units of data the socket has finished sending.
+    fn return_tx_units(&mut self) {
+        let n = self.tx.take_released_units();
+        if n > 0 {
+            self.pool.give(n);
+        }
     }
 
     fn poll_closing(&mut self) -> reactor::PollStatus {
@@ -301,10 +377,12 @@ impl Conn {
                 self.tx.clear();
             }
         }
+        self.return_tx_units();
         let in_flight = self.reqs.iter().any(|r| r.state == ReqState::Exec);
         if self.socket_shut && !in_flight {
             self.done = None;
             self.ctrl = None;
+            reactor::local::<ConnTable>().0.borrow_mut().remove(&self.key);
             self.state.connections.fetch_sub(1, Ordering::AcqRel);
             return reactor::PollStatus::Done;
         }
@@ -530,9 +608,14 @@ impl Conn {
             }
             RxTarget::Discard => {
                 // A command that failed before its data: answer it now.
-                if let Some(slot) = self.reqs.iter().position(|r| r.state == ReqState::Failed) {
-                    let st = self.reqs[slot].status;
-                    self.complete(slot, st, 0);
+                match self.reqs.iter().position(|r| r.state == ReqState::Failed) {
+                    Some(slot) => {
+                        let st = self.reqs[slot].status;
+                        self.complete(slot, st, 0);
+                    }
+                    // Discard is only ever set with a Failed slot; no
+                    // command waits, so there is nothing to answer.
+                    None => self.state.impossible("discarded data without its failed command"),
                 }
             }
             RxTarget::None => {}
@@ -550,7 +633,7 @@ impl Conn {
             return self.fatal_here(Fes::PduSequenceError, 0, "more commands outstanding than the queue holds");
         };
         let r = &mut self.reqs[slot];
-        *r = Req { sqe, ..Req::blank() };
+        *r = Req { sqe, gen: r.gen.wrapping_add(1), ..Req::blank() };
         r.state = ReqState::Exec;
         if self.qid.is_none() && !is_connect {
             // A command before Connect: answered, then the connection ends.
@@ -603,29 +686,81 @@ impl Conn {
                 if length > max_len {
                     return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
                 }
-                let Some(buf) = DmaBuf::alloc(length as usize) else {
-                    return self.complete(slot, Status::NAMESPACE_NOT_READY, 0);
-                };
-                let r = &mut self.reqs[slot];
-                r.buf = Some(buf.slice(0, length as usize));
-                r.data_len = length;
-                match dir {
-                    DataDirection::HostToController => {
-                        r.state = ReqState::AwaitH2C;
-                        let r2t =
-                            PduHeader::R2T(R2T { cccid: sqe.cid.get(), ttag: slot as u16, r2to: 0, r2tl: length });
-                        let cfg = self.txcfg;
-                        if self.tx.push_inline(|out| encode_header(&r2t, 0, &cfg, out).map(|e| e.header_len)).is_err() {
-                            self.begin_close("encoding R2T");
-                        }
-                    }
-                    DataDirection::ControllerToHost => self.dispatch(slot),
-                    _ => self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0),
+                if !matches!(dir, DataDirection::HostToController | DataDirection::ControllerToHost) {
+                    return self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0);
+                }
+                self.reqs[slot].data_len = length;
+                // Behind earlier waiters: the pool serves commands in order.
+                if !self.waiting_buf.is_empty() || !self.start_transfer(slot) {
+                    self.reqs[slot].state = ReqState::AwaitBuf;
+                    self.waiting_buf.push_back(slot as u16);
+                    self.pool.waits.fetch_add(1, Ordering::Relaxed);
                 }
             }
             SglKind::InCapsule { .. } => self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0),
             _ => self.complete(slot, Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr(), 0),
         }
+    }
+
+    /// Takes the buffer units and the buffer for a command's R2T or C2H
+    /// transfer and starts it (R2T, or dispatch of a read). False when the
+    /// pool is spent: nothing was taken, the command must wait.
+    fn start_transfer(&mut self, slot: usize) -> bool {
+        let length = self.reqs[slot].data_len;
+        let units = self.pool.units_for(length);
+        if !self.pool.take(units) {
+            return false;
+        }
+        let Some(buf) = DmaBuf::alloc(length as usize) else {
+            self.pool.give(units);
+            self.complete(slot, Status::NAMESPACE_NOT_READY, 0);
+            return true;
+        };
+        let sqe = self.reqs[slot].sqe;
+        let dir = if sqe.opcode == AdminOpcode::FABRICS.0 {
+            DataDirection::from_opcode(FabricsCommand::view(&sqe).fctype)
+        } else {
+            DataDirection::from_opcode(sqe.opcode)
+        };
+        let r = &mut self.reqs[slot];
+        r.units = units;
+        r.buf = Some(buf.slice(0, length as usize));
+        if dir == DataDirection::HostToController {
+            r.state = ReqState::AwaitH2C;
+            let r2t = PduHeader::R2T(R2T { cccid: sqe.cid.get(), ttag: slot as u16, r2to: 0, r2tl: length });
+            let cfg = self.txcfg;
+            if self.tx.push_inline(|out| encode_header(&r2t, 0, &cfg, out).map(|e| e.header_len)).is_err() {
+                self.begin_close("encoding R2T");
+            }
+        } else {
+            self.dispatch(slot);
+        }
+        true
+    }
+
+    /// Starts waiting commands, oldest first, while the pool has units.
+    fn serve_buffer_waiters(&mut self) -> bool {
+        let mut served = false;
+        while let Some(&slot) = self.waiting_buf.front() {
+            if self.closing {
+                break;
+            }
+            let slot = usize::from(slot);
+            if self.reqs[slot].state != ReqState::AwaitBuf {
+                self.waiting_buf.pop_front();
+                self.state.impossible("a buffer waiter that is not waiting");
+                continue;
+            }
+            self.waiting_buf.pop_front();
+            self.reqs[slot].state = ReqState::Exec;
+            if !self.start_transfer(slot) {
+                self.reqs[slot].state = ReqState::AwaitBuf;
+                self.waiting_buf.push_front(slot as u16);
+                break;
+            }
+            served = true;
+        }
+        served
     }
 
     /// Fails a command at once, skipping any in-capsule data it carries.
@@ -644,6 +779,10 @@ impl Conn {
         if self.reqs[slot].digest_err {
             return self.complete(slot, Status::TRANSIENT_TRANSPORT_ERROR, 0);
         }
+        if self.reqs[slot].abort_requested {
+            // An Abort waited for this command's data: it never runs.
+            return self.complete(slot, Status::ABORT_REQUESTED, 0);
+        }
         let sqe = self.reqs[slot].sqe;
         if sqe.opcode == AdminOpcode::FABRICS.0 {
             return self.fabrics(slot, &sqe);
@@ -658,15 +797,31 @@ impl Conn {
     /// Sends the completion (with C2H data on success) and frees the slot.
     fn complete(&mut self, slot: usize, status: Status, dw0: u32) {
         let r = &mut self.reqs[slot];
+        if r.state == ReqState::Free {
+            // Answering a command twice would hand the host another
+            // command's completion; the second answer is dropped.
+            return self.state.impossible("completion of a command slot that is free");
+        }
         let buf = r.buf.take();
         let cid = r.sqe.cid.get();
         let xfer = r.xfer_len;
+        let units = std::mem::take(&mut r.units);
+        let (opcode, io_bytes, abort_requested, gen) = (r.sqe.opcode, r.io_bytes, r.abort_requested, r.gen);
         r.state = ReqState::Free;
+        r.abort_requested = false;
         self.free.push(slot as u16);
+        if abort_requested {
+            self.settle_abort_wait(slot, gen, status == Status::ABORT_REQUESTED);
+        }
+        if self.qid.is_some_and(|q| q > 0) {
+            self.count_for_smart(opcode, status, io_bytes);
+        }
         if self.closing {
+            self.pool.give(units);
             return;
         }
         let mut send_resp = true;
+        let mut units = Some(units);
         if let (Some(buf), true) = (buf, status.is_success() && xfer > 0) {
             let data = buf.slice(0, xfer as usize);
             let success = self.c2h_success && self.qid.is_some_and(|q| q > 0);
@@ -684,11 +839,15 @@ impl Conn {
                 return self.begin_close("encoding C2HData");
             }
             let digest = if ddgst { Some(data.with(pdu::data_digest)) } else { None };
-            self.tx.push_data(data);
+            // The units come back when the socket has sent the data.
+            self.tx.push_data_holding(data, units.take().unwrap_or(0));
             if let Some(d) = digest {
                 self.tx.push_bytes(&d.to_le_bytes());
             }
             send_resp = !success;
+        }
+        if let Some(u) = units {
+            self.pool.give(u);
         }
         self.sqhd = if self.sq_entries > 0 { ((u32::from(self.sqhd) + 1) % self.sq_entries) as u16 } else { 0 };
         if send_resp {
@@ -747,6 +906,8 @@ impl Conn {
         // The CQE's DW1 is only reachable here: build the response by hand.
         let cid = self.reqs[slot].sqe.cid.get();
         self.reqs[slot].buf = None;
+        let units = std::mem::take(&mut self.reqs[slot].units);
+        self.pool.give(units);
         self.reqs[slot].state = ReqState::Free;
         self.free.push(slot as u16);
         self.sqhd = if self.sq_entries > 0 { ((u32::from(self.sqhd) + 1) % self.sq_entries) as u16 } else { 0 };
@@ -843,7 +1004,9 @@ impl Conn {
                 last_keep_alive_ns: reactor::now_ns().into(),
                 dead: false.into(),
                 ready: false.into(),
-                io_qids: Mutex::new(Vec::new()),
+                queues: Mutex::new(Vec::new()),
+                retired: QpairStats::default(),
+                write_cache_enabled: true.into(),
                 admin: Mutex::new(CtrlAdmin {
                     cc: 0,
                     csts: 0,
@@ -893,8 +1056,8 @@ impl Conn {
                 );
             }
             {
-                let mut q = ctrl.io_qids.lock().unwrap_or_else(|e| e.into_inner());
-                if q.contains(&qid) {
+                let mut q = ctrl.queues();
+                if q.iter().any(|r| r.qid == qid) {
                     drop(q);
                     return self.connect_fail(
                         slot,
@@ -902,7 +1065,12 @@ impl Conn {
                         inv(connect_command_offset::QID, InvalidParameterIn::Command),
                     );
                 }
-                q.push(qid);
+                q.push(QueueRef {
+                    qid,
+                    reactor: reactor::current().unwrap_or(0),
+                    conn_key: self.key,
+                    stats: self.stats.clone(),
+                });
             }
             let cfg = *self.reader.config();
             self.reader.set_config(RxConfig { max_in_capsule_data_len: self.opts.in_capsule_data_size, ..cfg });
@@ -950,6 +1118,9 @@ impl Conn {
         let Some(ctrl) = self.ctrl.clone() else {
             return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
         };
+        if sqe.opcode == AdminOpcode::ABORT.0 && ctrl.subsys.kind == SubsystemKind::Nvme {
+            return self.abort_cmd(slot, sqe);
+        }
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         let outcome = admin::admin_cmd(&ctrl, sqe, self.reqs[slot].buf.as_ref(), &mut out, self.portid);
@@ -980,6 +1151,45 @@ impl Conn {
                 self.aers.push(slot);
                 self.deliver_aen();
             }
+            AdminOutcome::FlushNamespaces => {
+                self.scratch = out;
+                self.flush_namespaces(slot, &ctrl);
+            }
+        }
+    }
+
+    /// Writes back every namespace's volatile cache (the host turned the
+    /// write cache off); the command completes when every flush is done.
+    fn flush_namespaces(&mut self, slot: usize, ctrl: &Arc<Ctrl>) {
+        let mut chans = Vec::new();
+        for n in ctrl.subsys.namespaces() {
+            if n.bdev.bdev().io_type_supported(IoType::Flush) && n.bdev.bdev().has_write_cache() {
+                match n.bdev.channel() {
+                    Ok(ch) => chans.push(ch),
+                    Err(_) => return self.complete(slot, Status::INTERNAL_ERROR, 0),
+                }
+            }
+        }
+        if chans.is_empty() {
+            return self.complete(slot, Status::SUCCESS, 0);
+        }
+        self.reqs[slot].pending = chans.len() as u32;
+        for ch in chans {
+            let Some(mut io) = IoBox::data(IoType::Flush, 0, 0, None) else {
+                let r = &mut self.reqs[slot];
+                r.status = Status::INTERNAL_ERROR;
+                r.pending -= 1;
+                if r.pending == 0 {
+                    self.complete(slot, Status::INTERNAL_ERROR, 0);
+                }
+                continue;
+            };
+            io.tag = slot as u64;
+            io.tag2 = u64::from(self.reqs[slot].gen);
+            if let Some(d) = &self.done {
+                io.set_done(d.clone());
+            }
+            ch.submit(io);
         }
     }
 
@@ -998,147 +1208,6 @@ impl Conn {
         drop(a);
         self.reqs[slot].state = ReqState::Exec;
         self.complete(slot, Status::SUCCESS, Ctrl::ns_notice_dword());
-    }
-
-    fn io(&mut self, slot: usize, sqe: &Sqe) {
-        let ready = self.ctrl.as_ref().is_some_and(|c| c.ready.load(Ordering::Relaxed));
-        if !ready {
-            return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
-        }
-        let nsid = sqe.nsid.get();
-        let Some(nsi) = self.ns.iter().position(|n| n.nsid == nsid) else {
-            return self.complete(slot, Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr(), 0);
-        };
-        let op = IoOpcode(sqe.opcode);
-        let (shift, num_blocks) = (self.ns[nsi].block_shift, self.ns[nsi].num_blocks);
-        let ranged = |slba: u64, nlb: u64| slba.checked_add(nlb).is_some_and(|end| end <= num_blocks);
-        match op {
-            IoOpcode::READ | IoOpcode::WRITE => {
-                let (slba, nlb) = (sqe.slba(), u64::from(sqe.nlb()));
-                let bytes = nlb << shift;
-                let r = &mut self.reqs[slot];
-                if bytes > u64::from(self.opts.max_io_size) || bytes > u64::from(r.data_len) {
-                    return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
-                }
-                if !ranged(slba, nlb) {
-                    return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
-                }
-                let t = if op == IoOpcode::READ { IoType::Read } else { IoType::Write };
-                if t == IoType::Read {
-                    r.xfer_len = bytes as u32;
-                }
-                let buf = r.buf.take();
-                self.submit(slot, nsi, t, slba, nlb, buf);
-            }
-            IoOpcode::FLUSH => {
-                if !self.ns[nsi].ch.handle().bdev().io_type_supported(IoType::Flush) {
-                    return self.complete(slot, Status::SUCCESS, 0);
-                }
-                self.submit(slot, nsi, IoType::Flush, 0, 0, None);
-            }
-            IoOpcode::WRITE_ZEROES => {
-                let (slba, nlb) = (sqe.slba(), u64::from(sqe.nlb()));
-                if !ranged(slba, nlb) {
-                    return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
-                }
-                if !self.ns[nsi].ch.handle().bdev().io_type_supported(IoType::WriteZeroes) {
-                    return self.complete(slot, Status::INVALID_OPCODE.with_dnr(), 0);
-                }
-                self.submit(slot, nsi, IoType::WriteZeroes, slba, nlb, None);
-            }
-            IoOpcode::DATASET_MANAGEMENT => self.dsm(slot, nsi, sqe),
-            _ => self.complete(slot, Status::INVALID_OPCODE.with_dnr(), 0),
-        }
-    }
-
-    fn dsm(&mut self, slot: usize, nsi: usize, sqe: &Sqe) {
-        let nr = (sqe.cdw10.get() & 0xFF) as usize + 1;
-        let deallocate = sqe.cdw11.get() & (1 << 2) != 0;
-        let num_blocks = self.ns[nsi].num_blocks;
-        let Some(buf) = self.reqs[slot].buf.take() else {
-            return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
-        };
-        if buf.len() < nr * 16 {
-            return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
-        }
-        if !deallocate || !self.ns[nsi].ch.handle().bdev().io_type_supported(IoType::Unmap) {
-            return self.complete(slot, Status::SUCCESS, 0);
-        }
-        let mut ranges = [(0u64, 0u64); 256];
-        let mut count = 0;
-        let mut bad = false;
-        buf.with(|b| {
-            for i in 0..nr {
-                let e = &b[i * 16..i * 16 + 16];
-                let nlb = u64::from(u32::from_le_bytes([e[4], e[5], e[6], e[7]]));
-                let slba = u64::from_le_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
-                if nlb == 0 {
-                    continue;
-                }
-                if slba.checked_add(nlb).is_none_or(|end| end > num_blocks) {
-                    bad = true;
-                }
-                ranges[count] = (slba, nlb);
-                count += 1;
-            }
-        });
-        if bad {
-            return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
-        }
-        if count == 0 {
-            return self.complete(slot, Status::SUCCESS, 0);
-        }
-        self.reqs[slot].pending = count as u32;
-        for &(slba, nlb) in &ranges[..count] {
-            self.submit_one(slot, nsi, IoType::Unmap, slba, nlb, None);
-        }
-    }
-
-    fn submit(&mut self, slot: usize, nsi: usize, t: IoType, slba: u64, nlb: u64, buf: Option<DmaBuf>) {
-        self.reqs[slot].pending = 1;
-        self.submit_one(slot, nsi, t, slba, nlb, buf);
-    }
-
-    fn submit_one(&mut self, slot: usize, nsi: usize, t: IoType, slba: u64, nlb: u64, buf: Option<DmaBuf>) {
-        let Some(mut io) = IoBox::data(t, slba, nlb, buf) else {
-            // Out of descriptors: the command fails with a retryable status.
-            let r = &mut self.reqs[slot];
-            r.status = Status::NAMESPACE_NOT_READY;
-            r.pending -= 1;
-            if r.pending == 0 {
-                let st = r.status;
-                self.complete(slot, st, 0);
-            }
-            return;
-        };
-        io.tag = slot as u64;
-        if let Some(d) = &self.done {
-            io.set_done(d.clone());
-        }
-        self.ns[nsi].ch.submit(io);
-    }
-
-    fn io_done(&mut self, mut io: IoBox) {
-        let slot = io.tag as usize;
-        let Some(r) = self.reqs.get_mut(slot) else {
-            return;
-        };
-        if r.state != ReqState::Exec || r.pending == 0 {
-            return;
-        }
-        if let IoStatus::Failed(e) = io.status {
-            if r.status.is_success() {
-                r.status = io_status(io.io_type, e);
-            }
-        }
-        if io.io_type == IoType::Read {
-            r.buf = io.buf.take();
-        }
-        r.pending -= 1;
-        if r.pending == 0 {
-            let st = r.status;
-            self.complete(slot, st, 0);
-        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! IO path never locks.
 
 pub(crate) mod admin;
+pub(crate) mod bufpool;
 pub(crate) mod conn;
 
 use bdev::{BdevHandle, Registry};
@@ -116,6 +117,26 @@ impl TransportOpts {
         }
         if self.in_capsule_data_size > 131_072 || !self.in_capsule_data_size.is_multiple_of(16) {
             return bad("in_capsule_data_size must be a multiple of 16, at most 128 KiB");
+        }
+        // Options nvraid's TCP transport does not have: refused rather than
+        // accepted and ignored.
+        if self.zcopy {
+            return bad("zcopy (zero-copy receive) is not supported by nvraid's TCP transport");
+        }
+        if self.dif_insert_or_strip {
+            return bad("dif_insert_or_strip is not supported: nvraid's namespaces carry no protection information");
+        }
+        if self.sock_priority != 0 {
+            return bad("sock_priority (SO_PRIORITY on connections) is not supported by nvraid; leave it 0");
+        }
+        if self.ack_timeout != 0 {
+            return bad("ack_timeout is an RDMA transport option; the TCP transport does not have it");
+        }
+        if self.data_wr_pool_size != 0 {
+            return bad("data_wr_pool_size is an RDMA transport option; the TCP transport does not have it");
+        }
+        if self.abort_timeout_sec > 3600 {
+            return bad("abort_timeout_sec must be at most 3600");
         }
         Ok(())
     }
@@ -369,6 +390,51 @@ pub(crate) struct CtrlAdmin {
     pub(crate) ns_notice_masked: bool,
 }
 
+/// Counters of one queue pair for the SMART / health log. Only the queue
+/// pair's reactor writes them (plain load + store, no read-modify-write);
+/// the admin queue reads them from anywhere.
+#[derive(Default)]
+pub(crate) struct QpairStats {
+    pub(crate) read_cmds: AtomicU64,
+    pub(crate) write_cmds: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    /// Commands that failed with a media or data integrity error.
+    pub(crate) media_errors: AtomicU64,
+}
+
+impl QpairStats {
+    /// Single-writer increment.
+    pub(crate) fn bump(c: &AtomicU64, by: u64) {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
+    }
+
+    /// Adds `other` into `self` (any thread; `self` is the controller's
+    /// total of closed queues, written under the controller's queue lock).
+    fn absorb(&self, other: &QpairStats) {
+        for (to, from) in self.fields().into_iter().zip(other.fields()) {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    fn fields(&self) -> [&AtomicU64; 5] {
+        [&self.read_cmds, &self.write_cmds, &self.bytes_read, &self.bytes_written, &self.media_errors]
+    }
+
+    pub(crate) fn snapshot(&self) -> [u64; 5] {
+        self.fields().map(|f| f.load(Ordering::Relaxed))
+    }
+}
+
+/// An IO queue of a controller: where it runs, for Abort, and its counters.
+pub(crate) struct QueueRef {
+    pub(crate) qid: u16,
+    pub(crate) reactor: usize,
+    /// The connection's key in its reactor's table (`conn::lookup`).
+    pub(crate) conn_key: u64,
+    pub(crate) stats: Arc<QpairStats>,
+}
+
 /// A controller: created by an admin Connect, shared by its queue pairs on
 /// any reactor.
 pub struct Ctrl {
@@ -382,10 +448,16 @@ pub struct Ctrl {
     dead: AtomicBool,
     /// CSTS.RDY: IO queues may connect and IO commands run.
     pub(crate) ready: AtomicBool,
-    pub(crate) io_qids: Mutex<Vec<u16>>,
+    /// Connected IO queues.
+    pub(crate) queues: Mutex<Vec<QueueRef>>,
+    /// Counters of IO queues that have closed.
+    pub(crate) retired: QpairStats,
     pub(crate) admin: Mutex<CtrlAdmin>,
     /// Set when an event waits for the admin queue to deliver it.
     pub(crate) aen_flag: AtomicBool,
+    /// Volatile Write Cache feature, WCE bit: cleared by the host, every
+    /// write of this controller is sent with FUA.
+    pub(crate) write_cache_enabled: AtomicBool,
 }
 
 impl Ctrl {
@@ -402,6 +474,38 @@ impl Ctrl {
 
     pub(crate) fn admin(&self) -> MutexGuard<'_, CtrlAdmin> {
         self.admin.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn queues(&self) -> MutexGuard<'_, Vec<QueueRef>> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An IO queue closed: its counters join the controller's total.
+    pub(crate) fn retire_queue(&self, qid: u16, conn_key: u64) {
+        let mut q = self.queues();
+        if let Some(i) = q.iter().position(|r| r.qid == qid && r.conn_key == conn_key) {
+            let r = q.swap_remove(i);
+            self.retired.absorb(&r.stats);
+        }
+    }
+
+    /// SMART counters of the controller: read and write commands, bytes read
+    /// and written, media errors, over its live and closed IO queues.
+    pub(crate) fn smart_counters(&self) -> [u64; 5] {
+        let q = self.queues();
+        let mut sum = self.retired.snapshot();
+        for r in q.iter() {
+            for (s, v) in sum.iter_mut().zip(r.stats.snapshot()) {
+                *s = s.wrapping_add(v);
+            }
+        }
+        sum
+    }
+
+    /// A volatile write cache sits behind some namespace of the subsystem
+    /// (Identify Controller VWC bit 0).
+    pub(crate) fn write_cache_present(&self) -> bool {
+        self.subsys.namespaces().iter().any(|n| n.bdev.bdev().has_write_cache())
     }
 
     /// Records namespace changes and raises a notice if the host wants one.
@@ -438,6 +542,7 @@ struct ListenerEntry {
 #[derive(Default)]
 struct StateInner {
     transport: Option<Arc<TransportOpts>>,
+    pool: Option<Arc<bufpool::BufPool>>,
     subsystems: Vec<Arc<Subsystem>>,
     listeners: Vec<ListenerEntry>,
 }
@@ -453,6 +558,14 @@ pub struct NvmfState {
     pub(crate) connections: AtomicUsize,
     pub(crate) shutting_down: AtomicBool,
     next_portid: AtomicU16,
+    /// When the transport was created: power-on time of the SMART log.
+    started: std::sync::OnceLock<std::time::Instant>,
+    /// States the IO path believes impossible (a completion for a slot that
+    /// is not in flight, ...): each was asserted in debug builds, logged,
+    /// and answered with an error where a command was waiting.
+    pub(crate) impossible_events: AtomicU64,
+    /// Keys of connections in their reactor's table.
+    pub(crate) next_conn_key: AtomicU64,
 }
 
 impl NvmfState {
@@ -469,16 +582,68 @@ impl NvmfState {
         self.lock().transport.clone()
     }
 
-    /// `nvmf_create_transport`: one TCP transport per target.
+    /// `nvmf_create_transport`: one TCP transport per target. Call it on a
+    /// reactor (the buffer caches are sized for the reactor count).
     pub fn create_transport(&self, opts: TransportOpts) -> Result<(), NvmfError> {
         opts.validate()?;
+        let pool = bufpool::BufPool::new(&opts, reactor::count())?;
         let mut s = self.lock();
         if s.transport.is_some() {
             return Err(NvmfError::Exists("transport TCP".into()));
         }
         s.transport = Some(Arc::new(opts));
+        s.pool = Some(Arc::new(pool));
+        let _ = self.started.set(std::time::Instant::now());
         Self::ensure_discovery(&mut s);
         Ok(())
+    }
+
+    pub(crate) fn pool(&self) -> Option<Arc<bufpool::BufPool>> {
+        self.lock().pool.clone()
+    }
+
+    /// Seconds since the transport was created.
+    pub(crate) fn uptime_secs(&self) -> u64 {
+        self.started.get().map_or(0, |t| t.elapsed().as_secs())
+    }
+
+    /// Records a state the IO path believes impossible: asserts in debug
+    /// builds, logs, and counts it (`nvmf_get_stats`).
+    pub(crate) fn impossible(&self, what: &str) {
+        self.impossible_events.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("NVMe/TCP target: impossible state: {what}");
+        debug_assert!(false, "NVMe/TCP target: impossible state: {what}");
+    }
+
+    /// Times the IO path met a state it believes impossible.
+    pub fn impossible_event_count(&self) -> u64 {
+        self.impossible_events.load(Ordering::Relaxed)
+    }
+
+    /// `nvmf_get_stats` in SPDK's shape (`tick_rate`, `poll_groups` with
+    /// their `transports`), target-wide: one entry for the TCP transport's
+    /// data buffer pool, plus nvraid's counter of impossible IO path states.
+    pub fn stats_json(&self) -> Value {
+        let pool = self.pool();
+        let mut tcp = json!({
+            "trtype": "TCP",
+            "impossible_completions": self.impossible_event_count(),
+        });
+        if let (Some(p), Some(o)) = (pool, tcp.as_object_mut()) {
+            o.insert("data_buffers_total".into(), json!(p.total_units()));
+            o.insert("data_buffers_free".into(), json!(p.free_units()));
+            o.insert("data_buffer_cache_per_reactor".into(), json!(p.cache_units()));
+            o.insert("pending_data_buffer".into(), json!(p.waits.load(Ordering::Relaxed)));
+        }
+        json!({
+            "tick_rate": bdev::tsc::tick_rate(),
+            "poll_groups": [{
+                "name": "nvmf_tgt_poll_group_all",
+                // Admin and IO queues together (nvraid does not split them).
+                "current_qpairs": self.connection_count(),
+                "transports": [tcp],
+            }],
+        })
     }
 
     fn ensure_discovery(s: &mut StateInner) {

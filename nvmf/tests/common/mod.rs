@@ -108,3 +108,42 @@ pub fn seed() -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
     })
 }
+
+/// A target on `reactors` reactors exporting, as NSIDs 1.., the bdevs that
+/// `make_bdevs` registers (run on reactor 0; it returns their names).
+pub fn start_target_with(
+    reactors: usize,
+    opts: TransportOpts,
+    make_bdevs: impl FnOnce() -> Vec<String> + Send + 'static,
+) -> Target {
+    let cfg = ReactorConfig { pin: false, ..ReactorConfig::new((0..reactors).collect(), IdlePolicy::sleep()) };
+    let set = ReactorSet::start(cfg, || {}).unwrap();
+    let port = free_port();
+    set.call(0, move || {
+        let names = make_bdevs();
+        let st = NvmfState::get();
+        st.create_transport(opts).unwrap();
+        let mut p = SubsystemParams::new(NQN);
+        p.allow_any_host = true;
+        p.serial_number = "NVRAID0001".into();
+        st.create_subsystem(p).unwrap();
+        for n in &names {
+            st.add_ns(NQN, n, 0, None, None).unwrap();
+        }
+        st.add_listener(NQN, ListenAddr::new("127.0.0.1", &port.to_string())).unwrap();
+    });
+    Target { set, port }
+}
+
+/// A session without keep alive (the test thread owns the admin queue).
+pub fn session_no_kato(port: u16, queues: u16) -> Session {
+    let mut p = params(port);
+    p.kato_ms = 0;
+    host::connect(&p, queues).unwrap_or_else(|e| panic!("connect: {e}"))
+}
+
+/// Runs one command on `qp` (owned by this thread) and waits for it.
+pub fn command(qp: &mut HostQpair, sqe: nvme_spec::Sqe, data: host::Data) -> host::Completion {
+    qp.submit(sqe, data, 0xC0DE).unwrap();
+    wait(qp, 1).pop().unwrap()
+}

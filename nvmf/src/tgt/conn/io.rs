@@ -1,0 +1,235 @@
+//! IO commands of a target queue pair: Read, Write, Write Zeroes (with
+//! their FUA and DPO bits), Flush, Dataset Management, mapped onto the
+//! namespace's bdev; their completions; and the SMART counters they feed.
+
+use super::{Conn, ReqState};
+use crate::tgt::QpairStats;
+use bdev::{DmaBuf, IoBox, IoError, IoFlags, IoStatus, IoType};
+use nvme_spec::status::sct;
+use nvme_spec::{IoOpcode, Sqe, Status};
+use std::sync::atomic::Ordering;
+
+pub(super) fn io_status(t: IoType, e: IoError) -> Status {
+    match e {
+        IoError::Nvme { sct, sc } => Status::new(sct, sc),
+        IoError::Media if t == IoType::Read => Status::UNRECOVERED_READ_ERROR,
+        IoError::Media => Status::WRITE_FAULT,
+        IoError::NoMemory => Status::NAMESPACE_NOT_READY,
+        IoError::NotSupported => Status::INVALID_OPCODE.with_dnr(),
+        IoError::OutOfRange => Status::LBA_OUT_OF_RANGE.with_dnr(),
+        IoError::Aborted => Status::ABORTED_SQ_DELETION,
+        IoError::NoDevice => Status::NAMESPACE_NOT_READY,
+    }
+}
+
+/// The IO flags a Read, Write or Write Zeroes carries in CDW12 (FUA on
+/// writes only: a read's FUA asks for nothing a bdev could do differently).
+fn wire_flags(sqe: &Sqe, write: bool) -> IoFlags {
+    let mut f = IoFlags::NONE;
+    if write && sqe.fua() {
+        f.insert(IoFlags::FUA);
+    }
+    if sqe.dpo() {
+        f.insert(IoFlags::DPO);
+    }
+    f
+}
+
+impl Conn {
+    pub(super) fn io(&mut self, slot: usize, sqe: &Sqe) {
+        let Some(ctrl) = self.ctrl.as_ref().filter(|c| c.ready.load(Ordering::Relaxed)) else {
+            return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
+        };
+        // The host turned the volatile write cache off: every write is FUA.
+        let cache_off = !ctrl.write_cache_enabled.load(Ordering::Relaxed);
+        let nsid = sqe.nsid.get();
+        let Some(nsi) = self.ns.iter().position(|n| n.nsid == nsid) else {
+            return self.complete(slot, Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr(), 0);
+        };
+        let op = IoOpcode(sqe.opcode);
+        let (shift, num_blocks) = (self.ns[nsi].block_shift, self.ns[nsi].num_blocks);
+        let ranged = |slba: u64, nlb: u64| slba.checked_add(nlb).is_some_and(|end| end <= num_blocks);
+        match op {
+            IoOpcode::READ | IoOpcode::WRITE => {
+                let (slba, nlb) = (sqe.slba(), u64::from(sqe.nlb()));
+                let bytes = nlb << shift;
+                let r = &mut self.reqs[slot];
+                if bytes > u64::from(self.opts.max_io_size) || bytes > u64::from(r.data_len) {
+                    return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
+                }
+                if !ranged(slba, nlb) {
+                    return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
+                }
+                let write = op == IoOpcode::WRITE;
+                let t = if write { IoType::Write } else { IoType::Read };
+                if t == IoType::Read {
+                    r.xfer_len = bytes as u32;
+                }
+                r.io_bytes = bytes as u32;
+                let mut flags = wire_flags(sqe, write);
+                if write && cache_off {
+                    flags.insert(IoFlags::FUA);
+                }
+                let buf = r.buf.take();
+                self.submit(slot, nsi, t, slba, nlb, buf, flags);
+            }
+            IoOpcode::FLUSH => {
+                // No cache to write back: the flush succeeds at once.
+                if !self.ns[nsi].ch.handle().bdev().io_type_supported(IoType::Flush) {
+                    return self.complete(slot, Status::SUCCESS, 0);
+                }
+                self.submit(slot, nsi, IoType::Flush, 0, 0, None, IoFlags::NONE);
+            }
+            IoOpcode::WRITE_ZEROES => {
+                let (slba, nlb) = (sqe.slba(), u64::from(sqe.nlb()));
+                if !ranged(slba, nlb) {
+                    return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
+                }
+                if !self.ns[nsi].ch.handle().bdev().io_type_supported(IoType::WriteZeroes) {
+                    return self.complete(slot, Status::INVALID_OPCODE.with_dnr(), 0);
+                }
+                let mut flags = wire_flags(sqe, true);
+                if cache_off {
+                    flags.insert(IoFlags::FUA);
+                }
+                self.submit(slot, nsi, IoType::WriteZeroes, slba, nlb, None, flags);
+            }
+            IoOpcode::DATASET_MANAGEMENT => self.dsm(slot, nsi, sqe),
+            _ => self.complete(slot, Status::INVALID_OPCODE.with_dnr(), 0),
+        }
+    }
+
+    fn dsm(&mut self, slot: usize, nsi: usize, sqe: &Sqe) {
+        let nr = (sqe.cdw10.get() & 0xFF) as usize + 1;
+        let deallocate = sqe.cdw11.get() & (1 << 2) != 0;
+        let num_blocks = self.ns[nsi].num_blocks;
+        let Some(buf) = self.reqs[slot].buf.take() else {
+            return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
+        };
+        if buf.len() < nr * 16 {
+            return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
+        }
+        if !deallocate || !self.ns[nsi].ch.handle().bdev().io_type_supported(IoType::Unmap) {
+            return self.complete(slot, Status::SUCCESS, 0);
+        }
+        let mut ranges = [(0u64, 0u64); 256];
+        let mut count = 0;
+        let mut bad = false;
+        buf.with(|b| {
+            for i in 0..nr {
+                let e = &b[i * 16..i * 16 + 16];
+                let nlb = u64::from(u32::from_le_bytes([e[4], e[5], e[6], e[7]]));
+                let slba = u64::from_le_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
+                if nlb == 0 {
+                    continue;
+                }
+                if slba.checked_add(nlb).is_none_or(|end| end > num_blocks) {
+                    bad = true;
+                }
+                ranges[count] = (slba, nlb);
+                count += 1;
+            }
+        });
+        if bad {
+            return self.complete(slot, Status::LBA_OUT_OF_RANGE.with_dnr(), 0);
+        }
+        if count == 0 {
+            return self.complete(slot, Status::SUCCESS, 0);
+        }
+        self.reqs[slot].pending = count as u32;
+        for &(slba, nlb) in &ranges[..count] {
+            self.submit_one(slot, nsi, IoType::Unmap, slba, nlb, None, IoFlags::NONE);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(&mut self, slot: usize, nsi: usize, t: IoType, slba: u64, nlb: u64, buf: Option<DmaBuf>, flags: IoFlags) {
+        self.reqs[slot].pending = 1;
+        self.submit_one(slot, nsi, t, slba, nlb, buf, flags);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_one(
+        &mut self,
+        slot: usize,
+        nsi: usize,
+        t: IoType,
+        slba: u64,
+        nlb: u64,
+        buf: Option<DmaBuf>,
+        flags: IoFlags,
+    ) {
+        let Some(mut io) = IoBox::data(t, slba, nlb, buf) else {
+            // Out of descriptors: the command fails with a retryable status.
+            let r = &mut self.reqs[slot];
+            r.status = Status::NAMESPACE_NOT_READY;
+            r.pending -= 1;
+            if r.pending == 0 {
+                let st = r.status;
+                self.complete(slot, st, 0);
+            }
+            return;
+        };
+        io.flags = flags;
+        io.tag = slot as u64;
+        io.tag2 = u64::from(self.reqs[slot].gen);
+        if let Some(d) = &self.done {
+            io.set_done(d.clone());
+        }
+        self.ns[nsi].ch.submit(io);
+    }
+
+    /// A bdev IO of this connection came back (an IO command's, or a flush
+    /// the admin queue sent when the host turned the write cache off).
+    pub(super) fn io_done(&mut self, mut io: IoBox) {
+        let slot = io.tag as usize;
+        let Some(r) = self.reqs.get_mut(slot) else {
+            // No command to answer: the tag names no slot of this queue.
+            return self.state.impossible("IO completion for a slot this queue does not have");
+        };
+        if r.state != ReqState::Exec || r.pending == 0 || u64::from(r.gen) != io.tag2 {
+            // The slot's command was already answered (or is a newer one):
+            // nothing waits for this IO.
+            return self.state.impossible("IO completion for a command that is not in flight");
+        }
+        if let IoStatus::Failed(e) = io.status {
+            if r.status.is_success() {
+                r.status = if e == IoError::Aborted && r.abort_requested {
+                    Status::ABORT_REQUESTED
+                } else {
+                    io_status(io.io_type, e)
+                };
+            }
+        }
+        if io.io_type == IoType::Read {
+            r.buf = io.buf.take();
+        }
+        r.pending -= 1;
+        if r.pending == 0 {
+            let st = r.status;
+            self.complete(slot, st, 0);
+        }
+    }
+
+    /// SMART / health counters of a finished IO command.
+    pub(super) fn count_for_smart(&self, opcode: u8, status: Status, io_bytes: u32) {
+        let s = &self.stats;
+        if status.sct == sct::MEDIA_AND_DATA_INTEGRITY {
+            QpairStats::bump(&s.media_errors, 1);
+        }
+        if !status.is_success() {
+            return;
+        }
+        match IoOpcode(opcode) {
+            IoOpcode::READ => {
+                QpairStats::bump(&s.read_cmds, 1);
+                QpairStats::bump(&s.bytes_read, u64::from(io_bytes));
+            }
+            IoOpcode::WRITE => {
+                QpairStats::bump(&s.write_cmds, 1);
+                QpairStats::bump(&s.bytes_written, u64::from(io_bytes));
+            }
+            _ => {}
+        }
+    }
+}
