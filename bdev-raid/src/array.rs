@@ -105,23 +105,29 @@ impl Slot {
     }
 }
 
-/// IO types other than read/write the array passes through (all members must).
+/// IO types other than read/write the array passes through (all members
+/// must), and what its unmapped blocks read as.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Caps {
     flush: bool,
     unmap: bool,
     write_zeroes: bool,
     reset: bool,
+    /// Every level maps an unmap straight onto the members' blocks, so an
+    /// unmapped array block reads as zeroes when every member's do.
+    deallocated_reads_zeroes: bool,
 }
 
 impl Caps {
     fn of<'a>(members: impl Iterator<Item = &'a BdevHandle> + Clone) -> Caps {
         let all = |t| members.clone().all(|h| h.bdev().io_type_supported(t));
+        let unmap = all(IoType::Unmap);
         Caps {
             flush: all(IoType::Flush),
-            unmap: all(IoType::Unmap),
+            unmap,
             write_zeroes: all(IoType::WriteZeroes),
             reset: all(IoType::Reset),
+            deallocated_reads_zeroes: unmap && members.clone().all(|h| h.props().deallocated_reads_zeroes),
         }
     }
 
@@ -140,6 +146,7 @@ impl Caps {
         [IoType::Flush, IoType::Unmap, IoType::WriteZeroes, IoType::Reset]
             .into_iter()
             .all(|t| !self.supports(t) || h.bdev().io_type_supported(t))
+            && (!self.deallocated_reads_zeroes || h.props().deallocated_reads_zeroes)
     }
 }
 
@@ -153,6 +160,10 @@ pub(crate) struct Control {
     /// 0 until a member is known.
     pub block_size: u32,
     pub caps: Caps,
+    /// What the registered bdev says of a volatile write cache (fixed at
+    /// registration): any member had one then. A member with a cache that
+    /// joins an array that said "none" gets every write with FUA instead.
+    pub write_cache: bool,
     pub deleting: bool,
     /// The bitmap's shared half, for every reactor's write path.
     pub bitmap: Option<Arc<Bitmap>>,
@@ -206,6 +217,10 @@ pub(crate) struct ArrayShared {
     pub bitmap_chunk_kb: u32,
     /// Set once a scrub finished: its counts, for the listing.
     pub last_check: Mutex<Option<Value>>,
+    /// States the IO path met that it believes impossible (a completion
+    /// without its parent, a grant nobody waits for): must stay 0. Any
+    /// reactor adds (Relaxed: a statistic); `impossible_events` in listings.
+    pub impossible_events: AtomicU64,
     /// Superblocks found for an array assembling from them.
     pub found: Mutex<Vec<crate::assemble::FoundSuperblock>>,
     /// Assembled from superblocks found on bdevs (not created by RPC):
@@ -405,6 +420,12 @@ pub(crate) fn info_json(shared: &ArrayShared, with_name: bool) -> Value {
     if shared.superblock {
         o.insert("copied_blocks".into(), json!(shared.copied_blocks.load(Ordering::Relaxed)));
     }
+    // Shown wherever nvraid's own fields are, and on any array once it is
+    // not 0: it is an alarm.
+    let impossible = shared.impossible_events.load(Ordering::Relaxed);
+    if shared.superblock || impossible > 0 {
+        o.insert("impossible_events".into(), json!(impossible));
+    }
     if let Some(bm) = &ctl.bitmap {
         let g = bm.geometry();
         o.insert(
@@ -533,6 +554,12 @@ impl RaidArray {
     /// Blocks written by rebuilds and resyncs of this array so far.
     pub fn copied_blocks(&self) -> u64 {
         self.0.copied_blocks.load(Ordering::Relaxed)
+    }
+
+    /// States the IO path met that it believes impossible (must be 0;
+    /// `impossible_events` in `bdev_raid_get_bdevs`).
+    pub fn impossible_events(&self) -> u64 {
+        self.0.impossible_events.load(Ordering::Relaxed)
     }
 
     /// The write-intent bitmap's shared half, if the array has one.
@@ -684,6 +711,7 @@ pub(crate) fn new_shared(
         clear_sb: AtomicBool::new(false),
         bitmap_chunk_kb: spec.bitmap_chunk_kb,
         last_check: Mutex::new(None),
+        impossible_events: AtomicU64::new(0),
         found: Mutex::new(Vec::new()),
         from_superblocks,
         starting: AtomicBool::new(false),
@@ -706,6 +734,7 @@ impl Control {
             process_target: None,
             block_size,
             caps: Caps::default(),
+            write_cache: false,
             deleting: false,
             bitmap: None,
             dirty: None,
@@ -763,6 +792,12 @@ pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geomet
         let caps = Caps::of(handles.iter());
         let mut props = BdevProps::new(&shared.name, "Raid Volume", bs, geo.array_blocks(), Some(shared.uuid));
         props.optimal_io_boundary = strip_blocks as u32;
+        // Props are fixed once registered (SPDK too computes these from the
+        // members at configure time). A cached member that joins later is
+        // written with FUA (see `Control::write_cache`); a member lacking
+        // DLFEAT cannot join an array that claims it (`Caps::satisfied_by`).
+        props.write_cache = handles.iter().any(|h| h.bdev().has_write_cache());
+        props.deallocated_reads_zeroes = caps.deallocated_reads_zeroes;
         let reg = Registry::get();
         if reg.lookup(&shared.name).is_some() || reg.lookup(&shared.uuid.to_string()).is_some() {
             return Err(BdevError::Exists(shared.name.clone()));
@@ -771,6 +806,7 @@ pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geomet
             s.data_size_blocks = geo.member_data_blocks(i);
         }
         ctl.caps = caps;
+        ctl.write_cache = props.write_cache;
         if shared.geometry.set(Arc::new(geo)).is_err() {
             return Err(BdevError::Invalid("array was online before".into()));
         }
@@ -1104,7 +1140,10 @@ pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>
                 )));
             }
             if !ctl.caps.satisfied_by(&h) {
-                return Err(BdevError::Invalid(format!("{base} lacks an IO type the array advertises")));
+                return Err(BdevError::Invalid(format!(
+                    "{base} lacks an IO type the array advertises, or its unmapped blocks do not read as zeroes \
+                     as the array's do"
+                )));
             }
         }
         (slot, ctl.slots[slot].handle.clone())

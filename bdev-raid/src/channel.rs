@@ -15,7 +15,9 @@ use crate::map::{Geometry, Loc, Placement, RaidLevel};
 use crate::owner::OwnerPart;
 use crate::quiesce::Gate;
 use crate::range_table::{words, Acquired};
-use bdev::{BdevChannel, BdevError, Channel, DmaBuf, IoBox, IoDone, IoError, IoSlab, IoStatus, IoType};
+use bdev::{
+    BdevChannel, BdevError, BdevIo, Channel, DmaBuf, IoBox, IoDone, IoError, IoFlags, IoSlab, IoStatus, IoType,
+};
 use bitmap::{Bitmap, WriteTicket};
 use reactor::{PollStatus, PollerHandle, ReactorId};
 use std::cell::{Cell, RefCell};
@@ -34,8 +36,27 @@ pub(crate) struct MemberCh {
     pub ch: Option<Rc<Channel>>,
     pub role: Role,
     pub data_offset_blocks: u64,
+    /// The member has a volatile write cache but the array told its users
+    /// it has none (the member joined later): every write to it carries FUA,
+    /// so a completed array write is durable as promised.
+    pub force_fua: bool,
     /// Children in flight on this reactor: read balancing picks the fewest.
     pub outstanding: Cell<u32>,
+}
+
+/// What a parked parent is waiting for before it reaches any member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// Nothing (children in flight, or about to be built).
+    None,
+    /// Its bitmap batch (it is in `bm_wait`).
+    Bitmap,
+    /// Its range in the owner's serialization table.
+    Lock,
+    /// Aborted while waiting for its range: the user's IO has completed and
+    /// a placeholder holds the slot until the grant arrives, which is then
+    /// released at once (the table stays consistent without a cancel).
+    AbortedLock,
 }
 
 #[derive(Clone, Copy)]
@@ -50,10 +71,16 @@ struct ParentCtx {
     lock: u32,
     /// The write marked its chunks in the bitmap: `end_write` at finish.
     marked: bool,
+    wait: Wait,
 }
 
+/// What fan-out needs of a parked parent: (type, flags), offset and
+/// length in blocks, buffer.
+type ParentArgs = ((IoType, IoFlags), u64, u64, Option<DmaBuf>);
+
 impl ParentCtx {
-    const NEW: ParentCtx = ParentCtx { remaining: 0, error: None, copy_failed: false, lock: NO_LOCK, marked: false };
+    const NEW: ParentCtx =
+        ParentCtx { remaining: 0, error: None, copy_failed: false, lock: NO_LOCK, marked: false, wait: Wait::None };
 }
 
 /// Per-reactor, per-array state.
@@ -91,6 +118,10 @@ pub(crate) struct RaidChannel(pub Rc<Ras>);
 impl BdevChannel for RaidChannel {
     fn submit(&self, io: IoBox) {
         self.0.submit(io);
+    }
+
+    fn abort(&self, matches: &dyn Fn(&BdevIo) -> bool) -> bool {
+        self.0.abort(matches)
     }
 }
 
@@ -162,11 +193,11 @@ impl Ras {
     /// `Ras` is created and at every resume: both times no child IO of this
     /// reactor is in flight.
     pub(crate) fn refresh(&self) {
-        let (slots, geo, block_size) = {
+        let (slots, geo, block_size, array_write_cache) = {
             let ctl = self.shared.ctl();
             *self.bitmap.borrow_mut() = ctl.bitmap.clone();
             self.prefer_first.set(ctl.dirty.is_some());
-            (ctl.slots.clone(), self.shared.geometry.get().cloned(), ctl.block_size)
+            (ctl.slots.clone(), self.shared.geometry.get().cloned(), ctl.block_size, ctl.write_cache)
         };
         let members = slots
             .iter()
@@ -177,6 +208,7 @@ impl Ras {
                 },
                 role: s.role,
                 data_offset_blocks: s.data_offset_blocks,
+                force_fua: !array_write_cache && s.handle.as_ref().is_some_and(|h| h.bdev().has_write_cache()),
                 outstanding: Cell::new(0),
             })
             .collect();
@@ -209,7 +241,7 @@ impl Ras {
         }
     }
 
-    /// Marks a write's chunks in the bitmap (invariant 2): it goes on at
+    /// Marks a write's chunks in the bitmap (invariant 2, docs/architecture.md): it goes on at
     /// once when their bits are on disk already, else after the batch that
     /// persists them.
     fn mark(&self, slot: u32) {
@@ -220,7 +252,11 @@ impl Ras {
                 return self.write_marked(slot);
             };
             let parents = self.parents.borrow();
-            let Some(io) = parents.get(slot) else { return };
+            let Some(io) = parents.get(slot) else {
+                drop((parents, bm));
+                // Nothing parked: there is no IO to answer.
+                return self.impossible("a write to mark in the bitmap is not parked");
+            };
             bm.start_write(io.offset_blocks, io.num_blocks)
         };
         match ticket {
@@ -229,7 +265,11 @@ impl Ras {
                 self.write_marked(slot);
             }
             Ok(WriteTicket::Wait(batch)) => {
-                self.ctx.borrow_mut()[slot as usize].marked = true;
+                {
+                    let mut ctx = self.ctx.borrow_mut();
+                    ctx[slot as usize].marked = true;
+                    ctx[slot as usize].wait = Wait::Bitmap;
+                }
                 self.bm_wait.borrow_mut().push_back((slot, batch));
                 self.ensure_wait_poller();
             }
@@ -268,12 +308,14 @@ impl Ras {
                         q.pop_front();
                         drop((q, bm));
                         self.finish(slot, IoStatus::Failed(IoError::NoDevice));
+                        self.impossible("a write waits for a batch of a bitmap the array does not have");
                         continue;
                     }
                     _ => None,
                 }
             };
             let Some(slot) = next else { break };
+            self.ctx.borrow_mut()[slot as usize].wait = Wait::None;
             self.write_marked(slot);
         }
         let failed = self.shared.failed_mask.load(Ordering::Acquire);
@@ -329,10 +371,86 @@ impl Ras {
                 let _ = bm.end_write(io.offset_blocks, io.num_blocks);
             }
         }
-        if let Some(io) = io {
-            io.complete(status);
+        match io {
+            // Aborted while it waited for its range: the user's IO completed
+            // then; the placeholder that kept the slot goes back to the pool.
+            Some(placeholder) if ctx.wait == Wait::AbortedLock => drop(placeholder),
+            Some(io) => io.complete(status),
+            // Finished twice, or never parked: the gate has no entry of it
+            // to count out, and there is no IO left to answer.
+            None => return self.impossible("finish of a slot with no parked IO"),
         }
         self.exit_gate();
+    }
+
+    /// A state the IO path believes cannot happen (STYLE: an impossible
+    /// state is loud): counted (`impossible_events` in
+    /// `bdev_raid_get_bdevs`), logged, and fatal in debug builds. Callers
+    /// first answer whatever IO is left, so no host waits for it forever.
+    pub(crate) fn impossible(&self, what: &'static str) {
+        self.shared.impossible_events.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(raid = %self.shared.name, "impossible IO state: {what}");
+        debug_assert!(false, "raid {}: impossible IO state: {what}", self.shared.name);
+    }
+
+    // ---- abort ---------------------------------------------------------
+
+    /// Aborts the first IO that `matches` among those this reactor holds
+    /// before they reach a member: held by a suspend, waiting for a bitmap
+    /// batch, or waiting for its range. It completes with `Aborted`; its
+    /// bitmap mark ends and its range entry is given back (at once, or when
+    /// granted), so nothing leaks and nothing is released twice. An IO with
+    /// children at the members, or one that reached them and now waits for a
+    /// failure to be recorded, cannot be called back: false.
+    pub(crate) fn abort(&self, matches: &dyn Fn(&BdevIo) -> bool) -> bool {
+        // Held by a suspend: never admitted, nothing to undo.
+        let held = self.gate.borrow_mut().take_held(|io| matches(io));
+        if let Some(io) = held {
+            io.fail(IoError::Aborted);
+            return true;
+        }
+        // Waiting for its bitmap batch: marked, not serialized yet.
+        let waiting = {
+            let parents = self.parents.borrow();
+            let mut q = self.bm_wait.borrow_mut();
+            let at = q.iter().position(|&(slot, _)| parents.get(slot).is_some_and(|io| matches(io)));
+            at.and_then(|i| q.remove(i))
+        };
+        if let Some((slot, _)) = waiting {
+            self.finish(slot, IoStatus::Failed(IoError::Aborted));
+            return true;
+        }
+        // Waiting for its range at the owner: the table entry cannot be
+        // pulled out from here (it may be granted already, the grant on its
+        // way), so a placeholder keeps the slot until the grant comes and
+        // `granted` releases the range at once. The gate keeps counting it,
+        // so a suspend still waits for that release.
+        let slot = {
+            let parents = self.parents.borrow();
+            let ctx = self.ctx.borrow();
+            (0..ctx.len() as u32)
+                .find(|&i| ctx[i as usize].wait == Wait::Lock && parents.get(i).is_some_and(|io| matches(io)))
+        };
+        let Some(slot) = slot else { return false };
+        // No descriptor for the placeholder: the IO goes on unaborted.
+        let Some(placeholder) = IoBox::alloc() else { return false };
+        let io = match self.parents.borrow_mut().get_mut(slot) {
+            Some(parked) => std::mem::replace(parked, placeholder),
+            None => return false,
+        };
+        let marked = {
+            let mut ctx = self.ctx.borrow_mut();
+            let c = &mut ctx[slot as usize];
+            c.wait = Wait::AbortedLock;
+            std::mem::take(&mut c.marked)
+        };
+        if marked {
+            if let Some(bm) = self.bitmap.borrow().as_ref() {
+                let _ = bm.end_write(io.offset_blocks, io.num_blocks);
+            }
+        }
+        io.fail(IoError::Aborted);
+        true
     }
 
     /// An admitted piece of work (user IO or a rebuild window) ended.
@@ -348,9 +466,13 @@ impl Ras {
     fn acquire(&self, slot: u32) {
         let (start, num_blocks) = {
             let parents = self.parents.borrow();
-            let Some(io) = parents.get(slot) else { return };
+            let Some(io) = parents.get(slot) else {
+                drop(parents);
+                return self.impossible("a write to serialize is not parked");
+            };
             (io.offset_blocks, io.num_blocks)
         };
+        self.ctx.borrow_mut()[slot as usize].wait = Wait::Lock;
         if let Some(owner) = &self.owner {
             // On the owner: a direct call, no message.
             let r = owner.table.borrow_mut().acquire(start, start + num_blocks, words::waiter(self.me, slot));
@@ -365,13 +487,37 @@ impl Ras {
         }
     }
 
-    /// The write in `slot` holds table entry `entry`: fan it out.
+    /// The write in `slot` holds table entry `entry`: fan it out (or, for
+    /// an aborted one, give the range straight back). `NO_LOCK`: the owner
+    /// refused the request (see `on_acquire_msg`).
     pub(crate) fn granted(&self, slot: u32, entry: u32) {
-        match self.ctx.borrow_mut().get_mut(slot as usize) {
-            Some(c) => c.lock = entry,
-            None => return,
+        if entry == NO_LOCK {
+            return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
         }
-        self.dispatch_write(slot);
+        let wait = {
+            let parked = self.parents.borrow().get(slot).is_some();
+            let mut ctx = self.ctx.borrow_mut();
+            match ctx.get_mut(slot as usize) {
+                Some(c) if parked && c.lock == NO_LOCK && matches!(c.wait, Wait::Lock | Wait::AbortedLock) => {
+                    c.lock = entry;
+                    if c.wait == Wait::Lock {
+                        c.wait = Wait::None;
+                    }
+                    Some(c.wait)
+                }
+                _ => None,
+            }
+        };
+        match wait {
+            Some(Wait::AbortedLock) => self.finish(slot, IoStatus::Failed(IoError::Aborted)),
+            Some(_) => self.dispatch_write(slot),
+            None => {
+                // Give the range back, or every write overlapping it would
+                // wait for it forever.
+                self.release_lock(entry);
+                self.impossible("a range grant for a write that is not waiting for one");
+            }
+        }
     }
 
     fn release_lock(&self, entry: u32) {
@@ -397,15 +543,16 @@ impl Ras {
             && failed_mask & (1 << m) == 0
     }
 
-    fn parent_args(&self, slot: u32) -> Option<(IoType, u64, u64, Option<DmaBuf>)> {
+    /// The parked parent's type and flags, range and buffer.
+    fn parent_args(&self, slot: u32) -> Option<ParentArgs> {
         let parents = self.parents.borrow();
         let io = parents.get(slot)?;
-        Some((io.io_type, io.offset_blocks, io.num_blocks, io.buf.clone()))
+        Some(((io.io_type, io.flags), io.offset_blocks, io.num_blocks, io.buf.clone()))
     }
 
     fn dispatch_write(&self, slot: u32) {
-        let Some((t, off, n, buf)) = self.parent_args(slot) else {
-            return;
+        let Some((op, off, n, buf)) = self.parent_args(slot) else {
+            return self.impossible("a write to fan out is not parked");
         };
         let geo_ref = self.geo.borrow();
         let Some(geo) = geo_ref.as_deref() else {
@@ -443,7 +590,18 @@ impl Ras {
             drop((members, geo_ref));
             return self.finish(slot, IoStatus::Failed(IoError::NoMemory));
         }
-        self.ctx.borrow_mut()[slot as usize].remaining = count;
+        {
+            let mut ctx = self.ctx.borrow_mut();
+            ctx[slot as usize].remaining = count;
+            // A member latched failed but not yet recorded in the superblock
+            // gets no copy of this write: like a write whose copy failed, it
+            // is acknowledged only once the failure is on disk, or a restart
+            // could take the stale copy for a good one.
+            let unrecorded = failed & !self.shared.recorded_mask.load(Ordering::Acquire);
+            if unrecorded != 0 && self.level().is_redundant() {
+                ctx[slot as usize].copy_failed = true;
+            }
+        }
         // Build every child before submitting any: a member may take
         // descriptors from this reactor's pool while it submits (a delay,
         // error or raid bdev below us), and a write that reached one mirror
@@ -455,7 +613,7 @@ impl Ras {
             let mut add = |l: Loc| {
                 let b =
                     buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
-                match Self::make_child(&members, slot, t, (l, b), e.num_blocks, 0) {
+                match Self::make_child(&members, slot, op, (l, b), e.num_blocks, 0) {
                     Some(c) => children.push(c),
                     None => short = true,
                 }
@@ -520,8 +678,8 @@ impl Ras {
     }
 
     fn dispatch_read(&self, slot: u32) {
-        let Some((t, off, n, buf)) = self.parent_args(slot) else {
-            return;
+        let Some((op, off, n, buf)) = self.parent_args(slot) else {
+            return self.impossible("a read to dispatch is not parked");
         };
         let geo_ref = self.geo.borrow();
         let Some(geo) = geo_ref.as_deref() else {
@@ -549,14 +707,18 @@ impl Ras {
                 continue;
             };
             let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
-            self.submit_child(&members, slot, t, (l, b), e.num_blocks, 0);
+            self.submit_child(&members, slot, op, (l, b), e.num_blocks, 0);
         }
     }
 
-    /// Flush and reset: every member that holds data.
+    /// Flush and reset: every member that receives writes (active or being
+    /// rebuilt, not failed); the parent completes after the last of them.
+    /// A flush reaches every such member whether or not it reports a write
+    /// cache: the cost is nothing where there is none, and a member's cache
+    /// may be below a layer that does not report it.
     fn dispatch_all(&self, slot: u32) {
-        let Some((t, ..)) = self.parent_args(slot) else {
-            return;
+        let Some((op, ..)) = self.parent_args(slot) else {
+            return self.impossible("a flush or reset to dispatch is not parked");
         };
         let members = self.members.borrow();
         let failed = self.shared.failed_mask.load(Ordering::Acquire);
@@ -571,7 +733,7 @@ impl Ras {
         for m in targets {
             // Offsets are member-relative; flush and reset ignore them.
             let l = Loc { member: m as u16, offset_blocks: 0 };
-            self.submit_child(&members, slot, t, (l, None), 0, 0);
+            self.submit_child(&members, slot, op, (l, None), 0, 0);
         }
     }
 
@@ -579,22 +741,24 @@ impl Ras {
         &self,
         members: &[MemberCh],
         slot: u32,
-        t: IoType,
+        op: (IoType, IoFlags),
         target: (Loc, Option<DmaBuf>),
         num_blocks: u64,
         tried: u32,
     ) {
-        match Self::make_child(members, slot, t, target, num_blocks, tried) {
+        match Self::make_child(members, slot, op, target, num_blocks, tried) {
             Some(child) => self.send_child(members, child),
             None => self.child_failed_to_start(slot, IoError::NoMemory),
         }
     }
 
-    /// A child IO for `l` (None: out of descriptors, or no channel).
+    /// A child IO for `l` (None: out of descriptors, or no channel). It
+    /// carries the parent's flags: a FUA write is FUA on every member write
+    /// it produces.
     fn make_child(
         members: &[MemberCh],
         slot: u32,
-        t: IoType,
+        (t, flags): (IoType, IoFlags),
         (l, buf): (Loc, Option<DmaBuf>),
         num_blocks: u64,
         tried: u32,
@@ -602,6 +766,10 @@ impl Ras {
         let mc = members.get(l.member as usize)?;
         mc.ch.as_ref()?;
         let mut child = IoBox::data(t, l.offset_blocks + mc.data_offset_blocks, num_blocks, buf)?;
+        child.flags = flags;
+        if mc.force_fua && matches!(t, IoType::Write | IoType::WriteZeroes) {
+            child.flags.insert(IoFlags::FUA);
+        }
         child.tag = slot as u64;
         child.tag2 = l.member as u64 | (tried as u64) << TRIED_SHIFT;
         Some(child)
@@ -620,10 +788,17 @@ impl Ras {
     fn child_failed_to_start(&self, slot: u32, e: IoError) {
         let done = {
             let mut ctx = self.ctx.borrow_mut();
-            let c = &mut ctx[slot as usize];
-            c.error.get_or_insert(e);
-            c.remaining = c.remaining.saturating_sub(1);
-            c.remaining == 0
+            match ctx.get_mut(slot as usize) {
+                Some(c) if c.remaining > 0 => {
+                    c.error.get_or_insert(e);
+                    c.remaining -= 1;
+                    Some(c.remaining == 0)
+                }
+                _ => None,
+            }
+        };
+        let Some(done) = done else {
+            return self.impossible("a child failed to start for a parent with no child pending");
         };
         if done {
             // Deferred like every completion: no parent completes inside submit.
@@ -676,6 +851,7 @@ impl Ras {
         let Some(ch) = target.ch.as_ref() else {
             return Err(child);
         };
+        // The child keeps its flags (the parent's) for the other copy.
         child.offset_blocks = l.offset_blocks + target.data_offset_blocks;
         child.status = IoStatus::Pending;
         child.tag2 = l.member as u64 | (tried as u64) << TRIED_SHIFT;
@@ -713,12 +889,24 @@ impl IoDone for Ras {
     fn io_done(&self, child: IoBox) {
         let m = (child.tag2 & MEMBER_MASK) as usize;
         let slot = child.tag as u32;
-        if let Some(mc) = self.members.borrow().get(m) {
-            mc.outstanding.set(mc.outstanding.get().saturating_sub(1));
+        let known_member = match self.members.borrow().get(m) {
+            Some(mc) => {
+                mc.outstanding.set(mc.outstanding.get().saturating_sub(1));
+                true
+            }
+            None => false,
+        };
+        if !known_member {
+            // The parent still completes below: only the balancing count is off.
+            self.impossible("a member completion from a member slot the array does not have");
         }
-        let parent_type = match self.parents.borrow().get(slot) {
-            Some(p) => p.io_type,
-            None => return,
+        let parent_type = self.parents.borrow().get(slot).map(|p| p.io_type);
+        let expected = self.ctx.borrow().get(slot as usize).is_some_and(|c| c.remaining > 0);
+        let Some(parent_type) = parent_type.filter(|_| expected) else {
+            // No parent, or one with no child in flight (it completes, or
+            // already did, on its own path): nothing here to answer.
+            drop(child);
+            return self.impossible("a member completion for a parent with no child in flight");
         };
         if let IoStatus::Failed(err) = child.status {
             let redundant = self.level().is_redundant();
@@ -732,7 +920,10 @@ impl IoDone for Ras {
                         }
                     }
                 }
-                t if t.is_write_like() && redundant => {
+                // A member that lost a write, or its cache at a flush, no
+                // longer holds a current copy: it fails, and the IO succeeds
+                // if every extent kept a copy (see `complete_parent`).
+                t if (t.is_write_like() || t == IoType::Flush) && redundant => {
                     self.latch_failed(m);
                     self.ctx.borrow_mut()[slot as usize].copy_failed = true;
                 }
@@ -744,7 +935,7 @@ impl IoDone for Ras {
         let done = {
             let mut ctx = self.ctx.borrow_mut();
             let c = &mut ctx[slot as usize];
-            c.remaining = c.remaining.saturating_sub(1);
+            c.remaining -= 1;
             c.remaining == 0
         };
         if done {
@@ -758,8 +949,15 @@ impl IoDone for Ras {
 /// Owner: a write from another reactor asks for its range.
 fn on_acquire_msg(a: u64, b: u64) {
     let key = (a >> 32) as u32;
+    // Gone: the requester's state went with the array's teardown.
     let Some(ras) = find_ras(key) else { return };
-    let Some(owner) = &ras.owner else { return };
+    let Some(owner) = &ras.owner else {
+        // Refuse, so the write fails rather than waits forever.
+        let (key, reactor, slot, ..) = words::decode_acquire(a, b, u64::MAX);
+        let (a, b) = words::encode_grant(key, slot, NO_LOCK);
+        reactor::send_raw(reactor, on_grant_msg, a, b);
+        return ras.impossible("a range request reached a reactor that does not own the array");
+    };
     let array_blocks = ras.geo.borrow().as_deref().map_or(u64::MAX, Geometry::array_blocks);
     let (key, reactor, slot, start, end) = words::decode_acquire(a, b, array_blocks);
     let r = owner.table.borrow_mut().acquire(start, end, words::waiter(reactor, slot));
@@ -782,8 +980,9 @@ fn on_release_msg(a: u64, b: u64) {
     let Some(ras) = find_ras(a as u32) else {
         return;
     };
-    if let Some(owner) = &ras.owner {
-        owner.release(&ras, b as u32);
+    match &ras.owner {
+        Some(owner) => owner.release(&ras, b as u32),
+        None => ras.impossible("a range release reached a reactor that does not own the array"),
     }
 }
 

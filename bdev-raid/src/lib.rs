@@ -3,7 +3,7 @@
 //! exported, benchmarked or used as a member of another array.
 //!
 //! Data-safety machinery from Linux md, on a polled, lock-free data path:
-//! - array-level write serialization (DESIGN invariant 1): overlapping
+//! - array-level write serialization (invariant 1, docs/architecture.md): overlapping
 //!   write-like IO from any reactor is ordered once, at the array's owner
 //!   reactor, before fan-out (`range_table`, `owner`, `channel`);
 //! - degraded mode: a member IO error latches the member failed, reads retry
@@ -11,7 +11,14 @@
 //! - fenced reconfiguration and teardown (invariants 3 and 4): suspend holds
 //!   new IO, drains in-flight IO on every reactor, runs the change, resumes
 //!   the held IO in order (`quiesce`, `owner`);
-//! - rebuild of a re-added raid1/raid10 member while IO continues (`rebuild`).
+//! - rebuild of a re-added raid1/raid10 member while IO continues (`rebuild`);
+//! - durability on members with volatile write caches: every member write
+//!   of a FUA write is FUA, a flush reaches every member that takes writes
+//!   and completes after all, and superblock and bitmap writes are flushed
+//!   ahead and FUA themselves (`channel`, `meta`, the `bitmap` crate);
+//! - abort of IO the array still holds (suspend, bitmap batch, range lock),
+//!   and states believed impossible counted (`impossible_events`) and
+//!   answered with an error, never left hanging (`channel`).
 //!
 //! `map` holds the pure address arithmetic; `rpc` the SPDK methods.
 #![forbid(unsafe_code)]

@@ -7,11 +7,18 @@
 //! always built from the control state at the time of the write, so a write
 //! that was folded into a later one records the later state: nothing older
 //! than what the caller saw can land after it.
+//!
+//! Durability (md writes its superblock with REQ_PREFLUSH | REQ_FUA): first
+//! every target member with a volatile write cache is flushed, and only when
+//! all of them are does any copy go out, with FUA. So a superblock that says
+//! "clean", "active" or "failed" is never on any member's media ahead of the
+//! data it vouches for on another (assembly trusts the freshest copy), and
+//! `done` runs only once the copies are durable.
 
 use crate::array::{Role, Slot};
 use crate::channel::Ras;
 use crate::superblock::{self, SlotState, SuperblockError, SuperblockInfo};
-use bdev::{BdevError, BdevHandle, DmaBuf, IoBox, IoType};
+use bdev::{BdevError, BdevHandle, DmaBuf, IoBox, IoFlags, IoType};
 use bitmap::BitmapOwner;
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -189,23 +196,74 @@ fn start_next(ras: &Rc<Ras>, meta: &Rc<Meta>) {
     if total == 0 {
         return round.finish_now();
     }
-    for (slot, h, buf) in images {
-        let Some(buf) = buf else {
-            round.one(false);
-            continue;
-        };
-        let (round, weak) = (round.clone(), Rc::downgrade(ras));
-        let blocks = superblock::superblock_blocks(h.props().block_size);
-        io_blocks(&h, IoType::Write, 0, blocks, buf, move |good, _| {
-            if !good && kind != SbWrite::Wipe {
-                tracing::error!(slot, "superblock write failed: marking the member failed");
-                if let Some(ras) = weak.upgrade() {
-                    ras.latch_failed(slot);
+    let weak = Rc::downgrade(ras);
+    let fail_member = move |slot: usize, what: &str| {
+        if kind != SbWrite::Wipe {
+            tracing::error!(slot, "superblock {what} failed: marking the member failed");
+            if let Some(ras) = weak.upgrade() {
+                ras.latch_failed(slot);
+            }
+        }
+    };
+    let flushes: Vec<(usize, BdevHandle)> = images
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, h, buf))| buf.is_some() && needs_flush(h))
+        .map(|(i, (_, h, _))| (i, h.clone()))
+        .collect();
+    // Phase 2, once every flush has completed: the FUA writes.
+    let flush_failed = Rc::new(RefCell::new(vec![false; images.len()]));
+    let writes = {
+        let (round, flush_failed, fail_member) = (round.clone(), flush_failed.clone(), fail_member.clone());
+        move || {
+            for (i, (slot, h, buf)) in images.into_iter().enumerate() {
+                let Some(buf) = buf else {
+                    round.one(false);
+                    continue;
+                };
+                if flush_failed.borrow()[i] {
+                    fail_member(slot, "flush");
+                    round.one(false);
+                    continue;
+                }
+                let (round, fail_member) = (round.clone(), fail_member.clone());
+                let blocks = superblock::superblock_blocks(h.props().block_size);
+                io_with(&h, IoType::Write, IoFlags::FUA, 0, blocks, Some(buf), move |good, _| {
+                    if !good {
+                        fail_member(slot, "write");
+                    }
+                    round.one(good);
+                });
+            }
+        }
+    };
+    if flushes.is_empty() {
+        return writes();
+    }
+    // Phase 1: flush every target with a volatile cache.
+    let flushes_left = Rc::new(Cell::new(flushes.len()));
+    let writes = Rc::new(RefCell::new(Some(writes)));
+    for (i, h) in flushes {
+        let (left, writes, flush_failed) = (flushes_left.clone(), writes.clone(), flush_failed.clone());
+        io_with(&h, IoType::Flush, IoFlags::NONE, 0, 0, None, move |good, _| {
+            if !good {
+                flush_failed.borrow_mut()[i] = true;
+            }
+            left.set(left.get() - 1);
+            if left.get() == 0 {
+                let w = writes.borrow_mut().take();
+                if let Some(w) = w {
+                    w();
                 }
             }
-            round.one(good);
         });
     }
+}
+
+/// Whether metadata writes to `h` must be preceded by a flush: it has a
+/// volatile write cache (and, as every such bdev must, takes flushes).
+fn needs_flush(h: &BdevHandle) -> bool {
+    h.bdev().has_write_cache() && h.bdev().io_type_supported(IoType::Flush)
 }
 
 /// The member writes of one superblock write: `finish` runs with the count
@@ -245,13 +303,27 @@ pub(crate) fn io_blocks(
     buf: DmaBuf,
     done: impl FnOnce(bool, Option<DmaBuf>) + 'static,
 ) {
+    io_with(h, t, IoFlags::NONE, offset, blocks, Some(buf), done)
+}
+
+/// `io_blocks` with flags, and without a buffer for a flush.
+fn io_with(
+    h: &BdevHandle,
+    t: IoType,
+    flags: IoFlags,
+    offset: u64,
+    blocks: u64,
+    buf: Option<DmaBuf>,
+    done: impl FnOnce(bool, Option<DmaBuf>) + 'static,
+) {
     let ch = match h.channel() {
         Ok(c) => c,
         Err(_) => return later(move || done(false, None)),
     };
-    let Some(mut io) = IoBox::data(t, offset, blocks, Some(buf)) else {
+    let Some(mut io) = IoBox::data(t, offset, blocks, buf) else {
         return later(move || done(false, None));
     };
+    io.flags = flags;
     let done = RefCell::new(Some(done));
     io.set_done(Rc::new(move |io: IoBox| {
         if let Some(d) = done.borrow_mut().take() {

@@ -71,7 +71,7 @@ impl OwnerPart {
     pub(crate) fn release(&self, ras: &Ras, entry: u32) {
         if !self.table.borrow_mut().release(entry) {
             tracing::error!(raid = %ras.shared.name, entry, "release of a range that is not granted");
-            return;
+            return ras.impossible("release of a range that is not granted");
         }
         loop {
             let next = self.table.borrow_mut().pop_ready();

@@ -1,4 +1,4 @@
-//! Suspend/resume of an array (DESIGN invariant 3), as two small state
+//! Suspend/resume of an array (invariant 3, docs/architecture.md), as two small state
 //! machines with no threads in them: the owner reactor's [`Coordinator`] and
 //! one [`Gate`] per reactor. The array wires them to reactor messages; the
 //! loom model (`tests/loom_quiesce.rs`) wires the very same code to rings
@@ -222,6 +222,14 @@ impl<T> Gate<T> {
     pub fn pop_held(&mut self) -> Option<T> {
         self.held.pop_front()
     }
+
+    /// Takes the first held IO that `pick` chooses (an abort); the others
+    /// keep their order. Held IO was never admitted: the drain count is
+    /// unaffected.
+    pub fn take_held(&mut self, pick: impl FnMut(&T) -> bool) -> Option<T> {
+        let at = self.held.iter().position(pick)?;
+        self.held.remove(at)
+    }
 }
 
 #[cfg(test)]
@@ -251,6 +259,22 @@ mod tests {
         g0.on_resume(e);
         assert_eq!((g0.pop_held(), g0.pop_held(), g0.pop_held()), (Some(1), Some(2), None));
         assert!(g0.try_enter());
+    }
+
+    #[test]
+    fn an_aborted_held_io_leaves_the_others_in_order_and_the_drain_count_alone() {
+        let mut g: Gate<u32> = Gate::new(8);
+        assert!(g.try_enter());
+        assert_eq!(g.on_suspend(1), None);
+        for io in [1, 2, 3] {
+            g.hold(io).unwrap();
+        }
+        assert_eq!(g.take_held(|&io| io == 2), Some(2));
+        assert_eq!(g.take_held(|&io| io == 9), None);
+        assert_eq!((g.held(), g.in_flight()), (2, 1));
+        assert_eq!(g.exit(), Some(1), "the admitted IO alone is drained");
+        g.on_resume(1);
+        assert_eq!((g.pop_held(), g.pop_held(), g.pop_held()), (Some(1), Some(3), None));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The array-level write serialization table (DESIGN invariant 1): the
+//! The array-level write serialization table (invariant 1, docs/architecture.md): the
 //! owner reactor's record of every write-like request in flight or waiting,
 //! which orders overlapping requests by arrival and lets the rest run in
 //! parallel. Also the two-word encodings of the acquire, grant and release

@@ -528,6 +528,11 @@ impl Rebuild {
         });
         match io {
             Some((ch, mut io)) => {
+                // A cached member of an array that told its users it has no
+                // cache: the copy must be durable like every other write to it.
+                if mc.force_fua && t == IoType::Write {
+                    io.flags = bdev::IoFlags::FUA;
+                }
                 io.tag2 = l.member as u64;
                 io.set_done(self.rc());
                 ch.submit(io);

@@ -1,4 +1,4 @@
-//! Invariant 1, mirrors never diverge: two threaded reactors storm a raid1
+//! Invariant 1 (docs/architecture.md), mirrors never diverge: two threaded reactors storm a raid1
 //! (and a raid10) with overlapping writes of distinct patterns while a
 //! seeded random-latency delay bdev under every member lets writes reach
 //! each member in its own order. With array-level serialization every copy

@@ -1,4 +1,4 @@
-//! Invariants 3 and 4 under load: while a verify workload runs on two
+//! Invariants 3 and 4 (docs/architecture.md) under load: while a verify workload runs on two
 //! reactors, members are removed and re-added again and again (also in the
 //! middle of the rebuild that each re-add starts), the array is suspended
 //! and resumed by hand, and finally deleted with IO in flight — with a

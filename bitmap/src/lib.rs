@@ -1,6 +1,6 @@
 //! Write-intent bitmap (md's, made polled and lock-free): one bit per chunk
 //! of an array, persisted on every active member before any write to that
-//! chunk reaches a member (DESIGN.md invariant 2), so that after a crash or
+//! chunk reaches a member (invariant 2, docs/architecture.md), so that after a crash or
 //! a member's short absence only the chunks whose bits are set need resync.
 //!
 //! # Pieces

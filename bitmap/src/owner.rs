@@ -1,13 +1,21 @@
 //! The owner reactor's side of an array's bitmap: the tick that closes
 //! batches and writes the changed pages to every active member, the page
 //! buffers (two per page, pinned while a write of them is in flight:
-//! invariant 5), member changes, and teardown that waits for every write
+//! invariant 5 in docs/architecture.md), member changes, and teardown that waits for every write
 //! and batch before it reports done (invariant 4).
 //!
 //! Everything here lives on one reactor (`Rc`, `RefCell`): other reactors
 //! only see the `Arc<Bitmap>`. Completion callbacks hold an `Rc` of the
 //! owner's state, so dropping the `BitmapOwner` while a batch is in flight
 //! frees nothing a device or a callback may still touch.
+//!
+//! Durability on members with a volatile write cache: every page write is
+//! FUA, so a batch completes (and releases its writes, invariant 2) only
+//! once its bits are on the media. A batch that clears bits first flushes
+//! every member with a cache and waits for all of them before any page goes
+//! out (md writes bitmap pages with REQ_PREFLUSH | REQ_FUA): a chunk is
+//! never clean on any member's media while data written to it may still sit
+//! in some member's cache.
 
 use crate::geometry::Geometry;
 use crate::load::LoadedBitmap;
@@ -16,7 +24,7 @@ use crate::planner::{Plan, Planner, TickOptions};
 use crate::shared::{Bitmap, COUNT_MASK};
 use crate::sync::Ordering;
 use crate::BitmapError;
-use bdev::{BdevHandle, DmaBuf, IoBox, IoDone, IoType};
+use bdev::{BdevHandle, DmaBuf, IoBox, IoDone, IoFlags, IoType};
 use reactor::{PollStatus, PollerHandle};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -58,8 +66,14 @@ struct Batch {
     members: Vec<BdevHandle>,
     failed: Vec<bool>,
     outstanding: u32,
-    /// (page, member index) that found no IO descriptor: resubmitted by the tick.
+    /// (page, member index) not submitted yet: waiting for the pre-flush,
+    /// or found no IO descriptor (resubmitted by the tick).
     retry: Vec<(usize, usize)>,
+    /// Members still to flush before any page write of this batch (a
+    /// clearing batch; members with a volatile write cache).
+    flush_queue: Vec<usize>,
+    /// Pre-flushes submitted and not completed (also in `outstanding`).
+    flushes_in_flight: u32,
     waiters: Vec<Callback>,
     stop_done: Vec<Callback>,
 }
@@ -83,6 +97,8 @@ struct State {
     on_member_failed: Option<MemberFailed>,
     /// Completions that found no batch or a closed bitmap (must stay 0).
     late_completions: u64,
+    /// Member flushes issued ahead of clearing batches.
+    preflushes: u64,
     ticks: u64,
 }
 
@@ -155,6 +171,7 @@ impl BitmapOwner {
             events_base: initial.map_or(0, |lb| lb.events_max),
             on_member_failed: None,
             late_completions: 0,
+            preflushes: 0,
             ticks: 0,
         };
         Ok(BitmapOwner(Rc::new(Owner { bitmap, geometry, offset_blocks, st: RefCell::new(st) })))
@@ -198,7 +215,7 @@ impl BitmapOwner {
         st.ticks += 1;
         if st.batch.is_some() {
             let started = self.submit_retries(&mut st);
-            let finished = st.batch.as_ref().is_some_and(|b| b.outstanding == 0 && b.retry.is_empty());
+            let finished = st.batch.as_ref().is_some_and(Batch::done);
             drop(st);
             if finished {
                 self.finish_batch();
@@ -226,15 +243,32 @@ impl BitmapOwner {
         let state = &mut *st;
         for &page in &plan.pages {
             let pb = &state.pages[page];
-            // Invariant 5: a buffer a member may still be reading is never rebuilt.
+            // Invariant 5 (docs/architecture.md): a buffer a member may still be reading is never rebuilt.
             assert_eq!(pb.pins[sel], 0, "bitmap page {page} buffer {sel} rebuilt while in flight");
             let words = state.planner.page_words(page);
             pb.bufs[sel].with_mut(|b| encode_page(&g, page, events, words, b));
         }
         let members = state.members.clone();
         let n = members.len();
-        let mut batch =
-            Batch { plan, sel, members, failed: vec![false; n], outstanding: 0, retry: Vec::new(), waiters, stop_done };
+        // Clearing a bit vouches that the chunk's data is on every member's
+        // media: make it so first.
+        let flush_queue = if plan.cleared_chunks > 0 && !plan.pages.is_empty() {
+            (0..n).filter(|&m| needs_flush(&members[m])).collect()
+        } else {
+            Vec::new()
+        };
+        let mut batch = Batch {
+            plan,
+            sel,
+            members,
+            failed: vec![false; n],
+            outstanding: 0,
+            retry: Vec::new(),
+            flush_queue,
+            flushes_in_flight: 0,
+            waiters,
+            stop_done,
+        };
         for &page in &batch.plan.pages {
             for m in 0..n {
                 batch.retry.push((page, m));
@@ -242,7 +276,7 @@ impl BitmapOwner {
         }
         st.batch = Some(batch);
         let started = self.submit_retries(&mut st);
-        let finished = st.batch.as_ref().is_some_and(|b| b.outstanding == 0 && b.retry.is_empty());
+        let finished = st.batch.as_ref().is_some_and(Batch::done);
         drop(st);
         if finished {
             // Nothing to write (no changed page, no member, or every
@@ -261,19 +295,51 @@ impl BitmapOwner {
             && bm.wanted.load(Ordering::Acquire) <= bm.seq_write.load(Ordering::Acquire)
     }
 
-    /// Submits the batch's queued page writes; those that find no IO
-    /// descriptor stay queued. Returns whether any was submitted.
+    /// Submits the batch's pre-flushes, then (once every one completed) its
+    /// queued page writes; those that find no IO descriptor stay queued.
+    /// Returns whether any IO was submitted.
     fn submit_retries(&self, st: &mut State) -> bool {
         let owner = &self.0;
         let g = owner.geometry;
-        let State { batch, pages, .. } = st;
+        let State { batch, pages, preflushes, .. } = st;
         let Some(batch) = batch.as_mut() else { return false };
+        let mut started = false;
+        if !batch.flush_queue.is_empty() {
+            let done: Rc<dyn IoDone> = Rc::new(PreflushDone(self.0.clone()));
+            for m in std::mem::take(&mut batch.flush_queue) {
+                if batch.failed[m] {
+                    continue;
+                }
+                let ch = match batch.members[m].channel() {
+                    Ok(ch) => ch,
+                    Err(e) => {
+                        tracing::error!(member = batch.members[m].name(), "bitmap pre-flush impossible: {e}");
+                        batch.failed[m] = true;
+                        continue;
+                    }
+                };
+                let Some(mut io) = IoBox::data(IoType::Flush, 0, 0, None) else {
+                    batch.flush_queue.push(m);
+                    continue;
+                };
+                io.tag2 = m as u64;
+                io.set_done(done.clone());
+                batch.outstanding += 1;
+                batch.flushes_in_flight += 1;
+                *preflushes += 1;
+                started = true;
+                ch.submit(io);
+            }
+        }
+        if !batch.flush_queue.is_empty() || batch.flushes_in_flight > 0 {
+            // No page goes out before every member's earlier writes are durable.
+            return started;
+        }
         let queued = std::mem::take(&mut batch.retry);
         if queued.is_empty() {
             return false;
         }
         let done: Rc<dyn IoDone> = Rc::new(PageWriteDone(self.0.clone()));
-        let mut started = false;
         for (page, m) in queued {
             if batch.failed[m] {
                 continue;
@@ -292,6 +358,8 @@ impl BitmapOwner {
                 batch.retry.push((page, m));
                 continue;
             };
+            // Durable when it completes: the batch releases writes only then.
+            io.flags = IoFlags::FUA;
             io.tag = page as u64;
             io.tag2 = m as u64;
             io.set_done(done.clone());
@@ -329,7 +397,38 @@ impl BitmapOwner {
             batch.failed[m] = true;
         }
         drop(io);
-        batch.outstanding == 0 && batch.retry.is_empty()
+        batch.done()
+    }
+
+    /// One member's pre-flush completed: once all have, the page writes go
+    /// out. A member whose flush failed gets none (it is reported failed).
+    fn preflush_done(&self, io: IoBox) {
+        let finished = {
+            let mut st = self.0.st.borrow_mut();
+            let st = &mut *st;
+            let Some(batch) = st.batch.as_mut() else {
+                st.late_completions += 1;
+                tracing::error!("bitmap pre-flush completed with no batch in flight");
+                return;
+            };
+            let m = io.tag2 as usize;
+            assert!(
+                batch.flushes_in_flight > 0 && batch.outstanding > 0 && m < batch.members.len(),
+                "bitmap pre-flush completion without a flush"
+            );
+            batch.flushes_in_flight -= 1;
+            batch.outstanding -= 1;
+            if !io.status.is_ok() {
+                tracing::error!(member = batch.members[m].name(), status = ?io.status, "bitmap pre-flush failed");
+                batch.failed[m] = true;
+            }
+            drop(io);
+            self.submit_retries(st);
+            st.batch.as_ref().is_some_and(Batch::done)
+        };
+        if finished {
+            self.finish_batch();
+        }
     }
 
     /// The batch's page writes all completed: failed members are reported
@@ -465,12 +564,17 @@ impl BitmapOwner {
         self.0.st.borrow().late_completions
     }
 
+    /// Member flushes issued ahead of batches that clear bits.
+    pub fn preflushes(&self) -> u64 {
+        self.0.st.borrow().preflushes
+    }
+
     /// Ticks run so far.
     pub fn ticks(&self) -> u64 {
         self.0.st.borrow().ticks
     }
 
-    /// A copy of page `page`'s buffer `sel` (tests of invariant 5).
+    /// A copy of page `page`'s buffer `sel` (tests of invariant 5, docs/architecture.md).
     pub fn page_buffer(&self, page: usize, sel: usize) -> Option<(Vec<u8>, u32)> {
         let st = self.0.st.borrow();
         let pb = st.pages.get(page)?;
@@ -490,4 +594,26 @@ impl IoDone for PageWriteDone {
     fn io_done(&self, io: IoBox) {
         BitmapOwner(self.0.clone()).page_write_done(io);
     }
+}
+
+/// Completion of one member's pre-flush.
+struct PreflushDone(Rc<Owner>);
+
+impl IoDone for PreflushDone {
+    fn io_done(&self, io: IoBox) {
+        BitmapOwner(self.0.clone()).preflush_done(io);
+    }
+}
+
+impl Batch {
+    /// Nothing in flight and nothing left to submit.
+    fn done(&self) -> bool {
+        self.outstanding == 0 && self.retry.is_empty() && self.flush_queue.is_empty()
+    }
+}
+
+/// Whether `m` needs a flush before a clearing batch: it has a volatile
+/// write cache (and, as every such bdev must, takes flushes).
+fn needs_flush(m: &BdevHandle) -> bool {
+    m.bdev().has_write_cache() && m.bdev().io_type_supported(IoType::Flush)
 }

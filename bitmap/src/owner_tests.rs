@@ -1,6 +1,6 @@
 //! Protocol tests of the owner on a manual reactor set with malloc members
 //! (one behind a gate that holds its writes until the test opens it):
-//! invariant 2 (release only after every member persisted the page),
+//! invariant 2 of docs/architecture.md (release only after every member persisted the page),
 //! the fast path, lazy clearing, teardown (invariant 4) and pinned page
 //! buffers (invariant 5).
 
@@ -458,4 +458,106 @@ fn failed_member_is_reported_before_release_and_dropped() {
     assert_eq!(rig.m.on(0, || rig.owner.members().len()), 1);
     assert!(rig.disk(1).is_dirty(40));
     rig.end(1, 40);
+}
+
+/// Members with a volatile write cache: every page write is FUA (the bits
+/// are on the media when a batch releases its writes), and a batch that
+/// clears a bit first flushes every member, then writes pages: data written
+/// to a chunk is on every member's media before the chunk is clean there.
+#[test]
+fn page_writes_are_fua_and_a_clearing_batch_flushes_every_member_before_its_pages() {
+    use bdev::volatile_cache::VolatileCacheBdev;
+    let m = ReactorSet::manual(1);
+    let g = geometry();
+    let (owner, caches, handles) = m.on(0, || {
+        let r = Registry::get();
+        let caches: Vec<Arc<VolatileCacheBdev>> = (0..2)
+            .map(|i| {
+                let p = BdevProps::new(&format!("v{i}"), "Volatile cache", 512, MEMBER_BLOCKS, None);
+                Arc::new(VolatileCacheBdev::new(p, i, 0).unwrap())
+            })
+            .collect();
+        let handles: Vec<BdevHandle> = caches.iter().map(|c| r.register(c.clone()).unwrap()).collect();
+        let owner = BitmapOwner::new(g, handles.clone(), 0, None, OwnerOptions { clear_after_ticks: 1 }).unwrap();
+        (owner, caches, handles)
+    });
+    let pump = || {
+        for _ in 0..5 {
+            m.run_once(0);
+        }
+    };
+    let until = |what: &str, cond: &dyn Fn() -> bool| {
+        for _ in 0..100 {
+            if cond() {
+                return;
+            }
+            m.on(0, || owner.tick());
+            pump();
+        }
+        panic!("never happened: {what}");
+    };
+    let flushed = Rc::new(Cell::new(false));
+    let f = flushed.clone();
+    m.on(0, || owner.flush(move || f.set(true)));
+    until("the creation batch", &|| flushed.get());
+    // Every write but the test's own plain data write (`plain` on member 1) is FUA.
+    let plain = Cell::new(0u64);
+    let all_fua = || {
+        caches.iter().enumerate().all(|(i, c)| {
+            let n = c.counters();
+            n.writes == n.fua_writes + if i == 1 { plain.get() } else { 0 }
+        })
+    };
+    assert!(all_fua(), "creation pages are FUA: {:?}", caches.iter().map(|c| c.counters()).collect::<Vec<_>>());
+    assert!(caches.iter().all(|c| c.cached_blocks() == 0));
+    assert_eq!(m.on(0, || owner.preflushes()), 0, "nothing cleared, nothing to flush first");
+
+    // Set chunk 5's bit: a FUA batch.
+    let bm = owner.bitmap();
+    let WriteTicket::Wait(batch) = m.on(0, || bm.start_write(5 * CHUNK_BLOCKS, 1).unwrap()) else {
+        panic!("a clean chunk waits")
+    };
+    until("the batch setting chunk 5", &|| bm.is_released(batch));
+    assert!(all_fua());
+    // The write's data goes to member 1 without FUA: it sits in the cache.
+    let data_block = MEMBER_BLOCKS - 1;
+    m.on(0, || {
+        let io = IoBox::data(IoType::Write, data_block, 1, bdev::DmaBuf::alloc(512)).unwrap();
+        io.buf.as_ref().unwrap().fill(0xD7);
+        handles[1].channel().unwrap().submit(io);
+    });
+    plain.set(1);
+    pump();
+    assert_eq!(caches[1].cached_blocks(), 1);
+    m.on(0, || bm.end_write(5 * CHUNK_BLOCKS, 1).unwrap());
+
+    // Idle: the tick that clears chunk 5 flushes both members and writes
+    // no page until both flushes completed.
+    let before: Vec<_> = caches.iter().map(|c| c.counters()).collect();
+    let mut closed = false;
+    for _ in 0..10 {
+        m.on(0, || owner.tick());
+        if m.on(0, || owner.preflushes()) > 0 {
+            closed = true;
+            break;
+        }
+        pump();
+    }
+    assert!(closed, "an idle chunk is cleared");
+    let now: Vec<_> = caches.iter().map(|c| c.counters()).collect();
+    for (b, n) in before.iter().zip(&now) {
+        assert_eq!((n.flushes, n.writes), (b.flushes + 1, b.writes), "flushed, no page written yet: {n:?}");
+    }
+    assert_eq!(caches[1].cached_blocks(), 0, "the flush made the data durable");
+    until("the clearing batch", &|| !owner.batch_in_flight() && !bm.is_on_disk(5));
+    assert!(all_fua());
+    let mut page = vec![0u8; g.page_buf_bytes()];
+    for c in &caches {
+        assert!(c.read_media(0, &mut page));
+        assert!(!LoadedBitmap::from_pages(g, &[&page]).unwrap().is_dirty(5), "chunk 5 clean on the media");
+    }
+    let mut block = [0u8; 512];
+    assert!(caches[1].read_media((data_block * 512) as usize, &mut block));
+    assert!(block.iter().all(|&x| x == 0xD7));
+    assert_eq!(m.on(0, || owner.late_completions()), 0);
 }
