@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # The benchmark suite: builds nvraid-perf (and nvraid-tgt) in release, checks
 # that a run does not allocate per IO (fails loudly if it does), then runs the
-# standard matrix on one core and prints one table with SPDK's figures beside
-# ours and the machine's memcpy ceiling.
+# standard matrix on one core and prints one table.
 #
-#   scripts/bench.sh [nvraid-perf bench options]     e.g. scripts/bench.sh -t 10 --core 1
+# SPDK's figures are measured in the same run, never stored: when SPDK's
+# reference binaries (bdevperf, nvmf_tgt, spdk_nvme_perf) are found in
+# $NVRAID_SPDK_BIN (default: ../shared/anchors/spdk-v25.09/bin beside this
+# checkout), every local row also runs SPDK's bdevperf on the same config and
+# core, the NVMe/TCP rows run nvraid-tgt and SPDK's nvmf_tgt with SPDK's
+# spdk_nvme_perf driving both, rounds interleave the two sides, and the table
+# shows both medians and the ratio. Without them it prints nvraid's figures
+# alone and says why. SPDK's tools need libnuma1 libuuid1 libssl3
+# libkeyutils1 libaio1 (Debian 12 names); without reserved hugepages they run
+# with --no-huge.
+#
+#   scripts/bench.sh [nvraid-perf bench options]   e.g. scripts/bench.sh -t 10 --rounds 5 --core 1
 #
 # The machines are shared and noisy: compare ratios within one run, not
 # absolute numbers across runs.
@@ -20,6 +30,7 @@ if ! cargo test --release -p perf --test no_alloc -- --nocapture; then
     exit 1
 fi
 
+export NVRAID_SPDK_BIN="${NVRAID_SPDK_BIN:-$(cd .. && pwd)/shared/anchors/spdk-v25.09/bin}"
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 echo "== running the matrix"
 exec "$target_dir/release/nvraid-perf" bench --tgt-bin "$target_dir/release/nvraid-tgt" "$@"

@@ -5,7 +5,7 @@
 //! long-lived Rust reference to buffer bytes ever exists: access goes through
 //! short scoped borrows (`with`, `with_mut`, copies) checked like a `RefCell`,
 //! and devices get raw addresses (`iova`). A buffer is pinned while any handle
-//! to it lives (invariant 5): commands hold a `DmaBuf` until they complete, and
+//! to it lives (invariant 5, docs/architecture.md): commands hold a `DmaBuf` until they complete, and
 //! only the last handle's drop returns the memory to a free list.
 //!
 //! IOVA equals the virtual address (VFIO type1 maps arenas 1:1); arenas are

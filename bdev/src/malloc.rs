@@ -92,8 +92,12 @@ pub struct NullBdev {
 }
 
 impl NullBdev {
-    pub fn new(props: BdevProps) -> Result<Self, BdevError> {
+    pub fn new(mut props: BdevProps) -> Result<Self, BdevError> {
         validate_geometry(&props)?;
+        // Nothing is stored, so nothing can be lost: no cache. It does not
+        // unmap, so it promises nothing about deallocated blocks.
+        props.write_cache = false;
+        props.deallocated_reads_zeroes = false;
         Ok(NullBdev { props })
     }
 }

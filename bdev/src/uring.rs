@@ -2,7 +2,15 @@
 //! regular file or block device, opened O_DIRECT where the file system allows
 //! it; each reactor's channel owns its own ring and reaps it from a poller.
 //!
-//! Buffers handed to the kernel stay pinned (invariant 5): the IO that owns
+//! Durability: a FUA write carries RWF_DSYNC (the kernel completes it only
+//! once the data and the metadata needed to read it are stable: FUA or a
+//! device flush below); a FUA write-zeroes is followed by fdatasync, since
+//! fallocate takes no such flag; flush is fdatasync. fdatasync and not fsync:
+//! nothing here changes the file size (writes stay inside it, fallocate
+//! keeps it), and fdatasync still writes the block-allocation metadata a
+//! later read needs, so what fsync adds (timestamps) guards no data.
+//!
+//! Buffers handed to the kernel stay pinned (invariant 5, docs/architecture.md): the IO that owns
 //! the `DmaBuf` sits in the channel's in-flight table from the SQE push until
 //! its CQE is reaped, and dropping a channel waits for every outstanding CQE
 //! before anything in the table is released.
@@ -21,9 +29,9 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -95,6 +103,33 @@ pub struct FileBdev {
     /// Set once the file system refused FALLOC_FL_ZERO_RANGE: write-zeroes
     /// then punches holes (which read back as zeroes) directly.
     zero_range_unsupported: Arc<AtomicBool>,
+    sync_counters: Arc<SyncCounters>,
+}
+
+/// What the channels asked the kernel to make durable, counted when the SQE
+/// is pushed (shown in `driver_specific`, so a test or a user can see FUA
+/// and flush reach the kernel).
+#[derive(Default, Debug)]
+pub struct SyncCounters {
+    /// Write SQEs pushed with RWF_DSYNC (FUA writes; a short write's
+    /// remainder counts again).
+    pub dsync_writes: AtomicU64,
+    /// fdatasync SQEs pushed (flushes, and FUA write-zeroes).
+    pub fdatasyncs: AtomicU64,
+}
+
+/// Whether a block device's queue reports a volatile write cache
+/// (`/sys/dev/block/MAJ:MIN/queue/write_cache`: "write back" or "write
+/// through"; a partition's queue is its disk's). None when it cannot say.
+fn block_device_write_cache(rdev: u64) -> Option<bool> {
+    let dev = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
+    let queue = if std::path::Path::new(&dev).join("partition").exists() { "../queue" } else { "queue" };
+    let text = std::fs::read_to_string(format!("{dev}/{queue}/write_cache")).ok()?;
+    match text.trim() {
+        "write back" => Some(true),
+        "write through" => Some(false),
+        _ => None,
+    }
 }
 
 fn os_error(what: &str, e: std::io::Error) -> BdevError {
@@ -194,9 +229,6 @@ impl FileBdev {
         };
         let mut props = BdevProps::new(name, product_name, bs, num_blocks, uuid);
         validate_geometry(&props)?;
-        // A volatile cache sits below us either way (page cache, or the
-        // device's own): flush must reach fsync.
-        props.write_cache = true;
         if direct_io {
             // Direct IO this block size cannot satisfy is no direct IO at all.
             let usable = match dio_offset_align(&file) {
@@ -212,6 +244,25 @@ impl FileBdev {
         if !direct_io {
             tracing::warn!(name, filename, "file system does not support O_DIRECT here: using buffered IO");
         }
+        // Buffered: the page cache is a volatile cache. O_DIRECT on a block
+        // device: whatever its queue reports (a device that cannot say is
+        // taken to cache). O_DIRECT on a regular file: the file system's
+        // device may cache, and blocks allocated by a write are only
+        // recorded durably by a sync, so there is a cache to flush.
+        props.write_cache = match (direct_io, ft.is_block_device()) {
+            (false, _) => true,
+            (true, true) => block_device_write_cache(meta.rdev()).unwrap_or(true),
+            (true, false) => true,
+        };
+        // Unmap is fallocate(PUNCH_HOLE | KEEP_SIZE): a regular file gets a
+        // hole, which reads as zeroes; a block device gets a zero-out that
+        // must not fall back (the kernel's blkdev_fallocate issues
+        // blkdev_issue_zeroout(.., BLKDEV_ZERO_NOFALLBACK)), so the blocks
+        // read as zeroes or the unmap fails. Without unmap, no promise.
+        props.deallocated_reads_zeroes = match flavor {
+            Flavor::Uring => true,
+            Flavor::Aio { readonly, fallocate } => fallocate && !readonly,
+        };
         // Fail here, with a clear message, rather than at first channel.
         new_ring(8)?;
         Ok(FileBdev {
@@ -222,7 +273,13 @@ impl FileBdev {
             block_size_override: block_size.is_some(),
             direct_io,
             zero_range_unsupported: Arc::new(AtomicBool::new(false)),
+            sync_counters: Arc::default(),
         })
+    }
+
+    /// FUA writes and flushes handed to the kernel so far.
+    pub fn sync_counters(&self) -> &SyncCounters {
+        &self.sync_counters
     }
 
     /// True when the file is read and written with O_DIRECT.
@@ -281,6 +338,7 @@ impl Bdev for FileBdev {
             _file: self.file.clone(),
             block_size: self.props.block_size as u64,
             zero_range_unsupported: self.zero_range_unsupported.clone(),
+            sync_counters: self.sync_counters.clone(),
             poller: RefCell::new(None),
         });
         let weak = Rc::downgrade(&ch);
@@ -297,6 +355,8 @@ impl Bdev for FileBdev {
             "filename": self.filename,
             "block_size_override": self.block_size_override,
             "direct_io": self.direct_io,
+            "dsync_writes": self.sync_counters.dsync_writes.load(Ordering::Relaxed),
+            "fdatasyncs": self.sync_counters.fdatasyncs.load(Ordering::Relaxed),
         });
         if let Flavor::Aio { readonly, fallocate } = self.flavor {
             v["readonly"] = json!(readonly);
@@ -326,7 +386,8 @@ impl Bdev for FileBdev {
 enum Op {
     Read,
     Write,
-    Fsync,
+    /// fdatasync: a flush, or the second step of a FUA write-zeroes.
+    Datasync,
     /// fallocate(PUNCH_HOLE | KEEP_SIZE): unmap, and write-zeroes' fallback.
     Punch,
     /// fallocate(ZERO_RANGE | KEEP_SIZE): write-zeroes.
@@ -359,7 +420,46 @@ struct UringChannel {
     _file: Arc<File>,
     block_size: u64,
     zero_range_unsupported: Arc<AtomicBool>,
+    sync_counters: Arc<SyncCounters>,
     poller: RefCell<Option<PollerHandle>>,
+}
+
+/// One step of an IO, as `sqe_for` turns it into an SQE.
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    op: Op,
+    /// The IO carries FUA.
+    fua: bool,
+    /// Data address of what is left to transfer (read/write).
+    addr: u64,
+    remaining: u32,
+    /// File offset of what is left to transfer (read/write).
+    pos: u64,
+    /// The IO's whole range (fallocate).
+    offset_bytes: u64,
+    len_bytes: u64,
+}
+
+/// The SQE of one step (its user_data is set by the caller).
+fn sqe_for(fd: types::Fd, s: &Step) -> squeue::Entry {
+    let keep = libc::FALLOC_FL_KEEP_SIZE;
+    match s.op {
+        Op::Read => opcode::Read::new(fd, s.addr as *mut u8, s.remaining).offset(s.pos).build(),
+        Op::Write => {
+            // RWF_DSYNC per IO: only this write waits for stable storage.
+            let rw_flags = if s.fua { libc::RWF_DSYNC } else { 0 };
+            opcode::Write::new(fd, s.addr as *const u8, s.remaining).offset(s.pos).rw_flags(rw_flags).build()
+        }
+        Op::Datasync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        Op::Punch => opcode::Fallocate::new(fd, s.len_bytes)
+            .offset(s.offset_bytes)
+            .mode(libc::FALLOC_FL_PUNCH_HOLE | keep)
+            .build(),
+        Op::ZeroRange => opcode::Fallocate::new(fd, s.len_bytes)
+            .offset(s.offset_bytes)
+            .mode(libc::FALLOC_FL_ZERO_RANGE | keep)
+            .build(),
+    }
 }
 
 fn errno_status(res: i32) -> IoStatus {
@@ -384,7 +484,7 @@ impl UringChannel {
         let op = match io.io_type {
             IoType::Read => Op::Read,
             IoType::Write => Op::Write,
-            IoType::Flush => Op::Fsync,
+            IoType::Flush => Op::Datasync,
             IoType::Unmap => Op::Punch,
             IoType::WriteZeroes if self.zero_range_unsupported.load(Ordering::Relaxed) => Op::Punch,
             IoType::WriteZeroes => Op::ZeroRange,
@@ -412,27 +512,22 @@ impl UringChannel {
     /// Pushes the SQE for slot `idx` (its remainder, after a short transfer).
     fn push_sqe(&self, st: &mut ChannelState, idx: u32) {
         let Some(slot) = st.slots[idx as usize].as_ref() else { return };
-        let fd = types::Fd(self.fd);
         let offset_bytes = slot.io.offset_blocks * self.block_size;
-        let len_bytes = slot.io.num_blocks * self.block_size;
-        let addr = slot.io.buf.as_ref().map_or(0, |b| b.iova()) + slot.done_bytes as u64;
-        let remaining = slot.total_bytes - slot.done_bytes;
-        let pos = offset_bytes + slot.done_bytes as u64;
-        let keep = libc::FALLOC_FL_KEEP_SIZE;
-        let entry: squeue::Entry = match slot.op {
-            Op::Read => opcode::Read::new(fd, addr as *mut u8, remaining).offset(pos).build(),
-            Op::Write => opcode::Write::new(fd, addr as *const u8, remaining).offset(pos).build(),
-            Op::Fsync => opcode::Fsync::new(fd).build(),
-            Op::Punch => opcode::Fallocate::new(fd, len_bytes)
-                .offset(offset_bytes)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | keep)
-                .build(),
-            Op::ZeroRange => opcode::Fallocate::new(fd, len_bytes)
-                .offset(offset_bytes)
-                .mode(libc::FALLOC_FL_ZERO_RANGE | keep)
-                .build(),
+        let step = Step {
+            op: slot.op,
+            fua: slot.io.flags.fua(),
+            addr: slot.io.buf.as_ref().map_or(0, |b| b.iova()) + slot.done_bytes as u64,
+            remaining: slot.total_bytes - slot.done_bytes,
+            pos: offset_bytes + slot.done_bytes as u64,
+            offset_bytes,
+            len_bytes: slot.io.num_blocks * self.block_size,
         };
-        let entry = entry.user_data(idx as u64);
+        match step.op {
+            Op::Write if step.fua => self.sync_counters.dsync_writes.fetch_add(1, Ordering::Relaxed),
+            Op::Datasync => self.sync_counters.fdatasyncs.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        let entry = sqe_for(types::Fd(self.fd), &step).user_data(idx as u64);
         // SAFETY: the SQE names memory the kernel may use until the CQE:
         // (1) the data buffer `addr..addr+remaining` lies inside the DmaBuf of
         // `slot.io` (the Channel checked buf.len() >= num_blocks*block_size),
@@ -481,7 +576,13 @@ impl UringChannel {
                 self.push_sqe(st, idx);
                 return;
             }
-            Op::Fsync | Op::Punch | Op::ZeroRange => {
+            Op::Punch | Op::ZeroRange if res >= 0 && slot.io.io_type == IoType::WriteZeroes && slot.io.flags.fua() => {
+                // fallocate takes no DSYNC flag: sync before completing.
+                slot.op = Op::Datasync;
+                self.push_sqe(st, idx);
+                return;
+            }
+            Op::Datasync | Op::Punch | Op::ZeroRange => {
                 if res < 0 {
                     errno_status(res)
                 } else {
@@ -592,5 +693,48 @@ impl Drop for UringChannel {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SQE as the kernel reads it (`struct io_uring_sqe`).
+    fn sqe_bytes(e: &squeue::Entry) -> [u8; 64] {
+        const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+        // SAFETY: `squeue::Entry` is a `#[repr(C)]` wrapper of the kernel's
+        // 64-byte `io_uring_sqe` (asserted above), which io-uring builds from
+        // a zeroed value, so all 64 bytes are initialized; this copies them.
+        unsafe { std::mem::transmute_copy::<squeue::Entry, [u8; 64]>(e) }
+    }
+
+    /// `rw_flags` / `fsync_flags`: the union at byte 28.
+    fn op_flags(b: &[u8; 64]) -> u32 {
+        u32::from_le_bytes([b[28], b[29], b[30], b[31]])
+    }
+
+    fn step(op: Op, fua: bool) -> Step {
+        Step { op, fua, addr: 0x1000, remaining: 4096, pos: 8192, offset_bytes: 8192, len_bytes: 4096 }
+    }
+
+    #[test]
+    fn fua_write_sqe_carries_rwf_dsync_and_a_plain_one_does_not() {
+        let fd = types::Fd(7);
+        let fua = sqe_bytes(&sqe_for(fd, &step(Op::Write, true)));
+        assert_eq!(fua[0], opcode::Write::CODE);
+        assert_eq!(op_flags(&fua), libc::RWF_DSYNC as u32);
+        let plain = sqe_bytes(&sqe_for(fd, &step(Op::Write, false)));
+        assert_eq!(plain[0], opcode::Write::CODE);
+        assert_eq!(op_flags(&plain), 0);
+        // Reads ignore FUA: nothing of theirs needs to become durable.
+        assert_eq!(op_flags(&sqe_bytes(&sqe_for(fd, &step(Op::Read, true)))), 0);
+    }
+
+    #[test]
+    fn flush_sqe_is_fdatasync() {
+        let b = sqe_bytes(&sqe_for(types::Fd(7), &step(Op::Datasync, false)));
+        assert_eq!(b[0], opcode::Fsync::CODE);
+        assert_eq!(op_flags(&b), io_uring::types::FsyncFlags::DATASYNC.bits());
     }
 }

@@ -7,7 +7,7 @@
 
 use bdev::malloc::MallocBdev;
 use bdev::{delay, error, uring};
-use bdev::{BdevError, BdevHandle, BdevProps, Channel, DmaBuf, IoBox, IoError, IoStatus, IoType, Registry};
+use bdev::{BdevError, BdevHandle, BdevProps, Channel, DmaBuf, IoBox, IoError, IoFlags, IoStatus, IoType, Registry};
 use reactor::{IdlePolicy, ManualSet, ReactorConfig, ReactorSet};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -328,6 +328,82 @@ fn file_bdev_queues_ios_beyond_its_ring() {
     for i in 0..n as usize {
         assert!(on_disk[i * 4096..(i + 1) * 4096].iter().all(|&x| x == i as u8), "block {i}");
     }
+}
+
+/// FUA and flush reach the kernel: a FUA write is pushed with RWF_DSYNC
+/// (the SQE itself is checked by the unit tests in `uring.rs`), a FUA
+/// write-zeroes and a flush each become an fdatasync; plain IO syncs nothing.
+/// A regular file reports a volatile cache and zero-reading holes.
+#[test]
+fn file_bdev_fua_is_dsync_and_flush_is_fdatasync() {
+    for dir in scratch_dirs() {
+        let file = TempFile::new(&dir, "fua", 1 << 20);
+        let m = ReactorSet::manual(1);
+        let log: Log = Rc::default();
+        let (h, ch) = m.on(0, || {
+            let h = uring::create_uring(uring_params("F0", &file, None)).unwrap();
+            let ch = h.channel().unwrap();
+            (h, ch)
+        });
+        assert!(h.bdev().has_write_cache(), "{dir:?}: page cache or the file system's device may cache");
+        assert!(h.props().deallocated_reads_zeroes, "{dir:?}: punched holes read as zeroes");
+        let counters = || {
+            let ds = h.info_json()["driver_specific"]["uring"].clone();
+            (ds["dsync_writes"].as_u64().expect("dsync_writes"), ds["fdatasyncs"].as_u64().expect("fdatasyncs"))
+        };
+        let (plain, forced) = (pattern(5, 4096), pattern(6, 8192));
+        m.on(0, || {
+            submit(&ch, IoType::Write, 0, 1, Some(buf_with(&plain)), 1, &log);
+            submit(&ch, IoType::WriteZeroes, 8, 2, None, 2, &log);
+        });
+        drive(&m, "plain IO", || log.borrow().len() == 2);
+        assert_eq!(counters(), (0, 0), "{dir:?}: plain IO syncs nothing");
+        m.on(0, || {
+            submit_flags(&ch, IoType::Write, 2, 2, Some(buf_with(&forced)), IoFlags::FUA, 3, &log);
+            submit_flags(&ch, IoType::WriteZeroes, 16, 2, None, IoFlags::FUA, 4, &log);
+        });
+        drive(&m, "FUA IO", || log.borrow().len() == 4);
+        assert_eq!(counters(), (1, 1), "{dir:?}: FUA write has RWF_DSYNC; FUA write-zeroes is followed by fdatasync");
+        m.on(0, || submit(&ch, IoType::Flush, 0, 0, None, 5, &log));
+        drive(&m, "flush", || log.borrow().len() == 5);
+        assert_eq!(counters(), (1, 2), "{dir:?}: flush is one fdatasync");
+        assert!(log.borrow().iter().all(|(_, s)| *s == IoStatus::Success), "{dir:?}: {:?}", log.borrow());
+        let on_disk = std::fs::read(&file.0).unwrap();
+        assert_eq!(&on_disk[..4096], &plain[..]);
+        assert_eq!(&on_disk[2 * 4096..4 * 4096], &forced[..]);
+    }
+    // aio without fallocate does not unmap: it promises nothing about
+    // deallocated blocks.
+    let file = TempFile::new(&std::env::temp_dir(), "fua-aio", 1 << 20);
+    let m = ReactorSet::manual(1);
+    m.on(0, || {
+        let p: uring::AioCreateParams =
+            serde_json::from_value(serde_json::json!({"name": "FA", "filename": file.path()})).unwrap();
+        let h = uring::create_aio(p).unwrap();
+        assert!(!h.props().deallocated_reads_zeroes);
+        assert!(h.bdev().has_write_cache());
+    });
+}
+
+/// The null bdev stores nothing: no cache, whatever the props it was given say.
+#[test]
+fn null_bdev_has_no_write_cache() {
+    let mut props = BdevProps::new("N", "Null disk", 4096, 256, None);
+    props.write_cache = true;
+    let n = bdev::malloc::NullBdev::new(props).unwrap();
+    assert!(!bdev::Bdev::has_write_cache(&n));
+    assert!(!bdev::Bdev::props(&n).deallocated_reads_zeroes, "null does not unmap");
+    assert!(!bdev::Bdev::has_write_cache(&*malloc("M", 512, 64)), "RAM has no cache to lose");
+}
+
+#[allow(clippy::too_many_arguments)]
+fn submit_flags(ch: &Channel, t: IoType, off: u64, n: u64, buf: Option<DmaBuf>, flags: IoFlags, tag: u64, log: &Log) {
+    let mut io = IoBox::data(t, off, n, buf).expect("IO descriptor");
+    io.tag = tag;
+    io.flags = flags;
+    let l = log.clone();
+    io.set_done(Rc::new(move |io: IoBox| l.borrow_mut().push((io.tag, io.status))));
+    ch.submit(io);
 }
 
 fn error_inject(name: &str, io_type: &str, error_type: &str, extra: serde_json::Value) -> Result<(), BdevError> {

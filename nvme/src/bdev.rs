@@ -24,7 +24,12 @@ impl NvmeBdev {
         let name = format!("{}n{}", ctrlr.name(), ns.nsid);
         let uuid = if ns.nguid.iter().any(|&b| b != 0) { Some(uuid::Uuid::from_bytes(ns.nguid)) } else { None };
         let mut props = BdevProps::new(&name, "NVMe disk", ns.block_size, ns.num_blocks, uuid);
-        props.write_cache = ctrlr.data().vwc;
+        let d = ctrlr.data();
+        // A present but disabled cache holds nothing: every completed write
+        // is on media, and FUA and flush cost nothing.
+        props.write_cache = d.vwc && d.write_cache_enabled;
+        // Only a bdev that unmaps can promise what unmapped blocks read as.
+        props.deallocated_reads_zeroes = ns.deallocated_reads_zeroes && d.oncs & oncs::DATASET_MANAGEMENT != 0;
         NvmeBdev { props, ctrlr, ns, attach_config }
     }
 

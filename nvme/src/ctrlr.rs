@@ -4,7 +4,7 @@
 //! controller reset with IO retried, and orderly shutdown (CC.SHN).
 //!
 //! Memory the controller DMAs into is never released while it may still
-//! write it (invariant 5): the admin queue memory is freed only after the
+//! write it (invariant 5, docs/architecture.md): the admin queue memory is freed only after the
 //! controller is disabled or shut down, a data buffer of an admin command
 //! that timed out is leaked on purpose, and a reset disables the controller
 //! before any in-flight IO is retried or completed.
@@ -14,7 +14,7 @@ use crate::prp;
 use crate::qpair;
 use crate::NvmeError;
 use bdev::DmaBuf;
-use nvme_spec::features::{FeatureId, FeatureParams, NumberOfQueues};
+use nvme_spec::features::{select, FeatureId, FeatureParams, NumberOfQueues, VWC_ENABLE};
 use nvme_spec::identify::{
     Cns, IdentifyController, IdentifyNamespace, IdentifyParams, NamespaceList, IDENTIFY_DATA_LEN,
 };
@@ -84,7 +84,11 @@ pub struct ControllerData {
     pub cntlid: u16,
     pub mdts: u8,
     pub oncs: u16,
+    /// A volatile write cache is present (Identify VWC bit 0).
     pub vwc: bool,
+    /// The cache is enabled right now (Get Features, Volatile Write Cache,
+    /// current value); false when none is present.
+    pub write_cache_enabled: bool,
     pub sgls: u32,
     pub nn: u32,
     pub acl: u8,
@@ -101,6 +105,8 @@ pub struct Namespace {
     pub eui64: [u8; 8],
     /// Largest read/write in one command, in blocks (MDTS, PRP list room, NLB).
     pub max_io_blocks: u32,
+    /// A read of a deallocated block returns zeroes (DLFEAT bits 2:0 = 001b).
+    pub deallocated_reads_zeroes: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -456,7 +462,7 @@ impl Controller {
         let id =
             IdentifyController::read_from_bytes(&raw[..]).map_err(|_| NvmeError::Invalid("identify data".into()))?;
         let text = |b: &[u8]| String::from_utf8_lossy(b).trim_end_matches([' ', '\0']).to_string();
-        let data = ControllerData {
+        let mut data = ControllerData {
             vid: id.vid.get(),
             ssvid: id.ssvid.get(),
             serial: text(&id.sn),
@@ -465,7 +471,8 @@ impl Controller {
             cntlid: id.cntlid.get(),
             mdts: id.mdts,
             oncs: id.oncs.get(),
-            vwc: id.vwc & 1 != 0,
+            vwc: id.vwc & nvme_spec::identify::vwc::PRESENT != 0,
+            write_cache_enabled: false,
             sgls: id.sgls.get(),
             nn: id.nn.get(),
             acl: id.acl,
@@ -492,6 +499,7 @@ impl Controller {
         let cqe = self.admin_sync(sqe, None, "set features (number of queues)")?;
         let granted = NumberOfQueues::from_dword(cqe.dw0.get());
         let io_queues = granted.io_sqs.min(granted.io_cqs).min(wanted as u32).min(1024) as u16;
+        data.write_cache_enabled = data.vwc && self.write_cache_enabled();
 
         let mut nsids = Vec::new();
         if self.vs >= Vs::new(1, 1, 0) {
@@ -535,9 +543,26 @@ impl Controller {
                 nguid: ns.nguid,
                 eui64: ns.eui64,
                 max_io_blocks: 0,
+                deallocated_reads_zeroes: ns.dlfeat & 0b111 == 0b001,
             });
         }
         Ok((data, namespaces, io_queues.max(1)))
+    }
+
+    /// Whether the present volatile write cache is enabled (Get Features,
+    /// current value, DW0 bit 0). A controller that does not answer is taken
+    /// to cache: claiming a cache costs a flush, denying one loses data.
+    fn write_cache_enabled(&self) -> bool {
+        let mut sqe = Sqe::new(AdminOpcode::GET_FEATURES.0, 0);
+        FeatureParams { fid: FeatureId::VOLATILE_WRITE_CACHE, save: false, select: select::CURRENT, value: 0 }
+            .write_to(&mut sqe);
+        match self.admin_sync(sqe, None, "get features (volatile write cache)") {
+            Ok(cqe) => cqe.dw0.get() & VWC_ENABLE != 0,
+            Err(e) => {
+                tracing::warn!(ctrlr = %self.name, "{e}; assuming the write cache is enabled");
+                true
+            }
+        }
     }
 
     fn identify(&self, buf: &DmaBuf, cns: Cns, nsid: u32) -> Result<Vec<u8>, NvmeError> {

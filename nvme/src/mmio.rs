@@ -2,7 +2,7 @@
 //! SQ/CQ rings and PRP/DSM pages the controller fetches, and (for the
 //! simulated controller) host memory reached by address through an IOMMU
 //! model. All of it is volatile or atomic; no Rust reference to such memory
-//! is ever formed (STYLE §4).
+//! is ever formed (docs/architecture.md, "Device memory").
 //!
 //! The completion protocol, on both sides: the device writes the entry body,
 //! then a Release fence, then the status word (phase tag) with one atomic

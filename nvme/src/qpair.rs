@@ -9,7 +9,7 @@
 //! Every table here is sized when the queue pair is created: the hot path
 //! allocates nothing and takes no lock. A DmaBuf stays inside its IoBox,
 //! parked here, until the controller has completed every command that
-//! points at it or has been disabled (invariant 5).
+//! points at it or has been disabled (invariant 5, docs/architecture.md).
 
 use crate::ctrlr::{io_error, Controller, CtrlrState, PRP_LIST_PAGES};
 use crate::mmio::DeviceMem;
@@ -30,6 +30,9 @@ const LIST_BYTES: usize = PRP_LIST_PAGES * prp::PAGE_SIZE as usize;
 /// How often in-flight commands are checked for timeouts.
 const TIMEOUT_SCAN_NS: u64 = 1_000_000;
 const NO_PARENT: u32 = u32::MAX;
+/// Force Unit Access in CDW12 of Read, Write and Write Zeroes: the command
+/// completes only once its data is on non-volatile media.
+const CDW12_FUA: u32 = 1 << 30;
 
 /// A piece of a bdev IO that one command carries.
 #[derive(Clone, Copy, Debug)]
@@ -365,8 +368,17 @@ impl QPair {
                 sqe.cdw10 = U32::new(0);
                 sqe.cdw11 = U32::new(1 << 2);
             }
+            // Flush of this namespace: everything completed before it
+            // reaches media. (NSID FFFFFFFFh is for all namespaces and not
+            // every controller takes it.)
             IoType::Flush => sqe = Sqe::new(IoOpcode::FLUSH.0, cid),
             IoType::Reset => return Err(IoError::NotSupported),
+        }
+        // Every piece of a split IO carries the flag: each is durable before
+        // the IO completes. DPO has no NVMe bit (bit 29 is PRACT, which would
+        // change protection information handling): a retention hint, dropped.
+        if p.io.flags.fua() && matches!(p.io.io_type, IoType::Read | IoType::Write | IoType::WriteZeroes) {
+            sqe.cdw12 = U32::new(sqe.cdw12.get() | CDW12_FUA);
         }
         sqe.nsid = U32::new(p.nsid);
         Ok(sqe)

@@ -12,6 +12,11 @@
 //! reordering, injected media errors, swallowed commands (a controller that
 //! stops answering), refused aborts, and a controller that never becomes
 //! ready.
+//!
+//! Its volatile write cache is modelled: with the cache present and enabled,
+//! a write without FUA is visible to reads at once but reaches the medium
+//! (`read_media`, what a power cut would leave) only with a Flush of its
+//! namespace, a later FUA write of the same blocks, or a normal shutdown.
 
 use crate::mmio::{DmaWindow, RegisterSpace};
 use crate::prp::PAGE_SIZE;
@@ -21,6 +26,7 @@ use nvme_spec::identify::{Cns, IdentifyController, IdentifyNamespace, LbaFormat,
 use nvme_spec::regs::{offset, shutdown, Aqa, Cap, Cc, Csts, Vs};
 use nvme_spec::status::sct;
 use nvme_spec::{AdminOpcode, Cqe, IoOpcode, SglKind, Sqe, Status, U16, U32, U64};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use zerocopy::{FromBytes, IntoBytes};
@@ -62,7 +68,14 @@ pub struct SimConfig {
     pub error_one_in: u32,
     /// Report SGL support (data block descriptors).
     pub sgl: bool,
+    /// A volatile write cache is present (Identify VWC bit 0).
     pub vwc: bool,
+    /// The cache starts enabled (Get Features Volatile Write Cache answers
+    /// this until a Set Features changes it).
+    pub write_cache_enabled: bool,
+    /// Identify Namespace DLFEAT (bits 2:0 = 001b: deallocated blocks read
+    /// as zeroes; the model always zeroes them).
+    pub dlfeat: u8,
     pub serial: String,
     pub model: String,
 }
@@ -84,6 +97,8 @@ impl Default for SimConfig {
             error_one_in: 0,
             sgl: false,
             vwc: true,
+            write_cache_enabled: true,
+            dlfeat: 1,
             serial: "SIM0001".into(),
             model: "nvraid simulated controller".into(),
         }
@@ -113,6 +128,15 @@ pub struct SimStats {
     pub sgl_commands: u64,
     pub io_queues_created: u64,
     pub io_queues_deleted: u64,
+    /// Write commands fetched with FUA (CDW12 bit 30) set.
+    pub fua_writes: u64,
+    /// Write Zeroes commands fetched with FUA set.
+    pub fua_write_zeroes: u64,
+    /// Flush commands executed (each names one valid namespace).
+    pub flushes: u64,
+    /// Read/write/write-zeroes commands with PRINFO (CDW12 bits 29:26) set:
+    /// protection information actions on namespaces that have none.
+    pub prinfo_commands: u64,
 }
 
 struct SimSq {
@@ -161,6 +185,11 @@ struct State {
     ignore_disable: bool,
     stats: SimStats,
     last_asq_acq: (u64, u64),
+    /// Volatile write cache enabled (feature 06h).
+    write_cache_enabled: bool,
+    /// Blocks written but not yet on the medium: (namespace index, LBA) →
+    /// what the medium still holds there.
+    unsynced: BTreeMap<(usize, u64), Vec<u8>>,
 }
 
 /// The simulated controller. Share it as `Arc<SimController>`; hand it to
@@ -222,6 +251,8 @@ impl SimController {
                 ignore_disable: false,
                 stats: SimStats::default(),
                 last_asq_acq: (0, 0),
+                write_cache_enabled: cfg.vwc && cfg.write_cache_enabled,
+                unsynced: BTreeMap::new(),
             }),
             window,
             mapper,
@@ -308,6 +339,41 @@ impl SimController {
         }
     }
 
+    /// What namespace `nsid` (1-based) would hold after a power cut now: the
+    /// visible data with every block still only in the write cache replaced
+    /// by what the medium holds.
+    pub fn read_media(&self, nsid: u32, offset_bytes: usize, dst: &mut [u8]) -> bool {
+        let st = self.st();
+        let index = nsid.wrapping_sub(1) as usize;
+        let (Some(ns), Some(cfg)) = (st.ns.get(index), self.cfg.namespaces.get(index)) else {
+            return false;
+        };
+        let Some(src) = offset_bytes.checked_add(dst.len()).and_then(|end| ns.get(offset_bytes..end)) else {
+            return false;
+        };
+        dst.copy_from_slice(src);
+        let bs = cfg.block_size as usize;
+        let (first, end) = ((offset_bytes / bs) as u64, (offset_bytes + dst.len()).div_ceil(bs) as u64);
+        for (&(_, lba), old) in st.unsynced.range((index, first)..(index, end)) {
+            let block_start = lba as usize * bs;
+            // The overlap of this block and the requested range.
+            let lo = block_start.max(offset_bytes);
+            let hi = (block_start + bs).min(offset_bytes + dst.len());
+            let out = &mut dst[lo - offset_bytes..hi - offset_bytes];
+            if old.is_empty() {
+                out.fill(0);
+            } else {
+                out.copy_from_slice(&old[lo - block_start..hi - block_start]);
+            }
+        }
+        true
+    }
+
+    /// Blocks held only in the volatile write cache.
+    pub fn unsynced_blocks(&self) -> usize {
+        self.st().unsynced.len()
+    }
+
     /// Registers a reactor poller that steps the model on every loop (for a
     /// daemon that attaches a simulated controller).
     pub fn start_poller(self: &Arc<Self>) -> reactor::PollerHandle {
@@ -386,6 +452,8 @@ impl SimController {
         }
         if new.en() && new.shn() != shutdown::SHN_NONE && old.shn() == shutdown::SHN_NONE {
             st.stats.shutdowns += 1;
+            // A controller writes its cache back before reporting shutdown.
+            st.unsynced.clear();
             st.csts = st.csts.with_shst(shutdown::SHST_OCCURRING);
         }
     }
@@ -511,6 +579,22 @@ impl SimController {
                 let n = self.cfg.max_io_queues as u32 - 1;
                 (Status::SUCCESS, n | (n << 16))
             }
+            AdminOpcode::SET_FEATURES | AdminOpcode::GET_FEATURES
+                if cdw10 & 0xFF == nvme_spec::features::FeatureId::VOLATILE_WRITE_CACHE.0 as u32 =>
+            {
+                if !self.cfg.vwc {
+                    return (Status::INVALID_FIELD.with_dnr(), 0);
+                }
+                if AdminOpcode(sqe.opcode) == AdminOpcode::SET_FEATURES {
+                    let enable = cdw11 & nvme_spec::features::VWC_ENABLE != 0;
+                    if !enable {
+                        // Disabling the cache writes it back first.
+                        st.unsynced.clear();
+                    }
+                    st.write_cache_enabled = enable;
+                }
+                (Status::SUCCESS, u32::from(st.write_cache_enabled))
+            }
             AdminOpcode::SET_FEATURES | AdminOpcode::GET_FEATURES => (Status::SUCCESS, 0),
             AdminOpcode::CREATE_IO_CQ => {
                 let (qid, size) = ((cdw10 & 0xFFFF) as usize, (cdw10 >> 16) + 1);
@@ -635,7 +719,7 @@ impl SimController {
                 id.nuse = U64::new(ns.num_blocks);
                 id.nlbaf = 0;
                 id.lbaf[0] = LbaFormat::new(ns.block_size.trailing_zeros() as u8, 0);
-                id.dlfeat = 1;
+                id.dlfeat = self.cfg.dlfeat;
                 id.nguid[..8].copy_from_slice(&self.cfg.seed.to_le_bytes());
                 id.nguid[8..12].copy_from_slice(&nsid.to_le_bytes());
                 Ok(id.as_bytes().to_vec())
@@ -753,6 +837,16 @@ impl SimController {
             while let Some(sqe) = self.fetch(st, qid) {
                 busy = true;
                 st.stats.io_commands += 1;
+                let op = IoOpcode(sqe.opcode);
+                match op {
+                    IoOpcode::WRITE if sqe.fua() => st.stats.fua_writes += 1,
+                    IoOpcode::WRITE_ZEROES if sqe.fua() => st.stats.fua_write_zeroes += 1,
+                    _ => {}
+                }
+                let rw = op == IoOpcode::READ || op == IoOpcode::WRITE || op == IoOpcode::WRITE_ZEROES;
+                if rw && sqe.cdw12.get() & (0xF << 26) != 0 {
+                    st.stats.prinfo_commands += 1;
+                }
                 let delay = st.rng.below(self.cfg.max_delay_steps as u64 + 1);
                 let swallowed = st.swallow_io > 0;
                 if swallowed {
@@ -851,13 +945,25 @@ impl SimController {
                     data.copy_from_slice(&st.ns[ns_index][r]);
                     self.scatter(st, &c.segments, &data)
                 } else {
-                    self.gather(st, &c.segments, &mut data).map(|()| st.ns[ns_index][r].copy_from_slice(&data))
+                    self.gather(st, &c.segments, &mut data).map(|()| {
+                        cache_write(st, ns_index, bs, sqe.slba(), sqe.nlb() as u64, sqe.fua());
+                        st.ns[ns_index][r].copy_from_slice(&data)
+                    })
                 };
                 res.err().unwrap_or(Status::SUCCESS)
             }
-            IoOpcode::FLUSH => Status::SUCCESS,
+            IoOpcode::FLUSH => {
+                st.stats.flushes += 1;
+                let keys: Vec<(usize, u64)> =
+                    st.unsynced.range((ns_index, 0)..=(ns_index, u64::MAX)).map(|(k, _)| *k).collect();
+                for k in keys {
+                    st.unsynced.remove(&k);
+                }
+                Status::SUCCESS
+            }
             IoOpcode::WRITE_ZEROES => match range(sqe.slba(), sqe.nlb() as u64) {
                 Ok(r) => {
+                    cache_write(st, ns_index, bs, sqe.slba(), sqe.nlb() as u64, sqe.fua());
                     st.ns[ns_index][r].fill(0);
                     Status::SUCCESS
                 }
@@ -878,7 +984,10 @@ impl SimController {
                     let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
                     let slba = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
                     match range(slba, nlb) {
-                        Ok(rg) if deallocate => st.ns[ns_index][rg].fill(0),
+                        Ok(rg) if deallocate => {
+                            cache_write(st, ns_index, bs, slba, nlb, false);
+                            st.ns[ns_index][rg].fill(0)
+                        }
                         Ok(_) => {}
                         Err(s) => return s,
                     }
@@ -887,6 +996,33 @@ impl SimController {
             }
             _ => Status::new(sct::GENERIC, Status::INVALID_OPCODE.sc).with_dnr(),
         }
+    }
+}
+
+/// Blocks `lba..lba + nlb` of namespace `index` are about to be
+/// overwritten. Through the volatile cache (enabled, no FUA) the medium
+/// keeps what it holds now until a flush; otherwise the new data is on the
+/// medium when the command completes.
+fn cache_write(st: &mut State, index: usize, bs: usize, lba: u64, nlb: u64, fua: bool) {
+    let State { ns, unsynced, write_cache_enabled, .. } = st;
+    if fua || !*write_cache_enabled {
+        let keys: Vec<(usize, u64)> = unsynced.range((index, lba)..(index, lba + nlb)).map(|(k, _)| *k).collect();
+        for k in keys {
+            unsynced.remove(&k);
+        }
+        return;
+    }
+    for b in lba..lba + nlb {
+        unsynced.entry((index, b)).or_insert_with(|| {
+            let old = &ns[index][b as usize * bs..(b as usize + 1) * bs];
+            // An empty copy stands for zeroes: large zero writes over
+            // blank media stay cheap.
+            if old.iter().all(|&x| x == 0) {
+                Vec::new()
+            } else {
+                old.to_vec()
+            }
+        });
     }
 }
 

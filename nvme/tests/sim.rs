@@ -1,13 +1,16 @@
 //! The driver against the simulated controller on a manual reactor set:
 //! queue wraparound and phase flips, PRP lists (chained), MDTS splits, SGLs,
 //! timeouts with abort and reset, a controller that never becomes ready,
-//! and detach with IO in flight. Every completion checks that the simulated
+//! detach with IO in flight, and durability: FUA and Flush reach the
+//! controller and decide what its medium holds after a power cut, and the
+//! bdev reports the cache and DLFEAT the controller has. Every completion
+//! checks that the simulated
 //! controller holds no command still pointing at the IO's buffer
-//! (invariant 5: no buffer released while the device may write it).
+//! (invariant 5 in docs/architecture.md: no buffer released while the device may write it).
 //!
 //! Seeds: `NVME_SIM_SEED=<n>` replays a run; the seed is printed on failure.
 
-use bdev::{DmaBuf, IoBox, IoError, IoStatus, IoType, Registry};
+use bdev::{DmaBuf, IoBox, IoError, IoFlags, IoStatus, IoType, Registry};
 use nvme::{CtrlrOpts, SimConfig, SimController, SimNamespace, Transport};
 use reactor::{ManualSet, ReactorSet};
 use std::cell::RefCell;
@@ -60,11 +63,16 @@ impl Rig {
     }
 
     fn submit(&self, on: usize, t: IoType, off: u64, n: u64, buf: Option<DmaBuf>) -> Done {
+        self.submit_flags(on, t, off, n, buf, IoFlags::NONE)
+    }
+
+    fn submit_flags(&self, on: usize, t: IoType, off: u64, n: u64, buf: Option<DmaBuf>, flags: IoFlags) -> Done {
         let done: Done = Rc::default();
         let (d2, sim, early) = (done.clone(), self.sim.clone(), self.early_releases.clone());
         self.m.on(on, || {
             let ch = Registry::get().lookup("Nvme0n1").unwrap().channel().unwrap();
             let mut io = IoBox::data(t, off, n, buf).unwrap();
+            io.flags = flags;
             io.set_done(Rc::new(move |io: IoBox| {
                 if let Some(b) = io.buf.as_ref() {
                     if sim.inflight_overlaps(b.iova(), b.len()) {
@@ -85,10 +93,25 @@ impl Rig {
     }
 
     fn write(&self, on: usize, off: u64, data: &[u8]) -> IoStatus {
+        self.write_flags(on, off, data, IoFlags::NONE)
+    }
+
+    fn write_flags(&self, on: usize, off: u64, data: &[u8], flags: IoFlags) -> IoStatus {
         let buf = self.m.on(on, || DmaBuf::alloc(data.len()).unwrap());
         buf.copy_from(0, data);
-        let d = self.submit(on, IoType::Write, off, data.len() as u64 / 512, Some(buf));
+        let d = self.submit_flags(on, IoType::Write, off, data.len() as u64 / 512, Some(buf), flags);
         self.wait(&d)
+    }
+
+    /// What the simulated medium holds (a power cut now would leave this).
+    fn media(&self, off_blocks: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        assert!(self.sim.read_media(1, off_blocks as usize * 512, &mut out));
+        out
+    }
+
+    fn bdev_props(&self) -> bdev::BdevProps {
+        self.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().props().clone())
     }
 
     fn read(&self, on: usize, off: u64, len: usize) -> (IoStatus, Vec<u8>) {
@@ -173,6 +196,68 @@ fn identify_read_write_flush_zeroes_unmap() {
     assert_eq!(info[0]["ctrlrs"][0]["trid"]["trtype"], "SIM");
     assert_eq!(*r.early_releases.borrow(), 0);
     assert_eq!(r.sim.stats().dma_faults, 0);
+}
+
+#[test]
+fn fua_and_flush_reach_the_controller_and_decide_what_survives_a_power_cut() {
+    let s = seed();
+    // MDTS 8 KiB: a 32 KiB write is four commands, and each must carry FUA.
+    let r = Rig::new(SimConfig { mdts: 1, ..cfg(s) }, CtrlrOpts::default(), 2);
+    let props = r.bdev_props();
+    assert!(props.write_cache, "VWC present and enabled: the bdev has a volatile cache");
+    assert!(props.deallocated_reads_zeroes, "DLFEAT 001b");
+    assert!(r.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().bdev().has_write_cache()));
+
+    let (plain, forced) = (pattern(32 << 10, s), pattern(32 << 10, s + 1));
+    assert_eq!(r.write(0, 0, &plain), IoStatus::Success);
+    assert_eq!(r.write_flags(1, 64, &forced, IoFlags::FUA), IoStatus::Success);
+    let st = r.sim.stats();
+    assert_eq!(st.fua_writes, 4, "every command of the split FUA write has CDW12 bit 30: {st:?}");
+    assert_eq!(st.flushes, 0);
+    assert!(r.media(0, plain.len()).iter().all(|&b| b == 0), "a plain write sits in the volatile cache");
+    assert!(r.media(64, forced.len()) == forced, "a FUA write is on the medium when it completes");
+    assert!(r.read(0, 0, plain.len()).1 == plain, "reads see the cached data");
+
+    // Flush: the plain write reaches the medium.
+    let d = r.submit(1, IoType::Flush, 0, 0, None);
+    assert_eq!(r.wait(&d), IoStatus::Success);
+    assert_eq!(r.sim.stats().flushes, 1, "the Flush reached the controller with a valid NSID");
+    assert!(r.media(0, plain.len()) == plain);
+    assert_eq!(r.sim.unsynced_blocks(), 0);
+
+    // Write Zeroes: FUA makes it durable, without FUA it waits for a flush.
+    let d = r.submit_flags(0, IoType::WriteZeroes, 0, 8, None, IoFlags::FUA);
+    assert_eq!(r.wait(&d), IoStatus::Success);
+    let d = r.submit(0, IoType::WriteZeroes, 64, 8, None);
+    assert_eq!(r.wait(&d), IoStatus::Success);
+    assert_eq!(r.sim.stats().fua_write_zeroes, 1);
+    let media = r.media(0, 4096);
+    assert!(media.iter().all(|&b| b == 0), "FUA write zeroes is durable");
+    assert!(r.media(64, 4096) == forced[..4096], "plain write zeroes is still only cached");
+    // DPO is a hint with no NVMe bit: it must not turn into PRACT (bit 29).
+    assert_eq!(r.write_flags(0, 200, &pattern(4096, s + 2), IoFlags::DPO), IoStatus::Success);
+    assert_eq!(r.sim.stats().fua_writes, 4, "DPO alone is not FUA");
+    assert_eq!(r.sim.stats().prinfo_commands, 0, "no protection information bits");
+    assert_eq!(*r.early_releases.borrow(), 0);
+
+    // A controller without a cache, with a disabled one, without DLFEAT.
+    for (sim_cfg, cache, zeroes) in [
+        (SimConfig { vwc: false, ..cfg(s) }, false, true),
+        (SimConfig { write_cache_enabled: false, ..cfg(s) }, false, true),
+        (SimConfig { dlfeat: 0, ..cfg(s) }, true, false),
+        (SimConfig { dlfeat: 2, ..cfg(s) }, true, false),
+    ] {
+        let what = format!("vwc {} enabled {} dlfeat {}", sim_cfg.vwc, sim_cfg.write_cache_enabled, sim_cfg.dlfeat);
+        let r = Rig::new(sim_cfg, CtrlrOpts::default(), 1);
+        let props = r.bdev_props();
+        assert_eq!(props.write_cache, cache, "{what}");
+        assert_eq!(props.deallocated_reads_zeroes, zeroes, "{what}");
+        if !cache {
+            let data = pattern(4096, s + 3);
+            assert_eq!(r.write(0, 8, &data), IoStatus::Success);
+            assert!(r.media(8, 4096) == data, "{what}: without a cache a completed write is durable");
+        }
+    }
 }
 
 #[test]
@@ -453,6 +538,9 @@ fn randomized_io_against_a_model() {
     let opts = CtrlrOpts { io_queue_depth: 16, io_timeout_us: 3_000, ..CtrlrOpts::default() };
     let r = Rig::new(sim_cfg, opts, 2);
     let mut model = vec![0u8; (blocks * 512) as usize];
+    // What the medium must hold: FUA writes at once, the rest after a flush.
+    let mut durable = model.clone();
+    let mut flushes = 0u64;
     for round in 0..40u64 {
         if rng.below(4) == 0 {
             r.sim.swallow_next_io(1);
@@ -471,6 +559,7 @@ fn randomized_io_against_a_model() {
             let range = (at * 512) as usize..((at + n) * 512) as usize;
             let t =
                 [IoType::Write, IoType::Write, IoType::Read, IoType::WriteZeroes, IoType::Unmap][rng.below(5) as usize];
+            let fua = matches!(t, IoType::Write | IoType::WriteZeroes) && rng.below(3) == 0;
             let buf = match t {
                 IoType::Write => {
                     let data = pattern(range.len(), round * 100 + k + s);
@@ -485,7 +574,11 @@ fn randomized_io_against_a_model() {
                     None
                 }
             };
-            ios.push((t, range, buf.clone(), r.submit(on, t, at, n, buf)));
+            if fua {
+                durable[range.clone()].copy_from_slice(&model[range.clone()]);
+            }
+            let flags = if fua { IoFlags::FUA } else { IoFlags::NONE };
+            ios.push((t, range, buf.clone(), r.submit_flags(on, t, at, n, buf, flags)));
             at += n + rng.below(200);
         }
         for (t, range, buf, d) in &ios {
@@ -494,7 +587,17 @@ fn randomized_io_against_a_model() {
                 assert!(buf.as_ref().unwrap().to_vec() == model[range.clone()], "seed {s} round {round}: read data");
             }
         }
+        let mut media = vec![0u8; model.len()];
+        assert!(r.sim.read_media(1, 0, &mut media));
+        assert!(media == durable, "seed {s} round {round}: the medium holds exactly the FUA and flushed writes");
+        if rng.below(4) == 0 {
+            let d = r.submit((round % 2) as usize, IoType::Flush, 0, 0, None);
+            assert_eq!(r.wait(&d), IoStatus::Success, "seed {s} round {round}: flush");
+            durable.copy_from_slice(&model);
+            flushes += 1;
+        }
     }
+    assert_eq!(r.sim.stats().flushes, flushes, "seed {s}");
     let mut medium = vec![0u8; model.len()];
     assert!(r.sim.read_namespace(1, 0, &mut medium));
     assert!(medium == model, "seed {s}: medium differs from the model");

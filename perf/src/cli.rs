@@ -125,6 +125,13 @@ pub struct BenchArgs {
     /// Skip the NVMe/TCP rows.
     #[arg(long)]
     pub no_tcp: bool,
+    /// Folder with SPDK's bdevperf, nvmf_tgt and spdk_nvme_perf, measured in
+    /// the same run beside nvraid (default: $NVRAID_SPDK_BIN).
+    #[arg(long, value_name = "DIR")]
+    pub spdk_bin: Option<PathBuf>,
+    /// Rounds per row, the two sides interleaved; medians are shown.
+    #[arg(long, default_value = "3")]
+    pub rounds: u32,
     /// Show each row's own output.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -378,6 +385,9 @@ where
         Some(Command::Bench(b)) => {
             if !(b.time_s > 0.0 && b.time_s <= MAX_TIME_S) {
                 return Err(ParseError::Invalid(anyhow!("bench -t {}: must be more than 0 seconds", b.time_s)));
+            }
+            if !(1..=100).contains(&b.rounds) {
+                return Err(ParseError::Invalid(anyhow!("bench --rounds {}: must be 1 to 100", b.rounds)));
             }
             Ok(Parsed::Bench(b))
         }
