@@ -71,8 +71,10 @@ const FLAGS_PSDT_SHIFT: u32 = 6;
 
 /// CDW12 bit of Read, Write and Write Zeroes: Force Unit Access.
 pub const CDW12_FUA: u32 = 1 << 30;
-/// CDW12 bit of Read, Write and Write Zeroes: Disable Page Out.
-pub const CDW12_DPO: u32 = 1 << 29;
+/// CDW12 bits 29:26 of Read, Write and Write Zeroes: protection information
+/// (PRINFO; bit 29 is PRACT). NVMe has no DPO bit: SCSI's DPO has no wire
+/// form here. Ignored for namespaces without end-to-end protection.
+pub const CDW12_PRINFO: u32 = 0b1111 << 26;
 
 impl Sqe {
     /// A zeroed command with the given opcode and command identifier.
@@ -165,14 +167,9 @@ impl Sqe {
         self.set_cdw12_bit(CDW12_FUA, fua);
     }
 
-    /// Disable page out (CDW12 bit 29) of a read/write command: a hint that
-    /// the data will not be read again soon.
-    pub fn dpo(&self) -> bool {
-        self.cdw12.get() & CDW12_DPO != 0
-    }
-
-    pub fn set_dpo(&mut self, dpo: bool) {
-        self.set_cdw12_bit(CDW12_DPO, dpo);
+    /// PRINFO (CDW12 bits 29:26) of a read/write command.
+    pub fn prinfo(&self) -> u8 {
+        ((self.cdw12.get() & CDW12_PRINFO) >> 26) as u8
     }
 
     fn set_cdw12_bit(&mut self, bit: u32, on: bool) {

@@ -146,7 +146,7 @@ fn volatile_cache_is_reported_and_turning_it_off_makes_writes_fua() {
 }
 
 #[test]
-fn fua_and_dpo_bits_reach_the_bdev() {
+fn fua_reaches_the_bdev_and_dpo_stays_off_the_wire() {
     let (t, cache) = cache_target();
     let s = session_no_kato(t.port, 1);
     let mut qp = HostQpair::from_parts(s.io.into_iter().next().unwrap());

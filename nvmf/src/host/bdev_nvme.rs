@@ -241,7 +241,7 @@ impl Queue {
         };
         let slot = self.ios.insert(io);
         let tag = u64::from(slot);
-        // FUA and DPO travel to the remote controller in CDW12.
+        // FUA travels to the remote controller in CDW12 (DPO has no NVMe form).
         let flags = self.ios.get(slot).map_or(bdev::IoFlags::NONE, |io| io.flags);
         let r = match (t, data) {
             (IoType::Read, Some(b)) => self.qp.read_with(nsid, off, nlb, b, tag, flags),

@@ -328,9 +328,9 @@ impl HostQpair {
         sqe.nsid = U32::new(nsid);
         sqe.set_slba(slba);
         sqe.set_nlb(nlb);
-        // CDW12: FUA on writes (a read's FUA is not asked for), DPO on all.
+        // CDW12: FUA on writes (a read's FUA is not asked for). DPO, a SCSI
+        // hint, has no NVMe form: bit 29 is PRACT and must stay clear.
         sqe.set_fua(flags.fua() && op != IoOpcode::READ);
-        sqe.set_dpo(flags.contains(IoFlags::DPO));
         self.submit(sqe, data, tag)
     }
 
@@ -339,7 +339,7 @@ impl HostQpair {
         self.rw(IoOpcode::READ, nsid, slba, nlb, Data::In(buf), tag, IoFlags::NONE)
     }
 
-    /// A read with flags (DPO).
+    /// A read with flags (none has a wire form on reads today).
     pub fn read_with(
         &mut self,
         nsid: u32,
@@ -374,7 +374,7 @@ impl HostQpair {
         self.rw(IoOpcode::WRITE_ZEROES, nsid, slba, nlb, Data::None, tag, IoFlags::NONE)
     }
 
-    /// Write Zeroes with flags (FUA, DPO).
+    /// Write Zeroes with flags (FUA).
     pub fn write_zeroes_with(
         &mut self,
         nsid: u32,

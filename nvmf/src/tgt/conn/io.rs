@@ -1,5 +1,5 @@
 //! IO commands of a target queue pair: Read, Write, Write Zeroes (with
-//! their FUA and DPO bits), Flush, Dataset Management, mapped onto the
+//! their FUA bit), Flush, Dataset Management, mapped onto the
 //! namespace's bdev; their completions; and the SMART counters they feed.
 
 use super::{Conn, ReqState};
@@ -22,17 +22,16 @@ pub(super) fn io_status(t: IoType, e: IoError) -> Status {
     }
 }
 
-/// The IO flags a Read, Write or Write Zeroes carries in CDW12 (FUA on
-/// writes only: a read's FUA asks for nothing a bdev could do differently).
+/// The IO flags a Read, Write or Write Zeroes carries in CDW12: FUA on
+/// writes only (a read's FUA asks for nothing a coherent cache serves
+/// differently). PRINFO is ignored: namespaces carry no protection
+/// information, for which the spec says the field is ignored.
 fn wire_flags(sqe: &Sqe, write: bool) -> IoFlags {
-    let mut f = IoFlags::NONE;
     if write && sqe.fua() {
-        f.insert(IoFlags::FUA);
+        IoFlags::FUA
+    } else {
+        IoFlags::NONE
     }
-    if sqe.dpo() {
-        f.insert(IoFlags::DPO);
-    }
-    f
 }
 
 impl Conn {
