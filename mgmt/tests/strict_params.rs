@@ -3,41 +3,10 @@
 //! key SPDK defines for a feature nvraid lacks is refused unless it holds
 //! SPDK's default.
 
-use mgmt::jsonrpc::{RpcResult, INVALID_PARAMS};
-use mgmt::server::{Dispatch, Reply};
-use mgmt::{Ctx, MethodTable};
-use reactor::{IdlePolicy, ReactorConfig, ReactorSet};
-use serde_json::{json, Value};
-use std::sync::Arc;
-use std::time::Duration;
-
-struct Target {
-    set: ReactorSet,
-    table: Arc<MethodTable>,
-}
-
-impl Target {
-    fn start() -> Target {
-        let cfg = ReactorConfig { pin: false, ..ReactorConfig::new(vec![0], IdlePolicy::sleep()) };
-        let set = ReactorSet::start(cfg, mgmt::init_modules).unwrap();
-        let table = Arc::new(MethodTable::new(Ctx { reactors: set.clone(), shutdown: Box::new(|_| ()) }));
-        Target { set, table }
-    }
-
-    fn call(&self, method: &str, params: Value) -> RpcResult {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (t, m) = (self.table.clone(), method.to_string());
-        self.set.send(0, move || t.call(&m, Some(params), Reply::callback(move |r| drop(tx.send(r)))));
-        rx.recv_timeout(Duration::from_secs(20)).expect("reply")
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        self.set.stop();
-        self.set.join();
-    }
-}
+mod common;
+use common::Target;
+use mgmt::jsonrpc::INVALID_PARAMS;
+use serde_json::json;
 
 #[test]
 fn every_method_refuses_an_unknown_key_by_name() {

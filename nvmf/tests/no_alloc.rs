@@ -9,44 +9,11 @@ use bdev::{DmaBuf, IoFlags};
 use common::*;
 use nvmf::host::{Completion, HostQpair};
 use nvmf::TransportOpts;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator, which
-// upholds GlobalAlloc's contract; the counter is a relaxed atomic add.
-unsafe impl GlobalAlloc for Counting {
-    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's layout contract is passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as for alloc.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: ptr was allocated by System with this layout (all allocations go through it).
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as for realloc.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "../../bdev/tests/support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::allocations_all_threads;
 
 const QD: u64 = 16;
 /// Allocations allowed in the measured window, whatever the IO count
@@ -101,7 +68,7 @@ fn steady_state_io_through_the_target_does_not_allocate() {
         for &tag in &reissue[..k] {
             done += 1;
             if done == warmup {
-                window_start = Some(ALLOCATIONS.load(Ordering::Relaxed));
+                window_start = Some(allocations_all_threads());
             }
             // The lane that finished takes its next command.
             let lane = (tag % QD) as usize;
@@ -112,7 +79,7 @@ fn steady_state_io_through_the_target_does_not_allocate() {
             std::thread::sleep(Duration::from_micros(20));
         }
     }
-    let allocs = ALLOCATIONS.load(Ordering::Relaxed) - window_start.unwrap();
+    let allocs = allocations_all_threads() - window_start.unwrap();
     assert_eq!(failed, 0);
     println!("{} commands, {allocs} allocations in steady state", total - warmup);
     assert!(allocs <= SLACK, "{allocs} allocations during {} commands: the IO path allocates", total - warmup);

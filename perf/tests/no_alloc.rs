@@ -7,46 +7,13 @@
 use perf::cli::RunSpec;
 use perf::local::Sample;
 use perf::{Hooks, Workload};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator, which
-// upholds GlobalAlloc's contract; the counter is a relaxed atomic add.
-unsafe impl GlobalAlloc for Counting {
-    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's layout contract is passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as for alloc.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: ptr was allocated by System with this layout (all allocations go through it).
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    // SAFETY: `GlobalAlloc`'s contract binds the caller; it is passed on to System unchanged.
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as for realloc.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "../../bdev/tests/support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::allocations_all_threads;
 
 /// Allowed allocations between two steady-state ticks, whatever the IO count.
 const SLACK: u64 = 8;
@@ -59,7 +26,7 @@ fn check(name: &str, config: &str, bdev: &str, workload: Workload, qd: u32, io_s
     let hooks = Hooks {
         setup: None,
         on_sample: Some(Box::new(move |s| {
-            let allocs = ALLOCATIONS.load(Ordering::Relaxed);
+            let allocs = allocations_all_threads();
             let mut v = s2.borrow_mut();
             if v.len() < v.capacity() {
                 v.push((s, allocs));
