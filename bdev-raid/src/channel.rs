@@ -153,7 +153,7 @@ pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
         shared: shared.clone(),
         me,
         weak: weak.clone(),
-        gate: RefCell::new(Gate::new(bdev::io::DEFAULT_IO_POOL_SIZE)),
+        gate: RefCell::new(Gate::new(bdev::io::pool_size())),
         members: RefCell::new(Vec::new()),
         geo: RefCell::new(None),
         block_size: Cell::new(512),

@@ -8,6 +8,7 @@ use crate::dma::DmaBuf;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IoType {
@@ -186,8 +187,33 @@ impl BdevIo {
     }
 }
 
-/// Descriptors per reactor, created when the reactor first does IO.
+/// Descriptors per reactor, created when the reactor first does IO, unless
+/// `set_pool_size` chose another number before.
 pub const DEFAULT_IO_POOL_SIZE: usize = 16_384;
+
+static POOL_SIZE: AtomicUsize = AtomicUsize::new(DEFAULT_IO_POOL_SIZE);
+/// Set once the first reactor built its pool: the size is fixed from then on.
+static POOL_BUILT: AtomicBool = AtomicBool::new(false);
+
+/// Descriptors each reactor's pool holds (`bdev_set_options`'s
+/// `bdev_io_pool_size`, divided among the reactors).
+pub fn pool_size() -> usize {
+    POOL_SIZE.load(Ordering::Acquire)
+}
+
+/// Sets the descriptors per reactor pool. Only before any reactor did IO,
+/// as SPDK allows `bdev_set_options` only before its subsystems start: a
+/// pool is built once and never grows or shrinks under IO.
+pub fn set_pool_size(per_reactor: usize) -> Result<(), &'static str> {
+    if per_reactor == 0 {
+        return Err("the IO descriptor pool cannot be empty");
+    }
+    if POOL_BUILT.load(Ordering::Acquire) {
+        return Err("IO descriptor pools already exist; set options before any IO");
+    }
+    POOL_SIZE.store(per_reactor, Ordering::Release);
+    Ok(())
+}
 
 /// The reactor's IO pool and completion queue.
 pub(crate) struct IoLocal {
@@ -201,11 +227,13 @@ pub(crate) struct IoLocal {
 
 impl Default for IoLocal {
     fn default() -> Self {
-        let pool: Vec<Box<BdevIo>> = (0..DEFAULT_IO_POOL_SIZE).map(|_| Box::new(BdevIo::blank())).collect();
+        POOL_BUILT.store(true, Ordering::Release);
+        let size = pool_size();
+        let pool: Vec<Box<BdevIo>> = (0..size).map(|_| Box::new(BdevIo::blank())).collect();
         let local = IoLocal {
             pool: RefCell::new(pool),
-            completions: RefCell::new(VecDeque::with_capacity(DEFAULT_IO_POOL_SIZE)),
-            created: std::cell::Cell::new(DEFAULT_IO_POOL_SIZE),
+            completions: RefCell::new(VecDeque::with_capacity(size)),
+            created: std::cell::Cell::new(size),
         };
         if reactor::current().is_some() {
             reactor::register_poller("bdev_completions", || {

@@ -83,7 +83,7 @@ fn features_nvraid_lacks_are_refused_unless_at_spdk_defaults() {
             "physical_block_size=4096",
         ),
         ("bdev_get_iostat", json!({"per_channel": true}), "per_channel=true"),
-        ("bdev_set_options", json!({"bdev_io_pool_size": 1024}), "bdev_io_pool_size=1024"),
+        ("bdev_set_options", json!({"bdev_io_cache_size": 64}), "bdev_io_cache_size=64"),
         ("bdev_nvme_set_options", json!({"bdev_retry_count": -1}), "bdev_retry_count=-1"),
         ("bdev_nvme_set_options", json!({"action_on_timeout": "reset", "timeout_us": 1000}), "action_on_timeout"),
         ("bdev_nvme_set_hotplug", json!({"enable": true}), "enable=true"),
@@ -112,6 +112,9 @@ fn option_methods_apply_or_refuse() {
     let spdk_defaults = json!({"bdev_io_pool_size": 65535, "bdev_io_cache_size": 256, "bdev_auto_examine": true,
                                "iobuf_small_cache_size": 128, "iobuf_large_cache_size": 16});
     assert_eq!(t.call("bdev_set_options", spdk_defaults).unwrap(), json!(true));
+    // A pool is split among the reactors; one too small to serve is refused.
+    let e = t.call("bdev_set_options", json!({"bdev_io_pool_size": 100})).unwrap_err();
+    assert!(e.message.contains("at least 256"), "{}", e.message);
     let nvme_defaults = json!({"action_on_timeout": "none", "timeout_us": 0, "timeout_admin_us": 0,
         "keep_alive_timeout_ms": 10000, "arbitration_burst": 0, "low_priority_weight": 0,
         "medium_priority_weight": 0, "high_priority_weight": 0, "nvme_adminq_poll_period_us": 10000,

@@ -272,12 +272,12 @@ fn plan_jobs(spec: &RunSpec, set: &ReactorSet, facts: &[BdevFacts]) -> Result<Ve
         }
     }
     let per_reactor = facts.len() as u64 * u64::from(spec.queue_depth);
-    if per_reactor > bdev::io::DEFAULT_IO_POOL_SIZE as u64 {
+    if per_reactor > bdev::io::pool_size() as u64 {
         bail!(
             "-q {} x {} bdevs = {per_reactor} IOs per core, more than the {} descriptors a reactor has",
             spec.queue_depth,
             facts.len(),
-            bdev::io::DEFAULT_IO_POOL_SIZE
+            bdev::io::pool_size()
         );
     }
     Ok(jobs)

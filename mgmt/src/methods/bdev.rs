@@ -90,7 +90,6 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
     (
         "bdev_set_options",
         &[
-            at("bdev_io_pool_size", Accepted::Int(65535), "shared bdev_io pool (each reactor owns a fixed one)"),
             at("bdev_io_cache_size", Accepted::Int(256), "per-thread bdev_io cache (each reactor owns its pool)"),
             at("bdev_auto_examine", Accepted::Bool(true), "way to skip examine (arrays assemble on examine)"),
             at("iobuf_small_cache_size", Accepted::Int(128), "iobuf buffer caches"),
@@ -99,9 +98,33 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
     ),
 ];
 
-fn bdev_set_options(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
-    // Every option is in UNSUPPORTED: what reaches here asked for SPDK's defaults.
-    sync_call(params, reply, |_: NoParams| Ok(Value::Bool(true)));
+/// SPDK's default `bdev_io_pool_size`, which its `save_config` writes: it
+/// leaves nvraid's own default (`bdev::io::DEFAULT_IO_POOL_SIZE` a reactor).
+const SPDK_DEFAULT_IO_POOL_SIZE: u64 = 65535;
+
+#[derive(Deserialize)]
+struct SetOptions {
+    bdev_io_pool_size: Option<u64>,
+}
+
+/// `bdev_io_pool_size` is the number of IO descriptors in all; nvraid gives
+/// each reactor an equal share, its own pool. The other options are in
+/// UNSUPPORTED: what reaches here asked for SPDK's defaults.
+fn bdev_set_options(ctx: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    let reactors = ctx.reactors.count().max(1) as u64;
+    sync_call(params, reply, move |p: SetOptions| {
+        let Some(total) = p.bdev_io_pool_size.filter(|&n| n != SPDK_DEFAULT_IO_POOL_SIZE) else {
+            return Ok(Value::Bool(true));
+        };
+        let per_reactor = total / reactors;
+        if per_reactor < 256 {
+            return Err(RpcError::invalid_params(format!(
+                "bdev_io_pool_size {total} leaves {per_reactor} descriptors to each of {reactors} reactors; at least 256 each"
+            )));
+        }
+        ::bdev::io::set_pool_size(per_reactor as usize).map_err(|e| RpcError::errno(libc::EPERM, e))?;
+        Ok(Value::Bool(true))
+    });
 }
 
 /// A created bdev's name, as most `*_create` methods reply.
