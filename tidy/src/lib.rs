@@ -9,9 +9,10 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("reactor", &[]),
     ("bdev", &["reactor"]),
     ("nvme-spec", &[]),
+    ("parity", &[]),
     ("nvme", &["reactor", "bdev", "nvme-spec"]),
     ("bitmap", &["reactor", "bdev"]),
-    ("bdev-raid", &["reactor", "bdev", "bitmap"]),
+    ("bdev-raid", &["reactor", "bdev", "bitmap", "parity"]),
     ("nvmf", &["reactor", "bdev", "nvme-spec"]),
     ("iscsi", &["reactor", "bdev"]),
     ("mgmt", &["reactor", "bdev", "nvme-spec", "nvme", "bitmap", "bdev-raid", "nvmf", "iscsi"]),
@@ -22,4 +23,4 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
 
 /// Crates allowed to contain `unsafe` (docs/architecture.md, "Unsafe code"); all others must say
 /// `#![forbid(unsafe_code)]`.
-pub const UNSAFE_ALLOWED: &[&str] = &["reactor", "bdev", "nvme"];
+pub const UNSAFE_ALLOWED: &[&str] = &["reactor", "bdev", "nvme", "parity"];
