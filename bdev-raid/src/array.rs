@@ -10,7 +10,8 @@
 //! refresh at resume). No IO path takes the mutex.
 
 use crate::channel::{drop_ras, find_ras, ras_for, Ras};
-use crate::map::{Geometry, RaidLevel, MAX_MEMBERS};
+use crate::level::Level;
+use crate::map::{Geometry, MAX_MEMBERS};
 use crate::meta::{self, SbWrite};
 use crate::owner::{self, Fence};
 use crate::rebuild;
@@ -74,8 +75,10 @@ pub(crate) struct Slot {
     pub sb_uuid: Uuid,
     /// For a `Rebuilding` slot: the array ranges it must be copied (None: all).
     pub partial: Option<Arc<Vec<Range<u64>>>>,
-    /// For a slot under a full raid1 rebuild: member blocks below this are
-    /// copied (recorded in the superblock, so a restart resumes there).
+    /// For a slot under a full rebuild of a level whose member blocks are
+    /// array blocks (`RaidLevel::array_offset_is_member_offset`): member
+    /// blocks below this are copied (recorded in the superblock, so a
+    /// restart resumes there).
     pub recovered_blocks: u64,
 }
 
@@ -183,7 +186,7 @@ pub(crate) struct ArrayShared {
     /// The reactor that created the array: it owns the control state, the
     /// serialization table and the rebuild.
     pub owner: ReactorId,
-    pub level: RaidLevel,
+    pub level: Level,
     pub strip_size_kb: u32,
     pub uuid: Uuid,
     pub superblock: bool,
@@ -494,7 +497,7 @@ impl RaidArray {
         &self.0.name
     }
 
-    pub fn level(&self) -> RaidLevel {
+    pub fn level(&self) -> Level {
         self.0.level
     }
 
@@ -585,7 +588,7 @@ impl RaidArray {
 /// A validated `bdev_raid_create`.
 pub(crate) struct CreateSpec {
     pub name: String,
-    pub level: RaidLevel,
+    pub level: Level,
     pub base_bdevs: Vec<String>,
     pub strip_size_kb: u32,
     pub uuid: Option<Uuid>,
@@ -1043,7 +1046,7 @@ pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevErro
 }
 
 /// `bdev_raid_add_base_bdev`: puts `base` into a free (or failed) slot under
-/// a fence; on a degraded raid1/raid10 a rebuild onto it starts.
+/// a fence; on a degraded redundant array a rebuild onto it starts.
 pub(crate) fn add_base(raid: &str, base: &str, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let Some(shared) = RaidModule::get().find(raid) else {
         return done(Err(BdevError::NotFound(format!("raid bdev {raid}"))));
@@ -1398,7 +1401,7 @@ pub(crate) fn check(name: &str, repair: bool, done: Box<dyn FnOnce(Result<Value,
 }
 
 /// Checks a member count against the level (for create).
-pub(crate) fn check_member_count(level: RaidLevel, n: usize) -> Result<(), BdevError> {
+pub(crate) fn check_member_count(level: Level, n: usize) -> Result<(), BdevError> {
     if n < level.min_members() {
         return Err(BdevError::Invalid(format!("{} needs at least {} base bdevs", level.name(), level.min_members())));
     }

@@ -343,7 +343,7 @@ pub fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::RaidLevel;
+    use crate::level::{named, Level, LEVELS};
     use crate::superblock::{decode, encode, MetadataLayout, SlotState};
     use proptest::prelude::*;
 
@@ -354,7 +354,7 @@ mod tests {
     }
 
     /// Slot 0's copy of a fresh array of `n` members of 1 GiB-ish, events 10.
-    fn array(level: RaidLevel, n: usize) -> SuperblockInfo {
+    fn array(level: Level, n: usize) -> SuperblockInfo {
         let layout = MetadataLayout::new(512, 16, 1 << 14).unwrap();
         let members: Vec<(Uuid, u64)> = (0..n).map(|i| (member(i), 1 << 21)).collect();
         let mut info = SuperblockInfo::new_array("md0", ARRAY, level, 128, 512, &layout, &members).unwrap();
@@ -378,7 +378,7 @@ mod tests {
 
     #[test]
     fn complete_clean_array() {
-        for level in [RaidLevel::Raid0, RaidLevel::Raid1, RaidLevel::Raid10, RaidLevel::Concat] {
+        for level in LEVELS {
             let info = array(level, 4);
             let plan = assemble(ARRAY, &all(&info), &[]).unwrap();
             assert!(plan.startable && !plan.degraded && !plan.dirty && plan.complete(), "{level:?}");
@@ -393,7 +393,7 @@ mod tests {
     fn freshest_wins_and_the_stale_member_is_resynced() {
         // bdev0 was removed at events 10; the others carried on to 14 and
         // marked slot 0 failed. bdev0 comes back.
-        let old = array(RaidLevel::Raid1, 3);
+        let old = array(named("raid1"), 3);
         let mut new = old.clone();
         new.events = 14;
         new.slots[0].state = SlotState::Failed;
@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn rebuilding_and_spare_slots_recover() {
-        let mut info = array(RaidLevel::Raid1, 3);
+        let mut info = array(named("raid1"), 3);
         info.slots[1].state = SlotState::Rebuilding { recovery_offset_blocks: 4096 };
         info.slots[2].state = SlotState::Spare;
         let plan = assemble(ARRAY, &all(&info), &[]).unwrap();
@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn tie_with_different_content_is_a_conflict() {
-        let a = array(RaidLevel::Raid1, 2);
+        let a = array(named("raid1"), 2);
         let mut b = a.clone();
         b.slots[0].state = SlotState::Failed; // same events, different history: split brain
         let err = assemble(ARRAY, &[found(&a, 0), found(&b, 1)], &[]).unwrap_err();
@@ -463,7 +463,7 @@ mod tests {
 
     #[test]
     fn foreign_and_unlisted_members_are_refused() {
-        let info = array(RaidLevel::Raid1, 2);
+        let info = array(named("raid1"), 2);
         // A member of another array offered for this one.
         let mut other = info.clone();
         other.array_uuid = Uuid::from_u128(0xbeef);
@@ -506,17 +506,16 @@ mod tests {
     #[test]
     fn geometry_disagreement_is_refused() {
         let fresh = {
-            let mut i = array(RaidLevel::Raid10, 4);
+            let mut i = array(named("raid10"), 4);
             i.events = 20;
             i
         };
         let layout = MetadataLayout::new(512, 16, 1 << 14).unwrap();
         let members: Vec<(Uuid, u64)> = (0..4).map(|i| (member(i), 1 << 21)).collect();
-        let other_strip =
-            SuperblockInfo::new_array("md0", ARRAY, RaidLevel::Raid10, 64, 512, &layout, &members).unwrap();
+        let other_strip = SuperblockInfo::new_array("md0", ARRAY, named("raid10"), 64, 512, &layout, &members).unwrap();
         let no_bitmap = MetadataLayout::new(512, 0, 0).unwrap();
         let other_bitmap =
-            SuperblockInfo::new_array("md0", ARRAY, RaidLevel::Raid10, 128, 512, &no_bitmap, &members).unwrap();
+            SuperblockInfo::new_array("md0", ARRAY, named("raid10"), 128, 512, &no_bitmap, &members).unwrap();
         for odd in [other_strip, other_bitmap] {
             let set = vec![found(&fresh, 0), found(&fresh, 1), found(&fresh, 2), found(&odd, 3)];
             let plan = assemble(ARRAY, &set, &[]).unwrap();
@@ -539,7 +538,7 @@ mod tests {
 
     #[test]
     fn duplicate_slots_are_refused() {
-        let info = array(RaidLevel::Raid1, 2);
+        let info = array(named("raid1"), 2);
         let clone = FoundSuperblock { bdev_name: "copy_of_1".into(), ..found(&info, 1) };
         let plan = assemble(ARRAY, &[found(&info, 0), found(&info, 1), clone.clone()], &[]).unwrap();
         assert_eq!(plan.refused.len(), 2);
@@ -559,19 +558,19 @@ mod tests {
             assert_eq!(plan.missing_slots().count(), info.slots.len() - slots.len());
             (plan.startable, plan.degraded)
         };
-        for level in [RaidLevel::Raid0, RaidLevel::Concat] {
+        for level in [named("raid0"), named("concat")] {
             let info = array(level, 3);
             assert_eq!(present(&info, &[0, 1, 2]), (true, false));
             assert_eq!(present(&info, &[0, 2]), (false, true), "{level:?}");
         }
-        let r1 = array(RaidLevel::Raid1, 3);
+        let r1 = array(named("raid1"), 3);
         assert_eq!(present(&r1, &[1]), (true, true));
         assert_eq!(present(&r1, &[0, 2]), (true, true));
-        let r10 = array(RaidLevel::Raid10, 4); // mirror pairs (0,1), (2,3)
+        let r10 = array(named("raid10"), 4); // mirror pairs (0,1), (2,3)
         assert_eq!(present(&r10, &[0, 3]), (true, true));
         assert_eq!(present(&r10, &[1, 2, 3]), (true, true));
         assert_eq!(present(&r10, &[2, 3]), (false, true));
-        let r10_odd = array(RaidLevel::Raid10, 3); // md near-2 over 3: copies wrap
+        let r10_odd = array(named("raid10"), 3); // md near-2 over 3: copies wrap
         assert_eq!(present(&r10_odd, &[0, 1]), (true, true));
         assert_eq!(present(&r10_odd, &[0]), (false, true));
         // Stale members do not count toward starting.
@@ -585,7 +584,7 @@ mod tests {
 
     #[test]
     fn dirty_flag_comes_from_the_freshest_copy() {
-        let mut crashed = array(RaidLevel::Raid1, 2);
+        let mut crashed = array(named("raid1"), 2);
         crashed.clean = false;
         let plan = assemble(ARRAY, &all(&crashed), &[]).unwrap();
         assert!(plan.dirty && plan.problems.iter().any(|p| p.contains("not shut down cleanly")));
@@ -598,7 +597,7 @@ mod tests {
 
     #[test]
     fn undecodable_superblocks_are_reported() {
-        let info = array(RaidLevel::Raid1, 2);
+        let info = array(named("raid1"), 2);
         let mut bytes = encode(&info.for_slot(1).unwrap());
         bytes[200] ^= 4;
         let err = decode(&bytes).unwrap_err();
@@ -611,8 +610,8 @@ mod tests {
 
     #[test]
     fn grouping_by_array() {
-        let a = array(RaidLevel::Raid1, 2);
-        let mut b = array(RaidLevel::Raid0, 2);
+        let a = array(named("raid1"), 2);
+        let mut b = array(named("raid0"), 2);
         b.array_uuid = Uuid::from_u128(1);
         let groups = group_by_array(vec![found(&a, 0), found(&b, 0), found(&a, 1), found(&b, 1)]);
         assert_eq!(groups.keys().copied().collect::<Vec<_>>(), vec![Uuid::from_u128(1), ARRAY]);
@@ -630,7 +629,7 @@ mod tests {
         #[test]
         fn raid10_startable_iff_each_pair_has_a_fresh_copy(pairs in 1usize..=16, presence in prop::collection::vec(0u8..3, 32)) {
             let n = pairs * 2;
-            let old = array(RaidLevel::Raid10, n);
+            let old = array(named("raid10"), n);
             let mut new = old.clone();
             new.events = 11;
             // 0: missing, 1: present and fresh, 2: present but stale.

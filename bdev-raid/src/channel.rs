@@ -1,7 +1,8 @@
 //! One reactor's state for one array (`Ras`) and the IO path through it:
-//! admission through the quiesce gate, serialization of write-like IO with
-//! the owner's range table, mapping and fan-out to member channels, read
-//! balancing and retry, degraded writes, and completion.
+//! admission through the quiesce gate, the bitmap mark and serialization of
+//! write-like IO with the owner's range table, then the level's mapping
+//! onto member IO (`RaidLevel::submit_rw`, which builds children with the
+//! primitives here), member failures, and completion.
 //!
 //! Everything here runs on the reactor that owns the `Ras`; the only state
 //! other reactors touch is in `ArrayShared` (atomics and the control mutex).
@@ -11,7 +12,8 @@
 //! IO pool, buffers are slices of the parent's, messages are `send_raw`.
 
 use crate::array::{ArrayShared, Role};
-use crate::map::{Geometry, Loc, Placement, RaidLevel};
+use crate::level::Level;
+use crate::map::{Geometry, Loc};
 use crate::owner::OwnerPart;
 use crate::quiesce::Gate;
 use crate::range_table::{words, Acquired};
@@ -74,24 +76,25 @@ struct ParentCtx {
     wait: Wait,
 }
 
-/// What fan-out needs of a parked parent: (type, flags), offset and
-/// length in blocks, buffer.
-type ParentArgs = ((IoType, IoFlags), u64, u64, Option<DmaBuf>);
+/// What a level needs of a parked parent to map it: (type, flags), offset
+/// and length in blocks, buffer.
+pub(crate) type ParentArgs = ((IoType, IoFlags), u64, u64, Option<DmaBuf>);
 
 impl ParentCtx {
     const NEW: ParentCtx =
         ParentCtx { remaining: 0, error: None, copy_failed: false, lock: NO_LOCK, marked: false, wait: Wait::None };
 }
 
-/// Per-reactor, per-array state.
-pub(crate) struct Ras {
-    pub shared: Arc<ArrayShared>,
-    pub me: ReactorId,
+/// Per-reactor, per-array state. (`pub` only so that the level trait may
+/// name it; its module is private, so nothing outside the crate can.)
+pub struct Ras {
+    pub(crate) shared: Arc<ArrayShared>,
+    pub(crate) me: ReactorId,
     weak: Weak<Ras>,
-    pub gate: RefCell<Gate<IoBox>>,
-    pub members: RefCell<Vec<MemberCh>>,
-    pub geo: RefCell<Option<Arc<Geometry>>>,
-    pub block_size: Cell<u64>,
+    pub(crate) gate: RefCell<Gate<IoBox>>,
+    pub(crate) members: RefCell<Vec<MemberCh>>,
+    pub(crate) geo: RefCell<Option<Arc<Geometry>>>,
+    pub(crate) block_size: Cell<u64>,
     parents: RefCell<IoSlab>,
     ctx: RefCell<Vec<ParentCtx>>,
     /// Children of one write, built before any is submitted (reused: its
@@ -109,7 +112,7 @@ pub(crate) struct Ras {
     /// Reads go to the lowest-numbered active copy (a resync is owed).
     prefer_first: Cell<bool>,
     /// Present on the owner reactor only.
-    pub owner: Option<OwnerPart>,
+    pub(crate) owner: Option<OwnerPart>,
 }
 
 /// The `BdevChannel` the registry hands out: a thin handle on the `Ras`.
@@ -185,7 +188,7 @@ impl Ras {
         self.weak.upgrade().unwrap_or_else(|| unreachable!("a Ras is used only through its Rc"))
     }
 
-    fn level(&self) -> RaidLevel {
+    fn level(&self) -> Level {
         self.shared.level
     }
 
@@ -235,9 +238,9 @@ impl Ras {
         let t = io.io_type;
         let slot = self.park(io);
         match t {
-            IoType::Read => self.dispatch_read(slot),
+            IoType::Read => self.level().submit_rw(self, slot),
             IoType::Write | IoType::Unmap | IoType::WriteZeroes => self.mark(slot),
-            IoType::Flush | IoType::Reset => self.dispatch_all(slot),
+            IoType::Flush | IoType::Reset => self.level().submit_null_payload(self, slot),
         }
     }
 
@@ -344,7 +347,7 @@ impl Ras {
         if self.shared.serialize.load(Ordering::Relaxed) {
             self.acquire(slot);
         } else {
-            self.dispatch_write(slot);
+            self.level().submit_rw(self, slot);
         }
     }
 
@@ -359,7 +362,7 @@ impl Ras {
     }
 
     /// Completes a parked parent and lets the gate count it out.
-    fn finish(&self, slot: u32, status: IoStatus) {
+    pub(crate) fn finish(&self, slot: u32, status: IoStatus) {
         let ctx = std::mem::replace(&mut self.ctx.borrow_mut()[slot as usize], ParentCtx::NEW);
         let io = self.parents.borrow_mut().take(slot);
         if ctx.lock != NO_LOCK {
@@ -510,7 +513,7 @@ impl Ras {
         };
         match wait {
             Some(Wait::AbortedLock) => self.finish(slot, IoStatus::Failed(IoError::Aborted)),
-            Some(_) => self.dispatch_write(slot),
+            Some(_) => self.level().submit_rw(self, slot),
             None => {
                 // Give the range back, or every write overlapping it would
                 // wait for it forever.
@@ -528,187 +531,60 @@ impl Ras {
         }
     }
 
-    // ---- dispatch ------------------------------------------------------
+    // ---- what levels build member IO with ------------------------------
 
     /// Usable for reading and as a surviving copy: active, not failed.
     #[inline]
-    fn active(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
+    pub(crate) fn active(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
         members.get(m).is_some_and(|mc| mc.role == Role::Active && mc.ch.is_some()) && failed_mask & (1 << m) == 0
     }
 
     /// Receives writes: active, or being rebuilt.
     #[inline]
-    fn writable(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
+    pub(crate) fn writable(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
         members.get(m).is_some_and(|mc| matches!(mc.role, Role::Active | Role::Rebuilding) && mc.ch.is_some())
             && failed_mask & (1 << m) == 0
     }
 
     /// The parked parent's type and flags, range and buffer.
-    fn parent_args(&self, slot: u32) -> Option<ParentArgs> {
+    pub(crate) fn parent_args(&self, slot: u32) -> Option<ParentArgs> {
         let parents = self.parents.borrow();
         let io = parents.get(slot)?;
         Some(((io.io_type, io.flags), io.offset_blocks, io.num_blocks, io.buf.clone()))
     }
 
-    fn dispatch_write(&self, slot: u32) {
-        let Some((op, off, n, buf)) = self.parent_args(slot) else {
-            return self.impossible("a write to fan out is not parked");
-        };
-        let geo_ref = self.geo.borrow();
-        let Some(geo) = geo_ref.as_deref() else {
-            drop(geo_ref);
-            return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
-        };
-        let members = self.members.borrow();
-        // One snapshot of the failure latches for both passes, so the count
-        // and the fan-out agree even if a member fails meanwhile.
-        let failed = self.shared.failed_mask.load(Ordering::Acquire);
-        let nm = members.len();
-        let mut count = 0u32;
-        for e in geo.extents(off, n) {
-            let (copies, survivors) = match e.placement {
-                Placement::Single(l) => {
-                    let w = Self::writable(&members, failed, l.member as usize) as u32;
-                    (w, w)
-                }
-                Placement::Pair(p) => (
-                    p.iter().filter(|l| Self::writable(&members, failed, l.member as usize)).count() as u32,
-                    p.iter().filter(|l| Self::active(&members, failed, l.member as usize)).count() as u32,
-                ),
-                Placement::Mirror(_) => (
-                    (0..nm).filter(|&m| Self::writable(&members, failed, m)).count() as u32,
-                    (0..nm).filter(|&m| Self::active(&members, failed, m)).count() as u32,
-                ),
-            };
-            if survivors == 0 {
-                drop((members, geo_ref));
-                return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
-            }
-            count += copies;
+    /// The parent in `slot` waits for `count` children, which the caller
+    /// submits next (each one counts out, also one that fails to start).
+    /// `copy_failed`: it succeeds only if every extent keeps a surviving
+    /// copy, once the failures are recorded (see `complete_parent`).
+    pub(crate) fn expect_children(&self, slot: u32, count: u32, copy_failed: bool) {
+        let mut ctx = self.ctx.borrow_mut();
+        ctx[slot as usize].remaining = count;
+        if copy_failed {
+            ctx[slot as usize].copy_failed = true;
         }
-        if (IoBox::available() as u64) < count as u64 {
-            drop((members, geo_ref));
-            return self.finish(slot, IoStatus::Failed(IoError::NoMemory));
-        }
-        {
-            let mut ctx = self.ctx.borrow_mut();
-            ctx[slot as usize].remaining = count;
-            // A member latched failed but not yet recorded in the superblock
-            // gets no copy of this write: like a write whose copy failed, it
-            // is acknowledged only once the failure is on disk, or a restart
-            // could take the stale copy for a good one.
-            let unrecorded = failed & !self.shared.recorded_mask.load(Ordering::Acquire);
-            if unrecorded != 0 && self.level().is_redundant() {
-                ctx[slot as usize].copy_failed = true;
-            }
-        }
-        // Build every child before submitting any: a member may take
-        // descriptors from this reactor's pool while it submits (a delay,
-        // error or raid bdev below us), and a write that reached one mirror
-        // but not the other would leave them different.
-        let bs = self.block_size.get();
-        let mut children = std::mem::take(&mut *self.scratch.borrow_mut());
-        let mut short = false;
-        for e in geo.extents(off, n) {
-            let mut add = |l: Loc| {
-                let b =
-                    buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
-                match Self::make_child(&members, slot, op, (l, b), e.num_blocks, 0) {
-                    Some(c) => children.push(c),
-                    None => short = true,
-                }
-            };
-            match e.placement {
-                Placement::Single(l) => add(l),
-                Placement::Pair(p) => {
-                    for l in p {
-                        if Self::writable(&members, failed, l.member as usize) {
-                            add(l);
-                        }
-                    }
-                }
-                Placement::Mirror(o) => {
-                    for m in 0..nm {
-                        if Self::writable(&members, failed, m) {
-                            add(Loc { member: m as u16, offset_blocks: o });
-                        }
-                    }
-                }
-            }
-        }
-        if short {
-            children.clear();
-            *self.scratch.borrow_mut() = children;
-            drop((members, geo_ref));
-            return self.finish(slot, IoStatus::Failed(IoError::NoMemory));
-        }
-        for child in children.drain(..) {
-            self.send_child(&members, child);
-        }
+    }
+
+    /// The reusable vector for building a fan-out before submitting any of
+    /// it; give it back with `put_scratch` (its capacity grows to the largest
+    /// fan-out, then nothing is allocated).
+    pub(crate) fn take_scratch(&self) -> Vec<IoBox> {
+        std::mem::take(&mut *self.scratch.borrow_mut())
+    }
+
+    pub(crate) fn put_scratch(&self, children: Vec<IoBox>) {
         *self.scratch.borrow_mut() = children;
     }
 
-    /// The active copy with the fewest children in flight on this reactor
-    /// (`first`: the lowest-numbered active copy).
-    fn pick_copy(
-        members: &[MemberCh],
-        failed: u32,
-        candidates: impl Iterator<Item = Loc>,
-        tried: u32,
-        first: bool,
-    ) -> Option<Loc> {
-        candidates
-            .filter(|l| tried & (1 << l.member) == 0 && Self::active(members, failed, l.member as usize))
-            .min_by_key(|l| if first { l.member as u32 } else { members[l.member as usize].outstanding.get() })
+    /// A resync is owed: reads go to the lowest-numbered active copy, so
+    /// they do not flip between copies that may differ.
+    pub(crate) fn reads_prefer_first(&self) -> bool {
+        self.prefer_first.get()
     }
 
-    fn read_target(&self, members: &[MemberCh], failed: u32, p: Placement, tried: u32) -> Option<Loc> {
-        let first = self.prefer_first.get();
-        match p {
-            Placement::Single(l) => Self::pick_copy(members, failed, std::iter::once(l), tried, first),
-            Placement::Pair(ls) => Self::pick_copy(members, failed, ls.into_iter(), tried, first),
-            Placement::Mirror(o) => Self::pick_copy(
-                members,
-                failed,
-                (0..members.len()).map(|m| Loc { member: m as u16, offset_blocks: o }),
-                tried,
-                first,
-            ),
-        }
-    }
-
-    fn dispatch_read(&self, slot: u32) {
-        let Some((op, off, n, buf)) = self.parent_args(slot) else {
-            return self.impossible("a read to dispatch is not parked");
-        };
-        let geo_ref = self.geo.borrow();
-        let Some(geo) = geo_ref.as_deref() else {
-            drop(geo_ref);
-            return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
-        };
-        let members = self.members.borrow();
-        let failed = self.shared.failed_mask.load(Ordering::Acquire);
-        let mut count = 0u32;
-        for e in geo.extents(off, n) {
-            if self.read_target(&members, failed, e.placement, 0).is_none() {
-                drop((members, geo_ref));
-                return self.finish(slot, IoStatus::Failed(IoError::NoDevice));
-            }
-            count += 1;
-        }
-        if (IoBox::available() as u64) < count as u64 {
-            drop((members, geo_ref));
-            return self.finish(slot, IoStatus::Failed(IoError::NoMemory));
-        }
-        self.ctx.borrow_mut()[slot as usize].remaining = count;
-        let bs = self.block_size.get();
-        for e in geo.extents(off, n) {
-            let Some(l) = self.read_target(&members, failed, e.placement, 0) else {
-                continue;
-            };
-            let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
-            self.submit_child(&members, slot, op, (l, b), e.num_blocks, 0);
-        }
+    /// The member a child was sent to, and the members its read tried before.
+    pub(crate) fn child_member(child: &BdevIo) -> (usize, u32) {
+        ((child.tag2 & MEMBER_MASK) as usize, (child.tag2 >> TRIED_SHIFT) as u32)
     }
 
     /// Flush and reset: every member that receives writes (active or being
@@ -716,7 +592,7 @@ impl Ras {
     /// A flush reaches every such member whether or not it reports a write
     /// cache: the cost is nothing where there is none, and a member's cache
     /// may be below a layer that does not report it.
-    fn dispatch_all(&self, slot: u32) {
+    pub(crate) fn dispatch_all(&self, slot: u32) {
         let Some((op, ..)) = self.parent_args(slot) else {
             return self.impossible("a flush or reset to dispatch is not parked");
         };
@@ -737,7 +613,8 @@ impl Ras {
         }
     }
 
-    fn submit_child(
+    /// Builds a child for `target` and sends it (see `make_child`).
+    pub(crate) fn submit_child(
         &self,
         members: &[MemberCh],
         slot: u32,
@@ -755,7 +632,7 @@ impl Ras {
     /// A child IO for `l` (None: out of descriptors, or no channel). It
     /// carries the parent's flags: a FUA write is FUA on every member write
     /// it produces.
-    fn make_child(
+    pub(crate) fn make_child(
         members: &[MemberCh],
         slot: u32,
         (t, flags): (IoType, IoFlags),
@@ -775,7 +652,8 @@ impl Ras {
         Some(child)
     }
 
-    fn send_child(&self, members: &[MemberCh], mut child: IoBox) {
+    /// Sends a child built by `make_child` to its member.
+    pub(crate) fn send_child(&self, members: &[MemberCh], mut child: IoBox) {
         let mc = &members[(child.tag2 & MEMBER_MASK) as usize];
         let Some(ch) = mc.ch.as_ref() else {
             return self.child_failed_to_start(child.tag as u32, IoError::NoDevice);
@@ -783,6 +661,31 @@ impl Ras {
         child.set_done(self.rc());
         mc.outstanding.set(mc.outstanding.get() + 1);
         ch.submit(child);
+    }
+
+    /// Sends a failed read child, unchanged but for where it goes, to `l`
+    /// (another copy): it keeps its flags (the parent's) and records the
+    /// members tried. Gives it back when `l` has no channel.
+    pub(crate) fn redirect_child(
+        &self,
+        members: &[MemberCh],
+        mut child: IoBox,
+        l: Loc,
+        tried: u32,
+    ) -> Result<(), IoBox> {
+        let Some(target) = members.get(l.member as usize) else {
+            return Err(child);
+        };
+        let Some(ch) = target.ch.as_ref() else {
+            return Err(child);
+        };
+        child.offset_blocks = l.offset_blocks + target.data_offset_blocks;
+        child.status = IoStatus::Pending;
+        child.tag2 = l.member as u64 | (tried as u64) << TRIED_SHIFT;
+        child.set_done(self.rc());
+        target.outstanding.set(target.outstanding.get() + 1);
+        ch.submit(child);
+        Ok(())
     }
 
     fn child_failed_to_start(&self, slot: u32, e: IoError) {
@@ -821,46 +724,6 @@ impl Ras {
         }
     }
 
-    /// Tries the read in `child` on another copy. Gives the child back when
-    /// there is none.
-    fn retry_read(&self, mut child: IoBox) -> Result<(), IoBox> {
-        let m = (child.tag2 & MEMBER_MASK) as usize;
-        let tried = ((child.tag2 >> TRIED_SHIFT) as u32) | 1 << m;
-        let geo_ref = self.geo.borrow();
-        let Some(geo) = geo_ref.as_deref() else {
-            return Err(child);
-        };
-        let members = self.members.borrow();
-        let failed = self.shared.failed_mask.load(Ordering::Acquire);
-        let Some(mc) = members.get(m) else {
-            return Err(child);
-        };
-        let here = Loc { member: m as u16, offset_blocks: child.offset_blocks.saturating_sub(mc.data_offset_blocks) };
-        let placement = match self.level() {
-            RaidLevel::Raid1 => Placement::Mirror(here.offset_blocks),
-            RaidLevel::Raid10 => match geo.partner(here) {
-                Some(p) => Placement::Pair([here, p]),
-                None => return Err(child),
-            },
-            RaidLevel::Raid0 | RaidLevel::Concat => return Err(child),
-        };
-        let Some(l) = self.read_target(&members, failed, placement, tried) else {
-            return Err(child);
-        };
-        let target = &members[l.member as usize];
-        let Some(ch) = target.ch.as_ref() else {
-            return Err(child);
-        };
-        // The child keeps its flags (the parent's) for the other copy.
-        child.offset_blocks = l.offset_blocks + target.data_offset_blocks;
-        child.status = IoStatus::Pending;
-        child.tag2 = l.member as u64 | (tried as u64) << TRIED_SHIFT;
-        child.set_done(self.rc());
-        target.outstanding.set(target.outstanding.get() + 1);
-        ch.submit(child);
-        Ok(())
-    }
-
     fn complete_parent(&self, slot: u32) {
         let c = self.ctx.borrow()[slot as usize];
         let mut status = match c.error {
@@ -869,7 +732,7 @@ impl Ras {
         };
         if status.is_ok() && c.copy_failed {
             // Every extent must have kept a copy on a member that is still
-            // active: if not, some pair (or every mirror) is gone entirely.
+            // active: the level says whether the array survives the loss.
             let failed = self.shared.failed_mask.load(Ordering::Acquire);
             let members = self.members.borrow();
             let ok = self.geo.borrow().as_deref().is_some_and(|g| g.survives(|m| !Self::active(&members, failed, m)));
@@ -913,7 +776,7 @@ impl IoDone for Ras {
             match parent_type {
                 IoType::Read => {
                     self.latch_failed(m);
-                    match self.retry_read(child) {
+                    match self.level().retry_read(self, child) {
                         Ok(()) => return,
                         Err(_) => {
                             self.ctx.borrow_mut()[slot as usize].error.get_or_insert(err);

@@ -20,13 +20,17 @@
 //!   and states believed impossible counted (`impossible_events`) and
 //!   answered with an error, never left hanging (`channel`).
 //!
-//! `map` holds the pure address arithmetic; `rpc` the SPDK methods.
+//! Each level is a module behind one trait (`level`: `RaidLevel`, shaped
+//! like SPDK's `raid_bdev_module`; one file per level); the array core
+//! above knows no level by name. `map` holds the level-neutral geometry;
+//! `rpc` the SPDK methods.
 #![forbid(unsafe_code)]
 
 mod array;
 pub mod assemble;
 mod channel;
 mod examine;
+pub mod level;
 pub mod map;
 mod meta;
 mod owner;
@@ -37,4 +41,5 @@ pub mod rpc;
 pub mod superblock;
 
 pub use array::{init, RaidArray, RaidOptions, RaidState};
-pub use map::{Geometry, RaidLevel};
+pub use level::{Level, RaidLevel};
+pub use map::Geometry;

@@ -1,71 +1,18 @@
-//! Address mapping of every RAID level: array blocks to member locations,
-//! usable sizes, which member losses an array survives, and the split of one
-//! array IO into per-member extents at strip boundaries without allocating.
+//! The level-neutral shape of an online array: its [`Geometry`] (member
+//! count, strip size, per-member data sizes, array size, and the level that
+//! maps blocks), where an extent's data lives ([`Placement`]: its copies on
+//! members), and the split of one array IO into per-member extents at the
+//! level's mapping boundaries, without allocating.
 //!
 //! Pure arithmetic: no reactor, no bdev. Member offsets here are relative to
 //! the member's data area; the IO path adds each member's `data_offset_blocks`.
-//!
-//! Layouts:
-//! - raid0: strip `s` lives on member `s % n` at member strip `s / n`.
-//! - raid1: every member holds every block at the same offset.
-//! - raid10: Linux md's "near 2" layout. The members' strips are numbered
-//!   row-major (`slot = row * n + member`); array chunk `c` (one strip of
-//!   data) is stored in slots `2c` and `2c + 1`. With an even member count
-//!   this is a stripe over mirror pairs (0,1), (2,3), ...; with an odd count
-//!   the copies wrap to the next row, exactly as md does. Any `n >= 2` works.
-//! - concat: members back to back, each rounded down to whole strips.
+//! How each level lays blocks out is in its own file under `level/`.
+
+use crate::level::Level;
 
 /// Most members an array may have (the IO path keeps per-member bit masks
 /// in a 32-bit field of the child IO's tag).
 pub const MAX_MEMBERS: usize = 32;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RaidLevel {
-    Raid0,
-    Raid1,
-    Raid10,
-    Concat,
-}
-
-impl RaidLevel {
-    /// Accepts SPDK's spellings: `raid0`/`0`, `raid1`/`1`, `raid10`/`10`, `concat`.
-    pub fn parse(s: &str) -> Option<RaidLevel> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "raid0" | "0" => Some(RaidLevel::Raid0),
-            "raid1" | "1" => Some(RaidLevel::Raid1),
-            "raid10" | "10" => Some(RaidLevel::Raid10),
-            "concat" => Some(RaidLevel::Concat),
-            _ => None,
-        }
-    }
-
-    /// SPDK's name in `raid_level`.
-    pub fn name(self) -> &'static str {
-        match self {
-            RaidLevel::Raid0 => "raid0",
-            RaidLevel::Raid1 => "raid1",
-            RaidLevel::Raid10 => "raid10",
-            RaidLevel::Concat => "concat",
-        }
-    }
-
-    pub fn min_members(self) -> usize {
-        match self {
-            RaidLevel::Raid0 | RaidLevel::Concat => 1,
-            RaidLevel::Raid1 | RaidLevel::Raid10 => 2,
-        }
-    }
-
-    /// Whether the level has a strip size (raid1 has none; SPDK rejects one).
-    pub fn uses_strips(self) -> bool {
-        !matches!(self, RaidLevel::Raid1)
-    }
-
-    /// Keeps data when a member is lost.
-    pub fn is_redundant(self) -> bool {
-        matches!(self, RaidLevel::Raid1 | RaidLevel::Raid10)
-    }
-}
 
 /// One place on one member (offset relative to the member's data area).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,25 +21,76 @@ pub struct Loc {
     pub offset_blocks: u64,
 }
 
-/// Where an extent's blocks live.
+/// Where an extent's blocks live: every copy of them, in the order reads
+/// prefer them when their loads tie. Levels build it; the IO path only
+/// iterates it ([`Placement::copies`]), so it works for any level that keeps
+/// whole copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Placement {
-    /// raid0, concat: one copy.
-    Single(Loc),
-    /// raid10: two copies, in md's slot order.
-    Pair([Loc; 2]),
-    /// raid1: the same offset on every member.
-    Mirror(u64),
+pub struct Placement(Copies);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Copies {
+    /// One or two copies, each at its own place (`len` of `locs` used).
+    At { locs: [Loc; 2], len: u8 },
+    /// The same offset on every member.
+    EveryMember(u64),
 }
 
 impl Placement {
+    /// A single copy.
+    pub fn one(at: Loc) -> Placement {
+        Placement(Copies::At { locs: [at, at], len: 1 })
+    }
+
+    /// Two copies, on different members, in this order.
+    pub fn two(first: Loc, second: Loc) -> Placement {
+        Placement(Copies::At { locs: [first, second], len: 2 })
+    }
+
+    /// A copy at `offset_blocks` on every member.
+    pub fn every_member(offset_blocks: u64) -> Placement {
+        Placement(Copies::EveryMember(offset_blocks))
+    }
+
     /// The copy on `member`, if this placement has one.
     pub fn on_member(&self, member: usize) -> Option<Loc> {
-        match *self {
-            Placement::Single(l) => (l.member as usize == member).then_some(l),
-            Placement::Pair(p) => p.into_iter().find(|l| l.member as usize == member),
-            Placement::Mirror(off) => Some(Loc { member: member as u16, offset_blocks: off }),
+        match self.0 {
+            Copies::At { locs, len } => locs[..len as usize].iter().copied().find(|l| l.member as usize == member),
+            Copies::EveryMember(off) => Some(Loc { member: member as u16, offset_blocks: off }),
         }
+    }
+
+    /// Every copy, in preference order, of an array of `num_members`.
+    pub fn copies(&self, num_members: usize) -> CopyIter {
+        let end = match self.0 {
+            Copies::At { len, .. } => len as usize,
+            Copies::EveryMember(_) => num_members,
+        };
+        CopyIter { placement: *self, next: 0, end }
+    }
+}
+
+/// Iterator over the copies of a [`Placement`] (no allocation).
+#[derive(Clone, Debug)]
+pub struct CopyIter {
+    placement: Placement,
+    next: usize,
+    end: usize,
+}
+
+impl Iterator for CopyIter {
+    type Item = Loc;
+
+    fn next(&mut self) -> Option<Loc> {
+        if self.next >= self.end {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        Some(match self.placement.0 {
+            Copies::At { locs, .. } => locs[i],
+            Copies::EveryMember(off) => Loc { member: i as u16, offset_blocks: off },
+        })
     }
 }
 
@@ -121,41 +119,39 @@ pub enum GeometryError {
     TooLarge,
 }
 
-#[cfg(test)]
-mod overflow_tests {
-    use super::*;
-
-    #[test]
-    fn huge_members_are_refused_not_overflowed() {
-        let huge = [u64::MAX / 2, u64::MAX / 2, u64::MAX / 2];
-        assert_eq!(Geometry::new(RaidLevel::Raid0, 8, &huge), Err(GeometryError::TooLarge));
-        assert_eq!(Geometry::new(RaidLevel::Concat, 8, &huge), Err(GeometryError::TooLarge));
-        assert_eq!(Geometry::new(RaidLevel::Raid10, 8, &[u64::MAX; 4]), Err(GeometryError::TooLarge));
-        assert!(Geometry::new(RaidLevel::Raid1, 0, &huge).is_ok());
-    }
+/// What a level computes when an array starts (SPDK's module `start` sets
+/// the bdev's size): how much of each member it uses, the array size, and
+/// any lookup table its mapping needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataLayout {
+    /// Data blocks used on each member (SPDK's `data_size`), in slot order.
+    pub member_data_blocks: Vec<u64>,
+    pub array_blocks: u64,
+    /// Level-private table for [`RaidLevel::map`](crate::RaidLevel::map)
+    /// (concat: where each member's data ends in the array); empty if none.
+    pub table: Vec<u64>,
 }
 
 /// The fixed shape of an online array.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Geometry {
-    level: RaidLevel,
+    level: Level,
     num_members: usize,
-    /// 0 for raid1.
+    /// 0 for levels without strips.
     strip_size_blocks: u64,
     strip_shift: u32,
     /// Data blocks used on each member (SPDK's `data_size`).
     member_data_blocks: Vec<u64>,
-    /// concat: array offset where each member's data ends (prefix sums).
-    concat_ends: Vec<u64>,
+    /// See [`DataLayout::table`].
+    table: Vec<u64>,
     array_blocks: u64,
 }
 
 impl Geometry {
-    /// Builds the layout over members of the given data sizes (in blocks).
-    /// Usable size: raid0 `n * min` and raid10 `n * min / 2` (both rounded
-    /// down to whole strips), raid1 `min`, concat the sum of strip-rounded
-    /// member sizes.
-    pub fn new(level: RaidLevel, strip_size_blocks: u64, member_blocks: &[u64]) -> Result<Geometry, GeometryError> {
+    /// Builds the layout over members of the given data sizes (in blocks):
+    /// the member count and strip size are checked here for every level,
+    /// the sizes are the level's ([`RaidLevel::layout`](crate::RaidLevel::layout)).
+    pub fn new(level: Level, strip_size_blocks: u64, member_blocks: &[u64]) -> Result<Geometry, GeometryError> {
         let n = member_blocks.len();
         if n < level.min_members() {
             return Err(GeometryError::TooFewMembers { level: level.name(), min: level.min_members(), got: n });
@@ -167,37 +163,10 @@ impl Geometry {
         if level.uses_strips() && !strip.is_power_of_two() {
             return Err(GeometryError::BadStrip(strip));
         }
-        let min = member_blocks.iter().copied().min().unwrap_or(0);
-        let round = |b: u64| b.checked_div(strip).map_or(b, |q| q * strip);
-        // Sizes may come from disk (superblocks): checked arithmetic throughout.
-        let too_large = GeometryError::TooLarge;
-        let (member_data_blocks, array_blocks) = match level {
-            RaidLevel::Raid0 => {
-                let per = round(min);
-                (vec![per; n], per.checked_mul(n as u64).ok_or(too_large)?)
-            }
-            RaidLevel::Raid1 => (vec![min; n], min),
-            RaidLevel::Raid10 => {
-                let per = round(min);
-                let chunks = (per / strip).checked_mul(n as u64).ok_or(too_large.clone())? / 2;
-                (vec![per; n], chunks.checked_mul(strip).ok_or(too_large)?)
-            }
-            RaidLevel::Concat => {
-                let sizes: Vec<u64> = member_blocks.iter().map(|&b| round(b)).collect();
-                let total = sizes.iter().try_fold(0u64, |acc, &s| acc.checked_add(s)).ok_or(too_large)?;
-                (sizes, total)
-            }
-        };
+        let DataLayout { member_data_blocks, array_blocks, table } = level.layout(strip, member_blocks)?;
+        assert_eq!(member_data_blocks.len(), n, "{}: a data size per member", level.name());
         if array_blocks == 0 {
             return Err(GeometryError::Empty);
-        }
-        let mut concat_ends = Vec::new();
-        if level == RaidLevel::Concat {
-            let mut end = 0;
-            for &s in &member_data_blocks {
-                end += s;
-                concat_ends.push(end);
-            }
         }
         Ok(Geometry {
             level,
@@ -205,12 +174,12 @@ impl Geometry {
             strip_size_blocks: strip,
             strip_shift: if strip == 0 { 0 } else { strip.trailing_zeros() },
             member_data_blocks,
-            concat_ends,
+            table,
             array_blocks,
         })
     }
 
-    pub fn level(&self) -> RaidLevel {
+    pub fn level(&self) -> Level {
         self.level
     }
     pub fn num_members(&self) -> usize {
@@ -219,12 +188,20 @@ impl Geometry {
     pub fn strip_size_blocks(&self) -> u64 {
         self.strip_size_blocks
     }
+    /// log2 of the strip size (0 without strips).
+    pub fn strip_shift(&self) -> u32 {
+        self.strip_shift
+    }
     pub fn array_blocks(&self) -> u64 {
         self.array_blocks
     }
     /// Data blocks used on `member` (what it must hold at least).
     pub fn member_data_blocks(&self, member: usize) -> u64 {
         self.member_data_blocks.get(member).copied().unwrap_or(0)
+    }
+    /// The level's lookup table ([`DataLayout::table`]).
+    pub fn table(&self) -> &[u64] {
+        &self.table
     }
 
     /// Splits `[offset, offset + num_blocks)` (which must lie inside the
@@ -234,76 +211,24 @@ impl Geometry {
         Extents { geo: self, start: offset_blocks, cur: offset_blocks.min(end), end }
     }
 
-    /// The placement of the one block at `lba` (and how many blocks after it,
-    /// itself included, share the same contiguous mapping).
-    fn place(&self, lba: u64) -> (Placement, u64) {
-        let strip = self.strip_size_blocks;
-        match self.level {
-            RaidLevel::Raid1 => (Placement::Mirror(lba), self.array_blocks - lba),
-            RaidLevel::Raid0 => {
-                let s = lba >> self.strip_shift;
-                let within = lba & (strip - 1);
-                let n = self.num_members as u64;
-                let loc = Loc { member: (s % n) as u16, offset_blocks: (s / n) * strip + within };
-                (Placement::Single(loc), strip - within)
-            }
-            RaidLevel::Raid10 => {
-                let c = lba >> self.strip_shift;
-                let within = lba & (strip - 1);
-                let pair = [self.slot_loc(2 * c, within), self.slot_loc(2 * c + 1, within)];
-                (Placement::Pair(pair), strip - within)
-            }
-            RaidLevel::Concat => {
-                let i = self.concat_ends.partition_point(|&e| e <= lba);
-                let start = self.concat_ends[i] - self.member_data_blocks[i];
-                let loc = Loc { member: i as u16, offset_blocks: lba - start };
-                (Placement::Single(loc), self.concat_ends[i] - lba)
-            }
-        }
-    }
-
-    fn slot_loc(&self, slot: u64, within: u64) -> Loc {
-        let n = self.num_members as u64;
-        Loc { member: (slot % n) as u16, offset_blocks: (slot / n) * self.strip_size_blocks + within }
-    }
-
     /// Placement of one array block.
     pub fn locate(&self, lba: u64) -> Option<Placement> {
-        (lba < self.array_blocks).then(|| self.place(lba).0)
+        (lba < self.array_blocks).then(|| self.level.map(self, lba).0)
     }
 
-    /// raid10: the other copy of the data at `loc` (None for other levels,
-    /// or for a member slot that holds no array data).
-    pub fn partner(&self, loc: Loc) -> Option<Loc> {
-        if self.level != RaidLevel::Raid10 || loc.member as usize >= self.num_members {
+    /// Every copy of the data at member location `at`, itself included (None
+    /// when that member block holds no array data).
+    pub fn copies_at(&self, at: Loc) -> Option<Placement> {
+        if at.member as usize >= self.num_members || at.offset_blocks >= self.member_data_blocks(at.member as usize) {
             return None;
         }
-        let strip = self.strip_size_blocks;
-        let row = loc.offset_blocks >> self.strip_shift;
-        let within = loc.offset_blocks & (strip - 1);
-        let slot = row * self.num_members as u64 + loc.member as u64;
-        if (slot / 2) * strip >= self.array_blocks {
-            return None;
-        }
-        Some(self.slot_loc(slot ^ 1, within))
+        self.level.copies_at(self, at)
     }
 
     /// Whether the array still has every block when the members for which
     /// `lost` is true are gone.
     pub fn survives(&self, lost: impl Fn(usize) -> bool) -> bool {
-        let n = self.num_members;
-        match self.level {
-            RaidLevel::Raid0 | RaidLevel::Concat => (0..n).all(|m| !lost(m) || self.member_data_blocks[m] == 0),
-            RaidLevel::Raid1 => (0..n).any(|m| !lost(m)),
-            RaidLevel::Raid10 => {
-                // The pair pattern of chunk c repeats with period n.
-                let chunks = self.array_blocks / self.strip_size_blocks;
-                (0..chunks.min(n as u64)).all(|c| {
-                    let (a, b) = ((2 * c) as usize % n, (2 * c + 1) as usize % n);
-                    !(lost(a) && lost(b))
-                })
-            }
-        }
+        self.level.survives(self, &lost)
     }
 }
 
@@ -322,7 +247,7 @@ impl Iterator for Extents<'_> {
         if self.cur >= self.end {
             return None;
         }
-        let (placement, run) = self.geo.place(self.cur);
+        let (placement, run) = self.geo.level.map(self.geo, self.cur);
         let num_blocks = run.min(self.end - self.cur);
         let e =
             Extent { array_offset_blocks: self.cur, buf_offset_blocks: self.cur - self.start, num_blocks, placement };
@@ -332,23 +257,42 @@ impl Iterator for Extents<'_> {
 }
 
 #[cfg(test)]
+mod overflow_tests {
+    use super::*;
+    use crate::level::named;
+
+    #[test]
+    fn huge_members_are_refused_not_overflowed() {
+        let huge = [u64::MAX / 2, u64::MAX / 2, u64::MAX / 2];
+        assert_eq!(Geometry::new(named("raid0"), 8, &huge), Err(GeometryError::TooLarge));
+        assert_eq!(Geometry::new(named("concat"), 8, &huge), Err(GeometryError::TooLarge));
+        assert_eq!(Geometry::new(named("raid10"), 8, &[u64::MAX; 4]), Err(GeometryError::TooLarge));
+        assert!(Geometry::new(named("raid1"), 0, &huge).is_ok());
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::level::{named, parse, LEVELS};
     use proptest::prelude::*;
 
     /// A flat reference: the member locations of every array block, built by
-    /// enumerating the layout as its definition reads (no division tricks).
-    fn flat_model(level: RaidLevel, strip: u64, sizes: &[u64]) -> Vec<Vec<(u16, u64)>> {
+    /// enumerating each layout as its definition reads (no division tricks),
+    /// independently of the level implementations.
+    fn flat_model(level: Level, strip: u64, sizes: &[u64]) -> Vec<Vec<(u16, u64)>> {
         let n = sizes.len();
         let min = *sizes.iter().min().unwrap();
         let mut map = Vec::new();
-        match level {
-            RaidLevel::Raid1 => {
+        match level.name() {
+            // Every member holds every block at the same offset.
+            "raid1" => {
                 for lba in 0..min {
                     map.push((0..n as u16).map(|m| (m, lba)).collect());
                 }
             }
-            RaidLevel::Raid0 => {
+            // Strip `s` on member `s % n` at member strip `s / n`.
+            "raid0" => {
                 let rows = min / strip;
                 for row in 0..rows {
                     for m in 0..n as u16 {
@@ -358,7 +302,8 @@ mod tests {
                     }
                 }
             }
-            RaidLevel::Raid10 => {
+            // md's near-2: strips numbered row-major, chunk c in slots 2c, 2c+1.
+            "raid10" => {
                 let rows = min / strip;
                 let mut slots = Vec::new();
                 for row in 0..rows {
@@ -372,27 +317,25 @@ mod tests {
                     }
                 }
             }
-            RaidLevel::Concat => {
+            // Members back to back, each rounded down to whole strips.
+            "concat" => {
                 for (m, &size) in sizes.iter().enumerate() {
                     for b in 0..size / strip * strip {
                         map.push(vec![(m as u16, b)]);
                     }
                 }
             }
+            other => panic!("no reference model for {other}"),
         }
         map
     }
 
     fn locs(p: Placement, n: usize) -> Vec<(u16, u64)> {
-        match p {
-            Placement::Single(l) => vec![(l.member, l.offset_blocks)],
-            Placement::Pair(ls) => ls.iter().map(|l| (l.member, l.offset_blocks)).collect(),
-            Placement::Mirror(off) => (0..n as u16).map(|m| (m, off)).collect(),
-        }
+        p.copies(n).map(|l| (l.member, l.offset_blocks)).collect()
     }
 
-    fn level_strategy() -> impl Strategy<Value = RaidLevel> {
-        prop_oneof![Just(RaidLevel::Raid0), Just(RaidLevel::Raid1), Just(RaidLevel::Raid10), Just(RaidLevel::Concat)]
+    fn level_strategy() -> impl Strategy<Value = Level> {
+        proptest::sample::select(LEVELS.to_vec())
     }
 
     proptest! {
@@ -426,7 +369,7 @@ mod tests {
                 prop_assert_eq!(e.array_offset_blocks, next);
                 prop_assert_eq!(e.buf_offset_blocks, next - off);
                 prop_assert!(e.num_blocks > 0);
-                if level == RaidLevel::Raid0 || level == RaidLevel::Raid10 {
+                if level.name() == "raid0" || level.name() == "raid10" {
                     prop_assert_eq!(e.array_offset_blocks / strip, (e.array_offset_blocks + e.num_blocks - 1) / strip);
                 }
                 for b in 0..e.num_blocks {
@@ -434,25 +377,23 @@ mod tests {
                     let got: Vec<_> = locs(e.placement, n).into_iter().map(|(m, o)| (m, o + b)).collect();
                     prop_assert_eq!(&got, want);
                     prop_assert!(got.iter().all(|&(m, o)| o < geo.member_data_blocks(m as usize)));
+                    // Each copy knows all the others (read retry, rebuild).
+                    for &(m, o) in &got {
+                        let copies = geo.copies_at(Loc { member: m, offset_blocks: o });
+                        let mut all = copies.map(|p| locs(p, n)).unwrap_or_default();
+                        all.sort();
+                        let mut want = want.clone();
+                        want.sort();
+                        prop_assert_eq!(all, want);
+                    }
                 }
                 next += e.num_blocks;
             }
             prop_assert_eq!(next, off + len);
         }
 
-        /// raid10: the partner of each copy is the other copy.
-        #[test]
-        fn raid10_partner_is_the_other_copy(n in 2usize..7, strip_shift in 0u32..3, size in 4u64..60, lba in any::<u64>()) {
-            let geo = Geometry::new(RaidLevel::Raid10, 1 << strip_shift, &vec![size; n]);
-            let Ok(geo) = geo else { return Ok(()) };
-            let lba = lba % geo.array_blocks();
-            let Some(Placement::Pair([a, b])) = geo.locate(lba) else { panic!("raid10 places pairs") };
-            prop_assert_ne!(a.member, b.member);
-            prop_assert_eq!(geo.partner(a), Some(b));
-            prop_assert_eq!(geo.partner(b), Some(a));
-        }
-
-        /// Survival agrees with the model: every block keeps a copy on a member not lost.
+        /// Survival agrees with the model: every block keeps a copy on a member
+        /// not lost; and any `max_failed_members` losses are survived.
         #[test]
         fn survival_matches_model(level in level_strategy(), n in 1usize..7, lost_mask in any::<u32>(), size in 8u64..40) {
             let n = n.max(level.min_members());
@@ -463,43 +404,53 @@ mod tests {
             let model = flat_model(level, strip, &sizes);
             let every_block_kept = model.iter().all(|copies| copies.iter().any(|&(m, _)| !lost(m as usize)));
             prop_assert_eq!(geo.survives(lost), every_block_kept);
+            let lost_count = (0..n).filter(|&m| lost(m)).count();
+            if lost_count <= level.max_failed_members(n) {
+                prop_assert!(every_block_kept, "{} of {n} tolerates {} losses", level.name(), level.max_failed_members(n));
+            }
+            prop_assert_eq!(level.is_redundant(), level.max_failed_members(n) > 0);
         }
     }
 
     #[test]
     fn sizes_and_errors() {
-        let g = Geometry::new(RaidLevel::Raid0, 16, &[100, 90]).unwrap();
+        let g = Geometry::new(named("raid0"), 16, &[100, 90]).unwrap();
         assert_eq!((g.array_blocks(), g.member_data_blocks(0)), (160, 80));
-        let g = Geometry::new(RaidLevel::Raid1, 0, &[100, 90, 95]).unwrap();
+        let g = Geometry::new(named("raid1"), 0, &[100, 90, 95]).unwrap();
         assert_eq!(g.array_blocks(), 90);
-        let g = Geometry::new(RaidLevel::Raid10, 8, &[64, 64, 64, 64]).unwrap();
+        let g = Geometry::new(named("raid10"), 8, &[64, 64, 64, 64]).unwrap();
         assert_eq!(g.array_blocks(), 128);
-        let g = Geometry::new(RaidLevel::Concat, 8, &[20, 17]).unwrap();
+        let g = Geometry::new(named("concat"), 8, &[20, 17]).unwrap();
         assert_eq!((g.array_blocks(), g.member_data_blocks(1)), (32, 16));
-        assert_eq!(Geometry::new(RaidLevel::Raid0, 16, &[8, 8]), Err(GeometryError::Empty));
-        assert!(matches!(Geometry::new(RaidLevel::Raid1, 0, &[8]), Err(GeometryError::TooFewMembers { .. })));
-        assert_eq!(Geometry::new(RaidLevel::Raid0, 3, &[8]), Err(GeometryError::BadStrip(3)));
-        assert!(Geometry::new(RaidLevel::Raid0, 1, &[8; MAX_MEMBERS + 1]).is_err());
-        for (s, l) in
-            [("raid0", RaidLevel::Raid0), ("0", RaidLevel::Raid0), ("1", RaidLevel::Raid1), ("10", RaidLevel::Raid10)]
-        {
-            assert_eq!(RaidLevel::parse(s), Some(l));
+        assert_eq!(Geometry::new(named("raid0"), 16, &[8, 8]), Err(GeometryError::Empty));
+        assert!(matches!(Geometry::new(named("raid1"), 0, &[8]), Err(GeometryError::TooFewMembers { .. })));
+        assert_eq!(Geometry::new(named("raid0"), 3, &[8]), Err(GeometryError::BadStrip(3)));
+        assert!(Geometry::new(named("raid0"), 1, &[8; MAX_MEMBERS + 1]).is_err());
+        for (s, l) in [("raid0", "raid0"), ("0", "raid0"), ("1", "raid1"), ("10", "raid10"), (" RAID10 ", "raid10")] {
+            assert_eq!(parse(s), Some(named(l)));
         }
-        assert_eq!(RaidLevel::parse("raid5f"), None);
+        assert_eq!(parse("raid5f"), None);
     }
 
     #[test]
     fn raid10_even_members_are_mirror_pairs() {
-        let g = Geometry::new(RaidLevel::Raid10, 4, &[16; 4]).unwrap();
+        let g = Geometry::new(named("raid10"), 4, &[16; 4]).unwrap();
         let pairs: Vec<_> = g
             .extents(0, g.array_blocks())
-            .map(|e| match e.placement {
-                Placement::Pair([a, b]) => (a.member, b.member),
-                p => panic!("{p:?}"),
-            })
+            .map(|e| locs(e.placement, 4).iter().map(|l| l.0).collect::<Vec<_>>())
             .collect();
-        assert!(pairs.iter().all(|&(a, b)| (a, b) == (0, 1) || (a, b) == (2, 3)));
+        assert!(pairs.iter().all(|p| p[..] == [0, 1] || p[..] == [2, 3]), "{pairs:?}");
         assert!(g.survives(|m| m == 0 || m == 2));
         assert!(!g.survives(|m| m == 2 || m == 3));
+    }
+
+    #[test]
+    fn raid10_odd_members_last_slot_has_no_copy() {
+        // 3 members of 3 strips: 9 slots, 4 chunks; slot 8 (member 2, row 2) holds nothing.
+        let g = Geometry::new(named("raid10"), 1, &[3, 3, 3]).unwrap();
+        assert_eq!(g.array_blocks(), 4);
+        assert_eq!(g.copies_at(Loc { member: 2, offset_blocks: 2 }), None);
+        let p = g.copies_at(Loc { member: 1, offset_blocks: 2 }).unwrap();
+        assert_eq!(locs(p, 3), vec![(0, 2), (1, 2)]);
     }
 }

@@ -1,10 +1,12 @@
-//! Rebuild and resync of raid1/raid10 members, run by the owner reactor
-//! while user IO continues: window by window (`process_window_size_kb`) in
-//! array order over the ranges to copy (the whole array, or the bitmap's
-//! dirty chunks), each window holds its range in the serialization table,
-//! reads every extent from its first active copy and writes it to the copies
-//! being repaired (a rebuilding member; after an unclean shutdown, every
-//! other copy). User writes overlapping the window wait for it (they are
+//! Rebuild, resync and scrub of the members of a redundant array, run by
+//! the owner reactor while user IO continues: window by window
+//! (`process_window_size_kb`) in array order over the ranges to repair (the
+//! whole array, or the bitmap's dirty chunks), each window holds its range
+//! in the serialization table and runs the level's plan for it
+//! (`RaidLevel::plan_window`): read each extent from a healthy copy, write
+//! it to the copies being repaired (a rebuilding member; after an unclean
+//! shutdown, every other copy), or compare them (scrub). User writes
+//! overlapping the window wait for it (they are
 //! ordered in the same table); user writes elsewhere go to the target too,
 //! so the finished copy is exact. A window counts as in-flight IO at the
 //! owner's gate, so a suspend waits for it and no window starts while the
@@ -12,7 +14,7 @@
 
 use crate::array::{self, RaidModule};
 use crate::channel::Ras;
-use crate::map::{Loc, Placement};
+use crate::map::Loc;
 use crate::owner::{fenced, OwnerPart};
 use crate::range_table::{words, Acquired};
 use bdev::{BdevError, DmaBuf, IoBox, IoDone, IoType};
@@ -45,13 +47,24 @@ enum Phase {
     Stopped,
 }
 
-/// One copy operation: one extent of the current window, read once from
-/// `from` and written to every `to`.
-struct Copy {
-    from: Loc,
-    to: Vec<Loc>,
-    num_blocks: u64,
-    buf_offset_blocks: u64,
+/// One copy operation of a process window, planned by the level: one
+/// extent read once from `from` and written to (or, for a scrub, compared
+/// with) every `to`. (`pub` only so that the level trait may name it.)
+pub struct WindowCopy {
+    pub(crate) from: Loc,
+    pub(crate) to: Vec<Loc>,
+    pub(crate) num_blocks: u64,
+    /// Where the extent starts in the window's buffer.
+    pub(crate) buf_offset_blocks: u64,
+}
+
+/// What a process window is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowJob {
+    /// Copy onto the members in `dests` (bit per slot) that take writes.
+    Repair { dests: u32 },
+    /// Compare every active copy with the first.
+    Check,
 }
 
 pub(crate) struct Rebuild {
@@ -69,7 +82,7 @@ pub(crate) struct Rebuild {
     /// A scrub (`bdev_raid_check`) rather than a copy.
     check: Option<CheckState>,
     /// The current window's copies (planned when its reads start).
-    current: RefCell<Vec<Copy>>,
+    current: RefCell<Vec<WindowCopy>>,
     /// Scrub: one comparison buffer per other copy.
     cmp: RefCell<Vec<DmaBuf>>,
     /// Run when the process has stopped (`cancel_then`).
@@ -145,10 +158,10 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         } else {
             rebuilding.iter().fold(0, |m, &i| m | 1 << i)
         };
-        // A full raid1 rebuild resumes where the superblock says it got to
-        // (member blocks are array blocks there); the resync ranges, if any,
-        // are copied too.
-        let resume = if full && ras.shared.level == crate::map::RaidLevel::Raid1 {
+        // A full rebuild of a level whose member blocks are array blocks
+        // (raid1) resumes where the superblock says it got to; the resync
+        // ranges, if any, are copied too.
+        let resume = if full && ras.shared.level.array_offset_is_member_offset() {
             rebuilding.iter().map(|&i| ctl.slots[i].recovered_blocks).min().unwrap_or(0).min(array_blocks)
         } else {
             0
@@ -344,44 +357,12 @@ impl Rebuild {
         self.start_reads();
     }
 
-    /// The copies of the current window: each extent from its first
-    /// active copy to its copies among `dests` (None: an extent to repair
+    /// The level's plan for the current window (None: an extent to repair
     /// has no healthy copy).
-    fn plan(&self, ras: &Ras) -> Option<Vec<Copy>> {
-        let geo_ref = ras.geo.borrow();
-        let geo = geo_ref.as_deref()?;
-        let members = ras.members.borrow();
-        let failed = ras.shared.failed_mask.load(Ordering::Acquire);
-        let ok = |m: usize| members.get(m).is_some_and(|mc| mc.ch.is_some()) && failed & (1 << m) == 0;
-        let active = |m: usize| ok(m) && members[m].role == array::Role::Active;
-        let writable = |m: usize| ok(m) && matches!(members[m].role, array::Role::Active | array::Role::Rebuilding);
+    fn plan(&self, ras: &Ras) -> Option<Vec<WindowCopy>> {
         let (start, end) = self.window.get();
-        let mut out = Vec::new();
-        for e in geo.extents(start, end - start) {
-            let copies: Vec<Loc> = match e.placement {
-                Placement::Mirror(o) => {
-                    (0..members.len()).map(|m| Loc { member: m as u16, offset_blocks: o }).collect()
-                }
-                Placement::Pair(p) => p.to_vec(),
-                Placement::Single(_) => continue,
-            };
-            let from = copies.iter().copied().find(|l| active(l.member as usize));
-            let to: Vec<Loc> = copies
-                .iter()
-                .copied()
-                .filter(|l| {
-                    let m = l.member as usize;
-                    let usable = if self.check.is_some() { active(m) } else { writable(m) };
-                    self.dests & (1 << m) != 0 && usable && from.is_none_or(|f| f.member != l.member)
-                })
-                .collect();
-            if to.is_empty() {
-                continue;
-            }
-            let from = from?;
-            out.push(Copy { from, to, num_blocks: e.num_blocks, buf_offset_blocks: e.array_offset_blocks - start });
-        }
-        Some(out)
+        let job = if self.check.is_some() { WindowJob::Check } else { WindowJob::Repair { dests: self.dests } };
+        ras.shared.level.plan_window(ras, start..end, job)
     }
 
     fn start_reads(&self) {
@@ -587,10 +568,11 @@ impl Rebuild {
         }
     }
 
-    /// A full raid1 rebuild records how far it got: in the slots at once, in
-    /// the superblock at most once a second (any write of it carries it).
+    /// A full rebuild of a level whose member blocks are array blocks
+    /// (raid1) records how far it got: in the slots at once, in the
+    /// superblock at most once a second (any write of it carries it).
     fn save_progress(&self, ras: &Ras, end: u64) {
-        if self.check.is_some() || self.resync || ras.shared.level != crate::map::RaidLevel::Raid1 {
+        if self.check.is_some() || self.resync || !ras.shared.level.array_offset_is_member_offset() {
             return;
         }
         {

@@ -8,7 +8,6 @@
 //! Every function must run on a reactor of the set (the management reactor).
 
 use crate::array::{self, CreateSpec, RaidModule, RaidOptions, RaidState};
-use crate::map::RaidLevel;
 use bdev::BdevError;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
@@ -140,13 +139,13 @@ fn validate_create(p: RaidCreateParams) -> Result<CreateSpec, BdevError> {
     if p.name.trim().is_empty() {
         return Err(BdevError::Invalid("name must not be empty".into()));
     }
-    let level = RaidLevel::parse(&p.raid_level).ok_or_else(|| {
-        BdevError::Invalid(format!("raid_level '{}' is not one of raid0, raid1, raid10, concat", p.raid_level))
+    let level = crate::level::parse(&p.raid_level).ok_or_else(|| {
+        BdevError::Invalid(format!("raid_level '{}' is not one of {}", p.raid_level, crate::level::names()))
     })?;
     let strip_size_kb = p.strip_size_kb.unwrap_or(0);
-    if level == RaidLevel::Raid1 {
+    if !level.uses_strips() {
         if strip_size_kb != 0 {
-            return Err(BdevError::Invalid("strip size is not supported by raid1".into()));
+            return Err(BdevError::Invalid(format!("strip size is not supported by {}", level.name())));
         }
     } else if !strip_size_kb.is_power_of_two() {
         return Err(BdevError::Invalid(format!(
@@ -174,7 +173,8 @@ fn validate_create(p: RaidCreateParams) -> Result<CreateSpec, BdevError> {
     }
     let bitmap = superblock && level.is_redundant() && p.bitmap.unwrap_or(true);
     if p.bitmap == Some(true) && !(superblock && level.is_redundant()) {
-        return Err(BdevError::Invalid("a bitmap needs superblock: true and raid1 or raid10".into()));
+        let redundant: Vec<&str> = crate::level::LEVELS.iter().filter(|l| l.is_redundant()).map(|l| l.name()).collect();
+        return Err(BdevError::Invalid(format!("a bitmap needs superblock: true and {}", redundant.join(" or "))));
     }
     if p.name.len() >= crate::superblock::SB_NAME_BYTES && superblock {
         return Err(BdevError::Invalid(format!(

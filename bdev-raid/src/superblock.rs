@@ -10,7 +10,8 @@
 //! (reserved bytes, name padding and unused slots must be zero), so a decoded
 //! superblock re-encodes to the bytes it came from.
 
-use crate::map::{Geometry, RaidLevel, MAX_MEMBERS};
+use crate::level::Level;
+use crate::map::{Geometry, MAX_MEMBERS};
 use uuid::Uuid;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -173,8 +174,8 @@ pub struct SuperblockInfo {
     pub array_uuid: Uuid,
     /// At most `SB_NAME_BYTES - 1` bytes of UTF-8, no NUL, not empty.
     pub name: String,
-    pub level: RaidLevel,
-    /// 0 for raid1, a power of two otherwise.
+    pub level: Level,
+    /// 0 for a level without strips, a power of two otherwise.
     pub strip_size_blocks: u64,
     /// Block size of the array and of every member, in bytes.
     pub block_size: u32,
@@ -253,7 +254,7 @@ impl MetadataLayout {
 /// `map::Geometry::new` over sizes read from disk. Its size arithmetic
 /// (`n * min`, the concat sum) is unchecked, so sizes whose sum overflows are
 /// refused first: every array size it computes is at most that sum.
-fn checked_geometry(level: RaidLevel, strip_size_blocks: u64, sizes: &[u64]) -> Result<Geometry, SuperblockError> {
+fn checked_geometry(level: Level, strip_size_blocks: u64, sizes: &[u64]) -> Result<Geometry, SuperblockError> {
     if sizes.iter().try_fold(0u64, |sum, &s| sum.checked_add(s)).is_none() {
         return Err(SuperblockError::ImpossibleGeometry(format!(
             "member data sizes {sizes:?} add up past 2^64 blocks"
@@ -270,7 +271,7 @@ impl SuperblockInfo {
     pub fn new_array(
         name: &str,
         array_uuid: Uuid,
-        level: RaidLevel,
+        level: Level,
         strip_size_blocks: u64,
         block_size: u32,
         layout: &MetadataLayout,
@@ -455,25 +456,6 @@ impl SuperblockInfo {
     }
 }
 
-fn level_code(level: RaidLevel) -> u8 {
-    match level {
-        RaidLevel::Raid0 => 0,
-        RaidLevel::Raid1 => 1,
-        RaidLevel::Raid10 => 10,
-        RaidLevel::Concat => 99,
-    }
-}
-
-fn level_from_code(code: u8) -> Option<RaidLevel> {
-    match code {
-        0 => Some(RaidLevel::Raid0),
-        1 => Some(RaidLevel::Raid1),
-        10 => Some(RaidLevel::Raid10),
-        99 => Some(RaidLevel::Concat),
-        _ => None,
-    }
-}
-
 fn sb_crc(sb: &[u8]) -> u32 {
     let head = crc32c::crc32c(&sb[..CRC_OFFSET]);
     let with_zero = crc32c::crc32c_append(head, &[0u8; 4]);
@@ -537,7 +519,7 @@ pub fn decode(bytes: &[u8]) -> Result<SuperblockInfo, SuperblockError> {
     if flags & !FLAG_CLEAN != 0 {
         return Err(SuperblockError::UnknownBits(std::mem::offset_of!(Superblock, flags)));
     }
-    let level = level_from_code(sb.level).ok_or(SuperblockError::UnknownLevel(sb.level))?;
+    let level = crate::level::from_superblock_code(sb.level).ok_or(SuperblockError::UnknownLevel(sb.level))?;
     let name_len = sb
         .name
         .iter()
@@ -599,7 +581,7 @@ pub fn try_encode(info: &SuperblockInfo) -> Result<[u8; SB_SIZE_BYTES], Superblo
     sb.strip_size_blocks = U64::new(info.strip_size_blocks);
     sb.block_size = U32::new(info.block_size);
     sb.flags = U32::new(if info.clean { FLAG_CLEAN } else { 0 });
-    sb.level = level_code(info.level);
+    sb.level = info.level.superblock_code();
     // validate() bounds both by SB_MAX_SLOTS, which fits a u8.
     sb.num_members = info.slots.len() as u8;
     sb.this_slot = info.this_slot as u8;
@@ -645,6 +627,7 @@ pub fn encode(info: &SuperblockInfo) -> [u8; SB_SIZE_BYTES] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::level::named;
     use proptest::prelude::*;
 
     fn uuid(n: u8) -> Uuid {
@@ -657,7 +640,7 @@ mod tests {
         let mut info = SuperblockInfo::new_array(
             "mirror0",
             uuid(0xa0),
-            RaidLevel::Raid1,
+            named("raid1"),
             0,
             512,
             &layout,
@@ -686,8 +669,8 @@ mod tests {
         decode(&b)
     }
 
-    fn level_strategy() -> impl Strategy<Value = RaidLevel> {
-        prop_oneof![Just(RaidLevel::Raid0), Just(RaidLevel::Raid1), Just(RaidLevel::Raid10), Just(RaidLevel::Concat)]
+    fn level_strategy() -> impl Strategy<Value = Level> {
+        proptest::sample::select(crate::level::LEVELS.to_vec())
     }
 
     fn state_strategy() -> impl Strategy<Value = u8> {
@@ -880,7 +863,7 @@ mod tests {
         }
         let layout = MetadataLayout::new(512, 0, 0).unwrap();
         let members = [(uuid(1), u64::MAX), (uuid(2), u64::MAX)];
-        let r = SuperblockInfo::new_array("big", uuid(9), RaidLevel::Raid0, 8, 512, &layout, &members);
+        let r = SuperblockInfo::new_array("big", uuid(9), named("raid0"), 8, 512, &layout, &members);
         assert!(matches!(r, Err(SuperblockError::ImpossibleGeometry(_))), "{r:?}");
     }
 
@@ -909,7 +892,7 @@ mod tests {
     fn new_array_follows_the_layout() {
         let layout = MetadataLayout::new(4096, 0, 0).unwrap();
         let members = [(uuid(1), 256 + 1000), (uuid(2), 256 + 2000), (uuid(3), 256 + 515)];
-        let c = SuperblockInfo::new_array("cat", uuid(9), RaidLevel::Concat, 8, 4096, &layout, &members).unwrap();
+        let c = SuperblockInfo::new_array("cat", uuid(9), named("concat"), 8, 4096, &layout, &members).unwrap();
         let sizes: Vec<u64> = c.slots.iter().map(|s| s.data_size_blocks).collect();
         assert_eq!(sizes, vec![1000, 2000, 512]);
         assert_eq!(c.array_blocks, 3512);
@@ -917,10 +900,10 @@ mod tests {
         assert_eq!(c.slot_of(uuid(2)), Some(1));
         assert!(c.for_slot(3).is_none());
         let small = [(uuid(1), 256), (uuid(2), 4096)];
-        assert!(SuperblockInfo::new_array("x", uuid(9), RaidLevel::Raid1, 0, 4096, &layout, &small).is_err());
+        assert!(SuperblockInfo::new_array("x", uuid(9), named("raid1"), 0, 4096, &layout, &small).is_err());
         let dup = [(uuid(1), 4096), (uuid(1), 4096)];
         assert!(matches!(
-            SuperblockInfo::new_array("x", uuid(9), RaidLevel::Raid1, 0, 4096, &layout, &dup),
+            SuperblockInfo::new_array("x", uuid(9), named("raid1"), 0, 4096, &layout, &dup),
             Err(SuperblockError::BadSlotTable(_))
         ));
         assert!(try_encode(&SuperblockInfo { name: String::new(), ..c.clone() }).is_err());

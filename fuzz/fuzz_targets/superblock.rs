@@ -14,7 +14,7 @@ use bdev_raid::assemble::{assemble, FoundSuperblock};
 use bdev_raid::superblock::{
     decode, encode, MetadataLayout, SlotState, SuperblockInfo, SB_MAX_SLOTS, SB_SIZE_BYTES,
 };
-use bdev_raid::RaidLevel;
+use bdev_raid::level::LEVELS;
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 
@@ -44,12 +44,7 @@ fn reseal(buf: &mut [u8]) {
 }
 
 fn build(d: &[u8]) -> Option<SuperblockInfo> {
-    let level = [
-        RaidLevel::Raid0,
-        RaidLevel::Raid1,
-        RaidLevel::Raid10,
-        RaidLevel::Concat,
-    ][(word(d, 0) % 4) as usize];
+    let level = LEVELS[(word(d, 0) % LEVELS.len() as u64) as usize];
     let n = (1 + word(d, 1) % SB_MAX_SLOTS as u64) as usize;
     let block_size = 512u32 << (word(d, 2) % 8);
     let strip = 1u64 << (word(d, 3) % 12);

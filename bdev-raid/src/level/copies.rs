@@ -1,0 +1,191 @@
+//! The IO and process engine of levels that keep whole copies of the data
+//! (raid0 and concat: one copy; raid1: one per member; raid10: two). The
+//! level says where an extent's copies are (`RaidLevel::map`); here a write
+//! goes to every copy that takes writes, a read to one active copy (the
+//! fewest in flight, or the lowest-numbered while a resync is owed) and
+//! retries another on error, and a process window copies each extent from
+//! its first active copy onto the copies being repaired.
+//!
+//! Runs on the reactor that owns the `Ras`; allocation-free on the IO path
+//! (children from the reactor's pool, buffers sliced from the parent's,
+//! the scratch vector reused).
+
+use super::RaidLevel;
+use crate::array::Role;
+use crate::channel::{MemberCh, ParentArgs, Ras};
+use crate::map::{Loc, Placement};
+use crate::rebuild::{WindowCopy, WindowJob};
+use bdev::{IoBox, IoError, IoStatus, IoType};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+
+/// `RaidLevel::submit_rw` of a copy level.
+pub(super) fn submit_rw(level: &dyn RaidLevel, ras: &Ras, slot: u32) {
+    match ras.parent_args(slot) {
+        Some(args) if args.0 .0 == IoType::Read => read(ras, slot, args),
+        Some(args) => write(level, ras, slot, args),
+        None => ras.impossible("an IO to map onto members is not parked"),
+    }
+}
+
+/// A write to every copy that takes writes (active or being rebuilt, not
+/// failed). It fails if some extent has no active copy left.
+fn write(level: &dyn RaidLevel, ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
+    let geo_ref = ras.geo.borrow();
+    let Some(geo) = geo_ref.as_deref() else {
+        drop(geo_ref);
+        return ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
+    };
+    let members = ras.members.borrow();
+    // One snapshot of the failure latches for both passes, so the count
+    // and the fan-out agree even if a member fails meanwhile.
+    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    let nm = members.len();
+    let mut count = 0u32;
+    for e in geo.extents(off, n) {
+        let copies = e.placement.copies(nm);
+        let writable = copies.clone().filter(|l| Ras::writable(&members, failed, l.member as usize)).count() as u32;
+        let survivors = copies.filter(|l| Ras::active(&members, failed, l.member as usize)).count();
+        if survivors == 0 {
+            drop((members, geo_ref));
+            return ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
+        }
+        count += writable;
+    }
+    if (IoBox::available() as u64) < count as u64 {
+        drop((members, geo_ref));
+        return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
+    }
+    // A member latched failed but not yet recorded in the superblock gets
+    // no copy of this write: like a write whose copy failed, it is
+    // acknowledged only once the failure is on disk, or a restart could
+    // take the stale copy for a good one.
+    let unrecorded = failed & !ras.shared.recorded_mask.load(Ordering::Acquire);
+    ras.expect_children(slot, count, unrecorded != 0 && level.is_redundant());
+    // Build every child before submitting any: a member may take
+    // descriptors from this reactor's pool while it submits (a delay,
+    // error or raid bdev below us), and a write that reached one mirror
+    // but not the other would leave them different.
+    let bs = ras.block_size.get();
+    let mut children = ras.take_scratch();
+    let mut short = false;
+    for e in geo.extents(off, n) {
+        for l in e.placement.copies(nm).filter(|l| Ras::writable(&members, failed, l.member as usize)) {
+            let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
+            match Ras::make_child(&members, slot, op, (l, b), e.num_blocks, 0) {
+                Some(c) => children.push(c),
+                None => short = true,
+            }
+        }
+    }
+    if short {
+        children.clear();
+        ras.put_scratch(children);
+        drop((members, geo_ref));
+        return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
+    }
+    for child in children.drain(..) {
+        ras.send_child(&members, child);
+    }
+    ras.put_scratch(children);
+}
+
+/// The active copy with the fewest children in flight on this reactor
+/// (`first`: the lowest-numbered active copy), skipping members in `tried`.
+fn pick_copy(members: &[MemberCh], failed: u32, p: Placement, tried: u32, first: bool) -> Option<Loc> {
+    p.copies(members.len())
+        .filter(|l| tried & (1 << l.member) == 0 && Ras::active(members, failed, l.member as usize))
+        .min_by_key(|l| if first { l.member as u32 } else { members[l.member as usize].outstanding.get() })
+}
+
+/// A read: each extent from one active copy.
+fn read(ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
+    let geo_ref = ras.geo.borrow();
+    let Some(geo) = geo_ref.as_deref() else {
+        drop(geo_ref);
+        return ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
+    };
+    let members = ras.members.borrow();
+    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    let first = ras.reads_prefer_first();
+    let mut count = 0u32;
+    for e in geo.extents(off, n) {
+        if pick_copy(&members, failed, e.placement, 0, first).is_none() {
+            drop((members, geo_ref));
+            return ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
+        }
+        count += 1;
+    }
+    if (IoBox::available() as u64) < count as u64 {
+        drop((members, geo_ref));
+        return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
+    }
+    ras.expect_children(slot, count, false);
+    let bs = ras.block_size.get();
+    for e in geo.extents(off, n) {
+        let Some(l) = pick_copy(&members, failed, e.placement, 0, first) else {
+            continue;
+        };
+        let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
+        ras.submit_child(&members, slot, op, (l, b), e.num_blocks, 0);
+    }
+}
+
+/// `RaidLevel::retry_read` of a copy level: the next untried active copy.
+pub(super) fn retry_read(ras: &Ras, child: IoBox) -> Result<(), IoBox> {
+    let (m, tried) = Ras::child_member(&child);
+    let tried = tried | 1 << m;
+    let geo_ref = ras.geo.borrow();
+    let Some(geo) = geo_ref.as_deref() else {
+        return Err(child);
+    };
+    let members = ras.members.borrow();
+    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    let Some(mc) = members.get(m) else {
+        return Err(child);
+    };
+    let here = Loc { member: m as u16, offset_blocks: child.offset_blocks.saturating_sub(mc.data_offset_blocks) };
+    let Some(copies) = geo.copies_at(here) else {
+        return Err(child);
+    };
+    let Some(l) = pick_copy(&members, failed, copies, tried, ras.reads_prefer_first()) else {
+        return Err(child);
+    };
+    ras.redirect_child(&members, child, l, tried)
+}
+
+/// `RaidLevel::plan_window` of a copy level: each extent of the window
+/// from its first active copy to its copies that `job` repairs (members
+/// being rebuilt or resynced that take writes) or compares (every other
+/// active copy). Extents with nothing to do are left out.
+pub(super) fn plan_window(ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
+    let geo_ref = ras.geo.borrow();
+    let geo = geo_ref.as_deref()?;
+    let members = ras.members.borrow();
+    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    let ok = |m: usize| members.get(m).is_some_and(|mc| mc.ch.is_some()) && failed & (1 << m) == 0;
+    let active = |m: usize| ok(m) && members[m].role == Role::Active;
+    let writable = |m: usize| ok(m) && matches!(members[m].role, Role::Active | Role::Rebuilding);
+    let target = |m: usize| match job {
+        WindowJob::Repair { dests } => dests & (1 << m) != 0 && writable(m),
+        WindowJob::Check => active(m),
+    };
+    let mut out = Vec::new();
+    for e in geo.extents(window.start, window.end - window.start) {
+        let copies = e.placement.copies(members.len());
+        let from = copies.clone().find(|l| active(l.member as usize));
+        let to: Vec<Loc> =
+            copies.filter(|l| target(l.member as usize) && from.is_none_or(|f| f.member != l.member)).collect();
+        if to.is_empty() {
+            continue;
+        }
+        let from = from?;
+        out.push(WindowCopy {
+            from,
+            to,
+            num_blocks: e.num_blocks,
+            buf_offset_blocks: e.array_offset_blocks - window.start,
+        });
+    }
+    Some(out)
+}
