@@ -1,16 +1,18 @@
 //! Remote namespaces as bdevs (`bdev_nvme_attach_controller` with trtype
 //! TCP): one bdev per namespace (`NAMEn<nsid>`), one IO queue per reactor
-//! shared by the controller's namespaces, keep alive on the attaching
-//! reactor.
+//! shared by the controller's namespaces (the engine is in `ns_queue`:
+//! splitting at MDTS, the queue-size bound, FIFO waiting), keep alive on the
+//! attaching reactor.
 
-use super::qpair::{AdminQpair, HostQpair, QpairParts, SubmitError};
-use super::{connect, status_io_error, ConnectParams, CtrlInfo, Session, DEFAULT_HOSTNQN};
-use bdev::{Bdev, BdevChannel, BdevError, BdevProps, IoBox, IoError, IoSlab, IoStatus, IoType, Registry};
+use super::ns_queue::Queue;
+use super::qpair::{AdminQpair, HostQpair, QpairParts};
+use super::{connect, ConnectParams, CtrlInfo, Session, DEFAULT_HOSTNQN};
+use bdev::{Bdev, BdevChannel, BdevError, BdevIo, BdevProps, IoBox, IoType, Registry};
 use serde_json::{json, Value};
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,18 +30,105 @@ pub struct AttachParams {
     pub ddgst: bool,
 }
 
+/// SPDK's spelling of an address family (`spdk_nvme_transport_id_adrfam_str`),
+/// for the ones a TCP address can have.
+fn adrfam_name(adrfam: Option<&str>) -> Result<&'static str, BdevError> {
+    match adrfam {
+        None => Ok("IPv4"),
+        Some(a) if a.eq_ignore_ascii_case("ipv4") => Ok("IPv4"),
+        Some(a) if a.eq_ignore_ascii_case("ipv6") => Ok("IPv6"),
+        Some(a) => Err(BdevError::Invalid(format!("adrfam {a} is not an address family of TCP (IPv4 or IPv6)"))),
+    }
+}
+
+/// The controller's state as SPDK names it in `bdev_nvme_get_controllers`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum CtrlState {
+    /// Admin and IO queues connected.
+    Enabled = 0,
+    /// The admin queue or an IO queue lost its connection (nvraid does not
+    /// reconnect yet: the path stays failed until detached).
+    Failed = 1,
+    /// Being detached.
+    Deleting = 2,
+}
+
+impl CtrlState {
+    fn name(self) -> &'static str {
+        match self {
+            CtrlState::Enabled => "enabled",
+            CtrlState::Failed => "failed",
+            CtrlState::Deleting => "deleting",
+        }
+    }
+}
+
 struct RemoteCtrl {
     id: u64,
     params: AttachParams,
+    /// `adrfam` as SPDK spells it.
+    adrfam: &'static str,
     info: CtrlInfo,
+    /// The IO queues' negotiated size (entries; each carries one less).
+    io_queue_entries: u16,
+    num_io_queues: usize,
     /// IO queues not yet taken, one per reactor.
     io_parts: Mutex<Vec<Option<QpairParts>>>,
     bdevs: Mutex<Vec<String>>,
     detached: AtomicBool,
+    /// A [`CtrlState`]: written by the admin poller and the IO pollers
+    /// (Enabled → Failed) and by detach (→ Deleting, final).
+    state: AtomicU8,
     /// Completions the IO queues reported for IOs they did not hold: each
     /// is asserted in debug builds and counted here
     /// (`bdev_nvme_get_controllers`, `impossible_completions`).
     impossible_completions: AtomicU64,
+}
+
+impl RemoteCtrl {
+    fn state(&self) -> CtrlState {
+        match self.state.load(Ordering::Acquire) {
+            0 => CtrlState::Enabled,
+            1 => CtrlState::Failed,
+            _ => CtrlState::Deleting,
+        }
+    }
+
+    /// A queue lost its connection; a controller being deleted stays so.
+    fn set_failed(&self) {
+        let _ = self.state.compare_exchange(
+            CtrlState::Enabled as u8,
+            CtrlState::Failed as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    fn set_deleting(&self) {
+        self.state.store(CtrlState::Deleting as u8, Ordering::Release);
+    }
+
+    fn info_json(&self) -> Value {
+        let p = &self.params;
+        json!({"name": p.name, "ctrlrs": [{
+            "state": self.state().name(),
+            "trid": {"trtype": "TCP", "adrfam": self.adrfam, "traddr": p.traddr, "trsvcid": p.trsvcid,
+                     "subnqn": p.subnqn},
+            "cntlid": self.info.cntlid,
+            // addr and svcid: the local address the connection is bound to,
+            // empty as in SPDK when none was asked for (hostaddr is refused).
+            // nvraid closes the connections at detach without a shutdown
+            // notification (CC.SHN), so it says so.
+            "host": {"nqn": p.hostnqn.clone().unwrap_or_else(|| DEFAULT_HOSTNQN.into()), "addr": "", "svcid": "",
+                     "no_shn_notification": true},
+            // nvraid's own: what was negotiated, and the impossible-event count.
+            "num_io_queues": self.num_io_queues,
+            "io_queue_size": self.io_queue_entries,
+            "max_transfer_bytes": self.info.max_transfer_bytes,
+            "impossible_completions": self.impossible_completions.load(Ordering::Relaxed),
+        }]})
+    }
 }
 
 #[derive(Default)]
@@ -53,7 +142,8 @@ fn ctrls() -> Arc<Ctrls> {
 }
 
 /// The entries of `bdev_nvme_get_controllers` for TCP controllers
-/// (`name` filters).
+/// (`name` filters), in SPDK's shape: `name`, and `ctrlrs` with one entry
+/// per path (`state`, `trid`, `cntlid`, `host`).
 pub fn controllers_json(name: Option<&str>) -> Vec<Value> {
     ctrls()
         .list
@@ -61,25 +151,33 @@ pub fn controllers_json(name: Option<&str>) -> Vec<Value> {
         .unwrap_or_else(|e| e.into_inner())
         .iter()
         .filter(|c| name.is_none_or(|n| n == c.params.name))
-        .map(|c| {
-            json!({"name": c.params.name, "ctrlrs": [{"state": "enabled", "cntlid": c.info.cntlid,
-                "impossible_completions": c.impossible_completions.load(Ordering::Relaxed), "trid": {
-                "trtype": "TCP", "adrfam": c.params.adrfam.clone().unwrap_or_else(|| "IPv4".into()),
-                "traddr": c.params.traddr, "trsvcid": c.params.trsvcid, "subnqn": c.params.subnqn},
-                "host": {"nqn": c.params.hostnqn.clone().unwrap_or_else(|| DEFAULT_HOSTNQN.into())}}]})
-        })
+        .map(|c| c.info_json())
         .collect()
+}
+
+fn name_taken(name: &str) -> bool {
+    ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.params.name == name)
+}
+
+fn controller_exists(name: &str) -> BdevError {
+    BdevError::Os(format!("a controller named {name} already exists"), libc::EEXIST)
 }
 
 /// Connects (off the reactor: a helper thread does the blocking connect)
 /// and registers one bdev per namespace; `done` runs on the calling
-/// reactor with the bdev names. Must be called on a reactor.
+/// reactor with the bdev names. Must be called on a reactor. A namespace
+/// whose bdev name or UUID is taken fails the whole attach with EEXIST, and
+/// then nothing stays behind: no bdev, no connection.
 pub fn attach_controller(params: AttachParams, done: impl FnOnce(Result<Vec<String>, BdevError>) + Send + 'static) {
     if !params.trtype.eq_ignore_ascii_case("tcp") {
         return done(Err(BdevError::Invalid(format!("trtype {} is not TCP", params.trtype))));
     }
-    if ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.params.name == params.name) {
-        return done(Err(BdevError::Exists(format!("controller {}", params.name))));
+    let adrfam = match adrfam_name(params.adrfam.as_deref()) {
+        Ok(a) => a,
+        Err(e) => return done(Err(e)),
+    };
+    if name_taken(&params.name) {
+        return done(Err(controller_exists(&params.name)));
     }
     let reactors = reactor::count().max(1);
     let mut cp = ConnectParams::new(&params.traddr, &params.trsvcid, &params.subnqn);
@@ -106,7 +204,7 @@ pub fn attach_controller(params: AttachParams, done: impl FnOnce(Result<Vec<Stri
         };
         if let Some((params, done)) = state.take() {
             match r {
-                Ok(session) => done(register(params, session)),
+                Ok(session) => register(params, adrfam, session, Box::new(done)),
                 Err(e) => done(Err(BdevError::Os(format!("attaching {}: {e}", params.traddr), libc::EIO))),
             }
         }
@@ -114,17 +212,58 @@ pub fn attach_controller(params: AttachParams, done: impl FnOnce(Result<Vec<Stri
     });
 }
 
-fn register(params: AttachParams, s: Session) -> Result<Vec<String>, BdevError> {
+type AttachDone = Box<dyn FnOnce(Result<Vec<String>, BdevError>) + Send>;
+
+fn bdev_name(ctrl: &str, nsid: u32) -> String {
+    format!("{ctrl}n{nsid}")
+}
+
+/// Why the controller's namespaces cannot all become bdevs, if they cannot:
+/// a bdev name or UUID in use, or one UUID reported twice.
+fn clash(ctrl: &RemoteCtrl) -> Option<BdevError> {
+    let reg = Registry::get();
+    let exists = |m: String| Some(BdevError::Os(format!("attaching {}: {m}", ctrl.params.name), libc::EEXIST));
+    for (i, ns) in ctrl.info.namespaces.iter().enumerate() {
+        let name = bdev_name(&ctrl.params.name, ns.nsid);
+        if reg.lookup(&name).is_some() {
+            return exists(format!("namespace {} would be bdev {name}, and a bdev of that name exists", ns.nsid));
+        }
+        let Some(uuid) = ns.uuid else { continue };
+        if let Some(h) = reg.lookup(&uuid.to_string()) {
+            return exists(format!("namespace {} has UUID {uuid}, which bdev {} already has", ns.nsid, h.name()));
+        }
+        if let Some(o) = ctrl.info.namespaces[..i].iter().find(|o| o.uuid == Some(uuid)) {
+            return exists(format!("namespaces {} and {} report the same UUID {uuid}", o.nsid, ns.nsid));
+        }
+    }
+    None
+}
+
+fn register(params: AttachParams, adrfam: &'static str, s: Session, done: AttachDone) {
     let c = ctrls();
     let ctrl = Arc::new(RemoteCtrl {
         id: c.next_id.fetch_add(1, Ordering::Relaxed) + 1,
         params,
+        adrfam,
+        io_queue_entries: s.io.first().map_or(0, |q| q.entries),
+        num_io_queues: s.io.len(),
         info: s.info,
         io_parts: Mutex::new(s.io.into_iter().map(Some).collect()),
         bdevs: Mutex::new(Vec::new()),
         detached: AtomicBool::new(false),
+        state: AtomicU8::new(CtrlState::Enabled as u8),
         impossible_completions: AtomicU64::new(0),
     });
+    // Refused before anything is registered: an attach either makes every
+    // namespace a bdev or leaves nothing behind. Dropping `ctrl` and the
+    // admin queue closes every connection.
+    if name_taken(&ctrl.params.name) {
+        return done(Err(controller_exists(&ctrl.params.name)));
+    }
+    if let Some(e) = clash(&ctrl) {
+        tracing::warn!(name = ctrl.params.name, "NVMe/TCP attach refused: {e}");
+        return done(Err(e));
+    }
     let mut admin = AdminQpair::new(s.admin, ctrl.info.kato_ms);
     let weak = Arc::downgrade(&ctrl);
     reactor::register_timed_poller("nvme_tcp_admin", Duration::from_millis(5), move || {
@@ -136,58 +275,77 @@ fn register(params: AttachParams, s: Session) -> Result<Vec<String>, BdevError> 
         }
         if let Err(e) = admin.poll() {
             tracing::warn!(name = ctrl.params.name, "NVMe/TCP admin queue failed: {e}");
+            ctrl.set_failed();
             return reactor::PollStatus::Done;
         }
         reactor::PollStatus::Idle
     });
     let mut names = Vec::new();
-    let mut first_err = None;
     for ns in &ctrl.info.namespaces {
-        let name = format!("{}n{}", ctrl.params.name, ns.nsid);
+        let name = bdev_name(&ctrl.params.name, ns.nsid);
         let mut props = BdevProps::new(&name, "NVMe disk", ns.block_size, ns.num_blocks, ns.uuid);
         // As the remote controller reports them (Identify VWC and DLFEAT).
         props.write_cache = ctrl.info.volatile_write_cache;
         props.deallocated_reads_zeroes = ns.deallocated_reads_zeroes;
+        // MDTS in blocks: the IO queue splits larger IOs (nothing above
+        // does); at least one block, at most what NLB can say.
         if ctrl.info.max_transfer_bytes > 0 {
-            props.max_io_blocks = ctrl.info.max_transfer_bytes / ns.block_size;
+            props.max_io_blocks = (ctrl.info.max_transfer_bytes / ns.block_size).clamp(1, 65_536);
         }
         let b = Arc::new(TcpNsBdev { props, ctrl: ctrl.clone(), nsid: ns.nsid });
-        match Registry::get().register(b) {
-            Ok(_) => names.push(name),
-            Err(e) => {
-                tracing::warn!("NVMe/TCP namespace {}: {e}", ns.nsid);
-                first_err.get_or_insert(e);
-            }
+        if let Err(e) = Registry::get().register(b) {
+            // Taken between the check and now: undo what was registered.
+            tracing::warn!(name = ctrl.params.name, "NVMe/TCP namespace {}: {e}; attach undone", ns.nsid);
+            ctrl.set_deleting();
+            return remove_next(ctrl, names, Box::new(move |_| done(Err(e))));
         }
-    }
-    // A controller none of whose namespaces could become a bdev (a name or
-    // UUID already in use) is an error, not a silent empty attach.
-    if names.is_empty() {
-        if let Some(e) = first_err {
-            ctrl.detached.store(true, Ordering::Release); // ends the admin poller; queues close on drop
-            return Err(e);
-        }
+        names.push(name);
     }
     *ctrl.bdevs.lock().unwrap_or_else(|e| e.into_inner()) = names.clone();
-    c.list.lock().unwrap_or_else(|e| e.into_inner()).push(ctrl);
-    Ok(names)
+    let mut list = c.list.lock().unwrap_or_else(|e| e.into_inner());
+    if list.iter().any(|x| x.params.name == ctrl.params.name) {
+        // An attach of this name on another reactor got here first (with
+        // namespaces, their bdev names would have clashed already).
+        drop(list);
+        ctrl.set_deleting();
+        let e = controller_exists(&ctrl.params.name);
+        return remove_next(ctrl, names, Box::new(move |_| done(Err(e))));
+    }
+    list.push(ctrl);
+    drop(list);
+    done(Ok(names))
 }
 
 /// Removes the controller's bdevs (each after its in-flight IO), then
-/// closes its queues. Must be called on a reactor.
+/// closes its queues. Must be called on a reactor. The controller is listed
+/// as `deleting` until its last bdev is gone.
 pub fn detach_controller(name: &str, done: impl FnOnce(Result<(), BdevError>) + Send + 'static) {
     let c = ctrls();
     let ctrl = {
-        let mut l = c.list.lock().unwrap_or_else(|e| e.into_inner());
-        match l.iter().position(|x| x.params.name == name) {
-            Some(i) => l.remove(i),
+        let l = c.list.lock().unwrap_or_else(|e| e.into_inner());
+        match l.iter().find(|x| x.params.name == name) {
+            Some(x) => x.clone(),
             None => return done(Err(BdevError::NotFound(format!("controller {name}")))),
         }
     };
+    if ctrl.state() == CtrlState::Deleting {
+        return done(Err(BdevError::Os(format!("controller {name} is being detached"), libc::EALREADY)));
+    }
+    ctrl.set_deleting();
     let names = ctrl.bdevs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    remove_next(ctrl, names, Box::new(done));
+    let id = ctrl.id;
+    remove_next(
+        ctrl,
+        names,
+        Box::new(move |r| {
+            ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| x.id != id);
+            done(r)
+        }),
+    );
 }
 
+/// Unregisters `names` one after the other, then ends the controller's
+/// pollers (which closes its connections).
 fn remove_next(ctrl: Arc<RemoteCtrl>, mut names: Vec<String>, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let Some(n) = names.pop() else {
         ctrl.detached.store(true, Ordering::Release);
@@ -208,63 +366,14 @@ struct TcpNsBdev {
     nsid: u32,
 }
 
-/// A reactor's IO queue to one controller, shared by its namespaces.
-struct Queue {
-    qp: HostQpair,
-    ios: IoSlab,
-    waiting: VecDeque<(u32, usize, IoBox)>,
-    dead: bool,
-}
-
 #[derive(Default)]
 struct LocalQueues(RefCell<HashMap<u64, Rc<RefCell<Queue>>>>);
-
-impl Queue {
-    /// Starts `io` on the queue. Err((io, retry)): `retry` when the queue
-    /// is only full. The IO keeps its buffer; the queue gets a second
-    /// handle to the same memory.
-    fn start(&mut self, nsid: u32, block_size: usize, io: IoBox) -> Result<(), (IoBox, bool)> {
-        if self.qp.outstanding() >= self.qp.queue_depth() {
-            return Err((io, true));
-        }
-        let (t, off, n) = (io.io_type, io.offset_blocks, io.num_blocks);
-        let Ok(nlb) = u32::try_from(n) else {
-            return Err((io, false));
-        };
-        let len = n as usize * block_size;
-        let data = match t {
-            IoType::Read | IoType::Write => match io.buf.as_ref() {
-                Some(b) if b.len() >= len => Some(b.slice(0, len)),
-                _ => return Err((io, false)),
-            },
-            _ => None,
-        };
-        let slot = self.ios.insert(io);
-        let tag = u64::from(slot);
-        // FUA travels to the remote controller in CDW12 (DPO has no NVMe form).
-        let flags = self.ios.get(slot).map_or(bdev::IoFlags::NONE, |io| io.flags);
-        let r = match (t, data) {
-            (IoType::Read, Some(b)) => self.qp.read_with(nsid, off, nlb, b, tag, flags),
-            (IoType::Write, Some(b)) => self.qp.write_with(nsid, off, nlb, b, tag, flags),
-            (IoType::Flush, _) => self.qp.flush(nsid, tag),
-            (IoType::WriteZeroes, _) => self.qp.write_zeroes_with(nsid, off, nlb, tag, flags),
-            (IoType::Unmap, _) => match bdev::DmaBuf::alloc(16) {
-                Some(b) => self.qp.deallocate(nsid, &[(off, nlb)], b, tag),
-                None => Err(SubmitError::Full),
-            },
-            _ => Err(SubmitError::BadBuffer),
-        };
-        r.map_err(|e| {
-            let io = self.ios.take(slot).unwrap_or_else(|| unreachable!("just inserted"));
-            (io, e == SubmitError::Full)
-        })
-    }
-}
 
 struct TcpNsChannel {
     q: Rc<RefCell<Queue>>,
     nsid: u32,
-    block_size: usize,
+    block_size: u32,
+    max_io_blocks: u32,
 }
 
 impl Bdev for TcpNsBdev {
@@ -289,21 +398,19 @@ impl Bdev for TcpNsBdev {
                 let Some(parts) = parts else {
                     return Err(BdevError::NoMemory(format!("{}: no IO queue for reactor {me}", self.props.name)));
                 };
-                let qp = HostQpair::from_parts(parts);
-                let depth = qp.queue_depth();
-                let q = Rc::new(RefCell::new(Queue {
-                    qp,
-                    ios: IoSlab::with_capacity(depth),
-                    waiting: VecDeque::with_capacity(depth),
-                    dead: false,
-                }));
+                let q = Rc::new(RefCell::new(Queue::new(HostQpair::from_parts(parts))));
                 local.0.borrow_mut().insert(self.ctrl.id, q.clone());
                 let (q2, ctrl) = (q.clone(), self.ctrl.clone());
                 reactor::register_poller("nvme_tcp_io", move || poll_queue(&q2, &ctrl));
                 q
             }
         };
-        Ok(Rc::new(TcpNsChannel { q, nsid: self.nsid, block_size: self.props.block_size as usize }))
+        Ok(Rc::new(TcpNsChannel {
+            q,
+            nsid: self.nsid,
+            block_size: self.props.block_size,
+            max_io_blocks: self.props.max_io_blocks,
+        }))
     }
     fn config(&self) -> Option<Value> {
         // One attach call recreates every namespace: the first one says it.
@@ -312,7 +419,7 @@ impl Bdev for TcpNsBdev {
         }
         let p = &self.ctrl.params;
         let mut params = json!({"name": p.name, "trtype": "TCP", "traddr": p.traddr,
-            "adrfam": p.adrfam.clone().unwrap_or_else(|| "IPv4".into()), "trsvcid": p.trsvcid,
+            "adrfam": self.ctrl.adrfam, "trsvcid": p.trsvcid,
             "subnqn": p.subnqn, "hdgst": p.hdgst, "ddgst": p.ddgst});
         if let (Some(h), Some(o)) = (&p.hostnqn, params.as_object_mut()) {
             o.insert("hostnqn".into(), json!(h));
@@ -323,7 +430,8 @@ impl Bdev for TcpNsBdev {
         let p = &self.ctrl.params;
         Some((
             "nvme",
-            json!([{"trid": {"trtype": "TCP", "traddr": p.traddr, "trsvcid": p.trsvcid, "subnqn": p.subnqn},
+            json!([{"trid": {"trtype": "TCP", "adrfam": self.ctrl.adrfam, "traddr": p.traddr, "trsvcid": p.trsvcid,
+                "subnqn": p.subnqn},
             "ctrlr_data": {"cntlid": self.ctrl.info.cntlid, "serial_number": self.ctrl.info.serial_number,
             "model_number": self.ctrl.info.model_number, "firmware_revision": self.ctrl.info.firmware_revision},
             "ns_data": {"id": self.nsid}}]),
@@ -334,50 +442,26 @@ impl Bdev for TcpNsBdev {
 fn poll_queue(q: &Rc<RefCell<Queue>>, ctrl: &Arc<RemoteCtrl>) -> reactor::PollStatus {
     let mut q = q.borrow_mut();
     let q = &mut *q;
-    if ctrl.detached.load(Ordering::Acquire) && q.ios.is_empty() && q.waiting.is_empty() {
+    if ctrl.detached.load(Ordering::Acquire) && q.held() == 0 {
         // Dropping the queue closes its socket.
         let local = reactor::local::<LocalQueues>();
         local.0.borrow_mut().remove(&ctrl.id);
         return reactor::PollStatus::Done;
     }
-    let ios = &mut q.ios;
-    let r = q.qp.poll(|c| match ios.take(c.tag as u32) {
-        Some(io) => {
-            let st =
-                if c.status.is_success() { IoStatus::Success } else { IoStatus::Failed(status_io_error(c.status)) };
-            io.complete(st);
-        }
-        None => {
-            // The queue pair answers only commands it was given, once each;
-            // there is no IO to answer here.
-            ctrl.impossible_completions.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(name = ctrl.params.name, tag = c.tag, "NVMe/TCP completion for no IO");
-            debug_assert!(false, "NVMe/TCP completion for no IO (tag {})", c.tag);
-        }
-    });
-    let mut busy = matches!(r, Ok(n) if n > 0);
-    if r.is_err() && !q.dead {
-        q.dead = true;
+    let polled = q.poll();
+    if polled.failed_now {
         tracing::warn!(name = ctrl.params.name, "NVMe/TCP IO queue failed");
+        ctrl.set_failed();
     }
-    if q.dead {
-        while let Some((_, _, io)) = q.waiting.pop_front() {
-            io.fail(IoError::NoDevice);
-            busy = true;
-        }
+    let impossible = polled.impossible;
+    if impossible > 0 {
+        // The queue pair answers only commands it was given, once each;
+        // there is no IO to answer here.
+        ctrl.impossible_completions.fetch_add(impossible, Ordering::Relaxed);
+        tracing::error!(name = ctrl.params.name, impossible, "NVMe/TCP completion for no IO");
+        debug_assert!(false, "NVMe/TCP completion for no IO");
     }
-    while let Some((nsid, bs, io)) = q.waiting.pop_front() {
-        busy = true;
-        match q.start(nsid, bs, io) {
-            Ok(()) => {}
-            Err((io, true)) => {
-                q.waiting.push_front((nsid, bs, io));
-                break;
-            }
-            Err((io, false)) => io.fail(IoError::OutOfRange),
-        }
-    }
-    if busy {
+    if polled.progressed {
         reactor::PollStatus::Busy
     } else {
         reactor::PollStatus::Idle
@@ -386,18 +470,11 @@ fn poll_queue(q: &Rc<RefCell<Queue>>, ctrl: &Arc<RemoteCtrl>) -> reactor::PollSt
 
 impl BdevChannel for TcpNsChannel {
     fn submit(&self, io: IoBox) {
-        let mut q = self.q.borrow_mut();
-        if q.dead {
-            return io.fail(IoError::NoDevice);
-        }
-        if !q.waiting.is_empty() {
-            q.waiting.push_back((self.nsid, self.block_size, io));
-            return;
-        }
-        match q.start(self.nsid, self.block_size, io) {
-            Ok(()) => {}
-            Err((io, true)) => q.waiting.push_back((self.nsid, self.block_size, io)),
-            Err((io, false)) => io.fail(IoError::OutOfRange),
-        }
+        self.q.borrow_mut().submit(io, self.nsid, self.block_size, self.max_io_blocks);
+    }
+
+    /// IOs still waiting for a command slot can be aborted; sent ones not.
+    fn abort(&self, matches: &dyn Fn(&BdevIo) -> bool) -> bool {
+        self.q.borrow_mut().abort(self.nsid, matches)
     }
 }

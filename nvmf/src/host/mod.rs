@@ -6,7 +6,11 @@
 //! admin queue and one IO queue per reactor, and registers one bdev per
 //! namespace, named `NAMEn<nsid>` as SPDK names them. Each reactor's bdev
 //! channel drives that reactor's IO queue; keep alive runs on the reactor
-//! that attached.
+//! that attached. IOs above the controller's MDTS are split into several
+//! commands (each with the IO's flags), no queue carries more commands than
+//! its negotiated size less one, and IOs beyond that wait in a bounded FIFO
+//! ([`MAX_QUEUED_IOS`]); an attach whose namespaces cannot all become bdevs
+//! (a name or UUID in use) fails and leaves nothing behind.
 //!
 //! **Directly** (for load generators such as `nvraid-perf`):
 //!
@@ -38,9 +42,11 @@
 //! connect asks for by disabling SQ flow control).
 
 mod bdev_nvme;
+mod ns_queue;
 mod qpair;
 
 pub use bdev_nvme::{attach_controller, controllers_json, detach_controller, AttachParams};
+pub use ns_queue::MAX_QUEUED_IOS;
 pub use qpair::{AdminQpair, Completion, Data, HostError, HostQpair, QpairParts, SubmitError};
 
 pub use ::bdev::DmaBuf;
@@ -71,7 +77,8 @@ pub struct ConnectParams {
     pub ddgst: bool,
     /// Keep alive timeout asked for (0: none).
     pub kato_ms: u32,
-    /// Entries per IO queue.
+    /// Entries per IO queue asked for, at most the controller's CAP.MQES
+    /// plus one; a queue of N entries carries at most N - 1 commands.
     pub io_queue_entries: u16,
     /// How long any step of the connect may take.
     pub timeout: Duration,

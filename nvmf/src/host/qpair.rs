@@ -164,11 +164,17 @@ pub struct HostQpair {
     done: VecDeque<Completion>,
     failed: Option<HostError>,
     outstanding: usize,
+    /// The queue size negotiated in Connect (SQSIZE + 1).
+    entries: u16,
 }
 
 impl HostQpair {
     pub fn from_parts(p: QpairParts) -> Self {
-        let n = p.entries.max(1) as usize;
+        // One entry of a queue always stays empty (NVMe and NVMe-oF: a full
+        // queue is head == tail + 1), so a queue of N entries carries at most
+        // N - 1 commands; SPDK's initiator keeps the same bound.
+        let entries = p.entries.max(2);
+        let n = entries as usize - 1;
         HostQpair {
             stream: p.stream,
             qid: p.qid,
@@ -194,6 +200,7 @@ impl HostQpair {
             done: VecDeque::with_capacity(n),
             failed: None,
             outstanding: 0,
+            entries,
         }
     }
 
@@ -206,7 +213,7 @@ impl HostQpair {
         Ok(QpairParts {
             stream: self.stream,
             qid: self.qid,
-            entries: self.slots.len() as u16,
+            entries: self.entries,
             rxcfg: *self.reader.config(),
             txcfg: self.txcfg,
             maxh2cdata: self.maxh2cdata,
@@ -222,9 +229,15 @@ impl HostQpair {
         self.qid
     }
 
-    /// Commands that may be outstanding at once.
+    /// Commands that may be outstanding at once: the negotiated queue size
+    /// less one.
     pub fn queue_depth(&self) -> usize {
         self.slots.len()
+    }
+
+    /// The queue size negotiated in Connect (entries, SQSIZE + 1).
+    pub fn queue_entries(&self) -> u16 {
+        self.entries
     }
 
     pub fn outstanding(&self) -> usize {
@@ -577,8 +590,14 @@ impl HostQpair {
                     return self.fail(HostError::Protocol("response for an unknown command".into()));
                 };
                 let mut status = r.cqe.status();
-                if self.slots[slot].digest_err && status.is_success() {
+                let s = &self.slots[slot];
+                if s.digest_err && status.is_success() {
                     status = Status::TRANSIENT_TRANSPORT_ERROR;
+                }
+                // A read answered with success before all its data arrived
+                // would hand back whatever the buffer held before.
+                if s.is_read && s.recvd < s.data_len && status.is_success() {
+                    status = Status::DATA_TRANSFER_ERROR;
                 }
                 let c = self.finish(slot, status, r.cqe.dw0.get(), r.cqe.dw1.get());
                 self.done.push_back(c);
