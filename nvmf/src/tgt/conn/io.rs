@@ -202,6 +202,12 @@ impl Conn {
         }
         if io.io_type == IoType::Read {
             r.buf = io.buf.take();
+            if io.status.is_ok() && r.buf.is_none() {
+                // A read that "succeeded" without its data: answering success
+                // would send the host no data at all.
+                r.status = Status::INTERNAL_ERROR;
+                self.state.impossible("read completed without its buffer");
+            }
         }
         r.pending -= 1;
         if r.pending == 0 {
