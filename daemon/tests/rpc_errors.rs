@@ -294,16 +294,29 @@ fn config_option_methods_are_skipped_by_name_or_applied() {
     drop(d);
 
     // Applied, so refused when nvraid cannot do what it asks.
+    // A config that wrongly loads would leave the daemon serving: it gets
+    // 30 s to stop on its own, then it is killed and the check fails.
     let run = |calls: serde_json::Value| {
         std::fs::write(&cfg, json!({"subsystems": [{"subsystem": "bdev", "config": calls}]}).to_string()).unwrap();
-        std::process::Command::new(env!("CARGO_BIN_EXE_nvraid-tgt"))
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvraid-tgt"))
             .args(["-r", dir.join("s.sock").to_str().unwrap(), "--idle", "sleep", "--no-pin", "-c"])
             .arg(&cfg)
-            .output()
-            .unwrap()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
     };
     for (call, named) in [
-        (json!({"method": "bdev_set_options", "params": {"bdev_io_pool_size": 1024}}), "bdev_io_pool_size=1024"),
+        (json!({"method": "bdev_set_options", "params": {"bdev_io_pool_size": 100}}), "bdev_io_pool_size 100"),
         (json!({"method": "bdev_set_options", "params": {"bdev_auto_examine": false}}), "bdev_auto_examine=false"),
         (
             json!({"method": "bdev_nvme_set_options", "params": {"ctrlr_loss_timeout_sec": 5}}),
