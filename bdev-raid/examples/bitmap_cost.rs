@@ -110,7 +110,13 @@ fn main() {
         run(
             &set,
             a,
-            Spec { io_type: IoType::Write, blocks_per_io: FILL_BLOCKS, depth: FILL_DEPTH, sequential: true },
+            Spec {
+                io_type: IoType::Write,
+                blocks_per_io: FILL_BLOCKS,
+                depth: FILL_DEPTH,
+                sequential: true,
+                wrap: false,
+            },
             600.0,
         );
         println!("  filled {a} in {:.1} s", t.elapsed().as_secs_f64());

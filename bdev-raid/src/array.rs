@@ -10,7 +10,7 @@
 //! refresh at resume). No IO path takes the mutex.
 
 use crate::channel::{drop_ras, find_ras, ras_for, Ras};
-use crate::level::Level;
+use crate::level::{Level, LevelOp};
 use crate::map::{Geometry, MAX_MEMBERS};
 use crate::meta::{self, SbWrite};
 use crate::owner::{self, Fence};
@@ -202,6 +202,9 @@ pub(crate) struct ArrayShared {
     pub recorded_mask: AtomicU32,
     /// Test-only switch for write serialization (see `RaidArray`).
     pub serialize: AtomicBool,
+    /// Test-only switch: lock the level's widened range (raid5: whole
+    /// stripes) rather than just the IO's blocks (see `RaidArray`).
+    pub widen_lock: AtomicBool,
     /// Set by the owner when a delete starts: new IO fails at once.
     pub deleted: AtomicBool,
     /// Set by the owner when teardown has finished.
@@ -210,6 +213,12 @@ pub(crate) struct ArrayShared {
     pub geometry: OnceLock<Arc<Geometry>>,
     /// Rebuild progress in array blocks (owner writes, listings read).
     pub rebuild_blocks: AtomicU64,
+    /// Every block's redundancy is known consistent: set by a check of the
+    /// whole array that found nothing wrong or repaired all it found (and
+    /// writes keep it so). A parity level then may update parity from its
+    /// old value (read-modify-write) instead of recomputing it from the
+    /// whole stripe. Never set on a new array: its members may hold anything.
+    pub redundancy_verified: AtomicBool,
     /// Blocks the running process must cover.
     pub process_total: AtomicU64,
     /// Blocks written by rebuilds and resyncs since start (tests count them).
@@ -537,6 +546,14 @@ impl RaidArray {
         self.0.serialize.store(on, Ordering::Relaxed);
     }
 
+    /// TEST-ONLY: off, a write locks only its own blocks, not the range the
+    /// level asks for (`RaidLevel::lock_range`: raid5 whole stripes), so two
+    /// writes into one stripe may compute parity from each other's
+    /// half-written data: the raid5 storm shows it. Not reachable over RPC.
+    pub fn set_lock_widening(&self, on: bool) {
+        self.0.widen_lock.store(on, Ordering::Relaxed);
+    }
+
     /// Suspends the array: `done` runs (on the owner reactor) once no array
     /// IO is in flight on any reactor and new IO is held; call
     /// [`RaidArray::resume`] once after it ran. Callable any time, also
@@ -705,10 +722,12 @@ pub(crate) fn new_shared(
         failed_mask: AtomicU32::new(0),
         recorded_mask: AtomicU32::new(0),
         serialize: AtomicBool::new(true),
+        widen_lock: AtomicBool::new(true),
         deleted: AtomicBool::new(false),
         torn_down: AtomicBool::new(false),
         geometry: OnceLock::new(),
         rebuild_blocks: AtomicU64::new(0),
+        redundancy_verified: AtomicBool::new(false),
         process_total: AtomicU64::new(0),
         copied_blocks: AtomicU64::new(0),
         clear_sb: AtomicBool::new(false),
@@ -792,7 +811,14 @@ pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geomet
             Some(g) => g,
             None => Geometry::new(shared.level, strip_blocks, &sizes).map_err(|e| BdevError::Invalid(e.to_string()))?,
         };
-        let caps = Caps::of(handles.iter());
+        let mut caps = Caps::of(handles.iter());
+        if !shared.level.maps_unmap_to_members() {
+            // The level cannot keep redundancy right under an unmap or a
+            // write of zeroes passed to members: it does not offer them.
+            caps.unmap = false;
+            caps.write_zeroes = false;
+            caps.deallocated_reads_zeroes = false;
+        }
         let mut props = BdevProps::new(&shared.name, "Raid Volume", bs, geo.array_blocks(), Some(shared.uuid));
         props.optimal_io_boundary = strip_blocks as u32;
         // Props are fixed once registered (SPDK too computes these from the
@@ -1019,6 +1045,9 @@ pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevErro
     let Some(shared) = holder else {
         return done(Err(BdevError::NotFound(format!("{member} is not a member of any raid bdev"))));
     };
+    if let Some(why) = shared.level.refuses(LevelOp::RemoveMember) {
+        return done(Err(BdevError::Invalid(why.into())));
+    }
     let member = member.to_string();
     owner::on_owner_fenced(&shared, move |fenced| {
         let (ras, fence) = match fenced {
@@ -1051,6 +1080,9 @@ pub(crate) fn add_base(raid: &str, base: &str, done: Box<dyn FnOnce(Result<(), B
     let Some(shared) = RaidModule::get().find(raid) else {
         return done(Err(BdevError::NotFound(format!("raid bdev {raid}"))));
     };
+    if let Some(why) = shared.level.refuses(LevelOp::AddMember) {
+        return done(Err(BdevError::Invalid(why.into())));
+    }
     let base = base.to_string();
     owner::on_owner_fenced(&shared, move |fenced| {
         let (ras, fence) = match fenced {
@@ -1393,6 +1425,9 @@ pub(crate) fn check(name: &str, repair: bool, done: Box<dyn FnOnce(Result<Value,
     let Some(shared) = RaidModule::get().find(name) else {
         return done(Err(BdevError::NotFound(format!("raid bdev {name}"))));
     };
+    if let Some(why) = shared.level.refuses(LevelOp::Check) {
+        return done(Err(BdevError::Invalid(why.into())));
+    }
     let name = name.to_string();
     owner::on_owner(&shared, move |ras| match ras {
         Some(ras) => rebuild::start_check(&ras, repair, done),

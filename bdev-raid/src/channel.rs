@@ -80,6 +80,23 @@ struct ParentCtx {
 /// and length in blocks, buffer.
 pub(crate) type ParentArgs = ((IoType, IoFlags), u64, u64, Option<DmaBuf>);
 
+/// Per-parent scratch of a level whose IO runs in rounds (raid5: read the
+/// rest of a stripe, then write data and parity): which round it is in
+/// and the stripe buffer it computes in. Dropped (the buffer back to the
+/// reactor's DMA pool) when the parent finishes.
+#[derive(Default)]
+pub(crate) struct LevelSlot {
+    pub phase: u8,
+    /// The member sets the level planned the IO with (raid5: the members
+    /// it may not read, and those it may not write; bit per slot): later
+    /// rounds follow the plan even if another member fails meanwhile.
+    pub plan_masks: (u32, u32),
+    /// The level planned the IO trusting the old redundancy (see
+    /// `ArrayShared::redundancy_verified`).
+    pub plan_trusted: bool,
+    pub buf: Option<DmaBuf>,
+}
+
 impl ParentCtx {
     const NEW: ParentCtx =
         ParentCtx { remaining: 0, error: None, copy_failed: false, lock: NO_LOCK, marked: false, wait: Wait::None };
@@ -97,6 +114,8 @@ pub struct Ras {
     pub(crate) block_size: Cell<u64>,
     parents: RefCell<IoSlab>,
     ctx: RefCell<Vec<ParentCtx>>,
+    /// The level's per-parent scratch, indexed like `ctx`.
+    level_slots: RefCell<Vec<LevelSlot>>,
     /// Children of one write, built before any is submitted (reused: its
     /// capacity grows to the largest fan-out, then no more allocation).
     scratch: RefCell<Vec<IoBox>>,
@@ -162,6 +181,7 @@ pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
         block_size: Cell::new(512),
         parents: RefCell::new(IoSlab::with_capacity(1024)),
         ctx: RefCell::new(vec![ParentCtx::NEW; 1024]),
+        level_slots: RefCell::new((0..1024).map(|_| LevelSlot::default()).collect()),
         scratch: RefCell::new(Vec::with_capacity(64)),
         bitmap: RefCell::new(None),
         bm_wait: RefCell::new(VecDeque::with_capacity(1024)),
@@ -358,6 +378,11 @@ impl Ras {
             ctx.resize(slot as usize + 1, ParentCtx::NEW);
         }
         ctx[slot as usize] = ParentCtx::NEW;
+        let mut ls = self.level_slots.borrow_mut();
+        if slot as usize >= ls.len() {
+            ls.resize_with(slot as usize + 1, LevelSlot::default);
+        }
+        ls[slot as usize] = LevelSlot::default();
         slot
     }
 
@@ -365,6 +390,9 @@ impl Ras {
     pub(crate) fn finish(&self, slot: u32, status: IoStatus) {
         let ctx = std::mem::replace(&mut self.ctx.borrow_mut()[slot as usize], ParentCtx::NEW);
         let io = self.parents.borrow_mut().take(slot);
+        // The level's stripe buffer goes back to the pool (no child holds it now).
+        let level_buf = self.level_slots.borrow_mut().get_mut(slot as usize).and_then(|l| l.buf.take());
+        drop(level_buf);
         if ctx.lock != NO_LOCK {
             self.release_lock(ctx.lock);
         }
@@ -474,6 +502,15 @@ impl Ras {
                 return self.impossible("a write to serialize is not parked");
             };
             (io.offset_blocks, io.num_blocks)
+        };
+        // The level may lock more than the IO touches (raid5: whole stripes,
+        // so two writes never compute parity from each other's half-written data).
+        let (start, num_blocks) = match self.geo.borrow().as_deref() {
+            Some(g) if self.shared.widen_lock.load(Ordering::Relaxed) => {
+                let r = self.level().lock_range(g, start, num_blocks);
+                (r.start, r.end - r.start)
+            }
+            _ => (start, num_blocks),
         };
         self.ctx.borrow_mut()[slot as usize].wait = Wait::Lock;
         if let Some(owner) = &self.owner {
@@ -705,7 +742,7 @@ impl Ras {
         };
         if done {
             // Deferred like every completion: no parent completes inside submit.
-            self.complete_parent(slot);
+            self.children_done(slot);
         }
     }
 
@@ -721,6 +758,102 @@ impl Ras {
         if prev & (1 << m) == 0 {
             tracing::warn!(raid = %self.shared.name, member = m, "member IO failed: marking it failed");
             crate::owner::member_failed(&self.shared, m);
+        }
+    }
+
+    /// Every child of the parent in `slot` has completed: the level may go
+    /// on with another round (raid5: the writes after the reads), else the
+    /// parent completes.
+    fn children_done(&self, slot: u32) {
+        if self.level().children_done(self, slot) {
+            return;
+        }
+        self.complete_parent(slot);
+    }
+
+    // ---- what levels with IO in rounds use ------------------------------
+
+    /// How the children of the parent in `slot` came back so far: the
+    /// first error, and whether a copy of a redundant write failed.
+    pub(crate) fn child_outcome(&self, slot: u32) -> (Option<IoError>, bool) {
+        self.ctx.borrow().get(slot as usize).map_or((Some(IoError::NoDevice), false), |c| (c.error, c.copy_failed))
+    }
+
+    /// Forgets how a round the level redoes another way came back (raid5:
+    /// reads that failed are planned again around their member): its error
+    /// and its failed copies. The new round's writes set them afresh.
+    pub(crate) fn clear_child_error(&self, slot: u32) {
+        if let Some(c) = self.ctx.borrow_mut().get_mut(slot as usize) {
+            c.error = None;
+            c.copy_failed = false;
+        }
+    }
+
+    /// Fails the parent in `slot` once its children are done (sets its error).
+    pub(crate) fn set_child_error(&self, slot: u32, e: IoError) {
+        if let Some(c) = self.ctx.borrow_mut().get_mut(slot as usize) {
+            c.error.get_or_insert(e);
+        }
+    }
+
+    /// Whether the parent in `slot` holds its range in the table.
+    pub(crate) fn holds_lock(&self, slot: u32) -> bool {
+        self.ctx.borrow().get(slot as usize).is_some_and(|c| c.lock != NO_LOCK)
+    }
+
+    /// Asks the owner's table for the parent's range (as a write does);
+    /// once granted, the level's `submit_rw` maps it again (raid5: a read
+    /// that reconstructs holds its stripes).
+    pub(crate) fn serialize(&self, slot: u32) {
+        self.acquire(slot);
+    }
+
+    /// A child the level counted but could not build (out of descriptors):
+    /// counted out with `NoMemory`.
+    pub(crate) fn child_not_started(&self, slot: u32) {
+        self.child_failed_to_start(slot, IoError::NoMemory);
+    }
+
+    /// The level's round for the parent in `slot` (0 when it starts).
+    pub(crate) fn level_phase(&self, slot: u32) -> u8 {
+        self.level_slots.borrow().get(slot as usize).map_or(0, |l| l.phase)
+    }
+
+    pub(crate) fn set_level_phase(&self, slot: u32, phase: u8) {
+        if let Some(l) = self.level_slots.borrow_mut().get_mut(slot as usize) {
+            l.phase = phase;
+        }
+    }
+
+    /// The member sets the level's plan for `slot` used (see `LevelSlot`).
+    pub(crate) fn level_plan_masks(&self, slot: u32) -> (u32, u32) {
+        self.level_slots.borrow().get(slot as usize).map_or((u32::MAX, u32::MAX), |l| l.plan_masks)
+    }
+
+    pub(crate) fn set_level_plan_masks(&self, slot: u32, masks: (u32, u32)) {
+        if let Some(l) = self.level_slots.borrow_mut().get_mut(slot as usize) {
+            l.plan_masks = masks;
+        }
+    }
+
+    pub(crate) fn level_plan_trusted(&self, slot: u32) -> bool {
+        self.level_slots.borrow().get(slot as usize).is_some_and(|l| l.plan_trusted)
+    }
+
+    pub(crate) fn set_level_plan_trusted(&self, slot: u32, trusted: bool) {
+        if let Some(l) = self.level_slots.borrow_mut().get_mut(slot as usize) {
+            l.plan_trusted = trusted;
+        }
+    }
+
+    /// The level's stripe buffer of the parent in `slot`.
+    pub(crate) fn level_buf(&self, slot: u32) -> Option<DmaBuf> {
+        self.level_slots.borrow().get(slot as usize).and_then(|l| l.buf.clone())
+    }
+
+    pub(crate) fn set_level_buf(&self, slot: u32, buf: Option<DmaBuf>) {
+        if let Some(l) = self.level_slots.borrow_mut().get_mut(slot as usize) {
+            l.buf = buf;
         }
     }
 
@@ -802,7 +935,7 @@ impl IoDone for Ras {
             c.remaining == 0
         };
         if done {
-            self.complete_parent(slot);
+            self.children_done(slot);
         }
     }
 }

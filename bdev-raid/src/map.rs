@@ -325,6 +325,20 @@ mod tests {
                     }
                 }
             }
+            // md left-symmetric: stripe `row` has P on member n-1-row%n, data
+            // chunks on the members after it, wrapping; chunks in array order.
+            "raid5" => {
+                let rows = min / strip;
+                for row in 0..rows {
+                    let p = n as u64 - 1 - row % n as u64;
+                    for k in 0..n as u64 - 1 {
+                        let m = ((p + 1 + k) % n as u64) as u16;
+                        for b in 0..strip {
+                            map.push(vec![(m, row * strip + b)]);
+                        }
+                    }
+                }
+            }
             other => panic!("no reference model for {other}"),
         }
         map
@@ -369,7 +383,7 @@ mod tests {
                 prop_assert_eq!(e.array_offset_blocks, next);
                 prop_assert_eq!(e.buf_offset_blocks, next - off);
                 prop_assert!(e.num_blocks > 0);
-                if level.name() == "raid0" || level.name() == "raid10" {
+                if level.name() == "raid0" || level.name() == "raid10" || level.name() == "raid5" {
                     prop_assert_eq!(e.array_offset_blocks / strip, (e.array_offset_blocks + e.num_blocks - 1) / strip);
                 }
                 for b in 0..e.num_blocks {
@@ -402,9 +416,14 @@ mod tests {
             let geo = Geometry::new(level, strip, &sizes).unwrap();
             let lost = |m: usize| lost_mask & (1 << m) != 0;
             let model = flat_model(level, strip, &sizes);
-            let every_block_kept = model.iter().all(|copies| copies.iter().any(|&(m, _)| !lost(m as usize)));
-            prop_assert_eq!(geo.survives(lost), every_block_kept);
             let lost_count = (0..n).filter(|&m| lost(m)).count();
+            // Parity: any one member may go, the data is computed from the rest.
+            let every_block_kept = if level.name() == "raid5" {
+                lost_count <= 1
+            } else {
+                model.iter().all(|copies| copies.iter().any(|&(m, _)| !lost(m as usize)))
+            };
+            prop_assert_eq!(geo.survives(lost), every_block_kept);
             if lost_count <= level.max_failed_members(n) {
                 prop_assert!(every_block_kept, "{} of {n} tolerates {} losses", level.name(), level.max_failed_members(n));
             }
@@ -429,7 +448,8 @@ mod tests {
         for (s, l) in [("raid0", "raid0"), ("0", "raid0"), ("1", "raid1"), ("10", "raid10"), (" RAID10 ", "raid10")] {
             assert_eq!(parse(s), Some(named(l)));
         }
-        assert_eq!(parse("raid5f"), None);
+        assert_eq!(parse("raid5f"), Some(named("raid5")));
+        assert_eq!(parse("raid6"), None);
     }
 
     #[test]

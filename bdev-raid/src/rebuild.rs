@@ -52,6 +52,9 @@ enum Phase {
 /// with) every `to`. (`pub` only so that the level trait may name it.)
 pub struct WindowCopy {
     pub(crate) from: Loc,
+    /// More sources, XORed into what `from` read before it is written (a
+    /// parity level rebuilding a member from the others; empty for copies).
+    pub(crate) xor: Vec<Loc>,
     pub(crate) to: Vec<Loc>,
     pub(crate) num_blocks: u64,
     /// Where the extent starts in the window's buffer.
@@ -282,6 +285,11 @@ impl Rebuild {
             if let Some(done) = done {
                 ras.shared.ctl().process_target = None;
                 let finished = self.range_idx.get() >= self.ranges.len();
+                // A whole-array check that left nothing wrong: redundancy
+                // is consistent everywhere (user writes keep it so).
+                if finished && c.mismatched.get() == c.repaired.get() {
+                    ras.shared.redundancy_verified.store(true, Ordering::Release);
+                }
                 let r = json!({
                     "name": ras.shared.name,
                     "blocks_checked": self.done_blocks.get(),
@@ -340,6 +348,15 @@ impl Rebuild {
         let window_blocks = (opts.process_window_size_kb as u64 * 1024 / bs).clamp(1, max_blocks);
         let start = self.offset.get().max(range.start);
         let end = (start + window_blocks).min(range.end);
+        // A parity level repairs whole stripes: the window widens to the
+        // range the level locks (copy levels: the window itself), so each
+        // stripe is rebuilt once and its rows fit the window's buffer.
+        // (User writes lock whole stripes themselves, so a narrower window
+        // would still never overlap one.)
+        let end = match ras.shared.geometry.get() {
+            Some(g) => ras.shared.level.lock_range(g, start, end - start).end.max(end),
+            None => end,
+        };
         self.window.set((start, end));
         self.window_started_ns.set(now);
         self.phase.set(Phase::Locking);
@@ -376,8 +393,11 @@ impl Rebuild {
             tracing::error!(raid = %ras.shared.name, "rebuild has no healthy source copy: stopping");
             return self.end_window(&ras, false);
         };
-        let count =
-            if self.check.is_some() { copies.iter().map(|c| 1 + c.to.len() as u32).sum() } else { copies.len() as u32 };
+        let count = if self.check.is_some() {
+            copies.iter().map(|c| 1 + c.to.len() as u32 + c.xor.len() as u32).sum()
+        } else {
+            copies.iter().map(|c| 1 + c.xor.len() as u32).sum()
+        };
         if count == 0 {
             return self.end_window(&ras, true);
         }
@@ -397,8 +417,14 @@ impl Rebuild {
             self.next_start_ns.set(reactor::now_ns() + 1_000_000);
             return self.release_window(&ras);
         };
-        if self.check.is_some() {
-            let others = copies.iter().map(|c| c.to.len()).max().unwrap_or(0);
+        // Scrub: a buffer per other copy; parity rebuild: per XOR source.
+        // (A parity scrub reads `from`, the parity, and XORs the data.)
+        let others = if self.check.is_some() {
+            copies.iter().map(|c| c.to.len() + c.xor.len()).max().unwrap_or(0)
+        } else {
+            copies.iter().map(|c| c.xor.len()).max().unwrap_or(0)
+        };
+        if others > 0 {
             let mut cmp = self.cmp.borrow_mut();
             if cmp.first().is_some_and(|b| b.len() < len) {
                 cmp.clear();
@@ -423,8 +449,12 @@ impl Rebuild {
             let (off, n) = ((c.buf_offset_blocks * bs) as usize, (c.num_blocks * bs) as usize);
             self.submit(&members, IoType::Read, c.from, c.num_blocks, buf.slice(off, n));
             if self.check.is_some() {
-                for (k, &to) in c.to.iter().enumerate() {
+                for (k, &to) in c.to.iter().chain(&c.xor).enumerate() {
                     self.submit(&members, IoType::Read, to, c.num_blocks, cmp[k].slice(off, n));
+                }
+            } else {
+                for (k, &src) in c.xor.iter().enumerate() {
+                    self.submit(&members, IoType::Read, src, c.num_blocks, cmp[k].slice(off, n));
                 }
             }
         }
@@ -441,9 +471,36 @@ impl Rebuild {
         };
         let copies = std::mem::take(&mut *self.current.borrow_mut());
         let cmp = self.cmp.borrow().clone();
-        let mut repairs: Vec<(Loc, u64, u64)> = Vec::new();
+        // (member location, blocks, buffer offset, the comparison buffer
+        // holding the right data: None for `buf`).
+        let mut repairs: Vec<(Loc, u64, u64, Option<usize>)> = Vec::new();
+        let parity = parity::Parity::best();
         for c in &copies {
             let (off, n) = ((c.buf_offset_blocks as usize) * bs, c.num_blocks as usize * bs);
+            if !c.xor.is_empty() {
+                // Parity: `buf` holds P as read; the XOR of the data goes
+                // into the first data buffer, and the two must agree.
+                let t = c.to.len();
+                let sum = cmp[t].slice(off, n);
+                for other in &cmp[t + 1..t + c.xor.len()] {
+                    let src = other.slice(off, n);
+                    if sum.with_mut(|d| src.with(|s| parity.xor_into(d, &[s]))).is_err() {
+                        ras.impossible("parity check sources of different lengths");
+                        return self.end_window(ras, false);
+                    }
+                }
+                let differ = buf.with(|a| {
+                    sum.with(|b| a[off..off + n].chunks(bs).zip(b.chunks(bs)).filter(|(x, y)| x != y).count())
+                }) as u64;
+                if differ > 0 {
+                    check.mismatched.set(check.mismatched.get() + differ);
+                    if check.repair {
+                        check.repaired.set(check.repaired.get() + differ);
+                        repairs.push((c.from, c.num_blocks, c.buf_offset_blocks, Some(t)));
+                    }
+                }
+                continue;
+            }
             for (k, &to) in c.to.iter().enumerate() {
                 let differ = buf.with(|a| {
                     cmp[k].with(|b| {
@@ -454,7 +511,7 @@ impl Rebuild {
                     check.mismatched.set(check.mismatched.get() + differ);
                     if check.repair {
                         check.repaired.set(check.repaired.get() + differ);
-                        repairs.push((to, c.num_blocks, c.buf_offset_blocks));
+                        repairs.push((to, c.num_blocks, c.buf_offset_blocks, None));
                     }
                 }
             }
@@ -469,8 +526,9 @@ impl Rebuild {
         self.failed.set(false);
         self.remaining.set(repairs.len() as u32);
         let members = ras.members.borrow();
-        for (to, n, off) in repairs {
-            let b = buf.slice(off as usize * bs, n as usize * bs);
+        for (to, n, off, from_cmp) in repairs {
+            let src = from_cmp.map_or(&buf, |k| &cmp[k]);
+            let b = src.slice(off as usize * bs, n as usize * bs);
             self.submit(&members, IoType::Write, to, n, b);
         }
     }
@@ -641,7 +699,13 @@ impl IoDone for Rebuild {
             // A source failed: read again from the copies still healthy.
             (Phase::Reading, true) => self.start_reads_again(&ras),
             (Phase::Reading, false) if self.check.is_some() => self.compare(&ras),
-            (Phase::Reading, false) => self.start_writes(&ras),
+            (Phase::Reading, false) => {
+                self.fold_xor(&ras);
+                if self.failed.get() {
+                    return self.end_window(&ras, false);
+                }
+                self.start_writes(&ras)
+            }
             (Phase::Writing, failed) => self.end_window(&ras, !failed),
             _ => {}
         }
@@ -649,6 +713,29 @@ impl IoDone for Rebuild {
 }
 
 impl Rebuild {
+    /// Parity rebuild: XORs each copy's other sources into what `from` read.
+    fn fold_xor(&self, ras: &Ras) {
+        let copies = self.current.borrow();
+        if copies.iter().all(|c| c.xor.is_empty()) {
+            return;
+        }
+        let (Some(buf), bs) = (self.buf.borrow().clone(), ras.block_size.get() as usize) else { return };
+        let cmp = self.cmp.borrow();
+        let parity = parity::Parity::best();
+        for c in copies.iter() {
+            let (off, n) = (c.buf_offset_blocks as usize * bs, c.num_blocks as usize * bs);
+            let dst = buf.slice(off, n);
+            for k in 0..c.xor.len() {
+                let src = cmp[k].slice(off, n);
+                if dst.with_mut(|d| src.with(|s| parity.xor_into(d, &[s]))).is_err() {
+                    // Slices of one length by construction.
+                    ras.impossible("parity rebuild sources of different lengths");
+                    self.failed.set(true);
+                }
+            }
+        }
+    }
+
     fn start_reads_again(&self, ras: &Ras) {
         // Every member being repaired failed: nothing left to copy onto.
         let failed = ras.shared.failed_mask.load(Ordering::Acquire);

@@ -167,6 +167,11 @@ fn validate_create(p: RaidCreateParams) -> Result<CreateSpec, BdevError> {
         None => None,
     };
     let superblock = p.superblock.unwrap_or(false);
+    if superblock {
+        if let Some(why) = level.refuses(crate::level::LevelOp::Superblock) {
+            return Err(BdevError::Invalid(why.into()));
+        }
+    }
     let chunk_kb = p.bitmap_chunk_size_kb.unwrap_or(65536);
     if !chunk_kb.is_power_of_two() {
         return Err(BdevError::Invalid(format!("bitmap_chunk_size_kb must be a power of two (got {chunk_kb})")));
@@ -314,12 +319,19 @@ mod tests {
             (base("raid0", Some(48), &["A", "B"]), "strip not a power of two"),
             (base("raid1", Some(64), &["A", "B"]), "raid1 with strip"),
             (base("raid1", None, &["A"]), "too few"),
-            (base("raid5f", Some(64), &["A", "B", "C"]), "unknown level"),
+            (base("raid6", Some(64), &["A", "B", "C", "D"]), "unknown level"),
+            (base("raid5f", Some(64), &["A", "B"]), "raid5 with two members"),
+            (base("raid5f", None, &["A", "B", "C"]), "raid5 without strip"),
             (base("concat", Some(64), &["A", "A"]), "duplicate"),
         ] {
             let e = validate_create(p).err().unwrap_or_else(|| panic!("{why} accepted"));
             assert_eq!(e.errno(), 22, "{why}: {e}");
         }
+        let mut p = base("raid5", Some(64), &["A", "B", "C"]);
+        p.superblock = Some(true);
+        let e = validate_create(p).err().expect("raid5 with a superblock refused");
+        assert!(e.to_string().contains("raid5 with a superblock is not supported yet"), "{e}");
+        assert!(validate_create(base("raid5f", Some(64), &["A", "B", "C"])).is_ok());
         let mut p = base("raid10", Some(64), &["A", "B", "C", "D"]);
         p.uuid = Some("not-a-uuid".into());
         assert!(validate_create(p).is_err());

@@ -5,7 +5,9 @@
 //! serialization table with its acquire/grant/release messages and waiting
 //! writes, read balancing, completion — on a manual reactor set; and a
 //! raid1 with a superblock and write-intent bitmap, whose writes mark and
-//! end their chunks (bits on disk: the common case, no batch to wait for).
+//! end their chunks (bits on disk: the common case, no batch to wait for);
+//! and a raid5, whose writes lock whole stripes, read the rest of partial
+//! stripes and compute parity in a stripe buffer from the DMA pool.
 
 use bdev::malloc::MallocBdev;
 use bdev::{BdevProps, Channel, DmaBuf, IoBox, IoDone, IoStatus, IoType, Registry};
@@ -123,6 +125,12 @@ fn raid_io_path_allocates_nothing() {
         };
         mk("R1", "raid1", None, &["M0", "M1"]);
         mk("R10", "raid10", Some(2), &["M2", "M3", "M4", "M5"]);
+        for i in 8..11 {
+            let b = MallocBdev::new(BdevProps::new(&format!("M{i}"), "Malloc disk", 512, 512, None)).unwrap();
+            Registry::get().register(Arc::new(b)).unwrap();
+        }
+        // 2 KiB chunks: an 8-block IO is a full stripe, or parts of two.
+        mk("R5", "raid5", Some(2), &["M8", "M9", "M10"]);
         // 4 MiB members: room for the superblock, the bitmap and 1 MiB alignment.
         for i in 6..8 {
             let b = MallocBdev::new(BdevProps::new(&format!("M{i}"), "Malloc disk", 512, 8192, None)).unwrap();
@@ -165,6 +173,8 @@ fn raid_io_path_allocates_nothing() {
         start_job(&m, 1, "R10", 4),
         start_job(&m, 0, "RB", 5),
         start_job(&m, 1, "RB", 6),
+        start_job(&m, 0, "R5", 7),
+        start_job(&m, 1, "R5", 8),
     ];
     // Warm-up: pools, slabs and queues reach their high-water marks.
     run_until(&m, &jobs, 2_000);
@@ -178,6 +188,6 @@ fn raid_io_path_allocates_nothing() {
     }
     m.run_until_idle(10_000);
     assert!(jobs.iter().all(|j| j.failed.get() == 0), "IO failed");
-    assert!(ios >= 30_000);
+    assert!(ios >= 40_000);
     assert_eq!(allocated, 0, "{allocated} allocations during {ios} steady-state RAID IOs");
 }

@@ -21,11 +21,13 @@ pub struct Spec {
     pub depth: usize,
     /// Write the bdev once front to back (ends early), instead of random offsets.
     pub sequential: bool,
+    /// Sequential, and back to the start at the end until the time is up.
+    pub wrap: bool,
 }
 
 impl Spec {
     pub fn random(io_type: IoType, depth: usize) -> Spec {
-        Spec { io_type, blocks_per_io: 1, depth, sequential: false }
+        Spec { io_type, blocks_per_io: 1, depth, sequential: false, wrap: false }
     }
 }
 
@@ -47,7 +49,10 @@ impl Job {
     fn submit_one(&self, buf: DmaBuf) {
         let per_io = self.spec.blocks_per_io;
         let off = if self.spec.sequential {
-            let off = self.next.get();
+            let mut off = self.next.get();
+            if off + per_io > self.span_blocks && self.spec.wrap {
+                off = 0;
+            }
             if off >= self.span_blocks {
                 return;
             }

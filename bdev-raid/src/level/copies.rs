@@ -182,6 +182,7 @@ pub(super) fn plan_window(ras: &Ras, window: Range<u64>, job: WindowJob) -> Opti
         let from = from?;
         out.push(WindowCopy {
             from,
+            xor: Vec::new(),
             to,
             num_blocks: e.num_blocks,
             buf_offset_blocks: e.array_offset_blocks - window.start,

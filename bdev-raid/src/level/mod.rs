@@ -16,6 +16,7 @@ mod copies;
 mod raid0;
 mod raid1;
 mod raid10;
+mod raid5;
 
 use crate::channel::Ras;
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement};
@@ -30,7 +31,7 @@ use std::ops::Range;
 pub type Level = &'static dyn RaidLevel;
 
 /// Every level, in the order listings and error messages name them.
-pub static LEVELS: [Level; 4] = [&raid0::Raid0, &raid1::Raid1, &raid10::Raid10, &concat::Concat];
+pub static LEVELS: [Level; 5] = [&raid0::Raid0, &raid1::Raid1, &raid10::Raid10, &concat::Concat, &raid5::Raid5];
 
 /// The level `bdev_raid_create` names: its SPDK name or an alias (SPDK's
 /// digits), in any case, surrounding blanks ignored.
@@ -53,6 +54,19 @@ pub fn names() -> String {
 #[cfg(test)]
 pub(crate) fn named(name: &str) -> Level {
     parse(name).unwrap_or_else(|| panic!("no level {name}"))
+}
+
+/// An array operation a level may not do yet (see [`RaidLevel::refuses`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LevelOp {
+    /// Create with `superblock: true` (and so a bitmap and assembly).
+    Superblock,
+    /// `bdev_raid_add_base_bdev` (and the rebuild onto the new member).
+    AddMember,
+    /// `bdev_raid_remove_base_bdev`.
+    RemoveMember,
+    /// `bdev_raid_check` (scrub and repair).
+    Check,
 }
 
 /// One RAID level (SPDK: `struct raid_bdev_module`).
@@ -156,6 +170,38 @@ pub trait RaidLevel: Send + Sync + 'static {
     /// the window has no healthy source.
     fn plan_window(&self, ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>>;
 
+    // ---- hooks with defaults (levels that compute redundancy) ----------------
+
+    /// The array range a write-like IO of `[offset, offset + num_blocks)`
+    /// holds in the serialization table. Copy levels lock what they write;
+    /// a parity level locks whole stripes, so two writes into one stripe
+    /// never compute parity from each other's half-written data.
+    fn lock_range(&self, _geo: &Geometry, offset_blocks: u64, num_blocks: u64) -> Range<u64> {
+        offset_blocks..offset_blocks + num_blocks
+    }
+
+    /// Every child of the parent in `slot` has completed. A level whose IO
+    /// runs in rounds (read the rest of a stripe, then write data and
+    /// parity) submits the next round here and answers true (it set the
+    /// new child count with `Ras::expect_children`, or finished the parent
+    /// itself); false lets the parent complete as its children came back.
+    fn children_done(&self, _ras: &Ras, _slot: u32) -> bool {
+        false
+    }
+
+    /// Whether an unmap or write of zeroes may go to the members' blocks as
+    /// it is (copy levels); a level whose redundancy would go wrong that way
+    /// does not advertise them.
+    fn maps_unmap_to_members(&self) -> bool {
+        true
+    }
+
+    /// Why the level refuses `op` (not done yet), or None: the refusal is
+    /// the error a user reads, so a level never accepts and ignores.
+    fn refuses(&self, _op: LevelOp) -> Option<&'static str> {
+        None
+    }
+
     // ---- derived ---------------------------------------------------------------
 
     /// Keeps data when a member is lost. Such a level latches a member that
@@ -206,9 +252,9 @@ mod tests {
                 }
             }
         }
-        assert_eq!(names(), "raid0, raid1, raid10, concat");
+        assert_eq!(names(), "raid0, raid1, raid10, concat, raid5");
         // The superblock codes on disk (SPDK's enum values where it has the level).
         let codes: Vec<(&str, u8)> = LEVELS.iter().map(|l| (l.name(), l.superblock_code())).collect();
-        assert_eq!(codes, [("raid0", 0), ("raid1", 1), ("raid10", 10), ("concat", 99)]);
+        assert_eq!(codes, [("raid0", 0), ("raid1", 1), ("raid10", 10), ("concat", 99), ("raid5", 95)]);
     }
 }
