@@ -4,7 +4,7 @@
 //! injection, delay), and a volatile-cache model with a power switch for
 //! durability tests.
 //!
-//! `unsafe` lives only in `dma` (raw buffer memory), `tsc` (RDTSC) and
+//! `unsafe` lives only in `dma` (raw buffer memory) and
 //! `uring` (buffers handed to the kernel, ioctl/statx on the file), each
 //! block with its SAFETY note.
 
