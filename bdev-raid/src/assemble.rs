@@ -168,6 +168,7 @@ fn state_difference(a: &SuperblockInfo, b: &SuperblockInfo) -> String {
     };
     field("name", format!("{:?}", a.name), format!("{:?}", b.name));
     field("clean", a.clean.to_string(), b.clean.to_string());
+    field("redundancy_verified", a.redundancy_verified.to_string(), b.redundancy_verified.to_string());
     field("slots", a.slots.len().to_string(), b.slots.len().to_string());
     for (i, (x, y)) in a.slots.iter().zip(&b.slots).enumerate() {
         field(&format!("slot {i}"), format!("{x:?}"), format!("{y:?}"));

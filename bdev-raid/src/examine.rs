@@ -464,6 +464,12 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
     let shared = ras.shared.clone();
     let module = RaidModule::get();
     let sb = plan.superblock.clone();
+    // Keep a verification recorded before the shutdown. After a crash a
+    // dirty stripe's parity may be wrong: a read-modify-write there keeps
+    // it wrong by the same amount, and the resync (which holds each stripe
+    // as a write does) recomputes it from the data.
+    let verified = sb.redundancy_verified && shared.level.trusts_checked_redundancy();
+    shared.redundancy_verified.store(verified, Ordering::Release);
     let give_up = |msg: String| {
         module.problem(format!("array {}: not started: {msg}", shared.name));
         shared.starting.store(false, Ordering::Release);

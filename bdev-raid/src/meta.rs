@@ -91,6 +91,8 @@ fn next_info(ras: &Ras, meta: &Meta, clean: bool) -> SuperblockInfo {
     let mut info = meta.sb.borrow().clone();
     info.events += 1;
     info.clean = clean;
+    info.redundancy_verified =
+        ras.shared.level.trusts_checked_redundancy() && ras.shared.redundancy_verified.load(Ordering::Acquire);
     let failed = ras.shared.failed_mask.load(Ordering::Acquire);
     let ctl = ras.shared.ctl();
     for (i, (e, s)) in info.slots.iter_mut().zip(ctl.slots.iter()).enumerate() {

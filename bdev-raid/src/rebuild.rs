@@ -169,12 +169,18 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         } else {
             0
         };
-        let ranges = if full {
+        if full {
             ranges.push(resume..array_blocks);
-            merge(ranges)
-        } else {
-            merge(ranges)
-        };
+        }
+        // A parity level repairs whole stripes: each range widens to the
+        // stripes it touches (copy levels: unchanged), so a stripe that two
+        // dirty chunks share is repaired and counted once.
+        if let Some(g) = ras.shared.geometry.get() {
+            for r in ranges.iter_mut().filter(|r| r.start < r.end) {
+                *r = ras.shared.level.lock_range(g, r.start, r.end - r.start);
+            }
+        }
+        let ranges = merge(ranges);
         let target = rebuilding.first().copied().unwrap_or(0);
         ctl.process_target = Some(target);
         ctl.process_kind = if rebuilding.is_empty() { "resync" } else { "rebuild" };
@@ -287,8 +293,24 @@ impl Rebuild {
                 let finished = self.range_idx.get() >= self.ranges.len();
                 // A whole-array check that left nothing wrong: redundancy
                 // is consistent everywhere (user writes keep it so).
-                if finished && c.mismatched.get() == c.repaired.get() {
+                let verified = finished && c.mismatched.get() == c.repaired.get();
+                let was = ras.shared.redundancy_verified.load(Ordering::Acquire);
+                if verified {
                     ras.shared.redundancy_verified.store(true, Ordering::Release);
+                } else if c.mismatched.get() > c.repaired.get() {
+                    // Wrong parity found and left: never update it in place.
+                    ras.shared.redundancy_verified.store(false, Ordering::Release);
+                }
+                // A level that trusts a verification keeps it in the
+                // superblock (`meta::next_info` writes the flag).
+                let now = ras.shared.redundancy_verified.load(Ordering::Acquire);
+                // (Not while deleting: the clean superblock written then carries it.)
+                let deleting = ras.shared.deleted.load(Ordering::Acquire);
+                if now != was && ras.shared.level.trusts_checked_redundancy() && !deleting {
+                    let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone());
+                    if let Some(meta) = meta {
+                        crate::meta::update(&ras.rc(), &meta, crate::meta::SbWrite::Dirty, Box::new(|_| {}));
+                    }
                 }
                 let r = json!({
                     "name": ras.shared.name,

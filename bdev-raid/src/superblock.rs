@@ -30,6 +30,12 @@ pub const SB_NAME_BYTES: usize = 64;
 pub const DATA_ALIGN_BYTES: u64 = 1 << 20;
 /// `flags` bit: the array was shut down cleanly (no write may be half done).
 const FLAG_CLEAN: u32 = 1;
+/// `flags` bit: a whole-array check left every stripe's redundancy right
+/// (and writes keep it so), so partial writes may update it in place
+/// (raid5's read-modify-write). Written only by levels that use it
+/// (`RaidLevel::trusts_checked_redundancy`); superblocks without it read as
+/// before.
+const FLAG_REDUNDANCY_VERIFIED: u32 = 2;
 
 /// Offset of the CRC field; the checksum covers all 4096 bytes with it zeroed.
 const CRC_OFFSET: usize = 12;
@@ -183,6 +189,8 @@ pub struct SuperblockInfo {
     pub events: u64,
     /// False after an unclean shutdown: the bitmap's dirty chunks need resync.
     pub clean: bool,
+    /// A whole-array check verified the redundancy (`FLAG_REDUNDANCY_VERIFIED`).
+    pub redundancy_verified: bool,
     pub bitmap: Option<BitmapLocation>,
     /// Which slot the member carrying this copy fills.
     pub this_slot: usize,
@@ -309,6 +317,8 @@ impl SuperblockInfo {
             array_blocks: geometry.array_blocks(),
             events: 1,
             clean: true,
+            // Members are not zeroed at create: nothing is verified yet.
+            redundancy_verified: false,
             bitmap: layout.bitmap,
             this_slot: 0,
             member_uuid: members.first().map_or(Uuid::nil(), |m| m.0),
@@ -516,7 +526,7 @@ pub fn decode(bytes: &[u8]) -> Result<SuperblockInfo, SuperblockError> {
     nonzero_at(&sb.reserved1, std::mem::offset_of!(Superblock, reserved1))?;
     nonzero_at(&sb.reserved2, std::mem::offset_of!(Superblock, reserved2))?;
     let flags = sb.flags.get();
-    if flags & !FLAG_CLEAN != 0 {
+    if flags & !(FLAG_CLEAN | FLAG_REDUNDANCY_VERIFIED) != 0 {
         return Err(SuperblockError::UnknownBits(std::mem::offset_of!(Superblock, flags)));
     }
     let level = crate::level::from_superblock_code(sb.level).ok_or(SuperblockError::UnknownLevel(sb.level))?;
@@ -559,6 +569,7 @@ pub fn decode(bytes: &[u8]) -> Result<SuperblockInfo, SuperblockError> {
         array_blocks: sb.array_blocks.get(),
         events: sb.events.get(),
         clean: flags & FLAG_CLEAN != 0,
+        redundancy_verified: flags & FLAG_REDUNDANCY_VERIFIED != 0,
         bitmap,
         this_slot: usize::from(sb.this_slot),
         member_uuid: Uuid::from_bytes(sb.member_uuid),
@@ -580,7 +591,8 @@ pub fn try_encode(info: &SuperblockInfo) -> Result<[u8; SB_SIZE_BYTES], Superblo
     sb.array_blocks = U64::new(info.array_blocks);
     sb.strip_size_blocks = U64::new(info.strip_size_blocks);
     sb.block_size = U32::new(info.block_size);
-    sb.flags = U32::new(if info.clean { FLAG_CLEAN } else { 0 });
+    let verified = if info.redundancy_verified { FLAG_REDUNDANCY_VERIFIED } else { 0 };
+    sb.flags = U32::new(if info.clean { FLAG_CLEAN } else { 0 } | verified);
     sb.level = info.level.superblock_code();
     // validate() bounds both by SB_MAX_SLOTS, which fits a u8.
     sb.num_members = info.slots.len() as u8;
@@ -690,6 +702,7 @@ mod tests {
             name in "[a-zA-Z0-9_\\-é☃]{1,20}",
             events: u64,
             clean: bool,
+            verified: bool,
             array: u128,
             this_pick: usize,
         ) -> SuperblockInfo {
@@ -713,6 +726,7 @@ mod tests {
             let this = this_pick % n;
             info.events = events;
             info.clean = clean;
+            info.redundancy_verified = verified;
             info = info.for_slot(this).unwrap();
             // A failed slot may have lost its member, but not this copy's own.
             if this != 0 && info.slots[0].state == SlotState::Failed {

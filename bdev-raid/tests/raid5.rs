@@ -9,7 +9,7 @@ mod common;
 
 use bdev::volatile_cache::{CacheCounters, VolatileCacheBdev};
 use bdev::{BdevProps, DmaBuf, IoBox, IoFlags, IoStatus, IoType, Registry};
-use bdev_raid::rpc::{self, RaidAddBaseBdevParams, RaidCheckParams, RaidCreateParams, RaidRemoveBaseBdevParams};
+use bdev_raid::rpc::{self, RaidAddBaseBdevParams, RaidCheckParams, RaidRemoveBaseBdevParams};
 use common::*;
 use std::sync::Arc;
 
@@ -138,18 +138,6 @@ fn what_is_not_done_yet_is_refused_readably() {
         for i in 0..5 {
             malloc(&format!("M{i}"), 8192);
         }
-        let e = rpc::bdev_raid_create(RaidCreateParams {
-            name: "S".into(),
-            raid_level: "raid5".into(),
-            base_bdevs: vec!["M0".into(), "M1".into(), "M2".into()],
-            strip_size_kb: Some(64),
-            uuid: None,
-            superblock: Some(true),
-            bitmap: None,
-            bitmap_chunk_size_kb: None,
-        })
-        .unwrap_err();
-        assert!(e.to_string().contains("raid5 with a superblock is not supported yet"), "{e}");
         assert!(create_raid("S", "raid5", Some(64), &["M0", "M1"]).unwrap_err().to_string().contains("at least 3"));
         create_raid("R", "raid5", Some(64), &["M0", "M1", "M2"]).unwrap();
     });

@@ -196,6 +196,14 @@ pub trait RaidLevel: Send + Sync + 'static {
         true
     }
 
+    /// Whether partial writes update the redundancy in place (from the old
+    /// data and parity, as raid5's read-modify-write) once a whole-array
+    /// check has verified it (`ArrayShared::redundancy_verified`): the
+    /// superblock then records that verification, so it outlives a restart.
+    fn trusts_checked_redundancy(&self) -> bool {
+        false
+    }
+
     /// Why the level refuses `op` (not done yet), or None: the refusal is
     /// the error a user reads, so a level never accepts and ignores.
     fn refuses(&self, _op: LevelOp) -> Option<&'static str> {

@@ -17,8 +17,10 @@
 //! array has left every parity right (`ArrayShared::redundancy_verified`),
 //! a partial write that way would read more members than the rows it
 //! replaces plus the parity does read-modify-write instead (P ^= old ^ new).
-//! The array does not persist that knowledge (no superblock yet): a new
-//! instance starts untrusted.
+//! With a superblock that knowledge survives a restart (the superblock's
+//! redundancy-verified flag, `RaidLevel::trusts_checked_redundancy`); a
+//! check that finds wrong parity and leaves it drops it. Without one, a
+//! new instance starts untrusted.
 //!
 //! Degraded (one member failed or missing): a read of the lost member's
 //! chunk reads the same rows of every other member and XORs them (under
@@ -43,8 +45,33 @@
 //! data (md's `check`; `mismatched_blocks` counts parity blocks that
 //! differ) and with `repair` rewrites the parity.
 //!
-//! Not yet (refused at the RPC, `refuses`): superblock (and with it the
-//! bitmap). Removing a member leaves the array degraded.
+//! With a superblock (`bdev_raid_create -s`; level code 95, SPDK's
+//! RAID5F) the array core writes superblocks and a write-intent bitmap
+//! and assembles the array at start-up, as for raid1. The bitmap marks
+//! array blocks, so a bitmap chunk names data rows; every process range
+//! widens to the whole stripes it touches (`lock_range`). A write marks its
+//! array range and reaches no member, in any round, before its batch is on
+//! disk (the core parks it in `mark` before `submit_rw`; the bits are
+//! released in `finish`, after the last round). After an unclean shutdown
+//! the resync (`plan_window`, every member a destination, none rebuilding)
+//! rewrites P of each stripe of a dirty chunk from its data, and only
+//! those; a returning member is rebuilt in the stripes of the chunks it
+//! missed.
+//!
+//! Write hole (not closed yet): a crash in the middle of a partial-stripe
+//! write can leave a stripe whose data and parity disagree. On a whole
+//! array the resync makes P right again from the data; but if the array
+//! is (or then becomes) degraded, the lost member's blocks of that stripe
+//! are reconstructed from the inconsistent parity, so a crash during a
+//! degraded partial-stripe write can corrupt *other* data in the stripe,
+//! data that write never touched. md without a PPL or journal has the
+//! same hole (it refuses to start a dirty degraded array unless told to);
+//! here a dirty degraded array starts, its resync stops without writing
+//! (`plan_window` returns None: nothing right to write) and its dirty bits
+//! stay until the missing member is rebuilt. Closing it needs a partial
+//! parity log in the member metadata area (md's PPL) or a journal.
+//!
+//! Removing a member leaves the array degraded.
 //! Unmap and write zeroes are not advertised (`maps_unmap_to_members`).
 
 use super::{LevelOp, RaidLevel};
@@ -749,7 +776,8 @@ impl RaidLevel for Raid5 {
         &["5", "raid5f"]
     }
     fn superblock_code(&self) -> u8 {
-        // SPDK's RAID5F; never written yet (a superblock is refused).
+        // SPDK's RAID5F (enum raid_level); on disk since superblocks came
+        // to raid5: never change it.
         95
     }
     fn min_members(&self) -> usize {
@@ -844,8 +872,40 @@ impl RaidLevel for Raid5 {
             }
             return Some(out);
         };
-        let target = (0..members.len()).find(|&m| dests & (1 << m) != 0 && Ras::writable(&members, failed, m));
-        let Some(target) = target else { return Some(Vec::new()) };
+        // A member being rebuilt (new, or returning: its missed stripes)
+        // gets its chunk from the others.
+        let target = (0..members.len()).find(|&m| {
+            dests & (1 << m) != 0 && Ras::writable(&members, failed, m) && !Ras::active(&members, failed, m)
+        });
+        let all = ((1u64 << members.len()) - 1) as u32;
+        let Some(target) = target else {
+            if dests & all != all {
+                // A rebuild whose target is gone: nothing to write.
+                return Some(Vec::new());
+            }
+            // The resync after an unclean shutdown (every member a
+            // destination): the window's stripes may have data written
+            // without its parity (or the reverse), so P is recomputed from
+            // the data. Degraded, the lost member's data exists only
+            // through that parity: there is nothing right to write (md
+            // refuses to start a dirty degraded array); the resync stops
+            // and the bits stay dirty until the member is rebuilt.
+            if (0..members.len()).any(|m| !Ras::active(&members, failed, m)) {
+                return None;
+            }
+            let mut out = Vec::new();
+            for stripe in first..window.end.div_ceil(sb) {
+                let at = |m: usize| Loc { member: m as u16, offset_blocks: stripe * sh.chunk };
+                out.push(WindowCopy {
+                    from: at(sh.data_member(stripe, 0)),
+                    xor: (1..sh.data).map(|k| at(sh.data_member(stripe, k))).collect(),
+                    to: vec![at(sh.parity_member(stripe))],
+                    num_blocks: sh.chunk,
+                    buf_offset_blocks: (stripe - first) * sh.chunk,
+                });
+            }
+            return Some(out);
+        };
         let sources: Vec<usize> = (0..members.len()).filter(|&m| m != target).collect();
         if sources.iter().any(|&m| !Ras::active(&members, failed, m)) {
             return None;
@@ -920,9 +980,15 @@ impl RaidLevel for Raid5 {
         false
     }
 
+    fn trusts_checked_redundancy(&self) -> bool {
+        true
+    }
+
     fn refuses(&self, op: LevelOp) -> Option<&'static str> {
         match op {
-            LevelOp::Superblock => Some("raid5 with a superblock is not supported yet"),
+            // Superblock, bitmap and assembly are the array core's; the
+            // level resyncs dirty stripes' parity (`plan_window`).
+            LevelOp::Superblock => None,
             // A new member is rebuilt from the others (`plan_window`).
             LevelOp::AddMember => None,
             // The array runs degraded without it (reads reconstruct).
