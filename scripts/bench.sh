@@ -15,6 +15,13 @@
 # with --no-huge.
 #
 #   scripts/bench.sh [nvraid-perf bench options]   e.g. scripts/bench.sh -t 10 --rounds 5 --core 1
+#   scripts/bench.sh -t 2 --rounds 3 --only raid5,raid0x4   (issue 12's parity rows alone)
+#
+# The raid5 rows (4 malloc members, 64 KiB strips, SPDK's raid5f config,
+# which nvraid takes as its raid5) and raid0x4 (raid0 of the same members)
+# give the parity-cost line: raid5 192 KiB writes / (3/4 x raid0x4 256 KiB
+# writes). SPDK's raid5f refuses the 4 KiB random writes; that row shows
+# SPDK's own refusal, measured each run.
 #
 # The machines are shared and noisy: compare ratios within one run, not
 # absolute numbers across runs.

@@ -38,6 +38,44 @@ pub const WORKLOADS: &[(&str, u32, u64)] =
 /// The matrix's bdevs.
 pub const BDEVS: &[&str] = &["null", "malloc", "raid0", "raid1"];
 
+/// Members of the parity rows' arrays (issue 12: a raid5 of 4 malloc
+/// members with 64 KiB strips, and a raid0 of the same 4 for the ratio).
+pub const PARITY_MEMBERS: u32 = 4;
+
+/// Strip size of the parity rows' arrays, KiB.
+pub const PARITY_STRIP_KB: u64 = 64;
+
+/// The parity rows: (bdev, workload, queue depth, IO size). raid5's full
+/// stripe is 3 × 64 KiB of user data, raid0x4's 4 × 64 KiB; the raid5 and
+/// raid0x4 `write` rows at the same queue depth give the parity-cost ratio.
+/// The 4 KiB random writes are partial-stripe writes, which SPDK's raid5f
+/// refuses.
+pub const PARITY_ROWS: &[(&str, &str, u32, u64)] = &[
+    ("raid5", "write", 8, 192 << 10),
+    ("raid5", "write", 16, 192 << 10),
+    ("raid5", "randwrite", 128, 4096),
+    ("raid5", "randread", 128, 4096),
+    ("raid0x4", "write", 8, 256 << 10),
+    ("raid0x4", "write", 16, 256 << 10),
+];
+
+/// Every row name `--only` takes: the local bdevs, then the NVMe/TCP kinds.
+pub fn row_names() -> Vec<String> {
+    let mut v: Vec<String> = BDEVS.iter().map(|b| b.to_string()).collect();
+    for &(b, ..) in PARITY_ROWS {
+        if !v.iter().any(|x| x == b) {
+            v.push(b.to_string());
+        }
+    }
+    v.extend(TCP_KINDS.iter().map(|k| format!("tcp:{k}")));
+    v
+}
+
+/// True when `--only` (empty: everything) selects the rows of `bdev`.
+fn selected(only: &[String], bdev: &str) -> bool {
+    only.is_empty() || only.iter().any(|o| o == bdev)
+}
+
 /// The NVMe/TCP cases: (workload, queue depth, IO size), on each exported kind.
 pub const TCP_CASES: &[(&str, u32, u64)] =
     &[("randread", 32, 4096), ("randread", 128, 4096), ("randwrite", 32, 4096), ("read", 16, 128 << 10)];
@@ -76,8 +114,15 @@ pub struct Row {
 }
 
 impl Row {
-    fn new(bdev: String, workload: &'static str, queue_depth: u32, io_size: u64) -> Row {
+    pub fn new(bdev: String, workload: &'static str, queue_depth: u32, io_size: u64) -> Row {
         Row { bdev, workload, queue_depth, io_size, nvraid: Vec::new(), spdk: Vec::new() }
+    }
+
+    /// SPDK's raid5f takes only whole-stripe writes: a row of smaller
+    /// writes is expected to be refused there (and is run to show it).
+    pub fn spdk_refusal_expected(&self) -> bool {
+        let full_stripe = u64::from(PARITY_MEMBERS - 1) * (PARITY_STRIP_KB << 10);
+        self.bdev == "raid5" && self.workload.contains("write") && !self.io_size.is_multiple_of(full_stripe)
     }
 
     fn spec(&self) -> RunSpec {
@@ -141,6 +186,16 @@ pub fn config_for(kind: &str, block_size: u32, malloc_mib: u64) -> Option<Value>
             }
             vec![malloc("BenchM0"), malloc("BenchM1"), json!({"method": "bdev_raid_create", "params": params})]
         }
+        // SPDK's level name and parameters, so one file configures both
+        // sides (nvraid takes raid5f as its raid5, accepting any write size).
+        "raid5" | "raid0x4" => {
+            let members: Vec<String> = (0..PARITY_MEMBERS).map(|i| format!("BenchM{i}")).collect();
+            let level = if kind == "raid5" { "raid5f" } else { "raid0" };
+            let mut calls: Vec<Value> = members.iter().map(|m| malloc(m)).collect();
+            calls.push(json!({"method": "bdev_raid_create", "params": {"name": "Bench0", "raid_level": level,
+                "strip_size_kb": PARITY_STRIP_KB, "base_bdevs": members}}));
+            calls
+        }
         _ => return None,
     };
     Some(json!({"subsystems": [{"subsystem": "bdev", "config": calls}]}))
@@ -151,6 +206,7 @@ fn malloc_mib_of(kind: &str, malloc_mib: u64) -> u64 {
     match kind {
         "malloc" => malloc_mib,
         "raid0" | "raid1" => 2 * malloc_mib,
+        "raid5" | "raid0x4" => u64::from(PARITY_MEMBERS) * malloc_mib,
         _ => 0,
     }
 }
@@ -224,6 +280,27 @@ pub fn parse_bdevperf(out: &str) -> Outcome {
         return Err(format!("bdevperf: {} failed IOs per second", f[2]));
     }
     Ok(Figures { iops: f[0], mib_per_sec: f[1], avg_us: f[4], ..Figures::default() })
+}
+
+/// SPDK's bdev layer refusing a write that is not its bdev's write unit
+/// (raid5f's is a whole stripe: `IO num_blocks 1 does not match the
+/// write_unit_size 48`): the first such error, if bdevperf printed one.
+pub fn parse_bdevperf_refusal(out: &str) -> Option<String> {
+    const REFUSAL: &str = "does not match the write_unit_size";
+    out.split(['\n', '\r']).find_map(|line| {
+        let at = line.find(REFUSAL)?;
+        let from = line[..at].find("IO num_blocks").unwrap_or(at);
+        Some(line[from..].trim().to_string())
+    })
+}
+
+/// raid5's full-stripe user-data bandwidth over the user-data share of a
+/// raid0 of the same `members` ((members - 1) / members of its bandwidth):
+/// 1.0 when parity costs nothing beyond the space it takes.
+pub fn parity_cost_ratio(raid5_mib_per_sec: f64, raid0_mib_per_sec: f64, members: u32) -> Option<f64> {
+    let share = f64::from(members.checked_sub(1)?) / f64::from(members);
+    let ok = members >= 3 && raid0_mib_per_sec > 0.0 && raid5_mib_per_sec.is_finite() && raid0_mib_per_sec.is_finite();
+    ok.then(|| raid5_mib_per_sec / (share * raid0_mib_per_sec))
 }
 
 /// spdk_nvme_perf's `Total : IOPS MiB/s Average min max` line and, with
@@ -437,10 +514,13 @@ impl Suite {
 fn local_rows(ctx: &Suite, args: &BenchArgs) -> Vec<Row> {
     let (spdk, raid) = (ctx.spdk.as_ref(), ctx.raid);
     let mut rows: Vec<Row> = Vec::new();
-    for &bdev in BDEVS {
+    for &bdev in BDEVS.iter().filter(|b| selected(&args.only, b)) {
         for &(w, qd, io) in WORKLOADS {
             rows.push(Row::new(bdev.into(), w, qd, io));
         }
+    }
+    for &(bdev, w, qd, io) in PARITY_ROWS.iter().filter(|r| selected(&args.only, r.0)) {
+        rows.push(Row::new(bdev.into(), w, qd, io));
     }
     for round in 0..args.rounds {
         for row in rows.iter_mut() {
@@ -472,9 +552,20 @@ fn local_rows(ctx: &Suite, args: &BenchArgs) -> Vec<Row> {
                     .arg(&cfg_path)
                     .args(["-q", &qd.to_string(), "-o", &io.to_string(), "-w", w, "-t", &ctx.time_arg])
                     .args(["-m", &core_mask(args.core), "-T", "Bench0"]);
-                let out = run_captured(cmd, &ctx.dir, &format!("{tag}-spdk"), ctx.limit())?;
-                ctx.show(&format!("{tag}-spdk"), &out);
-                parse_bdevperf(&out)
+                let spdk_tag = format!("{tag}-spdk");
+                let ran = run_captured(cmd, &ctx.dir, &spdk_tag, ctx.limit());
+                // A failed run's output is still in its file: it says whether
+                // SPDK refused the IOs (raid5f: partial-stripe writes).
+                let out = match &ran {
+                    Ok(out) => out.clone(),
+                    Err(_) => String::from_utf8_lossy(
+                        &std::fs::read(ctx.dir.join(format!("{spdk_tag}.out"))).unwrap_or_default(),
+                    )
+                    .into_owned(),
+                };
+                ctx.show(&spdk_tag, &out);
+                ran.and_then(|out| parse_bdevperf(&out))
+                    .map_err(|e| parse_bdevperf_refusal(&out).map_or(e, |why| format!("refused ({why})")))
             };
             match spdk {
                 Some(s) if round % 2 == 1 => {
@@ -638,7 +729,7 @@ fn tcp_case(ctx: &Suite, port: u16, kind: &str, spec: &RunSpec, core: usize, tag
 fn tcp_rows(ctx: &Suite, args: &BenchArgs) -> Vec<Row> {
     let (spdk, raid) = (ctx.spdk.as_ref(), ctx.raid);
     let mut rows: Vec<Row> = Vec::new();
-    for kind in TCP_KINDS {
+    for kind in TCP_KINDS.iter().filter(|k| selected(&args.only, &format!("tcp:{k}"))) {
         for &(w, qd, io) in TCP_CASES {
             rows.push(Row::new(format!("tcp:{kind}"), w, qd, io));
         }
@@ -735,9 +826,18 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
     let spdk = ctx.spdk.as_ref();
     println!("load average at start: {}", load_average());
     let memcpy = memcpy_mib_per_sec(args.core, Duration::from_secs(1))?;
+    if PARITY_ROWS.iter().any(|r| selected(&args.only, r.0)) {
+        println!(
+            "raid5 rows: {PARITY_MEMBERS} malloc members, bdev_raid_create raid_level \"raid5f\" strip_size_kb \
+             {PARITY_STRIP_KB}, one config loaded by both sides (nvraid takes raid5f as its raid5); raid0x4: raid0 \
+             of the same members and strip"
+        );
+    }
     let mut rows = local_rows(&ctx, args);
     if args.no_tcp {
         println!("NVMe/TCP rows skipped (--no-tcp)");
+    } else if !TCP_KINDS.iter().any(|k| selected(&args.only, &format!("tcp:{k}"))) {
+        println!("NVMe/TCP rows skipped (not in --only)");
     } else {
         let init = if spdk.is_some() { "SPDK's spdk_nvme_perf drives both targets" } else { "nvraid-perf drives it" };
         let tgts = if spdk.is_some() { "nvraid-tgt and SPDK's nvmf_tgt (in turn)" } else { "nvraid-tgt" };
@@ -753,6 +853,20 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
     }
     if with_spdk {
         println!("ratio = nvraid IOPS / SPDK IOPS (medians); SPDK's bdevperf reports no percentiles");
+    }
+    let parity = parity_lines(&rows, with_spdk);
+    if !parity.is_empty() {
+        println!();
+        println!(
+            "parity cost = raid5 {}KiB write MiB/s / ({}/{PARITY_MEMBERS} x raid0x4 {}KiB write MiB/s), same queue \
+             depth, medians (issue 12 goal: >= 0.90)",
+            (u64::from(PARITY_MEMBERS) - 1) * PARITY_STRIP_KB,
+            PARITY_MEMBERS - 1,
+            u64::from(PARITY_MEMBERS) * PARITY_STRIP_KB
+        );
+        for (line, _) in &parity {
+            println!("  {line}");
+        }
     }
     let malloc_write = rows.iter().find(|r| r.bdev == "malloc" && r.workload == "write").map(|r| median(&r.nvraid));
     println!();
@@ -787,6 +901,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             "spdk_bin": spdk.as_ref().map(|s| s.dir.display().to_string()),
             "memcpy_mib_per_sec": memcpy,
             "memcpy_mib_per_cpu_s": memcpy_cpu,
+            "parity_cost": parity.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
             "rows": rows.iter().map(|r| {
                 let (n, s) = (median(&r.nvraid), median(&r.spdk));
                 json!({
@@ -800,12 +915,56 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         std::fs::write(p, serde_json::to_string_pretty(&v)? + "\n")
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    let failed = |v: &[Outcome]| v.iter().any(|o| o.as_ref().is_err_and(|e| !e.starts_with("n/a")));
-    let failures = rows.iter().filter(|r| failed(&r.nvraid) || failed(&r.spdk)).count();
+    let failed = |v: &[Outcome], refusal_expected: bool| {
+        v.iter()
+            .any(|o| o.as_ref().is_err_and(|e| !(e.starts_with("n/a") || refusal_expected && e.starts_with("refused"))))
+    };
+    let failures =
+        rows.iter().filter(|r| failed(&r.nvraid, false) || failed(&r.spdk, r.spdk_refusal_expected())).count();
     if failures > 0 {
         bail!("{failures} rows failed");
     }
     Ok(0)
+}
+
+/// The parity-cost lines, one per queue depth that has both a raid5 and a
+/// raid0x4 write row: text, and the same as JSON.
+fn parity_lines(rows: &[Row], with_spdk: bool) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for r5 in rows.iter().filter(|r| r.bdev == "raid5" && r.workload == "write") {
+        let Some(r0) =
+            rows.iter().find(|r| r.bdev == "raid0x4" && r.workload == "write" && r.queue_depth == r5.queue_depth)
+        else {
+            continue;
+        };
+        let side = |a: &[Outcome], b: &[Outcome]| -> (String, Option<f64>) {
+            match (median(a), median(b)) {
+                (Ok(x), Ok(y)) => match parity_cost_ratio(x.mib_per_sec, y.mib_per_sec, PARITY_MEMBERS) {
+                    Some(q) => (
+                        format!(
+                            "{:.0} / ({}/{PARITY_MEMBERS} x {:.0}) = {q:.2}",
+                            x.mib_per_sec,
+                            PARITY_MEMBERS - 1,
+                            y.mib_per_sec
+                        ),
+                        Some(q),
+                    ),
+                    None => ("n/a".into(), None),
+                },
+                (Err(e), _) | (_, Err(e)) => (format!("n/a ({e})"), None),
+            }
+        };
+        let (n_text, n) = side(&r5.nvraid, &r0.nvraid);
+        let mut text = format!("qd {:>3}: nvraid {n_text}", r5.queue_depth);
+        let mut v = json!({"queue_depth": r5.queue_depth, "nvraid": n});
+        if with_spdk {
+            let (s_text, s) = side(&r5.spdk, &r0.spdk);
+            text += &format!("; SPDK raid5f {s_text}");
+            v["spdk"] = json!(s);
+        }
+        out.push((text, v));
+    }
+    out
 }
 
 /// `/proc/loadavg`'s 1, 5 and 15 minute figures.

@@ -135,6 +135,11 @@ pub struct BenchArgs {
     /// Show each row's own output.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Run only these rows (comma-separated): null, malloc, raid0, raid1,
+    /// raid5, raid0x4 (raid0 of raid5's 4 members, for the parity-cost
+    /// ratio), tcp:malloc, tcp:raid1. Default: all.
+    #[arg(long, value_delimiter = ',', value_name = "ROWS")]
+    pub only: Vec<String>,
 }
 
 /// Where the bdevs' config comes from.
@@ -388,6 +393,13 @@ where
             }
             if !(1..=100).contains(&b.rounds) {
                 return Err(ParseError::Invalid(anyhow!("bench --rounds {}: must be 1 to 100", b.rounds)));
+            }
+            let names = crate::bench::row_names();
+            if let Some(bad) = b.only.iter().find(|o| !names.contains(o)) {
+                return Err(ParseError::Invalid(anyhow!(
+                    "bench --only {bad}: no such rows (rows: {})",
+                    names.join(", ")
+                )));
             }
             Ok(Parsed::Bench(b))
         }

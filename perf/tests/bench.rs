@@ -1,9 +1,14 @@
 //! The bench suite's pieces that need no machine time: reading SPDK's tools'
 //! output (recorded from SPDK v25.09's bdevperf and spdk_nvme_perf, kept as
 //! fixtures), medians over rounds, finding (or not finding) SPDK's binaries,
-//! and that the suite holds no SPDK figure of its own.
+//! the parity rows' configs (loaded by nvraid here) and SPDK raid5f's
+//! refusal of partial-stripe writes, and that the suite holds no SPDK
+//! figure of its own.
 
-use perf::bench::{find_spdk, median, parse_bdevperf, parse_nvme_perf, parse_report, Figures, SPDK_TOOLS};
+use perf::bench::{
+    config_for, find_spdk, median, parity_cost_ratio, parse_bdevperf, parse_bdevperf_refusal, parse_nvme_perf,
+    parse_report, Figures, Row, PARITY_ROWS, SPDK_TOOLS,
+};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> String {
@@ -86,4 +91,93 @@ fn the_suite_has_no_spdk_figures_of_its_own() {
     for banned in ["SPDK_IOPS", "spdk_iops", "13.1e6", "12.8e6", "1.84e6", "0.79e6"] {
         assert!(!src.contains(banned), "bench.rs contains {banned:?}");
     }
+}
+
+/// Recorded from SPDK v25.09's bdevperf: 4 KiB random writes on a raid5f of
+/// 4 malloc members with 64 KiB strips fail in SPDK's bdev layer.
+#[test]
+fn bdevperf_raid5f_partial_stripe_refusal_is_recognised() {
+    let out = fixture("bdevperf-v25.09-raid5f-randwrite-refused.txt");
+    assert_eq!(
+        parse_bdevperf_refusal(&out).as_deref(),
+        Some("IO num_blocks 1 does not match the write_unit_size 48"),
+        "48 blocks = 3 data strips of 64 KiB in 4 KiB blocks"
+    );
+    assert!(parse_bdevperf(&out).unwrap_err().contains("failed IOs"), "the refused run has no figures");
+    assert_eq!(parse_bdevperf_refusal(&fixture("bdevperf-v25.09-malloc-write.txt")), None);
+    assert_eq!(parse_bdevperf_refusal(""), None);
+}
+
+#[test]
+fn the_parity_rows_configs_name_four_members_and_spdks_raid5f() {
+    for (kind, level) in [("raid5", "raid5f"), ("raid0x4", "raid0")] {
+        let cfg = config_for(kind, 4096, 256).unwrap();
+        let calls = cfg["subsystems"][0]["config"].as_array().unwrap();
+        assert_eq!(calls.len(), 5, "{kind}: 4 mallocs and the array");
+        let mallocs: Vec<&str> = calls[..4]
+            .iter()
+            .map(|c| {
+                assert_eq!(c["method"], "bdev_malloc_create");
+                assert_eq!(c["params"]["num_blocks"], 65536, "256 MiB of 4 KiB blocks");
+                c["params"]["name"].as_str().unwrap()
+            })
+            .collect();
+        let raid = &calls[4];
+        assert_eq!(raid["method"], "bdev_raid_create");
+        assert_eq!(raid["params"]["raid_level"], level);
+        assert_eq!(raid["params"]["strip_size_kb"], 64);
+        assert_eq!(raid["params"]["name"], "Bench0");
+        let members: Vec<&str> =
+            raid["params"]["base_bdevs"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+        assert_eq!(members, mallocs, "{kind}: the array is made of the mallocs");
+    }
+    assert!(config_for("raid6", 4096, 256).is_none());
+}
+
+/// The configs the suite writes are ones nvraid loads: both arrays take
+/// full-stripe and (raid5) partial-stripe writes with verified reads.
+#[test]
+fn the_parity_rows_configs_load_and_verify_in_nvraid() {
+    for (kind, io) in [("raid5", 192u64 << 10), ("raid5", 4096), ("raid0x4", 256 << 10)] {
+        let cfg = config_for(kind, 4096, 8).unwrap().to_string();
+        let mut spec = perf::cli::RunSpec::local(&cfg, &["Bench0"], perf::Workload::Verify, 8, io);
+        spec.duration = std::time::Duration::from_millis(200);
+        spec.seed = 12;
+        let hooks = perf::Hooks { setup: None, on_sample: None, quiet: true };
+        let r = perf::run(&spec, hooks).unwrap_or_else(|e| panic!("{kind} {io}: {e:#}"));
+        assert!(r.total.ios > 0, "{kind} {io}: no IO");
+        assert_eq!(r.total.errors, 0, "{kind} {io}: {:?}", r.io_errors);
+        assert_eq!(r.total.mismatch_count, 0, "{kind} {io}: {:?}", r.mismatches);
+    }
+}
+
+#[test]
+fn parity_cost_is_raid5_over_the_data_share_of_raid0() {
+    assert_eq!(parity_cost_ratio(3000.0, 4000.0, 4), Some(1.0));
+    assert_eq!(parity_cost_ratio(2700.0, 4800.0, 4), Some(0.75));
+    assert_eq!(parity_cost_ratio(2000.0, 3000.0, 3), Some(1.0));
+    assert_eq!(parity_cost_ratio(1.0, 0.0, 4), None);
+    assert_eq!(parity_cost_ratio(1.0, 1.0, 2), None, "raid5 needs 3 members");
+    assert_eq!(parity_cost_ratio(f64::NAN, 1.0, 4), None);
+}
+
+/// Each raid5 full-stripe write row has a raid0x4 row at the same queue
+/// depth (the ratio's pair), and only raid5's partial-stripe writes are
+/// expected to be refused by SPDK.
+#[test]
+fn parity_rows_pair_up_and_only_partial_stripe_writes_expect_refusal() {
+    let full_stripe = 3 * (64 << 10);
+    let r5_writes: Vec<_> = PARITY_ROWS.iter().filter(|r| r.0 == "raid5" && r.1 == "write").collect();
+    assert!(!r5_writes.is_empty());
+    for r in &r5_writes {
+        assert_eq!(r.3, full_stripe);
+        assert!(PARITY_ROWS.iter().any(|p| p.0 == "raid0x4" && p.1 == "write" && p.2 == r.2 && p.3 == 4 * (64 << 10)));
+    }
+    let refused: Vec<_> = PARITY_ROWS
+        .iter()
+        .filter(|&&(b, w, qd, io)| Row::new(b.into(), w, qd, io).spdk_refusal_expected())
+        .map(|&(b, w, ..)| (b, w))
+        .collect();
+    assert_eq!(refused, [("raid5", "randwrite")]);
+    assert!(!Row::new("raid0".into(), "randwrite", 128, 4096).spdk_refusal_expected());
 }

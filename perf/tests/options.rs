@@ -196,3 +196,17 @@ fn the_bench_subcommand_parses() {
     }
     assert!(parse(&["bench", "-t", "0"]).is_err());
 }
+
+#[test]
+fn bench_only_takes_known_row_names() {
+    match parse(&["bench", "--only", "raid5,raid0x4"]) {
+        Ok(Parsed::Bench(b)) => assert_eq!(b.only, ["raid5", "raid0x4"]),
+        other => panic!("{other:?}"),
+    }
+    match parse(&["bench"]) {
+        Ok(Parsed::Bench(b)) => assert!(b.only.is_empty(), "default: every row"),
+        other => panic!("{other:?}"),
+    }
+    let e = parse(&["bench", "--only", "raid5,raid9"]).unwrap_err().to_string();
+    assert!(e.contains("raid9") && e.contains("no such rows") && e.contains("raid0x4"), "{e}");
+}
