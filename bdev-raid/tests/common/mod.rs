@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod files;
+pub mod load;
 
 use bdev::malloc::MallocBdev;
 use bdev::rng::SimRng;
