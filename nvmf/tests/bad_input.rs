@@ -359,3 +359,32 @@ fn keep_alive_expiry_tears_the_controller_down() {
     }
     good_host_works(t.port);
 }
+
+/// An Abort of a write whose data is still arriving (after its R2T): once
+/// the data is in, the write is answered Command Abort Requested without
+/// reaching the bdev, and the Abort says it aborted (DW0 bit 0 clear).
+#[test]
+fn abort_of_a_write_waiting_for_its_data() {
+    let t = target();
+    let (mut a, mut q) = io_queue(t.port, false);
+    let (cccid, ttag) = write_r2t(&mut q, 8192);
+    let mut abort = Sqe::new(nvme_spec::AdminOpcode::ABORT.0, 7);
+    abort.cdw10 = U32::new(1 | (u32::from(cccid) << 16)); // SQID 1, the write's CID
+    a.send(&PduHeader::CapsuleCmd(CapsuleCmd { sqe: abort }), &[]);
+    // The Abort reaches the IO queue's reactor by message; give it time
+    // before the data arrives (a late Abort would find the write finished
+    // and say so, which the assertions below would show).
+    std::thread::sleep(Duration::from_millis(500));
+    q.send(&PduHeader::H2CData(H2CData { cccid, ttag, datao: 0, datal: 8192, last: true }), &[0xEE; 8192]);
+    assert_eq!(q.resp().status(), Status::ABORT_REQUESTED);
+    let answer = a.resp();
+    assert!(answer.status().is_success(), "{:?}", answer.status());
+    assert_eq!(answer.dw0.get() & 1, 0, "the Abort must say the write was aborted");
+    // The aborted data never reached the namespace.
+    let s = session(t.port, 1, false);
+    let mut qp = HostQpair::from_parts(s.io.into_iter().next().unwrap());
+    qp.read(1, 0, 16, DmaBuf::alloc(8192).unwrap(), 1).unwrap();
+    let c = wait(&mut qp, 1).pop().unwrap();
+    assert!(c.status.is_success());
+    assert!(c.buf.unwrap().to_vec().iter().all(|&x| x != 0xEE), "an aborted write reached the bdev");
+}
