@@ -18,6 +18,8 @@ impl Vector for Avx2 {
     const BYTES: usize = 32;
     type Table = (__m256i, __m256i);
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has AVX2, and a pointer
+    // names 32 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn zero() -> Self {
@@ -25,6 +27,8 @@ impl Vector for Avx2 {
         Avx2(unsafe { _mm256_setzero_si256() })
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has AVX2, and a pointer
+    // names 32 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn load(src: *const u8) -> Self {
@@ -33,6 +37,8 @@ impl Vector for Avx2 {
         Avx2(unsafe { _mm256_loadu_si256(src.cast()) })
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has AVX2, and a pointer
+    // names 32 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn store(self, dst: *mut u8) {
@@ -41,6 +47,8 @@ impl Vector for Avx2 {
         unsafe { _mm256_storeu_si256(dst.cast(), self.0) }
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has AVX2, and a pointer
+    // names 32 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn xor(self, other: Self) -> Self {
@@ -48,6 +56,8 @@ impl Vector for Avx2 {
         Avx2(unsafe { _mm256_xor_si256(self.0, other.0) })
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has AVX2, and a pointer
+    // names 32 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn mul2(self) -> Self {
@@ -60,6 +70,8 @@ impl Vector for Avx2 {
         }
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has AVX2, and a pointer
+    // names 32 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn table(c: u8) -> Self::Table {
@@ -73,6 +85,8 @@ impl Vector for Avx2 {
         }
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has AVX2, and a pointer
+    // names 32 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn mul(self, table: Self::Table) -> Self {

@@ -29,6 +29,7 @@ pub(crate) trait Vector: Copy {
     const BYTES: usize;
     /// A constant's pshufb tables, loaded into registers once per kernel call.
     type Table: Copy;
+    // SAFETY (every method): see the trait's `# Safety` above.
     unsafe fn zero() -> Self;
     unsafe fn load(src: *const u8) -> Self;
     unsafe fn store(self, dst: *mut u8);

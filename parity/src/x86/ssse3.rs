@@ -18,6 +18,8 @@ impl Vector for Ssse3 {
     const BYTES: usize = 16;
     type Table = (__m128i, __m128i);
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has SSSE3, and a pointer
+    // names 16 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "ssse3")]
     unsafe fn zero() -> Self {
@@ -25,6 +27,8 @@ impl Vector for Ssse3 {
         Ssse3(unsafe { _mm_setzero_si128() })
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has SSSE3, and a pointer
+    // names 16 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "ssse3")]
     unsafe fn load(src: *const u8) -> Self {
@@ -33,6 +37,8 @@ impl Vector for Ssse3 {
         Ssse3(unsafe { _mm_loadu_si128(src.cast()) })
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has SSSE3, and a pointer
+    // names 16 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "ssse3")]
     unsafe fn store(self, dst: *mut u8) {
@@ -41,6 +47,8 @@ impl Vector for Ssse3 {
         unsafe { _mm_storeu_si128(dst.cast(), self.0) }
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has SSSE3, and a pointer
+    // names 16 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "ssse3")]
     unsafe fn xor(self, other: Self) -> Self {
@@ -48,6 +56,8 @@ impl Vector for Ssse3 {
         Ssse3(unsafe { _mm_xor_si128(self.0, other.0) })
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has SSSE3, and a pointer
+    // names 16 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "ssse3")]
     unsafe fn mul2(self) -> Self {
@@ -60,6 +70,8 @@ impl Vector for Ssse3 {
         }
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has SSSE3, and a pointer
+    // names 16 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "ssse3")]
     unsafe fn table(c: u8) -> Self::Table {
@@ -68,6 +80,8 @@ impl Vector for Ssse3 {
         unsafe { (_mm_loadu_si128(tables.as_ptr().cast()), _mm_loadu_si128(tables.as_ptr().add(16).cast())) }
     }
 
+    // SAFETY: callers keep `Vector`'s contract: the CPU has SSSE3, and a pointer
+    // names 16 bytes to read (load) or write (store).
     #[inline]
     #[target_feature(enable = "ssse3")]
     unsafe fn mul(self, table: Self::Table) -> Self {
