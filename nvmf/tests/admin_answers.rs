@@ -335,3 +335,31 @@ fn remote_namespace_bdev_carries_the_cache_flag_and_fua() {
     ini.stop();
     ini.join();
 }
+
+/// Set Features values are kept and read back by Get Features, or refused:
+/// the temperature thresholds (over, under; no other sensor), arbitration,
+/// and power management (one power state).
+#[test]
+fn features_the_host_sets_are_kept_or_refused() {
+    let (t, _cache) = cache_target();
+    let s = session_no_kato(t.port, 1);
+    let mut admin = HostQpair::from_parts(s.admin);
+    let mut call = |set: bool, fid: FeatureId, value: u32| {
+        let op = if set { AdminOpcode::SET_FEATURES } else { AdminOpcode::GET_FEATURES };
+        let mut sqe = Sqe::new(op.0, 0);
+        FeatureParams { fid, save: false, select: 0, value }.write_to(&mut sqe);
+        command(&mut admin, sqe, Data::None)
+    };
+    const UNDER: u32 = 1 << 20;
+    assert_eq!(call(false, FeatureId::TEMPERATURE_THRESHOLD, 0).dw0, 350);
+    assert!(call(true, FeatureId::TEMPERATURE_THRESHOLD, 320).status.is_success());
+    assert!(call(true, FeatureId::TEMPERATURE_THRESHOLD, UNDER | 260).status.is_success());
+    assert_eq!(call(false, FeatureId::TEMPERATURE_THRESHOLD, 0).dw0, 320);
+    assert_eq!(call(false, FeatureId::TEMPERATURE_THRESHOLD, UNDER).dw0, 260);
+    // Sensor 1 does not exist.
+    assert!(!call(true, FeatureId::TEMPERATURE_THRESHOLD, (1 << 16) | 300).status.is_success());
+    assert!(call(true, FeatureId::ARBITRATION, 0x0302_0103).status.is_success());
+    assert_eq!(call(false, FeatureId::ARBITRATION, 0).dw0, 0x0302_0103);
+    assert!(call(true, FeatureId::POWER_MANAGEMENT, 0).status.is_success());
+    assert!(!call(true, FeatureId::POWER_MANAGEMENT, 1).status.is_success(), "only power state 0 exists");
+}

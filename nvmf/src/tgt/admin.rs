@@ -396,10 +396,46 @@ fn set_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, _data: Option<&DmaBuf>) -> AdminOut
             }
             done(Status::SUCCESS)
         }
-        FeatureId::ARBITRATION | FeatureId::POWER_MANAGEMENT | FeatureId::TEMPERATURE_THRESHOLD if !discovery => {
+        FeatureId::ARBITRATION if !discovery => {
+            a.arbitration = f.value;
             done(Status::SUCCESS)
         }
+        // One power state (NPSS 0): state 0 is the only one to choose.
+        FeatureId::POWER_MANAGEMENT if !discovery && f.value & 0x1F == 0 => done(Status::SUCCESS),
+        FeatureId::TEMPERATURE_THRESHOLD if !discovery => match temp_threshold_of(f.value) {
+            Some(Threshold::Over) => {
+                a.over_temp_threshold = f.value as u16;
+                done(Status::SUCCESS)
+            }
+            Some(Threshold::Under) => {
+                a.under_temp_threshold = f.value as u16;
+                done(Status::SUCCESS)
+            }
+            None => done(Status::INVALID_FIELD.with_dnr()),
+        },
         _ => done(Status::INVALID_FIELD.with_dnr()),
+    }
+}
+
+/// The over-temperature threshold a controller starts with (Kelvin).
+pub(crate) const DEFAULT_OVER_TEMP_THRESHOLD: u16 = 350;
+
+enum Threshold {
+    Over,
+    Under,
+}
+
+/// Which threshold a Temperature Threshold dword (CDW11) names: THSEL in
+/// bits 21:20; TMPSEL (bits 19:16) must be 0, the composite temperature,
+/// as the controller reports no other sensor.
+fn temp_threshold_of(cdw11: u32) -> Option<Threshold> {
+    if (cdw11 >> 16) & 0xF != 0 {
+        return None;
+    }
+    match (cdw11 >> 20) & 0x3 {
+        0 => Some(Threshold::Over),
+        1 => Some(Threshold::Under),
+        _ => None,
     }
 }
 
@@ -428,8 +464,15 @@ fn get_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome 
                 _ => VWC_ENABLE,
             }
         }
-        FeatureId::ARBITRATION | FeatureId::POWER_MANAGEMENT if !discovery => 0,
-        FeatureId::TEMPERATURE_THRESHOLD if !discovery => 350,
+        FeatureId::ARBITRATION if !discovery => a.arbitration,
+        FeatureId::POWER_MANAGEMENT if !discovery => 0,
+        FeatureId::TEMPERATURE_THRESHOLD if !discovery => match (temp_threshold_of(f.value), f.select) {
+            (Some(Threshold::Over), select::CURRENT) => u32::from(a.over_temp_threshold),
+            (Some(Threshold::Over), _) => u32::from(DEFAULT_OVER_TEMP_THRESHOLD),
+            (Some(Threshold::Under), select::CURRENT) => u32::from(a.under_temp_threshold),
+            (Some(Threshold::Under), _) => 0,
+            (None, _) => return done(Status::INVALID_FIELD.with_dnr()),
+        },
         FeatureId::HOST_IDENTIFIER => {
             out.extend_from_slice(&ctrl.hostid);
             0

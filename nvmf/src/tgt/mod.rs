@@ -382,6 +382,12 @@ pub(crate) struct CtrlAdmin {
     pub(crate) csts: u32,
     pub(crate) async_event_config: u32,
     pub(crate) num_io_queues: u32,
+    /// Set Features values the host chose (Get returns them): Arbitration's
+    /// dword, and the composite temperature's over and under thresholds in
+    /// Kelvin. nvraid has no sensor, so no threshold ever fires.
+    pub(crate) arbitration: u32,
+    pub(crate) over_temp_threshold: u16,
+    pub(crate) under_temp_threshold: u16,
     /// Namespaces changed since the host last read the log page.
     pub(crate) changed_ns: Vec<u32>,
     /// An AEN for the changed namespace list is waiting for an AER, or has
