@@ -52,30 +52,6 @@ fn create_r5(set: &Set, n: usize) {
     .expect("create raid5 R with a superblock");
 }
 
-fn info(set: &Set) -> Value {
-    set.call(0, || RaidArray::find("R").expect("array R").info_json())
-}
-
-fn copied(set: &Set) -> u64 {
-    set.call(0, || RaidArray::find("R").expect("array R").copied_blocks())
-}
-
-/// (data offset on every member, array blocks).
-fn layout(set: &Set) -> (u64, u64) {
-    let i = info(set);
-    let off = i["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
-    let blocks = set.call(0, || RaidArray::find("R").unwrap().geometry().unwrap().array_blocks());
-    (off, blocks)
-}
-
-/// Online, every slot active, no resync or rebuild pending or running.
-fn wait_settled(set: &Set, secs: u64) {
-    set.wait_for(secs, "array online, in sync, no process", || {
-        RaidArray::find("R")
-            .is_some_and(|r| r.state() == RaidState::Online && !r.process_running() && r.members().iter().all(|m| m.1))
-    });
-}
-
 fn check(set: &Set, repair: bool) -> Value {
     set.call_async(0, 60, move |done| {
         bdev_raid::rpc::bdev_raid_check(bdev_raid::rpc::RaidCheckParams { name: "R".into(), repair }, done)

@@ -13,7 +13,7 @@ mod common;
 use bdev::{IoType, Registry};
 use bdev_raid::rpc::{bdev_raid_delete, RaidDeleteParams};
 use bdev_raid::superblock::{decode, try_encode, Superblock, SuperblockInfo, SB_SIZE_BYTES};
-use bdev_raid::{RaidArray, RaidState};
+use bdev_raid::RaidArray;
 use common::files::*;
 use common::load::*;
 use common::*;
@@ -24,30 +24,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 // ---- helpers (see also common::files) ----------------------------------------
-
-fn info(set: &Set) -> Value {
-    set.call(0, || RaidArray::find("R").expect("array R").info_json())
-}
-
-fn copied(set: &Set) -> u64 {
-    set.call(0, || RaidArray::find("R").expect("array R").copied_blocks())
-}
-
-/// (data offset on every member, array blocks), both in blocks.
-fn layout(set: &Set) -> (u64, u64) {
-    let i = info(set);
-    let off = i["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
-    let blocks = set.call(0, || RaidArray::find("R").unwrap().geometry().unwrap().array_blocks());
-    (off, blocks)
-}
-
-/// Online, every slot active, no resync or rebuild pending or running.
-fn wait_settled(set: &Set, secs: u64) {
-    set.wait_for(secs, "array online, in sync, no process", || {
-        RaidArray::find("R")
-            .is_some_and(|r| r.state() == RaidState::Online && !r.process_running() && r.members().iter().all(|m| m.1))
-    });
-}
 
 /// All superblock examinations and assemblies decided.
 fn wait_examined(set: &Set) {

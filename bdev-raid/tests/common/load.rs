@@ -5,6 +5,8 @@
 
 use super::files::BS;
 use super::*;
+use bdev_raid::{RaidArray, RaidState};
+use serde_json::Value;
 use bdev::rng::SimRng;
 use bdev::{Channel, DmaBuf, IoBox, IoStatus, IoType};
 use reactor::PollStatus;
@@ -236,4 +238,30 @@ pub fn wait_until(secs: u64, what: &str, cond: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+// ---- the array "R" of these tests ----------------------------------------------
+
+pub fn info(set: &Set) -> Value {
+    set.call(0, || RaidArray::find("R").expect("array R").info_json())
+}
+
+pub fn copied(set: &Set) -> u64 {
+    set.call(0, || RaidArray::find("R").expect("array R").copied_blocks())
+}
+
+/// (data offset on every member, array blocks), both in blocks.
+pub fn layout(set: &Set) -> (u64, u64) {
+    let i = info(set);
+    let off = i["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+    let blocks = set.call(0, || RaidArray::find("R").unwrap().geometry().unwrap().array_blocks());
+    (off, blocks)
+}
+
+/// Online, every slot active, no resync or rebuild pending or running.
+pub fn wait_settled(set: &Set, secs: u64) {
+    set.wait_for(secs, "array online, in sync, no process", || {
+        RaidArray::find("R")
+            .is_some_and(|r| r.state() == RaidState::Online && !r.process_running() && r.members().iter().all(|m| m.1))
+    });
 }
