@@ -2,12 +2,8 @@
 //! members of different sizes are used to the strip). Losing any member
 //! that holds data loses the array.
 
-use super::{copies, RaidLevel};
-use crate::channel::Ras;
+use super::RaidLevel;
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement};
-use crate::rebuild::{WindowCopy, WindowJob};
-use bdev::IoBox;
-use std::ops::Range;
 
 pub(super) struct Concat;
 
@@ -62,16 +58,4 @@ impl RaidLevel for Concat {
         false
     }
 
-    fn submit_rw(&self, ras: &Ras, slot: u32) {
-        copies::submit_rw(self, ras, slot);
-    }
-    fn submit_null_payload(&self, ras: &Ras, slot: u32) {
-        ras.dispatch_all(slot);
-    }
-    fn retry_read(&self, ras: &Ras, child: IoBox) -> Result<(), IoBox> {
-        copies::retry_read(ras, child)
-    }
-    fn plan_window(&self, ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
-        copies::plan_window(ras, window, job)
-    }
 }

@@ -10,7 +10,6 @@
 //! (children from the reactor's pool, buffers sliced from the parent's,
 //! the scratch vector reused).
 
-use super::RaidLevel;
 use crate::array::Role;
 use crate::channel::{MemberCh, ParentArgs, Ras};
 use crate::map::{Loc, Placement};
@@ -20,17 +19,17 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 /// `RaidLevel::submit_rw` of a copy level.
-pub(super) fn submit_rw(level: &dyn RaidLevel, ras: &Ras, slot: u32) {
+pub(super) fn submit_rw(ras: &Ras, slot: u32) {
     match ras.parent_args(slot) {
         Some(args) if args.0 .0 == IoType::Read => read(ras, slot, args),
-        Some(args) => write(level, ras, slot, args),
+        Some(args) => write(ras, slot, args),
         None => ras.impossible("an IO to map onto members is not parked"),
     }
 }
 
 /// A write to every copy that takes writes (active or being rebuilt, not
 /// failed). It fails if some extent has no active copy left.
-fn write(level: &dyn RaidLevel, ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
+fn write(ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
     let geo_ref = ras.geo.borrow();
     let Some(geo) = geo_ref.as_deref() else {
         drop(geo_ref);
@@ -61,7 +60,7 @@ fn write(level: &dyn RaidLevel, ras: &Ras, slot: u32, (op, off, n, buf): ParentA
     // acknowledged only once the failure is on disk, or a restart could
     // take the stale copy for a good one.
     let unrecorded = failed & !ras.shared.recorded_mask.load(Ordering::Acquire);
-    ras.expect_children(slot, count, unrecorded != 0 && level.is_redundant());
+    ras.expect_children(slot, count, unrecorded != 0 && geo.level().is_redundant());
     // Build every child before submitting any: a member may take
     // descriptors from this reactor's pool while it submits (a delay,
     // error or raid bdev below us), and a write that reached one mirror

@@ -146,20 +146,29 @@ pub trait RaidLevel: Send + Sync + 'static {
     fn array_offset_is_member_offset(&self) -> bool;
 
     // ---- IO ------------------------------------------------------------------
+    // The defaults of the IO and process hooks are the engine of the levels
+    // that keep whole copies (`copies`); a level that computes its
+    // redundancy overrides them.
 
     /// Maps the array IO parked in `slot` onto member IO (SPDK's
     /// `submit_rw_request`): a read, or a write-like IO (write, unmap, write
     /// zeroes) that is marked in the bitmap and holds its range. Every member
     /// IO carries the parent's flags (`Ras::make_child`); the parent finishes
     /// through `Ras::finish` or its children's completions.
-    fn submit_rw(&self, ras: &Ras, slot: u32);
+    fn submit_rw(&self, ras: &Ras, slot: u32) {
+        copies::submit_rw(ras, slot);
+    }
 
     /// Flush and reset (SPDK's `submit_null_payload_request`).
-    fn submit_null_payload(&self, ras: &Ras, slot: u32);
+    fn submit_null_payload(&self, ras: &Ras, slot: u32) {
+        ras.dispatch_all(slot);
+    }
 
     /// A member read failed (its member is latched failed): reissue `child`
     /// where the data also lives, or hand it back to fail the parent.
-    fn retry_read(&self, ras: &Ras, child: IoBox) -> Result<(), IoBox>;
+    fn retry_read(&self, ras: &Ras, child: IoBox) -> Result<(), IoBox> {
+        copies::retry_read(ras, child)
+    }
 
     // ---- processes (rebuild, resync, scrub) -----------------------------------
 
@@ -168,7 +177,9 @@ pub trait RaidLevel: Send + Sync + 'static {
     /// repaired, or what to compare for a scrub. The process engine holds
     /// the window's range, runs the plan and advances. None: some extent of
     /// the window has no healthy source.
-    fn plan_window(&self, ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>>;
+    fn plan_window(&self, ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
+        copies::plan_window(ras, window, job)
+    }
 
     // ---- hooks with defaults (levels that compute redundancy) ----------------
 

@@ -5,12 +5,8 @@
 //! the copies wrap to the next row, exactly as md does. Any `n >= 2` works,
 //! and any one member may fail.
 
-use super::{copies, RaidLevel};
-use crate::channel::Ras;
+use super::RaidLevel;
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement};
-use crate::rebuild::{WindowCopy, WindowJob};
-use bdev::IoBox;
-use std::ops::Range;
 
 pub(super) struct Raid10;
 
@@ -84,16 +80,4 @@ impl RaidLevel for Raid10 {
         false
     }
 
-    fn submit_rw(&self, ras: &Ras, slot: u32) {
-        copies::submit_rw(self, ras, slot);
-    }
-    fn submit_null_payload(&self, ras: &Ras, slot: u32) {
-        ras.dispatch_all(slot);
-    }
-    fn retry_read(&self, ras: &Ras, child: IoBox) -> Result<(), IoBox> {
-        copies::retry_read(ras, child)
-    }
-    fn plan_window(&self, ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
-        copies::plan_window(ras, window, job)
-    }
 }

@@ -830,10 +830,6 @@ impl RaidLevel for Raid5 {
         }
     }
 
-    fn submit_null_payload(&self, ras: &Ras, slot: u32) {
-        ras.dispatch_all(slot);
-    }
-
     /// A failed read child fails its round; `children_done` then maps the
     /// read again with the member down (reconstructing its extents).
     fn retry_read(&self, _ras: &Ras, child: IoBox) -> Result<(), IoBox> {
