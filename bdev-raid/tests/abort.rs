@@ -7,16 +7,17 @@
 //! and resumes, deletes cleanly, and counts no impossible state. IO already
 //! at a member is not aborted (the answer is false).
 
+mod common;
+use common::run_async;
 use bdev::error::{self, ErrorCreateParams, ErrorInjectParams, ErrorResumeParams};
 use bdev::malloc::MallocBdev;
-use bdev::{BdevError, BdevIo, BdevProps, DmaBuf, IoBox, IoError, IoStatus, IoType, Registry};
+use bdev::{BdevIo, BdevProps, DmaBuf, IoBox, IoError, IoStatus, IoType, Registry};
 use bdev_raid::rpc::{bdev_raid_create_async, bdev_raid_delete, RaidCreateParams, RaidDeleteParams};
 use bdev_raid::RaidArray;
 use reactor::{ManualSet, ReactorSet};
-use serde_json::Value;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 const BS: u64 = 512;
 
@@ -38,26 +39,6 @@ fn members(m: &ManualSet, blocks: u64) -> Vec<Arc<MallocBdev>> {
             })
             .collect()
     })
-}
-
-fn run_async(
-    m: &ManualSet,
-    f: impl FnOnce(Box<dyn FnOnce(Result<Value, BdevError>) + Send>),
-) -> Result<Value, BdevError> {
-    let (tx, rx) = mpsc::channel();
-    m.on(0, || {
-        f(Box::new(move |r| {
-            let _ = tx.send(r);
-        }))
-    });
-    for _ in 0..2_000 {
-        m.run_until_idle(50);
-        if let Ok(r) = rx.try_recv() {
-            return r;
-        }
-        m.advance_ns(1_000_000);
-    }
-    panic!("asynchronous call did not answer");
 }
 
 fn create(m: &ManualSet, superblock: bool) {

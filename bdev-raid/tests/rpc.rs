@@ -5,15 +5,17 @@
 //! when its last member appears; members are removed and re-added; arrays
 //! nest; delete releases everything.
 
+mod common;
+use common::run_async;
 use bdev::malloc::{MallocBdev, NullBdev};
 use bdev::{BdevError, BdevProps, DmaBuf, IoBox, IoStatus, IoType, Registry};
 use bdev_raid::rpc::*;
 use bdev_raid::{RaidArray, RaidState};
-use reactor::{ManualSet, ReactorSet};
+use reactor::ReactorSet;
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 fn wire(text: &str) -> Value {
     serde_json::from_str(text).unwrap()
@@ -50,27 +52,6 @@ fn create(name: &str, level: &str, strip: Option<u32>, members: &[&str]) -> Resu
         bitmap: None,
         bitmap_chunk_size_kb: None,
     })
-}
-
-/// Runs an asynchronous RPC on reactor 0 and steps the set until it answers.
-fn run_async(
-    m: &ManualSet,
-    f: impl FnOnce(Box<dyn FnOnce(Result<Value, BdevError>) + Send>),
-) -> Result<Value, BdevError> {
-    let (tx, rx) = mpsc::channel();
-    m.on(0, || {
-        f(Box::new(move |r| {
-            let _ = tx.send(r);
-        }))
-    });
-    for _ in 0..200 {
-        m.run_until_idle(50);
-        if let Ok(r) = rx.try_recv() {
-            return r;
-        }
-        m.advance_ns(1_000_000);
-    }
-    panic!("RPC did not answer");
 }
 
 /// The set of keys of a JSON object, recursively for the listed children.

@@ -399,3 +399,25 @@ pub fn rpc_async(
 ) -> Result<Value, bdev::BdevError> {
     set.call_async(0, secs, f)
 }
+
+/// Runs an asynchronous call (an RPC) on reactor 0 of a manual set and
+/// steps the set, advancing its clock 1 ms a round, until it answers.
+pub fn run_async(
+    m: &reactor::ManualSet,
+    f: impl FnOnce(Box<dyn FnOnce(Result<Value, bdev::BdevError>) + Send>),
+) -> Result<Value, bdev::BdevError> {
+    let (tx, rx) = mpsc::channel();
+    m.on(0, || {
+        f(Box::new(move |r| {
+            let _ = tx.send(r);
+        }))
+    });
+    for _ in 0..2_000 {
+        m.run_until_idle(50);
+        if let Ok(r) = rx.try_recv() {
+            return r;
+        }
+        m.advance_ns(1_000_000);
+    }
+    panic!("asynchronous call did not answer");
+}
