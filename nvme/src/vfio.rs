@@ -7,7 +7,9 @@
 //! Linux 3.6; the crates pull in vmm-sys-util and KVM-oriented features we
 //! would have to disable, and their wrappers still leave the unsafe mmap and
 //! DMA-lifetime questions to us. Declaring the structs here keeps every
-//! unsafe block in this file, next to the argument for it.
+//! unsafe block in this file, next to the argument for it. The structs'
+//! sizes and field offsets are asserted against the kernel ABI at compile
+//! time (below the struct declarations).
 
 use crate::mmio::{Bar, RegisterSpace};
 use crate::NvmeError;
@@ -82,6 +84,29 @@ struct DmaUnmap {
     iova: u64,
     size: u64,
 }
+
+// The kernel ABI (include/uapi/linux/vfio.h): sizes and offsets checked at
+// compile time, so a field typed or ordered wrongly fails the build instead
+// of handing the kernel a struct it reads differently.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<GroupStatus>() == 8);
+    assert!(offset_of!(GroupStatus, flags) == 4);
+    assert!(size_of::<RegionInfo>() == 32);
+    assert!(offset_of!(RegionInfo, index) == 8);
+    assert!(offset_of!(RegionInfo, cap_offset) == 12);
+    assert!(offset_of!(RegionInfo, size) == 16);
+    assert!(offset_of!(RegionInfo, offset) == 24);
+    assert!(size_of::<DmaMap>() == 32);
+    assert!(offset_of!(DmaMap, vaddr) == 8);
+    assert!(offset_of!(DmaMap, iova) == 16);
+    assert!(offset_of!(DmaMap, size) == 24);
+    // vfio_iommu_type1_dma_unmap ends in a flexible array, used only with
+    // flags we never set: the fixed part is what we pass.
+    assert!(size_of::<DmaUnmap>() == 24);
+    assert!(offset_of!(DmaUnmap, iova) == 8);
+    assert!(offset_of!(DmaUnmap, size) == 16);
+};
 
 fn os_err(what: String) -> NvmeError {
     let e = std::io::Error::last_os_error();

@@ -261,7 +261,9 @@ fn bdev_nvme_get_controllers(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) 
         let mut list = host::controllers_json(p.name.as_deref());
         list.extend(::nvme::controllers_json(p.name.as_deref()).unwrap_or_default());
         if let (Some(n), true) = (&p.name, list.is_empty()) {
-            return Err(RpcError::errno(libc::ENODEV, format!("controller {n} not found")));
+            // SPDK answers this one with a positive EINVAL, and control
+            // planes match on its text: both as SPDK has them.
+            return Err(RpcError::new(libc::EINVAL, format!("Controller {n} does not exist")));
         }
         Ok(Value::Array(list))
     });
@@ -435,7 +437,7 @@ mod tests {
         assert_eq!(call(&set, &table, "bdev_nvme_detach_controller", json!({"name": "Sim0"})).unwrap(), json!(true));
         assert!(call(&set, &table, "bdev_get_bdevs", json!({"name": "Sim0n1"})).is_err());
         let e = call(&set, &table, "bdev_nvme_get_controllers", json!({"name": "Sim0"})).unwrap_err();
-        assert_eq!(e.code, -libc::ENODEV);
+        assert_eq!((e.code, e.message.as_str()), (libc::EINVAL, "Controller Sim0 does not exist"));
         set.stop();
         set.join();
     }
