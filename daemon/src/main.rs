@@ -192,7 +192,10 @@ fn deliver_signal(sig: &str, events: &mpsc::Sender<Event>) {
         }
     };
     tracing::warn!(signal = sig, "spdk_kill_instance: raising the signal; it takes its default action");
-    if let Err(e) = signal_hook::low_level::raise(number) {
+    // The default action even when the signal's disposition was inherited
+    // as ignored (a daemon started under nohup ignores SIGHUP): the RPC
+    // asked for the signal's effect, not for a no-op.
+    if let Err(e) = signal_hook::low_level::emulate_default_handler(number) {
         tracing::error!(signal = sig, "spdk_kill_instance: raising the signal failed: {e}");
     }
 }
