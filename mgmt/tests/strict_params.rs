@@ -73,7 +73,7 @@ fn features_nvraid_lacks_are_refused_unless_at_spdk_defaults() {
                    "listen_address": {"trtype": "TCP", "traddr": "127.0.0.1", "trsvcid": "0"}}),
             "secure_channel=true",
         ),
-        ("nvmf_create_subsystem", json!({"nqn": "nqn.2016-06.io.nvraid:t", "ana_reporting": true}), "ana_reporting"),
+        ("nvmf_create_subsystem", json!({"nqn": "nqn.2016-06.io.nvraid:t", "enable_nssr": true}), "enable_nssr"),
         ("nvmf_get_subsystems", json!({"tgt_name": "other"}), "tgt_name"),
         ("bdev_malloc_create", json!({"num_blocks": 64, "block_size": 512, "md_size": 8}), "md_size=8"),
         ("bdev_malloc_create", json!({"num_blocks": 64, "block_size": 512, "dif_type": 1}), "dif_type=1"),

@@ -82,6 +82,20 @@ pub mod cmic {
     pub const ANA_REPORTING: u8 = 1 << 3;
 }
 
+/// ANACAP bits: which ANA states the controller reports, and how ANA
+/// group IDs behave.
+pub mod anacap {
+    pub const OPTIMIZED: u8 = 1 << 0;
+    pub const NON_OPTIMIZED: u8 = 1 << 1;
+    pub const INACCESSIBLE: u8 = 1 << 2;
+    pub const PERSISTENT_LOSS: u8 = 1 << 3;
+    pub const CHANGE: u8 = 1 << 4;
+    /// A namespace's ANAGRPID does not change while it is attached.
+    pub const ANAGRPID_FIXED_WHILE_ATTACHED: u8 = 1 << 6;
+    /// Namespace Management accepts a non-zero ANAGRPID.
+    pub const NONZERO_ANAGRPID_IN_NS_MGMT: u8 = 1 << 7;
+}
+
 /// OAES bits: asynchronous events the controller can send.
 pub mod oaes {
     pub const NAMESPACE_ATTRIBUTE: u32 = 1 << 8;

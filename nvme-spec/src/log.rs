@@ -1,6 +1,6 @@
 //! Log pages: identifiers, the Get Log Page command fields, error
-//! information, SMART / health, changed namespace list and the fabrics
-//! discovery log page.
+//! information, SMART / health, changed namespace list, asymmetric
+//! namespace access (ANA) and the fabrics discovery log page.
 
 use core::mem::size_of;
 
@@ -187,6 +187,69 @@ impl DiscoveryLogHeader {
     }
 }
 
+/// Asymmetric namespace access states (ANA group descriptor byte 16, bits 3:0).
+pub mod ana_state {
+    pub const OPTIMIZED: u8 = 0x01;
+    pub const NON_OPTIMIZED: u8 = 0x02;
+    pub const INACCESSIBLE: u8 = 0x03;
+    pub const PERSISTENT_LOSS: u8 = 0x04;
+    pub const CHANGE: u8 = 0x0F;
+}
+
+/// Get Log Page LSP bit 0 of the ANA log: return groups only (RGO), with
+/// no namespace lists.
+pub const ANA_LSP_RETURN_GROUPS_ONLY: u8 = 1 << 0;
+
+/// ANA log page (0Ch) header (16 bytes); group descriptors follow.
+#[repr(C)]
+#[derive(Debug, Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct AnaLogHeader {
+    /// Change count: moves whenever the log's contents change.
+    pub chgcnt: U64,
+    /// Number of ANA group descriptors that follow.
+    pub ngrps: U16,
+    pub rsvd10: [u8; 6],
+}
+
+const _: () = assert!(size_of::<AnaLogHeader>() == 16);
+
+impl AnaLogHeader {
+    pub fn new(chgcnt: u64, ngrps: u16) -> Self {
+        let mut h = Self::new_zeroed();
+        h.chgcnt = U64::new(chgcnt);
+        h.ngrps = U16::new(ngrps);
+        h
+    }
+}
+
+/// One ANA group descriptor (32 bytes), followed by `nnsids` NSIDs (4 bytes
+/// each; none when the host asked for groups only).
+#[repr(C)]
+#[derive(Debug, Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct AnaGroupDescriptor {
+    pub anagrpid: U32,
+    /// Number of NSIDs listed after the descriptor.
+    pub nnsids: U32,
+    /// Change count of this group's descriptor.
+    pub chgcnt: U64,
+    /// ANA state (`ana_state`) in bits 3:0.
+    pub state: u8,
+    pub rsvd17: [u8; 15],
+}
+
+const _: () = assert!(size_of::<AnaGroupDescriptor>() == 32);
+
+impl AnaGroupDescriptor {
+    pub fn new(anagrpid: u32, nnsids: u32, chgcnt: u64, state: u8) -> Self {
+        let mut d = Self::new_zeroed();
+        d.anagrpid = U32::new(anagrpid);
+        d.nnsids = U32::new(nnsids);
+        d.chgcnt = U64::new(chgcnt);
+        d.state = state & 0x0F;
+        d
+    }
+}
+
 /// Transport types (TRTYPE).
 pub mod trtype {
     pub const RDMA: u8 = 1;
@@ -312,6 +375,16 @@ mod tests {
         assert_eq!(offset_of!(DiscoveryLogEntry, subnqn), 256);
         assert_eq!(offset_of!(DiscoveryLogEntry, traddr), 512);
         assert_eq!(offset_of!(DiscoveryLogEntry, tsas), 768);
+    }
+
+    #[test]
+    fn ana_offsets() {
+        assert_eq!(offset_of!(AnaLogHeader, ngrps), 8);
+        assert_eq!(offset_of!(AnaGroupDescriptor, nnsids), 4);
+        assert_eq!(offset_of!(AnaGroupDescriptor, chgcnt), 8);
+        assert_eq!(offset_of!(AnaGroupDescriptor, state), 16);
+        let d = AnaGroupDescriptor::new(7, 2, 3, ana_state::CHANGE | 0xF0);
+        assert_eq!(d.as_bytes()[..17], [7, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0x0F]);
     }
 
     #[test]

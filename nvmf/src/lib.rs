@@ -13,5 +13,6 @@ mod sock;
 pub mod tgt;
 
 pub use tgt::{
-    shutdown, ListenAddr, Namespace, NvmfError, NvmfState, Subsystem, SubsystemKind, SubsystemParams, TransportOpts,
+    shutdown, AnaState, ListenAddr, Namespace, NsOptions, NvmfError, NvmfState, Subsystem, SubsystemKind,
+    SubsystemParams, TransportOpts,
 };

@@ -1,12 +1,13 @@
 //! NVMe-oF target methods (SPDK's `nvmf_*` names and parameters): the TCP
-//! transport, subsystems, namespaces, listeners and hosts, and the
+//! transport, subsystems, namespaces (with their ANA groups and per-host
+//! visibility), listeners (with their ANA states) and hosts, and the
 //! subsystem's `save_config` section.
 
 use super::unsupported::{at, Accepted, Unsupported};
 use super::{sync_call, Ctx, Handler, UnsupportedTable};
 use crate::jsonrpc::{RpcError, RpcResult};
 use crate::server::Reply;
-use ::nvmf::{ListenAddr, NvmfError, NvmfState, SubsystemParams, TransportOpts};
+use ::nvmf::{AnaState, ListenAddr, NsOptions, NvmfError, NvmfState, SubsystemParams, TransportOpts};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -21,6 +22,13 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("nvmf_subsystem_remove_ns", nvmf_subsystem_remove_ns),
     ("nvmf_subsystem_add_listener", |_, p, r| listener(true, p, r)),
     ("nvmf_subsystem_remove_listener", |_, p, r| listener(false, p, r)),
+    ("nvmf_subsystem_listener_set_ana_state", nvmf_subsystem_listener_set_ana_state),
+    ("nvmf_subsystem_set_ns_ana_group", nvmf_subsystem_set_ns_ana_group),
+    ("nvmf_subsystem_get_listeners", nvmf_subsystem_get_listeners),
+    ("nvmf_subsystem_get_controllers", nvmf_subsystem_get_controllers),
+    ("nvmf_subsystem_get_qpairs", nvmf_subsystem_get_qpairs),
+    ("nvmf_ns_add_host", |_, p, r| ns_host(true, p, r)),
+    ("nvmf_ns_remove_host", |_, p, r| ns_host(false, p, r)),
     ("nvmf_subsystem_add_host", |_, p, r| host(true, p, r)),
     ("nvmf_subsystem_remove_host", |_, p, r| host(false, p, r)),
     ("nvmf_subsystem_allow_any_host", nvmf_subsystem_allow_any_host),
@@ -33,7 +41,6 @@ const ONE_TARGET: Unsupported =
     at("tgt_name", Accepted::Str("nvmf_tgt"), "named NVMe-oF targets (it serves one, nvmf_tgt)");
 const NO_TLS: &str = "TLS for NVMe/TCP";
 const NO_DHCHAP: &str = "DH-HMAC-CHAP authentication";
-const NO_ANA: &str = "ANA (asymmetric namespace access) reporting";
 
 /// Parameters SPDK defines for these methods whose feature nvraid lacks
 /// (see `unsupported`). `nvmf_create_transport` checks its own.
@@ -48,7 +55,6 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
             at("wzsl", Accepted::Absent, "configurable Write Zeroes size limit"),
             at("passthrough", Accepted::Bool(false), "NVMe passthrough"),
             at("enable_nssr", Accepted::Bool(false), "NVM subsystem reset"),
-            at("ana_reporting", Accepted::Bool(false), NO_ANA),
         ],
     ),
     ("nvmf_delete_subsystem", &[ONE_TARGET]),
@@ -58,8 +64,6 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
             ONE_TARGET,
             at("namespace.eui64", Accepted::Absent, "EUI-64 namespace identifiers"),
             at("namespace.ptpl_file", Accepted::Absent, "persistent reservations"),
-            at("namespace.anagrpid", Accepted::Absent, NO_ANA),
-            at("namespace.no_auto_visible", Accepted::Bool(false), "per-host namespace visibility"),
             at("namespace.hide_metadata", Accepted::Bool(false), "per-block metadata"),
         ],
     ),
@@ -69,13 +73,19 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
         &[
             ONE_TARGET,
             at("secure_channel", Accepted::Bool(false), NO_TLS),
-            at("ana_state", Accepted::Absent, NO_ANA),
             // Kernel sockets, as SPDK's default "posix" implementation.
             at("sock_impl", Accepted::Str("posix"), "other socket implementations"),
             at("numa_id", Accepted::Int(-1), "NUMA placement of listeners"),
         ],
     ),
     ("nvmf_subsystem_remove_listener", &[ONE_TARGET]),
+    ("nvmf_subsystem_listener_set_ana_state", &[ONE_TARGET]),
+    ("nvmf_subsystem_set_ns_ana_group", &[ONE_TARGET]),
+    ("nvmf_subsystem_get_listeners", &[ONE_TARGET]),
+    ("nvmf_subsystem_get_controllers", &[ONE_TARGET]),
+    ("nvmf_subsystem_get_qpairs", &[ONE_TARGET]),
+    ("nvmf_ns_add_host", &[ONE_TARGET]),
+    ("nvmf_ns_remove_host", &[ONE_TARGET]),
     (
         "nvmf_subsystem_add_host",
         &[
@@ -262,6 +272,8 @@ struct CreateSubsystem {
     max_namespaces: Option<u32>,
     min_cntlid: Option<u16>,
     max_cntlid: Option<u16>,
+    #[serde(default)]
+    ana_reporting: bool,
 }
 
 fn nvmf_create_subsystem(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
@@ -283,6 +295,7 @@ fn nvmf_create_subsystem(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
         if let Some(v) = p.max_cntlid {
             s.max_cntlid = v;
         }
+        s.ana_reporting = p.ana_reporting;
         NvmfState::get().create_subsystem(s).map_err(nvmf_error)?;
         Ok(Value::Bool(true))
     });
@@ -307,6 +320,9 @@ struct NsParams {
     nsid: u32,
     uuid: Option<String>,
     nguid: Option<String>,
+    anagrpid: Option<u32>,
+    #[serde(default)]
+    no_auto_visible: bool,
 }
 
 #[derive(Deserialize)]
@@ -337,9 +353,14 @@ fn nvmf_subsystem_add_ns(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
             .map(|u| Uuid::parse_str(u).map_err(|e| RpcError::invalid_params(format!("uuid '{u}': {e}"))))
             .transpose()?;
         let nguid = p.namespace.nguid.as_deref().map(parse_nguid).transpose()?;
-        let nsid = NvmfState::get()
-            .add_ns(&p.nqn, &p.namespace.bdev_name, p.namespace.nsid, uuid, nguid)
-            .map_err(nvmf_error)?;
+        let o = NsOptions {
+            nsid: p.namespace.nsid,
+            uuid,
+            nguid,
+            anagrpid: p.namespace.anagrpid.unwrap_or(0),
+            no_auto_visible: p.namespace.no_auto_visible,
+        };
+        let nsid = NvmfState::get().add_ns_with(&p.nqn, &p.namespace.bdev_name, o).map_err(nvmf_error)?;
         Ok(json!(nsid))
     });
 }
@@ -370,28 +391,116 @@ struct Address {
 struct Listener {
     nqn: String,
     listen_address: Address,
+    /// Only `nvmf_subsystem_add_listener` has it.
+    ana_state: Option<String>,
+}
+
+fn listen_addr(a: &Address) -> Result<ListenAddr, RpcError> {
+    if !a.trtype.eq_ignore_ascii_case("tcp") {
+        return Err(RpcError::invalid_params(format!("transport type '{}' is not supported", a.trtype)));
+    }
+    if let Some(f) = &a.adrfam {
+        if !f.eq_ignore_ascii_case("ipv4") && !f.eq_ignore_ascii_case("ipv6") {
+            return Err(RpcError::invalid_params(format!("address family '{f}' is not supported")));
+        }
+    }
+    Ok(ListenAddr::new(&a.traddr, a.trsvcid.as_deref().unwrap_or("4420")))
+}
+
+/// An `ana_state` parameter: SPDK's three names.
+fn ana_state_of(name: &str) -> Result<AnaState, RpcError> {
+    AnaState::settable(name).ok_or_else(|| {
+        RpcError::invalid_params(format!("ana_state '{name}' is not one of optimized, non_optimized, inaccessible"))
+    })
 }
 
 fn listener(add: bool, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: Listener| {
-        let a = p.listen_address;
-        if !a.trtype.eq_ignore_ascii_case("tcp") {
-            return Err(RpcError::invalid_params(format!("transport type '{}' is not supported", a.trtype)));
-        }
-        if let Some(f) = &a.adrfam {
-            if !f.eq_ignore_ascii_case("ipv4") && !f.eq_ignore_ascii_case("ipv6") {
-                return Err(RpcError::invalid_params(format!("address family '{f}' is not supported")));
-            }
-        }
-        let addr = ListenAddr::new(&a.traddr, a.trsvcid.as_deref().unwrap_or("4420"));
+        let addr = listen_addr(&p.listen_address)?;
         let st = NvmfState::get();
         // SPDK's client documents 'discovery' as a shortcut.
         let nqn = if p.nqn == "discovery" { nvme_spec_discovery_nqn() } else { p.nqn.as_str() };
         if add {
-            st.add_listener(nqn, addr).map_err(nvmf_error)?;
+            let ana = p.ana_state.as_deref().map(ana_state_of).transpose()?.unwrap_or(AnaState::Optimized);
+            st.add_listener_ana(nqn, addr, ana).map_err(nvmf_error)?;
+        } else if p.ana_state.is_some() {
+            return Err(RpcError::unknown_parameters("nvmf_subsystem_remove_listener", &["ana_state".into()]));
         } else {
             st.remove_listener(nqn, &addr).map_err(nvmf_error)?;
         }
+        Ok(Value::Bool(true))
+    });
+}
+
+#[derive(Deserialize)]
+struct SetAnaState {
+    nqn: String,
+    listen_address: Address,
+    ana_state: String,
+    anagrpid: Option<u32>,
+}
+
+/// `nvmf_subsystem_listener_set_ana_state`: one group's state (every
+/// group's without `anagrpid`) through one listener.
+fn nvmf_subsystem_listener_set_ana_state(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: SetAnaState| {
+        let addr = listen_addr(&p.listen_address)?;
+        let state = ana_state_of(&p.ana_state)?;
+        NvmfState::get().set_ana_state(&p.nqn, &addr, state, p.anagrpid.unwrap_or(0)).map_err(nvmf_error)?;
+        Ok(Value::Bool(true))
+    });
+}
+
+#[derive(Deserialize)]
+struct SetNsAnaGroup {
+    nqn: String,
+    nsid: u32,
+    anagrpid: u32,
+}
+
+fn nvmf_subsystem_set_ns_ana_group(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: SetNsAnaGroup| {
+        NvmfState::get().set_ns_ana_group(&p.nqn, p.nsid, p.anagrpid).map_err(nvmf_error)?;
+        Ok(Value::Bool(true))
+    });
+}
+
+/// `nvmf_subsystem_get_listeners`: addresses, and ANA states per group
+/// where the subsystem reports ANA.
+fn nvmf_subsystem_get_listeners(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: Nqn| Ok(any_subsystem(&p.nqn)?.listeners_json()));
+}
+
+/// A subsystem by NQN, the discovery subsystem included.
+fn any_subsystem(nqn: &str) -> Result<Arc<::nvmf::Subsystem>, RpcError> {
+    NvmfState::get().subsystem(nqn).ok_or_else(|| RpcError::invalid_params(format!("subsystem {nqn} not found")))
+}
+
+/// `nvmf_subsystem_get_controllers`: the live controllers of a subsystem.
+fn nvmf_subsystem_get_controllers(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: Nqn| {
+        Ok(Value::Array(any_subsystem(&p.nqn)?.controllers().iter().map(|c| c.to_json()).collect()))
+    });
+}
+
+/// `nvmf_subsystem_get_qpairs`: every connected queue of the subsystem's
+/// controllers, admin queues included.
+fn nvmf_subsystem_get_qpairs(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: Nqn| {
+        Ok(Value::Array(any_subsystem(&p.nqn)?.controllers().iter().flat_map(|c| c.qpairs_json()).collect()))
+    });
+}
+
+#[derive(Deserialize)]
+struct NsHost {
+    nqn: String,
+    nsid: u32,
+    host: String,
+}
+
+fn ns_host(add: bool, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: NsHost| {
+        NvmfState::get().ns_set_host_visible(&p.nqn, p.nsid, &p.host, add).map_err(nvmf_error)?;
         Ok(Value::Bool(true))
     });
 }

@@ -1,20 +1,21 @@
 //! Admin and property commands of a target controller: the controller
 //! registers (CAP, VS, CC, CSTS with the enable and shutdown state
 //! machine), Identify, Get Log Page (error, SMART, changed namespaces,
-//! discovery), Set/Get Features, Keep Alive, and the answers for commands
-//! a fabrics controller does not do.
+//! asymmetric namespace access, discovery), Set/Get Features, Keep Alive,
+//! and the answers for commands a fabrics controller does not do.
 
 use super::{Ctrl, NvmfState, Subsystem, SubsystemKind};
 use bdev::DmaBuf;
 use nvme_spec::fabrics::PropertySize;
 use nvme_spec::features::{select, FeatureId, FeatureParams, NumberOfQueues, VWC_ENABLE};
 use nvme_spec::identify::{
-    cmic, cntrltype, ctratt, encode_ns_id_descriptors, lpa, oaes, oncs, sgls, vwc, Cns, IdentifyController,
+    anacap, cmic, cntrltype, ctratt, encode_ns_id_descriptors, lpa, oaes, oncs, sgls, vwc, Cns, IdentifyController,
     IdentifyNamespace, IdentifyParams, LbaFormat, NamespaceList, NsIdDescriptor, IDENTIFY_DATA_LEN,
 };
 use nvme_spec::log::{
-    adrfam, subtype, tcp_sectype, treq, trtype, DiscoveryLogEntry, DiscoveryLogHeader, GetLogPageParams, LogPageId,
-    SmartLog, CHANGED_NS_LIST_OVERFLOW, CNTLID_DYNAMIC,
+    adrfam, subtype, tcp_sectype, treq, trtype, AnaGroupDescriptor, AnaLogHeader, DiscoveryLogEntry,
+    DiscoveryLogHeader, GetLogPageParams, LogPageId, SmartLog, ANA_LSP_RETURN_GROUPS_ONLY, CHANGED_NS_LIST_OVERFLOW,
+    CNTLID_DYNAMIC,
 };
 use nvme_spec::regs::{cap_css, offset, shutdown, Cap, Cc, Csts, Vs};
 use nvme_spec::text::{write_ascii_padded, write_nqn};
@@ -180,11 +181,27 @@ fn identify_controller(ctrl: &Ctrl) -> IdentifyController {
     id.vwc = if ctrl.write_cache_present() { vwc::PRESENT } else { 0 } | vwc::FLUSH_BROADCAST_UNSUPPORTED;
     id.awun = U16::new(0);
     id.awupf = U16::new(0);
+    if sub.ana_reporting {
+        id.cmic |= cmic::ANA_REPORTING;
+        id.oaes = U32::new(id.oaes.get() | oaes::ANA_CHANGE);
+        // A state change takes effect at once; the spec's ANATT bounds a
+        // transition the target never enters, 10 s as SPDK reports it.
+        id.anatt = ANA_TRANSITION_TIME_SECS;
+        // The states an RPC can set. Not "ANAGRPID fixed while attached":
+        // nvmf_subsystem_set_ns_ana_group moves an attached namespace.
+        id.anacap = anacap::OPTIMIZED | anacap::NON_OPTIMIZED | anacap::INACCESSIBLE;
+        // One group per possible namespace, numbered 1..=max_namespaces.
+        id.anagrpmax = U32::new(sub.max_namespaces);
+        id.nanagrpid = U32::new(sub.max_namespaces);
+    }
     id
 }
 
-fn identify_namespace(sub: &Subsystem, nsid: u32) -> Option<IdentifyNamespace> {
-    let ns = sub.namespaces().into_iter().find(|n| n.nsid == nsid)?;
+/// ANATT of Identify Controller, in seconds.
+const ANA_TRANSITION_TIME_SECS: u8 = 10;
+
+fn identify_namespace(sub: &Subsystem, hostnqn: &str, nsid: u32) -> Option<IdentifyNamespace> {
+    let ns = sub.namespaces_of(hostnqn).into_iter().find(|n| n.nsid == nsid)?;
     let p = ns.bdev.props();
     let mut id = IdentifyNamespace::zeroed();
     id.nsze = U64::new(p.num_blocks);
@@ -202,6 +219,9 @@ fn identify_namespace(sub: &Subsystem, nsid: u32) -> Option<IdentifyNamespace> {
     if p.optimal_io_boundary > 0 {
         id.noiob = U16::new(p.optimal_io_boundary.min(0xFFFF) as u16);
     }
+    if sub.ana_reporting {
+        id.anagrpid = U32::new(ns.anagrpid());
+    }
     Some(id)
 }
 
@@ -211,7 +231,7 @@ fn identify(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome {
     let discovery = sub.kind == SubsystemKind::Discovery;
     match p.cns {
         Cns::CONTROLLER => out.extend_from_slice(identify_controller(ctrl).as_bytes()),
-        Cns::NAMESPACE if !discovery => match identify_namespace(sub, p.nsid) {
+        Cns::NAMESPACE if !discovery => match identify_namespace(sub, &ctrl.hostnqn, p.nsid) {
             Some(id) => out.extend_from_slice(id.as_bytes()),
             // An inactive NSID within range reads as zeroes.
             None if p.nsid != 0 && p.nsid <= sub.max_namespaces => out.resize(IDENTIFY_DATA_LEN, 0),
@@ -225,11 +245,12 @@ fn identify(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome {
             if p.nsid >= 0xFFFF_FFFE {
                 return done(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
             }
-            let ids: Vec<u32> = sub.namespaces().iter().map(|n| n.nsid).filter(|&n| n > p.nsid).collect();
+            let ids: Vec<u32> =
+                sub.namespaces_of(&ctrl.hostnqn).iter().map(|n| n.nsid).filter(|&n| n > p.nsid).collect();
             out.extend_from_slice(NamespaceList::from_ids(ids).as_bytes());
         }
         Cns::NAMESPACE_ID_DESCRIPTORS if !discovery => {
-            let Some(ns) = sub.namespaces().into_iter().find(|n| n.nsid == p.nsid) else {
+            let Some(ns) = sub.namespaces_of(&ctrl.hostnqn).into_iter().find(|n| n.nsid == p.nsid) else {
                 return done(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
             };
             out.resize(IDENTIFY_DATA_LEN, 0);
@@ -242,7 +263,7 @@ fn identify(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome {
         // I/O command set specific data for the NVM command set: no
         // limits beyond MDTS, all zeroes.
         Cns::CSI_CONTROLLER | Cns::CSI_NAMESPACE if !discovery && p.csi == 0 => {
-            if p.cns == Cns::CSI_NAMESPACE && !sub.namespaces().iter().any(|n| n.nsid == p.nsid) {
+            if p.cns == Cns::CSI_NAMESPACE && !sub.namespaces_of(&ctrl.hostnqn).iter().any(|n| n.nsid == p.nsid) {
                 return done(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
             }
             out.resize(IDENTIFY_DATA_LEN, 0);
@@ -283,6 +304,12 @@ fn get_log_page(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>, _portid: u16) ->
                 a.ns_notice_masked = false;
             }
         }
+        LogPageId::ASYMMETRIC_NAMESPACE_ACCESS if !discovery && ctrl.subsys.ana_reporting => {
+            page = ana_log(ctrl, p.lsp & ANA_LSP_RETURN_GROUPS_ONLY != 0);
+            if !p.rae {
+                ctrl.admin().ana_notice_masked = false;
+            }
+        }
         LogPageId::FIRMWARE_SLOT if !discovery => {
             // One slot, active, holding the running version.
             page.resize(512, 0);
@@ -299,6 +326,38 @@ fn get_log_page(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>, _portid: u16) ->
     let end = (start as u64 + p.len_bytes).min(page.len() as u64) as usize;
     out.extend_from_slice(&page[start..end]);
     done(Status::SUCCESS)
+}
+
+/// The ANA log page a controller reports: one descriptor per group that
+/// holds a namespace the controller sees, with the state the group has
+/// through the controller's listener, and (unless `groups_only`) the
+/// group's NSIDs in ascending order.
+fn ana_log(ctrl: &Ctrl, groups_only: bool) -> Vec<u8> {
+    let sub = &ctrl.subsys;
+    let i = sub.lock();
+    let mut groups: Vec<(u32, Vec<u32>)> = Vec::new();
+    for n in i.namespaces.iter().filter(|n| n.visible_to(&ctrl.hostnqn)) {
+        let g = n.anagrpid();
+        match groups.iter_mut().find(|(id, _)| *id == g) {
+            Some((_, ids)) => ids.push(n.nsid),
+            None => groups.push((g, vec![n.nsid])),
+        }
+    }
+    groups.sort_unstable_by_key(|(g, _)| *g);
+    let listener = i.ana.iter().find(|l| l.addr == ctrl.listen);
+    let mut page = AnaLogHeader::new(i.ana_chgcnt, groups.len() as u16).as_bytes().to_vec();
+    for (g, ids) in &groups {
+        let state = Subsystem::ana_state_locked(&i, &ctrl.listen, *g);
+        let changed_at = listener.and_then(|l| l.changed_at.get(*g as usize - 1)).copied().unwrap_or(0);
+        let nnsids = if groups_only { 0 } else { ids.len() as u32 };
+        page.extend_from_slice(AnaGroupDescriptor::new(*g, nnsids, changed_at, state.code()).as_bytes());
+        if !groups_only {
+            for id in ids {
+                page.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+    }
+    page
 }
 
 /// The SMART / health log of a controller, from its queues' counters.

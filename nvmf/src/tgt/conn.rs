@@ -20,8 +20,8 @@ mod io;
 use super::admin::{self, AdminOutcome};
 use super::bufpool::BufPool;
 use super::{
-    Ctrl, CtrlAdmin, ListenAddr, NvmfState, QpairStats, QueueRef, Subsystem, SubsystemKind, TransportOpts,
-    ADMIN_IN_CAPSULE_LEN,
+    Ctrl, CtrlAdmin, ListenAddr, NvmfState, PollGroupStats, QpairStats, QueueRef, Subsystem, SubsystemKind,
+    TransportOpts, ADMIN_IN_CAPSULE_LEN,
 };
 use crate::pdu::{
     self, encode_header, encode_term_req, C2HData, CapsuleResp, Direction, Event, Fes, IcResp, PduError, PduHeader,
@@ -37,7 +37,7 @@ use nvme_spec::fabrics::{
 use nvme_spec::log::CNTLID_DYNAMIC;
 use nvme_spec::opcode::DataDirection;
 use nvme_spec::text::read_nqn;
-use nvme_spec::{AdminOpcode, Cqe, FabricsCommandType, SglKind, Sqe, Status, U16, U32};
+use nvme_spec::{AdminOpcode, Cqe, FabricsCommandType, IoOpcode, SglKind, Sqe, Status, U16, U32};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpStream;
@@ -135,6 +135,9 @@ struct NsIo {
     block_shift: u32,
     num_blocks: u64,
     ch: Rc<Channel>,
+    /// The path status IO to this namespace ends with while its ANA group
+    /// is not accessible through this queue's listener.
+    ana_blocked: Option<Status>,
 }
 
 enum Owned {
@@ -148,6 +151,8 @@ pub(crate) struct Conn {
     portid: u16,
     opts: Arc<TransportOpts>,
     state: Arc<NvmfState>,
+    /// The reactor this connection runs on (its poll group).
+    reactor: usize,
     reader: PduReader,
     rx: RxBuf,
     tx: TxQueue,
@@ -231,6 +236,7 @@ pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Ar
         portid,
         opts,
         state,
+        reactor: reactor::current().unwrap_or(0),
         reader: PduReader::new(RxConfig::before_ic(Direction::HostToController)),
         rx: RxBuf::new(RX_BUF_LEN),
         tx: TxQueue::with_capacity(slots * 4 + 16),
@@ -261,6 +267,12 @@ pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Ar
         socket_shut: false,
         scratch: Vec::new(),
     }));
+    {
+        let c = conn.borrow();
+        if let Some(g) = c.state.poll_group(c.reactor) {
+            PollGroupStats::add(&g.current_unassociated_qpairs);
+        }
+    }
     let done: Rc<dyn IoDone> = Rc::new(ConnIoDone(Rc::downgrade(&conn)));
     conn.borrow_mut().done = Some(done);
     reactor::local::<ConnTable>().0.borrow_mut().insert(key, Rc::downgrade(&conn));
@@ -383,6 +395,13 @@ impl Conn {
             self.done = None;
             self.ctrl = None;
             reactor::local::<ConnTable>().0.borrow_mut().remove(&self.key);
+            if let Some(g) = self.state.poll_group(self.reactor) {
+                PollGroupStats::sub(match self.qid {
+                    None => &g.current_unassociated_qpairs,
+                    Some(0) => &g.current_admin_qpairs,
+                    Some(_) => &g.current_io_qpairs,
+                });
+            }
             self.state.connections.fetch_sub(1, Ordering::AcqRel);
             return reactor::PollStatus::Done;
         }
@@ -813,8 +832,11 @@ impl Conn {
         if abort_requested {
             self.settle_abort_wait(slot, gen, status == Status::ABORT_REQUESTED);
         }
-        if self.qid.is_some_and(|q| q > 0) {
+        if self.qid.is_some_and(|q| q > 0) && opcode != IoOpcode::FABRICS.0 {
             self.count_for_smart(opcode, status, io_bytes);
+            if let Some(g) = self.state.poll_group(self.reactor) {
+                PollGroupStats::add(&g.completed_nvme_io);
+            }
         }
         if self.closing {
             self.pool.give(units);
@@ -999,6 +1021,9 @@ impl Conn {
                 subsys: sub.clone(),
                 hostnqn,
                 hostid: data.hostid,
+                listen: self.listen.clone(),
+                admin_reactor: reactor::current().unwrap_or(0),
+                admin_peer: self.stream.peer_addr().ok(),
                 opts: self.opts.clone(),
                 kato_ms: kato_ms.into(),
                 last_keep_alive_ns: reactor::now_ns().into(),
@@ -1018,6 +1043,8 @@ impl Conn {
                     changed_ns: Vec::new(),
                     ns_notice_pending: false,
                     ns_notice_masked: false,
+                    ana_notice_pending: false,
+                    ana_notice_masked: false,
                 }),
                 aen_flag: false.into(),
             });
@@ -1042,6 +1069,15 @@ impl Conn {
             }
             if sub.kind == SubsystemKind::Discovery || !ctrl.ready.load(Ordering::Acquire) {
                 return self.connect_fail(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
+            }
+            // A controller's queues share one path: its ANA states are the
+            // admin queue's listener's.
+            if sub.ana_reporting && ctrl.listen != self.listen {
+                return self.connect_fail(
+                    slot,
+                    Status::CONNECT_INVALID_PARAMETERS,
+                    inv(connect_data_offset::CNTLID, InvalidParameterIn::Data),
+                );
             }
             let max_q = ctrl.admin().num_io_queues.min(self.opts.max_io_qpairs_per_ctrlr);
             if u32::from(qid) > max_q {
@@ -1073,6 +1109,7 @@ impl Conn {
                     reactor: reactor::current().unwrap_or(0),
                     conn_key: self.key,
                     stats: self.stats.clone(),
+                    peer: self.stream.peer_addr().ok(),
                 });
             }
             let cfg = *self.reader.config();
@@ -1086,6 +1123,16 @@ impl Conn {
         self.c2h_success = self.opts.c2h_success && sqfc_disabled;
         self.sqhd_ffff_once = sqfc_disabled;
         let cntlid = self.ctrl.as_ref().map_or(0, |c| c.cntlid);
+        if let Some(g) = self.state.poll_group(self.reactor) {
+            PollGroupStats::sub(&g.current_unassociated_qpairs);
+            let (total, current) = if qid == 0 {
+                (&g.admin_qpairs, &g.current_admin_qpairs)
+            } else {
+                (&g.io_qpairs, &g.current_io_qpairs)
+            };
+            PollGroupStats::add(total);
+            PollGroupStats::add(current);
+        }
         self.refresh_ns();
         self.complete(slot, Status::SUCCESS, connect_success_dw0(cntlid, 0));
     }
@@ -1102,7 +1149,7 @@ impl Conn {
         }
         self.ns.clear();
         if self.qid.is_some_and(|q| q > 0) {
-            for n in sub.namespaces() {
+            for n in sub.namespaces_of(&ctrl.hostnqn) {
                 if let Ok(ch) = n.bdev.channel() {
                     let p = n.bdev.props();
                     self.ns.push(NsIo {
@@ -1110,6 +1157,7 @@ impl Conn {
                         block_shift: p.block_size.trailing_zeros(),
                         num_blocks: p.num_blocks,
                         ch,
+                        ana_blocked: sub.ana_state(&self.listen, n.anagrpid()).io_status(),
                     });
                 }
             }
@@ -1192,6 +1240,9 @@ impl Conn {
             if let Some(d) = &self.done {
                 io.set_done(d.clone());
             }
+            if let Some(g) = self.state.poll_group(self.reactor) {
+                PollGroupStats::add(&g.pending_bdev_io);
+            }
             ch.submit(io);
         }
     }
@@ -1201,16 +1252,28 @@ impl Conn {
             return;
         };
         ctrl.aen_flag.store(false, Ordering::Release);
-        let mut a = ctrl.admin();
-        if !a.ns_notice_pending || a.ns_notice_masked {
-            return;
+        loop {
+            let mut a = ctrl.admin();
+            let dw0 = if a.ns_notice_pending && !a.ns_notice_masked {
+                Ctrl::ns_notice_dword()
+            } else if a.ana_notice_pending && !a.ana_notice_masked {
+                Ctrl::ana_notice_dword()
+            } else {
+                return;
+            };
+            let Some(slot) = self.aers.pop() else { return };
+            // Each notice stays masked until the host reads its log page.
+            if dw0 == Ctrl::ns_notice_dword() {
+                a.ns_notice_pending = false;
+                a.ns_notice_masked = true;
+            } else {
+                a.ana_notice_pending = false;
+                a.ana_notice_masked = true;
+            }
+            drop(a);
+            self.reqs[slot].state = ReqState::Exec;
+            self.complete(slot, Status::SUCCESS, dw0);
         }
-        let Some(slot) = self.aers.pop() else { return };
-        a.ns_notice_pending = false;
-        a.ns_notice_masked = true;
-        drop(a);
-        self.reqs[slot].state = ReqState::Exec;
-        self.complete(slot, Status::SUCCESS, Ctrl::ns_notice_dword());
     }
 }
 

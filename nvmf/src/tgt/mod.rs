@@ -214,20 +214,120 @@ impl ListenAddr {
     }
 }
 
+/// The asymmetric namespace access state of one ANA group through one
+/// listener (NVMe base spec 2.0, 8.1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnaState {
+    Optimized,
+    NonOptimized,
+    Inaccessible,
+    PersistentLoss,
+    Change,
+}
+
+impl AnaState {
+    /// The states an RPC may set, by SPDK's names. Persistent loss and
+    /// change are states a target enters by itself; nvraid never does.
+    pub fn settable(name: &str) -> Option<Self> {
+        match name {
+            "optimized" => Some(AnaState::Optimized),
+            "non_optimized" => Some(AnaState::NonOptimized),
+            "inaccessible" => Some(AnaState::Inaccessible),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AnaState::Optimized => "optimized",
+            AnaState::NonOptimized => "non_optimized",
+            AnaState::Inaccessible => "inaccessible",
+            AnaState::PersistentLoss => "persistent_loss",
+            AnaState::Change => "change",
+        }
+    }
+
+    /// The state's code in the ANA log page.
+    pub fn code(self) -> u8 {
+        use nvme_spec::log::ana_state as c;
+        match self {
+            AnaState::Optimized => c::OPTIMIZED,
+            AnaState::NonOptimized => c::NON_OPTIMIZED,
+            AnaState::Inaccessible => c::INACCESSIBLE,
+            AnaState::PersistentLoss => c::PERSISTENT_LOSS,
+            AnaState::Change => c::CHANGE,
+        }
+    }
+
+    /// The path status an IO command to a namespace in this state ends
+    /// with, or None where it runs. Not DNR: the host retries on another path.
+    pub fn io_status(self) -> Option<nvme_spec::Status> {
+        use nvme_spec::Status;
+        match self {
+            AnaState::Optimized | AnaState::NonOptimized => None,
+            AnaState::Inaccessible => Some(Status::ANA_INACCESSIBLE),
+            AnaState::PersistentLoss => Some(Status::ANA_PERSISTENT_LOSS),
+            AnaState::Change => Some(Status::ANA_TRANSITION),
+        }
+    }
+}
+
 /// A namespace: an NSID mapped to a bdev.
 pub struct Namespace {
     pub nsid: u32,
     pub bdev: BdevHandle,
     pub uuid: Uuid,
     pub nguid: [u8; 16],
+    /// ANA group (1..=max_namespaces); changed by `nvmf_subsystem_set_ns_ana_group`
+    /// under the subsystem's lock.
+    pub(crate) anagrpid: AtomicU32,
+    /// Visible to every host (`no_auto_visible` false), or only to `hosts`.
+    pub auto_visible: bool,
+    /// Hosts a namespace that is not auto visible is shown to
+    /// (`nvmf_ns_add_host`); changed under the subsystem's lock.
+    pub(crate) hosts: Mutex<Vec<String>>,
 }
 
 impl Namespace {
+    pub fn anagrpid(&self) -> u32 {
+        self.anagrpid.load(Ordering::Acquire)
+    }
+
+    /// Whether controllers of `hostnqn` see this namespace.
+    pub fn visible_to(&self, hostnqn: &str) -> bool {
+        self.auto_visible || self.hosts().iter().any(|h| h == hostnqn)
+    }
+
+    pub(crate) fn hosts(&self) -> MutexGuard<'_, Vec<String>> {
+        self.hosts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn to_json(&self) -> Value {
         let nguid: String = self.nguid.iter().map(|b| format!("{b:02X}")).collect();
         json!({"nsid": self.nsid, "bdev_name": self.bdev.name(), "name": self.bdev.name(),
                "nguid": nguid, "uuid": self.uuid.to_string()})
     }
+}
+
+/// Options of `nvmf_subsystem_add_ns` beyond the bdev.
+#[derive(Debug, Clone, Default)]
+pub struct NsOptions {
+    /// 0 picks the lowest free NSID.
+    pub nsid: u32,
+    pub uuid: Option<Uuid>,
+    pub nguid: Option<[u8; 16]>,
+    /// 0 puts the namespace in the group of its own NSID.
+    pub anagrpid: u32,
+    pub no_auto_visible: bool,
+}
+
+/// The ANA states one listener reports for each group of its subsystem.
+pub(crate) struct ListenerAna {
+    pub(crate) addr: ListenAddr,
+    /// Index: ANA group ID - 1 (one per possible group, max_namespaces).
+    pub(crate) states: Vec<AnaState>,
+    /// The subsystem's ANA change count when each group's state last changed.
+    pub(crate) changed_at: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +346,8 @@ pub struct SubsystemParams {
     pub max_namespaces: u32,
     pub min_cntlid: u16,
     pub max_cntlid: u16,
+    /// Report asymmetric namespace access: ANA groups, per-listener states.
+    pub ana_reporting: bool,
 }
 
 impl SubsystemParams {
@@ -258,6 +360,7 @@ impl SubsystemParams {
             max_namespaces: 32,
             min_cntlid: 1,
             max_cntlid: 0xFFEF,
+            ana_reporting: false,
         }
     }
 }
@@ -269,6 +372,12 @@ pub(crate) struct SubsysInner {
     pub(crate) listeners: Vec<ListenAddr>,
     pub(crate) ctrls: Vec<Weak<Ctrl>>,
     next_cntlid: u16,
+    /// Per listener, the ANA state of every group (kept whether or not ANA
+    /// is reported; only reported when it is).
+    pub(crate) ana: Vec<ListenerAna>,
+    /// ANA change count (ANA log header CHGCNT): moves on every change of a
+    /// listener's state or of a group's namespaces.
+    pub(crate) ana_chgcnt: u64,
 }
 
 /// An NVM subsystem (or the discovery subsystem).
@@ -280,6 +389,7 @@ pub struct Subsystem {
     pub max_namespaces: u32,
     pub min_cntlid: u16,
     pub max_cntlid: u16,
+    pub ana_reporting: bool,
     pub(crate) inner: Mutex<SubsysInner>,
     /// Bumped on every change a queue pair must notice (namespaces,
     /// listeners); qpairs compare it before using their cached view.
@@ -297,6 +407,7 @@ impl Subsystem {
             max_namespaces: p.max_namespaces,
             min_cntlid: p.min_cntlid,
             max_cntlid: p.max_cntlid,
+            ana_reporting: p.ana_reporting,
             inner: Mutex::new(SubsysInner {
                 namespaces: Vec::new(),
                 hosts: Vec::new(),
@@ -304,6 +415,8 @@ impl Subsystem {
                 listeners: Vec::new(),
                 ctrls: Vec::new(),
                 next_cntlid: p.min_cntlid,
+                ana: Vec::new(),
+                ana_chgcnt: 0,
             }),
             generation: AtomicU64::new(1),
             deleted: AtomicBool::new(false),
@@ -325,6 +438,57 @@ impl Subsystem {
 
     pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
         self.lock().namespaces.clone()
+    }
+
+    /// The namespaces controllers of `hostnqn` see (active NSIDs).
+    pub fn namespaces_of(&self, hostnqn: &str) -> Vec<Arc<Namespace>> {
+        self.lock().namespaces.iter().filter(|n| n.visible_to(hostnqn)).cloned().collect()
+    }
+
+    /// The ANA state group `anagrpid` has through listener `addr`
+    /// (optimized where ANA is not reported: every path is).
+    pub fn ana_state(&self, addr: &ListenAddr, anagrpid: u32) -> AnaState {
+        if !self.ana_reporting {
+            return AnaState::Optimized;
+        }
+        let i = self.lock();
+        Self::ana_state_locked(&i, addr, anagrpid)
+    }
+
+    pub(crate) fn ana_state_locked(i: &SubsysInner, addr: &ListenAddr, anagrpid: u32) -> AnaState {
+        let Some(l) = i.ana.iter().find(|l| &l.addr == addr) else {
+            // The listener is gone: nothing is reachable through it.
+            return AnaState::Inaccessible;
+        };
+        anagrpid.checked_sub(1).and_then(|g| l.states.get(g as usize)).copied().unwrap_or(AnaState::Inaccessible)
+    }
+
+    /// Live controllers, by controller ID (`nvmf_subsystem_get_controllers`).
+    pub fn controllers(&self) -> Vec<Arc<Ctrl>> {
+        let mut c: Vec<Arc<Ctrl>> = self.live_ctrls().into_iter().filter(|c| !c.is_dead()).collect();
+        c.sort_unstable_by_key(|c| c.cntlid);
+        c
+    }
+
+    /// `nvmf_subsystem_get_listeners` in SPDK's shape: each listener's
+    /// address, and with ANA reporting the state of every group.
+    pub fn listeners_json(&self) -> Value {
+        let i = self.lock();
+        let list: Vec<Value> = i
+            .listeners
+            .iter()
+            .map(|a| {
+                let mut v = json!({"address": a.to_json()});
+                if self.ana_reporting {
+                    let states: Vec<Value> = (1..=self.max_namespaces)
+                        .map(|g| json!({"ana_group": g, "ana_state": Self::ana_state_locked(&i, a, g).name()}))
+                        .collect();
+                    v["ana_states"] = Value::Array(states);
+                }
+                v
+            })
+            .collect();
+        Value::Array(list)
     }
 
     pub fn listeners(&self) -> Vec<ListenAddr> {
@@ -369,7 +533,18 @@ impl Subsystem {
             o.insert("max_namespaces".into(), json!(self.max_namespaces));
             o.insert("min_cntlid".into(), json!(self.min_cntlid));
             o.insert("max_cntlid".into(), json!(self.max_cntlid));
-            o.insert("namespaces".into(), json!(i.namespaces.iter().map(|n| n.to_json()).collect::<Vec<_>>()));
+            let ns: Vec<Value> = i
+                .namespaces
+                .iter()
+                .map(|n| {
+                    let mut v = n.to_json();
+                    if self.ana_reporting {
+                        v["anagrpid"] = json!(n.anagrpid());
+                    }
+                    v
+                })
+                .collect();
+            o.insert("namespaces".into(), Value::Array(ns));
         }
         v
     }
@@ -394,6 +569,9 @@ pub(crate) struct CtrlAdmin {
     /// been sent and the log has not been read (no second one until then).
     pub(crate) ns_notice_pending: bool,
     pub(crate) ns_notice_masked: bool,
+    /// The same pair for the ANA change notice (ANA log page).
+    pub(crate) ana_notice_pending: bool,
+    pub(crate) ana_notice_masked: bool,
 }
 
 /// Counters of one queue pair for the SMART / health log. Only the queue
@@ -432,6 +610,52 @@ impl QpairStats {
     }
 }
 
+/// Counters of one reactor's NVMe/TCP connections: a poll group, in
+/// `nvmf_get_stats`' words. Only that reactor writes them (plain load and
+/// store, no read-modify-write); RPCs read them from anywhere.
+#[derive(Default)]
+#[repr(align(64))]
+pub(crate) struct PollGroupStats {
+    /// Admin and IO queues connected here since the transport was created.
+    pub(crate) admin_qpairs: AtomicU64,
+    pub(crate) io_qpairs: AtomicU64,
+    pub(crate) current_admin_qpairs: AtomicU64,
+    pub(crate) current_io_qpairs: AtomicU64,
+    /// Connections whose fabrics Connect has not (yet) succeeded.
+    pub(crate) current_unassociated_qpairs: AtomicU64,
+    /// Bdev IOs submitted and not yet completed.
+    pub(crate) pending_bdev_io: AtomicU64,
+    /// NVM commands of IO queues answered (any status).
+    pub(crate) completed_nvme_io: AtomicU64,
+}
+
+impl PollGroupStats {
+    pub(crate) fn add(c: &AtomicU64) {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub(c: &AtomicU64) {
+        let v = c.load(Ordering::Relaxed);
+        debug_assert!(v > 0, "poll group counter below zero");
+        c.store(v.saturating_sub(1), Ordering::Relaxed);
+    }
+
+    fn to_json(&self, reactor: usize, tcp: &Value) -> Value {
+        let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "name": reactor_thread_name(reactor),
+            "admin_qpairs": v(&self.admin_qpairs),
+            "io_qpairs": v(&self.io_qpairs),
+            "current_admin_qpairs": v(&self.current_admin_qpairs),
+            "current_io_qpairs": v(&self.current_io_qpairs),
+            "current_unassociated_qpairs": v(&self.current_unassociated_qpairs),
+            "pending_bdev_io": v(&self.pending_bdev_io),
+            "completed_nvme_io": v(&self.completed_nvme_io),
+            "transports": [tcp],
+        })
+    }
+}
+
 /// An IO queue of a controller: where it runs, for Abort, and its counters.
 pub(crate) struct QueueRef {
     pub(crate) qid: u16,
@@ -439,6 +663,8 @@ pub(crate) struct QueueRef {
     /// The connection's key in its reactor's table (`conn::lookup`).
     pub(crate) conn_key: u64,
     pub(crate) stats: Arc<QpairStats>,
+    /// The host's end of the queue's connection.
+    pub(crate) peer: Option<SocketAddr>,
 }
 
 /// A controller: created by an admin Connect, shared by its queue pairs on
@@ -448,6 +674,12 @@ pub struct Ctrl {
     pub subsys: Arc<Subsystem>,
     pub hostnqn: String,
     pub hostid: [u8; 16],
+    /// The listener the admin queue came in through: the path whose ANA
+    /// states this controller reports.
+    pub listen: ListenAddr,
+    /// Where the admin queue runs, and the host's end of its connection.
+    pub(crate) admin_reactor: usize,
+    pub(crate) admin_peer: Option<SocketAddr>,
     pub(crate) opts: Arc<TransportOpts>,
     pub(crate) kato_ms: AtomicU32,
     pub(crate) last_keep_alive_ns: AtomicU64,
@@ -508,6 +740,46 @@ impl Ctrl {
         sum
     }
 
+    /// `nvmf_subsystem_get_controllers` entry, in SPDK's shape.
+    pub fn to_json(&self) -> Value {
+        let cntrltype = if self.subsys.kind == SubsystemKind::Discovery { "discovery" } else { "io" };
+        json!({
+            "cntlid": self.cntlid,
+            "cntrltype": cntrltype,
+            "hostnqn": self.hostnqn,
+            "hostid": Uuid::from_bytes(self.hostid).to_string(),
+            "num_io_qpairs": self.queues().len(),
+        })
+    }
+
+    /// `nvmf_subsystem_get_qpairs` entries of this controller: its admin
+    /// queue and every connected IO queue.
+    pub fn qpairs_json(&self) -> Vec<Value> {
+        let entry = |qid: u16, reactor: usize, peer: Option<SocketAddr>| {
+            let mut v = json!({
+                "cntlid": self.cntlid,
+                "qid": qid,
+                // Listed queues have completed their Connect.
+                "state": "enabled",
+                "thread": reactor_thread_name(reactor),
+                "hostnqn": self.hostnqn,
+                "listen_address": self.listen.to_json(),
+            });
+            if let Some(p) = peer {
+                let adrfam = if p.is_ipv6() { "IPv6" } else { "IPv4" };
+                v["peer_address"] = json!({"trtype": "TCP", "adrfam": adrfam,
+                    "traddr": p.ip().to_string(), "trsvcid": p.port().to_string()});
+            }
+            v
+        };
+        let mut out = vec![entry(0, self.admin_reactor, self.admin_peer)];
+        let mut q: Vec<(u16, usize, Option<SocketAddr>)> =
+            self.queues().iter().map(|r| (r.qid, r.reactor, r.peer)).collect();
+        q.sort_unstable_by_key(|x| x.0);
+        out.extend(q.into_iter().map(|(qid, r, p)| entry(qid, r, p)));
+        out
+    }
+
     /// A volatile write cache sits behind some namespace of the subsystem
     /// (Identify Controller VWC bit 0).
     pub(crate) fn write_cache_present(&self) -> bool {
@@ -526,6 +798,27 @@ impl Ctrl {
             a.ns_notice_pending = true;
             self.aen_flag.store(true, Ordering::Release);
         }
+    }
+
+    /// The ANA log changed for this controller; raises a notice if the
+    /// host enabled ANA change notices.
+    fn notify_ana_changed(&self) {
+        let mut a = self.admin();
+        if a.async_event_config & nvme_spec::features::async_event_config::ANA_CHANGE_NOTICES != 0
+            && !a.ana_notice_masked
+        {
+            a.ana_notice_pending = true;
+            self.aen_flag.store(true, Ordering::Release);
+        }
+    }
+
+    pub(crate) fn ana_notice_dword() -> u32 {
+        AsyncEvent {
+            event_type: async_event_type::NOTICE,
+            info: async_event_notice::ANA_CHANGE,
+            log_page: LogPageId::ASYMMETRIC_NAMESPACE_ACCESS.0,
+        }
+        .to_dword()
     }
 
     pub(crate) fn ns_notice_dword() -> u32 {
@@ -572,6 +865,8 @@ pub struct NvmfState {
     pub(crate) impossible_events: AtomicU64,
     /// Keys of connections in their reactor's table.
     pub(crate) next_conn_key: AtomicU64,
+    /// One per reactor, sized when the transport is created.
+    poll_groups: std::sync::OnceLock<Vec<PollGroupStats>>,
 }
 
 impl NvmfState {
@@ -599,6 +894,7 @@ impl NvmfState {
         }
         s.transport = Some(Arc::new(opts));
         s.pool = Some(Arc::new(pool));
+        let _ = self.poll_groups.set((0..reactor::count().max(1)).map(|_| PollGroupStats::default()).collect());
         let _ = self.started.set(std::time::Instant::now());
         Self::ensure_discovery(&mut s);
         Ok(())
@@ -626,9 +922,17 @@ impl NvmfState {
         self.impossible_events.load(Ordering::Relaxed)
     }
 
+    /// The counters of reactor `reactor`'s connections.
+    pub(crate) fn poll_group(&self, reactor: usize) -> Option<&PollGroupStats> {
+        self.poll_groups.get().and_then(|g| g.get(reactor))
+    }
+
     /// `nvmf_get_stats` in SPDK's shape (`tick_rate`, `poll_groups` with
-    /// their `transports`), target-wide: one entry for the TCP transport's
-    /// data buffer pool, plus nvraid's counter of impossible IO path states.
+    /// their `transports`): one poll group per reactor with the counters
+    /// its connections keep. Each group's TCP entry shows the transport's
+    /// one data buffer pool (all groups draw from it: the same figures in
+    /// every group) and nvraid's target-wide count of impossible IO path
+    /// states.
     pub fn stats_json(&self) -> Value {
         let pool = self.pool();
         let mut tcp = json!({
@@ -641,15 +945,12 @@ impl NvmfState {
             o.insert("data_buffer_cache_per_reactor".into(), json!(p.cache_units()));
             o.insert("pending_data_buffer".into(), json!(p.waits.load(Ordering::Relaxed)));
         }
-        json!({
-            "tick_rate": bdev::tsc::tick_rate(),
-            "poll_groups": [{
-                "name": "nvmf_tgt_poll_group_all",
-                // Admin and IO queues together (nvraid does not split them).
-                "current_qpairs": self.connection_count(),
-                "transports": [tcp],
-            }],
-        })
+        let groups: Vec<Value> = self
+            .poll_groups
+            .get()
+            .map(|g| g.iter().enumerate().map(|(r, s)| s.to_json(r, &tcp)).collect())
+            .unwrap_or_default();
+        json!({"tick_rate": bdev::tsc::tick_rate(), "poll_groups": groups})
     }
 
     fn ensure_discovery(s: &mut StateInner) {
@@ -749,6 +1050,12 @@ impl NvmfState {
         uuid: Option<Uuid>,
         nguid: Option<[u8; 16]>,
     ) -> Result<u32, NvmfError> {
+        self.add_ns_with(nqn, bdev_name, NsOptions { nsid, uuid, nguid, ..NsOptions::default() })
+    }
+
+    /// `nvmf_subsystem_add_ns` with every option: returns the NSID.
+    pub fn add_ns_with(&self, nqn: &str, bdev_name: &str, o: NsOptions) -> Result<u32, NvmfError> {
+        let NsOptions { nsid, uuid, nguid, anagrpid, no_auto_visible } = o;
         let sub = self.nvme_subsystem(nqn)?;
         let bdev = Registry::get().lookup(bdev_name).ok_or_else(|| NvmfError::NotFound(format!("bdev {bdev_name}")))?;
         let mut i = sub.lock();
@@ -768,11 +1075,28 @@ impl NvmfState {
         if i.namespaces.iter().any(|x| x.bdev.same(&bdev)) {
             return Err(NvmfError::Exists(format!("bdev {bdev_name} in {nqn}")));
         }
+        // A namespace's own NSID is its default group, as SPDK numbers them.
+        let anagrpid = if anagrpid == 0 { nsid } else { anagrpid };
+        if anagrpid > sub.max_namespaces {
+            return Err(NvmfError::Invalid(format!(
+                "anagrpid {anagrpid} exceeds the subsystem's ANA group count (max_namespaces {})",
+                sub.max_namespaces
+            )));
+        }
         let uuid = uuid.unwrap_or(bdev.props().uuid);
         let nguid = nguid.unwrap_or(*uuid.as_bytes());
-        let ns = Arc::new(Namespace { nsid, bdev: bdev.clone(), uuid, nguid });
+        let ns = Arc::new(Namespace {
+            nsid,
+            bdev: bdev.clone(),
+            uuid,
+            nguid,
+            anagrpid: AtomicU32::new(anagrpid),
+            auto_visible: !no_auto_visible,
+            hosts: Mutex::new(Vec::new()),
+        });
         let pos = i.namespaces.iter().position(|x| x.nsid > nsid).unwrap_or(i.namespaces.len());
-        i.namespaces.insert(pos, ns);
+        i.namespaces.insert(pos, ns.clone());
+        i.ana_chgcnt += 1;
         drop(i);
         sub.bump();
         // Hot remove: the namespace goes with its bdev (and hosts hear of it).
@@ -787,10 +1111,116 @@ impl NvmfState {
                 }
             }
         });
-        for c in sub.live_ctrls() {
+        for c in sub.live_ctrls().into_iter().filter(|c| ns.visible_to(&c.hostnqn)) {
             c.notify_ns_changed(nsid);
         }
         Ok(nsid)
+    }
+
+    /// `nvmf_subsystem_set_ns_ana_group`: moves a namespace to another ANA
+    /// group; its hosts hear of it as a namespace attribute change.
+    pub fn set_ns_ana_group(&self, nqn: &str, nsid: u32, anagrpid: u32) -> Result<(), NvmfError> {
+        let sub = self.nvme_subsystem(nqn)?;
+        if anagrpid == 0 || anagrpid > sub.max_namespaces {
+            return Err(NvmfError::Invalid(format!(
+                "anagrpid {anagrpid} must be 1..={} (max_namespaces)",
+                sub.max_namespaces
+            )));
+        }
+        let mut i = sub.lock();
+        let ns = i
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .cloned()
+            .ok_or_else(|| NvmfError::NotFound(format!("nsid {nsid} in {nqn}")))?;
+        if ns.anagrpid.swap(anagrpid, Ordering::AcqRel) == anagrpid {
+            return Ok(());
+        }
+        i.ana_chgcnt += 1;
+        drop(i);
+        sub.bump();
+        for c in sub.live_ctrls().into_iter().filter(|c| ns.visible_to(&c.hostnqn)) {
+            c.notify_ns_changed(nsid);
+            c.notify_ana_changed();
+        }
+        Ok(())
+    }
+
+    /// `nvmf_subsystem_listener_set_ana_state`: the state of group
+    /// `anagrpid` (every group when 0) through listener `addr`; controllers
+    /// that came in through it get an ANA change notice.
+    pub fn set_ana_state(&self, nqn: &str, addr: &ListenAddr, state: AnaState, anagrpid: u32) -> Result<(), NvmfError> {
+        let sub = self.nvme_subsystem(nqn)?;
+        if !sub.ana_reporting {
+            return Err(NvmfError::Invalid(format!("subsystem {nqn} was created without ana_reporting")));
+        }
+        if anagrpid > sub.max_namespaces {
+            return Err(NvmfError::Invalid(format!(
+                "anagrpid {anagrpid} exceeds the subsystem's ANA group count (max_namespaces {})",
+                sub.max_namespaces
+            )));
+        }
+        let mut i = sub.lock();
+        let next = i.ana_chgcnt + 1;
+        let Some(l) = i.ana.iter_mut().find(|l| &l.addr == addr) else {
+            return Err(NvmfError::NotFound(format!("listener {}:{} on {nqn}", addr.traddr, addr.trsvcid)));
+        };
+        let mut changed = false;
+        for g in 0..l.states.len() {
+            if (anagrpid == 0 || g + 1 == anagrpid as usize) && l.states[g] != state {
+                l.states[g] = state;
+                l.changed_at[g] = next;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        i.ana_chgcnt = next;
+        drop(i);
+        sub.bump();
+        for c in sub.live_ctrls().into_iter().filter(|c| &c.listen == addr) {
+            c.notify_ana_changed();
+        }
+        Ok(())
+    }
+
+    /// `nvmf_ns_add_host` / `nvmf_ns_remove_host`: shows a namespace that
+    /// is not auto visible to a host's controllers, or hides it again.
+    /// Controllers whose view changes get a namespace attribute notice.
+    pub fn ns_set_host_visible(&self, nqn: &str, nsid: u32, host: &str, visible: bool) -> Result<(), NvmfError> {
+        validate_nqn(host)?;
+        let sub = self.nvme_subsystem(nqn)?;
+        let i = sub.lock();
+        let ns = i
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .cloned()
+            .ok_or_else(|| NvmfError::NotFound(format!("nsid {nsid} in {nqn}")))?;
+        if ns.auto_visible {
+            return Err(NvmfError::Invalid(format!(
+                "nsid {nsid} in {nqn} is visible to every host (added without no_auto_visible)"
+            )));
+        }
+        let mut hosts = ns.hosts();
+        let was = hosts.iter().any(|h| h == host);
+        if was == visible {
+            return Ok(());
+        }
+        if visible {
+            hosts.push(host.to_string());
+        } else {
+            hosts.retain(|h| h != host);
+        }
+        drop(hosts);
+        drop(i);
+        sub.bump();
+        for c in sub.live_ctrls().into_iter().filter(|c| c.hostnqn == host) {
+            c.notify_ns_changed(nsid);
+        }
+        Ok(())
     }
 
     /// `nvmf_subsystem_remove_ns`.
@@ -848,7 +1278,19 @@ impl NvmfState {
     /// `nvmf_subsystem_add_listener`: binds the address (once per target)
     /// and starts accepting on the calling reactor. Must run on a reactor.
     pub fn add_listener(&self, nqn: &str, addr: ListenAddr) -> Result<(), NvmfError> {
+        self.add_listener_ana(nqn, addr, AnaState::Optimized)
+    }
+
+    /// `nvmf_subsystem_add_listener` with the ANA state every group starts
+    /// with through it.
+    pub fn add_listener_ana(&self, nqn: &str, addr: ListenAddr, ana_state: AnaState) -> Result<(), NvmfError> {
         let sub = self.subsystem(nqn).ok_or_else(|| NvmfError::NotFound(format!("subsystem {nqn}")))?;
+        if ana_state != AnaState::Optimized && !sub.ana_reporting {
+            return Err(NvmfError::Invalid(format!(
+                "ana_state {}: subsystem {nqn} was created without ana_reporting",
+                ana_state.name()
+            )));
+        }
         let opts = self.transport().ok_or_else(|| NvmfError::Invalid("create the TCP transport first".into()))?;
         if sub.lock().listeners.contains(&addr) {
             return Err(NvmfError::Exists(format!("listener {}:{} on {nqn}", addr.traddr, addr.trsvcid)));
@@ -868,7 +1310,12 @@ impl NvmfState {
             s.listeners.push(ListenerEntry { addr: addr.clone(), local, stop, users: 1 });
         }
         drop(s);
-        sub.lock().listeners.push(addr);
+        let mut i = sub.lock();
+        let groups = if sub.kind == SubsystemKind::Nvme { sub.max_namespaces as usize } else { 0 };
+        i.ana.retain(|l| l.addr != addr);
+        i.ana.push(ListenerAna { addr: addr.clone(), states: vec![ana_state; groups], changed_at: vec![0; groups] });
+        i.listeners.push(addr);
+        drop(i);
         sub.bump();
         self.discovery_changed();
         Ok(())
@@ -894,6 +1341,7 @@ impl NvmfState {
         if i.listeners.len() == before {
             return Err(NvmfError::NotFound(format!("listener {}:{} on {nqn}", addr.traddr, addr.trsvcid)));
         }
+        i.ana.retain(|l| &l.addr != addr);
         drop(i);
         sub.bump();
         Self::release_listener(&mut self.lock(), addr);
@@ -934,7 +1382,7 @@ impl NvmfState {
             out.push(json!({"method": "nvmf_create_subsystem", "params": {
                 "nqn": s.nqn, "allow_any_host": i.allow_any_host, "serial_number": s.serial_number,
                 "model_number": s.model_number, "max_namespaces": s.max_namespaces,
-                "min_cntlid": s.min_cntlid, "max_cntlid": s.max_cntlid, "ana_reporting": false}}));
+                "min_cntlid": s.min_cntlid, "max_cntlid": s.max_cntlid, "ana_reporting": s.ana_reporting}}));
             for h in &i.hosts {
                 out.push(json!({"method": "nvmf_subsystem_add_host", "params": {"nqn": s.nqn, "host": h}}));
             }
@@ -942,13 +1390,26 @@ impl NvmfState {
                 let mut ns = n.to_json();
                 if let Some(o) = ns.as_object_mut() {
                     o.remove("name");
-                    o.insert("no_auto_visible".into(), json!(false));
+                    o.insert("no_auto_visible".into(), json!(!n.auto_visible));
+                    if s.ana_reporting {
+                        o.insert("anagrpid".into(), json!(n.anagrpid()));
+                    }
                 }
                 out.push(json!({"method": "nvmf_subsystem_add_ns", "params": {"nqn": s.nqn, "namespace": ns}}));
+            }
+            for n in &i.namespaces {
+                for h in n.hosts().iter() {
+                    out.push(
+                        json!({"method": "nvmf_ns_add_host", "params": {"nqn": s.nqn, "nsid": n.nsid, "host": h}}),
+                    );
+                }
             }
             for a in &i.listeners {
                 out.push(json!({"method": "nvmf_subsystem_add_listener", "params": {
                     "nqn": s.nqn, "listen_address": a.to_json(), "secure_channel": false}}));
+                if let Some(l) = i.ana.iter().find(|l| &l.addr == a).filter(|_| s.ana_reporting) {
+                    out.extend(ana_state_calls(&s.nqn, l));
+                }
             }
         }
         out
@@ -961,10 +1422,53 @@ impl NvmfState {
 }
 
 fn detach_ns(sub: &Arc<Subsystem>, nsid: u32) {
-    sub.lock().namespaces.retain(|n| n.nsid != nsid);
+    let mut i = sub.lock();
+    let gone: Vec<Arc<Namespace>> = i.namespaces.iter().filter(|n| n.nsid == nsid).cloned().collect();
+    i.namespaces.retain(|n| n.nsid != nsid);
+    i.ana_chgcnt += 1;
+    drop(i);
     sub.bump();
-    for c in sub.live_ctrls() {
+    for c in sub.live_ctrls().into_iter().filter(|c| gone.iter().any(|n| n.visible_to(&c.hostnqn))) {
         c.notify_ns_changed(nsid);
+    }
+}
+
+/// The name of a reactor's thread as `framework_get_reactors` lists it (its
+/// `lw_threads`): the application thread on reactor 0.
+fn reactor_thread_name(reactor: usize) -> String {
+    if reactor == 0 {
+        "app_thread".to_string()
+    } else {
+        format!("reactor_{reactor}")
+    }
+}
+
+/// The `nvmf_subsystem_listener_set_ana_state` calls that give a listener
+/// added in the optimized state the states `l` has: one for all groups
+/// where they agree, else one per group not optimized.
+fn ana_state_calls(nqn: &str, l: &ListenerAna) -> Vec<Value> {
+    let call = |state: AnaState, anagrpid: Option<usize>| {
+        let mut p = json!({"nqn": nqn, "listen_address": l.addr.to_json(), "ana_state": state.name()});
+        if let Some(g) = anagrpid {
+            p["anagrpid"] = json!(g);
+        }
+        json!({"method": "nvmf_subsystem_listener_set_ana_state", "params": p})
+    };
+    match l.states.first() {
+        Some(&first) if l.states.iter().all(|&x| x == first) => {
+            if first == AnaState::Optimized {
+                Vec::new()
+            } else {
+                vec![call(first, None)]
+            }
+        }
+        _ => l
+            .states
+            .iter()
+            .enumerate()
+            .filter(|(_, &x)| x != AnaState::Optimized)
+            .map(|(g, &x)| call(x, Some(g + 1)))
+            .collect(),
     }
 }
 

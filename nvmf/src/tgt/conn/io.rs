@@ -1,9 +1,11 @@
 //! IO commands of a target queue pair: Read, Write, Write Zeroes (with
 //! their FUA bit), Flush, Dataset Management, mapped onto the
-//! namespace's bdev; their completions; and the SMART counters they feed.
+//! namespace's bdev (or refused with a path status where the namespace's
+//! ANA group is not accessible through this listener); their completions;
+//! and the SMART counters they feed.
 
 use super::{Conn, ReqState};
-use crate::tgt::QpairStats;
+use crate::tgt::{PollGroupStats, QpairStats};
 use bdev::{DmaBuf, IoBox, IoError, IoFlags, IoStatus, IoType};
 use nvme_spec::status::sct;
 use nvme_spec::{IoOpcode, Sqe, Status};
@@ -45,6 +47,9 @@ impl Conn {
         let Some(nsi) = self.ns.iter().position(|n| n.nsid == nsid) else {
             return self.complete(slot, Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr(), 0);
         };
+        if let Some(path_status) = self.ns[nsi].ana_blocked {
+            return self.complete(slot, path_status, 0);
+        }
         let op = IoOpcode(sqe.opcode);
         let (shift, num_blocks) = (self.ns[nsi].block_shift, self.ns[nsi].num_blocks);
         let ranged = |slba: u64, nlb: u64| slba.checked_add(nlb).is_some_and(|end| end <= num_blocks);
@@ -175,12 +180,18 @@ impl Conn {
         if let Some(d) = &self.done {
             io.set_done(d.clone());
         }
+        if let Some(g) = self.state.poll_group(self.reactor) {
+            PollGroupStats::add(&g.pending_bdev_io);
+        }
         self.ns[nsi].ch.submit(io);
     }
 
     /// A bdev IO of this connection came back (an IO command's, or a flush
     /// the admin queue sent when the host turned the write cache off).
     pub(super) fn io_done(&mut self, mut io: IoBox) {
+        if let Some(g) = self.state.poll_group(self.reactor) {
+            PollGroupStats::sub(&g.pending_bdev_io);
+        }
         let slot = io.tag as usize;
         let Some(r) = self.reqs.get_mut(slot) else {
             // No command to answer: the tag names no slot of this queue.
