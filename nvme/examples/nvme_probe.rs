@@ -138,15 +138,24 @@ fn main() {
     for (i, bdf) in bdfs.iter().enumerate() {
         let name = format!("Nvme{i}");
         let t0 = Instant::now();
-        let r = probe.m.on(0, || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        probe.m.on(0, || {
             nvme::attach_controller(
                 &name,
                 Transport::Pcie { traddr: bdf.clone() },
                 // Every second controller describes data with SGLs when it can.
                 CtrlrOpts { prefer_sgl: i % 2 == 1, ..CtrlrOpts::default() },
                 None,
+                move |r| tx.send(r).unwrap_or(()),
             )
         });
+        // The bring-up is polled: the reactor loop runs until it ends.
+        let r = loop {
+            if let Ok(r) = rx.try_recv() {
+                break r;
+            }
+            probe.tick();
+        };
         let names = match r {
             Ok(n) => n,
             Err(e) => {

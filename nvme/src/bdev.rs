@@ -107,6 +107,7 @@ impl Bdev for NvmeBdev {
                 "vs": {"nvme_version": format!("{}.{}", vs.major(), vs.minor())},
                 "ns_data": {"id": self.ns.nsid, "can_share": false},
                 "mdts_blocks": self.ns.max_io_blocks,
+                "health": {"critical_warning": c.critical_warning()},
                 "qid_count": c.io_queue_count(),
             }]),
         ))

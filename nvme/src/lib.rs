@@ -21,8 +21,8 @@ pub mod sim;
 pub mod vfio;
 
 pub use crate::bdev::NvmeBdev;
-pub use ctrlr::{AttachTarget, Controller, CtrlrOpts, CtrlrState, Namespace, TransportId};
-pub use mmio::RegisterSpace;
+pub use ctrlr::{AttachTarget, Controller, CtrlrOpts, CtrlrState, Namespace, NamespaceChange, TransportId};
+pub use mmio::{reactor_blocking_waits, RegisterSpace};
 pub use sim::{SimConfig, SimController, SimNamespace};
 
 use ::bdev::{Bdev, Registry};
@@ -97,9 +97,13 @@ struct Entry {
     bdevs: Vec<String>,
 }
 
-/// The attached controllers of one reactor set (`reactor::global`).
+/// The attached controllers of one reactor set (`reactor::global`), and the
+/// names of those being attached.
 #[derive(Default)]
-pub struct Controllers(Mutex<Vec<Entry>>);
+pub struct Controllers {
+    attached: Mutex<Vec<Entry>>,
+    attaching: Mutex<Vec<String>>,
+}
 
 impl Controllers {
     pub fn get() -> Arc<Controllers> {
@@ -107,7 +111,7 @@ impl Controllers {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.attached.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn lookup(&self, name: &str) -> Option<Arc<Controller>> {
@@ -120,46 +124,77 @@ impl Controllers {
 }
 
 /// Attaches a controller and registers one bdev per active namespace
-/// (`NAMEn<nsid>`); returns their names. Runs on a reactor (which becomes
-/// the controller's home) and blocks for the bring-up. `config` is the RPC
-/// that recreates it, for save_config.
+/// (`NAMEn<nsid>`); `done` gets their names. Runs on a reactor, which
+/// becomes the controller's home, and never blocks it: the bring-up is a
+/// chain of polled steps and `done` runs on this reactor when it ends.
+/// `config` is the RPC that recreates it, for save_config.
 pub fn attach_controller(
     name: &str,
     transport: Transport,
     opts: CtrlrOpts,
     config: Option<Value>,
-) -> Result<Vec<String>, NvmeError> {
+    done: impl FnOnce(Result<Vec<String>, NvmeError>) + Send + 'static,
+) {
     if reactor::current().is_none() {
-        return Err(NvmeError::Invalid("attach_controller must run on a reactor".into()));
+        return done(Err(NvmeError::Invalid("attach_controller must run on a reactor".into())));
     }
     if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '/') {
-        return Err(NvmeError::Invalid(format!("controller name '{name}' is not valid")));
+        return done(Err(NvmeError::Invalid(format!("controller name '{name}' is not valid"))));
     }
     let table = Controllers::get();
-    if table.lookup(name).is_some() {
-        return Err(NvmeError::Exists(name.to_string()));
-    }
-    let (target, sim) = match transport {
-        Transport::Pcie { traddr } => {
-            let dev = vfio::VfioDevice::open(&traddr)?;
-            let trid = TransportId { trtype: "PCIe".into(), traddr: dev.bdf().to_string() };
-            (AttachTarget { regs: dev, trid, keep: None }, None)
+    {
+        let mut attaching = table.attaching.lock().unwrap_or_else(|e| e.into_inner());
+        if table.lookup(name).is_some() || attaching.iter().any(|n| n == name) {
+            return done(Err(NvmeError::Exists(name.to_string())));
         }
+        attaching.push(name.to_string());
+    }
+    let unreserve = {
+        let (table, name) = (table.clone(), name.to_string());
+        move || table.attaching.lock().unwrap_or_else(|e| e.into_inner()).retain(|n| *n != name)
+    };
+    let (target, pollers) = match transport {
+        Transport::Pcie { traddr } => match vfio::VfioDevice::open(&traddr) {
+            Ok(dev) => {
+                let trid = TransportId { trtype: "PCIe".into(), traddr: dev.bdf().to_string() };
+                (AttachTarget { regs: dev, trid, keep: None }, Vec::new())
+            }
+            Err(e) => {
+                unreserve();
+                return done(Err(e));
+            }
+        },
         Transport::Sim(sim) => {
             let trid = TransportId { trtype: "SIM".into(), traddr: format!("sim:{}", sim.config().seed) };
-            (AttachTarget { regs: sim.clone(), trid, keep: None }, Some(sim))
+            let poller = sim.start_poller();
+            (AttachTarget { regs: sim, trid, keep: None }, vec![poller])
         }
     };
-    let ctrlr = Controller::attach(name, target, opts)?;
-    if let Some(sim) = sim {
-        ctrlr.add_home_poller(sim.start_poller());
-    }
+    let name = name.to_string();
+    Controller::attach(
+        &name.clone(),
+        target,
+        opts,
+        pollers,
+        Box::new(move |r| {
+            unreserve();
+            match r {
+                Ok(ctrlr) => done(register_bdevs(&name, ctrlr, config)),
+                Err(e) => done(Err(e)),
+            }
+        }),
+    );
+}
+
+/// The attached controller's bdevs, one per namespace; on a failure the
+/// controller is detached again.
+fn register_bdevs(name: &str, ctrlr: Arc<Controller>, config: Option<Value>) -> Result<Vec<String>, NvmeError> {
     let registry = Registry::get();
     let mut names = Vec::new();
     let mut failure = None;
-    for (i, ns) in ctrlr.namespaces().iter().enumerate() {
+    for (i, ns) in ctrlr.namespaces().into_iter().enumerate() {
         let cfg = if i == 0 { config.clone() } else { None };
-        let b = Arc::new(NvmeBdev::new(ctrlr.clone(), ns.clone(), cfg)) as Arc<dyn Bdev>;
+        let b = Arc::new(NvmeBdev::new(ctrlr.clone(), ns, cfg)) as Arc<dyn Bdev>;
         match registry.register(b) {
             Ok(h) => names.push(h.name().to_string()),
             Err(e) => {
@@ -168,7 +203,8 @@ pub fn attach_controller(
             }
         }
     }
-    table.lock().push(Entry { ctrlr: ctrlr.clone(), bdevs: names.clone() });
+    Controllers::get().lock().push(Entry { ctrlr: ctrlr.clone(), bdevs: names.clone() });
+    ctrlr.start_events();
     if let Some(e) = failure {
         // Undo: the bdevs made so far have no IO yet; detach runs to completion
         // on later reactor loops.
@@ -179,8 +215,9 @@ pub fn attach_controller(
 }
 
 /// Detaches a controller: its bdevs are removed (in-flight IO completes or
-/// is aborted first), then the controller is shut down (CC.SHN) and its
-/// memory released. `done` runs on the controller's home reactor.
+/// is aborted first), its IO queues deleted, then the controller is shut
+/// down (CC.SHN) and its memory released. `done` runs on the controller's
+/// home reactor.
 pub fn detach_controller(name: &str, done: impl FnOnce(Result<(), NvmeError>) + Send + 'static) {
     if reactor::current().is_none() {
         return done(Err(NvmeError::Invalid("detach_controller must run on a reactor".into())));
@@ -208,14 +245,10 @@ type DetachDone = Box<dyn FnOnce(Result<(), NvmeError>) + Send>;
 fn unregister_next(ctrlr: Arc<Controller>, mut bdevs: Vec<String>, done: DetachDone) {
     let Some(name) = bdevs.pop() else {
         let home = ctrlr.home;
-        let finish = move || {
-            let r = ctrlr.shutdown();
-            done(r);
-        };
         if reactor::current() == Some(home) {
-            finish();
+            ctrlr.retire(done);
         } else {
-            reactor::send(home, finish);
+            reactor::send(home, move || ctrlr.retire(done));
         }
         return;
     };
@@ -230,6 +263,66 @@ fn unregister_next(ctrlr: Arc<Controller>, mut bdevs: Vec<String>, done: DetachD
         }),
         None => unregister_next(ctrlr, bdevs, done),
     }
+}
+
+/// A namespace of an attached controller changed (an asynchronous event):
+/// a new one gets its bdev, a removed one's bdev is hot-removed (its open
+/// descriptors are told, in-flight IO ends first). A resize is recorded on
+/// the controller and logged: the bdev layer has no way yet to change a
+/// registered bdev's size, so the bdev keeps its old one — IO past a shrunk
+/// end fails with LBA out of range at the device. Home reactor.
+pub(crate) fn namespace_changed(ctrlr: &Arc<Controller>, change: NamespaceChange) {
+    let table = Controllers::get();
+    let registry = Registry::get();
+    let name = ctrlr.name().to_string();
+    match change {
+        NamespaceChange::Added(ns) => {
+            let nsid = ns.nsid;
+            let b = Arc::new(NvmeBdev::new(ctrlr.clone(), ns, None)) as Arc<dyn Bdev>;
+            match registry.register(b) {
+                Ok(h) => {
+                    tracing::info!(ctrlr = %name, nsid, bdev = h.name(), "namespace added");
+                    if let Some(e) = table.lock().iter_mut().find(|e| Arc::ptr_eq(&e.ctrlr, ctrlr)) {
+                        e.bdevs.push(h.name().to_string());
+                    }
+                }
+                Err(e) => tracing::error!(ctrlr = %name, nsid, "namespace added, no bdev: {e}"),
+            }
+        }
+        NamespaceChange::Removed(nsid) => {
+            let bdev = format!("{name}n{nsid}");
+            if let Some(e) = table.lock().iter_mut().find(|e| Arc::ptr_eq(&e.ctrlr, ctrlr)) {
+                e.bdevs.retain(|b| *b != bdev);
+            }
+            tracing::warn!(ctrlr = %name, nsid, bdev, "namespace removed; hot-removing its bdev");
+            if let Some(h) = registry.list().into_iter().find(|h| h.name() == bdev) {
+                registry.force_unregister(h, move |r| {
+                    if let Err(e) = r {
+                        tracing::warn!(bdev, "hot-remove: {e}");
+                    }
+                });
+            }
+        }
+        NamespaceChange::Resized { nsid, old_blocks, new_blocks } => {
+            tracing::warn!(
+                ctrlr = %name,
+                nsid,
+                old_blocks,
+                new_blocks,
+                "namespace resized; its bdev keeps {old_blocks} blocks (bdevs cannot change size yet)"
+            );
+        }
+    }
+}
+
+/// The controller's device is gone: it is detached (its bdevs hot-removed;
+/// their IO has already failed with `NoDevice`). Home reactor.
+pub(crate) fn controller_removed(ctrlr: &Arc<Controller>) {
+    let name = ctrlr.name().to_string();
+    detach_controller(&name.clone(), move |r| match r {
+        Ok(()) => tracing::warn!(ctrlr = %name, "removed NVMe controller detached"),
+        Err(e) => tracing::warn!(ctrlr = %name, "removed NVMe controller: {e}"),
+    });
 }
 
 /// `bdev_nvme_get_controllers` entries (one controller, or all).

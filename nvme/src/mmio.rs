@@ -12,8 +12,8 @@
 use bdev::dma::DmaMapper;
 use nvme_spec::{Cqe, Sqe};
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicU16, Ordering};
-use std::sync::RwLock;
+use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use zerocopy::{FromBytes, IntoBytes};
 
 /// A controller's register file as the driver sees it: BAR0 of a real
@@ -33,9 +33,10 @@ pub trait RegisterSpace: Send + Sync {
         self.write32(offset, value as u32);
         self.write32(offset + 4, (value >> 32) as u32);
     }
-    /// Called by busy-wait loops (ready transitions, synchronous admin
-    /// commands). Real hardware: a CPU pause. The simulator: one step of the
-    /// model, so waits make progress deterministically.
+    /// Called by busy-wait loops off the reactors (the driver itself has
+    /// none: it waits by polling). Real hardware: a short sleep. The
+    /// simulator: one step of the model, so waits make progress
+    /// deterministically. Implementations call `note_blocking_wait`.
     fn relax(&self) {
         std::hint::spin_loop();
     }
@@ -47,6 +48,79 @@ pub trait RegisterSpace: Send + Sync {
     fn stop_dma(&self) -> bool;
     /// "PCIe 0000:00:04.0", for messages.
     fn describe(&self) -> String;
+}
+
+/// Blocking waits on the threads of one reactor set (`reactor::global`).
+#[derive(Default)]
+struct BlockingWaits(AtomicU64);
+
+/// Counts a blocking wait — one step of a busy-wait loop
+/// (`RegisterSpace::relax`) or a contended lock — when it happens on a
+/// reactor thread. Nothing on a reactor may wait; tests assert the count
+/// stays 0 (`reactor_blocking_waits`).
+pub fn note_blocking_wait() {
+    if reactor::current().is_some() {
+        reactor::global::<BlockingWaits>().0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Blocking waits counted so far on the reactors of the current set (0 off
+/// a reactor thread).
+pub fn reactor_blocking_waits() -> u64 {
+    if reactor::current().is_none() {
+        return 0;
+    }
+    reactor::global::<BlockingWaits>().0.load(Ordering::Relaxed)
+}
+
+/// A controller's registers behind a switch: once the device is found gone
+/// (`cut_off`), no access reaches it any more — reads answer all ones, as a
+/// removed PCIe device's would, and writes go nowhere. Every path (doorbells
+/// included) goes through here, so nothing touches a removed device.
+pub struct Gated {
+    inner: Arc<dyn RegisterSpace>,
+    off: AtomicBool,
+}
+
+impl Gated {
+    pub fn new(inner: Arc<dyn RegisterSpace>) -> Arc<Self> {
+        Arc::new(Gated { inner, off: AtomicBool::new(false) })
+    }
+
+    pub fn cut_off(&self) {
+        self.off.store(true, Ordering::Release);
+    }
+
+    pub fn is_cut_off(&self) -> bool {
+        self.off.load(Ordering::Acquire)
+    }
+}
+
+impl RegisterSpace for Gated {
+    fn read32(&self, offset: u32) -> u32 {
+        if self.is_cut_off() {
+            return u32::MAX;
+        }
+        self.inner.read32(offset)
+    }
+    fn write32(&self, offset: u32, value: u32) {
+        if !self.is_cut_off() {
+            self.inner.write32(offset, value)
+        }
+    }
+    fn relax(&self) {
+        self.inner.relax()
+    }
+    fn wait_clock_ns(&self) -> u64 {
+        self.inner.wait_clock_ns()
+    }
+    fn stop_dma(&self) -> bool {
+        // A device that is gone does no DMA.
+        self.is_cut_off() || self.inner.stop_dma()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
 }
 
 /// A mapped BAR: device registers reached only by volatile accesses.

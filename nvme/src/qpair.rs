@@ -6,6 +6,12 @@
 //! find no free command slot wait in a bounded FIFO. Commands that time out
 //! are aborted, then the controller is reset; their IO is retried.
 //!
+//! A queue pair is made at once on its reactor, and its controller queues
+//! are asked of the home reactor by message (`Controller::request_io_queue`);
+//! IO submitted meanwhile waits in the FIFO, and goes out when the answer
+//! (`queue_created`) arrives. The queue pair lives until its controller is
+//! detached, so its ring memory outlasts every queue made over it.
+//!
 //! Every table here is sized when the queue pair is created: the hot path
 //! allocates nothing and takes no lock. A DmaBuf stays inside its IoBox,
 //! parked here, until the controller has completed every command that
@@ -18,11 +24,11 @@ use bdev::{DmaBuf, IoBox, IoError, IoStatus, IoType};
 use nvme_spec::cmd::Psdt;
 use nvme_spec::regs::doorbell_offset;
 use nvme_spec::status::sct;
-use nvme_spec::{AdminOpcode, IoOpcode, SglDescriptor, Sqe, Status, U32, U64};
+use nvme_spec::{IoOpcode, SglDescriptor, Sqe, Status, U32, U64};
 use reactor::{PollStatus, PollerHandle};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -80,6 +86,8 @@ struct QState {
     quiesced: bool,
     /// The queue exists on the controller.
     created: bool,
+    /// The controller queues could not be made: IO fails.
+    failed: bool,
     last_scan_ns: u64,
     submitted_since_doorbell: bool,
     /// Resets seen; an IO counts one retry per reset however many of its
@@ -87,52 +95,71 @@ struct QState {
     epoch: u32,
 }
 
-/// Per-reactor table of this reactor's queue pairs (one per controller).
+/// Per-reactor table of this reactor's queue pairs (one per controller),
+/// kept until the controller is detached.
 #[derive(Default)]
-struct LocalQpairs(RefCell<Vec<(u64, Weak<QPair>)>>);
+struct LocalQpairs(RefCell<Vec<(u64, Rc<QPair>)>>);
 
 pub(crate) struct QPair {
     ctrlr: Arc<Controller>,
-    qid: u16,
+    /// 0 until the home reactor has given one.
+    qid: Cell<u16>,
     depth: u16,
+    use_sgl: bool,
     sq_buf: DmaBuf,
     cq_buf: DmaBuf,
     lists_buf: DmaBuf,
     sq: DeviceMem,
     cq: DeviceMem,
     lists: DeviceMem,
-    sq_doorbell: u32,
-    cq_doorbell: u32,
+    sq_doorbell: Cell<u32>,
+    cq_doorbell: Cell<u32>,
     st: RefCell<QState>,
     poller: RefCell<Option<PollerHandle>>,
-    /// Set when the ring memory must never be released (the controller could
-    /// not be told to forget it).
-    leak: Cell<bool>,
+    /// The home reactor was asked for queues over this memory.
+    requested: Cell<bool>,
 }
 
 /// Runs `f` on each live queue pair of `ctrlr` on the current reactor.
 pub(crate) fn for_each_local(ctrlr: &Arc<Controller>, f: impl Fn(&QPair)) {
     let table = reactor::local::<LocalQpairs>();
     let qps: Vec<Rc<QPair>> =
-        table.0.borrow().iter().filter(|(id, _)| *id == ctrlr.id).filter_map(|(_, w)| w.upgrade()).collect();
+        table.0.borrow().iter().filter(|(id, _)| *id == ctrlr.id).map(|(_, q)| q.clone()).collect();
     for q in qps {
         f(&q);
     }
+}
+
+/// The home reactor's answer to this reactor's request for queues: the
+/// queue id, or None when the queues could not be made.
+pub(crate) fn queue_created(ctrlr: &Arc<Controller>, qid: Option<u16>) {
+    for_each_local(ctrlr, |q| q.created(qid));
+}
+
+/// Detach, last step: the controller has stopped DMA (or cannot be made
+/// to); this reactor's queue pair goes once no channel holds it.
+pub(crate) fn drop_local(ctrlr: &Arc<Controller>) {
+    let table = reactor::local::<LocalQpairs>();
+    let gone: Vec<(u64, Rc<QPair>)> = {
+        let mut t = table.0.borrow_mut();
+        let (gone, kept) = std::mem::take(&mut *t).into_iter().partition(|(id, _)| *id == ctrlr.id);
+        *t = kept;
+        gone
+    };
+    drop(gone);
 }
 
 /// This reactor's queue pair for `ctrlr`, created (with its controller
 /// queues) on first use.
 pub(crate) fn get_or_create(ctrlr: &Arc<Controller>) -> Result<Rc<QPair>, crate::NvmeError> {
     let table = reactor::local::<LocalQpairs>();
-    {
-        let mut t = table.0.borrow_mut();
-        t.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(q) = t.iter().find(|(id, _)| *id == ctrlr.id).and_then(|(_, w)| w.upgrade()) {
-            return Ok(q);
-        }
+    if let Some(q) = table.0.borrow().iter().find(|(id, _)| *id == ctrlr.id).map(|(_, q)| q.clone()) {
+        return Ok(q);
     }
     let q = QPair::create(ctrlr)?;
-    table.0.borrow_mut().push((ctrlr.id, Rc::downgrade(&q)));
+    table.0.borrow_mut().push((ctrlr.id, q.clone()));
+    q.requested.set(true);
+    ctrlr.request_io_queue(q.sq.iova(), q.cq.iova());
     Ok(q)
 }
 
@@ -140,39 +167,37 @@ impl QPair {
     fn create(ctrlr: &Arc<Controller>) -> Result<Rc<QPair>, crate::NvmeError> {
         let name = ctrlr.name().to_string();
         match ctrlr.state() {
-            CtrlrState::Enabled => {}
-            CtrlrState::Resetting => return Err(crate::NvmeError::State(name, "resetting")),
+            CtrlrState::Enabled | CtrlrState::Resetting => {}
             CtrlrState::Failed => return Err(crate::NvmeError::State(name, "failed")),
             CtrlrState::Detached => return Err(crate::NvmeError::State(name, "detached")),
         }
+        if ctrlr.is_detaching() {
+            return Err(crate::NvmeError::State(name, "being detached"));
+        }
         let depth = ctrlr.io_depth;
-        let qid = ctrlr.alloc_qid().ok_or_else(|| {
-            crate::NvmeError::NoMemory(format!("{name}: all {} IO queues are in use", ctrlr.io_queue_count()))
-        })?;
         let bufs = (
             DmaBuf::zeroed(depth as usize * 64),
             DmaBuf::zeroed(depth as usize * 16),
             DmaBuf::zeroed(depth as usize * LIST_BYTES),
         );
         let (Some(sq_buf), Some(cq_buf), Some(lists_buf)) = bufs else {
-            ctrlr.free_qid(qid);
             return Err(crate::NvmeError::NoMemory(format!("{name}: IO queue memory")));
         };
-        let dstrd = ctrlr.dstrd();
         let trackers = depth as usize - 1;
         let max_parents = trackers * 4;
         let q = Rc::new(QPair {
             ctrlr: ctrlr.clone(),
-            qid,
+            qid: Cell::new(0),
             depth,
+            use_sgl: ctrlr.uses_sgl(),
             sq: DeviceMem::of(&sq_buf),
             cq: DeviceMem::of(&cq_buf),
             lists: DeviceMem::of(&lists_buf),
             sq_buf,
             cq_buf,
             lists_buf,
-            sq_doorbell: doorbell_offset(qid, false, dstrd) as u32,
-            cq_doorbell: doorbell_offset(qid, true, dstrd) as u32,
+            sq_doorbell: Cell::new(0),
+            cq_doorbell: Cell::new(0),
             st: RefCell::new(QState {
                 sq_tail: 0,
                 cq_head: 0,
@@ -193,30 +218,46 @@ impl QPair {
                 retry: VecDeque::with_capacity(trackers),
                 quiesced: false,
                 created: false,
+                failed: false,
                 last_scan_ns: 0,
                 submitted_since_doorbell: false,
                 epoch: 0,
             }),
             poller: RefCell::new(None),
-            leak: Cell::new(false),
+            requested: Cell::new(false),
         });
-        if let Err(e) = ctrlr.create_io_queue(qid, depth, q.sq.iova(), q.cq.iova()) {
-            // Create failed or timed out: the controller may hold the
-            // addresses (a timeout leaves that open), so let Drop decide.
-            if matches!(e, crate::NvmeError::AdminTimeout { .. }) {
-                q.leak.set(true);
-            }
-            return Err(e);
-        }
-        q.st.borrow_mut().created = true;
         let weak = Rc::downgrade(&q);
         let handle = reactor::register_poller("nvme_qpair", move || match weak.upgrade() {
             Some(q) => q.poll(),
             None => PollStatus::Done,
         });
         *q.poller.borrow_mut() = Some(handle);
-        tracing::debug!(ctrlr = %ctrlr.name(), qid, depth, reactor = ?reactor::current(), "IO queue pair created");
         Ok(q)
+    }
+
+    /// The home reactor's answer: the queues exist (IO waiting goes out),
+    /// or they could not be made (IO fails).
+    fn created(&self, qid: Option<u16>) {
+        let mut st = self.st.borrow_mut();
+        match qid {
+            Some(qid) => {
+                self.set_qid(qid);
+                st.created = true;
+                tracing::debug!(ctrlr = %self.ctrlr.name(), qid, depth = self.depth, reactor = ?reactor::current(), "IO queue pair created");
+                self.issue(&mut st);
+            }
+            None => {
+                st.failed = true;
+                self.fail_all(&mut st, IoError::NoDevice);
+            }
+        }
+    }
+
+    fn set_qid(&self, qid: u16) {
+        let dstrd = self.ctrlr.dstrd();
+        self.qid.set(qid);
+        self.sq_doorbell.set(doorbell_offset(qid, false, dstrd) as u32);
+        self.cq_doorbell.set(doorbell_offset(qid, true, dstrd) as u32);
     }
 
     /// Takes a bdev IO (completes it exactly once, later).
@@ -246,6 +287,10 @@ impl QPair {
             _ => 1,
         };
         let mut st = self.st.borrow_mut();
+        if st.failed {
+            drop(st);
+            return io.fail(IoError::NoDevice);
+        }
         let Some(slot) = st.free_parents.pop() else {
             drop(st);
             return io.fail(IoError::NoMemory);
@@ -320,7 +365,7 @@ impl QPair {
         if st.submitted_since_doorbell {
             st.submitted_since_doorbell = false;
             std::sync::atomic::fence(Ordering::Release);
-            self.ctrlr.regs.write32(self.sq_doorbell, st.sq_tail as u32);
+            self.ctrlr.regs.write32(self.sq_doorbell.get(), st.sq_tail as u32);
         }
     }
 
@@ -342,7 +387,7 @@ impl QPair {
                 let buf = p.io.buf.as_ref().ok_or(IoError::OutOfRange)?;
                 let addr = buf.iova() + child.rel_block * bs;
                 let len = child.blocks * bs;
-                if self.ctrlr.use_sgl {
+                if self.use_sgl {
                     sqe.set_psdt(Psdt::SglMetadataBuffer);
                     sqe.set_sgl1(SglDescriptor::data_block(addr, len as u32));
                 } else {
@@ -445,7 +490,7 @@ impl QPair {
             let cid = cqe.cid.get() as usize;
             let Some(t) = st.trackers.get(cid).copied().filter(|t| t.active) else {
                 self.ctrlr.stats.spurious_completions.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(ctrlr = %self.ctrlr.name(), qid = self.qid, cid, "completion for no outstanding command");
+                tracing::warn!(ctrlr = %self.ctrlr.name(), qid = self.qid.get(), cid, "completion for no outstanding command");
                 continue;
             };
             st.trackers[cid].active = false;
@@ -460,7 +505,7 @@ impl QPair {
             }
         }
         if reaped > 0 {
-            self.ctrlr.regs.write32(self.cq_doorbell, st.cq_head as u32);
+            self.ctrlr.regs.write32(self.cq_doorbell.get(), st.cq_head as u32);
         }
         if !st.retry.is_empty() || !st.pending.is_empty() {
             self.issue(&mut st);
@@ -496,10 +541,10 @@ impl QPair {
                 continue;
             }
             let age = now.saturating_sub(t.submit_ns);
-            if age > timeout_ns && !t.abort_sent && self.ctrlr.try_abort(self.qid, cid as u16) {
+            if age > timeout_ns && !t.abort_sent && self.ctrlr.try_abort(self.qid.get(), cid as u16) {
                 st.trackers[cid].abort_sent = true;
                 self.ctrlr.stats.io_timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(ctrlr = %self.ctrlr.name(), qid = self.qid, cid, age_us = age / 1000, "IO timed out; abort sent");
+                tracing::warn!(ctrlr = %self.ctrlr.name(), qid = self.qid.get(), cid, age_us = age / 1000, "IO timed out; abort sent");
             }
             if age > 2 * timeout_ns {
                 reset = true;
@@ -513,10 +558,13 @@ impl QPair {
         self.st.borrow_mut().quiesced = true;
     }
 
-    /// Reset, step 2: the controller is disabled (no DMA). In-flight
+    /// Reset, last step: the controller was disabled (no DMA). In-flight
     /// commands go back to the retry queue (or fail), the rings restart,
-    /// and — when the controller came back — the queue is recreated.
-    pub(crate) fn after_reset(&self, ok: bool) {
+    /// and IO goes out again when the home reactor recreated this reactor's
+    /// queues (`mine`: its queue id and whether that worked; None when the
+    /// request for queues is still on its way, answered later). `ok`: the
+    /// controller came back.
+    pub(crate) fn after_reset(&self, ok: bool, mine: Option<(u16, bool)>) {
         let mut st = self.st.borrow_mut();
         st.created = false;
         st.epoch = st.epoch.wrapping_add(1);
@@ -550,25 +598,50 @@ impl QPair {
         st.cq_head = 0;
         st.phase = true;
         self.cq.zero();
-        let recreated = ok && {
-            drop(st);
-            let r = self.ctrlr.create_io_queue(self.qid, self.depth, self.sq.iova(), self.cq.iova());
-            st = self.st.borrow_mut();
-            match r {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(ctrlr = %self.ctrlr.name(), qid = self.qid, "reset: {e}");
-                    false
-                }
-            }
-        };
         st.quiesced = false;
-        if recreated {
-            st.created = true;
-            self.issue(&mut st);
-        } else {
-            self.fail_all(&mut st, if ok { IoError::NoDevice } else { IoError::Aborted });
+        match (ok, mine) {
+            (true, Some((qid, true))) => {
+                self.set_qid(qid);
+                st.created = true;
+                self.issue(&mut st);
+            }
+            (true, None) => {}
+            (true, Some((_, false))) => {
+                st.failed = true;
+                self.fail_all(&mut st, IoError::NoDevice);
+            }
+            (false, _) => {
+                st.failed = true;
+                self.fail_all(&mut st, IoError::Aborted);
+            }
         }
+    }
+
+    /// The device is gone: every IO in flight or queued fails with
+    /// `NoDevice` (nothing can write its buffer any more), and so does every
+    /// later one. The rings are not touched again.
+    pub(crate) fn device_gone(&self) {
+        let mut st = self.st.borrow_mut();
+        st.failed = true;
+        st.created = false;
+        self.end_all(&mut st, IoError::NoDevice);
+    }
+
+    /// Ends every IO, the commands in flight included (the controller no
+    /// longer writes host memory).
+    fn end_all(&self, st: &mut QState, err: IoError) {
+        for cid in 0..st.trackers.len() {
+            if st.trackers[cid].active {
+                st.trackers[cid].active = false;
+                st.free.push(cid as u16);
+                let child = st.trackers[cid].child;
+                self.finish_child(st, child, Some(err));
+            }
+        }
+        while let Some(c) = st.retry.pop_front() {
+            self.finish_child(st, c, Some(err));
+        }
+        self.fail_all(st, err);
     }
 
     fn fail_all(&self, st: &mut QState, err: IoError) {
@@ -610,28 +683,17 @@ impl Drop for QPair {
         if let Some(p) = self.poller.borrow_mut().take() {
             p.unregister();
         }
-        let st = self.st.get_mut();
-        let busy = st.parents.iter().any(|p| p.is_some());
-        // The controller must forget the queue before its memory (and any
-        // buffer still parked here) is released.
-        let mut safe = !self.leak.get();
-        if st.created && !self.ctrlr.dma_stopped() {
-            safe = self.ctrlr.state() == CtrlrState::Enabled
-                && self.ctrlr.delete_queue(AdminOpcode::DELETE_IO_SQ, self.qid).is_ok()
-                && self.ctrlr.delete_queue(AdminOpcode::DELETE_IO_CQ, self.qid).is_ok();
-        } else if !st.created && !self.ctrlr.dma_stopped() && self.leak.get() {
-            safe = false;
-        }
-        if safe {
-            self.ctrlr.free_qid(self.qid);
-            if busy {
-                let mut st = self.st.borrow_mut();
-                self.fail_all(&mut st, IoError::Aborted);
-            }
+        // Detach deleted the queues and stopped the controller before the
+        // last reference went. Anything else (a reactor set torn down with
+        // the controller attached) may leave the controller holding these
+        // addresses: then nothing is released.
+        if !self.requested.get() || self.ctrlr.dma_stopped() {
+            let mut st = self.st.borrow_mut();
+            self.end_all(&mut st, IoError::Aborted);
             return;
         }
         let bytes = self.sq_buf.len() + self.cq_buf.len() + self.lists_buf.len();
-        tracing::error!(ctrlr = %self.ctrlr.name(), qid = self.qid, bytes, "IO queue memory leaked: the controller may still use it");
+        tracing::error!(ctrlr = %self.ctrlr.name(), qid = self.qid.get(), bytes, "IO queue memory leaked: the controller may still use it");
         self.ctrlr.stats.leaked_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         std::mem::forget(self.sq_buf.clone());
         std::mem::forget(self.cq_buf.clone());

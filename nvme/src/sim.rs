@@ -13,6 +13,19 @@
 //! stops answering), refused aborts, and a controller that never becomes
 //! ready.
 //!
+//! Namespaces change at run time (`resize_namespace`, `add_namespace`,
+//! `remove_namespace`) and a SMART critical warning can be raised
+//! (`set_critical_warning`); the model tells the host with Asynchronous
+//! Event Requests it holds (up to AERL + 1) and the Changed Namespace List
+//! (04h) and SMART / Health (02h) log pages, as the Asynchronous Event
+//! Configuration feature (0Bh) enables them. An event of a kind already
+//! reported is not sent again until the host reads its log page.
+//!
+//! Surprise removal (`surprise_remove`): the device vanishes mid-IO — BAR0
+//! reads return all ones, writes go nowhere, nothing more is fetched,
+//! completed or written to host memory — and every register access after
+//! it is counted (`accesses_after_removal`).
+//!
 //! Its volatile write cache is modelled: with the cache present and enabled,
 //! a write without FUA is visible to reads at once but reaches the medium
 //! (`read_media`, what a power cut would leave) only with a Flush of its
@@ -22,17 +35,21 @@ use crate::mmio::{DmaWindow, RegisterSpace};
 use crate::prp::PAGE_SIZE;
 use bdev::dma::DmaMapper;
 use bdev::rng::SimRng;
+use nvme_spec::features::{async_event_config as aec, async_event_notice, async_event_type, AsyncEvent, FeatureId};
 use nvme_spec::identify::{Cns, IdentifyController, IdentifyNamespace, LbaFormat, NamespaceList, IDENTIFY_DATA_LEN};
+use nvme_spec::log::{GetLogPageParams, LogPageId, SmartLog, CHANGED_NS_LIST_OVERFLOW};
 use nvme_spec::regs::{offset, shutdown, Aqa, Cap, Cc, Csts, Vs};
 use nvme_spec::status::sct;
 use nvme_spec::{AdminOpcode, Cqe, IoOpcode, SglKind, Sqe, Status, U16, U32, U64};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use zerocopy::{FromBytes, IntoBytes};
 
 /// Simulated time per `relax()` call of a busy-wait loop.
 pub const RELAX_NS: u64 = 10_000;
+/// Identify AERL: Asynchronous Event Requests held at once, 0's based.
+const AERL: u8 = 3;
 
 /// One namespace of the model.
 #[derive(Clone, Debug)]
@@ -137,6 +154,10 @@ pub struct SimStats {
     /// Read/write/write-zeroes commands with PRINFO (CDW12 bits 29:26) set:
     /// protection information actions on namespaces that have none.
     pub prinfo_commands: u64,
+    /// Asynchronous events reported (AER completions).
+    pub async_events: u64,
+    /// Get Log Page commands served.
+    pub log_pages_read: u64,
 }
 
 struct SimSq {
@@ -190,6 +211,22 @@ struct State {
     /// Blocks written but not yet on the medium: (namespace index, LBA) →
     /// what the medium still holds there.
     unsynced: BTreeMap<(usize, u64), Vec<u8>>,
+    /// From now on, an enable never becomes ready (`SimConfig::fail_ready`
+    /// at run time).
+    fail_ready: bool,
+    /// Namespace `i + 1`, None once removed.
+    namespaces: Vec<Option<SimNamespace>>,
+    /// Asynchronous Event Requests held (their commands).
+    aers: Vec<Sqe>,
+    /// Events waiting for an AER (completion DW0).
+    events: std::collections::VecDeque<u32>,
+    /// Asynchronous Event Configuration (feature 0Bh).
+    aec: u32,
+    /// Namespaces changed since the host last read log page 04h.
+    changed_ns: Vec<u32>,
+    /// A SMART event was reported and its log page not read since.
+    smart_masked: bool,
+    critical_warning: u8,
 }
 
 /// The simulated controller. Share it as `Arc<SimController>`; hand it to
@@ -201,6 +238,26 @@ pub struct SimController {
     window: Arc<DmaWindow>,
     mapper: Arc<dyn DmaMapper>,
     clock_ns: AtomicU64,
+    /// Surprise-removed: registers read all ones, the model does nothing.
+    gone: AtomicBool,
+    accesses_after_removal: AtomicU64,
+    /// Stepped by `step_on_thread`, not by its reactor poller.
+    own_thread: AtomicBool,
+}
+
+/// The model's own stepping thread; stops when dropped.
+pub struct SimThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SimThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl SimController {
@@ -253,10 +310,21 @@ impl SimController {
                 last_asq_acq: (0, 0),
                 write_cache_enabled: cfg.vwc && cfg.write_cache_enabled,
                 unsynced: BTreeMap::new(),
+                fail_ready: false,
+                namespaces: cfg.namespaces.iter().cloned().map(Some).collect(),
+                aers: Vec::new(),
+                events: std::collections::VecDeque::new(),
+                aec: 0,
+                changed_ns: Vec::new(),
+                smart_masked: false,
+                critical_warning: 0,
             }),
             window,
             mapper,
             clock_ns: AtomicU64::new(0),
+            gone: AtomicBool::new(false),
+            accesses_after_removal: AtomicU64::new(0),
+            own_thread: AtomicBool::new(false),
             cfg,
         }))
     }
@@ -287,6 +355,12 @@ impl SimController {
     /// Stops processing every queue (admin included) while set.
     pub fn set_unresponsive(&self, on: bool) {
         self.st().unresponsive = on;
+    }
+
+    /// Later enables never become ready (a controller that does not come
+    /// back from a reset).
+    pub fn set_fail_ready(&self, on: bool) {
+        self.st().fail_ready = on;
     }
 
     /// Ignores CC.EN = 0 (a controller that cannot be disabled).
@@ -345,7 +419,7 @@ impl SimController {
     pub fn read_media(&self, nsid: u32, offset_bytes: usize, dst: &mut [u8]) -> bool {
         let st = self.st();
         let index = nsid.wrapping_sub(1) as usize;
-        let (Some(ns), Some(cfg)) = (st.ns.get(index), self.cfg.namespaces.get(index)) else {
+        let (Some(ns), Some(Some(cfg))) = (st.ns.get(index), st.namespaces.get(index)) else {
             return false;
         };
         let Some(src) = offset_bytes.checked_add(dst.len()).and_then(|end| ns.get(offset_bytes..end)) else {
@@ -374,11 +448,114 @@ impl SimController {
         self.st().unsynced.len()
     }
 
+    /// Changes namespace `nsid`'s size (its data is kept up to the smaller
+    /// size; growth reads as zeroes) and reports the change.
+    pub fn resize_namespace(&self, nsid: u32, num_blocks: u64) -> Result<(), String> {
+        let mut st = self.st();
+        let index = nsid.wrapping_sub(1) as usize;
+        let Some(Some(ns)) = st.namespaces.get_mut(index) else {
+            return Err(format!("no namespace {nsid}"));
+        };
+        let bytes = ns_bytes(num_blocks, ns.block_size)?;
+        ns.num_blocks = num_blocks;
+        st.ns[index].resize(bytes, 0);
+        namespace_changed(&mut st, nsid);
+        Ok(())
+    }
+
+    /// Adds a namespace (the next id) and reports it.
+    pub fn add_namespace(&self, ns: SimNamespace) -> Result<u32, String> {
+        let bytes = ns_bytes(ns.num_blocks, ns.block_size)?;
+        let mut st = self.st();
+        st.namespaces.push(Some(ns));
+        st.ns.push(vec![0u8; bytes]);
+        let nsid = st.namespaces.len() as u32;
+        namespace_changed(&mut st, nsid);
+        Ok(nsid)
+    }
+
+    /// Detaches namespace `nsid` (its commands fail from now on) and
+    /// reports it.
+    pub fn remove_namespace(&self, nsid: u32) -> Result<(), String> {
+        let mut st = self.st();
+        let index = nsid.wrapping_sub(1) as usize;
+        match st.namespaces.get_mut(index) {
+            Some(slot @ Some(_)) => *slot = None,
+            _ => return Err(format!("no namespace {nsid}")),
+        }
+        st.ns[index] = Vec::new();
+        namespace_changed(&mut st, nsid);
+        Ok(())
+    }
+
+    /// Sets the SMART critical warning bits (0 clears them); new bits the
+    /// host enabled are reported with a SMART / Health event.
+    pub fn set_critical_warning(&self, bits: u8) {
+        let mut st = self.st();
+        let new = bits & !st.critical_warning;
+        st.critical_warning = bits;
+        if new as u32 & st.aec & aec::SMART_MASK != 0 && !st.smart_masked {
+            st.smart_masked = true;
+            let info = if new & nvme_spec::log::critical_warning::TEMPERATURE != 0 { 1 } else { 0 };
+            let ev =
+                AsyncEvent { event_type: async_event_type::SMART_HEALTH, info, log_page: LogPageId::SMART_HEALTH.0 };
+            st.events.push_back(ev.to_dword());
+        }
+    }
+
+    /// The device leaves the bus now, mid-IO: every command it holds is
+    /// dropped unposted and nothing of it reaches host memory again.
+    pub fn surprise_remove(&self) {
+        let mut st = self.st();
+        self.gone.store(true, Ordering::Release);
+        st.inflight.clear();
+        st.backlog.clear();
+        st.aers.clear();
+    }
+
+    /// Steps the model on a thread of its own, as a device runs beside its
+    /// host, until the returned guard is dropped; its reactor poller idles
+    /// meanwhile. (A test that counts the driver's allocations on the
+    /// reactor thread keeps the model's own out of the count this way.)
+    pub fn step_on_thread(self: &Arc<Self>) -> SimThread {
+        self.own_thread.store(true, Ordering::Release);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (me, stop2) = (self.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Acquire) {
+                if !me.step() {
+                    std::thread::yield_now();
+                }
+            }
+            me.own_thread.store(false, Ordering::Release);
+        });
+        SimThread { stop, handle: Some(handle) }
+    }
+
+    /// Register reads and writes (doorbells included) since the removal.
+    pub fn accesses_after_removal(&self) -> u64 {
+        self.accesses_after_removal.load(Ordering::Relaxed)
+    }
+
+    fn removed_access(&self) -> bool {
+        if self.gone.load(Ordering::Acquire) {
+            self.accesses_after_removal.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Asynchronous Event Requests the model holds now.
+    pub fn outstanding_aers(&self) -> usize {
+        self.st().aers.len()
+    }
+
     /// Registers a reactor poller that steps the model on every loop (for a
     /// daemon that attaches a simulated controller).
     pub fn start_poller(self: &Arc<Self>) -> reactor::PollerHandle {
         let me = Arc::downgrade(self);
         reactor::register_poller("nvme_sim", move || match me.upgrade() {
+            Some(s) if s.own_thread.load(Ordering::Acquire) => reactor::PollStatus::Idle,
             Some(s) => {
                 if s.step() {
                     reactor::PollStatus::Busy
@@ -422,6 +599,7 @@ impl SimController {
             st.cqs.iter_mut().for_each(|q| *q = None);
             st.inflight.clear();
             st.backlog.clear();
+            st.aers.clear();
             st.csts = Csts(0);
             st.ready_in_steps = None;
             for d in &self.doorbells {
@@ -444,7 +622,8 @@ impl SimController {
             st.last_asq_acq = (st.asq, st.acq);
             st.sqs[0] = Some(SimSq { base: st.asq, size: st.aqa.asqs() as u32 + 1, head: 0, cqid: 0 });
             st.cqs[0] = Some(SimCq { base: st.acq, size: st.aqa.acqs() as u32 + 1, tail: 0, phase: true });
-            st.ready_in_steps = (!self.cfg.fail_ready).then_some(self.cfg.ready_delay_steps);
+            let fail_ready = self.cfg.fail_ready || st.fail_ready;
+            st.ready_in_steps = (!fail_ready).then_some(self.cfg.ready_delay_steps);
             if st.ready_in_steps == Some(0) {
                 st.csts = st.csts.with_rdy(true);
                 st.ready_in_steps = None;
@@ -460,6 +639,9 @@ impl SimController {
 
     /// Advances the model by one tick. Returns true if it did anything.
     pub fn step(&self) -> bool {
+        if self.gone.load(Ordering::Acquire) {
+            return false;
+        }
         let mut st = self.st();
         st.step += 1;
         if let Some(n) = st.ready_in_steps {
@@ -480,6 +662,7 @@ impl SimController {
         }
         let mut busy = self.flush_backlog(&mut st);
         busy |= self.process_admin(&mut st);
+        busy |= self.report_events(&mut st);
         busy |= self.fetch_io(&mut st);
         busy |= self.complete_io(&mut st);
         busy
@@ -549,11 +732,34 @@ impl SimController {
         (sq.map_or(0, |q| q.cqid), cqe)
     }
 
+    /// Completes held AERs with waiting events.
+    fn report_events(&self, st: &mut State) -> bool {
+        let mut busy = false;
+        while !st.events.is_empty() && !st.aers.is_empty() {
+            let (Some(dw0), sqe) = (st.events.pop_front(), st.aers.remove(0)) else { break };
+            let (cqid, cqe) = self.completion(st, 0, &sqe, Status::SUCCESS, dw0);
+            self.post(st, cqid, cqe);
+            st.stats.async_events += 1;
+            busy = true;
+        }
+        busy
+    }
+
     fn process_admin(&self, st: &mut State) -> bool {
         let mut busy = false;
         while let Some(sqe) = self.fetch(st, 0) {
             busy = true;
             st.stats.admin_commands += 1;
+            if AdminOpcode(sqe.opcode) == AdminOpcode::ASYNC_EVENT_REQUEST {
+                if st.aers.len() > AERL as usize {
+                    let (cqid, cqe) =
+                        self.completion(st, 0, &sqe, Status::ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED.with_dnr(), 0);
+                    self.post(st, cqid, cqe);
+                } else {
+                    st.aers.push(sqe);
+                }
+                continue;
+            }
             let (status, dw0) = self.admin(st, &sqe);
             let (cqid, cqe) = self.completion(st, 0, &sqe, status, dw0);
             self.post(st, cqid, cqe);
@@ -566,7 +772,7 @@ impl SimController {
         let cdw11 = sqe.cdw11.get();
         match AdminOpcode(sqe.opcode) {
             AdminOpcode::IDENTIFY => {
-                let data = match self.identify(sqe) {
+                let data = match self.identify(st, sqe) {
                     Ok(d) => d,
                     Err(s) => return (s, 0),
                 };
@@ -595,7 +801,53 @@ impl SimController {
                 }
                 (Status::SUCCESS, u32::from(st.write_cache_enabled))
             }
+            AdminOpcode::SET_FEATURES | AdminOpcode::GET_FEATURES
+                if cdw10 & 0xFF == FeatureId::ASYNC_EVENT_CONFIG.0 as u32 =>
+            {
+                if AdminOpcode(sqe.opcode) == AdminOpcode::SET_FEATURES {
+                    st.aec = cdw11 & (aec::SMART_MASK | aec::NAMESPACE_ATTRIBUTE_NOTICES);
+                }
+                (Status::SUCCESS, st.aec)
+            }
             AdminOpcode::SET_FEATURES | AdminOpcode::GET_FEATURES => (Status::SUCCESS, 0),
+            AdminOpcode::GET_LOG_PAGE => {
+                let p = GetLogPageParams::from_sqe(sqe);
+                st.stats.log_pages_read += 1;
+                let page = match p.lid {
+                    LogPageId::CHANGED_NAMESPACE_LIST => {
+                        let list = if st.changed_ns.len() > NamespaceList::CAPACITY {
+                            NamespaceList::from_ids([CHANGED_NS_LIST_OVERFLOW])
+                        } else {
+                            NamespaceList::from_ids(st.changed_ns.iter().copied())
+                        };
+                        if !p.rae {
+                            st.changed_ns.clear();
+                        }
+                        list.as_bytes().to_vec()
+                    }
+                    LogPageId::SMART_HEALTH => {
+                        let mut log = SmartLog::zeroed();
+                        log.critical_warning = st.critical_warning;
+                        log.temperature = U16::new(300);
+                        log.available_spare = 100;
+                        log.available_spare_threshold = 10;
+                        if !p.rae {
+                            st.smart_masked = false;
+                        }
+                        log.as_bytes().to_vec()
+                    }
+                    _ => return (Status::INVALID_LOG_PAGE.with_dnr(), 0),
+                };
+                let off = p.offset_bytes.min(page.len() as u64) as usize;
+                let len = (p.len_bytes as usize).min(page.len() - off);
+                if len == 0 || len > PAGE_SIZE as usize {
+                    return (Status::INVALID_FIELD.with_dnr(), 0);
+                }
+                match self.transfer_out(st, sqe, &page[off..off + len]) {
+                    Ok(()) => (Status::SUCCESS, 0),
+                    Err(s) => (s, 0),
+                }
+            }
             AdminOpcode::CREATE_IO_CQ => {
                 let (qid, size) = ((cdw10 & 0xFFFF) as usize, (cdw10 >> 16) + 1);
                 if qid == 0 || qid >= st.cqs.len() || st.cqs[qid].is_some() {
@@ -682,10 +934,10 @@ impl SimController {
         }
     }
 
-    fn identify(&self, sqe: &Sqe) -> Result<Vec<u8>, Status> {
+    fn identify(&self, st: &State, sqe: &Sqe) -> Result<Vec<u8>, Status> {
         let cns = Cns((sqe.cdw10.get() & 0xFF) as u8);
         let nsid = sqe.nsid.get();
-        let n = self.cfg.namespaces.len() as u32;
+        let n = st.namespaces.len() as u32;
         match cns {
             Cns::CONTROLLER => {
                 let mut id = IdentifyController::zeroed();
@@ -698,6 +950,8 @@ impl SimController {
                 id.cntlid = U16::new(1);
                 id.ver = U32::new(Vs::V1_4.0);
                 id.acl = 3;
+                id.aerl = AERL;
+                id.oaes = U32::new(nvme_spec::identify::oaes::NAMESPACE_ATTRIBUTE);
                 id.sqes = 0x66;
                 id.cqes = 0x44;
                 id.nn = U32::new(n);
@@ -710,8 +964,12 @@ impl SimController {
                 Ok(id.as_bytes().to_vec())
             }
             Cns::NAMESPACE => {
-                let Some(ns) = self.cfg.namespaces.get(nsid.wrapping_sub(1) as usize) else {
+                let Some(slot) = st.namespaces.get(nsid.wrapping_sub(1) as usize) else {
                     return Err(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr());
+                };
+                // An inactive (removed) namespace identifies as zeroes.
+                let Some(ns) = slot else {
+                    return Ok(IdentifyNamespace::zeroed().as_bytes().to_vec());
                 };
                 let mut id = IdentifyNamespace::zeroed();
                 id.nsze = U64::new(ns.num_blocks);
@@ -725,7 +983,8 @@ impl SimController {
                 Ok(id.as_bytes().to_vec())
             }
             Cns::ACTIVE_NAMESPACE_LIST => {
-                let list = NamespaceList::from_ids((1..=n).filter(|&i| i > nsid));
+                let active = |i: &u32| st.namespaces.get(*i as usize - 1).is_some_and(|s| s.is_some());
+                let list = NamespaceList::from_ids((1..=n).filter(|&i| i > nsid).filter(active));
                 Ok(list.as_bytes().to_vec())
             }
             _ => Err(Status::INVALID_FIELD.with_dnr()),
@@ -878,10 +1137,10 @@ impl SimController {
         if op != IoOpcode::READ && op != IoOpcode::WRITE {
             return Ok(0);
         }
-        let ns = self
-            .cfg
+        let ns = st
             .namespaces
             .get(sqe.nsid.get().wrapping_sub(1) as usize)
+            .and_then(|n| n.as_ref())
             .ok_or(Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr())?;
         let len = sqe.nlb() as usize * ns.block_size as usize;
         st.stats.max_transfer_bytes = st.stats.max_transfer_bytes.max(len as u64);
@@ -916,7 +1175,7 @@ impl SimController {
     fn execute_io(&self, st: &mut State, c: &InFlight) -> Status {
         let sqe = &c.sqe;
         let nsid = sqe.nsid.get();
-        let Some(ns_cfg) = self.cfg.namespaces.get(nsid.wrapping_sub(1) as usize) else {
+        let Some(ns_cfg) = st.namespaces.get(nsid.wrapping_sub(1) as usize).cloned().flatten() else {
             return Status::INVALID_NAMESPACE_OR_FORMAT.with_dnr();
         };
         let bs = ns_cfg.block_size as usize;
@@ -1026,6 +1285,35 @@ fn cache_write(st: &mut State, index: usize, bs: usize, lba: u64, nlb: u64, fua:
     }
 }
 
+/// Bytes of a namespace of `num_blocks` blocks of `block_size`.
+fn ns_bytes(num_blocks: u64, block_size: u32) -> Result<usize, String> {
+    if !block_size.is_power_of_two() || block_size < 512 {
+        return Err(format!("simulated block size {block_size} is not a power of two >= 512"));
+    }
+    num_blocks
+        .checked_mul(block_size as u64)
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|&b| b > 0 && b <= 1 << 32)
+        .ok_or_else(|| format!("simulated namespace of {num_blocks} blocks must hold between 1 block and 4 GiB"))
+}
+
+/// Records a namespace change and, when the host enabled namespace
+/// notices and none is pending, queues the event.
+fn namespace_changed(st: &mut State, nsid: u32) {
+    let first = st.changed_ns.is_empty();
+    if !st.changed_ns.contains(&nsid) {
+        st.changed_ns.push(nsid);
+    }
+    if first && st.aec & aec::NAMESPACE_ATTRIBUTE_NOTICES != 0 {
+        let ev = AsyncEvent {
+            event_type: async_event_type::NOTICE,
+            info: async_event_notice::NAMESPACE_ATTRIBUTE_CHANGED,
+            log_page: LogPageId::CHANGED_NAMESPACE_LIST.0,
+        };
+        st.events.push_back(ev.to_dword());
+    }
+}
+
 fn pad(field: &mut [u8], s: &str) {
     field.fill(b' ');
     let n = s.len().min(field.len());
@@ -1034,6 +1322,9 @@ fn pad(field: &mut [u8], s: &str) {
 
 impl RegisterSpace for SimController {
     fn read32(&self, off: u32) -> u32 {
+        if self.removed_access() {
+            return u32::MAX;
+        }
         let st = self.st();
         match off {
             offset::CAP => self.cap().0 as u32,
@@ -1051,6 +1342,9 @@ impl RegisterSpace for SimController {
     }
 
     fn write32(&self, off: u32, value: u32) {
+        if self.removed_access() {
+            return;
+        }
         if off >= offset::DOORBELLS {
             match self.doorbell_index(off) {
                 Some(i) => self.doorbells[i].store(value, Ordering::Release),
@@ -1071,6 +1365,7 @@ impl RegisterSpace for SimController {
     }
 
     fn relax(&self) {
+        crate::mmio::note_blocking_wait();
         self.clock_ns.fetch_add(RELAX_NS, Ordering::Relaxed);
         self.step();
     }

@@ -353,7 +353,8 @@ impl RegisterSpace for VfioDevice {
         self.bar.write32(offset, value)
     }
     fn relax(&self) {
-        // Control-plane waits only (ready, admin commands): yield the core.
+        // Waits off the reactors only: yield the core.
+        crate::mmio::note_blocking_wait();
         std::thread::sleep(std::time::Duration::from_micros(5));
     }
     fn wait_clock_ns(&self) -> u64 {

@@ -3,7 +3,11 @@
 //! timeouts with abort and reset, a controller that never becomes ready,
 //! detach with IO in flight, and durability: FUA and Flush reach the
 //! controller and decide what its medium holds after a power cut, and the
-//! bdev reports the cache and DLFEAT the controller has. Every completion
+//! bdev reports the cache and DLFEAT the controller has; a control path that
+//! never blocks a reactor (queue pairs made and controllers reset under IO
+//! on several reactors with no busy-wait step or contended lock counted);
+//! asynchronous events (namespaces added, resized, removed; SMART critical
+//! warnings); surprise removal mid-IO; a reset that cannot recover. Every completion
 //! checks that the simulated
 //! controller holds no command still pointing at the IO's buffer
 //! (invariant 5 in docs/architecture.md: no buffer released while the device may write it).
@@ -40,7 +44,7 @@ impl Rig {
     fn new(cfg: SimConfig, opts: CtrlrOpts, reactors: usize) -> Rig {
         let m = ReactorSet::manual(reactors);
         let sim = SimController::new(cfg).unwrap();
-        let names = m.on(0, || nvme::attach_controller("Nvme0", Transport::Sim(sim.clone()), opts, None)).unwrap();
+        let names = attach(&m, "Nvme0", &sim, opts).unwrap();
         assert_eq!(names, vec!["Nvme0n1".to_string()]);
         Rig { m, sim, early_releases: Rc::default() }
     }
@@ -67,10 +71,24 @@ impl Rig {
     }
 
     fn submit_flags(&self, on: usize, t: IoType, off: u64, n: u64, buf: Option<DmaBuf>, flags: IoFlags) -> Done {
+        self.submit_to("Nvme0n1", on, t, off, n, buf, flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_to(
+        &self,
+        bdev: &str,
+        on: usize,
+        t: IoType,
+        off: u64,
+        n: u64,
+        buf: Option<DmaBuf>,
+        flags: IoFlags,
+    ) -> Done {
         let done: Done = Rc::default();
         let (d2, sim, early) = (done.clone(), self.sim.clone(), self.early_releases.clone());
         self.m.on(on, || {
-            let ch = Registry::get().lookup("Nvme0n1").unwrap().channel().unwrap();
+            let ch = Registry::get().lookup(bdev).unwrap().channel().unwrap();
             let mut io = IoBox::data(t, off, n, buf).unwrap();
             io.flags = flags;
             io.set_done(Rc::new(move |io: IoBox| {
@@ -145,6 +163,28 @@ impl Rig {
             .filter(|n| n.starts_with("nvme"))
             .collect()
     }
+}
+
+/// Attaches `sim` as `name` on reactor 0 and runs the set (the manual
+/// clock advancing) until the bring-up ends.
+fn attach(
+    m: &ManualSet,
+    name: &str,
+    sim: &Arc<SimController>,
+    opts: CtrlrOpts,
+) -> Result<Vec<String>, nvme::NvmeError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    m.on(0, || nvme::attach_controller(name, Transport::Sim(sim.clone()), opts, None, move |r| tx.send(r).unwrap()));
+    for _ in 0..1_000_000 {
+        if let Ok(r) = rx.try_recv() {
+            return r;
+        }
+        for id in 0..m.count() {
+            m.run_once(id);
+        }
+        m.advance_ns(STEP_NS);
+    }
+    panic!("attach did not finish");
 }
 
 fn pattern(len: usize, salt: u64) -> Vec<u8> {
@@ -400,11 +440,10 @@ fn timeout_then_abort_retries_without_reset() {
 fn controller_that_never_becomes_ready_fails_cleanly() {
     let m = ReactorSet::manual(1);
     let sim = SimController::new(SimConfig { fail_ready: true, timeout_500ms: 1, ..cfg(seed()) }).unwrap();
-    let err = m
-        .on(0, || nvme::attach_controller("Nvme9", Transport::Sim(sim.clone()), CtrlrOpts::default(), None))
-        .unwrap_err();
+    let err = attach(&m, "Nvme9", &sim, CtrlrOpts::default()).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("did not become ready within 500 ms"), "{msg}");
+    assert_eq!(m.on(0, nvme::reactor_blocking_waits), 0, "the bring-up waited by polling");
     assert_eq!(err.errno(), libc::ETIMEDOUT);
     assert!(!sim.is_enabled(), "left disabled");
     // Nothing leaked: the admin queue memory went back to the pool (the
@@ -437,8 +476,8 @@ fn detach_with_io_in_flight() {
         buf.copy_from(0, &pattern(8192, i));
         ios.push(r.submit(on, IoType::Write, i * 16, 16, Some(buf)));
     }
-    r.round();
-    assert!(r.sim.inflight_count() > 0, "IO is in flight when detach starts");
+    // The queue pairs' queues are made by the home reactor first.
+    assert!(r.run_until(1000, || r.sim.inflight_count() > 0), "IO is in flight when detach starts");
     let res = r.detach();
     assert_eq!(*res.borrow(), Some(Ok(())));
     for d in &ios {
@@ -611,4 +650,195 @@ fn randomized_io_against_a_model() {
     );
     assert_eq!(*r.early_releases.borrow(), 0);
     assert_eq!(r.sim.stats().dma_faults, 0);
+}
+
+/// Nothing on a reactor waits: queue pairs are made on four reactors (the
+/// first ones while a reset is under way), the controller is reset under
+/// IO from seeded reactors at seeded moments, and every IO still succeeds
+/// with its data intact — while the count of busy-wait steps and contended
+/// locks on the reactors (`nvme::reactor_blocking_waits`) stays 0.
+#[test]
+fn control_path_never_blocks_a_reactor() {
+    let s = seed();
+    let mut rng = bdev::rng::SimRng::new(s);
+    let reactors = 4usize;
+    let opts = CtrlrOpts { io_queue_depth: 16, io_timeout_us: 50_000, ..CtrlrOpts::default() };
+    let r = Rig::new(SimConfig { max_delay_steps: 6, reorder: true, ..cfg(s) }, opts, reactors);
+    let c = r.ctrlr();
+    let mut model = vec![0u8; 8192 * 512];
+    let resets = 6u64;
+    for round in 0..resets {
+        let mut ios = Vec::new();
+        for k in 0..12u64 {
+            let on = rng.below(reactors as u64) as usize;
+            let (at, n) = (k * 600 + rng.below(500), 1 + rng.below(64));
+            let data = pattern(n as usize * 512, s + round * 100 + k);
+            model[at as usize * 512..(at + n) as usize * 512].copy_from_slice(&data);
+            let buf = r.m.on(on, || DmaBuf::alloc(data.len()).unwrap());
+            buf.copy_from(0, &data);
+            ios.push(r.submit(on, IoType::Write, at, n, Some(buf)));
+        }
+        // The first reset lands before any queue pair has its queues.
+        for _ in 0..rng.below(if round == 0 { 1 } else { 6 }) {
+            r.round();
+        }
+        let from = rng.below(reactors as u64) as usize;
+        let c2 = c.clone();
+        r.m.on(from, move || c2.request_reset("test"));
+        for d in &ios {
+            assert_eq!(r.wait(d), IoStatus::Success, "seed {s} round {round}: retried across the reset");
+        }
+        assert!(r.run_until(10_000, || c.state() == nvme::CtrlrState::Enabled), "seed {s}");
+        assert_eq!(c.stats.resets.load(Ordering::Relaxed), round + 1, "seed {s}");
+    }
+    for on in 0..reactors {
+        let (st, back) = r.read(on, 0, model.len());
+        assert_eq!(st, IoStatus::Success);
+        assert!(back == model, "seed {s}: data after {resets} resets (read on reactor {on})");
+    }
+    assert_eq!(r.sim.io_queue_count(), reactors, "seed {s}: one IO queue pair per reactor, recreated by each reset");
+    assert_eq!(r.sim.stats().resets, resets, "seed {s}");
+    assert_eq!(r.m.on(0, nvme::reactor_blocking_waits), 0, "seed {s}: a reactor waited");
+    assert_eq!(*r.detach().borrow(), Some(Ok(())));
+    assert_eq!(r.m.on(0, nvme::reactor_blocking_waits), 0, "seed {s}: detach waited on a reactor");
+    assert_eq!(*r.early_releases.borrow(), 0);
+    assert_eq!(r.sim.stats().dma_faults, 0);
+}
+
+/// Asynchronous events: the driver keeps AERL + 1 requests outstanding at
+/// the controller; an added namespace gets a bdev that serves IO, a resized
+/// one is seen at its new size, a removed one's bdev is hot-removed, and a
+/// SMART critical warning shows in bdev_nvme_get_controllers and the bdev's
+/// driver_specific — also after a controller reset, which re-arms events.
+#[test]
+fn namespace_changes_and_health_warnings_arrive_by_asynchronous_events() {
+    let s = seed();
+    let r = Rig::new(cfg(s), CtrlrOpts::default(), 2);
+    let c = r.ctrlr();
+    assert!(r.run_until(1000, || r.sim.outstanding_aers() == 4), "AERL + 1 requests held");
+    let has = |name: &str| r.m.on(0, || Registry::get().lookup(name).is_some());
+
+    let nsid = r.sim.add_namespace(SimNamespace { num_blocks: 2048, block_size: 4096 }).unwrap();
+    assert_eq!(nsid, 2);
+    assert!(r.run_until(10_000, || has("Nvme0n2")), "a bdev for the new namespace");
+    let props = r.m.on(0, || Registry::get().lookup("Nvme0n2").unwrap().props().clone());
+    assert_eq!((props.block_size, props.num_blocks), (4096, 2048));
+    let data = pattern(8192, 21);
+    let buf = r.m.on(1, || DmaBuf::alloc(data.len()).unwrap());
+    buf.copy_from(0, &data);
+    let d = r.submit_to("Nvme0n2", 1, IoType::Write, 7, 2, Some(buf), IoFlags::NONE);
+    assert_eq!(r.wait(&d), IoStatus::Success);
+    let mut raw = vec![0u8; 8192];
+    assert!(r.sim.read_namespace(2, 7 * 4096, &mut raw));
+    assert!(raw == data, "IO on the new namespace reached it");
+
+    r.sim.resize_namespace(1, 16_384).unwrap();
+    assert!(r.run_until(10_000, || c.namespaces()[0].num_blocks == 16_384), "the resize was seen");
+    assert_eq!(r.sim.stats().log_pages_read, 2, "the changed namespace list was read for each notice");
+
+    r.sim.remove_namespace(2).unwrap();
+    assert!(r.run_until(10_000, || !has("Nvme0n2")), "the removed namespace's bdev is hot-removed");
+    assert!(has("Nvme0n1"));
+    assert_eq!(c.namespaces().len(), 1);
+
+    r.sim.set_critical_warning(nvme_spec::log::critical_warning::TEMPERATURE);
+    assert!(r.run_until(10_000, || c.critical_warning() == 2), "the SMART log was read");
+    let info = r.m.on(0, || nvme::controllers_json(Some("Nvme0")).unwrap());
+    assert_eq!(info[0]["ctrlrs"][0]["critical_warning"], 2);
+    let ds = r.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().bdev().driver_specific()).unwrap();
+    assert_eq!(ds.1[0]["health"]["critical_warning"], 2);
+    assert_eq!(r.sim.outstanding_aers(), 4, "each request is re-armed as it completes");
+
+    // A reset ends the held requests; the driver arms them again.
+    let c2 = c.clone();
+    r.m.on(1, move || c2.request_reset("test"));
+    assert!(r.run_until(10_000, || c.stats.resets.load(Ordering::Relaxed) == 1));
+    assert!(r.run_until(1000, || r.sim.outstanding_aers() == 4), "re-armed after the reset");
+    r.sim.resize_namespace(1, 12_000).unwrap();
+    assert!(r.run_until(10_000, || c.namespaces()[0].num_blocks == 12_000), "events work after the reset");
+    assert_eq!(c.stats.async_events.load(Ordering::Relaxed), r.sim.stats().async_events);
+    assert_eq!(r.m.on(0, nvme::reactor_blocking_waits), 0);
+    assert_eq!(*r.detach().borrow(), Some(Ok(())));
+    assert!(r.nvme_pollers().is_empty());
+}
+
+/// Surprise removal mid-IO: the admin poller notices the all-ones CSTS
+/// within its 10 ms check period, every IO in flight or queued completes
+/// with `NoDevice`, the bdev is hot-removed (its removal listeners told),
+/// and from the detecting read on nothing touches the device's registers.
+#[test]
+fn surprise_removal_fails_io_and_hot_removes_the_bdev() {
+    let s = seed();
+    let opts = CtrlrOpts { io_queue_depth: 8, ..CtrlrOpts::default() };
+    let r = Rig::new(SimConfig { max_delay_steps: 40, ..cfg(s) }, opts, 2);
+    let c = r.ctrlr();
+    assert_eq!(r.write(0, 0, &pattern(512, 1)), IoStatus::Success);
+    assert_eq!(r.write(1, 8, &pattern(512, 2)), IoStatus::Success);
+    let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t2 = told.clone();
+    r.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().on_remove(move || t2.store(true, Ordering::Relaxed)));
+    let mut ios = Vec::new();
+    for i in 0..32u64 {
+        let on = (i % 2) as usize;
+        let buf = r.m.on(on, || DmaBuf::alloc(4096).unwrap());
+        ios.push(r.submit(on, IoType::Write, i * 8, 8, Some(buf)));
+    }
+    assert!(r.run_until(1000, || r.sim.inflight_count() > 0));
+    assert!(ios.iter().any(|d| d.borrow().is_none()), "IO in flight and queued at the removal");
+    r.sim.surprise_remove();
+    let t0 = r.m.now_ns();
+    assert!(r.run_until(1000, || c.is_removed()), "the removal was noticed");
+    let waited = r.m.now_ns() - t0;
+    assert!(waited <= 10_000_000 + STEP_NS, "noticed after {waited} ns");
+    let touched = r.sim.accesses_after_removal();
+    assert_eq!(touched, 1, "only the CSTS read that noticed it");
+    assert!(r.run_until(1000, || ios.iter().all(|d| d.borrow().is_some())));
+    for d in &ios {
+        let st = d.borrow().unwrap();
+        assert!(matches!(st, IoStatus::Success | IoStatus::Failed(IoError::NoDevice)), "{st:?}");
+    }
+    assert!(ios.iter().any(|d| d.borrow().unwrap() == IoStatus::Failed(IoError::NoDevice)));
+    assert!(r.run_until(1000, || r.m.on(0, || Registry::get().lookup("Nvme0n1").is_none())), "bdev hot-removed");
+    assert!(told.load(Ordering::Relaxed), "the bdev's removal listeners were told");
+    assert!(r.run_until(1000, || r.nvme_pollers().is_empty()), "{:?}", r.nvme_pollers());
+    assert!(r.m.on(0, || nvme::controllers_json(Some("Nvme0"))).is_err(), "controller detached");
+    assert_eq!(c.state(), nvme::CtrlrState::Detached);
+    r.m.run_until_idle(1000);
+    assert_eq!(r.sim.accesses_after_removal(), touched, "nothing touched the removed device");
+    assert_eq!(*r.early_releases.borrow(), 0);
+    assert_eq!(r.sim.stats().dma_faults, 0);
+    assert_eq!(r.m.on(0, nvme::reactor_blocking_waits), 0);
+}
+
+/// A reset that cannot bring the controller back (it never becomes ready
+/// again) fails the IO it held instead of leaving it pending, and new IO
+/// fails at once; detach still works.
+#[test]
+fn reset_that_cannot_recover_fails_io() {
+    let opts = CtrlrOpts { io_timeout_us: 2_000, ..CtrlrOpts::default() };
+    let r = Rig::new(SimConfig { timeout_500ms: 1, ..cfg(seed()) }, opts, 2);
+    assert_eq!(r.write(1, 0, &pattern(4096, 7)), IoStatus::Success);
+    r.sim.swallow_next_io(1);
+    r.sim.set_abort_works(false);
+    r.sim.set_fail_ready(true);
+    let mut ios = Vec::new();
+    for i in 0..8u64 {
+        let buf = r.m.on(1, || DmaBuf::alloc(4096).unwrap());
+        ios.push(r.submit(1, IoType::Write, i * 8, 8, Some(buf)));
+    }
+    for d in &ios {
+        let s = r.wait(d);
+        assert!(matches!(s, IoStatus::Success | IoStatus::Failed(IoError::Aborted)), "{s:?}");
+    }
+    assert!(ios.iter().any(|d| d.borrow().unwrap() == IoStatus::Failed(IoError::Aborted)));
+    let c = r.ctrlr();
+    assert!(r.run_until(10_000, || c.state() == nvme::CtrlrState::Failed));
+    assert!(!r.sim.is_enabled(), "left disabled");
+    assert!(c.dma_stopped());
+    let (s, _) = r.read(1, 0, 4096);
+    assert_eq!(s, IoStatus::Failed(IoError::NoDevice), "new IO fails at once");
+    assert_eq!(*r.early_releases.borrow(), 0);
+    assert_eq!(r.m.on(0, nvme::reactor_blocking_waits), 0);
+    assert_eq!(*r.detach().borrow(), Some(Ok(())));
+    assert!(r.nvme_pollers().is_empty());
 }
