@@ -20,11 +20,11 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("bdev_nvme_get_controllers", bdev_nvme_get_controllers),
     ("bdev_nvme_set_options", bdev_nvme_set_options),
     ("bdev_nvme_set_hotplug", bdev_nvme_set_hotplug),
+    ("bdev_nvme_reset_controller", bdev_nvme_reset_controller),
 ];
 
 const NO_TLS: &str = "TLS for NVMe/TCP";
 const NO_DHCHAP: &str = "DH-HMAC-CHAP authentication";
-const NO_RECONNECT: &str = "automatic reconnect of a lost controller";
 const NO_PRIORITIES: &str = "weighted round robin arbitration";
 const NO_MULTIPATH: &str = "multipath (one path per controller)";
 const NO_PATH_DETACH: &str = "detaching one path of a controller; give the controller name alone";
@@ -42,10 +42,6 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
             at("prchk_reftag", Accepted::Bool(false), "protection information checking"),
             at("prchk_guard", Accepted::Bool(false), "protection information checking"),
             at("fabrics_connect_timeout_us", Accepted::Absent, "a configurable fabrics connect timeout"),
-            at("multipath", Accepted::Str("disable"), NO_MULTIPATH),
-            at("ctrlr_loss_timeout_sec", Accepted::Int(0), NO_RECONNECT),
-            at("reconnect_delay_sec", Accepted::Int(0), NO_RECONNECT),
-            at("fast_io_fail_timeout_sec", Accepted::Int(0), NO_RECONNECT),
             at("psk", Accepted::Absent, NO_TLS),
             at("max_bdevs", Accepted::Int(128), "cap on the bdevs one controller creates"),
             at("dhchap_key", Accepted::Absent, NO_DHCHAP),
@@ -72,7 +68,6 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
     (
         "bdev_nvme_set_options",
         &[
-            at("keep_alive_timeout_ms", Accepted::Int(10_000), "configurable keep-alive (NVMe/TCP uses 10 s)"),
             at("arbitration_burst", Accepted::Int(0), NO_PRIORITIES),
             at("low_priority_weight", Accepted::Int(0), NO_PRIORITIES),
             at("medium_priority_weight", Accepted::Int(0), NO_PRIORITIES),
@@ -83,9 +78,6 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
             at("delay_cmd_submit", Accepted::Bool(true), "way to turn off batched submission"),
             at("bdev_retry_count", Accepted::Int(3), "bdev-layer retry apart from transport_retry_count"),
             at("transport_ack_timeout", Accepted::Int(0), "configurable transport ACK timeout"),
-            at("ctrlr_loss_timeout_sec", Accepted::Int(0), NO_RECONNECT),
-            at("reconnect_delay_sec", Accepted::Int(0), NO_RECONNECT),
-            at("fast_io_fail_timeout_sec", Accepted::Int(0), NO_RECONNECT),
             at("disable_auto_failback", Accepted::Bool(false), NO_MULTIPATH),
             at("generate_uuids", Accepted::Bool(false), "generated namespace UUIDs"),
             at("transport_tos", Accepted::Int(0), "RDMA"),
@@ -126,6 +118,15 @@ fn ctrlr_opts() -> ::nvme::CtrlrOpts {
     set_options().unwrap_or_default()
 }
 
+/// The reconnect settings `bdev_nvme_set_options` set for TCP controllers
+/// attached afterwards without their own (SPDK's defaults: no reconnect).
+#[derive(Default)]
+struct ReconnectDefaults(Mutex<host::ReconnectOpts>);
+
+fn reconnect_defaults() -> host::ReconnectOpts {
+    *reactor::global::<ReconnectDefaults>().0.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(Deserialize)]
 struct Attach {
     name: String,
@@ -141,6 +142,14 @@ struct Attach {
     ddgst: bool,
     /// IO queues to create (PCIe and SIM; NVMe/TCP creates one per reactor).
     num_io_queues: Option<u32>,
+    /// `disable` (default), or `failover`: a controller of this name that
+    /// exists gains this address as an alternate path (TCP).
+    multipath: Option<String>,
+    /// What a TCP controller does when its connection is lost (SPDK's;
+    /// absent: as `bdev_nvme_set_options` set them, by default no reconnect).
+    ctrlr_loss_timeout_sec: Option<i32>,
+    reconnect_delay_sec: Option<u32>,
+    fast_io_fail_timeout_sec: Option<u32>,
     /// Test transport SIM: the simulated controller's seed and geometry.
     sim_seed: Option<u64>,
     sim_num_blocks: Option<u64>,
@@ -152,8 +161,44 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
         Ok(p) => p,
         Err(e) => return reply.send(Err(e)),
     };
+    let failover = match p.multipath.as_deref() {
+        None => false,
+        Some(m) if m.eq_ignore_ascii_case("disable") => false,
+        Some(m) if m.eq_ignore_ascii_case("failover") && p.trtype.eq_ignore_ascii_case("tcp") => true,
+        Some(m) if m.eq_ignore_ascii_case("multipath") || m.eq_ignore_ascii_case("failover") => {
+            return reply.send(Err(RpcError::new(
+                INVALID_PARAMS,
+                format!(
+                    "bdev_nvme_attach_controller: multipath \"{m}\" is not supported for trtype {} (nvraid has \
+                     failover between the paths of an NVMe/TCP controller, not one bdev over several \
+                     controllers); use \"failover\" or \"disable\"",
+                    p.trtype
+                ),
+            )))
+        }
+        Some(m) => {
+            return reply.send(Err(RpcError::invalid_params(format!(
+                "multipath \"{m}\" is not one of disable, failover, multipath"
+            ))))
+        }
+    };
     if p.trtype.eq_ignore_ascii_case("pcie") || p.trtype.eq_ignore_ascii_case("sim") {
-        return reply.send(attach_local(p));
+        let reconnect = [p.ctrlr_loss_timeout_sec.map(i64::from), p.reconnect_delay_sec.map(i64::from)]
+            .into_iter()
+            .chain([p.fast_io_fail_timeout_sec.map(i64::from)])
+            .any(|v| v.is_some_and(|v| v != 0));
+        if reconnect {
+            // A local controller is reset by its driver, not reconnected.
+            return reply.send(Err(RpcError::new(
+                INVALID_PARAMS,
+                format!(
+                    "bdev_nvme_attach_controller: ctrlr_loss_timeout_sec, reconnect_delay_sec and \
+                     fast_io_fail_timeout_sec apply to NVMe/TCP controllers; trtype {} takes only 0",
+                    p.trtype
+                ),
+            )));
+        }
+        return attach_local(p, reply);
     }
     if !p.trtype.eq_ignore_ascii_case("tcp") {
         return reply.send(Err(RpcError::invalid_params(format!(
@@ -172,13 +217,38 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
         )));
     }
     if set_options().is_some() {
-        // Said, not hidden: bdev_nvme_set_options reaches the controllers
-        // nvraid drives itself; its NVMe/TCP initiator has no IO timeout.
+        // Said, not hidden: bdev_nvme_set_options' timeouts and retries
+        // reach the controllers nvraid drives itself; its NVMe/TCP
+        // initiator has no IO timeout (only its reconnect settings apply).
         tracing::warn!(
             name = p.name,
-            "bdev_nvme_set_options (timeouts, retries) applies to PCIe controllers, not to this NVMe/TCP one"
+            "bdev_nvme_set_options (timeouts, retries) applies to PCIe controllers, not to this NVMe/TCP one; \
+             its reconnect settings do"
         );
     }
+    let adding_path = failover && !host::controllers_json(Some(&p.name)).is_empty();
+    let asked =
+        p.ctrlr_loss_timeout_sec.is_some() || p.reconnect_delay_sec.is_some() || p.fast_io_fail_timeout_sec.is_some();
+    if adding_path && asked {
+        // A path shares its controller's settings; taking others here would
+        // leave them unapplied.
+        return reply.send(Err(RpcError::new(
+            INVALID_PARAMS,
+            format!(
+                "bdev_nvme_attach_controller: {} exists, so this adds a failover path, which uses the \
+                 controller's ctrlr_loss_timeout_sec, reconnect_delay_sec and fast_io_fail_timeout_sec; \
+                 leave them out",
+                p.name
+            ),
+        )));
+    }
+    let defaults = reconnect_defaults();
+    let reconnect = host::ReconnectOpts {
+        keep_alive_timeout_ms: defaults.keep_alive_timeout_ms,
+        ctrlr_loss_timeout_sec: p.ctrlr_loss_timeout_sec.unwrap_or(defaults.ctrlr_loss_timeout_sec),
+        reconnect_delay_sec: p.reconnect_delay_sec.unwrap_or(defaults.reconnect_delay_sec),
+        fast_io_fail_timeout_sec: p.fast_io_fail_timeout_sec.unwrap_or(defaults.fast_io_fail_timeout_sec),
+    };
     let params = AttachParams {
         name: p.name,
         trtype: p.trtype,
@@ -190,16 +260,33 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
         hdgst: p.hdgst,
         ddgst: p.ddgst,
     };
-    host::attach_controller(params, move |r| reply.send(r.map(|names| serde_json::json!(names)).map_err(bdev_error)));
+    let reply_names = move |r: Result<Vec<String>, ::bdev::BdevError>| {
+        reply.send(r.map(|names| serde_json::json!(names)).map_err(bdev_error))
+    };
+    if adding_path {
+        return host::add_failover_path(params, reply_names);
+    }
+    host::attach_controller_with(params, reconnect, reply_names);
 }
 
 fn nvme_error(e: ::nvme::NvmeError) -> RpcError {
     RpcError::errno(e.errno(), e.to_string())
 }
 
-/// PCIe through VFIO, or the simulated controller: attached synchronously
-/// on this (the application) reactor, which becomes the controller's home.
-fn attach_local(p: Attach) -> Result<Value, RpcError> {
+/// PCIe through VFIO, or the simulated controller: attached on this (the
+/// application) reactor, which becomes the controller's home; the bring-up
+/// never blocks it, and the reply goes when it ends.
+fn attach_local(p: Attach, reply: Reply) {
+    match local_transport(&p) {
+        Ok((transport, opts, config)) => ::nvme::attach_controller(&p.name, transport, opts, Some(config), move |r| {
+            reply.send(r.map(|names| serde_json::json!(names)).map_err(nvme_error))
+        }),
+        Err(e) => reply.send(Err(e)),
+    }
+}
+
+/// The transport, options and save_config entry of a PCIe or SIM attach.
+fn local_transport(p: &Attach) -> Result<(::nvme::Transport, ::nvme::CtrlrOpts, Value), RpcError> {
     if !host::controllers_json(Some(&p.name)).is_empty() {
         return Err(RpcError::errno(libc::EEXIST, format!("controller {} already exists", p.name)));
     }
@@ -229,8 +316,7 @@ fn attach_local(p: Attach) -> Result<Value, RpcError> {
             .filter(|n| *n > 0)
             .ok_or_else(|| RpcError::invalid_params(format!("num_io_queues {n} must be 1..=65535")))?;
     }
-    let names = ::nvme::attach_controller(&p.name, transport, opts, Some(config)).map_err(nvme_error)?;
-    Ok(serde_json::json!(names))
+    Ok((transport, opts, config))
 }
 
 #[derive(Deserialize)]
@@ -276,6 +362,12 @@ struct SetOptions {
     timeout_admin_us: Option<u64>,
     transport_retry_count: Option<u32>,
     enable_flush: Option<bool>,
+    /// KATO of NVMe/TCP controllers attached afterwards (nvraid's PCIe
+    /// driver sends no Keep Alive: a local controller needs none).
+    keep_alive_timeout_ms: Option<u32>,
+    ctrlr_loss_timeout_sec: Option<i32>,
+    reconnect_delay_sec: Option<u32>,
+    fast_io_fail_timeout_sec: Option<u32>,
 }
 
 /// `bdev_nvme_set_options`: the command timeout and retry count of the
@@ -289,7 +381,16 @@ fn bdev_nvme_set_options(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
             return Err(RpcError::errno(libc::EPERM, "RPC not permitted with nvme controllers already attached"));
         }
         let opts = apply_set_options(ctrlr_opts(), &p)?;
+        let old = reconnect_defaults();
+        let reconnect = host::ReconnectOpts {
+            keep_alive_timeout_ms: p.keep_alive_timeout_ms.unwrap_or(old.keep_alive_timeout_ms),
+            ctrlr_loss_timeout_sec: p.ctrlr_loss_timeout_sec.unwrap_or(old.ctrlr_loss_timeout_sec),
+            reconnect_delay_sec: p.reconnect_delay_sec.unwrap_or(old.reconnect_delay_sec),
+            fast_io_fail_timeout_sec: p.fast_io_fail_timeout_sec.unwrap_or(old.fast_io_fail_timeout_sec),
+        };
+        reconnect.validate().map_err(|e| RpcError::errno(libc::EINVAL, format!("bdev_nvme_set_options: {e}")))?;
         *reactor::global::<NvmeOptions>().0.lock().unwrap_or_else(|e| e.into_inner()) = Some(opts);
+        *reactor::global::<ReconnectDefaults>().0.lock().unwrap_or_else(|e| e.into_inner()) = reconnect;
         Ok(Value::Bool(true))
     });
 }
@@ -315,8 +416,9 @@ fn apply_set_options(mut opts: ::nvme::CtrlrOpts, p: &SetOptions) -> Result<::nv
         )));
     }
     // SPDK: an admin timeout of 0 means "as the IO timeout". nvraid's admin
-    // commands wait on the reactor, so they keep a bound even when SPDK's
-    // configuration tracks no timeouts at all (both 0).
+    // commands keep a deadline even when SPDK's configuration tracks no
+    // timeouts at all (both 0): a command that never completes would pin
+    // its buffer and stall the controller's control path for good.
     let admin_us = match (p.timeout_admin_us.unwrap_or(0), opts.io_timeout_us) {
         (0, 0) => None,
         (0, io_us) => Some(io_us),
@@ -339,6 +441,44 @@ fn apply_set_options(mut opts: ::nvme::CtrlrOpts, p: &SetOptions) -> Result<::nv
         );
     }
     Ok(opts)
+}
+
+#[derive(Deserialize)]
+struct ResetController {
+    name: String,
+    /// Which controller of the name (SPDK: one per path under multipath);
+    /// nvraid has one, so it must be that one's.
+    cntlid: Option<u16>,
+}
+
+/// `bdev_nvme_reset_controller` for NVMe/TCP controllers: every connection
+/// is made again (see `nvmf::host::reset_controller`). nvraid's PCIe driver
+/// resets a controller itself when a command times out; asking for it by
+/// RPC is refused for those.
+fn bdev_nvme_reset_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    let p: ResetController = match decode(params, &reply) {
+        Ok(p) => p,
+        Err(e) => return reply.send(Err(e)),
+    };
+    let Some(c) = host::controllers_json(Some(&p.name)).into_iter().next() else {
+        if ::nvme::Controllers::get().lookup(&p.name).is_some() {
+            return reply.send(Err(RpcError::new(
+                INVALID_PARAMS,
+                format!(
+                    "bdev_nvme_reset_controller: {} is a PCIe controller, which nvraid's driver resets by itself \
+                     (after a command timeout); reset by RPC is for NVMe/TCP controllers",
+                    p.name
+                ),
+            )));
+        }
+        return reply.send(Err(RpcError::errno(libc::ENODEV, format!("Controller {} does not exist", p.name))));
+    };
+    if let Some(id) = p.cntlid {
+        if c["ctrlrs"][0]["cntlid"] != serde_json::json!(id) {
+            return reply.send(Err(RpcError::errno(libc::ENODEV, format!("{} has no controller {id}", p.name))));
+        }
+    }
+    host::reset_controller(&p.name, move |r| reply.send(r.map(|()| Value::Bool(true)).map_err(bdev_error)));
 }
 
 #[derive(Deserialize)]
@@ -380,6 +520,59 @@ mod tests {
         let t = table.clone();
         set.send(0, move || t.call(method, Some(params), Reply::callback(move |r| drop(tx.send(r)))));
         rx.recv_timeout(Duration::from_secs(20)).expect("reply")
+    }
+
+    /// The reconnect parameters: SPDK's combinations refused with EINVAL on
+    /// `bdev_nvme_set_options` (naming the values) and on attach; accepted
+    /// ones kept; on a local controller (SIM, PCIe) only 0 is taken; the
+    /// multipath mode nvraid lacks (active-active) and unknown modes are
+    /// refused.
+    #[test]
+    fn reconnect_and_multipath_parameters_are_honoured_or_refused() {
+        let cfg = ReactorConfig { pin: false, ..ReactorConfig::new(vec![0], IdlePolicy::sleep()) };
+        let set = ReactorSet::start(cfg, || ()).unwrap();
+        let table = Arc::new(MethodTable::new(Ctx { reactors: set.clone(), shutdown: Box::new(|_| ()) }));
+        let e = call(&set, &table, "bdev_nvme_set_options", json!({"ctrlr_loss_timeout_sec": 5})).unwrap_err();
+        assert_eq!(e.code, -libc::EINVAL, "{e:?}");
+        assert!(
+            e.message.contains("reconnect_delay_sec must not be 0") && e.message.contains("ctrlr_loss_timeout_sec=5")
+        );
+        let e = call(&set, &table, "bdev_nvme_set_options", json!({"ctrlr_loss_timeout_sec": -2})).unwrap_err();
+        assert!(e.message.contains("below -1"), "{e:?}");
+        let ok = json!({"ctrlr_loss_timeout_sec": -1, "reconnect_delay_sec": 2, "fast_io_fail_timeout_sec": 4,
+                        "keep_alive_timeout_ms": 3000});
+        assert_eq!(call(&set, &table, "bdev_nvme_set_options", ok).unwrap(), json!(true));
+        let tcp = |extra: Value| {
+            let mut p = json!({"name": "R", "trtype": "TCP", "traddr": "127.0.0.1", "trsvcid": "1",
+                               "subnqn": "nqn.2016-06.io.nvraid:none"});
+            for (k, v) in extra.as_object().unwrap() {
+                p[k] = v.clone();
+            }
+            call(&set, &table, "bdev_nvme_attach_controller", p)
+        };
+        let e = tcp(json!({"ctrlr_loss_timeout_sec": 5, "reconnect_delay_sec": 6})).unwrap_err();
+        assert_eq!(e.code, -libc::EINVAL, "{e:?}");
+        assert!(e.message.contains("more than ctrlr_loss_timeout_sec"), "{e:?}");
+        let e = tcp(json!({"multipath": "multipath"})).unwrap_err();
+        assert!(e.message.contains("multipath \"multipath\" is not supported"), "{e:?}");
+        let e = tcp(json!({"multipath": "banana"})).unwrap_err();
+        assert!(e.message.contains("not one of disable, failover, multipath"), "{e:?}");
+        let sim = json!({"name": "Sim1", "trtype": "SIM", "traddr": "sim", "ctrlr_loss_timeout_sec": 5});
+        let e = call(&set, &table, "bdev_nvme_attach_controller", sim).unwrap_err();
+        assert!(e.message.contains("apply to NVMe/TCP controllers"), "{e:?}");
+
+        // bdev_nvme_reset_controller: TCP controllers only, strict params.
+        let e = call(&set, &table, "bdev_nvme_reset_controller", json!({"name": "Nope"})).unwrap_err();
+        assert_eq!(e.code, -libc::ENODEV, "{e:?}");
+        let e = call(&set, &table, "bdev_nvme_reset_controller", json!({"name": "Nope", "x": 1})).unwrap_err();
+        assert!(e.message.ends_with("unknown parameter 'x'"), "{e:?}");
+        let sim = json!({"name": "Sim1", "trtype": "SIM", "traddr": "sim", "sim_num_blocks": 64});
+        call(&set, &table, "bdev_nvme_attach_controller", sim).unwrap();
+        let e = call(&set, &table, "bdev_nvme_reset_controller", json!({"name": "Sim1"})).unwrap_err();
+        assert!(e.message.contains("reset by RPC is for NVMe/TCP controllers"), "{e:?}");
+        call(&set, &table, "bdev_nvme_detach_controller", json!({"name": "Sim1"})).unwrap();
+        set.stop();
+        set.join();
     }
 
     /// The RPCs on a threaded reactor set with the simulated controller

@@ -3,18 +3,110 @@
 //! shared by the controller's namespaces (the engine is in `ns_queue`:
 //! splitting at MDTS, the queue-size bound, FIFO waiting), keep alive on the
 //! attaching reactor.
+//!
+//! A lost connection (a queue's socket fails, or a Keep Alive goes
+//! unanswered for KATO) is ridden out as SPDK's `bdev_nvme` does, by
+//! [`ReconnectOpts`]: with `ctrlr_loss_timeout_sec` 0 the path stays failed
+//! and IO fails; otherwise the attaching reactor drops every connection,
+//! reconnects (the blocking connect runs on a helper thread whose result
+//! the reactor picks up from a timed poller) and retries every
+//! `reconnect_delay_sec`, while the bdevs stay registered and their IO waits
+//! (IOs whose commands the lost connection never answered are sent again)
+//! until the controller is back, until `fast_io_fail_timeout_sec` (then IO
+//! fails until it is back), or until `ctrlr_loss_timeout_sec` (then the
+//! controller and its bdevs are deleted).
 
-use super::ns_queue::Queue;
-use super::qpair::{AdminQpair, HostQpair, QpairParts};
+use super::ns_queue::{OnLoss, Queue};
+use super::qpair::{AdminQpair, HostError, HostQpair, QpairParts};
 use super::{connect, ConnectParams, CtrlInfo, Session, DEFAULT_HOSTNQN};
 use bdev::{Bdev, BdevChannel, BdevError, BdevIo, BdevProps, IoBox, IoType, Registry};
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+
+mod keeper;
+use keeper::Keeper;
+pub use keeper::{add_failover_path, reset_controller};
+
+/// How a controller notices a lost connection and what it does then
+/// (SPDK's `bdev_nvme_attach_controller` / `bdev_nvme_set_options`
+/// parameters, with SPDK's defaults: keep alive 10 s, no reconnect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectOpts {
+    /// KATO asked for in Connect; a Keep Alive unanswered this long counts
+    /// as a lost connection (0: no keep alive, a silent path goes unseen).
+    pub keep_alive_timeout_ms: u32,
+    /// How long to try before the controller and its bdevs are deleted:
+    /// -1 forever, 0 no reconnect at all (the path stays failed).
+    pub ctrlr_loss_timeout_sec: i32,
+    /// Seconds between reconnect attempts.
+    pub reconnect_delay_sec: u32,
+    /// After this long without a connection, IO fails instead of waiting
+    /// (0: IO waits as long as the controller exists).
+    pub fast_io_fail_timeout_sec: u32,
+}
+
+impl Default for ReconnectOpts {
+    fn default() -> Self {
+        ReconnectOpts {
+            keep_alive_timeout_ms: 10_000,
+            ctrlr_loss_timeout_sec: 0,
+            reconnect_delay_sec: 0,
+            fast_io_fail_timeout_sec: 0,
+        }
+    }
+}
+
+impl ReconnectOpts {
+    /// SPDK's rules for the combination (its `bdev_nvme` refuses the same
+    /// ones with EINVAL).
+    pub fn validate(&self) -> Result<(), String> {
+        self.check().map_err(|e| {
+            format!(
+                "{e} (ctrlr_loss_timeout_sec={}, reconnect_delay_sec={}, fast_io_fail_timeout_sec={})",
+                self.ctrlr_loss_timeout_sec, self.reconnect_delay_sec, self.fast_io_fail_timeout_sec
+            )
+        })
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let (loss, delay, fast) =
+            (self.ctrlr_loss_timeout_sec, self.reconnect_delay_sec, self.fast_io_fail_timeout_sec);
+        if loss < -1 {
+            return Err(format!("ctrlr_loss_timeout_sec {loss} is below -1 (-1 retries forever)"));
+        }
+        if loss == 0 {
+            if delay != 0 || fast != 0 {
+                return Err("reconnect_delay_sec and fast_io_fail_timeout_sec must both be 0 when \
+                            ctrlr_loss_timeout_sec is 0 (no reconnect)"
+                    .into());
+            }
+            return Ok(());
+        }
+        if delay == 0 {
+            return Err("reconnect_delay_sec must not be 0 when ctrlr_loss_timeout_sec is not 0".into());
+        }
+        if loss > 0 && delay > loss as u32 {
+            return Err(format!("reconnect_delay_sec {delay} is more than ctrlr_loss_timeout_sec {loss}"));
+        }
+        if fast != 0 && fast < delay {
+            return Err(format!("reconnect_delay_sec {delay} is more than fast_io_fail_timeout_sec {fast}"));
+        }
+        if fast != 0 && loss > 0 && fast > loss as u32 {
+            return Err(format!("fast_io_fail_timeout_sec {fast} is more than ctrlr_loss_timeout_sec {loss}"));
+        }
+        Ok(())
+    }
+
+    /// A lost connection is reconnected.
+    pub fn reconnects(&self) -> bool {
+        self.ctrlr_loss_timeout_sec != 0
+    }
+}
 
 /// `bdev_nvme_attach_controller` parameters (SPDK's names).
 #[derive(Debug, Clone)]
@@ -47,11 +139,15 @@ fn adrfam_name(adrfam: Option<&str>) -> Result<&'static str, BdevError> {
 enum CtrlState {
     /// Admin and IO queues connected.
     Enabled = 0,
-    /// The admin queue or an IO queue lost its connection (nvraid does not
-    /// reconnect yet: the path stays failed until detached).
+    /// The admin queue or an IO queue lost its connection and the
+    /// controller does not reconnect: the path stays failed until detached.
     Failed = 1,
-    /// Being detached.
+    /// Being detached (or deleted after `ctrlr_loss_timeout_sec`).
     Deleting = 2,
+    /// Connection lost; a reconnect attempt is under way.
+    Resetting = 3,
+    /// Connection lost; the next attempt waits for `reconnect_delay_sec`.
+    ReconnectDelayed = 4,
 }
 
 impl CtrlState {
@@ -60,6 +156,8 @@ impl CtrlState {
             CtrlState::Enabled => "enabled",
             CtrlState::Failed => "failed",
             CtrlState::Deleting => "deleting",
+            CtrlState::Resetting => "resetting",
+            CtrlState::ReconnectDelayed => "reconnect_is_delayed",
         }
     }
 }
@@ -73,36 +171,111 @@ struct RemoteCtrl {
     /// The IO queues' negotiated size (entries; each carries one less).
     io_queue_entries: u16,
     num_io_queues: usize,
-    /// IO queues not yet taken, one per reactor.
-    io_parts: Mutex<Vec<Option<QpairParts>>>,
+    /// IO queues not yet taken, one per reactor, of the connection `epoch`.
+    io_parts: Mutex<IoParts>,
     bdevs: Mutex<Vec<String>>,
     detached: AtomicBool,
-    /// A [`CtrlState`]: written by the admin poller and the IO pollers
-    /// (Enabled → Failed) and by detach (→ Deleting, final).
+    /// A [`CtrlState`]: written by the keeper (the attaching reactor's
+    /// poller) and by detach (→ Deleting, final).
     state: AtomicU8,
+    reconnect: ReconnectOpts,
+    /// The connection's number, bumped by the keeper when it gives the
+    /// connection up and when it publishes a new one (`io_parts`); each IO
+    /// queue follows it.
+    epoch: AtomicU64,
+    /// An IO queue lost its connection: the epoch of that connection plus
+    /// one (0: none). The keeper reacts when it names the current one.
+    lost: AtomicU64,
+    /// IOs fail instead of waiting for a connection: no reconnect, or
+    /// `fast_io_fail_timeout_sec` passed, or being deleted (keeper-written).
+    failing: AtomicBool,
+    /// The current connection's controller ID (it changes on reconnect).
+    cntlid: AtomicU16,
+    /// Successful reconnects so far.
+    reconnects: AtomicU64,
+    /// The network paths to the subsystem (`multipath: "failover"`): the
+    /// active one and the alternates, tried in turn when it is lost.
+    paths: Mutex<Paths>,
+    /// `paths.list.len()`, for the IO pollers.
+    path_count: AtomicUsize,
+    /// `bdev_nvme_reset_controller` asked for a reset the keeper has not
+    /// started; their answers wait in `reset_waiters`.
+    reset_wanted: AtomicBool,
+    /// A requested reset runs: IO waits for it even without reconnect.
+    resetting: AtomicBool,
+    reset_waiters: Mutex<Vec<ResetDone>>,
     /// Completions the IO queues reported for IOs they did not hold: each
     /// is asserted in debug builds and counted here
     /// (`bdev_nvme_get_controllers`, `impossible_completions`).
     impossible_completions: AtomicU64,
 }
 
+/// One network path to the controller's subsystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PathId {
+    traddr: String,
+    trsvcid: String,
+    adrfam: &'static str,
+}
+
+impl PathId {
+    fn json(&self, subnqn: &str) -> Value {
+        json!({"trtype": "TCP", "adrfam": self.adrfam, "traddr": self.traddr, "trsvcid": self.trsvcid,
+               "subnqn": subnqn})
+    }
+}
+
+struct Paths {
+    list: Vec<PathId>,
+    /// Index of the path in use (or being tried).
+    active: usize,
+}
+
+/// The IO queues of one connection, until each reactor takes its own.
+struct IoParts {
+    epoch: u64,
+    parts: Vec<Option<QpairParts>>,
+}
+
 impl RemoteCtrl {
+    /// IO that a lost connection leaves waits for the next one (instead of
+    /// failing at once): the controller reconnects, or has another path.
+    fn retries_io(&self) -> bool {
+        self.reconnect.reconnects()
+            || self.path_count.load(Ordering::Acquire) > 1
+            || self.resetting.load(Ordering::Acquire)
+    }
+
+    /// Answers every reset request waiting.
+    fn answer_resets(&self, r: Result<(), BdevError>) {
+        // Whatever asked is answered by this outcome.
+        self.reset_wanted.store(false, Ordering::Release);
+        self.resetting.store(false, Ordering::Release);
+        let waiting = std::mem::take(&mut *self.reset_waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for done in waiting {
+            done(r.clone());
+        }
+    }
+
+    fn paths(&self) -> std::sync::MutexGuard<'_, Paths> {
+        self.paths.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn state(&self) -> CtrlState {
         match self.state.load(Ordering::Acquire) {
             0 => CtrlState::Enabled,
             1 => CtrlState::Failed,
+            3 => CtrlState::Resetting,
+            4 => CtrlState::ReconnectDelayed,
             _ => CtrlState::Deleting,
         }
     }
 
-    /// A queue lost its connection; a controller being deleted stays so.
-    fn set_failed(&self) {
-        let _ = self.state.compare_exchange(
-            CtrlState::Enabled as u8,
-            CtrlState::Failed as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+    /// Sets `to` unless the controller is being deleted (that stays).
+    fn set_state(&self, to: CtrlState) {
+        let _ = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+            (s != CtrlState::Deleting as u8).then_some(to as u8)
+        });
     }
 
     fn set_deleting(&self) {
@@ -111,11 +284,16 @@ impl RemoteCtrl {
 
     fn info_json(&self) -> Value {
         let p = &self.params;
-        json!({"name": p.name, "ctrlrs": [{
+        let (trid, alternates) = {
+            let paths = self.paths();
+            let n = paths.list.len();
+            let at = |i: usize| paths.list[(paths.active + i) % n].json(&p.subnqn);
+            (at(0), (1..n).map(at).collect::<Vec<_>>())
+        };
+        let mut v = json!({"name": p.name, "ctrlrs": [{
             "state": self.state().name(),
-            "trid": {"trtype": "TCP", "adrfam": self.adrfam, "traddr": p.traddr, "trsvcid": p.trsvcid,
-                     "subnqn": p.subnqn},
-            "cntlid": self.info.cntlid,
+            "trid": trid,
+            "cntlid": self.cntlid.load(Ordering::Relaxed),
             // addr and svcid: the local address the connection is bound to,
             // empty as in SPDK when none was asked for (hostaddr is refused).
             // nvraid closes the connections at detach without a shutdown
@@ -127,7 +305,13 @@ impl RemoteCtrl {
             "io_queue_size": self.io_queue_entries,
             "max_transfer_bytes": self.info.max_transfer_bytes,
             "impossible_completions": self.impossible_completions.load(Ordering::Relaxed),
-        }]})
+            "reconnects": self.reconnects.load(Ordering::Relaxed),
+        }]});
+        // SPDK lists the paths not in use only when there are any.
+        if let (false, Some(c)) = (alternates.is_empty(), v["ctrlrs"][0].as_object_mut()) {
+            c.insert("alternate_trids".into(), Value::Array(alternates));
+        }
+        v
     }
 }
 
@@ -169,6 +353,19 @@ fn controller_exists(name: &str) -> BdevError {
 /// whose bdev name or UUID is taken fails the whole attach with EEXIST, and
 /// then nothing stays behind: no bdev, no connection.
 pub fn attach_controller(params: AttachParams, done: impl FnOnce(Result<Vec<String>, BdevError>) + Send + 'static) {
+    attach_controller_with(params, ReconnectOpts::default(), done)
+}
+
+/// [`attach_controller`] with what to do when the connection is lost
+/// (refused with EINVAL where SPDK refuses the combination).
+pub fn attach_controller_with(
+    params: AttachParams,
+    reconnect: ReconnectOpts,
+    done: impl FnOnce(Result<Vec<String>, BdevError>) + Send + 'static,
+) {
+    if let Err(e) = reconnect.validate() {
+        return done(Err(BdevError::Invalid(e)));
+    }
     if !params.trtype.eq_ignore_ascii_case("tcp") {
         return done(Err(BdevError::Invalid(format!("trtype {} is not TCP", params.trtype))));
     }
@@ -180,20 +377,13 @@ pub fn attach_controller(params: AttachParams, done: impl FnOnce(Result<Vec<Stri
         return done(Err(controller_exists(&params.name)));
     }
     let reactors = reactor::count().max(1);
-    let mut cp = ConnectParams::new(&params.traddr, &params.trsvcid, &params.subnqn);
-    if let Some(h) = &params.hostnqn {
-        cp.hostnqn = h.clone();
-    }
-    cp.hdgst = params.hdgst;
-    cp.ddgst = params.ddgst;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new().name("nvme_tcp_connect".into()).spawn(move || {
-        let _ = tx.send(connect(&cp, reactors as u16));
-    });
-    if let Err(e) = spawned {
-        return done(Err(BdevError::Os(format!("spawning the connect thread: {e}"), libc::EAGAIN)));
-    }
-    let mut state = Some((params, done));
+    let mut cp = connect_params(&params);
+    cp.kato_ms = reconnect.keep_alive_timeout_ms;
+    let rx = match connect_in_background(cp.clone(), reactors as u16) {
+        Ok(rx) => rx,
+        Err(e) => return done(Err(e)),
+    };
+    let mut state = Some((params, done, cp));
     reactor::register_timed_poller("nvme_tcp_attach", Duration::from_millis(1), move || {
         let r = match rx.try_recv() {
             Ok(r) => r,
@@ -202,9 +392,9 @@ pub fn attach_controller(params: AttachParams, done: impl FnOnce(Result<Vec<Stri
                 Err(super::HostError::Io("connect thread ended".into()))
             }
         };
-        if let Some((params, done)) = state.take() {
+        if let Some((params, done, cp)) = state.take() {
             match r {
-                Ok(session) => register(params, adrfam, session, Box::new(done)),
+                Ok(session) => register(params, adrfam, reconnect, cp, session, Box::new(done)),
                 Err(e) => done(Err(BdevError::Os(format!("attaching {}: {e}", params.traddr), libc::EIO))),
             }
         }
@@ -212,7 +402,39 @@ pub fn attach_controller(params: AttachParams, done: impl FnOnce(Result<Vec<Stri
     });
 }
 
+const NS_PER_SEC: u64 = 1_000_000_000;
+
 type AttachDone = Box<dyn FnOnce(Result<Vec<String>, BdevError>) + Send>;
+
+type ResetDone = Box<dyn FnOnce(Result<(), BdevError>) + Send>;
+
+type Connecting = mpsc::Receiver<Result<Session, HostError>>;
+
+/// How to reach the controller; one host identifier for every connection
+/// of this controller, reconnects included.
+fn connect_params(params: &AttachParams) -> ConnectParams {
+    let mut cp = ConnectParams::new(&params.traddr, &params.trsvcid, &params.subnqn);
+    if let Some(h) = &params.hostnqn {
+        cp.hostnqn = h.clone();
+    }
+    cp.hdgst = params.hdgst;
+    cp.ddgst = params.ddgst;
+    cp.hostid = Some(*uuid::Uuid::new_v4().as_bytes());
+    cp
+}
+
+/// Connects on a helper thread (connecting blocks); the result arrives on
+/// the returned channel.
+fn connect_in_background(cp: ConnectParams, io_queues: u16) -> Result<Connecting, BdevError> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("nvme_tcp_connect".into())
+        .spawn(move || {
+            let _ = tx.send(connect(&cp, io_queues));
+        })
+        .map_err(|e| BdevError::Os(format!("spawning the connect thread: {e}"), libc::EAGAIN))?;
+    Ok(rx)
+}
 
 fn bdev_name(ctrl: &str, nsid: u32) -> String {
     format!("{ctrl}n{nsid}")
@@ -239,19 +461,38 @@ fn clash(ctrl: &RemoteCtrl) -> Option<BdevError> {
     None
 }
 
-fn register(params: AttachParams, adrfam: &'static str, s: Session, done: AttachDone) {
+fn register(
+    params: AttachParams,
+    adrfam: &'static str,
+    reconnect: ReconnectOpts,
+    cp: ConnectParams,
+    s: Session,
+    done: AttachDone,
+) {
     let c = ctrls();
+    let first_path = PathId { traddr: params.traddr.clone(), trsvcid: params.trsvcid.clone(), adrfam };
     let ctrl = Arc::new(RemoteCtrl {
         id: c.next_id.fetch_add(1, Ordering::Relaxed) + 1,
         params,
         adrfam,
         io_queue_entries: s.io.first().map_or(0, |q| q.entries),
         num_io_queues: s.io.len(),
+        cntlid: AtomicU16::new(s.info.cntlid),
         info: s.info,
-        io_parts: Mutex::new(s.io.into_iter().map(Some).collect()),
+        io_parts: Mutex::new(IoParts { epoch: 0, parts: s.io.into_iter().map(Some).collect() }),
         bdevs: Mutex::new(Vec::new()),
         detached: AtomicBool::new(false),
         state: AtomicU8::new(CtrlState::Enabled as u8),
+        reconnect,
+        epoch: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        failing: AtomicBool::new(false),
+        reconnects: AtomicU64::new(0),
+        paths: Mutex::new(Paths { list: vec![first_path], active: 0 }),
+        path_count: AtomicUsize::new(1),
+        reset_wanted: AtomicBool::new(false),
+        resetting: AtomicBool::new(false),
+        reset_waiters: Mutex::new(Vec::new()),
         impossible_completions: AtomicU64::new(0),
     });
     // Refused before anything is registered: an attach either makes every
@@ -264,22 +505,9 @@ fn register(params: AttachParams, adrfam: &'static str, s: Session, done: Attach
         tracing::warn!(name = ctrl.params.name, "NVMe/TCP attach refused: {e}");
         return done(Err(e));
     }
-    let mut admin = AdminQpair::new(s.admin, ctrl.info.kato_ms);
-    let weak = Arc::downgrade(&ctrl);
-    reactor::register_timed_poller("nvme_tcp_admin", Duration::from_millis(5), move || {
-        let Some(ctrl) = weak.upgrade() else {
-            return reactor::PollStatus::Done;
-        };
-        if ctrl.detached.load(Ordering::Acquire) {
-            return reactor::PollStatus::Done;
-        }
-        if let Err(e) = admin.poll() {
-            tracing::warn!(name = ctrl.params.name, "NVMe/TCP admin queue failed: {e}");
-            ctrl.set_failed();
-            return reactor::PollStatus::Done;
-        }
-        reactor::PollStatus::Idle
-    });
+    let admin = AdminQpair::new(s.admin, ctrl.info.kato_ms);
+    let mut keeper = Keeper::new(&ctrl, cp, admin);
+    reactor::register_timed_poller("nvme_tcp_admin", Duration::from_millis(5), move || keeper.poll());
     let mut names = Vec::new();
     for ns in &ctrl.info.namespaces {
         let name = bdev_name(&ctrl.params.name, ns.nsid);
@@ -316,6 +544,27 @@ fn register(params: AttachParams, adrfam: &'static str, s: Session, done: Attach
     done(Ok(names))
 }
 
+/// Deletes the controller: IO that waits fails, its bdevs go (each after
+/// its in-flight IO), then it leaves the list. Must run on a reactor.
+fn delete(ctrl: Arc<RemoteCtrl>, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
+    if ctrl.state() != CtrlState::Enabled {
+        // No connection to finish waiting IO on.
+        ctrl.failing.store(true, Ordering::Release);
+    }
+    ctrl.set_deleting();
+    ctrl.answer_resets(Err(BdevError::Os(format!("controller {} is being deleted", ctrl.params.name), libc::ENODEV)));
+    let names = ctrl.bdevs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let id = ctrl.id;
+    remove_next(
+        ctrl,
+        names,
+        Box::new(move |r| {
+            ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| x.id != id);
+            done(r)
+        }),
+    );
+}
+
 /// Removes the controller's bdevs (each after its in-flight IO), then
 /// closes its queues. Must be called on a reactor. The controller is listed
 /// as `deleting` until its last bdev is gone.
@@ -331,17 +580,7 @@ pub fn detach_controller(name: &str, done: impl FnOnce(Result<(), BdevError>) + 
     if ctrl.state() == CtrlState::Deleting {
         return done(Err(BdevError::Os(format!("controller {name} is being detached"), libc::EALREADY)));
     }
-    ctrl.set_deleting();
-    let names = ctrl.bdevs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let id = ctrl.id;
-    remove_next(
-        ctrl,
-        names,
-        Box::new(move |r| {
-            ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| x.id != id);
-            done(r)
-        }),
-    );
+    delete(ctrl, Box::new(done));
 }
 
 /// Unregisters `names` one after the other, then ends the controller's
@@ -393,12 +632,17 @@ impl Bdev for TcpNsBdev {
             Some(q) => q,
             None => {
                 let me = reactor::current().unwrap_or(0);
-                let parts =
-                    self.ctrl.io_parts.lock().unwrap_or_else(|e| e.into_inner()).get_mut(me).and_then(Option::take);
-                let Some(parts) = parts else {
-                    return Err(BdevError::NoMemory(format!("{}: no IO queue for reactor {me}", self.props.name)));
+                let (epoch, parts) = {
+                    let mut io = self.ctrl.io_parts.lock().unwrap_or_else(|e| e.into_inner());
+                    let epoch = io.epoch;
+                    let Some(slot) = io.parts.get_mut(me) else {
+                        return Err(BdevError::NoMemory(format!("{}: no IO queue for reactor {me}", self.props.name)));
+                    };
+                    (epoch, slot.take())
                 };
-                let q = Rc::new(RefCell::new(Queue::new(HostQpair::from_parts(parts))));
+                // Without parts the controller is reconnecting: the queue
+                // starts without a connection and takes the next one.
+                let q = Rc::new(RefCell::new(Queue::new(parts.map(HostQpair::from_parts), epoch)));
                 local.0.borrow_mut().insert(self.ctrl.id, q.clone());
                 let (q2, ctrl) = (q.clone(), self.ctrl.clone());
                 reactor::register_poller("nvme_tcp_io", move || poll_queue(&q2, &ctrl));
@@ -424,6 +668,12 @@ impl Bdev for TcpNsBdev {
         if let (Some(h), Some(o)) = (&p.hostnqn, params.as_object_mut()) {
             o.insert("hostnqn".into(), json!(h));
         }
+        let r = self.ctrl.reconnect;
+        if let (true, Some(o)) = (r.reconnects(), params.as_object_mut()) {
+            o.insert("ctrlr_loss_timeout_sec".into(), json!(r.ctrlr_loss_timeout_sec));
+            o.insert("reconnect_delay_sec".into(), json!(r.reconnect_delay_sec));
+            o.insert("fast_io_fail_timeout_sec".into(), json!(r.fast_io_fail_timeout_sec));
+        }
         Some(json!({"method": "bdev_nvme_attach_controller", "params": params}))
     }
     fn driver_specific(&self) -> Option<(&'static str, Value)> {
@@ -439,6 +689,23 @@ impl Bdev for TcpNsBdev {
     }
 }
 
+/// Follows the controller's connection epoch: gives the old connection
+/// up, takes this reactor's queue of the new one if there is one yet.
+fn follow_epoch(q: &mut Queue, ctrl: &RemoteCtrl) {
+    let me = reactor::current().unwrap_or(0);
+    let (epoch, parts) = {
+        let mut io = ctrl.io_parts.lock().unwrap_or_else(|e| e.into_inner());
+        (io.epoch, io.parts.get_mut(me).and_then(Option::take))
+    };
+    match parts {
+        Some(p) => q.set_connection(HostQpair::from_parts(p), epoch),
+        None => {
+            q.drop_connection();
+            q.epoch = epoch;
+        }
+    }
+}
+
 fn poll_queue(q: &Rc<RefCell<Queue>>, ctrl: &Arc<RemoteCtrl>) -> reactor::PollStatus {
     let mut q = q.borrow_mut();
     let q = &mut *q;
@@ -448,10 +715,21 @@ fn poll_queue(q: &Rc<RefCell<Queue>>, ctrl: &Arc<RemoteCtrl>) -> reactor::PollSt
         local.0.borrow_mut().remove(&ctrl.id);
         return reactor::PollStatus::Done;
     }
-    let polled = q.poll();
+    // One atomic load per loop; the lock only when the epoch moved.
+    if ctrl.epoch.load(Ordering::Acquire) != q.epoch {
+        follow_epoch(q, ctrl);
+    }
+    let deleting = ctrl.state() == CtrlState::Deleting;
+    let failing = ctrl.failing.load(Ordering::Acquire) || (deleting && !q.has_connection());
+    if failing != q.failing_seen {
+        q.failing_seen = failing;
+        q.set_failing(failing);
+    }
+    let on_loss = if ctrl.retries_io() && !failing && !deleting { OnLoss::Resend } else { OnLoss::Fail };
+    let polled = q.poll(on_loss);
     if polled.failed_now {
-        tracing::warn!(name = ctrl.params.name, "NVMe/TCP IO queue failed");
-        ctrl.set_failed();
+        tracing::warn!(name = ctrl.params.name, "NVMe/TCP IO queue lost its connection");
+        ctrl.lost.fetch_max(q.epoch + 1, Ordering::AcqRel);
     }
     let impossible = polled.impossible;
     if impossible > 0 {

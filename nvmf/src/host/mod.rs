@@ -10,7 +10,9 @@
 //! commands (each with the IO's flags), no queue carries more commands than
 //! its negotiated size less one, and IOs beyond that wait in a bounded FIFO
 //! ([`MAX_QUEUED_IOS`]); an attach whose namespaces cannot all become bdevs
-//! (a name or UUID in use) fails and leaves nothing behind.
+//! (a name or UUID in use) fails and leaves nothing behind. A lost
+//! connection is ridden out as [`ReconnectOpts`] says (reconnect, failover
+//! to another path, IO waiting or failing; see `bdev_nvme`).
 //!
 //! **Directly** (for load generators such as `nvraid-perf`):
 //!
@@ -45,7 +47,10 @@ mod bdev_nvme;
 mod ns_queue;
 mod qpair;
 
-pub use bdev_nvme::{attach_controller, controllers_json, detach_controller, AttachParams};
+pub use bdev_nvme::{
+    add_failover_path, attach_controller, attach_controller_with, controllers_json, detach_controller,
+    reset_controller, AttachParams, ReconnectOpts,
+};
 pub use ns_queue::MAX_QUEUED_IOS;
 pub use qpair::{AdminQpair, Completion, Data, HostError, HostQpair, QpairParts, SubmitError};
 

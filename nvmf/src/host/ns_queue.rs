@@ -6,6 +6,12 @@
 //! in FIFO order and are sent as commands complete. A bdev IO completes once
 //! every piece did; the first failed piece gives its status.
 //!
+//! The connection under the queue can go and come back (reconnect): while
+//! the controller reconnects, the queue holds no connection, IOs wait, and
+//! IOs whose commands the lost connection never answered are sent again,
+//! whole, on the next one. Whether waiting IOs fail instead is the
+//! controller's decision ([`Queue::fail_waiting`]).
+//!
 //! The table of IOs is sized when the queue is created: the IO path
 //! allocates nothing. Beyond [`MAX_QUEUED_IOS`] an IO fails with `NoMemory`
 //! (a retryable status), as the delay bdev does past its table.
@@ -37,6 +43,9 @@ struct Parent {
     error: Option<IoError>,
     /// In `pending`: pieces are left to send and nothing failed yet.
     in_pending: bool,
+    /// A piece went down with a lost connection: once none is outstanding
+    /// the IO is sent again from its start.
+    resend: bool,
 }
 
 /// What one [`Queue::poll`] did.
@@ -46,13 +55,27 @@ pub(crate) struct Polled {
     pub progressed: bool,
     /// Completions for which no IO waited (a queue pair bug).
     pub impossible: u64,
-    /// The queue pair failed in this call.
+    /// The connection failed in this call (it is dropped).
     pub failed_now: bool,
 }
 
+/// What becomes of an IO whose command a lost connection never answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnLoss {
+    /// It waits for the next connection (the controller reconnects).
+    Resend,
+    /// It fails with `NoDevice` (the controller does not reconnect).
+    Fail,
+}
+
 pub(crate) struct Queue {
-    qp: HostQpair,
+    /// None while the controller is without a connection for this reactor.
+    qp: Option<HostQpair>,
     ios: Ios,
+    /// The controller's connection epoch this queue follows.
+    pub(crate) epoch: u64,
+    /// The controller's `failing` as this queue last applied it.
+    pub(crate) failing_seen: bool,
 }
 
 /// The IOs a queue holds: a fixed slab and the FIFO of those with pieces
@@ -62,41 +85,86 @@ struct Ios {
     free: Vec<u32>,
     /// IOs with pieces left to send, oldest first (slot indices).
     pending: VecDeque<u32>,
-    /// The queue pair failed: every IO fails with `NoDevice`.
-    dead: bool,
+    /// New and waiting IOs fail with `NoDevice` (set by the controller).
+    failing: bool,
 }
 
 impl Queue {
-    pub(crate) fn new(qp: HostQpair) -> Self {
+    pub(crate) fn new(qp: Option<HostQpair>, epoch: u64) -> Self {
         Queue {
             qp,
+            epoch,
+            failing_seen: false,
             ios: Ios {
                 parents: (0..MAX_QUEUED_IOS).map(|_| None).collect(),
                 free: (0..MAX_QUEUED_IOS as u32).rev().collect(),
                 pending: VecDeque::with_capacity(MAX_QUEUED_IOS),
-                dead: false,
+                failing: false,
             },
         }
     }
 
     /// Reaps completed commands, completes the IOs they finish, then sends
-    /// what waits.
-    pub(crate) fn poll(&mut self) -> Polled {
+    /// what waits. A connection that failed is dropped here; what its lost
+    /// commands' IOs become is `on_loss`.
+    pub(crate) fn poll(&mut self, on_loss: OnLoss) -> Polled {
         let mut out = Polled::default();
-        let Queue { qp, ios } = self;
-        let r = qp.poll(|c| {
-            let err = (!c.status.is_success()).then(|| status_io_error(c.status));
-            if !ios.piece_done(c.tag, err) {
+        let Queue { qp, ios, .. } = self;
+        let Some(q) = qp.as_mut() else { return out };
+        let r = q.poll(|c| {
+            let known = if c.connection_lost && on_loss == OnLoss::Resend {
+                ios.piece_lost(c.tag)
+            } else {
+                let err = (!c.status.is_success()).then(|| status_io_error(c.status));
+                ios.piece_done(c.tag, err)
+            };
+            if !known {
                 out.impossible += 1;
             }
         });
         out.progressed = matches!(r, Ok(n) if n > 0);
-        if r.is_err() && !ios.dead {
+        if q.is_failed() && q.outstanding() == 0 {
+            // Every command of the connection is answered (lost ones
+            // included): nothing refers to it any more.
+            *qp = None;
             out.failed_now = true;
-            ios.fail_waiting();
+            if on_loss == OnLoss::Fail {
+                ios.fail_waiting();
+            }
         }
         out.progressed |= self.issue();
         out
+    }
+
+    /// Gives up this reactor's connection (the controller reconnects): the
+    /// IOs of its unanswered commands are sent again on the next one.
+    pub(crate) fn drop_connection(&mut self) {
+        if let Some(q) = self.qp.as_mut() {
+            q.disconnect();
+        }
+        self.poll(OnLoss::Resend);
+    }
+
+    /// A new connection (of controller epoch `epoch`) for this reactor:
+    /// waiting IOs go out on it.
+    pub(crate) fn set_connection(&mut self, qp: HostQpair, epoch: u64) {
+        self.drop_connection();
+        self.qp = Some(qp);
+        self.epoch = epoch;
+        self.issue();
+    }
+
+    pub(crate) fn has_connection(&self) -> bool {
+        self.qp.is_some()
+    }
+
+    /// New IOs, and those waiting for a connection, fail with `NoDevice`
+    /// (`failing`), or wait again.
+    pub(crate) fn set_failing(&mut self, failing: bool) {
+        self.ios.failing = failing;
+        if failing {
+            self.ios.fail_waiting_unsent();
+        }
     }
 
     /// Takes `io` for namespace `nsid` (completes it exactly once, later).
@@ -109,7 +177,10 @@ impl Queue {
     /// Sends pieces of waiting IOs, oldest first, while command slots are
     /// free. Returns whether it sent (or finished) anything.
     fn issue(&mut self) -> bool {
-        self.ios.issue(&mut self.qp)
+        match self.qp.as_mut() {
+            Some(qp) if !qp.is_failed() => self.ios.issue(qp),
+            _ => false,
+        }
     }
 
     /// Bdev IOs held (sent or waiting).
@@ -125,7 +196,7 @@ impl Queue {
 
 impl Ios {
     fn submit(&mut self, io: IoBox, nsid: u32, block_size: u32, max_io_blocks: u32) {
-        if self.dead {
+        if self.failing {
             return io.fail(IoError::NoDevice);
         }
         let (total, max_blocks) = match io.io_type {
@@ -161,6 +232,7 @@ impl Ios {
             outstanding: 0,
             error: None,
             in_pending: true,
+            resend: false,
         });
         self.pending.push_back(slot);
     }
@@ -168,7 +240,7 @@ impl Ios {
     fn issue(&mut self, qp: &mut HostQpair) -> bool {
         let mut progressed = false;
         while let Some(&slot) = self.pending.front() {
-            if self.dead || qp.outstanding() >= qp.queue_depth() {
+            if qp.outstanding() >= qp.queue_depth() {
                 break;
             }
             let Some(p) = self.parents[slot as usize].as_mut() else {
@@ -220,8 +292,46 @@ impl Ios {
                 self.pending.retain(|&s| s as usize != slot);
             }
         }
-        self.complete_if_done(slot as u32);
+        self.settle(slot as u32);
         true
+    }
+
+    /// A piece of the IO in `tag`'s slot went down with its connection: the
+    /// IO waits to be sent again whole (ahead of IOs not sent yet). False
+    /// when no IO waits for it.
+    fn piece_lost(&mut self, tag: u64) -> bool {
+        let Ok(slot) = usize::try_from(tag) else { return false };
+        let Some(p) = self.parents.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        if p.outstanding == 0 {
+            return false;
+        }
+        p.outstanding -= 1;
+        p.resend = true;
+        self.settle(slot as u32);
+        true
+    }
+
+    /// After a piece's answer: an IO with a lost piece and none outstanding
+    /// goes back to the front of the queue, whole (pieces that completed
+    /// before the loss are sent again too: the same data to the same
+    /// blocks); one whose pieces are all answered completes.
+    fn settle(&mut self, slot: u32) {
+        if let Some(p) = self.parents[slot as usize].as_mut() {
+            if p.outstanding == 0 && p.resend {
+                p.resend = false;
+                if p.error.is_none() {
+                    p.next_rel = 0;
+                    if !p.in_pending {
+                        p.in_pending = true;
+                        self.pending.push_front(slot);
+                    }
+                    return;
+                }
+            }
+        }
+        self.complete_if_done(slot);
     }
 
     fn complete_if_done(&mut self, slot: u32) {
@@ -238,10 +348,16 @@ impl Ios {
         }
     }
 
-    /// The queue pair failed: IOs not sent yet fail now, sent ones as the
-    /// queue pair reports their commands failed.
+    /// The connection failed for good: IOs not sent yet fail now, and so do
+    /// IOs that arrive later.
     fn fail_waiting(&mut self) {
-        self.dead = true;
+        self.failing = true;
+        self.fail_waiting_unsent();
+    }
+
+    /// IOs waiting to be sent fail with `NoDevice` (those with pieces on
+    /// the wire fail as their commands complete).
+    fn fail_waiting_unsent(&mut self) {
         while let Some(slot) = self.pending.pop_front() {
             if let Some(p) = self.parents[slot as usize].as_mut() {
                 p.error.get_or_insert(IoError::NoDevice);

@@ -57,6 +57,10 @@ pub struct Completion {
     pub dw1: u32,
     /// The command's data buffer, handed back (filled, for a read).
     pub buf: Option<DmaBuf>,
+    /// The command never got an answer: the connection failed first (the
+    /// status is then "transient transport error"). Whether the controller
+    /// ran it is unknown; it may be sent again on a new connection.
+    pub connection_lost: bool,
 }
 
 /// A connected queue, as plain data that may cross threads.
@@ -431,6 +435,13 @@ impl HostQpair {
         self.submit(Sqe::new(AdminOpcode::KEEP_ALIVE.0, 0), Data::None, tag)
     }
 
+    /// Gives the connection up from this side (the controller is being
+    /// reconnected, or a keep alive went unanswered): the next
+    /// [`HostQpair::poll`] reports every outstanding command lost.
+    pub fn disconnect(&mut self) {
+        self.fail(HostError::Io("disconnected by the host".into()));
+    }
+
     fn fail(&mut self, e: HostError) {
         if self.failed.is_none() {
             self.failed = Some(e);
@@ -464,7 +475,8 @@ impl HostQpair {
         if let Some(e) = self.failed.clone() {
             for i in 0..self.slots.len() {
                 if self.slots[i].state == SlotState::Busy {
-                    let c = self.finish(i, Status::TRANSIENT_TRANSPORT_ERROR, 0, 0);
+                    let mut c = self.finish(i, Status::TRANSIENT_TRANSPORT_ERROR, 0, 0);
+                    c.connection_lost = true;
                     n += 1;
                     f(c);
                 }
@@ -481,7 +493,7 @@ impl HostQpair {
         s.state = SlotState::Free;
         self.free.push(slot as u16);
         self.outstanding -= 1;
-        Completion { tag: s.tag, status, dw0, dw1, buf: s.buf.take() }
+        Completion { tag: s.tag, status, dw0, dw1, buf: s.buf.take(), connection_lost: false }
     }
 
     fn receive(&mut self) {
@@ -673,27 +685,49 @@ impl HostQpair {
 }
 
 /// The admin queue of a session kept alive on a reactor: Keep Alive every
-/// KATO/4, other completions discarded.
+/// KATO/4, other completions discarded. A Keep Alive unanswered for KATO
+/// means the path is gone even when the socket says nothing (a peer that
+/// vanished without a FIN or RST): the queue then fails.
 pub struct AdminQpair {
     qp: HostQpair,
     period_ns: u64,
     next_ns: u64,
+    /// KATO in ns (0: no keep alive timeout).
+    kato_ns: u64,
+    /// When the Keep Alive now outstanding was sent.
+    sent_ns: Option<u64>,
 }
 
 impl AdminQpair {
     pub fn new(parts: QpairParts, kato_ms: u32) -> Self {
         let period_ns = u64::from(kato_ms.max(4)) * 250_000;
-        AdminQpair { qp: HostQpair::from_parts(parts), period_ns, next_ns: 0 }
+        AdminQpair {
+            qp: HostQpair::from_parts(parts),
+            period_ns,
+            next_ns: 0,
+            kato_ns: u64::from(kato_ms) * 1_000_000,
+            sent_ns: None,
+        }
     }
 
-    /// Call from a poller (a timed one is enough). Err when the connection died.
+    /// Call from a poller (a timed one is enough). Err when the connection
+    /// died or a Keep Alive went unanswered for KATO.
     pub fn poll(&mut self) -> Result<(), HostError> {
         let now = reactor::now_ns();
-        if now >= self.next_ns && self.qp.outstanding() == 0 {
+        if self.kato_ns > 0 && now >= self.next_ns && self.qp.outstanding() == 0 {
             self.next_ns = now + self.period_ns;
-            let _ = self.qp.keep_alive(0);
+            if self.qp.keep_alive(0).is_ok() {
+                self.sent_ns = Some(now);
+            }
         }
-        self.qp.poll(|_| {}).map(|_| ())
+        self.qp.poll(|_| {})?;
+        if self.qp.outstanding() == 0 {
+            self.sent_ns = None;
+        } else if self.sent_ns.is_some_and(|t| self.kato_ns > 0 && now.saturating_sub(t) > self.kato_ns) {
+            self.qp.disconnect();
+            return Err(HostError::Timeout);
+        }
+        Ok(())
     }
 
     pub fn qpair(&mut self) -> &mut HostQpair {
