@@ -6,7 +6,9 @@
 //! run. With RAM members everything is memcpy-bound, so the ratio isolates
 //! the parity cost; issue 12 asks for raid5 user-data bandwidth at least
 //! 0.9 × 3/4 × raid0's. Also prints partial-stripe rows that SPDK's raid5f
-//! refuses (reconstruct-write) and 4 KiB random reads.
+//! refuses (reconstruct-write) and 4 KiB random reads. A raid6 row runs in
+//! the same rounds: raid6 of the same four members writing whole stripes
+//! (2 × 64 KiB of user data, P and Q computed with no reads).
 //!
 //! `cargo run --release -p bdev-raid --example raid5_speed [seconds_per_run] [rounds] [queue_depth]`
 //!
@@ -110,12 +112,14 @@ fn main() {
     );
     println!("full stripes, sequential: raid5 192 KiB writes vs raid0 256 KiB writes, alternating ({rounds} rounds):");
     let (mut r5, mut r0, mut r5c, mut r0c) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut r6, mut r6c) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let (a, ac) = measure(&set, "raid5", seq_write(192), secs);
         let (b, bc) = measure(&set, "raid0", seq_write(256), secs);
+        let (c, cc) = measure(&set, "raid6", seq_write(128), secs);
         println!(
             "  round {round}: raid5 {a:>7.0} MiB/s ({ac:>7.0}/cpu-s)   raid0 {b:>7.0} MiB/s ({bc:>7.0}/cpu-s)   \
-             ratio {:.3} ({:.3}/cpu-s)",
+             ratio {:.3} ({:.3}/cpu-s)   raid6 128 KiB {c:>7.0} MiB/s ({cc:>7.0}/cpu-s)",
             a / b,
             ac / bc
         );
@@ -123,13 +127,21 @@ fn main() {
         r0.push(b);
         r5c.push(ac);
         r0c.push(bc);
+        r6.push(c);
+        r6c.push(cc);
     }
+    let (c, cc) = (median(r6), median(r6c));
     let (a, b, ac, bc) = (median(r5), median(r0), median(r5c), median(r0c));
     println!(
         "  median: raid5 {a:.0} MiB/s, raid0 {b:.0} MiB/s: raid5 / raid0 = {:.3} wall, {:.3} per CPU-second \
          (goal ≥ 0.9 × 3/4 = 0.675)",
         a / b,
         ac / bc
+    );
+    println!(
+        "  median: raid6 {c:.0} MiB/s: raid6 / raid0 = {:.3} wall, {:.3} per CPU-second (user-data share 2/4 = 0.5)",
+        c / b,
+        cc / bc
     );
     println!();
     println!("raid5 rows that raid5f refuses (partial stripes: reconstruct-write), and reads:");

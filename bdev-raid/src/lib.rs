@@ -1,6 +1,7 @@
 //! The RAID bdev: raid0, raid1 (N-way), raid10 (md's near-2 layout),
-//! concat and raid5 (md's left-symmetric layout; SPDK's `raid5f` name
-//! accepted, any write size) over any bdevs, itself a bdev (product "Raid Volume") that can be
+//! concat, raid5 (md's left-symmetric layout; SPDK's `raid5f` name
+//! accepted, any write size) and raid6 (md's level 6 layout, P and Q, any
+//! two members lost) over any bdevs, itself a bdev (product "Raid Volume") that can be
 //! exported, benchmarked or used as a member of another array.
 //!
 //! Data-safety machinery from Linux md, on a polled, lock-free data path:

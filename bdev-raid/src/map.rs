@@ -339,6 +339,20 @@ mod tests {
                     }
                 }
             }
+            // md left-symmetric, level 6: P on member n-1-row%n, Q on the
+            // member after P, data chunks after Q, wrapping.
+            "raid6" => {
+                let rows = min / strip;
+                for row in 0..rows {
+                    let q = (2 * n as u64 - 1 - row % n as u64 + 1) % n as u64;
+                    for k in 0..n as u64 - 2 {
+                        let m = ((q + 1 + k) % n as u64) as u16;
+                        for b in 0..strip {
+                            map.push(vec![(m, row * strip + b)]);
+                        }
+                    }
+                }
+            }
             other => panic!("no reference model for {other}"),
         }
         map
@@ -383,7 +397,7 @@ mod tests {
                 prop_assert_eq!(e.array_offset_blocks, next);
                 prop_assert_eq!(e.buf_offset_blocks, next - off);
                 prop_assert!(e.num_blocks > 0);
-                if level.name() == "raid0" || level.name() == "raid10" || level.name() == "raid5" {
+                if ["raid0", "raid10", "raid5", "raid6"].contains(&level.name()) {
                     prop_assert_eq!(e.array_offset_blocks / strip, (e.array_offset_blocks + e.num_blocks - 1) / strip);
                 }
                 for b in 0..e.num_blocks {
@@ -417,9 +431,12 @@ mod tests {
             let lost = |m: usize| lost_mask & (1 << m) != 0;
             let model = flat_model(level, strip, &sizes);
             let lost_count = (0..n).filter(|&m| lost(m)).count();
-            // Parity: any one member may go, the data is computed from the rest.
+            // Parity: any one member (raid6: two) may go, the data is
+            // computed from the rest.
             let every_block_kept = if level.name() == "raid5" {
                 lost_count <= 1
+            } else if level.name() == "raid6" {
+                lost_count <= 2
             } else {
                 model.iter().all(|copies| copies.iter().any(|&(m, _)| !lost(m as usize)))
             };
@@ -449,7 +466,9 @@ mod tests {
             assert_eq!(parse(s), Some(named(l)));
         }
         assert_eq!(parse("raid5f"), Some(named("raid5")));
-        assert_eq!(parse("raid6"), None);
+        assert_eq!(parse("raid6"), Some(named("raid6")));
+        assert_eq!(parse("6"), Some(named("raid6")));
+        assert_eq!(parse("raid4"), None);
     }
 
     #[test]

@@ -496,20 +496,23 @@ impl Rebuild {
         // (member location, blocks, buffer offset, the comparison buffer
         // holding the right data: None for `buf`).
         let mut repairs: Vec<(Loc, u64, u64, Option<usize>)> = Vec::new();
-        let parity = parity::Parity::best();
         for c in &copies {
             let (off, n) = ((c.buf_offset_blocks as usize) * bs, c.num_blocks as usize * bs);
             if !c.xor.is_empty() {
-                // Parity: `buf` holds P as read; the XOR of the data goes
-                // into the first data buffer, and the two must agree.
+                // Parity: `buf` holds it as read; what the data gives
+                // (`combine_window`) goes into the first data buffer, and
+                // the two must agree.
                 let t = c.to.len();
                 let sum = cmp[t].slice(off, n);
-                for other in &cmp[t + 1..t + c.xor.len()] {
-                    let src = other.slice(off, n);
-                    if sum.with_mut(|d| src.with(|s| parity.xor_into(d, &[s]))).is_err() {
-                        ras.impossible("parity check sources of different lengths");
-                        return self.end_window(ras, false);
-                    }
+                let sources: Vec<DmaBuf> = cmp[t..t + c.xor.len()].iter().map(|b| b.slice(off, n)).collect();
+                let combined = ras
+                    .shared
+                    .geometry
+                    .get()
+                    .is_some_and(|g| ras.shared.level.combine_window(g, c.from, &c.xor, &sources));
+                if !combined {
+                    ras.impossible("parity check sources that do not give the parity");
+                    return self.end_window(ras, false);
                 }
                 let differ = buf.with(|a| {
                     sum.with(|b| a[off..off + n].chunks(bs).zip(b.chunks(bs)).filter(|(x, y)| x != y).count())
@@ -735,7 +738,8 @@ impl IoDone for Rebuild {
 }
 
 impl Rebuild {
-    /// Parity rebuild: XORs each copy's other sources into what `from` read.
+    /// Parity rebuild: each copy's target from what `from` and its other
+    /// sources read (`combine_window`), into what `from` read.
     fn fold_xor(&self, ras: &Ras) {
         let copies = self.current.borrow();
         if copies.iter().all(|c| c.xor.is_empty()) {
@@ -743,17 +747,18 @@ impl Rebuild {
         }
         let (Some(buf), bs) = (self.buf.borrow().clone(), ras.block_size.get() as usize) else { return };
         let cmp = self.cmp.borrow();
-        let parity = parity::Parity::best();
-        for c in copies.iter() {
+        for c in copies.iter().filter(|c| !c.xor.is_empty()) {
             let (off, n) = (c.buf_offset_blocks as usize * bs, c.num_blocks as usize * bs);
-            let dst = buf.slice(off, n);
-            for k in 0..c.xor.len() {
-                let src = cmp[k].slice(off, n);
-                if dst.with_mut(|d| src.with(|s| parity.xor_into(d, &[s]))).is_err() {
-                    // Slices of one length by construction.
-                    ras.impossible("parity rebuild sources of different lengths");
-                    self.failed.set(true);
-                }
+            let sources: Vec<DmaBuf> =
+                std::iter::once(buf.slice(off, n)).chain(cmp[..c.xor.len()].iter().map(|b| b.slice(off, n))).collect();
+            let at: Vec<Loc> = std::iter::once(c.from).chain(c.xor.iter().copied()).collect();
+            let target = c.to.first().copied().unwrap_or(c.from);
+            let combined =
+                ras.shared.geometry.get().is_some_and(|g| ras.shared.level.combine_window(g, target, &at, &sources));
+            if !combined {
+                // Slices of one length, of one stripe, by construction.
+                ras.impossible("parity rebuild sources that do not give the target");
+                self.failed.set(true);
             }
         }
     }

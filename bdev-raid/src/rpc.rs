@@ -319,7 +319,9 @@ mod tests {
             (base("raid0", Some(48), &["A", "B"]), "strip not a power of two"),
             (base("raid1", Some(64), &["A", "B"]), "raid1 with strip"),
             (base("raid1", None, &["A"]), "too few"),
-            (base("raid6", Some(64), &["A", "B", "C", "D"]), "unknown level"),
+            (base("raid4", Some(64), &["A", "B", "C", "D"]), "unknown level"),
+            (base("raid6", Some(64), &["A", "B", "C"]), "raid6 with three members"),
+            (base("raid6", None, &["A", "B", "C", "D"]), "raid6 without strip"),
             (base("raid5f", Some(64), &["A", "B"]), "raid5 with two members"),
             (base("raid5f", None, &["A", "B", "C"]), "raid5 without strip"),
             (base("concat", Some(64), &["A", "A"]), "duplicate"),
@@ -331,6 +333,9 @@ mod tests {
         p.superblock = Some(true);
         assert!(validate_create(p).is_ok(), "raid5 with a superblock (and bitmap) is accepted");
         assert!(validate_create(base("raid5f", Some(64), &["A", "B", "C"])).is_ok());
+        let mut p = base("raid6", Some(64), &["A", "B", "C", "D"]);
+        p.superblock = Some(true);
+        assert!(validate_create(p).is_ok(), "raid6 with a superblock (and bitmap) is accepted");
         let mut p = base("raid10", Some(64), &["A", "B", "C", "D"]);
         p.uuid = Some("not-a-uuid".into());
         assert!(validate_create(p).is_err());

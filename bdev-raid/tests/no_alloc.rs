@@ -7,7 +7,8 @@
 //! raid1 with a superblock and write-intent bitmap, whose writes mark and
 //! end their chunks (bits on disk: the common case, no batch to wait for);
 //! and a raid5, whose writes lock whole stripes, read the rest of partial
-//! stripes and compute parity in a stripe buffer from the DMA pool.
+//! stripes and compute parity in a stripe buffer from the DMA pool; and a
+//! raid6 (P and Q) the same way.
 
 use bdev::malloc::MallocBdev;
 use bdev::{BdevProps, Channel, DmaBuf, IoBox, IoDone, IoStatus, IoType, Registry};
@@ -131,6 +132,12 @@ fn raid_io_path_allocates_nothing() {
         }
         // 2 KiB chunks: an 8-block IO is a full stripe, or parts of two.
         mk("R5", "raid5", Some(2), &["M8", "M9", "M10"]);
+        for i in 11..15 {
+            let b = MallocBdev::new(BdevProps::new(&format!("M{i}"), "Malloc disk", 512, 512, None)).unwrap();
+            Registry::get().register(Arc::new(b)).unwrap();
+        }
+        // raid6: P and Q (two data chunks a stripe, as R5).
+        mk("R6", "raid6", Some(2), &["M11", "M12", "M13", "M14"]);
         // 4 MiB members: room for the superblock, the bitmap and 1 MiB alignment.
         for i in 6..8 {
             let b = MallocBdev::new(BdevProps::new(&format!("M{i}"), "Malloc disk", 512, 8192, None)).unwrap();
@@ -175,6 +182,8 @@ fn raid_io_path_allocates_nothing() {
         start_job(&m, 1, "RB", 6),
         start_job(&m, 0, "R5", 7),
         start_job(&m, 1, "R5", 8),
+        start_job(&m, 0, "R6", 9),
+        start_job(&m, 1, "R6", 10),
     ];
     // Warm-up: pools, slabs and queues reach their high-water marks.
     run_until(&m, &jobs, 2_000);

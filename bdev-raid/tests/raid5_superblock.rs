@@ -16,7 +16,6 @@ use bdev_raid::{RaidArray, RaidState};
 use common::files::*;
 use common::load::*;
 use common::*;
-use serde_json::Value;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -50,25 +49,6 @@ fn create_r5(set: &Set, n: usize) {
         )
     })
     .expect("create raid5 R with a superblock");
-}
-
-fn check(set: &Set, repair: bool) -> Value {
-    set.call_async(0, 60, move |done| {
-        bdev_raid::rpc::bdev_raid_check(bdev_raid::rpc::RaidCheckParams { name: "R".into(), repair }, done)
-    })
-    .expect("check")
-}
-
-/// The whole array read through "R".
-fn read_array(set: &Set, blocks: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity((blocks * BS) as usize);
-    let mut lba = 0;
-    while lba < blocks {
-        let n = 256.min(blocks - lba);
-        out.extend(raid_io(set, IoType::Read, lba, n, None));
-        lba += n;
-    }
-    out
 }
 
 /// Stripes (member offset / STRIP) whose rows do not XOR to zero across
@@ -160,26 +140,12 @@ fn raid5_superblocks_assemble_after_restart_also_degraded_and_a_returning_member
         }
     }
     assert_eq!(bad_stripes(&files, off, blocks), Vec::<u64>::new(), "parity right in the member files");
-    {
-        // A restart: the members alone bring the array back, clean (no resync).
-        let set = start(2);
-        open_members(&set, &files);
-        wait_settled(&set, 20);
-        assert_eq!(copied(&set), 0, "a clean array resyncs nothing");
-        let bad = model_mismatches(&read_array(&set, blocks), &expect);
-        assert!(bad.is_empty(), "data after reassembly (lba, want, got): {bad:?}");
-        assert_eq!(check(&set, false)["mismatched_blocks"], 0);
-        delete_raid(&set, false);
-    }
+    // A restart: the members alone bring the array back, clean (no resync).
+    restarts_clean(&files, &expect);
     {
         // F3 missing: the array starts degraded after the timeout and serves
         // every block (F3's reconstructed).
-        let set = start(2);
-        set.call(0, || {
-            bdev_raid::init();
-            let o = bdev_raid::rpc::RaidSetOptionsParams { assemble_timeout_sec: Some(1), ..Default::default() };
-            bdev_raid::rpc::bdev_raid_set_options(o).unwrap();
-        });
+        let set = start_assembling_degraded();
         open_members(&set, &files[..3]);
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(set.call(0, || RaidArray::find("R").map(|r| r.state())), Some(RaidState::Configuring));
@@ -210,7 +176,7 @@ fn raid5_superblocks_assemble_after_restart_also_degraded_and_a_returning_member
         );
         let bad = model_mismatches(&read_array(&set, blocks), &expect);
         assert!(bad.is_empty(), "data after the partial rebuild (lba, want, got): {bad:?}");
-        assert_eq!(check(&set, false)["mismatched_blocks"], 0, "parity right after the partial rebuild");
+        assert_eq!(check_r(&set, false)["mismatched_blocks"], 0, "parity right after the partial rebuild");
         delete_raid(&set, true);
         for f in &files {
             assert!(file_sb(f).is_err(), "clear_sb wiped the superblock");
@@ -378,7 +344,7 @@ fn raid5_parity_verified_by_a_check_is_kept_in_the_superblock_across_a_restart()
         (off, blocks) = layout(&set);
         assert_eq!(sb_verified(&files), vec![false; n], "a new array's parity is not trusted");
         assert_eq!(reads_of_one_block_write(&set, 0), 3, "untrusted: the write reconstructs");
-        let r = check(&set, false);
+        let r = check_r(&set, false);
         assert_eq!(r["mismatched_blocks"], 0, "{r}");
         assert_eq!(reads_of_one_block_write(&set, 1), 2, "checked: read-modify-write");
         wait_until(10, "the superblock records the verification", || sb_verified(&files) == vec![true; n]);
@@ -397,7 +363,7 @@ fn raid5_parity_verified_by_a_check_is_kept_in_the_superblock_across_a_restart()
         // the array stops trusting parity, and says so in the superblock.
         let s = 7;
         write_at(&files[parity_member(s, n)], (off + s * STRIP + 1) * BS, &[0x5a; BS as usize]);
-        let r = check(&set, false);
+        let r = check_r(&set, false);
         assert_eq!(r["mismatched_blocks"], 1, "{r}");
         assert_eq!(reads_of_one_block_write(&set, 3), 3, "wrong parity found: no read-modify-write");
         wait_until(10, "the superblock drops the verification", || sb_verified(&files) == vec![false; n]);
@@ -444,12 +410,7 @@ fn raid5_dirty_degraded_start_keeps_its_dirty_bits_until_the_member_returns() {
         drop(set);
     }
     let model = load.model.lock().unwrap().clone();
-    let set = start(2);
-    set.call(0, || {
-        bdev_raid::init();
-        let o = bdev_raid::rpc::RaidSetOptionsParams { assemble_timeout_sec: Some(1), ..Default::default() };
-        bdev_raid::rpc::bdev_raid_set_options(o).unwrap();
-    });
+    let set = start_assembling_degraded();
     open_members(&set, &files[..3]);
     set.wait_for(10, "dirty degraded start", || {
         RaidArray::find("R").is_some_and(|r| r.state() == RaidState::Online && r.is_degraded())
@@ -467,7 +428,7 @@ fn raid5_dirty_degraded_start_keeps_its_dirty_bits_until_the_member_returns() {
     wait_settled(&set, 30);
     let stripes = stripes_of(dirty.iter().map(|&c| chunk_range(c)), n);
     assert!(copied(&set) >= stripes.len() as u64 * stripe_blocks(n), "seed {seed}: {}", info(&set));
-    assert_eq!(check(&set, false)["mismatched_blocks"], 0, "seed {seed}: parity after F3 returned");
+    assert_eq!(check_r(&set, false)["mismatched_blocks"], 0, "seed {seed}: parity after F3 returned");
     let bad = model_mismatches(&read_array(&set, blocks), &model);
     assert!(bad.is_empty(), "seed {seed}: data after F3 returned (lba, allowed, got): {bad:?}");
     delete_raid(&set, false);

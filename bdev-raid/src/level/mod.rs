@@ -9,7 +9,8 @@
 //! One file per level; [`LEVELS`] is the one table of them: adding a level
 //! is a file and an entry here. raid0, raid1, raid10 and concat keep whole
 //! copies of the data (one or more), so their IO and process windows share
-//! one engine (`copies`); a level that computes its redundancy brings its own.
+//! one engine (`copies`); raid5 and raid6 compute their redundancy and
+//! share another (`stripe`, one parity chunk a stripe or two).
 
 mod concat;
 mod copies;
@@ -17,11 +18,13 @@ mod raid0;
 mod raid1;
 mod raid10;
 mod raid5;
+mod raid6;
+mod stripe;
 
 use crate::channel::Ras;
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement};
 use crate::rebuild::{WindowCopy, WindowJob};
-use bdev::IoBox;
+use bdev::{DmaBuf, IoBox};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
@@ -31,7 +34,8 @@ use std::ops::Range;
 pub type Level = &'static dyn RaidLevel;
 
 /// Every level, in the order listings and error messages name them.
-pub static LEVELS: [Level; 5] = [&raid0::Raid0, &raid1::Raid1, &raid10::Raid10, &concat::Concat, &raid5::Raid5];
+pub static LEVELS: [Level; 6] =
+    [&raid0::Raid0, &raid1::Raid1, &raid10::Raid10, &concat::Concat, &raid5::RAID5, &raid6::RAID6];
 
 /// The level `bdev_raid_create` names: its SPDK name or an alias (SPDK's
 /// digits), in any case, surrounding blanks ignored.
@@ -181,6 +185,15 @@ pub trait RaidLevel: Send + Sync + 'static {
         copies::plan_window(ras, window, job)
     }
 
+    /// A parity window's result for `target` (a member being rebuilt, or a
+    /// parity being checked or resynced) from the same rows of other
+    /// members of its stripe: `at[i]` was read into `sources[i]`; the result
+    /// replaces `sources[0]`. False: the sources do not determine it. The
+    /// default XORs them (a parity that is the XOR of the rest, as raid5's).
+    fn combine_window(&self, _geo: &Geometry, _target: Loc, _at: &[Loc], sources: &[DmaBuf]) -> bool {
+        stripe::xor_sources(sources)
+    }
+
     // ---- hooks with defaults (levels that compute redundancy) ----------------
 
     /// The array range a write-like IO of `[offset, offset + num_blocks)`
@@ -271,9 +284,9 @@ mod tests {
                 }
             }
         }
-        assert_eq!(names(), "raid0, raid1, raid10, concat, raid5");
+        assert_eq!(names(), "raid0, raid1, raid10, concat, raid5, raid6");
         // The superblock codes on disk (SPDK's enum values where it has the level).
         let codes: Vec<(&str, u8)> = LEVELS.iter().map(|l| (l.name(), l.superblock_code())).collect();
-        assert_eq!(codes, [("raid0", 0), ("raid1", 1), ("raid10", 10), ("concat", 99), ("raid5", 95)]);
+        assert_eq!(codes, [("raid0", 0), ("raid1", 1), ("raid10", 10), ("concat", 99), ("raid5", 95), ("raid6", 6)]);
     }
 }

@@ -52,13 +52,25 @@ pub fn open_members(set: &Set, files: &[PathBuf]) {
 
 /// raid1 "R" over F0.. with a superblock and bitmap chunks of `chunk_kb`.
 pub fn create_sb_raid(set: &Set, members: usize, chunk_kb: u32) -> Result<Value, bdev::BdevError> {
+    create_sb_level(set, "raid1", None, members, chunk_kb)
+}
+
+/// "R" of `level` (strips of `strip_kb`) over F0.. with a superblock and
+/// bitmap chunks of `chunk_kb`.
+pub fn create_sb_level(
+    set: &Set,
+    level: &'static str,
+    strip_kb: Option<u32>,
+    members: usize,
+    chunk_kb: u32,
+) -> Result<Value, bdev::BdevError> {
     set.call_async(0, 20, move |done| {
         bdev_raid_create_async(
             RaidCreateParams {
                 name: "R".into(),
-                raid_level: "raid1".into(),
+                raid_level: level.into(),
                 base_bdevs: (0..members).map(|i| format!("F{i}")).collect(),
-                strip_size_kb: None,
+                strip_size_kb: strip_kb,
                 uuid: None,
                 superblock: Some(true),
                 bitmap: None,
@@ -151,4 +163,44 @@ pub fn raid_io(set: &Set, t: IoType, lba: u64, n: u64, data: Option<Vec<u8>>) ->
         }));
         ch.submit(io);
     })
+}
+
+/// `bdev_raid_check` of "R" (md's check, or repair with `repair`).
+pub fn check_r(set: &Set, repair: bool) -> Value {
+    set.call_async(0, 60, move |done| {
+        bdev_raid::rpc::bdev_raid_check(bdev_raid::rpc::RaidCheckParams { name: "R".into(), repair }, done)
+    })
+    .expect("check")
+}
+
+/// The whole array read through "R", 256 blocks an IO.
+pub fn read_array(set: &Set, blocks: u64) -> Vec<u8> {
+    (0..blocks).step_by(256).flat_map(|lba| raid_io(set, IoType::Read, lba, 256.min(blocks - lba), None)).collect()
+}
+
+/// A new two-reactor set whose arrays start degraded one second after
+/// their first member appears (`assemble_timeout_sec`).
+pub fn start_assembling_degraded() -> Set {
+    let set = super::start(2);
+    set.call(0, || {
+        bdev_raid::init();
+        let o = bdev_raid::rpc::RaidSetOptionsParams { assemble_timeout_sec: Some(1), ..Default::default() };
+        bdev_raid::rpc::bdev_raid_set_options(o).unwrap();
+    });
+    set
+}
+
+/// A restart over `files` after a clean delete: "R" assembles from its
+/// superblocks, resyncs nothing, reads back as `expect` (the stamps each
+/// block may hold), and its check finds nothing; then it is deleted.
+pub fn restarts_clean(files: &[PathBuf], expect: &[Vec<u64>]) {
+    use super::load::{copied, model_mismatches, wait_settled};
+    let set = super::start(2);
+    open_members(&set, files);
+    wait_settled(&set, 20);
+    assert_eq!(copied(&set), 0, "a clean array resyncs nothing");
+    let bad = model_mismatches(&read_array(&set, expect.len() as u64), expect);
+    assert!(bad.is_empty(), "data after reassembly (lba, want, got): {bad:?}");
+    assert_eq!(check_r(&set, false)["mismatched_blocks"], 0);
+    delete_raid(&set, false);
 }

@@ -7,6 +7,7 @@
 
 pub mod files;
 pub mod load;
+pub mod stripe_storm;
 
 use bdev::malloc::MallocBdev;
 use bdev::rng::SimRng;
