@@ -16,6 +16,17 @@ if ! target/spdk-venv/bin/spdk-rpc --help >/dev/null 2>&1; then
 fi
 target/spdk-venv/bin/spdk-rpc --help >/dev/null
 export NVRAID_SPDK_RPC="$PWD/target/spdk-venv/bin/spdk-rpc"
+
+step "libiscsi's iscsi-test-cu (Debian package libiscsi-bin), the iSCSI conformance peer"
+if ! command -v iscsi-test-cu >/dev/null 2>&1; then
+    sudo_cmd=""
+    [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    $sudo_cmd apt-get install -y -qq libiscsi-bin
+fi
+# Not installable: the run fails here (daemon/tests/iscsi_test_cu.rs needs it).
+command -v iscsi-test-cu >/dev/null
+
 # Under CI no test skips: a missing input (SPDK's client, a port) fails it.
 export CI=true
 

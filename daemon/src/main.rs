@@ -61,12 +61,9 @@ enum Event {
 
 fn main() {
     // Colour codes only for a person at a terminal: a log file or a pipe
-    // gets plain text that grep and log collectors read as written.
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NVRAID_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // gets plain text that grep and log collectors read as written. The
+    // filter (NVRAID_LOG) changes at run time through the log_* methods.
+    mgmt::methods::log::init(std::io::stderr().is_terminal());
     if let Err(e) = run(Args::parse()) {
         eprintln!("nvraid-tgt: error: {e:#}");
         std::process::exit(1);
@@ -154,6 +151,9 @@ fn run(args: Args) -> Result<()> {
                 for line in mgmt::methods::nvmf::connect_lines(&set) {
                     println!("nvraid-tgt: NVMe/TCP target up; connect with: {line}");
                 }
+                for line in mgmt::methods::iscsi::discovery_lines(&set) {
+                    println!("nvraid-tgt: iSCSI target up; discover with: {line}");
+                }
             }
             Ok(Event::InitFailed(e)) => {
                 shutdown(&set, &rpc_running);
@@ -200,14 +200,16 @@ fn deliver_signal(sig: &str, events: &mpsc::Sender<Event>) {
     }
 }
 
-/// Orderly shutdown: stop taking RPCs, stop the NVMe-oF target (listeners
-/// close, connections drain their in-flight IO), remove every bdev newest
+/// Orderly shutdown: stop taking RPCs, stop the NVMe-oF and iSCSI targets
+/// (listeners close, connections drain their in-flight IO), remove every bdev newest
 /// first (an array before its members; each waits for its in-flight IO and
 /// metadata), then stop the reactors.
 fn shutdown(set: &ReactorSet, rpc_running: &AtomicBool) {
     rpc_running.store(false, Ordering::Release);
     let (tx, rx) = mpsc::channel();
-    set.send(0, move || mgmt::methods::nvmf::shutdown(move || remove_all(tx)));
+    set.send(0, move || {
+        mgmt::methods::nvmf::shutdown(move || mgmt::methods::iscsi::shutdown(move || remove_all(tx)))
+    });
     if rx.recv_timeout(Duration::from_secs(30)).is_err() {
         tracing::error!("bdevs did not finish within 30 s; stopping anyway");
     }

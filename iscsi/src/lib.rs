@@ -1,8 +1,22 @@
 //! The iSCSI target: RFC 7143 sessions and connections on the reactors,
 //! serving SCSI block commands over bdevs.
 //!
+//! - [`pdu`]: the Basic Header Segment, framing, digests.
+//! - [`text`]: text keys and operational parameter negotiation.
+//! - [`chap`]: CHAP (MD5) for login authentication.
+//! - [`tgt`]: the target: portal groups, initiator groups, target nodes,
+//!   auth groups (the control plane), and connections on the reactors.
 //! - [`scsi`]: the SCSI device server (SBC-4 / SPC-5) over a bdev: CDB
 //!   decoding, block IO, sense data, reservations. It knows nothing of iSCSI.
 #![forbid(unsafe_code)]
 
+pub mod chap;
+pub mod pdu;
 pub mod scsi;
+mod sock;
+pub mod text;
+pub mod tgt;
+
+pub use tgt::{
+    shutdown, ChapPolicy, ChapSecret, InitiatorGroup, IscsiError, IscsiOpts, IscsiState, NodeParams, Portal, TargetNode,
+};

@@ -15,6 +15,20 @@
 use bdev::DmaBuf;
 use std::sync::Arc;
 
+mod block;
+pub mod cdb;
+mod channel;
+mod inquiry;
+mod lun;
+mod mode;
+mod nolun;
+mod reservations;
+pub mod sense;
+
+pub use channel::{LunChannel, QUEUE_DEPTH};
+pub use lun::Lun;
+pub use nolun::execute_without_lun;
+
 /// SAM status codes.
 pub mod status {
     pub const GOOD: u8 = 0x00;

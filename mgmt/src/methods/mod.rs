@@ -4,6 +4,8 @@
 
 pub mod app;
 pub mod bdev;
+pub mod iscsi;
+pub mod log;
 pub mod nvme;
 pub mod nvmf;
 pub mod raid;
@@ -41,18 +43,21 @@ pub struct Subsystem {
 pub const SUBSYSTEMS: &[Subsystem] = &[
     Subsystem { name: "bdev", depends_on: &[], config: bdev::subsystem_config },
     Subsystem { name: "nvmf", depends_on: &["bdev"], config: nvmf::subsystem_config },
+    Subsystem { name: "iscsi", depends_on: &["bdev"], config: iscsi::subsystem_config },
 ];
 
 /// Every method the daemon serves.
 fn all_methods() -> impl Iterator<Item = &'static (&'static str, Handler)> {
-    [app::METHODS, bdev::METHODS, nvme::METHODS, nvmf::METHODS, raid::METHODS].into_iter().flatten()
+    [app::METHODS, bdev::METHODS, nvme::METHODS, nvmf::METHODS, raid::METHODS, iscsi::METHODS, log::METHODS]
+        .into_iter()
+        .flatten()
 }
 
 /// Per method, the parameters SPDK defines whose feature nvraid lacks.
 pub(crate) type UnsupportedTable = &'static [(&'static str, &'static [Unsupported])];
 
 fn all_unsupported() -> impl Iterator<Item = &'static (&'static str, &'static [Unsupported])> {
-    [bdev::UNSUPPORTED, nvme::UNSUPPORTED, nvmf::UNSUPPORTED].into_iter().flatten()
+    [bdev::UNSUPPORTED, nvme::UNSUPPORTED, nvmf::UNSUPPORTED, iscsi::UNSUPPORTED].into_iter().flatten()
 }
 
 pub struct MethodTable {

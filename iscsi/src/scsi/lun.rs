@@ -1,0 +1,231 @@
+//! The logical unit shared by every session: its bdev and identity, mode
+//! parameters, pending unit attentions per I_T nexus, reservations, and the
+//! COMPARE AND WRITE exclusion that ordinary writes respect.
+//!
+//! IO on the hot path reads only atomics here: `ua_generation` (a channel
+//! that saw no unit attention for its nexus at this generation skips the
+//! lock), `reserved` (no reservation of either kind: no check), and
+//! `caw_active` (no COMPARE AND WRITE in progress: writes go straight on).
+
+use super::reservations::Reservations;
+use super::sense::Check;
+use super::Nexus;
+use bdev::BdevHandle;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+/// Unit attentions one nexus may have queued; older ones beyond this are
+/// dropped (SPC-5 allows reporting only the most recent).
+const MAX_PENDING_UA: usize = 4;
+
+/// What the LUN knows about one I_T nexus.
+#[derive(Default)]
+pub(crate) struct NexusState {
+    /// Unit attentions not yet reported, oldest first.
+    pub(crate) pending_ua: Vec<Check>,
+}
+
+/// Writes issued and finished by one channel: COMPARE AND WRITE waits for
+/// writes that began before it (each counter has one writer, the channel).
+#[derive(Default)]
+pub(crate) struct WriteCounters {
+    pub(crate) started: AtomicU64,
+    pub(crate) finished: AtomicU64,
+}
+
+/// Control-path state of the LUN, under its mutex.
+#[derive(Default)]
+pub(crate) struct LunState {
+    pub(crate) nexuses: HashMap<Nexus, NexusState>,
+    pub(crate) res: Reservations,
+    /// Block ranges (first, count) of COMPARE AND WRITEs in progress.
+    pub(crate) caw_ranges: Vec<(u64, u64)>,
+    pub(crate) channels: Vec<Weak<WriteCounters>>,
+    /// Nexuses whose tasks PREEMPT AND ABORT aborted, with the value of
+    /// `preempt_generation` that announced each (the newest few).
+    pub(crate) preempted: Vec<(u64, Nexus)>,
+}
+
+/// A logical unit over a bdev. `Send + Sync`; shared by every session.
+pub struct Lun {
+    id: u64,
+    bdev: BdevHandle,
+    pub(crate) target_name: Arc<str>,
+    pub(crate) block_size: u32,
+    pub(crate) num_blocks: u64,
+    /// Largest bdev IO in blocks (0: no limit): larger commands are split.
+    pub(crate) max_io_blocks: u32,
+    /// The bdev has a volatile write cache.
+    pub(crate) has_write_cache: bool,
+    /// Caching mode page WCE. Clear on a cached bdev: every write gets FUA.
+    pub(crate) wce: AtomicBool,
+    /// Control mode page D_SENSE: descriptor-format sense data.
+    pub(crate) d_sense: AtomicBool,
+    /// Stopped by START STOP UNIT: media access is NOT READY until started.
+    pub(crate) stopped: AtomicBool,
+    /// Bumped whenever a unit attention is queued for any nexus.
+    pub(crate) ua_generation: AtomicU64,
+    /// Any reservation (RESERVE(6) or persistent) is held.
+    pub(crate) reserved: AtomicBool,
+    /// COMPARE AND WRITEs that hold a range.
+    pub(crate) caw_active: AtomicU32,
+    /// Bumped by PREEMPT AND ABORT: channels then abort the preempted
+    /// nexuses' tasks (checked at each command and completion).
+    pub(crate) preempt_generation: AtomicU64,
+    state: Mutex<LunState>,
+}
+
+impl Lun {
+    /// `id`: the LUN number; `target_name`: the iSCSI target node name
+    /// (for device identification VPD 83h); creates no channel.
+    pub fn new(id: u64, bdev: BdevHandle, target_name: &str) -> Arc<Lun> {
+        let p = bdev.props();
+        let has_write_cache = bdev.bdev().has_write_cache();
+        Arc::new(Lun {
+            id,
+            block_size: p.block_size,
+            num_blocks: p.num_blocks,
+            max_io_blocks: p.max_io_blocks,
+            has_write_cache,
+            wce: AtomicBool::new(has_write_cache),
+            d_sense: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            ua_generation: AtomicU64::new(0),
+            reserved: AtomicBool::new(false),
+            caw_active: AtomicU32::new(0),
+            preempt_generation: AtomicU64::new(0),
+            target_name: target_name.into(),
+            bdev,
+            state: Mutex::new(LunState::default()),
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn bdev(&self) -> &BdevHandle {
+        &self.bdev
+    }
+
+    /// Bytes of Data-Out this CDB transfers (WRITE*, COMPARE AND WRITE,
+    /// UNMAP/MODE SELECT/PERSISTENT RESERVE OUT parameter lists, ...), 0 if none.
+    pub fn data_out_len(&self, cdb: &[u8]) -> u32 {
+        let mut full = [0u8; 16];
+        let n = cdb.len().min(16);
+        full[..n].copy_from_slice(&cdb[..n]);
+        super::cdb::data_out_len(&full, self.block_size)
+    }
+
+    /// The nexus is gone (session closed or lost): SPC's rules
+    /// (RESERVE(6) reservation released; PR registrations persist).
+    pub fn nexus_lost(&self, nexus: &Nexus) {
+        let mut st = self.state();
+        if st.res.legacy.as_ref() == Some(nexus) {
+            st.res.legacy = None;
+        }
+        // A later session with the same initiator port starts afresh: its
+        // first command reports the loss of the earlier nexus.
+        st.nexuses.remove(nexus);
+        self.reserved.store(st.res.any_held(), Ordering::Release);
+        self.ua_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A LUN RESET or TARGET WARM RESET by `by` finished: unit attention
+    /// (29h/03h BUS DEVICE RESET FUNCTION OCCURRED) for every other nexus,
+    /// RESERVE(6) released.
+    pub fn reset(&self, by: &Nexus) {
+        let mut st = self.state();
+        st.res.legacy = None;
+        for (n, s) in st.nexuses.iter_mut() {
+            if n != by {
+                push_ua(s, Check::BUS_DEVICE_RESET);
+            }
+        }
+        // Mode parameters return to their defaults at a reset.
+        self.wce.store(self.has_write_cache, Ordering::Release);
+        self.d_sense.store(false, Ordering::Release);
+        self.reserved.store(st.res.any_held(), Ordering::Release);
+        self.ua_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, LunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether writes must carry FUA: a cached bdev with WCE cleared.
+    pub(crate) fn force_fua(&self) -> bool {
+        self.has_write_cache && !self.wce.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn descriptor_sense(&self) -> bool {
+        self.d_sense.load(Ordering::Acquire)
+    }
+
+    /// Queues `ua` for every known nexus except `except` (if any).
+    pub(crate) fn ua_for_others(&self, st: &mut LunState, except: Option<&Nexus>, ua: Check) {
+        for (n, s) in st.nexuses.iter_mut() {
+            if Some(n) != except {
+                push_ua(s, ua);
+            }
+        }
+        self.ua_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Queues `ua` for one nexus.
+    pub(crate) fn ua_for(&self, st: &mut LunState, nexus: &Nexus, ua: Check) {
+        if let Some(s) = st.nexuses.get_mut(nexus) {
+            push_ua(s, ua);
+        }
+        self.ua_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes the oldest pending unit attention of `nexus`, registering the
+    /// nexus (with a power-on unit attention) on its first command.
+    /// Returns (attention, whether more are pending).
+    pub(crate) fn take_ua(&self, nexus: &Nexus, consume: bool) -> (Option<Check>, bool) {
+        let mut st = self.state();
+        let s =
+            st.nexuses.entry(nexus.clone()).or_insert_with(|| NexusState { pending_ua: vec![Check::POWER_ON_RESET] });
+        if s.pending_ua.is_empty() {
+            return (None, false);
+        }
+        let ua = if consume { s.pending_ua.remove(0) } else { s.pending_ua[0] };
+        (Some(ua), !s.pending_ua.is_empty())
+    }
+
+    /// Registers a channel's write counters (COMPARE AND WRITE waits on them).
+    pub(crate) fn add_channel(&self, c: &Arc<WriteCounters>) {
+        let mut st = self.state();
+        st.channels.retain(|w| w.strong_count() > 0);
+        st.channels.push(Arc::downgrade(c));
+    }
+}
+
+/// Preempted nexuses remembered for channels that have not looked yet.
+const MAX_PREEMPTED: usize = 64;
+
+impl Lun {
+    /// Announces that `victims`' tasks are to be aborted (PREEMPT AND ABORT).
+    pub(crate) fn abort_tasks_of(&self, st: &mut LunState, victims: &[Nexus]) {
+        let gen = self.preempt_generation.load(Ordering::Acquire) + 1;
+        for v in victims {
+            if st.preempted.len() >= MAX_PREEMPTED {
+                st.preempted.remove(0);
+            }
+            st.preempted.push((gen, v.clone()));
+        }
+        self.preempt_generation.store(gen, Ordering::Release);
+    }
+}
+
+fn push_ua(s: &mut NexusState, ua: Check) {
+    if s.pending_ua.contains(&ua) {
+        return;
+    }
+    if s.pending_ua.len() >= MAX_PENDING_UA {
+        s.pending_ua.remove(0);
+    }
+    s.pending_ua.push(ua);
+}
