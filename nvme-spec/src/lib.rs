@@ -16,6 +16,7 @@ pub mod identify;
 pub mod log;
 pub mod opcode;
 pub mod regs;
+pub mod reservation;
 pub mod status;
 pub mod text;
 

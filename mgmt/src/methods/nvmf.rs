@@ -63,7 +63,6 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
         &[
             ONE_TARGET,
             at("namespace.eui64", Accepted::Absent, "EUI-64 namespace identifiers"),
-            at("namespace.ptpl_file", Accepted::Absent, "persistent reservations"),
             at("namespace.hide_metadata", Accepted::Bool(false), "per-block metadata"),
         ],
     ),
@@ -323,6 +322,8 @@ struct NsParams {
     anagrpid: Option<u32>,
     #[serde(default)]
     no_auto_visible: bool,
+    /// Where reservations persist through power loss.
+    ptpl_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -359,6 +360,7 @@ fn nvmf_subsystem_add_ns(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
             nguid,
             anagrpid: p.namespace.anagrpid.unwrap_or(0),
             no_auto_visible: p.namespace.no_auto_visible,
+            ptpl_file: p.namespace.ptpl_file.filter(|f| !f.is_empty()).map(std::path::PathBuf::from),
         };
         let nsid = NvmfState::get().add_ns_with(&p.nqn, &p.namespace.bdev_name, o).map_err(nvmf_error)?;
         Ok(json!(nsid))

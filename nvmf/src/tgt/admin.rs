@@ -18,6 +18,7 @@ use nvme_spec::log::{
     CNTLID_DYNAMIC,
 };
 use nvme_spec::regs::{cap_css, offset, shutdown, Cap, Cc, Csts, Vs};
+use nvme_spec::reservation::{notification_mask, rescap};
 use nvme_spec::text::{write_ascii_padded, write_nqn};
 use nvme_spec::{AdminOpcode, Sqe, Status, U128, U16, U32, U64};
 use std::sync::atomic::Ordering;
@@ -34,6 +35,12 @@ pub(crate) enum AdminOutcome {
     /// The host turned the volatile write cache off: write back what the
     /// namespaces' caches hold, then complete with success.
     FlushNamespaces,
+    /// A reservation setting changed: written to the namespace's
+    /// `ptpl_file` before the command completes with `status`.
+    Persist {
+        status: Status,
+        job: super::reservation::PersistJob,
+    },
 }
 
 fn done(status: Status) -> AdminOutcome {
@@ -175,7 +182,7 @@ fn identify_controller(ctrl: &Ctrl) -> IdentifyController {
     id.oaes = U32::new(oaes::NAMESPACE_ATTRIBUTE);
     id.nn = U32::new(sub.max_namespaces);
     id.mnan = U32::new(sub.max_namespaces);
-    id.oncs = U16::new(oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES);
+    id.oncs = U16::new(oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES | oncs::RESERVATIONS);
     // Present when some namespace's bdev has a volatile write cache: the
     // host then sends FUA and Flush where it needs durability.
     id.vwc = if ctrl.write_cache_present() { vwc::PRESENT } else { 0 } | vwc::FLUSH_BROADCAST_UNSUPPORTED;
@@ -221,6 +228,16 @@ fn identify_namespace(sub: &Subsystem, hostnqn: &str, nsid: u32) -> Option<Ident
     }
     if sub.ana_reporting {
         id.anagrpid = U32::new(ns.anagrpid());
+    }
+    id.rescap = rescap::WRITE_EXCLUSIVE
+        | rescap::EXCLUSIVE_ACCESS
+        | rescap::WRITE_EXCLUSIVE_REG_ONLY
+        | rescap::EXCLUSIVE_ACCESS_REG_ONLY
+        | rescap::WRITE_EXCLUSIVE_ALL_REGS
+        | rescap::EXCLUSIVE_ACCESS_ALL_REGS
+        | rescap::IGNORE_EXISTING_KEY;
+    if ns.resv.ptpl_file().is_some() {
+        id.rescap |= rescap::PERSIST_THROUGH_POWER_LOSS;
     }
     Some(id)
 }
@@ -317,6 +334,14 @@ fn get_log_page(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>, _portid: u16) ->
             fill_ascii(&mut page[8..16], env!("CARGO_PKG_VERSION"));
         }
         LogPageId::DISCOVERY if discovery => page = discovery_log(&ctrl.hostnqn),
+        LogPageId::RESERVATION_NOTIFICATION if !discovery => {
+            // Each read takes the oldest page; reading re-arms the notice.
+            let mut a = ctrl.admin();
+            page.extend_from_slice(a.resv.take_page().as_bytes());
+            if !p.rae {
+                a.resv.notice_masked = false;
+            }
+        }
         _ => return done(Status::INVALID_LOG_PAGE.with_dnr()),
     }
     let start = (p.offset_bytes as usize).min(page.len());
@@ -461,6 +486,33 @@ fn set_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, _data: Option<&DmaBuf>) -> AdminOut
         }
         // One power state (NPSS 0): state 0 is the only one to choose.
         FeatureId::POWER_MANAGEMENT if !discovery && f.value & 0x1F == 0 => done(Status::SUCCESS),
+        FeatureId::RESERVATION_NOTIFICATION_MASK if !discovery => {
+            let nsid = sqe.nsid.get();
+            let masks = f.value & notification_mask::ALL;
+            let targets: Vec<u32> = if nsid == 0xFFFF_FFFF {
+                ctrl.subsys.namespaces_of(&ctrl.hostnqn).iter().map(|n| n.nsid).collect()
+            } else if ctrl.subsys.namespaces_of(&ctrl.hostnqn).iter().any(|n| n.nsid == nsid) {
+                vec![nsid]
+            } else {
+                return done(Status::INVALID_FIELD.with_dnr());
+            };
+            for n in targets {
+                a.resv.set_mask(n, masks);
+            }
+            done(Status::SUCCESS)
+        }
+        FeatureId::RESERVATION_PERSISTENCE if !discovery => {
+            drop(a);
+            let Some(ns) = ctrl.subsys.namespaces_of(&ctrl.hostnqn).into_iter().find(|n| n.nsid == sqe.nsid.get())
+            else {
+                return done(Status::INVALID_FIELD.with_dnr());
+            };
+            match ns.resv.set_ptpl(f.value & 1 != 0) {
+                Ok(Some(job)) => AdminOutcome::Persist { status: Status::SUCCESS, job },
+                Ok(None) => done(Status::SUCCESS),
+                Err(st) => done(st),
+            }
+        }
         FeatureId::TEMPERATURE_THRESHOLD if !discovery => match temp_threshold_of(f.value) {
             Some(Threshold::Over) => {
                 a.over_temp_threshold = f.value as u16;
@@ -502,8 +554,11 @@ fn get_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome 
     let f = FeatureParams::from_sqe(sqe);
     let discovery = ctrl.subsys.kind == SubsystemKind::Discovery;
     if f.select == select::SUPPORTED_CAPABILITIES {
-        // Changeable, not saveable, not namespace specific.
-        return AdminOutcome::Done { status: Status::SUCCESS, dw0: 0b100 };
+        // Changeable, not saveable; the reservation features are
+        // namespace specific, the others not.
+        let ns_specific =
+            f.fid == FeatureId::RESERVATION_NOTIFICATION_MASK || f.fid == FeatureId::RESERVATION_PERSISTENCE;
+        return AdminOutcome::Done { status: Status::SUCCESS, dw0: 0b100 | (u32::from(ns_specific) << 1) };
     }
     let a = ctrl.admin();
     let dw0 = match f.fid {
@@ -535,6 +590,18 @@ fn get_features(ctrl: &Arc<Ctrl>, sqe: &Sqe, out: &mut Vec<u8>) -> AdminOutcome 
         FeatureId::HOST_IDENTIFIER => {
             out.extend_from_slice(&ctrl.hostid);
             0
+        }
+        FeatureId::RESERVATION_NOTIFICATION_MASK | FeatureId::RESERVATION_PERSISTENCE if !discovery => {
+            drop(a);
+            let Some(ns) = ctrl.subsys.namespaces_of(&ctrl.hostnqn).into_iter().find(|n| n.nsid == sqe.nsid.get())
+            else {
+                return done(Status::INVALID_FIELD.with_dnr());
+            };
+            if f.fid == FeatureId::RESERVATION_PERSISTENCE {
+                u32::from(ns.resv.ptpl())
+            } else {
+                ctrl.admin().resv.mask(ns.nsid)
+            }
         }
         _ => return done(Status::INVALID_FIELD.with_dnr()),
     };

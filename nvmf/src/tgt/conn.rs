@@ -19,6 +19,7 @@ mod io;
 
 use super::admin::{self, AdminOutcome};
 use super::bufpool::BufPool;
+use super::reservation::{Access, PersistJob, Reservations};
 use super::{
     Ctrl, CtrlAdmin, ListenAddr, NvmfState, PollGroupStats, QpairStats, QueueRef, Subsystem, SubsystemKind,
     TransportOpts, ADMIN_IN_CAPSULE_LEN,
@@ -138,6 +139,11 @@ struct NsIo {
     /// The path status IO to this namespace ends with while its ANA group
     /// is not accessible through this queue's listener.
     ana_blocked: Option<Status>,
+    resv: Arc<Reservations>,
+    /// The reservation generation `access` was computed at.
+    resv_gen: u64,
+    /// What this queue's host may do while a reservation is held.
+    access: Access,
 }
 
 enum Owned {
@@ -1045,6 +1051,7 @@ impl Conn {
                     ns_notice_masked: false,
                     ana_notice_pending: false,
                     ana_notice_masked: false,
+                    resv: Default::default(),
                 }),
                 aen_flag: false.into(),
             });
@@ -1158,6 +1165,10 @@ impl Conn {
                         num_blocks: p.num_blocks,
                         ch,
                         ana_blocked: sub.ana_state(&self.listen, n.anagrpid()).io_status(),
+                        resv: n.resv.clone(),
+                        // Computed at the first IO while a reservation is held.
+                        resv_gen: 0,
+                        access: Access::ALL,
                     });
                 }
             }
@@ -1206,6 +1217,10 @@ impl Conn {
                 self.scratch = out;
                 self.flush_namespaces(slot, &ctrl);
             }
+            AdminOutcome::Persist { status, job } => {
+                self.scratch = out;
+                self.persist_then_complete(slot, status, job);
+            }
         }
     }
 
@@ -1247,6 +1262,40 @@ impl Conn {
         }
     }
 
+    /// Writes a reservation state to its `ptpl_file` on a helper thread
+    /// (a reactor never waits on a disk), then answers the command on this
+    /// queue's reactor: with `status` once the state is durable, with
+    /// Internal Error when it could not be written.
+    fn persist_then_complete(&mut self, slot: usize, status: Status, job: PersistJob) {
+        let (key, gen) = (self.key, self.reqs[slot].gen);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new().name("nvmf_ptpl".into()).spawn(move || {
+            let _ = tx.send(job.write());
+        });
+        if spawned.is_err() {
+            return self.complete(slot, Status::INTERNAL_ERROR, 0);
+        }
+        reactor::register_timed_poller("nvmf_ptpl_write", Duration::from_micros(200), move || {
+            let st = match rx.try_recv() {
+                Err(std::sync::mpsc::TryRecvError::Empty) => return reactor::PollStatus::Idle,
+                Ok(Ok(())) => status,
+                Ok(Err(e)) => {
+                    tracing::error!(error = e, "reservation state not persisted");
+                    Status::INTERNAL_ERROR
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => Status::INTERNAL_ERROR,
+            };
+            // Gone when the queue closed meanwhile: nobody waits then.
+            if let Some(c) = lookup(key) {
+                let mut c = c.borrow_mut();
+                if c.reqs.get(slot).is_some_and(|r| r.gen == gen && r.state == ReqState::Exec) {
+                    c.complete(slot, st, 0);
+                }
+            }
+            reactor::PollStatus::Done
+        });
+    }
+
     fn deliver_aen(&mut self) {
         let Some(ctrl) = self.ctrl.clone() else {
             return;
@@ -1258,6 +1307,8 @@ impl Conn {
                 Ctrl::ns_notice_dword()
             } else if a.ana_notice_pending && !a.ana_notice_masked {
                 Ctrl::ana_notice_dword()
+            } else if a.resv.notice_pending && !a.resv.notice_masked {
+                Ctrl::reservation_notice_dword()
             } else {
                 return;
             };
@@ -1266,6 +1317,9 @@ impl Conn {
             if dw0 == Ctrl::ns_notice_dword() {
                 a.ns_notice_pending = false;
                 a.ns_notice_masked = true;
+            } else if dw0 == Ctrl::reservation_notice_dword() {
+                a.resv.notice_pending = false;
+                a.resv.notice_masked = true;
             } else {
                 a.ana_notice_pending = false;
                 a.ana_notice_masked = true;

@@ -11,6 +11,7 @@
 pub(crate) mod admin;
 pub(crate) mod bufpool;
 pub(crate) mod conn;
+pub(crate) mod reservation;
 
 use bdev::{BdevHandle, Registry};
 use nvme_spec::features::{async_event_notice, async_event_type, AsyncEvent};
@@ -286,6 +287,8 @@ pub struct Namespace {
     /// Hosts a namespace that is not auto visible is shown to
     /// (`nvmf_ns_add_host`); changed under the subsystem's lock.
     pub(crate) hosts: Mutex<Vec<String>>,
+    /// Registrants and reservation (shared by every controller).
+    pub resv: Arc<reservation::Reservations>,
 }
 
 impl Namespace {
@@ -304,8 +307,12 @@ impl Namespace {
 
     pub fn to_json(&self) -> Value {
         let nguid: String = self.nguid.iter().map(|b| format!("{b:02X}")).collect();
-        json!({"nsid": self.nsid, "bdev_name": self.bdev.name(), "name": self.bdev.name(),
-               "nguid": nguid, "uuid": self.uuid.to_string()})
+        let mut v = json!({"nsid": self.nsid, "bdev_name": self.bdev.name(), "name": self.bdev.name(),
+               "nguid": nguid, "uuid": self.uuid.to_string()});
+        if let Some(p) = self.resv.ptpl_file() {
+            v["ptpl_file"] = json!(p.display().to_string());
+        }
+        v
     }
 }
 
@@ -319,6 +326,8 @@ pub struct NsOptions {
     /// 0 puts the namespace in the group of its own NSID.
     pub anagrpid: u32,
     pub no_auto_visible: bool,
+    /// Where reservations persist through power loss (loaded when it exists).
+    pub ptpl_file: Option<std::path::PathBuf>,
 }
 
 /// The ANA states one listener reports for each group of its subsystem.
@@ -572,6 +581,8 @@ pub(crate) struct CtrlAdmin {
     /// The same pair for the ANA change notice (ANA log page).
     pub(crate) ana_notice_pending: bool,
     pub(crate) ana_notice_masked: bool,
+    /// Reservation Notification log, mask and notice state.
+    pub(crate) resv: reservation::CtrlNotices,
 }
 
 /// Counters of one queue pair for the SMART / health log. Only the queue
@@ -1055,9 +1066,11 @@ impl NvmfState {
 
     /// `nvmf_subsystem_add_ns` with every option: returns the NSID.
     pub fn add_ns_with(&self, nqn: &str, bdev_name: &str, o: NsOptions) -> Result<u32, NvmfError> {
-        let NsOptions { nsid, uuid, nguid, anagrpid, no_auto_visible } = o;
+        let NsOptions { nsid, uuid, nguid, anagrpid, no_auto_visible, ptpl_file } = o;
         let sub = self.nvme_subsystem(nqn)?;
         let bdev = Registry::get().lookup(bdev_name).ok_or_else(|| NvmfError::NotFound(format!("bdev {bdev_name}")))?;
+        // The ptpl_file is read before the subsystem's lock is taken.
+        let resv = reservation::Reservations::new(ptpl_file, bdev.props().uuid).map_err(NvmfError::Invalid)?;
         let mut i = sub.lock();
         let nsid = if nsid == 0 {
             (1..=sub.max_namespaces)
@@ -1093,6 +1106,7 @@ impl NvmfState {
             anagrpid: AtomicU32::new(anagrpid),
             auto_visible: !no_auto_visible,
             hosts: Mutex::new(Vec::new()),
+            resv: Arc::new(resv),
         });
         let pos = i.namespaces.iter().position(|x| x.nsid > nsid).unwrap_or(i.namespaces.len());
         i.namespaces.insert(pos, ns.clone());

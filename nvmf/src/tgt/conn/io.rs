@@ -7,6 +7,7 @@
 use super::{Conn, ReqState};
 use crate::tgt::{PollGroupStats, QpairStats};
 use bdev::{DmaBuf, IoBox, IoError, IoFlags, IoStatus, IoType};
+use nvme_spec::reservation::{ReservationCdw10, REPORT_EDS};
 use nvme_spec::status::sct;
 use nvme_spec::{IoOpcode, Sqe, Status};
 use std::sync::atomic::Ordering;
@@ -51,6 +52,27 @@ impl Conn {
             return self.complete(slot, path_status, 0);
         }
         let op = IoOpcode(sqe.opcode);
+        if self.ns[nsi].resv.held() {
+            let hostid = ctrl.hostid;
+            let n = &mut self.ns[nsi];
+            let gen = n.resv.generation();
+            if gen != n.resv_gen {
+                // The reservation changed since this queue last looked:
+                // the verdict for this host is recomputed once.
+                n.access = n.resv.access(&hostid);
+                n.resv_gen = gen;
+            }
+            let allowed = match op {
+                IoOpcode::READ => n.access.read,
+                IoOpcode::WRITE | IoOpcode::WRITE_ZEROES | IoOpcode::DATASET_MANAGEMENT | IoOpcode::FLUSH => {
+                    n.access.write
+                }
+                _ => true,
+            };
+            if !allowed {
+                return self.complete(slot, Status::RESERVATION_CONFLICT, 0);
+            }
+        }
         let (shift, num_blocks) = (self.ns[nsi].block_shift, self.ns[nsi].num_blocks);
         let ranged = |slba: u64, nlb: u64| slba.checked_add(nlb).is_some_and(|end| end <= num_blocks);
         match op {
@@ -99,7 +121,67 @@ impl Conn {
                 self.submit(slot, nsi, IoType::WriteZeroes, slba, nlb, None, flags);
             }
             IoOpcode::DATASET_MANAGEMENT => self.dsm(slot, nsi, sqe),
+            IoOpcode::RESERVATION_REGISTER
+            | IoOpcode::RESERVATION_ACQUIRE
+            | IoOpcode::RESERVATION_RELEASE
+            | IoOpcode::RESERVATION_REPORT => self.reservation(slot, nsi, sqe),
             _ => self.complete(slot, Status::INVALID_OPCODE.with_dnr(), 0),
+        }
+    }
+
+    /// Reservation Register, Acquire, Release and Report: run against the
+    /// namespace's shared state; a change that must persist is written to
+    /// the `ptpl_file` before the answer.
+    fn reservation(&mut self, slot: usize, nsi: usize, sqe: &Sqe) {
+        let Some(ctrl) = self.ctrl.clone() else {
+            return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
+        };
+        let (resv, nsid, host) = (self.ns[nsi].resv.clone(), self.ns[nsi].nsid, ctrl.hostid);
+        let sub = &ctrl.subsys;
+        let c = ReservationCdw10::from_sqe(sqe);
+        let op = IoOpcode(sqe.opcode);
+        if op == IoOpcode::RESERVATION_REPORT {
+            // Fabrics hosts have 128-bit host identifiers: only the
+            // extended data structure can carry them.
+            if sqe.cdw11.get() & REPORT_EDS == 0 {
+                return self.complete(slot, Status::HOST_ID_INCONSISTENT_FORMAT.with_dnr(), 0);
+            }
+            let page = resv.report_ext(sub);
+            let r = &mut self.reqs[slot];
+            let Some(buf) = r.buf.as_ref() else {
+                return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
+            };
+            // NUMD (0's based dwords) bounds what the host takes.
+            let want = ((sqe.cdw10.get() as usize) + 1) * 4;
+            let n = page.len().min(buf.len()).min(want);
+            buf.with_mut(|b| {
+                b.fill(0);
+                b[..n].copy_from_slice(&page[..n]);
+            });
+            r.xfer_len = buf.len() as u32;
+            return self.complete(slot, Status::SUCCESS, 0);
+        }
+        // IEKEY means something to Register only: set on Acquire or
+        // Release it is a field the controller does not honour.
+        if c.iekey && op != IoOpcode::RESERVATION_REGISTER {
+            return self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0);
+        }
+        let need = if op == IoOpcode::RESERVATION_RELEASE { 8 } else { 16 };
+        let mut data = [0u8; 16];
+        match self.reqs[slot].buf.as_ref() {
+            Some(b) if b.len() >= need => b.copy_to(0, &mut data[..need]),
+            _ => return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0),
+        }
+        let k1 = u64::from_le_bytes(data[..8].try_into().unwrap_or_default());
+        let k2 = u64::from_le_bytes(data[8..].try_into().unwrap_or_default());
+        let out = match op {
+            IoOpcode::RESERVATION_REGISTER => resv.register(sub, nsid, &host, c.action, c.iekey, c.cptpl, k1, k2),
+            IoOpcode::RESERVATION_ACQUIRE => resv.acquire(sub, nsid, &host, c.action, c.rtype, k1, k2),
+            _ => resv.release_cmd(sub, nsid, &host, c.action, c.rtype, k1),
+        };
+        match out.persist {
+            Some(job) if out.status.is_success() => self.persist_then_complete(slot, out.status, job),
+            _ => self.complete(slot, out.status, 0),
         }
     }
 
