@@ -8,12 +8,12 @@
 //! at a member is not aborted (the answer is false).
 
 mod common;
-use common::run_async;
 use bdev::error::{self, ErrorCreateParams, ErrorInjectParams, ErrorResumeParams};
 use bdev::malloc::MallocBdev;
 use bdev::{BdevIo, BdevProps, DmaBuf, IoBox, IoError, IoStatus, IoType, Registry};
 use bdev_raid::rpc::{bdev_raid_create_async, bdev_raid_delete, RaidCreateParams, RaidDeleteParams};
 use bdev_raid::RaidArray;
+use common::run_async;
 use reactor::{ManualSet, ReactorSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -6,11 +6,11 @@
 //! nest; delete releases everything.
 
 mod common;
-use common::run_async;
 use bdev::malloc::{MallocBdev, NullBdev};
 use bdev::{BdevError, BdevProps, DmaBuf, IoBox, IoStatus, IoType, Registry};
 use bdev_raid::rpc::*;
 use bdev_raid::{RaidArray, RaidState};
+use common::run_async;
 use reactor::ReactorSet;
 use serde_json::{json, Value};
 use std::cell::RefCell;

@@ -207,9 +207,7 @@ fn deliver_signal(sig: &str, events: &mpsc::Sender<Event>) {
 fn shutdown(set: &ReactorSet, rpc_running: &AtomicBool) {
     rpc_running.store(false, Ordering::Release);
     let (tx, rx) = mpsc::channel();
-    set.send(0, move || {
-        mgmt::methods::nvmf::shutdown(move || mgmt::methods::iscsi::shutdown(move || remove_all(tx)))
-    });
+    set.send(0, move || mgmt::methods::nvmf::shutdown(move || mgmt::methods::iscsi::shutdown(move || remove_all(tx))));
     if rx.recv_timeout(Duration::from_secs(30)).is_err() {
         tracing::error!("bdevs did not finish within 30 s; stopping anyway");
     }

@@ -57,5 +57,4 @@ impl RaidLevel for Concat {
     fn array_offset_is_member_offset(&self) -> bool {
         false
     }
-
 }

@@ -55,5 +55,4 @@ impl RaidLevel for Raid0 {
     fn array_offset_is_member_offset(&self) -> bool {
         false
     }
-
 }

@@ -47,5 +47,4 @@ impl RaidLevel for Raid1 {
     fn array_offset_is_member_offset(&self) -> bool {
         true
     }
-
 }

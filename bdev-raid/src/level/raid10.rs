@@ -79,5 +79,4 @@ impl RaidLevel for Raid10 {
     fn array_offset_is_member_offset(&self) -> bool {
         false
     }
-
 }
