@@ -163,6 +163,9 @@ fn default_config_exports_an_array_and_prints_the_connect_line() {
     if std::net::TcpListener::bind("127.0.0.1:4420").is_err() {
         return common::cannot_run("127.0.0.1:4420 is in use");
     }
+    if std::net::TcpListener::bind("127.0.0.1:3260").is_err() {
+        return common::cannot_run("127.0.0.1:3260 is in use");
+    }
     let dir = temp_dir("nvmf-default");
     let mut d = Daemon::start(&dir, &["--default-config"]);
     let t0 = std::time::Instant::now();
@@ -180,5 +183,13 @@ fn default_config_exports_an_array_and_prints_the_connect_line() {
     assert_eq!(raid[0]["raid_level"], serde_json::json!("raid1"));
     let subs = d.ok("nvmf_get_subsystems", serde_json::Value::Null);
     assert!(subs.to_string().contains(r#""bdev_name":"Raid1""#), "{subs}");
+    // The same array over iSCSI, with the line an open-iscsi host types.
+    while !d.log_text().contains("iscsiadm -m discovery -t sendtargets -p 127.0.0.1:3260") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no iscsiadm line: {}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nodes = d.ok("iscsi_get_target_nodes", serde_json::Value::Null);
+    assert_eq!(nodes[0]["luns"][0]["bdev_name"], serde_json::json!("Raid1"), "{nodes}");
+    assert!(nodes[0]["name"].as_str().unwrap().ends_with(":array0"), "{nodes}");
     d.stop();
 }
