@@ -304,8 +304,8 @@ fn raid5_crash_with_writes_in_flight_resyncs_parity_and_keeps_acknowledged_write
 
 // ---- 3. parity trust outlives a restart --------------------------------------
 
-/// Reads the members F0..F{n-1} have served so far, all reactors.
-fn member_reads(set: &Set, n: usize) -> u64 {
+/// Reads each member F0..F{n-1} has served so far, all reactors.
+fn member_reads(set: &Set, n: usize) -> Vec<u64> {
     (0..n)
         .map(|i| {
             set.call_async(0, 10, move |done| {
@@ -313,18 +313,31 @@ fn member_reads(set: &Set, n: usize) -> u64 {
                 Registry::iostat(&h, move |t| done(t.num_read_ops));
             })
         })
-        .sum()
+        .collect()
 }
 
-/// Member reads of one single-block write into data chunk 0 of stripe
-/// `stripe` (5 members): 3 when the write reconstructs from the other data
-/// chunks, 2 when it updates the parity in place (read-modify-write).
-fn reads_of_one_block_write(set: &Set, stripe: u64) -> u64 {
+/// Reads per member of one single-block write into data chunk 0 of stripe
+/// `stripe` (5 members). Only with nothing else reading the members: after
+/// `wait_settled`, which also waits for the examiners' read of "R" itself.
+fn reads_of_one_block_write(set: &Set, stripe: u64) -> Vec<u64> {
     let n = 5;
     let before = member_reads(set, n);
     let lba = stripe * stripe_blocks(n) + 3;
     raid_io(set, IoType::Write, lba, 1, Some(blocks_of(stripe + 1, lba, 1)));
-    member_reads(set, n) - before
+    member_reads(set, n).iter().zip(&before).map(|(a, b)| a - b).collect()
+}
+
+/// The reads of that write when it updates the parity in place
+/// (read-modify-write): the old data (chunk 0, the member after P) and P.
+fn rmw_reads(stripe: u64, n: usize) -> Vec<u64> {
+    let p = parity_member(stripe, n);
+    (0..n).map(|m| u64::from(m == p || m == (p + 1) % n)).collect()
+}
+
+/// The reads of that write when it reconstructs: the stripe's other data
+/// chunks (every member but P and chunk 0's).
+fn reconstruct_reads(stripe: u64, n: usize) -> Vec<u64> {
+    rmw_reads(stripe, n).iter().map(|r| 1 - r).collect()
 }
 
 fn sb_verified(files: &[PathBuf]) -> Vec<bool> {
@@ -341,12 +354,13 @@ fn raid5_parity_verified_by_a_check_is_kept_in_the_superblock_across_a_restart()
         let set = start(2);
         open_members(&set, &files);
         create_r5(&set, n);
+        wait_settled(&set, 20);
         (off, blocks) = layout(&set);
         assert_eq!(sb_verified(&files), vec![false; n], "a new array's parity is not trusted");
-        assert_eq!(reads_of_one_block_write(&set, 0), 3, "untrusted: the write reconstructs");
+        assert_eq!(reads_of_one_block_write(&set, 0), reconstruct_reads(0, n), "untrusted: the write reconstructs");
         let r = check_r(&set, false);
         assert_eq!(r["mismatched_blocks"], 0, "{r}");
-        assert_eq!(reads_of_one_block_write(&set, 1), 2, "checked: read-modify-write");
+        assert_eq!(reads_of_one_block_write(&set, 1), rmw_reads(1, n), "checked: read-modify-write");
         wait_until(10, "the superblock records the verification", || sb_verified(&files) == vec![true; n]);
         delete_raid(&set, false);
     }
@@ -356,16 +370,24 @@ fn raid5_parity_verified_by_a_check_is_kept_in_the_superblock_across_a_restart()
     }
     {
         let set = start(2);
-        open_members(&set, &files);
+        // Last member first: the trust comes from the superblocks, not from
+        // which member's examination creates the assembling array.
+        for (i, f) in files.iter().enumerate().rev() {
+            open_member(&set, f, &format!("F{i}"));
+        }
         wait_settled(&set, 20);
-        assert_eq!(reads_of_one_block_write(&set, 2), 2, "the restarted array still trusts its parity");
+        assert_eq!(reads_of_one_block_write(&set, 2), rmw_reads(2, n), "the restarted array still trusts its parity");
         // Parity damaged behind the array's back, found by a check and left:
         // the array stops trusting parity, and says so in the superblock.
         let s = 7;
         write_at(&files[parity_member(s, n)], (off + s * STRIP + 1) * BS, &[0x5a; BS as usize]);
         let r = check_r(&set, false);
         assert_eq!(r["mismatched_blocks"], 1, "{r}");
-        assert_eq!(reads_of_one_block_write(&set, 3), 3, "wrong parity found: no read-modify-write");
+        assert_eq!(
+            reads_of_one_block_write(&set, 3),
+            reconstruct_reads(3, n),
+            "wrong parity found: no read-modify-write"
+        );
         wait_until(10, "the superblock drops the verification", || sb_verified(&files) == vec![false; n]);
         delete_raid(&set, false);
     }

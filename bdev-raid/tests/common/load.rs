@@ -5,11 +5,11 @@
 
 use super::files::BS;
 use super::*;
-use bdev_raid::{RaidArray, RaidState};
-use serde_json::Value;
 use bdev::rng::SimRng;
 use bdev::{Channel, DmaBuf, IoBox, IoStatus, IoType};
+use bdev_raid::{RaidArray, RaidState};
 use reactor::PollStatus;
+use serde_json::Value;
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
 use std::rc::Rc;
@@ -258,10 +258,15 @@ pub fn layout(set: &Set) -> (u64, u64) {
     (off, blocks)
 }
 
-/// Online, every slot active, no resync or rebuild pending or running.
+/// Online, every slot active, no resync or rebuild pending or running, and
+/// every examination decided: registering "R" runs the examiners on it, and
+/// the raid examiner's superblock read of R is a member read that may still
+/// be in flight when R is already online (a test counting member IO would
+/// count it as its own).
 pub fn wait_settled(set: &Set, secs: u64) {
-    set.wait_for(secs, "array online, in sync, no process", || {
+    set.wait_for(secs, "array online, in sync, no process, examinations done", || {
         RaidArray::find("R")
             .is_some_and(|r| r.state() == RaidState::Online && !r.process_running() && r.members().iter().all(|m| m.1))
+            && Registry::get().examines_pending() == 0
     });
 }
