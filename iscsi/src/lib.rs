@@ -13,7 +13,6 @@
 pub mod chap;
 pub mod pdu;
 pub mod scsi;
-mod sock;
 pub mod text;
 pub mod tgt;
 

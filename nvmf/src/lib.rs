@@ -9,7 +9,6 @@
 
 pub mod host;
 pub mod pdu;
-mod sock;
 pub mod tgt;
 
 pub use tgt::{

@@ -13,8 +13,9 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("nvme", &["reactor", "bdev", "nvme-spec"]),
     ("bitmap", &["reactor", "bdev"]),
     ("bdev-raid", &["reactor", "bdev", "bitmap", "parity"]),
-    ("nvmf", &["reactor", "bdev", "nvme-spec"]),
-    ("iscsi", &["reactor", "bdev"]),
+    ("sock", &["reactor", "bdev"]),
+    ("nvmf", &["reactor", "bdev", "nvme-spec", "sock"]),
+    ("iscsi", &["reactor", "bdev", "sock"]),
     ("mgmt", &["reactor", "bdev", "nvme-spec", "nvme", "bitmap", "bdev-raid", "nvmf", "iscsi"]),
     // The daemon's tests speak NVMe commands to it (reservations), so they
     // use the wire layouts of the leaf `nvme-spec`.

@@ -15,14 +15,17 @@ use super::task::{LunSlot, PendingTmf, Task, TaskState};
 use super::{ConnInfo, IscsiState, TargetNode, MAX_RECV_DATA_SEGMENT_LENGTH};
 use crate::pdu::{self, encode_header, frame, off, op, reject, Bhs, FrameError, RxLimits, BHS_LEN, RESERVED_TAG};
 use crate::scsi::{Nexus, ScsiCompletion, ScsiDone};
-use crate::sock::{RxBuf, RxFill, TxQueue};
 use crate::text::{self, SessionParams};
+use sock::{RxBuf, RxFill};
 use std::cell::RefCell;
 use std::net::{SocketAddr, TcpStream};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// The transmit queue; 64 bytes inline per segment: a BHS with its digest,
+/// or a digest and padding, or a piece of a text response.
+pub(super) type TxQueue = sock::TxQueue<64>;
 /// Receive staging: one whole PDU of the largest data segment accepted,
 /// with a maximal AHS and both digests, and room for the next header.
 const RX_BUF_LEN: usize = 2 * (BHS_LEN + pdu::MAX_AHS_LEN + 8 + MAX_RECV_DATA_SEGMENT_LENGTH as usize);
@@ -213,7 +216,11 @@ impl Conn {
             self.send_logout_response();
         }
         self.keepalive();
-        busy |= self.flush();
+        // Not closing, so the socket is open: a failed send ends the connection.
+        busy |= self.tx.send(&mut self.stream).unwrap_or_else(|e| {
+            self.begin_close(&format!("send failed: {e}"));
+            true
+        });
         if self.close_after_flush && self.tx.is_empty() && !self.closing {
             self.begin_close("logged out or login ended");
         }
@@ -221,21 +228,6 @@ impl Conn {
             reactor::PollStatus::Busy
         } else {
             reactor::PollStatus::Idle
-        }
-    }
-
-    fn flush(&mut self) -> bool {
-        if self.tx.is_empty() || self.socket_shut {
-            return false;
-        }
-        let before = self.tx.queued_bytes();
-        match self.tx.flush(&mut self.stream) {
-            Ok(_) => before != self.tx.queued_bytes(),
-            Err(e) => {
-                self.tx.clear();
-                self.begin_close(&format!("send failed: {e}"));
-                true
-            }
         }
     }
 
@@ -265,12 +257,7 @@ impl Conn {
 
     fn poll_closing(&mut self) -> reactor::PollStatus {
         if !self.socket_shut {
-            let flushed = self.tx.is_empty() || matches!(self.tx.flush(&mut self.stream), Ok(true) | Err(_));
-            if flushed || reactor::now_ns() >= self.close_deadline_ns {
-                let _ = self.stream.shutdown(std::net::Shutdown::Both);
-                self.socket_shut = true;
-                self.tx.clear();
-            }
+            self.socket_shut = self.tx.flush_then_shutdown(&mut self.stream, self.close_deadline_ns);
         }
         // Nothing is freed while the SCSI layer may still complete into it.
         if !self.socket_shut || self.in_flight() > 0 {

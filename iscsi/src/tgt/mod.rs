@@ -716,34 +716,24 @@ fn watch_removal(node: &Arc<TargetNode>, lun: &Arc<Lun>) {
 /// connection to the next reactor round-robin.
 fn start_accepting(l: TcpListener, local: SocketAddr, pg_tag: i32, stop: Arc<AtomicBool>) {
     let state = IscsiState::get();
-    reactor::register_timed_poller("iscsi_accept", Duration::from_micros(500), move || {
-        if stop.load(Ordering::Acquire) || state.shutting_down.load(Ordering::Acquire) {
+    let tickets = state.clone();
+    let closed = move || {
+        let closed = stop.load(Ordering::Acquire) || state.shutting_down.load(Ordering::Acquire);
+        if closed {
             tracing::info!(%local, "iSCSI portal closed");
-            return reactor::PollStatus::Done;
         }
-        let mut busy = false;
-        for _ in 0..16 {
-            match l.accept() {
-                Ok((stream, peer)) => {
-                    busy = true;
-                    let n = reactor::count().max(1);
-                    let to = state.next_reactor.fetch_add(1, Ordering::Relaxed) % n;
-                    tracing::debug!(%peer, reactor = to, "iSCSI connection accepted");
-                    reactor::send(to, move || conn::start(stream, peer, local, pg_tag));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::warn!("iSCSI accept: {e}");
-                    break;
-                }
-            }
-        }
-        if busy {
-            reactor::PollStatus::Busy
-        } else {
-            reactor::PollStatus::Idle
-        }
-    });
+        closed
+    };
+    sock::accept_round_robin(
+        "iscsi_accept",
+        l,
+        move || tickets.next_reactor.fetch_add(1, Ordering::Relaxed),
+        closed,
+        move |stream, peer, to| {
+            tracing::debug!(%peer, reactor = to, "iSCSI connection accepted");
+            move || conn::start(stream, peer, local, pg_tag)
+        },
+    );
 }
 
 /// Stops the target before the bdevs go: portals close, every connection
@@ -758,18 +748,5 @@ pub fn shutdown(done: impl FnOnce() + Send + 'static) {
             g.stop.store(true, Ordering::Release);
         }
     }
-    let deadline_ns = reactor::now_ns() + 10_000_000_000;
-    let mut done = Some(done);
-    let mut check = move || {
-        if state.connection_count() > 0 && reactor::now_ns() < deadline_ns {
-            return reactor::PollStatus::Idle;
-        }
-        if let Some(d) = done.take() {
-            d();
-        }
-        reactor::PollStatus::Done
-    };
-    if check() == reactor::PollStatus::Idle {
-        reactor::register_timed_poller("iscsi_shutdown_wait", Duration::from_millis(2), check);
-    }
+    sock::when_drained("iscsi_shutdown_wait", Duration::from_secs(10), move || state.connection_count(), done);
 }

@@ -5,9 +5,9 @@ use crate::pdu::{
     self, encode_header, parse_header, CapsuleCmd, Direction, Event, H2CData, IcReq, PduError, PduHeader, PduReader,
     RxConfig, TxConfig,
 };
-use crate::sock::{read_into, RxBuf, RxFill, TxQueue};
 use bdev::{DmaBuf, IoFlags};
 use nvme_spec::{AdminOpcode, IoOpcode, SglDescriptor, Sqe, Status, U16, U32};
+use sock::{read_into, RxBuf, RxFill};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -38,6 +38,10 @@ pub enum SubmitError {
     /// The queue failed; see [`HostQpair::poll`]'s error.
     Failed,
 }
+
+/// The transmit queue: headers (or a digest, or a termination request)
+/// kept inline up to the largest encoded header.
+type TxQueue = sock::TxQueue<{ pdu::MAX_ENCODED_HEADER_LEN }>;
 
 /// Data of a command.
 pub enum Data {

@@ -28,7 +28,6 @@ use crate::pdu::{
     self, encode_header, encode_term_req, C2HData, CapsuleResp, Direction, Event, Fes, IcResp, PduError, PduHeader,
     PduReader, PduType, RxConfig, TxConfig, R2T,
 };
-use crate::sock::{read_into, RxBuf, RxFill, TxQueue};
 use abort::AbortWait;
 use bdev::{Channel, DmaBuf, IoBox, IoDone, IoType};
 use nvme_spec::fabrics::{
@@ -39,6 +38,7 @@ use nvme_spec::log::CNTLID_DYNAMIC;
 use nvme_spec::opcode::DataDirection;
 use nvme_spec::text::read_nqn;
 use nvme_spec::{AdminOpcode, Cqe, FabricsCommandType, IoOpcode, SglKind, Sqe, Status, U16, U32};
+use sock::{read_into, RxBuf, RxFill};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpStream;
@@ -48,6 +48,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use zerocopy::FromBytes;
 
+/// The transmit queue: headers (or a digest, or a termination request)
+/// kept inline up to the largest encoded header.
+type TxQueue = sock::TxQueue<{ pdu::MAX_ENCODED_HEADER_LEN }>;
 /// Receive staging buffer per connection.
 const RX_BUF_LEN: usize = 64 * 1024;
 /// Data PDUs at least this long are received straight into the request's
@@ -316,7 +319,11 @@ impl Conn {
         if self.tx.queued_bytes() < TX_HIGH_WATER && !self.close_after_flush {
             busy |= self.poll_rx();
         }
-        busy |= self.flush();
+        // Not closing, so the socket is open: a failed send ends the connection.
+        busy |= self.tx.send(&mut self.stream).unwrap_or_else(|e| {
+            self.begin_close(&format!("send failed: {e}"));
+            true
+        });
         self.return_tx_units();
         if self.close_after_flush && self.tx.is_empty() && !self.closing {
             self.begin_close("host disconnected");
@@ -325,21 +332,6 @@ impl Conn {
             reactor::PollStatus::Busy
         } else {
             reactor::PollStatus::Idle
-        }
-    }
-
-    fn flush(&mut self) -> bool {
-        if self.tx.is_empty() || self.socket_shut {
-            return false;
-        }
-        let before = self.tx.queued_bytes();
-        match self.tx.flush(&mut self.stream) {
-            Ok(_) => before != self.tx.queued_bytes(),
-            Err(e) => {
-                self.tx.clear();
-                self.begin_close(&format!("send failed: {e}"));
-                true
-            }
         }
     }
 
@@ -388,12 +380,7 @@ impl Conn {
 
     fn poll_closing(&mut self) -> reactor::PollStatus {
         if !self.socket_shut {
-            let flushed = self.tx.is_empty() || matches!(self.tx.flush(&mut self.stream), Ok(true) | Err(_));
-            if flushed || reactor::now_ns() >= self.close_deadline_ns {
-                let _ = self.stream.shutdown(std::net::Shutdown::Both);
-                self.socket_shut = true;
-                self.tx.clear();
-            }
+            self.socket_shut = self.tx.flush_then_shutdown(&mut self.stream, self.close_deadline_ns);
         }
         self.return_tx_units();
         let in_flight = self.reqs.iter().any(|r| r.state == ReqState::Exec);

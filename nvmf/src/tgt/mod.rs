@@ -1501,35 +1501,26 @@ pub(crate) fn validate_nqn(nqn: &str) -> Result<(), NvmfError> {
 /// next reactor round-robin.
 fn start_accepting(l: TcpListener, addr: ListenAddr, portid: u16, opts: Arc<TransportOpts>, stop: Arc<AtomicBool>) {
     let state = NvmfState::get();
-    reactor::register_timed_poller("nvmf_tcp_accept", Duration::from_micros(500), move || {
-        if stop.load(Ordering::Acquire) || state.shutting_down.load(Ordering::Acquire) {
-            tracing::info!(traddr = addr.traddr, trsvcid = addr.trsvcid, "NVMe/TCP listener closed");
-            return reactor::PollStatus::Done;
+    let tickets = state.clone();
+    let closed_addr = addr.clone();
+    let closed = move || {
+        let closed = stop.load(Ordering::Acquire) || state.shutting_down.load(Ordering::Acquire);
+        if closed {
+            tracing::info!(traddr = closed_addr.traddr, trsvcid = closed_addr.trsvcid, "NVMe/TCP listener closed");
         }
-        let mut busy = false;
-        for _ in 0..16 {
-            match l.accept() {
-                Ok((stream, peer)) => {
-                    busy = true;
-                    let n = reactor::count().max(1);
-                    let to = state.next_reactor.fetch_add(1, Ordering::Relaxed) % n;
-                    let (addr, opts) = (addr.clone(), opts.clone());
-                    tracing::debug!(%peer, reactor = to, "NVMe/TCP connection accepted");
-                    reactor::send(to, move || conn::start(stream, addr, portid, opts));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    break;
-                }
-            }
-        }
-        if busy {
-            reactor::PollStatus::Busy
-        } else {
-            reactor::PollStatus::Idle
-        }
-    });
+        closed
+    };
+    sock::accept_round_robin(
+        "nvmf_tcp_accept",
+        l,
+        move || tickets.next_reactor.fetch_add(1, Ordering::Relaxed),
+        closed,
+        move |stream, peer, to| {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            tracing::debug!(%peer, reactor = to, "NVMe/TCP connection accepted");
+            move || conn::start(stream, addr, portid, opts)
+        },
+    );
 }
 
 /// Stops the target before the bdevs go: listeners close, every controller
@@ -1549,18 +1540,5 @@ pub fn shutdown(done: impl FnOnce() + Send + 'static) {
             e.stop.store(true, Ordering::Release);
         }
     }
-    let deadline_ns = reactor::now_ns() + 10_000_000_000;
-    let mut done = Some(done);
-    let mut check = move || {
-        if state.connection_count() > 0 && reactor::now_ns() < deadline_ns {
-            return reactor::PollStatus::Idle;
-        }
-        if let Some(d) = done.take() {
-            d();
-        }
-        reactor::PollStatus::Done
-    };
-    if check() == reactor::PollStatus::Idle {
-        reactor::register_timed_poller("nvmf_shutdown_wait", Duration::from_millis(2), check);
-    }
+    sock::when_drained("nvmf_shutdown_wait", Duration::from_secs(10), move || state.connection_count(), done);
 }

@@ -1,19 +1,10 @@
-//! Non-blocking socket plumbing shared by the target and the initiator: the
-//! per-queue-pair transmit queue (headers inline, data as `DmaBuf` slices,
-//! partial writes resumed on the next poll) and the receive staging buffer.
-//!
-//! Nothing here allocates after construction: the queue and the staging
-//! buffer are sized when the queue pair is created.
+//! The transmit queue of one connection.
 
 use bdev::DmaBuf;
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::net::TcpStream;
 
-use crate::pdu::MAX_ENCODED_HEADER_LEN;
-
-/// Bytes of headers (or a digest, or a termination request) kept inline.
-pub(crate) const INLINE_LEN: usize = MAX_ENCODED_HEADER_LEN;
 /// Segments gathered into one `writev`.
 const IOV_MAX: usize = 16;
 
@@ -21,14 +12,14 @@ const IOV_MAX: usize = 16;
 /// allocates; the queue is sized once, so the variants' size gap costs
 /// memory only, not time.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum TxSeg {
+enum TxSeg<const INLINE_LEN: usize> {
     Inline {
         bytes: [u8; INLINE_LEN],
         len: u16,
         pos: u16,
     },
     /// `units`: buffer-pool units the data holds until it has been sent
-    /// (the target's data buffer budget; 0 elsewhere).
+    /// (a target's data buffer budget; 0 elsewhere).
     Data {
         buf: DmaBuf,
         pos: usize,
@@ -36,37 +27,43 @@ pub(crate) enum TxSeg {
     },
 }
 
-/// The output queue of one connection.
-pub(crate) struct TxQueue {
-    segs: VecDeque<TxSeg>,
+/// The output queue of one connection; `INLINE_LEN` is the most bytes one
+/// inline segment holds (the protocol's largest header with its digest).
+pub struct TxQueue<const INLINE_LEN: usize> {
+    segs: VecDeque<TxSeg<INLINE_LEN>>,
     queued_bytes: usize,
     /// Units of data segments sent (or dropped) since the last
     /// [`TxQueue::take_released_units`].
     released_units: u32,
 }
 
-impl TxQueue {
-    pub(crate) fn with_capacity(segs: usize) -> Self {
+impl<const INLINE_LEN: usize> TxQueue<INLINE_LEN> {
+    /// Inline lengths and positions are kept in `u16`.
+    const INLINE_FITS: () = assert!(INLINE_LEN <= u16::MAX as usize);
+
+    pub fn with_capacity(segs: usize) -> Self {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::INLINE_FITS;
         TxQueue { segs: VecDeque::with_capacity(segs), queued_bytes: 0, released_units: 0 }
     }
 
     /// Buffer units whose data has left the queue, for the owner to give
     /// back to its pool.
-    pub(crate) fn take_released_units(&mut self) -> u32 {
+    pub fn take_released_units(&mut self) -> u32 {
         std::mem::take(&mut self.released_units)
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.segs.is_empty()
     }
 
-    pub(crate) fn queued_bytes(&self) -> usize {
+    pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
     }
 
     /// Queues bytes that `fill` writes into an inline buffer (at most
-    /// [`INLINE_LEN`]); `fill` returns how many it wrote.
-    pub(crate) fn push_inline<E>(&mut self, fill: impl FnOnce(&mut [u8]) -> Result<usize, E>) -> Result<(), E> {
+    /// `INLINE_LEN`); `fill` returns how many it wrote.
+    pub fn push_inline<E>(&mut self, fill: impl FnOnce(&mut [u8]) -> Result<usize, E>) -> Result<(), E> {
         let mut bytes = [0u8; INLINE_LEN];
         let len = fill(&mut bytes)?.min(INLINE_LEN);
         if len > 0 {
@@ -76,7 +73,8 @@ impl TxQueue {
         Ok(())
     }
 
-    pub(crate) fn push_bytes(&mut self, data: &[u8]) {
+    /// Queues `data` (copied, in inline pieces).
+    pub fn push_bytes(&mut self, data: &[u8]) {
         for chunk in data.chunks(INLINE_LEN) {
             let _ = self.push_inline::<()>(|b| {
                 b[..chunk.len()].copy_from_slice(chunk);
@@ -87,13 +85,13 @@ impl TxQueue {
 
     /// Queues a data buffer (shared, not copied: the queue holds a handle
     /// until the bytes are on the wire).
-    pub(crate) fn push_data(&mut self, buf: DmaBuf) {
+    pub fn push_data(&mut self, buf: DmaBuf) {
         self.push_data_holding(buf, 0);
     }
 
     /// Like `push_data`; the data holds `units` of a buffer pool until it
     /// has been sent.
-    pub(crate) fn push_data_holding(&mut self, buf: DmaBuf, units: u32) {
+    pub fn push_data_holding(&mut self, buf: DmaBuf, units: u32) {
         if buf.is_empty() {
             self.released_units += units;
             return;
@@ -103,7 +101,7 @@ impl TxQueue {
     }
 
     /// Writes as much as the socket takes. Ok(true) when everything went.
-    pub(crate) fn flush(&mut self, stream: &mut TcpStream) -> io::Result<bool> {
+    pub fn flush(&mut self, stream: &mut TcpStream) -> io::Result<bool> {
         while !self.segs.is_empty() {
             let empty = [IoSlice::new(&[]); IOV_MAX];
             let n = match gather_write(stream, &self.segs, 0, empty, 0) {
@@ -116,6 +114,37 @@ impl TxQueue {
             self.advance(n);
         }
         Ok(true)
+    }
+
+    /// A poll's send on an open connection: writes what the socket takes
+    /// and says whether any bytes went. On an error the queue is dropped
+    /// (the connection is over) and the error returned for the owner to
+    /// close with.
+    pub fn send(&mut self, stream: &mut TcpStream) -> io::Result<bool> {
+        if self.segs.is_empty() {
+            return Ok(false);
+        }
+        let before = self.queued_bytes;
+        match self.flush(stream) {
+            Ok(_) => Ok(before != self.queued_bytes),
+            Err(e) => {
+                self.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// A closing connection's last words: flushes what it can and shuts the
+    /// socket once everything went, sending failed, or `deadline_ns`
+    /// (reactor time) has passed, dropping what is left. True once shut.
+    pub fn flush_then_shutdown(&mut self, stream: &mut TcpStream, deadline_ns: u64) -> bool {
+        let flushed = self.segs.is_empty() || matches!(self.flush(stream), Ok(true) | Err(_));
+        if flushed || reactor::now_ns() >= deadline_ns {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            self.clear();
+            return true;
+        }
+        false
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -149,7 +178,8 @@ impl TxQueue {
         // Zero-length leftovers cannot exist: segments are never empty.
     }
 
-    pub(crate) fn clear(&mut self) {
+    /// Drops everything queued (the data's buffer units count as released).
+    pub fn clear(&mut self) {
         for seg in self.segs.drain(..) {
             if let TxSeg::Data { units, .. } = seg {
                 self.released_units += units;
@@ -162,9 +192,9 @@ impl TxQueue {
 /// Gathers up to IOV_MAX segments into one vectored write. Each data
 /// buffer is borrowed through its scoped accessor, so the gather recurses
 /// one level per data segment, the slice array narrowing its lifetime.
-fn gather_write<'a>(
+fn gather_write<'a, const INLINE_LEN: usize>(
     stream: &mut TcpStream,
-    segs: &'a VecDeque<TxSeg>,
+    segs: &'a VecDeque<TxSeg<INLINE_LEN>>,
     i: usize,
     mut acc: [IoSlice<'a>; IOV_MAX],
     k: usize,
@@ -182,78 +212,5 @@ fn gather_write<'a>(
             acc2[k] = IoSlice::new(&b[*pos..]);
             gather_write(stream, segs, i + 1, acc2, k + 1)
         }),
-    }
-}
-
-/// Receive staging buffer: socket bytes land here before the PDU reader
-/// sees them (bulk data may bypass it, straight into a request's buffer).
-pub(crate) struct RxBuf {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-}
-
-pub(crate) enum RxFill {
-    Bytes,
-    WouldBlock,
-    Closed,
-}
-
-impl RxBuf {
-    pub(crate) fn new(len: usize) -> Self {
-        RxBuf { buf: vec![0u8; len].into_boxed_slice(), start: 0, end: 0 }
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-
-    pub(crate) fn pending(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    pub(crate) fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Reads from the socket into the free tail (compacting first).
-    pub(crate) fn fill(&mut self, stream: &mut TcpStream) -> io::Result<RxFill> {
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.end == self.buf.len() {
-            return Ok(RxFill::Bytes);
-        }
-        loop {
-            match stream.read(&mut self.buf[self.end..]) {
-                Ok(0) => return Ok(RxFill::Closed),
-                Ok(n) => {
-                    self.end += n;
-                    return Ok(RxFill::Bytes);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(RxFill::WouldBlock),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// Reads straight into `dest[..]`; Ok(None) when nothing is there yet.
-pub(crate) fn read_into(stream: &mut TcpStream, dest: &mut [u8]) -> io::Result<Option<usize>> {
-    loop {
-        match stream.read(dest) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed")),
-            Ok(n) => return Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
     }
 }
