@@ -25,6 +25,12 @@ const SAME_WRITE: u8 = 0;
 const SAME_ZEROES: u8 = 1;
 const SAME_UNMAP: u8 = 2;
 
+/// Commands that take the LUN range exclusively (no other write to it
+/// runs meanwhile): COMPARE AND WRITE, ORWRITE and WRITE ATOMIC.
+fn exclusive(kind: IoKind) -> bool {
+    matches!(kind, IoKind::CompareAndWrite | IoKind::OrWrite | IoKind::WriteAtomic)
+}
+
 fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.0 + b.1 && b.0 < a.0 + a.1
 }
@@ -35,7 +41,7 @@ impl Inner {
     pub(crate) fn start_io(&self, slot: u32) -> Option<Outcome> {
         let kind = self.tasks.borrow()[slot as usize].kind;
         let writes = matches!(kind, IoKind::Write | IoKind::WriteVerify | IoKind::WriteSame | IoKind::Unmap);
-        if kind == IoKind::CompareAndWrite {
+        if exclusive(kind) {
             if !self.caw_acquire(slot) || !self.caw_drained(slot) {
                 self.park(slot);
                 return None;
@@ -135,7 +141,7 @@ impl Inner {
             if !busy {
                 continue;
             }
-            if kind == IoKind::CompareAndWrite {
+            if exclusive(kind) {
                 if !self.caw_acquire(slot) || !self.caw_drained(slot) {
                     self.parked.borrow_mut().push(slot);
                     continue;
@@ -277,7 +283,9 @@ impl Inner {
                         let (io_type, src, off) = match (kind, stage) {
                             (IoKind::Read | IoKind::Verify, _)
                             | (IoKind::WriteVerify, 1)
-                            | (IoKind::CompareAndWrite, 1) => (IoType::Read, t.buf.as_ref(), t.next * bs),
+                            | (IoKind::CompareAndWrite, 1)
+                            | (IoKind::OrWrite, 1) => (IoType::Read, t.buf.as_ref(), t.next * bs),
+                            (IoKind::OrWrite, _) => (IoType::Write, t.buf.as_ref(), t.next * bs),
                             (IoKind::CompareAndWrite, _) => {
                                 (IoType::Write, t.data_out.as_ref(), (t.blocks + t.next) * bs)
                             }
@@ -367,6 +375,15 @@ impl Inner {
                 t.next = 0;
                 None
             }
+            (IoKind::OrWrite, 1) => {
+                let n = t.blocks as usize * bs;
+                if let (Some(medium), Some(given)) = (&t.buf, &t.data_out) {
+                    medium.with_mut(|m| given.with(|g| m[..n].iter_mut().zip(&g[..n]).for_each(|(m, g)| *m |= g)));
+                }
+                t.stage = 2;
+                t.next = 0;
+                None
+            }
             _ => Some(Outcome::Good),
         }
     }
@@ -382,7 +399,7 @@ impl Inner {
             return c.into();
         }
         let reading = matches!(t.kind, IoKind::Read | IoKind::Verify)
-            || (t.kind == IoKind::CompareAndWrite && t.stage == 1)
+            || (matches!(t.kind, IoKind::CompareAndWrite | IoKind::OrWrite) && t.stage == 1)
             || (t.kind == IoKind::WriteVerify && t.stage == 1);
         match t.failure {
             Some(IoError::Media) if reading => Check::UNRECOVERED_READ_ERROR.into(),
@@ -421,6 +438,8 @@ impl Inner {
                     op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => IoKind::WriteVerify,
                     op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => IoKind::Verify,
                     op::COMPARE_AND_WRITE => IoKind::CompareAndWrite,
+                    op::ORWRITE_16 => IoKind::OrWrite,
+                    op::WRITE_ATOMIC_16 => IoKind::WriteAtomic,
                     op::WRITE_SAME_10 | op::WRITE_SAME_16 => IoKind::WriteSame,
                     _ => return Some(Check::INVALID_OPCODE.into()),
                 };
@@ -449,9 +468,16 @@ impl Inner {
         if kind != IoKind::Unmap && end.is_none_or(|e| e > lun.num_blocks) {
             return Some(Check::LBA_OUT_OF_RANGE.into());
         }
+        if kind == IoKind::WriteAtomic && cdb::be16(&cdb[10..12]) != 0 {
+            // ATOMIC BOUNDARY: no boundaries are offered (block limits VPD).
+            return Some(Check::invalid_cdb(10, None).into());
+        }
         let limit = match kind {
             IoKind::CompareAndWrite => inquiry::max_caw_blocks(lun),
-            IoKind::Read | IoKind::Write | IoKind::WriteVerify | IoKind::Verify => inquiry::max_transfer_blocks(lun),
+            IoKind::WriteAtomic => inquiry::max_atomic_blocks(lun),
+            IoKind::Read | IoKind::Write | IoKind::WriteVerify | IoKind::Verify | IoKind::OrWrite => {
+                inquiry::max_transfer_blocks(lun)
+            }
             _ => u64::MAX,
         };
         if blocks > limit {
@@ -461,12 +487,25 @@ impl Inner {
                 5 => 6,
                 _ => 10,
             };
-            return Some(Check::invalid_cdb(if kind == IoKind::CompareAndWrite { 13 } else { at }, None).into());
+            let at = match kind {
+                IoKind::CompareAndWrite => 13,
+                IoKind::WriteAtomic => 12,
+                _ => at,
+            };
+            return Some(Check::invalid_cdb(at, None).into());
         }
         let mut flags = IoFlags::NONE;
         if !matches!(opcode, op::READ_6 | op::WRITE_6) {
             if byte1 & 0x08 != 0
-                && matches!(kind, IoKind::Read | IoKind::Write | IoKind::WriteVerify | IoKind::CompareAndWrite)
+                && matches!(
+                    kind,
+                    IoKind::Read
+                        | IoKind::Write
+                        | IoKind::WriteVerify
+                        | IoKind::CompareAndWrite
+                        | IoKind::OrWrite
+                        | IoKind::WriteAtomic
+                )
             {
                 flags.insert(IoFlags::FUA);
             }
@@ -474,7 +513,15 @@ impl Inner {
                 flags.insert(IoFlags::DPO);
             }
         }
-        let writes = matches!(kind, IoKind::Write | IoKind::WriteVerify | IoKind::CompareAndWrite | IoKind::WriteSame);
+        let writes = matches!(
+            kind,
+            IoKind::Write
+                | IoKind::WriteVerify
+                | IoKind::CompareAndWrite
+                | IoKind::WriteSame
+                | IoKind::OrWrite
+                | IoKind::WriteAtomic
+        );
         if writes && lun.force_fua() {
             flags.insert(IoFlags::FUA);
         }
@@ -547,7 +594,7 @@ impl Inner {
                 if blocks == 0 {
                     return Some(Outcome::Good);
                 }
-                if matches!(kind, IoKind::Read | IoKind::Verify | IoKind::CompareAndWrite) {
+                if matches!(kind, IoKind::Read | IoKind::Verify | IoKind::CompareAndWrite | IoKind::OrWrite) {
                     let Some(buf) = DmaBuf::alloc((blocks * bs) as usize) else {
                         return Some(Outcome::Status(status::TASK_SET_FULL));
                     };

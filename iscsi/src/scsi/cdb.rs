@@ -20,6 +20,7 @@ pub mod op {
     pub const WRITE_AND_VERIFY_10: u8 = 0x2E;
     pub const VERIFY_10: u8 = 0x2F;
     pub const PRE_FETCH_10: u8 = 0x34;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
@@ -30,11 +31,13 @@ pub mod op {
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
+    pub const ORWRITE_16: u8 = 0x8B;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8E;
     pub const VERIFY_16: u8 = 0x8F;
     pub const PRE_FETCH_16: u8 = 0x90;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
+    pub const WRITE_ATOMIC_16: u8 = 0x9C;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9E;
     pub const REPORT_LUNS: u8 = 0xA0;
     pub const MAINTENANCE_IN: u8 = 0xA3;
@@ -42,6 +45,7 @@ pub mod op {
     pub const WRITE_12: u8 = 0xAA;
     pub const WRITE_AND_VERIFY_12: u8 = 0xAE;
     pub const VERIFY_12: u8 = 0xAF;
+    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 
     /// SERVICE ACTION IN (16) service actions.
     pub const SA_READ_CAPACITY_16: u8 = 0x10;
@@ -97,10 +101,12 @@ pub fn block_range(cdb: &[u8; 16]) -> Option<(u64, u64, u8)> {
         READ_12 | WRITE_12 | WRITE_AND_VERIFY_12 | VERIFY_12 => {
             (u64::from(be32(&c[2..6])), u64::from(be32(&c[6..10])), c[1])
         }
-        READ_16 | WRITE_16 | WRITE_AND_VERIFY_16 | VERIFY_16 | WRITE_SAME_16 => {
+        READ_16 | WRITE_16 | ORWRITE_16 | WRITE_AND_VERIFY_16 | VERIFY_16 | WRITE_SAME_16 => {
             (be64(&c[2..10]), u64::from(be32(&c[10..14])), c[1])
         }
         COMPARE_AND_WRITE => (be64(&c[2..10]), u64::from(c[13]), c[1]),
+        // Bytes 10-11 are the ATOMIC BOUNDARY, the length is 16 bits.
+        WRITE_ATOMIC_16 => (be64(&c[2..10]), u64::from(be16(&c[12..14])), c[1]),
         _ => return None,
     })
 }
@@ -110,9 +116,8 @@ pub fn data_out_len(cdb: &[u8; 16], block_size: u32) -> u32 {
     use op::*;
     let bs = u64::from(block_size);
     let bytes: u64 = match cdb[0] {
-        WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 | WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12 | WRITE_AND_VERIFY_16 => {
-            block_range(cdb).map_or(0, |(_, n, _)| n * bs)
-        }
+        WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 | WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12 | WRITE_AND_VERIFY_16
+        | ORWRITE_16 | WRITE_ATOMIC_16 => block_range(cdb).map_or(0, |(_, n, _)| n * bs),
         COMPARE_AND_WRITE => u64::from(cdb[13]) * 2 * bs,
         VERIFY_10 | VERIFY_12 | VERIFY_16 => match (cdb[1] >> 1) & 3 {
             1 => block_range(cdb).map_or(0, |(_, n, _)| n * bs),
@@ -152,6 +157,8 @@ pub fn data_in_len(cdb: &[u8; 16], block_size: u32) -> Option<u64> {
         SERVICE_ACTION_IN_16 => u64::from(be32(&cdb[10..14])),
         REPORT_LUNS => u64::from(be32(&cdb[6..10])),
         MAINTENANCE_IN => u64::from(be32(&cdb[6..10])),
+        READ_DEFECT_DATA_10 => u64::from(be16(&cdb[7..9])),
+        READ_DEFECT_DATA_12 => u64::from(be32(&cdb[6..10])),
         _ => return None,
     })
 }

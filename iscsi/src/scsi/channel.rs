@@ -51,6 +51,11 @@ pub(crate) enum IoKind {
     /// VERIFY: read; compare with Data-Out when BYTCHK asks.
     Verify,
     CompareAndWrite,
+    /// ORWRITE (16): read, OR the Data-Out in, write back, holding the
+    /// range like COMPARE AND WRITE.
+    OrWrite,
+    /// WRITE ATOMIC (16): one bdev write, never split, holding the range.
+    WriteAtomic,
     Flush,
     Unmap,
     WriteSame,
@@ -420,6 +425,9 @@ impl Inner {
                 } else {
                     Outcome::Good
                 }
+            }
+            op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => {
+                self.data_in(slot, 4096, |out| inquiry::read_defect_data(&cdb, out))
             }
             op::PREVENT_ALLOW_MEDIUM_REMOVAL => {
                 if cdb[4] & 0x03 > 1 {

@@ -1,5 +1,6 @@
 //! Identification and capacity: INQUIRY (standard data and the VPD pages
 //! 00h, 80h, 83h, B0h, B1h, B2h), READ CAPACITY (10)/(16), GET LBA STATUS,
+//! READ DEFECT DATA (10)/(12),
 //! REPORT SUPPORTED OPERATION CODES and REPORT SUPPORTED TASK MANAGEMENT
 //! FUNCTIONS. Each writes its parameter data into `out` and returns the
 //! full length (the caller clips to the allocation length).
@@ -26,6 +27,16 @@ pub(crate) fn max_transfer_blocks(lun: &Lun) -> u64 {
 /// is twice that and must fit one buffer).
 pub(crate) fn max_caw_blocks(lun: &Lun) -> u64 {
     (max_transfer_blocks(lun) / 2).min(255)
+}
+
+/// Largest WRITE ATOMIC in blocks: what one bdev write carries unsplit
+/// (the bdev's `max_io_blocks`, when it has one) and one buffer holds.
+/// The command is issued as that one write while it holds the range
+/// against every other write of the LUN.
+pub(crate) fn max_atomic_blocks(lun: &Lun) -> u64 {
+    let one_io = if lun.max_io_blocks > 0 { u64::from(lun.max_io_blocks) } else { u64::MAX };
+    // The CDB's TRANSFER LENGTH holds 16 bits.
+    max_transfer_blocks(lun).min(one_io).min(0xFFFF)
 }
 
 pub(crate) fn supports(lun: &Lun, t: IoType) -> bool {
@@ -183,6 +194,10 @@ fn block_limits(lun: &Lun, out: &mut [u8]) -> usize {
         p[20..24].copy_from_slice(&super::block::MAX_UNMAP_DESCRIPTORS.to_be_bytes());
         p[24..28].copy_from_slice(&1u32.to_be_bytes());
     }
+    // MAXIMUM ATOMIC TRANSFER LENGTH (page bytes 44-47); ATOMIC ALIGNMENT
+    // and ATOMIC TRANSFER LENGTH GRANULARITY stay 0 (no constraint), and so
+    // do the atomic boundary fields (WRITE ATOMIC with a boundary is refused).
+    p[40..44].copy_from_slice(&(max_atomic_blocks(lun) as u32).to_be_bytes());
     put(out, 0, &[0x00, 0xB0, 0x00, 0x3C]);
     put(out, 4, &p);
     4 + p.len()
@@ -252,6 +267,7 @@ const SUPPORTED: &[(u8, Option<u8>, u8)] = &[
     (op::WRITE_AND_VERIFY_10, None, 10),
     (op::VERIFY_10, None, 10),
     (op::PRE_FETCH_10, None, 10),
+    (op::READ_DEFECT_DATA_10, None, 10),
     (op::SYNCHRONIZE_CACHE_10, None, 10),
     (op::WRITE_SAME_10, None, 10),
     (op::UNMAP, None, 10),
@@ -271,11 +287,13 @@ const SUPPORTED: &[(u8, Option<u8>, u8)] = &[
     (op::READ_16, None, 16),
     (op::COMPARE_AND_WRITE, None, 16),
     (op::WRITE_16, None, 16),
+    (op::ORWRITE_16, None, 16),
     (op::WRITE_AND_VERIFY_16, None, 16),
     (op::VERIFY_16, None, 16),
     (op::PRE_FETCH_16, None, 16),
     (op::SYNCHRONIZE_CACHE_16, None, 16),
     (op::WRITE_SAME_16, None, 16),
+    (op::WRITE_ATOMIC_16, None, 16),
     (op::SERVICE_ACTION_IN_16, Some(op::SA_READ_CAPACITY_16), 16),
     (op::SERVICE_ACTION_IN_16, Some(op::SA_GET_LBA_STATUS), 16),
     (op::REPORT_LUNS, None, 12),
@@ -285,6 +303,7 @@ const SUPPORTED: &[(u8, Option<u8>, u8)] = &[
     (op::WRITE_12, None, 12),
     (op::WRITE_AND_VERIFY_12, None, 12),
     (op::VERIFY_12, None, 12),
+    (op::READ_DEFECT_DATA_12, None, 12),
 ];
 
 /// Whether the LUN serves this command (for commands the bdev cannot do,
@@ -370,6 +389,28 @@ pub(crate) fn report_supported_opcodes(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]
             Ok(n)
         }
         _ => Err(Check::invalid_cdb(2, Some(0))),
+    }
+}
+
+/// READ DEFECT DATA (10)/(12) (SBC-4 5.17, 5.18): no medium of its own,
+/// so no defects: the header alone, with the lists asked for marked valid
+/// (and empty) in the format asked for. 111b is a reserved format.
+pub(crate) fn read_defect_data(cdb: &[u8; 16], out: &mut [u8]) -> Result<usize, Check> {
+    let (at, flags) = if cdb[0] == op::READ_DEFECT_DATA_10 { (2, cdb[2]) } else { (1, cdb[1]) };
+    let format = flags & 0x07;
+    if format == 0x07 {
+        return Err(Check::invalid_cdb(at, Some(2)));
+    }
+    // PLISTV and GLISTV answer REQ_PLIST and REQ_GLIST (same bit positions).
+    let head = flags & (0x10 | 0x08 | 0x07);
+    if cdb[0] == op::READ_DEFECT_DATA_10 {
+        // Byte 1, then DEFECT LIST LENGTH (bytes 2-3) = 0.
+        put(out, 0, &[0, head, 0, 0]);
+        Ok(4)
+    } else {
+        // Byte 1, GENERATION CODE 0 (not supported), DEFECT LIST LENGTH 0.
+        put(out, 0, &[0, head, 0, 0, 0, 0, 0, 0]);
+        Ok(8)
     }
 }
 

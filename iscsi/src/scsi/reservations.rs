@@ -109,6 +109,8 @@ impl Reservations {
                 | op::WRITE_SAME_16
                 | op::UNMAP
                 | op::COMPARE_AND_WRITE
+                | op::ORWRITE_16
+                | op::WRITE_ATOMIC_16
                 | op::SYNCHRONIZE_CACHE_10
                 | op::SYNCHRONIZE_CACHE_16
                 | op::MODE_SELECT_6
@@ -117,7 +119,15 @@ impl Reservations {
         );
         let read = matches!(
             opcode,
-            op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 | op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16
+            op::READ_6
+                | op::READ_10
+                | op::READ_12
+                | op::READ_16
+                | op::VERIFY_10
+                | op::VERIFY_12
+                | op::VERIFY_16
+                | op::READ_DEFECT_DATA_10
+                | op::READ_DEFECT_DATA_12
         );
         let exclusive_access =
             matches!(*rtype, EXCLUSIVE_ACCESS | EXCLUSIVE_ACCESS_REGISTRANTS_ONLY | EXCLUSIVE_ACCESS_ALL_REGISTRANTS);
