@@ -827,6 +827,11 @@ pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geomet
         // DLFEAT cannot join an array that claims it (`Caps::satisfied_by`).
         props.write_cache = handles.iter().any(|h| h.bdev().has_write_cache());
         props.deallocated_reads_zeroes = caps.deallocated_reads_zeroes;
+        // One block: every member writes a block whole, and a crash leaves
+        // each copy (or a stripe's data block) old or new, which resync or
+        // reconstruction keeps. Larger writes span members that a power loss
+        // can catch apart.
+        props.atomic_write_blocks = 1;
         let reg = Registry::get();
         if reg.lookup(&shared.name).is_some() || reg.lookup(&shared.uuid.to_string()).is_some() {
             return Err(BdevError::Exists(shared.name.clone()));

@@ -29,6 +29,10 @@ pub struct BdevProps {
     /// Deallocated (unmapped) blocks read back as zeroes (NVMe DLFEAT 001b).
     /// False when the bdev cannot say, or does not unmap.
     pub deallocated_reads_zeroes: bool,
+    /// Largest write, in blocks, that a power loss leaves either wholly
+    /// written or not at all (NVMe AWUPF + 1). One block unless the backend
+    /// knows better: the least every device promises.
+    pub atomic_write_blocks: u32,
 }
 
 impl BdevProps {
@@ -43,6 +47,7 @@ impl BdevProps {
             max_io_blocks: 0,
             write_cache: false,
             deallocated_reads_zeroes: false,
+            atomic_write_blocks: 1,
         }
     }
 

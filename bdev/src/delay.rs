@@ -114,6 +114,7 @@ pub fn create(p: DelayCreateParams) -> Result<BdevHandle, BdevError> {
     props.max_io_blocks = bp.max_io_blocks;
     props.write_cache = bp.write_cache;
     props.deallocated_reads_zeroes = bp.deallocated_reads_zeroes;
+    props.atomic_write_blocks = bp.atomic_write_blocks;
     // Without a seed, one derived from the UUID: reported in driver_specific
     // so a run can be replayed.
     let seed = p.random_seed.unwrap_or_else(|| {

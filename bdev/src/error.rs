@@ -190,6 +190,7 @@ pub fn create(p: ErrorCreateParams) -> Result<BdevHandle, BdevError> {
     props.max_io_blocks = bp.max_io_blocks;
     props.write_cache = bp.write_cache;
     props.deallocated_reads_zeroes = bp.deallocated_reads_zeroes;
+    props.atomic_write_blocks = bp.atomic_write_blocks;
     let shared = Arc::new(Shared::default());
     let bdev = Arc::new(ErrorBdev { props, base: base.clone(), owner: owner.clone(), shared: shared.clone() });
     let h = match registry.register(bdev) {

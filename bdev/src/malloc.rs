@@ -20,6 +20,9 @@ impl MallocBdev {
         // RAM has no cache to lose; unmapped blocks are filled with zeroes.
         props.write_cache = false;
         props.deallocated_reads_zeroes = true;
+        // Its contents do not outlive the process: no power loss can leave
+        // part of a write behind.
+        props.atomic_write_blocks = u32::MAX;
         let bytes = usize::try_from(props.size_bytes())
             .map_err(|_| BdevError::Invalid(format!("{}: size does not fit in memory", props.name)))?;
         let mem = SharedMem::new(bytes)
@@ -98,6 +101,7 @@ impl NullBdev {
         // unmap, so it promises nothing about deallocated blocks.
         props.write_cache = false;
         props.deallocated_reads_zeroes = false;
+        props.atomic_write_blocks = u32::MAX;
         Ok(NullBdev { props })
     }
 }

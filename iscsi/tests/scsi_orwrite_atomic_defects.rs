@@ -300,3 +300,26 @@ fn report_supported_opcodes_lists_the_new_commands() {
     }
     let _ = status::GOOD;
 }
+
+/// WRITE ATOMIC promises no more than the bdev keeps whole across a power
+/// loss: over a device model with a volatile cache (one block, the least
+/// any device promises) the limit is one block and two are refused.
+#[test]
+fn write_atomic_is_limited_to_what_a_power_loss_keeps_whole() {
+    let mut rig = Rig::with_bdev(|| {
+        let props = malloc_props("Cache0", BS as u32, BLOCKS);
+        let b = bdev::volatile_cache::VolatileCacheBdev::new(props, 1, 0).unwrap();
+        assert_eq!(bdev::Bdev::props(&b).atomic_write_blocks, 1);
+        Registry::get().register(Arc::new(b)).unwrap()
+    });
+    rig.open_channel();
+    let n = nexus("iqn.1994-05.com.example:a", 1);
+    rig.clear_ua(&n);
+    let vpd = block_limits(&rig, &n);
+    assert_eq!(u32::from_be_bytes(vpd[44..48].try_into().unwrap()), 1, "MAXIMUM ATOMIC TRANSFER LENGTH");
+    let d = vec![0x22u8; 2 * BS];
+    rig.run(&write_atomic(4, 1, 0, 0), &n, BS as u32, Some(&d[..BS])).assert_good();
+    let r = rig.run(&write_atomic(8, 2, 0, 0), &n, d.len() as u32, Some(&d));
+    r.assert_check(0x5, 0x24, 0x00);
+    assert_eq!(sense_pointer(&r), [0xC0, 0, 12], "pointer: TRANSFER LENGTH");
+}

@@ -30,6 +30,8 @@ impl NvmeBdev {
         props.write_cache = d.vwc && d.write_cache_enabled;
         // Only a bdev that unmaps can promise what unmapped blocks read as.
         props.deallocated_reads_zeroes = ns.deallocated_reads_zeroes && d.oncs & oncs::DATASET_MANAGEMENT != 0;
+        // AWUPF is 0's based: 0 promises one block.
+        props.atomic_write_blocks = u32::from(d.awupf) + 1;
         NvmeBdev { props, ctrlr, ns, attach_config }
     }
 

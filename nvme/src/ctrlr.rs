@@ -124,6 +124,8 @@ pub struct ControllerData {
     pub aerl: u8,
     /// Optional asynchronous events supported (OAES).
     pub oaes: u32,
+    /// Atomic Write Unit Power Fail, in blocks, 0's based.
+    pub awupf: u16,
     pub subnqn: String,
 }
 
@@ -604,6 +606,7 @@ impl Probe {
             acl: id.acl,
             aerl: id.aerl,
             oaes: id.oaes.get(),
+            awupf: id.awupf.get(),
             subnqn: text(&id.subnqn),
         };
         let c = self.ctrlr.clone();

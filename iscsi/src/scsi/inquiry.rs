@@ -30,13 +30,15 @@ pub(crate) fn max_caw_blocks(lun: &Lun) -> u64 {
 }
 
 /// Largest WRITE ATOMIC in blocks: what one bdev write carries unsplit
-/// (the bdev's `max_io_blocks`, when it has one) and one buffer holds.
-/// The command is issued as that one write while it holds the range
-/// against every other write of the LUN.
+/// (the bdev's `max_io_blocks`, when it has one), one buffer holds, and a
+/// power loss leaves whole or not at all (`atomic_write_blocks`). The
+/// command is issued as that one write while it holds the range against
+/// every other write of the LUN.
 pub(crate) fn max_atomic_blocks(lun: &Lun) -> u64 {
     let one_io = if lun.max_io_blocks > 0 { u64::from(lun.max_io_blocks) } else { u64::MAX };
+    let power_fail = u64::from(lun.bdev().props().atomic_write_blocks);
     // The CDB's TRANSFER LENGTH holds 16 bits.
-    max_transfer_blocks(lun).min(one_io).min(0xFFFF)
+    max_transfer_blocks(lun).min(one_io).min(power_fail).min(0xFFFF)
 }
 
 pub(crate) fn supports(lun: &Lun, t: IoType) -> bool {
