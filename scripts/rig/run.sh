@@ -26,7 +26,8 @@ BASE_FORMAT=2
 # the kernel has built in, or that do not exist, are skipped.
 BASE_MODULES=(nvme nvme-core nvme-fabrics nvme-tcp vfio vfio-pci vfio_iommu_type1
   crc32c_generic crc32c-intel intel-iommu virtio_pci virtio_blk hugetlbfs
-  configfs nvmet nvmet-tcp)
+  configfs nvmet nvmet-tcp
+  scsi_transport_iscsi libiscsi libiscsi_tcp iscsi_tcp sd_mod)
 # Loaded by /init before the scenario starts.
 BOOT_MODULES=(nvme vfio-pci vfio_iommu_type1)
 
@@ -147,7 +148,7 @@ apt_install() {
 
 install_packages() {
   local need=() p
-  for p in qemu-system-x86 busybox-static cpio kmod nvme-cli xz-utils; do
+  for p in qemu-system-x86 busybox-static cpio kmod nvme-cli xz-utils open-iscsi; do
     pkg_installed "$p" || need+=("$p")
   done
   ((${#need[@]})) || return 0
@@ -285,7 +286,7 @@ build_base() {
   local key
   # shellcheck disable=SC2016 # ${Version} is dpkg-query's
   key=$(printf '%s\n' "$BASE_FORMAT" "$KVER" "$(basename "$KDIR")" "${mods[@]}" \
-    "$(dpkg-query -W -f='${Version}' busybox-static nvme-cli)" | sha256sum | cut -c1-16)
+    "$(dpkg-query -W -f='${Version}' busybox-static nvme-cli open-iscsi)" | sha256sum | cut -c1-16)
   BASE_CPIO=$CACHE/initramfs/base-$key.cpio
   [[ -f $BASE_CPIO ]] && return 0
   note "building base initramfs ($KVER)"
@@ -306,6 +307,12 @@ build_base() {
   mknod -m 666 "$st/dev/null" c 1 3 2>/dev/null || true
   # nvme-cli (dynamic) with its libraries
   copy_with_libs "$(command -v nvme)" "$st" /usr/sbin/nvme
+  # open-iscsi: the initiator daemon, its admin tool and default config
+  copy_with_libs /sbin/iscsid "$st" /sbin/iscsid
+  copy_with_libs /sbin/iscsiadm "$st" /sbin/iscsiadm
+  copy_with_libs /sbin/iscsi-iname "$st" /sbin/iscsi-iname
+  mkdir -p "$st/etc/iscsi" "$st/var/lib/iscsi" # (/run is a tmpfs: scenarios make /run/lock/iscsi)
+  cp /etc/iscsi/iscsid.conf "$st/etc/iscsi/iscsid.conf"
   # kernel modules: closure of the list, then a fresh depmod over just those
   local src rel n=0
   while read -r src; do
