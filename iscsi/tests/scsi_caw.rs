@@ -5,7 +5,6 @@
 
 mod scsi_support;
 
-use bdev::error::{self, ErrorCreateParams, ErrorInjectParams, ErrorResumeParams};
 use bdev::malloc::MallocBdev;
 use bdev::Registry;
 use iscsi::scsi::{status, Nexus};
@@ -15,44 +14,7 @@ use std::sync::Arc;
 const BS: usize = 512;
 
 fn rig() -> (Rig, Arc<MallocBdev>, Nexus) {
-    let mut keep = None;
-    let mut rig = Rig::with_bdev(|| {
-        let m = Arc::new(MallocBdev::new(malloc_props("Base0", BS as u32, 1024)).unwrap());
-        keep = Some(m.clone());
-        Registry::get().register(m).unwrap();
-        error::create(ErrorCreateParams { base_name: "Base0".into(), uuid: None }).unwrap()
-    });
-    rig.open_channel();
-    let n = nexus("iqn.1994-05.com.example:a", 1);
-    rig.clear_ua(&n);
-    (rig, keep.unwrap(), n)
-}
-
-fn hold_next(rig: &Rig, io_type: &str) {
-    rig.m.on(0, || {
-        error::inject(ErrorInjectParams {
-            name: "EE_Base0".into(),
-            io_type: io_type.into(),
-            error_type: "pending".into(),
-            num: Some(1),
-            queue_depth: None,
-            corrupt_offset: None,
-            corrupt_value: None,
-            nvme_sct: None,
-            nvme_sc: None,
-        })
-        .unwrap()
-    });
-}
-
-fn release(rig: &Rig) {
-    rig.m.on(0, || error::resume_pending(ErrorResumeParams { name: "EE_Base0".into() }).unwrap());
-}
-
-fn raw(m: &MallocBdev, lba: u64, blocks: usize) -> Vec<u8> {
-    let mut v = vec![0u8; blocks * BS];
-    assert!(m.read_raw(lba as usize * BS, &mut v));
-    v
+    rig_over_error_bdev(1024)
 }
 
 fn caw_cdb(lba: u64, blocks: u8) -> [u8; 16] {

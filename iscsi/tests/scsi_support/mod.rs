@@ -238,3 +238,49 @@ pub fn rw16(opcode: u8, lba: u64, blocks: u32, byte1: u8) -> [u8; 16] {
 pub fn pattern(seed: u8, bs: usize, blocks: usize) -> Vec<u8> {
     (0..bs * blocks).map(|i| seed.wrapping_mul(31).wrapping_add((i / bs) as u8).wrapping_add((i % 251) as u8)).collect()
 }
+
+/// A 512-byte-block malloc "Base0" of `blocks` under an error bdev
+/// "EE_Base0" that the LUN serves, so a test can hold an IO at the bdev
+/// ([`hold_next`], [`release`]) and read the media behind it ([`raw`]).
+pub fn rig_over_error_bdev(blocks: u64) -> (Rig, Arc<MallocBdev>, Nexus) {
+    let mut keep = None;
+    let mut rig = Rig::with_bdev(|| {
+        let m = Arc::new(MallocBdev::new(malloc_props("Base0", 512, blocks)).unwrap());
+        keep = Some(m.clone());
+        Registry::get().register(m).unwrap();
+        bdev::error::create(bdev::error::ErrorCreateParams { base_name: "Base0".into(), uuid: None }).unwrap()
+    });
+    rig.open_channel();
+    let n = nexus("iqn.1994-05.com.example:a", 1);
+    rig.clear_ua(&n);
+    (rig, keep.unwrap(), n)
+}
+
+/// The next IO of `io_type` at "EE_Base0" stays pending until [`release`].
+pub fn hold_next(rig: &Rig, io_type: &str) {
+    rig.m.on(0, || {
+        bdev::error::inject(bdev::error::ErrorInjectParams {
+            name: "EE_Base0".into(),
+            io_type: io_type.into(),
+            error_type: "pending".into(),
+            num: Some(1),
+            queue_depth: None,
+            corrupt_offset: None,
+            corrupt_value: None,
+            nvme_sct: None,
+            nvme_sc: None,
+        })
+        .unwrap()
+    });
+}
+
+pub fn release(rig: &Rig) {
+    rig.m.on(0, || bdev::error::resume_pending(bdev::error::ErrorResumeParams { name: "EE_Base0".into() }).unwrap());
+}
+
+/// `blocks` 512-byte blocks of the malloc's memory from `lba`.
+pub fn raw(m: &MallocBdev, lba: u64, blocks: usize) -> Vec<u8> {
+    let mut v = vec![0u8; blocks * 512];
+    assert!(m.read_raw(lba as usize * 512, &mut v));
+    v
+}
