@@ -19,8 +19,8 @@ mod common;
 use bdev::{Bdev, BdevChannel, BdevError, BdevProps, DmaBuf, IoBox, IoError, IoFlags, IoStatus, IoType, Registry};
 use common::*;
 use nvmf::host::{
-    add_failover_path, attach_controller_with, controllers_json, detach_controller, reset_controller, AttachParams,
-    ReconnectOpts,
+    add_failover_path, attach_controller_with, controllers_json, detach_controller, failover_paths_config,
+    reset_controller, AttachParams, ReconnectOpts,
 };
 use nvmf::{ListenAddr, NvmfState, SubsystemParams, TransportOpts};
 use reactor::{IdlePolicy, ReactorConfig, ReactorSet};
@@ -557,6 +557,14 @@ fn failover_moves_io_to_the_alternate_path_when_the_active_one_is_lost() {
     let s = state(&ini);
     assert_eq!(s["trid"]["trsvcid"], json!(remote.port.to_string()), "{s}");
     assert_eq!(s["alternate_trids"][0]["trsvcid"], json!(port2.to_string()), "{s}");
+    // save_config: the controller's own attach recreates the first path;
+    // the alternate one follows as a failover attach of the same name.
+    let saved = ini.call(0, failover_paths_config);
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let p = &saved[0]["params"];
+    assert_eq!(saved[0]["method"], json!("bdev_nvme_attach_controller"));
+    assert_eq!((&p["name"], &p["multipath"]), (&json!("Remote"), &json!("failover")), "{p}");
+    assert_eq!(p["trsvcid"], json!(port2.to_string()), "{p}");
 
     let data = pattern(11, 8 * BS as usize);
     let lost_at = Instant::now();

@@ -142,6 +142,8 @@ pub fn subsystem_config() -> Vec<Value> {
     // Module options first, as SPDK writes them, so bdevs are created under them.
     let mut out = vec![super::raid::options_config()];
     out.extend(Registry::get().list().iter().filter_map(|h| h.bdev().config()));
+    // After the controllers they belong to.
+    out.extend(::nvmf::host::failover_paths_config());
     out.push(json!({"method": "bdev_wait_for_examine"}));
     out
 }

@@ -339,6 +339,29 @@ pub fn controllers_json(name: Option<&str>) -> Vec<Value> {
         .collect()
 }
 
+/// The calls that add back every controller's alternate paths
+/// (`multipath: "failover"`), for `save_config`: a controller's own
+/// attach call (its bdev's `config`) recreates its first path only, and
+/// these follow it, in the order the paths were added.
+pub fn failover_paths_config() -> Vec<Value> {
+    let list = ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut out = Vec::new();
+    for c in list {
+        let p = &c.params;
+        let paths: Vec<PathId> = c.paths().list.iter().skip(1).cloned().collect();
+        for path in paths {
+            let mut params = json!({"name": p.name, "trtype": "TCP", "traddr": path.traddr,
+                "adrfam": path.adrfam, "trsvcid": path.trsvcid, "subnqn": p.subnqn,
+                "hdgst": p.hdgst, "ddgst": p.ddgst, "multipath": "failover"});
+            if let (Some(h), Some(o)) = (&p.hostnqn, params.as_object_mut()) {
+                o.insert("hostnqn".into(), json!(h));
+            }
+            out.push(json!({"method": "bdev_nvme_attach_controller", "params": params}));
+        }
+    }
+    out
+}
+
 fn name_taken(name: &str) -> bool {
     ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.params.name == name)
 }

@@ -49,7 +49,7 @@ mod qpair;
 
 pub use bdev_nvme::{
     add_failover_path, attach_controller, attach_controller_with, controllers_json, detach_controller,
-    reset_controller, AttachParams, ReconnectOpts,
+    failover_paths_config, reset_controller, AttachParams, ReconnectOpts,
 };
 pub use ns_queue::MAX_QUEUED_IOS;
 pub use qpair::{AdminQpair, Completion, Data, HostError, HostQpair, QpairParts, SubmitError};
