@@ -186,6 +186,7 @@ mod storm {
                 read: data.is_none(),
                 write: data.is_some(),
                 data_out,
+                received_at: None,
             };
             if let Some(ch) = self.ch.borrow().as_ref() {
                 ch.execute(cmd);

@@ -201,7 +201,7 @@ fn mode_select_sets_descriptor_sense_and_tells_other_nexuses() {
     p[5] = 0x0A;
     p[6] = 0x04;
     p[7] = 0x10;
-    p[9] = 0x80; // TAS, as MODE SENSE shows it
+    p[9] = 0x40; // TAS, as MODE SENSE shows it
     p[12..14].copy_from_slice(&0xFFFFu16.to_be_bytes());
     rig.run(&[0x15, 0x10, 0, 0, p.len() as u8, 0], &a, p.len() as u32, Some(&p)).assert_good();
     // Errors now come in descriptor format.

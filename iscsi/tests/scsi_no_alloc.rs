@@ -52,6 +52,7 @@ impl Job {
             read: !write,
             write,
             data_out,
+            received_at: None,
         };
         if let Some(ch) = self.ch.borrow().as_ref() {
             ch.execute(cmd);

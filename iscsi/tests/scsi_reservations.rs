@@ -178,6 +178,70 @@ fn a_reset_leaves_a_unit_attention_for_other_nexuses() {
     assert_eq!(read_status(&rig, &a), status::GOOD, "the reset released RESERVE(6)");
 }
 
+/// SAM-5 6.3.3: a LUN reset by A aborts B's tasks on B's own channel
+/// (TASK ABORTED: TAS is one), and the reset is over (`aborts_settled`)
+/// only once B's task has ended, here when the bdev gives its IO back.
+#[test]
+fn a_reset_aborts_the_tasks_of_every_other_nexus() {
+    let (mut rig, _m, a) = rig_over_error_bdev(1024);
+    let b_ch = rig.open_channel();
+    let b = nexus("iqn.1994-05.com.example:b", 1);
+    while !rig.run_on(b_ch, &[0; 6], &b, 0, None).good() {}
+    let data = pattern(3, 512, 1);
+    hold_next(&rig, "write");
+    let held = rig.submit(b_ch, rig.command(&rw10(0x2A, 0, 1, 0), &b, 512, Some(&data)));
+    // B also has a command queued behind an ORDERED one.
+    let mut ordered = rig.command(&[0; 6], &b, 0, None);
+    ordered.attr = iscsi::scsi::TaskAttr::Ordered;
+    let ordered = rig.submit(b_ch, ordered);
+    rig.m.run_until_idle(20);
+    let gen = rig.m.on(0, || rig.lun.reset(&a));
+    // B's channel acts within a poll, with no command of its own arriving.
+    rig.m.run_until_idle(20);
+    assert_eq!(rig.wait(b_ch, ordered).status, status::TASK_ABORTED, "a queued task ends at once");
+    assert!(!rig.lun.aborts_settled(gen), "B's write is still at the bdev");
+    release(&rig);
+    assert_eq!(rig.wait(b_ch, held).status, status::TASK_ABORTED);
+    rig.m.run_until_idle(20);
+    assert!(rig.lun.aborts_settled(gen));
+    // B then learns of the reset; A, which asked for it, does not.
+    rig.run_on(b_ch, &[0; 6], &b, 0, None).assert_check(0x6, 0x29, 0x03);
+    rig.run(&[0; 6], &a, 0, None).assert_good();
+    // A's own tasks are its transport's to end: the reset leaves them running.
+    hold_next(&rig, "read");
+    let mine = rig.submit(0, rig.command(&rw10(0x28, 0, 1, 0), &a, 512, None));
+    rig.m.run_until_idle(20);
+    let gen = rig.m.on(0, || rig.lun.reset(&a));
+    rig.m.run_until_idle(20);
+    assert!(rig.lun.aborts_settled(gen), "nothing of another nexus to wait for");
+    release(&rig);
+    assert_eq!(rig.wait(0, mine).status, status::GOOD);
+}
+
+/// CLEAR TASK SET (one task set shared by every nexus): B's task is
+/// aborted and B told why (2Fh/00h); unlike a reset, RESERVE(6) stays.
+#[test]
+fn clear_task_set_aborts_other_nexuses_tasks_and_keeps_reservations() {
+    let (mut rig, _m, a) = rig_over_error_bdev(1024);
+    let b_ch = rig.open_channel();
+    let b = nexus("iqn.1994-05.com.example:b", 1);
+    while !rig.run_on(b_ch, &[0; 6], &b, 0, None).good() {}
+    hold_next(&rig, "read");
+    let held = rig.submit(b_ch, rig.command(&rw10(0x28, 0, 1, 0), &b, 512, None));
+    rig.m.run_until_idle(20);
+    rig.run(&[0x16, 0, 0, 0, 0, 0], &a, 0, None).assert_good();
+    let gen = rig.m.on(0, || rig.lun.clear_task_set(&a));
+    rig.m.run_until_idle(20);
+    assert!(!rig.lun.aborts_settled(gen));
+    release(&rig);
+    assert_eq!(rig.wait(b_ch, held).status, status::TASK_ABORTED);
+    rig.m.run_until_idle(20);
+    assert!(rig.lun.aborts_settled(gen));
+    rig.run_on(b_ch, &[0; 6], &b, 0, None).assert_check(0x6, 0x2F, 0x00);
+    assert_eq!(rig.run_on(b_ch, &[0; 6], &b, 0, None).status, status::RESERVATION_CONFLICT, "A's RESERVE(6) holds");
+    rig.run(&[0; 6], &a, 0, None).assert_good();
+}
+
 #[test]
 fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
     use bdev::error::{self, ErrorCreateParams, ErrorInjectParams, ErrorResumeParams};

@@ -356,7 +356,6 @@ fn task_management_answers() {
     assert_eq!(tmf(&mut c, 5, 0, 0xffff_ffff), 0, "LUN RESET");
     assert_eq!(tmf(&mut c, 5, 0x0007_0000_0000_0000, 0xffff_ffff), 2, "LUN RESET of no LUN");
     assert_eq!(tmf(&mut c, 6, 0, 0xffff_ffff), 0, "TARGET WARM RESET");
-    assert_eq!(tmf(&mut c, 7, 0, 0xffff_ffff), 5, "TARGET COLD RESET: not supported");
     // A write waiting for its R2T data is aborted at once.
     let data = vec![1u8; 4096];
     let itt = c.scsi(&write10(0, 8), 0, Some(&data), 0);
@@ -367,6 +366,90 @@ fn task_management_answers() {
     let itt = c.scsi(&read10(0, 1), 512, None, 0);
     let (st, _, _) = c.finish(itt, None);
     assert_eq!(st, 0);
+    // TARGET COLD RESET: answered, then every connection to the node ends,
+    // another initiator's too; new logins are served.
+    let mut other = Ini::connect(t.addr);
+    other.isid = [0x80, 0, 0, 0, 0, 3];
+    assert_eq!(other.login(TARGET, &[]).bhs.byte(36), 0);
+    assert_eq!(tmf(&mut c, 7, 0, 0xffff_ffff), 0, "TARGET COLD RESET");
+    assert!(c.closed(), "the asker's connection ends");
+    assert!(other.closed(), "every connection to the node ends");
+    let _ = full_feature(&t);
+}
+
+/// A LUN RESET from one session ends the other session's command held at
+/// the bdev with TASK ABORTED (the control mode page's TAS is one) long
+/// before the bdev would have answered it, and that session then sees the
+/// reset's unit attention (SAM-5 6.3.3); a write of the other session still
+/// gathering Data-Out during the reset is aborted too, unwritten.
+#[test]
+fn a_lun_reset_aborts_the_commands_of_other_sessions() {
+    let t = target_delayed(2_000_000);
+    let mut a = full_feature(&t);
+    let mut b = Ini::connect(t.addr);
+    b.isid = [0x80, 0, 0, 0, 0, 2];
+    let r = b.login(TARGET, &[]);
+    assert_eq!(r.bhs.byte(36), 0);
+    b.cmd_sn = r.bhs.u32_at(28);
+    for c in [&mut a, &mut b] {
+        loop {
+            let itt = c.scsi(&[0u8; 6], 0, None, 0);
+            if c.finish(itt, None).0 == 0 {
+                break;
+            }
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let held = b.scsi(&read10(0, 8), 4096, None, 0);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut reset = Bhs::new(op::TMF_REQ | 0x40);
+    reset.set_flags(0x80 | 5);
+    reset.set_u32(16, 777);
+    reset.set_u32(20, 0xffff_ffff);
+    reset.set_u32(24, a.cmd_sn);
+    a.send(reset, &[]);
+    let r = a.recv().unwrap();
+    assert_eq!((r.bhs.opcode(), r.bhs.byte(2)), (op::TMF_RESP, 0), "LUN RESET: function complete");
+    let (st, din, resp) = b.finish(held, None);
+    assert_eq!(st, 0x40, "TASK ABORTED");
+    assert!(din.is_empty());
+    assert_eq!(resp.bhs.opcode(), op::SCSI_RESP);
+    assert!(t0.elapsed() < std::time::Duration::from_millis(1500), "aborted, not served after the bdev's 2 s");
+    // B's next command reports the reset; A asked for it and sees none.
+    let itt = b.scsi(&[0u8; 6], 0, None, 0);
+    let (st, _, resp) = b.finish(itt, None);
+    assert_eq!(st, 2);
+    let sense = &resp.data[2..];
+    assert_eq!((sense[2] & 0xF, sense[12], sense[13]), (0x6, 0x29, 0x03), "BUS DEVICE RESET FUNCTION OCCURRED");
+    let itt = a.scsi(&[0u8; 6], 0, None, 0);
+    assert_eq!(a.finish(itt, None).0, 0);
+    // A write of B still gathering its Data-Out when A resets the LUN was
+    // received before the reset: it ends TASK ABORTED and writes nothing.
+    let data = vec![0x5Au8; 4096];
+    let itt = b.scsi(&write10(16, 8), 0, Some(&data), 0);
+    let r2t = b.recv().unwrap();
+    assert_eq!(r2t.bhs.opcode(), op::R2T);
+    let mut reset = Bhs::new(op::TMF_REQ | 0x40);
+    reset.set_flags(0x80 | 5);
+    reset.set_u32(16, 778);
+    reset.set_u32(20, 0xffff_ffff);
+    reset.set_u32(24, a.cmd_sn);
+    a.send(reset, &[]);
+    assert_eq!(a.recv().unwrap().bhs.byte(2), 0);
+    let mut d = Bhs::new(op::DATA_OUT);
+    d.set_flags(0x80);
+    d.set_u32(16, itt);
+    d.set_u32(20, r2t.bhs.u32_at(20));
+    d.set_u32(28, b.exp_stat_sn);
+    b.send(d, &data);
+    let (st, _, _) = b.finish(itt, None);
+    assert_eq!(st, 0x40, "TASK ABORTED, not run to meet the reset's unit attention");
+    let itt = b.scsi(&[0u8; 6], 0, None, 0);
+    let (st, _, resp) = b.finish(itt, None);
+    assert_eq!((st, resp.data[2 + 12]), (2, 0x29), "then the unit attention");
+    let itt = a.scsi(&read10(16, 8), 4096, None, 0);
+    let (st, din, _) = a.finish(itt, None);
+    assert_eq!((st, din), (0, vec![0u8; 4096]), "nothing written");
 }
 
 #[test]
@@ -545,6 +628,11 @@ fn random_pdus_end_only_their_own_connection() {
             }
         }
         b.0[4] = 0;
+        if b.opcode() == op::TMF_REQ && b.0[1] & 0x7f == 7 {
+            // A TARGET COLD RESET rightly ends every connection, this
+            // test's other one too: a warm reset instead.
+            b.0[1] ^= 1;
+        }
         let len = (next() % 3000) as usize;
         let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
         c.send(b, &data);

@@ -168,7 +168,7 @@ impl Inner {
     pub(crate) fn block_io_done(&self, io: IoBox) {
         let (slot, gen, st) = (io.tag as u32, io.tag2 as u32, io.status);
         drop(io);
-        self.apply_preempt_aborts();
+        self.apply_announced_aborts();
         {
             let mut tasks = self.tasks.borrow_mut();
             let Some(t) = tasks.get_mut(slot as usize) else { return };

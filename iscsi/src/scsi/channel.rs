@@ -4,7 +4,7 @@
 //! returned: immediate answers wait in `ready` for the next poll).
 
 use super::cdb::{self, op};
-use super::lun::{Lun, WriteCounters};
+use super::lun::{AbortOf, Lun, WriteCounters};
 use super::reservations::Refusal;
 use super::sense::Check;
 use super::{inquiry, mode, reservations};
@@ -82,6 +82,9 @@ pub(crate) struct Task {
     /// Valid bytes of Data-In in `buf`.
     pub(crate) data_in_len: u32,
     pub(crate) aborted: bool,
+    /// Aborted on a LUN-wide announcement (another nexus's reset or
+    /// preemption): counted in `aborts_unsettled` until it ends.
+    pub(crate) abort_announced: bool,
     // The IO plan (block commands).
     pub(crate) kind: IoKind,
     pub(crate) stage: u8,
@@ -128,8 +131,12 @@ pub(crate) struct Inner {
     /// stays sound) and the UA generation at which it had none pending.
     ua_clear: RefCell<Option<(Arc<str>, u64)>>,
     pub(crate) writes: Arc<WriteCounters>,
-    /// The LUN's `preempt_generation` this channel has acted on.
-    preempt_seen: Cell<u64>,
+    /// The LUN's `abort_generation` this channel has acted on, and the
+    /// tasks it aborted on announcements that have not ended yet.
+    aborts_seen: Cell<u64>,
+    aborts_unsettled: Cell<u32>,
+    /// Looks for abort announcements while no command comes or completes.
+    abort_poller: RefCell<Option<reactor::PollerHandle>>,
     /// Tasks waiting for a COMPARE AND WRITE range (or CAW waiting for
     /// writes to drain), retried by `retry_poller`.
     pub(crate) parked: RefCell<Vec<u32>>,
@@ -145,6 +152,9 @@ impl LunChannel {
     pub fn open(lun: &Arc<Lun>, done: Rc<dyn ScsiDone>) -> Result<LunChannel, bdev::BdevError> {
         let bdev = lun.bdev().channel()?;
         let writes = Arc::new(WriteCounters::default());
+        // Announcements before the channel existed cover none of its tasks.
+        let seen = lun.abort_generation.load(Ordering::Acquire);
+        writes.aborts_settled.store(seen, Ordering::Release);
         lun.add_channel(&writes);
         let inner = Rc::new_cyclic(|me| Inner {
             me: me.clone(),
@@ -160,12 +170,25 @@ impl LunChannel {
             releasing: Cell::new(false),
             ua_clear: RefCell::new(None),
             writes,
-            preempt_seen: Cell::new(lun.preempt_generation.load(Ordering::Acquire)),
+            aborts_seen: Cell::new(seen),
+            aborts_unsettled: Cell::new(0),
+            abort_poller: RefCell::new(None),
             parked: RefCell::new(Vec::with_capacity(QUEUE_DEPTH)),
             retry_poller: RefCell::new(None),
         });
         // Data-In buffers for the common sizes, so the first commands map nothing.
         DmaBuf::reserve(4096, 16);
+        // A task held at the bdev is aborted by another nexus's reset
+        // within a poll, not only when this channel next sees traffic.
+        let me = Rc::downgrade(&inner);
+        *inner.abort_poller.borrow_mut() = Some(reactor::register_poller("scsi_lun_aborts", move || {
+            let Some(me) = me.upgrade() else { return reactor::PollStatus::Done };
+            if me.apply_announced_aborts() {
+                reactor::PollStatus::Busy
+            } else {
+                reactor::PollStatus::Idle
+            }
+        }));
         Ok(LunChannel { inner })
     }
 
@@ -219,6 +242,9 @@ impl Drop for LunChannel {
         if let Some(p) = self.inner.retry_poller.borrow_mut().take() {
             p.unregister();
         }
+        if let Some(p) = self.inner.abort_poller.borrow_mut().take() {
+            p.unregister();
+        }
     }
 }
 
@@ -243,7 +269,11 @@ impl Inner {
     }
 
     fn execute(&self, cmd: ScsiCommand) {
-        self.apply_preempt_aborts();
+        self.apply_announced_aborts();
+        if cmd.received_at.is_some_and(|g| self.lun.aborted_since(g, &cmd.nexus)) {
+            self.answer_without_slot(cmd, status::TASK_ABORTED);
+            return;
+        }
         if self.must_wait(cmd.attr) {
             if self.held.borrow().len() < QUEUE_DEPTH {
                 self.held.borrow_mut().push_back(cmd);
@@ -278,9 +308,13 @@ impl Inner {
     /// Aborts held commands (the one with `tag`, or all): they are answered
     /// TASK ABORTED without running. Returns how many.
     fn abort_held(&self, tag: Option<u32>) -> usize {
+        self.abort_held_where(&|c| tag.is_none_or(|t| c.tag == t))
+    }
+
+    fn abort_held_where(&self, which: &dyn Fn(&ScsiCommand) -> bool) -> usize {
         let mut n = 0;
         loop {
-            let i = self.held.borrow().iter().position(|c| tag.is_none_or(|t| c.tag == t));
+            let i = self.held.borrow().iter().position(which);
             let Some(cmd) = i.and_then(|i| self.held.borrow_mut().remove(i)) else { break };
             self.answer_without_slot(cmd, status::TASK_ABORTED);
             n += 1;
@@ -525,6 +559,12 @@ impl Inner {
                 self.writes.finished.fetch_add(1, Ordering::Release);
                 t.write_counted = false;
             }
+            if std::mem::take(&mut t.abort_announced) {
+                self.aborts_unsettled.set(self.aborts_unsettled.get() - 1);
+                if self.aborts_unsettled.get() == 0 {
+                    self.writes.aborts_settled.store(self.aborts_seen.get(), Ordering::Release);
+                }
+            }
             let (st, sense) = match outcome {
                 Outcome::Good => (status::GOOD, Sense::EMPTY),
                 Outcome::Check(c) => (status::CHECK_CONDITION, c.encode(self.lun.descriptor_sense())),
@@ -597,28 +637,41 @@ impl Inner {
         }
     }
 
-    /// Aborts the tasks of nexuses a PREEMPT AND ABORT (on any channel)
-    /// preempted since this channel last looked. One atomic load when none.
-    pub(crate) fn apply_preempt_aborts(&self) {
-        let gen = self.lun.preempt_generation.load(Ordering::Acquire);
-        let seen = self.preempt_seen.replace(gen);
+    /// Aborts the tasks that abort announcements (PREEMPT AND ABORT, a
+    /// reset, from any channel) made since this channel last looked cover:
+    /// held commands are answered TASK ABORTED at once, tasks in the slots
+    /// end with TASK ABORTED once their bdev IOs are back. One atomic load
+    /// when there is none; returns whether there was.
+    pub(crate) fn apply_announced_aborts(&self) -> bool {
+        let gen = self.lun.abort_generation.load(Ordering::Acquire);
+        let seen = self.aborts_seen.replace(gen);
         if gen == seen {
-            return;
+            return false;
         }
-        let victims: Vec<Nexus> =
-            self.lun.state().preempted.iter().filter(|(g, _)| *g > seen).map(|(_, n)| n.clone()).collect();
-        let slots: Vec<u32> = {
-            let tasks = self.tasks.borrow();
-            (0..tasks.len() as u32)
-                .filter(|&i| {
-                    let t = &tasks[i as usize];
-                    t.busy && !t.aborted && t.nexus.as_ref().is_some_and(|n| victims.contains(n))
-                })
-                .collect()
-        };
+        let covered: Vec<AbortOf> =
+            self.lun.state().aborts.iter().filter(|(g, _)| *g > seen).map(|(_, a)| a.clone()).collect();
+        let covers = |n: &Nexus| covered.iter().any(|a| a.covers(n));
+        self.abort_held_where(&|c| covers(&c.nexus));
+        let mut slots = Vec::new();
+        {
+            let mut tasks = self.tasks.borrow_mut();
+            for (i, t) in tasks.iter_mut().enumerate() {
+                if t.busy && !t.abort_announced && t.nexus.as_ref().is_some_and(covers) {
+                    t.abort_announced = true;
+                    self.aborts_unsettled.set(self.aborts_unsettled.get() + 1);
+                    if !t.aborted {
+                        slots.push(i as u32);
+                    }
+                }
+            }
+        }
+        if self.aborts_unsettled.get() == 0 {
+            self.writes.aborts_settled.store(gen, Ordering::Release);
+        }
         for s in slots {
             self.abort_slot(s);
         }
+        true
     }
 
     pub(crate) fn abort_slot(&self, slot: u32) {

@@ -232,8 +232,10 @@ pub(crate) fn read_capacity_16(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]) -> Res
     Ok(32)
 }
 
-/// GET LBA STATUS: one descriptor, every block from the start mapped
-/// (the bdev interface cannot tell deallocated blocks apart).
+/// GET LBA STATUS: one descriptor from the start to the end of the LUN,
+/// PROVISIONING STATUS 0h, which SBC-4 defines as "mapped or unknown": the
+/// bdev interface (`Bdev`, `IoType`) has no query for deallocated blocks,
+/// so nothing more is known to report.
 pub(crate) fn get_lba_status(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]) -> Result<usize, Check> {
     let start = be64(&cdb[2..10]);
     if start >= lun.num_blocks {
@@ -244,7 +246,7 @@ pub(crate) fn get_lba_status(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]) -> Resul
     d[0..4].copy_from_slice(&20u32.to_be_bytes());
     d[8..16].copy_from_slice(&start.to_be_bytes());
     d[16..20].copy_from_slice(&count.to_be_bytes());
-    d[20] = 0; // mapped
+    d[20] = 0; // mapped or unknown
     put(out, 0, &d);
     Ok(24)
 }

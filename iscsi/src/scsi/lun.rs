@@ -26,12 +26,36 @@ pub(crate) struct NexusState {
     pub(crate) pending_ua: Vec<Check>,
 }
 
-/// Writes issued and finished by one channel: COMPARE AND WRITE waits for
-/// writes that began before it (each counter has one writer, the channel).
+/// What one channel publishes to the rest of the LUN (each counter has one
+/// writer, the channel): writes issued and finished (COMPARE AND WRITE
+/// waits for writes that began before it), and the abort announcements it
+/// has carried out (a LUN RESET answers once every channel has).
 #[derive(Default)]
 pub(crate) struct WriteCounters {
     pub(crate) started: AtomicU64,
     pub(crate) finished: AtomicU64,
+    /// The LUN's `abort_generation` up to which every task this channel
+    /// aborted on an announcement has ended.
+    pub(crate) aborts_settled: AtomicU64,
+}
+
+/// Whose tasks an abort announcement ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum AbortOf {
+    /// One nexus's (PREEMPT AND ABORT).
+    Nexus(Nexus),
+    /// Every nexus's but the one that asked (LOGICAL UNIT RESET, TARGET
+    /// RESET): the asker's own tasks are ended by its transport.
+    AllBut(Nexus),
+}
+
+impl AbortOf {
+    pub(crate) fn covers(&self, n: &Nexus) -> bool {
+        match self {
+            AbortOf::Nexus(v) => v == n,
+            AbortOf::AllBut(asker) => asker != n,
+        }
+    }
 }
 
 /// Control-path state of the LUN, under its mutex.
@@ -42,9 +66,9 @@ pub(crate) struct LunState {
     /// Block ranges (first, count) of COMPARE AND WRITEs in progress.
     pub(crate) caw_ranges: Vec<(u64, u64)>,
     pub(crate) channels: Vec<Weak<WriteCounters>>,
-    /// Nexuses whose tasks PREEMPT AND ABORT aborted, with the value of
-    /// `preempt_generation` that announced each (the newest few).
-    pub(crate) preempted: Vec<(u64, Nexus)>,
+    /// Abort announcements (PREEMPT AND ABORT, LUN RESET), with the value
+    /// of `abort_generation` that announced each (the newest few).
+    pub(crate) aborts: Vec<(u64, AbortOf)>,
 }
 
 /// A logical unit over a bdev. `Send + Sync`; shared by every session.
@@ -70,9 +94,10 @@ pub struct Lun {
     pub(crate) reserved: AtomicBool,
     /// COMPARE AND WRITEs that hold a range.
     pub(crate) caw_active: AtomicU32,
-    /// Bumped by PREEMPT AND ABORT: channels then abort the preempted
-    /// nexuses' tasks (checked at each command and completion).
-    pub(crate) preempt_generation: AtomicU64,
+    /// Bumped by PREEMPT AND ABORT and by resets: every channel then aborts
+    /// the tasks the announcement covers (checked at each command, each
+    /// completion and each poll of the channel).
+    pub(crate) abort_generation: AtomicU64,
     state: Mutex<LunState>,
 }
 
@@ -94,7 +119,7 @@ impl Lun {
             ua_generation: AtomicU64::new(0),
             reserved: AtomicBool::new(false),
             caw_active: AtomicU32::new(0),
-            preempt_generation: AtomicU64::new(0),
+            abort_generation: AtomicU64::new(0),
             target_name: target_name.into(),
             bdev,
             state: Mutex::new(LunState::default()),
@@ -132,11 +157,16 @@ impl Lun {
         self.ua_generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// A LUN RESET or TARGET WARM RESET by `by` finished: unit attention
-    /// (29h/03h BUS DEVICE RESET FUNCTION OCCURRED) for every other nexus,
-    /// RESERVE(6) released.
-    pub fn reset(&self, by: &Nexus) {
+    /// A LUN RESET or TARGET WARM RESET by `by` (SAM-5 6.3.3): the tasks of
+    /// every other nexus are aborted (each channel ends them with TASK
+    /// ABORTED: the control mode page's TAS is one), a unit attention
+    /// (29h/03h BUS DEVICE RESET FUNCTION OCCURRED) is queued for every
+    /// other nexus, RESERVE(6) is released. `by`'s own tasks are its
+    /// transport's to end. Returns the abort generation to pass to
+    /// [`Lun::aborts_settled`].
+    pub fn reset(&self, by: &Nexus) -> u64 {
         let mut st = self.state();
+        let gen = self.announce_abort(&mut st, AbortOf::AllBut(by.clone()));
         st.res.legacy = None;
         for (n, s) in st.nexuses.iter_mut() {
             if n != by {
@@ -148,6 +178,40 @@ impl Lun {
         self.d_sense.store(false, Ordering::Release);
         self.reserved.store(st.res.any_held(), Ordering::Release);
         self.ua_generation.fetch_add(1, Ordering::AcqRel);
+        gen
+    }
+
+    /// A CLEAR TASK SET by `by` (SAM-5 7.4): the task set is shared by every
+    /// nexus (the control mode page's TST is 000b), so the tasks of every
+    /// other nexus are aborted as by a reset, and each of those nexuses gets
+    /// a unit attention (2Fh/00h COMMANDS CLEARED BY ANOTHER INITIATOR); no
+    /// other state changes. Returns the abort generation, as [`Lun::reset`].
+    pub fn clear_task_set(&self, by: &Nexus) -> u64 {
+        let mut st = self.state();
+        let gen = self.announce_abort(&mut st, AbortOf::AllBut(by.clone()));
+        self.ua_for_others(&mut st, Some(by), Check::COMMANDS_CLEARED_BY_ANOTHER_INITIATOR);
+        gen
+    }
+
+    /// The count of abort announcements so far (see
+    /// [`ScsiCommand::received_at`](super::ScsiCommand::received_at)).
+    pub fn abort_generation(&self) -> u64 {
+        self.abort_generation.load(Ordering::Acquire)
+    }
+
+    /// Whether an abort announcement after generation `since` covers `n`.
+    pub(crate) fn aborted_since(&self, since: u64, n: &Nexus) -> bool {
+        if self.abort_generation.load(Ordering::Acquire) == since {
+            return false;
+        }
+        self.state().aborts.iter().any(|(g, a)| *g > since && a.covers(n))
+    }
+
+    /// Whether every channel of the LUN has ended the tasks that the abort
+    /// announcement `gen` (and every earlier one) covered.
+    pub fn aborts_settled(&self, gen: u64) -> bool {
+        let st = self.state();
+        st.channels.iter().filter_map(|w| w.upgrade()).all(|c| c.aborts_settled.load(Ordering::Acquire) >= gen)
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, LunState> {
@@ -203,21 +267,33 @@ impl Lun {
     }
 }
 
-/// Preempted nexuses remembered for channels that have not looked yet.
-const MAX_PREEMPTED: usize = 64;
+/// Abort announcements remembered for channels that have not looked yet.
+const MAX_ABORTS: usize = 64;
 
 impl Lun {
     /// Announces that `victims`' tasks are to be aborted (PREEMPT AND ABORT).
     pub(crate) fn abort_tasks_of(&self, st: &mut LunState, victims: &[Nexus]) {
-        let gen = self.preempt_generation.load(Ordering::Acquire) + 1;
+        let gen = self.abort_generation.load(Ordering::Acquire) + 1;
         for v in victims {
-            if st.preempted.len() >= MAX_PREEMPTED {
-                st.preempted.remove(0);
-            }
-            st.preempted.push((gen, v.clone()));
+            push_abort(st, gen, AbortOf::Nexus(v.clone()));
         }
-        self.preempt_generation.store(gen, Ordering::Release);
+        self.abort_generation.store(gen, Ordering::Release);
     }
+
+    /// Announces one abort to every channel; returns its generation.
+    fn announce_abort(&self, st: &mut LunState, what: AbortOf) -> u64 {
+        let gen = self.abort_generation.load(Ordering::Acquire) + 1;
+        push_abort(st, gen, what);
+        self.abort_generation.store(gen, Ordering::Release);
+        gen
+    }
+}
+
+fn push_abort(st: &mut LunState, gen: u64, what: AbortOf) {
+    if st.aborts.len() >= MAX_ABORTS {
+        st.aborts.remove(0);
+    }
+    st.aborts.push((gen, what));
 }
 
 fn push_ua(s: &mut NexusState, ua: Check) {

@@ -78,6 +78,11 @@ pub struct ScsiCommand {
     /// Data-Out received, `len()` = bytes received (at most `expected_len`
     /// and at most [`Lun::data_out_len`]); None for commands without Data-Out.
     pub data_out: Option<DmaBuf>,
+    /// [`Lun::abort_generation`] when the transport received the command
+    /// (before it gathered the Data-Out): a reset or CLEAR TASK SET by
+    /// another nexus since then covers it, and it ends TASK ABORTED without
+    /// running. None: only announcements after it reaches the LUN count.
+    pub received_at: Option<u64>,
 }
 
 /// Residual count relative to `expected_len` (RFC 7143 11.4.5).

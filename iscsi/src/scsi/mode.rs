@@ -48,15 +48,16 @@ fn page(lun: &Lun, code: u8, pc: PageControl) -> ([u8; 20], usize) {
                     if lun.d_sense.load(Ordering::Acquire) {
                         p[2] |= 0x04;
                     }
-                    // Unrestricted reordering; TAS: tasks aborted by another
-                    // nexus (PREEMPT AND ABORT) end with TASK ABORTED.
+                    // Unrestricted reordering; TAS (byte 5 bit 6): tasks
+                    // another nexus aborts (PREEMPT AND ABORT, LUN RESET)
+                    // end with TASK ABORTED.
                     p[3] = 0x10;
-                    p[5] = 0x80;
+                    p[5] = 0x40;
                     p[8..10].copy_from_slice(&0xFFFFu16.to_be_bytes());
                 }
                 PageControl::Default => {
                     p[3] = 0x10;
-                    p[5] = 0x80;
+                    p[5] = 0x40;
                     p[8..10].copy_from_slice(&0xFFFFu16.to_be_bytes());
                 }
             }

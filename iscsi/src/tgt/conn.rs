@@ -212,6 +212,9 @@ impl Conn {
         if self.tx.queued_bytes() < TX_HIGH_WATER && !self.close_after_flush {
             busy |= self.poll_rx();
         }
+        if self.tmf.is_some() {
+            self.finish_tmf();
+        }
         if self.logout_itt.is_some() && self.in_flight() == 0 {
             self.send_logout_response();
         }

@@ -672,6 +672,19 @@ impl IscsiState {
         Ok(tsih)
     }
 
+    /// TARGET COLD RESET: every connection of every session to `node` ends
+    /// (each after flushing what it has queued).
+    pub(crate) fn end_connections_to(&self, node: &Arc<TargetNode>) {
+        let s = self.lock();
+        for c in &s.conns {
+            let to_node =
+                c.target_node.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|n| Arc::ptr_eq(n, node));
+            if to_node {
+                c.end();
+            }
+        }
+    }
+
     /// Whether a session with this TSIH exists.
     pub(crate) fn session_exists(&self, tsih: u16) -> bool {
         self.lock().sessions.iter().any(|x| x.tsih == tsih)

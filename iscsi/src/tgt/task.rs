@@ -17,6 +17,7 @@ mod tmf_fn {
     pub const CLEAR_TASK_SET: u8 = 4;
     pub const LUN_RESET: u8 = 5;
     pub const TARGET_WARM_RESET: u8 = 6;
+    pub const TARGET_COLD_RESET: u8 = 7;
 }
 
 /// Task management responses.
@@ -81,15 +82,23 @@ pub(crate) struct Task {
     data_sn: u32,
     /// Aborted by task management: no response is sent.
     aborted: bool,
+    /// The LUN's abort generation when the command arrived.
+    received_at: Option<u64>,
     /// A pending TMF response waits for this task.
     tmf_wait: bool,
 }
 
-/// A task management request waiting for its aborted tasks to finish.
+/// A task management request waiting for its aborted tasks to finish:
+/// this connection's own, and, for a reset, every other nexus's on each
+/// reset LUN (SAM-5 6.3.3: the reset completes once they have ended).
 pub(crate) struct PendingTmf {
     itt: u32,
     response: u8,
     waiting: u32,
+    settle: Vec<(Arc<scsi::Lun>, u64)>,
+    /// TARGET COLD RESET: once answered, every connection to the target
+    /// node ends (RFC 7143 11.5.1).
+    cold: bool,
 }
 
 fn tag_of(slot: usize, gen: u16) -> u32 {
@@ -164,6 +173,7 @@ impl Conn {
         t.data_sn = 0;
         t.aborted = false;
         t.tmf_wait = false;
+        t.received_at = lun_idx.map(|i| self.luns[i].lun.abort_generation());
         t.buf = None;
         if !write || edtl == 0 {
             t.want = 0;
@@ -319,6 +329,7 @@ impl Conn {
             read: t.read,
             write: t.write,
             data_out: if t.write { data_out } else { None },
+            received_at: t.received_at,
         };
         match t.lun_idx {
             Some(i) => self.luns[i].ch.execute(cmd),
@@ -462,7 +473,7 @@ impl Conn {
             return;
         }
         let lun_idx = self.lun_index(bhs.lun());
-        let mut pending = PendingTmf { itt, response: tmf_resp::COMPLETE, waiting: 0 };
+        let mut pending = PendingTmf { itt, response: tmf_resp::COMPLETE, waiting: 0, settle: Vec::new(), cold: false };
         match function {
             tmf_fn::ABORT_TASK => {
                 let rtt = bhs.u32_at(off::W20);
@@ -487,31 +498,57 @@ impl Conn {
                             pending.waiting += self.abort_slot(slot);
                         }
                     }
-                    if function == tmf_fn::LUN_RESET {
-                        if let (Some(i), Some(s)) = (lun_idx, &self.sess) {
-                            self.luns[i].lun.reset(&s.nexus);
-                        }
+                    // ABORT TASK SET ends this session's tasks only; the
+                    // others reach every nexus's (one shared task set).
+                    if let (Some(i), Some(s), true) = (lun_idx, &self.sess, function != tmf_fn::ABORT_TASK_SET) {
+                        let lun = self.luns[i].lun.clone();
+                        let gen = if function == tmf_fn::LUN_RESET {
+                            lun.reset(&s.nexus)
+                        } else {
+                            lun.clear_task_set(&s.nexus)
+                        };
+                        pending.settle.push((lun, gen));
                     }
                 }
             }
-            tmf_fn::TARGET_WARM_RESET => {
+            tmf_fn::TARGET_WARM_RESET | tmf_fn::TARGET_COLD_RESET => {
+                pending.cold = function == tmf_fn::TARGET_COLD_RESET;
                 for slot in 0..self.tasks.len() {
                     if self.tasks[slot].state != TaskState::Free {
                         pending.waiting += self.abort_slot(slot);
                     }
                 }
                 if let Some(s) = &self.sess {
-                    for l in &self.luns {
-                        l.lun.reset(&s.nexus);
+                    for l in self.luns.iter().filter(|l| !l.gone) {
+                        let gen = l.lun.reset(&s.nexus);
+                        pending.settle.push((l.lun.clone(), gen));
                     }
                 }
             }
             _ => pending.response = tmf_resp::NOT_SUPPORTED,
         }
-        if pending.waiting == 0 {
-            self.send_tmf_response(itt, pending.response);
-        } else {
-            self.tmf = Some(pending);
+        self.tmf = Some(pending);
+        self.finish_tmf();
+    }
+
+    /// Sends the pending TMF response once every task it aborted has ended
+    /// (here and, for a reset, on every other channel of the LUN); the
+    /// connection's poll calls it again until then.
+    pub(super) fn finish_tmf(&mut self) {
+        let Some(p) = &mut self.tmf else {
+            return;
+        };
+        if p.waiting > 0 {
+            return;
+        }
+        p.settle.retain(|(lun, gen)| !lun.aborts_settled(*gen));
+        if p.settle.is_empty() {
+            let (itt, response, cold) = (p.itt, p.response, p.cold);
+            self.tmf = None;
+            self.send_tmf_response(itt, response);
+            if let (true, Some(node)) = (cold, self.sess.as_ref().and_then(|s| s.node.clone())) {
+                self.state.end_connections_to(&node);
+            }
         }
     }
 
@@ -542,11 +579,7 @@ impl Conn {
             return;
         };
         p.waiting -= 1;
-        if p.waiting == 0 {
-            let (itt, response) = (p.itt, p.response);
-            self.tmf = None;
-            self.send_tmf_response(itt, response);
-        }
+        self.finish_tmf();
     }
 
     fn send_tmf_response(&mut self, itt: u32, response: u8) {

@@ -140,6 +140,7 @@ impl Rig {
             read: data_out.is_none() && expected_len > 0,
             write: data_out.is_some(),
             data_out,
+            received_at: None,
         }
     }
 
