@@ -1,11 +1,13 @@
 //! The block-device trait (shaped like SPDK's `spdk_bdev_fn_table`), the
 //! per-reactor channel a bdev serves IO on, and per-channel IO statistics.
 
+use crate::histogram::Histogram;
 use crate::io::{BdevIo, IoBox, IoError, IoStatus, IoType};
+use crate::qos::{self, QosGate};
 use crate::registry::BdevHandle;
 use crate::tsc;
 use serde_json::Value;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use uuid::Uuid;
 
@@ -91,6 +93,13 @@ pub trait Bdev: Send + Sync + 'static {
     fn destruct(&self, done: Box<dyn FnOnce() + Send>) {
         done();
     }
+
+    /// Measures the media again (a file or block device that was resized
+    /// under the bdev): its size now, in blocks. None for a bdev that
+    /// cannot (its size changes by other means, or never).
+    fn rescan_blocks(&self) -> Option<Result<u64, crate::BdevError>> {
+        None
+    }
 }
 
 /// A bdev's IO path on one reactor.
@@ -132,8 +141,12 @@ pub struct ChannelStats {
     pub min_read_latency_ticks: Cell<u64>,
     pub max_write_latency_ticks: Cell<u64>,
     pub min_write_latency_ticks: Cell<u64>,
+    pub max_unmap_latency_ticks: Cell<u64>,
+    pub min_unmap_latency_ticks: Cell<u64>,
     pub num_io_errors: Cell<u64>,
     pub in_flight: Cell<u64>,
+    /// Latency histogram while `bdev_enable_histogram` has it on.
+    pub(crate) histogram: RefCell<Option<Histogram>>,
 }
 
 fn add(c: &Cell<u64>, v: u64) {
@@ -145,6 +158,10 @@ impl ChannelStats {
         add(&self.in_flight, u64::MAX); // -1
         let ticks = now.wrapping_sub(io.submit_ticks);
         io.latency_ticks = ticks;
+        // Every completed IO, failed ones too, as SPDK counts them.
+        if let Some(h) = self.histogram.borrow().as_ref() {
+            h.tally(io.io_type, ticks);
+        }
         if io.status != IoStatus::Success {
             add(&self.num_io_errors, 1);
             return;
@@ -173,6 +190,7 @@ impl ChannelStats {
             IoType::Unmap => {
                 add(&self.num_unmap_ops, 1);
                 add(&self.unmap_latency_ticks, ticks);
+                minmax(&self.max_unmap_latency_ticks, &self.min_unmap_latency_ticks);
             }
             IoType::WriteZeroes => {
                 add(&self.num_write_zeroes_ops, 1);
@@ -210,6 +228,8 @@ impl ChannelStats {
         };
         acc.min_read_latency_ticks = min(acc.min_read_latency_ticks, self.min_read_latency_ticks.get());
         acc.min_write_latency_ticks = min(acc.min_write_latency_ticks, self.min_write_latency_ticks.get());
+        acc.max_unmap_latency_ticks = acc.max_unmap_latency_ticks.max(self.max_unmap_latency_ticks.get());
+        acc.min_unmap_latency_ticks = min(acc.min_unmap_latency_ticks, self.min_unmap_latency_ticks.get());
         acc.num_io_errors += self.num_io_errors.get();
         acc.in_flight += self.in_flight.get();
     }
@@ -235,26 +255,36 @@ pub struct IoStatTotals {
     pub max_write_latency_ticks: u64,
     pub min_write_latency_ticks: u64,
     pub unmap_latency_ticks: u64,
+    pub max_unmap_latency_ticks: u64,
+    pub min_unmap_latency_ticks: u64,
     pub num_io_errors: u64,
     #[serde(skip)]
     pub in_flight: u64,
 }
 
 /// A bdev's channel on this reactor, as users see it: checks each IO,
-/// accounts it, and hands it to the module's channel.
+/// accounts it, and hands it to the module's channel, through the QoS gate
+/// while the bdev has rate limits.
 pub struct Channel {
     handle: BdevHandle,
     inner: Rc<dyn BdevChannel>,
     stats: Rc<ChannelStats>,
+    qos: Rc<QosGate>,
     block_size: u64,
-    num_blocks: u64,
 }
 
 impl Channel {
     pub(crate) fn new(handle: BdevHandle, inner: Rc<dyn BdevChannel>) -> Self {
         let p = handle.props();
-        let (block_size, num_blocks) = (p.block_size as u64, p.num_blocks);
-        Channel { handle, inner, stats: Rc::new(ChannelStats::default()), block_size, num_blocks }
+        let block_size = p.block_size as u64;
+        let controls = qos::controls(&handle);
+        let stats = Rc::new(ChannelStats::default());
+        if let Some(cfg) = *controls.histogram.lock().unwrap_or_else(|e| e.into_inner()) {
+            *stats.histogram.borrow_mut() = Some(Histogram::new(cfg.shape(tsc::tick_rate()), cfg.io_type));
+        }
+        let qos = QosGate::new(controls.qos.clone(), inner.clone(), block_size);
+        qos::register_channel(handle.id(), &stats, &qos);
+        Channel { handle, inner, stats, qos, block_size }
     }
 
     pub fn handle(&self) -> &BdevHandle {
@@ -274,12 +304,21 @@ impl Channel {
         add(&self.stats.in_flight, 1);
         io.stats = Some(self.stats.clone());
         io.submit_ticks = tsc::ticks();
-        self.inner.submit(io);
+        if self.qos.armed() {
+            self.qos.submit(io);
+        } else {
+            self.inner.submit(io);
+        }
     }
 
-    /// See [`BdevChannel::abort`].
+    /// See [`BdevChannel::abort`]; IOs waiting for their QoS budget too.
     pub fn abort(&self, matches: &dyn Fn(&BdevIo) -> bool) -> bool {
-        self.inner.abort(matches)
+        self.qos.abort(matches) || self.inner.abort(matches)
+    }
+
+    /// IOs waiting in this channel for their QoS budget.
+    pub fn qos_waiting(&self) -> usize {
+        self.qos.waiting()
     }
 
     fn check(&self, io: &IoBox) -> Result<(), IoError> {
@@ -293,7 +332,8 @@ impl Channel {
             IoType::Flush | IoType::Reset => Ok(()),
             t => {
                 let end = io.offset_blocks.checked_add(io.num_blocks).ok_or(IoError::OutOfRange)?;
-                if end > self.num_blocks || io.num_blocks == 0 {
+                // The current size (an atomic load): a resize moves the end.
+                if end > self.handle.num_blocks() || io.num_blocks == 0 {
                     return Err(IoError::OutOfRange);
                 }
                 if t.has_data() {

@@ -12,8 +12,10 @@ pub mod channel;
 pub mod delay;
 pub mod dma;
 pub mod error;
+pub mod histogram;
 pub mod io;
 pub mod malloc;
+pub mod qos;
 pub mod registry;
 pub mod rng;
 pub mod stamp;
@@ -24,7 +26,7 @@ pub mod volatile_cache;
 pub use channel::{Bdev, BdevChannel, BdevProps, Channel, ChannelStats, IoStatTotals};
 pub use dma::DmaBuf;
 pub use io::{drain_completions, BdevIo, IoBox, IoDone, IoError, IoFlags, IoSlab, IoStatus, IoType};
-pub use registry::{BdevHandle, ExamineHold, Registry};
+pub use registry::{BdevEvent, BdevHandle, ExamineHold, ListenerId, Registry};
 
 /// Errors of bdev management (creation, lookup, claims); IO errors travel
 /// in `IoStatus` instead.

@@ -1,7 +1,8 @@
 //! Proof that the IO path allocates nothing: a counting global allocator (in
 //! this test binary only) watches steady-state IO through malloc, null, a
 //! delay bdev (random mode), an error bdev (with failures and corruption
-//! injected) and an io_uring file bdev on a manual reactor set.
+//! injected), an io_uring file bdev, and a malloc bdev with rate limits that
+//! hold IO back and a latency histogram on, on a manual reactor set.
 
 use bdev::malloc::{MallocBdev, NullBdev};
 use bdev::{delay, error, uring};
@@ -120,6 +121,7 @@ fn steady_state_io_allocates_nothing() {
         r.register(Arc::new(NullBdev::new(BdevProps::new("Nul", "Null disk", 4096, BLOCKS, None)).unwrap())).unwrap();
         r.register(malloc("MD")).unwrap();
         r.register(malloc("ME")).unwrap();
+        r.register(malloc("MQ")).unwrap();
         let p = serde_json::json!({
             "base_bdev_name": "MD", "name": "Del",
             "avg_read_latency": 0, "p99_read_latency": 0, "avg_write_latency": 0, "p99_write_latency": 0,
@@ -141,8 +143,29 @@ fn steady_state_io_allocates_nothing() {
             ("delay", job("Del"), MEASURED),
             ("error", job("EE_ME"), MEASURED),
             ("uring", job("Uring"), MEASURED / 5),
+            ("qos+histogram", job("MQ"), MEASURED),
         ]
     });
+    // 1000 IOs and 2 MiB of writes a timeslice, so IO waits for its budget;
+    // latencies counted in a histogram. Set once the channel exists.
+    let limited = m.on(0, || Registry::get().lookup("MQ").unwrap());
+    let (h1, h2) = (limited.clone(), limited.clone());
+    let settings_done = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (d1, d2) = (settings_done.clone(), settings_done.clone());
+    m.on(0, move || {
+        bdev::qos::set_rate_limits(&h1, [Some(1_000_000), None, None, Some(2000)], move |r| {
+            assert_eq!(r.unwrap(), [1_000_000, 0, 0, 2000]);
+            d1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    });
+    m.on(0, move || {
+        bdev::histogram::enable(&h2, Some(Default::default()), move |r| {
+            r.unwrap();
+            d2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    });
+    m.run_until_idle(10);
+    assert_eq!(settings_done.load(std::sync::atomic::Ordering::SeqCst), 2);
     let inject = |io_type: &str, error_type: &str, num: u64| {
         let p = serde_json::json!({
             "name": "EE_ME", "io_type": io_type, "error_type": error_type, "num": num,
@@ -166,11 +189,18 @@ fn steady_state_io_allocates_nothing() {
             inject("write", "corrupt_data", 1000);
         }
         let failed_before = job.failed.get();
+        let clock_before = m.now_ns();
         let before = allocations();
         let t0 = Instant::now();
         run(&m, job, *ios);
         let elapsed = t0.elapsed();
         let after = allocations();
+        if *name == "qos+histogram" {
+            // The limit held IO back: the clock had to move a timeslice per
+            // 1000 IOs.
+            let slices = (m.now_ns() - clock_before) / bdev::qos::TIMESLICE_NS;
+            assert!(slices + 2 >= ios / 1000, "{ios} IOs in {slices} timeslices at 1000 a timeslice");
+        }
         assert_eq!(after - before, 0, "{name}: {} allocations during {ios} IOs", after - before);
         let failed = job.failed.get() - failed_before;
         assert_eq!(failed, if *name == "error" { 1000 } else { 0 }, "{name}");
