@@ -1,8 +1,11 @@
 //! The bdev registry of one application (one reactor set): names, aliases and
 //! UUIDs, claims (a bdev claimed by a RAID cannot be claimed again or deleted
-//! under it), examine hooks, and unregistration that waits for in-flight IO.
+//! under it), examine hooks, unregistration that waits for in-flight IO, and
+//! the block count that may change while the bdev is registered (resize),
+//! with events to the bdev's holders.
 //!
-//! Control plane only: a mutex guards the tables; no IO path looks here.
+//! Control plane only: a mutex guards the tables; the IO path reads only the
+//! block count, an atomic.
 
 use crate::channel::{Bdev, BdevProps, Channel, IoStatTotals};
 use crate::BdevError;
@@ -16,6 +19,24 @@ use std::time::Duration;
 
 type Examiner = Arc<dyn Fn(&BdevHandle) + Send + Sync>;
 type RemoveListener = Box<dyn FnOnce() + Send>;
+type EventListener = Arc<dyn Fn(BdevEvent) + Send + Sync>;
+
+/// Something that happened to a registered bdev, told to its holders (SPDK's
+/// `spdk_bdev_event_type`; hot-remove has its own one-shot `on_remove`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BdevEvent {
+    /// The block count changed (SPDK_BDEV_EVENT_RESIZE). IO beyond
+    /// `new_blocks` already fails out of range when this is told.
+    Resize { old_blocks: u64, new_blocks: u64 },
+    /// The device answers again after a loss during which its IO failed
+    /// (an NVMe/TCP controller reconnected). A holder that gave up on the
+    /// bdev may take it back (a RAID re-adds a failed member).
+    Restored,
+}
+
+/// Names one listener added with [`BdevHandle::on_event`], to remove it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerId(u64);
 
 struct Entry {
     id: u64,
@@ -24,6 +45,12 @@ struct Entry {
     claim: Mutex<Option<String>>,
     removing: AtomicBool,
     on_remove: Mutex<Vec<RemoveListener>>,
+    /// The current block count: starts at `props().num_blocks`, changes on
+    /// resize. Written under `listeners`' lock (one resize at a time); the
+    /// IO path reads it without a lock.
+    num_blocks: AtomicU64,
+    listeners: Mutex<Vec<(ListenerId, EventListener)>>,
+    next_listener: AtomicU64,
 }
 
 /// A registered bdev. Cheap to clone; compare with `same`.
@@ -42,6 +69,14 @@ impl BdevHandle {
     }
     pub fn name(&self) -> &str {
         &self.props().name
+    }
+    /// The current block count (`props().num_blocks` is the size at
+    /// creation; a resize changes this one).
+    pub fn num_blocks(&self) -> u64 {
+        self.0.num_blocks.load(Ordering::Acquire)
+    }
+    pub fn size_bytes(&self) -> u64 {
+        self.num_blocks() * u64::from(self.props().block_size)
     }
     pub fn aliases(&self) -> Vec<String> {
         self.0.aliases.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -62,6 +97,78 @@ impl BdevHandle {
         self.0.on_remove.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
     }
 
+    /// Runs `f` for every later event on this bdev (a resize), on the thread
+    /// that caused it, until [`BdevHandle::drop_listener`]: SPDK's event
+    /// callback of an open descriptor. `f` must be quick (send a message).
+    pub fn on_event(&self, f: impl Fn(BdevEvent) + Send + Sync + 'static) -> ListenerId {
+        let id = ListenerId(self.0.next_listener.fetch_add(1, Ordering::Relaxed));
+        self.0.listeners.lock().unwrap_or_else(|e| e.into_inner()).push((id, Arc::new(f)));
+        id
+    }
+
+    pub fn drop_listener(&self, id: ListenerId) {
+        self.0.listeners.lock().unwrap_or_else(|e| e.into_inner()).retain(|(l, _)| *l != id);
+    }
+
+    /// A module changes the bdev's block count (SPDK's
+    /// `spdk_bdev_notify_blockcnt_change`): growing always succeeds;
+    /// shrinking is refused (`EBUSY`) while the bdev is held open (claimed,
+    /// or with an event listener), since a holder may use the blocks that
+    /// would go. Holders get [`BdevEvent::Resize`].
+    pub fn notify_blockcnt_change(&self, new_blocks: u64) -> Result<(), BdevError> {
+        self.set_num_blocks(new_blocks, false)
+    }
+
+    /// The media itself changed size (an NVMe namespace was resized): the
+    /// bdev follows even when it shrank under a holder, because IO beyond
+    /// the new end fails at the device anyway; the holder learns it from
+    /// the event (a RAID fails the member) and the shrink is logged.
+    pub fn media_resized(&self, new_blocks: u64) -> Result<(), BdevError> {
+        self.set_num_blocks(new_blocks, true)
+    }
+
+    fn set_num_blocks(&self, new_blocks: u64, forced: bool) -> Result<(), BdevError> {
+        if new_blocks == 0 {
+            return Err(BdevError::Invalid(format!("{}: a bdev cannot shrink to 0 blocks", self.name())));
+        }
+        // Held across the check and the store: one resize at a time.
+        let l = self.0.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let old_blocks = self.num_blocks();
+        if new_blocks == old_blocks {
+            return Ok(());
+        }
+        let open = !l.is_empty() || self.claimed_by().is_some();
+        if new_blocks < old_blocks && open {
+            if !forced {
+                return Err(BdevError::Os(
+                    format!("{} is open: cannot shrink it from {old_blocks} to {new_blocks} blocks", self.name()),
+                    libc::EBUSY,
+                ));
+            }
+            tracing::warn!(name = self.name(), old_blocks, new_blocks, "bdev shrank under its holders");
+        }
+        self.0.num_blocks.store(new_blocks, Ordering::Release);
+        tracing::info!(name = self.name(), old_blocks, new_blocks, "bdev resized");
+        let listeners: Vec<EventListener> = l.iter().map(|(_, f)| f.clone()).collect();
+        drop(l);
+        let ev = BdevEvent::Resize { old_blocks, new_blocks };
+        for f in listeners {
+            f(ev);
+        }
+        Ok(())
+    }
+
+    /// The module tells the bdev's holders its device is back
+    /// ([`BdevEvent::Restored`]).
+    pub fn notify_restored(&self) {
+        let listeners: Vec<EventListener> =
+            self.0.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, f)| f.clone()).collect();
+        tracing::info!(name = self.name(), "bdev restored");
+        for f in listeners {
+            f(BdevEvent::Restored);
+        }
+    }
+
     /// This reactor's channel for the bdev (created on first use, then cached).
     pub fn channel(&self) -> Result<Rc<Channel>, BdevError> {
         if self.is_removing() {
@@ -75,6 +182,16 @@ impl BdevHandle {
         let ch = Rc::new(Channel::new(self.clone(), inner));
         cache.0.borrow_mut().insert(self.id(), ch.clone());
         Ok(ch)
+    }
+
+    /// The call that recreates this bdev (`Bdev::config`) at its current
+    /// size: after a resize, a `num_blocks` parameter is the new count.
+    pub fn config(&self) -> Option<Value> {
+        let mut c = self.0.bdev.config()?;
+        if let Some(n) = c.get_mut("params").and_then(|p| p.get_mut("num_blocks")) {
+            *n = Value::from(self.num_blocks());
+        }
+        Some(c)
     }
 
     /// `bdev_get_bdevs` entry, in SPDK's shape.
@@ -112,10 +229,10 @@ impl BdevHandle {
             "aliases": self.aliases(),
             "product_name": p.product_name,
             "block_size": p.block_size,
-            "num_blocks": p.num_blocks,
+            "num_blocks": self.num_blocks(),
             "uuid": p.uuid.to_string(),
             "optimal_io_boundary": p.optimal_io_boundary,
-            "assigned_rate_limits": {"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0},
+            "assigned_rate_limits": crate::qos::assigned_rate_limits_json(self),
             "claimed": self.claimed_by().is_some(),
             "zoned": false,
             "supported_io_types": types,
@@ -184,6 +301,7 @@ impl Registry {
                 return Err(BdevError::Exists(p.name.clone()));
             }
             let uuid = p.uuid.to_string();
+            let initial_blocks = p.num_blocks;
             if Self::find(&t, &uuid).is_some() {
                 return Err(BdevError::Exists(format!("{} (UUID {uuid} is in use)", p.name)));
             }
@@ -194,6 +312,9 @@ impl Registry {
                 claim: Mutex::new(None),
                 removing: AtomicBool::new(false),
                 on_remove: Mutex::new(Vec::new()),
+                num_blocks: AtomicU64::new(initial_blocks),
+                listeners: Mutex::new(Vec::new()),
+                next_listener: AtomicU64::new(0),
             }));
             t.bdevs.push(h.clone());
             h

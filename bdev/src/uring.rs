@@ -306,6 +306,19 @@ impl Bdev for FileBdev {
         &self.props
     }
 
+    /// The open file's size now (`bdev_aio_rescan`, `bdev_uring_rescan`):
+    /// the descriptor is measured, not the path, which may name another
+    /// file by now.
+    fn rescan_blocks(&self) -> Option<Result<u64, BdevError>> {
+        let what = format!("cannot measure {}", self.filename);
+        let size = match self.file.metadata() {
+            Ok(m) if m.file_type().is_block_device() => (&*self.file).seek(SeekFrom::End(0)),
+            Ok(m) => Ok(m.len()),
+            Err(e) => Err(e),
+        };
+        Some(size.map(|b| b / u64::from(self.props.block_size)).map_err(|e| os_error(&what, e)))
+    }
+
     fn module(&self) -> &'static str {
         match self.flavor {
             Flavor::Uring => "uring",

@@ -4,8 +4,10 @@
 
 mod scsi_support;
 
+use bdev::Registry;
 use iscsi::scsi::{execute_without_lun, status, Residual};
 use scsi_support::*;
+use std::sync::Arc;
 
 const BLOCKS: u64 = 2048;
 
@@ -137,6 +139,33 @@ fn vital_product_data_pages() {
     assert_eq!(b2[6] & 0x7, 2, "thin provisioned");
     // An unknown page.
     rig.run(&[0x12, 1, 0x99, 0, 255, 0], &n, 255, None).assert_check(0x5, 0x24, 0x00);
+}
+
+/// A bdev that grows under its LUN (a null bdev resized, as
+/// `bdev_null_resize` does): READ CAPACITY answers the new size, IO past
+/// the old end works, and every nexus gets unit attention 2Ah/09h
+/// CAPACITY DATA HAS CHANGED once. The LUN holds the bdev open, so a
+/// shrink is refused.
+#[test]
+fn a_grown_bdev_changes_the_capacity_with_a_unit_attention() {
+    let rig = Rig::with_bdev(|| {
+        let b = bdev::malloc::NullBdev::new(malloc_props("Null0", 512, BLOCKS)).unwrap();
+        Registry::get().register(Arc::new(b)).unwrap()
+    });
+    let (a, b) = (nexus("iqn.1994-05.com.example:a", 1), nexus("iqn.1994-05.com.example:b", 1));
+    rig.clear_ua(&a);
+    rig.clear_ua(&b);
+    rig.read10(&a, BLOCKS as u32, 1).assert_check(0x5, 0x21, 0x00);
+    rig.lun.bdev().notify_blockcnt_change(2 * BLOCKS).unwrap();
+    for n in [&a, &b] {
+        rig.run(&[0; 6], n, 0, None).assert_check(0x6, 0x2A, 0x09);
+        rig.run(&[0; 6], n, 0, None).assert_good();
+    }
+    let r = rig.run(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &a, 8, None);
+    assert_eq!(r.data, [(2 * BLOCKS as u32 - 1).to_be_bytes(), 512u32.to_be_bytes()].concat());
+    rig.read10(&a, BLOCKS as u32, 1).assert_good();
+    let e = rig.lun.bdev().notify_blockcnt_change(BLOCKS).unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY, "{e}");
 }
 
 #[test]

@@ -1614,13 +1614,21 @@ impl Controller {
         for ns in &found {
             match old.iter().find(|o| o.nsid == ns.nsid) {
                 None => changes.push(NamespaceChange::Added(ns.clone())),
-                Some(o) if o.num_blocks != ns.num_blocks || o.block_size != ns.block_size => {
-                    changes.push(NamespaceChange::Resized {
-                        nsid: ns.nsid,
-                        old_blocks: o.num_blocks,
-                        new_blocks: ns.num_blocks,
-                    })
-                }
+                // A new LBA format is a different device to every holder
+                // (offsets and buffer sizes change meaning): not a resize.
+                Some(o) if o.block_size != ns.block_size => tracing::error!(
+                    ctrlr = %self.name,
+                    nsid = ns.nsid,
+                    old_block_size = o.block_size,
+                    new_block_size = ns.block_size,
+                    "namespace reformatted with another block size; its bdev keeps the old geometry \
+                     (detach and attach the controller to use the new one)"
+                ),
+                Some(o) if o.num_blocks != ns.num_blocks => changes.push(NamespaceChange::Resized {
+                    nsid: ns.nsid,
+                    old_blocks: o.num_blocks,
+                    new_blocks: ns.num_blocks,
+                }),
                 Some(_) => {}
             }
         }

@@ -267,10 +267,10 @@ fn unregister_next(ctrlr: Arc<Controller>, mut bdevs: Vec<String>, done: DetachD
 
 /// A namespace of an attached controller changed (an asynchronous event):
 /// a new one gets its bdev, a removed one's bdev is hot-removed (its open
-/// descriptors are told, in-flight IO ends first). A resize is recorded on
-/// the controller and logged: the bdev layer has no way yet to change a
-/// registered bdev's size, so the bdev keeps its old one — IO past a shrunk
-/// end fails with LBA out of range at the device. Home reactor.
+/// descriptors are told, in-flight IO ends first), and a resized one's bdev
+/// takes the new block count, which its holders are told (a shrink too: the
+/// media is smaller whatever they hold, and IO past the new end would fail
+/// at the device anyway). Home reactor.
 pub(crate) fn namespace_changed(ctrlr: &Arc<Controller>, change: NamespaceChange) {
     let table = Controllers::get();
     let registry = Registry::get();
@@ -304,13 +304,16 @@ pub(crate) fn namespace_changed(ctrlr: &Arc<Controller>, change: NamespaceChange
             }
         }
         NamespaceChange::Resized { nsid, old_blocks, new_blocks } => {
-            tracing::warn!(
-                ctrlr = %name,
-                nsid,
-                old_blocks,
-                new_blocks,
-                "namespace resized; its bdev keeps {old_blocks} blocks (bdevs cannot change size yet)"
-            );
+            let bdev = format!("{name}n{nsid}");
+            tracing::info!(ctrlr = %name, nsid, old_blocks, new_blocks, bdev, "namespace resized");
+            match registry.list().into_iter().find(|h| h.name() == bdev) {
+                Some(h) => {
+                    if let Err(e) = h.media_resized(new_blocks) {
+                        tracing::error!(bdev, "namespace resized, bdev not: {e}");
+                    }
+                }
+                None => tracing::warn!(ctrlr = %name, nsid, "namespace resized, but it has no bdev"),
+            }
         }
     }
 }

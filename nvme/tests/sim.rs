@@ -842,3 +842,47 @@ fn reset_that_cannot_recover_fails_io() {
     assert_eq!(*r.detach().borrow(), Some(Ok(())));
     assert!(r.nvme_pollers().is_empty());
 }
+
+/// A namespace resized at the controller resizes its bdev: the holder's
+/// listener hears of each change, IO past the old end is accepted after a
+/// grow, and after a shrink IO past the new end fails out of range in the
+/// bdev layer (the bdev follows a shrink even while held: the media is
+/// smaller whatever the holder wants).
+#[test]
+fn a_resized_namespace_resizes_its_bdev_and_tells_its_holders() {
+    let s = seed();
+    let r = Rig::new(cfg(s), CtrlrOpts::default(), 2);
+    let c = r.ctrlr();
+    assert!(r.run_until(1000, || r.sim.outstanding_aers() == 4), "AERL + 1 requests held");
+    let blocks = || r.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().num_blocks());
+    let start = blocks();
+    assert_eq!(start, c.namespaces()[0].num_blocks);
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h2 = heard.clone();
+    r.m.on(0, move || {
+        Registry::get().lookup("Nvme0n1").unwrap().on_event(move |ev| h2.lock().unwrap().push(ev));
+    });
+    let past_old_end = || {
+        let buf = r.m.on(1, || DmaBuf::alloc(512).unwrap());
+        r.wait(&r.submit(1, IoType::Write, start + 10, 1, Some(buf)))
+    };
+    assert_eq!(past_old_end(), IoStatus::Failed(IoError::OutOfRange), "seed {s}: beyond the end at first");
+
+    r.sim.resize_namespace(1, start * 2).unwrap();
+    assert!(r.run_until(10_000, || blocks() == start * 2), "seed {s}: the bdev grew with its namespace");
+    assert_eq!(
+        heard.lock().unwrap().as_slice(),
+        [bdev::BdevEvent::Resize { old_blocks: start, new_blocks: start * 2 }],
+        "seed {s}: the holder heard of the grow"
+    );
+    assert_eq!(past_old_end(), IoStatus::Success, "seed {s}: blocks past the old end serve IO");
+    let info = r.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().info_json());
+    assert_eq!(info["num_blocks"], start * 2, "bdev_get_bdevs shows the new size");
+
+    r.sim.resize_namespace(1, start / 2).unwrap();
+    assert!(r.run_until(10_000, || blocks() == start / 2), "seed {s}: the bdev shrank with its namespace");
+    assert_eq!(heard.lock().unwrap().len(), 2, "seed {s}: the holder heard of the shrink");
+    assert_eq!(past_old_end(), IoStatus::Failed(IoError::OutOfRange), "seed {s}: past the new end");
+    assert_eq!(r.m.on(0, nvme::reactor_blocking_waits), 0);
+    assert_eq!(*r.detach().borrow(), Some(Ok(())));
+}

@@ -289,3 +289,45 @@ fn a_namespace_not_auto_visible_is_shown_only_to_added_hosts() {
         assert!(st.ns_set_host_visible(NQN, 3, "not-an-nqn", true).is_err());
     });
 }
+
+/// A bdev resized under a namespace: the host that enabled namespace
+/// attribute notices gets one with the namespace in the Changed Namespace
+/// List, Identify Namespace then reports the new NSZE/NCAP, and IO past
+/// the old end succeeds on the queue pair opened before the resize. A
+/// shrink of the bdev while the namespace holds it is refused (EBUSY).
+#[test]
+fn a_resized_bdev_is_reported_to_hosts_of_its_namespace() {
+    let p = start(false);
+    let nsid = p.t.set.call(0, || {
+        let b = bdev::malloc::NullBdev::new(BdevProps::new("Null0", "Null disk", 512, 2048, None)).unwrap();
+        Registry::get().register(Arc::new(b)).unwrap();
+        NvmfState::get().add_ns(NQN, "Null0", 0, None, None).unwrap()
+    });
+    let (mut admin, mut io) = connect(p.t.port, HOSTNQN);
+    let nsze = |admin: &mut HostQpair| {
+        let id = IdentifyNamespace::read_from_bytes(&identify(admin, Cns::NAMESPACE, nsid)).unwrap();
+        (id.nsze.get(), id.ncap.get())
+    };
+    assert_eq!(nsze(&mut admin), (2048, 2048));
+    let read_at = |io: &mut HostQpair, lba: u64| {
+        io.read(nsid, lba, 8, DmaBuf::alloc(4096).unwrap(), 9).unwrap();
+        wait(io, 1).pop().unwrap().status
+    };
+    assert_eq!(read_at(&mut io, 3000), Status::LBA_OUT_OF_RANGE.with_dnr());
+    enable_notices(&mut admin, async_event_config::NAMESPACE_ATTRIBUTE_NOTICES);
+    post_aer(&mut admin);
+
+    let r = p.t.set.call(0, || Registry::get().lookup("Null0").unwrap().notify_blockcnt_change(4096));
+    assert_eq!(r, Ok(()));
+    let ev = aer_event(&mut admin, Duration::from_secs(5)).expect("namespace attribute notice after the resize");
+    assert_eq!((ev.event_type, ev.info, ev.log_page), (2, 0x00, 0x04));
+    let changed = get_log(&mut admin, LogPageId::CHANGED_NAMESPACE_LIST, 0, 4096).unwrap();
+    assert_eq!(&changed[..8], &[nsid as u8, 0, 0, 0, 0, 0, 0, 0], "the resized namespace is listed");
+    assert_eq!(nsze(&mut admin), (4096, 4096), "Identify Namespace shows the new size");
+    assert!(read_at(&mut io, 3000).is_success(), "IO past the old end on an existing queue pair");
+    assert_eq!(read_at(&mut io, 4095), Status::LBA_OUT_OF_RANGE.with_dnr());
+
+    let shrink = p.t.set.call(0, || Registry::get().lookup("Null0").unwrap().notify_blockcnt_change(1024));
+    assert_eq!(shrink.map_err(|e| e.errno()), Err(libc::EBUSY), "no shrink under an open namespace");
+    assert_eq!(nsze(&mut admin), (4096, 4096));
+}

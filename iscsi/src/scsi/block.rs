@@ -61,7 +61,7 @@ impl Inner {
             let t = &mut tasks[slot as usize];
             t.write_counted = true;
             if t.kind == IoKind::Unmap {
-                (0, self.lun.num_blocks)
+                (0, self.lun.num_blocks())
             } else {
                 (t.lba, t.blocks)
             }
@@ -460,12 +460,12 @@ impl Inner {
                 // PBDATA / LBDATA: obsolete or unsupported.
                 return Some(Check::invalid_cdb(1, Some(2)).into());
             }
-            if blocks == 0 && lba < lun.num_blocks {
-                blocks = lun.num_blocks - lba;
+            if blocks == 0 && lba < lun.num_blocks() {
+                blocks = lun.num_blocks() - lba;
             }
         }
         let end = lba.checked_add(blocks);
-        if kind != IoKind::Unmap && end.is_none_or(|e| e > lun.num_blocks) {
+        if kind != IoKind::Unmap && end.is_none_or(|e| e > lun.num_blocks()) {
             return Some(Check::LBA_OUT_OF_RANGE.into());
         }
         if kind == IoKind::WriteAtomic && cdb::be16(&cdb[10..12]) != 0 {
@@ -641,7 +641,7 @@ impl Inner {
             p.copy_to(8 + 16 * i as usize, &mut d);
             let lba = cdb::be64(&d[0..8]);
             let n = u64::from(cdb::be32(&d[8..12]));
-            if lba.checked_add(n).is_none_or(|e| e > self.lun.num_blocks) {
+            if lba.checked_add(n).is_none_or(|e| e > self.lun.num_blocks()) {
                 return Err(Check::LBA_OUT_OF_RANGE.into());
             }
         }

@@ -454,7 +454,7 @@ impl Inner {
                 } else {
                     (cdb::be64(&cdb[2..10]), u64::from(cdb::be32(&cdb[10..14])))
                 };
-                if lba.checked_add(blocks).is_none_or(|e| e > lun.num_blocks) {
+                if lba.checked_add(blocks).is_none_or(|e| e > lun.num_blocks()) {
                     Check::LBA_OUT_OF_RANGE.into()
                 } else {
                     Outcome::Good

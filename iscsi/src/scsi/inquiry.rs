@@ -209,7 +209,7 @@ pub(crate) fn read_capacity_10(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]) -> Res
     if cdb[8] & 1 == 0 && be32(&cdb[2..6]) != 0 {
         return Err(Check::invalid_cdb(2, None));
     }
-    let last = (lun.num_blocks - 1).min(u64::from(u32::MAX)) as u32;
+    let last = (lun.num_blocks() - 1).min(u64::from(u32::MAX)) as u32;
     put(out, 0, &last.to_be_bytes());
     put(out, 4, &lun.block_size.to_be_bytes());
     Ok(8)
@@ -220,7 +220,7 @@ pub(crate) fn read_capacity_16(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]) -> Res
         return Err(Check::invalid_cdb(2, None));
     }
     let mut d = [0u8; 32];
-    d[0..8].copy_from_slice(&(lun.num_blocks - 1).to_be_bytes());
+    d[0..8].copy_from_slice(&(lun.num_blocks() - 1).to_be_bytes());
     d[8..12].copy_from_slice(&lun.block_size.to_be_bytes());
     if supports(lun, IoType::Unmap) {
         d[14] = 0x80; // LBPME
@@ -238,10 +238,10 @@ pub(crate) fn read_capacity_16(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]) -> Res
 /// so nothing more is known to report.
 pub(crate) fn get_lba_status(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]) -> Result<usize, Check> {
     let start = be64(&cdb[2..10]);
-    if start >= lun.num_blocks {
+    if start >= lun.num_blocks() {
         return Err(Check::LBA_OUT_OF_RANGE);
     }
-    let count = (lun.num_blocks - start).min(u64::from(u32::MAX)) as u32;
+    let count = (lun.num_blocks() - start).min(u64::from(u32::MAX)) as u32;
     let mut d = [0u8; 24];
     d[0..4].copy_from_slice(&20u32.to_be_bytes());
     d[8..16].copy_from_slice(&start.to_be_bytes());

@@ -10,7 +10,7 @@
 use super::reservations::Reservations;
 use super::sense::Check;
 use super::Nexus;
-use bdev::BdevHandle;
+use bdev::{BdevEvent, BdevHandle, ListenerId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -77,7 +77,8 @@ pub struct Lun {
     bdev: BdevHandle,
     pub(crate) target_name: Arc<str>,
     pub(crate) block_size: u32,
-    pub(crate) num_blocks: u64,
+    /// Tells the LUN when its bdev changes size (dropped with the LUN).
+    resize_listener: ListenerId,
     /// Largest bdev IO in blocks (0: no limit): larger commands are split.
     pub(crate) max_io_blocks: u32,
     /// The bdev has a volatile write cache.
@@ -105,25 +106,48 @@ impl Lun {
     /// `id`: the LUN number; `target_name`: the iSCSI target node name
     /// (for device identification VPD 83h); creates no channel.
     pub fn new(id: u64, bdev: BdevHandle, target_name: &str) -> Arc<Lun> {
-        let p = bdev.props();
+        let (block_size, max_io_blocks) = (bdev.props().block_size, bdev.props().max_io_blocks);
         let has_write_cache = bdev.bdev().has_write_cache();
-        Arc::new(Lun {
-            id,
-            block_size: p.block_size,
-            num_blocks: p.num_blocks,
-            max_io_blocks: p.max_io_blocks,
-            has_write_cache,
-            wce: AtomicBool::new(has_write_cache),
-            d_sense: AtomicBool::new(false),
-            stopped: AtomicBool::new(false),
-            ua_generation: AtomicU64::new(0),
-            reserved: AtomicBool::new(false),
-            caw_active: AtomicU32::new(0),
-            abort_generation: AtomicU64::new(0),
-            target_name: target_name.into(),
-            bdev,
-            state: Mutex::new(LunState::default()),
+        Arc::new_cyclic(|me: &Weak<Lun>| {
+            let me = me.clone();
+            let resize_listener = bdev.on_event(move |ev| {
+                if let (BdevEvent::Resize { old_blocks, new_blocks }, Some(lun)) = (ev, me.upgrade()) {
+                    lun.capacity_changed(old_blocks, new_blocks);
+                }
+            });
+            Lun {
+                id,
+                block_size,
+                resize_listener,
+                max_io_blocks,
+                has_write_cache,
+                wce: AtomicBool::new(has_write_cache),
+                d_sense: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
+                ua_generation: AtomicU64::new(0),
+                reserved: AtomicBool::new(false),
+                caw_active: AtomicU32::new(0),
+                abort_generation: AtomicU64::new(0),
+                target_name: target_name.into(),
+                bdev,
+                state: Mutex::new(LunState::default()),
+            }
         })
+    }
+
+    /// The capacity in blocks: the bdev's, which can change while the LUN
+    /// is exported (a resized namespace or file, a grown RAID1).
+    pub fn num_blocks(&self) -> u64 {
+        self.bdev.num_blocks()
+    }
+
+    /// The bdev changed size: every nexus learns it at its next command
+    /// (SBC-4: unit attention 2Ah/09h CAPACITY DATA HAS CHANGED), as READ
+    /// CAPACITY already answers the new size.
+    fn capacity_changed(&self, old_blocks: u64, new_blocks: u64) {
+        tracing::info!(lun = self.id, bdev = self.bdev.name(), old_blocks, new_blocks, "LUN capacity changed");
+        let mut st = self.state();
+        self.ua_for_others(&mut st, None, Check::CAPACITY_DATA_HAS_CHANGED);
     }
 
     pub fn id(&self) -> u64 {
@@ -304,4 +328,10 @@ fn push_ua(s: &mut NexusState, ua: Check) {
         s.pending_ua.remove(0);
     }
     s.pending_ua.push(ua);
+}
+
+impl Drop for Lun {
+    fn drop(&mut self) {
+        self.bdev.drop_listener(self.resize_listener);
+    }
 }

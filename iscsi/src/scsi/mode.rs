@@ -101,13 +101,13 @@ pub(crate) fn mode_sense(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]) -> Result<us
         0
     } else if llbaa {
         let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&lun.num_blocks.to_be_bytes());
+        d[0..8].copy_from_slice(&lun.num_blocks().to_be_bytes());
         d[12..16].copy_from_slice(&lun.block_size.to_be_bytes());
         put(out, at, &d);
         16
     } else {
         let mut d = [0u8; 8];
-        let n = lun.num_blocks.min(0xFF_FFFF) as u32;
+        let n = lun.num_blocks().min(0xFF_FFFF) as u32;
         d[0..4].copy_from_slice(&n.to_be_bytes());
         d[0] = 0; // density code
         d[4..8].copy_from_slice(&lun.block_size.to_be_bytes());

@@ -50,6 +50,7 @@ impl Check {
     pub const BUS_DEVICE_RESET: Check = Check::new(key::UNIT_ATTENTION, 0x29, 0x03);
     pub const COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: Check = Check::new(key::UNIT_ATTENTION, 0x2F, 0x00);
     pub const MODE_PARAMETERS_CHANGED: Check = Check::new(key::UNIT_ATTENTION, 0x2A, 0x01);
+    pub const CAPACITY_DATA_HAS_CHANGED: Check = Check::new(key::UNIT_ATTENTION, 0x2A, 0x09);
     pub const RESERVATIONS_PREEMPTED: Check = Check::new(key::UNIT_ATTENTION, 0x2A, 0x03);
     pub const RESERVATIONS_RELEASED: Check = Check::new(key::UNIT_ATTENTION, 0x2A, 0x04);
     pub const REGISTRATIONS_PREEMPTED: Check = Check::new(key::UNIT_ATTENTION, 0x2A, 0x05);

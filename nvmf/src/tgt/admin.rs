@@ -210,10 +210,12 @@ const ANA_TRANSITION_TIME_SECS: u8 = 10;
 fn identify_namespace(sub: &Subsystem, hostnqn: &str, nsid: u32) -> Option<IdentifyNamespace> {
     let ns = sub.namespaces_of(hostnqn).into_iter().find(|n| n.nsid == nsid)?;
     let p = ns.bdev.props();
+    // The current size: a resized bdev reports its new one.
+    let num_blocks = ns.bdev.num_blocks();
     let mut id = IdentifyNamespace::zeroed();
-    id.nsze = U64::new(p.num_blocks);
-    id.ncap = U64::new(p.num_blocks);
-    id.nuse = U64::new(p.num_blocks);
+    id.nsze = U64::new(num_blocks);
+    id.ncap = U64::new(num_blocks);
+    id.nuse = U64::new(num_blocks);
     id.nlbaf = 0;
     id.flbas = 0;
     // May be shared by several controllers.
