@@ -265,7 +265,6 @@ fn config_option_methods_are_skipped_by_name_or_applied() {
         {"method": "iobuf_set_options", "params": {"small_pool_count": 8192, "large_pool_count": 1024}},
         {"method": "accel_set_options", "params": {"small_cache_size": 128, "large_cache_size": 16}},
         {"method": "vmd_enable"},
-        {"method": "nvmf_set_config", "params": {"discovery_filter": "match_any"}},
         {"method": "nvmf_set_max_subsystems", "params": {"max_subsystems": 1024}},
         {"method": "nvmf_set_crdt", "params": {"crdt1": 0, "crdt2": 0, "crdt3": 0}},
     ]);
@@ -275,6 +274,7 @@ fn config_option_methods_are_skipped_by_name_or_applied() {
         {"method": "bdev_nvme_set_options", "params": {"action_on_timeout": "abort", "timeout_us": 5000000,
             "transport_retry_count": 3, "bdev_retry_count": 3, "keep_alive_timeout_ms": 10000}},
         {"method": "bdev_nvme_set_hotplug", "params": {"enable": false, "period_us": 100000}},
+        {"method": "nvmf_set_config", "params": {"discovery_filter": "match_any"}},
     ]);
     let mut calls = skipped.as_array().unwrap().clone();
     calls.extend(applied.as_array().unwrap().iter().cloned());
@@ -327,6 +327,8 @@ fn config_option_methods_are_skipped_by_name_or_applied() {
             "action_on_timeout",
         ),
         (json!({"method": "bdev_nvme_set_hotplug", "params": {"enable": true}}), "enable=true"),
+        (json!({"method": "nvmf_set_config", "params": {"discovery_filter": "transport"}}), "discovery_filter"),
+        (json!({"method": "nvmf_set_config", "params": {"dhchap_digests": ["md5"]}}), "unknown digest md5"),
     ] {
         let o = run(json!([call]));
         let err = String::from_utf8_lossy(&o.stderr);

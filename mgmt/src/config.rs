@@ -11,8 +11,9 @@ use std::sync::Arc;
 /// SPDK option methods that SPDK's `save_config` writes but that configure
 /// parts nvraid does not have: its scheduler (nvraid pins one reactor per
 /// core), socket layer, iobuf and accel frameworks, VMD, and the NVMe-oF
-/// target's global settings (passthrough, discovery filter, subsystem limit,
-/// command retry delays). A config file from SPDK loads; these calls are
+/// target's subsystem limit and command retry delays. (`nvmf_set_config`
+/// is a method: its DH-HMAC-CHAP lists apply, its other settings are
+/// accepted at their defaults only.) A config file from SPDK loads; these calls are
 /// skipped and one warning names them (the README lists them too). Option
 /// methods for parts nvraid has (`bdev_set_options`, `bdev_nvme_set_options`,
 /// `bdev_nvme_set_hotplug`, `bdev_raid_set_options`) are methods of the
@@ -24,7 +25,6 @@ pub const SKIPPED_OPTION_METHODS: &[&str] = &[
     "iobuf_set_options",
     "accel_set_options",
     "vmd_enable",
-    "nvmf_set_config",
     "nvmf_set_max_subsystems",
     "nvmf_set_crdt",
 ];

@@ -65,8 +65,6 @@ fn features_nvraid_lacks_are_refused_unless_at_spdk_defaults() {
 
     let refused = [
         ("nvmf_subsystem_add_host", json!({"nqn": nqn, "host": host, "psk": "key0"}), "psk"),
-        ("nvmf_subsystem_add_host", json!({"nqn": nqn, "host": host, "dhchap_key": "k"}), "dhchap_key"),
-        ("nvmf_subsystem_add_host", json!({"nqn": nqn, "host": host, "dhchap_ctrlr_key": "k"}), "dhchap_ctrlr_key"),
         (
             "nvmf_subsystem_add_listener",
             json!({"nqn": nqn, "secure_channel": true,

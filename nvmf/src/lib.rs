@@ -5,9 +5,11 @@
 //!   the per-reactor queue pairs that serve them ([`NvmfState`] is the
 //!   control-plane entry point, [`shutdown`] stops it).
 //! - [`host`]: the initiator, as a polled queue pair API and as bdevs.
+//! - [`keyring`]: named secrets in files (DH-HMAC-CHAP keys).
 #![forbid(unsafe_code)]
 
 pub mod host;
+pub mod keyring;
 pub mod pdu;
 pub mod tgt;
 

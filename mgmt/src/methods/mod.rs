@@ -4,7 +4,9 @@
 
 pub mod app;
 pub mod bdev;
+pub mod bdev_qos;
 pub mod iscsi;
+pub mod keyring;
 pub mod log;
 pub mod nvme;
 pub mod nvmf;
@@ -41,16 +43,28 @@ pub struct Subsystem {
 }
 
 pub const SUBSYSTEMS: &[Subsystem] = &[
+    // Before nvmf: hosts name their DH-HMAC-CHAP keys.
+    Subsystem { name: "keyring", depends_on: &[], config: keyring::subsystem_config },
     Subsystem { name: "bdev", depends_on: &[], config: bdev::subsystem_config },
-    Subsystem { name: "nvmf", depends_on: &["bdev"], config: nvmf::subsystem_config },
+    Subsystem { name: "nvmf", depends_on: &["bdev", "keyring"], config: nvmf::subsystem_config },
     Subsystem { name: "iscsi", depends_on: &["bdev"], config: iscsi::subsystem_config },
 ];
 
 /// Every method the daemon serves.
 fn all_methods() -> impl Iterator<Item = &'static (&'static str, Handler)> {
-    [app::METHODS, bdev::METHODS, nvme::METHODS, nvmf::METHODS, raid::METHODS, iscsi::METHODS, log::METHODS]
-        .into_iter()
-        .flatten()
+    [
+        app::METHODS,
+        bdev::METHODS,
+        bdev_qos::METHODS,
+        nvme::METHODS,
+        nvmf::METHODS,
+        raid::METHODS,
+        iscsi::METHODS,
+        log::METHODS,
+        keyring::METHODS,
+    ]
+    .into_iter()
+    .flatten()
 }
 
 /// Per method, the parameters SPDK defines whose feature nvraid lacks.

@@ -7,6 +7,8 @@ use super::unsupported::{at, Accepted, Unsupported};
 use super::{sync_call, Ctx, Handler, UnsupportedTable};
 use crate::jsonrpc::{RpcError, RpcResult};
 use crate::server::Reply;
+use ::nvmf::keyring::{Key, Keyring};
+use ::nvmf::tgt::auth::{DhGroup, DhchapPolicy, Digest};
 use ::nvmf::{AnaState, ListenAddr, NsOptions, NvmfError, NvmfState, SubsystemParams, TransportOpts};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -32,6 +34,8 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("nvmf_subsystem_add_host", |_, p, r| host(true, p, r)),
     ("nvmf_subsystem_remove_host", |_, p, r| host(false, p, r)),
     ("nvmf_subsystem_allow_any_host", nvmf_subsystem_allow_any_host),
+    ("nvmf_subsystem_set_keys", nvmf_subsystem_set_keys),
+    ("nvmf_set_config", nvmf_set_config),
     ("nvmf_get_subsystems", nvmf_get_subsystems),
     ("nvmf_get_stats", nvmf_get_stats),
 ];
@@ -40,7 +44,6 @@ pub const METHODS: &[(&str, Handler)] = &[
 const ONE_TARGET: Unsupported =
     at("tgt_name", Accepted::Str("nvmf_tgt"), "named NVMe-oF targets (it serves one, nvmf_tgt)");
 const NO_TLS: &str = "TLS for NVMe/TCP";
-const NO_DHCHAP: &str = "DH-HMAC-CHAP authentication";
 
 /// Parameters SPDK defines for these methods whose feature nvraid lacks
 /// (see `unsupported`). `nvmf_create_transport` checks its own.
@@ -55,6 +58,10 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
             at("wzsl", Accepted::Absent, "configurable Write Zeroes size limit"),
             at("passthrough", Accepted::Bool(false), "NVMe passthrough"),
             at("enable_nssr", Accepted::Bool(false), "NVM subsystem reset"),
+            // The Ceph gateway's SPDK (ceph/spdk) sends these at 0, "no
+            // limit", on every create.
+            at("max_discard_size_kib", Accepted::Int(0), "configurable Dataset Management range limit"),
+            at("max_write_zeroes_size_kib", Accepted::Int(0), "configurable Write Zeroes size limit"),
         ],
     ),
     ("nvmf_delete_subsystem", &[ONE_TARGET]),
@@ -79,21 +86,18 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
     ),
     ("nvmf_subsystem_remove_listener", &[ONE_TARGET]),
     ("nvmf_subsystem_listener_set_ana_state", &[ONE_TARGET]),
-    ("nvmf_subsystem_set_ns_ana_group", &[ONE_TARGET]),
+    (
+        "nvmf_subsystem_set_ns_ana_group",
+        // ceph/spdk's transit group (a namespace passing through a third
+        // group while it moves); the Ceph gateway sends 0, none.
+        &[ONE_TARGET, at("transit_anagrpid", Accepted::Int(0), "transit ANA groups")],
+    ),
     ("nvmf_subsystem_get_listeners", &[ONE_TARGET]),
     ("nvmf_subsystem_get_controllers", &[ONE_TARGET]),
     ("nvmf_subsystem_get_qpairs", &[ONE_TARGET]),
     ("nvmf_ns_add_host", &[ONE_TARGET]),
     ("nvmf_ns_remove_host", &[ONE_TARGET]),
-    (
-        "nvmf_subsystem_add_host",
-        &[
-            ONE_TARGET,
-            at("psk", Accepted::Absent, NO_TLS),
-            at("dhchap_key", Accepted::Absent, NO_DHCHAP),
-            at("dhchap_ctrlr_key", Accepted::Absent, NO_DHCHAP),
-        ],
-    ),
+    ("nvmf_subsystem_add_host", &[ONE_TARGET, at("psk", Accepted::Absent, NO_TLS)]),
     (
         "nvmf_subsystem_remove_host",
         &[
@@ -106,12 +110,31 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
         ],
     ),
     ("nvmf_subsystem_allow_any_host", &[ONE_TARGET]),
+    ("nvmf_subsystem_set_keys", &[ONE_TARGET]),
+    (
+        "nvmf_set_config",
+        &[
+            at("discovery_filter", Accepted::Str("match_any"), "discovery log filtering by transport or address"),
+            at("admin_cmd_passthru.identify_ctrlr", Accepted::Bool(false), "NVMe passthrough"),
+            at("admin_cmd_passthru.vendor_specific", Accepted::Bool(false), "NVMe passthrough"),
+            at("poll_groups_mask", Accepted::Absent, "poll group placement (one per reactor)"),
+        ],
+    ),
     ("nvmf_get_subsystems", &[ONE_TARGET]),
 ];
 
-/// The calls that recreate the target, for `save_config`.
+/// The calls that recreate the target, for `save_config`: the
+/// DH-HMAC-CHAP policy first when it is not the default (everything).
 pub fn subsystem_config() -> Vec<Value> {
-    NvmfState::get().config()
+    let policy = DhchapPolicy::get();
+    let mut out = Vec::new();
+    if !policy.is_default() {
+        out.push(json!({"method": "nvmf_set_config", "params": {
+            "dhchap_digests": policy.digests().iter().map(|d| d.name()).collect::<Vec<_>>(),
+            "dhchap_dhgroups": policy.dhgroups().iter().map(|g| g.name()).collect::<Vec<_>>()}}));
+    }
+    out.extend(NvmfState::get().config());
+    out
 }
 
 /// Stops the target before the bdevs go (the daemon's shutdown path).
@@ -511,16 +534,84 @@ fn ns_host(add: bool, params: Option<Value>, reply: Reply) {
 struct Host {
     nqn: String,
     host: String,
+    /// DH-HMAC-CHAP key names in the keyring (`nvmf_subsystem_add_host`,
+    /// `nvmf_subsystem_set_keys`).
+    #[serde(default)]
+    dhchap_key: Option<String>,
+    #[serde(default)]
+    dhchap_ctrlr_key: Option<String>,
+}
+
+/// A keyring key by name; a name the keyring lacks is an invalid parameter.
+fn keyring_key(name: Option<&str>, what: &str) -> Result<Option<Arc<Key>>, RpcError> {
+    name.map(|n| {
+        Keyring::get().find(n).ok_or_else(|| RpcError::invalid_params(format!("{what}: key {n} not in the keyring")))
+    })
+    .transpose()
 }
 
 fn host(add: bool, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: Host| {
         let st = NvmfState::get();
         if add {
-            st.add_host(&p.nqn, &p.host).map_err(nvmf_error)?;
+            let key = keyring_key(p.dhchap_key.as_deref(), "dhchap_key")?;
+            let ckey = keyring_key(p.dhchap_ctrlr_key.as_deref(), "dhchap_ctrlr_key")?;
+            st.add_host_with_keys(&p.nqn, &p.host, key, ckey).map_err(nvmf_error)?;
         } else {
+            if p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
+                return Err(RpcError::invalid_params("nvmf_subsystem_remove_host takes no keys"));
+            }
             st.remove_host(&p.nqn, &p.host).map_err(nvmf_error)?;
         }
+        Ok(Value::Bool(true))
+    });
+}
+
+#[derive(Deserialize)]
+struct SetConfig {
+    #[serde(default)]
+    dhchap_digests: Option<Vec<String>>,
+    #[serde(default)]
+    dhchap_dhgroups: Option<Vec<String>>,
+    /// Only its defaults (checked in UNSUPPORTED): emptied there.
+    #[serde(default)]
+    admin_cmd_passthru: Option<serde_json::Map<String, Value>>,
+}
+
+/// `nvmf_set_config`: the hash functions and DH groups DH-HMAC-CHAP may
+/// use; its other settings only at their defaults.
+fn nvmf_set_config(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: SetConfig| {
+        if let Some(k) = p.admin_cmd_passthru.as_ref().and_then(|m| m.keys().next()) {
+            return Err(RpcError::invalid_params(format!("admin_cmd_passthru.{k}: not a known passthrough setting")));
+        }
+        let policy = DhchapPolicy::get();
+        let digests = match p.dhchap_digests {
+            None => policy.digests(),
+            Some(names) => names
+                .iter()
+                .map(|n| Digest::from_name(n).ok_or_else(|| RpcError::invalid_params(format!("unknown digest {n}"))))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let dhgroups = match p.dhchap_dhgroups {
+            None => policy.dhgroups(),
+            Some(names) => names
+                .iter()
+                .map(|n| DhGroup::from_name(n).ok_or_else(|| RpcError::invalid_params(format!("unknown dhgroup {n}"))))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        policy.set(&digests, &dhgroups).map_err(nvmf_error)?;
+        Ok(Value::Bool(true))
+    });
+}
+
+/// `nvmf_subsystem_set_keys`: the host's keys change (both absent: it no
+/// longer authenticates); queues use them from their next authentication.
+fn nvmf_subsystem_set_keys(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: Host| {
+        let key = keyring_key(p.dhchap_key.as_deref(), "dhchap_key")?;
+        let ckey = keyring_key(p.dhchap_ctrlr_key.as_deref(), "dhchap_ctrlr_key")?;
+        NvmfState::get().set_host_keys(&p.nqn, &p.host, key, ckey).map_err(nvmf_error)?;
         Ok(Value::Bool(true))
     });
 }

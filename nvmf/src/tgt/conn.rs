@@ -18,6 +18,7 @@ mod abort;
 mod io;
 
 use super::admin::{self, AdminOutcome};
+use super::auth::{self, QueueAuth, RecvOutcome, SendOutcome};
 use super::bufpool::BufPool;
 use super::reservation::{Access, PersistJob, Reservations};
 use super::{
@@ -174,6 +175,9 @@ pub(crate) struct Conn {
     /// with SQHD FFFFh (TP 8005).
     sqhd_ffff_once: bool,
     ctrl: Option<Arc<Ctrl>>,
+    /// DH-HMAC-CHAP state once the host has (or had to) authenticate;
+    /// until it is admitted only Authentication Send/Receive are served.
+    auth: Option<Box<QueueAuth>>,
     c2h_success: bool,
     reqs: Vec<Req>,
     free: Vec<u16>,
@@ -256,6 +260,7 @@ pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Ar
         sqhd: 0,
         sqhd_ffff_once: false,
         ctrl: None,
+        auth: None,
         c2h_success: false,
         reqs: (0..slots).map(|_| Req::blank()).collect(),
         free: (0..slots as u16).rev().collect(),
@@ -796,6 +801,9 @@ impl Conn {
             return self.complete(slot, Status::ABORT_REQUESTED, 0);
         }
         let sqe = self.reqs[slot].sqe;
+        if self.auth.as_ref().is_some_and(|a| !a.admitted()) && !is_auth_command(&sqe) {
+            return self.complete(slot, Status::AUTHENTICATION_REQUIRED.with_dnr(), 0);
+        }
         if sqe.opcode == AdminOpcode::FABRICS.0 {
             return self.fabrics(slot, &sqe);
         }
@@ -909,6 +917,9 @@ impl Conn {
             FabricsCommandType::DISCONNECT => {
                 self.complete(slot, Status::SUCCESS, 0);
                 self.close_after_flush = true;
+            }
+            FabricsCommandType::AUTHENTICATION_SEND | FabricsCommandType::AUTHENTICATION_RECEIVE => {
+                self.authenticate(slot, sqe, fctype == FabricsCommandType::AUTHENTICATION_SEND)
             }
             FabricsCommandType::PROPERTY_GET | FabricsCommandType::PROPERTY_SET => {
                 self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0)
@@ -1128,7 +1139,54 @@ impl Conn {
             PollGroupStats::add(current);
         }
         self.refresh_ns();
-        self.complete(slot, Status::SUCCESS, connect_success_dw0(cntlid, 0));
+        // A host with a DH-HMAC-CHAP key authenticates every queue.
+        let mut authreq = 0;
+        if let Some(c) = self.ctrl.clone().filter(|c| c.subsys.dhchap_keys(&c.hostnqn).is_some()) {
+            self.auth = Some(Box::new(QueueAuth::new(c.subsys.clone(), &c.hostnqn, qid)));
+            authreq = auth::AUTHREQ_ATR;
+        }
+        self.complete(slot, Status::SUCCESS, connect_success_dw0(cntlid, authreq));
+    }
+
+    /// Authentication Send / Receive: one DH-HMAC-CHAP step ([`auth`]).
+    fn authenticate(&mut self, slot: usize, sqe: &Sqe, send: bool) {
+        let (secp, spsp0, spsp1, len) = auth::command_fields(sqe);
+        let data_len = self.reqs[slot].data_len;
+        if secp != auth::SECP_NVME || spsp0 != auth::SPSP || spsp1 != auth::SPSP || len == 0 || len != data_len {
+            return self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0);
+        }
+        let (Some(ctrl), Some(qid)) = (self.ctrl.clone(), self.qid) else {
+            return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
+        };
+        // A queue that was not asked to authenticate may still start (the
+        // host re-authenticates); without a key it ends in AUTH_Failure1.
+        let a = self.auth.get_or_insert_with(|| Box::new(QueueAuth::new(ctrl.subsys.clone(), &ctrl.hostnqn, qid)));
+        let Some(buf) = self.reqs[slot].buf.as_ref() else {
+            return self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0);
+        };
+        if send {
+            let outcome = buf.with(|m| a.send(m));
+            self.complete(slot, Status::SUCCESS, 0);
+            if outcome == SendOutcome::Close {
+                self.close_after_flush = true;
+            }
+            return;
+        }
+        match buf.with_mut(|out| a.receive(out)) {
+            RecvOutcome::Message(n) => {
+                self.reqs[slot].xfer_len = n as u32;
+                self.complete(slot, Status::SUCCESS, 0);
+            }
+            RecvOutcome::Failure(n) => {
+                self.reqs[slot].xfer_len = n as u32;
+                self.complete(slot, Status::SUCCESS, 0);
+                self.close_after_flush = true;
+            }
+            RecvOutcome::TooSmall => {
+                self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0);
+                self.close_after_flush = true;
+            }
+        }
     }
 
     fn refresh_ns(&mut self) {
@@ -1149,7 +1207,8 @@ impl Conn {
                     self.ns.push(NsIo {
                         nsid: n.nsid,
                         block_shift: p.block_size.trailing_zeros(),
-                        num_blocks: p.num_blocks,
+                        // Refreshed with the generation a resize bumps.
+                        num_blocks: n.bdev.num_blocks(),
                         ch,
                         ana_blocked: sub.ana_state(&self.listen, n.anagrpid()).io_status(),
                         resv: n.resv.clone(),
@@ -1320,6 +1379,15 @@ impl Conn {
 
 /// Tears the controller down when its host goes silent for longer than
 /// KATO: a timed poller on the reactor of the admin queue.
+/// Authentication Send or Receive: what a queue still authenticating serves.
+fn is_auth_command(sqe: &Sqe) -> bool {
+    sqe.opcode == AdminOpcode::FABRICS.0
+        && matches!(
+            FabricsCommand::view(sqe).fctype(),
+            FabricsCommandType::AUTHENTICATION_SEND | FabricsCommandType::AUTHENTICATION_RECEIVE
+        )
+}
+
 fn start_keep_alive_timer(ctrl: &Arc<Ctrl>) {
     let weak = Arc::downgrade(ctrl);
     reactor::register_timed_poller("nvmf_keep_alive", Duration::from_millis(50), move || {

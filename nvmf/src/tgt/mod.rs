@@ -9,11 +9,12 @@
 //! IO path never locks.
 
 pub(crate) mod admin;
+pub mod auth;
 pub(crate) mod bufpool;
 pub(crate) mod conn;
 pub(crate) mod reservation;
 
-use bdev::{BdevHandle, Registry};
+use bdev::{BdevEvent, BdevHandle, ListenerId, Registry};
 use nvme_spec::features::{async_event_notice, async_event_type, AsyncEvent};
 use nvme_spec::log::LogPageId;
 use nvme_spec::text::DISCOVERY_NQN;
@@ -289,6 +290,15 @@ pub struct Namespace {
     pub(crate) hosts: Mutex<Vec<String>>,
     /// Registrants and reservation (shared by every controller).
     pub resv: Arc<reservation::Reservations>,
+    /// The bdev event listener that reports resizes to hosts; dropped with
+    /// the namespace.
+    events: ListenerId,
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        self.bdev.drop_listener(self.events);
+    }
 }
 
 impl Namespace {
@@ -377,6 +387,8 @@ impl SubsystemParams {
 pub(crate) struct SubsysInner {
     pub(crate) namespaces: Vec<Arc<Namespace>>,
     pub(crate) hosts: Vec<String>,
+    /// DH-HMAC-CHAP keys of the hosts that must authenticate.
+    pub(crate) host_keys: Vec<auth::HostKeys>,
     pub(crate) allow_any_host: bool,
     pub(crate) listeners: Vec<ListenAddr>,
     pub(crate) ctrls: Vec<Weak<Ctrl>>,
@@ -420,6 +432,7 @@ impl Subsystem {
             inner: Mutex::new(SubsysInner {
                 namespaces: Vec::new(),
                 hosts: Vec::new(),
+                host_keys: Vec::new(),
                 allow_any_host: p.allow_any_host,
                 listeners: Vec::new(),
                 ctrls: Vec::new(),
@@ -533,7 +546,11 @@ impl Subsystem {
             "subtype": if self.kind == SubsystemKind::Discovery { "Discovery" } else { "NVMe" },
             "listen_addresses": i.listeners.iter().map(ListenAddr::to_json).collect::<Vec<_>>(),
             "allow_any_host": i.allow_any_host,
-            "hosts": i.hosts.iter().map(|h| json!({"nqn": h})).collect::<Vec<_>>(),
+            "hosts": i.hosts.iter().map(|h| {
+                let mut v = auth::host_key_params(i.host_keys.iter().find(|k| &k.host == h));
+                v["nqn"] = json!(h);
+                v
+            }).collect::<Vec<_>>(),
         });
         if self.kind == SubsystemKind::Nvme {
             let o = v.as_object_mut().expect("object");
@@ -855,6 +872,9 @@ struct StateInner {
     pool: Option<Arc<bufpool::BufPool>>,
     subsystems: Vec<Arc<Subsystem>>,
     listeners: Vec<ListenerEntry>,
+    /// `nvmf_delete_subsystem` removed the discovery subsystem (the Ceph
+    /// gateway does at start, serving discovery itself): it stays gone.
+    discovery_deleted: bool,
 }
 
 /// The target of one reactor set: `reactor::global::<NvmfState>()`.
@@ -965,7 +985,7 @@ impl NvmfState {
     }
 
     fn ensure_discovery(s: &mut StateInner) {
-        if !s.subsystems.iter().any(|x| x.kind == SubsystemKind::Discovery) {
+        if !s.discovery_deleted && !s.subsystems.iter().any(|x| x.kind == SubsystemKind::Discovery) {
             let mut p = SubsystemParams::new(DISCOVERY_NQN);
             p.allow_any_host = true;
             s.subsystems.insert(0, Arc::new(Subsystem::new(&p, SubsystemKind::Discovery)));
@@ -990,6 +1010,9 @@ impl NvmfState {
     pub fn create_subsystem(&self, p: SubsystemParams) -> Result<Arc<Subsystem>, NvmfError> {
         validate_nqn(&p.nqn)?;
         if p.nqn == DISCOVERY_NQN {
+            if self.lock().discovery_deleted {
+                return Err(NvmfError::Invalid(format!("{DISCOVERY_NQN} was deleted; a restart brings it back")));
+            }
             return Err(NvmfError::Exists(p.nqn));
         }
         if p.serial_number.len() > 20 || !p.serial_number.bytes().all(|b| (0x20..0x7f).contains(&b)) {
@@ -1034,6 +1057,9 @@ impl NvmfState {
     /// completes first: a queue pair keeps its requests until the bdev is
     /// done), its listeners are released.
     pub fn delete_subsystem(&self, nqn: &str) -> Result<(), NvmfError> {
+        if nqn == DISCOVERY_NQN {
+            return self.delete_discovery();
+        }
         let sub = self.nvme_subsystem(nqn)?;
         sub.deleted.store(true, Ordering::Release);
         sub.bump();
@@ -1049,6 +1075,30 @@ impl NvmfState {
         drop(s);
         sub.lock().namespaces.clear();
         self.discovery_changed();
+        Ok(())
+    }
+
+    /// `nvmf_delete_subsystem` of the discovery NQN, as SPDK allows: its
+    /// controllers end, its listeners close, and hosts can no longer
+    /// connect to it until the target restarts.
+    fn delete_discovery(&self) -> Result<(), NvmfError> {
+        let Some(sub) = self.subsystems().into_iter().find(|x| x.kind == SubsystemKind::Discovery) else {
+            return Err(NvmfError::NotFound(format!("subsystem {DISCOVERY_NQN}")));
+        };
+        // In delete_subsystem's order: no new controllers, the live ones
+        // end, then the subsystem and its listeners go.
+        sub.deleted.store(true, Ordering::Release);
+        sub.bump();
+        for c in sub.live_ctrls() {
+            c.kill("subsystem deleted");
+        }
+        let addrs = sub.listeners();
+        let mut s = self.lock();
+        s.subsystems.retain(|x| !Arc::ptr_eq(x, &sub));
+        s.discovery_deleted = true;
+        for a in addrs {
+            Self::release_listener(&mut s, &a);
+        }
         Ok(())
     }
 
@@ -1098,6 +1148,23 @@ impl NvmfState {
         }
         let uuid = uuid.unwrap_or(bdev.props().uuid);
         let nguid = nguid.unwrap_or(*uuid.as_bytes());
+        // A resized bdev: IO queues pick up the new size (generation bump),
+        // and hosts that see the namespace get a Namespace Attribute
+        // Changed notice with it in the Changed Namespace List, after which
+        // Identify Namespace reports the new NSZE/NCAP.
+        let weak = Arc::downgrade(&sub);
+        let handle = bdev.clone();
+        let events = bdev.on_event(move |ev| {
+            let BdevEvent::Resize { old_blocks, new_blocks } = ev else { return };
+            let Some(sub) = weak.upgrade() else { return };
+            let ns = sub.lock().namespaces.iter().find(|n| n.nsid == nsid && n.bdev.same(&handle)).cloned();
+            let Some(ns) = ns else { return };
+            tracing::info!(nqn = sub.nqn, nsid, old_blocks, new_blocks, "namespace resized");
+            sub.bump();
+            for c in sub.live_ctrls().into_iter().filter(|c| ns.visible_to(&c.hostnqn)) {
+                c.notify_ns_changed(nsid);
+            }
+        });
         let ns = Arc::new(Namespace {
             nsid,
             bdev: bdev.clone(),
@@ -1107,6 +1174,7 @@ impl NvmfState {
             auto_visible: !no_auto_visible,
             hosts: Mutex::new(Vec::new()),
             resv: Arc::new(resv),
+            events,
         });
         let pos = i.namespaces.iter().position(|x| x.nsid > nsid).unwrap_or(i.namespaces.len());
         i.namespaces.insert(pos, ns.clone());
@@ -1267,6 +1335,7 @@ impl NvmfState {
         let mut i = sub.lock();
         let before = i.hosts.len();
         i.hosts.retain(|h| h != host);
+        i.host_keys.retain(|k| k.host != host);
         if i.hosts.len() == before {
             return Err(NvmfError::NotFound(format!("host {host} in {nqn}")));
         }
@@ -1384,6 +1453,9 @@ impl NvmfState {
             return out;
         };
         out.push(json!({"method": "nvmf_create_transport", "params": t.to_json()}));
+        if self.lock().discovery_deleted {
+            out.push(json!({"method": "nvmf_delete_subsystem", "params": {"nqn": DISCOVERY_NQN}}));
+        }
         for s in self.subsystems() {
             if s.kind == SubsystemKind::Discovery {
                 for a in s.listeners() {
@@ -1398,7 +1470,10 @@ impl NvmfState {
                 "model_number": s.model_number, "max_namespaces": s.max_namespaces,
                 "min_cntlid": s.min_cntlid, "max_cntlid": s.max_cntlid, "ana_reporting": s.ana_reporting}}));
             for h in &i.hosts {
-                out.push(json!({"method": "nvmf_subsystem_add_host", "params": {"nqn": s.nqn, "host": h}}));
+                let mut params = auth::host_key_params(i.host_keys.iter().find(|k| &k.host == h));
+                params["nqn"] = json!(s.nqn);
+                params["host"] = json!(h);
+                out.push(json!({"method": "nvmf_subsystem_add_host", "params": params}));
             }
             for n in &i.namespaces {
                 let mut ns = n.to_json();
