@@ -10,10 +10,9 @@
 //!
 //! - no write fails: after KATO and fast_io_fail the remote member fails
 //!   and the array serves degraded (the stall is measured);
-//! - the link comes back: the initiator reconnects by itself, the member is
-//!   re-added (`bdev_raid_remove_base_bdev` + `bdev_raid_add_base_bdev`:
-//!   a failed member stays claimed in its slot, and examine only runs on a
-//!   bdev's registration, which a reconnect does not repeat) and resynced
+//! - the link comes back: the initiator reconnects by itself and tells the
+//!   namespace's holders (`BdevEvent::Restored`); the array takes its failed
+//!   member back by itself, recognised by its superblock, and resyncs it
 //!   from the bitmap: copied blocks are the dirty chunks only;
 //! - `bdev_nvme_reset_controller` while writes run reconnects without
 //!   failing a write or the member;
@@ -412,10 +411,8 @@ fn mirror_with_a_remote_member_survives_a_flapping_path_and_resyncs_only_what_it
         let up_at = Instant::now();
         ns.link(true);
         let back_at = wait_for("reconnected", T, || ctrl_state(&d) == "enabled");
-        // The failed member is still claimed in its slot: out, then back in
+        // No RPC: the array re-adds the member the reconnect restored
         // (recognised by its superblock, resynced from the bitmap).
-        l(&["bdev_raid_remove_base_bdev", "Remoten1"]);
-        l(&["bdev_raid_add_base_bdev", "Mirror", "Remoten1"]);
         let synced_at = wait_for("in sync", T, || {
             let r = raid(&d);
             member_state(&r, "Remoten1") == "active" && r.get("process").is_none()

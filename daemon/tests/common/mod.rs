@@ -2,6 +2,8 @@
 //! talks raw JSON-RPC to it, and runs SPDK's own Python client against it.
 #![allow(dead_code)]
 
+pub mod crash;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

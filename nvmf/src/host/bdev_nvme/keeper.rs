@@ -9,7 +9,7 @@ use super::{
 };
 use crate::host::qpair::{AdminQpair, HostError, QpairParts};
 use crate::host::{ConnectParams, NsInfo, Session, DEFAULT_HOSTNQN};
-use bdev::BdevError;
+use bdev::{BdevError, Registry};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Weak};
 use std::time::Duration;
@@ -206,6 +206,12 @@ impl Keeper {
         let away_ms = now.saturating_sub(self.lost_at_ns) / 1_000_000;
         tracing::info!(name = ctrl.params.name, cntlid = s.info.cntlid, away_ms, "NVMe/TCP path reconnected");
         self.link = Link::Up(Box::new(AdminQpair::new(s.admin, ctrl.info.kato_ms)));
+        // Holders that gave up on a namespace while IO to it failed (a
+        // RAID failed the member) may take it back now.
+        let names = ctrl.bdevs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for h in names.iter().filter_map(|n| Registry::get().lookup(n)) {
+            h.notify_restored();
+        }
     }
 
     /// Past `fast_io_fail_timeout_sec` IO fails; past
