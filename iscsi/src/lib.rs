@@ -16,6 +16,20 @@ pub mod scsi;
 pub mod text;
 pub mod tgt;
 
+/// Entry points for the fuzz targets (fuzz/): what the login path uses
+/// that is not otherwise public. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::text::TargetOffer;
+    use crate::IscsiOpts;
+
+    /// The offer a login negotiates against under options `opts`, for a
+    /// target node that requires the digests named (discovery: neither).
+    pub fn target_offer(opts: &IscsiOpts, require_header_digest: bool, require_data_digest: bool) -> TargetOffer {
+        crate::tgt::target_offer(opts, require_header_digest, require_data_digest)
+    }
+}
+
 pub use tgt::{
     shutdown, ChapPolicy, ChapSecret, InitiatorGroup, IscsiError, IscsiOpts, IscsiState, NodeParams, Portal, TargetNode,
 };

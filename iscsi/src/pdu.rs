@@ -222,15 +222,13 @@ pub fn frame(buf: &[u8], lim: &RxLimits) -> Result<Option<Frame>, FrameError> {
     let mut h = [0u8; BHS_LEN];
     h.copy_from_slice(&buf[..BHS_LEN]);
     let bhs = Bhs(h);
-    let data_len = bhs.data_len();
-    if data_len > lim.max_data_len {
-        return Err(FrameError::Oversized(data_len, lim.max_data_len));
-    }
     let hdr_end = BHS_LEN + bhs.ahs_len();
     let hd = if lim.header_digest { DIGEST_LEN } else { 0 };
     let data_off = hdr_end + hd;
-    // The header digest is checked as soon as the header is here: a bad
-    // one means the length fields cannot be trusted.
+    // The header digest is checked as soon as the header is here, before
+    // any length in it is believed: a bad one means the fields cannot be
+    // trusted (a corrupted DataSegmentLength is a digest error, not an
+    // oversized segment to answer with a Reject quoting a corrupted header).
     if buf.len() < data_off {
         return Ok(None);
     }
@@ -239,6 +237,10 @@ pub fn frame(buf: &[u8], lim: &RxLimits) -> Result<Option<Frame>, FrameError> {
         if digest(&[&buf[..hdr_end]]) != got {
             return Err(FrameError::HeaderDigest);
         }
+    }
+    let data_len = bhs.data_len();
+    if data_len > lim.max_data_len {
+        return Err(FrameError::Oversized(data_len, lim.max_data_len));
     }
     let data_len = data_len as usize;
     let padded = data_len + pad_len(data_len);
@@ -328,6 +330,17 @@ mod tests {
         assert!(frame(&p, &lim(true, true)).unwrap().unwrap().data_digest_bad);
         let p = pdu(&[0u8; 9000], false, false);
         assert_eq!(frame(&p, &lim(false, false)).unwrap_err(), FrameError::Oversized(9000, 8192));
+    }
+
+    #[test]
+    fn a_corrupted_length_under_a_header_digest_is_a_digest_error() {
+        // Found by fuzz/iscsi_pdu: one flipped bit in DataSegmentLength
+        // (byte 5) of a digested header made the segment look oversized.
+        let mut p = pdu(b"abcd", true, false);
+        p[5] ^= 0x02;
+        assert_eq!(frame(&p, &lim(true, false)).unwrap_err(), FrameError::HeaderDigest);
+        // Without a header digest the same header is an oversized segment.
+        assert_eq!(frame(&p[..BHS_LEN], &lim(false, false)).unwrap_err(), FrameError::Oversized(0x20004, 8192));
     }
 
     proptest::proptest! {

@@ -5,7 +5,7 @@
 //! with its status class and detail.
 
 use super::conn::{Conn, Session};
-use super::{ChapPolicy, TargetNode, MAX_BURST_LENGTH, MAX_RECV_DATA_SEGMENT_LENGTH};
+use super::{ChapPolicy, IscsiOpts, TargetNode, MAX_BURST_LENGTH, MAX_RECV_DATA_SEGMENT_LENGTH};
 use crate::chap;
 use crate::pdu::{off, op, Bhs};
 use crate::scsi::Nexus;
@@ -79,6 +79,24 @@ struct Fail(u8, u8);
 
 fn initiator(d: u8) -> Fail {
     Fail(CLASS_INITIATOR, d)
+}
+
+/// What the target offers in a login under options `o`, for a target node
+/// that requires the digests named.
+pub(crate) fn target_offer(o: &IscsiOpts, require_header_digest: bool, require_data_digest: bool) -> TargetOffer {
+    TargetOffer {
+        max_recv_data_segment_length: MAX_RECV_DATA_SEGMENT_LENGTH,
+        max_burst_length: MAX_BURST_LENGTH,
+        first_burst_length: o.first_burst_length,
+        initial_r2t: false,
+        immediate_data: o.immediate_data,
+        max_outstanding_r2t: o.max_r2t_per_connection,
+        default_time2wait: o.default_time2wait,
+        default_time2retain: o.default_time2retain,
+        max_connections: o.max_connections_per_session,
+        require_header_digest,
+        require_data_digest,
+    }
 }
 
 impl Conn {
@@ -286,20 +304,11 @@ impl Conn {
     }
 
     fn offer(&self, ls: &LoginState) -> TargetOffer {
-        let o = self.state.options();
-        TargetOffer {
-            max_recv_data_segment_length: MAX_RECV_DATA_SEGMENT_LENGTH,
-            max_burst_length: MAX_BURST_LENGTH,
-            first_burst_length: o.first_burst_length,
-            initial_r2t: false,
-            immediate_data: o.immediate_data,
-            max_outstanding_r2t: o.max_r2t_per_connection,
-            default_time2wait: o.default_time2wait,
-            default_time2retain: o.default_time2retain,
-            max_connections: o.max_connections_per_session,
-            require_header_digest: ls.node.as_ref().is_some_and(|n| n.header_digest),
-            require_data_digest: ls.node.as_ref().is_some_and(|n| n.data_digest),
-        }
+        target_offer(
+            &self.state.options(),
+            ls.node.as_ref().is_some_and(|n| n.header_digest),
+            ls.node.as_ref().is_some_and(|n| n.data_digest),
+        )
     }
 
     /// The security stage: AuthMethod, then CHAP.

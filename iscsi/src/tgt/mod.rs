@@ -13,6 +13,7 @@ mod login;
 mod objects;
 mod task;
 
+pub(crate) use login::target_offer;
 pub use objects::{
     netmask_matches, ChapPolicy, ChapSecret, ConnInfo, InitiatorGroup, IscsiOpts, NodeParams, Portal, TargetNode,
     MAX_BURST_LENGTH, MAX_RECV_DATA_SEGMENT_LENGTH,
