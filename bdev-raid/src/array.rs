@@ -15,13 +15,13 @@ use crate::map::{Geometry, MAX_MEMBERS};
 use crate::meta::{self, SbWrite};
 use crate::owner::{self, Fence};
 use crate::rebuild;
-use bdev::{Bdev, BdevChannel, BdevError, BdevHandle, BdevProps, IoType, Registry};
+use bdev::{Bdev, BdevChannel, BdevError, BdevHandle, BdevProps, IoType, ListenerId, Registry};
 use bitmap::Bitmap;
 use reactor::ReactorId;
 use serde_json::{json, Value};
 use std::ops::Range;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use uuid::Uuid;
 
@@ -209,8 +209,12 @@ pub(crate) struct ArrayShared {
     pub deleted: AtomicBool,
     /// Set by the owner when teardown has finished.
     pub torn_down: AtomicBool,
-    /// Fixed when the array first goes online.
-    pub geometry: OnceLock<Arc<Geometry>>,
+    /// Set when the array first goes online; replaced only by a grow,
+    /// inside a fence (channels reload it at resume).
+    pub geometry: GeometryCell,
+    /// Resize listeners on the member bdevs (see `resize`), dropped as a
+    /// member leaves.
+    pub member_events: Mutex<Vec<(BdevHandle, ListenerId)>>,
     /// Rebuild progress in array blocks (owner writes, listings read).
     pub rebuild_blocks: AtomicU64,
     /// Every block's redundancy is known consistent: set by a check of the
@@ -240,9 +244,59 @@ pub(crate) struct ArrayShared {
     pub from_superblocks: bool,
     /// Set when an array assembling from superblocks starts (once).
     pub starting: AtomicBool,
+    /// raid5's partial parity log (`crate::ppl`), set once when an array
+    /// with one in its superblock starts.
+    pub ppl: std::sync::OnceLock<Arc<crate::ppl::PplLog>>,
+    /// Test- and benchmark-only switch: writes log nothing (`RaidArray`).
+    pub ppl_off: AtomicBool,
     /// The degraded-start timer of an assembling array is armed.
     pub timer_armed: AtomicBool,
     ctl: Mutex<Control>,
+}
+
+/// The array's layout: none while configuring. Each grow appends a layout
+/// and makes it current; earlier ones stay (a few hundred bytes each for
+/// the levels that grow) so that a reference handed out stays valid
+/// without a lock. Control path only: channels copy it at resume.
+pub(crate) struct GeometryCell {
+    layouts: [OnceLock<Arc<Geometry>>; MAX_LAYOUTS],
+    current: AtomicUsize,
+}
+
+/// Layouts one array can have in one run: its first and `MAX_LAYOUTS - 1`
+/// grows (a restart assembles from the superblock's, the first again).
+pub(crate) const MAX_LAYOUTS: usize = 32;
+
+impl Default for GeometryCell {
+    fn default() -> Self {
+        GeometryCell { layouts: std::array::from_fn(|_| OnceLock::new()), current: AtomicUsize::new(0) }
+    }
+}
+
+impl GeometryCell {
+    pub(crate) fn get(&self) -> Option<&Arc<Geometry>> {
+        self.layouts[self.current.load(Ordering::Acquire)].get()
+    }
+
+    /// The first layout; refused if there is one.
+    pub(crate) fn set(&self, g: Arc<Geometry>) -> Result<(), Arc<Geometry>> {
+        if self.get().is_some() {
+            return Err(g);
+        }
+        self.layouts[0].set(g)
+    }
+
+    /// A grown layout becomes current (owner reactor, inside a fence: the
+    /// only writer). False when the array has grown as often as it can in
+    /// this run.
+    pub(crate) fn replace(&self, g: Arc<Geometry>) -> bool {
+        let next = self.current.load(Ordering::Acquire) + 1;
+        if next >= MAX_LAYOUTS || self.layouts[next].set(g).is_err() {
+            return false;
+        }
+        self.current.store(next, Ordering::Release);
+        true
+    }
 }
 
 impl ArrayShared {
@@ -554,6 +608,24 @@ impl RaidArray {
         self.0.widen_lock.store(on, Ordering::Relaxed);
     }
 
+    /// TEST- AND BENCHMARK-ONLY: off, raid5 writes put nothing in the
+    /// partial parity log (`ppl`), which reopens the write hole: to measure
+    /// what the log costs. Not reachable over RPC; IO already planned keeps
+    /// the mode it started with.
+    pub fn set_partial_parity_log(&self, on: bool) {
+        self.0.ppl_off.store(!on, Ordering::Relaxed);
+    }
+
+    /// Whether the array keeps a partial parity log (raid5 with a superblock).
+    pub fn has_partial_parity_log(&self) -> bool {
+        self.0.ppl.get().is_some()
+    }
+
+    /// Writes that found no free log slot on their parity member and waited.
+    pub fn partial_parity_log_waits(&self) -> u64 {
+        self.0.ppl.get().map_or(0, |l| l.slots_exhausted.load(Ordering::Relaxed))
+    }
+
     /// Suspends the array: `done` runs (on the owner reactor) once no array
     /// IO is in flight on any reactor and new IO is held; call
     /// [`RaidArray::resume`] once after it ran. Callable any time, also
@@ -654,7 +726,7 @@ pub(crate) fn create(spec: CreateSpec) -> Result<Arc<ArrayShared>, BdevError> {
                     slots.push(Slot {
                         name: Some(h.name().to_string()),
                         uuid: Some(h.props().uuid),
-                        data_size_blocks: h.props().num_blocks,
+                        data_size_blocks: h.num_blocks(),
                         handle: Some(h.clone()),
                         role: Role::Active,
                         ..Slot::empty()
@@ -725,7 +797,8 @@ pub(crate) fn new_shared(
         widen_lock: AtomicBool::new(true),
         deleted: AtomicBool::new(false),
         torn_down: AtomicBool::new(false),
-        geometry: OnceLock::new(),
+        geometry: GeometryCell::default(),
+        member_events: Mutex::new(Vec::new()),
         rebuild_blocks: AtomicU64::new(0),
         redundancy_verified: AtomicBool::new(false),
         process_total: AtomicU64::new(0),
@@ -737,6 +810,8 @@ pub(crate) fn new_shared(
         found: Mutex::new(Vec::new()),
         from_superblocks,
         starting: AtomicBool::new(false),
+        ppl: std::sync::OnceLock::new(),
+        ppl_off: AtomicBool::new(false),
         timer_armed: AtomicBool::new(false),
         ctl: Mutex::new(Control::new(slots, block_size)),
     }))
@@ -805,7 +880,7 @@ pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geomet
         let sizes: Vec<u64> = ctl
             .slots
             .iter()
-            .map(|s| s.handle.as_ref().map_or(0, |h| h.props().num_blocks).saturating_sub(s.data_offset_blocks))
+            .map(|s| s.handle.as_ref().map_or(0, |h| h.num_blocks()).saturating_sub(s.data_offset_blocks))
             .collect();
         let geo = match assembled {
             Some(g) => g,
@@ -887,7 +962,9 @@ fn recompute_state(shared: &ArrayShared, ctl: &mut Control) {
 }
 
 /// Hot-remove: when a member bdev goes away, its slot empties (fenced).
+/// Resizes of the member are watched from here too (`resize`).
 pub(crate) fn watch_removal(shared: &Arc<ArrayShared>, h: &BdevHandle) {
+    crate::resize::watch(shared, h);
     let weak: Weak<ArrayShared> = Arc::downgrade(shared);
     let id = h.id();
     h.on_remove(move || {
@@ -976,7 +1053,7 @@ fn claim_missing(ras: &Rc<Ras>, slot: usize, name: &str) -> Result<(), BdevError
         ctl.slots[slot] = Slot {
             name: Some(h.name().to_string()),
             uuid: Some(h.props().uuid),
-            data_size_blocks: h.props().num_blocks,
+            data_size_blocks: h.num_blocks(),
             handle: Some(h.clone()),
             role: Role::Active,
             ..Slot::empty()
@@ -1033,6 +1110,7 @@ fn empty_slot(ras: &Rc<Ras>, slot: usize) {
         rebuild::cancel(ras);
     }
     if let Some(h) = handle {
+        crate::resize::forget(shared, &h);
         Registry::get().release(&h, &shared.owner_tag());
     }
     // No IO in flight: the latch can be reset for the slot's next member.
@@ -1089,33 +1167,41 @@ pub(crate) fn add_base(raid: &str, base: &str, done: Box<dyn FnOnce(Result<(), B
         return done(Err(BdevError::Invalid(why.into())));
     }
     let base = base.to_string();
-    owner::on_owner_fenced(&shared, move |fenced| {
-        let (ras, fence) = match fenced {
-            Ok(f) => f,
-            Err(e) => return done(Err(e)),
-        };
-        let has_sb = ras.owner.as_ref().is_some_and(|o| o.meta.borrow().is_some());
-        if !has_sb {
-            let r = add_member(ras, &base, None);
-            if let Ok(true) = r {
-                rebuild::start_next(ras);
-            }
-            fence.done();
-            return done(r.map(|_| ()));
+    owner::on_owner_fenced(&shared, move |fenced| match fenced {
+        Ok((ras, fence)) => add_fenced(ras, fence, base, done),
+        Err(e) => done(Err(e)),
+    });
+}
+
+/// Adds `base` under the fence `add_base` or `member_restored` holds. With
+/// a superblock, a member coming back is recognised by its own superblock
+/// and resynced only where it missed writes.
+fn add_fenced(ras: &Rc<Ras>, fence: Fence, base: String, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
+    let has_sb = ras.owner.as_ref().is_some_and(|o| o.meta.borrow().is_some());
+    if !has_sb {
+        let r = add_member(ras, &base, None);
+        if let Ok(true) = r {
+            rebuild::start_next(ras);
         }
-        // With a superblock: a member coming back is recognised by its own
-        // superblock and resynced only where it missed writes.
-        let Some(h) = Registry::get().lookup(&base) else {
-            fence.done();
-            return done(Err(BdevError::NotFound(base)));
-        };
-        let ras2 = ras.clone();
-        crate::meta::read_superblock(&h, move |found| {
-            let ras = &ras2;
-            let returning = crate::examine::returning_member(ras, &found);
-            let r = add_member(ras, &base, returning);
+        fence.done();
+        return done(r.map(|_| ()));
+    }
+    let Some(h) = Registry::get().lookup(&base) else {
+        fence.done();
+        return done(Err(BdevError::NotFound(base)));
+    };
+    let ras2 = ras.clone();
+    crate::meta::read_superblock(&h.clone(), move |found| {
+        let ras = ras2;
+        let returning = crate::examine::returning_member(&ras, &found);
+        let slot = returning.as_ref().map_or(0, |r| r.slot);
+        let shared = ras.shared.clone();
+        let joined = move |wiped: Result<(), String>| {
+            let r = wiped
+                .map_err(|e| BdevError::Invalid(format!("{base}: its partial parity log not wiped: {e}")))
+                .and_then(|()| add_member(&ras, &base, returning));
             match r {
-                Ok(_) => commit(ras, fence, {
+                Ok(_) => commit(&ras, fence, {
                     let ras = ras.clone();
                     move |c| {
                         rebuild::start_next(&ras);
@@ -1127,7 +1213,43 @@ pub(crate) fn add_base(raid: &str, base: &str, done: Box<dyn FnOnce(Result<(), B
                     done(Err(e));
                 }
             }
+        };
+        crate::examine::wipe_joining_log(&shared, h, slot, Box::new(joined));
+    });
+}
+
+/// A failed member's device answers again (`BdevEvent::Restored`: its
+/// NVMe/TCP path came back after IO to it had failed). The array takes it
+/// back as `bdev_raid_remove_base_bdev` + `bdev_raid_add_base_bdev` would,
+/// in one fence: with a superblock it is recognised as the member that
+/// left and resynced only in the chunks written while it was away; without
+/// one it is rebuilt whole. A member that is not failed (its IO waited out
+/// the loss) has nothing to do. md re-adds a returning device only when
+/// told (`mdadm --re-add`, or udev's incremental assembly); a path that
+/// comes back by itself is the case here, so the array does it.
+pub(crate) fn member_restored(shared: &Arc<ArrayShared>, bdev_id: u64) {
+    if shared.level.refuses(LevelOp::AddMember).is_some() || !shared.level.is_redundant() {
+        return;
+    }
+    owner::on_owner_fenced(shared, move |fenced| {
+        let Ok((ras, fence)) = fenced else { return };
+        let failed = ras.shared.ctl().slots.iter().enumerate().find_map(|(i, s)| {
+            let ours = s.role == Role::Failed && s.handle.as_ref().is_some_and(|h| h.id() == bdev_id);
+            ours.then(|| (i, s.name.clone().unwrap_or_default()))
         });
+        let Some((slot, name)) = failed else { return fence.done() };
+        tracing::info!(raid = %ras.shared.name, member = %name, slot, "failed member restored: re-adding it");
+        empty_slot(ras, slot);
+        let raid = ras.shared.name.clone();
+        add_fenced(
+            ras,
+            fence,
+            name.clone(),
+            Box::new(move |r| match r {
+                Ok(()) => tracing::info!(%raid, member = %name, "restored member re-added"),
+                Err(e) => RaidModule::get().problem(format!("raid {raid}: restored member {name} not re-added: {e}")),
+            }),
+        );
     });
 }
 
@@ -1173,10 +1295,10 @@ pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>
         }
         if let Some(geo) = shared.geometry.get() {
             let need = geo.member_data_blocks(slot) + ctl.slots[slot].data_offset_blocks;
-            if h.props().num_blocks < need {
+            if h.num_blocks() < need {
                 return Err(BdevError::Invalid(format!(
                     "{base} has {} blocks, the array needs {need}",
-                    h.props().num_blocks
+                    h.num_blocks()
                 )));
             }
             if !ctl.caps.satisfied_by(&h) {
@@ -1193,6 +1315,7 @@ pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>
         e => e,
     })?;
     if let Some(old) = old {
+        crate::resize::forget(shared, &old);
         reg.release(&old, &shared.owner_tag());
     }
     let online = shared.geometry.get().cloned();
@@ -1210,7 +1333,7 @@ pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>
         ctl.slots[slot] = Slot {
             name: Some(h.name().to_string()),
             uuid: Some(h.props().uuid),
-            data_size_blocks: online.as_ref().map_or(h.props().num_blocks, |g| g.member_data_blocks(slot)),
+            data_size_blocks: online.as_ref().map_or(h.num_blocks(), |g| g.member_data_blocks(slot)),
             handle: Some(h.clone()),
             role: if rebuild { Role::Rebuilding } else { Role::Active },
             data_offset_blocks: prev.data_offset_blocks,
@@ -1405,6 +1528,7 @@ fn teardown(shared: Arc<ArrayShared>, done: Box<dyn FnOnce() + Send>) {
             };
             let reg = Registry::get();
             for h in &handles {
+                crate::resize::forget(&shared, h);
                 reg.release(h, &shared.owner_tag());
             }
             RaidModule::get().arrays.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| !Arc::ptr_eq(a, &shared));

@@ -613,6 +613,12 @@ impl Ras {
         *self.scratch.borrow_mut() = children;
     }
 
+    /// The write-intent bitmap's shared half (arrays with one): a parity
+    /// level asks it which chunks were written and which it may trust.
+    pub(crate) fn bitmap_ref(&self) -> std::cell::Ref<'_, Option<Arc<Bitmap>>> {
+        self.bitmap.borrow()
+    }
+
     /// A resync is owed: reads go to the lowest-numbered active copy, so
     /// they do not flip between copies that may differ.
     pub(crate) fn reads_prefer_first(&self) -> bool {

@@ -14,6 +14,7 @@ use crate::channel::{ras_for, Ras};
 use crate::map::Geometry;
 use crate::meta::{self, Found, Meta, SbWrite};
 use crate::owner;
+use crate::ppl::{self, PplLog, ReplayMember};
 use crate::rebuild;
 use crate::superblock::{self, MetadataLayout, SlotState, SuperblockInfo};
 use bdev::{BdevError, BdevHandle, ExamineHold, Registry};
@@ -40,7 +41,7 @@ fn plan_new(shared: &ArrayShared) -> Result<(SuperblockInfo, Option<bitmap::Geom
     let members: Vec<(Uuid, u64)> = ctl
         .slots
         .iter()
-        .map(|s| (s.uuid.unwrap_or_else(Uuid::new_v4), s.handle.as_ref().map_or(0, |h| h.props().num_blocks)))
+        .map(|s| (s.uuid.unwrap_or_else(Uuid::new_v4), s.handle.as_ref().map_or(0, |h| h.num_blocks())))
         .collect();
     drop(ctl);
     let strip_blocks =
@@ -66,7 +67,12 @@ fn plan_new(shared: &ArrayShared) -> Result<(SuperblockInfo, Option<bitmap::Geom
     } else {
         (0, 0)
     };
-    let layout = MetadataLayout::new(bs, length, chunk).map_err(invalid)?;
+    let mut layout = MetadataLayout::new(bs, length, chunk).map_err(invalid)?;
+    if shared.level.keeps_partial_parity_log() {
+        // raid5's write-hole log: a slot per partial write in flight on a
+        // member, each a header and a chunk of partial parity (`ppl`).
+        layout = layout.with_ppl(bs, ppl::area_blocks(bs, strip_blocks)).map_err(invalid)?;
+    }
     let info = SuperblockInfo::new_array(&shared.name, uuid, shared.level, strip_blocks, bs, &layout, &members)
         .map_err(invalid)?;
     let bm = match info.bitmap {
@@ -100,21 +106,75 @@ pub(crate) fn init_new(shared: &Arc<ArrayShared>, done: Box<dyn FnOnce(Result<()
         }
     }
     let r2 = ras.clone();
-    start_metadata(
-        &ras,
-        info,
-        bm_geo,
-        None,
-        Box::new(move |r| {
-            let r = r.and_then(|()| array::go_online_with(&r2.shared, None));
-            match r {
-                Ok(()) => {
-                    r2.refresh();
-                    tracing::info!(raid = %r2.shared.name, "superblocks written");
-                    done(Ok(()))
-                }
-                Err(e) => fail_start(&r2, move || done(Err(e))),
+    let then: Then = Box::new(move |r| {
+        let r = r.and_then(|()| array::go_online_with(&r2.shared, None));
+        match r {
+            Ok(()) => {
+                r2.refresh();
+                tracing::info!(raid = %r2.shared.name, "superblocks written");
+                done(Ok(()))
             }
+            Err(e) => fail_start(&r2, move || done(Err(e))),
+        }
+    });
+    // A new array's log holds nothing: old headers on the members are wiped.
+    let (ras2, sb) = (ras.clone(), info.clone());
+    with_log_recovered(&ras, &sb, None, false, move |r| match r {
+        Ok(_) => start_metadata(&ras2, info, bm_geo, None, then),
+        Err(e) => then(Err(e)),
+    });
+}
+
+/// For an array whose superblock records a partial parity log (`ppl`):
+/// replays the valid entries of its in-sync members' logs (`replay`: an
+/// unclean shutdown; `dirty`: the bitmap's dirty ranges) and wipes every
+/// slot header of every member it has, then `then` with what the replay
+/// did. Without a log, `then` at once. Runs before the array takes IO.
+fn with_log_recovered(
+    ras: &Rc<Ras>,
+    info: &SuperblockInfo,
+    dirty: Option<Vec<Range<u64>>>,
+    replay: bool,
+    then: impl FnOnce(Result<ppl::ReplayStats, BdevError>) + 'static,
+) {
+    let shared = &ras.shared;
+    let Some(loc) = info.ppl.filter(|_| shared.level.keeps_partial_parity_log()) else {
+        return then(Ok(ppl::ReplayStats::default()));
+    };
+    let geo = match info.geometry() {
+        Ok(g) => g,
+        Err(e) => return then(Err(invalid(e))),
+    };
+    let members: Vec<Option<ReplayMember>> = shared
+        .ctl()
+        .slots
+        .iter()
+        .map(|s| match (&s.handle, s.role) {
+            (Some(h), Role::Active | Role::Rebuilding) => Some(ReplayMember {
+                handle: h.clone(),
+                data_offset_blocks: s.data_offset_blocks,
+                in_sync: s.role == Role::Active,
+            }),
+            _ => None,
+        })
+        .collect();
+    let name = shared.name.clone();
+    ppl::recover(
+        loc,
+        geo,
+        info.block_size,
+        info.array_uuid.into_bytes(),
+        members,
+        dirty,
+        replay,
+        Box::new(move |r| match r {
+            Ok(stats) => {
+                if replay {
+                    tracing::warn!(raid = %name, ?stats, "partial parity log replayed");
+                }
+                then(Ok(stats))
+            }
+            Err(e) => then(Err(invalid(format!("partial parity log: {e}")))),
         }),
     );
 }
@@ -139,7 +199,12 @@ fn start_metadata(
                 meta::writable_handles(ras),
                 loc.offset_blocks,
                 initial.as_ref(),
-                OwnerOptions::default(),
+                // A parity level's first partial write into a chunk leaves
+                // parity right only in the rows it wrote (`rebuild`'s sync pass).
+                OwnerOptions {
+                    first_write_needs_sync: shared.level.trusts_checked_redundancy(),
+                    ..OwnerOptions::default()
+                },
             ) {
                 Ok(b) => Some(b),
                 Err(e) => return then(Err(invalid(format!("bitmap: {e}")))),
@@ -147,6 +212,15 @@ fn start_metadata(
         }
         _ => None,
     };
+    if let (Some(loc), true) = (info.ppl, shared.level.keeps_partial_parity_log()) {
+        let members = info.num_members();
+        match PplLog::new(loc, info.block_size, info.strip_size_blocks, members, info.array_uuid.into_bytes()) {
+            Some(log) => {
+                let _ = shared.ppl.set(Arc::new(log));
+            }
+            None => return then(Err(invalid("the partial parity log area holds no entry slot"))),
+        }
+    }
     let meta = Meta::new(info, bm.clone());
     *owner.meta.borrow_mut() = Some(meta.clone());
     let r2 = ras.clone();
@@ -159,6 +233,7 @@ fn start_metadata(
                 bm.set_in_sync(array::in_sync(shared, &ctl));
             }
             meta::watch_bitmap_failures(ras, &bm);
+            rebuild::watch_needs_sync(ras, &bm);
             bm.start_poller(bitmap::DEFAULT_TICK_PERIOD);
             bm.flush(write_sb);
         }
@@ -441,7 +516,8 @@ fn all_dirty(g: bitmap::Geometry, events: u64) -> LoadedBitmap {
             *last = (1u64 << (n % 64)) - 1;
         }
     }
-    LoadedBitmap { geometry: g, words, events_min: events, events_max: events }
+    // Which chunks were written is not known either: all of them.
+    LoadedBitmap { geometry: g, words, written: None, events_min: events, events_max: events }
 }
 
 /// Array ranges of a bitmap's set bits, coalesced.
@@ -482,7 +558,8 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
             sb.array_blocks,
             Some(loc.chunk_size_blocks),
         ) {
-            Ok(g) if g.region_blocks() <= loc.length_blocks => Some(g),
+            // (An array made before the written plane reserved one plane.)
+            Ok(g) if g.legacy_region_blocks() <= loc.length_blocks => Some(g),
             Ok(g) => {
                 return give_up(format!(
                     "its bitmap needs {} blocks, the superblock reserves {}",
@@ -583,32 +660,57 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
         }
         let r3 = ras.clone();
         let geometry = plan.geometry.clone();
-        start_metadata(
-            ras,
-            sb,
-            bm_geo,
-            loaded,
-            Box::new(move |r| {
-                let r = r.and_then(|()| array::go_online_with(&r3.shared, Some(geometry)));
-                match r {
-                    Ok(()) => {
-                        r3.refresh();
-                        tracing::info!(raid = %r3.shared.name, "assembled from superblocks");
-                        rebuild::start_next(&r3);
-                        rejoin_latecomers(&r3.shared);
-                        drop(hold);
-                    }
-                    Err(e) => {
-                        RaidModule::get().problem(format!("array {}: not started: {e}", r3.shared.name));
-                        let r4 = r3.clone();
-                        fail_start(&r3, move || {
-                            drop(r4);
+        let start_rest = move |ras: &Rc<Ras>, sb: SuperblockInfo| {
+            start_metadata(
+                ras,
+                sb,
+                bm_geo,
+                loaded,
+                Box::new(move |r| {
+                    let r = r.and_then(|()| array::go_online_with(&r3.shared, Some(geometry)));
+                    match r {
+                        Ok(()) => {
+                            r3.refresh();
+                            tracing::info!(raid = %r3.shared.name, "assembled from superblocks");
+                            rebuild::start_next(&r3);
+                            rejoin_latecomers(&r3.shared);
                             drop(hold);
-                        });
+                        }
+                        Err(e) => {
+                            RaidModule::get().problem(format!("array {}: not started: {e}", r3.shared.name));
+                            let r4 = r3.clone();
+                            fail_start(&r3, move || {
+                                drop(r4);
+                                drop(hold);
+                            });
+                        }
+                    }
+                }),
+            );
+        };
+        // An unclean shutdown: the partial parity log puts each stripe a
+        // write was changing in part back in agreement with its parity
+        // before anything else reads or writes it. Then a degraded array
+        // has nothing left to resync (a missing member's chunks reconstruct
+        // right); a whole one still resyncs its dirty stripes (also those
+        // of torn whole-stripe writes, which log nothing).
+        let (r4, sb2) = (ras.clone(), sb.clone());
+        let replay = dirty_start && sb.ppl.is_some();
+        with_log_recovered(ras, &sb2, dirty_ranges.clone(), replay, move |r| match r {
+            Ok(_) => {
+                if replay {
+                    let mut ctl = r4.shared.ctl();
+                    if ctl.slots.iter().any(|s| s.role != Role::Active) {
+                        ctl.dirty = None;
                     }
                 }
-            }),
-        );
+                start_rest(&r4, sb)
+            }
+            Err(e) => {
+                RaidModule::get().problem(format!("array {}: not started: {e}", r4.shared.name));
+                r4.shared.starting.store(false, Ordering::Release);
+            }
+        });
     };
     match (bm_geo, bitmap_loc) {
         (Some(g), Some(loc)) => load_union(in_sync_members, g, loc.offset_blocks, after_load),
@@ -649,7 +751,62 @@ pub(crate) fn returning_member(ras: &Ras, found: &Found) -> Option<Returning> {
 
 /// A bdev carrying the superblock of a running array appeared: if it is a
 /// member that left, it is added back and resynced where it missed writes.
+/// With a partial parity log, its log is wiped first: entries it holds
+/// from before it left may be for stripes written since (without it), and
+/// the slot table knows nothing of them (`ppl`).
 fn rejoin(shared: &Arc<ArrayShared>, name: String, info: SuperblockInfo) {
+    let log = shared.ppl.get().is_some();
+    let (geo, h) = (shared.geometry.get(), Registry::get().lookup(&name));
+    let slot = info.this_slot;
+    match (log, info.ppl, geo, h) {
+        (true, Some(loc), Some(geo), Some(h)) if slot < geo.num_members() => {
+            let mut members: Vec<Option<ReplayMember>> = (0..geo.num_members()).map(|_| None).collect();
+            members[slot] = Some(ReplayMember { handle: h, data_offset_blocks: 0, in_sync: false });
+            let (shared2, uuid) = (shared.clone(), info.array_uuid.into_bytes());
+            let bs = info.block_size;
+            ppl::recover(
+                loc,
+                crate::map::Geometry::clone(geo),
+                bs,
+                uuid,
+                members,
+                None,
+                false,
+                Box::new(move |r| match r {
+                    Ok(_) => rejoin_fenced(&shared2, name, info),
+                    Err(e) => RaidModule::get().problem(format!("bdev {name}: not added back: {e}")),
+                }),
+            );
+        }
+        _ => rejoin_fenced(shared, name, info),
+    }
+}
+
+/// Wipes the partial parity log area of `h`, about to join the running
+/// array in `slot` by `bdev_raid_add_base_bdev` or by coming back after a
+/// failure (`array::member_restored`), for the reason `rejoin` gives: old
+/// entries of this array there would be replayed against newer data. Then
+/// `then`; at once when the array keeps no log.
+pub(crate) fn wipe_joining_log(
+    shared: &ArrayShared,
+    h: BdevHandle,
+    slot: usize,
+    then: Box<dyn FnOnce(Result<(), String>)>,
+) {
+    let (Some(log), Some(geo)) = (shared.ppl.get(), shared.geometry.get()) else { return then(Ok(())) };
+    if slot >= geo.num_members() {
+        return then(Ok(()));
+    }
+    let loc =
+        crate::superblock::PplLocation { offset_blocks: log.offset_blocks, length_blocks: log.slots * log.slot_blocks };
+    let bs = h.props().block_size;
+    let mut members: Vec<Option<ReplayMember>> = (0..geo.num_members()).map(|_| None).collect();
+    members[slot] = Some(ReplayMember { handle: h, data_offset_blocks: 0, in_sync: false });
+    let geo = crate::map::Geometry::clone(geo);
+    ppl::recover(loc, geo, bs, log.array_uuid, members, None, false, Box::new(move |r| then(r.map(|_| ()))));
+}
+
+fn rejoin_fenced(shared: &Arc<ArrayShared>, name: String, info: SuperblockInfo) {
     owner::on_owner_fenced(shared, move |fenced| {
         let Ok((ras, fence)) = fenced else { return };
         let found = Found::Superblock(info);

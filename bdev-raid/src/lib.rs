@@ -36,9 +36,11 @@ pub mod level;
 pub mod map;
 mod meta;
 mod owner;
+mod ppl;
 pub mod quiesce;
 pub mod range_table;
 mod rebuild;
+mod resize;
 pub mod rpc;
 pub mod superblock;
 

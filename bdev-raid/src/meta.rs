@@ -309,7 +309,7 @@ pub(crate) fn io_blocks(
 }
 
 /// `io_blocks` with flags, and without a buffer for a flush.
-fn io_with(
+pub(crate) fn io_with(
     h: &BdevHandle,
     t: IoType,
     flags: IoFlags,

@@ -11,6 +11,20 @@
 //! so the finished copy is exact. A window counts as in-flight IO at the
 //! owner's gate, so a suspend waits for it and no window starts while the
 //! array is suspended. `process_max_bandwidth_mb_sec` spaces windows out.
+//!
+//! With a bitmap that knows which chunks were written (md's llbitmap
+//! states, `bitmap::Bitmap::tracks_written`; parity levels), chunks never written since
+//! the array was created are skipped: a full rebuild copies, and a check
+//! compares, only the stripes of written chunks (a never-written chunk
+//! reads as zeros whatever its members hold: `level::stripe`). And a
+//! parity level's chunks whose first write was partial, or that were
+//! dirty at assembly, "need sync": their parity is right only in the rows
+//! written since. When nothing else runs and every member is active, a
+//! sync pass computes the parity of their stripes from the data (the
+//! resync's plan) and marks them synced (`Bitmap::mark_synced`), after
+//! which writes there may update parity in place. It starts when a bitmap
+//! batch leaves such chunks (`watch_needs_sync`) and at assembly, gives
+//! way to a check, and ends without a fence (it changes no membership).
 
 use crate::array::{self, RaidModule};
 use crate::channel::Ras;
@@ -82,6 +96,12 @@ pub(crate) struct Rebuild {
     done_blocks: Cell<u64>,
     /// The unclean-shutdown resync is part of this run.
     resync: bool,
+    /// Each range, once done, marks its chunks synced (a resync or sync
+    /// pass with every member active: each window computed the parity of
+    /// its stripes from the data).
+    marks_synced: Cell<bool>,
+    /// A sync pass of chunks that need sync (no membership change at the end).
+    sync_pass: Cell<bool>,
     /// A scrub (`bdev_raid_check`) rather than a copy.
     check: Option<CheckState>,
     /// The current window's copies (planned when its reads start).
@@ -137,10 +157,14 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
     let Some(array_blocks) = ras.shared.geometry.get().map(|g| g.array_blocks()) else {
         return;
     };
-    let (dests, ranges, resync, target) = {
+    let (dests, ranges, resync, target, sync_pass, marks_synced) = {
         let mut ctl = ras.shared.ctl();
         let rebuilding: Vec<usize> =
             (0..ctl.slots.len()).filter(|&i| ctl.slots[i].role == array::Role::Rebuilding).collect();
+        // A bitmap that knows which chunks were written, of a level whose
+        // never-written chunks read as zeros (the parity levels: copy
+        // levels read a member, so their copies must agree everywhere).
+        let tracking = ctl.bitmap.clone().filter(|bm| bm.tracks_written() && bm.first_write_needs_sync());
         let mut ranges: Vec<Range<u64>> = Vec::new();
         let mut full = false;
         for &i in &rebuilding {
@@ -153,10 +177,22 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         if let Some(d) = &ctl.dirty {
             ranges.extend(d.iter().cloned());
         }
+        let mut sync_pass = false;
         if rebuilding.is_empty() && !resync {
-            return;
+            // Nothing to repair: a sync pass over the chunks that need
+            // sync, when every member is there to compute parity from.
+            let Some(bm) = tracking.as_ref().filter(|bm| bm.first_write_needs_sync()) else { return };
+            if !array::in_sync(&ras.shared, &ctl) {
+                return;
+            }
+            ranges = crate::examine::chunk_ranges(bm.geometry(), bm.needsync_chunks().into_iter());
+            if ranges.is_empty() {
+                return;
+            }
+            sync_pass = true;
         }
-        let dests: u32 = if resync {
+        // (A sync pass writes parity wherever it lies: every member.)
+        let dests: u32 = if resync || sync_pass {
             (0..ctl.slots.len()).fold(0, |m, i| m | 1 << i)
         } else {
             rebuilding.iter().fold(0, |m, &i| m | 1 << i)
@@ -170,7 +206,15 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
             0
         };
         if full {
-            ranges.push(resume..array_blocks);
+            match &tracking {
+                // Only the written chunks: the others read as zeros.
+                Some(bm) => ranges.extend(
+                    crate::examine::chunk_ranges(bm.geometry(), bm.written_chunks().into_iter())
+                        .into_iter()
+                        .map(|r| r.start.max(resume)..r.end.min(array_blocks)),
+                ),
+                None => ranges.push(resume..array_blocks),
+            }
         }
         // A parity level repairs whole stripes: each range widens to the
         // stripes it touches (copy levels: unchanged), so a stripe that two
@@ -184,18 +228,29 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         let target = rebuilding.first().copied().unwrap_or(0);
         ctl.process_target = Some(target);
         ctl.process_kind = if rebuilding.is_empty() { "resync" } else { "rebuild" };
-        (dests, ranges, resync, target)
+        (dests, ranges, resync, target, sync_pass, rebuilding.is_empty() && tracking.is_some())
     };
-    spawn(ras, dests, ranges, resync, None);
-    tracing::info!(raid = %ras.shared.name, slot = target, dests, resync, "rebuild started");
+    // A resync or sync pass over every member (none rebuilding) computes
+    // each window's parity from its data: its chunks are synced after it.
+    let rb = spawn(ras, dests, ranges, resync, None);
+    rb.marks_synced.set(marks_synced);
+    rb.sync_pass.set(sync_pass);
+    tracing::info!(raid = %ras.shared.name, slot = target, dests, resync, sync_pass, "rebuild started");
 }
 
 /// `bdev_raid_check`: reads every copy of every block, counts the blocks
 /// whose copies differ and, with `repair`, rewrites them from the first
-/// active copy. One process at a time: refused while a rebuild runs.
+/// active copy. One process at a time: refused while a rebuild runs; a
+/// sync pass gives way (it starts again after the check). With a bitmap
+/// that knows which chunks were written, only their stripes are checked.
 pub(crate) fn start_check(ras: &Rc<Ras>, repair: bool, done: CheckDone) {
     let owner = owner_of(ras);
-    if owner.rebuild.borrow().is_some() {
+    let running = owner.rebuild.borrow().clone();
+    if let Some(rb) = running {
+        if rb.sync_pass.get() && !rb.cancelled.get() {
+            let r2 = ras.clone();
+            return cancel_then(ras, move || start_check(&r2, repair, done));
+        }
         return done(Err(BdevError::Os(format!("{}: a rebuild, resync or check is running", ras.shared.name), 16)));
     }
     if !ras.shared.level.is_redundant() {
@@ -216,10 +271,52 @@ pub(crate) fn start_check(ras: &Rc<Ras>, repair: bool, done: CheckDone) {
         started_ns: reactor::now_ns(),
         done: RefCell::new(Some(done)),
     };
-    spawn(ras, u32::MAX, std::iter::once(0..array_blocks).collect(), false, Some(check));
+    let ranges = match ras.shared.ctl().bitmap.clone().filter(|bm| bm.tracks_written() && bm.first_write_needs_sync()) {
+        Some(bm) => written_ranges(ras, &bm),
+        None => std::iter::once(0..array_blocks).collect(),
+    };
+    spawn(ras, u32::MAX, ranges, false, Some(check));
 }
 
-fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check: Option<CheckState>) {
+/// The array ranges of the written chunks, widened to what the level
+/// locks (whole stripes for a parity level) and merged.
+fn written_ranges(ras: &Ras, bm: &bitmap::Bitmap) -> Vec<Range<u64>> {
+    let mut ranges = crate::examine::chunk_ranges(bm.geometry(), bm.written_chunks().into_iter());
+    if let Some(g) = ras.shared.geometry.get() {
+        for r in ranges.iter_mut().filter(|r| r.start < r.end) {
+            *r = ras.shared.level.lock_range(g, r.start, r.end - r.start);
+        }
+    }
+    merge(ranges)
+}
+
+/// How long after a batch left chunks needing sync the sync pass starts:
+/// the first writes of a burst gather into one pass, and the pass does not
+/// compete with the writes that caused it.
+pub(crate) const SYNC_PASS_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Has the owner's bitmap call `start_next` (`SYNC_PASS_DELAY` later, from
+/// a poller) when a batch left chunks needing sync, so the sync pass
+/// computes their parity.
+pub(crate) fn watch_needs_sync(ras: &Rc<Ras>, bm: &bitmap::BitmapOwner) {
+    let weak = Rc::downgrade(ras);
+    let armed = Rc::new(Cell::new(false));
+    bm.on_needs_sync(move || {
+        if armed.replace(true) {
+            return;
+        }
+        let (weak, armed) = (weak.clone(), armed.clone());
+        reactor::register_timed_poller("raid_sync_pass_start", SYNC_PASS_DELAY, move || {
+            armed.set(false);
+            if let Some(ras) = weak.upgrade() {
+                start_next(&ras);
+            }
+            PollStatus::Done
+        });
+    });
+}
+
+fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check: Option<CheckState>) -> Rc<Rebuild> {
     let owner = owner_of(ras);
     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
     ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
@@ -233,6 +330,8 @@ fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check
         range_idx: Cell::new(0),
         done_blocks: Cell::new(0),
         resync,
+        marks_synced: Cell::new(false),
+        sync_pass: Cell::new(false),
         check,
         current: RefCell::new(Vec::new()),
         cmp: RefCell::new(Vec::new()),
@@ -252,7 +351,8 @@ fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check
     });
     let r2 = rb.clone();
     *rb.poller.borrow_mut() = Some(reactor::register_poller("raid_rebuild", move || r2.poll()));
-    *owner.rebuild.borrow_mut() = Some(rb);
+    *owner.rebuild.borrow_mut() = Some(rb.clone());
+    rb
 }
 
 /// Stops the running rebuild (owner). Between windows it stops at once;
@@ -631,10 +731,16 @@ impl Rebuild {
         self.offset.set(end);
         self.done_blocks.set(self.done_blocks.get() + (end - start));
         ras.shared.rebuild_blocks.store(self.done_blocks.get(), Ordering::Relaxed);
-        ras.shared.copied_blocks.fetch_add(end - start, Ordering::Relaxed);
+        if !self.sync_pass.get() {
+            // (A sync pass copies nothing onto another member.)
+            ras.shared.copied_blocks.fetch_add(end - start, Ordering::Relaxed);
+        }
         self.save_progress(ras, end);
         let idx = self.range_idx.get();
-        if self.ranges.get(idx).is_some_and(|r| end >= r.end) {
+        if let Some(r) = self.ranges.get(idx).filter(|r| end >= r.end) {
+            if self.marks_synced.get() {
+                mark_synced(ras, r);
+            }
             self.range_idx.set(idx + 1);
             if let Some(next) = self.ranges.get(idx + 1) {
                 self.offset.set(next.start);
@@ -682,6 +788,14 @@ impl Rebuild {
     /// array in sync) under a fence.
     fn finish(&self, ras: &Rc<Ras>) {
         self.stop(ras);
+        if self.sync_pass.get() {
+            // No membership changed: no fence, no superblock. Chunks that
+            // came to need sync meanwhile get the next pass.
+            ras.shared.ctl().process_target = None;
+            ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
+            ras.shared.process_total.store(0, Ordering::Relaxed);
+            return start_next(ras);
+        }
         if self.check.is_some() {
             ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
             ras.shared.process_total.store(0, Ordering::Relaxed);
@@ -700,6 +814,19 @@ impl Rebuild {
                 array::commit(ras, fence, move |_| start_next(&r2));
             }),
         );
+    }
+}
+
+/// The chunks lying wholly inside `range`, whose every stripe a window
+/// computed the parity of from its data, are synced.
+fn mark_synced(ras: &Ras, range: &Range<u64>) {
+    let Some(bm) = ras.shared.ctl().bitmap.clone() else { return };
+    let g = bm.geometry();
+    let first = range.start.div_ceil(g.chunk_size_blocks);
+    // The last chunk may be short: it ends with the array.
+    let end = if range.end >= g.data_blocks { g.num_chunks() } else { range.end / g.chunk_size_blocks };
+    if first < end {
+        bm.mark_synced(first..end);
     }
 }
 

@@ -1,8 +1,9 @@
 //! The on-disk RAID superblock: 4096 little-endian bytes at block 0 of every
 //! member (magic, version, array identity and geometry, this member's slot,
-//! the per-slot table, events counter, clean flag, bitmap location, CRC32C),
-//! its typed in-memory form [`SuperblockInfo`], and the member's metadata
-//! layout (superblock, then bitmap, then data at an aligned offset).
+//! the per-slot table, events counter, clean flag, bitmap location, partial
+//! parity log location, CRC32C), its typed in-memory form
+//! [`SuperblockInfo`], and the member's metadata layout (superblock, then
+//! bitmap, then the partial parity log, then data at an aligned offset).
 //!
 //! Pure: no IO. The encoder asserts its own output decodes to the same info;
 //! the decoder returns an error for any input and never panics (it is fuzzed:
@@ -36,6 +37,12 @@ const FLAG_CLEAN: u32 = 1;
 /// (`RaidLevel::trusts_checked_redundancy`); superblocks without it read as
 /// before.
 const FLAG_REDUNDANCY_VERIFIED: u32 = 2;
+/// `flags` bit: every member keeps a partial parity log (raid5's write-hole
+/// log, `crate::ppl`) at `ppl_offset_blocks`, `ppl_length_blocks` blocks
+/// long. Without it those two fields (once reserved bytes) must be zero, so
+/// superblocks written before the log existed read as arrays without one.
+const FLAG_PPL: u32 = 4;
+const KNOWN_FLAGS: u32 = FLAG_CLEAN | FLAG_REDUNDANCY_VERIFIED | FLAG_PPL;
 
 /// Offset of the CRC field; the checksum covers all 4096 bytes with it zeroed.
 const CRC_OFFSET: usize = 12;
@@ -85,7 +92,10 @@ pub struct Superblock {
     pub bitmap_offset_blocks: U64,
     pub bitmap_length_blocks: U64,
     pub bitmap_chunk_size_blocks: U64,
-    pub reserved1: [u8; 328],
+    /// Both zero unless `flags` has `FLAG_PPL`.
+    pub ppl_offset_blocks: U64,
+    pub ppl_length_blocks: U64,
+    pub reserved1: [u8; 312],
     pub slots: [SlotEntry; SB_MAX_SLOTS],
     pub reserved2: [u8; 1536],
 }
@@ -172,6 +182,14 @@ pub struct BitmapLocation {
     pub chunk_size_blocks: u64,
 }
 
+/// Where the partial parity log lies on every member (`crate::ppl` says
+/// how it is divided into entry slots).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PplLocation {
+    pub offset_blocks: u64,
+    pub length_blocks: u64,
+}
+
 /// A superblock's content, typed. Built by the RAID code to write, returned by
 /// [`decode`]. Everything but `this_slot` and `member_uuid` is the same on
 /// every member written with the same `events`.
@@ -192,6 +210,8 @@ pub struct SuperblockInfo {
     /// A whole-array check verified the redundancy (`FLAG_REDUNDANCY_VERIFIED`).
     pub redundancy_verified: bool,
     pub bitmap: Option<BitmapLocation>,
+    /// The partial parity log (`FLAG_PPL`), None without one.
+    pub ppl: Option<PplLocation>,
     /// Which slot the member carrying this copy fills.
     pub this_slot: usize,
     /// Equal to `slots[this_slot].member_uuid`.
@@ -206,6 +226,8 @@ pub struct MetadataLayout {
     pub superblock_blocks: u64,
     /// None when the array has no bitmap.
     pub bitmap: Option<BitmapLocation>,
+    /// None when the array keeps no partial parity log.
+    pub ppl: Option<PplLocation>,
     /// First data block, aligned to `DATA_ALIGN_BYTES` (or to a block when
     /// blocks are larger).
     pub data_offset_blocks: u64,
@@ -251,12 +273,34 @@ impl MetadataLayout {
             })
         };
         let meta_end = bitmap.map_or(Some(superblock_blocks), |b| b.offset_blocks.checked_add(b.length_blocks));
-        let align_blocks = (DATA_ALIGN_BYTES / u64::from(block_size)).max(1);
         let data_offset_blocks = meta_end
-            .and_then(|e| e.checked_next_multiple_of(align_blocks))
+            .and_then(|e| data_start(block_size, e))
             .ok_or_else(|| SuperblockError::ImpossibleGeometry("bitmap area overflows".into()))?;
-        Ok(MetadataLayout { superblock_blocks, bitmap, data_offset_blocks })
+        Ok(MetadataLayout { superblock_blocks, bitmap, ppl: None, data_offset_blocks })
     }
+
+    /// The same layout with a partial parity log of `length_blocks` right
+    /// after the bitmap (or the superblock); data moves to the next aligned
+    /// boundary past it.
+    pub fn with_ppl(self, block_size: u32, length_blocks: u64) -> Result<MetadataLayout, SuperblockError> {
+        check_block_size(block_size)?;
+        let offset_blocks = self.bitmap.map_or(self.superblock_blocks, |b| b.offset_blocks + b.length_blocks);
+        if length_blocks == 0 {
+            return Err(SuperblockError::ImpossibleGeometry("partial parity log of 0 blocks".into()));
+        }
+        let data_offset_blocks = offset_blocks
+            .checked_add(length_blocks)
+            .and_then(|e| data_start(block_size, e))
+            .ok_or_else(|| SuperblockError::ImpossibleGeometry("partial parity log area overflows".into()))?;
+        Ok(MetadataLayout { ppl: Some(PplLocation { offset_blocks, length_blocks }), data_offset_blocks, ..self })
+    }
+}
+
+/// The first data block at or after `meta_end`: the next `DATA_ALIGN_BYTES`
+/// boundary (a block when blocks are larger).
+fn data_start(block_size: u32, meta_end: u64) -> Option<u64> {
+    let align_blocks = (DATA_ALIGN_BYTES / u64::from(block_size)).max(1);
+    meta_end.checked_next_multiple_of(align_blocks)
 }
 
 /// `map::Geometry::new` over sizes read from disk. Its size arithmetic
@@ -320,6 +364,7 @@ impl SuperblockInfo {
             // Members are not zeroed at create: nothing is verified yet.
             redundancy_verified: false,
             bitmap: layout.bitmap,
+            ppl: layout.ppl,
             this_slot: 0,
             member_uuid: members.first().map_or(Uuid::nil(), |m| m.0),
             slots,
@@ -416,6 +461,21 @@ impl SuperblockInfo {
                 match b.offset_blocks.checked_add(b.length_blocks) {
                     Some(end) => end,
                     None => return geo("bitmap area overflows".into()),
+                }
+            }
+        };
+        let meta_end = match self.ppl {
+            None => meta_end,
+            Some(l) => {
+                if l.length_blocks == 0 || l.offset_blocks < meta_end {
+                    return geo(format!(
+                        "partial parity log of {} blocks at block {} (metadata before it ends at {meta_end})",
+                        l.length_blocks, l.offset_blocks
+                    ));
+                }
+                match l.offset_blocks.checked_add(l.length_blocks) {
+                    Some(end) => end,
+                    None => return geo("partial parity log area overflows".into()),
                 }
             }
         };
@@ -526,9 +586,17 @@ pub fn decode(bytes: &[u8]) -> Result<SuperblockInfo, SuperblockError> {
     nonzero_at(&sb.reserved1, std::mem::offset_of!(Superblock, reserved1))?;
     nonzero_at(&sb.reserved2, std::mem::offset_of!(Superblock, reserved2))?;
     let flags = sb.flags.get();
-    if flags & !(FLAG_CLEAN | FLAG_REDUNDANCY_VERIFIED) != 0 {
+    if flags & !KNOWN_FLAGS != 0 {
         return Err(SuperblockError::UnknownBits(std::mem::offset_of!(Superblock, flags)));
     }
+    let ppl = if flags & FLAG_PPL != 0 {
+        Some(PplLocation { offset_blocks: sb.ppl_offset_blocks.get(), length_blocks: sb.ppl_length_blocks.get() })
+    } else {
+        // Reserved bytes before the log existed: zero, as every reserved byte.
+        nonzero_at(sb.ppl_offset_blocks.as_bytes(), std::mem::offset_of!(Superblock, ppl_offset_blocks))?;
+        nonzero_at(sb.ppl_length_blocks.as_bytes(), std::mem::offset_of!(Superblock, ppl_length_blocks))?;
+        None
+    };
     let level = crate::level::from_superblock_code(sb.level).ok_or(SuperblockError::UnknownLevel(sb.level))?;
     let name_len = sb
         .name
@@ -571,6 +639,7 @@ pub fn decode(bytes: &[u8]) -> Result<SuperblockInfo, SuperblockError> {
         clean: flags & FLAG_CLEAN != 0,
         redundancy_verified: flags & FLAG_REDUNDANCY_VERIFIED != 0,
         bitmap,
+        ppl,
         this_slot: usize::from(sb.this_slot),
         member_uuid: Uuid::from_bytes(sb.member_uuid),
         slots,
@@ -592,7 +661,8 @@ pub fn try_encode(info: &SuperblockInfo) -> Result<[u8; SB_SIZE_BYTES], Superblo
     sb.strip_size_blocks = U64::new(info.strip_size_blocks);
     sb.block_size = U32::new(info.block_size);
     let verified = if info.redundancy_verified { FLAG_REDUNDANCY_VERIFIED } else { 0 };
-    sb.flags = U32::new(if info.clean { FLAG_CLEAN } else { 0 } | verified);
+    let ppl = if info.ppl.is_some() { FLAG_PPL } else { 0 };
+    sb.flags = U32::new(if info.clean { FLAG_CLEAN } else { 0 } | verified | ppl);
     sb.level = info.level.superblock_code();
     // validate() bounds both by SB_MAX_SLOTS, which fits a u8.
     sb.num_members = info.slots.len() as u8;
@@ -602,6 +672,10 @@ pub fn try_encode(info: &SuperblockInfo) -> Result<[u8; SB_SIZE_BYTES], Superblo
         sb.bitmap_offset_blocks = U64::new(b.offset_blocks);
         sb.bitmap_length_blocks = U64::new(b.length_blocks);
         sb.bitmap_chunk_size_blocks = U64::new(b.chunk_size_blocks);
+    }
+    if let Some(l) = info.ppl {
+        sb.ppl_offset_blocks = U64::new(l.offset_blocks);
+        sb.ppl_length_blocks = U64::new(l.length_blocks);
     }
     for (e, s) in sb.slots.iter_mut().zip(&info.slots) {
         e.member_uuid = s.member_uuid.into_bytes();
@@ -697,6 +771,7 @@ mod tests {
             strip_shift in 0u32..10,
             bitmap_blocks in 0u64..64,
             chunk_shift in 0u32..20,
+            ppl_blocks in 0u64..3000,
             sizes in prop::collection::vec(1u64 << 12..1u64 << 40, SB_MAX_SLOTS),
             states in prop::collection::vec((state_strategy(), any::<u64>()), SB_MAX_SLOTS),
             name in "[a-zA-Z0-9_\\-é☃]{1,20}",
@@ -708,7 +783,10 @@ mod tests {
         ) -> SuperblockInfo {
             let n = n_pick.max(level.min_members());
             let block_size = 512u32 << block_shift;
-            let layout = MetadataLayout::new(block_size, bitmap_blocks, 1 << chunk_shift).unwrap();
+            let mut layout = MetadataLayout::new(block_size, bitmap_blocks, 1 << chunk_shift).unwrap();
+            if ppl_blocks > 0 {
+                layout = layout.with_ppl(block_size, ppl_blocks).unwrap();
+            }
             let members: Vec<(Uuid, u64)> = (0..n)
                 .map(|i| (Uuid::from_u128((i as u128 + 1) << 64 | (array & u128::from(u64::MAX))), layout.data_offset_blocks + sizes[i]))
                 .collect();
@@ -801,7 +879,7 @@ mod tests {
         assert!(matches!(tampered(|s| s.reserved1[7] = 1), Err(SuperblockError::UnknownBits(_))));
         assert!(matches!(tampered(|s| s.reserved2[0] = 1), Err(SuperblockError::UnknownBits(_))));
         assert!(matches!(tampered(|s| s.slots[1].reserved[3] = 1), Err(SuperblockError::UnknownBits(_))));
-        assert!(matches!(tampered(|s| s.flags = U32::new(6)), Err(SuperblockError::UnknownBits(124))));
+        assert!(matches!(tampered(|s| s.flags = U32::new(10)), Err(SuperblockError::UnknownBits(124))));
 
         let impossible: [Tamper; 13] = [
             ("no members", |s| s.num_members = 0),
@@ -900,6 +978,50 @@ mod tests {
         assert!(MetadataLayout::new(4096, 300, 3).is_err());
         assert!(MetadataLayout::new(4096, u64::MAX, 1).is_err());
         assert!(MetadataLayout::new(1000, 0, 0).is_err());
+    }
+
+    /// The partial parity log's location round-trips behind its flag; a
+    /// superblock without the flag (every one written before the log
+    /// existed) reads as an array without a log, and log fields set without
+    /// the flag, or a flag this build does not know, are refused.
+    #[test]
+    fn ppl_location_round_trips_and_old_superblocks_read_without_one() {
+        let layout = MetadataLayout::new(4096, 16, 64).unwrap();
+        assert_eq!(layout.ppl, None);
+        let with = layout.with_ppl(4096, 544).unwrap();
+        assert_eq!(with.ppl, Some(PplLocation { offset_blocks: 17, length_blocks: 544 }));
+        assert_eq!(with.data_offset_blocks, 768, "data past the log, on the next 1 MiB boundary");
+        assert!(layout.with_ppl(4096, 0).is_err());
+        assert!(layout.with_ppl(4096, u64::MAX).is_err());
+        let members = [(uuid(1), 1 << 16), (uuid(2), 1 << 16), (uuid(3), 1 << 16)];
+        let info = SuperblockInfo::new_array("r5", uuid(9), named("raid5"), 16, 4096, &with, &members).unwrap();
+        assert_eq!(info.ppl, with.ppl);
+        let bytes = encode(&info);
+        let sb = Superblock::ref_from_bytes(&bytes[..]).unwrap();
+        assert_eq!(sb.flags.get() & FLAG_PPL, FLAG_PPL);
+        assert_eq!((sb.ppl_offset_blocks.get(), sb.ppl_length_blocks.get()), (17, 544));
+        assert_eq!(decode(&bytes), Ok(info.clone()));
+        // An old superblock: no flag, zero fields (then reserved bytes).
+        let old = sample();
+        let b = encode(&old);
+        assert_eq!(Superblock::ref_from_bytes(&b[..]).unwrap().flags.get() & FLAG_PPL, 0);
+        assert_eq!(decode(&b).unwrap().ppl, None);
+        assert!(matches!(
+            tampered(|s| s.ppl_length_blocks = U64::new(8)),
+            Err(SuperblockError::UnknownBits(o)) if o == std::mem::offset_of!(Superblock, ppl_length_blocks)
+        ));
+        assert!(matches!(tampered(|s| s.flags = U32::new(8)), Err(SuperblockError::UnknownBits(124))));
+        // The flag with a log over the bitmap, or of no length, is impossible.
+        let mut b = bytes;
+        let sb = Superblock::mut_from_bytes(&mut b[..]).unwrap();
+        sb.ppl_offset_blocks = U64::new(3);
+        reseal(&mut b);
+        assert!(matches!(decode(&b), Err(SuperblockError::ImpossibleGeometry(_))));
+        let sb = Superblock::mut_from_bytes(&mut b[..]).unwrap();
+        sb.ppl_offset_blocks = U64::new(17);
+        sb.ppl_length_blocks = U64::new(0);
+        reseal(&mut b);
+        assert!(matches!(decode(&b), Err(SuperblockError::ImpossibleGeometry(_))));
     }
 
     #[test]

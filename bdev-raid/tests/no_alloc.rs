@@ -8,7 +8,9 @@
 //! end their chunks (bits on disk: the common case, no batch to wait for);
 //! and a raid5, whose writes lock whole stripes, read the rest of partial
 //! stripes and compute parity in a stripe buffer from the DMA pool; and a
-//! raid6 (P and Q) the same way.
+//! raid6 (P and Q) the same way; and a raid5 with a superblock, whose
+//! partial writes first put an entry in the partial parity log (built in
+//! the same stripe buffer).
 
 use bdev::malloc::MallocBdev;
 use bdev::{BdevProps, Channel, DmaBuf, IoBox, IoDone, IoStatus, IoType, Registry};
@@ -139,7 +141,7 @@ fn raid_io_path_allocates_nothing() {
         // raid6: P and Q (two data chunks a stripe, as R5).
         mk("R6", "raid6", Some(2), &["M11", "M12", "M13", "M14"]);
         // 4 MiB members: room for the superblock, the bitmap and 1 MiB alignment.
-        for i in 6..8 {
+        for i in (6..8).chain(15..18) {
             let b = MallocBdev::new(BdevProps::new(&format!("M{i}"), "Malloc disk", 512, 8192, None)).unwrap();
             Registry::get().register(Arc::new(b)).unwrap();
         }
@@ -157,9 +159,20 @@ fn raid_io_path_allocates_nothing() {
         };
         let flag = Arc::new(AtomicBool::new(false));
         let f2 = flag.clone();
+        // raid5 with a superblock: bitmap and partial parity log.
+        let p5 = RaidCreateParams {
+            name: "R5B".into(),
+            raid_level: "raid5".into(),
+            base_bdevs: vec!["M15".into(), "M16".into(), "M17".into()],
+            strip_size_kb: Some(2),
+            ..p.clone()
+        };
         bdev_raid_create_async(p, move |r| {
             r.expect("create RB");
-            f2.store(true, Ordering::Release);
+            bdev_raid_create_async(p5, move |r| {
+                r.expect("create R5B");
+                f2.store(true, Ordering::Release);
+            });
         });
         flag
     });
@@ -171,7 +184,7 @@ fn raid_io_path_allocates_nothing() {
         m.run_once(1);
         m.advance_ns(100_000);
     }
-    assert!(online.load(Ordering::Acquire), "RB never came online");
+    assert!(online.load(Ordering::Acquire), "RB and R5B never came online");
     // Owner (0) and another reactor (1) on both arrays.
     let jobs = vec![
         start_job(&m, 0, "R1", 1),
@@ -184,9 +197,13 @@ fn raid_io_path_allocates_nothing() {
         start_job(&m, 1, "R5", 8),
         start_job(&m, 0, "R6", 9),
         start_job(&m, 1, "R6", 10),
+        start_job(&m, 0, "R5B", 11),
+        start_job(&m, 1, "R5B", 12),
     ];
-    // Warm-up: pools, slabs and queues reach their high-water marks.
-    run_until(&m, &jobs, 2_000);
+    // Warm-up: pools, slabs and queues reach their high-water marks (the
+    // log's larger stripe buffers and extra member writes take longer to
+    // reach theirs: 2 000 left a few late pool growths, never per IO).
+    run_until(&m, &jobs, 6_000);
     let before = allocations();
     let done_before: u64 = jobs.iter().map(|j| j.completed.get()).sum();
     run_until(&m, &jobs, 10_000);
@@ -198,5 +215,6 @@ fn raid_io_path_allocates_nothing() {
     m.run_until_idle(10_000);
     assert!(jobs.iter().all(|j| j.failed.get() == 0), "IO failed");
     assert!(ios >= 40_000);
-    assert_eq!(allocated, 0, "{allocated} allocations during {ios} steady-state RAID IOs");
+    let waits = m.on(0, || bdev_raid::RaidArray::find("R5B").unwrap().partial_parity_log_waits());
+    assert_eq!(allocated, 0, "{allocated} allocations during {ios} steady-state RAID IOs (log waits {waits})");
 }

@@ -17,12 +17,44 @@ pub const WORDS_PER_PAGE: usize = PAGE_BITS_BYTES / 8;
 pub const CHUNKS_PER_PAGE: u64 = (PAGE_BITS_BYTES * 8) as u64;
 /// Default chunk size (md's default for large arrays).
 pub const DEFAULT_CHUNK_SIZE_BYTES: u64 = 64 << 20;
+/// Planes of pages a version-2 bitmap keeps on each member.
+pub const PLANES: usize = 2;
+
+/// One bit plane of the on-disk bitmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plane {
+    /// Write intent: the chunk may differ between members (resync it).
+    Dirty,
+    /// The chunk was written since the array was created (version 2 only);
+    /// a chunk never written holds nothing a reader may rely on.
+    Written,
+}
+
+impl Plane {
+    pub fn index(self) -> usize {
+        match self {
+            Plane::Dirty => 0,
+            Plane::Written => 1,
+        }
+    }
+
+    pub fn from_index(i: u8) -> Option<Plane> {
+        match i {
+            0 => Some(Plane::Dirty),
+            1 => Some(Plane::Written),
+            _ => None,
+        }
+    }
+}
+
 /// Upper bound on chunks, so counters of a corrupted or absurd geometry
 /// cannot exhaust memory (2^26 chunks: 4 PiB at 64 MiB chunks).
 pub const MAX_CHUNKS: u64 = 1 << 26;
 
 const _: () = assert!(PAGE_BITS_BYTES / 8 * 8 == PAGE_BITS_BYTES);
 const _: () = assert!(CHUNKS_PER_PAGE == WORDS_PER_PAGE as u64 * 64);
+// A page index fits the header's 16 bits.
+const _: () = assert!(MAX_CHUNKS.div_ceil(CHUNKS_PER_PAGE) <= u16::MAX as u64);
 
 /// The shape of one array's bitmap. `data_blocks` is the array's address
 /// space the bitmap covers (the RAID decides which: array LBAs for raid1).
@@ -105,9 +137,28 @@ impl Geometry {
         (self.page_blocks() * u64::from(self.block_size)) as usize
     }
 
-    /// Blocks the whole bitmap occupies on each member: the RAID reserves them.
-    pub fn region_blocks(&self) -> u64 {
+    /// Blocks one plane of pages occupies on a member.
+    pub fn plane_blocks(&self) -> u64 {
         self.num_pages() as u64 * self.page_blocks()
+    }
+
+    /// Blocks the whole bitmap occupies on each member: the RAID reserves
+    /// them. Two planes of pages: the dirty bits, then the written bits
+    /// (page version 2).
+    pub fn region_blocks(&self) -> u64 {
+        PLANES as u64 * self.plane_blocks()
+    }
+
+    /// Blocks a version-1 bitmap occupies (the dirty plane only): an array
+    /// created before the written plane existed reserved just these, and
+    /// its bitmap keeps that format.
+    pub fn legacy_region_blocks(&self) -> u64 {
+        self.plane_blocks()
+    }
+
+    /// Member block (from the region's start) of page `page` of `plane`.
+    pub fn page_offset_blocks(&self, plane: Plane, page: usize) -> u64 {
+        (plane.index() * self.num_pages() + page) as u64 * self.page_blocks()
     }
 
     /// The chunks `[first, end)` touched by a write of `num_blocks` at
@@ -168,7 +219,9 @@ mod tests {
         assert_eq!(Geometry::new([0; 16], 512, 1 << 30, None).unwrap().page_blocks(), 8);
         let big = g(CHUNKS_PER_PAGE * 128 + 1, 128);
         assert_eq!(big.num_pages(), 2);
-        assert_eq!(big.region_blocks(), 16);
+        assert_eq!(big.region_blocks(), 32);
+        assert_eq!(big.legacy_region_blocks(), 16);
+        assert_eq!(big.page_offset_blocks(Plane::Written, 1), 24);
     }
 
     proptest! {

@@ -59,11 +59,12 @@ mod sync;
 mod owner_tests;
 
 pub use geometry::{
-    Geometry, CHUNKS_PER_PAGE, DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNKS, PAGE_HEADER_BYTES, PAGE_SIZE_BYTES, WORDS_PER_PAGE,
+    Geometry, Plane, CHUNKS_PER_PAGE, DEFAULT_CHUNK_SIZE_BYTES, MAX_CHUNKS, PAGE_HEADER_BYTES, PAGE_SIZE_BYTES, PLANES,
+    WORDS_PER_PAGE,
 };
 pub use load::{load, LoadedBitmap};
 pub use owner::{BitmapOwner, OwnerOptions, DEFAULT_TICK_PERIOD};
-pub use planner::{Plan, Planner, TickOptions};
+pub use planner::{Plan, Planner, TickOptions, WrittenInit};
 pub use shared::{Bitmap, WriteTicket};
 
 /// Errors of the bitmap: bad geometry or ranges, undecodable pages, IO.

@@ -18,9 +18,10 @@
 //! in some member's cache.
 
 use crate::geometry::Geometry;
+use crate::geometry::Plane;
 use crate::load::LoadedBitmap;
-use crate::page::encode_page;
-use crate::planner::{Plan, Planner, TickOptions};
+use crate::page::{encode_page_as, PageKind};
+use crate::planner::{Plan, Planner, TickOptions, WrittenInit};
 use crate::shared::{Bitmap, COUNT_MASK};
 use crate::sync::Ordering;
 use crate::BitmapError;
@@ -42,16 +43,21 @@ pub struct OwnerOptions {
     /// Ticks a chunk must stay idle (no write started or in flight) before
     /// its bit is cleared, when the array is in sync.
     pub clear_after_ticks: u8,
+    /// A chunk's first write leaves it needing sync (a parity level, whose
+    /// first partial write into a chunk computes parity for the rows it
+    /// writes only): see the `shared` module's docs.
+    pub first_write_needs_sync: bool,
 }
 
 impl Default for OwnerOptions {
     fn default() -> Self {
-        OwnerOptions { clear_after_ticks: 3 }
+        OwnerOptions { clear_after_ticks: 3, first_write_needs_sync: false }
     }
 }
 
 type Callback = Box<dyn FnOnce()>;
 type MemberFailed = Rc<dyn Fn(&BdevHandle)>;
+type FirstWrites = Rc<dyn Fn()>;
 
 /// One page's two buffers; a batch writes `bufs[seq & 1]`.
 struct PageBufs {
@@ -95,6 +101,8 @@ struct State {
     flush_waiters: Vec<Callback>,
     events_base: u64,
     on_member_failed: Option<MemberFailed>,
+    /// Called after a batch that left chunks needing sync completed.
+    on_needs_sync: Option<FirstWrites>,
     /// Completions that found no batch or a closed bitmap (must stay 0).
     late_completions: u64,
     /// Member flushes issued ahead of clearing batches.
@@ -113,7 +121,8 @@ struct Owner {
 #[derive(Clone)]
 pub struct BitmapOwner(Rc<Owner>);
 
-fn check_member(g: &Geometry, offset_blocks: u64, m: &BdevHandle) -> Result<(), BitmapError> {
+fn check_member(g: &Geometry, legacy: bool, offset_blocks: u64, m: &BdevHandle) -> Result<(), BitmapError> {
+    let region = if legacy { g.legacy_region_blocks() } else { g.region_blocks() };
     let p = m.props();
     if p.block_size != g.block_size {
         return Err(BitmapError::Member(
@@ -121,7 +130,7 @@ fn check_member(g: &Geometry, offset_blocks: u64, m: &BdevHandle) -> Result<(), 
             format!("block size {} differs from the array's {}", p.block_size, g.block_size),
         ));
     }
-    match offset_blocks.checked_add(g.region_blocks()) {
+    match offset_blocks.checked_add(region) {
         Some(end) if end <= p.num_blocks => Ok(()),
         _ => Err(BitmapError::Member(
             m.name().into(),
@@ -144,18 +153,30 @@ impl BitmapOwner {
         options: OwnerOptions,
     ) -> Result<BitmapOwner, BitmapError> {
         geometry.validate()?;
+        // A bitmap loaded from version 1 pages stays version 1: its array
+        // reserved room for the dirty plane only.
+        let legacy = initial.is_some_and(|lb| lb.written.is_none());
         for m in &members {
-            check_member(&geometry, offset_blocks, m)?;
+            check_member(&geometry, legacy, offset_blocks, m)?;
         }
         if let Some(lb) = initial {
-            if lb.geometry != geometry || lb.words.len() != geometry.num_words() {
+            let written_ok = lb.written.as_ref().is_none_or(|w| w.len() == geometry.num_words());
+            if lb.geometry != geometry || lb.words.len() != geometry.num_words() || !written_ok {
                 return Err(BitmapError::GeometryMismatch("the loaded bitmap has another geometry".into()));
             }
         }
         let bitmap = Arc::new(Bitmap::new(geometry)?);
-        let planner = Planner::new(&bitmap, initial.map(|lb| &lb.words[..]), options.clear_after_ticks);
-        let mut pages = Vec::with_capacity(geometry.num_pages());
-        for _ in 0..geometry.num_pages() {
+        bitmap.first_write_needs_sync.store(options.first_write_needs_sync, Ordering::Release);
+        let written = match initial {
+            None => WrittenInit::Nothing,
+            Some(LoadedBitmap { written: Some(w), .. }) => WrittenInit::Loaded(w),
+            Some(_) => WrittenInit::Legacy,
+        };
+        let planner =
+            Planner::with_written(&bitmap, initial.map(|lb| &lb.words[..]), written, options.clear_after_ticks);
+        let slots = planner.page_slots();
+        let mut pages = Vec::with_capacity(slots);
+        for _ in 0..slots {
             let a = DmaBuf::zeroed(geometry.page_buf_bytes()).ok_or(BitmapError::NoMemory("bitmap page buffers"))?;
             let b = DmaBuf::zeroed(geometry.page_buf_bytes()).ok_or(BitmapError::NoMemory("bitmap page buffers"))?;
             pages.push(PageBufs { bufs: [a, b], pins: [0, 0] });
@@ -170,6 +191,7 @@ impl BitmapOwner {
             flush_waiters: Vec::new(),
             events_base: initial.map_or(0, |lb| lb.events_max),
             on_member_failed: None,
+            on_needs_sync: None,
             late_completions: 0,
             preflushes: 0,
             ticks: 0,
@@ -241,12 +263,18 @@ impl BitmapOwner {
         let events = st.events_base + plan.seq;
         let g = owner.geometry;
         let state = &mut *st;
-        for &page in &plan.pages {
-            let pb = &state.pages[page];
+        for &slot in &plan.pages {
+            let pb = &state.pages[slot];
             // Invariant 5 (docs/architecture.md): a buffer a member may still be reading is never rebuilt.
-            assert_eq!(pb.pins[sel], 0, "bitmap page {page} buffer {sel} rebuilt while in flight");
-            let words = state.planner.page_words(page);
-            pb.bufs[sel].with_mut(|b| encode_page(&g, page, events, words, b));
+            assert_eq!(pb.pins[sel], 0, "bitmap page slot {slot} buffer {sel} rebuilt while in flight");
+            let words = state.planner.page_words(slot);
+            let (plane, page) = state.planner.slot_page(slot);
+            let kind = match (state.planner.legacy(), plane) {
+                (true, _) => PageKind::LEGACY,
+                (false, Plane::Dirty) => PageKind::DIRTY,
+                (false, Plane::Written) => PageKind::WRITTEN,
+            };
+            pb.bufs[sel].with_mut(|b| encode_page_as(&g, kind, page, events, words, b));
         }
         let members = state.members.clone();
         let n = members.len();
@@ -352,6 +380,8 @@ impl BitmapOwner {
                     continue;
                 }
             };
+            // Slot `s` is page `s % num_pages` of plane `s / num_pages`,
+            // the planes one after the other (`Geometry::page_offset_blocks`).
             let lba = owner.offset_blocks + page as u64 * g.page_blocks();
             let buf = pages[page].bufs[batch.sel].clone();
             let Some(mut io) = IoBox::data(IoType::Write, lba, g.page_blocks(), Some(buf)) else {
@@ -459,6 +489,11 @@ impl BitmapOwner {
             }
             st.planner.complete(&owner.bitmap, &batch.plan);
             let mut callbacks = batch.waiters;
+            if batch.plan.has_first_writes() && owner.bitmap.first_write_needs_sync() {
+                if let Some(hook) = st.on_needs_sync.clone() {
+                    callbacks.push(Box::new(move || hook()));
+                }
+            }
             if !batch.stop_done.is_empty() {
                 st.stop = Stop::Closed;
                 owner.bitmap.closed.store(true, Ordering::Release);
@@ -490,7 +525,8 @@ impl BitmapOwner {
     /// The batch in flight, if any, finishes on the members it started on.
     pub fn set_members(&self, members: Vec<BdevHandle>, done: impl FnOnce() + 'static) -> Result<(), BitmapError> {
         for m in &members {
-            check_member(&self.0.geometry, self.0.offset_blocks, m)?;
+            let legacy = self.0.st.borrow().planner.legacy();
+            check_member(&self.0.geometry, legacy, self.0.offset_blocks, m)?;
         }
         let mut st = self.0.st.borrow_mut();
         if matches!(st.stop, Stop::Closed) {
@@ -519,7 +555,10 @@ impl BitmapOwner {
 
     /// Chunks `chunks` were resynced: clear them (lazily, as idle chunks)
     /// even while the array as a whole is not in sync.
+    /// Their redundancy was computed from their data: they no longer need
+    /// sync either.
     pub fn mark_resynced(&self, chunks: std::ops::Range<u64>) {
+        self.0.bitmap.mark_synced(chunks.clone());
         self.0.st.borrow_mut().planner.mark_resynced(chunks);
     }
 
@@ -527,6 +566,18 @@ impl BitmapOwner {
     /// releases any write: the RAID must fail the member there.
     pub fn on_member_failed(&self, hook: impl Fn(&BdevHandle) + 'static) {
         self.0.st.borrow_mut().on_member_failed = Some(Rc::new(hook));
+    }
+
+    /// Called (on the owner reactor, after the batch's waiters) when a
+    /// completed batch left chunks needing sync: the RAID schedules the
+    /// pass that computes their redundancy.
+    pub fn on_needs_sync(&self, hook: impl Fn() + 'static) {
+        self.0.st.borrow_mut().on_needs_sync = Some(Rc::new(hook));
+    }
+
+    /// Whether the bitmap writes version 1 pages (the dirty plane only).
+    pub fn legacy_format(&self) -> bool {
+        self.0.st.borrow().planner.legacy()
     }
 
     /// Stops the bitmap: waits for the batch in flight and for every write

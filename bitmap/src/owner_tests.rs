@@ -247,7 +247,7 @@ fn persisted_chunk_does_not_wait() {
 
 #[test]
 fn lazy_clearing_spares_busy_and_out_of_sync_chunks() {
-    let rig = rig(OwnerOptions { clear_after_ticks: 3 });
+    let rig = rig(OwnerOptions { clear_after_ticks: 3, ..OwnerOptions::default() });
     let bm = rig.owner.bitmap();
     for c in [1, 2, 3] {
         if let WriteTicket::Wait(b) = rig.start(1, c) {
@@ -284,7 +284,7 @@ fn lazy_clearing_spares_busy_and_out_of_sync_chunks() {
 
 #[test]
 fn write_after_a_clear_was_scheduled_waits_for_the_bit_again() {
-    let rig = rig(OwnerOptions { clear_after_ticks: 1 });
+    let rig = rig(OwnerOptions { clear_after_ticks: 1, ..OwnerOptions::default() });
     let bm = rig.owner.bitmap();
     let WriteTicket::Wait(b) = rig.start(1, 4) else { panic!() };
     rig.until("released", || bm.is_released(b));
@@ -396,7 +396,7 @@ fn flush_and_stop_with_writes_and_a_batch_in_flight() {
 
 #[test]
 fn load_and_reassemble_keeps_dirty_chunks_until_resynced() {
-    let rig = rig(OwnerOptions { clear_after_ticks: 1 });
+    let rig = rig(OwnerOptions { clear_after_ticks: 1, ..OwnerOptions::default() });
     let bm = rig.owner.bitmap();
     for c in [3, 150] {
         let WriteTicket::Wait(b) = rig.start(1, c) else { panic!() };
@@ -478,7 +478,14 @@ fn page_writes_are_fua_and_a_clearing_batch_flushes_every_member_before_its_page
             })
             .collect();
         let handles: Vec<BdevHandle> = caches.iter().map(|c| r.register(c.clone()).unwrap()).collect();
-        let owner = BitmapOwner::new(g, handles.clone(), 0, None, OwnerOptions { clear_after_ticks: 1 }).unwrap();
+        let owner = BitmapOwner::new(
+            g,
+            handles.clone(),
+            0,
+            None,
+            OwnerOptions { clear_after_ticks: 1, ..OwnerOptions::default() },
+        )
+        .unwrap();
         (owner, caches, handles)
     });
     let pump = || {
@@ -560,4 +567,135 @@ fn page_writes_are_fua_and_a_clearing_batch_flushes_every_member_before_its_page
     assert!(caches[1].read_media((data_block * 512) as usize, &mut block));
     assert!(block.iter().all(|&x| x == 0xD7));
     assert_eq!(m.on(0, || owner.late_completions()), 0);
+}
+
+/// Both planes of the bitmap as stored on member `i` (version 2), or the
+/// dirty plane alone when it holds version 1 pages.
+fn disk_planes(rig: &Rig, i: usize) -> LoadedBitmap {
+    let mut dirty = vec![0u8; rig.g.page_buf_bytes()];
+    let mut written = vec![0u8; rig.g.page_buf_bytes()];
+    assert!(rig.stores[i].read_raw(0, &mut dirty));
+    let at = (rig.g.page_offset_blocks(crate::Plane::Written, 0) * 512) as usize;
+    assert!(rig.stores[i].read_raw(at, &mut written));
+    LoadedBitmap::from_planes(rig.g, &[&dirty], Some(&[&written]))
+        .or_else(|_| LoadedBitmap::from_planes(rig.g, &[&dirty], None))
+        .unwrap()
+}
+
+/// A new bitmap has every chunk unwritten. A chunk's first write is held
+/// until its written bit is on every member, in the same batch as its
+/// dirty bit; with first writes needing sync, the chunk keeps its dirty
+/// bit (clean, idle, in sync) until it is marked synced.
+#[test]
+fn first_write_persists_written_with_the_dirty_bit_and_needs_sync_until_synced() {
+    let rig = rig(OwnerOptions { clear_after_ticks: 1, first_write_needs_sync: true });
+    let bm = rig.owner.bitmap();
+    assert!(bm.tracks_written() && bm.written_count() == 0 && !bm.is_written(5));
+    let on_disk = disk_planes(&rig, 0);
+    assert_eq!((on_disk.written_count(), on_disk.written.is_some()), (0, true), "a new array: nothing written");
+    let hook_calls = Rc::new(Cell::new(0));
+    let h2 = hook_calls.clone();
+    rig.m.on(0, || rig.owner.on_needs_sync(move || h2.set(h2.get() + 1)));
+    rig.gate.store(false, Ordering::Release);
+    let WriteTicket::Wait(b) = rig.start(1, 5) else { panic!("an unwritten chunk waits") };
+    assert!(rig.tick());
+    for _ in 0..20 {
+        rig.pump(1);
+        rig.tick();
+    }
+    assert!(!bm.is_released(b) && !bm.is_written(5), "the gated member has not persisted");
+    let open = disk_planes(&rig, 0);
+    assert!(open.is_dirty(5) && open.is_written(5), "one batch: dirty and written bits");
+    rig.gate.store(true, Ordering::Release);
+    rig.until("released", || bm.is_released(b));
+    for i in 0..2 {
+        let d = disk_planes(&rig, i);
+        assert!(d.is_dirty(5) && d.is_written(5) && d.written_count() == 1, "member {i}");
+    }
+    assert!(bm.is_written(5) && bm.needs_sync(5));
+    assert!(!bm.range_trusted(5 * CHUNK_BLOCKS, 1), "parity of a chunk that needs sync is not trusted");
+    assert_eq!(hook_calls.get(), 1, "the RAID hears of the chunk that needs sync");
+    rig.end(1, 5);
+    for _ in 0..10 {
+        rig.tick();
+        rig.pump(3);
+    }
+    assert!(bm.is_on_disk(5) && disk_planes(&rig, 1).is_dirty(5), "a chunk that needs sync keeps its dirty bit");
+    rig.m.on(0, || rig.owner.mark_resynced(5..6));
+    assert!(bm.range_trusted(5 * CHUNK_BLOCKS, CHUNK_BLOCKS));
+    rig.until("cleared", || !disk_planes(&rig, 0).is_dirty(5) && !disk_planes(&rig, 1).is_dirty(5));
+    assert!(disk_planes(&rig, 1).is_written(5), "written stays written");
+    // A second write into the written chunk: written already, no needs-sync.
+    let WriteTicket::Wait(b) = rig.start(2, 5) else { panic!("a clean chunk waits") };
+    rig.until("released", || bm.is_released(b));
+    assert!(!bm.needs_sync(5) && hook_calls.get() == 1);
+    rig.end(2, 5);
+}
+
+/// Load gives back both planes; a dirty written chunk needs sync again.
+/// A bitmap of version 1 pages loads with every chunk written, and keeps
+/// writing version 1 pages (its region holds one plane).
+#[test]
+fn written_plane_reloads_and_version_1_pages_count_every_chunk_written() {
+    let rig = rig(OwnerOptions { clear_after_ticks: 1, first_write_needs_sync: true });
+    let bm = rig.owner.bitmap();
+    for c in [3, 150] {
+        let WriteTicket::Wait(b) = rig.start(1, c) else { panic!() };
+        rig.until("released", || bm.is_released(b));
+        rig.end(1, c);
+    }
+    rig.m.on(0, || rig.owner.mark_resynced(150..151));
+    rig.until("150 cleared", || !disk_planes(&rig, 1).is_dirty(150));
+    let load_from = |i: usize| {
+        let got = Rc::new(RefCell::new(None));
+        let (g2, h) = (got.clone(), rig.members[i].clone());
+        rig.m.on(0, || load(&h, rig.g, 0, move |r| *g2.borrow_mut() = Some(r)));
+        rig.until("loaded", || got.borrow().is_some());
+        let r = got.borrow_mut().take().unwrap();
+        r.unwrap()
+    };
+    let loaded = load_from(1);
+    assert_eq!(loaded.dirty_chunks().collect::<Vec<_>>(), vec![3]);
+    assert_eq!((loaded.written_count(), loaded.is_written(3), loaded.is_written(150)), (2, true, true));
+    let opts = OwnerOptions { clear_after_ticks: 1, first_write_needs_sync: true };
+    let owner2 = rig.m.on(0, || BitmapOwner::new(rig.g, rig.members.clone(), 0, Some(&loaded), opts).unwrap());
+    let bm2 = owner2.bitmap();
+    assert!(bm2.is_written(150) && !bm2.needs_sync(150) && bm2.range_trusted(150 * CHUNK_BLOCKS, 1));
+    assert!(bm2.is_written(3) && bm2.needs_sync(3), "dirty at load: it may be half-written");
+    assert!(!bm2.is_written(4) && bm2.tracks_written());
+    rig.m.on(0, || drop(owner2));
+
+    // Version 1: rewrite member 0's dirty page as version 1 with chunk 3 dirty.
+    let mut page = vec![0u8; rig.g.page_buf_bytes()];
+    crate::page::encode_page_as(&rig.g, crate::page::PageKind::LEGACY, 0, 7, &[1 << 3], &mut page);
+    let done = Rc::new(Cell::new(false));
+    let (d2, h) = (done.clone(), rig.members[0].clone());
+    rig.m.on(0, move || {
+        let buf = bdev::DmaBuf::alloc(page.len()).unwrap();
+        buf.copy_from(0, &page);
+        let mut io = IoBox::data(IoType::Write, 0, rig.g.page_blocks(), Some(buf)).unwrap();
+        io.set_done(Rc::new(move |io: IoBox| d2.set(io.status.is_ok())));
+        h.channel().unwrap().submit(io);
+    });
+    rig.until("version 1 page written", || done.get());
+    let legacy = load_from(0);
+    assert!(legacy.written.is_none() && legacy.is_dirty(3));
+    assert_eq!(legacy.written_count(), rig.g.num_chunks());
+    let owner3 = rig.m.on(0, || BitmapOwner::new(rig.g, rig.members.clone(), 0, Some(&legacy), opts).unwrap());
+    let bm3 = owner3.bitmap();
+    assert!(owner3.legacy_format() && !bm3.tracks_written());
+    assert!((0..rig.g.num_chunks()).all(|c| bm3.is_written(c) && !bm3.needs_sync(c)));
+    // (Not in sync: chunk 3 stays dirty, so the page shows what it wrote.)
+    owner3.set_in_sync(false);
+    let flushed = Rc::new(Cell::new(false));
+    let f = flushed.clone();
+    rig.m.on(0, || owner3.flush(move || f.set(true)));
+    for _ in 0..50 {
+        rig.m.on(0, || owner3.tick());
+        rig.pump(3);
+    }
+    assert!(flushed.get(), "the second owner's pages are written");
+    let again = load_from(0);
+    assert!(again.written.is_none() && again.is_dirty(3), "version 1 pages stay version 1");
+    rig.m.on(0, || drop(owner3));
 }

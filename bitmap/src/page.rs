@@ -1,18 +1,44 @@
 //! The on-disk bitmap page: a 64-byte little-endian header (magic, version,
-//! page index, array UUID, events, geometry, CRC32C) and 4032 bytes of chunk
-//! bits. The encoder asserts its own output decodes; the decoder returns an
-//! error for any input and never panics (it is fuzzed: `fuzz/bitmap_page`).
+//! page index, plane, array UUID, events, geometry, CRC32C) and 4032 bytes
+//! of chunk bits. The encoder asserts its own output decodes; the decoder
+//! returns an error for any input and never panics (it is fuzzed:
+//! `fuzz/bitmap_page`).
+//!
+//! Version 2 pages come in two planes (`Plane`): the dirty bits, and the
+//! written bits (a chunk written since the array was created). Version 1
+//! pages have the dirty plane only; they still load (every chunk counts as
+//! written) and an array whose bitmap was made of them keeps writing them
+//! (its reserved region holds one plane). The plane byte and the byte
+//! after it were the high half of a 32-bit page index in version 1, always
+//! zero there (at most `MAX_CHUNKS / CHUNKS_PER_PAGE` pages).
 
 use crate::geometry::{
-    Geometry, CHUNKS_PER_PAGE, MAX_CHUNKS, PAGE_BITS_BYTES, PAGE_HEADER_BYTES, PAGE_SIZE_BYTES, WORDS_PER_PAGE,
+    Geometry, Plane, CHUNKS_PER_PAGE, MAX_CHUNKS, PAGE_BITS_BYTES, PAGE_HEADER_BYTES, PAGE_SIZE_BYTES, WORDS_PER_PAGE,
 };
 use crate::BitmapError;
+use zerocopy::little_endian::U16;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// "NVRBITMP": identifies an nvraid bitmap page.
 pub const PAGE_MAGIC: [u8; 8] = *b"NVRBITMP";
-pub const PAGE_VERSION: u32 = 1;
+/// The version the encoder writes by default: two planes.
+pub const PAGE_VERSION: u32 = 2;
+/// Pages of arrays made before the written plane: the dirty plane only.
+pub const LEGACY_PAGE_VERSION: u32 = 1;
+
+/// Which format and plane a page is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageKind {
+    pub version: u32,
+    pub plane: Plane,
+}
+
+impl PageKind {
+    pub const DIRTY: PageKind = PageKind { version: PAGE_VERSION, plane: Plane::Dirty };
+    pub const WRITTEN: PageKind = PageKind { version: PAGE_VERSION, plane: Plane::Written };
+    pub const LEGACY: PageKind = PageKind { version: LEGACY_PAGE_VERSION, plane: Plane::Dirty };
+}
 
 /// Offset of the CRC field: the checksum covers every other byte of the page.
 const CRC_OFFSET: usize = 60;
@@ -23,7 +49,11 @@ const CRC_OFFSET: usize = 60;
 pub struct PageHeader {
     pub magic: [u8; 8],
     pub version: U32,
-    pub page_index: U32,
+    pub page_index: U16,
+    /// `Plane::index` (version 2); 0 in version 1.
+    pub plane: u8,
+    /// Zero.
+    pub reserved: u8,
     pub array_uuid: [u8; 16],
     /// Batch sequence (plus the array's base) of the write that produced it.
     pub events: U64,
@@ -54,6 +84,7 @@ fn page_crc(page: &[u8]) -> u32 {
 /// possible geometry, no bits past the last chunk).
 #[derive(Debug)]
 pub struct DecodedPage<'a> {
+    pub kind: PageKind,
     pub page_index: u32,
     pub array_uuid: [u8; 16],
     pub events: u64,
@@ -108,8 +139,9 @@ pub fn decode_page(bytes: &[u8]) -> Result<DecodedPage<'_>, BitmapError> {
     if h.magic != PAGE_MAGIC {
         return Err(BitmapError::BadMagic);
     }
-    if h.version.get() != PAGE_VERSION {
-        return Err(BitmapError::UnsupportedVersion(h.version.get()));
+    let version = h.version.get();
+    if version != PAGE_VERSION && version != LEGACY_PAGE_VERSION {
+        return Err(BitmapError::UnsupportedVersion(version));
     }
     let computed = page_crc(page);
     if computed != h.crc32c.get() {
@@ -129,7 +161,11 @@ pub fn decode_page(bytes: &[u8]) -> Result<DecodedPage<'_>, BitmapError> {
     if num_chunks.checked_mul(chunk_size_blocks).is_none() {
         return Err(BitmapError::ImpossibleGeometry(format!("{num_chunks} chunks of {chunk_size_blocks} blocks")));
     }
-    let page_index = h.page_index.get();
+    let plane = match Plane::from_index(h.plane) {
+        Some(p) if h.reserved == 0 && (version == PAGE_VERSION || p == Plane::Dirty) => p,
+        _ => return Err(BitmapError::ImpossibleGeometry(format!("plane {} (byte after it {})", h.plane, h.reserved))),
+    };
+    let page_index = u32::from(h.page_index.get());
     let in_page = chunks_in_page(num_chunks, u64::from(page_index));
     if in_page == 0 {
         return Err(BitmapError::ImpossibleGeometry(format!("page {page_index} lies past {num_chunks} chunks")));
@@ -151,6 +187,7 @@ pub fn decode_page(bytes: &[u8]) -> Result<DecodedPage<'_>, BitmapError> {
         return Err(BitmapError::BitsPastEnd);
     }
     Ok(DecodedPage {
+        kind: PageKind { version, plane },
         page_index,
         array_uuid: h.array_uuid,
         events: h.events.get(),
@@ -161,19 +198,32 @@ pub fn decode_page(bytes: &[u8]) -> Result<DecodedPage<'_>, BitmapError> {
     })
 }
 
-/// Encodes page `page_index` of `g` holding `words` (the page's slice of the
-/// in-memory bit words, at most `WORDS_PER_PAGE`) into `out` (at least one
-/// page; bytes past the page are zeroed). Asserts the result decodes to the
-/// same content before anyone may write it (kept in release builds: a bad
-/// page on every member would lose the bitmap).
+/// Encodes page `page_index` of `g`'s dirty plane (version 2): see
+/// [`encode_page_as`].
 pub fn encode_page(g: &Geometry, page_index: usize, events: u64, words: &[u64], out: &mut [u8]) {
+    encode_page_as(g, PageKind::DIRTY, page_index, events, words, out);
+}
+
+/// Encodes page `page_index` of `g` of format and plane `kind` holding
+/// `words` (the page's slice of the in-memory bit words, at most
+/// `WORDS_PER_PAGE`) into `out` (at least one page; bytes past the page are
+/// zeroed). Asserts the result decodes to the same content before anyone
+/// may write it (kept in release builds: a bad page on every member would
+/// lose the bitmap).
+pub fn encode_page_as(g: &Geometry, kind: PageKind, page_index: usize, events: u64, words: &[u64], out: &mut [u8]) {
     assert!(out.len() >= PAGE_SIZE_BYTES, "bitmap page buffer of {} bytes", out.len());
     assert!(words.len() <= WORDS_PER_PAGE && page_index < g.num_pages());
+    assert!(
+        kind == PageKind::DIRTY || kind == PageKind::WRITTEN || kind == PageKind::LEGACY,
+        "no bitmap page format {kind:?}"
+    );
     out.fill(0);
     let header = PageHeader {
         magic: PAGE_MAGIC,
-        version: U32::new(PAGE_VERSION),
-        page_index: U32::new(page_index as u32),
+        version: U32::new(kind.version),
+        page_index: U16::new(page_index as u16),
+        plane: kind.plane.index() as u8,
+        reserved: 0,
         array_uuid: g.array_uuid,
         events: U64::new(events),
         chunk_size_blocks: U64::new(g.chunk_size_blocks),
@@ -190,7 +240,10 @@ pub fn encode_page(g: &Geometry, page_index: usize, events: u64, words: &[u64], 
     out[CRC_OFFSET..PAGE_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
     match decode_page(out) {
         Ok(d) => {
-            assert!(d.check(g, page_index).is_ok() && d.events == events, "encoded bitmap page fails its checks");
+            assert!(
+                d.check(g, page_index).is_ok() && d.events == events && d.kind == kind,
+                "encoded bitmap page fails its checks"
+            );
             assert!(d.words().zip(words).all(|(a, b)| a == *b), "encoded bitmap page lost bits");
         }
         Err(e) => panic!("encoded bitmap page {page_index} does not decode: {e}"),
@@ -321,6 +374,51 @@ mod tests {
         assert!(matches!(d.check(&other, 1), Err(BitmapError::GeometryMismatch(_))));
         // A zeroed (never written) region.
         assert!(matches!(decode_page(&[0u8; 4096]), Err(BitmapError::BadMagic)));
+    }
+
+    /// Every format and plane round-trips; a version 1 page (as arrays made
+    /// before the written plane wrote it) still decodes as the dirty plane;
+    /// a plane that does not exist, or a written plane in version 1, is
+    /// refused.
+    #[test]
+    fn planes_round_trip_and_version_1_pages_decode() {
+        let g = geometry(40_000);
+        let words = page_words(&g, 1, &[0x1234_5678_9abc_def0]);
+        for kind in [PageKind::DIRTY, PageKind::WRITTEN, PageKind::LEGACY] {
+            let mut out = vec![0u8; g.page_buf_bytes()];
+            encode_page_as(&g, kind, 1, 9, &words, &mut out);
+            let d = decode_page(&out).unwrap();
+            d.check(&g, 1).unwrap();
+            assert_eq!(d.kind, kind);
+            assert!(d.words().zip(&words).all(|(a, b)| a == *b));
+        }
+        // A version 1 page laid out as the old encoder did: page index a
+        // 32-bit field, no plane.
+        let mut v1 = vec![0u8; PAGE_SIZE_BYTES];
+        v1[..8].copy_from_slice(&PAGE_MAGIC);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        v1[12..16].copy_from_slice(&1u32.to_le_bytes());
+        v1[16..32].copy_from_slice(&g.array_uuid);
+        v1[32..40].copy_from_slice(&5u64.to_le_bytes());
+        v1[40..48].copy_from_slice(&g.chunk_size_blocks.to_le_bytes());
+        v1[48..56].copy_from_slice(&g.num_chunks().to_le_bytes());
+        v1[56..60].copy_from_slice(&g.block_size.to_le_bytes());
+        v1[PAGE_HEADER_BYTES..PAGE_HEADER_BYTES + 8].copy_from_slice(&words[0].to_le_bytes());
+        reseal(&mut v1);
+        let d = decode_page(&v1).unwrap();
+        d.check(&g, 1).unwrap();
+        assert_eq!((d.kind, d.events, d.words().next()), (PageKind::LEGACY, 5, Some(words[0])));
+        for (version, plane, reserved) in [(1u32, 1u8, 0u8), (2, 2, 0), (2, 0, 1), (1, 0, 1)] {
+            let mut p = v1.clone();
+            p[8..12].copy_from_slice(&version.to_le_bytes());
+            p[14] = plane;
+            p[15] = reserved;
+            reseal(&mut p);
+            assert!(
+                matches!(decode_page(&p), Err(BitmapError::ImpossibleGeometry(_))),
+                "version {version} plane {plane} byte {reserved}"
+            );
+        }
     }
 
     #[test]

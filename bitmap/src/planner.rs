@@ -5,7 +5,7 @@
 //! it with page buffers and member writes; the loom model drives it with a
 //! simulated "persisted" image.
 
-use crate::geometry::WORDS_PER_PAGE;
+use crate::geometry::{Plane, WORDS_PER_PAGE};
 use crate::shared::{word_bit, Bitmap, COUNT_MASK};
 use crate::sync::{fence, Ordering};
 
@@ -19,22 +19,50 @@ pub struct TickOptions {
     pub clear_idle_now: bool,
 }
 
+/// Where a planner's written bits come from.
+#[derive(Clone, Copy, Debug)]
+pub enum WrittenInit<'a> {
+    /// A new array: no chunk written yet.
+    Nothing,
+    /// Loaded from version 2 pages.
+    Loaded(&'a [u64]),
+    /// Loaded from version 1 pages, which do not record it: every chunk
+    /// counts as written, and the pages stay version 1 (one plane).
+    Legacy,
+}
+
 /// A closed batch: its sequence number and what to write.
 #[derive(Debug)]
 pub struct Plan {
     pub seq: u64,
-    /// Pages whose image changed (or were forced), ascending.
+    /// Page slots whose image changed (or were forced), ascending: slot
+    /// `plane.index() * num_pages + page` (see [`Planner::slot_page`]).
     pub pages: Vec<usize>,
     /// Pending bits this batch took, published to `on_disk` on completion.
     set_words: Vec<(usize, u64)>,
+    /// Chunks this batch writes as written for the first time (published
+    /// to `written`, and `needsync` first where first writes need sync).
+    written_words: Vec<(usize, u64)>,
     /// Chunks this batch clears on disk.
     pub cleared_chunks: u64,
+}
+
+impl Plan {
+    /// Whether the batch writes chunks as written for the first time.
+    pub fn has_first_writes(&self) -> bool {
+        !self.written_words.is_empty()
+    }
 }
 
 /// Owner-only bookkeeping (single writer: the owner reactor).
 pub struct Planner {
     /// What the members' pages hold once the batch in flight (if any) lands.
     image: Vec<u64>,
+    /// The written plane's image, likewise (all set for a legacy bitmap).
+    written: Vec<u64>,
+    /// Version 1 pages: the dirty plane only.
+    legacy: bool,
+    num_pages: usize,
     seq_flush: u64,
     idle_ticks: Vec<u8>,
     last_starts: Vec<u32>,
@@ -52,21 +80,57 @@ impl Planner {
     /// A planner for `bitmap`; `initial` is the on-disk image loaded at
     /// assembly (its bits count as persisted), `clear_after_ticks` the idle
     /// ticks before a chunk is cleared.
+    /// The loaded chunks count as written.
     pub fn new(bitmap: &Bitmap, initial: Option<&[u64]>, clear_after_ticks: u8) -> Planner {
-        let words = bitmap.geometry().num_words();
+        let written = match initial {
+            Some(words) => WrittenInit::Loaded(words),
+            None => WrittenInit::Nothing,
+        };
+        Planner::with_written(bitmap, initial, written, clear_after_ticks)
+    }
+
+    /// A planner whose written bits come from `written`. A loaded dirty
+    /// chunk that is written needs sync where first writes do (it may have
+    /// been half-written when the array stopped).
+    pub fn with_written(
+        bitmap: &Bitmap,
+        initial: Option<&[u64]>,
+        written: WrittenInit<'_>,
+        clear_after_ticks: u8,
+    ) -> Planner {
+        let g = *bitmap.geometry();
+        let words = g.num_words();
         let mut image = vec![0u64; words];
         if let Some(init) = initial {
             for (w, v) in image.iter_mut().zip(init) {
                 *w = *v;
             }
-            mask_tail(&mut image, bitmap.geometry().num_chunks());
+            mask_tail(&mut image, g.num_chunks());
             for (a, v) in bitmap.on_disk.iter().zip(&image) {
                 a.store(*v, Ordering::Release);
             }
         }
-        let chunks = bitmap.geometry().num_chunks() as usize;
+        let legacy = matches!(written, WrittenInit::Legacy);
+        let mut written = match written {
+            WrittenInit::Nothing => vec![0u64; words],
+            WrittenInit::Loaded(w) => (0..words).map(|i| w.get(i).copied().unwrap_or(0)).collect(),
+            WrittenInit::Legacy => vec![u64::MAX; words],
+        };
+        mask_tail(&mut written, g.num_chunks());
+        let needs_sync = bitmap.first_write_needs_sync() && !legacy;
+        for (w, v) in written.iter().enumerate() {
+            if needs_sync {
+                bitmap.needsync[w].store(image[w] & *v, Ordering::Release);
+            }
+            bitmap.written[w].store(*v, Ordering::Release);
+        }
+        bitmap.tracks_written.store(!legacy, Ordering::Release);
+        let chunks = g.num_chunks() as usize;
         Planner {
             image,
+            written,
+            legacy,
+            num_pages: g.num_pages(),
             seq_flush: bitmap.seq_flush.load(Ordering::Acquire),
             idle_ticks: vec![0; chunks],
             last_starts: vec![0; chunks],
@@ -83,11 +147,36 @@ impl Planner {
         self.in_flight
     }
 
-    /// The words of page `page` of the image to write.
-    pub fn page_words(&self, page: usize) -> &[u64] {
-        let start = (page * WORDS_PER_PAGE).min(self.image.len());
-        let end = (start + WORDS_PER_PAGE).min(self.image.len());
-        &self.image[start..end]
+    /// Whether the pages are version 1 (the dirty plane only).
+    pub fn legacy(&self) -> bool {
+        self.legacy
+    }
+
+    /// Page slots the bitmap writes: one plane of pages, or two.
+    pub fn page_slots(&self) -> usize {
+        if self.legacy {
+            self.num_pages
+        } else {
+            2 * self.num_pages
+        }
+    }
+
+    /// The plane and page of slot `slot`.
+    pub fn slot_page(&self, slot: usize) -> (Plane, usize) {
+        if slot < self.num_pages {
+            (Plane::Dirty, slot)
+        } else {
+            (Plane::Written, slot - self.num_pages)
+        }
+    }
+
+    /// The words of page slot `slot` of the image to write.
+    pub fn page_words(&self, slot: usize) -> &[u64] {
+        let (plane, page) = self.slot_page(slot);
+        let image = if plane == Plane::Dirty { &self.image } else { &self.written };
+        let start = (page * WORDS_PER_PAGE).min(image.len());
+        let end = (start + WORDS_PER_PAGE).min(image.len());
+        &image[start..end]
     }
 
     /// Lets the resynced chunks `chunks` be cleared even while the array is
@@ -121,29 +210,41 @@ impl Planner {
         fence(Ordering::SeqCst);
         let mut pages = Vec::new();
         let mut set_words = Vec::new();
+        let mut written_words = Vec::new();
+        let mut written_pages = Vec::new();
         let mut cleared_chunks = 0;
         for (w, pending) in bm.pending.iter().enumerate() {
             let taken = pending.swap(0, Ordering::AcqRel);
             let clear = clear_mask.get(w).copied().unwrap_or(0);
             let new = (self.image[w] & !clear) | taken;
             cleared_chunks += u64::from((self.image[w] & !new).count_ones());
-            if new != self.image[w] || opts.force_all_pages {
-                let page = w / WORDS_PER_PAGE;
-                if pages.last() != Some(&page) {
-                    pages.push(page);
-                }
+            let page = w / WORDS_PER_PAGE;
+            if (new != self.image[w] || opts.force_all_pages) && pages.last() != Some(&page) {
+                pages.push(page);
             }
             self.image[w] = new;
             if taken != 0 {
                 set_words.push((w, taken));
             }
+            // A chunk's first write: its written bit goes out with its
+            // dirty bit (a legacy image has every bit set already).
+            let first = taken & !self.written[w];
+            if first != 0 {
+                self.written[w] |= first;
+                written_words.push((w, first));
+                let slot = self.num_pages + page;
+                if written_pages.last() != Some(&slot) {
+                    written_pages.push(slot);
+                }
+            }
         }
+        pages.extend(written_pages);
         if opts.force_all_pages {
-            pages = (0..bm.geometry().num_pages()).collect();
+            pages = (0..self.page_slots()).collect();
         }
         self.in_flight = true;
         self.clear_scratch = clear_mask;
-        let plan = Plan { seq, pages, set_words, cleared_chunks };
+        let plan = Plan { seq, pages, set_words, written_words, cleared_chunks };
         #[cfg(test)]
         if self.release_early {
             // Test-only mutation: publish before the pages are persisted, so
@@ -164,6 +265,15 @@ impl Planner {
     }
 
     fn publish(&self, bm: &Bitmap, plan: &Plan) {
+        // Needs-sync before written (see `shared`): whoever sees a chunk
+        // written sees whether it needs sync.
+        let needs_sync = bm.first_write_needs_sync();
+        for &(w, bits) in &plan.written_words {
+            if needs_sync {
+                bm.needsync[w].fetch_or(bits, Ordering::AcqRel);
+            }
+            bm.written[w].fetch_or(bits, Ordering::AcqRel);
+        }
         for &(w, bits) in &plan.set_words {
             bm.on_disk[w].fetch_or(bits, Ordering::AcqRel);
         }
@@ -180,6 +290,9 @@ impl Planner {
         masks.resize(self.image.len(), 0);
         for (w, mask) in masks.iter_mut().enumerate() {
             let set = bm.on_disk[w].load(Ordering::Acquire);
+            // A chunk that needs sync keeps its dirty bit: after a restart
+            // the loaded bit says it still needs sync.
+            let needs_sync = bm.needsync[w].load(Ordering::Acquire);
             let mut bits = set;
             while bits != 0 {
                 let b = bits.trailing_zeros();
@@ -193,7 +306,7 @@ impl Planner {
                     self.idle_ticks[c] = 0;
                     self.last_starts[c] = starts;
                 }
-                let allowed = in_sync || self.resynced[w] & (1 << b) != 0;
+                let allowed = (in_sync || self.resynced[w] & (1 << b) != 0) && needs_sync & (1 << b) == 0;
                 let due = self.idle_ticks[c] >= self.clear_after_ticks || (now && count == 0);
                 if allowed && due {
                     *mask |= 1 << b;

@@ -47,6 +47,25 @@
 //! A batch's completion sets the persisted bits in `on_disk` and then
 //! stores `seq_write` (Release); a writer that loads `seq_write >= batch`
 //! (Acquire) or an on-disk bit is ordered after the page writes completed.
+//!
+//! # Written and needs-sync chunks (md's llbitmap states)
+//!
+//! * `written` words: chunks written since the array was created, as
+//!   persisted (only the owner sets them, when the batch that first marked
+//!   the chunk completes: in the same pages write as its dirty bit, so no
+//!   write reaches a member of a chunk that is not written on disk). A
+//!   chunk never written (md's `BitUnwritten`) holds nothing a reader may
+//!   rely on: resync, scrub and rebuild skip it.
+//! * `needsync` words: written chunks whose redundancy is not known right
+//!   over the whole chunk (md's `BitNeedSync`). With
+//!   `OwnerOptions::first_write_needs_sync` (parity levels: a first partial
+//!   write computes parity only for the rows it writes) a chunk's first
+//!   write sets it, published before the written bit, so a reader that
+//!   sees the written bit sees it too; a loaded dirty bit sets it (a crash
+//!   may have left the chunk half-written). The RAID clears it with
+//!   `mark_synced` once a pass computed the chunk's redundancy from its
+//!   data; until then the chunk's dirty bit is never cleared, so the state
+//!   survives a restart (a loaded dirty chunk needs sync again).
 
 use crate::geometry::Geometry;
 use crate::sync::{fence, AtomicBool, AtomicU64, Ordering};
@@ -80,6 +99,16 @@ pub struct Bitmap {
     pub(crate) wanted: AtomicU64,
     pub(crate) closed: AtomicBool,
     pub(crate) in_sync: AtomicBool,
+    /// Persisted written bits (see module docs); all set for a bitmap of
+    /// version 1 pages.
+    pub(crate) written: Box<[AtomicU64]>,
+    /// Written chunks whose redundancy is not known right (module docs).
+    pub(crate) needsync: Box<[AtomicU64]>,
+    /// The pages carry the written plane (version 2).
+    pub(crate) tracks_written: AtomicBool,
+    /// A chunk's first write leaves it needing sync (parity levels; set by
+    /// the owner at creation).
+    pub(crate) first_write_needs_sync: AtomicBool,
     // Statistics take no part in the protocol: plain std atomics, so the
     // loom model does not explore their interleavings.
     pub(crate) batches_written: StatCounter,
@@ -111,6 +140,10 @@ impl Bitmap {
             wanted: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             in_sync: AtomicBool::new(true),
+            written: atomics(words),
+            needsync: atomics(words),
+            tracks_written: AtomicBool::new(true),
+            first_write_needs_sync: AtomicBool::new(false),
             batches_written: StatCounter::new(0),
             pages_written: StatCounter::new(0),
             member_writes: StatCounter::new(0),
@@ -216,6 +249,77 @@ impl Bitmap {
     pub fn dirty_chunks(&self) -> Vec<u64> {
         let words: Vec<u64> = self.on_disk.iter().map(|w| w.load(Ordering::Acquire)).collect();
         crate::set_bits(&words).collect()
+    }
+
+    /// Whether the bitmap knows which chunks were written (version 2
+    /// pages); when false every chunk counts as written and none as
+    /// needing sync.
+    pub fn tracks_written(&self) -> bool {
+        self.tracks_written.load(Ordering::Acquire)
+    }
+
+    /// Was chunk `chunk` written since the array was created (persisted)?
+    pub fn is_written(&self, chunk: u64) -> bool {
+        let (w, bit) = word_bit(chunk);
+        self.written.get(w).is_some_and(|x| x.load(Ordering::Acquire) & bit != 0)
+    }
+
+    /// Is chunk `chunk` written and still waiting for its redundancy to be
+    /// computed from its data?
+    pub fn needs_sync(&self, chunk: u64) -> bool {
+        let (w, bit) = word_bit(chunk);
+        self.needsync.get(w).is_some_and(|x| x.load(Ordering::Acquire) & bit != 0)
+    }
+
+    /// Whether every chunk of `[first_block, first_block + num_blocks)` is
+    /// written and its redundancy known right: a parity level may then
+    /// update parity in place (read-modify-write). Out of range: false.
+    /// Lock- and allocation-free.
+    pub fn range_trusted(&self, first_block: u64, num_blocks: u64) -> bool {
+        let Ok(chunks) = self.geometry.chunk_range(first_block, num_blocks) else { return false };
+        // Written first (Acquire): a set written bit orders the needsync
+        // bit published before it.
+        chunks.into_iter().all(|c| self.is_written(c) && !self.needs_sync(c))
+    }
+
+    /// Whether no chunk of `[first_block, first_block + num_blocks)` was
+    /// ever written (false when the bitmap does not track it, or out of range).
+    pub fn range_unwritten(&self, first_block: u64, num_blocks: u64) -> bool {
+        let Ok(chunks) = self.geometry.chunk_range(first_block, num_blocks) else { return false };
+        self.tracks_written() && chunks.into_iter().all(|c| !self.is_written(c))
+    }
+
+    /// The written chunks, in order.
+    pub fn written_chunks(&self) -> Vec<u64> {
+        let words: Vec<u64> = self.written.iter().map(|w| w.load(Ordering::Acquire)).collect();
+        crate::set_bits(&words).collect()
+    }
+
+    /// The chunks that need sync, in order.
+    pub fn needsync_chunks(&self) -> Vec<u64> {
+        let words: Vec<u64> = self.needsync.iter().map(|w| w.load(Ordering::Acquire)).collect();
+        crate::set_bits(&words).collect()
+    }
+
+    /// Chunks written since creation (persisted).
+    pub fn written_count(&self) -> u64 {
+        self.written.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
+    }
+
+    /// Whether a chunk's first write leaves it needing sync
+    /// (`OwnerOptions::first_write_needs_sync`).
+    pub fn first_write_needs_sync(&self) -> bool {
+        self.first_write_needs_sync.load(Ordering::Acquire)
+    }
+
+    /// The redundancy of chunks `chunks` was computed from their data (a
+    /// resync or sync pass that held their stripes): they may be updated in
+    /// place, and their dirty bits cleared again.
+    pub fn mark_synced(&self, chunks: Range<u64>) {
+        for c in chunks.filter(|&c| c < self.geometry.num_chunks()) {
+            let (w, bit) = word_bit(c);
+            self.needsync[w].fetch_and(!bit, Ordering::AcqRel);
+        }
     }
 
     /// Last batch closed by the tick.

@@ -8,7 +8,7 @@
 //! checksum are reached.
 #![no_main]
 
-use bitmap::page::{decode_page, encode_page};
+use bitmap::page::{decode_page, encode_page, encode_page_as};
 use bitmap::{Geometry, CHUNKS_PER_PAGE, PAGE_SIZE_BYTES};
 use libfuzzer_sys::fuzz_target;
 
@@ -34,7 +34,7 @@ fn check_canonical(bytes: &[u8]) {
     }
     let words: Vec<u64> = p.words().collect();
     let mut out = vec![0u8; g.page_buf_bytes()];
-    encode_page(&g, p.page_index as usize, p.events, &words, &mut out);
+    encode_page_as(&g, p.kind, p.page_index as usize, p.events, &words, &mut out);
     assert_eq!(&out[..PAGE_SIZE_BYTES], &bytes[..PAGE_SIZE_BYTES], "decoded page does not re-encode to itself");
 }
 

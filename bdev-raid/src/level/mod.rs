@@ -220,11 +220,26 @@ pub trait RaidLevel: Send + Sync + 'static {
         true
     }
 
+    /// Whether the array takes the new size [`RaidLevel::layout`] gives
+    /// when its members grew (SPDK's `resize` hook, which raid0 and raid1
+    /// have). Other levels keep their size: their layout would move data
+    /// (parity rotation, concat offsets), which a grow must not do in place.
+    fn grows_with_members(&self) -> bool {
+        false
+    }
+
     /// Whether partial writes update the redundancy in place (from the old
     /// data and parity, as raid5's read-modify-write) once a whole-array
     /// check has verified it (`ArrayShared::redundancy_verified`): the
     /// superblock then records that verification, so it outlives a restart.
     fn trusts_checked_redundancy(&self) -> bool {
+        false
+    }
+
+    /// Whether arrays of the level with a superblock keep a partial parity
+    /// log (raid5: `crate::ppl`), which closes the write hole of partial
+    /// stripe writes.
+    fn keeps_partial_parity_log(&self) -> bool {
         false
     }
 

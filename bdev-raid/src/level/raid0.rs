@@ -24,6 +24,9 @@ impl RaidLevel for Raid0 {
     fn max_failed_members(&self, _num_members: usize) -> usize {
         0
     }
+    fn grows_with_members(&self) -> bool {
+        true
+    }
     fn uses_strips(&self) -> bool {
         true
     }

@@ -23,6 +23,9 @@ impl RaidLevel for Raid1 {
     fn max_failed_members(&self, num_members: usize) -> usize {
         num_members.saturating_sub(1)
     }
+    fn grows_with_members(&self) -> bool {
+        true
+    }
     fn uses_strips(&self) -> bool {
         false
     }

@@ -58,18 +58,57 @@
 //! those; a returning member is rebuilt in the stripes of the chunks it
 //! missed.
 //!
-//! Write hole (not closed yet): a crash in the middle of a partial-stripe
-//! write can leave a stripe whose data and parity disagree. On a whole
-//! array the resync makes P right again from the data; but if the array
-//! is (or then becomes) degraded, the lost member's blocks of that stripe
-//! are reconstructed from the inconsistent parity, so a crash during a
-//! degraded partial-stripe write can corrupt *other* data in the stripe,
-//! data that write never touched. md without a PPL or journal has the
-//! same hole (it refuses to start a dirty degraded array unless told to);
-//! here a dirty degraded array starts, its resync stops without writing
-//! (`plan_window` returns None: nothing right to write) and its dirty bits
-//! stay until the missing member is rebuilt. Closing it needs a partial
-//! parity log in the member metadata area (md's PPL) or a journal.
+//! Write hole, closed with a superblock by a partial parity log (md's
+//! PPL; the code is `crate::ppl`, the write round `stripe.rs`'s
+//! `WRITE_LOGGING`): a crash in the middle of a partial-stripe write can
+//! leave a stripe whose data and parity disagree; if the array is (or then
+//! becomes) degraded, the lost member's blocks of that stripe would be
+//! reconstructed from that parity, corrupting data the write never touched.
+//! So before a partial-stripe write's data and parity go out, an entry goes
+//! to the log area (metadata area, `MetadataLayout::with_ppl`, recorded in
+//! the superblock behind `FLAG_PPL`) of the stripe's parity member, FUA:
+//! the rows of each data chunk the write modifies and the partial parity,
+//! the XOR of everything else in those rows (new parity ^ new data: no
+//! extra read). Only then do data and parity go out. A full-stripe write
+//! logs nothing: it owns every data row of the stripe, so tearing it can
+//! only garble its own unacknowledged data (it wipes an older entry of its
+//! stripe first, if the slot table says one is on disk). Assembly of an
+//! unclean array, before resync, rebuild or any IO, replays each valid
+//! entry of a dirty stripe found on the in-sync members: parity = partial
+//! parity ^ the modified rows as they are now, whatever subset of the write
+//! landed; then wipes the logs. A degraded array then has nothing left to
+//! resync (the dirty-degraded start that once stopped its resync without
+//! writing now recovers and runs; the dirty bits stay for the missing
+//! member's return); a whole array still resyncs its dirty stripes (torn
+//! full-stripe writes log nothing). What the log cannot save: rows of a
+//! chunk the write *modified* on the lost member (that write was not
+//! acknowledged; those rows read back as neither old nor new data); when
+//! the lost member is the stripe's parity member, its log is gone with it,
+//! but then every data chunk is present and there is no parity to be
+//! wrong. Cost: one more member write per partial-stripe write (a header
+//! block and the partial parity rows), and its latency before the data and
+//! parity writes; on malloc members about a third of partial-write
+//! throughput (`examples/raid5_speed`), nothing on full-stripe writes. A
+//! member's log area is `ppl::PPL_SLOTS` slots of a header and a chunk; a
+//! write finding every slot of its parity member busy waits for one.
+//! Without a superblock there is no metadata area and no log: the hole
+//! stays open as in md without PPL (a dirty degraded start is impossible:
+//! such an array does not assemble).
+//!
+//! Never-written chunks (with a bitmap of version 2 pages, md's llbitmap
+//! states): a new array's chunks start unwritten. The first write into one
+//! reconstructs, whatever the trust, and leaves the chunk "needing sync":
+//! its parity is right in the rows written since, not in the others, until
+//! the sync pass (`rebuild`, after `SYNC_PASS_DELAY`, every member active)
+//! computed its stripes' parity from the data; only then, and in stripes
+//! whose chunks are all written and synced, does a partial write
+//! read-modify-write (`stripe::write_trusted`; a check's verification no
+//! longer counts there, as the check skips unwritten chunks). A read of a
+//! chunk never written returns zeros without member IO, healthy or
+//! degraded, before and after a rebuild (which, like a check, covers only
+//! the written chunks' stripes); a never-written block inside a written
+//! chunk reads what the members hold (after the sync pass, the same
+//! healthy or degraded).
 //!
 //! Removing a member leaves the array degraded.
 //! Unmap and write zeroes are not advertised (`maps_unmap_to_members`).

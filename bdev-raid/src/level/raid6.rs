@@ -35,6 +35,13 @@
 //!   `repair` rewrites them. The resync after an unclean shutdown rewrites
 //!   P and Q of each stripe of a dirty bitmap chunk.
 //! - Superblock level code 6 (md's level number: SPDK has no raid6).
+//! - Write hole: raid6 keeps no partial parity log (md has none for raid6
+//!   either; `keeps_partial_parity_log` is raid5's only). A crash during a
+//!   partial-stripe write of a degraded raid6 can still corrupt other data
+//!   of the stripe: after an unclean shutdown a degraded raid6 starts, its
+//!   resync stops without writing (`plan_window` returns None: nothing
+//!   right to write) and its dirty bits stay until the missing members are
+//!   rebuilt. A whole raid6 resyncs P and Q of its dirty stripes.
 //!
 //! Unmap and write zeroes are not advertised (`maps_unmap_to_members`).
 

@@ -17,12 +17,15 @@
 use super::{LevelOp, RaidLevel};
 use crate::channel::{MemberCh, Ras};
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement, MAX_MEMBERS};
+use crate::ppl::{self, PplLog, PplPiece};
 use crate::rebuild::{WindowCopy, WindowJob};
 use bdev::{DmaBuf, IoBox, IoError, IoFlags, IoStatus, IoType};
 use parity::Parity;
-use std::cell::Ref;
+use std::cell::{Cell, Ref, RefCell};
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// A level with distributed parity (raid5: one parity chunk per stripe,
 /// raid6: two).
@@ -48,6 +51,13 @@ const READ_LOCKED: u8 = 3;
 const READ_DIRECT: u8 = 4;
 /// A read that also reconstructs extents of a lost member.
 const READ_RECONSTRUCT: u8 = 5;
+/// A write's partial parity log entries (raid5 with a superblock,
+/// `crate::ppl`) are on their way to the parity members; its data and
+/// parity go out once they are durable.
+const WRITE_LOGGING: u8 = 6;
+/// A write whose parity member had no free log slot waits for one
+/// (`LogWait`); its parities are computed.
+const WRITE_LOG_WAIT: u8 = 7;
 
 /// The shape numbers of an array's geometry.
 #[derive(Clone, Copy)]
@@ -368,6 +378,32 @@ fn gen_parities(parity: &Parity, data: &[&[u8]], out: &mut [u8]) -> bool {
     parity.gen_pq(data, p, q).is_ok()
 }
 
+/// Whether a write of `[off, off + n)` may update parity in place. With a
+/// bitmap that knows which chunks were written (md's llbitmap states),
+/// only when every chunk of the stripes it touches was written and had its
+/// parity computed from its data since (`bitmap::Bitmap::range_trusted`):
+/// a chunk never written has parity of whatever the members held, and a
+/// chunk whose first write was partial has right parity only in the rows
+/// it wrote until the sync pass (`rebuild`) computed the rest; a
+/// whole-array check vouches for neither (it skips unwritten chunks).
+/// Without one (a version 1 bitmap, or none): only once a whole-array check
+/// verified every parity (`verified`, `ArrayShared::redundancy_verified`).
+/// Decided when the write is planned; a stripe never becomes untrusted
+/// while a write holds it (only the sync pass, holding the stripe, makes it
+/// trusted, and never while the write runs: it waits for the stripe).
+fn write_trusted(ras: &Ras, sh: Shape, geo: &Geometry, off: u64, n: u64, verified: bool) -> bool {
+    let bm = ras.bitmap_ref();
+    match bm.as_deref() {
+        Some(bm) if bm.tracks_written() => {
+            let sb = sh.stripe_blocks();
+            let start = off / sb * sb;
+            let end = (off + n).div_ceil(sb).saturating_mul(sb).min(geo.array_blocks());
+            end > start && bm.range_trusted(start, end - start)
+        }
+        _ => verified,
+    }
+}
+
 /// The array's geometry, borrowed; or, without one, the IO in `slot`
 /// finishes (no device).
 fn geometry_or_finish(ras: &Ras, slot: u32) -> Option<Ref<'_, Geometry>> {
@@ -399,7 +435,7 @@ struct Ctx<'a> {
     /// rebuild's window).
     no_write_mask: u32,
     /// Plan with read-modify-write where cheaper (the old parity is
-    /// trusted: `ArrayShared::redundancy_verified`), fixed at plan time.
+    /// trusted: see [`write_trusted`]), fixed at plan time.
     trusted: bool,
     bs: u64,
 }
@@ -419,7 +455,10 @@ impl<'a> Ctx<'a> {
 
     /// A context planned now, its plan recorded for `slot`'s later rounds.
     fn recorded(geo: &Geometry, parities: u8, ras: &'a Ras, slot: u32) -> Ctx<'a> {
-        let c = Ctx::planned(geo, parities, ras);
+        let mut c = Ctx::planned(geo, parities, ras);
+        if let Some(((IoType::Write, _), off, n, _)) = ras.parent_args(slot) {
+            c.trusted = write_trusted(ras, c.sh, geo, off, n, c.trusted);
+        }
         ras.set_level_plan_masks(slot, (c.down_mask, c.no_write_mask));
         ras.set_level_plan_trusted(slot, c.trusted);
         c
@@ -451,6 +490,143 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// What a stripe of a write puts in the partial parity log.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LogOp {
+    /// Nothing (the parity member takes no writes, or a whole stripe whose
+    /// slot holds no older entry).
+    None,
+    /// An entry: the write changes the stripe in part.
+    Entry,
+    /// A whole-stripe write over a stripe whose slot holds an older entry:
+    /// its header is overwritten with zeros first (`crate::ppl`).
+    Wipe,
+}
+
+/// Calls `f(stripe, pieces)` once per stripe of `[off, end)` with its
+/// pieces (one, or two row ranges), each with its kind and the block of
+/// the stripe buffer its area starts at. No allocation.
+fn for_each_stripe(c: &Ctx<'_>, off: u64, end: u64, mut f: impl FnMut(u64, &[(Piece, Kind, u64)])) {
+    let none = (Piece { stripe: 0, lo: 0, hi: 0 }, Kind::Full, 0);
+    let (mut cur, mut n, mut at) = ([none; 2], 0usize, 0u64);
+    for_each_piece(c.sh, off, end, |p| {
+        let (kind, size) = c.kind_of(p, off, end);
+        if n > 0 && cur[0].0.stripe != p.stripe {
+            f(cur[0].0.stripe, &cur[..n]);
+            n = 0;
+        }
+        if n < cur.len() {
+            cur[n] = (p, kind, at);
+            n += 1;
+        }
+        at += size;
+    });
+    if n > 0 {
+        f(cur[0].0.stripe, &cur[..n]);
+    }
+}
+
+/// What `stripe` (its `pieces`) logs now.
+fn log_op(c: &Ctx<'_>, stripe: u64, pieces: &[(Piece, Kind, u64)], log: &PplLog) -> LogOp {
+    let pm = c.sh.parity_member(stripe);
+    if !c.can_write(pm) || pieces.iter().any(|x| x.1 == Kind::LostParity) {
+        return LogOp::None;
+    }
+    match pieces {
+        [(_, Kind::Full, _)] if log.holds(pm, stripe) => LogOp::Wipe,
+        [(_, Kind::Full, _)] => LogOp::None,
+        _ => LogOp::Entry,
+    }
+}
+
+/// Blocks of the stripe buffer reserved for `pieces`' log write: a header
+/// and the partial parity rows, or a header to wipe with (a whole stripe).
+fn log_area_blocks(c: &Ctx<'_>, pieces: &[(Piece, Kind, u64)], log: &PplLog) -> u64 {
+    let pm = pieces.first().map(|x| c.sh.parity_member(x.0.stripe));
+    if pm.is_none_or(|pm| !c.can_write(pm)) || pieces.iter().any(|x| x.1 == Kind::LostParity) {
+        return 0;
+    }
+    match pieces {
+        [(_, Kind::Full, _)] => log.header_blocks,
+        _ => log.header_blocks + pieces.iter().map(|x| x.0.rows()).sum::<u64>(),
+    }
+}
+
+/// `dst ^= src` (slices of one length).
+fn xor_rows(dst: &mut [u8], src: &[u8]) {
+    let r = Parity::best().xor_into(dst, &[src]);
+    debug_assert!(r.is_ok(), "partial parity rows of different lengths");
+}
+
+/// How a write's log round started.
+enum LogStart {
+    /// Nothing to log: the member writes go now.
+    Nothing,
+    /// The log writes are on their way (`WRITE_LOGGING`).
+    Sent,
+    /// A parity member had no free slot: the write waits (`LogWait`).
+    NoSlot,
+    Failed(IoError),
+}
+
+/// The data and parity member writes of a write (no allocation).
+fn count_writes(c: &Ctx<'_>, off: u64, end: u64) -> u32 {
+    let mut writes = 0u32;
+    for_each_piece(c.sh, off, end, |p| {
+        let (kind, _) = c.kind_of(p, off, end);
+        for k in 0..c.sh.data {
+            let (clo, chi) = p.covered(c.sh, off, end, k);
+            if clo < chi && c.can_write(c.sh.data_member(p.stripe, k)) {
+                writes += 1;
+            }
+        }
+        if kind != Kind::LostParity {
+            writes += (0..c.sh.parities).filter(|&j| c.can_write(c.sh.parity_j_member(p.stripe, j))).count() as u32;
+        }
+    });
+    writes
+}
+
+/// This reactor's writes waiting for a free log slot: (array key, parent
+/// slot), oldest first. Slots are freed by writes already sent (on any
+/// reactor), so every waiter gets one; a timed poller tries them while any
+/// wait (it is registered when the first arrives: the slow path).
+#[derive(Default)]
+struct LogWait {
+    waiting: RefCell<VecDeque<(u32, u32)>>,
+    armed: Cell<bool>,
+}
+
+/// How often waiting writes look for a free log slot.
+const LOG_WAIT_PERIOD: Duration = Duration::from_micros(200);
+
+impl LogWait {
+    fn enqueue(ras: &Ras, slot: u32) {
+        let w = reactor::local::<LogWait>();
+        w.waiting.borrow_mut().push_back((ras.shared.key, slot));
+        if !w.armed.replace(true) {
+            reactor::register_timed_poller("raid5_log_slot_wait", LOG_WAIT_PERIOD, LogWait::poll);
+        }
+    }
+
+    fn poll() -> reactor::PollStatus {
+        let w = reactor::local::<LogWait>();
+        let n = w.waiting.borrow().len();
+        for _ in 0..n {
+            let Some((key, slot)) = w.waiting.borrow_mut().pop_front() else { break };
+            let Some(ras) = crate::channel::find_ras(key) else { continue };
+            // Only raid5 keeps a log (`keeps_partial_parity_log`).
+            let level = ParityLevel { name: "", aliases: &[], superblock_code: 0, parities: 1 };
+            level.retry_log(&ras, slot);
+        }
+        if w.waiting.borrow().is_empty() {
+            w.armed.set(false);
+            return reactor::PollStatus::Done;
+        }
+        reactor::PollStatus::Idle
+    }
+}
+
 impl ParityLevel {
     fn shape(&self, geo: &Geometry) -> Shape {
         Shape::of(geo, self.parities)
@@ -479,6 +655,9 @@ impl ParityLevel {
                 piece_reads(c.sh, p, kind, off, end, scratch, |_, _, _, _| reads += 1);
                 scratch += size;
             });
+            if let Some(log) = self.log(ras) {
+                for_each_stripe(&c, off, end, |_, pieces| scratch += log_area_blocks(&c, pieces, log));
+            }
             let buf = if scratch > 0 {
                 let len = scratch * c.bs;
                 if len > DmaBuf::MAX_LEN as u64 {
@@ -549,7 +728,7 @@ impl ParityLevel {
     /// the new data and the parities (every member write carries the
     /// parent's flags: FUA reaches data and parity alike).
     fn write_data_and_parity(&self, ras: &Ras, slot: u32) {
-        let Some(((op, flags), off, n, Some(data))) = ras.parent_args(slot) else {
+        let Some((_, off, n, Some(data))) = ras.parent_args(slot) else {
             return ras.finish(slot, IoStatus::Failed(IoError::OutOfRange));
         };
         let Some(geo_ref) = geometry_or_finish(ras, slot) else { return };
@@ -663,6 +842,232 @@ impl ParityLevel {
             drop((c, geo_ref));
             return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
         }
+        // `at` is now the end of the pieces' blocks: the log entries follow.
+        self.log_then_write(ras, slot, (c, geo_ref), at, writes);
+    }
+
+    /// Sends `slot`'s log writes, or, with nothing to log, its member
+    /// writes; waits for a log slot when its parity member has none free.
+    fn log_then_write(
+        &self,
+        ras: &Ras,
+        slot: u32,
+        (c, geo_ref): (Ctx<'_>, Ref<'_, Geometry>),
+        log_at: u64,
+        writes: u32,
+    ) {
+        let Some((_, off, n, _)) = ras.parent_args(slot) else {
+            drop((c, geo_ref));
+            return ras.impossible("a parity-level write to log is not parked");
+        };
+        match self.write_log(ras, slot, &c, (off, off + n), log_at) {
+            LogStart::Nothing => self.write_members(ras, slot, (c, geo_ref), writes),
+            LogStart::Sent => {}
+            LogStart::NoSlot => {
+                drop((c, geo_ref));
+                ras.set_level_phase(slot, WRITE_LOG_WAIT);
+                LogWait::enqueue(ras, slot);
+            }
+            LogStart::Failed(e) => {
+                drop((c, geo_ref));
+                ras.finish(slot, IoStatus::Failed(e));
+            }
+        }
+    }
+
+    /// A write that waited for a log slot tries again (`LogWait`).
+    fn retry_log(&self, ras: &Ras, slot: u32) {
+        if ras.level_phase(slot) != WRITE_LOG_WAIT {
+            return ras.impossible("a write waiting for a log slot is not waiting");
+        }
+        let Some((_, off, n, _)) = ras.parent_args(slot) else {
+            return ras.impossible("a write waiting for a log slot is not parked");
+        };
+        let Some(geo_ref) = geometry_or_finish(ras, slot) else { return };
+        let c = Ctx::following(&geo_ref, self.parities, ras, slot);
+        let end = off + n;
+        let mut log_at = 0u64;
+        for_each_piece(c.sh, off, end, |p| log_at += c.kind_of(p, off, end).1);
+        let writes = count_writes(&c, off, end);
+        self.log_then_write(ras, slot, (c, geo_ref), log_at, writes);
+    }
+
+    /// The log entries are durable: the data and parity computed for
+    /// `slot` go to the members.
+    fn resume_after_log(&self, ras: &Ras, slot: u32) {
+        let Some((_, off, n, _)) = ras.parent_args(slot) else {
+            return ras.impossible("a logged parity-level write is not parked");
+        };
+        let Some(geo_ref) = geometry_or_finish(ras, slot) else { return };
+        let c = Ctx::following(&geo_ref, self.parities, ras, slot);
+        let writes = count_writes(&c, off, off + n);
+        if writes == 0 || (IoBox::available() as u64) < writes as u64 {
+            drop((c, geo_ref));
+            self.release_log(ras, slot);
+            return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
+        }
+        self.write_members(ras, slot, (c, geo_ref), writes);
+    }
+
+    /// The log of the array (raid5 with a superblock), None without one.
+    fn log<'r>(&self, ras: &'r Ras) -> Option<&'r PplLog> {
+        if self.parities != 1 || ras.shared.ppl_off.load(Ordering::Relaxed) {
+            return None;
+        }
+        ras.shared.ppl.get().map(|l| &**l)
+    }
+
+    /// Builds and sends the log writes of `slot`'s write (its pieces'
+    /// parities are computed; `log_at`: the first block of the log area in
+    /// its stripe buffer): an entry per stripe the write changes in part, a
+    /// header wipe per whole stripe whose slot still holds an older entry.
+    fn write_log(&self, ras: &Ras, slot: u32, c: &Ctx<'_>, (off, end): (u64, u64), log_at: u64) -> LogStart {
+        let Some(log) = self.log(ras) else { return LogStart::Nothing };
+        let Some((_, _, _, Some(data))) = ras.parent_args(slot) else { return LogStart::Nothing };
+        let Some(sc) = ras.level_buf(slot) else { return LogStart::Nothing };
+        let bs = c.bs;
+        let (roles, hb) = (c.sh.roles(), log.header_blocks);
+        // Planned while the log was switched off (`RaidArray::set_partial_parity_log`):
+        // no room for entries, and none written.
+        let mut room = 0u64;
+        for_each_stripe(c, off, end, |_, pieces| room += log_area_blocks(c, pieces, log));
+        if ((log_at + room) * bs) as usize > sc.len() {
+            return LogStart::Nothing;
+        }
+        // Take every slot first; none free: the write fails (retryable)
+        // before anything reached a member.
+        let (mut count, mut taken_all) = (0u32, true);
+        for_each_stripe(c, off, end, |stripe, pieces| {
+            let pm = c.sh.parity_member(stripe);
+            match log_op(c, stripe, pieces, log) {
+                LogOp::None => {}
+                LogOp::Entry => match log.acquire(pm, stripe) {
+                    Some(_) => count += 1,
+                    None => taken_all = false,
+                },
+                LogOp::Wipe => count += u32::from(log.acquire_holding(pm, stripe).is_some()),
+            }
+        });
+        if !taken_all {
+            self.release_log(ras, slot);
+            return LogStart::NoSlot;
+        }
+        if (IoBox::available() as u64) < u64::from(count) {
+            self.release_log(ras, slot);
+            return LogStart::Failed(IoError::NoMemory);
+        }
+        if count == 0 {
+            return LogStart::Nothing;
+        }
+        ras.set_level_phase(slot, WRITE_LOGGING);
+        ras.expect_children(slot, count, false);
+        let mut children = ras.take_scratch();
+        let mut short = 0u32;
+        let mut entry_at = log_at;
+        for_each_stripe(c, off, end, |stripe, pieces| {
+            let reserved = log_area_blocks(c, pieces, log);
+            let at = entry_at;
+            entry_at += reserved;
+            let pm = c.sh.parity_member(stripe);
+            // The slots are taken: a whole stripe wipes the one it took.
+            let op = match log_op(c, stripe, pieces, log) {
+                LogOp::None if log.busy_slot(pm, stripe).is_some() => LogOp::Wipe,
+                LogOp::Wipe => LogOp::None,
+                op => op,
+            };
+            let nb = match op {
+                LogOp::None => return,
+                LogOp::Wipe => {
+                    sc.slice((at * bs) as usize, (hb * bs) as usize).fill(0);
+                    hb
+                }
+                LogOp::Entry => {
+                    let mut entry = [PplPiece { lo: 0, hi: 0, modified: [(0, 0); MAX_MEMBERS] }; ppl::PPL_MAX_PIECES];
+                    let mut pp_rows = 0u64;
+                    for (e, &(p, _, piece_at)) in entry.iter_mut().zip(pieces) {
+                        let rows = p.rows();
+                        // The partial parity: the new parity XOR the new
+                        // data of the rows written, which leaves the XOR of
+                        // the rows the write does not change.
+                        let pdst = sc.slice(((at + hb + pp_rows) * bs) as usize, (rows * bs) as usize);
+                        let psrc = sc.slice(((piece_at + roles * rows) * bs) as usize, (rows * bs) as usize);
+                        DmaBuf::copy_between(&pdst, &psrc, (rows * bs) as usize);
+                        let mut modified = [(p.lo, p.lo); MAX_MEMBERS];
+                        for k in 0..c.sh.data {
+                            let (clo, chi) = p.covered(c.sh, off, end, k);
+                            // A lost member's rows are not written: its new
+                            // data stays in the partial parity.
+                            if clo >= chi || !c.can_write(c.sh.data_member(stripe, k)) {
+                                continue;
+                            }
+                            modified[k as usize] = (clo, chi);
+                            let from = c.sh.chunk_lba(stripe, k) + clo - off;
+                            let span = ((clo - p.lo) * bs) as usize..((chi - p.lo) * bs) as usize;
+                            pdst.with_mut(|d| data.with(|s| xor_rows(&mut d[span], blocks(s, bs, from, chi - clo))));
+                        }
+                        *e = PplPiece { lo: p.lo, hi: p.hi, modified };
+                        pp_rows += rows;
+                    }
+                    let region = sc.slice((at * bs) as usize, ((hb + pp_rows) * bs) as usize);
+                    let seq = log.next_seq();
+                    let n = pieces.len().min(ppl::PPL_MAX_PIECES);
+                    region.with_mut(|b| ppl::seal_entry(b, bs, &log.array_uuid, seq, stripe, &entry[..n]));
+                    hb + pp_rows
+                }
+            };
+            let Some(i) = log.busy_slot(pm, stripe) else {
+                // Counted, but its slot is gone: an impossible state (the
+                // stripe is held); the write fails.
+                short += 1;
+                return;
+            };
+            let b = sc.slice((at * bs) as usize, (nb * bs) as usize);
+            let l = Loc { member: pm as u16, offset_blocks: 0 };
+            match Ras::make_child(&c.members, slot, (IoType::Write, IoFlags::FUA), (l, Some(b)), nb, 0) {
+                Some(mut ch) => {
+                    // The log lies in the metadata area, before the data.
+                    ch.offset_blocks = log.slot_offset(i);
+                    children.push(ch);
+                }
+                None => short += 1,
+            }
+        });
+        for child in children.drain(..) {
+            ras.send_child(&c.members, child);
+        }
+        ras.put_scratch(children);
+        for _ in 0..short {
+            ras.child_not_started(slot);
+        }
+        LogStart::Sent
+    }
+
+    /// Frees the log slots `slot`'s write holds (an entry stays on disk for
+    /// a stripe it changed in part; a wiped slot holds nothing).
+    fn release_log(&self, ras: &Ras, slot: u32) {
+        // Whatever the switch says now: slots taken before are given back.
+        let Some(log) = ras.shared.ppl.get().filter(|_| self.parities == 1) else { return };
+        let Some((_, off, n, _)) = ras.parent_args(slot) else { return };
+        let geo_ref = ras.geo.borrow();
+        let Some(geo) = geo_ref.as_deref() else { return };
+        let sh = self.shape(geo);
+        let sb = sh.stripe_blocks();
+        for stripe in off / sb..(off + n).div_ceil(sb) {
+            let whole = off <= stripe * sb && off + n >= (stripe + 1) * sb;
+            log.release(sh.parity_member(stripe), stripe, !whole);
+        }
+    }
+
+    /// Sends the data and parity writes of `slot` (their count `writes`).
+    fn write_members(&self, ras: &Ras, slot: u32, (c, geo_ref): (Ctx<'_>, Ref<'_, Geometry>), writes: u32) {
+        let Some(((op, flags), off, n, Some(data))) = ras.parent_args(slot) else {
+            drop((c, geo_ref));
+            return ras.finish(slot, IoStatus::Failed(IoError::OutOfRange));
+        };
+        let end = off + n;
+        let scratch = ras.level_buf(slot);
+        let bs = c.bs;
+        let (dd, roles) = (c.sh.data, c.sh.roles());
         ras.set_level_phase(slot, WRITE_WRITING);
         // A member latched failed but not yet recorded gets no write: the
         // IO is acknowledged once the failure is on disk (as copy levels do).
@@ -717,6 +1122,11 @@ impl ParityLevel {
             return ras.finish(slot, IoStatus::Failed(IoError::OutOfRange));
         };
         let locked = ras.holds_lock(slot);
+        if ras.bitmap_ref().as_deref().is_some_and(|bm| bm.range_unwritten(off, n)) {
+            // Never written: zeros, healthy or degraded, without member IO.
+            data.fill(0);
+            return ras.finish(slot, IoStatus::Success);
+        }
         let Some(geo) = geometry_or_finish(ras, slot) else { return };
         let c = Ctx::recorded(&geo, self.parities, ras, slot);
         let roles = c.sh.roles();
@@ -900,7 +1310,8 @@ impl ParityLevel {
             // exists only through the parities: there is nothing right to
             // write (md refuses to start a dirty degraded array); the
             // resync stops and the bits stay dirty until the member is
-            // rebuilt.
+            // rebuilt. (A raid5 with a partial parity log owes no such
+            // resync: assembly replayed the log, `crate::ppl`.)
             if !all_active {
                 return None;
             }
@@ -960,6 +1371,29 @@ impl ParityLevel {
         let r = target_role as usize;
         sources[0].copy_from(0, &rows[r * len..(r + 1) * len]);
         true
+    }
+}
+
+/// A read's blocks in chunks never written read as zeros (what a read of
+/// them gives when none of its chunks was written, `start_read`), whatever
+/// the members hold: a healthy read, a degraded one (reconstructed from
+/// parity never computed there) and a read after a rebuild (which skips
+/// them) all agree. Written bits are only ever set, so a chunk still
+/// unwritten now was unwritten when the read was planned; one written
+/// since raced the read, which then gets what the members gave.
+fn zero_unwritten(ras: &Ras, slot: u32) {
+    let Some((_, off, n, Some(data))) = ras.parent_args(slot) else { return };
+    let bm = ras.bitmap_ref();
+    let Some(bm) = bm.as_deref().filter(|bm| bm.tracks_written()) else { return };
+    let g = bm.geometry();
+    let Ok(chunks) = g.chunk_range(off, n) else { return };
+    let bs = ras.block_size.get();
+    for c in chunks.filter(|&c| !bm.is_written(c)) {
+        let blocks = g.chunk_blocks(c);
+        let (a, b) = (blocks.start.max(off), blocks.end.min(off + n));
+        if a < b {
+            data.slice(((a - off) * bs) as usize, ((b - a) * bs) as usize).fill(0);
+        }
     }
 }
 
@@ -1077,6 +1511,29 @@ impl RaidLevel for ParityLevel {
                 self.write_data_and_parity(ras, slot);
                 true
             }
+            WRITE_LOGGING => {
+                if copy_failed {
+                    // The parity member failed under its log write (now
+                    // latched): plan again; the stripe then has no parity
+                    // to log for.
+                    self.release_log(ras, slot);
+                    ras.clear_child_error(slot);
+                    ras.set_level_phase(slot, START);
+                    ras.set_level_buf(slot, None);
+                    self.start_write(ras, slot);
+                    return true;
+                }
+                if error.is_some() {
+                    self.release_log(ras, slot);
+                    return false;
+                }
+                self.resume_after_log(ras, slot);
+                true
+            }
+            WRITE_WRITING => {
+                self.release_log(ras, slot);
+                false
+            }
             READ_DIRECT | READ_RECONSTRUCT if error.is_some() => {
                 // A member failed (the core latched it): read again around
                 // it (raid6 still has a parity for it after one loss). Out
@@ -1097,6 +1554,11 @@ impl RaidLevel for ParityLevel {
                 if let Err(e) = self.reconstruct_reads(ras, slot) {
                     ras.set_child_error(slot, e);
                 }
+                zero_unwritten(ras, slot);
+                false
+            }
+            READ_DIRECT => {
+                zero_unwritten(ras, slot);
                 false
             }
             _ => false,
@@ -1109,6 +1571,11 @@ impl RaidLevel for ParityLevel {
 
     fn trusts_checked_redundancy(&self) -> bool {
         true
+    }
+
+    /// raid5 only: md has no log for raid6 either (raid6.rs).
+    fn keeps_partial_parity_log(&self) -> bool {
+        self.parities == 1
     }
 
     fn refuses(&self, op: LevelOp) -> Option<&'static str> {
