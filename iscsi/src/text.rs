@@ -208,13 +208,16 @@ pub fn negotiate(key: &str, value: &str, offer: &TargetOffer, discovery: bool, p
         "MaxBurstLength" => match num(value, 512, MAX24) {
             Some(n) => {
                 p.max_burst_length = n.min(offer.max_burst_length);
+                // RFC 7143 13.14: FirstBurstLength never exceeds it (the
+                // default 65536 would, under a small MaxBurstLength).
+                p.first_burst_length = p.first_burst_length.min(p.max_burst_length);
                 KeyOutcome::Answer(p.max_burst_length.to_string())
             }
             None => KeyOutcome::Reject,
         },
         "FirstBurstLength" => match num(value, 512, MAX24) {
             Some(n) => {
-                p.first_burst_length = n.min(offer.first_burst_length);
+                p.first_burst_length = n.min(offer.first_burst_length).min(p.max_burst_length);
                 KeyOutcome::Answer(p.first_burst_length.to_string())
             }
             None => KeyOutcome::Reject,
@@ -335,6 +338,12 @@ mod tests {
         let mut p = SessionParams::rfc_defaults();
         assert_eq!(answer("MaxBurstLength", "16776192", &mut p), "262144");
         assert_eq!(answer("FirstBurstLength", "4096", &mut p), "4096");
+        // FirstBurstLength never exceeds MaxBurstLength (found by the
+        // iscsi_text fuzz target): answered below it, default clipped.
+        let mut q = SessionParams::rfc_defaults();
+        assert_eq!(answer("MaxBurstLength", "512", &mut q), "512");
+        assert_eq!(q.first_burst_length, 512, "the default first burst is clipped");
+        assert_eq!(answer("FirstBurstLength", "65536", &mut q), "512");
         assert_eq!(answer("MaxOutstandingR2T", "16", &mut p), "4");
         assert_eq!(answer("DefaultTime2Wait", "0", &mut p), "2");
         assert_eq!(answer("DefaultTime2Retain", "0", &mut p), "0");
