@@ -24,7 +24,7 @@ use nvme_spec::Sqe;
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256, Sha384, Sha512};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 /// Security protocol of NVMe authentication (SECP), and its SPSP0/SPSP1.
 pub const SECP_NVME: u8 = 0xE9;
@@ -302,6 +302,7 @@ fn padded(v: &BigUint, len: usize) -> Vec<u8> {
 
 impl DhKey {
     fn generate(group: DhGroup) -> Option<DhKey> {
+        debug_assert!(reactor::current().is_none(), "DH-HMAC-CHAP: DH key generation on a reactor");
         let p = group.prime()?;
         let private = BigUint::from_bytes_be(&random_bytes(DH_PRIVATE_BYTES)?);
         if private < BigUint::from(2u8) {
@@ -316,6 +317,7 @@ impl DhKey {
     /// length; None for a value outside 2..p-2 (which would give away or
     /// fix the shared secret).
     fn shared(&self, peer: &[u8]) -> Option<Vec<u8>> {
+        debug_assert!(reactor::current().is_none(), "DH-HMAC-CHAP: DH shared secret on a reactor");
         if peer.len() != self.public.len() {
             return None;
         }
@@ -464,6 +466,9 @@ enum State {
     Challenge,
     /// Challenge sent: waiting for the host's reply.
     Reply,
+    /// Reply received: the shared secret is being computed off the
+    /// reactor; the next receive waits for it, then answers.
+    Verifying,
     /// Reply checked: the next receive gets Success1.
     Success1,
     /// Success1 carried the controller's response: waiting for the host's
@@ -492,12 +497,45 @@ pub(crate) enum SendOutcome {
 pub(crate) enum RecvOutcome {
     /// A message of this many bytes is in the buffer.
     Message(usize),
+    /// Not yet: DH work for this step runs off the reactor. Ask again
+    /// (the connection parks the command and retries from its poll).
+    Pending,
     /// AUTH_Failure1 of this many bytes is in the buffer; end the
     /// connection once it is sent.
     Failure(usize),
     /// The buffer cannot even hold AUTH_Failure1: fail the command and end
     /// the connection.
     TooSmall,
+}
+
+/// A DH-HMAC-CHAP reply whose shared secret is being computed.
+struct PendingReply {
+    rval: Vec<u8>,
+    host_challenge: Vec<u8>,
+    cvalid: u8,
+    host_seqnum: u32,
+}
+
+/// Diffie-Hellman work running on a helper thread: a modular
+/// exponentiation in ffdhe8192 takes tens of milliseconds (about 100 ms in
+/// a debug build), which no reactor may spend.
+enum DhJob {
+    Keypair(mpsc::Receiver<Option<DhKey>>),
+    Shared(mpsc::Receiver<Option<Vec<u8>>>, PendingReply),
+}
+
+/// Runs `f` on a new helper thread; its result arrives on the receiver. A
+/// thread that cannot start drops the sender: the receiver then reports it
+/// disconnected, which the caller takes as a failed step.
+fn off_reactor<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel();
+    let started = std::thread::Builder::new().name("nvmf_dhchap".into()).spawn(move || {
+        let _ = tx.send(f());
+    });
+    if let Err(e) = started {
+        tracing::warn!("DH-HMAC-CHAP: no helper thread for the DH computation: {e}");
+    }
+    rx
 }
 
 /// DH-HMAC-CHAP on one queue pair.
@@ -516,6 +554,8 @@ pub(crate) struct QueueAuth {
     /// The challenge sent (C1).
     challenge: Vec<u8>,
     dh: Option<DhKey>,
+    /// DH work of the current step, off the reactor.
+    job: Option<DhJob>,
     /// The controller's response to the host's challenge (bidirectional).
     ctrl_response: Option<Vec<u8>>,
 }
@@ -534,6 +574,7 @@ impl QueueAuth {
             seqnum: 0,
             challenge: Vec::new(),
             dh: None,
+            job: None,
             ctrl_response: None,
         }
     }
@@ -552,6 +593,7 @@ impl QueueAuth {
         );
         self.state = State::Failure1(why);
         self.dh = None;
+        self.job = None;
         SendOutcome::Ok
     }
 
@@ -615,6 +657,12 @@ impl QueueAuth {
         self.digest = digest;
         self.dhgroup = dhgroup;
         self.ctrl_response = None;
+        self.dh = None;
+        // The key pair is made while the host asks for the challenge.
+        self.job = match dhgroup {
+            DhGroup::Null => None,
+            g => Some(DhJob::Keypair(off_reactor(move || DhKey::generate(g)))),
+        };
         self.state = State::Challenge;
         SendOutcome::Ok
     }
@@ -640,14 +688,25 @@ impl QueueAuth {
         }
         let body = &m[msg::HEADER_LEN..];
         let (rval, host_challenge, dhv) = (&body[..hl], &body[hl..2 * hl], &body[2 * hl..]);
-        let dh_secret = match (&self.dh, self.dhgroup) {
-            (None, DhGroup::Null) if dhv.is_empty() => None,
-            (Some(k), _) => match k.shared(dhv) {
-                Some(s) => Some(s),
-                None => return self.fail(reason::INCORRECT_PAYLOAD, "host DH value invalid"),
-            },
-            _ => return self.fail(reason::INCORRECT_PAYLOAD, "DH value with the null group"),
-        };
+        let pending =
+            PendingReply { rval: rval.to_vec(), host_challenge: host_challenge.to_vec(), cvalid, host_seqnum };
+        match (self.dh.take(), self.dhgroup) {
+            (None, DhGroup::Null) if dhv.is_empty() => self.check_reply(pending, None),
+            (Some(k), _) => {
+                let dhv = dhv.to_vec();
+                self.job = Some(DhJob::Shared(off_reactor(move || k.shared(&dhv)), pending));
+                self.state = State::Verifying;
+                SendOutcome::Ok
+            }
+            _ => self.fail(reason::INCORRECT_PAYLOAD, "DH value with the null group"),
+        }
+    }
+
+    /// The rest of a reply's check, with its DH shared secret (None: the
+    /// null group).
+    fn check_reply(&mut self, r: PendingReply, dh_secret: Option<Vec<u8>>) -> SendOutcome {
+        let PendingReply { rval, host_challenge, cvalid, host_seqnum } = r;
+        let (rval, host_challenge) = (&rval[..], &host_challenge[..]);
         let Some(keys) = self.sub.dhchap_keys(&self.hostnqn) else {
             return self.fail(reason::FAILED, "the host has no DH-HMAC-CHAP key");
         };
@@ -741,8 +800,46 @@ impl QueueAuth {
         self.ctrl_response = None;
     }
 
-    /// An Authentication Receive: the next message into `out`.
+    /// Whether DH work of this step still runs; when it has ended, its
+    /// result is taken (a failure answers the next receive).
+    fn dh_pending(&mut self) -> bool {
+        let Some(job) = self.job.take() else { return false };
+        match job {
+            DhJob::Keypair(rx) => match rx.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => {
+                    self.job = Some(DhJob::Keypair(rx));
+                    return true;
+                }
+                Ok(Some(k)) => self.dh = Some(k),
+                Ok(None) | Err(mpsc::TryRecvError::Disconnected) => {
+                    self.fail(reason::FAILED, "DH key generation failed");
+                }
+            },
+            DhJob::Shared(rx, pending) => match rx.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => {
+                    self.job = Some(DhJob::Shared(rx, pending));
+                    return true;
+                }
+                Ok(Some(secret)) => {
+                    self.check_reply(pending, Some(secret));
+                }
+                Ok(None) => {
+                    self.fail(reason::INCORRECT_PAYLOAD, "host DH value invalid");
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.fail(reason::FAILED, "DH shared secret not computed");
+                }
+            },
+        }
+        false
+    }
+
+    /// An Authentication Receive: the next message into `out`, or
+    /// `Pending` while this step's DH work runs off the reactor.
     pub(crate) fn receive(&mut self, out: &mut [u8]) -> RecvOutcome {
+        if self.dh_pending() {
+            return RecvOutcome::Pending;
+        }
         out.fill(0);
         let why = match self.state {
             State::Challenge => match self.challenge_msg(out) {
@@ -791,11 +888,11 @@ impl QueueAuth {
 
     fn challenge_msg(&mut self, out: &mut [u8]) -> Result<usize, u8> {
         let hl = self.digest.output_len();
-        self.dh = match self.dhgroup {
-            DhGroup::Null => None,
-            g => Some(DhKey::generate(g).ok_or(reason::FAILED)?),
+        let dhv = match (self.dhgroup, &self.dh) {
+            (DhGroup::Null, _) => &[][..],
+            (_, Some(k)) => &k.public[..],
+            (_, None) => return Err(reason::FAILED),
         };
-        let dhv = self.dh.as_ref().map_or(&[][..], |k| &k.public[..]);
         let len = msg::HEADER_LEN + hl + dhv.len();
         if out.len() < len {
             return Err(reason::INCORRECT_PAYLOAD);

@@ -197,6 +197,9 @@ pub(crate) struct Conn {
     abort_waits: Vec<AbortWait>,
     /// Abort commands of this (admin) queue waiting for their answer.
     aborts_parked: usize,
+    /// An Authentication Receive waiting for DH work off the reactor
+    /// (the protocol has one authentication command at a time).
+    auth_parked: Option<usize>,
     closing: bool,
     close_after_flush: bool,
     close_deadline_ns: u64,
@@ -275,6 +278,7 @@ pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Ar
         stats: Arc::new(QpairStats::default()),
         abort_waits: Vec::with_capacity(MAX_ABORTS),
         aborts_parked: 0,
+        auth_parked: None,
         closing: false,
         close_after_flush: false,
         close_deadline_ns: 0,
@@ -320,6 +324,11 @@ impl Conn {
         }
         if !self.abort_waits.is_empty() {
             self.expire_abort_waits();
+        }
+        if let Some(slot) = self.auth_parked.take() {
+            // Busy while parked too: a sleeping reactor would not ask again.
+            self.auth_receive(slot);
+            busy = true;
         }
         if self.tx.queued_bytes() < TX_HIGH_WATER && !self.close_after_flush {
             busy |= self.poll_rx();
@@ -1172,7 +1181,17 @@ impl Conn {
             }
             return;
         }
+        self.auth_receive(slot);
+    }
+
+    /// Answers an Authentication Receive, or parks it while the step's DH
+    /// work runs off the reactor (the poll asks again).
+    fn auth_receive(&mut self, slot: usize) {
+        let (Some(a), Some(buf)) = (self.auth.as_mut(), self.reqs[slot].buf.as_ref()) else {
+            return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
+        };
         match buf.with_mut(|out| a.receive(out)) {
+            RecvOutcome::Pending => self.auth_parked = Some(slot),
             RecvOutcome::Message(n) => {
                 self.reqs[slot].xfer_len = n as u32;
                 self.complete(slot, Status::SUCCESS, 0);
