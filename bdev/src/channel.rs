@@ -123,6 +123,9 @@ pub trait BdevChannel {
 /// Cells: only the owning reactor writes them.
 #[derive(Default)]
 pub struct ChannelStats {
+    /// The bdev's block size: unmap and write zeroes carry no buffer, so
+    /// their bytes are blocks times this.
+    block_size: u64,
     pub bytes_read: Cell<u64>,
     pub num_read_ops: Cell<u64>,
     pub bytes_written: Cell<u64>,
@@ -188,11 +191,13 @@ impl ChannelStats {
                 minmax(&self.max_write_latency_ticks, &self.min_write_latency_ticks);
             }
             IoType::Unmap => {
+                add(&self.bytes_unmapped, io.num_blocks * self.block_size);
                 add(&self.num_unmap_ops, 1);
                 add(&self.unmap_latency_ticks, ticks);
                 minmax(&self.max_unmap_latency_ticks, &self.min_unmap_latency_ticks);
             }
             IoType::WriteZeroes => {
+                add(&self.bytes_zeroed, io.num_blocks * self.block_size);
                 add(&self.num_write_zeroes_ops, 1);
                 add(&self.num_fua_write_ops, u64::from(io.flags.fua()));
             }
@@ -278,7 +283,7 @@ impl Channel {
         let p = handle.props();
         let block_size = p.block_size as u64;
         let controls = qos::controls(&handle);
-        let stats = Rc::new(ChannelStats::default());
+        let stats = Rc::new(ChannelStats { block_size, ..ChannelStats::default() });
         if let Some(cfg) = *controls.histogram.lock().unwrap_or_else(|e| e.into_inner()) {
             *stats.histogram.borrow_mut() = Some(Histogram::new(cfg.shape(tsc::tick_rate()), cfg.io_type));
         }

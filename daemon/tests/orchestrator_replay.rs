@@ -240,6 +240,7 @@ fn ceph_nvmeof_gateway_sequence() {
     let a = check_phase(&python, &d, file, "observe", &subs);
     let stats = &a[7]["result"]["bdevs"][0];
     assert_eq!((stats["num_write_ops"].clone(), stats["num_unmap_ops"].clone()), (json!(1), json!(1)), "{stats}");
+    assert_eq!(stats["bytes_unmapped"], json!(8 * 512), "8 blocks deallocated: {stats}");
     let (max, min) = (stats["max_unmap_latency_ticks"].as_u64().unwrap(), stats["min_unmap_latency_ticks"].as_u64());
     assert!(max > 0 && min == Some(max), "one unmap measured: {stats}");
     let (qpairs, ctrls) = (&a[0]["result"], &a[1]["result"]);
