@@ -18,7 +18,6 @@
 mod common;
 use common::crash::*;
 use serde_json::{json, Value};
-use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -153,18 +152,7 @@ fn raid1_bitmap_survives_a_kill9_storm() {
             let n = (1 + r.below(4)).min(CHUNK_BLOCKS - off);
             (c * CHUNK_BLOCKS + off, n)
         };
-        let never = || false;
-        let dg = || diag(&d);
-        pump(&mut qps, &mut model, &mut rng, pick, |_| t0.elapsed() >= kill_after / 2, &never, &log, &dg);
-        // The workload pauses for this RPC: the kill comes well after it.
-        let bm = raid_info(&d)["bitmap"].clone();
-        let flag = Arc::new(AtomicBool::new(false));
-        let killer = signal_at(&mut d, (t0 + kill_after).max(Instant::now() + RESUME), true, flag.clone());
-        let signalled = || flag.load(Ordering::SeqCst);
-        pump(&mut qps, &mut model, &mut rng, pick, |_| false, &signalled, &log, &|| String::new());
-        let (status, _) = killer.join().unwrap();
-        assert_eq!(status.signal(), Some(libc::SIGKILL), "daemon ended with {status}: {}", log());
-        drain(&mut qps, &mut model, &log);
+        let bm = writes_until_killed(&mut d, &mut qps, &mut model, &mut rng, pick, t0, kill_after, &log);
         drop((qps, session));
         let dirty: Vec<u64> = {
             let (a, b) = (disk_bitmap(&s.files[0]), disk_bitmap(&s.files[1]));

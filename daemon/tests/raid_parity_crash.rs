@@ -35,9 +35,6 @@ mod common;
 use common::crash::*;
 use serde_json::{json, Value};
 use std::ops::Range;
-use std::os::unix::process::ExitStatusExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MEMBER_BYTES: u64 = 32 << 20;
@@ -288,17 +285,7 @@ fn storm(lv: Level) {
         let first = hot.start + rng.below(HOT_CHUNKS - ROUND_CHUNKS + 1);
         let region = first * CHUNK_BLOCKS..(first + ROUND_CHUNKS) * CHUNK_BLOCKS;
         let pick = |r: &mut Rng| pick_write(r, &region, sb);
-        let never = || false;
-        let dg = || diag(&d);
-        pump(&mut qps, &mut model, &mut rng, pick, |_| t0.elapsed() >= kill_after / 2, &never, &log, &dg);
-        let bm = raid_info(&d)["bitmap"].clone();
-        let flag = Arc::new(AtomicBool::new(false));
-        let killer = signal_at(&mut d, (t0 + kill_after).max(Instant::now() + RESUME), true, flag.clone());
-        let signalled = || flag.load(Ordering::SeqCst);
-        pump(&mut qps, &mut model, &mut rng, pick, |_| false, &signalled, &log, &|| String::new());
-        let (status, _) = killer.join().unwrap();
-        assert_eq!(status.signal(), Some(libc::SIGKILL), "daemon ended with {status}: {}", log());
-        drain(&mut qps, &mut model, &log);
+        let bm = writes_until_killed(&mut d, &mut qps, &mut model, &mut rng, pick, t0, kill_after, &log);
         drop((qps, session));
         let dirty = disk_dirty_union(&s);
         // Invariant 2 on disk: a stripe the kill left with parity that

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -497,6 +498,38 @@ pub fn pump(
 /// Stall diagnostics: the array listing and the members' IO counters.
 pub fn diag(d: &Daemon) -> String {
     format!("{}\n{}", raid_info(d), d.ok("bdev_get_iostat", Value::Null))
+}
+
+/// One kill round's writes: writes at `pick`'s places until half of
+/// `kill_after` has passed, reads the array's bitmap listing (the workload
+/// pauses for this RPC, so the kill comes well after it), writes on until
+/// kill -9 lands at `t0 + kill_after` (at least `RESUME` from now), then
+/// takes what the dead daemon's queues still report. Returns the listing.
+#[allow(clippy::too_many_arguments)]
+pub fn writes_until_killed(
+    d: &mut Daemon,
+    qps: &mut [HostQpair],
+    model: &mut Model,
+    rng: &mut Rng,
+    mut pick: impl FnMut(&mut Rng) -> (u64, u64),
+    t0: Instant,
+    kill_after: Duration,
+    log: &dyn Fn() -> String,
+) -> Value {
+    let never = || false;
+    {
+        let dg = || diag(d);
+        pump(qps, model, rng, &mut pick, |_| t0.elapsed() >= kill_after / 2, &never, log, &dg);
+    }
+    let bm = raid_info(d)["bitmap"].clone();
+    let flag = Arc::new(AtomicBool::new(false));
+    let killer = signal_at(d, (t0 + kill_after).max(Instant::now() + RESUME), true, flag.clone());
+    let signalled = || flag.load(Ordering::SeqCst);
+    pump(qps, model, rng, &mut pick, |_| false, &signalled, log, &|| String::new());
+    let (status, _) = killer.join().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "daemon ended with {status}: {}", log());
+    drain(qps, model, log);
+    bm
 }
 
 /// A thread that, at `at`, raises `flag` and then signals the daemon: SIGKILL
