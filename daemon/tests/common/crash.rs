@@ -10,9 +10,9 @@ use mgmt::bdev::DmaBuf;
 use mgmt::nvmf::host::{self, Completion, ConnectParams, HostQpair};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
