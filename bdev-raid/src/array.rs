@@ -1194,6 +1194,9 @@ fn add_fenced(ras: &Rc<Ras>, fence: Fence, base: String, done: Box<dyn FnOnce(Re
     crate::meta::read_superblock(&h.clone(), move |found| {
         let ras = ras2;
         let returning = crate::examine::returning_member(&ras, &found);
+        // The log area lies at the same offset on every member: the slot
+        // only places the member in the wipe's list (a new one's slot is
+        // chosen later, by add_member).
         let slot = returning.as_ref().map_or(0, |r| r.slot);
         let shared = ras.shared.clone();
         let joined = move |wiped: Result<(), String>| {

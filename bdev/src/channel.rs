@@ -123,8 +123,8 @@ pub trait BdevChannel {
 /// Cells: only the owning reactor writes them.
 #[derive(Default)]
 pub struct ChannelStats {
-    /// The bdev's block size: unmap and write zeroes carry no buffer, so
-    /// their bytes are blocks times this.
+    /// The bdev's block size: an unmap carries no buffer, so its bytes are
+    /// blocks times this.
     block_size: u64,
     pub bytes_read: Cell<u64>,
     pub num_read_ops: Cell<u64>,
@@ -134,7 +134,6 @@ pub struct ChannelStats {
     pub num_fua_write_ops: Cell<u64>,
     pub bytes_unmapped: Cell<u64>,
     pub num_unmap_ops: Cell<u64>,
-    pub bytes_zeroed: Cell<u64>,
     pub num_write_zeroes_ops: Cell<u64>,
     pub num_flush_ops: Cell<u64>,
     pub read_latency_ticks: Cell<u64>,
@@ -197,7 +196,6 @@ impl ChannelStats {
                 minmax(&self.max_unmap_latency_ticks, &self.min_unmap_latency_ticks);
             }
             IoType::WriteZeroes => {
-                add(&self.bytes_zeroed, io.num_blocks * self.block_size);
                 add(&self.num_write_zeroes_ops, 1);
                 add(&self.num_fua_write_ops, u64::from(io.flags.fua()));
             }
