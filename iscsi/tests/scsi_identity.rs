@@ -130,6 +130,7 @@ fn vital_product_data_pages() {
     assert_eq!(u32::from_be_bytes(b0[8..12].try_into().unwrap()), (8 << 20) / 512);
     assert_eq!(b0[5], 255, "MAXIMUM COMPARE AND WRITE LENGTH");
     assert_eq!(u32::from_be_bytes(b0[24..28].try_into().unwrap()), 256, "unmap descriptors");
+    assert_eq!(u64::from_be_bytes(b0[36..44].try_into().unwrap()), (8 << 20) / 512, "MAXIMUM WRITE SAME LENGTH");
     // Block device characteristics: non-rotating.
     let b1 = vpd(&rig, &n, 0xB1);
     assert_eq!(u16::from_be_bytes([b1[4], b1[5]]), 1);

@@ -384,3 +384,45 @@ fn task_attributes_order_commands() {
     rig.m.on(0, || error::resume_pending(error::ErrorResumeParams { name: "EE_Base0".into() }).unwrap());
     rig.wait(0, first).assert_good();
 }
+
+/// A command beyond the block limits gets SBC-4's answer, ILLEGAL REQUEST /
+/// INVALID FIELD IN CDB with the field pointer on its length, and moves no
+/// data: READ(16)/WRITE(16) one block over MAXIMUM TRANSFER LENGTH (one
+/// 8 MiB buffer), WRITE SAME one block over MAXIMUM WRITE SAME LENGTH. At
+/// the limits they run.
+#[test]
+fn commands_beyond_the_block_limits_are_refused() {
+    let rig = Rig::malloc(20_000);
+    let n = nexus("iqn.1994-05.com.example:big", 1);
+    rig.clear_ua(&n);
+    let max = (8u32 << 20) / BS as u32;
+    let field = |r: &Reply| {
+        // Fixed sense: SKSV, C/D (a CDB field) and the byte it points at.
+        assert_eq!(r.sense[15] & 0xC0, 0xC0, "sense-key specific field pointer in the CDB");
+        u16::from_be_bytes([r.sense[16], r.sense[17]])
+    };
+    let r = rig.run(&rw16(0x88, 0, max + 1, 0), &n, (max + 1) * BS as u32, None);
+    r.assert_check(0x5, 0x24, 0x00);
+    assert_eq!(field(&r), 10, "READ(16) TRANSFER LENGTH");
+    assert!(r.data.is_empty(), "no Data-In");
+    let r = rig.run(&rw16(0x8A, 0, max + 1, 0), &n, (max + 1) * BS as u32, Some(&pattern(1, BS, 1)));
+    r.assert_check(0x5, 0x24, 0x00);
+    assert_eq!(field(&r), 10, "WRITE(16) TRANSFER LENGTH");
+    let r = rig.run(&rw10(0x28, 0, (max + 1) as u16, 0), &n, (max + 1) * BS as u32, None);
+    r.assert_check(0x5, 0x24, 0x00);
+    assert_eq!(field(&r), 7, "READ(10) TRANSFER LENGTH");
+    let r = rig.run(&rw16(0x88, 0, max, 0), &n, max * BS as u32, None);
+    r.assert_good();
+    assert_eq!(r.data.len(), (max as usize) * BS);
+    let block = pattern(2, BS, 1);
+    let r = rig.run(&rw16(0x93, 0, max + 1, 0), &n, BS as u32, Some(&block));
+    r.assert_check(0x5, 0x24, 0x00);
+    assert_eq!(field(&r), 10, "WRITE SAME(16) NUMBER OF LOGICAL BLOCKS");
+    let r = rig.run(&rw16(0x93, 0, max + 1, 0x08), &n, BS as u32, Some(&block));
+    r.assert_check(0x5, 0x24, 0x00);
+    rig.run(&rw16(0x93, 0, max, 0), &n, BS as u32, Some(&block)).assert_good();
+    // Zero blocks means the rest of the medium, bounded the same way.
+    let rest_at = 20_000 - u64::from(max);
+    rig.run(&rw16(0x93, rest_at - 1, 0, 0x08), &n, BS as u32, Some(&[0u8; BS])).assert_check(0x5, 0x24, 0x00);
+    rig.run(&rw16(0x93, rest_at, 0, 0x08), &n, BS as u32, Some(&[0u8; BS])).assert_good();
+}

@@ -18,6 +18,11 @@ fn rig() -> (Rig, Nexus, Nexus) {
 }
 
 fn prout(rig: &Rig, n: &Nexus, sa: u8, rtype: u8, key: u64, sa_key: u64) -> Reply {
+    let (c, p) = prout_cdb(sa, rtype, key, sa_key);
+    rig.run(&c, n, 24, Some(&p))
+}
+
+fn prout_cdb(sa: u8, rtype: u8, key: u64, sa_key: u64) -> ([u8; 10], [u8; 24]) {
     let mut p = [0u8; 24];
     p[0..8].copy_from_slice(&key.to_be_bytes());
     p[8..16].copy_from_slice(&sa_key.to_be_bytes());
@@ -26,7 +31,7 @@ fn prout(rig: &Rig, n: &Nexus, sa: u8, rtype: u8, key: u64, sa_key: u64) -> Repl
     c[1] = sa;
     c[2] = rtype;
     c[5..9].copy_from_slice(&24u32.to_be_bytes());
-    rig.run(&c, n, 24, Some(&p))
+    (c, p)
 }
 
 fn prin(rig: &Rig, n: &Nexus, sa: u8) -> Vec<u8> {
@@ -275,10 +280,19 @@ fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
     });
     let held = rig.submit(a_ch, rig.command(&rw10(0x28, 0, 1, 0), &a, 512, None));
     rig.m.run_until_idle(20);
-    // B preempts A and aborts its tasks.
-    prout(&rig, &b, 5, EXCLUSIVE_ACCESS, 0xB, 0xA).assert_good();
+    // B preempts A and aborts its tasks: B's answer waits until A's read,
+    // still at the bdev, has ended (SPC-4 5.13.11.2).
+    let (c, p) = prout_cdb(5, EXCLUSIVE_ACCESS, 0xB, 0xA);
+    let preempt = rig.submit(0, rig.command(&c, &b, 24, Some(&p)));
+    for _ in 0..50 {
+        rig.m.run_once(0);
+        rig.m.advance_ns(1_000_000);
+    }
+    assert!(rig.channels[0].1.take(preempt).is_none(), "PREEMPT AND ABORT answered before A's read ended");
+    assert!(rig.channels[a_ch].1.take(held).is_none(), "A's read is still at the bdev");
     rig.m.on(0, || error::resume_pending(ErrorResumeParams { name: "EE_Base0".into() }).unwrap());
     assert_eq!(rig.wait(a_ch, held).status, status::TASK_ABORTED);
+    rig.wait(0, preempt).assert_good();
     rig.run_on(a_ch, &[0; 6], &a, 0, None).assert_check(0x6, 0x2A, 0x05);
     assert_eq!(read_status(&rig, &b), status::GOOD);
 }

@@ -345,6 +345,7 @@ fn task_management_answers() {
         b.set_u32(16, 900 + u32::from(function));
         b.set_u32(20, rtt);
         b.set_u32(24, c.cmd_sn);
+        b.set_u32(28, c.exp_stat_sn);
         b.set_u32(32, c.cmd_sn);
         c.send(b, &[]);
         let r = c.recv().unwrap();
@@ -377,6 +378,48 @@ fn task_management_answers() {
     let _ = full_feature(&t);
 }
 
+/// A multi-task abort is answered only once the initiator has acknowledged
+/// every StatSN sent before it (RFC 7143 4.2.3.3 d): the target asks with a
+/// NOP-In ping and answers the LUN RESET after the NOP-Out brings ExpStatSN.
+#[test]
+fn a_lun_reset_waits_for_the_statsn_acknowledgement() {
+    let t = target();
+    let mut c = full_feature(&t);
+    let itt = c.scsi(&read10(0, 1), 512, None, 0);
+    let (st, _, last) = c.finish(itt, None);
+    assert_eq!(st, 0);
+    let last_stat_sn = last.bhs.u32_at(24);
+    // The reset acknowledges StatSNs below the read's only.
+    let mut b = Bhs::new(op::TMF_REQ | 0x40);
+    b.set_flags(0x80 | 5);
+    b.set_u32(16, 0x7001);
+    b.set_u32(20, 0xffff_ffff);
+    b.set_u32(24, c.cmd_sn);
+    b.set_u32(28, last_stat_sn);
+    b.set_u32(32, c.cmd_sn);
+    c.send(b, &[]);
+    let ping = c.recv().expect("a NOP-In asking for ExpStatSN");
+    assert_eq!(ping.bhs.opcode(), op::NOP_IN, "no TMF response before the acknowledgement");
+    let ttt = ping.bhs.u32_at(20);
+    assert_ne!(ttt, 0xffff_ffff, "the ping asks for an answer");
+    assert_eq!(ping.bhs.u32_at(24), last_stat_sn.wrapping_add(1), "a ping takes no StatSN");
+    // Nothing more comes while the acknowledgement is missing.
+    c.s.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(std::io::Read::read(&mut c.s, &mut byte).is_err(), "the TMF response waits");
+    c.s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut nop = Bhs::new(op::NOP_OUT | 0x40);
+    nop.set_flags(0x80);
+    nop.set_u32(16, 0xffff_ffff);
+    nop.set_u32(20, ttt);
+    nop.set_u32(24, c.cmd_sn);
+    nop.set_u32(28, last_stat_sn.wrapping_add(1));
+    c.send(nop, &[]);
+    let r = c.recv().unwrap();
+    assert_eq!((r.bhs.opcode(), r.bhs.itt(), r.bhs.byte(2)), (op::TMF_RESP, 0x7001, 0), "LUN RESET complete");
+    assert_eq!(r.bhs.u32_at(24), last_stat_sn.wrapping_add(1));
+}
+
 /// A LUN RESET from one session ends the other session's command held at
 /// the bdev with TASK ABORTED (the control mode page's TAS is one) long
 /// before the bdev would have answered it, and that session then sees the
@@ -407,6 +450,7 @@ fn a_lun_reset_aborts_the_commands_of_other_sessions() {
     reset.set_u32(16, 777);
     reset.set_u32(20, 0xffff_ffff);
     reset.set_u32(24, a.cmd_sn);
+    reset.set_u32(28, a.exp_stat_sn);
     a.send(reset, &[]);
     let r = a.recv().unwrap();
     assert_eq!((r.bhs.opcode(), r.bhs.byte(2)), (op::TMF_RESP, 0), "LUN RESET: function complete");
@@ -434,6 +478,7 @@ fn a_lun_reset_aborts_the_commands_of_other_sessions() {
     reset.set_u32(16, 778);
     reset.set_u32(20, 0xffff_ffff);
     reset.set_u32(24, a.cmd_sn);
+    reset.set_u32(28, a.exp_stat_sn);
     a.send(reset, &[]);
     assert_eq!(a.recv().unwrap().bhs.byte(2), 0);
     let mut d = Bhs::new(op::DATA_OUT);

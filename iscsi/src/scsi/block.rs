@@ -463,6 +463,11 @@ impl Inner {
             if blocks == 0 && lba < lun.num_blocks() {
                 blocks = lun.num_blocks() - lba;
             }
+            if blocks > inquiry::max_write_same_blocks(lun) {
+                // Beyond the block limits' MAXIMUM WRITE SAME LENGTH (SBC-4
+                // 5.50), a count of zero (the rest of the medium) included.
+                return Some(Check::invalid_cdb(if opcode == op::WRITE_SAME_10 { 7 } else { 10 }, None).into());
+            }
         }
         let end = lba.checked_add(blocks);
         if kind != IoKind::Unmap && end.is_none_or(|e| e > lun.num_blocks()) {

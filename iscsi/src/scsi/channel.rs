@@ -477,13 +477,47 @@ impl Inner {
             }
             op::PERSISTENT_RESERVE_OUT => {
                 let params = self.tasks.borrow()[slot as usize].data_out.clone();
-                refusal(match &params {
+                let r = match &params {
                     Some(p) => p.with(|b| reservations::persistent_reserve_out(lun, &nexus, &cdb, b)),
                     None => reservations::persistent_reserve_out(lun, &nexus, &cdb, &[]),
-                })
+                };
+                match r {
+                    Ok(Some(abort_gen)) => {
+                        self.complete_when_aborts_settle(slot, abort_gen);
+                        return None;
+                    }
+                    r => refusal(r.map(|_| ())),
+                }
             }
             _ => return self.block_command(slot, &cdb),
         })
+    }
+
+    /// PREEMPT AND ABORT: the command ends GOOD only once every channel of
+    /// the LUN has ended the preempted nexuses' tasks (SPC-4 5.13.11.2),
+    /// checked each poll; it stays in its slot meanwhile (a reset that
+    /// aborts it answers it as any other task). A rare command: the
+    /// poller's allocation is off the IO path.
+    fn complete_when_aborts_settle(&self, slot: u32, abort_gen: u64) {
+        let task_gen = self.tasks.borrow()[slot as usize].gen;
+        let me = self.me.clone();
+        reactor::register_poller("scsi_preempt_abort", move || {
+            let Some(me) = me.upgrade() else { return reactor::PollStatus::Done };
+            let waiting = {
+                let tasks = me.tasks.borrow();
+                let t = &tasks[slot as usize];
+                t.busy && t.gen == task_gen
+            };
+            if !waiting {
+                return reactor::PollStatus::Done;
+            }
+            me.apply_announced_aborts();
+            if !me.lun.aborts_settled(abort_gen) {
+                return reactor::PollStatus::Idle;
+            }
+            me.finish(slot, Outcome::Good, false);
+            reactor::PollStatus::Done
+        });
     }
 
     /// Runs `f` on a Data-In buffer of `cap` bytes; it returns the full

@@ -23,6 +23,13 @@ pub(crate) fn max_transfer_blocks(lun: &Lun) -> u64 {
     (DmaBuf::MAX_LEN as u64) / u64::from(lun.block_size)
 }
 
+/// Largest WRITE SAME in blocks (a count of zero means the rest of the
+/// medium, bounded too): what one WRITE may cover, so that a host sizing a
+/// WRITE SAME by this field can also write the range it covers.
+pub(crate) fn max_write_same_blocks(lun: &Lun) -> u64 {
+    max_transfer_blocks(lun)
+}
+
 /// Largest COMPARE AND WRITE in blocks (the CDB holds 8 bits; its Data-Out
 /// is twice that and must fit one buffer).
 pub(crate) fn max_caw_blocks(lun: &Lun) -> u64 {
@@ -199,6 +206,8 @@ fn block_limits(lun: &Lun, out: &mut [u8]) -> usize {
     // MAXIMUM ATOMIC TRANSFER LENGTH (page bytes 44-47); ATOMIC ALIGNMENT
     // and ATOMIC TRANSFER LENGTH GRANULARITY stay 0 (no constraint), and so
     // do the atomic boundary fields (WRITE ATOMIC with a boundary is refused).
+    // MAXIMUM WRITE SAME LENGTH (page bytes 36-43).
+    p[32..40].copy_from_slice(&max_write_same_blocks(lun).to_be_bytes());
     p[40..44].copy_from_slice(&(max_atomic_blocks(lun) as u32).to_be_bytes());
     put(out, 0, &[0x00, 0xB0, 0x00, 0x3C]);
     put(out, 4, &p);

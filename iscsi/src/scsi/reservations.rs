@@ -240,7 +240,15 @@ pub(crate) fn persistent_reserve_in(lun: &Lun, cdb: &[u8; 16], out: &mut [u8]) -
     }
 }
 
-pub(crate) fn persistent_reserve_out(lun: &Lun, n: &Nexus, cdb: &[u8; 16], params: &[u8]) -> Result<(), Refusal> {
+/// `Ok(Some(gen))`: a PREEMPT AND ABORT announced the abort of the
+/// preempted nexuses' tasks as generation `gen`; the command completes only
+/// once [`Lun::aborts_settled`] says they have all ended (SPC-4 5.13.11.2).
+pub(crate) fn persistent_reserve_out(
+    lun: &Lun,
+    n: &Nexus,
+    cdb: &[u8; 16],
+    params: &[u8],
+) -> Result<Option<u64>, Refusal> {
     let sa = cdb[1] & 0x1F;
     if sa > 6 {
         return Err(Check::invalid_cdb(1, Some(4)).into());
@@ -269,6 +277,8 @@ pub(crate) fn persistent_reserve_out(lun: &Lun, n: &Nexus, cdb: &[u8; 16], param
     if st.res.legacy.as_ref().is_some_and(|l| l != n) {
         return Err(Refusal::Conflict);
     }
+    // Announcements happen under the LUN's lock, held here: a change is ours.
+    let abort_gen_before = lun.abort_generation();
     let mine = st.res.key_of(n);
     let result = match sa {
         // REGISTER / REGISTER AND IGNORE EXISTING KEY
@@ -349,7 +359,8 @@ pub(crate) fn persistent_reserve_out(lun: &Lun, n: &Nexus, cdb: &[u8; 16], param
         }
     };
     sync_flag(lun, st);
-    result
+    let abort_gen = lun.abort_generation();
+    result.map(|()| (abort_gen != abort_gen_before).then_some(abort_gen))
 }
 
 fn check_type(scope: u8, rtype: u8) -> Result<(), Refusal> {

@@ -11,7 +11,7 @@
 //! reactor, and the IO path takes no lock.
 
 use super::login::LoginState;
-use super::task::{LunSlot, PendingTmf, Task, TaskState};
+use super::task::{IttIndex, LunSlot, PendingTmf, Task, TaskState};
 use super::{ConnInfo, IscsiState, TargetNode, MAX_RECV_DATA_SEGMENT_LENGTH};
 use crate::pdu::{self, encode_header, frame, off, op, reject, Bhs, FrameError, RxLimits, BHS_LEN, RESERVED_TAG};
 use crate::scsi::{Nexus, ScsiCompletion, ScsiDone};
@@ -66,11 +66,16 @@ pub(crate) struct Conn {
     pub(super) params: SessionParams,
     pub(super) tasks: Vec<Task>,
     pub(super) free: Vec<u16>,
+    /// The slots in use by ITT.
+    pub(super) itt_index: IttIndex,
     /// Commands the window admits (the target node's queue depth).
     pub(super) window: u32,
     pub(super) luns: Vec<LunSlot>,
     pub(super) luns_gen: u64,
     pub(super) stat_sn: u32,
+    /// The newest ExpStatSN the initiator sent: StatSNs below it are
+    /// acknowledged.
+    pub(super) exp_stat_sn: u32,
     pub(super) exp_cmd_sn: u32,
     pub(super) tmf: Option<PendingTmf>,
     pub(super) done: Option<Rc<dyn ScsiDone>>,
@@ -154,10 +159,12 @@ pub(crate) fn start(stream: TcpStream, peer: SocketAddr, local: SocketAddr, pg_t
         params: SessionParams::rfc_defaults(),
         tasks: (0..slots).map(|_| Task::default()).collect(),
         free: (0..slots as u16).rev().collect(),
+        itt_index: IttIndex::new(slots),
         window: 1,
         luns: Vec::new(),
         luns_gen: 0,
         stat_sn: 0,
+        exp_stat_sn: 0,
         exp_cmd_sn: 0,
         tmf: None,
         done: None,
@@ -209,8 +216,10 @@ impl Conn {
             }
         }
         let mut busy = false;
+        // One clock read per poll serves the receive stamp and the timers.
+        let now = reactor::now_ns();
         if self.tx.queued_bytes() < TX_HIGH_WATER && !self.close_after_flush {
-            busy |= self.poll_rx();
+            busy |= self.poll_rx(now);
         }
         if self.tmf.is_some() {
             self.finish_tmf();
@@ -218,7 +227,7 @@ impl Conn {
         if self.logout_itt.is_some() && self.in_flight() == 0 {
             self.send_logout_response();
         }
-        self.keepalive();
+        self.keepalive(now);
         // Not closing, so the socket is open: a failed send ends the connection.
         busy |= self.tx.send(&mut self.stream).unwrap_or_else(|e| {
             self.begin_close(&format!("send failed: {e}"));
@@ -278,14 +287,20 @@ impl Conn {
         reactor::PollStatus::Done
     }
 
-    fn poll_rx(&mut self) -> bool {
+    fn poll_rx(&mut self, now: u64) -> bool {
         let mut busy = false;
         for _ in 0..8 {
             if self.closing || self.close_after_flush {
                 break;
             }
+            // A read that leaves room in the buffer emptied the socket: the
+            // next read would only say so (a syscall per poll saved).
+            let mut drained = true;
             match self.rx.fill(&mut self.stream) {
-                Ok(RxFill::Bytes) => busy = true,
+                Ok(RxFill::Bytes) => {
+                    busy = true;
+                    drained = self.rx.pending().len() < RX_BUF_LEN;
+                }
                 Ok(RxFill::WouldBlock) => {}
                 Ok(RxFill::Closed) => {
                     self.begin_close("initiator closed the connection");
@@ -301,7 +316,10 @@ impl Conn {
             if self.rx.pending().len() == before {
                 break;
             }
-            self.last_rx_ns = reactor::now_ns();
+            self.last_rx_ns = now;
+            if drained {
+                break;
+            }
         }
         busy
     }
@@ -352,6 +370,12 @@ impl Conn {
     }
 
     fn full_feature_pdu(&mut self, bhs: &Bhs, data: &[u8]) {
+        // Every initiator PDU carries ExpStatSN; one beyond what was sent
+        // acknowledges nothing.
+        let ack = bhs.u32_at(off::W28);
+        if sn_lt(self.exp_stat_sn, ack) && !sn_lt(self.stat_sn, ack) {
+            self.exp_stat_sn = ack;
+        }
         match bhs.opcode() {
             op::SCSI_CMD => {
                 if self.sess.as_ref().is_some_and(|s| s.discovery) {
@@ -477,11 +501,10 @@ impl Conn {
 
     /// Pings an idle initiator every nop_in_interval; ends the connection
     /// when a ping goes unanswered for nop_timeout.
-    fn keepalive(&mut self) {
+    fn keepalive(&mut self, now: u64) {
         if self.closing {
             return;
         }
-        let now = reactor::now_ns();
         if self.login.is_some() {
             if now.saturating_sub(self.started_ns) > LOGIN_TIMEOUT_NS {
                 self.begin_close("login not finished in time");
@@ -497,6 +520,17 @@ impl Conn {
         if now.saturating_sub(self.last_rx_ns) < self.nop_in_interval_ns {
             return;
         }
+        self.send_ping(now);
+        self.last_rx_ns = now;
+    }
+
+    /// A NOP-In that asks for an answer (a target transfer tag); the answer
+    /// also carries the initiator's ExpStatSN. Unanswered for nop_timeout,
+    /// it ends the connection.
+    pub(super) fn send_ping(&mut self, now: u64) {
+        if self.ping.is_some() {
+            return;
+        }
         let ttt = self.next_ping_ttt;
         self.next_ping_ttt = self.next_ping_ttt.wrapping_add(1).max(1);
         let mut r = Bhs::new(op::NOP_IN);
@@ -506,7 +540,6 @@ impl Conn {
         self.stamp(&mut r, false);
         self.send_pdu(r, &[]);
         self.ping = Some((ttt, now));
-        self.last_rx_ns = now;
     }
 
     fn text_request(&mut self, bhs: &Bhs, data: &[u8]) {

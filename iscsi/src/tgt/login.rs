@@ -150,6 +150,7 @@ impl Conn {
             ls.cid = bhs.u16_at(off::W20);
             ls.cmd_sn = bhs.u32_at(off::W24);
             self.stat_sn = bhs.u32_at(off::W28);
+            self.exp_stat_sn = self.stat_sn;
             self.exp_cmd_sn = ls.cmd_sn;
         } else if isid != ls.isid || tsih != ls.tsih || bhs.itt() != ls.itt {
             return Err(initiator(detail::INITIATOR_ERROR));

@@ -99,6 +99,12 @@ pub(crate) struct PendingTmf {
     /// TARGET COLD RESET: once answered, every connection to the target
     /// node ends (RFC 7143 11.5.1).
     cold: bool,
+    /// A multi-task abort (ABORT TASK SET, CLEAR TASK SET, LUN RESET,
+    /// TARGET WARM/COLD RESET): its response waits until the initiator has
+    /// acknowledged every StatSN sent before it (RFC 7143 4.2.3.3 d).
+    multi_task: bool,
+    /// The last StatSN sent when the aborted tasks had ended, once noted.
+    ack_for: Option<u32>,
 }
 
 fn tag_of(slot: usize, gen: u16) -> u32 {
@@ -107,6 +113,85 @@ fn tag_of(slot: usize, gen: u16) -> u32 {
 
 fn slot_of(tag: u32) -> (usize, u16) {
     ((tag & 0xffff) as usize, (tag >> 16) as u16)
+}
+
+/// The slots in use, found by ITT in O(1): an open-addressing table of slot
+/// numbers (linear probing, twice as many entries as slots, sized once), so
+/// that a command's duplicate-ITT check and an unsolicited Data-Out's
+/// lookup cost the same at any queue depth instead of a scan of every slot.
+pub(crate) struct IttIndex {
+    entries: Box<[u16]>,
+}
+
+impl IttIndex {
+    const EMPTY: u16 = u16::MAX;
+
+    pub(crate) fn new(slots: usize) -> Self {
+        assert!(slots < usize::from(Self::EMPTY));
+        IttIndex { entries: vec![Self::EMPTY; (2 * slots).next_power_of_two().max(2)].into_boxed_slice() }
+    }
+
+    fn home(&self, itt: u32) -> usize {
+        // Fibonacci hashing: initiators number ITTs sequentially.
+        (itt.wrapping_mul(0x9E37_79B9) as usize >> 8) & (self.entries.len() - 1)
+    }
+
+    /// The slot in use whose ITT is `itt`.
+    pub(crate) fn find(&self, tasks: &[Task], itt: u32) -> Option<usize> {
+        let mask = self.entries.len() - 1;
+        let mut i = self.home(itt);
+        loop {
+            let s = self.entries[i];
+            if s == Self::EMPTY {
+                return None;
+            }
+            if tasks[usize::from(s)].itt == itt {
+                return Some(usize::from(s));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Adds `slot`, whose `itt` is set and not in the table.
+    pub(crate) fn insert(&mut self, tasks: &[Task], slot: usize) {
+        let mask = self.entries.len() - 1;
+        let mut i = self.home(tasks[slot].itt);
+        while self.entries[i] != Self::EMPTY {
+            i = (i + 1) & mask;
+        }
+        self.entries[i] = slot as u16;
+    }
+
+    /// Removes `slot` (its `itt` unchanged since it was inserted), moving
+    /// later entries of the probe run back so lookups stay correct.
+    pub(crate) fn remove(&mut self, tasks: &[Task], slot: usize) {
+        let mask = self.entries.len() - 1;
+        let mut hole = self.home(tasks[slot].itt);
+        loop {
+            match self.entries[hole] {
+                s if usize::from(s) == slot => break,
+                Self::EMPTY => return,
+                _ => hole = (hole + 1) & mask,
+            }
+        }
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let s = self.entries[j];
+            if s == Self::EMPTY {
+                break;
+            }
+            let home = self.home(tasks[usize::from(s)].itt);
+            // The entry may fill the hole unless its home lies cyclically
+            // after the hole and at or before its own position.
+            let stays = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
+            if !stays {
+                self.entries[hole] = s;
+                hole = j;
+            }
+        }
+        self.entries[hole] = Self::EMPTY;
+    }
 }
 
 impl Conn {
@@ -136,7 +221,7 @@ impl Conn {
             self.send_reject(reject::NOT_SUPPORTED, bhs);
             return;
         }
-        if self.tasks.iter().any(|t| t.state != TaskState::Free && t.itt == itt) {
+        if self.itt_index.find(&self.tasks, itt).is_some() {
             self.send_reject(reject::TASK_IN_PROGRESS, bhs);
             return;
         }
@@ -175,8 +260,9 @@ impl Conn {
         t.tmf_wait = false;
         t.received_at = lun_idx.map(|i| self.luns[i].lun.abort_generation());
         t.buf = None;
+        self.itt_index.insert(&self.tasks, slot);
         if !write || edtl == 0 {
-            t.want = 0;
+            self.tasks[slot].want = 0;
             self.execute(slot);
             return;
         }
@@ -266,7 +352,7 @@ impl Conn {
         let ttt = bhs.u32_at(off::W20);
         let itt = bhs.itt();
         let slot = if ttt == RESERVED_TAG {
-            self.tasks.iter().position(|t| t.state == TaskState::DataOut && t.itt == itt)
+            self.itt_index.find(&self.tasks, itt).filter(|&s| self.tasks[s].state == TaskState::DataOut)
         } else {
             let (s, g) = slot_of(ttt);
             self.tasks.get(s).filter(|t| t.state == TaskState::DataOut && t.gen == g && t.itt == itt).map(|_| s)
@@ -371,6 +457,7 @@ impl Conn {
         }
         t.state = TaskState::Free;
         t.buf = None;
+        self.itt_index.remove(&self.tasks, slot);
         self.free.push(slot as u16);
     }
 
@@ -473,12 +560,20 @@ impl Conn {
             return;
         }
         let lun_idx = self.lun_index(bhs.lun());
-        let mut pending = PendingTmf { itt, response: tmf_resp::COMPLETE, waiting: 0, settle: Vec::new(), cold: false };
+        let mut pending = PendingTmf {
+            itt,
+            response: tmf_resp::COMPLETE,
+            waiting: 0,
+            settle: Vec::new(),
+            cold: false,
+            multi_task: false,
+            ack_for: None,
+        };
         match function {
             tmf_fn::ABORT_TASK => {
                 let rtt = bhs.u32_at(off::W20);
                 let ref_sn = bhs.u32_at(off::W32);
-                match self.tasks.iter().position(|t| t.state != TaskState::Free && t.itt == rtt) {
+                match self.itt_index.find(&self.tasks, rtt) {
                     Some(slot) => pending.waiting += self.abort_slot(slot),
                     None => {
                         // Not found: done already if it was ever received.
@@ -489,6 +584,7 @@ impl Conn {
                 }
             }
             tmf_fn::ABORT_TASK_SET | tmf_fn::CLEAR_TASK_SET | tmf_fn::LUN_RESET => {
+                pending.multi_task = true;
                 if lun_idx.is_none() {
                     pending.response = tmf_resp::NO_LUN;
                 } else {
@@ -513,6 +609,7 @@ impl Conn {
             }
             tmf_fn::TARGET_WARM_RESET | tmf_fn::TARGET_COLD_RESET => {
                 pending.cold = function == tmf_fn::TARGET_COLD_RESET;
+                pending.multi_task = true;
                 for slot in 0..self.tasks.len() {
                     if self.tasks[slot].state != TaskState::Free {
                         pending.waiting += self.abort_slot(slot);
@@ -542,13 +639,24 @@ impl Conn {
             return;
         }
         p.settle.retain(|(lun, gen)| !lun.aborts_settled(*gen));
-        if p.settle.is_empty() {
-            let (itt, response, cold) = (p.itt, p.response, p.cold);
-            self.tmf = None;
-            self.send_tmf_response(itt, response);
-            if let (true, Some(node)) = (cold, self.sess.as_ref().and_then(|s| s.node.clone())) {
-                self.state.end_connections_to(&node);
+        if !p.settle.is_empty() {
+            return;
+        }
+        if p.multi_task && p.response == tmf_resp::COMPLETE {
+            // Note the last StatSN sent, then wait for its acknowledgement,
+            // asking for it with a NOP-In when it is not in yet.
+            let last_sent = self.stat_sn.wrapping_sub(1);
+            let noted = *p.ack_for.get_or_insert(last_sent);
+            if !sn_lt(noted, self.exp_stat_sn) {
+                self.send_ping(reactor::now_ns());
+                return;
             }
+        }
+        let (itt, response, cold) = (p.itt, p.response, p.cold);
+        self.tmf = None;
+        self.send_tmf_response(itt, response);
+        if let (true, Some(node)) = (cold, self.sess.as_ref().and_then(|s| s.node.clone())) {
+            self.state.end_connections_to(&node);
         }
     }
 
@@ -632,6 +740,42 @@ mod tests {
         assert_eq!(decode_lun(0x4105_0000_0000_0000), Some(0x105));
         assert_eq!(decode_lun(0x0001_0000_0000_0001), None);
         assert_eq!(decode_lun(0x8000_0000_0000_0000), None);
+    }
+
+    /// Against a scan of the slots: inserts and removes in a mixed order,
+    /// with ITTs that collide in the table, keep every lookup right.
+    #[test]
+    fn itt_index_agrees_with_a_scan() {
+        let n = 128;
+        let mut tasks: Vec<Task> = (0..n).map(|_| Task::default()).collect();
+        let mut used = vec![false; n];
+        let mut idx = IttIndex::new(n);
+        let mut x = 0x2545_f491_u32;
+        let mut next_itt = 0u32;
+        for _ in 0..50_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let slot = x as usize % n;
+            if used[slot] {
+                idx.remove(&tasks, slot);
+                used[slot] = false;
+            } else {
+                // Mostly sequential ITTs, with jumps.
+                next_itt = next_itt.wrapping_add(if x.is_multiple_of(8) { 256 << 8 } else { 1 });
+                tasks[slot].itt = next_itt;
+                idx.insert(&tasks, slot);
+                used[slot] = true;
+            }
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let probe = tasks[x as usize % n].itt;
+                let want = (0..n).find(|&s| used[s] && tasks[s].itt == probe);
+                assert_eq!(idx.find(&tasks, probe), want);
+            }
+        }
     }
 
     #[test]

@@ -189,10 +189,14 @@ impl Ini {
             assert_eq!(u32::from_le_bytes(d), pdu::digest(&[&data]), "target's data digest");
         }
         data.truncate(len);
+        // A target's ping (NOP-In without an ITT) carries the next StatSN
+        // without taking it.
+        let ping = bhs.opcode() == op::NOP_IN && bhs.itt() == 0xffff_ffff;
         if matches!(
             bhs.opcode(),
             op::SCSI_RESP | op::NOP_IN | op::TMF_RESP | op::TEXT_RESP | op::LOGOUT_RESP | op::LOGIN_RESP
-        ) || (bhs.opcode() == op::DATA_IN && bhs.flags() & 1 != 0)
+        ) && !ping
+            || (bhs.opcode() == op::DATA_IN && bhs.flags() & 1 != 0)
         {
             self.exp_stat_sn = bhs.u32_at(24).wrapping_add(1);
         }
