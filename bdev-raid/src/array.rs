@@ -233,6 +233,9 @@ pub(crate) struct ArrayShared {
     pub bitmap_chunk_kb: u32,
     /// Set once a scrub finished: its counts, for the listing.
     pub last_check: Mutex<Option<Value>>,
+    /// Why the last start from superblocks failed (its members were
+    /// released), for the listing; cleared when a start succeeds.
+    pub start_error: Mutex<Option<String>>,
     /// States the IO path met that it believes impossible (a completion
     /// without its parent, a grant nobody waits for): must stay 0. Any
     /// reactor adds (Relaxed: a statistic); `impossible_events` in listings.
@@ -507,6 +510,9 @@ pub(crate) fn info_json(shared: &ArrayShared, with_name: bool) -> Value {
     }
     if let Some(c) = &*shared.last_check.lock().unwrap_or_else(|e| e.into_inner()) {
         o.insert("last_check".into(), c.clone());
+    }
+    if let Some(e) = &*shared.start_error.lock().unwrap_or_else(|e| e.into_inner()) {
+        o.insert("start_error".into(), json!(e));
     }
     let list: Vec<Value> = ctl
         .slots
@@ -806,6 +812,7 @@ pub(crate) fn new_shared(
         clear_sb: AtomicBool::new(false),
         bitmap_chunk_kb: spec.bitmap_chunk_kb,
         last_check: Mutex::new(None),
+        start_error: Mutex::new(None),
         impossible_events: AtomicU64::new(0),
         found: Mutex::new(Vec::new()),
         from_superblocks,

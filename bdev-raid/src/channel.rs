@@ -583,6 +583,14 @@ impl Ras {
             && failed_mask & (1 << m) == 0
     }
 
+    /// The parked parent's type and flags, and range: `parent_args` without
+    /// the buffer (no reference taken on it).
+    pub(crate) fn parent_range(&self, slot: u32) -> Option<((IoType, IoFlags), u64, u64)> {
+        let parents = self.parents.borrow();
+        let io = parents.get(slot)?;
+        Some(((io.io_type, io.flags), io.offset_blocks, io.num_blocks))
+    }
+
     /// The parked parent's type and flags, range and buffer.
     pub(crate) fn parent_args(&self, slot: u32) -> Option<ParentArgs> {
         let parents = self.parents.borrow();

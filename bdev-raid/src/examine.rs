@@ -672,6 +672,7 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
                         Ok(()) => {
                             r3.refresh();
                             tracing::info!(raid = %r3.shared.name, "assembled from superblocks");
+                            *r3.shared.start_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                             rebuild::start_next(&r3);
                             rejoin_latecomers(&r3.shared);
                             drop(hold);
@@ -706,16 +707,48 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
                 }
                 start_rest(&r4, sb)
             }
-            Err(e) => {
-                RaidModule::get().problem(format!("array {}: not started: {e}", r4.shared.name));
-                r4.shared.starting.store(false, Ordering::Release);
-            }
+            Err(e) => release_members(&r4.shared, format!("array {}: not started: {e}", r4.shared.name)),
         });
     };
     match (bm_geo, bitmap_loc) {
         (Some(g), Some(loc)) => load_union(in_sync_members, g, loc.offset_blocks, after_load),
         _ => after_load(None),
     }
+}
+
+/// A start from superblocks failed before the array went online (its log
+/// replay could not read or write a member): every member it claimed is
+/// released and its slot shows it missing again, so the bdevs are usable
+/// (and a later examination may try again); `msg` goes to the log, the
+/// module's problems and the array's listing (`start_error`).
+fn release_members(shared: &Arc<ArrayShared>, msg: String) {
+    RaidModule::get().problem(msg.clone());
+    let tag = format!("raid {}", shared.name);
+    let handles: Vec<BdevHandle> = {
+        let mut ctl = shared.ctl();
+        ctl.dirty = None;
+        ctl.slots
+            .iter_mut()
+            .filter_map(|s| {
+                let h = s.handle.take();
+                *s = Slot {
+                    name: s.name.take(),
+                    sb_uuid: s.sb_uuid,
+                    data_offset_blocks: s.data_offset_blocks,
+                    data_size_blocks: s.data_size_blocks,
+                    role: Role::Missing,
+                    ..Slot::empty()
+                };
+                h
+            })
+            .collect()
+    };
+    let reg = Registry::get();
+    for h in &handles {
+        reg.release(h, &tag);
+    }
+    *shared.start_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+    shared.starting.store(false, Ordering::Release);
 }
 
 /// Bdevs whose superblocks were found while the array was starting (after

@@ -36,7 +36,7 @@ pub mod level;
 pub mod map;
 mod meta;
 mod owner;
-mod ppl;
+pub mod ppl;
 pub mod quiesce;
 pub mod range_table;
 mod rebuild;

@@ -58,22 +58,40 @@
 //! takes writes (`examine::rejoin`); so has every member an assembly
 //! claims, in sync or not.
 //!
-//! Not covered: a power cut on members with volatile write caches can
-//! still tear a write that completed without FUA if its entry was already
-//! overwritten by another stripe's (the log does not flush members before
-//! reusing a slot); a member added with `bdev_raid_add_base_bdev` is not
+//! Volatile write caches: a write's data and parity writes complete into
+//! the members' caches (only the entry is FUA), so once its slot is freed
+//! its stripe is safe only while its entry stays on disk, or after the
+//! members flushed. A slot freed with an entry left on it therefore needs
+//! a flush of the cached members before another entry overwrites it
+//! (md's raid5-ppl flushes the members with a write-back cache that a
+//! finished log unit's stripes wrote before that log space is reused). A
+//! slot records the flush round count when it was freed (`released_at`);
+//! it may be overwritten once a round that started after that completed.
+//! `acquire` passes over slots that need a flush and, when it finds no
+//! other, asks for a round (`flush_before_reuse`): one flush per cached
+//! member (`has_write_cache`, as each bdev reports it) that covers every
+//! slot freed before it, sent from the reactor of a waiting write, one
+//! round at a time; the write waits like one that found every slot busy.
+//! Without cached members a round completes at once, with no IO. Cost on
+//! cached members: a write into a stripe whose entry is still on disk (a
+//! small write next to the last one, say) waits for a flush unless a
+//! round ran since; rounds are shared by all writes waiting.
+//!
+//! Not covered: a member added with `bdev_raid_add_base_bdev` is not
 //! wiped (a former member of this array re-added that way keeps its old
 //! entries until the next assembly wipes them); raid6 has no log (md has
 //! none either).
 
+use crate::channel::{find_ras, MemberCh, Ras};
 use crate::map::{Geometry, MAX_MEMBERS};
 use crate::meta;
 use crate::superblock::PplLocation;
 use bdev::{BdevHandle, DmaBuf, IoFlags, IoType};
+use bdev::{IoBox, IoDone};
 use std::cell::RefCell;
 use std::ops::Range;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -229,6 +247,16 @@ pub fn decode_entry(slot: &[u8], bs: u64, uuid: &[u8; 16], data: usize, chunk: u
     Some(PplEntry { seq: h.seq.get(), stripe: h.stripe.get(), pieces })
 }
 
+/// The array blocks of `stripe` (of `data` chunks of `chunk` rows): None
+/// when it does not lie whole within `array_blocks` (a decoded entry's
+/// stripe is whatever the disk said).
+pub fn stripe_span(stripe: u64, data: usize, chunk: u64, array_blocks: u64) -> Option<Range<u64>> {
+    let sb = (data as u64).checked_mul(chunk)?;
+    let start = stripe.checked_mul(sb)?;
+    let end = start.checked_add(sb)?;
+    (sb > 0 && end <= array_blocks).then_some(start..end)
+}
+
 /// Slot word: the slot's write is in flight.
 const BUSY: u64 = 1 << 63;
 
@@ -241,7 +269,23 @@ pub(crate) struct PplLog {
     pub array_uuid: [u8; 16],
     /// Per member, per slot: `BUSY` | the stripe + 1 whose entry is on disk (0: none).
     table: Box<[AtomicU64]>,
+    /// Per member, per slot: `flush_rounds_started` when the slot was
+    /// freed with an entry left on it; overwriting that entry waits for a
+    /// round numbered higher (see the module comment).
+    released_at: Box<[AtomicU64]>,
     seq: AtomicU64,
+    /// Flush rounds begun; the number of the one running, if any.
+    flush_rounds_started: AtomicU64,
+    /// The number of the last flush round completed (rounds run one at a time).
+    flush_rounds_done: AtomicU64,
+    /// A round is running.
+    flushing: AtomicBool,
+    /// Member flushes of the running round not yet back.
+    flush_left: AtomicU32,
+    /// A write found only slots needing a flush (`flush_before_reuse` runs a round).
+    reuse_blocked: AtomicBool,
+    /// A member flush of the running round could not be sent.
+    round_short: AtomicBool,
     /// Writes that found every slot of their parity member busy.
     pub slots_exhausted: AtomicU64,
 }
@@ -262,7 +306,14 @@ impl PplLog {
             slots,
             array_uuid: uuid,
             table: (0..members as u64 * slots).map(|_| AtomicU64::new(0)).collect(),
+            released_at: (0..members as u64 * slots).map(|_| AtomicU64::new(0)).collect(),
             seq: AtomicU64::new(1),
+            flush_rounds_started: AtomicU64::new(0),
+            flush_rounds_done: AtomicU64::new(0),
+            flushing: AtomicBool::new(false),
+            flush_left: AtomicU32::new(0),
+            reuse_blocked: AtomicBool::new(false),
+            round_short: AtomicBool::new(false),
             slots_exhausted: AtomicU64::new(0),
         })
     }
@@ -282,37 +333,62 @@ impl PplLog {
     }
 
     /// Takes a slot on `member` for an entry of `stripe` (the one holding
-    /// the stripe's entry if any, else any free one). None: all busy.
+    /// the stripe's entry if any, else any free one), never one whose entry
+    /// waits for a flush before it may be overwritten. None: all busy, or
+    /// the slot to take needs a flush first (`flush_before_reuse`).
     pub(crate) fn acquire(&self, member: usize, stripe: u64) -> Option<u64> {
         let tag = stripe + 1;
         let words = self.words(member);
-        if let Some(i) = self.take_holding(words, tag) {
-            return Some(i);
+        if let Some(i) = words.iter().position(|w| w.load(Ordering::Acquire) == tag) {
+            // The stripe's own entry: only it may be overwritten (one entry per stripe).
+            if !self.reusable(member, i) {
+                self.reuse_blocked.store(true, Ordering::Release);
+                return None;
+            }
+            return words[i]
+                .compare_exchange(tag, BUSY | tag, Ordering::AcqRel, Ordering::Acquire)
+                .ok()
+                .map(|_| i as u64);
         }
         // An empty slot first, then one holding a completed write's entry
-        // (never needed again, but left alone while there is room).
+        // (never needed again once flushed, but left alone while there is room).
+        let mut blocked = false;
         for empty in [true, false] {
             for (i, w) in words.iter().enumerate() {
                 let v = w.load(Ordering::Acquire);
-                if v & BUSY == 0
-                    && (v == 0) == empty
-                    && w.compare_exchange(v, BUSY | tag, Ordering::AcqRel, Ordering::Acquire).is_ok()
-                {
+                if v & BUSY != 0 || (v == 0) != empty {
+                    continue;
+                }
+                if !empty && !self.reusable(member, i) {
+                    blocked = true;
+                    continue;
+                }
+                if w.compare_exchange(v, BUSY | tag, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                     return Some(i as u64);
                 }
             }
         }
-        self.slots_exhausted.fetch_add(1, Ordering::Relaxed);
+        if blocked {
+            self.reuse_blocked.store(true, Ordering::Release);
+        } else {
+            self.slots_exhausted.fetch_add(1, Ordering::Relaxed);
+        }
         None
     }
 
-    /// Takes the slot whose entry on disk is for `stripe`, if any (a full
-    /// write then overwrites its header).
-    pub(crate) fn acquire_holding(&self, member: usize, stripe: u64) -> Option<u64> {
-        self.take_holding(self.words(member), stripe + 1)
+    /// Whether slot `i` of `member` may be overwritten: a flush round that
+    /// began after its entry's write was freed has completed.
+    fn reusable(&self, member: usize, i: usize) -> bool {
+        let at = self.released_at.get(member * self.slots as usize + i).map_or(0, |a| a.load(Ordering::Acquire));
+        self.flush_rounds_done.load(Ordering::Acquire) > at
     }
 
-    fn take_holding(&self, words: &[AtomicU64], tag: u64) -> Option<u64> {
+    /// Takes the slot whose entry on disk is for `stripe`, if any (a full
+    /// write then overwrites its header: no flush needed, the write covers
+    /// every row of the stripe).
+    pub(crate) fn acquire_holding(&self, member: usize, stripe: u64) -> Option<u64> {
+        let tag = stripe + 1;
+        let words = self.words(member);
         let i = words.iter().position(|w| w.load(Ordering::Acquire) == tag)?;
         words[i].compare_exchange(tag, BUSY | tag, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| i as u64)
     }
@@ -332,8 +408,90 @@ impl PplLog {
     /// was overwritten with zeros).
     pub(crate) fn release(&self, member: usize, stripe: u64, entry_left: bool) {
         let tag = stripe + 1;
-        if let Some(w) = self.words(member).iter().find(|w| w.load(Ordering::Acquire) == BUSY | tag) {
-            w.store(if entry_left { tag } else { 0 }, Ordering::Release);
+        let words = self.words(member);
+        if let Some(i) = words.iter().position(|w| w.load(Ordering::Acquire) == BUSY | tag) {
+            if entry_left {
+                // The write's member writes are back (perhaps only in caches):
+                // a round begun from now on covers them.
+                let round = self.flush_rounds_started.load(Ordering::SeqCst);
+                if let Some(a) = self.released_at.get(member * self.slots as usize + i) {
+                    a.store(round, Ordering::Release);
+                }
+            }
+            words[i].store(if entry_left { tag } else { 0 }, Ordering::Release);
+        }
+    }
+
+    /// After `acquire` failed because the slots it could take need a flush:
+    /// starts a flush round (none running) of every writable member of
+    /// `members` that has a volatile write cache, from this reactor (the
+    /// array's `key`). True when the round completed at once (no member
+    /// has a cache), so the write may try again now; otherwise the write
+    /// waits and tries again later. No allocation; nothing blocks.
+    pub(crate) fn flush_before_reuse(&self, key: u32, members: &[MemberCh], failed: u32) -> bool {
+        if !self.reuse_blocked.load(Ordering::Acquire)
+            || self.flushing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err()
+        {
+            return false;
+        }
+        self.reuse_blocked.store(false, Ordering::Release);
+        let round = self.flush_rounds_started.fetch_add(1, Ordering::SeqCst) + 1;
+        let cached = |m: usize| {
+            Ras::writable(members, failed, m)
+                && members[m].ch.as_ref().is_some_and(|ch| {
+                    let b = ch.handle().bdev();
+                    b.has_write_cache() && b.io_type_supported(IoType::Flush)
+                })
+        };
+        let count = (0..members.len()).filter(|&m| cached(m)).count() as u32;
+        if count == 0 {
+            self.flush_rounds_done.store(round, Ordering::Release);
+            self.flushing.store(false, Ordering::Release);
+            return true;
+        }
+        if (IoBox::available() as u64) < u64::from(count) {
+            // No descriptors now: the next write that needs a slot retries.
+            self.reuse_blocked.store(true, Ordering::Release);
+            self.flushing.store(false, Ordering::Release);
+            return false;
+        }
+        self.flush_left.store(count, Ordering::Release);
+        let done: Rc<dyn IoDone> = reactor::local::<LogFlushDone>();
+        for m in (0..members.len()).filter(|&m| cached(m)) {
+            let Some(ch) = members[m].ch.as_ref() else { continue };
+            match IoBox::data(IoType::Flush, 0, 0, None) {
+                Some(mut io) => {
+                    io.tag = u64::from(key);
+                    io.tag2 = m as u64;
+                    io.set_done(done.clone());
+                    ch.submit(io);
+                }
+                // Counted as failed: the round ends without counting.
+                None => self.flush_back(None, m, false),
+            }
+        }
+        false
+    }
+
+    /// One member flush of the running round is back (`ras`: the array on
+    /// this reactor, None for one that could not be sent).
+    fn flush_back(&self, ras: Option<&Ras>, m: usize, ok: bool) {
+        match (ras, ok) {
+            (_, true) => {}
+            // Its cache may have lost what the slots' writes put there: the
+            // member fails, which leaves nothing on it to protect.
+            (Some(ras), false) => ras.latch_failed(m),
+            (None, false) => self.round_short.store(true, Ordering::Release),
+        }
+        if self.flush_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if self.round_short.swap(false, Ordering::AcqRel) {
+                // The round does not count: the next write that needs a slot starts another.
+                self.reuse_blocked.store(true, Ordering::Release);
+            } else {
+                let round = self.flush_rounds_started.load(Ordering::SeqCst);
+                self.flush_rounds_done.store(round, Ordering::Release);
+            }
+            self.flushing.store(false, Ordering::Release);
         }
     }
 
@@ -341,6 +499,22 @@ impl PplLog {
     #[cfg(test)]
     pub(crate) fn busy_slots(&self) -> usize {
         self.table.iter().filter(|w| w.load(Ordering::Acquire) & BUSY != 0).count()
+    }
+}
+
+/// Completion of the log's member flushes (one per reactor, shared by
+/// every round: no allocation per round). `tag`: the array's key; `tag2`:
+/// the member.
+#[derive(Default)]
+struct LogFlushDone;
+
+impl IoDone for LogFlushDone {
+    fn io_done(&self, io: IoBox) {
+        let (key, m, ok) = (io.tag as u32, io.tag2 as usize, io.status.is_ok());
+        drop(io);
+        let Some(ras) = find_ras(key) else { return };
+        let Some(log) = ras.shared.ppl.get() else { return };
+        log.flush_back(Some(&ras), m, ok);
     }
 }
 
@@ -491,16 +665,25 @@ fn scan(r: Rc<RefCell<Replay>>, m: usize, slot: u64) {
             let mut s = r2.borrow_mut();
             let (_, d, chunk) = shape(&s.geo);
             let entry = buf.with(|b| decode_entry(b, bs, &s.uuid, d, chunk));
-            if let Some(e) = entry {
-                let sb = d as u64 * chunk;
-                let span = e.stripe * sb..(e.stripe + 1) * sb;
+            // (The stripe number is the entry's word: checked before any
+            // arithmetic on it.)
+            let span = entry.as_ref().and_then(|e| stripe_span(e.stripe, d, chunk, s.geo.array_blocks()));
+            if let (Some(e), Some(span)) = (entry, span) {
                 let dirty = s.dirty.as_ref().is_none_or(|v| v.iter().any(|x| x.start < span.end && span.start < x.end));
-                if parity_member(&s.geo, e.stripe) == Some(m) && dirty && span.end <= s.geo.array_blocks() {
+                if parity_member(&s.geo, e.stripe) == Some(m) && dirty {
                     let rows: u64 = e.pieces.iter().map(|p| p.hi - p.lo).sum();
                     let hb = header_blocks(bs as u32) * bs;
                     let pp = buf.with(|b| b[hb as usize..(hb + rows * bs) as usize].to_vec());
                     s.stats.entries += 1;
-                    s.found.push((m, e, pp));
+                    // A stripe's newest entry only: an older one of the same
+                    // stripe (left in a slot whose table word was given to
+                    // another stripe by a write that then found no slot for
+                    // its next stripe) describes rows as they were before.
+                    match s.found.iter().position(|(_, f, _)| f.stripe == e.stripe) {
+                        Some(i) if s.found[i].1.seq >= e.seq => {}
+                        Some(i) => s.found[i] = (m, e, pp),
+                        None => s.found.push((m, e, pp)),
+                    }
                 }
             }
         }
@@ -705,9 +888,16 @@ mod tests {
         let a = log.acquire(1, 7).unwrap();
         log.release(1, 7, true);
         assert!(log.holds(1, 7) && !log.holds(0, 7));
-        // The stripe's next entry goes where its last one is.
+        // The stripe's next entry goes where its last one is, but only after
+        // a flush round began and ended since that entry's write was freed
+        // (its data and parity may sit in member caches); no cached member
+        // (none here): the round ends at once.
         let b = log.acquire(1, 8).unwrap();
         assert_ne!(a, b);
+        assert_eq!(log.acquire(1, 7), None, "the stripe's entry waits for a flush");
+        assert_eq!(log.slots_exhausted.load(Ordering::Relaxed), 0, "not for want of slots");
+        assert!(log.flush_before_reuse(0, &[], 0), "no cached member: the round ends at once");
+        assert!(!log.flush_before_reuse(0, &[], 0), "nothing waits for another round");
         assert_eq!(log.acquire(1, 7), Some(a));
         assert_eq!(log.busy_slots(), 2);
         log.release(1, 7, true);
@@ -722,5 +912,15 @@ mod tests {
         }
         assert!(log.acquire(2, 1).is_none());
         assert_eq!(log.slots_exhausted.load(Ordering::Relaxed), 1);
+        // Freed with their entries left: another stripe's write takes one
+        // only after a round (slot 8's entry was flushed by the last one).
+        for s in 100..100 + PPL_SLOTS {
+            log.release(2, s, true);
+        }
+        assert!(log.acquire(2, 1).is_none());
+        assert_eq!(log.slots_exhausted.load(Ordering::Relaxed), 1, "slots were free, waiting for a flush");
+        assert!(log.acquire(1, 9).is_some(), "member 1 has empty slots");
+        assert!(log.flush_before_reuse(0, &[], 0));
+        assert!(log.acquire(2, 1).is_some());
     }
 }

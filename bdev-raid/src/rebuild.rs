@@ -13,10 +13,11 @@
 //! array is suspended. `process_max_bandwidth_mb_sec` spaces windows out.
 //!
 //! With a bitmap that knows which chunks were written (md's llbitmap
-//! states, `bitmap::Bitmap::tracks_written`; parity levels), chunks never written since
-//! the array was created are skipped: a full rebuild copies, and a check
-//! compares, only the stripes of written chunks (a never-written chunk
-//! reads as zeros whatever its members hold: `level::stripe`). And a
+//! states, `bitmap::Bitmap::tracks_written`), chunks never written since
+//! the array was created are skipped: a rebuild or resync copies, and a
+//! check compares, only written chunks (a parity level: their stripes; a
+//! never-written chunk reads as zeros whatever its members hold:
+//! `level::stripe`, and for the mirrors `level::raid1`). And a
 //! parity level's chunks whose first write was partial, or that were
 //! dirty at assembly, "need sync": their parity is right only in the rows
 //! written since. When nothing else runs and every member is active, a
@@ -161,10 +162,10 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         let mut ctl = ras.shared.ctl();
         let rebuilding: Vec<usize> =
             (0..ctl.slots.len()).filter(|&i| ctl.slots[i].role == array::Role::Rebuilding).collect();
-        // A bitmap that knows which chunks were written, of a level whose
-        // never-written chunks read as zeros (the parity levels: copy
-        // levels read a member, so their copies must agree everywhere).
-        let tracking = ctl.bitmap.clone().filter(|bm| bm.tracks_written() && bm.first_write_needs_sync());
+        // A bitmap that knows which chunks were written: never-written
+        // chunks read as zeros at every redundant level (`level::stripe`,
+        // `level::raid1`), so their members' contents need not agree.
+        let tracking = ctl.bitmap.clone().filter(|bm| bm.tracks_written());
         let mut ranges: Vec<Range<u64>> = Vec::new();
         let mut full = false;
         for &i in &rebuilding {
@@ -216,6 +217,11 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
                 None => ranges.push(resume..array_blocks),
             }
         }
+        // Nothing of a never-written chunk is copied (a resync's dirty
+        // chunks, a returning member's, or a new member's: all written).
+        if let Some(bm) = &tracking {
+            ranges = only_written(bm, ranges);
+        }
         // A parity level repairs whole stripes: each range widens to the
         // stripes it touches (copy levels: unchanged), so a stripe that two
         // dirty chunks share is repaired and counted once.
@@ -228,7 +234,8 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         let target = rebuilding.first().copied().unwrap_or(0);
         ctl.process_target = Some(target);
         ctl.process_kind = if rebuilding.is_empty() { "resync" } else { "rebuild" };
-        (dests, ranges, resync, target, sync_pass, rebuilding.is_empty() && tracking.is_some())
+        let marks_synced = rebuilding.is_empty() && tracking.as_ref().is_some_and(|bm| bm.first_write_needs_sync());
+        (dests, ranges, resync, target, sync_pass, marks_synced)
     };
     // A resync or sync pass over every member (none rebuilding) computes
     // each window's parity from its data: its chunks are synced after it.
@@ -271,11 +278,33 @@ pub(crate) fn start_check(ras: &Rc<Ras>, repair: bool, done: CheckDone) {
         started_ns: reactor::now_ns(),
         done: RefCell::new(Some(done)),
     };
-    let ranges = match ras.shared.ctl().bitmap.clone().filter(|bm| bm.tracks_written() && bm.first_write_needs_sync()) {
+    let ranges = match ras.shared.ctl().bitmap.clone().filter(|bm| bm.tracks_written()) {
         Some(bm) => written_ranges(ras, &bm),
         None => std::iter::once(0..array_blocks).collect(),
     };
     spawn(ras, u32::MAX, ranges, false, Some(check));
+}
+
+/// The parts of `ranges` (array blocks) in written chunks.
+fn only_written(bm: &bitmap::Bitmap, ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    let g = bm.geometry();
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges.into_iter().filter(|r| r.start < r.end) {
+        let Ok(chunks) = g.chunk_range(r.start, r.end - r.start) else {
+            // Not the bitmap's to judge (past its end): kept whole.
+            out.push(r);
+            continue;
+        };
+        for c in chunks.into_iter().filter(|&c| bm.is_written(c)) {
+            let b = g.chunk_blocks(c);
+            let piece = b.start.max(r.start)..b.end.min(r.end);
+            match out.last_mut() {
+                Some(l) if l.end == piece.start => l.end = piece.end,
+                _ => out.push(piece),
+            }
+        }
+    }
+    out
 }
 
 /// The array ranges of the written chunks, widened to what the level

@@ -80,7 +80,8 @@ fn check_counts_mismatches_and_repair_fixes_them() {
     let dir = temp_dir("check");
     let files = make_files(&dir, 2, 8);
     let (set, data_offset) = start_with_sb_raid(&files, 1024);
-    for lba in [0u64, 7, 100] {
+    // (Block 300 is in another bitmap chunk: written, so checked.)
+    for lba in [0u64, 7, 100, 300] {
         raid_io(&set, IoType::Write, lba, 1, Some(vec![lba as u8 + 1; BS as usize]));
     }
     let clean = check(&set, false);
@@ -284,10 +285,15 @@ fn a_full_rebuild_interrupted_by_a_crash_resumes_where_the_superblock_says() {
         let set = start(2);
         open_members(&set, &files[..2]);
         create_sb_raid(&set, 2, 1024).unwrap();
-        // Data far above where the crash will stop the rebuild.
-        for lba in [3000u64, 3500] {
+        // Data in chunks (of 256 blocks) 1 to 13: the rebuild copies them.
+        for lba in (1..14u64).map(|c| c * 256 + 100) {
             raid_io(&set, IoType::Write, lba, 1, Some(vec![7; BS as usize]));
         }
+        // Their bits cleared (an idle array), so the crash leaves no dirty
+        // chunk: what is copied after it is the rebuild's rest alone.
+        set.wait_for(10, "bitmap clean", || {
+            RaidArray::find("R").is_some_and(|r| r.info_json()["bitmap"]["dirty_chunks"] == 0)
+        });
         // A slow rebuild onto a blank F2: 64 KiB windows at 2 MiB/s.
         set_process_rate(&set, 64, 2);
         remove_member(&set, "F1");
@@ -318,10 +324,12 @@ fn a_full_rebuild_interrupted_by_a_crash_resumes_where_the_superblock_says() {
     let data_offset = common::files::data_offset(&set);
     delete_raid(&set, false);
     drop(set);
-    // The crash also left the superblock dirty; the bitmap's dirty chunks
-    // lie above the recorded offset, so the copy is exactly the rest.
-    assert!(recorded > 0 && recorded < 3000, "recorded {recorded} of {blocks}");
-    assert_eq!(copied, blocks - recorded, "the rebuild resumed at {recorded} of {blocks}");
+    // The crash also left the superblock dirty, with no dirty chunk; the
+    // rebuild copies only written chunks (1 to 13), so the copy is exactly
+    // their part from the recorded offset on.
+    assert!(recorded > 0 && recorded < 14 * 256, "recorded {recorded} of {blocks}");
+    let rest: u64 = (1..14u64).map(|c| ((c + 1) * 256).saturating_sub(recorded.max(c * 256))).sum();
+    assert_eq!(copied, rest, "the rebuild resumed at {recorded} of {blocks}");
     assert!(same_data(&files[0], &files[2], data_offset), "the resumed rebuild completed the copy");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -417,6 +425,11 @@ fn shutdown_during_a_rebuild_waits_for_the_window_and_leaves_it_recorded() {
     let dir = temp_dir("shutdown-rebuild");
     let files = make_files(&dir, 3, 16);
     let (set, _) = start_with_sb_raid(&files[..2], 1024);
+    // A block in every chunk (of 256 blocks): the rebuild copies them all.
+    let blocks = set.call(0, || RaidArray::find("R").unwrap().geometry().unwrap().array_blocks());
+    for lba in (0..blocks).step_by(256) {
+        raid_io(&set, IoType::Write, lba, 1, Some(vec![1; BS as usize]));
+    }
     set_process_rate(&set, 256, 4);
     remove_member(&set, "F1");
     open_member(&set, &files[2], "F2");

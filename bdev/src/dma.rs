@@ -220,15 +220,27 @@ thread_local! {
 
 fn with_local<R>(f: impl FnOnce(&DmaLocal) -> R) -> R {
     let uid = reactor::current_uid();
-    let local = LOCAL.with(|l| {
-        let mut l = l.borrow_mut();
-        if l.0 != uid || l.1.is_none() {
-            let fresh = if uid == 0 { Rc::new(DmaLocal::default()) } else { reactor::local::<DmaLocal>() };
-            *l = (uid, Some(fresh));
+    LOCAL.with(|l| {
+        // The fast path (every buffer taken or returned on the hot path):
+        // the cached pool, borrowed while `f` runs, no reference count
+        // taken. `f` never switches the thread to another reactor's pool.
+        if let Ok(cached) = l.try_borrow() {
+            if let (u, Some(local)) = &*cached {
+                if *u == uid {
+                    return f(local);
+                }
+            }
         }
-        l.1.clone().unwrap_or_default()
-    });
-    f(&local)
+        let local = {
+            let mut l = l.borrow_mut();
+            if l.0 != uid || l.1.is_none() {
+                let fresh = if uid == 0 { Rc::new(DmaLocal::default()) } else { reactor::local::<DmaLocal>() };
+                *l = (uid, Some(fresh));
+            }
+            l.1.clone().unwrap_or_default()
+        };
+        f(&local)
+    })
 }
 
 /// Buffers of reactors that have stopped, by class (addresses of regions

@@ -36,53 +36,51 @@ fn write(ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
         return ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
     };
     let members = ras.members.borrow();
-    // One snapshot of the failure latches for both passes, so the count
-    // and the fan-out agree even if a member fails meanwhile.
+    // One snapshot of the failure latches for the whole fan-out, so the
+    // count and the children agree even if a member fails meanwhile.
     let failed = ras.shared.failed_mask.load(Ordering::Acquire);
     let nm = members.len();
-    let mut count = 0u32;
-    for e in geo.extents(off, n) {
-        let copies = e.placement.copies(nm);
-        let writable = copies.clone().filter(|l| Ras::writable(&members, failed, l.member as usize)).count() as u32;
-        let survivors = copies.filter(|l| Ras::active(&members, failed, l.member as usize)).count();
-        if survivors == 0 {
-            drop((members, geo_ref));
-            return ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
-        }
-        count += writable;
-    }
-    if (IoBox::available() as u64) < count as u64 {
-        drop((members, geo_ref));
-        return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
-    }
-    // A member latched failed but not yet recorded in the superblock gets
-    // no copy of this write: like a write whose copy failed, it is
-    // acknowledged only once the failure is on disk, or a restart could
-    // take the stale copy for a good one.
-    let unrecorded = failed & !ras.shared.recorded_mask.load(Ordering::Acquire);
-    ras.expect_children(slot, count, unrecorded != 0 && geo.level().is_redundant());
-    // Build every child before submitting any: a member may take
+    // Build every child before submitting any, in one pass over the
+    // extents (their count is the children built): a member may take
     // descriptors from this reactor's pool while it submits (a delay,
     // error or raid bdev below us), and a write that reached one mirror
     // but not the other would leave them different.
     let bs = ras.block_size.get();
     let mut children = ras.take_scratch();
     let mut short = false;
+    let mut lost = false;
     for e in geo.extents(off, n) {
-        for l in e.placement.copies(nm).filter(|l| Ras::writable(&members, failed, l.member as usize)) {
+        let mut survivors = false;
+        for l in e.placement.copies(nm) {
+            let m = l.member as usize;
+            survivors |= Ras::active(&members, failed, m);
+            if short || !Ras::writable(&members, failed, m) {
+                continue;
+            }
             let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
             match Ras::make_child(&members, slot, op, (l, b), e.num_blocks, 0) {
                 Some(c) => children.push(c),
                 None => short = true,
             }
         }
+        if !survivors {
+            lost = true;
+            break;
+        }
     }
-    if short {
+    if lost || short {
         children.clear();
         ras.put_scratch(children);
         drop((members, geo_ref));
-        return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
+        let e = if lost { IoError::NoDevice } else { IoError::NoMemory };
+        return ras.finish(slot, IoStatus::Failed(e));
     }
+    // A member latched failed but not yet recorded in the superblock gets
+    // no copy of this write: like a write whose copy failed, it is
+    // acknowledged only once the failure is on disk, or a restart could
+    // take the stale copy for a good one.
+    let unrecorded = failed & !ras.shared.recorded_mask.load(Ordering::Acquire);
+    ras.expect_children(slot, children.len() as u32, unrecorded != 0 && geo.level().is_redundant());
     for child in children.drain(..) {
         ras.send_child(&members, child);
     }
@@ -97,7 +95,9 @@ fn pick_copy(members: &[MemberCh], failed: u32, p: Placement, tried: u32, first:
         .min_by_key(|l| if first { l.member as u32 } else { members[l.member as usize].outstanding.get() })
 }
 
-/// A read: each extent from one active copy.
+/// A read: each extent from one active copy. Every child is built before
+/// any is sent (one pass over the extents), so a read short of
+/// descriptors fails whole without reaching a member.
 fn read(ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
     let geo_ref = ras.geo.borrow();
     let Some(geo) = geo_ref.as_deref() else {
@@ -107,27 +107,34 @@ fn read(ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
     let members = ras.members.borrow();
     let failed = ras.shared.failed_mask.load(Ordering::Acquire);
     let first = ras.reads_prefer_first();
-    let mut count = 0u32;
-    for e in geo.extents(off, n) {
-        if pick_copy(&members, failed, e.placement, 0, first).is_none() {
-            drop((members, geo_ref));
-            return ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
-        }
-        count += 1;
-    }
-    if (IoBox::available() as u64) < count as u64 {
-        drop((members, geo_ref));
-        return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
-    }
-    ras.expect_children(slot, count, false);
     let bs = ras.block_size.get();
+    let mut children = ras.take_scratch();
+    let mut error = None;
     for e in geo.extents(off, n) {
         let Some(l) = pick_copy(&members, failed, e.placement, 0, first) else {
-            continue;
+            error = Some(IoError::NoDevice);
+            break;
         };
+        if error.is_some() {
+            continue;
+        }
         let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
-        ras.submit_child(&members, slot, op, (l, b), e.num_blocks, 0);
+        match Ras::make_child(&members, slot, op, (l, b), e.num_blocks, 0) {
+            Some(c) => children.push(c),
+            None => error = Some(IoError::NoMemory),
+        }
     }
+    if let Some(e) = error {
+        children.clear();
+        ras.put_scratch(children);
+        drop((members, geo_ref));
+        return ras.finish(slot, IoStatus::Failed(e));
+    }
+    ras.expect_children(slot, children.len() as u32, false);
+    for child in children.drain(..) {
+        ras.send_child(&members, child);
+    }
+    ras.put_scratch(children);
 }
 
 /// `RaidLevel::retry_read` of a copy level: the next untried active copy.

@@ -1,9 +1,18 @@
 //! raid1: an N-way mirror. Every member holds every block at the same
 //! offset; the array is as large as the smallest member. It lives while any
 //! member does. No strips (SPDK refuses a strip size for raid1).
+//!
+//! With a bitmap that knows which chunks were written (md's llbitmap
+//! "unwritten" state), a chunk never written since the array was created
+//! reads as zeros without member IO, as at the parity levels: a rebuild
+//! or resync copies only written chunks (`rebuild`), so the copies of a
+//! never-written chunk need not agree, and a read must not depend on the
+//! copy it picks. (raid10 shares these hooks.)
 
-use super::RaidLevel;
+use super::{copies, stripe, RaidLevel};
+use crate::channel::Ras;
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement};
+use bdev::{IoStatus, IoType};
 
 pub(super) struct Raid1;
 
@@ -50,4 +59,34 @@ impl RaidLevel for Raid1 {
     fn array_offset_is_member_offset(&self) -> bool {
         true
     }
+
+    fn submit_rw(&self, ras: &Ras, slot: u32) {
+        submit_rw_unwritten_as_zeros(ras, slot);
+    }
+
+    fn children_done(&self, ras: &Ras, slot: u32) -> bool {
+        read_done_unwritten_as_zeros(ras, slot)
+    }
+}
+
+/// `RaidLevel::submit_rw` of a mirror level: a read of never-written
+/// chunks only is zeros at once; everything else goes to the copies.
+pub(super) fn submit_rw_unwritten_as_zeros(ras: &Ras, slot: u32) {
+    if let Some(((IoType::Read, _), off, n, Some(data))) = ras.parent_args(slot) {
+        if ras.bitmap_ref().as_deref().is_some_and(|bm| bm.range_unwritten(off, n)) {
+            data.fill(0);
+            return ras.finish(slot, IoStatus::Success);
+        }
+    }
+    copies::submit_rw(ras, slot);
+}
+
+/// `RaidLevel::children_done` of a mirror level: a read's blocks in
+/// never-written chunks become zeros (the read also covered written ones).
+/// The parent then completes (false).
+pub(super) fn read_done_unwritten_as_zeros(ras: &Ras, slot: u32) -> bool {
+    if matches!(ras.parent_args(slot), Some(((IoType::Read, _), ..))) {
+        stripe::zero_unwritten(ras, slot);
+    }
+    false
 }

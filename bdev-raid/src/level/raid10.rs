@@ -3,9 +3,11 @@
 //! data) is stored in slots `2c` and `2c + 1`. With an even member count
 //! this is a stripe over mirror pairs (0,1), (2,3), ...; with an odd count
 //! the copies wrap to the next row, exactly as md does. Any `n >= 2` works,
-//! and any one member may fail.
+//! and any one member may fail. Never-written chunks read as zeros, as
+//! at raid1 (`raid1`'s hooks).
 
-use super::RaidLevel;
+use super::{raid1, RaidLevel};
+use crate::channel::Ras;
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement};
 
 pub(super) struct Raid10;
@@ -78,5 +80,13 @@ impl RaidLevel for Raid10 {
 
     fn array_offset_is_member_offset(&self) -> bool {
         false
+    }
+
+    fn submit_rw(&self, ras: &Ras, slot: u32) {
+        raid1::submit_rw_unwritten_as_zeros(ras, slot);
+    }
+
+    fn children_done(&self, ras: &Ras, slot: u32) -> bool {
+        raid1::read_done_unwritten_as_zeros(ras, slot)
     }
 }

@@ -273,8 +273,8 @@ pub(super) fn kind_of(
     p: Piece,
     off: u64,
     end: u64,
-    down: &dyn Fn(usize) -> bool,
-    no_write: &dyn Fn(usize) -> bool,
+    down: impl Fn(usize) -> bool,
+    no_write: impl Fn(usize) -> bool,
     trusted: bool,
 ) -> (Kind, u64) {
     let rows = p.rows();
@@ -445,9 +445,11 @@ impl<'a> Ctx<'a> {
     fn planned(geo: &Geometry, parities: u8, ras: &'a Ras) -> Ctx<'a> {
         let members = ras.members.borrow();
         let failed = ras.shared.failed_mask.load(Ordering::Acquire);
-        let mask = |f: &dyn Fn(usize) -> bool| (0..geo.num_members()).filter(|&m| f(m)).fold(0u32, |a, m| a | 1 << m);
-        let down_mask = mask(&|m| !Ras::active(&members, failed, m));
-        let no_write_mask = mask(&|m| !Ras::writable(&members, failed, m));
+        let (mut down_mask, mut no_write_mask) = (0u32, 0u32);
+        for m in 0..geo.num_members() {
+            down_mask |= u32::from(!Ras::active(&members, failed, m)) << m;
+            no_write_mask |= u32::from(!Ras::writable(&members, failed, m)) << m;
+        }
         let trusted = ras.shared.redundancy_verified.load(Ordering::Acquire);
         let sh = Shape::of(geo, parities);
         Ctx { sh, members, failed, down_mask, no_write_mask, trusted, bs: ras.block_size.get() }
@@ -456,7 +458,7 @@ impl<'a> Ctx<'a> {
     /// A context planned now, its plan recorded for `slot`'s later rounds.
     fn recorded(geo: &Geometry, parities: u8, ras: &'a Ras, slot: u32) -> Ctx<'a> {
         let mut c = Ctx::planned(geo, parities, ras);
-        if let Some(((IoType::Write, _), off, n, _)) = ras.parent_args(slot) {
+        if let Some(((IoType::Write, _), off, n)) = ras.parent_range(slot) {
             c.trusted = write_trusted(ras, c.sh, geo, off, n, c.trusted);
         }
         ras.set_level_plan_masks(slot, (c.down_mask, c.no_write_mask));
@@ -486,7 +488,11 @@ impl<'a> Ctx<'a> {
     }
 
     fn kind_of(&self, p: Piece, off: u64, end: u64) -> (Kind, u64) {
-        kind_of(self.sh, p, off, end, &|m| self.down(m), &|m| !self.can_write(m), self.trusted)
+        if self.down_mask == 0 && self.no_write_mask == 0 {
+            // Every member up (the common case): no member to map.
+            return kind_of(self.sh, p, off, end, |_| false, |_| false, self.trusted);
+        }
+        kind_of(self.sh, p, off, end, |m| self.down(m), |m| !self.can_write(m), self.trusted)
     }
 }
 
@@ -635,7 +641,7 @@ impl ParityLevel {
     /// Starts (or restarts) a write: plan the reads, or go straight to the
     /// writes when every piece is full or lost its parities.
     fn start_write(&self, ras: &Ras, slot: u32) {
-        let Some(((op, _), off, n, _)) = ras.parent_args(slot) else {
+        let Some(((op, _), off, n)) = ras.parent_range(slot) else {
             return ras.impossible("a parity-level write to map is not parked");
         };
         if op != IoType::Write {
@@ -808,6 +814,21 @@ impl ParityLevel {
                             let area = &mut s[(at * bs) as usize..((at + size) * bs) as usize];
                             let (rows_in, rest) = area.split_at_mut(dd as usize * rb);
                             let (old, new) = rest.split_at_mut(c.sh.parities as usize * rb);
+                            // One data chunk written whole (a small write):
+                            // P' = P ^ old ^ new in one pass, P not copied first.
+                            if c.sh.parities == 1 {
+                                let mut covered = (0..dd).filter(|&k| {
+                                    let (clo, chi) = p.covered(c.sh, off, end, k);
+                                    clo < chi
+                                });
+                                if let (Some(k), None) = (covered.next(), covered.next()) {
+                                    if p.covered(c.sh, off, end, k) == (p.lo, p.hi) {
+                                        let old_d = blocks(rows_in, bs, k * rows, rows);
+                                        let new_d = blocks(d, bs, c.sh.chunk_lba(p.stripe, k) + p.lo - off, rows);
+                                        return parity.gen_p(&[&*old, old_d, new_d], new);
+                                    }
+                                }
+                            }
                             new.copy_from_slice(old);
                             let (pout, qout) = new.split_at_mut(rb);
                             for k in 0..dd {
@@ -856,11 +877,19 @@ impl ParityLevel {
         log_at: u64,
         writes: u32,
     ) {
-        let Some((_, off, n, _)) = ras.parent_args(slot) else {
+        let Some((_, off, n)) = ras.parent_range(slot) else {
             drop((c, geo_ref));
             return ras.impossible("a parity-level write to log is not parked");
         };
-        match self.write_log(ras, slot, &c, (off, off + n), log_at) {
+        let mut started = self.write_log(ras, slot, &c, (off, off + n), log_at);
+        // Slots wait for a flush of the members' caches (`ppl`): none to
+        // flush, and they are free now.
+        if matches!(started, LogStart::NoSlot)
+            && self.log(ras).is_some_and(|l| l.flush_before_reuse(ras.shared.key, &c.members, c.failed))
+        {
+            started = self.write_log(ras, slot, &c, (off, off + n), log_at);
+        }
+        match started {
             LogStart::Nothing => self.write_members(ras, slot, (c, geo_ref), writes),
             LogStart::Sent => {}
             LogStart::NoSlot => {
@@ -880,7 +909,7 @@ impl ParityLevel {
         if ras.level_phase(slot) != WRITE_LOG_WAIT {
             return ras.impossible("a write waiting for a log slot is not waiting");
         }
-        let Some((_, off, n, _)) = ras.parent_args(slot) else {
+        let Some((_, off, n)) = ras.parent_range(slot) else {
             return ras.impossible("a write waiting for a log slot is not parked");
         };
         let Some(geo_ref) = geometry_or_finish(ras, slot) else { return };
@@ -895,7 +924,7 @@ impl ParityLevel {
     /// The log entries are durable: the data and parity computed for
     /// `slot` go to the members.
     fn resume_after_log(&self, ras: &Ras, slot: u32) {
-        let Some((_, off, n, _)) = ras.parent_args(slot) else {
+        let Some((_, off, n)) = ras.parent_range(slot) else {
             return ras.impossible("a logged parity-level write is not parked");
         };
         let Some(geo_ref) = geometry_or_finish(ras, slot) else { return };
@@ -1047,7 +1076,7 @@ impl ParityLevel {
     fn release_log(&self, ras: &Ras, slot: u32) {
         // Whatever the switch says now: slots taken before are given back.
         let Some(log) = ras.shared.ppl.get().filter(|_| self.parities == 1) else { return };
-        let Some((_, off, n, _)) = ras.parent_args(slot) else { return };
+        let Some((_, off, n)) = ras.parent_range(slot) else { return };
         let geo_ref = ras.geo.borrow();
         let Some(geo) = geo_ref.as_deref() else { return };
         let sh = self.shape(geo);
@@ -1381,7 +1410,7 @@ impl ParityLevel {
 /// them) all agree. Written bits are only ever set, so a chunk still
 /// unwritten now was unwritten when the read was planned; one written
 /// since raced the read, which then gets what the members gave.
-fn zero_unwritten(ras: &Ras, slot: u32) {
+pub(super) fn zero_unwritten(ras: &Ras, slot: u32) {
     let Some((_, off, n, Some(data))) = ras.parent_args(slot) else { return };
     let bm = ras.bitmap_ref();
     let Some(bm) = bm.as_deref().filter(|bm| bm.tracks_written()) else { return };
@@ -1619,7 +1648,7 @@ mod tests {
             for_each_piece(sh, off, end, |p| {
                 assert!(p.lo < p.hi && p.hi <= chunk);
                 let mut read = vec![false; (sh.data * p.rows()) as usize];
-                let (kind, size) = kind_of(sh, p, off, end, &|_| false, &|_| false, false);
+                let (kind, size) = kind_of(sh, p, off, end, |_| false, |_| false, false);
                 piece_reads(sh, p, kind, off, end, 0, |m, moff, nb, at| {
                     let k = (0..sh.data).find(|&k| sh.data_member(p.stripe, k) == m).unwrap();
                     assert_eq!(at, k * p.rows() + (moff - p.stripe * chunk - p.lo));
