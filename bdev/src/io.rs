@@ -236,7 +236,9 @@ impl Default for IoLocal {
             created: std::cell::Cell::new(size),
         };
         if reactor::current().is_some() {
-            reactor::register_poller("bdev_completions", || {
+            // Only this reactor queues completions: in interrupt mode they
+            // need no wake-up of their own.
+            reactor::register_local_work_poller("bdev_completions", || {
                 if drain_completions() > 0 {
                     reactor::PollStatus::Busy
                 } else {
@@ -271,6 +273,28 @@ pub(crate) fn io_local() -> Rc<IoLocal> {
     })
 }
 
+/// Runs `f` on the current reactor's IO state without taking a reference
+/// on it: the per-IO calls (a descriptor taken, completed, returned) pay a
+/// borrow flag, not a reference count. None once the thread-local is gone
+/// (a thread exiting). The cached state stays borrowed while `f` runs: `f`
+/// must not switch the thread to another reactor's state.
+#[inline]
+fn try_with_io_local<R>(f: impl FnOnce(&IoLocal) -> R) -> Option<R> {
+    let uid = reactor::current_uid();
+    LOCAL
+        .try_with(|l| {
+            if let Ok(cached) = l.try_borrow() {
+                if let (u, Some(local)) = &*cached {
+                    if *u == uid {
+                        return f(local);
+                    }
+                }
+            }
+            f(&io_local())
+        })
+        .ok()
+}
+
 /// Runs the callbacks of the IOs completed so far on this reactor (those
 /// completed by the callbacks themselves wait for the next call). Returns how
 /// many ran. The reactor's poller calls this; tests without reactors may too.
@@ -299,7 +323,7 @@ impl IoBox {
     /// A descriptor from the current reactor's pool, or `None` when the pool
     /// is empty (the caller reports `NoMemory` or retries; never allocates).
     pub fn alloc() -> Option<IoBox> {
-        let io = io_local().pool.borrow_mut().pop()?;
+        let io = try_with_io_local(|l| l.pool.borrow_mut().pop())??;
         Some(IoBox(Some(io)))
     }
 
@@ -326,7 +350,8 @@ impl IoBox {
     /// Finishes the IO: its completer runs from the completion poller.
     pub fn complete(mut self, status: IoStatus) {
         self.inner_mut().status = status;
-        io_local().completions.borrow_mut().push_back(self);
+        // (On a thread exiting, whose queue is gone, the IO is dropped.)
+        try_with_io_local(move |l| l.completions.borrow_mut().push_back(self));
     }
 
     pub fn fail(self, e: IoError) {
@@ -335,7 +360,7 @@ impl IoBox {
 
     /// Descriptors available on this reactor right now.
     pub fn available() -> usize {
-        io_local().pool.borrow().len()
+        try_with_io_local(|l| l.pool.borrow().len()).unwrap_or(0)
     }
 
     /// Descriptors this reactor owns in all (free or in use).
@@ -372,9 +397,7 @@ impl Drop for IoBox {
         io.latency_ticks = 0;
         // A reactor thread exiting with IOs still queued drops them from its
         // thread-local's destructor: the pool is gone then, so is the memory.
-        if let Ok(local) = LOCAL.try_with(|_| ()).map(|()| io_local()) {
-            local.pool.borrow_mut().push(io);
-        }
+        try_with_io_local(|l| l.pool.borrow_mut().push(io));
     }
 }
 

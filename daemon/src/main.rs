@@ -42,9 +42,14 @@ struct Args {
     /// Use the embedded default config (two malloc bdevs) when no -c is given.
     #[arg(long)]
     default_config: bool,
-    /// What a reactor does when it has no work.
-    #[arg(long, value_enum, default_value = "busy")]
-    idle: Idle,
+    /// What a reactor does when it has no work (default: busy).
+    #[arg(long, value_enum)]
+    idle: Option<Idle>,
+    /// Interrupt mode (SPDK's flag): an idle reactor sleeps until a device
+    /// interrupt (NVMe completions through MSI-X), a message or a timer
+    /// wakes it. Implies sleeping when idle; refused with --idle busy.
+    #[arg(long)]
+    interrupt_mode: bool,
     /// Do not use hugepages for DMA memory.
     #[arg(long)]
     no_huge: bool,
@@ -87,9 +92,15 @@ fn run(args: Args) -> Result<()> {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
 
-    let idle = match args.idle {
-        Idle::Busy => IdlePolicy::BusyPoll,
-        Idle::Sleep => IdlePolicy::sleep(),
+    let idle = match (args.idle, args.interrupt_mode) {
+        (Some(Idle::Busy), true) => {
+            bail!(
+                "--interrupt-mode sleeps on interrupts when a reactor is idle; it cannot be combined with --idle busy"
+            )
+        }
+        (_, true) => IdlePolicy::interrupt(),
+        (None | Some(Idle::Busy), false) => IdlePolicy::BusyPoll,
+        (Some(Idle::Sleep), false) => IdlePolicy::sleep(),
     };
     let mut cfg = ReactorConfig::new(cores, idle);
     cfg.pin = !args.no_pin;

@@ -73,7 +73,9 @@ pub struct CtrlrOpts {
     /// Deadline of each admin command (past it the command's buffer is
     /// leaked and the controller reset); Asynchronous Event Requests have none.
     pub admin_timeout_ms: u64,
-    /// Describe data with one SGL data block when the controller has SGLs.
+    /// Describe data with SGLs whenever the controller supports them
+    /// (Identify Controller SGLS bits 1:0 = 01b or 10b); PRPs otherwise, or
+    /// always when false.
     pub prefer_sgl: bool,
     /// IO queues to ask for (0: one per reactor).
     pub io_queues: u16,
@@ -87,7 +89,7 @@ impl Default for CtrlrOpts {
             io_queue_depth: 256,
             io_timeout_us: 10_000_000,
             admin_timeout_ms: 5_000,
-            prefer_sgl: false,
+            prefer_sgl: true,
             io_queues: 0,
             retry_count: 4,
         }
@@ -194,6 +196,8 @@ struct Identity {
     data: ControllerData,
     io_queues: u16,
     use_sgl: bool,
+    /// Interrupt mode: MSI-X on, vector `qid` for IO queue `qid`.
+    interrupts: bool,
 }
 
 /// The completion callback of an admin command. Runs on the home reactor,
@@ -314,7 +318,19 @@ enum QueueSlot {
         sq_iova: u64,
         cq_iova: u64,
         live: bool,
+        /// Its completion queue interrupts on vector `qid` (interrupt mode).
+        irq: bool,
     },
+}
+
+/// How a device left (`Controller::device_removed`).
+#[derive(Clone, Copy)]
+enum Removal {
+    /// Registers read all ones: it is already gone.
+    Gone,
+    /// The platform asked for it back (VFIO device request); it still
+    /// answers until released.
+    Requested,
 }
 
 /// A queue pair creation that arrived during a reset.
@@ -322,6 +338,8 @@ struct QueueRequest {
     reactor: ReactorId,
     sq_iova: u64,
     cq_iova: u64,
+    /// The queue pair's interrupt eventfd (interrupt mode).
+    irq: Option<Arc<reactor::EventFd>>,
 }
 
 /// A controller. Shared by every reactor (`Arc`); IO goes through the
@@ -676,8 +694,19 @@ impl Probe {
     }
 
     fn finish(self: Box<Self>) {
-        let Probe { ctrlr, data, io_queues, namespaces, done, .. } = *self;
-        let use_sgl = ctrlr.opts.prefer_sgl && data.sgls & 0b11 != 0;
+        let Probe { ctrlr, data, mut io_queues, namespaces, done, .. } = *self;
+        let interrupts = reactor::interrupts_enabled();
+        if interrupts {
+            match enable_interrupts(&ctrlr, io_queues) {
+                Ok(n) => io_queues = n,
+                Err(e) => return ctrlr.abandon(e, done),
+            }
+        }
+        // SGLS bits 1:0: 01b any alignment, 10b dword granularity, 11b reserved.
+        let sgl_support = data.sgls & 0b11;
+        let use_sgl = ctrlr.opts.prefer_sgl
+            && (sgl_support == nvme_spec::identify::sgls::SUPPORTED
+                || sgl_support == nvme_spec::identify::sgls::SUPPORTED_DWORD_ALIGNED);
         let namespaces: Vec<Namespace> = namespaces
             .into_iter()
             .map(|mut ns| {
@@ -687,7 +716,7 @@ impl Probe {
             .collect();
         *lock_home(&ctrlr.queues) = vec![QueueSlot::Free; io_queues as usize + 1];
         *lock_home(&ctrlr.namespaces) = namespaces;
-        let _ = ctrlr.ident.set(Identity { data, io_queues, use_sgl });
+        let _ = ctrlr.ident.set(Identity { data, io_queues, use_sgl, interrupts });
         ctrlr.attached.store(true, Ordering::Release);
         tracing::info!(
             name = ctrlr.name,
@@ -700,6 +729,25 @@ impl Probe {
         );
         done(Ok(ctrlr))
     }
+}
+
+/// Interrupt mode: MSI-X with vector 0 for the admin queue and one vector
+/// per IO queue (vector = queue id), so each reactor's queue pair wakes its
+/// own reactor. A device with fewer vectors gets fewer IO queues; one with
+/// none for IO queues cannot run in interrupt mode and is refused. Returns
+/// the IO queue count.
+fn enable_interrupts(ctrlr: &Controller, io_queues: u16) -> Result<u16, NvmeError> {
+    let dev = ctrlr.regs.describe();
+    let vectors = ctrlr.regs.interrupt_vectors();
+    if vectors < 2 {
+        return Err(NvmeError::Unsupported(format!(
+            "{dev}: interrupt mode needs MSI-X vectors for the admin queue and each IO queue; the device offers              {vectors} (run without --interrupt-mode to poll it)"
+        )));
+    }
+    let io_queues = io_queues.min(vectors - 1);
+    ctrlr.regs.enable_interrupts(io_queues + 1).map_err(NvmeError::Unsupported)?;
+    tracing::info!(ctrlr = %ctrlr.name, vectors = io_queues + 1, "interrupt mode: MSI-X enabled");
+    Ok(io_queues)
 }
 
 /// Largest read/write in one command, in blocks (MDTS, PRP list room, NLB).
@@ -1049,7 +1097,11 @@ impl Controller {
             self.next_health_check_ns.store(now.saturating_add(HEALTH_CHECK_NS), Ordering::Relaxed);
             let csts = Csts(self.regs.read32(offset::CSTS));
             if csts.0 == u32::MAX {
-                self.device_removed();
+                self.device_removed(Removal::Gone);
+                return PollStatus::Busy;
+            }
+            if self.gate.removal_requested() {
+                self.device_removed(Removal::Requested);
                 return PollStatus::Busy;
             }
             if csts.cfs() && self.state() == CtrlrState::Enabled {
@@ -1166,19 +1218,23 @@ impl Controller {
         true
     }
 
-    /// Creates IO CQ and SQ `qid` on the controller (home reactor).
+    /// Creates IO CQ and SQ `qid` on the controller (home reactor); with
+    /// `irq`, the CQ interrupts on vector `qid`.
     fn create_io_queue(
         self: &Arc<Self>,
         qid: u16,
         sq_iova: u64,
         cq_iova: u64,
+        irq: bool,
         done: Box<dyn FnOnce(Result<(), NvmeError>) + Send>,
     ) {
         let depth = self.io_depth;
         let mut sqe = Sqe::new(AdminOpcode::CREATE_IO_CQ.0, 0);
         sqe.dptr.prp1 = U64::new(cq_iova);
         sqe.cdw10 = U32::new(qid as u32 | ((depth as u32 - 1) << 16));
-        sqe.cdw11 = U32::new(1); // physically contiguous, interrupts off
+        // Physically contiguous (bit 0); interrupts enabled (bit 1) on
+        // vector IV (bits 31:16) in interrupt mode, else off: polled.
+        sqe.cdw11 = U32::new(if irq { 1 | 2 | ((qid as u32) << 16) } else { 1 });
         let c = self.clone();
         self.admin(
             sqe,
@@ -1219,28 +1275,31 @@ impl Controller {
 
     /// A reactor's queue pair asks for its controller queues (any reactor;
     /// the answer comes back by message: `qpair::queue_created`).
-    pub(crate) fn request_io_queue(self: &Arc<Self>, sq_iova: u64, cq_iova: u64) {
+    pub(crate) fn request_io_queue(self: &Arc<Self>, sq_iova: u64, cq_iova: u64, irq: Option<Arc<reactor::EventFd>>) {
         let Some(reactor) = reactor::current() else {
             return;
         };
-        self.on_home(move |c| c.create_queue_for(QueueRequest { reactor, sq_iova, cq_iova }));
+        self.on_home(move |c| c.create_queue_for(QueueRequest { reactor, sq_iova, cq_iova, irq }));
     }
 
     fn create_queue_for(self: &Arc<Self>, req: QueueRequest) {
-        let QueueRequest { reactor, sq_iova, cq_iova } = req;
+        let QueueRequest { reactor, sq_iova, cq_iova, irq } = req;
         if self.is_detaching() {
             return self.answer_queue(reactor, None);
         }
         match self.state() {
             CtrlrState::Enabled => {}
-            CtrlrState::Resetting => return lock_home(&self.deferred).push(QueueRequest { reactor, sq_iova, cq_iova }),
+            CtrlrState::Resetting => {
+                return lock_home(&self.deferred).push(QueueRequest { reactor, sq_iova, cq_iova, irq })
+            }
             CtrlrState::Failed | CtrlrState::Detached => return self.answer_queue(reactor, None),
         }
         let qid = {
             let mut q = lock_home(&self.queues);
             match q.iter().skip(1).position(|s| matches!(s, QueueSlot::Free)) {
                 Some(i) => {
-                    q[i + 1] = QueueSlot::Used { reactor, sq_iova, cq_iova, live: false };
+                    let irq = irq.is_some() && self.uses_interrupts();
+                    q[i + 1] = QueueSlot::Used { reactor, sq_iova, cq_iova, live: false, irq };
                     (i + 1) as u16
                 }
                 None => {
@@ -1250,11 +1309,28 @@ impl Controller {
                 }
             }
         };
+        // The vector is routed before the queue exists, so no completion
+        // interrupt is lost; it stays routed across resets (MSI-X is PCI
+        // state, which a controller reset leaves alone).
+        let with_irq = match irq.as_ref().filter(|_| self.uses_interrupts()) {
+            Some(fd) => match self.regs.set_interrupt(qid, Some(fd)) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(ctrlr = %self.name, qid, "IO queue interrupt: {e}");
+                    if let Some(s) = lock_home(&self.queues).get_mut(qid as usize) {
+                        *s = QueueSlot::Free;
+                    }
+                    return self.answer_queue(reactor, None);
+                }
+            },
+            None => false,
+        };
         let c = self.clone();
         self.create_io_queue(
             qid,
             sq_iova,
             cq_iova,
+            with_irq,
             Box::new(move |r| match r {
                 Ok(()) => {
                     if let Some(QueueSlot::Used { live, .. }) = lock_home(&c.queues).get_mut(qid as usize) {
@@ -1314,6 +1390,12 @@ impl Controller {
     /// Whether IO data is described by SGLs (else PRPs).
     pub fn uses_sgl(&self) -> bool {
         self.ident.get().is_some_and(|i| i.use_sgl)
+    }
+
+    /// Whether IO completions interrupt (interrupt mode, MSI-X), so a
+    /// queue pair's reactor may sleep until they do.
+    pub fn uses_interrupts(&self) -> bool {
+        self.ident.get().is_some_and(|i| i.interrupts)
     }
 
     pub fn io_queue_count(&self) -> u16 {
@@ -1470,6 +1552,10 @@ impl Controller {
         self.end_admin("detached");
         self.dma_stopped.store(stopped, Ordering::Release);
         self.set_state(if stopped { CtrlrState::Detached } else { CtrlrState::Failed });
+        if stopped && self.uses_interrupts() && !self.is_removed() {
+            // Before the queue pairs (and their eventfds) go.
+            self.regs.disable_interrupts();
+        }
         let c = self.clone();
         reactor::for_each_reactor(Arc::new(move || qpair::drop_local(&c)), move || {
             drop_home_entry(self.id, !stopped, &self.stats);
@@ -1676,23 +1762,42 @@ impl Controller {
         self.removed.load(Ordering::Acquire)
     }
 
-    /// The device is gone (its registers read all ones): nothing touches it
-    /// any more, every admin command and every in-flight or queued IO ends
-    /// (IO with `NoDevice`), and the controller is detached, which
-    /// hot-removes its bdevs. Home reactor.
-    fn device_removed(self: &Arc<Self>) {
+    /// The device is gone (its registers read all ones) or is being taken
+    /// away (the platform asked for it back: a hot-unplug waiting for us):
+    /// nothing touches it any more, every admin command and every in-flight
+    /// or queued IO ends (IO with `NoDevice`), the device is released once
+    /// every reactor has stopped using it, and the controller is detached,
+    /// which hot-removes its bdevs. Home reactor.
+    fn device_removed(self: &Arc<Self>, how: Removal) {
         if self.removed.swap(true, Ordering::AcqRel) {
             return;
         }
+        match how {
+            Removal::Gone => {
+                tracing::error!(ctrlr = %self.name, dev = %self.regs.describe(), "NVMe device removed (registers read all ones)")
+            }
+            Removal::Requested => {
+                tracing::error!(ctrlr = %self.name, dev = %self.regs.describe(), "NVMe device being removed (the platform asked for it back)");
+                // It still answers: no DMA from here on, before IO buffers
+                // are released below.
+                if !self.gate.stop_dma() {
+                    tracing::error!(ctrlr = %self.name, "cannot clear bus mastering of a device being removed");
+                }
+            }
+        }
         self.gate.cut_off();
-        tracing::error!(ctrlr = %self.name, dev = %self.regs.describe(), "NVMe device removed (registers read all ones)");
         self.dma_stopped.store(true, Ordering::Release);
         self.set_state(CtrlrState::Failed);
         self.end_admin("removed");
         let c = self.clone();
         reactor::for_each_reactor(Arc::new(move || qpair::for_each_local(&c, |q| q.device_gone())), {
             let c = self.clone();
-            move || crate::controller_removed(&c)
+            move || {
+                // Every reactor has seen the cut-off: no register access is
+                // under way or to come.
+                c.gate.release();
+                crate::controller_removed(&c)
+            }
         });
     }
 
@@ -1723,6 +1828,7 @@ impl Controller {
                 "num_io_queues": self.io_queue_count(),
                 "io_queue_depth": self.io_depth,
                 "sgl": self.uses_sgl(),
+                "interrupts": self.uses_interrupts(),
                 "resets": self.stats.resets.load(Ordering::Relaxed),
                 "io_timeouts": self.stats.io_timeouts.load(Ordering::Relaxed),
                 "aborts": self.stats.aborts_sent.load(Ordering::Relaxed),
@@ -1750,7 +1856,7 @@ fn reset_disable(ctrlr: Arc<Controller>) {
         let disabled = r.is_ok();
         if matches!(r, Err(NvmeError::Gone(_))) {
             // Found gone by the reset: removal takes over.
-            return c.device_removed();
+            return c.device_removed(Removal::Gone);
         }
         if let Err(e) = &r {
             tracing::error!(ctrlr = %c.name, "reset: {e}");
@@ -1814,7 +1920,7 @@ fn reset_recreate(ctrlr: Arc<Controller>, mut left: Vec<(u16, QueueSlot)>, mut m
     let Some((qid, slot)) = left.pop() else {
         return reset_finish(ctrlr, true, made);
     };
-    let QueueSlot::Used { reactor, sq_iova, cq_iova, .. } = slot else {
+    let QueueSlot::Used { reactor, sq_iova, cq_iova, irq, .. } = slot else {
         return reset_recreate(ctrlr, left, made);
     };
     let c = ctrlr.clone();
@@ -1822,6 +1928,7 @@ fn reset_recreate(ctrlr: Arc<Controller>, mut left: Vec<(u16, QueueSlot)>, mut m
         qid,
         sq_iova,
         cq_iova,
+        irq,
         Box::new(move |r| {
             let ok = r.is_ok();
             if let Err(e) = r {

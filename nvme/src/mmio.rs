@@ -48,6 +48,31 @@ pub trait RegisterSpace: Send + Sync {
     fn stop_dma(&self) -> bool;
     /// "PCIe 0000:00:04.0", for messages.
     fn describe(&self) -> String;
+    /// Whether the platform asked for the device back while it still
+    /// answers (VFIO's device request: a hot-unplug or an unbind waits for
+    /// us to let go). Once true, stays true.
+    fn removal_requested(&self) -> bool {
+        false
+    }
+    /// Lets go of the device (its register mapping and file), so the
+    /// platform can finish taking it away. Called once nothing touches the
+    /// registers any more; accesses afterwards reach nothing.
+    fn release(&self) {}
+    /// MSI-X vectors the device offers (interrupt mode); 0: none.
+    fn interrupt_vectors(&self) -> u16 {
+        0
+    }
+    /// Enables MSI-X with vectors `0..count`, none of them signalling yet.
+    fn enable_interrupts(&self, count: u16) -> Result<(), String> {
+        Err(format!("{} cannot deliver {count} interrupt vectors", self.describe()))
+    }
+    /// Routes vector `vector` to `irq` (None: to nothing).
+    fn set_interrupt(&self, vector: u16, irq: Option<&Arc<reactor::EventFd>>) -> Result<(), String> {
+        let _ = irq;
+        Err(format!("{} has no interrupt vector {vector}", self.describe()))
+    }
+    /// Turns MSI-X off again (detach).
+    fn disable_interrupts(&self) {}
 }
 
 /// Blocking waits on the threads of one reactor set (`reactor::global`).
@@ -120,6 +145,27 @@ impl RegisterSpace for Gated {
     }
     fn describe(&self) -> String {
         self.inner.describe()
+    }
+    fn removal_requested(&self) -> bool {
+        !self.is_cut_off() && self.inner.removal_requested()
+    }
+    fn release(&self) {
+        self.inner.release()
+    }
+    fn interrupt_vectors(&self) -> u16 {
+        self.inner.interrupt_vectors()
+    }
+    fn enable_interrupts(&self, count: u16) -> Result<(), String> {
+        self.inner.enable_interrupts(count)
+    }
+    fn set_interrupt(&self, vector: u16, irq: Option<&Arc<reactor::EventFd>>) -> Result<(), String> {
+        if self.is_cut_off() && irq.is_some() {
+            return Err(format!("{} is gone", self.inner.describe()));
+        }
+        self.inner.set_interrupt(vector, irq)
+    }
+    fn disable_interrupts(&self) {
+        self.inner.disable_interrupts()
     }
 }
 

@@ -1,7 +1,12 @@
 //! Data pointers of a command: PRP entries and chained PRP lists (NVMe base
-//! 2.0 §4.1.1), and the single-descriptor SGL used when the controller
-//! supports SGLs. Pure arithmetic; the caller writes list entries into
+//! 2.0 §4.1.1), and SGLs (§4.1.2) when the controller supports them: one
+//! data block descriptor in the command for a contiguous buffer, or a Last
+//! Segment descriptor pointing at a list of data block descriptors for data
+//! in several pieces. Pure arithmetic; the caller writes list entries into
 //! device-visible memory through the sink it passes.
+
+use nvme_spec::cmd::sgl_type;
+use nvme_spec::{SglDescriptor, U32, U64};
 
 /// Memory page size the driver runs the controller with (CC.MPS = 0).
 pub const PAGE_SIZE: u64 = 4096;
@@ -91,6 +96,51 @@ pub fn build(
     Ok((prp1, list_iova))
 }
 
+/// SGL descriptors that fit in list memory of `list_pages` pages (one
+/// contiguous segment: the driver's list pages are contiguous).
+pub const fn sgl_list_capacity(list_pages: usize) -> usize {
+    list_pages * PAGE_SIZE as usize / 16
+}
+
+/// The SGL for data in `pieces` (address, length): SGL1 itself is one data
+/// block descriptor for a single piece; for several, the data block
+/// descriptors go to list memory (`sink(byte_offset, u64)`, at `list_iova`,
+/// 16-byte aligned) as one last segment, which SGL1 points at. With
+/// `dword_granular` (Identify SGLS bits 1:0 = 10b) every address and length
+/// must be a multiple of 4.
+pub fn build_sgl(
+    pieces: &[(u64, u32)],
+    list_iova: u64,
+    list_pages: usize,
+    dword_granular: bool,
+    mut sink: impl FnMut(usize, u64),
+) -> Result<SglDescriptor, PrpError> {
+    if pieces.is_empty() || pieces.iter().any(|&(_, len)| len == 0) {
+        return Err(PrpError::Empty);
+    }
+    if dword_granular && pieces.iter().any(|&(a, len)| a % 4 != 0 || len % 4 != 0) {
+        return Err(PrpError::Misaligned);
+    }
+    if let [(addr, len)] = *pieces {
+        return Ok(SglDescriptor::data_block(addr, len));
+    }
+    if pieces.len() > sgl_list_capacity(list_pages) || !list_iova.is_multiple_of(16) {
+        return Err(PrpError::TooLong);
+    }
+    for (i, &(addr, len)) in pieces.iter().enumerate() {
+        let d = SglDescriptor::data_block(addr, len);
+        // Bytes 8..16 of a descriptor: length, 3 reserved bytes, identifier.
+        sink(i * 16, d.address.get());
+        sink(i * 16 + 8, d.length.get() as u64 | (d.id as u64) << 56);
+    }
+    Ok(SglDescriptor {
+        address: U64::new(list_iova),
+        length: U32::new(pieces.len() as u32 * 16),
+        reserved: [0; 3],
+        id: sgl_type::LAST_SEGMENT << 4,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +197,30 @@ mod tests {
             }
         }
         assert_eq!(build(0x100000, max_transfer_bytes(1) + 8192, 0, 1, |_, _| ()), Err(PrpError::TooLong));
+    }
+
+    #[test]
+    fn sgl_one_data_block_or_a_last_segment_list() {
+        let one = build_sgl(&[(0x10200, 8192)], 0, 1, true, |_, _| panic!("no list for one piece")).unwrap();
+        assert_eq!(one.kind(), nvme_spec::SglKind::DataBlockAddress { address: 0x10200, length: 8192 });
+        let mut list = BTreeMap::new();
+        let pieces = [(0x10000u64, 4096u32), (0x30000, 512), (0x50200, 1024)];
+        let d = build_sgl(&pieces, 0x9000, 1, true, |off, v| {
+            list.insert(off, v);
+        })
+        .unwrap();
+        assert_eq!((d.sgl_type(), d.address.get(), d.length.get()), (sgl_type::LAST_SEGMENT, 0x9000, 48));
+        for (i, &(a, l)) in pieces.iter().enumerate() {
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&list[&(i * 16)].to_le_bytes());
+            raw[8..].copy_from_slice(&list[&(i * 16 + 8)].to_le_bytes());
+            let back = <SglDescriptor as zerocopy::FromBytes>::read_from_bytes(&raw[..]).unwrap();
+            assert_eq!(back.kind(), nvme_spec::SglKind::DataBlockAddress { address: a, length: l });
+        }
+        assert_eq!(build_sgl(&[(0x10002, 512), (0x20000, 512)], 0x9000, 1, true, |_, _| ()), Err(PrpError::Misaligned));
+        assert!(build_sgl(&[(0x10002, 510)], 0, 1, false, |_, _| ()).is_ok(), "byte granular: any alignment");
+        let many = vec![(0x10000u64, 512u32); sgl_list_capacity(1) + 1];
+        assert_eq!(build_sgl(&many, 0x9000, 1, false, |_, _| ()), Err(PrpError::TooLong));
+        assert_eq!(build_sgl(&[], 0, 1, false, |_, _| ()), Err(PrpError::Empty));
     }
 }

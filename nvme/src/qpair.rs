@@ -24,7 +24,7 @@ use bdev::{DmaBuf, IoBox, IoError, IoStatus, IoType};
 use nvme_spec::cmd::Psdt;
 use nvme_spec::regs::doorbell_offset;
 use nvme_spec::status::sct;
-use nvme_spec::{IoOpcode, SglDescriptor, Sqe, Status, U32, U64};
+use nvme_spec::{IoOpcode, Sqe, Status, U32, U64};
 use reactor::{PollStatus, PollerHandle};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -106,6 +106,8 @@ pub(crate) struct QPair {
     qid: Cell<u16>,
     depth: u16,
     use_sgl: bool,
+    /// SGL addresses and lengths must be dword multiples (SGLS 10b).
+    sgl_dword_granular: bool,
     sq_buf: DmaBuf,
     cq_buf: DmaBuf,
     lists_buf: DmaBuf,
@@ -118,6 +120,12 @@ pub(crate) struct QPair {
     poller: RefCell<Option<PollerHandle>>,
     /// The home reactor was asked for queues over this memory.
     requested: Cell<bool>,
+    /// Interrupt mode: the eventfd the controller signals for this queue's
+    /// completions (its MSI-X vector); the reactor sleeps on it.
+    irq: Option<Arc<reactor::EventFd>>,
+    /// The poller asked the reactor to wake for its timeouts (commands in
+    /// flight).
+    ticking: Cell<bool>,
 }
 
 /// Runs `f` on each live queue pair of `ctrlr` on the current reactor.
@@ -159,7 +167,7 @@ pub(crate) fn get_or_create(ctrlr: &Arc<Controller>) -> Result<Rc<QPair>, crate:
     let q = QPair::create(ctrlr)?;
     table.0.borrow_mut().push((ctrlr.id, q.clone()));
     q.requested.set(true);
-    ctrlr.request_io_queue(q.sq.iova(), q.cq.iova());
+    ctrlr.request_io_queue(q.sq.iova(), q.cq.iova(), q.irq.clone());
     Ok(q)
 }
 
@@ -183,6 +191,13 @@ impl QPair {
         let (Some(sq_buf), Some(cq_buf), Some(lists_buf)) = bufs else {
             return Err(crate::NvmeError::NoMemory(format!("{name}: IO queue memory")));
         };
+        let irq = if ctrlr.uses_interrupts() {
+            let fd = reactor::EventFd::new()
+                .map_err(|e| crate::NvmeError::Unsupported(format!("{name}: interrupt mode: eventfd: {e}")))?;
+            Some(Arc::new(fd))
+        } else {
+            None
+        };
         let trackers = depth as usize - 1;
         let max_parents = trackers * 4;
         let q = Rc::new(QPair {
@@ -190,6 +205,7 @@ impl QPair {
             qid: Cell::new(0),
             depth,
             use_sgl: ctrlr.uses_sgl(),
+            sgl_dword_granular: ctrlr.data().sgls & 0b11 == nvme_spec::identify::sgls::SUPPORTED_DWORD_ALIGNED,
             sq: DeviceMem::of(&sq_buf),
             cq: DeviceMem::of(&cq_buf),
             lists: DeviceMem::of(&lists_buf),
@@ -225,12 +241,18 @@ impl QPair {
             }),
             poller: RefCell::new(None),
             requested: Cell::new(false),
+            irq: irq.clone(),
+            ticking: Cell::new(false),
         });
         let weak = Rc::downgrade(&q);
-        let handle = reactor::register_poller("nvme_qpair", move || match weak.upgrade() {
+        let poll = move || match weak.upgrade() {
             Some(q) => q.poll(),
             None => PollStatus::Done,
-        });
+        };
+        let handle = match irq {
+            Some(irq) => reactor::register_interrupt_poller("nvme_qpair", irq, poll),
+            None => reactor::register_poller("nvme_qpair", poll),
+        };
         *q.poller.borrow_mut() = Some(handle);
         Ok(q)
     }
@@ -388,8 +410,18 @@ impl QPair {
                 let addr = buf.iova() + child.rel_block * bs;
                 let len = child.blocks * bs;
                 if self.use_sgl {
+                    // One buffer, so one data block; the list form is there
+                    // for data in pieces.
+                    let sgl = prp::build_sgl(
+                        &[(addr, len as u32)],
+                        list_iova,
+                        PRP_LIST_PAGES,
+                        self.sgl_dword_granular,
+                        |off, v| self.lists.write_u64(list_off + off, v),
+                    )
+                    .map_err(|_| IoError::OutOfRange)?;
                     sqe.set_psdt(Psdt::SglMetadataBuffer);
-                    sqe.set_sgl1(SglDescriptor::data_block(addr, len as u32));
+                    sqe.set_sgl1(sgl);
                 } else {
                     let (p1, p2) = prp::build(addr, len, list_iova, PRP_LIST_PAGES, |off, v| {
                         self.lists.write_u64(list_off + off, v)
@@ -511,6 +543,18 @@ impl QPair {
             self.issue(&mut st);
         }
         let timed_out = self.scan_timeouts(&mut st);
+        // Interrupt mode: while commands that may time out are in flight the
+        // reactor wakes twice per timeout, so the scan above runs (an abort
+        // goes out at most half a timeout late); otherwise it sleeps until
+        // this queue's interrupt.
+        let tick = self.irq.is_some() && self.ctrlr.opts.io_timeout_us > 0 && st.free.len() != st.trackers.len();
+        if tick != self.ticking.get() {
+            self.ticking.set(tick);
+            let half_timeout_ns = (self.ctrlr.opts.io_timeout_us.saturating_mul(1000) / 2).max(TIMEOUT_SCAN_NS);
+            if let Some(p) = self.poller.borrow().as_ref() {
+                p.set_wake_within(tick.then(|| std::time::Duration::from_nanos(half_timeout_ns)));
+            }
+        }
         drop(st);
         if timed_out {
             self.ctrlr.request_reset("IO command timeout after abort");

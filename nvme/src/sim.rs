@@ -24,7 +24,10 @@
 //! Surprise removal (`surprise_remove`): the device vanishes mid-IO — BAR0
 //! reads return all ones, writes go nowhere, nothing more is fetched,
 //! completed or written to host memory — and every register access after
-//! it is counted (`accesses_after_removal`).
+//! it is counted (`accesses_after_removal`). Removal on request
+//! (`request_removal`), as a hot-unplug under VFIO does it: the platform
+//! asks for the device back and waits; the device keeps working until the
+//! driver releases it (`is_released`), and only then is it gone.
 //!
 //! Its volatile write cache is modelled: with the cache present and enabled,
 //! a write without FUA is visible to reads at once but reaches the medium
@@ -35,12 +38,13 @@ use crate::mmio::{DmaWindow, RegisterSpace};
 use crate::prp::PAGE_SIZE;
 use bdev::dma::DmaMapper;
 use bdev::rng::SimRng;
+use nvme_spec::cmd::{sgl_subtype, sgl_type};
 use nvme_spec::features::{async_event_config as aec, async_event_notice, async_event_type, AsyncEvent, FeatureId};
 use nvme_spec::identify::{Cns, IdentifyController, IdentifyNamespace, LbaFormat, NamespaceList, IDENTIFY_DATA_LEN};
 use nvme_spec::log::{GetLogPageParams, LogPageId, SmartLog, CHANGED_NS_LIST_OVERFLOW};
 use nvme_spec::regs::{offset, shutdown, Aqa, Cap, Cc, Csts, Vs};
 use nvme_spec::status::sct;
-use nvme_spec::{AdminOpcode, Cqe, IoOpcode, SglKind, Sqe, Status, U16, U32, U64};
+use nvme_spec::{AdminOpcode, Cqe, IoOpcode, SglDescriptor, Sqe, Status, U16, U32, U64};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -83,8 +87,20 @@ pub struct SimConfig {
     pub reorder: bool,
     /// One IO in this many fails with a media error (0: never).
     pub error_one_in: u32,
-    /// Report SGL support (data block descriptors).
+    /// Report SGL support: data block descriptors, in the command or in
+    /// segment lists (Segment and Last Segment descriptors), checked to the
+    /// spec's rules.
     pub sgl: bool,
+    /// SGLs with dword granularity (SGLS 10b): every data block's address
+    /// and length a multiple of 4.
+    pub sgl_dword_granular: bool,
+    /// Loopback: every IO command completes at once with success and moves
+    /// no data (media of infinite speed), so what a benchmark measures is
+    /// the driver's own cost per IO.
+    pub loopback: bool,
+    /// MSI-X vectors (interrupt mode): a completion queue created with
+    /// interrupts enabled signals its vector's eventfd once per posted entry.
+    pub msix_vectors: u16,
     /// A volatile write cache is present (Identify VWC bit 0).
     pub vwc: bool,
     /// The cache starts enabled (Get Features Volatile Write Cache answers
@@ -113,6 +129,9 @@ impl Default for SimConfig {
             reorder: false,
             error_one_in: 0,
             sgl: false,
+            sgl_dword_granular: false,
+            loopback: false,
+            msix_vectors: 9,
             vwc: true,
             write_cache_enabled: true,
             dlfeat: 1,
@@ -143,6 +162,8 @@ pub struct SimStats {
     /// Commands whose PRP2 pointed at a list that chained to a second page.
     pub chained_prp_lists: u64,
     pub sgl_commands: u64,
+    /// SGL commands whose data was described by segment lists.
+    pub sgl_segment_lists: u64,
     pub io_queues_created: u64,
     pub io_queues_deleted: u64,
     /// Write commands fetched with FUA (CDW12 bit 30) set.
@@ -158,6 +179,8 @@ pub struct SimStats {
     pub async_events: u64,
     /// Get Log Page commands served.
     pub log_pages_read: u64,
+    /// MSI-X messages sent (an eventfd signalled for a posted completion).
+    pub interrupts: u64,
 }
 
 struct SimSq {
@@ -172,6 +195,8 @@ struct SimCq {
     size: u32,
     tail: u32,
     phase: bool,
+    /// Interrupts enabled (IEN) on this vector (IV).
+    vector: Option<u16>,
 }
 
 /// An IO command fetched and not yet completed.
@@ -227,6 +252,10 @@ struct State {
     /// A SMART event was reported and its log page not read since.
     smart_masked: bool,
     critical_warning: u8,
+    /// MSI-X enabled by the host, and where each vector is routed (the
+    /// PCI function's state: a controller reset leaves it as it is).
+    msix_enabled: bool,
+    msix_routes: Vec<Option<Arc<reactor::EventFd>>>,
 }
 
 /// The simulated controller. Share it as `Arc<SimController>`; hand it to
@@ -241,6 +270,10 @@ pub struct SimController {
     /// Surprise-removed: registers read all ones, the model does nothing.
     gone: AtomicBool,
     accesses_after_removal: AtomicU64,
+    /// The platform asked for the device back (`request_removal`).
+    removal_request: AtomicBool,
+    /// The driver let go of it after such a request.
+    released: AtomicBool,
     /// Stepped by `step_on_thread`, not by its reactor poller.
     own_thread: AtomicBool,
 }
@@ -318,12 +351,16 @@ impl SimController {
                 changed_ns: Vec::new(),
                 smart_masked: false,
                 critical_warning: 0,
+                msix_enabled: false,
+                msix_routes: Vec::new(),
             }),
             window,
             mapper,
             clock_ns: AtomicU64::new(0),
             gone: AtomicBool::new(false),
             accesses_after_removal: AtomicU64::new(0),
+            removal_request: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             own_thread: AtomicBool::new(false),
             cfg,
         }))
@@ -513,6 +550,18 @@ impl SimController {
         st.aers.clear();
     }
 
+    /// The platform asks for the device back (a hot-unplug of a device
+    /// under VFIO): the driver is told (`removal_requested`), the device
+    /// keeps working until the driver releases it, then it is gone.
+    pub fn request_removal(&self) {
+        self.removal_request.store(true, Ordering::Release);
+    }
+
+    /// Whether the driver released the device after `request_removal`.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
     /// Steps the model on a thread of its own, as a device runs beside its
     /// host, until the returned guard is dropped; its reactor poller idles
     /// meanwhile. (A test that counts the driver's allocations on the
@@ -530,6 +579,12 @@ impl SimController {
             me.own_thread.store(false, Ordering::Release);
         });
         SimThread { stop, handle: Some(handle) }
+    }
+
+    /// While `on`, its reactor poller idles and the caller steps the model
+    /// (a benchmark that times the driver's work apart from the model's).
+    pub fn step_by_hand(&self, on: bool) {
+        self.own_thread.store(on, Ordering::Release);
     }
 
     /// Register reads and writes (doorbells included) since the removal.
@@ -621,7 +676,9 @@ impl SimController {
             }
             st.last_asq_acq = (st.asq, st.acq);
             st.sqs[0] = Some(SimSq { base: st.asq, size: st.aqa.asqs() as u32 + 1, head: 0, cqid: 0 });
-            st.cqs[0] = Some(SimCq { base: st.acq, size: st.aqa.acqs() as u32 + 1, tail: 0, phase: true });
+            // The admin queue always interrupts on vector 0.
+            st.cqs[0] =
+                Some(SimCq { base: st.acq, size: st.aqa.acqs() as u32 + 1, tail: 0, phase: true, vector: Some(0) });
             let fail_ready = self.cfg.fail_ready || st.fail_ready;
             st.ready_in_steps = (!fail_ready).then_some(self.cfg.ready_delay_steps);
             if st.ready_in_steps == Some(0) {
@@ -696,10 +753,17 @@ impl SimController {
             cq.tail = 0;
             cq.phase = !cq.phase;
         }
+        let vector = cq.vector;
         if self.window.post_cqe(addr, &cqe).is_err() {
             st.stats.dma_faults += 1;
         }
         st.stats.completions += 1;
+        // The MSI-X message after the entry is in memory, as a device's
+        // interrupt write follows its completion write.
+        if let Some(irq) = vector.filter(|_| st.msix_enabled).and_then(|v| st.msix_routes.get(v as usize)?.as_ref()) {
+            irq.signal();
+            st.stats.interrupts += 1;
+        }
     }
 
     /// Next SQE of `sqid`, if the host rang past the head.
@@ -861,8 +925,13 @@ impl SimController {
                 {
                     return (Status::INVALID_FIELD.with_dnr(), 0);
                 }
+                // IEN (bit 1) with IV (bits 31:16): the vector must exist.
+                let vector = (cdw11 & 2 != 0).then_some((cdw11 >> 16) as u16);
+                if vector.is_some_and(|v| v >= self.cfg.msix_vectors) {
+                    return (Status::INVALID_INTERRUPT_VECTOR.with_dnr(), 0);
+                }
                 self.doorbells[2 * qid + 1].store(0, Ordering::Relaxed);
-                st.cqs[qid] = Some(SimCq { base, size, tail: 0, phase: true });
+                st.cqs[qid] = Some(SimCq { base, size, tail: 0, phase: true, vector });
                 (Status::SUCCESS, 0)
             }
             AdminOpcode::CREATE_IO_SQ => {
@@ -958,7 +1027,11 @@ impl SimController {
                 id.oncs =
                     U16::new(nvme_spec::identify::oncs::DATASET_MANAGEMENT | nvme_spec::identify::oncs::WRITE_ZEROES);
                 id.vwc = u8::from(self.cfg.vwc);
-                id.sgls = U32::new(if self.cfg.sgl { nvme_spec::identify::sgls::SUPPORTED } else { 0 });
+                id.sgls = U32::new(match (self.cfg.sgl, self.cfg.sgl_dword_granular) {
+                    (false, _) => 0,
+                    (true, false) => nvme_spec::identify::sgls::SUPPORTED,
+                    (true, true) => nvme_spec::identify::sgls::SUPPORTED_DWORD_ALIGNED,
+                });
                 let nqn = format!("nqn.2019-08.org.qemu:{}", self.cfg.serial);
                 id.subnqn[..nqn.len().min(255)].copy_from_slice(&nqn.as_bytes()[..nqn.len().min(255)]);
                 Ok(id.as_bytes().to_vec())
@@ -994,15 +1067,11 @@ impl SimController {
     /// The host memory segments of a command's data pointer (PRP or SGL).
     fn segments(&self, st: &mut State, sqe: &Sqe, len: usize) -> Result<Vec<(u64, usize)>, Status> {
         if sqe.psdt() != nvme_spec::cmd::Psdt::Prp {
-            if !self.cfg.sgl {
+            if !self.cfg.sgl || sqe.psdt() == nvme_spec::cmd::Psdt::Reserved {
                 return Err(Status::INVALID_FIELD.with_dnr());
             }
             st.stats.sgl_commands += 1;
-            return match sqe.sgl1().kind() {
-                SglKind::DataBlockAddress { address, length } if length as usize == len => Ok(vec![(address, len)]),
-                SglKind::DataBlockAddress { .. } => Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
-                _ => Err(Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr()),
-            };
+            return self.sgl_segments(st, sqe.sgl1(), len);
         }
         let prp1 = sqe.dptr.prp1.get();
         let prp2 = sqe.dptr.prp2.get();
@@ -1058,6 +1127,88 @@ impl SimController {
         Ok(segs)
     }
 
+    /// Walks an SGL from descriptor 1 (NVMe base 2.0 §4.1.2) as a PCIe
+    /// controller without bit buckets or keyed descriptors does: SGL1 is a
+    /// data block, or a Segment / Last Segment descriptor pointing at a list
+    /// of 16-byte descriptors; a Segment's list ends in the descriptor of the
+    /// next segment (and only there), a Last Segment's holds data blocks
+    /// only. The data blocks must add up to exactly `len` bytes (no SGL
+    /// "longer than data" support is reported), and with dword granularity
+    /// every address and length is a multiple of 4.
+    fn sgl_segments(&self, st: &mut State, sgl1: SglDescriptor, len: usize) -> Result<Vec<(u64, usize)>, Status> {
+        /// Segments followed before the list is called malformed (a loop).
+        const MAX_SEGMENTS: usize = 64;
+        let mut out: Vec<(u64, usize)> = Vec::new();
+        let mut total = 0usize;
+        let mut data_block = |d: SglDescriptor| -> Result<(), Status> {
+            if d.subtype() != sgl_subtype::ADDRESS {
+                return Err(Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr());
+            }
+            let (addr, n) = (d.address.get(), d.length.get() as usize);
+            if self.cfg.sgl_dword_granular && (addr % 4 != 0 || n % 4 != 0) {
+                return Err(Status::SGL_DATA_BLOCK_GRANULARITY_INVALID.with_dnr());
+            }
+            total = total.saturating_add(n);
+            if total > len {
+                return Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr());
+            }
+            if n > 0 {
+                out.push((addr, n));
+            }
+            Ok(())
+        };
+        let mut next = match sgl1.sgl_type() {
+            sgl_type::DATA_BLOCK => {
+                data_block(sgl1)?;
+                None
+            }
+            sgl_type::SEGMENT | sgl_type::LAST_SEGMENT => Some(sgl1),
+            _ => return Err(Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr()),
+        };
+        let mut segments = 0;
+        while let Some(seg) = next.take() {
+            segments += 1;
+            let seg_len = seg.length.get() as usize;
+            if seg.subtype() != sgl_subtype::ADDRESS || seg_len == 0 || !seg_len.is_multiple_of(16) {
+                return Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR.with_dnr());
+            }
+            if segments > MAX_SEGMENTS || seg_len > PAGE_SIZE as usize * 16 {
+                return Err(Status::INVALID_NUMBER_OF_SGL_DESCRIPTORS.with_dnr());
+            }
+            let mut raw = vec![0u8; seg_len];
+            if self.window.read(seg.address.get(), &mut raw).is_err() {
+                st.stats.dma_faults += 1;
+                return Err(Status::DATA_TRANSFER_ERROR);
+            }
+            let last_segment = seg.sgl_type() == sgl_type::LAST_SEGMENT;
+            let count = seg_len / 16;
+            for (i, chunk) in raw.chunks_exact(16).enumerate() {
+                let d = SglDescriptor::read_from_bytes(chunk).map_err(|_| Status::INVALID_FIELD.with_dnr())?;
+                match d.sgl_type() {
+                    sgl_type::DATA_BLOCK => data_block(d)?,
+                    // Only the last descriptor of a (non-last) segment may
+                    // point at the next one.
+                    sgl_type::SEGMENT | sgl_type::LAST_SEGMENT if !last_segment && i + 1 == count => next = Some(d),
+                    sgl_type::SEGMENT | sgl_type::LAST_SEGMENT => {
+                        return Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR.with_dnr())
+                    }
+                    _ => return Err(Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr()),
+                }
+            }
+            if !last_segment && next.is_none() {
+                // A Segment must lead on to another segment.
+                return Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR.with_dnr());
+            }
+        }
+        if total != len {
+            return Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr());
+        }
+        if segments > 0 {
+            st.stats.sgl_segment_lists += 1;
+        }
+        Ok(out)
+    }
+
     fn transfer_out(&self, st: &mut State, sqe: &Sqe, data: &[u8]) -> Result<(), Status> {
         let segs = self.segments(st, sqe, data.len())?;
         self.scatter(st, &segs, data)
@@ -1096,6 +1247,11 @@ impl SimController {
             while let Some(sqe) = self.fetch(st, qid) {
                 busy = true;
                 st.stats.io_commands += 1;
+                if self.cfg.loopback {
+                    let (cqid, cqe) = self.completion(st, qid, &sqe, Status::SUCCESS, 0);
+                    self.post(st, cqid, cqe);
+                    continue;
+                }
                 let op = IoOpcode(sqe.opcode);
                 match op {
                     IoOpcode::WRITE if sqe.fua() => st.stats.fua_writes += 1,
@@ -1386,6 +1542,47 @@ impl RegisterSpace for SimController {
     fn describe(&self) -> String {
         format!("SIM seed {}", self.cfg.seed)
     }
+
+    fn removal_requested(&self) -> bool {
+        self.removal_request.load(Ordering::Acquire)
+    }
+
+    fn interrupt_vectors(&self) -> u16 {
+        self.cfg.msix_vectors
+    }
+
+    fn enable_interrupts(&self, count: u16) -> Result<(), String> {
+        if count > self.cfg.msix_vectors {
+            return Err(format!("{}: {count} MSI-X vectors asked, {} offered", self.describe(), self.cfg.msix_vectors));
+        }
+        let mut st = self.st();
+        st.msix_enabled = true;
+        st.msix_routes = vec![None; count as usize];
+        Ok(())
+    }
+
+    fn set_interrupt(&self, vector: u16, irq: Option<&Arc<reactor::EventFd>>) -> Result<(), String> {
+        let mut st = self.st();
+        let Some(route) = st.msix_routes.get_mut(vector as usize) else {
+            return Err(format!("{}: MSI-X vector {vector} is not enabled", self.describe()));
+        };
+        *route = irq.cloned();
+        Ok(())
+    }
+
+    fn disable_interrupts(&self) {
+        let mut st = self.st();
+        st.msix_enabled = false;
+        st.msix_routes.clear();
+    }
+
+    fn release(&self) {
+        if self.removal_request.load(Ordering::Acquire) && !self.released.swap(true, Ordering::AcqRel) {
+            // Let go of: the platform finishes the unplug; from here on an
+            // access is one to a device that is gone (counted).
+            self.surprise_remove();
+        }
+    }
 }
 
 impl Drop for SimController {
@@ -1395,3 +1592,92 @@ impl Drop for SimController {
 }
 
 const _: () = assert!(IDENTIFY_DATA_LEN == 4096);
+
+#[cfg(test)]
+mod sgl_tests {
+    use super::*;
+    use nvme_spec::cmd::Psdt;
+
+    fn seg(kind: u8, addr: u64, len: u32) -> SglDescriptor {
+        SglDescriptor { address: U64::new(addr), length: U32::new(len), reserved: [0; 3], id: kind << 4 }
+    }
+
+    fn write_list(buf: &bdev::DmaBuf, off: usize, descs: &[SglDescriptor]) -> u64 {
+        for (i, d) in descs.iter().enumerate() {
+            buf.copy_from(off + i * 16, d.as_bytes());
+        }
+        buf.iova() + off as u64
+    }
+
+    /// The model's SGL walk against the spec's rules: data blocks in the
+    /// command or in segment lists (a Segment chaining to a Last Segment),
+    /// lengths adding up exactly, segment descriptors only where allowed,
+    /// dword granularity when reported, SGLs refused when not supported.
+    #[test]
+    fn sgl_descriptors_are_checked_to_spec() {
+        let sim =
+            SimController::new(SimConfig { sgl: true, sgl_dword_granular: true, ..SimConfig::default() }).unwrap();
+        let buf = bdev::DmaBuf::zeroed(8192).unwrap();
+        let data = buf.iova() + 4096;
+        let walk = |sgl1: SglDescriptor, len: usize| {
+            let mut sqe = Sqe::new(IoOpcode::READ.0, 1);
+            sqe.set_psdt(Psdt::SglMetadataBuffer);
+            sqe.set_sgl1(sgl1);
+            sim.segments(&mut sim.st(), &sqe, len)
+        };
+        let block = |addr: u64, len: u32| SglDescriptor::data_block(addr, len);
+        assert_eq!(walk(block(data, 512), 512), Ok(vec![(data, 512)]));
+        assert_eq!(walk(block(data, 512), 1024), Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()));
+        assert_eq!(walk(block(data + 2, 512), 512), Err(Status::SGL_DATA_BLOCK_GRANULARITY_INVALID.with_dnr()));
+
+        // Segment (two blocks, then the pointer on) -> Last Segment (one block).
+        let last = write_list(&buf, 256, &[block(data + 1024, 1024)]);
+        let first =
+            write_list(&buf, 0, &[block(data, 512), block(data + 512, 512), seg(sgl_type::LAST_SEGMENT, last, 16)]);
+        let chained = seg(sgl_type::SEGMENT, first, 48);
+        assert_eq!(walk(chained, 2048), Ok(vec![(data, 512), (data + 512, 512), (data + 1024, 1024)]));
+        assert_eq!(walk(chained, 4096), Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()), "the SGL is shorter");
+        // A Last Segment holding a segment descriptor; a Segment that does
+        // not lead on; a segment descriptor that is not the list's last.
+        assert_eq!(
+            walk(seg(sgl_type::LAST_SEGMENT, first, 48), 2048),
+            Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR.with_dnr())
+        );
+        assert_eq!(
+            walk(seg(sgl_type::SEGMENT, first, 32), 1024),
+            Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR.with_dnr())
+        );
+        let bad = write_list(&buf, 512, &[seg(sgl_type::LAST_SEGMENT, last, 16), block(data, 512)]);
+        assert_eq!(walk(seg(sgl_type::SEGMENT, bad, 32), 1536), Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR.with_dnr()));
+        assert_eq!(
+            walk(seg(sgl_type::LAST_SEGMENT, first, 20), 1024),
+            Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR.with_dnr())
+        );
+        // A segment that points at itself.
+        let looped = write_list(&buf, 1024, &[block(data, 4), seg(sgl_type::SEGMENT, buf.iova() + 1024, 32)]);
+        assert_eq!(walk(seg(sgl_type::SEGMENT, looped, 32), 16), Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()));
+        assert_eq!(
+            walk(seg(sgl_type::SEGMENT, looped, 32), 4096),
+            Err(Status::INVALID_NUMBER_OF_SGL_DESCRIPTORS.with_dnr())
+        );
+        let zero_loop = write_list(&buf, 1536, &[block(data, 0), seg(sgl_type::SEGMENT, buf.iova() + 1536, 32)]);
+        assert_eq!(
+            walk(seg(sgl_type::SEGMENT, zero_loop, 32), 4),
+            Err(Status::INVALID_NUMBER_OF_SGL_DESCRIPTORS.with_dnr())
+        );
+        // Types a PCIe controller without them refuses; a list outside host memory.
+        assert_eq!(
+            walk(SglDescriptor::keyed_data_block(data, 512, 7, 0), 512),
+            Err(Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr())
+        );
+        assert_eq!(walk(seg(sgl_type::BIT_BUCKET, 0, 512), 512), Err(Status::SGL_DESCRIPTOR_TYPE_INVALID.with_dnr()));
+        assert_eq!(walk(seg(sgl_type::LAST_SEGMENT, 0x10, 16), 512), Err(Status::DATA_TRANSFER_ERROR));
+        assert_eq!(sim.stats().sgl_segment_lists, 1);
+
+        let plain = SimController::new(SimConfig::default()).unwrap();
+        let mut sqe = Sqe::new(IoOpcode::READ.0, 1);
+        sqe.set_psdt(Psdt::SglMetadataBuffer);
+        sqe.set_sgl1(block(data, 512));
+        assert_eq!(plain.segments(&mut plain.st(), &sqe, 512), Err(Status::INVALID_FIELD.with_dnr()), "no SGL support");
+    }
+}

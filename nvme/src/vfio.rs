@@ -1,9 +1,11 @@
 //! VFIO: container, group and device of one PCI function, type1 IOMMU, DMA
-//! mapping of every DMA arena (IOVA = VA), BAR0 mapping, and PCI bus
-//! mastering.
+//! mapping of every DMA arena (IOVA = VA), BAR0 mapping, PCI bus mastering,
+//! and the device request notification: when the kernel wants the device
+//! back (a hot-unplug, an unbind), it signals an eventfd and waits until we
+//! close the device; `removal_requested` reads it and `release` lets go.
 //!
 //! Why our own ioctls on `libc` rather than `vfio-ioctls`/`vfio-bindings`:
-//! we need nine ioctls and four small structs, all stable kernel ABI since
+//! we need ten ioctls and five small structs, all stable kernel ABI since
 //! Linux 3.6; the crates pull in vmm-sys-util and KVM-oriented features we
 //! would have to disable, and their wrappers still leave the unsafe mmap and
 //! DMA-lifetime questions to us. Declaring the structs here keeps every
@@ -19,7 +21,8 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 const VFIO_TYPE: u64 = b';' as u64;
@@ -33,6 +36,8 @@ const VFIO_GROUP_GET_STATUS: u64 = vfio_io(103);
 const VFIO_GROUP_SET_CONTAINER: u64 = vfio_io(104);
 const VFIO_GROUP_GET_DEVICE_FD: u64 = vfio_io(106);
 const VFIO_DEVICE_GET_REGION_INFO: u64 = vfio_io(108);
+const VFIO_DEVICE_GET_IRQ_INFO: u64 = vfio_io(109);
+const VFIO_DEVICE_SET_IRQS: u64 = vfio_io(110);
 const VFIO_IOMMU_MAP_DMA: u64 = vfio_io(113);
 const VFIO_IOMMU_UNMAP_DMA: u64 = vfio_io(114);
 
@@ -45,6 +50,14 @@ const VFIO_DMA_MAP_FLAG_READ: u32 = 1;
 const VFIO_DMA_MAP_FLAG_WRITE: u32 = 2;
 const BAR0_REGION: u32 = 0;
 const CONFIG_REGION: u32 = 7;
+/// vfio-pci's device request "interrupt": an eventfd the kernel signals
+/// when it wants the device back (VFIO_PCI_REQ_IRQ_INDEX).
+const REQ_IRQ_INDEX: u32 = 4;
+const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+/// MSI-X: one eventfd per vector (interrupt mode; VFIO_PCI_MSIX_IRQ_INDEX).
+const MSIX_IRQ_INDEX: u32 = 2;
+const VFIO_IRQ_SET_DATA_NONE: u32 = 1;
 /// PCI command register: memory space enable and bus master enable.
 const PCI_COMMAND: u64 = 4;
 const PCI_COMMAND_MEMORY: u16 = 1 << 1;
@@ -77,6 +90,27 @@ struct DmaMap {
     size: u64,
 }
 
+/// vfio_irq_set with one eventfd as its data.
+#[repr(C)]
+struct IrqSetOne {
+    argsz: u32,
+    flags: u32,
+    index: u32,
+    start: u32,
+    count: u32,
+    fd: i32,
+}
+
+/// vfio_irq_info: how many vectors an interrupt index has.
+#[repr(C)]
+#[derive(Default)]
+struct IrqInfo {
+    argsz: u32,
+    flags: u32,
+    index: u32,
+    count: u32,
+}
+
 #[repr(C)]
 struct DmaUnmap {
     argsz: u32,
@@ -106,6 +140,16 @@ const _: () = {
     assert!(size_of::<DmaUnmap>() == 24);
     assert!(offset_of!(DmaUnmap, iova) == 8);
     assert!(offset_of!(DmaUnmap, size) == 16);
+    // vfio_irq_set: 20 bytes, then its data (one s32 eventfd here).
+    assert!(size_of::<IrqSetOne>() == 24);
+    assert!(offset_of!(IrqSetOne, index) == 8);
+    assert!(offset_of!(IrqSetOne, start) == 12);
+    assert!(offset_of!(IrqSetOne, count) == 16);
+    assert!(offset_of!(IrqSetOne, fd) == 20);
+    assert!(size_of::<IrqInfo>() == 16);
+    assert!(offset_of!(IrqInfo, flags) == 4);
+    assert!(offset_of!(IrqInfo, index) == 8);
+    assert!(offset_of!(IrqInfo, count) == 12);
 };
 
 fn os_err(what: String) -> NvmeError {
@@ -152,11 +196,47 @@ impl DmaMapper for VfioMapper {
 pub struct VfioDevice {
     bdf: String,
     _group: OwnedFd,
-    device: OwnedFd,
+    /// None once released: the kernel can then finish taking the device.
+    device: Mutex<Option<OwnedFd>>,
     bar: Bar,
     config_offset: u64,
     mapper: Arc<dyn DmaMapper>,
     t0: Instant,
+    /// Signalled by the kernel when it wants the device back (None where
+    /// the kernel does not offer the request notification).
+    request: Option<OwnedFd>,
+    requested: AtomicBool,
+    released: AtomicBool,
+}
+
+/// An eventfd registered as the device's request notification.
+fn request_notification(device: &OwnedFd, bdf: &str) -> Option<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a negative return is an error.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        tracing::warn!(bdf, "eventfd: {}", std::io::Error::last_os_error());
+        return None;
+    }
+    // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
+    let efd: OwnedFd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
+    let set = IrqSetOne {
+        argsz: std::mem::size_of::<IrqSetOne>() as u32,
+        flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+        index: REQ_IRQ_INDEX,
+        start: 0,
+        count: 1,
+        fd: efd.as_raw_fd(),
+    };
+    // SAFETY: SET_IRQS reads argsz bytes of the struct we own.
+    if unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_SET_IRQS as _, &set) } < 0 {
+        tracing::warn!(
+            bdf,
+            "no VFIO device request notification ({}): a hot-unplug is seen only once the device reads all ones",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    Some(efd)
 }
 
 fn region_info(device: &OwnedFd, index: u32) -> Result<RegionInfo, NvmeError> {
@@ -293,16 +373,20 @@ impl VfioDevice {
         let bar = unsafe { Bar::new(base, bar_len) };
         let config_offset = region_info(&device, CONFIG_REGION)?.offset;
 
+        let request = request_notification(&device, &bdf);
         let dup = container.try_clone().map_err(|e| NvmeError::Vfio(format!("dup container: {e}"), libc::EMFILE))?;
         let mapper: Arc<dyn DmaMapper> = Arc::new(VfioMapper { container: dup });
         let dev = VfioDevice {
             bdf: bdf.clone(),
             _group: group,
-            device,
+            device: Mutex::new(Some(device)),
             bar,
             config_offset,
             mapper: mapper.clone(),
             t0: Instant::now(),
+            request,
+            requested: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         };
         dev.set_command_bits(PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, true)?;
         bdev::dma::register_mapper(mapper).map_err(|e| NvmeError::Vfio(format!("{bdf}: {e}"), libc::ENOMEM))?;
@@ -315,12 +399,15 @@ impl VfioDevice {
 
     fn config_rw(&self, off: u64, buf: &mut [u8], write: bool) -> bool {
         let pos = (self.config_offset + off) as libc::off_t;
-        // SAFETY: pread/pwrite on our device fd with a buffer we own.
+        let device = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(fd) = device.as_ref().map(|d| d.as_raw_fd()) else { return false };
+        // SAFETY: pread/pwrite on our device fd (kept open by the guard)
+        // with a buffer we own.
         let n = unsafe {
             if write {
-                libc::pwrite(self.device.as_raw_fd(), buf.as_ptr().cast(), buf.len(), pos)
+                libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), pos)
             } else {
-                libc::pread(self.device.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), pos)
+                libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), pos)
             }
         };
         n == buf.len() as isize
@@ -365,6 +452,101 @@ impl RegisterSpace for VfioDevice {
     }
     fn describe(&self) -> String {
         format!("PCIe {}", self.bdf)
+    }
+    fn removal_requested(&self) -> bool {
+        if self.requested.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some(efd) = &self.request else { return false };
+        let mut count = 0u64;
+        // SAFETY: a non-blocking 8-byte read of our eventfd into a u64 we own.
+        let n = unsafe { libc::read(efd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+        let asked = n == 8 && count > 0;
+        if asked {
+            self.requested.store(true, Ordering::Release);
+        }
+        asked
+    }
+    fn release(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // The BAR mapping holds the device file open: it is replaced in
+        // place by anonymous memory, so a stray access can no longer reach
+        // (or fault on) the device, and Drop's munmap still finds a mapping.
+        // SAFETY: MAP_FIXED over exactly the range this device mapped and
+        // owns (`self.bar`); no Rust reference points into it.
+        let p = unsafe {
+            libc::mmap(
+                self.bar.base().cast(),
+                self.bar.len(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            tracing::error!(bdf = %self.bdf, "cannot unmap BAR0: {}", std::io::Error::last_os_error());
+            return;
+        }
+        self.device.lock().unwrap_or_else(|e| e.into_inner()).take();
+        tracing::warn!(bdf = %self.bdf, "VFIO device released");
+    }
+    fn interrupt_vectors(&self) -> u16 {
+        let mut info =
+            IrqInfo { argsz: std::mem::size_of::<IrqInfo>() as u32, index: MSIX_IRQ_INDEX, ..Default::default() };
+        let device = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(fd) = device.as_ref().map(|d| d.as_raw_fd()) else { return 0 };
+        // SAFETY: GET_IRQ_INFO fills the struct we own; argsz bounds its writes.
+        if unsafe { libc::ioctl(fd, VFIO_DEVICE_GET_IRQ_INFO as _, &mut info) } < 0 {
+            return 0;
+        }
+        info.count.min(u16::MAX as u32) as u16
+    }
+    fn enable_interrupts(&self, count: u16) -> Result<(), String> {
+        // Every vector at once, none routed (-1): later routing of one vector
+        // stays inside the enabled range, which every kernel accepts (only
+        // newer ones can grow MSI-X while it is on).
+        self.set_irqs(VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, 0, &vec![-1; count as usize])
+            .map_err(|e| format!("{}: enabling {count} MSI-X vectors: {e}", self.bdf))
+    }
+    fn set_interrupt(&self, vector: u16, irq: Option<&Arc<reactor::EventFd>>) -> Result<(), String> {
+        let fd = irq.map_or(-1, |e| e.as_raw_fd());
+        self.set_irqs(VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, vector as u32, &[fd])
+            .map_err(|e| format!("{}: routing MSI-X vector {vector}: {e}", self.bdf))
+    }
+    fn disable_interrupts(&self) {
+        if let Err(e) = self.set_irqs(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]) {
+            tracing::warn!(bdf = %self.bdf, "disabling MSI-X: {e}");
+        }
+    }
+}
+
+impl VfioDevice {
+    /// VFIO_DEVICE_SET_IRQS on the MSI-X index: vectors `start..` get
+    /// `fds` (one s32 each; -1 routes a vector to nothing), or with
+    /// DATA_NONE and no fds, MSI-X is turned off.
+    fn set_irqs(&self, flags: u32, start: u32, fds: &[i32]) -> std::io::Result<()> {
+        // vfio_irq_set (the five words of `IrqSetOne`'s header, in its
+        // asserted layout) followed by its data.
+        let header = std::mem::offset_of!(IrqSetOne, fd);
+        let argsz = (header + 4 * fds.len()) as u32;
+        let mut words: Vec<u32> = vec![argsz, flags, MSIX_IRQ_INDEX, start, fds.len() as u32];
+        words.extend(fds.iter().map(|&fd| fd as u32));
+        debug_assert_eq!(words.len() * 4, argsz as usize);
+        let device = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(dfd) = device.as_ref().map(|d| d.as_raw_fd()) else {
+            return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
+        };
+        // SAFETY: SET_IRQS reads `argsz` bytes from `words`, which holds
+        // exactly that many, 4-byte aligned, and outlives the call; the
+        // eventfds it names stay open while the kernel holds its own
+        // reference to them.
+        if unsafe { libc::ioctl(dfd, VFIO_DEVICE_SET_IRQS as _, words.as_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

@@ -886,3 +886,76 @@ fn a_resized_namespace_resizes_its_bdev_and_tells_its_holders() {
     assert_eq!(r.m.on(0, nvme::reactor_blocking_waits), 0);
     assert_eq!(*r.detach().borrow(), Some(Ok(())));
 }
+
+/// Removal on request, as a hot-unplug of a device under VFIO goes: the
+/// platform asks for the device back and waits while the device still
+/// answers. The admin poller sees the request within its 10 ms check
+/// period; every IO in flight or queued completes (success or `NoDevice`),
+/// the bdev is hot-removed, and the device is released — after which
+/// nothing touches it — so the platform can finish the unplug.
+#[test]
+fn removal_request_fails_io_releases_the_device_and_hot_removes_the_bdev() {
+    let s = seed();
+    let opts = CtrlrOpts { io_queue_depth: 8, ..CtrlrOpts::default() };
+    let r = Rig::new(SimConfig { max_delay_steps: 40, ..cfg(s) }, opts, 2);
+    let c = r.ctrlr();
+    assert_eq!(r.write(0, 0, &pattern(512, 1)), IoStatus::Success);
+    let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t2 = told.clone();
+    r.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().on_remove(move || t2.store(true, Ordering::Relaxed)));
+    let mut ios = Vec::new();
+    for i in 0..32u64 {
+        let on = (i % 2) as usize;
+        let buf = r.m.on(on, || DmaBuf::alloc(4096).unwrap());
+        ios.push(r.submit(on, IoType::Write, i * 8, 8, Some(buf)));
+    }
+    assert!(r.run_until(1000, || r.sim.inflight_count() > 0));
+    assert!(ios.iter().any(|d| d.borrow().is_none()), "IO in flight and queued at the request");
+    r.sim.request_removal();
+    let t0 = r.m.now_ns();
+    assert!(r.run_until(1000, || c.is_removed()), "the request was noticed");
+    let waited = r.m.now_ns() - t0;
+    assert!(waited <= 10_000_000 + STEP_NS, "noticed after {waited} ns");
+    assert!(r.run_until(1000, || ios.iter().all(|d| d.borrow().is_some())));
+    for d in &ios {
+        let st = d.borrow().unwrap();
+        assert!(matches!(st, IoStatus::Success | IoStatus::Failed(IoError::NoDevice)), "{st:?}");
+    }
+    assert!(r.run_until(1000, || r.sim.is_released()), "the device was released");
+    assert!(r.run_until(1000, || r.m.on(0, || Registry::get().lookup("Nvme0n1").is_none())), "bdev hot-removed");
+    assert!(told.load(Ordering::Relaxed), "the bdev's removal listeners were told");
+    assert!(r.run_until(1000, || r.nvme_pollers().is_empty()), "{:?}", r.nvme_pollers());
+    assert_eq!(c.state(), nvme::CtrlrState::Detached);
+    r.m.run_until_idle(1000);
+    assert_eq!(r.sim.accesses_after_removal(), 0, "nothing touched the device after its release");
+    assert_eq!(*r.early_releases.borrow(), 0);
+    assert_eq!(r.sim.stats().dma_faults, 0);
+    assert_eq!(r.m.on(0, nvme::reactor_blocking_waits), 0);
+}
+
+/// SGLs whenever the controller reports them (any alignment, or dword
+/// granularity), PRPs when it does not or when `prefer_sgl` is off; the
+/// data is right either way (a buffer that does not start on a page too).
+#[test]
+fn sgl_whenever_supported_prp_otherwise_and_selectable() {
+    for (sgl, dword, prefer, want_sgl) in
+        [(true, false, true, true), (true, true, true, true), (false, false, true, false), (true, false, false, false)]
+    {
+        let sim_cfg = SimConfig { sgl, sgl_dword_granular: dword, ..cfg(seed()) };
+        // The default prefers SGLs.
+        let opts = if prefer { CtrlrOpts::default() } else { CtrlrOpts { prefer_sgl: false, ..CtrlrOpts::default() } };
+        let r = Rig::new(sim_cfg, opts, 1);
+        assert_eq!(r.ctrlr().uses_sgl(), want_sgl, "sgl {sgl} dword {dword} prefer {prefer}");
+        let data = pattern(3 * 4096, 21);
+        let buf = r.m.on(0, || DmaBuf::zeroed(4 * 4096).unwrap()).slice(512, data.len());
+        buf.copy_from(0, &data);
+        let d = r.submit(0, IoType::Write, 40, data.len() as u64 / 512, Some(buf));
+        assert_eq!(r.wait(&d), IoStatus::Success);
+        let (s, back) = r.read(0, 40, data.len());
+        assert_eq!(s, IoStatus::Success);
+        assert!(back == data);
+        let st = r.sim.stats();
+        assert_eq!(st.sgl_commands, if want_sgl { 2 } else { 0 });
+        assert_eq!(st.dma_faults, 0);
+    }
+}

@@ -3,11 +3,13 @@
 //! threads reach it only through the ring.
 
 use crate::clock::Clock;
+use crate::interrupt::{poll_fds, EventFd};
 use crate::ring::Ring;
 use crate::wake::WakeFlag;
 use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -46,13 +48,32 @@ pub enum IdlePolicy {
     BusyPoll,
     /// Spin for `spin_ns` of idleness, then park for at most `max_sleep_ns`
     /// (less when a timed poller is due). For tests and small machines.
-    SleepWhenIdle { spin_ns: u64, max_sleep_ns: u64 },
+    ///
+    /// With `interrupts` (SPDK's interrupt mode), the reactor sleeps on
+    /// eventfds instead: its own (messages) and those of its interrupt
+    /// pollers (`register_interrupt_poller`: an NVMe queue pair's MSI-X
+    /// vector). `max_sleep_ns` then bounds the sleep only while the reactor
+    /// also has ordinary every-loop pollers; timed pollers and interrupt
+    /// pollers with deadlines (`PollerHandle::set_wake_within`) still set
+    /// theirs. A reactor whose pollers are all interrupt-driven
+    /// sleeps until a device, a message or a deadline wakes it.
+    SleepWhenIdle { spin_ns: u64, max_sleep_ns: u64, interrupts: bool },
 }
 
 impl IdlePolicy {
     /// The sleep policy with the defaults used by tests and `--idle sleep`.
     pub const fn sleep() -> Self {
-        IdlePolicy::SleepWhenIdle { spin_ns: 20_000, max_sleep_ns: 1_000_000 }
+        IdlePolicy::SleepWhenIdle { spin_ns: 20_000, max_sleep_ns: 1_000_000, interrupts: false }
+    }
+
+    /// The sleep policy in interrupt mode (`--interrupt-mode`).
+    pub const fn interrupt() -> Self {
+        IdlePolicy::SleepWhenIdle { spin_ns: 20_000, max_sleep_ns: 1_000_000, interrupts: true }
+    }
+
+    /// True in interrupt mode.
+    pub const fn uses_interrupts(self) -> bool {
+        matches!(self, IdlePolicy::SleepWhenIdle { interrupts: true, .. })
     }
 }
 
@@ -73,10 +94,17 @@ pub(crate) struct Shared {
     pub(crate) core: Option<usize>,
     pub(crate) ring: Ring<Message>,
     pub(crate) wake: WakeFlag,
+    /// Interrupt mode: what a sender signals to wake the sleeping reactor
+    /// (instead of unparking its thread).
+    pub(crate) wake_fd: Option<EventFd>,
     pub(crate) thread: OnceLock<Thread>,
     pub(crate) busy_loops: AtomicU64,
     pub(crate) idle_loops: AtomicU64,
     pub(crate) sleeping_ns: AtomicU64,
+    /// Returns from a sleep (any cause), and those an interrupt poller's
+    /// eventfd caused.
+    pub(crate) wakeups: AtomicU64,
+    pub(crate) interrupt_wakeups: AtomicU64,
     /// Ticks (`tsc`) spent in loops that did work, and in loops that did
     /// not (sleeping included), as SPDK's `busy_tsc` and `idle_tsc`.
     pub(crate) busy_ticks: AtomicU64,
@@ -88,15 +116,18 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(core: Option<usize>, ring_capacity: usize) -> Self {
+    pub(crate) fn new(core: Option<usize>, ring_capacity: usize, wake_fd: Option<EventFd>) -> Self {
         Shared {
             core,
             ring: Ring::new(ring_capacity),
             wake: WakeFlag::default(),
+            wake_fd,
             thread: OnceLock::new(),
             busy_loops: AtomicU64::new(0),
             idle_loops: AtomicU64::new(0),
             sleeping_ns: AtomicU64::new(0),
+            wakeups: AtomicU64::new(0),
+            interrupt_wakeups: AtomicU64::new(0),
             busy_ticks: AtomicU64::new(0),
             idle_ticks: AtomicU64::new(0),
             started_ticks: AtomicU64::new(0),
@@ -186,12 +217,40 @@ impl SetInner {
             }
         }
         if r.wake.take_sleeper() {
-            if let Some(t) = r.thread.get() {
-                t.unpark();
-            }
+            r.wake_up();
         }
         Ok(())
     }
+}
+
+impl Shared {
+    /// Ends the reactor's sleep: its eventfd in interrupt mode, else an unpark.
+    pub(crate) fn wake_up(&self) {
+        match &self.wake_fd {
+            Some(fd) => fd.signal(),
+            None => {
+                if let Some(t) = self.thread.get() {
+                    t.unpark();
+                }
+            }
+        }
+    }
+}
+
+/// Adds one to a counter this reactor alone writes.
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.store(counter.load(Ordering::Relaxed) + by, Ordering::Relaxed);
+}
+
+/// Where an every-loop poller's work comes from, which decides how a
+/// reactor in interrupt mode may sleep.
+enum WorkSource {
+    /// Anywhere (a socket, shared memory): the reactor keeps its tick.
+    Anywhere,
+    /// A device that signals this eventfd.
+    Interrupt(Arc<EventFd>),
+    /// Only this reactor's own code, while it runs: no wake-up needed.
+    ThisReactor,
 }
 
 struct Poller {
@@ -200,6 +259,11 @@ struct Poller {
     period_ns: u64,
     next_due_ns: u64,
     alive: Rc<Cell<bool>>,
+    /// What brings an every-loop poller work while the reactor sleeps.
+    source: WorkSource,
+    /// An interrupt poller with deadlines of its own right now (IO in
+    /// flight that may time out): the longest it may sleep, in ns.
+    wake_within_ns: Rc<Cell<Option<u64>>>,
 }
 
 /// The thread-owned part of a reactor.
@@ -213,6 +277,9 @@ pub(crate) struct Local {
     overflow: RefCell<VecDeque<(ReactorId, Message)>>,
     state: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
     idle_since_ns: Cell<Option<u64>>,
+    /// What an interrupt-mode sleep polls (reused: sleeping allocates
+    /// nothing once it has seen the reactor's largest set of sources).
+    wait_fds: RefCell<Vec<libc::pollfd>>,
 }
 
 impl Local {
@@ -226,6 +293,7 @@ impl Local {
             overflow: RefCell::new(VecDeque::new()),
             state: RefCell::new(HashMap::new()),
             idle_since_ns: Cell::new(None),
+            wait_fds: RefCell::new(Vec::new()),
         })
     }
 
@@ -327,7 +395,7 @@ impl Local {
 
     /// Applies the idle policy after a loop that found no work.
     pub(crate) fn idle(&self, busy: bool) {
-        let IdlePolicy::SleepWhenIdle { spin_ns, max_sleep_ns } = self.set.idle else { return };
+        let IdlePolicy::SleepWhenIdle { spin_ns, max_sleep_ns, interrupts } = self.set.idle else { return };
         if busy {
             self.idle_since_ns.set(None);
             return;
@@ -343,6 +411,9 @@ impl Local {
         if now.saturating_sub(since) < spin_ns {
             return;
         }
+        if interrupts && self.shared().wake_fd.is_some() {
+            return self.sleep_on_interrupts(now, max_sleep_ns);
+        }
         let mut sleep_ns = max_sleep_ns;
         if let Some(t) = self.next_timer_in_ns(now) {
             sleep_ns = sleep_ns.min(t);
@@ -355,10 +426,79 @@ impl Local {
         if shared.ring.is_empty() && !self.set.stop.load(Ordering::Acquire) {
             std::thread::park_timeout(Duration::from_nanos(sleep_ns));
             let slept = self.set.clock.now_ns().saturating_sub(now);
-            shared.sleeping_ns.store(shared.sleeping_ns.load(Ordering::Relaxed) + slept, Ordering::Relaxed);
+            bump(&shared.sleeping_ns, slept);
+            bump(&shared.wakeups, 1);
         }
         shared.wake.clear();
     }
+
+    /// Interrupt mode's sleep: one `ppoll` on the reactor's eventfd and its
+    /// interrupt pollers' eventfds, bounded only by timed pollers' deadlines
+    /// and, while some poller has no interrupt (or asks for the tick), by
+    /// `max_sleep_ns`. Ready eventfds are drained before the pollers run.
+    fn sleep_on_interrupts(&self, now: u64, max_sleep_ns: u64) {
+        if !self.overflow.borrow().is_empty() || !self.new_pollers.borrow().is_empty() {
+            return;
+        }
+        let shared = self.shared();
+        let Some(wake_fd) = shared.wake_fd.as_ref() else { return };
+        let pollers = self.pollers.borrow();
+        let mut fds = self.wait_fds.borrow_mut();
+        fds.clear();
+        fds.push(libc::pollfd { fd: wake_fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        let mut bound: Option<u64> = None;
+        let mut tighten = |ns: u64| bound = Some(bound.map_or(ns, |b| b.min(ns)));
+        for p in pollers.iter().filter(|p| p.alive.get()) {
+            if p.period_ns > 0 {
+                tighten(p.next_due_ns.saturating_sub(now));
+                continue;
+            }
+            match &p.source {
+                WorkSource::Interrupt(irq) => {
+                    fds.push(libc::pollfd { fd: irq.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                    if let Some(ns) = p.wake_within_ns.get() {
+                        tighten(ns);
+                    }
+                }
+                WorkSource::Anywhere => tighten(max_sleep_ns),
+                WorkSource::ThisReactor => {}
+            }
+        }
+        if bound == Some(0) {
+            return;
+        }
+        shared.wake.announce_sleep();
+        if shared.ring.is_empty() && !self.set.stop.load(Ordering::Acquire) {
+            match poll_fds(&mut fds, bound) {
+                Ok(_) => {
+                    let mut irqs = 0;
+                    for (i, f) in fds.iter().enumerate() {
+                        if f.revents == 0 {
+                            continue;
+                        }
+                        if i > 0 {
+                            irqs += 1;
+                        }
+                        crate::interrupt::drain_fd(f.fd);
+                    }
+                    bump(&shared.interrupt_wakeups, irqs);
+                }
+                // Not expected of ppoll on eventfds; sleeping is only an
+                // optimisation, so the loop goes on polling.
+                Err(e) => report_wait_failure(&e),
+            }
+            let slept = self.set.clock.now_ns().saturating_sub(now);
+            bump(&shared.sleeping_ns, slept);
+            bump(&shared.wakeups, 1);
+        }
+        shared.wake.clear();
+    }
+}
+
+/// The reactor crate has no logger: a failed wait is reported once on stderr.
+fn report_wait_failure(e: &std::io::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("reactor: interrupt-mode wait failed ({e}); polling instead of sleeping"));
 }
 
 thread_local! {
@@ -449,6 +589,7 @@ pub fn send_raw(to: ReactorId, f: fn(u64, u64), a: u64, b: u64) {
 #[derive(Clone)]
 pub struct PollerHandle {
     alive: Rc<Cell<bool>>,
+    wake_within_ns: Rc<Cell<Option<u64>>>,
 }
 
 impl PollerHandle {
@@ -460,14 +601,28 @@ impl PollerHandle {
     pub fn is_registered(&self) -> bool {
         self.alive.get()
     }
+    /// An interrupt poller with deadlines of its own (commands in flight
+    /// that may time out) has the reactor wake within `within` while it is
+    /// Some, so it can check them; with None it sleeps until its interrupt.
+    /// No effect on other pollers.
+    pub fn set_wake_within(&self, within: Option<Duration>) {
+        self.wake_within_ns.set(within.map(|d| d.as_nanos().min(u64::MAX as u128) as u64));
+    }
 }
 
-fn add_poller(name: &'static str, period_ns: u64, f: Box<dyn FnMut() -> PollStatus>) -> PollerHandle {
+fn add_poller(
+    name: &'static str,
+    period_ns: u64,
+    source: WorkSource,
+    f: Box<dyn FnMut() -> PollStatus>,
+) -> PollerHandle {
     let alive = Rc::new(Cell::new(true));
-    let handle = PollerHandle { alive: alive.clone() };
+    let wake_within_ns = Rc::new(Cell::new(None));
+    let handle = PollerHandle { alive: alive.clone(), wake_within_ns: wake_within_ns.clone() };
     with_current(|l| {
         let next_due_ns = if period_ns > 0 { l.set.clock.now_ns() + period_ns } else { 0 };
-        l.new_pollers.borrow_mut().push(Poller { name, f: Some(f), period_ns, next_due_ns, alive });
+        let p = Poller { name, f: Some(f), period_ns, next_due_ns, alive, source, wake_within_ns };
+        l.new_pollers.borrow_mut().push(p);
     })
     .expect("register_poller called off a reactor thread");
     handle
@@ -475,7 +630,37 @@ fn add_poller(name: &'static str, period_ns: u64, f: Box<dyn FnMut() -> PollStat
 
 /// Registers a poller that runs on every loop of the current reactor.
 pub fn register_poller(name: &'static str, f: impl FnMut() -> PollStatus + 'static) -> PollerHandle {
-    add_poller(name, 0, Box::new(f))
+    add_poller(name, 0, WorkSource::Anywhere, Box::new(f))
+}
+
+/// Registers a poller that runs on every loop and drains only work that
+/// this reactor's own code queued for it while running (completions
+/// deferred to the end of the loop): it never needs a wake-up, so in
+/// interrupt mode it does not keep the reactor's tick. Such work must be
+/// queued by code that reports itself busy (a message, or a poller that
+/// returns `Busy`), which keeps the reactor from sleeping before the
+/// drain.
+pub fn register_local_work_poller(name: &'static str, f: impl FnMut() -> PollStatus + 'static) -> PollerHandle {
+    add_poller(name, 0, WorkSource::ThisReactor, Box::new(f))
+}
+
+/// Registers a poller that runs on every loop and whose work arrives with a
+/// signal on `irq` (a device interrupt): in interrupt mode the reactor
+/// sleeps on `irq` rather than waking for it on a timer. Outside interrupt
+/// mode it is an ordinary poller. The reactor keeps `irq` open while the
+/// poller is registered.
+pub fn register_interrupt_poller(
+    name: &'static str,
+    irq: Arc<EventFd>,
+    f: impl FnMut() -> PollStatus + 'static,
+) -> PollerHandle {
+    add_poller(name, 0, WorkSource::Interrupt(irq), Box::new(f))
+}
+
+/// True when the current reactor's set runs in interrupt mode (off a
+/// reactor: false). Drivers ask before they set up device interrupts.
+pub fn interrupts_enabled() -> bool {
+    with_current(|l| l.set.idle.uses_interrupts() && l.shared().wake_fd.is_some()).unwrap_or(false)
 }
 
 /// Registers a poller that runs at most once per `period`.
@@ -484,7 +669,7 @@ pub fn register_timed_poller(
     period: Duration,
     f: impl FnMut() -> PollStatus + 'static,
 ) -> PollerHandle {
-    add_poller(name, period.as_nanos().max(1) as u64, Box::new(f))
+    add_poller(name, period.as_nanos().max(1) as u64, WorkSource::Anywhere, Box::new(f))
 }
 
 /// Names of the pollers on the current reactor (for diagnostics).

@@ -81,6 +81,10 @@ pub struct ReactorStats {
     pub idle_loops: u64,
     /// Time parked by the sleep-when-idle policy.
     pub slept_ns: u64,
+    /// Sleeps that ended (by a message, a timer, an interrupt or a stop),
+    /// and those an interrupt poller's eventfd ended (interrupt mode).
+    pub wakeups: u64,
+    pub interrupt_wakeups: u64,
     /// Ticks spent in loops that did work, and in loops that did not
     /// (sleeping included): SPDK's `busy` and `idle`.
     pub busy_ticks: u64,
@@ -112,7 +116,19 @@ impl ReactorSet {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no cores"));
         }
         crate::tsc::calibrate_in_background();
-        let shared = cfg.cores.iter().map(|&c| Shared::new(Some(c), cfg.ring_capacity)).collect();
+        let mut shared = Vec::with_capacity(cfg.cores.len());
+        for &c in &cfg.cores {
+            // Interrupt mode needs an eventfd per reactor; without one it
+            // cannot sleep on interrupts, so the set does not start.
+            let wake_fd = if cfg.idle.uses_interrupts() {
+                Some(crate::EventFd::new().map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("interrupt mode: cannot create an eventfd: {e}"))
+                })?)
+            } else {
+                None
+            };
+            shared.push(Shared::new(Some(c), cfg.ring_capacity, wake_fd));
+        }
         let inner = SetInner::new(shared, Clock::real(), cfg.idle);
         let set = ReactorSet { inner: inner.clone(), threads: Arc::new(Mutex::new(Vec::new())) };
         // The init message is queued before reactor 0 starts, so it runs first.
@@ -151,7 +167,7 @@ impl ReactorSet {
     /// A set of `n` reactors with no threads and a manual clock: the caller
     /// runs loops with [`ManualSet::run_once`].
     pub fn manual(n: usize) -> ManualSet {
-        let shared = (0..n.max(1)).map(|_| Shared::new(None, DEFAULT_RING_CAPACITY)).collect();
+        let shared = (0..n.max(1)).map(|_| Shared::new(None, DEFAULT_RING_CAPACITY, None)).collect();
         let inner = SetInner::new(shared, Clock::manual(), IdlePolicy::BusyPoll);
         let locals = (0..n.max(1)).map(|id| Local::new(id, inner.clone())).collect();
         ManualSet { set: ReactorSet { inner, threads: Arc::new(Mutex::new(Vec::new())) }, locals }
@@ -185,9 +201,7 @@ impl ReactorSet {
     pub fn stop(&self) {
         self.inner.stop.store(true, Ordering::Release);
         for r in &self.inner.reactors {
-            if let Some(t) = r.thread.get() {
-                t.unpark();
-            }
+            r.wake_up();
         }
     }
 
@@ -209,6 +223,8 @@ impl ReactorSet {
             busy_loops: r.busy_loops.load(Ordering::Relaxed),
             idle_loops: r.idle_loops.load(Ordering::Relaxed),
             slept_ns: r.sleeping_ns.load(Ordering::Relaxed),
+            wakeups: r.wakeups.load(Ordering::Relaxed),
+            interrupt_wakeups: r.interrupt_wakeups.load(Ordering::Relaxed),
             busy_ticks: r.busy_ticks.load(Ordering::Relaxed),
             idle_ticks: r.idle_ticks.load(Ordering::Relaxed),
             started_ticks: r.started_ticks.load(Ordering::Relaxed),

@@ -192,3 +192,69 @@ fn local_state_is_per_reactor() {
     assert_eq!(m.on(1, || reactor::local::<Counter>().0.get()), 9);
     assert_ne!(m.on(0, reactor::current_uid), m.on(1, reactor::current_uid));
 }
+
+/// Interrupt mode: a reactor whose only poller is interrupt-driven sleeps
+/// through an idle stretch without waking (the same reactor on the timer
+/// policy wakes about once per millisecond), wakes when the poller's
+/// eventfd is signalled and runs it, and wakes on time for a deadline the
+/// poller sets (commands that may time out).
+#[test]
+fn interrupt_mode_sleeps_on_eventfds_instead_of_a_timer() {
+    thread_local!(static DEVICE_POLLER: std::cell::RefCell<Option<reactor::PollerHandle>> = const { std::cell::RefCell::new(None) });
+    fn run(idle: IdlePolicy) -> (u64, Option<(u64, u64)>) {
+        let mut cfg = ReactorConfig::new(vec![0], idle);
+        cfg.pin = false;
+        let set = ReactorSet::start(cfg, || {}).unwrap();
+        let irq = Arc::new(reactor::EventFd::new().unwrap());
+        let work = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let (irq2, work2, tx2) = (irq.clone(), work.clone(), tx.clone());
+        set.send(0, move || {
+            let h = reactor::register_interrupt_poller("device", irq2, move || {
+                if work2.swap(0, Ordering::AcqRel) > 0 {
+                    tx2.send("done").unwrap();
+                    return PollStatus::Busy;
+                }
+                PollStatus::Idle
+            });
+            DEVICE_POLLER.with(|c| *c.borrow_mut() = Some(h));
+            tx.send("registered").unwrap();
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), "registered");
+        std::thread::sleep(Duration::from_millis(20)); // let it settle into its sleep
+        let before = set.stats(0).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let idle_wakeups = set.stats(0).unwrap().wakeups - before.wakeups;
+        if !idle.uses_interrupts() {
+            set.stop();
+            set.join();
+            return (idle_wakeups, None);
+        }
+        // A device posts work and signals: the reactor wakes and runs the poller.
+        work.store(1, Ordering::Release);
+        irq.signal();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), "done", "the interrupt did not wake it");
+        let irq_wakeups = set.stats(0).unwrap().interrupt_wakeups;
+        // With deadlines of its own the poller has the reactor wake for them.
+        set.send(0, || {
+            DEVICE_POLLER.with(|c| c.borrow().as_ref().unwrap().set_wake_within(Some(Duration::from_millis(1))))
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        let t0 = set.stats(0).unwrap().wakeups;
+        std::thread::sleep(Duration::from_millis(200));
+        let ticking = set.stats(0).unwrap().wakeups - t0;
+        set.stop();
+        set.join();
+        (idle_wakeups, Some((irq_wakeups, ticking)))
+    }
+    let (timer_wakeups, _) = run(IdlePolicy::sleep());
+    let (idle_wakeups, irq) = run(IdlePolicy::interrupt());
+    let (irq_wakeups, ticking) = irq.unwrap();
+    eprintln!(
+        "200 ms idle: {timer_wakeups} wakeups on the timer, {idle_wakeups} in interrupt mode; ticking: {ticking}"
+    );
+    assert!(timer_wakeups >= 20, "the timer policy should wake about every ms, woke {timer_wakeups} times");
+    assert_eq!(idle_wakeups, 0, "an idle reactor in interrupt mode woke {idle_wakeups} times");
+    assert!(irq_wakeups >= 1, "the interrupt was not counted as the wake-up");
+    assert!(ticking >= 20, "a poller with a 1 ms deadline woke the reactor {ticking} times in 200 ms");
+}

@@ -61,7 +61,9 @@ fn framework_wait_init(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
 fn framework_get_reactors(ctx: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     let set = ctx.reactors.clone();
     sync_call(params, reply, move |_: NoParams| {
-        let in_interrupt = matches!(set.idle_policy(), reactor::IdlePolicy::SleepWhenIdle { .. });
+        // SPDK's interrupt mode: idle reactors sleep on event file descriptors.
+        // A reactor that sleeps on a timer (sleep-when-idle) is still polling.
+        let in_interrupt = set.idle_policy().uses_interrupts();
         let now = reactor::tsc::ticks();
         let reactors: Vec<Value> = (0..set.count())
             .map(|id| {
