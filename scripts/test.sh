@@ -46,6 +46,8 @@ if [ -x scripts/rig/run.sh ] && [ -z "${NVRAID_SKIP_RIG:-}" ]; then
     # The guest has no libc of ours: link glibc statically.
     RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
         --target x86_64-unknown-linux-gnu -p daemon --bins -p nvme --example nvme_probe
+    # Host packages first: some scenarios hand host binaries (fio) to the guest.
+    scripts/rig/run.sh --prepare
     for s in scripts/rig/scenarios/*.sh; do
         case "$s" in *.host.sh) continue ;; esac # host-side checks run by run.sh
         step "QEMU rig: $(basename "$s")"

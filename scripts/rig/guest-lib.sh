@@ -315,3 +315,38 @@ disk_holds() {
 pattern_file() {
   yes "nvraid-rig ${3:-$RIG_NONCE} " | head -c "$2" >"$1"
 }
+
+# host_request LINE...: one request to the host over the host link
+# ($RIG_HOSTLINK, the guest's /dev/ttyS1; run.sh's qmp-relay.py answers it):
+#   qmp JSON          a QMP command, e.g. '{"execute": "device_del", "arguments": {"id": "nvme1"}}'
+#   event NAME SECS   waits up to SECS for the QMP event NAME (kept from any time)
+# Prints the answer's JSON; status 1 (with the error on stderr) on an error.
+host_request() {
+  [ -c "${RIG_HOSTLINK:-}" ] || { echo "no host link" >&2; return 1; }
+  stty -F "$RIG_HOSTLINK" raw -echo 2>/dev/null
+  _req=$(printf '%s' "$*" | tr '\n' ' ') # one line per request
+  exec 7<>"$RIG_HOSTLINK"
+  printf '%s\n' "$_req" >&7
+  _ans=
+  IFS= read -r -t 120 _ans <&7 || true
+  exec 7<&-
+  echo "RIG-NOTE host: $_req -> ${_ans:-no answer}" >/dev/console
+  case $_ans in
+    "ok "*) echo "${_ans#ok }" ;;
+    *) echo "${_ans:-no answer from the host}" >&2; return 1 ;;
+  esac
+}
+host_qmp() { host_request "qmp $*"; }
+host_event() { host_request "event $1 ${2:-30}"; }
+
+# pci_gone_within SECS BDF: the guest's PCI device BDF is gone within about
+# SECS (a hot-unplug finished; counted in half-second sleeps, since
+# wait_until's 0.1 s polls with a fork each run long under TCG).
+pci_gone_within() {
+  _n=$(($1 * 2))
+  while [ -e "/sys/bus/pci/devices/$2" ]; do
+    [ "$_n" -gt 0 ] || return 1
+    _n=$((_n - 1))
+    sleep 0.5
+  done
+}

@@ -37,8 +37,12 @@ BINS=()
 FILES=()
 EXTRA_MODULES=()
 KEEP_IMAGES=
+KERNEL=debian
 HOST_CHECK=
 DISK_SIZE=256M
+NVME_COUNT=2
+NVME_HOTPLUG=0
+QEMU_ARGS=()
 MEM_MB=1024
 SMP=2
 HUGEPAGES=128
@@ -56,11 +60,21 @@ usage: $0 [options]
                        (copied with its ldd closure if dynamic); repeatable
   --file SRC[:DEST]    extra file for the guest (default DEST: /rig/files/NAME)
   --module NAME        extra kernel module (with dependencies) in the initramfs
+  --kernel debian|backports
+                       debian: Debian 12's kernel (default); backports: the
+                       newest bookworm-backports 6.12 kernel (has NVMe in-band
+                       authentication, CONFIG_NVME_HOST_AUTH)
   --keep-images DIR    create the NVMe disk images in DIR and keep them
                        (DIR/nvme0.img = serial NVRAID0, DIR/nvme1.img = NVRAID1)
   --host-check FILE    host script run after QEMU exits (default: the
                        scenario's sibling NAME.host.sh, if it exists)
   --disk-size SIZE     size of each disk image (default: $DISK_SIZE)
+  --nvme-count N       emulated NVMe controllers, serials NVRAID0..N-1 on
+                       nvme0.img..nvme<N-1>.img, QEMU ids nvme0.. (default: 2)
+  --nvme-hotplug       put each controller behind its own pcie-root-port
+                       (rp0..), so that QMP device_del/device_add work
+  --qemu-arg ARG       one more word for QEMU's command line (repeatable), e.g.
+                       --qemu-arg -device --qemu-arg nvme-subsys,id=ss0
   --mem MB             guest RAM (default: $MEM_MB)
   --smp N              guest CPUs (default: $SMP)
   --hugepages N        2 MiB hugepages reserved at boot (default: $HUGEPAGES)
@@ -83,9 +97,13 @@ while (($#)); do
     --bin) BINS+=("${2:?}"); shift 2 ;;
     --file) FILES+=("${2:?}"); shift 2 ;;
     --module) EXTRA_MODULES+=("${2:?}"); shift 2 ;;
+    --kernel) KERNEL=${2:?}; shift 2 ;;
     --keep-images) KEEP_IMAGES=${2:?}; shift 2 ;;
     --host-check) HOST_CHECK=${2:?}; shift 2 ;;
     --disk-size) DISK_SIZE=${2:?}; shift 2 ;;
+    --nvme-count) NVME_COUNT=${2:?}; shift 2 ;;
+    --nvme-hotplug) NVME_HOTPLUG=1; shift ;;
+    --qemu-arg) QEMU_ARGS+=("${2:?}"); shift 2 ;;
     --mem) MEM_MB=${2:?}; shift 2 ;;
     --smp) SMP=${2:?}; shift 2 ;;
     --hugepages) HUGEPAGES=${2:?}; shift 2 ;;
@@ -100,6 +118,8 @@ done
 
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "--timeout wants seconds"
 [[ $ACCEL =~ ^(auto|tcg|kvm)$ ]] || die "--accel wants auto, tcg or kvm"
+[[ $NVME_COUNT =~ ^[1-8]$ ]] || die "--nvme-count wants 1 to 8"
+[[ $KERNEL =~ ^(debian|backports)$ ]] || die "--kernel wants debian or backports"
 if ((!PREPARE_ONLY)); then
   [[ -f $SCENARIO ]] || die "no such scenario: $SCENARIO"
   SCENARIO=$(readlink -f "$SCENARIO")
@@ -148,7 +168,7 @@ apt_install() {
 
 install_packages() {
   local need=() p
-  for p in qemu-system-x86 busybox-static cpio kmod nvme-cli xz-utils open-iscsi; do
+  for p in qemu-system-x86 busybox-static cpio kmod nvme-cli xz-utils open-iscsi fio; do
     pkg_installed "$p" || need+=("$p")
   done
   ((${#need[@]})) || return 0
@@ -253,6 +273,95 @@ fetch_kernel() {
   return 0
 }
 
+# ---- kernel: bookworm-backports' 6.12 (--kernel backports) -------------------
+# Debian 12's 6.1 has no NVMe in-band authentication (CONFIG_NVME_AUTH unset);
+# the backports 6.12 kernels have it. The suite is read through a private
+# sources list, lists and cache directory: the host's apt setup is untouched.
+# Kernel and base initramfs live in their own cache directories, so the two
+# kernels never evict each other.
+BACKPORTS_SERIES=6.12
+backports_apt() { # backports_apt apt-get|apt-cache ARGS...
+  local d=$CACHE/apt-backports cmd=$1
+  shift
+  "$cmd" -o Dir::Etc::SourceList="$d/sources.list" -o Dir::Etc::SourceParts="$d/sources.list.d" \
+    -o Dir::State::Lists="$d/lists" -o Dir::Cache="$d/cache" -o APT::Sandbox::User=root "$@"
+}
+
+backports_update() {
+  local d=$CACHE/apt-backports
+  mkdir -p "$d/sources.list.d" "$d/lists/partial" "$d/cache/archives/partial"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main" \
+    >"$d/sources.list"
+  note "apt-get update (bookworm-backports, private lists in $d)"
+  backports_apt apt-get update -qq >"$d/update.log" 2>&1 && touch "$d/updated"
+}
+
+resolve_backports_kernel() { # -> "PACKAGE VERSION" of the newest 6.12 amd64 kernel
+  local pkg ver
+  pkg=$(backports_apt apt-cache pkgnames "linux-image-$BACKPORTS_SERIES." 2>/dev/null |
+    grep -E "^linux-image-${BACKPORTS_SERIES//./\\.}\.[0-9]+\+deb12(\.[0-9]+)?-amd64\$" | sort -V | tail -n 1)
+  [[ -n $pkg ]] || return 0
+  ver=$(backports_apt apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)
+  echo "$pkg $ver"
+}
+
+fetch_backports_kernel() {
+  local kc=$CACHE/kernel-backports res pkg ver kv
+  mkdir -p "$kc"
+  # The private lists are refreshed once a day (~1 s); offline, the newest
+  # cached kernel is used.
+  if [[ -z $(find "$CACHE/apt-backports/updated" -mmin -1440 2>/dev/null) ]]; then
+    backports_update || note "bookworm-backports update failed (see $CACHE/apt-backports/update.log)"
+  fi
+  res=$(resolve_backports_kernel)
+  read -r pkg ver <<<"$res"
+  if [[ -z ${pkg:-} ]]; then
+    KDIR=$(find "$kc" -mindepth 1 -maxdepth 1 -type d -name 'linux-image-*' | sort -V | tail -n 1)
+    [[ -n $KDIR && -f $KDIR/.done ]] || die "no bookworm-backports linux-image-$BACKPORTS_SERIES package found"
+  else
+    KDIR=$kc/${pkg}_${ver}
+  fi
+  if [[ ! -f $KDIR/.done ]]; then
+    note "fetching kernel package $pkg $ver (bookworm-backports)"
+    rm -rf "$kc/.tmp"
+    mkdir -p "$kc/.tmp"
+    if ! (cd "$kc/.tmp" && backports_apt apt-get download -q "$pkg" >../download.log 2>&1); then
+      cat "$kc/download.log" >&2
+      KDIR=$(find "$kc" -mindepth 1 -maxdepth 1 -type d -name 'linux-image-*' ! -name '*.tmp' | sort -V | tail -n 1)
+      [[ -n $KDIR && -f $KDIR/.done ]] || die "apt-get download $pkg (bookworm-backports) failed"
+      note "apt-get download $pkg failed: using the cached $(basename "$KDIR")"
+    fi
+  fi
+  if [[ ! -f $KDIR/.done ]]; then
+    rm -rf "$KDIR.tmp"
+    mkdir -p "$KDIR.tmp"
+    dpkg-deb -x "$kc"/.tmp/*.deb "$KDIR.tmp/root"
+    kv=$(ls "$KDIR.tmp/root/lib/modules")
+    [[ -n $kv && -f $KDIR.tmp/root/boot/vmlinuz-$kv ]] || die "unexpected layout in $pkg"
+    grep -q '^CONFIG_NVME_HOST_AUTH=y' "$KDIR.tmp/root/boot/config-$kv" ||
+      note "warning: $pkg has no CONFIG_NVME_HOST_AUTH"
+    depmod -b "$KDIR.tmp/root" "$kv"
+    echo "$kv" >"$KDIR.tmp/version"
+    rm -rf "$kc/.tmp"
+    # Keep only the newest backports kernel (the Debian 12 one is elsewhere).
+    find "$kc" -mindepth 1 -maxdepth 1 -type d -name 'linux-image-*' \
+      ! -name "$(basename "$KDIR").tmp" -exec rm -rf {} +
+    mv "$KDIR.tmp" "$KDIR"
+    touch "$KDIR/.done"
+  fi
+  KVER=$(cat "$KDIR/version")
+  KROOT=$KDIR/root
+  VMLINUZ=$KROOT/boot/vmlinuz-$KVER
+  if [[ ! -f $KDIR/vmlinux && ! -f $KDIR/.no-pvh ]]; then
+    extract_vmlinux "$VMLINUZ" "$KROOT/boot/config-$KVER" "$KDIR/vmlinux" || touch "$KDIR/.no-pvh"
+  fi
+  [[ -f $KDIR/vmlinux ]] && VMLINUZ=$KDIR/vmlinux
+  # NVMe authentication is a module there (nvme-core pulls it in; named
+  # here so the initramfs has it even if that changes).
+  EXTRA_MODULES+=(nvme-auth nvme-keyring)
+  INITRAMFS_CACHE=$CACHE/initramfs-backports
+}
+
 # ---- initramfs ----------------------------------------------------------------
 # Copy an executable and, if it is dynamic, its ldd closure into $2.
 copy_with_libs() {
@@ -287,10 +396,10 @@ build_base() {
   # shellcheck disable=SC2016 # ${Version} is dpkg-query's
   key=$(printf '%s\n' "$BASE_FORMAT" "$KVER" "$(basename "$KDIR")" "${mods[@]}" \
     "$(dpkg-query -W -f='${Version}' busybox-static nvme-cli open-iscsi)" | sha256sum | cut -c1-16)
-  BASE_CPIO=$CACHE/initramfs/base-$key.cpio
+  BASE_CPIO=$INITRAMFS_CACHE/base-$key.cpio
   [[ -f $BASE_CPIO ]] && return 0
   note "building base initramfs ($KVER)"
-  local st=$CACHE/initramfs/.stage
+  local st=$INITRAMFS_CACHE/.stage
   rm -rf "$st"
   mkdir -p "$st"/{bin,sbin,usr/bin,usr/sbin,etc/nvme,proc,sys,dev,tmp,run,root,mnt,var/log}
   # busybox and its applets
@@ -333,8 +442,8 @@ build_base() {
   printf 'root:x:0:0:root:/root:/bin/sh\n' >"$st/etc/passwd"
   printf 'root:x:0:\n' >"$st/etc/group"
   printf '127.0.0.1 localhost\n::1 localhost\n' >"$st/etc/hosts"
-  mkdir -p "$CACHE/initramfs"
-  rm -f "$CACHE"/initramfs/base-*.cpio
+  mkdir -p "$INITRAMFS_CACHE"
+  rm -f "$INITRAMFS_CACHE"/base-*.cpio
   make_cpio "$st" "$BASE_CPIO.tmp"
   mv "$BASE_CPIO.tmp" "$BASE_CPIO"
   rm -rf "$st"
@@ -371,6 +480,8 @@ build_overlay() { # per run: init, guest library, scenario, extra binaries/files
     echo "RIG_HUGEPAGES=$HUGEPAGES"
     echo "RIG_VERBOSE=$VERBOSE"
     echo "RIG_GUEST_TIMEOUT=$(( TIMEOUT > 45 ? TIMEOUT - 25 : 20 ))"
+    echo "RIG_NVME_COUNT=$NVME_COUNT"
+    echo "RIG_HOSTLINK=/dev/ttyS1"
   } >"$st/etc/rig.conf"
   make_cpio "$st" "$RUN_DIR/overlay.cpio"
   cat "$BASE_CPIO" "$RUN_DIR/overlay.cpio" >"$RUN_DIR/initramfs.cpio"
@@ -386,11 +497,24 @@ qemu_cmd() { # qemu_cmd ACCEL [EXTRA-CMDLINE] -> QEMU array
     -nographic -nodefaults -serial stdio -monitor none -no-reboot -nic none
     -kernel "$VMLINUZ" -initrd "$RUN_DIR/initramfs.cpio"
     -append "console=ttyS0 panic=-1 intel_iommu=on init_on_alloc=0 hugepagesz=2M hugepages=$HUGEPAGES loglevel=$loglevel $APPEND $extra"
-    -drive "file=$IMG0,if=none,id=nvd0,format=raw,cache=unsafe"
-    -device nvme,serial=NVRAID0,drive=nvd0,addr=0x4
-    -drive "file=$IMG1,if=none,id=nvd1,format=raw,cache=unsafe"
-    -device nvme,serial=NVRAID1,drive=nvd1,addr=0x5
     -device isa-debug-exit,iobase=0xf4,iosize=0x04)
+  # The NVMe controllers: on the root bus at 00:04.0, 00:05.0, ..., or with
+  # --nvme-hotplug each behind a root port there (bus 1, 2, ...).
+  local i
+  for ((i = 0; i < NVME_COUNT; i++)); do
+    QEMU+=(-drive "file=$IMG_DIR/nvme$i.img,if=none,id=nvd$i,format=raw,cache=unsafe")
+    if ((NVME_HOTPLUG)); then
+      QEMU+=(-device "pcie-root-port,id=rp$i,bus=pcie.0,chassis=$((i + 1)),slot=$((i + 1)),addr=$(printf %#x $((4 + i)))"
+        -device "nvme,id=nvme$i,serial=NVRAID$i,drive=nvd$i,bus=rp$i")
+    else
+      QEMU+=(-device "nvme,id=nvme$i,serial=NVRAID$i,drive=nvd$i,addr=$(printf %#x $((4 + i)))")
+    fi
+  done
+  # QMP for the host, and a second serial port (guest /dev/ttyS1) whose
+  # requests qmp-relay.py turns into QMP commands (README: "QMP").
+  QEMU+=(-qmp "unix:$RUN_DIR/qmp.sock,server=on,wait=off"
+    -chardev "socket,id=hostlink,path=$RUN_DIR/hostlink.sock,server=on,wait=off"
+    -device isa-serial,chardev=hostlink "${QEMU_ARGS[@]}")
 }
 
 pick_accel() {
@@ -420,7 +544,8 @@ pick_accel() {
 
 # ---- main -----------------------------------------------------------------------
 install_packages
-fetch_kernel
+INITRAMFS_CACHE=$CACHE/initramfs
+if [[ $KERNEL == backports ]]; then fetch_backports_kernel; else fetch_kernel; fi
 build_base
 T_SETUP=$(elapsed)
 if ((PREPARE_ONLY)); then
@@ -444,8 +569,10 @@ if [[ -n $KEEP_IMAGES ]]; then
 fi
 IMG0=$IMG_DIR/nvme0.img
 IMG1=$IMG_DIR/nvme1.img
-rm -f "$IMG0" "$IMG1"
-truncate -s "$DISK_SIZE" "$IMG0" "$IMG1"
+IMGS=()
+for ((i = 0; i < NVME_COUNT; i++)); do IMGS+=("$IMG_DIR/nvme$i.img"); done
+rm -f "${IMGS[@]}"
+truncate -s "$DISK_SIZE" "${IMGS[@]}"
 
 ACCEL_USED=$(pick_accel)
 qemu_cmd "$ACCEL_USED"
@@ -457,6 +584,11 @@ note "console log: $LOG"
 
 # Stream the console: everything to the log, RIG- markers (or everything with
 # --verbose) to our stdout.
+# The guest's QMP requests (on its /dev/ttyS1): relayed until QEMU exits.
+python3 "$RIG_DIR/qmp-relay.py" "$RUN_DIR/qmp.sock" "$RUN_DIR/hostlink.sock" "$RUN_DIR/qmp.log" \
+  "$IMG_DIR" </dev/null >/dev/null 2>&1 &
+RELAY_PID=$!
+
 QEMU_RC=0
 set +e
 timeout -k 5 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 |
@@ -471,6 +603,8 @@ timeout -k 5 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 |
     fi
   done
 QEMU_RC=${PIPESTATUS[0]}
+kill "$RELAY_PID" 2>/dev/null
+wait "$RELAY_PID" 2>/dev/null
 set -e
 T_QEMU=$(elapsed)
 rm -f "$RUN_DIR/initramfs.cpio" # base + overlay.cpio, both kept
@@ -480,7 +614,7 @@ HOST_RC=
 if [[ -n $HOST_CHECK ]]; then
   HOST_LOG=$RUN_DIR/host-check.log
   set +e
-  RIG_IMG0=$IMG0 RIG_IMG1=$IMG1 RIG_IMAGE_DIR=$IMG_DIR RIG_NONCE=$RIG_NONCE \
+  RIG_IMG0=$IMG0 RIG_IMG1=$IMG1 RIG_NVME_COUNT=$NVME_COUNT RIG_IMAGE_DIR=$IMG_DIR RIG_NONCE=$RIG_NONCE \
     RIG_CONSOLE_LOG=$LOG RIG_QEMU_RC=$QEMU_RC bash "$HOST_CHECK" >"$HOST_LOG" 2>&1
   HOST_RC=$?
   set -e
@@ -529,7 +663,7 @@ echo
 echo "scenario: $(basename "$SCENARIO")  kernel: $KVER  accel: $ACCEL_USED"
 echo "qemu: $QEMU_VERDICT"
 echo "steps: $N_PASS passed, $N_FAIL failed"
-echo "images: $IMG0 $IMG1"
+echo "images: ${IMGS[*]}"
 echo "wall: $(elapsed)s (setup ${T_SETUP}s, until QEMU exit ${T_QEMU}s)"
 if ((OK)); then
   echo "RIG RESULT: PASS"
