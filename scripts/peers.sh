@@ -14,3 +14,5 @@ fi
 export CI=true
 # DH-HMAC-CHAP: SPDK's host authenticates to nvraid-tgt (every hash and group, both ways).
 cargo test -p daemon --test nvmf_auth -- --ignored --nocapture
+# TLS 1.3 with a PSK: SPDK's host (-S ssl --psk-path) does IO against nvraid-tgt; a wrong key is refused.
+cargo test -p daemon --test nvmf_tls -- --ignored --nocapture

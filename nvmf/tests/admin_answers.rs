@@ -304,6 +304,7 @@ fn remote_namespace_bdev_carries_the_cache_flag_and_fua() {
             hostnqn: Some(HOSTNQN.into()),
             hdgst: false,
             ddgst: false,
+            psk: None,
         };
         attach_controller(p, move |r| tx.send(r).unwrap());
     });

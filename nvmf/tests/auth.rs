@@ -218,7 +218,11 @@ impl Raw {
     }
 
     fn connect(&mut self, qid: u16, cntlid: u16) -> Cqe {
-        let cmd = ConnectCommand::new(0, qid, 32, 0);
+        self.connect_kato(qid, cntlid, 0)
+    }
+
+    fn connect_kato(&mut self, qid: u16, cntlid: u16, kato_ms: u32) -> Cqe {
+        let cmd = ConnectCommand::new(0, qid, 32, kato_ms);
         let mut d = ConnectData::zeroed();
         d.cntlid = U16::new(cntlid);
         write_nqn(&mut d.subnqn, NQN).unwrap();
@@ -583,4 +587,55 @@ fn rotated_keys_take_effect_at_the_next_authentication() {
     assert_eq!(a.property_get_cap(), Some(Status::SUCCESS));
     let (mut b, _) = admin_needing_auth(t.port);
     assert_eq!(authenticate(&mut b, 3, &h), Outcome::Failure1 { rce: 1 });
+}
+
+/// A host slower than its Keep Alive Timeout at authenticating keeps its
+/// controller: until the admin queue is admitted it can send nothing but
+/// Authentication Send/Receive (Keep Alive is refused), so those count as
+/// keep-alive traffic. (Linux under QEMU lost its controller to KATO while
+/// computing an ffdhe8192 step.) Once admitted, silence still ends it.
+#[test]
+fn authentication_traffic_keeps_a_slow_host_alive() {
+    const KATO_MS: u32 = 1000;
+    let pause = Duration::from_millis(450);
+    let mut files = KeyFiles(Vec::new());
+    let key = Secret::random(SHA256, 32);
+    let t = target_with_keys(&mut files, &key, None);
+    let mut a = Raw::open(t.port);
+    let c = a.connect_kato(0, 0xFFFF, KATO_MS);
+    assert!(c.status().is_success(), "{:?}", c.status());
+    assert_ne!(c.dw0.get() & ATR, 0);
+    let started = std::time::Instant::now();
+
+    // A null-group transaction with a pause before every message after
+    // the first: longer than KATO in all, each gap shorter.
+    let tid = 5u16;
+    let mut m = vec![0u8, 0x00, 0, 0];
+    m.extend_from_slice(&tid.to_le_bytes());
+    m.extend_from_slice(&[0, 1]);
+    let mut d = [0u8; 64];
+    (d[0], d[2], d[3], d[4], d[34]) = (1, 1, 1, SHA256, NULL_DH);
+    m.extend_from_slice(&d);
+    assert_eq!(a.auth_send(&m), Some(Status::SUCCESS));
+    std::thread::sleep(pause);
+    let ch = a.auth_receive().expect("challenge (the controller was torn down)");
+    assert_eq!((ch[0], ch[1], ch[8], ch[9]), (1, 1, SHA256, NULL_DH), "DH-HMAC-CHAP_Challenge");
+    let seq = u32::from_le_bytes([ch[12], ch[13], ch[14], ch[15]]);
+    let resp = chap_response(SHA256, &key.transformed(HOSTNQN), &ch[16..48], None, seq, tid, "HostHost", HOSTNQN, NQN);
+    let mut r = vec![1u8, 0x02, 0, 0];
+    r.extend_from_slice(&tid.to_le_bytes());
+    r.extend_from_slice(&[32, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    r.extend_from_slice(&resp);
+    r.extend_from_slice(&[0u8; 32]);
+    std::thread::sleep(pause);
+    assert_eq!(a.auth_send(&r), Some(Status::SUCCESS), "reply (the controller was torn down)");
+    std::thread::sleep(pause);
+    let s1 = a.auth_receive().expect("success1 (the controller was torn down)");
+    assert_eq!((s1[0], s1[1]), (1, 3), "DH-HMAC-CHAP_Success1");
+    assert!(started.elapsed() > Duration::from_millis(KATO_MS.into()), "the transaction outlasted KATO");
+    assert_eq!(a.property_get_cap(), Some(Status::SUCCESS), "admitted after a slow authentication");
+
+    // Admitted and silent for longer than KATO: the controller ends.
+    std::thread::sleep(Duration::from_millis(u64::from(KATO_MS) * 2));
+    assert!(a.closed(), "KATO no longer enforced after authentication");
 }

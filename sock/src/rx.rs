@@ -1,7 +1,6 @@
 //! The receive side: the staging buffer and direct reads.
 
 use std::io::{self, Read};
-use std::net::TcpStream;
 
 /// Receive staging buffer: socket bytes land here before the PDU reader
 /// sees them (bulk data may bypass it, straight into a request's buffer).
@@ -48,7 +47,7 @@ impl RxBuf {
     }
 
     /// Reads from the socket into the free tail (compacting first).
-    pub fn fill(&mut self, stream: &mut TcpStream) -> io::Result<RxFill> {
+    pub fn fill(&mut self, stream: &mut impl Read) -> io::Result<RxFill> {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -73,7 +72,7 @@ impl RxBuf {
 }
 
 /// Reads straight into `dest[..]`; Ok(None) when nothing is there yet.
-pub fn read_into(stream: &mut TcpStream, dest: &mut [u8]) -> io::Result<Option<usize>> {
+pub fn read_into(stream: &mut impl Read, dest: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
         match stream.read(dest) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed")),

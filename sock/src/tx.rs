@@ -1,9 +1,9 @@
 //! The transmit queue of one connection.
 
+use crate::Socket;
 use bdev::DmaBuf;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
-use std::net::TcpStream;
 
 /// Segments gathered into one `writev`.
 const IOV_MAX: usize = 16;
@@ -101,7 +101,7 @@ impl<const INLINE_LEN: usize> TxQueue<INLINE_LEN> {
     }
 
     /// Writes as much as the socket takes. Ok(true) when everything went.
-    pub fn flush(&mut self, stream: &mut TcpStream) -> io::Result<bool> {
+    pub fn flush(&mut self, stream: &mut impl Write) -> io::Result<bool> {
         while !self.segs.is_empty() {
             let empty = [IoSlice::new(&[]); IOV_MAX];
             let n = match gather_write(stream, &self.segs, 0, empty, 0) {
@@ -120,7 +120,7 @@ impl<const INLINE_LEN: usize> TxQueue<INLINE_LEN> {
     /// and says whether any bytes went. On an error the queue is dropped
     /// (the connection is over) and the error returned for the owner to
     /// close with.
-    pub fn send(&mut self, stream: &mut TcpStream) -> io::Result<bool> {
+    pub fn send(&mut self, stream: &mut impl Write) -> io::Result<bool> {
         if self.segs.is_empty() {
             return Ok(false);
         }
@@ -137,10 +137,10 @@ impl<const INLINE_LEN: usize> TxQueue<INLINE_LEN> {
     /// A closing connection's last words: flushes what it can and shuts the
     /// socket once everything went, sending failed, or `deadline_ns`
     /// (reactor time) has passed, dropping what is left. True once shut.
-    pub fn flush_then_shutdown(&mut self, stream: &mut TcpStream, deadline_ns: u64) -> bool {
+    pub fn flush_then_shutdown(&mut self, stream: &mut impl Socket, deadline_ns: u64) -> bool {
         let flushed = self.segs.is_empty() || matches!(self.flush(stream), Ok(true) | Err(_));
         if flushed || reactor::now_ns() >= deadline_ns {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            stream.shutdown_both();
             self.clear();
             return true;
         }
@@ -193,7 +193,7 @@ impl<const INLINE_LEN: usize> TxQueue<INLINE_LEN> {
 /// buffer is borrowed through its scoped accessor, so the gather recurses
 /// one level per data segment, the slice array narrowing its lifetime.
 fn gather_write<'a, const INLINE_LEN: usize>(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     segs: &'a VecDeque<TxSeg<INLINE_LEN>>,
     i: usize,
     mut acc: [IoSlice<'a>; IOV_MAX],

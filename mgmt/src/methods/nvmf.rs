@@ -43,7 +43,6 @@ pub const METHODS: &[(&str, Handler)] = &[
 /// nvraid serves one target; SPDK names its default one "nvmf_tgt".
 const ONE_TARGET: Unsupported =
     at("tgt_name", Accepted::Str("nvmf_tgt"), "named NVMe-oF targets (it serves one, nvmf_tgt)");
-const NO_TLS: &str = "TLS for NVMe/TCP";
 
 /// Parameters SPDK defines for these methods whose feature nvraid lacks
 /// (see `unsupported`). `nvmf_create_transport` checks its own.
@@ -74,16 +73,7 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
         ],
     ),
     ("nvmf_subsystem_remove_ns", &[ONE_TARGET]),
-    (
-        "nvmf_subsystem_add_listener",
-        &[
-            ONE_TARGET,
-            at("secure_channel", Accepted::Bool(false), NO_TLS),
-            // Kernel sockets, as SPDK's default "posix" implementation.
-            at("sock_impl", Accepted::Str("posix"), "other socket implementations"),
-            at("numa_id", Accepted::Int(-1), "NUMA placement of listeners"),
-        ],
-    ),
+    ("nvmf_subsystem_add_listener", &[ONE_TARGET, at("numa_id", Accepted::Int(-1), "NUMA placement of listeners")]),
     ("nvmf_subsystem_remove_listener", &[ONE_TARGET]),
     ("nvmf_subsystem_listener_set_ana_state", &[ONE_TARGET]),
     (
@@ -97,7 +87,7 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
     ("nvmf_subsystem_get_qpairs", &[ONE_TARGET]),
     ("nvmf_ns_add_host", &[ONE_TARGET]),
     ("nvmf_ns_remove_host", &[ONE_TARGET]),
-    ("nvmf_subsystem_add_host", &[ONE_TARGET, at("psk", Accepted::Absent, NO_TLS)]),
+    ("nvmf_subsystem_add_host", &[ONE_TARGET]),
     (
         "nvmf_subsystem_remove_host",
         &[
@@ -418,6 +408,25 @@ struct Listener {
     listen_address: Address,
     /// Only `nvmf_subsystem_add_listener` has it.
     ana_state: Option<String>,
+    /// TLS 1.3 with a PSK only (`nvmf_subsystem_add_listener`).
+    #[serde(default)]
+    secure_channel: Option<bool>,
+    /// Kernel sockets: SPDK's "posix", or "ssl" with `secure_channel`.
+    #[serde(default)]
+    sock_impl: Option<String>,
+}
+
+/// `sock_impl` as SPDK takes it with `secure_channel`: "ssl" (or none)
+/// for a secure listener, "posix" (or none) for a plain one.
+fn check_sock_impl(sock_impl: Option<&str>, secure: bool) -> Result<(), RpcError> {
+    match sock_impl {
+        None => Ok(()),
+        Some(s) if s.eq_ignore_ascii_case(if secure { "ssl" } else { "posix" }) => Ok(()),
+        Some(s) => Err(RpcError::invalid_params(format!(
+            "sock_impl '{s}' is not supported with secure_channel={secure}; {} or leave it out",
+            if secure { "ssl" } else { "posix" }
+        ))),
+    }
 }
 
 fn listen_addr(a: &Address) -> Result<ListenAddr, RpcError> {
@@ -447,9 +456,17 @@ fn listener(add: bool, params: Option<Value>, reply: Reply) {
         let nqn = if p.nqn == "discovery" { nvme_spec_discovery_nqn() } else { p.nqn.as_str() };
         if add {
             let ana = p.ana_state.as_deref().map(ana_state_of).transpose()?.unwrap_or(AnaState::Optimized);
-            st.add_listener_ana(nqn, addr, ana).map_err(nvmf_error)?;
-        } else if p.ana_state.is_some() {
-            return Err(RpcError::unknown_parameters("nvmf_subsystem_remove_listener", &["ana_state".into()]));
+            let secure = p.secure_channel.unwrap_or(false);
+            check_sock_impl(p.sock_impl.as_deref(), secure)?;
+            st.add_listener_opts(nqn, addr, ana, secure).map_err(nvmf_error)?;
+        } else if p.ana_state.is_some() || p.secure_channel.is_some() || p.sock_impl.is_some() {
+            let given = [
+                ("ana_state", p.ana_state.is_some()),
+                ("secure_channel", p.secure_channel.is_some()),
+                ("sock_impl", p.sock_impl.is_some()),
+            ];
+            let names: Vec<String> = given.iter().filter(|g| g.1).map(|g| g.0.to_string()).collect();
+            return Err(RpcError::unknown_parameters("nvmf_subsystem_remove_listener", &names));
         } else {
             st.remove_listener(nqn, &addr).map_err(nvmf_error)?;
         }
@@ -540,6 +557,10 @@ struct Host {
     dhchap_key: Option<String>,
     #[serde(default)]
     dhchap_ctrlr_key: Option<String>,
+    /// TLS PSK key name in the keyring (`nvmf_subsystem_add_host`): the
+    /// host connects only over a `secure_channel` listener.
+    #[serde(default)]
+    psk: Option<String>,
 }
 
 /// A keyring key by name; a name the keyring lacks is an invalid parameter.
@@ -556,9 +577,15 @@ fn host(add: bool, params: Option<Value>, reply: Reply) {
         if add {
             let key = keyring_key(p.dhchap_key.as_deref(), "dhchap_key")?;
             let ckey = keyring_key(p.dhchap_ctrlr_key.as_deref(), "dhchap_ctrlr_key")?;
-            st.add_host_with_keys(&p.nqn, &p.host, key, ckey).map_err(nvmf_error)?;
+            match keyring_key(p.psk.as_deref(), "psk")? {
+                Some(psk) => {
+                    st.add_host_with_psk(&p.nqn, &p.host, psk, || st.add_host_with_keys(&p.nqn, &p.host, key, ckey))
+                }
+                None => st.add_host_with_keys(&p.nqn, &p.host, key, ckey),
+            }
+            .map_err(nvmf_error)?;
         } else {
-            if p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
+            if p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() || p.psk.is_some() {
                 return Err(RpcError::invalid_params("nvmf_subsystem_remove_host takes no keys"));
             }
             st.remove_host(&p.nqn, &p.host).map_err(nvmf_error)?;
@@ -609,6 +636,9 @@ fn nvmf_set_config(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
 /// longer authenticates); queues use them from their next authentication.
 fn nvmf_subsystem_set_keys(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: Host| {
+        if p.psk.is_some() {
+            return Err(RpcError::unknown_parameters("nvmf_subsystem_set_keys", &["psk".into()]));
+        }
         let key = keyring_key(p.dhchap_key.as_deref(), "dhchap_key")?;
         let ckey = keyring_key(p.dhchap_ctrlr_key.as_deref(), "dhchap_ctrlr_key")?;
         NvmfState::get().set_host_keys(&p.nqn, &p.host, key, ckey).map_err(nvmf_error)?;

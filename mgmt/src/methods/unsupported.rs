@@ -1,5 +1,5 @@
-//! Parameters SPDK defines for features nvraid does not have (TLS keys,
-//! DH-HMAC-CHAP, DIF, multipath, named targets, ...).
+//! Parameters SPDK defines for features nvraid does not have (DIF,
+//! named targets, other socket layers, ...).
 //!
 //! Each is accepted only at SPDK's default value, because SPDK's client and
 //! its `save_config` send many of them unasked (`secure_channel: false`,

@@ -420,14 +420,16 @@ fn discovery_log(hostnqn: &str) -> Vec<u8> {
             e.trtype = trtype::TCP;
             e.adrfam = if a.ipv6() { adrfam::IPV6 } else { adrfam::IPV4 };
             e.subtype = subtype::NVME;
-            e.treq = treq::SECURE_CHANNEL_NOT_REQUIRED | treq::DISABLE_SQ_FLOW_CONTROL;
+            let secure = state.listener_secure(&a);
+            let channel = if secure { treq::SECURE_CHANNEL_REQUIRED } else { treq::SECURE_CHANNEL_NOT_REQUIRED };
+            e.treq = channel | treq::DISABLE_SQ_FLOW_CONTROL;
             e.portid = U16::new(a.trsvcid.parse::<u16>().unwrap_or(0));
             e.cntlid = U16::new(CNTLID_DYNAMIC);
             e.asqsz = U16::new(asqsz.min(0xFFFF) as u16);
             fill_ascii(&mut e.trsvcid, &a.trsvcid);
             let _ = write_nqn(&mut e.subnqn, &s.nqn);
             fill_ascii(&mut e.traddr, &a.traddr);
-            e.tsas[0] = tcp_sectype::NONE;
+            e.tsas[0] = if secure { tcp_sectype::TLS_1_3 } else { tcp_sectype::NONE };
             entries.push(e);
         }
     }

@@ -42,7 +42,6 @@ use nvme_spec::{AdminOpcode, Cqe, FabricsCommandType, IoOpcode, SglKind, Sqe, St
 use sock::{read_into, RxBuf, RxFill};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::net::TcpStream;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -156,7 +155,7 @@ enum Owned {
 }
 
 pub(crate) struct Conn {
-    stream: TcpStream,
+    stream: sock::Stream,
     listen: ListenAddr,
     portid: u16,
     opts: Arc<TransportOpts>,
@@ -230,8 +229,8 @@ fn lookup(key: u64) -> Option<Rc<RefCell<Conn>>> {
 }
 
 /// Takes over an accepted connection on the current reactor.
-pub(crate) fn start(stream: TcpStream, listen: ListenAddr, portid: u16, opts: Arc<TransportOpts>) {
-    if let Err(e) = stream.set_nonblocking(true).and_then(|()| stream.set_nodelay(true)) {
+pub(crate) fn start(stream: sock::Stream, listen: ListenAddr, portid: u16, opts: Arc<TransportOpts>) {
+    if let Err(e) = stream.tcp().set_nonblocking(true).and_then(|()| stream.tcp().set_nodelay(true)) {
         tracing::warn!("NVMe/TCP connection setup: {e}");
         return;
     }
@@ -1008,6 +1007,10 @@ impl Conn {
             tracing::info!(subnqn, hostnqn, "Connect refused: host not allowed");
             return self.connect_fail(slot, Status::CONNECT_INVALID_HOST, 0);
         }
+        if let Err(why) = crate::tls::channel_allows(&sub, &hostnqn, &self.stream) {
+            tracing::warn!(subnqn, hostnqn, "Connect refused: {why}");
+            return self.connect_fail(slot, Status::CONNECT_INVALID_HOST, 0);
+        }
         let qid = cmd.qid.get();
         let entries = cmd.sq_entries();
         let kato_ms = cmd.kato.get();
@@ -1036,7 +1039,7 @@ impl Conn {
                 hostid: data.hostid,
                 listen: self.listen.clone(),
                 admin_reactor: reactor::current().unwrap_or(0),
-                admin_peer: self.stream.peer_addr().ok(),
+                admin_peer: self.stream.tcp().peer_addr().ok(),
                 opts: self.opts.clone(),
                 kato_ms: kato_ms.into(),
                 last_keep_alive_ns: reactor::now_ns().into(),
@@ -1123,7 +1126,7 @@ impl Conn {
                     reactor: reactor::current().unwrap_or(0),
                     conn_key: self.key,
                     stats: self.stats.clone(),
-                    peer: self.stream.peer_addr().ok(),
+                    peer: self.stream.tcp().peer_addr().ok(),
                 });
             }
             let cfg = *self.reader.config();
@@ -1167,6 +1170,11 @@ impl Conn {
         let (Some(ctrl), Some(qid)) = (self.ctrl.clone(), self.qid) else {
             return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
         };
+        // Keep-alive traffic: until its admin queue is admitted a host may
+        // send nothing else (Keep Alive gets Authentication Required), and a
+        // slow host's DH step (seconds for ffdhe8192 on an emulated CPU) can
+        // outlast KATO.
+        ctrl.last_keep_alive_ns.store(reactor::now_ns(), Ordering::Relaxed);
         // A queue that was not asked to authenticate may still start (the
         // host re-authenticates); without a key it ends in AUTH_Failure1.
         let a = self.auth.get_or_insert_with(|| Box::new(QueueAuth::new(ctrl.subsys.clone(), &ctrl.hostnqn, qid)));

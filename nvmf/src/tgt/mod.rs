@@ -389,6 +389,8 @@ pub(crate) struct SubsysInner {
     pub(crate) hosts: Vec<String>,
     /// DH-HMAC-CHAP keys of the hosts that must authenticate.
     pub(crate) host_keys: Vec<auth::HostKeys>,
+    /// TLS PSKs of the hosts that must connect over a secure listener.
+    pub(crate) host_psks: Vec<(String, Arc<crate::keyring::Key>)>,
     pub(crate) allow_any_host: bool,
     pub(crate) listeners: Vec<ListenAddr>,
     pub(crate) ctrls: Vec<Weak<Ctrl>>,
@@ -433,6 +435,7 @@ impl Subsystem {
                 namespaces: Vec::new(),
                 hosts: Vec::new(),
                 host_keys: Vec::new(),
+                host_psks: Vec::new(),
                 allow_any_host: p.allow_any_host,
                 listeners: Vec::new(),
                 ctrls: Vec::new(),
@@ -861,6 +864,9 @@ impl Ctrl {
 
 struct ListenerEntry {
     addr: ListenAddr,
+    /// TLS only (`secure_channel`): a port is secure or not for every
+    /// subsystem on it.
+    secure: bool,
     local: SocketAddr,
     stop: Arc<AtomicBool>,
     users: usize,
@@ -1336,6 +1342,7 @@ impl NvmfState {
         let before = i.hosts.len();
         i.hosts.retain(|h| h != host);
         i.host_keys.retain(|k| k.host != host);
+        i.host_psks.retain(|(h, _)| h != host);
         if i.hosts.len() == before {
             return Err(NvmfError::NotFound(format!("host {host} in {nqn}")));
         }
@@ -1367,11 +1374,28 @@ impl NvmfState {
     /// `nvmf_subsystem_add_listener` with the ANA state every group starts
     /// with through it.
     pub fn add_listener_ana(&self, nqn: &str, addr: ListenAddr, ana_state: AnaState) -> Result<(), NvmfError> {
+        self.add_listener_opts(nqn, addr, ana_state, false)
+    }
+
+    /// `nvmf_subsystem_add_listener` with its ANA state and
+    /// `secure_channel` (TLS only on that port).
+    pub fn add_listener_opts(
+        &self,
+        nqn: &str,
+        addr: ListenAddr,
+        ana_state: AnaState,
+        secure: bool,
+    ) -> Result<(), NvmfError> {
         let sub = self.subsystem(nqn).ok_or_else(|| NvmfError::NotFound(format!("subsystem {nqn}")))?;
         if ana_state != AnaState::Optimized && !sub.ana_reporting {
             return Err(NvmfError::Invalid(format!(
                 "ana_state {}: subsystem {nqn} was created without ana_reporting",
                 ana_state.name()
+            )));
+        }
+        if secure && sub.lock().allow_any_host {
+            return Err(NvmfError::Invalid(format!(
+                "secure_channel on {nqn}: not with allow_any_host (hosts need a PSK)"
             )));
         }
         let opts = self.transport().ok_or_else(|| NvmfError::Invalid("create the TCP transport first".into()))?;
@@ -1380,17 +1404,24 @@ impl NvmfState {
         }
         let mut s = self.lock();
         if let Some(e) = s.listeners.iter_mut().find(|e| e.addr == addr) {
+            if e.secure != secure {
+                return Err(NvmfError::Invalid(format!(
+                    "listener {}:{} has secure_channel={} for another subsystem",
+                    addr.traddr, addr.trsvcid, e.secure
+                )));
+            }
             e.users += 1;
         } else {
+            let tls = if secure { Some(crate::tls::listener_context(&addr)?) } else { None };
             let sa = addr.socket_addr()?;
             let l = TcpListener::bind(sa).map_err(|e| NvmfError::Io(format!("listen on {sa}: {e}")))?;
             l.set_nonblocking(true).map_err(|e| NvmfError::Io(e.to_string()))?;
             let local = l.local_addr().map_err(|e| NvmfError::Io(e.to_string()))?;
             let stop = Arc::new(AtomicBool::new(false));
             let portid = self.next_portid.fetch_add(1, Ordering::Relaxed) + 1;
-            start_accepting(l, addr.clone(), portid, opts, stop.clone());
+            start_accepting(l, addr.clone(), portid, opts, stop.clone(), tls);
             tracing::info!(traddr = addr.traddr, trsvcid = addr.trsvcid, "NVMe/TCP target listening");
-            s.listeners.push(ListenerEntry { addr: addr.clone(), local, stop, users: 1 });
+            s.listeners.push(ListenerEntry { addr: addr.clone(), secure, local, stop, users: 1 });
         }
         drop(s);
         let mut i = sub.lock();
@@ -1432,6 +1463,11 @@ impl NvmfState {
         Ok(())
     }
 
+    /// Whether a listener is TLS only (`secure_channel`).
+    pub fn listener_secure(&self, addr: &ListenAddr) -> bool {
+        self.lock().listeners.iter().any(|e| &e.addr == addr && e.secure)
+    }
+
     /// The bound address of a listener (tests bind port 0 and ask).
     pub fn local_addr(&self, addr: &ListenAddr) -> Option<SocketAddr> {
         self.lock().listeners.iter().find(|e| &e.addr == addr).map(|e| e.local)
@@ -1460,7 +1496,7 @@ impl NvmfState {
             if s.kind == SubsystemKind::Discovery {
                 for a in s.listeners() {
                     out.push(json!({"method": "nvmf_subsystem_add_listener", "params": {
-                        "nqn": s.nqn, "listen_address": a.to_json(), "secure_channel": false}}));
+                        "nqn": s.nqn, "listen_address": a.to_json(), "secure_channel": self.listener_secure(&a)}}));
                 }
                 continue;
             }
@@ -1473,6 +1509,9 @@ impl NvmfState {
                 let mut params = auth::host_key_params(i.host_keys.iter().find(|k| &k.host == h));
                 params["nqn"] = json!(s.nqn);
                 params["host"] = json!(h);
+                if let Some((_, k)) = i.host_psks.iter().find(|(ph, _)| ph == h) {
+                    params["psk"] = json!(k.name);
+                }
                 out.push(json!({"method": "nvmf_subsystem_add_host", "params": params}));
             }
             for n in &i.namespaces {
@@ -1495,7 +1534,7 @@ impl NvmfState {
             }
             for a in &i.listeners {
                 out.push(json!({"method": "nvmf_subsystem_add_listener", "params": {
-                    "nqn": s.nqn, "listen_address": a.to_json(), "secure_channel": false}}));
+                    "nqn": s.nqn, "listen_address": a.to_json(), "secure_channel": self.listener_secure(a)}}));
                 if let Some(l) = i.ana.iter().find(|l| &l.addr == a).filter(|_| s.ana_reporting) {
                     out.extend(ana_state_calls(&s.nqn, l));
                 }
@@ -1574,7 +1613,14 @@ pub(crate) fn validate_nqn(nqn: &str) -> Result<(), NvmfError> {
 /// Accepts on the current reactor (a timed poller: accept latency does not
 /// matter, syscalls every loop would) and hands each connection to the
 /// next reactor round-robin.
-fn start_accepting(l: TcpListener, addr: ListenAddr, portid: u16, opts: Arc<TransportOpts>, stop: Arc<AtomicBool>) {
+fn start_accepting(
+    l: TcpListener,
+    addr: ListenAddr,
+    portid: u16,
+    opts: Arc<TransportOpts>,
+    stop: Arc<AtomicBool>,
+    tls: Option<sock::TlsServer>,
+) {
     let state = NvmfState::get();
     let tickets = state.clone();
     let closed_addr = addr.clone();
@@ -1591,9 +1637,12 @@ fn start_accepting(l: TcpListener, addr: ListenAddr, portid: u16, opts: Arc<Tran
         move || tickets.next_reactor.fetch_add(1, Ordering::Relaxed),
         closed,
         move |stream, peer, to| {
-            let (addr, opts) = (addr.clone(), opts.clone());
+            let (addr, opts, tls) = (addr.clone(), opts.clone(), tls.clone());
             tracing::debug!(%peer, reactor = to, "NVMe/TCP connection accepted");
-            move || conn::start(stream, addr, portid, opts)
+            move || match tls {
+                Some(tls) => crate::tls::accept(&tls, stream, addr, portid, opts),
+                None => conn::start(sock::Stream::Plain(stream), addr, portid, opts),
+            }
         },
     );
 }
