@@ -55,16 +55,18 @@ struct Netns {
 }
 
 impl Netns {
-    fn create() -> Result<Netns, String> {
+    /// `tag` (0 or 1) tells apart the namespaces of this file's tests,
+    /// which run at the same time.
+    fn create(tag: u32) -> Result<Netns, String> {
         let id = std::process::id() % 50_000;
-        let subnet = 16 + (id % 200);
+        let subnet = 16 + (id + tag * 101) % 200;
         let n = Netns {
-            name: format!("nvrm{id}"),
-            host_if: format!("nvrh{id}"),
+            name: format!("nvrm{id}{tag}"),
+            host_if: format!("nvrh{id}{tag}"),
             host_ip: format!("10.213.{subnet}.1"),
             peer_ip: format!("10.213.{subnet}.2"),
         };
-        let peer_if = format!("nvrp{id}");
+        let peer_if = format!("nvrp{id}{tag}");
         let _ = sh(&["ip", "netns", "del", &n.name]);
         sh(&["ip", "netns", "add", &n.name])?;
         sh(&["ip", "link", "add", &n.host_if, "type", "veth", "peer", "name", &peer_if])?;
@@ -207,8 +209,13 @@ fn window(base: u64, len: u64) -> u64 {
 
 impl Writer {
     fn start(port: u16) -> Writer {
+        Self::start_in(port, window(0, BLOCKS - 1))
+    }
+
+    /// Starts writing inside `win` (see [`window`]).
+    fn start_in(port: u16, win: u64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
-        let win = Arc::new(AtomicU64::new(window(0, BLOCKS - 1)));
+        let win = Arc::new(AtomicU64::new(win));
         let log = Arc::new(Mutex::new(Vec::new()));
         let model = Arc::new(Mutex::new(HashMap::new()));
         let (st, w, l, m) = (stop.clone(), win.clone(), log.clone(), model.clone());
@@ -302,7 +309,7 @@ fn free_port() -> u16 {
 #[test]
 fn mirror_with_a_remote_member_survives_a_flapping_path_and_resyncs_only_what_it_missed() {
     let Some(rpc) = spdk_rpc_path() else { return };
-    let ns = match Netns::create() {
+    let ns = match Netns::create(0) {
         Ok(ns) => ns,
         Err(e) => return cannot_run(&format!("no network namespace with a veth pair: {e}")),
     };
@@ -484,4 +491,193 @@ fn mirror_with_a_remote_member_survives_a_flapping_path_and_resyncs_only_what_it
     }
     println!("members identical over {array_blocks} blocks; {} blocks checked against what was written", model.len());
     let _ = std::fs::read_to_string(&remote.log);
+}
+
+/// Serves the file `far` as Far0 over NVMe/TCP from the remote daemon.
+/// A bdev named like the array is made first: the remote machine must not
+/// assemble the array its file holds a member of (the name is taken, so
+/// examine leaves Far0 unclaimed for the export).
+fn serve_far(rpc: &Path, remote: &Remote, ns: &Netns, far: &Path) {
+    let r = |args: &[&str]| spdk_ok(rpc, &remote.sock, args);
+    r(&["bdev_malloc_create", "-b", "Mirror", "1", &BS.to_string()]);
+    r(&["bdev_uring_create", far.to_str().unwrap(), "Far0", &BS.to_string()]);
+    r(&["bdev_wait_for_examine"]);
+    r(&["nvmf_create_transport", "-t", "TCP"]);
+    r(&["nvmf_create_subsystem", NQN, "-a"]);
+    r(&["nvmf_subsystem_add_ns", NQN, "Far0"]);
+    r(&["nvmf_subsystem_add_listener", NQN, "-t", "tcp", "-a", &ns.peer_ip, "-s", "4420"]);
+}
+
+/// Runs the writer on `window` for `d`, then stops it; returns its log's
+/// distinct blocks written (all writes must succeed) and its model.
+fn write_for(port: u16, win: u64, d: Duration) -> (std::collections::BTreeSet<u64>, HashMap<u64, u64>) {
+    let mut w = Writer::start_in(port, win);
+    std::thread::sleep(d);
+    w.finish();
+    let log = w.log.lock().unwrap();
+    assert!(log.iter().all(|s| s.ok), "a write to the array failed");
+    let blocks = log.iter().map(|s| s.block).collect();
+    let model = w.model.lock().unwrap().clone();
+    (blocks, model)
+}
+
+#[test]
+fn remote_member_returning_after_the_local_daemon_restarted_is_resynced_only_where_it_missed_writes() {
+    let Some(rpc) = spdk_rpc_path() else { return };
+    let ns = match Netns::create(1) {
+        Ok(ns) => ns,
+        Err(e) => return cannot_run(&format!("no network namespace with a veth pair: {e}")),
+    };
+    let dir = temp_dir("remote-mirror-restart");
+    let (near, far) = (dir.join("near.img"), dir.join("far.img"));
+    for f in [&near, &far] {
+        std::fs::File::create(f).unwrap().set_len(BLOCKS * BS as u64).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("remote1")).unwrap();
+    std::fs::create_dir_all(dir.join("remote2")).unwrap();
+    let remote = Remote::start(&ns, &dir.join("remote1"));
+    serve_far(&rpc, &remote, &ns, &far);
+
+    let local_dir = temp_dir("remote-mirror-restart-local");
+    let mut d = Daemon::start(&local_dir, &["-m", "0x3"]);
+    let l = |d: &Daemon, args: &[&str]| spdk_ok(&rpc, &d.sock, args);
+    l(&d, &["bdev_nvme_set_options", "-k", "1000"]);
+    d.ok("bdev_raid_set_options", json!({"assemble_timeout_sec": 1}));
+    l(&d, &["bdev_uring_create", near.to_str().unwrap(), "Near0", &BS.to_string()]);
+    let attach = [
+        "bdev_nvme_attach_controller",
+        "-b",
+        "Remote",
+        "-t",
+        "tcp",
+        "-a",
+        &ns.peer_ip,
+        "-s",
+        "4420",
+        "-f",
+        "ipv4",
+        "-n",
+        NQN,
+        "-l",
+        "-1",
+        "-o",
+        "1",
+        "-u",
+        "1",
+    ];
+    assert_eq!(l(&d, &attach), json!("Remoten1"));
+    d.ok(
+        "bdev_raid_create",
+        json!({"name": "Mirror", "raid_level": "raid1", "base_bdevs": ["Near0", "Remoten1"], "superblock": true,
+               "bitmap_chunk_size_kb": CHUNK_BLOCKS * BS as u64 / 1024}),
+    );
+    let port = free_port();
+    l(&d, &["nvmf_create_transport", "-t", "TCP"]);
+    l(&d, &["nvmf_create_subsystem", ARRAY_NQN, "-a"]);
+    l(&d, &["nvmf_subsystem_add_ns", ARRAY_NQN, "Mirror"]);
+    l(&d, &["nvmf_subsystem_add_listener", ARRAY_NQN, "-t", "tcp", "-a", "127.0.0.1", "-s", &port.to_string()]);
+    let array_blocks = raid(&d)["base_bdevs_list"][0]["data_size"].as_u64().unwrap();
+    let offset = raid(&d)["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+    // In sync: writes everywhere.
+    let (_, mut model) = write_for(port, window(0, array_blocks), Duration::from_millis(400));
+
+    // The remote daemon dies (its file keeps what it had); writes go on
+    // degraded in chunks 2 and 3.
+    let killed_at = Instant::now();
+    drop(remote);
+    let mut w = Writer::start_in(port, window(2 * CHUNK_BLOCKS, 2 * CHUNK_BLOCKS));
+    wait_for("remote member failed", T, || member_state(&raid(&d), "Remoten1") == "failed");
+    std::thread::sleep(Duration::from_millis(400));
+    w.finish();
+    let log = w.log.lock().unwrap();
+    assert!(log.iter().all(|s| s.ok), "a write to the array failed while the remote daemon died");
+    let mut away: std::collections::BTreeSet<u64> =
+        log.iter().filter(|s| s.done >= killed_at).map(|s| s.block).collect();
+    let stall = log.iter().filter(|s| s.done > killed_at).map(|s| s.done - s.at).max().unwrap();
+    drop(log);
+    model.extend(w.model.lock().unwrap().drain());
+
+    // The local daemon stops and starts again from its saved config; the
+    // controller's attach cannot succeed while the remote is down (as in
+    // SPDK, a failed call fails the start), so it is made once the remote
+    // is back. The array assembles from Near0's superblock, degraded.
+    let saved = l(&d, &["save_config"]);
+    d.stop();
+    let mut attach_call = None;
+    let mut cfg = saved.clone();
+    for s in cfg["subsystems"].as_array_mut().unwrap() {
+        if let Some(calls) = s["config"].as_array_mut() {
+            calls.retain(|c| {
+                let is_attach = c["method"] == json!("bdev_nvme_attach_controller");
+                if is_attach {
+                    attach_call = Some(c["params"].clone());
+                }
+                !is_attach
+            });
+        }
+    }
+    let attach_call = attach_call.expect("the attach in save_config");
+    let cfg_path = dir.join("local.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let local_dir = temp_dir("remote-mirror-restart-local2");
+    let d = Daemon::start(&local_dir, &["-m", "0x3", "-c", cfg_path.to_str().unwrap()]);
+    wait_for("array assembled degraded", T, || {
+        d.rpc("bdev_raid_get_bdevs", json!({"category": "online"})).is_ok_and(|v| v[0]["name"] == json!("Mirror"))
+    });
+    // More writes while away, after the restart: chunk 5.
+    let (after, m) = write_for(port, window(5 * CHUNK_BLOCKS, CHUNK_BLOCKS), Duration::from_millis(400));
+    away.extend(after.iter());
+    model.extend(m);
+
+    let remote = Remote::start(&ns, &dir.join("remote2"));
+    serve_far(&rpc, &remote, &ns, &far);
+    let back_at = Instant::now();
+    d.ok("bdev_nvme_attach_controller", attach_call);
+    // Recognised by its superblock as the array's member (not a new one):
+    // it rejoins its slot by itself and is resynced from the bitmap.
+    let synced_at = wait_for("in sync", T, || {
+        let r = raid(&d);
+        member_state(&r, "Remoten1") == "active" && r.get("process").is_none()
+    });
+    let r = raid(&d);
+    let copied = r["copied_blocks"].as_u64().unwrap();
+    let chunks: std::collections::BTreeSet<u64> = away.iter().map(|b| b / CHUNK_BLOCKS).collect();
+    println!(
+        "remote killed -> longest write {stall:?}; local daemon restarted; remote back -> in sync {:?}; \
+         {} blocks written while away in {} chunks {chunks:?}, {copied} blocks copied (of {array_blocks})",
+        synced_at - back_at,
+        away.len(),
+        chunks.len(),
+    );
+    assert!([2, 3, 5].iter().all(|c| chunks.contains(c)), "{chunks:?}");
+    assert!(copied >= 3 * CHUNK_BLOCKS, "copied {copied}: less than the chunks written while away");
+    // Writes in flight when the member failed may dirty one chunk more.
+    assert!(copied <= (chunks.len() as u64 + 1) * CHUNK_BLOCKS, "copied {copied}: more than the dirty chunks");
+
+    // The namespace bdev's multipath policy (the spdk-rpc installed here
+    // has no bdev_nvme_set_multipath_policy command: SPDK's parameters as
+    // JSON); what SPDK refuses is refused.
+    let policy = json!({"name": "Remoten1", "policy": "active_active", "selector": "round_robin", "rr_min_io": 2});
+    assert_eq!(d.ok("bdev_nvme_set_multipath_policy", policy), json!(true));
+    let refused = json!({"name": "Remoten1", "policy": "active_passive", "selector": "queue_depth"});
+    let e = d.rpc("bdev_nvme_set_multipath_policy", refused).unwrap_err();
+    assert!(e.1.contains("active_active only"), "{e:?}");
+
+    // Both copies identical, and what was written.
+    assert_eq!(r["base_bdevs_list"][1]["data_offset"].as_u64().unwrap(), offset);
+    d.ok("bdev_raid_delete", json!({"name": "Mirror"}));
+    d.ok("bdev_nvme_detach_controller", json!({"name": "Remote"}));
+    let near_nqn = "nqn.2016-06.io.nvraid:near";
+    l(&d, &["nvmf_create_subsystem", near_nqn, "-a"]);
+    l(&d, &["nvmf_subsystem_add_ns", near_nqn, "Near0"]);
+    l(&d, &["nvmf_subsystem_add_listener", near_nqn, "-t", "tcp", "-a", "127.0.0.1", "-s", &port.to_string()]);
+    let near = read_all("127.0.0.1", &port.to_string(), near_nqn, offset, array_blocks);
+    let far = read_all(&ns.peer_ip, "4420", NQN, offset, array_blocks);
+    let differ =
+        (0..array_blocks as usize).filter(|&b| near[b * BS..(b + 1) * BS] != far[b * BS..(b + 1) * BS]).count();
+    assert_eq!(differ, 0, "blocks that differ between the members");
+    for (&block, &seq) in model.iter() {
+        assert!(near[block as usize * BS..(block as usize + 1) * BS] == fill(block, seq), "block {block}");
+    }
+    drop(remote);
 }

@@ -42,6 +42,7 @@ fn attached_namespace_serves_io_from_every_reactor() {
             hostnqn: Some(HOSTNQN.into()),
             hdgst: true,
             ddgst: true,
+            psk: None,
         };
         attach_controller(p, move |r| {
             let _ = tx.send(r);
@@ -117,6 +118,7 @@ fn attach_whose_namespaces_cannot_register_fails() {
             hostnqn: Some(HOSTNQN.into()),
             hdgst: false,
             ddgst: false,
+            psk: None,
         };
         attach_controller(p, move |r| {
             let _ = tx.send(r);

@@ -178,6 +178,7 @@ fn params(port: u16) -> AttachParams {
         hostnqn: Some(HOSTNQN.into()),
         hdgst: false,
         ddgst: false,
+        psk: None,
     }
 }
 

@@ -188,6 +188,7 @@ fn attach_params(name: &str, port: u16) -> AttachParams {
         hostnqn: Some(HOSTNQN.into()),
         hdgst: false,
         ddgst: false,
+        psk: None,
     }
 }
 

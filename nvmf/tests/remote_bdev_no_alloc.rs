@@ -101,6 +101,7 @@ fn split_and_queued_remote_bdev_io_does_not_allocate() {
             hostnqn: Some(HOSTNQN.into()),
             hdgst: false,
             ddgst: false,
+            psk: None,
         };
         attach_controller(p, move |r| {
             let _ = tx.send(r);

@@ -21,12 +21,13 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("bdev_nvme_set_options", bdev_nvme_set_options),
     ("bdev_nvme_set_hotplug", bdev_nvme_set_hotplug),
     ("bdev_nvme_reset_controller", bdev_nvme_reset_controller),
+    ("bdev_nvme_set_multipath_policy", bdev_nvme_set_multipath_policy),
 ];
 
-const NO_TLS: &str = "TLS for NVMe/TCP";
 const NO_DHCHAP: &str = "DH-HMAC-CHAP authentication";
 const NO_PRIORITIES: &str = "weighted round robin arbitration";
-const NO_MULTIPATH: &str = "multipath (one path per controller)";
+const NO_MULTIPATH: &str = "multipath options here (bdev_nvme_set_multipath_policy sets a bdev's policy; an \
+                            optimized path is always failed back to)";
 const NO_PATH_DETACH: &str = "detaching one path of a controller; give the controller name alone";
 
 /// Parameters SPDK defines for these methods whose feature nvraid lacks
@@ -42,7 +43,6 @@ pub(crate) const UNSUPPORTED: UnsupportedTable = &[
             at("prchk_reftag", Accepted::Bool(false), "protection information checking"),
             at("prchk_guard", Accepted::Bool(false), "protection information checking"),
             at("fabrics_connect_timeout_us", Accepted::Absent, "a configurable fabrics connect timeout"),
-            at("psk", Accepted::Absent, NO_TLS),
             at("max_bdevs", Accepted::Int(128), "cap on the bdevs one controller creates"),
             at("dhchap_key", Accepted::Absent, NO_DHCHAP),
             at("dhchap_ctrlr_key", Accepted::Absent, NO_DHCHAP),
@@ -140,6 +140,8 @@ struct Attach {
     hdgst: bool,
     #[serde(default)]
     ddgst: bool,
+    /// TLS PSK: a keyring key name (NVMe/TCP only).
+    psk: Option<String>,
     /// IO queues to create (PCIe and SIM; NVMe/TCP creates one per reactor).
     num_io_queues: Option<u32>,
     /// `disable` (default), or `failover`: a controller of this name that
@@ -161,17 +163,18 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
         Ok(p) => p,
         Err(e) => return reply.send(Err(e)),
     };
-    let failover = match p.multipath.as_deref() {
-        None => false,
-        Some(m) if m.eq_ignore_ascii_case("disable") => false,
-        Some(m) if m.eq_ignore_ascii_case("failover") && p.trtype.eq_ignore_ascii_case("tcp") => true,
+    let tcp = p.trtype.eq_ignore_ascii_case("tcp");
+    let (failover, multipath) = match p.multipath.as_deref() {
+        None => (false, false),
+        Some(m) if m.eq_ignore_ascii_case("disable") => (false, false),
+        Some(m) if m.eq_ignore_ascii_case("failover") && tcp => (true, false),
+        Some(m) if m.eq_ignore_ascii_case("multipath") && tcp => (false, true),
         Some(m) if m.eq_ignore_ascii_case("multipath") || m.eq_ignore_ascii_case("failover") => {
             return reply.send(Err(RpcError::new(
                 INVALID_PARAMS,
                 format!(
                     "bdev_nvme_attach_controller: multipath \"{m}\" is not supported for trtype {} (nvraid has \
-                     failover between the paths of an NVMe/TCP controller, not one bdev over several \
-                     controllers); use \"failover\" or \"disable\"",
+                     several paths for NVMe/TCP controllers only); use \"disable\"",
                     p.trtype
                 ),
             )))
@@ -198,6 +201,12 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
                 ),
             )));
         }
+        if p.psk.is_some() {
+            return reply.send(Err(RpcError::invalid_params(format!(
+                "psk (TLS) applies to NVMe/TCP controllers, not to trtype {}",
+                p.trtype
+            ))));
+        }
         return attach_local(p, reply);
     }
     if !p.trtype.eq_ignore_ascii_case("tcp") {
@@ -208,6 +217,10 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
     }
     let Some(subnqn) = p.subnqn else {
         return reply.send(Err(RpcError::invalid_params("subnqn is required for TCP")));
+    };
+    let psk = match p.psk.as_deref().map(|n| ::nvmf::keyring::Keyring::get().find(n).ok_or(n)).transpose() {
+        Ok(k) => k,
+        Err(n) => return reply.send(Err(RpcError::invalid_params(format!("psk: key {n} not in the keyring")))),
     };
     if p.num_io_queues.is_some() {
         return reply.send(Err(RpcError::new(
@@ -226,7 +239,9 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
              its reconnect settings do"
         );
     }
-    let adding_path = failover && !host::controllers_json(Some(&p.name)).is_empty();
+    let exists = !host::controllers_json(Some(&p.name)).is_empty();
+    let adding_path = failover && exists;
+    let adding_mp_path = multipath && exists;
     let asked =
         p.ctrlr_loss_timeout_sec.is_some() || p.reconnect_delay_sec.is_some() || p.fast_io_fail_timeout_sec.is_some();
     if adding_path && asked {
@@ -259,6 +274,7 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
         hostnqn: p.hostnqn,
         hdgst: p.hdgst,
         ddgst: p.ddgst,
+        psk,
     };
     let reply_names = move |r: Result<Vec<String>, ::bdev::BdevError>| {
         reply.send(r.map(|names| serde_json::json!(names)).map_err(bdev_error))
@@ -266,7 +282,37 @@ fn bdev_nvme_attach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
     if adding_path {
         return host::add_failover_path(params, reply_names);
     }
+    if adding_mp_path {
+        // A controller of its own (its own reconnect settings, as in SPDK)
+        // behind the existing namespace bdevs.
+        return host::add_multipath_path(params, reconnect, reply_names);
+    }
     host::attach_controller_with(params, reconnect, reply_names);
+}
+
+#[derive(Deserialize)]
+struct SetMultipathPolicy {
+    /// The namespace bdev.
+    name: String,
+    policy: String,
+    selector: Option<String>,
+    rr_min_io: Option<u32>,
+}
+
+/// SPDK's `bdev_nvme_set_multipath_policy`: how an NVMe/TCP namespace bdev
+/// spreads IO over its controller's paths (`active_passive`, or
+/// `active_active` with selector `round_robin` (`rr_min_io` IOs a turn) or
+/// `queue_depth`).
+fn bdev_nvme_set_multipath_policy(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    let p: SetMultipathPolicy = match decode(params, &reply) {
+        Ok(p) => p,
+        Err(e) => return reply.send(Err(e)),
+    };
+    let policy = match host::Policy::parse(&p.policy, p.selector.as_deref(), p.rr_min_io) {
+        Ok(x) => x,
+        Err(e) => return reply.send(Err(RpcError::invalid_params(format!("bdev_nvme_set_multipath_policy: {e}")))),
+    };
+    reply.send(host::set_multipath_policy(&p.name, policy).map(|()| Value::Bool(true)).map_err(bdev_error));
 }
 
 fn nvme_error(e: ::nvme::NvmeError) -> RpcError {
@@ -368,6 +414,12 @@ struct SetOptions {
     ctrlr_loss_timeout_sec: Option<i32>,
     reconnect_delay_sec: Option<u32>,
     fast_io_fail_timeout_sec: Option<u32>,
+    /// nvraid's own key (SPDK v25.09 has none: its PCIe driver uses SGLs
+    /// whenever the controller has them): true (the default) describes IO
+    /// data with SGLs whenever a controller nvraid drives reports them in
+    /// Identify Controller SGLS, false always with PRPs. An SPDK
+    /// configuration never sends it and gets SPDK's behaviour.
+    prefer_sgl: Option<bool>,
 }
 
 /// `bdev_nvme_set_options`: the command timeout and retry count of the
@@ -426,6 +478,9 @@ fn apply_set_options(mut opts: ::nvme::CtrlrOpts, p: &SetOptions) -> Result<::nv
     };
     if let Some(us) = admin_us {
         opts.admin_timeout_ms = us.div_ceil(1000).max(1);
+    }
+    if let Some(sgl) = p.prefer_sgl {
+        opts.prefer_sgl = sgl;
     }
     if let Some(n) = p.transport_retry_count {
         opts.retry_count =
@@ -515,6 +570,20 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    /// `prefer_sgl`: SGLs by default (whenever the controller has them),
+    /// PRPs when set false; a configuration without the key keeps SGLs.
+    #[test]
+    fn prefer_sgl_selects_the_data_pointer() {
+        let opts = |params: Value| {
+            let p: super::SetOptions = serde_json::from_value(params).unwrap();
+            super::apply_set_options(::nvme::CtrlrOpts::default(), &p).unwrap()
+        };
+        assert!(::nvme::CtrlrOpts::default().prefer_sgl);
+        assert!(opts(json!({"timeout_us": 0})).prefer_sgl);
+        assert!(!opts(json!({"prefer_sgl": false})).prefer_sgl);
+        assert!(opts(json!({"prefer_sgl": true})).prefer_sgl);
+    }
+
     fn call(set: &ReactorSet, table: &Arc<MethodTable>, method: &'static str, params: Value) -> RpcResult {
         let (tx, rx) = std::sync::mpsc::channel();
         let t = table.clone();
@@ -525,8 +594,7 @@ mod tests {
     /// The reconnect parameters: SPDK's combinations refused with EINVAL on
     /// `bdev_nvme_set_options` (naming the values) and on attach; accepted
     /// ones kept; on a local controller (SIM, PCIe) only 0 is taken; the
-    /// multipath mode nvraid lacks (active-active) and unknown modes are
-    /// refused.
+    /// multipath modes are TCP's only, unknown modes and policies refused.
     #[test]
     fn reconnect_and_multipath_parameters_are_honoured_or_refused() {
         let cfg = ReactorConfig { pin: false, ..ReactorConfig::new(vec![0], IdlePolicy::sleep()) };
@@ -553,8 +621,20 @@ mod tests {
         let e = tcp(json!({"ctrlr_loss_timeout_sec": 5, "reconnect_delay_sec": 6})).unwrap_err();
         assert_eq!(e.code, -libc::EINVAL, "{e:?}");
         assert!(e.message.contains("more than ctrlr_loss_timeout_sec"), "{e:?}");
+        // multipath mode: taken for TCP (nothing listens here, so the
+        // attach itself fails), refused for a local controller.
         let e = tcp(json!({"multipath": "multipath"})).unwrap_err();
+        assert!(e.message.contains("attaching 127.0.0.1"), "{e:?}");
+        let sim = json!({"name": "Sim2", "trtype": "SIM", "traddr": "sim", "multipath": "multipath"});
+        let e = call(&set, &table, "bdev_nvme_attach_controller", sim).unwrap_err();
         assert!(e.message.contains("multipath \"multipath\" is not supported"), "{e:?}");
+        let mp = |p: Value| call(&set, &table, "bdev_nvme_set_multipath_policy", p);
+        let e = mp(json!({"name": "Nope", "policy": "active_passive"})).unwrap_err();
+        assert_eq!(e.code, -libc::ENODEV, "{e:?}");
+        let e = mp(json!({"name": "Nope", "policy": "active_active", "selector": "least_latency"})).unwrap_err();
+        assert!(e.message.contains("is not round_robin or queue_depth"), "{e:?}");
+        let e = mp(json!({"name": "Nope", "policy": "active_active", "rr_min_io": 0})).unwrap_err();
+        assert!(e.message.contains("at least 1"), "{e:?}");
         let e = tcp(json!({"multipath": "banana"})).unwrap_err();
         assert!(e.message.contains("not one of disable, failover, multipath"), "{e:?}");
         let sim = json!({"name": "Sim1", "trtype": "SIM", "traddr": "sim", "ctrlr_loss_timeout_sec": 5});

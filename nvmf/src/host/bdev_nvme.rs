@@ -29,8 +29,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 mod keeper;
+mod multipath;
 use keeper::Keeper;
 pub use keeper::{add_failover_path, reset_controller};
+pub use multipath::{add_multipath_path, multipath_policy, set_multipath_policy, Policy, Selector};
+use multipath::{ChanPath, Cursor, MpPolicy, PathGroup};
 
 /// How a controller notices a lost connection and what it does then
 /// (SPDK's `bdev_nvme_attach_controller` / `bdev_nvme_set_options`
@@ -120,6 +123,8 @@ pub struct AttachParams {
     pub hostnqn: Option<String>,
     pub hdgst: bool,
     pub ddgst: bool,
+    /// `psk`: connect over TLS with this keyring key.
+    pub psk: Option<Arc<crate::keyring::Key>>,
 }
 
 /// SPDK's spelling of an address family (`spdk_nvme_transport_id_adrfam_str`),
@@ -173,7 +178,6 @@ struct RemoteCtrl {
     num_io_queues: usize,
     /// IO queues not yet taken, one per reactor, of the connection `epoch`.
     io_parts: Mutex<IoParts>,
-    bdevs: Mutex<Vec<String>>,
     detached: AtomicBool,
     /// A [`CtrlState`]: written by the keeper (the attaching reactor's
     /// poller) and by detach (→ Deleting, final).
@@ -208,6 +212,19 @@ struct RemoteCtrl {
     /// is asserted in debug builds and counted here
     /// (`bdev_nvme_get_controllers`, `impossible_completions`).
     impossible_completions: AtomicU64,
+    /// The ANA state of each namespace (index as in `info.namespaces`)
+    /// through this controller (`nvme_spec::log::ana_state`; optimized
+    /// when the controller reports no ANA): from the ANA log, read at
+    /// connect and on each ANA change notice, and from the ANA status an
+    /// IO ends with until the log is read again.
+    ana: Vec<AtomicU8>,
+    /// An IO ended with an ANA status: the keeper reads the ANA log again.
+    ana_stale: AtomicBool,
+    /// The paths behind this controller's namespace bdevs (this one alone
+    /// unless `multipath: "multipath"` added others).
+    group: Arc<PathGroup>,
+    /// IOs sent on this path (nvraid's `io_submitted`).
+    ios: AtomicU64,
 }
 
 /// One network path to the controller's subsystem.
@@ -243,7 +260,38 @@ impl RemoteCtrl {
     fn retries_io(&self) -> bool {
         self.reconnect.reconnects()
             || self.path_count.load(Ordering::Acquire) > 1
+            || self.group.count.load(Ordering::Acquire) > 1
             || self.resetting.load(Ordering::Acquire)
+    }
+
+    fn ns_index(&self, nsid: u32) -> Option<usize> {
+        self.info.namespaces.iter().position(|n| n.nsid == nsid)
+    }
+
+    fn ana_state(&self, ns: usize) -> u8 {
+        self.ana.get(ns).map_or(nvme_spec::log::ana_state::INACCESSIBLE, |a| a.load(Ordering::Acquire))
+    }
+
+    fn set_ana_state(&self, ns: usize, state: u8) {
+        if let Some(a) = self.ana.get(ns) {
+            a.store(state, Ordering::Release);
+        }
+    }
+
+    /// Takes the states of an ANA log (NSID, state); a namespace the log
+    /// does not list is inaccessible through this controller. Returns
+    /// whether a state changed.
+    fn apply_ana(&self, list: &[(u32, u8)]) -> bool {
+        let mut changed = false;
+        for (i, ns) in self.info.namespaces.iter().enumerate() {
+            let state = if self.info.ana_reporting {
+                list.iter().find(|(n, _)| *n == ns.nsid).map_or(nvme_spec::log::ana_state::INACCESSIBLE, |x| x.1)
+            } else {
+                nvme_spec::log::ana_state::OPTIMIZED
+            };
+            changed |= self.ana[i].swap(state, Ordering::AcqRel) != state;
+        }
+        changed
     }
 
     /// Answers every reset request waiting.
@@ -282,7 +330,26 @@ impl RemoteCtrl {
         self.state.store(CtrlState::Deleting as u8, Ordering::Release);
     }
 
+    /// The controller's `bdev_nvme_get_controllers` entry: one `ctrlrs`
+    /// entry per path of its group.
     fn info_json(&self) -> Value {
+        let ctrlrs: Vec<Value> = self.group.paths().iter().map(|c| c.ctrlr_json()).collect();
+        json!({"name": self.params.name, "ctrlrs": ctrlrs})
+    }
+
+    /// The state of each namespace through this path, SPDK's words.
+    fn ana_json(&self) -> Value {
+        let states: Vec<Value> = self
+            .info
+            .namespaces
+            .iter()
+            .enumerate()
+            .map(|(i, n)| json!({"nsid": n.nsid, "ana_state": ana_state_name(self.ana_state(i))}))
+            .collect();
+        Value::Array(states)
+    }
+
+    fn ctrlr_json(&self) -> Value {
         let p = &self.params;
         let (trid, alternates) = {
             let paths = self.paths();
@@ -290,7 +357,7 @@ impl RemoteCtrl {
             let at = |i: usize| paths.list[(paths.active + i) % n].json(&p.subnqn);
             (at(0), (1..n).map(at).collect::<Vec<_>>())
         };
-        let mut v = json!({"name": p.name, "ctrlrs": [{
+        let mut v = json!({
             "state": self.state().name(),
             "trid": trid,
             "cntlid": self.cntlid.load(Ordering::Relaxed),
@@ -306,12 +373,30 @@ impl RemoteCtrl {
             "max_transfer_bytes": self.info.max_transfer_bytes,
             "impossible_completions": self.impossible_completions.load(Ordering::Relaxed),
             "reconnects": self.reconnects.load(Ordering::Relaxed),
-        }]});
+            "io_submitted": self.ios.load(Ordering::Relaxed),
+        });
+        if let (true, Some(c)) = (self.info.ana_reporting, v.as_object_mut()) {
+            // nvraid's own (SPDK shows ANA states per path in the bdev's
+            // driver_specific ns_data only).
+            c.insert("ana_states".into(), self.ana_json());
+        }
         // SPDK lists the paths not in use only when there are any.
-        if let (false, Some(c)) = (alternates.is_empty(), v["ctrlrs"][0].as_object_mut()) {
+        if let (false, Some(c)) = (alternates.is_empty(), v.as_object_mut()) {
             c.insert("alternate_trids".into(), Value::Array(alternates));
         }
         v
+    }
+}
+
+/// SPDK's name of an ANA state (`_nvme_ana_state_str`).
+fn ana_state_name(state: u8) -> &'static str {
+    use nvme_spec::log::ana_state as s;
+    match state {
+        s::OPTIMIZED => "optimized",
+        s::NON_OPTIMIZED => "non_optimized",
+        s::INACCESSIBLE => "inaccessible",
+        s::PERSISTENT_LOSS => "persistent_loss",
+        _ => "change",
     }
 }
 
@@ -356,6 +441,14 @@ pub fn failover_paths_config() -> Vec<Value> {
             if let (Some(h), Some(o)) = (&p.hostnqn, params.as_object_mut()) {
                 o.insert("hostnqn".into(), json!(h));
             }
+            if let (Some(k), Some(o)) = (&p.psk, params.as_object_mut()) {
+                o.insert("psk".into(), json!(k.name));
+            }
+            out.push(json!({"method": "bdev_nvme_attach_controller", "params": params}));
+        }
+        for path in c.group.paths().iter().filter(|x| x.id != c.id) {
+            let mut params = path.attach_params_json();
+            params["multipath"] = json!("multipath");
             out.push(json!({"method": "bdev_nvme_attach_controller", "params": params}));
         }
     }
@@ -442,6 +535,7 @@ fn connect_params(params: &AttachParams) -> ConnectParams {
     }
     cp.hdgst = params.hdgst;
     cp.ddgst = params.ddgst;
+    cp.psk = params.psk.clone();
     cp.hostid = Some(*uuid::Uuid::new_v4().as_bytes());
     cp
 }
@@ -493,31 +587,10 @@ fn register(
     done: AttachDone,
 ) {
     let c = ctrls();
-    let first_path = PathId { traddr: params.traddr.clone(), trsvcid: params.trsvcid.clone(), adrfam };
-    let ctrl = Arc::new(RemoteCtrl {
-        id: c.next_id.fetch_add(1, Ordering::Relaxed) + 1,
-        params,
-        adrfam,
-        io_queue_entries: s.io.first().map_or(0, |q| q.entries),
-        num_io_queues: s.io.len(),
-        cntlid: AtomicU16::new(s.info.cntlid),
-        info: s.info,
-        io_parts: Mutex::new(IoParts { epoch: 0, parts: s.io.into_iter().map(Some).collect() }),
-        bdevs: Mutex::new(Vec::new()),
-        detached: AtomicBool::new(false),
-        state: AtomicU8::new(CtrlState::Enabled as u8),
-        reconnect,
-        epoch: AtomicU64::new(0),
-        lost: AtomicU64::new(0),
-        failing: AtomicBool::new(false),
-        reconnects: AtomicU64::new(0),
-        paths: Mutex::new(Paths { list: vec![first_path], active: 0 }),
-        path_count: AtomicUsize::new(1),
-        reset_wanted: AtomicBool::new(false),
-        resetting: AtomicBool::new(false),
-        reset_waiters: Mutex::new(Vec::new()),
-        impossible_completions: AtomicU64::new(0),
-    });
+    let group = PathGroup::new(s.info.namespaces.len());
+    let ctrl = new_ctrl(&c, params, adrfam, reconnect, s.info, &s.io, group);
+    let s_io = s.io;
+    let s_admin = s.admin;
     // Refused before anything is registered: an attach either makes every
     // namespace a bdev or leaves nothing behind. Dropping `ctrl` and the
     // admin queue closes every connection.
@@ -528,11 +601,14 @@ fn register(
         tracing::warn!(name = ctrl.params.name, "NVMe/TCP attach refused: {e}");
         return done(Err(e));
     }
-    let admin = AdminQpair::new(s.admin, ctrl.info.kato_ms);
+    ctrl.group.push(ctrl.clone());
+    *ctrl.io_parts.lock().unwrap_or_else(|e| e.into_inner()) =
+        IoParts { epoch: 0, parts: s_io.into_iter().map(Some).collect() };
+    let admin = AdminQpair::new(s_admin, ctrl.info.kato_ms);
     let mut keeper = Keeper::new(&ctrl, cp, admin);
     reactor::register_timed_poller("nvme_tcp_admin", Duration::from_millis(5), move || keeper.poll());
     let mut names = Vec::new();
-    for ns in &ctrl.info.namespaces {
+    for (ns_index, ns) in ctrl.info.namespaces.iter().enumerate() {
         let name = bdev_name(&ctrl.params.name, ns.nsid);
         let mut props = BdevProps::new(&name, "NVMe disk", ns.block_size, ns.num_blocks, ns.uuid);
         // As the remote controller reports them (Identify VWC and DLFEAT).
@@ -543,7 +619,8 @@ fn register(
         if ctrl.info.max_transfer_bytes > 0 {
             props.max_io_blocks = (ctrl.info.max_transfer_bytes / ns.block_size).clamp(1, 65_536);
         }
-        let b = Arc::new(TcpNsBdev { props, ctrl: ctrl.clone(), nsid: ns.nsid });
+        let policy = ctrl.group.policies[ns_index].clone();
+        let b = Arc::new(TcpNsBdev { props, ctrl: ctrl.clone(), nsid: ns.nsid, ns_index, policy });
         if let Err(e) = Registry::get().register(b) {
             // Taken between the check and now: undo what was registered.
             tracing::warn!(name = ctrl.params.name, "NVMe/TCP namespace {}: {e}; attach undone", ns.nsid);
@@ -552,7 +629,7 @@ fn register(
         }
         names.push(name);
     }
-    *ctrl.bdevs.lock().unwrap_or_else(|e| e.into_inner()) = names.clone();
+    *ctrl.group.bdevs.lock().unwrap_or_else(|e| e.into_inner()) = names.clone();
     let mut list = c.list.lock().unwrap_or_else(|e| e.into_inner());
     if list.iter().any(|x| x.params.name == ctrl.params.name) {
         // An attach of this name on another reactor got here first (with
@@ -567,25 +644,122 @@ fn register(
     done(Ok(names))
 }
 
-/// Deletes the controller: IO that waits fails, its bdevs go (each after
-/// its in-flight IO), then it leaves the list. Must run on a reactor.
+/// A controller over a new connection (`io`: its IO queues, published by
+/// the caller), a path of `group`.
+fn new_ctrl(
+    c: &Ctrls,
+    params: AttachParams,
+    adrfam: &'static str,
+    reconnect: ReconnectOpts,
+    info: CtrlInfo,
+    io: &[QpairParts],
+    group: Arc<PathGroup>,
+) -> Arc<RemoteCtrl> {
+    let first_path = PathId { traddr: params.traddr.clone(), trsvcid: params.trsvcid.clone(), adrfam };
+    let ana = (0..info.namespaces.len()).map(|_| AtomicU8::new(nvme_spec::log::ana_state::OPTIMIZED)).collect();
+    let initial_ana = info.ana.clone();
+    let ctrl = Arc::new(RemoteCtrl {
+        id: c.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+        params,
+        adrfam,
+        io_queue_entries: io.first().map_or(0, |q| q.entries),
+        num_io_queues: io.len(),
+        cntlid: AtomicU16::new(info.cntlid),
+        info,
+        io_parts: Mutex::new(IoParts { epoch: 0, parts: Vec::new() }),
+        detached: AtomicBool::new(false),
+        state: AtomicU8::new(CtrlState::Enabled as u8),
+        reconnect,
+        epoch: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        failing: AtomicBool::new(false),
+        reconnects: AtomicU64::new(0),
+        paths: Mutex::new(Paths { list: vec![first_path], active: 0 }),
+        path_count: AtomicUsize::new(1),
+        reset_wanted: AtomicBool::new(false),
+        resetting: AtomicBool::new(false),
+        reset_waiters: Mutex::new(Vec::new()),
+        impossible_completions: AtomicU64::new(0),
+        ana,
+        ana_stale: AtomicBool::new(false),
+        group,
+        ios: AtomicU64::new(0),
+    });
+    ctrl.apply_ana(&initial_ana);
+    ctrl
+}
+
+/// One more path (`multipath: "multipath"`) to `head`'s namespaces over
+/// the connection `s`: a controller of its own, in `head`'s group.
+fn join_group(
+    head: &Arc<RemoteCtrl>,
+    params: AttachParams,
+    adrfam: &'static str,
+    reconnect: ReconnectOpts,
+    cp: ConnectParams,
+    s: Session,
+) {
+    let ctrl = new_ctrl(&ctrls(), params, adrfam, reconnect, s.info, &s.io, head.group.clone());
+    *ctrl.io_parts.lock().unwrap_or_else(|e| e.into_inner()) =
+        IoParts { epoch: 0, parts: s.io.into_iter().map(Some).collect() };
+    let admin = AdminQpair::new(s.admin, ctrl.info.kato_ms);
+    let mut keeper = Keeper::new(&ctrl, cp, admin);
+    reactor::register_timed_poller("nvme_tcp_admin", Duration::from_millis(5), move || keeper.poll());
+    tracing::info!(
+        name = ctrl.params.name,
+        traddr = ctrl.params.traddr,
+        trsvcid = ctrl.params.trsvcid,
+        "NVMe/TCP path added"
+    );
+    head.group.push(ctrl);
+}
+
+/// Deletes the controller with every path of its group: IO that waits
+/// fails, its bdevs go (each after its in-flight IO), then it leaves the
+/// list. Must run on a reactor.
 fn delete(ctrl: Arc<RemoteCtrl>, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
-    if ctrl.state() != CtrlState::Enabled {
-        // No connection to finish waiting IO on.
-        ctrl.failing.store(true, Ordering::Release);
+    let mut paths = ctrl.group.paths();
+    if !paths.iter().any(|p| p.id == ctrl.id) {
+        paths.push(ctrl.clone());
     }
-    ctrl.set_deleting();
-    ctrl.answer_resets(Err(BdevError::Os(format!("controller {} is being deleted", ctrl.params.name), libc::ENODEV)));
-    let names = ctrl.bdevs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let id = ctrl.id;
+    for p in &paths {
+        if p.state() != CtrlState::Enabled {
+            // No connection to finish waiting IO on.
+            p.failing.store(true, Ordering::Release);
+        }
+        p.set_deleting();
+        p.answer_resets(Err(BdevError::Os(format!("controller {} is being deleted", p.params.name), libc::ENODEV)));
+    }
+    let names = ctrl.group.bdev_names();
+    let group = ctrl.group.clone();
     remove_next(
         ctrl,
         names,
         Box::new(move |r| {
-            ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| x.id != id);
+            ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| !Arc::ptr_eq(&x.group, &group));
             done(r)
         }),
     );
+}
+
+/// A path that stayed away past `ctrlr_loss_timeout_sec`: removed alone
+/// while its group has other paths (the bdevs stay, IO that waited on it
+/// goes to them), else deleted with the bdevs.
+fn lose_path(ctrl: Arc<RemoteCtrl>) {
+    if ctrl.group.count.load(Ordering::Acquire) <= 1 {
+        return delete(ctrl, Box::new(|_| {}));
+    }
+    ctrl.failing.store(true, Ordering::Release);
+    ctrl.set_deleting();
+    ctrl.answer_resets(Err(BdevError::Os(format!("path of {} is deleted", ctrl.params.name), libc::ENODEV)));
+    ctrl.group.remove(ctrl.id);
+    ctrl.detached.store(true, Ordering::Release);
+    let c = ctrls();
+    let mut list = c.list.lock().unwrap_or_else(|e| e.into_inner());
+    if let (Some(i), Some(next)) = (list.iter().position(|x| x.id == ctrl.id), ctrl.group.paths().first().cloned()) {
+        // The controller goes on by its next path.
+        list[i] = next;
+    }
 }
 
 /// Removes the controller's bdevs (each after its in-flight IO), then
@@ -611,6 +785,15 @@ pub fn detach_controller(name: &str, done: impl FnOnce(Result<(), BdevError>) + 
 fn remove_next(ctrl: Arc<RemoteCtrl>, mut names: Vec<String>, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let Some(n) = names.pop() else {
         ctrl.detached.store(true, Ordering::Release);
+        // The bdevs are gone: every path goes, and the group lets go of
+        // them (they refer to it too).
+        let paths = std::mem::take(&mut *ctrl.group.paths.lock().unwrap_or_else(|e| e.into_inner()));
+        ctrl.group.count.store(0, Ordering::Release);
+        ctrl.group.gen.fetch_add(1, Ordering::AcqRel);
+        for p in paths {
+            p.set_deleting();
+            p.detached.store(true, Ordering::Release);
+        }
         return done(Ok(()));
     };
     let Some(h) = Registry::get().lookup(&n) else {
@@ -624,16 +807,50 @@ fn remove_next(ctrl: Arc<RemoteCtrl>, mut names: Vec<String>, done: Box<dyn FnOn
 
 struct TcpNsBdev {
     props: BdevProps,
+    /// The controller attached first (the group's paths serve the IO).
     ctrl: Arc<RemoteCtrl>,
     nsid: u32,
+    /// The namespace's index in `info.namespaces` (the same on every path).
+    ns_index: usize,
+    policy: Arc<MpPolicy>,
 }
 
 #[derive(Default)]
 struct LocalQueues(RefCell<HashMap<u64, Rc<RefCell<Queue>>>>);
 
+/// This reactor's IO queue of `ctrl` (made, with its poller, on first use).
+fn local_queue(ctrl: &Arc<RemoteCtrl>) -> Result<Rc<RefCell<Queue>>, BdevError> {
+    let local = reactor::local::<LocalQueues>();
+    if let Some(q) = local.0.borrow().get(&ctrl.id) {
+        return Ok(q.clone());
+    }
+    let me = reactor::current().unwrap_or(0);
+    let (epoch, parts) = {
+        let mut io = ctrl.io_parts.lock().unwrap_or_else(|e| e.into_inner());
+        let epoch = io.epoch;
+        let Some(slot) = io.parts.get_mut(me) else {
+            return Err(BdevError::NoMemory(format!("{}: no IO queue for reactor {me}", ctrl.params.name)));
+        };
+        (epoch, slot.take())
+    };
+    // Without parts the controller is reconnecting: the queue starts
+    // without a connection and takes the next one.
+    let q = Rc::new(RefCell::new(Queue::new(parts.map(HostQpair::from_parts), epoch)));
+    local.0.borrow_mut().insert(ctrl.id, q.clone());
+    let (q2, ctrl) = (q.clone(), ctrl.clone());
+    reactor::register_poller("nvme_tcp_io", move || poll_queue(&q2, &ctrl));
+    Ok(q)
+}
+
 struct TcpNsChannel {
-    q: Rc<RefCell<Queue>>,
+    group: Arc<PathGroup>,
+    /// This reactor's queues of the group's paths, as of `gen`.
+    paths: RefCell<Vec<ChanPath>>,
+    gen: std::cell::Cell<u64>,
+    cursor: Cursor,
+    policy: Arc<MpPolicy>,
     nsid: u32,
+    ns_index: usize,
     block_size: u32,
     max_io_blocks: u32,
 }
@@ -649,32 +866,21 @@ impl Bdev for TcpNsBdev {
         !matches!(t, IoType::Reset)
     }
     fn create_channel(&self) -> Result<Rc<dyn BdevChannel>, BdevError> {
-        let local = reactor::local::<LocalQueues>();
-        let existing = local.0.borrow().get(&self.ctrl.id).cloned();
-        let q = match existing {
-            Some(q) => q,
-            None => {
-                let me = reactor::current().unwrap_or(0);
-                let (epoch, parts) = {
-                    let mut io = self.ctrl.io_parts.lock().unwrap_or_else(|e| e.into_inner());
-                    let epoch = io.epoch;
-                    let Some(slot) = io.parts.get_mut(me) else {
-                        return Err(BdevError::NoMemory(format!("{}: no IO queue for reactor {me}", self.props.name)));
-                    };
-                    (epoch, slot.take())
-                };
-                // Without parts the controller is reconnecting: the queue
-                // starts without a connection and takes the next one.
-                let q = Rc::new(RefCell::new(Queue::new(parts.map(HostQpair::from_parts), epoch)));
-                local.0.borrow_mut().insert(self.ctrl.id, q.clone());
-                let (q2, ctrl) = (q.clone(), self.ctrl.clone());
-                reactor::register_poller("nvme_tcp_io", move || poll_queue(&q2, &ctrl));
-                q
-            }
-        };
+        let group = self.ctrl.group.clone();
+        let gen = group.gen.load(Ordering::Acquire);
+        let paths = multipath::chan_paths(&group);
+        if paths.is_empty() {
+            // The first path's error (no queue for this reactor).
+            local_queue(&self.ctrl)?;
+        }
         Ok(Rc::new(TcpNsChannel {
-            q,
+            group,
+            paths: RefCell::new(paths),
+            gen: std::cell::Cell::new(gen),
+            cursor: Cursor::default(),
+            policy: self.policy.clone(),
             nsid: self.nsid,
+            ns_index: self.ns_index,
             block_size: self.props.block_size,
             max_io_blocks: self.props.max_io_blocks,
         }))
@@ -684,31 +890,53 @@ impl Bdev for TcpNsBdev {
         if self.ctrl.info.namespaces.first().map(|n| n.nsid) != Some(self.nsid) {
             return None;
         }
-        let p = &self.ctrl.params;
+        // The first path left (the one attached first may be gone).
+        let head = self.ctrl.group.paths().first().cloned().unwrap_or_else(|| self.ctrl.clone());
+        Some(json!({"method": "bdev_nvme_attach_controller", "params": head.attach_params_json()}))
+    }
+    fn driver_specific(&self) -> Option<(&'static str, Value)> {
+        // One entry per path, as SPDK lists a namespace's paths.
+        let entries: Vec<Value> = self.ctrl.group.paths().iter().map(|c| c.ns_json(self.nsid, self.ns_index)).collect();
+        Some(("nvme", Value::Array(entries)))
+    }
+}
+
+impl RemoteCtrl {
+    /// The attach call that recreates this path.
+    fn attach_params_json(&self) -> Value {
+        let p = &self.params;
         let mut params = json!({"name": p.name, "trtype": "TCP", "traddr": p.traddr,
-            "adrfam": self.ctrl.adrfam, "trsvcid": p.trsvcid,
+            "adrfam": self.adrfam, "trsvcid": p.trsvcid,
             "subnqn": p.subnqn, "hdgst": p.hdgst, "ddgst": p.ddgst});
         if let (Some(h), Some(o)) = (&p.hostnqn, params.as_object_mut()) {
             o.insert("hostnqn".into(), json!(h));
         }
-        let r = self.ctrl.reconnect;
+        if let (Some(k), Some(o)) = (&p.psk, params.as_object_mut()) {
+            o.insert("psk".into(), json!(k.name));
+        }
+        let r = self.reconnect;
         if let (true, Some(o)) = (r.reconnects(), params.as_object_mut()) {
             o.insert("ctrlr_loss_timeout_sec".into(), json!(r.ctrlr_loss_timeout_sec));
             o.insert("reconnect_delay_sec".into(), json!(r.reconnect_delay_sec));
             o.insert("fast_io_fail_timeout_sec".into(), json!(r.fast_io_fail_timeout_sec));
         }
-        Some(json!({"method": "bdev_nvme_attach_controller", "params": params}))
+        params
     }
-    fn driver_specific(&self) -> Option<(&'static str, Value)> {
-        let p = &self.ctrl.params;
-        Some((
-            "nvme",
-            json!([{"trid": {"trtype": "TCP", "adrfam": self.ctrl.adrfam, "traddr": p.traddr, "trsvcid": p.trsvcid,
+
+    /// A namespace bdev's `driver_specific.nvme` entry for this path, in
+    /// SPDK's shape (`ns_data.ana_state` when the controller reports ANA).
+    fn ns_json(&self, nsid: u32, ns_index: usize) -> Value {
+        let p = &self.params;
+        let mut ns_data = json!({"id": nsid});
+        if self.info.ana_reporting {
+            ns_data["ana_state"] = json!(ana_state_name(self.ana_state(ns_index)));
+        }
+        json!({"trid": {"trtype": "TCP", "adrfam": self.adrfam, "traddr": p.traddr, "trsvcid": p.trsvcid,
                 "subnqn": p.subnqn},
-            "ctrlr_data": {"cntlid": self.ctrl.info.cntlid, "serial_number": self.ctrl.info.serial_number,
-            "model_number": self.ctrl.info.model_number, "firmware_revision": self.ctrl.info.firmware_revision},
-            "ns_data": {"id": self.nsid}}]),
-        ))
+            "ctrlr_data": {"cntlid": self.cntlid.load(Ordering::Relaxed), "serial_number": self.info.serial_number,
+                "model_number": self.info.model_number, "firmware_revision": self.info.firmware_revision,
+                "cmic": {"ana_reporting": self.info.ana_reporting}},
+            "ns_data": ns_data})
     }
 }
 
@@ -729,14 +957,28 @@ fn follow_epoch(q: &mut Queue, ctrl: &RemoteCtrl) {
     }
 }
 
-fn poll_queue(q: &Rc<RefCell<Queue>>, ctrl: &Arc<RemoteCtrl>) -> reactor::PollStatus {
-    let mut q = q.borrow_mut();
-    let q = &mut *q;
+fn poll_queue(q_rc: &Rc<RefCell<Queue>>, ctrl: &Arc<RemoteCtrl>) -> reactor::PollStatus {
+    let Some((progressed, rerouting)) = poll_one(&mut q_rc.borrow_mut(), ctrl) else {
+        return reactor::PollStatus::Done;
+    };
+    if rerouting {
+        multipath::reroute(ctrl, q_rc);
+    }
+    if progressed {
+        reactor::PollStatus::Busy
+    } else {
+        reactor::PollStatus::Idle
+    }
+}
+
+/// One poll of this reactor's queue of `ctrl`: whether it progressed, and
+/// whether it holds IOs for another path. None: the queue is done.
+fn poll_one(q: &mut Queue, ctrl: &Arc<RemoteCtrl>) -> Option<(bool, bool)> {
     if ctrl.detached.load(Ordering::Acquire) && q.held() == 0 {
         // Dropping the queue closes its socket.
         let local = reactor::local::<LocalQueues>();
         local.0.borrow_mut().remove(&ctrl.id);
-        return reactor::PollStatus::Done;
+        return None;
     }
     // One atomic load per loop; the lock only when the epoch moved.
     if ctrl.epoch.load(Ordering::Acquire) != q.epoch {
@@ -744,6 +986,15 @@ fn poll_queue(q: &Rc<RefCell<Queue>>, ctrl: &Arc<RemoteCtrl>) -> reactor::PollSt
     }
     let deleting = ctrl.state() == CtrlState::Deleting;
     let failing = ctrl.failing.load(Ordering::Acquire) || (deleting && !q.has_connection());
+    // Multipath: IO waiting for this path's connection goes to a path
+    // that has one (an error path: it looks at the group under its lock).
+    if (failing || !q.has_connection())
+        && q.waiting() > 0
+        && ctrl.group.count.load(Ordering::Acquire) > 1
+        && multipath::another_path_up(ctrl)
+    {
+        q.reroute_unsent();
+    }
     if failing != q.failing_seen {
         q.failing_seen = failing;
         q.set_failing(failing);
@@ -762,20 +1013,40 @@ fn poll_queue(q: &Rc<RefCell<Queue>>, ctrl: &Arc<RemoteCtrl>) -> reactor::PollSt
         tracing::error!(name = ctrl.params.name, impossible, "NVMe/TCP completion for no IO");
         debug_assert!(false, "NVMe/TCP completion for no IO");
     }
-    if polled.progressed {
-        reactor::PollStatus::Busy
-    } else {
-        reactor::PollStatus::Idle
+    Some((polled.progressed, q.held() > q.in_flight()))
+}
+
+impl TcpNsChannel {
+    /// Takes the group's paths anew (they changed: a path was added or
+    /// removed). Skipped while the list is in use (a later IO does it).
+    fn refresh(&self, gen: u64) {
+        let paths = multipath::chan_paths(&self.group);
+        if let Ok(mut p) = self.paths.try_borrow_mut() {
+            if !paths.is_empty() {
+                *p = paths;
+            }
+            self.gen.set(gen);
+        }
     }
 }
 
 impl BdevChannel for TcpNsChannel {
     fn submit(&self, io: IoBox) {
-        self.q.borrow_mut().submit(io, self.nsid, self.block_size, self.max_io_blocks);
+        // One atomic load per IO; the lock only when the paths changed.
+        let gen = self.group.gen.load(Ordering::Acquire);
+        if gen != self.gen.get() {
+            self.refresh(gen);
+        }
+        let paths = self.paths.borrow();
+        let Some(p) = paths.get(multipath::pick(&paths, self.ns_index, self.policy.get(), &self.cursor)) else {
+            return io.fail(bdev::IoError::NoDevice);
+        };
+        p.ctrl.ios.fetch_add(1, Ordering::Relaxed);
+        p.q.borrow_mut().submit(io, self.nsid, self.block_size, self.max_io_blocks);
     }
 
     /// IOs still waiting for a command slot can be aborted; sent ones not.
     fn abort(&self, matches: &dyn Fn(&BdevIo) -> bool) -> bool {
-        self.q.borrow_mut().abort(self.nsid, matches)
+        self.paths.borrow().iter().any(|p| p.q.borrow_mut().abort(self.nsid, matches))
     }
 }

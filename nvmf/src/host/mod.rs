@@ -48,8 +48,9 @@ mod ns_queue;
 mod qpair;
 
 pub use bdev_nvme::{
-    add_failover_path, attach_controller, attach_controller_with, controllers_json, detach_controller,
-    failover_paths_config, reset_controller, AttachParams, ReconnectOpts,
+    add_failover_path, add_multipath_path, attach_controller, attach_controller_with, controllers_json,
+    detach_controller, failover_paths_config, multipath_policy, reset_controller, set_multipath_policy, AttachParams,
+    Policy, ReconnectOpts, Selector,
 };
 pub use ns_queue::MAX_QUEUED_IOS;
 pub use qpair::{AdminQpair, Completion, Data, HostError, HostQpair, QpairParts, SubmitError};
@@ -87,6 +88,8 @@ pub struct ConnectParams {
     pub io_queue_entries: u16,
     /// How long any step of the connect may take.
     pub timeout: Duration,
+    /// TLS 1.3 with this PSK (a keyring key in the interchange format).
+    pub psk: Option<std::sync::Arc<crate::keyring::Key>>,
 }
 
 /// The host NQN used when none is given.
@@ -105,6 +108,7 @@ impl ConnectParams {
             kato_ms: 10_000,
             io_queue_entries: 128,
             timeout: Duration::from_secs(5),
+            psk: None,
         }
     }
 }
@@ -140,6 +144,13 @@ pub struct CtrlInfo {
     /// Identify VWC bit 0: a volatile write cache is present, so completed
     /// writes need FUA or a flush to be durable.
     pub volatile_write_cache: bool,
+    /// CMIC bit 3: the controller reports ANA states (log page 0Ch).
+    pub ana_reporting: bool,
+    /// ANATT: seconds a namespace may stay in the ANA change state.
+    pub anatt_sec: u8,
+    /// The ANA state of each NSID through this controller when it
+    /// connected (`nvme_spec::log::ana_state`); empty without ANA reporting.
+    pub ana: Vec<(u32, u8)>,
 }
 
 /// A connected controller, ready to be spread over reactors.
@@ -198,7 +209,7 @@ pub fn connect_queue(
     cntlid: u16,
     hostid: [u8; 16],
 ) -> Result<(HostQpair, u16), HostError> {
-    let stream = open(p)?;
+    let stream = crate::tls::secure(open(p)?, p)?;
     let parts = QpairParts::handshake(stream, qid, entries, p.hdgst, p.ddgst, p.timeout)?;
     let mut qp = HostQpair::from_parts(parts);
     let mut cmd = ConnectCommand::new(0, qid, entries, if qid == 0 { p.kato_ms } else { 0 });
@@ -268,6 +279,9 @@ fn bring_up(p: &ConnectParams, hostid: [u8; 16]) -> Result<(HostQpair, CtrlInfo)
         namespaces: Vec::new(),
         kato_ms: p.kato_ms,
         volatile_write_cache: id.vwc & nvme_spec::identify::vwc::PRESENT != 0,
+        ana_reporting: id.cmic & nvme_spec::identify::cmic::ANA_REPORTING != 0,
+        anatt_sec: id.anatt,
+        ana: Vec::new(),
     };
     Ok((admin, info))
 }
@@ -325,6 +339,9 @@ pub fn connect(p: &ConnectParams, num_io_queues: u16) -> Result<Session, HostErr
         return Err(HostError::Protocol(format!("controller grants {granted} IO queues, {num_io_queues} wanted")));
     }
     info.namespaces = scan_namespaces(&mut admin, t)?;
+    if info.ana_reporting {
+        info.ana = enable_ana(&mut admin, t)?;
+    }
     let mut io = Vec::new();
     // CAP.MQES bounds every queue's size (0's based).
     let entries = p.io_queue_entries.min(Cap(info.cap).mqes().saturating_add(1)).max(2);
@@ -335,6 +352,59 @@ pub fn connect(p: &ConnectParams, num_io_queues: u16) -> Result<Session, HostErr
         io.push(qp.into_parts()?);
     }
     Ok(Session { info, admin: admin.into_parts()?, io })
+}
+
+/// Asks for ANA change notices (Set Features, Asynchronous Event
+/// Configuration) and reads the ANA log: the state of each NSID.
+fn enable_ana(admin: &mut HostQpair, t: Duration) -> Result<Vec<(u32, u8)>, HostError> {
+    let mut sqe = Sqe::new(AdminOpcode::SET_FEATURES.0, 0);
+    let value = nvme_spec::features::async_event_config::ANA_CHANGE_NOTICES;
+    FeatureParams { fid: FeatureId::ASYNC_EVENT_CONFIG, save: false, select: 0, value }.write_to(&mut sqe);
+    ok(sync_cmd(admin, sqe, qpair::Data::None, t)?, "Set Features (asynchronous event configuration)")?;
+    let buf = DmaBuf::zeroed(ANA_LOG_BYTES).ok_or(HostError::NoMemory)?;
+    let c = ok(sync_cmd(admin, ana_log_sqe(), qpair::Data::In(buf.slice(0, ANA_LOG_BYTES)), t)?, "Get Log Page (ANA)")?;
+    parse_ana_log(&c.buf.map(|b| b.to_vec()).unwrap_or_default())
+}
+
+/// Bytes of the ANA log the initiator reads: the header, and groups with
+/// their NSIDs for up to about a thousand namespaces.
+pub(crate) const ANA_LOG_BYTES: usize = 4096;
+
+/// Get Log Page for the ANA log with its NSID lists, clearing the
+/// asynchronous event (RAE 0) so the next change is reported.
+pub(crate) fn ana_log_sqe() -> Sqe {
+    let mut sqe = Sqe::new(AdminOpcode::GET_LOG_PAGE.0, 0);
+    GetLogPageParams {
+        lid: LogPageId::ASYMMETRIC_NAMESPACE_ACCESS,
+        lsp: 0,
+        rae: false,
+        len_bytes: ANA_LOG_BYTES as u64,
+        offset_bytes: 0,
+        lsi: 0,
+        nsid: 0,
+    }
+    .write_to(&mut sqe);
+    sqe
+}
+
+/// The (NSID, ANA state) pairs an ANA log page lists. A page cut short
+/// (more NSIDs than were read) yields the pairs it holds whole.
+pub(crate) fn parse_ana_log(page: &[u8]) -> Result<Vec<(u32, u8)>, HostError> {
+    use nvme_spec::log::{AnaGroupDescriptor, AnaLogHeader};
+    let (h, mut rest) =
+        AnaLogHeader::read_from_prefix(page).map_err(|_| HostError::Protocol("short ANA log".into()))?;
+    let mut out = Vec::new();
+    for _ in 0..h.ngrps.get() {
+        let Ok((g, after)) = AnaGroupDescriptor::read_from_prefix(rest) else { break };
+        let state = g.state & 0x0F;
+        let n = (g.nnsids.get() as usize).min(after.len() / 4);
+        out.extend(after[..n * 4].chunks_exact(4).map(|b| (u32::from_le_bytes([b[0], b[1], b[2], b[3]]), state)));
+        if n < g.nnsids.get() as usize {
+            break;
+        }
+        rest = &after[n * 4..];
+    }
+    Ok(out)
 }
 
 /// One discovery log entry.

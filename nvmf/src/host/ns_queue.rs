@@ -19,6 +19,7 @@
 use super::qpair::{HostQpair, SubmitError};
 use super::status_io_error;
 use bdev::{BdevIo, DmaBuf, IoBox, IoError, IoStatus, IoType};
+use nvme_spec::Status;
 use std::collections::VecDeque;
 
 /// Bdev IOs one queue holds at once, sent or waiting for a command slot.
@@ -35,6 +36,11 @@ struct Parent {
     block_size: u32,
     /// Blocks per piece at most.
     max_blocks: u64,
+    /// The bdev's MDTS in blocks as submitted (0: none), for a resubmit.
+    max_io_blocks: u32,
+    /// A piece ended with an ANA status: once none is outstanding the IO
+    /// leaves this queue for another path (`Queue::take_rerouted`).
+    ana: Option<Status>,
     /// Blocks sent so far, relative to the IO start (commands, for flush).
     next_rel: u64,
     total: u64,
@@ -59,6 +65,28 @@ pub(crate) struct Polled {
     pub failed_now: bool,
 }
 
+/// An IO taken out of a queue to be sent on another path: its command
+/// ended with an ANA status (`status`), or it waited on a path without a
+/// connection (`status` None).
+pub(crate) struct Rerouted {
+    pub io: IoBox,
+    pub nsid: u32,
+    pub block_size: u32,
+    pub max_io_blocks: u32,
+    pub status: Option<Status>,
+    /// The path's ANA state was set from `status` already.
+    pub marked: bool,
+    /// Since when (reactor ns) no path could take it.
+    pub waiting_since: Option<u64>,
+}
+
+/// Whether `s` says the namespace is not reachable through this path now
+/// (Asymmetric Access Persistent Loss, Inaccessible or Transition): the
+/// IO may succeed through another one.
+pub(crate) fn is_ana_status(s: Status) -> bool {
+    s == Status::ANA_PERSISTENT_LOSS || s == Status::ANA_INACCESSIBLE || s == Status::ANA_TRANSITION
+}
+
 /// What becomes of an IO whose command a lost connection never answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OnLoss {
@@ -76,6 +104,9 @@ pub(crate) struct Queue {
     pub(crate) epoch: u64,
     /// The controller's `failing` as this queue last applied it.
     pub(crate) failing_seen: bool,
+    /// Rerouted IOs that no path could take are tried again from this
+    /// reactor time (ns) on.
+    pub(crate) reroute_at_ns: u64,
 }
 
 /// The IOs a queue holds: a fixed slab and the FIFO of those with pieces
@@ -87,6 +118,8 @@ struct Ios {
     pending: VecDeque<u32>,
     /// New and waiting IOs fail with `NoDevice` (set by the controller).
     failing: bool,
+    /// IOs that go to another path (bounded by the slab: each left a slot).
+    rerouted: VecDeque<Rerouted>,
 }
 
 impl Queue {
@@ -95,11 +128,13 @@ impl Queue {
             qp,
             epoch,
             failing_seen: false,
+            reroute_at_ns: 0,
             ios: Ios {
                 parents: (0..MAX_QUEUED_IOS).map(|_| None).collect(),
                 free: (0..MAX_QUEUED_IOS as u32).rev().collect(),
                 pending: VecDeque::with_capacity(MAX_QUEUED_IOS),
                 failing: false,
+                rerouted: VecDeque::with_capacity(MAX_QUEUED_IOS),
             },
         }
     }
@@ -114,6 +149,8 @@ impl Queue {
         let r = q.poll(|c| {
             let known = if c.connection_lost && on_loss == OnLoss::Resend {
                 ios.piece_lost(c.tag)
+            } else if is_ana_status(c.status) {
+                ios.piece_ana(c.tag, c.status)
             } else {
                 let err = (!c.status.is_success()).then(|| status_io_error(c.status));
                 ios.piece_done(c.tag, err)
@@ -183,9 +220,54 @@ impl Queue {
         }
     }
 
-    /// Bdev IOs held (sent or waiting).
+    /// Bdev IOs held (sent, waiting, or waiting to go to another path).
     pub(crate) fn held(&self) -> usize {
+        MAX_QUEUED_IOS - self.ios.free.len() + self.ios.rerouted.len()
+    }
+
+    /// Bdev IOs on this path's wire or waiting for its command slots.
+    pub(crate) fn in_flight(&self) -> usize {
         MAX_QUEUED_IOS - self.ios.free.len()
+    }
+
+    /// An IO that is to go to another path, oldest first.
+    pub(crate) fn take_rerouted(&mut self) -> Option<Rerouted> {
+        self.ios.rerouted.pop_front()
+    }
+
+    /// Puts back an IO no path can take yet (it is tried again first).
+    pub(crate) fn keep_rerouted(&mut self, r: Rerouted) {
+        self.ios.rerouted.push_front(r);
+    }
+
+    /// Moves the IOs of which nothing was sent (they wait for this path's
+    /// connection) to the rerouted list, for another path to take.
+    pub(crate) fn reroute_unsent(&mut self) {
+        let Ios { parents, pending, free, rerouted, .. } = &mut self.ios;
+        pending.retain(|&slot| {
+            let movable = parents[slot as usize].as_ref().is_some_and(|p| p.outstanding == 0 && p.next_rel == 0);
+            if !movable {
+                return true;
+            }
+            if let Some(p) = parents[slot as usize].take() {
+                free.push(slot);
+                rerouted.push_back(Rerouted {
+                    io: p.io,
+                    nsid: p.nsid,
+                    block_size: p.block_size,
+                    max_io_blocks: p.max_io_blocks,
+                    status: None,
+                    marked: false,
+                    waiting_since: None,
+                });
+            }
+            false
+        });
+    }
+
+    /// IOs waiting to be sent on this path (none sent yet or some).
+    pub(crate) fn waiting(&self) -> usize {
+        self.ios.pending.len()
     }
 
     /// See [`Ios::abort`].
@@ -233,6 +315,8 @@ impl Ios {
             error: None,
             in_pending: true,
             resend: false,
+            max_io_blocks,
+            ana: None,
         });
         self.pending.push_back(slot);
     }
@@ -296,6 +380,27 @@ impl Ios {
         true
     }
 
+    /// A piece of the IO in `tag`'s slot ended with ANA status `status`: no
+    /// more of it is sent here, and once none is outstanding it goes to
+    /// another path. False when no IO waits for it.
+    fn piece_ana(&mut self, tag: u64, status: Status) -> bool {
+        let Ok(slot) = usize::try_from(tag) else { return false };
+        let Some(p) = self.parents.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        if p.outstanding == 0 {
+            return false;
+        }
+        p.outstanding -= 1;
+        p.ana.get_or_insert(status);
+        if p.in_pending {
+            p.in_pending = false;
+            self.pending.retain(|&s| s as usize != slot);
+        }
+        self.settle(slot as u32);
+        true
+    }
+
     /// A piece of the IO in `tag`'s slot went down with its connection: the
     /// IO waits to be sent again whole (ahead of IOs not sent yet). False
     /// when no IO waits for it.
@@ -341,6 +446,21 @@ impl Ios {
         }
         if let Some(p) = self.parents[slot as usize].take() {
             self.free.push(slot);
+            if let (Some(status), None) = (p.ana, &p.error) {
+                // Sent again whole on another path (pieces that succeeded
+                // here write the same data to the same blocks again).
+                let Parent { io, nsid, block_size, max_io_blocks, .. } = p;
+                let status = Some(status);
+                return self.rerouted.push_back(Rerouted {
+                    io,
+                    nsid,
+                    block_size,
+                    max_io_blocks,
+                    status,
+                    marked: false,
+                    waiting_since: None,
+                });
+            }
             p.io.complete(match p.error {
                 None => IoStatus::Success,
                 Some(e) => IoStatus::Failed(e),

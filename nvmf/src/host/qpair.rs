@@ -8,9 +8,9 @@ use crate::pdu::{
 use bdev::{DmaBuf, IoFlags};
 use nvme_spec::{AdminOpcode, IoOpcode, SglDescriptor, Sqe, Status, U16, U32};
 use sock::{read_into, RxBuf, RxFill};
+use sock::{Socket, Stream};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,7 +69,7 @@ pub struct Completion {
 
 /// A connected queue, as plain data that may cross threads.
 pub struct QpairParts {
-    stream: TcpStream,
+    stream: Stream,
     pub qid: u16,
     pub entries: u16,
     rxcfg: RxConfig,
@@ -81,7 +81,7 @@ pub struct QpairParts {
 impl QpairParts {
     /// The ICReq/ICResp exchange on a fresh (blocking) socket.
     pub(crate) fn handshake(
-        mut stream: TcpStream,
+        mut stream: Stream,
         qid: u16,
         entries: u16,
         hdgst: bool,
@@ -89,8 +89,8 @@ impl QpairParts {
         timeout: Duration,
     ) -> Result<Self, HostError> {
         let io = |e: std::io::Error| HostError::Io(e.to_string());
-        stream.set_nodelay(true).map_err(io)?;
-        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.tcp().set_nodelay(true).map_err(io)?;
+        stream.tcp().set_read_timeout(Some(timeout)).map_err(io)?;
         let ic = PduHeader::IcReq(IcReq { pfv: 0, hpda: 0, hdgst, ddgst, maxr2t: 0 });
         let mut out = [0u8; 128];
         let e =
@@ -110,8 +110,8 @@ impl QpairParts {
         if r.hdgst != hdgst || r.ddgst != ddgst {
             return Err(HostError::Protocol("controller refused the digests asked for".into()));
         }
-        stream.set_read_timeout(None).map_err(io)?;
-        stream.set_nonblocking(true).map_err(io)?;
+        stream.tcp().set_read_timeout(None).map_err(io)?;
+        stream.tcp().set_nonblocking(true).map_err(io)?;
         // Enough for Connect's data; IO queues learn their limit from Identify.
         let in_capsule_max = if qid == 0 { 8192 } else { 1024 };
         Ok(QpairParts {
@@ -158,7 +158,7 @@ enum RxTarget {
 
 /// One queue pair, owned by the thread (reactor) that polls it.
 pub struct HostQpair {
-    stream: TcpStream,
+    stream: Stream,
     qid: u16,
     reader: PduReader,
     rx: RxBuf,
@@ -449,7 +449,7 @@ impl HostQpair {
     fn fail(&mut self, e: HostError) {
         if self.failed.is_none() {
             self.failed = Some(e);
-            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+            self.stream.shutdown_both();
             self.tx.clear();
         }
     }
@@ -689,9 +689,11 @@ impl HostQpair {
 }
 
 /// The admin queue of a session kept alive on a reactor: Keep Alive every
-/// KATO/4, other completions discarded. A Keep Alive unanswered for KATO
-/// means the path is gone even when the socket says nothing (a peer that
-/// vanished without a FIN or RST): the queue then fails.
+/// KATO/4, and, when asked, an Asynchronous Event Request kept posted and
+/// the ANA log read on an ANA change notice or on request. A Keep Alive
+/// unanswered for KATO means the path is gone even when the socket says
+/// nothing (a peer that vanished without a FIN or RST): the queue then
+/// fails.
 pub struct AdminQpair {
     qp: HostQpair,
     period_ns: u64,
@@ -700,7 +702,22 @@ pub struct AdminQpair {
     kato_ns: u64,
     /// When the Keep Alive now outstanding was sent.
     sent_ns: Option<u64>,
+    /// An Asynchronous Event Request is posted.
+    aer_posted: bool,
+    /// Post a new Asynchronous Event Request when the last one completes.
+    aer_wanted: bool,
+    /// A read of the ANA log is outstanding.
+    log_reading: bool,
+    /// The ANA log is to be read (again) once no read is outstanding.
+    log_wanted: bool,
+    /// The last ANA log read, not yet taken.
+    ana_log: Option<Vec<u8>>,
 }
+
+/// Tags of the admin commands the keeper sends.
+const TAG_KEEP_ALIVE: u64 = 0;
+const TAG_ASYNC_EVENT: u64 = 1;
+const TAG_ANA_LOG: u64 = 2;
 
 impl AdminQpair {
     pub fn new(parts: QpairParts, kato_ms: u32) -> Self {
@@ -711,23 +728,80 @@ impl AdminQpair {
             next_ns: 0,
             kato_ns: u64::from(kato_ms) * 1_000_000,
             sent_ns: None,
+            aer_posted: false,
+            aer_wanted: false,
+            log_reading: false,
+            log_wanted: false,
+            ana_log: None,
         }
+    }
+
+    /// Keeps an Asynchronous Event Request posted from now on; an ANA
+    /// change notice makes the queue read the ANA log (see
+    /// [`AdminQpair::take_ana_log`]).
+    pub fn watch_ana(&mut self) {
+        self.aer_wanted = true;
+    }
+
+    /// Reads the ANA log (once more, if a read runs now).
+    pub fn read_ana_log(&mut self) {
+        self.log_wanted = true;
+    }
+
+    /// The ANA log page the last read returned, once.
+    pub fn take_ana_log(&mut self) -> Option<Vec<u8>> {
+        self.ana_log.take()
     }
 
     /// Call from a poller (a timed one is enough). Err when the connection
     /// died or a Keep Alive went unanswered for KATO.
     pub fn poll(&mut self) -> Result<(), HostError> {
         let now = reactor::now_ns();
-        if self.kato_ns > 0 && now >= self.next_ns && self.qp.outstanding() == 0 {
+        if self.kato_ns > 0 && now >= self.next_ns && self.sent_ns.is_none() {
             self.next_ns = now + self.period_ns;
-            if self.qp.keep_alive(0).is_ok() {
+            if self.qp.keep_alive(TAG_KEEP_ALIVE).is_ok() {
                 self.sent_ns = Some(now);
             }
         }
-        self.qp.poll(|_| {})?;
-        if self.qp.outstanding() == 0 {
-            self.sent_ns = None;
-        } else if self.sent_ns.is_some_and(|t| self.kato_ns > 0 && now.saturating_sub(t) > self.kato_ns) {
+        if self.aer_wanted && !self.aer_posted {
+            let sqe = Sqe::new(AdminOpcode::ASYNC_EVENT_REQUEST.0, 0);
+            self.aer_posted = self.qp.submit(sqe, Data::None, TAG_ASYNC_EVENT).is_ok();
+        }
+        if self.log_wanted && !self.log_reading {
+            if let Some(buf) = DmaBuf::zeroed(super::ANA_LOG_BYTES) {
+                let data = Data::In(buf.slice(0, super::ANA_LOG_BYTES));
+                if self.qp.submit(super::ana_log_sqe(), data, TAG_ANA_LOG).is_ok() {
+                    self.log_reading = true;
+                    self.log_wanted = false;
+                }
+            }
+        }
+        let AdminQpair { qp, sent_ns, aer_posted, aer_wanted, log_reading, log_wanted, ana_log, .. } = self;
+        qp.poll(|c| match c.tag {
+            TAG_KEEP_ALIVE => *sent_ns = None,
+            TAG_ASYNC_EVENT => {
+                *aer_posted = false;
+                if !c.status.is_success() {
+                    // Refused (or the queue went down): not posted again.
+                    *aer_wanted = false;
+                    return;
+                }
+                let e = nvme_spec::features::AsyncEvent::from_dword(c.dw0);
+                if e.event_type == nvme_spec::features::async_event_type::NOTICE
+                    && e.info == nvme_spec::features::async_event_notice::ANA_CHANGE
+                {
+                    *log_wanted = true;
+                }
+            }
+            TAG_ANA_LOG => {
+                *log_reading = false;
+                if c.status.is_success() {
+                    *ana_log = c.buf.map(|b| b.to_vec());
+                }
+            }
+            _ => {}
+        })?;
+        if self.sent_ns.is_some_and(|t| self.kato_ns > 0 && now.saturating_sub(t) > self.kato_ns) {
             self.qp.disconnect();
             return Err(HostError::Timeout);
         }

@@ -4,7 +4,7 @@
 //! end waiting IO and the controller, and `bdev_nvme_reset_controller`.
 
 use super::{
-    adrfam_name, connect_in_background, connect_params, ctrls, delete, AttachParams, Connecting, CtrlState, PathId,
+    adrfam_name, connect_in_background, connect_params, ctrls, lose_path, AttachParams, Connecting, CtrlState, PathId,
     RemoteCtrl, NS_PER_SEC,
 };
 use crate::host::qpair::{AdminQpair, HostError, QpairParts};
@@ -41,7 +41,10 @@ pub(super) struct Keeper {
 }
 
 impl Keeper {
-    pub(super) fn new(ctrl: &Arc<RemoteCtrl>, cp: ConnectParams, admin: AdminQpair) -> Self {
+    pub(super) fn new(ctrl: &Arc<RemoteCtrl>, cp: ConnectParams, mut admin: AdminQpair) -> Self {
+        if ctrl.info.ana_reporting {
+            admin.watch_ana();
+        }
         Keeper { ctrl: Arc::downgrade(ctrl), cp, link: Link::Up(Box::new(admin)), lost_at_ns: 0, tries: 0 }
     }
 
@@ -63,7 +66,14 @@ impl Keeper {
                 if reset {
                     ctrl.resetting.store(true, Ordering::Release);
                 }
-                match admin.poll() {
+                if ctrl.ana_stale.load(Ordering::Acquire) {
+                    admin.read_ana_log();
+                }
+                let polled = admin.poll();
+                if let Some(page) = admin.take_ana_log() {
+                    take_ana_log(&ctrl, &page);
+                }
+                match polled {
                     Err(e) => self.on_loss(&ctrl, now, &format!("admin queue: {e}")),
                     Ok(()) if lost_by_io => self.on_loss(&ctrl, now, "an IO queue lost its connection"),
                     Ok(()) if reset => self.on_loss(&ctrl, now, "reset requested"),
@@ -196,6 +206,9 @@ impl Keeper {
             return self.attempt_failed(ctrl, now, "the controller granted fewer IO queues");
         }
         ctrl.cntlid.store(s.info.cntlid, Ordering::Relaxed);
+        // The states through the new connection, before IO can use it.
+        ctrl.apply_ana(&s.info.ana);
+        ctrl.ana_stale.store(false, Ordering::Release);
         // Before the queues see the new connection, so none fails an IO
         // it could send.
         ctrl.failing.store(false, Ordering::Release);
@@ -205,10 +218,14 @@ impl Keeper {
         ctrl.answer_resets(Ok(()));
         let away_ms = now.saturating_sub(self.lost_at_ns) / 1_000_000;
         tracing::info!(name = ctrl.params.name, cntlid = s.info.cntlid, away_ms, "NVMe/TCP path reconnected");
-        self.link = Link::Up(Box::new(AdminQpair::new(s.admin, ctrl.info.kato_ms)));
+        let mut admin = AdminQpair::new(s.admin, ctrl.info.kato_ms);
+        if ctrl.info.ana_reporting {
+            admin.watch_ana();
+        }
+        self.link = Link::Up(Box::new(admin));
         // Holders that gave up on a namespace while IO to it failed (a
         // RAID failed the member) may take it back now.
-        let names = ctrl.bdevs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let names = ctrl.group.bdev_names();
         for h in names.iter().filter_map(|n| Registry::get().lookup(n)) {
             h.notify_restored();
         }
@@ -227,8 +244,26 @@ impl Keeper {
         if loss > 0 && away >= loss {
             tracing::warn!(name = ctrl.params.name, "NVMe/TCP path away past ctrlr_loss_timeout_sec: deleted");
             self.link = Link::Down;
-            delete(ctrl.clone(), Box::new(|_| {}));
+            lose_path(ctrl.clone());
         }
+    }
+}
+
+/// The ANA log `page` read through `ctrl`: its states replace those known.
+fn take_ana_log(ctrl: &RemoteCtrl, page: &[u8]) {
+    match crate::host::parse_ana_log(page) {
+        Ok(list) => {
+            if ctrl.apply_ana(&list) {
+                tracing::info!(
+                    name = ctrl.params.name,
+                    trsvcid = ctrl.params.trsvcid,
+                    "ANA states {}",
+                    ctrl.ana_json()
+                );
+            }
+            ctrl.ana_stale.store(false, Ordering::Release);
+        }
+        Err(e) => tracing::warn!(name = ctrl.params.name, "ANA log: {e}"),
     }
 }
 
@@ -240,7 +275,7 @@ fn advance_path(ctrl: &RemoteCtrl) {
 
 /// Whether two controllers show the same namespaces (NSID, size, UUID):
 /// the test that a new connection or path reaches the same storage.
-fn same_namespaces(old: &[NsInfo], new: &[NsInfo]) -> bool {
+pub(super) fn same_namespaces(old: &[NsInfo], new: &[NsInfo]) -> bool {
     let same = |a: &NsInfo, b: &NsInfo| {
         a.nsid == b.nsid && a.block_size == b.block_size && a.num_blocks == b.num_blocks && a.uuid == b.uuid
     };
@@ -306,6 +341,12 @@ fn check_path(ctrl: &RemoteCtrl, params: &AttachParams, path: &PathId) -> Result
     let refuse = |m: String, errno: i32| Err(BdevError::Os(m, errno));
     if ctrl.state() == CtrlState::Deleting {
         return refuse(format!("controller {name} is being detached"), libc::EALREADY);
+    }
+    if ctrl.group.count.load(Ordering::Acquire) > 1 {
+        return refuse(
+            format!("controller {name} has multipath paths: a controller is either failover or multipath"),
+            libc::EINVAL,
+        );
     }
     if ctrl.paths().list.iter().any(|p| p.traddr == path.traddr && p.trsvcid == path.trsvcid) {
         return refuse(
