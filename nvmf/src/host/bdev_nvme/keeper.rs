@@ -335,6 +335,24 @@ pub fn add_failover_path(params: AttachParams, done: impl FnOnce(Result<Vec<Stri
     });
 }
 
+/// A new path of controller `name` (failover or multipath) must reach the
+/// same subsystem as the same host as the controller's first path (SPDK's
+/// checks and messages).
+pub(super) fn same_subsystem_and_host(name: &str, params: &AttachParams, c: &AttachParams) -> Result<(), BdevError> {
+    let refuse = |m: String| Err(BdevError::Os(m, libc::EINVAL));
+    if params.subnqn != c.subnqn {
+        return refuse(format!("A controller named {name} already exists, but uses a different subnqn ({})", c.subnqn));
+    }
+    let hostnqn = |h: &Option<String>| h.clone().unwrap_or_else(|| DEFAULT_HOSTNQN.into());
+    if hostnqn(&params.hostnqn) != hostnqn(&c.hostnqn) {
+        return refuse(format!(
+            "A controller named {name} already exists, but uses a different hostnqn ({})",
+            hostnqn(&c.hostnqn)
+        ));
+    }
+    Ok(())
+}
+
 /// Why `path` cannot be added to `ctrl`, if it cannot (SPDK's checks).
 fn check_path(ctrl: &RemoteCtrl, params: &AttachParams, path: &PathId) -> Result<(), BdevError> {
     let name = &ctrl.params.name;
@@ -355,19 +373,7 @@ fn check_path(ctrl: &RemoteCtrl, params: &AttachParams, path: &PathId) -> Result
         );
     }
     let c = &ctrl.params;
-    if params.subnqn != c.subnqn {
-        return refuse(
-            format!("A controller named {name} already exists, but uses a different subnqn ({})", c.subnqn),
-            libc::EINVAL,
-        );
-    }
-    let hostnqn = |h: &Option<String>| h.clone().unwrap_or_else(|| DEFAULT_HOSTNQN.into());
-    if hostnqn(&params.hostnqn) != hostnqn(&c.hostnqn) {
-        return refuse(
-            format!("A controller named {name} already exists, but uses a different hostnqn ({})", hostnqn(&c.hostnqn)),
-            libc::EINVAL,
-        );
-    }
+    same_subsystem_and_host(name, params, c)?;
     if (params.hdgst, params.ddgst) != (c.hdgst, c.ddgst) {
         // Every path is reached with the controller's digests.
         return refuse(

@@ -6,13 +6,13 @@
 //! or that waits on a path without a connection, goes to another path; it
 //! fails only when no path can take it and none is about to.
 
-use super::keeper::same_namespaces;
+use super::keeper::{same_namespaces, same_subsystem_and_host};
 use super::{
     adrfam_name, connect_in_background, connect_params, ctrls, local_queue, AttachParams, CtrlState, RemoteCtrl,
 };
 use crate::host::ns_queue::{Queue, Rerouted};
 use crate::host::qpair::HostError;
-use crate::host::{status_io_error, Session, DEFAULT_HOSTNQN};
+use crate::host::{status_io_error, Session};
 use bdev::{BdevError, IoError};
 use nvme_spec::log::ana_state;
 use nvme_spec::Status;
@@ -389,20 +389,7 @@ fn check_new_path(head: &RemoteCtrl, params: &AttachParams) -> Result<(), BdevEr
             libc::EALREADY,
         );
     }
-    let c = &head.params;
-    if params.subnqn != c.subnqn {
-        return refuse(
-            format!("A controller named {name} already exists, but uses a different subnqn ({})", c.subnqn),
-            libc::EINVAL,
-        );
-    }
-    let hostnqn = |h: &Option<String>| h.clone().unwrap_or_else(|| DEFAULT_HOSTNQN.into());
-    if hostnqn(&params.hostnqn) != hostnqn(&c.hostnqn) {
-        return refuse(
-            format!("A controller named {name} already exists, but uses a different hostnqn ({})", hostnqn(&c.hostnqn)),
-            libc::EINVAL,
-        );
-    }
+    same_subsystem_and_host(name, params, &head.params)?;
     Ok(())
 }
 
