@@ -302,6 +302,33 @@ fn read_all(traddr: &str, port: &str, nqn: &str, offset: u64, blocks: u64) -> Ve
     out
 }
 
+/// spdk-rpc's attach of the far target's namespace as controller `Remote`:
+/// reconnect every second (-o 1), never give the controller up (-l -1),
+/// fail IO after a second without a path (-u 1).
+fn remote_attach_args(peer_ip: &str) -> [&str; 19] {
+    [
+        "bdev_nvme_attach_controller",
+        "-b",
+        "Remote",
+        "-t",
+        "tcp",
+        "-a",
+        peer_ip,
+        "-s",
+        "4420",
+        "-f",
+        "ipv4",
+        "-n",
+        NQN,
+        "-l",
+        "-1",
+        "-o",
+        "1",
+        "-u",
+        "1",
+    ]
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -326,27 +353,7 @@ fn mirror_with_a_remote_member_survives_a_flapping_path_and_resyncs_only_what_it
     let d = Daemon::start(&local_dir, &["-m", "0x3"]);
     let l = |args: &[&str]| spdk_ok(&rpc, &d.sock, args);
     l(&["bdev_nvme_set_options", "-k", "1000"]);
-    let names = l(&[
-        "bdev_nvme_attach_controller",
-        "-b",
-        "Remote",
-        "-t",
-        "tcp",
-        "-a",
-        &ns.peer_ip,
-        "-s",
-        "4420",
-        "-f",
-        "ipv4",
-        "-n",
-        NQN,
-        "-l",
-        "-1",
-        "-o",
-        "1",
-        "-u",
-        "1",
-    ]);
+    let names = l(&remote_attach_args(&ns.peer_ip));
     assert_eq!(names, json!("Remoten1"));
     // The settings are kept: save_config recreates the controller with them.
     let saved = l(&["save_config"]);
@@ -544,27 +551,7 @@ fn remote_member_returning_after_the_local_daemon_restarted_is_resynced_only_whe
     l(&d, &["bdev_nvme_set_options", "-k", "1000"]);
     d.ok("bdev_raid_set_options", json!({"assemble_timeout_sec": 1}));
     l(&d, &["bdev_uring_create", near.to_str().unwrap(), "Near0", &BS.to_string()]);
-    let attach = [
-        "bdev_nvme_attach_controller",
-        "-b",
-        "Remote",
-        "-t",
-        "tcp",
-        "-a",
-        &ns.peer_ip,
-        "-s",
-        "4420",
-        "-f",
-        "ipv4",
-        "-n",
-        NQN,
-        "-l",
-        "-1",
-        "-o",
-        "1",
-        "-u",
-        "1",
-    ];
+    let attach = remote_attach_args(&ns.peer_ip);
     assert_eq!(l(&d, &attach), json!("Remoten1"));
     d.ok(
         "bdev_raid_create",
