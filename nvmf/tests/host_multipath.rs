@@ -21,8 +21,8 @@ use bdev::malloc::MallocBdev;
 use bdev::{BdevProps, DmaBuf, IoBox, IoError, IoFlags, IoStatus, IoType, Registry};
 use common::*;
 use nvmf::host::{
-    add_multipath_path, attach_controller_with, controllers_json, detach_controller, reset_controller,
-    set_multipath_policy, AttachParams, Policy, ReconnectOpts, Selector,
+    add_multipath_path, attach_controller_with, controllers_json, detach_controller, multipath_policies_config,
+    reset_controller, set_multipath_policy, AttachParams, Policy, ReconnectOpts, Selector,
 };
 use nvmf::{AnaState, ListenAddr, NvmfState, SubsystemParams, TransportOpts};
 use reactor::{IdlePolicy, ReactorConfig, ReactorSet};
@@ -329,6 +329,24 @@ fn active_active_spreads_io_over_the_optimized_paths() {
     let (a, b) = during(&set, port_a, || load.run(400));
     assert!(a > 0 && b > 0, "queue depth selector over both paths: {a} / {b}");
     load.finish();
+    // save_config restores the policy with SPDK's call and parameters.
+    let saved = set.call(0, multipath_policies_config);
+    assert_eq!(
+        saved,
+        vec![serde_json::json!({"method": "bdev_nvme_set_multipath_policy",
+            "params": {"name": "Remoten1", "policy": "active_active", "selector": "queue_depth"}})]
+    );
+    set.call(0, move || set_multipath_policy("Remoten1", rr)).unwrap();
+    let saved = set.call(0, multipath_policies_config);
+    let params = &saved[0]["params"];
+    let parsed = Policy::parse(
+        params["policy"].as_str().unwrap(),
+        params["selector"].as_str(),
+        params["rr_min_io"].as_u64().map(|n| n as u32),
+    );
+    assert_eq!(parsed, Ok(rr), "{params}");
+    set.call(0, || set_multipath_policy("Remoten1", Policy::ActivePassive)).unwrap();
+    assert!(set.call(0, multipath_policies_config).is_empty(), "the default is not written");
     assert!(set.call(0, || set_multipath_policy("Nope", Policy::ActivePassive)).is_err());
     detach_and_stop(&set);
 }

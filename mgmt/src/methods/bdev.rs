@@ -147,6 +147,7 @@ pub fn subsystem_config() -> Vec<Value> {
     out.extend(Registry::get().list().iter().filter_map(|h| h.config()));
     // After the controllers they belong to.
     out.extend(::nvmf::host::failover_paths_config());
+    out.extend(::nvmf::host::multipath_policies_config());
     out.push(json!({"method": "bdev_wait_for_examine"}));
     // Rate limits and histograms, once every bdev (assembled arrays too) exists.
     out.extend(super::bdev_qos::subsystem_config());

@@ -32,7 +32,9 @@ mod keeper;
 mod multipath;
 use keeper::Keeper;
 pub use keeper::{add_failover_path, reset_controller};
-pub use multipath::{add_multipath_path, multipath_policy, set_multipath_policy, Policy, Selector};
+pub use multipath::{
+    add_multipath_path, multipath_policies_config, multipath_policy, set_multipath_policy, Policy, Selector,
+};
 use multipath::{ChanPath, Cursor, MpPolicy, PathGroup};
 
 /// How a controller notices a lost connection and what it does then

@@ -61,6 +61,18 @@ impl Policy {
         }
     }
 
+    /// `bdev_nvme_set_multipath_policy`'s parameters for bdev `name`.
+    pub fn to_params(self, name: &str) -> serde_json::Value {
+        match self {
+            Policy::ActivePassive => serde_json::json!({"name": name, "policy": "active_passive"}),
+            Policy::ActiveActive(Selector::RoundRobin { rr_min_io }) => serde_json::json!({"name": name,
+                "policy": "active_active", "selector": "round_robin", "rr_min_io": rr_min_io}),
+            Policy::ActiveActive(Selector::QueueDepth) => {
+                serde_json::json!({"name": name, "policy": "active_active", "selector": "queue_depth"})
+            }
+        }
+    }
+
     fn encode(self) -> (u8, u32) {
         match self {
             Policy::ActivePassive => (0, 0),
@@ -410,6 +422,26 @@ pub fn set_multipath_policy(bdev: &str, policy: Policy) -> Result<(), BdevError>
         }
     }
     Err(BdevError::Os(format!("bdev {bdev} is not a namespace bdev of an NVMe/TCP controller"), libc::ENODEV))
+}
+
+/// The `bdev_nvme_set_multipath_policy` calls that restore every namespace
+/// bdev's policy other than the default, for `save_config` (after the
+/// attach calls of its paths).
+pub fn multipath_policies_config() -> Vec<serde_json::Value> {
+    let list = ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut out = Vec::new();
+    for c in list {
+        for (n, p) in c.info.namespaces.iter().zip(&c.group.policies) {
+            let policy = p.get();
+            if policy != Policy::ActivePassive {
+                let name = super::bdev_name(&c.params.name, n.nsid);
+                out.push(
+                    serde_json::json!({"method": "bdev_nvme_set_multipath_policy", "params": policy.to_params(&name)}),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The policy of bdev `bdev`, if it is an NVMe/TCP namespace bdev.
