@@ -79,5 +79,11 @@ fn thread_get_stats_reports_measured_reactor_time() {
         let total = |t: &serde_json::Value| t["busy"].as_u64().unwrap() + t["idle"].as_u64().unwrap();
         assert!(total(t1) > total(t0), "reactor {i} measured no time: {t0} -> {t1}");
         assert!(r["reactors"][i]["busy"].as_u64().unwrap() <= t1["busy"].as_u64().unwrap());
+        assert_eq!(t1["paused_pollers_count"], json!(0), "{t1}");
+        assert!(t1["active_pollers_count"].is_u64() && t1["timed_pollers_count"].is_u64(), "{t1}");
     }
+    // The application reactor runs the RPC server's and the bdev layer's pollers.
+    let app = &b["threads"][0];
+    let pollers = app["active_pollers_count"].as_u64().unwrap() + app["timed_pollers_count"].as_u64().unwrap();
+    assert!(pollers > 0, "{app}");
 }

@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::Duration;
@@ -111,6 +111,11 @@ pub(crate) struct Shared {
     pub(crate) idle_ticks: AtomicU64,
     /// Tick count when the reactor's loop started (0 before).
     pub(crate) started_ticks: AtomicU64,
+    /// Registered pollers that run every loop (interrupt pollers included)
+    /// and timed ones, published when the set changes (SPDK's
+    /// `active_pollers_count` and `timed_pollers_count`).
+    pub(crate) every_loop_pollers: AtomicU32,
+    pub(crate) timed_pollers: AtomicU32,
     /// The reactor thread's Linux thread id, once it runs.
     pub(crate) tid: OnceLock<u64>,
 }
@@ -131,6 +136,8 @@ impl Shared {
             busy_ticks: AtomicU64::new(0),
             idle_ticks: AtomicU64::new(0),
             started_ticks: AtomicU64::new(0),
+            every_loop_pollers: AtomicU32::new(0),
+            timed_pollers: AtomicU32::new(0),
             tid: OnceLock::new(),
         }
     }
@@ -322,6 +329,7 @@ impl Local {
             let mut fresh = self.new_pollers.borrow_mut();
             if !fresh.is_empty() {
                 self.pollers.borrow_mut().append(&mut fresh);
+                self.publish_poller_counts();
             }
         }
         let n = self.pollers.borrow().len();
@@ -361,11 +369,21 @@ impl Local {
         if self.dead_pollers.get() > 0 {
             self.pollers.borrow_mut().retain(|p| p.alive.get());
             self.dead_pollers.set(0);
+            self.publish_poller_counts();
         }
         let counter = if busy { &self.shared().busy_loops } else { &self.shared().idle_loops };
         // Single writer (this reactor): a plain load+store is enough.
         counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         busy
+    }
+
+    /// Only when the poller set changes, never per loop.
+    fn publish_poller_counts(&self) {
+        let pollers = self.pollers.borrow();
+        let timed = pollers.iter().filter(|p| p.period_ns > 0).count();
+        let shared = self.shared();
+        shared.timed_pollers.store(timed as u32, Ordering::Relaxed);
+        shared.every_loop_pollers.store((pollers.len() - timed) as u32, Ordering::Relaxed);
     }
 
     fn retry_overflow(&self) -> bool {

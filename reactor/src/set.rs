@@ -93,6 +93,10 @@ pub struct ReactorStats {
     pub started_ticks: u64,
     /// The reactor thread's Linux thread id (None in a manual set, or off Linux).
     pub tid: Option<u64>,
+    /// Pollers registered now: those run every loop (interrupt pollers
+    /// included) and timed ones.
+    pub every_loop_pollers: u32,
+    pub timed_pollers: u32,
 }
 
 /// Handle to a running (or manual) set of reactors. Cloneable and `Send`.
@@ -229,6 +233,8 @@ impl ReactorSet {
             idle_ticks: r.idle_ticks.load(Ordering::Relaxed),
             started_ticks: r.started_ticks.load(Ordering::Relaxed),
             tid: r.tid.get().copied(),
+            every_loop_pollers: r.every_loop_pollers.load(Ordering::Relaxed),
+            timed_pollers: r.timed_pollers.load(Ordering::Relaxed),
         })
     }
 

@@ -86,6 +86,47 @@ fn pollers_and_timed_pollers() {
     set.join();
 }
 
+/// The poller counts a reactor publishes (thread_get_stats) follow
+/// registration and removal.
+#[test]
+fn poller_counts_follow_registration_and_removal() {
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let set = start(1);
+    let counts = |set: &ReactorSet| {
+        let s = set.stats(0).unwrap();
+        (s.every_loop_pollers, s.timed_pollers)
+    };
+    let wait_for = |want: (u32, u32)| {
+        let t0 = std::time::Instant::now();
+        while counts(&set) != want {
+            assert!(t0.elapsed() < Duration::from_secs(10), "counts {:?}, want {want:?}", counts(&set));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    // Whatever the set registers itself is published once its loop runs.
+    set.call(0, || {});
+    set.call(0, || {});
+    let (every, timed) = counts(&set);
+    set.send(0, || {
+        let until_stopped = || if STOP.load(Ordering::Relaxed) { PollStatus::Done } else { PollStatus::Idle };
+        reactor::register_poller("a", until_stopped);
+        reactor::register_poller("b", until_stopped);
+        let handle = reactor::register_timed_poller("t", Duration::from_millis(1), || PollStatus::Idle);
+        reactor::register_poller("unregisters t", move || {
+            if STOP.load(Ordering::Relaxed) {
+                handle.unregister();
+                return PollStatus::Done;
+            }
+            PollStatus::Idle
+        });
+    });
+    wait_for((every + 3, timed + 1));
+    STOP.store(true, Ordering::Relaxed);
+    wait_for((every, timed));
+    set.stop();
+    set.join();
+}
+
 #[test]
 fn for_each_reactor_visits_all_then_returns() {
     let set = start(2);

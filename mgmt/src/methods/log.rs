@@ -257,9 +257,9 @@ fn log_get_flags(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
 
 /// `thread_get_stats`: one entry per reactor (nvraid's reactor is SPDK's
 /// reactor and its one thread, named as `framework_get_reactors` lists
-/// it), with the busy and idle ticks the reactor measured of its own loop.
-/// SPDK's poller counts are left out: the reactor does not keep apart the
-/// per-loop, timed and paused pollers those fields count.
+/// it), with the busy and idle ticks the reactor measured of its own loop
+/// and the pollers registered on it (every-loop and timed; none is ever
+/// paused).
 fn thread_get_stats(ctx: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     let set = ctx.reactors.clone();
     sync_call(params, reply, move |_: NoParams| {
@@ -273,6 +273,10 @@ fn thread_get_stats(ctx: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
                     "cpumask": format!("{:x}{}", 1u8 << (core % 4), "0".repeat(core / 4)),
                     "busy": stats.busy_ticks,
                     "idle": stats.idle_ticks,
+                    "active_pollers_count": stats.every_loop_pollers,
+                    "timed_pollers_count": stats.timed_pollers,
+                    // nvraid cannot pause a poller.
+                    "paused_pollers_count": 0,
                 })
             })
             .collect();
