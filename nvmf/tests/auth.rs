@@ -503,6 +503,18 @@ fn ffdhe2048_bidirectional_on_admin_and_io_queues() {
     assert_eq!(io.read_block(), Some(Status::AUTHENTICATION_REQUIRED.with_dnr()));
     assert_eq!(authenticate(&mut io, 4, &h), Outcome::Done { hash: SHA512, group: FFDHE2048, bidirectional: true });
     assert_eq!(io.read_block(), Some(Status::SUCCESS));
+    // nvmf_subsystem_get_qpairs shows each queue's authentication (SPDK's `auth` object).
+    let qpairs: Vec<serde_json::Value> = t.set.call(0, || {
+        NvmfState::get().subsystem(NQN).unwrap().controllers().iter().flat_map(|c| c.qpairs_json()).collect()
+    });
+    assert_eq!(qpairs.len(), 2, "{qpairs:?}");
+    for q in &qpairs {
+        assert_eq!(
+            q["auth"],
+            serde_json::json!({"state": "completed", "digest": "sha512", "dhgroup": "ffdhe2048"}),
+            "{q}"
+        );
+    }
 }
 
 #[test]

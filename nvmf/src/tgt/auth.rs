@@ -483,6 +483,21 @@ enum State {
     Failed,
 }
 
+/// A queue's DH-HMAC-CHAP state, hash and group: SPDK's `auth` object of
+/// a queue pair (`nvmf_subsystem_get_qpairs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AuthView {
+    state: &'static str,
+    digest: &'static str,
+    dhgroup: &'static str,
+}
+
+impl AuthView {
+    pub(crate) fn to_json(self) -> serde_json::Value {
+        serde_json::json!({"state": self.state, "digest": self.digest, "dhgroup": self.dhgroup})
+    }
+}
+
 /// What a send asks of the connection.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SendOutcome {
@@ -581,6 +596,21 @@ impl QueueAuth {
 
     pub(crate) fn admitted(&self) -> bool {
         self.admitted
+    }
+
+    /// Where this queue's authentication stands, for
+    /// `nvmf_subsystem_get_qpairs`.
+    pub(crate) fn view(&self) -> AuthView {
+        let state = match self.state {
+            State::Negotiate => "negotiate",
+            State::Challenge | State::Reply | State::Verifying => "challenge",
+            State::Success1 => "success1",
+            State::Success2 => "success2",
+            State::Failure1(_) => "failure1",
+            State::Done => "completed",
+            State::Failed => "error",
+        };
+        AuthView { state, digest: self.digest.name(), dhgroup: self.dhgroup.name() }
     }
 
     fn fail(&mut self, why: u8, what: &str) -> SendOutcome {

@@ -1057,6 +1057,7 @@ impl Conn {
                     over_temp_threshold: admin::DEFAULT_OVER_TEMP_THRESHOLD,
                     under_temp_threshold: 0,
                     changed_ns: Vec::new(),
+                    admin_auth: None,
                     ns_notice_pending: false,
                     ns_notice_masked: false,
                     ana_notice_pending: false,
@@ -1127,6 +1128,7 @@ impl Conn {
                     conn_key: self.key,
                     stats: self.stats.clone(),
                     peer: self.stream.tcp().peer_addr().ok(),
+                    auth: None,
                 });
             }
             let cfg = *self.reader.config();
@@ -1183,6 +1185,7 @@ impl Conn {
         };
         if send {
             let outcome = buf.with(|m| a.send(m));
+            self.publish_auth();
             self.complete(slot, Status::SUCCESS, 0);
             if outcome == SendOutcome::Close {
                 self.close_after_flush = true;
@@ -1198,7 +1201,9 @@ impl Conn {
         let (Some(a), Some(buf)) = (self.auth.as_mut(), self.reqs[slot].buf.as_ref()) else {
             return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), 0);
         };
-        match buf.with_mut(|out| a.receive(out)) {
+        let outcome = buf.with_mut(|out| a.receive(out));
+        self.publish_auth();
+        match outcome {
             RecvOutcome::Pending => self.auth_parked = Some(slot),
             RecvOutcome::Message(n) => {
                 self.reqs[slot].xfer_len = n as u32;
@@ -1213,6 +1218,20 @@ impl Conn {
                 self.complete(slot, Status::INVALID_FIELD.with_dnr(), 0);
                 self.close_after_flush = true;
             }
+        }
+    }
+
+    /// Shows the queue's authentication state in `nvmf_subsystem_get_qpairs`
+    /// (a control-path step, once per authentication message).
+    fn publish_auth(&self) {
+        let (Some(ctrl), Some(qid), Some(a)) = (self.ctrl.as_ref(), self.qid, self.auth.as_ref()) else {
+            return;
+        };
+        let view = Some(a.view());
+        if qid == 0 {
+            ctrl.admin.lock().unwrap_or_else(|e| e.into_inner()).admin_auth = view;
+        } else if let Some(q) = ctrl.queues().iter_mut().find(|q| q.qid == qid) {
+            q.auth = view;
         }
     }
 

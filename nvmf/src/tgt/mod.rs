@@ -594,6 +594,8 @@ pub(crate) struct CtrlAdmin {
     pub(crate) under_temp_threshold: u16,
     /// Namespaces changed since the host last read the log page.
     pub(crate) changed_ns: Vec<u32>,
+    /// DH-HMAC-CHAP on the admin queue, once it started.
+    pub(crate) admin_auth: Option<auth::AuthView>,
     /// An AEN for the changed namespace list is waiting for an AER, or has
     /// been sent and the log has not been read (no second one until then).
     pub(crate) ns_notice_pending: bool,
@@ -696,6 +698,8 @@ pub(crate) struct QueueRef {
     pub(crate) stats: Arc<QpairStats>,
     /// The host's end of the queue's connection.
     pub(crate) peer: Option<SocketAddr>,
+    /// DH-HMAC-CHAP on this queue, once it started.
+    pub(crate) auth: Option<auth::AuthView>,
 }
 
 /// A controller: created by an admin Connect, shared by its queue pairs on
@@ -786,7 +790,7 @@ impl Ctrl {
     /// `nvmf_subsystem_get_qpairs` entries of this controller: its admin
     /// queue and every connected IO queue.
     pub fn qpairs_json(&self) -> Vec<Value> {
-        let entry = |qid: u16, reactor: usize, peer: Option<SocketAddr>| {
+        let entry = |qid: u16, reactor: usize, peer: Option<SocketAddr>, auth: Option<auth::AuthView>| {
             let mut v = json!({
                 "cntlid": self.cntlid,
                 "qid": qid,
@@ -801,13 +805,17 @@ impl Ctrl {
                 v["peer_address"] = json!({"trtype": "TCP", "adrfam": adrfam,
                     "traddr": p.ip().to_string(), "trsvcid": p.port().to_string()});
             }
+            if let Some(a) = auth {
+                v["auth"] = a.to_json();
+            }
             v
         };
-        let mut out = vec![entry(0, self.admin_reactor, self.admin_peer)];
-        let mut q: Vec<(u16, usize, Option<SocketAddr>)> =
-            self.queues().iter().map(|r| (r.qid, r.reactor, r.peer)).collect();
+        let admin_auth = self.admin.lock().unwrap_or_else(|e| e.into_inner()).admin_auth;
+        let mut out = vec![entry(0, self.admin_reactor, self.admin_peer, admin_auth)];
+        let mut q: Vec<(u16, usize, Option<SocketAddr>, Option<auth::AuthView>)> =
+            self.queues().iter().map(|r| (r.qid, r.reactor, r.peer, r.auth)).collect();
         q.sort_unstable_by_key(|x| x.0);
-        out.extend(q.into_iter().map(|(qid, r, p)| entry(qid, r, p)));
+        out.extend(q.into_iter().map(|(qid, r, p, a)| entry(qid, r, p, a)));
         out
     }
 
