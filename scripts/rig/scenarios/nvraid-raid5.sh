@@ -22,7 +22,7 @@ NQN=nqn.2016-06.io.nvraid:raid5
 SOCK=/tmp/nvraid.sock
 RPC="nvraid-rpc -s $SOCK"
 FIO_JOB="--name=raid5 --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-256k
- --iodepth=8 --size=24M --offset=32M --randrepeat=1 --randseed=1212 --verify=crc32c
+ --iodepth=8 --size=64M --offset=32M --randrepeat=1 --randseed=1212 --verify=crc32c
  --verify_fatal=1 --verify_backlog=32"
 
 BDF0=$(find_nvme_by_serial NVRAID0)
@@ -103,7 +103,10 @@ unplug_under_io() {
   # shellcheck disable=SC2086 # FIO_JOB is a word list
   fio $FIO_JOB --filename="$dev" --output=/tmp/fio.txt &
   fio_pid=$!
-  sleep 4
+  # Unplug early in the run: 64 MiB takes fio about 7 s on an idle host
+  # (about 9 MB/s under TCG), longer under load, so IO is still flowing
+  # when the guest lets go of the device.
+  sleep 1.5
   kill -0 "$fio_pid" || fail "fio ended before the unplug"
   t0=$(uptime_s)
   host_qmp '{"execute": "device_del", "arguments": {"id": "nvme2"}}' || fail "device_del refused"
@@ -152,7 +155,10 @@ rebuilt() {
   n=0
   while :; do
     $RPC bdev_raid_get_bdevs '{"category": "all"}' >/tmp/raid3.json
-    if grep -q '"num_base_bdevs_operational": 3' /tmp/raid3.json && ! grep -q '"process"' /tmp/raid3.json; then
+    # A member is "rebuilding" from when it is added until its rebuild ends;
+    # the "process" object appears only once the rebuild has started.
+    if grep -q '"num_base_bdevs_operational": 3' /tmp/raid3.json && ! grep -q '"process"' /tmp/raid3.json &&
+      ! grep -q '"state": "rebuilding"' /tmp/raid3.json; then
       break
     fi
     n=$((n + 1))
