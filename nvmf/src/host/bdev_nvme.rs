@@ -225,8 +225,22 @@ struct RemoteCtrl {
     /// The paths behind this controller's namespace bdevs (this one alone
     /// unless `multipath: "multipath"` added others).
     group: Arc<PathGroup>,
-    /// IOs sent on this path (nvraid's `io_submitted`).
-    ios: AtomicU64,
+    /// IOs sent on this path (nvraid's `io_submitted`), counted per reactor
+    /// in cache lines of their own: one shared counter would move between
+    /// the reactors' caches on every IO.
+    ios: Box<[ReactorIoCount]>,
+}
+
+/// Slots of a path's per-reactor IO count (reactor id modulo this).
+const IO_COUNT_SLOTS: usize = 64;
+
+#[derive(Default)]
+#[repr(align(64))]
+struct ReactorIoCount(AtomicU64);
+
+/// The current reactor's slot in the paths' IO counts.
+pub(super) fn io_count_slot() -> usize {
+    reactor::current().unwrap_or(0) % IO_COUNT_SLOTS
 }
 
 /// One network path to the controller's subsystem.
@@ -375,7 +389,7 @@ impl RemoteCtrl {
             "max_transfer_bytes": self.info.max_transfer_bytes,
             "impossible_completions": self.impossible_completions.load(Ordering::Relaxed),
             "reconnects": self.reconnects.load(Ordering::Relaxed),
-            "io_submitted": self.ios.load(Ordering::Relaxed),
+            "io_submitted": self.ios.iter().map(|c| c.0.load(Ordering::Relaxed)).sum::<u64>(),
         });
         if let (true, Some(c)) = (self.info.ana_reporting, v.as_object_mut()) {
             // nvraid's own (SPDK shows ANA states per path in the bdev's
@@ -685,7 +699,7 @@ fn new_ctrl(
         ana,
         ana_stale: AtomicBool::new(false),
         group,
-        ios: AtomicU64::new(0),
+        ios: (0..IO_COUNT_SLOTS).map(|_| ReactorIoCount::default()).collect(),
     });
     ctrl.apply_ana(&initial_ana);
     ctrl
@@ -855,6 +869,8 @@ struct TcpNsChannel {
     ns_index: usize,
     block_size: u32,
     max_io_blocks: u32,
+    /// This channel's slot in each path's IO count.
+    io_count_slot: usize,
 }
 
 impl Bdev for TcpNsBdev {
@@ -885,6 +901,7 @@ impl Bdev for TcpNsBdev {
             ns_index: self.ns_index,
             block_size: self.props.block_size,
             max_io_blocks: self.props.max_io_blocks,
+            io_count_slot: io_count_slot(),
         }))
     }
     fn config(&self) -> Option<Value> {
@@ -904,6 +921,12 @@ impl Bdev for TcpNsBdev {
 }
 
 impl RemoteCtrl {
+    /// One more IO sent on this path, in the count slot of the sending
+    /// reactor (`io_count_slot`).
+    pub(super) fn count_io(&self, slot: usize) {
+        self.ios[slot % IO_COUNT_SLOTS].0.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The attach call that recreates this path.
     fn attach_params_json(&self) -> Value {
         let p = &self.params;
@@ -1043,7 +1066,7 @@ impl BdevChannel for TcpNsChannel {
         let Some(p) = paths.get(multipath::pick(&paths, self.ns_index, self.policy.get(), &self.cursor)) else {
             return io.fail(bdev::IoError::NoDevice);
         };
-        p.ctrl.ios.fetch_add(1, Ordering::Relaxed);
+        p.ctrl.count_io(self.io_count_slot);
         p.q.borrow_mut().submit(io, self.nsid, self.block_size, self.max_io_blocks);
     }
 

@@ -288,7 +288,7 @@ pub(super) fn reroute(ctrl: &Arc<RemoteCtrl>, from: &Rc<RefCell<Queue>>) {
         let policy = ctrl.group.policies.get(ns).map_or(Policy::ActivePassive, |p| p.get());
         if paths.iter().any(|p| rank(&p.ctrl, ns) != UNUSABLE) {
             let p = &paths[pick(&paths, ns, policy, &cur)];
-            p.ctrl.ios.fetch_add(1, Ordering::Relaxed);
+            p.ctrl.count_io(super::io_count_slot());
             let Rerouted { io, nsid, block_size, max_io_blocks, .. } = r;
             p.q.borrow_mut().submit(io, nsid, block_size, max_io_blocks);
             continue;
