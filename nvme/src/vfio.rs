@@ -204,21 +204,20 @@ pub struct VfioDevice {
     t0: Instant,
     /// Signalled by the kernel when it wants the device back (None where
     /// the kernel does not offer the request notification).
-    request: Option<OwnedFd>,
+    request: Option<reactor::EventFd>,
     requested: AtomicBool,
     released: AtomicBool,
 }
 
 /// An eventfd registered as the device's request notification.
-fn request_notification(device: &OwnedFd, bdf: &str) -> Option<OwnedFd> {
-    // SAFETY: eventfd takes no pointers; a negative return is an error.
-    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if efd < 0 {
-        tracing::warn!(bdf, "eventfd: {}", std::io::Error::last_os_error());
-        return None;
-    }
-    // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
-    let efd: OwnedFd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
+fn request_notification(device: &OwnedFd, bdf: &str) -> Option<reactor::EventFd> {
+    let efd = match reactor::EventFd::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(bdf, "eventfd: {e}");
+            return None;
+        }
+    };
     let set = IrqSetOne {
         argsz: std::mem::size_of::<IrqSetOne>() as u32,
         flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -458,10 +457,7 @@ impl RegisterSpace for VfioDevice {
             return true;
         }
         let Some(efd) = &self.request else { return false };
-        let mut count = 0u64;
-        // SAFETY: a non-blocking 8-byte read of our eventfd into a u64 we own.
-        let n = unsafe { libc::read(efd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
-        let asked = n == 8 && count > 0;
+        let asked = efd.drain() > 0;
         if asked {
             self.requested.store(true, Ordering::Release);
         }
