@@ -339,6 +339,30 @@ host_request() {
 host_qmp() { host_request "qmp $*"; }
 host_event() { host_request "event $1 ${2:-30}"; }
 
+# host_device_removed ID [SECS=60]: QEMU has removed the device ID after a
+# device_del. QEMU sends DEVICE_DELETED only when the last reference to the
+# device object goes (device_finalize), which can trail the unplug itself;
+# without the event in time, the device's absence from
+# /machine/peripheral (QEMU unparents it at the unplug) is the answer.
+host_device_removed() {
+  _deadline=$(($(date +%s) + ${2:-60}))
+  while :; do
+    _left=$((_deadline - $(date +%s)))
+    [ "$_left" -gt 0 ] || break
+    _ev=$(host_event DEVICE_DELETED "$_left") || break
+    case $_ev in *"\"device\": \"$1\""*) return 0 ;; esac
+  done
+  _peripherals=$(host_qmp '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}') || return 1
+  case $_peripherals in
+    *"\"name\": \"$1\""*)
+      echo "QEMU still has $1 (no DEVICE_DELETED within ${2:-60} s)" >&2
+      dmesg | tail -n 30 >&2
+      return 1
+      ;;
+  esac
+  echo "RIG-NOTE $1 is gone from QEMU's /machine/peripheral; DEVICE_DELETED not seen yet" >/dev/console
+}
+
 # pci_gone_within SECS BDF: the guest's PCI device BDF is gone within about
 # SECS (a hot-unplug finished; counted in half-second sleeps, since
 # wait_until's 0.1 s polls with a fork each run long under TCG).

@@ -16,6 +16,7 @@ is appended to LOG. The relay ends when QEMU closes the sockets.
 usage: qmp-relay.py QMP LINK LOG IMAGE_DIR
 """
 import json
+import select
 import socket
 import sys
 import time
@@ -37,16 +38,27 @@ def connect(path, deadline):
 class Qmp:
     def __init__(self, path, log):
         self.sock = connect(path, time.monotonic() + 30)
-        self.rfile = self.sock.makefile("r", encoding="utf-8")
+        # Lines are split here rather than by a socket file: a file object
+        # refuses every read after one timed out.
+        self.inbuf = b""
         self.events = []
         self.log = log
         self.read_msg()  # greeting
         self.command({"execute": "qmp_capabilities"})
 
-    def read_msg(self):
-        line = self.rfile.readline()
-        if not line:
-            raise EOFError("QMP closed")
+    def read_msg(self, deadline=None):
+        """The next message; None if DEADLINE (monotonic) passes first."""
+        while b"\n" not in self.inbuf:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    return None
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("QMP closed")
+            self.inbuf += data
+        raw, self.inbuf = self.inbuf.split(b"\n", 1)
+        line = raw.decode("utf-8", "replace")
         msg = json.loads(line)
         if "event" in msg:
             self.log.write(f"event {line.strip()}\n")
@@ -70,16 +82,8 @@ class Qmp:
                 if ev["event"] == name:
                     del self.events[i]
                     return "ok " + json.dumps(ev)
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if self.read_msg(deadline) is None:
                 return "err timeout"
-            self.sock.settimeout(left)
-            try:
-                self.read_msg()
-            except (socket.timeout, TimeoutError):
-                pass
-            finally:
-                self.sock.settimeout(None)
 
 
 def main():

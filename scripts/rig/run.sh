@@ -651,6 +651,11 @@ if ((!OK && !VERBOSE)); then
   echo "---- last 60 console lines ($LOG) ----"
   tail -n 60 "$LOG" | tr -d '\r'
   echo "--------------------------------------"
+  if [ -s "$RUN_DIR/qmp.log" ]; then
+    echo "---- QMP relay log ($RUN_DIR/qmp.log) ----"
+    tail -n 30 "$RUN_DIR/qmp.log" | cut -c1-400
+    echo "--------------------------------------"
+  fi
 fi
 
 echo

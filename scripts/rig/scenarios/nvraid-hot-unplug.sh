@@ -86,8 +86,7 @@ unplug_under_io() {
 }
 
 unplug_completed() {
-  host_event DEVICE_DELETED 30 | tee /tmp/deleted.json
-  grep -q '"device": "nvme1"' /tmp/deleted.json || fail "QEMU did not delete nvme1"
+  host_device_removed nvme1 60 || fail "QEMU did not remove nvme1"
 }
 
 degraded() {

@@ -124,7 +124,7 @@ unplug_under_io() {
 }
 
 degraded() {
-  host_event DEVICE_DELETED 30 | grep -q '"device": "nvme2"' || fail "QEMU did not delete nvme2"
+  host_device_removed nvme2 60 || fail "QEMU did not remove nvme2"
   $RPC bdev_raid_get_bdevs '{"category": "all"}' | tee /tmp/raid2.json
   grep -q '"state": "online"' /tmp/raid2.json || fail "the array should stay online"
   grep -q '"num_base_bdevs_operational": 2' /tmp/raid2.json || fail "the array should run on two members"
