@@ -4,12 +4,12 @@
 //! teardown — plus the `Bdev` the registry sees and the public handle.
 //!
 //! Threading: `ArrayShared` is reachable from every reactor. Its atomics
-//! have documented writers (see the fields); the `ctl` mutex guards the
+//! have documented writers (see the fields); the `control` mutex guards the
 //! control state, which only the owner reactor writes (every change runs
 //! there, most under a fence) and others only read (RPC listings, channel
 //! refresh at resume). No IO path takes the mutex.
 
-use crate::channel::{drop_ras, find_ras, ras_for, Ras};
+use crate::channel::{channel_for, drop_channel, find_channel, ArrayChannel};
 use crate::level::{Level, LevelOp};
 use crate::map::{Geometry, MAX_MEMBERS};
 use crate::meta::{self, SbWrite};
@@ -254,7 +254,7 @@ pub(crate) struct ArrayShared {
     pub ppl_off: AtomicBool,
     /// The degraded-start timer of an assembling array is armed.
     pub timer_armed: AtomicBool,
-    ctl: Mutex<Control>,
+    control: Mutex<Control>,
 }
 
 /// The array's layout: none while configuring. Each grow appends a layout
@@ -303,8 +303,8 @@ impl GeometryCell {
 }
 
 impl ArrayShared {
-    pub(crate) fn ctl(&self) -> MutexGuard<'_, Control> {
-        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn owner_tag(&self) -> String {
@@ -433,8 +433,8 @@ impl Bdev for RaidBdev {
 
 /// The `bdev_raid_create` call that recreates the array.
 fn config_json(shared: &ArrayShared) -> Value {
-    let ctl = shared.ctl();
-    let names: Vec<&str> = ctl.slots.iter().filter_map(|s| s.name.as_deref()).collect();
+    let control = shared.control();
+    let names: Vec<&str> = control.slots.iter().filter_map(|s| s.name.as_deref()).collect();
     let mut params = serde_json::Map::new();
     params.insert("name".into(), json!(shared.name));
     params.insert("uuid".into(), json!(shared.uuid.to_string()));
@@ -452,23 +452,23 @@ fn config_json(shared: &ArrayShared) -> Value {
 /// The array as `bdev_raid_get_bdevs` (with the name) and
 /// `driver_specific.raid` (without) show it, in SPDK's field names.
 pub(crate) fn info_json(shared: &ArrayShared, with_name: bool) -> Value {
-    let ctl = shared.ctl();
+    let control = shared.control();
     let mut o = serde_json::Map::new();
     if with_name {
         o.insert("name".into(), json!(shared.name));
     }
     o.insert("uuid".into(), json!(shared.uuid.to_string()));
     o.insert("strip_size_kb".into(), json!(shared.strip_size_kb));
-    o.insert("state".into(), json!(ctl.state.name()));
+    o.insert("state".into(), json!(control.state.name()));
     o.insert("raid_level".into(), json!(shared.level.name()));
     o.insert("superblock".into(), json!(shared.superblock));
-    o.insert("num_base_bdevs".into(), json!(ctl.slots.len()));
-    let discovered = ctl.slots.iter().filter(|s| matches!(s.role, Role::Active | Role::Rebuilding)).count();
+    o.insert("num_base_bdevs".into(), json!(control.slots.len()));
+    let discovered = control.slots.iter().filter(|s| matches!(s.role, Role::Active | Role::Rebuilding)).count();
     let operational =
-        ctl.slots.iter().filter(|s| matches!(s.role, Role::Active | Role::Rebuilding | Role::Missing)).count();
+        control.slots.iter().filter(|s| matches!(s.role, Role::Active | Role::Rebuilding | Role::Missing)).count();
     o.insert("num_base_bdevs_discovered".into(), json!(discovered));
     o.insert("num_base_bdevs_operational".into(), json!(operational));
-    if let (Some(t), Some(geo)) = (ctl.process_target, shared.geometry.get()) {
+    if let (Some(t), Some(geo)) = (control.process_target, shared.geometry.get()) {
         let total = match shared.process_total.load(Ordering::Relaxed) {
             0 => geo.array_blocks(),
             t => t,
@@ -478,8 +478,8 @@ pub(crate) fn info_json(shared: &ArrayShared, with_name: bool) -> Value {
         o.insert(
             "process".into(),
             json!({
-                "type": ctl.process_kind,
-                "target": ctl.slots.get(t).and_then(|s| s.name.clone()),
+                "type": control.process_kind,
+                "target": control.slots.get(t).and_then(|s| s.name.clone()),
                 "progress": {"blocks": blocks, "total_blocks": total, "percent": percent},
             }),
         );
@@ -495,7 +495,7 @@ pub(crate) fn info_json(shared: &ArrayShared, with_name: bool) -> Value {
     if shared.superblock || impossible > 0 {
         o.insert("impossible_events".into(), json!(impossible));
     }
-    if let Some(bm) = &ctl.bitmap {
+    if let Some(bm) = &control.bitmap {
         let g = bm.geometry();
         o.insert(
             "bitmap".into(),
@@ -514,7 +514,7 @@ pub(crate) fn info_json(shared: &ArrayShared, with_name: bool) -> Value {
     if let Some(e) = &*shared.start_error.lock().unwrap_or_else(|e| e.into_inner()) {
         o.insert("start_error".into(), json!(e));
     }
-    let list: Vec<Value> = ctl
+    let list: Vec<Value> = control
         .slots
         .iter()
         .map(|s| {
@@ -571,22 +571,22 @@ impl RaidArray {
     }
 
     pub fn state(&self) -> RaidState {
-        self.0.ctl().state
+        self.0.control().state
     }
 
     /// Online with fewer active members than slots.
     pub fn is_degraded(&self) -> bool {
-        let ctl = self.0.ctl();
-        ctl.state == RaidState::Online && ctl.slots.iter().any(|s| s.role != Role::Active)
+        let control = self.0.control();
+        control.state == RaidState::Online && control.slots.iter().any(|s| s.role != Role::Active)
     }
 
     pub fn rebuild_running(&self) -> bool {
-        self.0.ctl().process_target.is_some()
+        self.0.control().process_target.is_some()
     }
 
     /// Members by slot: `(name, is active)`.
     pub fn members(&self) -> Vec<(Option<String>, bool)> {
-        self.0.ctl().slots.iter().map(|s| (s.name.clone(), s.role == Role::Active)).collect()
+        self.0.control().slots.iter().map(|s| (s.name.clone(), s.role == Role::Active)).collect()
     }
 
     pub fn geometry(&self) -> Option<Arc<Geometry>> {
@@ -595,7 +595,7 @@ impl RaidArray {
 
     /// The registered bdev, once online.
     pub fn bdev(&self) -> Option<BdevHandle> {
-        self.0.ctl().handle.clone()
+        self.0.control().handle.clone()
     }
 
     /// TEST-ONLY: turns array-level write serialization off (or back on).
@@ -662,13 +662,15 @@ impl RaidArray {
 
     /// The write-intent bitmap's shared half, if the array has one.
     pub fn bitmap(&self) -> Option<Arc<Bitmap>> {
-        self.0.ctl().bitmap.clone()
+        self.0.control().bitmap.clone()
     }
 
     /// A resync or rebuild is pending or running.
     pub fn process_running(&self) -> bool {
-        let ctl = self.0.ctl();
-        ctl.process_target.is_some() || ctl.dirty.is_some() || ctl.slots.iter().any(|s| s.role == Role::Rebuilding)
+        let control = self.0.control();
+        control.process_target.is_some()
+            || control.dirty.is_some()
+            || control.slots.iter().any(|s| s.role == Role::Rebuilding)
     }
 
     /// What examination and assembly reported (bad superblocks, refused
@@ -760,9 +762,9 @@ pub(crate) fn create(spec: CreateSpec) -> Result<Arc<ArrayShared>, BdevError> {
         }
         module.arrays.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| !Arc::ptr_eq(a, shared));
         shared.torn_down.store(true, Ordering::Release);
-        drop_ras(shared.key);
+        drop_channel(shared.key);
     };
-    let Some(ras) = ras_for(&shared) else {
+    let Some(channel) = channel_for(&shared) else {
         return Err(BdevError::Invalid("no reactor".into()));
     };
     module.arrays.lock().unwrap_or_else(|e| e.into_inner()).push(shared.clone());
@@ -772,13 +774,13 @@ pub(crate) fn create(spec: CreateSpec) -> Result<Arc<ArrayShared>, BdevError> {
             rollback(&shared);
             return Err(e);
         }
-        ras.refresh();
+        channel.refresh();
     }
     for h in &claimed {
         watch_removal(&shared, h);
     }
     ensure_examiner(&module);
-    tracing::info!(name = %shared.name, level = shared.level.name(), state = shared.ctl().state.name(), "raid created");
+    tracing::info!(name = %shared.name, level = shared.level.name(), state = shared.control().state.name(), "raid created");
     Ok(shared)
 }
 
@@ -820,7 +822,7 @@ pub(crate) fn new_shared(
         ppl: std::sync::OnceLock::new(),
         ppl_off: AtomicBool::new(false),
         timer_armed: AtomicBool::new(false),
-        ctl: Mutex::new(Control::new(slots, block_size)),
+        control: Mutex::new(Control::new(slots, block_size)),
     }))
 }
 
@@ -849,7 +851,7 @@ impl Control {
 
 /// Forgets an array that never went online: members released, no state left.
 pub(crate) fn abandon(shared: &Arc<ArrayShared>) {
-    let handles: Vec<BdevHandle> = shared.ctl().slots.iter_mut().filter_map(|s| s.handle.take()).collect();
+    let handles: Vec<BdevHandle> = shared.control().slots.iter_mut().filter_map(|s| s.handle.take()).collect();
     let reg = Registry::get();
     for h in &handles {
         reg.release(h, &shared.owner_tag());
@@ -857,7 +859,7 @@ pub(crate) fn abandon(shared: &Arc<ArrayShared>) {
     RaidModule::get().arrays.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| !Arc::ptr_eq(a, shared));
     shared.deleted.store(true, Ordering::Release);
     shared.torn_down.store(true, Ordering::Release);
-    drop_ras(shared.key);
+    drop_channel(shared.key);
 }
 
 /// Computes the geometry from the members and registers the bdev. The array
@@ -870,13 +872,14 @@ fn go_online(shared: &Arc<ArrayShared>) -> Result<(), BdevError> {
 /// be missing or stale then: the assembly plan checked the array can run).
 pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geometry>) -> Result<(), BdevError> {
     let (props, caps) = {
-        let mut ctl = shared.ctl();
-        let handles: Vec<BdevHandle> = ctl.slots.iter().filter_map(|s| s.handle.clone()).collect();
-        if assembled.is_none() && (handles.len() != ctl.slots.len() || ctl.slots.iter().any(|s| s.role != Role::Active))
+        let mut control = shared.control();
+        let handles: Vec<BdevHandle> = control.slots.iter().filter_map(|s| s.handle.clone()).collect();
+        if assembled.is_none()
+            && (handles.len() != control.slots.len() || control.slots.iter().any(|s| s.role != Role::Active))
         {
             return Err(BdevError::Invalid("not every member is present".into()));
         }
-        let bs = ctl.block_size.max(1);
+        let bs = control.block_size.max(1);
         let strip_blocks = if shared.level.uses_strips() { shared.strip_size_kb as u64 * 1024 / bs as u64 } else { 0 };
         if shared.level.uses_strips() && strip_blocks == 0 {
             return Err(BdevError::Invalid(format!(
@@ -884,7 +887,7 @@ pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geomet
                 shared.strip_size_kb
             )));
         }
-        let sizes: Vec<u64> = ctl
+        let sizes: Vec<u64> = control
             .slots
             .iter()
             .map(|s| s.handle.as_ref().map_or(0, |h| h.num_blocks()).saturating_sub(s.data_offset_blocks))
@@ -918,48 +921,48 @@ pub(crate) fn go_online_with(shared: &Arc<ArrayShared>, assembled: Option<Geomet
         if reg.lookup(&shared.name).is_some() || reg.lookup(&shared.uuid.to_string()).is_some() {
             return Err(BdevError::Exists(shared.name.clone()));
         }
-        for (i, s) in ctl.slots.iter_mut().enumerate() {
+        for (i, s) in control.slots.iter_mut().enumerate() {
             s.data_size_blocks = geo.member_data_blocks(i);
         }
-        ctl.caps = caps;
-        ctl.write_cache = props.write_cache;
+        control.caps = caps;
+        control.write_cache = props.write_cache;
         if shared.geometry.set(Arc::new(geo)).is_err() {
             return Err(BdevError::Invalid("array was online before".into()));
         }
-        recompute_state(shared, &mut ctl);
-        if ctl.state != RaidState::Online {
+        recompute_state(shared, &mut control);
+        if control.state != RaidState::Online {
             return Err(BdevError::Invalid("too few members to serve every block".into()));
         }
         (props, caps)
     };
     // Registering runs examiners, which may read the array at once: this
     // reactor's state must know the geometry and members first (no lock held).
-    if let Some(ras) = find_ras(shared.key) {
-        ras.refresh();
+    if let Some(channel) = find_channel(shared.key) {
+        channel.refresh();
     }
     let bdev = Arc::new(RaidBdev { shared: shared.clone(), props, caps });
     match Registry::get().register(bdev) {
         Ok(h) => {
-            shared.ctl().handle = Some(h);
+            shared.control().handle = Some(h);
             tracing::info!(name = %shared.name, "raid online");
             Ok(())
         }
         Err(e) => {
-            shared.ctl().state = RaidState::Offline;
+            shared.control().state = RaidState::Offline;
             Err(e)
         }
     }
 }
 
 /// State from roles: online while every block has an active copy.
-fn recompute_state(shared: &ArrayShared, ctl: &mut Control) {
-    if ctl.deleting {
+fn recompute_state(shared: &ArrayShared, control: &mut Control) {
+    if control.deleting {
         return;
     }
-    ctl.state = match shared.geometry.get() {
+    control.state = match shared.geometry.get() {
         None => RaidState::Configuring,
         Some(g) => {
-            if g.survives(|m| ctl.slots.get(m).is_none_or(|s| s.role != Role::Active)) {
+            if g.survives(|m| control.slots.get(m).is_none_or(|s| s.role != Role::Active)) {
                 RaidState::Online
             } else {
                 RaidState::Offline
@@ -980,13 +983,14 @@ pub(crate) fn watch_removal(shared: &Arc<ArrayShared>, h: &BdevHandle) {
             return;
         }
         owner::on_owner_fenced(&shared, move |fenced| {
-            let Ok((ras, fence)) = fenced else { return };
-            let slot = ras.shared.ctl().slots.iter().position(|s| s.handle.as_ref().is_some_and(|h| h.id() == id));
+            let Ok((channel, fence)) = fenced else { return };
+            let slot =
+                channel.shared.control().slots.iter().position(|s| s.handle.as_ref().is_some_and(|h| h.id() == id));
             if let Some(slot) = slot {
-                tracing::warn!(raid = %ras.shared.name, slot, "member bdev removed");
-                empty_slot(ras, slot);
+                tracing::warn!(raid = %channel.shared.name, slot, "member bdev removed");
+                empty_slot(channel, slot);
             }
-            commit(ras, fence, |_| {});
+            commit(channel, fence, |_| {});
         });
     });
 }
@@ -1023,14 +1027,14 @@ fn examine_by_name(h: &BdevHandle) -> bool {
             continue;
         }
         let slot =
-            shared.ctl().slots.iter().position(|s| s.role == Role::Missing && s.name.as_deref() == Some(h.name()));
+            shared.control().slots.iter().position(|s| s.role == Role::Missing && s.name.as_deref() == Some(h.name()));
         let Some(slot) = slot else { continue };
         matched = true;
         let name = h.name().to_string();
         owner::on_owner_fenced(&shared, move |fenced| {
-            let Ok((ras, fence)) = fenced else { return };
-            if let Err(e) = claim_missing(ras, slot, &name) {
-                tracing::warn!(raid = %ras.shared.name, member = %name, "cannot configure member: {e}");
+            let Ok((channel, fence)) = fenced else { return };
+            if let Err(e) = claim_missing(channel, slot, &name) {
+                tracing::warn!(raid = %channel.shared.name, member = %name, "cannot configure member: {e}");
             }
             fence.done();
         });
@@ -1038,26 +1042,26 @@ fn examine_by_name(h: &BdevHandle) -> bool {
     matched
 }
 
-fn claim_missing(ras: &Rc<Ras>, slot: usize, name: &str) -> Result<(), BdevError> {
-    let shared = &ras.shared;
+fn claim_missing(channel: &Rc<ArrayChannel>, slot: usize, name: &str) -> Result<(), BdevError> {
+    let shared = &channel.shared;
     {
-        let ctl = shared.ctl();
-        let s = ctl.slots.get(slot).ok_or_else(|| BdevError::Invalid("bad slot".into()))?;
-        if ctl.deleting || s.role != Role::Missing || s.name.as_deref() != Some(name) {
+        let control = shared.control();
+        let s = control.slots.get(slot).ok_or_else(|| BdevError::Invalid("bad slot".into()))?;
+        if control.deleting || s.role != Role::Missing || s.name.as_deref() != Some(name) {
             return Ok(());
         }
         let reg = Registry::get();
         let h = reg.lookup(name).ok_or_else(|| BdevError::NotFound(name.into()))?;
         let bs = h.props().block_size;
-        if ctl.block_size != 0 && ctl.block_size != bs {
-            return Err(BdevError::Invalid(format!("block size {bs} differs from the array's {}", ctl.block_size)));
+        if control.block_size != 0 && control.block_size != bs {
+            return Err(BdevError::Invalid(format!("block size {bs} differs from the array's {}", control.block_size)));
         }
     }
     let h = Registry::get().claim(name, &shared.owner_tag())?;
     {
-        let mut ctl = shared.ctl();
-        ctl.block_size = h.props().block_size;
-        ctl.slots[slot] = Slot {
+        let mut control = shared.control();
+        control.block_size = h.props().block_size;
+        control.slots[slot] = Slot {
             name: Some(h.name().to_string()),
             uuid: Some(h.props().uuid),
             data_size_blocks: h.num_blocks(),
@@ -1067,7 +1071,7 @@ fn claim_missing(ras: &Rc<Ras>, slot: usize, name: &str) -> Result<(), BdevError
         };
     }
     watch_removal(shared, &h);
-    let complete = shared.ctl().slots.iter().all(|s| s.role == Role::Active);
+    let complete = shared.control().slots.iter().all(|s| s.role == Role::Active);
     if complete && shared.geometry.get().is_none() {
         go_online(shared)?;
     }
@@ -1077,44 +1081,44 @@ fn claim_missing(ras: &Rc<Ras>, slot: usize, name: &str) -> Result<(), BdevError
 // ---- membership changes (fenced, on the owner) -------------------------------
 
 /// A latched member failure becomes official: its slot turns `Failed`.
-pub(crate) fn apply_member_failure(ras: &Rc<Ras>, m: usize) {
-    let shared = &ras.shared;
+pub(crate) fn apply_member_failure(channel: &Rc<ArrayChannel>, m: usize) {
+    let shared = &channel.shared;
     if shared.failed_mask.load(Ordering::Acquire) & (1 << m) == 0 {
         return;
     }
-    let mut ctl = shared.ctl();
-    let Some(slot) = ctl.slots.get_mut(m) else {
+    let mut control = shared.control();
+    let Some(slot) = control.slots.get_mut(m) else {
         return;
     };
     if !matches!(slot.role, Role::Active | Role::Rebuilding) {
         return;
     }
     slot.role = Role::Failed;
-    let was_target = ctl.process_target == Some(m);
-    recompute_state(shared, &mut ctl);
-    tracing::warn!(raid = %shared.name, member = m, state = ctl.state.name(), "member failed");
-    drop(ctl);
+    let was_target = control.process_target == Some(m);
+    recompute_state(shared, &mut control);
+    tracing::warn!(raid = %shared.name, member = m, state = control.state.name(), "member failed");
+    drop(control);
     if was_target {
-        rebuild::cancel(ras);
+        rebuild::cancel(channel);
     }
 }
 
 /// Removes whatever is in `slot` (fenced): claim released, slot empty.
-fn empty_slot(ras: &Rc<Ras>, slot: usize) {
-    let shared = &ras.shared;
+fn empty_slot(channel: &Rc<ArrayChannel>, slot: usize) {
+    let shared = &channel.shared;
     let (handle, was_target) = {
-        let mut ctl = shared.ctl();
-        let Some(s) = ctl.slots.get_mut(slot) else {
+        let mut control = shared.control();
+        let Some(s) = control.slots.get_mut(slot) else {
             return;
         };
         let handle = s.handle.take();
         *s = s.vacated();
-        let was_target = ctl.process_target == Some(slot);
-        recompute_state(shared, &mut ctl);
+        let was_target = control.process_target == Some(slot);
+        recompute_state(shared, &mut control);
         (handle, was_target)
     };
     if was_target {
-        rebuild::cancel(ras);
+        rebuild::cancel(channel);
     }
     if let Some(h) = handle {
         crate::resize::forget(shared, &h);
@@ -1130,7 +1134,7 @@ fn empty_slot(ras: &Rc<Ras>, slot: usize) {
 pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let holder = RaidModule::get().arrays().into_iter().find(|a| {
         !a.deleted.load(Ordering::Acquire)
-            && a.ctl().slots.iter().any(|s| s.role != Role::Empty && s.name.as_deref() == Some(member))
+            && a.control().slots.iter().any(|s| s.role != Role::Empty && s.name.as_deref() == Some(member))
     });
     let Some(shared) = holder else {
         return done(Err(BdevError::NotFound(format!("{member} is not a member of any raid bdev"))));
@@ -1140,22 +1144,26 @@ pub(crate) fn remove_base(member: &str, done: Box<dyn FnOnce(Result<(), BdevErro
     }
     let member = member.to_string();
     owner::on_owner_fenced(&shared, move |fenced| {
-        let (ras, fence) = match fenced {
+        let (channel, fence) = match fenced {
             Ok(f) => f,
             Err(e) => return done(Err(e)),
         };
-        let slot =
-            ras.shared.ctl().slots.iter().position(|s| s.role != Role::Empty && s.name.as_deref() == Some(&member));
+        let slot = channel
+            .shared
+            .control()
+            .slots
+            .iter()
+            .position(|s| s.role != Role::Empty && s.name.as_deref() == Some(&member));
         let r = match slot {
             Some(slot) => {
-                empty_slot(ras, slot);
-                tracing::info!(raid = %ras.shared.name, %member, state = ras.shared.ctl().state.name(), "member removed");
+                empty_slot(channel, slot);
+                tracing::info!(raid = %channel.shared.name, %member, state = channel.shared.control().state.name(), "member removed");
                 Ok(())
             }
-            None => Err(BdevError::NotFound(format!("{member} is no longer a member of {}", ras.shared.name))),
+            None => Err(BdevError::NotFound(format!("{member} is no longer a member of {}", channel.shared.name))),
         };
         match r {
-            Ok(()) => commit(ras, fence, done),
+            Ok(()) => commit(channel, fence, done),
             Err(e) => {
                 fence.done();
                 done(Err(e));
@@ -1175,7 +1183,7 @@ pub(crate) fn add_base(raid: &str, base: &str, done: Box<dyn FnOnce(Result<(), B
     }
     let base = base.to_string();
     owner::on_owner_fenced(&shared, move |fenced| match fenced {
-        Ok((ras, fence)) => add_fenced(ras, fence, base, done),
+        Ok((channel, fence)) => add_fenced(channel, fence, base, done),
         Err(e) => done(Err(e)),
     });
 }
@@ -1183,12 +1191,17 @@ pub(crate) fn add_base(raid: &str, base: &str, done: Box<dyn FnOnce(Result<(), B
 /// Adds `base` under the fence `add_base` or `member_restored` holds. With
 /// a superblock, a member coming back is recognised by its own superblock
 /// and resynced only where it missed writes.
-fn add_fenced(ras: &Rc<Ras>, fence: Fence, base: String, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
-    let has_sb = ras.owner.as_ref().is_some_and(|o| o.meta.borrow().is_some());
+fn add_fenced(
+    channel: &Rc<ArrayChannel>,
+    fence: Fence,
+    base: String,
+    done: Box<dyn FnOnce(Result<(), BdevError>) + Send>,
+) {
+    let has_sb = channel.owner.as_ref().is_some_and(|o| o.meta.borrow().is_some());
     if !has_sb {
-        let r = add_member(ras, &base, None);
+        let r = add_member(channel, &base, None);
         if let Ok(true) = r {
-            rebuild::start_next(ras);
+            rebuild::start_next(channel);
         }
         fence.done();
         return done(r.map(|_| ()));
@@ -1197,24 +1210,24 @@ fn add_fenced(ras: &Rc<Ras>, fence: Fence, base: String, done: Box<dyn FnOnce(Re
         fence.done();
         return done(Err(BdevError::NotFound(base)));
     };
-    let ras2 = ras.clone();
+    let channel2 = channel.clone();
     crate::meta::read_superblock(&h.clone(), move |found| {
-        let ras = ras2;
-        let returning = crate::examine::returning_member(&ras, &found);
+        let channel = channel2;
+        let returning = crate::examine::returning_member(&channel, &found);
         // The log area lies at the same offset on every member: the slot
         // only places the member in the wipe's list (a new one's slot is
         // chosen later, by add_member).
         let slot = returning.as_ref().map_or(0, |r| r.slot);
-        let shared = ras.shared.clone();
+        let shared = channel.shared.clone();
         let joined = move |wiped: Result<(), String>| {
             let r = wiped
                 .map_err(|e| BdevError::Invalid(format!("{base}: its partial parity log not wiped: {e}")))
-                .and_then(|()| add_member(&ras, &base, returning));
+                .and_then(|()| add_member(&channel, &base, returning));
             match r {
-                Ok(_) => commit(&ras, fence, {
-                    let ras = ras.clone();
+                Ok(_) => commit(&channel, fence, {
+                    let channel = channel.clone();
                     move |c| {
-                        rebuild::start_next(&ras);
+                        rebuild::start_next(&channel);
                         done(c);
                     }
                 }),
@@ -1242,17 +1255,17 @@ pub(crate) fn member_restored(shared: &Arc<ArrayShared>, bdev_id: u64) {
         return;
     }
     owner::on_owner_fenced(shared, move |fenced| {
-        let Ok((ras, fence)) = fenced else { return };
-        let failed = ras.shared.ctl().slots.iter().enumerate().find_map(|(i, s)| {
+        let Ok((channel, fence)) = fenced else { return };
+        let failed = channel.shared.control().slots.iter().enumerate().find_map(|(i, s)| {
             let ours = s.role == Role::Failed && s.handle.as_ref().is_some_and(|h| h.id() == bdev_id);
             ours.then(|| (i, s.name.clone().unwrap_or_default()))
         });
         let Some((slot, name)) = failed else { return fence.done() };
-        tracing::info!(raid = %ras.shared.name, member = %name, slot, "failed member restored: re-adding it");
-        empty_slot(ras, slot);
-        let raid = ras.shared.name.clone();
+        tracing::info!(raid = %channel.shared.name, member = %name, slot, "failed member restored: re-adding it");
+        empty_slot(channel, slot);
+        let raid = channel.shared.name.clone();
         add_fenced(
-            ras,
+            channel,
             fence,
             name.clone(),
             Box::new(move |r| match r {
@@ -1273,52 +1286,56 @@ pub(crate) struct Returning {
 }
 
 /// Returns whether the new member needs a rebuild.
-pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>) -> Result<bool, BdevError> {
-    let shared = &ras.shared;
+pub(crate) fn add_member(
+    channel: &Rc<ArrayChannel>,
+    base: &str,
+    returning: Option<Returning>,
+) -> Result<bool, BdevError> {
+    let shared = &channel.shared;
     let reg = Registry::get();
     let h = reg.lookup(base).ok_or_else(|| BdevError::NotFound(base.to_string()))?;
     let (slot, old) = {
-        let ctl = shared.ctl();
-        if ctl.deleting {
+        let control = shared.control();
+        if control.deleting {
             return Err(BdevError::NotFound(shared.name.clone()));
         }
-        if ctl.handle.as_ref().is_some_and(|me| me.same(&h)) {
+        if control.handle.as_ref().is_some_and(|me| me.same(&h)) {
             return Err(BdevError::Invalid("a raid bdev cannot be its own member".into()));
         }
-        if ctl.slots.iter().any(|s| s.handle.as_ref().is_some_and(|x| x.same(&h))) {
+        if control.slots.iter().any(|s| s.handle.as_ref().is_some_and(|x| x.same(&h))) {
             return Err(BdevError::Exists(format!("{base} is already a member of {}", shared.name)));
         }
         let free = |s: &Slot| matches!(s.role, Role::Empty | Role::Failed);
         let slot = match &returning {
-            Some(r) if ctl.slots.get(r.slot).is_some_and(free) => Some(r.slot),
+            Some(r) if control.slots.get(r.slot).is_some_and(free) => Some(r.slot),
             _ => None,
         };
         // A new member prefers a slot no returning member could claim back.
         let slot = slot
-            .or_else(|| ctl.slots.iter().position(|s| s.role == Role::Empty && s.sb_uuid.is_nil()))
-            .or_else(|| ctl.slots.iter().position(|s| s.role == Role::Empty))
-            .or_else(|| ctl.slots.iter().position(|s| s.role == Role::Failed))
+            .or_else(|| control.slots.iter().position(|s| s.role == Role::Empty && s.sb_uuid.is_nil()))
+            .or_else(|| control.slots.iter().position(|s| s.role == Role::Empty))
+            .or_else(|| control.slots.iter().position(|s| s.role == Role::Failed))
             .ok_or_else(|| BdevError::Invalid(format!("raid bdev {} has no free slot", shared.name)))?;
         let bs = h.props().block_size;
-        if ctl.block_size != 0 && bs != ctl.block_size {
-            return Err(BdevError::Invalid(format!("{base} has block size {bs}, the array {}", ctl.block_size)));
+        if control.block_size != 0 && bs != control.block_size {
+            return Err(BdevError::Invalid(format!("{base} has block size {bs}, the array {}", control.block_size)));
         }
         if let Some(geo) = shared.geometry.get() {
-            let need = geo.member_data_blocks(slot) + ctl.slots[slot].data_offset_blocks;
+            let need = geo.member_data_blocks(slot) + control.slots[slot].data_offset_blocks;
             if h.num_blocks() < need {
                 return Err(BdevError::Invalid(format!(
                     "{base} has {} blocks, the array needs {need}",
                     h.num_blocks()
                 )));
             }
-            if !ctl.caps.satisfied_by(&h) {
+            if !control.caps.satisfied_by(&h) {
                 return Err(BdevError::Invalid(format!(
                     "{base} lacks an IO type the array advertises, or its unmapped blocks do not read as zeroes \
                      as the array's do"
                 )));
             }
         }
-        (slot, ctl.slots[slot].handle.clone())
+        (slot, control.slots[slot].handle.clone())
     };
     let h = reg.claim(base, &shared.owner_tag()).map_err(|e| match e {
         BdevError::Claimed(..) => eperm(e.to_string()),
@@ -1331,16 +1348,16 @@ pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>
     let online = shared.geometry.get().cloned();
     let rebuild = online.is_some() && shared.level.is_redundant();
     {
-        let mut ctl = shared.ctl();
-        ctl.block_size = h.props().block_size;
-        let prev = ctl.slots[slot].clone();
+        let mut control = shared.control();
+        control.block_size = h.props().block_size;
+        let prev = control.slots[slot].clone();
         let (sb_uuid, partial) = match returning {
             Some(r) if r.slot == slot => (r.member_uuid, r.ranges),
             // A new member of an array with a superblock: a fresh identity.
             _ if shared.superblock => (Uuid::new_v4(), None),
             _ => (Uuid::nil(), None),
         };
-        ctl.slots[slot] = Slot {
+        control.slots[slot] = Slot {
             name: Some(h.name().to_string()),
             uuid: Some(h.props().uuid),
             data_size_blocks: online.as_ref().map_or(h.num_blocks(), |g| g.member_data_blocks(slot)),
@@ -1351,14 +1368,14 @@ pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>
             partial,
             recovered_blocks: 0,
         };
-        recompute_state(shared, &mut ctl);
+        recompute_state(shared, &mut control);
     }
     // Fenced: no IO in flight, so the new member starts with a clear latch.
     shared.failed_mask.fetch_and(!(1u32 << slot), Ordering::AcqRel);
     shared.recorded_mask.fetch_and(!(1u32 << slot), Ordering::AcqRel);
     watch_removal(shared, &h);
     tracing::info!(raid = %shared.name, member = base, slot, rebuild, "member added");
-    let complete = shared.ctl().slots.iter().all(|s| s.role == Role::Active);
+    let complete = shared.control().slots.iter().all(|s| s.role == Role::Active);
     if online.is_none() && complete {
         go_online(shared)?;
     }
@@ -1367,11 +1384,11 @@ pub(crate) fn add_member(ras: &Rc<Ras>, base: &str, returning: Option<Returning>
 
 /// A finished rebuild or resync: the rebuilt slots in `dests` become
 /// active; a resync clears the dirty state (fenced).
-pub(crate) fn rebuild_finished(ras: &Rc<Ras>, dests: u32, resync: bool) {
-    let shared = &ras.shared;
-    let mut ctl = shared.ctl();
+pub(crate) fn rebuild_finished(channel: &Rc<ArrayChannel>, dests: u32, resync: bool) {
+    let shared = &channel.shared;
+    let mut control = shared.control();
     let failed = shared.failed_mask.load(Ordering::Acquire);
-    for (i, s) in ctl.slots.iter_mut().enumerate() {
+    for (i, s) in control.slots.iter_mut().enumerate() {
         if dests & (1 << i) != 0 && s.role == Role::Rebuilding && failed & (1 << i) == 0 {
             s.role = Role::Active;
             s.partial = None;
@@ -1379,36 +1396,36 @@ pub(crate) fn rebuild_finished(ras: &Rc<Ras>, dests: u32, resync: bool) {
         }
     }
     if resync {
-        ctl.dirty = None;
+        control.dirty = None;
     }
-    ctl.process_target = None;
-    recompute_state(shared, &mut ctl);
-    tracing::info!(raid = %shared.name, dests, resync, state = ctl.state.name(), "rebuild finished");
+    control.process_target = None;
+    recompute_state(shared, &mut control);
+    tracing::info!(raid = %shared.name, dests, resync, state = control.state.name(), "rebuild finished");
 }
 
 /// Whether every member holds the same data outside the bitmap's chunks:
 /// all slots active, no failure latched, no resync pending.
-pub(crate) fn in_sync(shared: &ArrayShared, ctl: &Control) -> bool {
-    ctl.slots.iter().all(|s| s.role == Role::Active)
+pub(crate) fn in_sync(shared: &ArrayShared, control: &Control) -> bool {
+    control.slots.iter().all(|s| s.role == Role::Active)
         && shared.failed_mask.load(Ordering::Acquire) == 0
-        && ctl.dirty.is_none()
+        && control.dirty.is_none()
 }
 
 /// Ends a fenced membership change. With a superblock, the bitmap's member
 /// set (a new member gets every page first) and the superblock (events + 1,
 /// the new slot table) are on disk before the fence ends and IO resumes.
-pub(crate) fn commit(ras: &Rc<Ras>, fence: Fence, then: impl FnOnce(Result<(), BdevError>) + 'static) {
-    let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone());
+pub(crate) fn commit(channel: &Rc<ArrayChannel>, fence: Fence, then: impl FnOnce(Result<(), BdevError>) + 'static) {
+    let meta = channel.owner.as_ref().and_then(|o| o.meta.borrow().clone());
     let Some(meta) = meta else {
         fence.done();
         return then(Ok(()));
     };
-    let sync = in_sync(&ras.shared, &ras.shared.ctl());
-    let ras2 = ras.clone();
+    let sync = in_sync(&channel.shared, &channel.shared.control());
+    let channel2 = channel.clone();
     let meta2 = meta.clone();
     let write_sb = move || {
         meta::update(
-            &ras2,
+            &channel2,
             &meta2,
             SbWrite::Dirty,
             Box::new(move |r| {
@@ -1422,13 +1439,13 @@ pub(crate) fn commit(ras: &Rc<Ras>, fence: Fence, then: impl FnOnce(Result<(), B
             bm.set_in_sync(sync);
             let cell = Rc::new(std::cell::RefCell::new(Some(write_sb)));
             let c2 = cell.clone();
-            let r = bm.set_members(meta::writable_handles(ras), move || {
+            let r = bm.set_members(meta::writable_handles(channel), move || {
                 if let Some(f) = c2.borrow_mut().take() {
                     f();
                 }
             });
             if let Err(e) = r {
-                tracing::error!(raid = %ras.shared.name, "bitmap members not updated: {e}");
+                tracing::error!(raid = %channel.shared.name, "bitmap members not updated: {e}");
                 if let Some(f) = cell.borrow_mut().take() {
                     f();
                 }
@@ -1447,36 +1464,36 @@ pub(crate) fn delete(name: &str, clear_sb: bool, done: Box<dyn FnOnce(Result<(),
     let Some(shared) = RaidModule::get().find(name) else {
         return done(Err(BdevError::NotFound(format!("raid bdev {name}"))));
     };
-    if let Some(by) = shared.ctl().handle.as_ref().and_then(|h| h.claimed_by()) {
+    if let Some(by) = shared.control().handle.as_ref().and_then(|h| h.claimed_by()) {
         return done(Err(BdevError::Claimed(name.to_string(), by)));
     }
     if clear_sb {
         shared.clear_sb.store(true, Ordering::Release);
     }
     owner::on_owner_fenced(&shared, move |fenced| match fenced {
-        Ok((ras, fence)) => start_delete(ras, fence, done),
+        Ok((channel, fence)) => start_delete(channel, fence, done),
         Err(e) => done(Err(e)),
     });
 }
 
-fn start_delete(ras: &Rc<Ras>, fence: Fence, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
-    let shared = ras.shared.clone();
+fn start_delete(channel: &Rc<ArrayChannel>, fence: Fence, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
+    let shared = channel.shared.clone();
     let handle = {
-        let mut ctl = shared.ctl();
-        if ctl.deleting {
-            drop(ctl);
+        let mut control = shared.control();
+        if control.deleting {
+            drop(control);
             fence.done();
             return done(Err(BdevError::NotFound(format!("raid bdev {} (already being deleted)", shared.name))));
         }
-        ctl.deleting = true;
-        ctl.handle.clone()
+        control.deleting = true;
+        control.handle.clone()
     };
     shared.deleted.store(true, Ordering::Release);
-    rebuild::cancel(ras);
+    rebuild::cancel(channel);
     // The fence stays up until teardown is over. IO that other reactors hold
     // would be resubmitted at resume, which may never come if someone else
     // holds the array suspended: fail it now.
-    if let Some(owner) = &ras.owner {
+    if let Some(owner) = &channel.owner {
         *owner.teardown_fence.borrow_mut() = Some(fence);
     }
     for r in 0..reactor::count() {
@@ -1503,38 +1520,38 @@ fn teardown(shared: Arc<ArrayShared>, done: Box<dyn FnOnce() + Send>) {
     shared.deleted.store(true, Ordering::Release);
     // A rebuild window still copying (a shutdown does not fence the array)
     // ends first: no member IO of the array may outlive the release.
-    if let Some(ras) = find_ras(shared.key) {
-        if ras.owner.as_ref().is_some_and(|o| o.rebuild.borrow().is_some()) {
-            return rebuild::cancel_then(&ras, move || teardown(shared, done));
+    if let Some(channel) = find_channel(shared.key) {
+        if channel.owner.as_ref().is_some_and(|o| o.rebuild.borrow().is_some()) {
+            return rebuild::cancel_then(&channel, move || teardown(shared, done));
         }
     }
     // Metadata last of all IO: the bitmap's final batch, then the superblock
     // (clean, or wiped for `clear_sb`), before any member is released.
-    let meta = find_ras(shared.key).and_then(|ras| {
-        let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow_mut().take());
-        meta.map(|m| (ras, m))
+    let meta = find_channel(shared.key).and_then(|channel| {
+        let meta = channel.owner.as_ref().and_then(|o| o.meta.borrow_mut().take());
+        meta.map(|m| (channel, m))
     });
-    if let Some((ras, meta)) = meta {
-        return crate::examine::close_metadata(&ras, meta, move || teardown(shared, done));
+    if let Some((channel, meta)) = meta {
+        return crate::examine::close_metadata(&channel, meta, move || teardown(shared, done));
     }
     let (key, owner) = (shared.key, shared.owner);
     reactor::for_each_reactor(
         Arc::new(move || {
             if reactor::current() != Some(owner) {
-                if let Some(ras) = drop_ras(key) {
-                    owner::fail_held_on(&ras);
+                if let Some(channel) = drop_channel(key) {
+                    owner::fail_held_on(&channel);
                 }
             }
         }),
         move || {
-            let ras = drop_ras(key);
+            let channel = drop_channel(key);
             let handles: Vec<BdevHandle> = {
-                let mut ctl = shared.ctl();
-                ctl.deleting = true;
-                ctl.handle = None;
-                ctl.process_target = None;
-                ctl.state = RaidState::Offline;
-                ctl.slots.iter().filter_map(|s| s.handle.clone()).collect()
+                let mut control = shared.control();
+                control.deleting = true;
+                control.handle = None;
+                control.process_target = None;
+                control.state = RaidState::Offline;
+                control.slots.iter().filter_map(|s| s.handle.clone()).collect()
             };
             let reg = Registry::get();
             for h in &handles {
@@ -1543,13 +1560,13 @@ fn teardown(shared: Arc<ArrayShared>, done: Box<dyn FnOnce() + Send>) {
             }
             RaidModule::get().arrays.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| !Arc::ptr_eq(a, &shared));
             shared.torn_down.store(true, Ordering::Release);
-            if let Some(ras) = ras {
-                owner::fail_held_on(&ras);
-                rebuild::cancel(&ras);
-                let fence = ras.owner.as_ref().and_then(|o| o.teardown_fence.borrow_mut().take());
+            if let Some(channel) = channel {
+                owner::fail_held_on(&channel);
+                rebuild::cancel(&channel);
+                let fence = channel.owner.as_ref().and_then(|o| o.teardown_fence.borrow_mut().take());
                 match fence {
                     Some(f) => f.done(),
-                    None => owner::fail_pending(&ras),
+                    None => owner::fail_pending(&channel),
                 }
             }
             tracing::info!(name = %shared.name, "raid deleted");
@@ -1568,8 +1585,8 @@ pub(crate) fn check(name: &str, repair: bool, done: Box<dyn FnOnce(Result<Value,
         return done(Err(BdevError::Invalid(why.into())));
     }
     let name = name.to_string();
-    owner::on_owner(&shared, move |ras| match ras {
-        Some(ras) => rebuild::start_check(&ras, repair, done),
+    owner::on_owner(&shared, move |channel| match channel {
+        Some(channel) => rebuild::start_check(&channel, repair, done),
         None => done(Err(BdevError::NotFound(format!("raid bdev {name}")))),
     });
 }
@@ -1591,7 +1608,7 @@ pub(crate) fn list_json(category: Option<RaidState>) -> Vec<Value> {
         .arrays()
         .iter()
         .filter(|a| !a.torn_down.load(Ordering::Acquire))
-        .filter(|a| category.is_none_or(|c| a.ctl().state == c))
+        .filter(|a| category.is_none_or(|c| a.control().state == c))
         .map(|a| info_json(a, true))
         .collect()
 }

@@ -1,10 +1,10 @@
-//! One reactor's state for one array (`Ras`) and the IO path through it:
+//! One reactor's state for one array (`ArrayChannel`) and the IO path through it:
 //! admission through the quiesce gate, the bitmap mark and serialization of
 //! write-like IO with the owner's range table, then the level's mapping
 //! onto member IO (`RaidLevel::submit_rw`, which builds children with the
 //! primitives here), member failures, and completion.
 //!
-//! Everything here runs on the reactor that owns the `Ras`; the only state
+//! Everything here runs on the reactor that owns the `ArrayChannel`; the only state
 //! other reactors touch is in `ArrayShared` (atomics and the control mutex).
 //! Parent IOs are parked in an `IoSlab`; each child carries the slot in `tag`
 //! and its member index (plus, for reads, the set of members tried) in
@@ -104,10 +104,10 @@ impl ParentCtx {
 
 /// Per-reactor, per-array state. (`pub` only so that the level trait may
 /// name it; its module is private, so nothing outside the crate can.)
-pub struct Ras {
+pub struct ArrayChannel {
     pub(crate) shared: Arc<ArrayShared>,
     pub(crate) me: ReactorId,
-    weak: Weak<Ras>,
+    weak: Weak<ArrayChannel>,
     pub(crate) gate: RefCell<Gate<IoBox>>,
     pub(crate) members: RefCell<Vec<MemberCh>>,
     pub(crate) geo: RefCell<Option<Arc<Geometry>>>,
@@ -134,8 +134,8 @@ pub struct Ras {
     pub(crate) owner: Option<OwnerPart>,
 }
 
-/// The `BdevChannel` the registry hands out: a thin handle on the `Ras`.
-pub(crate) struct RaidChannel(pub Rc<Ras>);
+/// The `BdevChannel` the registry hands out: a thin handle on the `ArrayChannel`.
+pub(crate) struct RaidChannel(pub Rc<ArrayChannel>);
 
 impl BdevChannel for RaidChannel {
     fn submit(&self, io: IoBox) {
@@ -150,11 +150,11 @@ impl BdevChannel for RaidChannel {
 /// The arrays this reactor has state for (few: a linear scan).
 #[derive(Default)]
 pub(crate) struct RaidLocal {
-    arrays: RefCell<Vec<Rc<Ras>>>,
+    arrays: RefCell<Vec<Rc<ArrayChannel>>>,
 }
 
 /// This reactor's state for the array with `key`, if any.
-pub(crate) fn find_ras(key: u32) -> Option<Rc<Ras>> {
+pub(crate) fn find_channel(key: u32) -> Option<Rc<ArrayChannel>> {
     let local = reactor::local::<RaidLocal>();
     let arrays = local.arrays.borrow();
     arrays.iter().find(|r| r.shared.key == key).cloned()
@@ -162,8 +162,8 @@ pub(crate) fn find_ras(key: u32) -> Option<Rc<Ras>> {
 
 /// This reactor's state for `shared`, created (and loaded from the current
 /// membership) on first use; None once the array is torn down.
-pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
-    if let Some(r) = find_ras(shared.key) {
+pub(crate) fn channel_for(shared: &Arc<ArrayShared>) -> Option<Rc<ArrayChannel>> {
+    if let Some(r) = find_channel(shared.key) {
         return Some(r);
     }
     if shared.torn_down.load(Ordering::Acquire) {
@@ -171,7 +171,7 @@ pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
     }
     let me = reactor::current()?;
     let owner = (me == shared.owner).then(|| OwnerPart::new(shared));
-    let ras = Rc::new_cyclic(|weak| Ras {
+    let channel = Rc::new_cyclic(|weak| ArrayChannel {
         shared: shared.clone(),
         me,
         weak: weak.clone(),
@@ -190,22 +190,22 @@ pub(crate) fn ras_for(shared: &Arc<ArrayShared>) -> Option<Rc<Ras>> {
         prefer_first: Cell::new(false),
         owner,
     });
-    ras.refresh();
-    reactor::local::<RaidLocal>().arrays.borrow_mut().push(ras.clone());
-    Some(ras)
+    channel.refresh();
+    reactor::local::<RaidLocal>().arrays.borrow_mut().push(channel.clone());
+    Some(channel)
 }
 
 /// Forgets this reactor's state for the array (teardown).
-pub(crate) fn drop_ras(key: u32) -> Option<Rc<Ras>> {
+pub(crate) fn drop_channel(key: u32) -> Option<Rc<ArrayChannel>> {
     let local = reactor::local::<RaidLocal>();
     let mut arrays = local.arrays.borrow_mut();
     let i = arrays.iter().position(|r| r.shared.key == key)?;
     Some(arrays.swap_remove(i))
 }
 
-impl Ras {
-    pub(crate) fn rc(&self) -> Rc<Ras> {
-        self.weak.upgrade().unwrap_or_else(|| unreachable!("a Ras is used only through its Rc"))
+impl ArrayChannel {
+    pub(crate) fn rc(&self) -> Rc<ArrayChannel> {
+        self.weak.upgrade().unwrap_or_else(|| unreachable!("a ArrayChannel is used only through its Rc"))
     }
 
     fn level(&self) -> Level {
@@ -213,14 +213,14 @@ impl Ras {
     }
 
     /// Reloads members and geometry from the control state. Called when the
-    /// `Ras` is created and at every resume: both times no child IO of this
+    /// `ArrayChannel` is created and at every resume: both times no child IO of this
     /// reactor is in flight.
     pub(crate) fn refresh(&self) {
         let (slots, geo, block_size, array_write_cache) = {
-            let ctl = self.shared.ctl();
-            *self.bitmap.borrow_mut() = ctl.bitmap.clone();
-            self.prefer_first.set(ctl.dirty.is_some());
-            (ctl.slots.clone(), self.shared.geometry.get().cloned(), ctl.block_size, ctl.write_cache)
+            let control = self.shared.control();
+            *self.bitmap.borrow_mut() = control.bitmap.clone();
+            self.prefer_first.set(control.dirty.is_some());
+            (control.slots.clone(), self.shared.geometry.get().cloned(), control.block_size, control.write_cache)
         };
         let members = slots
             .iter()
@@ -307,8 +307,8 @@ impl Ras {
         }
         let weak = self.weak.clone();
         let p = reactor::register_poller("raid_bitmap_wait", move || {
-            let Some(ras) = weak.upgrade() else { return PollStatus::Done };
-            ras.release_waiting()
+            let Some(channel) = weak.upgrade() else { return PollStatus::Done };
+            channel.release_waiting()
         });
         *self.wait_poller.borrow_mut() = Some(p);
     }
@@ -895,7 +895,7 @@ impl Ras {
     }
 }
 
-impl IoDone for Ras {
+impl IoDone for ArrayChannel {
     fn io_done(&self, child: IoBox) {
         let m = (child.tag2 & MEMBER_MASK) as usize;
         let slot = child.tag as u32;
@@ -960,15 +960,15 @@ impl IoDone for Ras {
 fn on_acquire_msg(a: u64, b: u64) {
     let key = (a >> 32) as u32;
     // Gone: the requester's state went with the array's teardown.
-    let Some(ras) = find_ras(key) else { return };
-    let Some(owner) = &ras.owner else {
+    let Some(channel) = find_channel(key) else { return };
+    let Some(owner) = &channel.owner else {
         // Refuse, so the write fails rather than waits forever.
         let (key, reactor, slot, ..) = words::decode_acquire(a, b, u64::MAX);
         let (a, b) = words::encode_grant(key, slot, NO_LOCK);
         reactor::send_raw(reactor, on_grant_msg, a, b);
-        return ras.impossible("a range request reached a reactor that does not own the array");
+        return channel.impossible("a range request reached a reactor that does not own the array");
     };
-    let array_blocks = ras.geo.borrow().as_deref().map_or(u64::MAX, Geometry::array_blocks);
+    let array_blocks = channel.geo.borrow().as_deref().map_or(u64::MAX, Geometry::array_blocks);
     let (key, reactor, slot, start, end) = words::decode_acquire(a, b, array_blocks);
     let r = owner.table.borrow_mut().acquire(start, end, words::waiter(reactor, slot));
     if let Acquired::Granted(entry) = r {
@@ -980,24 +980,24 @@ fn on_acquire_msg(a: u64, b: u64) {
 /// Requester: the owner granted the range of the write in `slot`.
 pub(crate) fn on_grant_msg(a: u64, b: u64) {
     let (key, slot, entry) = words::decode_grant(a, b);
-    if let Some(ras) = find_ras(key) {
-        ras.granted(slot, entry);
+    if let Some(channel) = find_channel(key) {
+        channel.granted(slot, entry);
     }
 }
 
 /// Owner: a write on another reactor finished with its range.
 fn on_release_msg(a: u64, b: u64) {
-    let Some(ras) = find_ras(a as u32) else {
+    let Some(channel) = find_channel(a as u32) else {
         return;
     };
-    match &ras.owner {
-        Some(owner) => owner.release(&ras, b as u32),
-        None => ras.impossible("a range release reached a reactor that does not own the array"),
+    match &channel.owner {
+        Some(owner) => owner.release(&channel, b as u32),
+        None => channel.impossible("a range release reached a reactor that does not own the array"),
     }
 }
 
 /// The channel a reactor's registry cache holds for the raid bdev.
 pub(crate) fn create_channel(shared: &Arc<ArrayShared>) -> Result<Rc<dyn BdevChannel>, BdevError> {
-    let ras = ras_for(shared).ok_or_else(|| BdevError::NotFound(shared.name.clone()))?;
-    Ok(Rc::new(RaidChannel(ras)))
+    let channel = channel_for(shared).ok_or_else(|| BdevError::NotFound(shared.name.clone()))?;
+    Ok(Rc::new(RaidChannel(channel)))
 }

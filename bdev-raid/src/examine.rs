@@ -10,7 +10,7 @@
 
 use crate::array::{self, ArrayShared, CreateSpec, RaidModule, Returning, Role, Slot};
 use crate::assemble::{assemble, AssemblyPlan, FoundSuperblock, MemberRole};
-use crate::channel::{ras_for, Ras};
+use crate::channel::{channel_for, ArrayChannel};
 use crate::map::Geometry;
 use crate::meta::{self, Found, Meta, SbWrite};
 use crate::owner;
@@ -36,14 +36,14 @@ fn invalid(e: impl std::fmt::Display) -> BdevError {
 
 /// The superblock and bitmap geometry of a new array over its members.
 fn plan_new(shared: &ArrayShared) -> Result<(SuperblockInfo, Option<bitmap::Geometry>), BdevError> {
-    let ctl = shared.ctl();
-    let bs = ctl.block_size;
-    let members: Vec<(Uuid, u64)> = ctl
+    let control = shared.control();
+    let bs = control.block_size;
+    let members: Vec<(Uuid, u64)> = control
         .slots
         .iter()
         .map(|s| (s.uuid.unwrap_or_else(Uuid::new_v4), s.handle.as_ref().map_or(0, |h| h.num_blocks())))
         .collect();
-    drop(ctl);
+    drop(control);
     let strip_blocks =
         if shared.level.uses_strips() { shared.strip_size_kb as u64 * 1024 / bs.max(1) as u64 } else { 0 };
     if shared.level.uses_strips() && strip_blocks == 0 {
@@ -88,7 +88,7 @@ fn plan_new(shared: &ArrayShared) -> Result<(SuperblockInfo, Option<bitmap::Geom
 /// Writes the metadata of a new array with a superblock (every member's
 /// superblock, every bitmap page) and brings it online; `done` runs after.
 pub(crate) fn init_new(shared: &Arc<ArrayShared>, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
-    let Some(ras) = ras_for(shared) else {
+    let Some(channel) = channel_for(shared) else {
         return done(Err(BdevError::NotFound(shared.name.clone())));
     };
     let (info, bm_geo) = match plan_new(shared) {
@@ -99,13 +99,13 @@ pub(crate) fn init_new(shared: &Arc<ArrayShared>, done: Box<dyn FnOnce(Result<()
         }
     };
     {
-        let mut ctl = shared.ctl();
-        for (s, i) in ctl.slots.iter_mut().zip(&info.slots) {
+        let mut control = shared.control();
+        for (s, i) in control.slots.iter_mut().zip(&info.slots) {
             s.data_offset_blocks = i.data_offset_blocks;
             s.sb_uuid = i.member_uuid;
         }
     }
-    let r2 = ras.clone();
+    let r2 = channel.clone();
     let then: Then = Box::new(move |r| {
         let r = r.and_then(|()| array::go_online_with(&r2.shared, None));
         match r {
@@ -118,9 +118,9 @@ pub(crate) fn init_new(shared: &Arc<ArrayShared>, done: Box<dyn FnOnce(Result<()
         }
     });
     // A new array's log holds nothing: old headers on the members are wiped.
-    let (ras2, sb) = (ras.clone(), info.clone());
-    with_log_recovered(&ras, &sb, None, false, move |r| match r {
-        Ok(_) => start_metadata(&ras2, info, bm_geo, None, then),
+    let (channel2, sb) = (channel.clone(), info.clone());
+    with_log_recovered(&channel, &sb, None, false, move |r| match r {
+        Ok(_) => start_metadata(&channel2, info, bm_geo, None, then),
         Err(e) => then(Err(e)),
     });
 }
@@ -131,13 +131,13 @@ pub(crate) fn init_new(shared: &Arc<ArrayShared>, done: Box<dyn FnOnce(Result<()
 /// slot header of every member it has, then `then` with what the replay
 /// did. Without a log, `then` at once. Runs before the array takes IO.
 fn with_log_recovered(
-    ras: &Rc<Ras>,
+    channel: &Rc<ArrayChannel>,
     info: &SuperblockInfo,
     dirty: Option<Vec<Range<u64>>>,
     replay: bool,
     then: impl FnOnce(Result<ppl::ReplayStats, BdevError>) + 'static,
 ) {
-    let shared = &ras.shared;
+    let shared = &channel.shared;
     let Some(loc) = info.ppl.filter(|_| shared.level.keeps_partial_parity_log()) else {
         return then(Ok(ppl::ReplayStats::default()));
     };
@@ -146,7 +146,7 @@ fn with_log_recovered(
         Err(e) => return then(Err(invalid(e))),
     };
     let members: Vec<Option<ReplayMember>> = shared
-        .ctl()
+        .control()
         .slots
         .iter()
         .map(|s| match (&s.handle, s.role) {
@@ -182,21 +182,21 @@ fn with_log_recovered(
 /// Creates the bitmap owner (if any) and the metadata state, persists every
 /// bitmap page and then the superblock (dirty: the array is about to run).
 fn start_metadata(
-    ras: &Rc<Ras>,
+    channel: &Rc<ArrayChannel>,
     info: SuperblockInfo,
     bm_geo: Option<bitmap::Geometry>,
     initial: Option<LoadedBitmap>,
     then: Then,
 ) {
-    let shared = &ras.shared;
-    let Some(owner) = &ras.owner else {
+    let shared = &channel.shared;
+    let Some(owner) = &channel.owner else {
         return then(Err(invalid("metadata must start on the owner reactor")));
     };
     let bm = match (bm_geo, info.bitmap) {
         (Some(g), Some(loc)) => {
             match BitmapOwner::new(
                 g,
-                meta::writable_handles(ras),
+                meta::writable_handles(channel),
                 loc.offset_blocks,
                 initial.as_ref(),
                 // A parity level's first partial write into a chunk leaves
@@ -223,17 +223,17 @@ fn start_metadata(
     }
     let meta = Meta::new(info, bm.clone());
     *owner.meta.borrow_mut() = Some(meta.clone());
-    let r2 = ras.clone();
+    let r2 = channel.clone();
     let write_sb = move || meta::update(&r2, &meta, SbWrite::Dirty, then);
     match bm {
         Some(bm) => {
             {
-                let mut ctl = shared.ctl();
-                ctl.bitmap = Some(bm.bitmap());
-                bm.set_in_sync(array::in_sync(shared, &ctl));
+                let mut control = shared.control();
+                control.bitmap = Some(bm.bitmap());
+                bm.set_in_sync(array::in_sync(shared, &control));
             }
-            meta::watch_bitmap_failures(ras, &bm);
-            rebuild::watch_needs_sync(ras, &bm);
+            meta::watch_bitmap_failures(channel, &bm);
+            rebuild::watch_needs_sync(channel, &bm);
             bm.start_poller(bitmap::DEFAULT_TICK_PERIOD);
             bm.flush(write_sb);
         }
@@ -242,9 +242,9 @@ fn start_metadata(
 }
 
 /// An array whose start failed: stop its bitmap, then forget it.
-fn fail_start(ras: &Rc<Ras>, then: impl FnOnce() + 'static) {
-    let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow_mut().take());
-    let shared = ras.shared.clone();
+fn fail_start(channel: &Rc<ArrayChannel>, then: impl FnOnce() + 'static) {
+    let meta = channel.owner.as_ref().and_then(|o| o.meta.borrow_mut().take());
+    let shared = channel.shared.clone();
     let finish = move || {
         array::abandon(&shared);
         then();
@@ -260,16 +260,16 @@ fn fail_start(ras: &Rc<Ras>, then: impl FnOnce() + 'static) {
 /// Teardown with no array IO left: the bitmap's final batch, then the
 /// superblock — clean unless a resync is still owed, wiped for `clear_sb` —
 /// and only then `then` (which releases the members).
-pub(crate) fn close_metadata(ras: &Rc<Ras>, meta: Rc<Meta>, then: impl FnOnce() + 'static) {
-    rebuild::cancel(ras);
-    let kind = if ras.shared.clear_sb.load(Ordering::Acquire) {
+pub(crate) fn close_metadata(channel: &Rc<ArrayChannel>, meta: Rc<Meta>, then: impl FnOnce() + 'static) {
+    rebuild::cancel(channel);
+    let kind = if channel.shared.clear_sb.load(Ordering::Acquire) {
         SbWrite::Wipe
-    } else if ras.shared.ctl().dirty.is_some() {
+    } else if channel.shared.control().dirty.is_some() {
         SbWrite::Dirty
     } else {
         SbWrite::Clean
     };
-    let (r2, m2) = (ras.clone(), meta.clone());
+    let (r2, m2) = (channel.clone(), meta.clone());
     let write_sb = move || {
         meta::update(
             &r2,
@@ -319,9 +319,9 @@ fn on_found(name: String, found: Found, hold: ExamineHold) {
         Some(shared) if shared.from_superblocks => {
             let f = FoundSuperblock { bdev_name: name, member_uuid: info.member_uuid, info };
             shared.found.lock().unwrap_or_else(|e| e.into_inner()).push(f);
-            owner::on_owner(&shared, move |ras| {
-                if let Some(ras) = ras {
-                    try_start(&ras, hold);
+            owner::on_owner(&shared, move |channel| {
+                if let Some(channel) = channel {
+                    try_start(&channel, hold);
                 }
             });
         }
@@ -339,8 +339,8 @@ fn on_found(name: String, found: Found, hold: ExamineHold) {
             let Some(shared) = new_assembling(&info) else { return };
             let f = FoundSuperblock { bdev_name: name, member_uuid: info.member_uuid, info };
             shared.found.lock().unwrap_or_else(|e| e.into_inner()).push(f);
-            if let Some(ras) = ras_for(&shared) {
-                try_start(&ras, hold);
+            if let Some(channel) = channel_for(&shared) {
+                try_start(&channel, hold);
             }
         }
     }
@@ -384,12 +384,12 @@ fn new_assembling(info: &SuperblockInfo) -> Option<Arc<ArrayShared>> {
 /// Re-plans an assembling array with every superblock found so far; starts
 /// it once every member the superblock counts on is present — or, when it
 /// can run without the missing ones, degraded after `assemble_timeout_sec`.
-fn try_start(ras: &Rc<Ras>, hold: ExamineHold) {
-    try_start_as(ras, hold, false);
+fn try_start(channel: &Rc<ArrayChannel>, hold: ExamineHold) {
+    try_start_as(channel, hold, false);
 }
 
-fn try_start_as(ras: &Rc<Ras>, hold: ExamineHold, degraded_ok: bool) {
-    let shared = ras.shared.clone();
+fn try_start_as(channel: &Rc<ArrayChannel>, hold: ExamineHold, degraded_ok: bool) {
+    let shared = channel.shared.clone();
     if shared.starting.load(Ordering::Acquire) || shared.deleted.load(Ordering::Acquire) {
         return;
     }
@@ -404,8 +404,8 @@ fn try_start_as(ras: &Rc<Ras>, hold: ExamineHold, degraded_ok: bool) {
     }
     {
         // Show what has been found so far.
-        let mut ctl = shared.ctl();
-        for (s, m) in ctl.slots.iter_mut().zip(&plan.members) {
+        let mut control = shared.control();
+        for (s, m) in control.slots.iter_mut().zip(&plan.members) {
             if s.role == Role::Missing {
                 s.name = m.as_ref().map(|m| m.bdev_name.clone());
             }
@@ -419,7 +419,7 @@ fn try_start_as(ras: &Rc<Ras>, hold: ExamineHold, degraded_ok: bool) {
         .count();
     if waiting > 0 && !degraded_ok {
         if plan.startable {
-            arm_degraded_start(ras);
+            arm_degraded_start(channel);
         }
         return tracing::info!(raid = %shared.name, waiting, "assembling: waiting for members");
     }
@@ -435,26 +435,26 @@ fn try_start_as(ras: &Rc<Ras>, hold: ExamineHold, degraded_ok: bool) {
     for p in &plan.problems {
         tracing::warn!(raid = %shared.name, "{p}");
     }
-    start_assembled(ras, plan, hold);
+    start_assembled(channel, plan, hold);
 }
 
 /// Starts the array degraded if its members are still missing when the
 /// assembly timeout expires (once per array).
-fn arm_degraded_start(ras: &Rc<Ras>) {
-    let shared = &ras.shared;
+fn arm_degraded_start(channel: &Rc<ArrayChannel>) {
+    let shared = &channel.shared;
     let secs = RaidModule::get().options().assemble_timeout_sec;
     if secs == 0 || shared.timer_armed.swap(true, Ordering::AcqRel) {
         return;
     }
-    let weak = Rc::downgrade(ras);
+    let weak = Rc::downgrade(channel);
     let deadline = reactor::now_ns() + u64::from(secs) * 1_000_000_000;
     reactor::register_timed_poller("raid_assemble_timeout", std::time::Duration::from_millis(100), move || {
         if reactor::now_ns() < deadline {
             return reactor::PollStatus::Idle;
         }
-        if let Some(ras) = weak.upgrade() {
-            ras.shared.timer_armed.store(false, Ordering::Release);
-            try_start_as(&ras, Registry::get().examine_hold(), true);
+        if let Some(channel) = weak.upgrade() {
+            channel.shared.timer_armed.store(false, Ordering::Release);
+            try_start_as(&channel, Registry::get().examine_hold(), true);
         }
         reactor::PollStatus::Done
     });
@@ -536,8 +536,8 @@ pub(crate) fn chunk_ranges(g: &bitmap::Geometry, chunks: impl Iterator<Item = u6
 /// Claims the planned members and starts the array: the bitmap is read from
 /// the in-sync members, then persisted again with the superblock (dirty),
 /// then the array goes online and resyncs what it owes.
-fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
-    let shared = ras.shared.clone();
+fn start_assembled(channel: &Rc<ArrayChannel>, plan: AssemblyPlan, hold: ExamineHold) {
+    let shared = channel.shared.clone();
     let module = RaidModule::get();
     let sb = plan.superblock.clone();
     // Keep a verification recorded before the shutdown. After a crash a
@@ -586,9 +586,9 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
     }
     let mut in_sync_members = Vec::new();
     {
-        let mut ctl = shared.ctl();
-        ctl.block_size = sb.block_size;
-        for (i, (slot, planned)) in ctl.slots.iter_mut().zip(&plan.members).enumerate() {
+        let mut control = shared.control();
+        control.block_size = sb.block_size;
+        for (i, (slot, planned)) in control.slots.iter_mut().zip(&plan.members).enumerate() {
             let s = &sb.slots[i];
             let base = Slot {
                 sb_uuid: s.member_uuid,
@@ -632,12 +632,12 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
         .filter(|(_, m)| matches!(m, Some(pm) if matches!(pm.role, MemberRole::Stale { .. })))
         .map(|(i, _)| i)
         .collect();
-    let r2 = ras.clone();
+    let r2 = channel.clone();
     let bitmap_loc = sb.bitmap;
     let dirty_start = plan.dirty && shared.level.is_redundant();
     let after_load = move |loaded: Option<LoadedBitmap>| {
-        let ras = &r2;
-        let shared = &ras.shared;
+        let channel = &r2;
+        let shared = &channel.shared;
         let array_blocks = plan.geometry.array_blocks();
         let loaded = match (bm_geo, loaded) {
             (Some(g), None) => Some(all_dirty(g, sb.events)),
@@ -648,21 +648,21 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
             _ => None,
         };
         {
-            let mut ctl = shared.ctl();
+            let mut control = shared.control();
             for &i in &stale {
-                ctl.slots[i].partial = dirty_ranges.clone().map(Arc::new);
+                control.slots[i].partial = dirty_ranges.clone().map(Arc::new);
             }
             if dirty_start {
                 let ranges = dirty_ranges.clone().unwrap_or_else(|| std::iter::once(0..array_blocks).collect());
                 tracing::warn!(raid = %shared.name, ranges = ranges.len(), "unclean shutdown: resyncing");
-                ctl.dirty = Some(Arc::new(ranges));
+                control.dirty = Some(Arc::new(ranges));
             }
         }
-        let r3 = ras.clone();
+        let r3 = channel.clone();
         let geometry = plan.geometry.clone();
-        let start_rest = move |ras: &Rc<Ras>, sb: SuperblockInfo| {
+        let start_rest = move |channel: &Rc<ArrayChannel>, sb: SuperblockInfo| {
             start_metadata(
-                ras,
+                channel,
                 sb,
                 bm_geo,
                 loaded,
@@ -695,14 +695,14 @@ fn start_assembled(ras: &Rc<Ras>, plan: AssemblyPlan, hold: ExamineHold) {
         // has nothing left to resync (a missing member's chunks reconstruct
         // right); a whole one still resyncs its dirty stripes (also those
         // of torn whole-stripe writes, which log nothing).
-        let (r4, sb2) = (ras.clone(), sb.clone());
+        let (r4, sb2) = (channel.clone(), sb.clone());
         let replay = dirty_start && sb.ppl.is_some();
-        with_log_recovered(ras, &sb2, dirty_ranges.clone(), replay, move |r| match r {
+        with_log_recovered(channel, &sb2, dirty_ranges.clone(), replay, move |r| match r {
             Ok(_) => {
                 if replay {
-                    let mut ctl = r4.shared.ctl();
-                    if ctl.slots.iter().any(|s| s.role != Role::Active) {
-                        ctl.dirty = None;
+                    let mut control = r4.shared.control();
+                    if control.slots.iter().any(|s| s.role != Role::Active) {
+                        control.dirty = None;
                     }
                 }
                 start_rest(&r4, sb)
@@ -725,9 +725,10 @@ fn release_members(shared: &Arc<ArrayShared>, msg: String) {
     RaidModule::get().problem(msg.clone());
     let tag = format!("raid {}", shared.name);
     let handles: Vec<BdevHandle> = {
-        let mut ctl = shared.ctl();
-        ctl.dirty = None;
-        ctl.slots
+        let mut control = shared.control();
+        control.dirty = None;
+        control
+            .slots
             .iter_mut()
             .filter_map(|s| {
                 let h = s.handle.take();
@@ -769,16 +770,18 @@ fn rejoin_latecomers(shared: &Arc<ArrayShared>) {
 /// If `found` is this array's superblock from a member that left (its slot
 /// is empty or failed and still records it, its events are older): the slot
 /// and the ranges written since, from the bitmap.
-pub(crate) fn returning_member(ras: &Ras, found: &Found) -> Option<Returning> {
+pub(crate) fn returning_member(channel: &ArrayChannel, found: &Found) -> Option<Returning> {
     let Found::Superblock(info) = found else { return None };
-    let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone())?;
-    if info.array_uuid != ras.shared.uuid || info.events >= meta.events() {
+    let meta = channel.owner.as_ref().and_then(|o| o.meta.borrow().clone())?;
+    if info.array_uuid != channel.shared.uuid || info.events >= meta.events() {
         return None;
     }
-    let ctl = ras.shared.ctl();
-    let slot =
-        ctl.slots.iter().position(|s| s.sb_uuid == info.member_uuid && matches!(s.role, Role::Empty | Role::Failed))?;
-    let ranges = ctl.bitmap.as_ref().map(|bm| Arc::new(chunk_ranges(bm.geometry(), bm.dirty_chunks().into_iter())));
+    let control = channel.shared.control();
+    let slot = control
+        .slots
+        .iter()
+        .position(|s| s.sb_uuid == info.member_uuid && matches!(s.role, Role::Empty | Role::Failed))?;
+    let ranges = control.bitmap.as_ref().map(|bm| Arc::new(chunk_ranges(bm.geometry(), bm.dirty_chunks().into_iter())));
     Some(Returning { slot, member_uuid: info.member_uuid, ranges })
 }
 
@@ -841,23 +844,23 @@ pub(crate) fn wipe_joining_log(
 
 fn rejoin_fenced(shared: &Arc<ArrayShared>, name: String, info: SuperblockInfo) {
     owner::on_owner_fenced(shared, move |fenced| {
-        let Ok((ras, fence)) = fenced else { return };
+        let Ok((channel, fence)) = fenced else { return };
         let found = Found::Superblock(info);
-        let Some(returning) = returning_member(ras, &found) else {
+        let Some(returning) = returning_member(channel, &found) else {
             fence.done();
             return RaidModule::get().problem(format!(
                 "bdev {name} carries a superblock of array {} but is not one of its missing members: not added",
-                ras.shared.name
+                channel.shared.name
             ));
         };
-        match array::add_member(ras, &name, Some(returning)) {
+        match array::add_member(channel, &name, Some(returning)) {
             Ok(_) => {
-                let r2 = ras.clone();
-                array::commit(ras, fence, move |_| rebuild::start_next(&r2));
+                let r2 = channel.clone();
+                array::commit(channel, fence, move |_| rebuild::start_next(&r2));
             }
             Err(e) => {
                 fence.done();
-                RaidModule::get().problem(format!("bdev {name}: not added back to {}: {e}", ras.shared.name));
+                RaidModule::get().problem(format!("bdev {name}: not added back to {}: {e}", channel.shared.name));
             }
         }
     });

@@ -16,7 +16,7 @@
 //! `done` runs only once the copies are durable.
 
 use crate::array::{Role, Slot};
-use crate::channel::Ras;
+use crate::channel::ArrayChannel;
 use crate::superblock::{self, SlotState, SuperblockError, SuperblockInfo};
 use bdev::{BdevError, BdevHandle, DmaBuf, IoBox, IoFlags, IoType};
 use bitmap::BitmapOwner;
@@ -87,15 +87,15 @@ fn slot_state(s: &Slot, failed: bool, prev: SlotState) -> SlotState {
 
 /// The next superblock: the template with `events + 1`, `clean`, and the slot
 /// table from the control state.
-fn next_info(ras: &Ras, meta: &Meta, clean: bool) -> SuperblockInfo {
+fn next_info(channel: &ArrayChannel, meta: &Meta, clean: bool) -> SuperblockInfo {
     let mut info = meta.sb.borrow().clone();
     info.events += 1;
     info.clean = clean;
     info.redundancy_verified =
-        ras.shared.level.trusts_checked_redundancy() && ras.shared.redundancy_verified.load(Ordering::Acquire);
-    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
-    let ctl = ras.shared.ctl();
-    for (i, (e, s)) in info.slots.iter_mut().zip(ctl.slots.iter()).enumerate() {
+        channel.shared.level.trusts_checked_redundancy() && channel.shared.redundancy_verified.load(Ordering::Acquire);
+    let failed = channel.shared.failed_mask.load(Ordering::Acquire);
+    let control = channel.shared.control();
+    for (i, (e, s)) in info.slots.iter_mut().zip(control.slots.iter()).enumerate() {
         e.state = slot_state(s, failed & (1 << i) != 0, e.state);
         if !s.sb_uuid.is_nil() {
             e.member_uuid = s.sb_uuid;
@@ -105,10 +105,11 @@ fn next_info(ras: &Ras, meta: &Meta, clean: bool) -> SuperblockInfo {
 }
 
 /// Members a superblock write goes to: present, active or rebuilding, not failed.
-fn sb_targets(ras: &Ras) -> Vec<(usize, BdevHandle)> {
-    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
-    let ctl = ras.shared.ctl();
-    ctl.slots
+fn sb_targets(channel: &ArrayChannel) -> Vec<(usize, BdevHandle)> {
+    let failed = channel.shared.failed_mask.load(Ordering::Acquire);
+    let control = channel.shared.control();
+    control
+        .slots
         .iter()
         .enumerate()
         .filter(|(i, s)| matches!(s.role, Role::Active | Role::Rebuilding) && failed & (1 << i) == 0)
@@ -119,14 +120,14 @@ fn sb_targets(ras: &Ras) -> Vec<(usize, BdevHandle)> {
 /// Writes the array's superblock (`kind`) to every member that should carry
 /// it; `done` runs once it is on them. Requests made while a write is in
 /// flight are folded into one write after it. Owner reactor only.
-pub(crate) fn update(ras: &Rc<Ras>, meta: &Rc<Meta>, kind: SbWrite, done: Done) {
+pub(crate) fn update(channel: &Rc<ArrayChannel>, meta: &Rc<Meta>, kind: SbWrite, done: Done) {
     meta.queued.borrow_mut().push((kind, done));
     if !meta.writing.get() {
-        start_next(ras, meta);
+        start_next(channel, meta);
     }
 }
 
-fn start_next(ras: &Rc<Ras>, meta: &Rc<Meta>) {
+fn start_next(channel: &Rc<ArrayChannel>, meta: &Rc<Meta>) {
     let batch = std::mem::take(&mut *meta.queued.borrow_mut());
     if batch.is_empty() {
         return;
@@ -147,12 +148,12 @@ fn start_next(ras: &Rc<Ras>, meta: &Rc<Meta>) {
     let targets = match kind {
         // A wipe clears every member the array holds, failed ones included.
         SbWrite::Wipe => {
-            let ctl = ras.shared.ctl();
-            ctl.slots.iter().enumerate().filter_map(|(i, s)| s.handle.clone().map(|h| (i, h))).collect()
+            let control = channel.shared.control();
+            control.slots.iter().enumerate().filter_map(|(i, s)| s.handle.clone().map(|h| (i, h))).collect()
         }
-        _ => sb_targets(ras),
+        _ => sb_targets(channel),
     };
-    let info = (kind != SbWrite::Wipe).then(|| next_info(ras, meta, kind == SbWrite::Clean));
+    let info = (kind != SbWrite::Wipe).then(|| next_info(channel, meta, kind == SbWrite::Clean));
     // Each member's image (zeros for a wipe); None where it cannot be built.
     let images: Vec<(usize, BdevHandle, Option<DmaBuf>)> = targets
         .into_iter()
@@ -168,7 +169,7 @@ fn start_next(ras: &Rc<Ras>, meta: &Rc<Meta>) {
             (slot, h, buf)
         })
         .collect();
-    let weak_ras = Rc::downgrade(ras);
+    let weak_channel = Rc::downgrade(channel);
     let meta2 = meta.clone();
     let total = images.len();
     let round = Rc::new(Round {
@@ -190,20 +191,20 @@ fn start_next(ras: &Rc<Ras>, meta: &Rc<Meta>) {
             for (_, d) in batch {
                 d(r.clone());
             }
-            if let Some(ras) = weak_ras.upgrade() {
-                start_next(&ras, &meta2);
+            if let Some(channel) = weak_channel.upgrade() {
+                start_next(&channel, &meta2);
             }
         }))),
     });
     if total == 0 {
         return round.finish_now();
     }
-    let weak = Rc::downgrade(ras);
+    let weak = Rc::downgrade(channel);
     let fail_member = move |slot: usize, what: &str| {
         if kind != SbWrite::Wipe {
             tracing::error!(slot, "superblock {what} failed: marking the member failed");
-            if let Some(ras) = weak.upgrade() {
-                ras.latch_failed(slot);
+            if let Some(channel) = weak.upgrade() {
+                channel.latch_failed(slot);
             }
         }
     };
@@ -383,29 +384,29 @@ pub(crate) fn read_superblock(h: &BdevHandle, done: impl FnOnce(Found) + 'static
 
 /// The bitmap's page-write failure hook: the member is failed like any
 /// member whose IO failed.
-pub(crate) fn watch_bitmap_failures(ras: &Rc<Ras>, bm: &BitmapOwner) {
-    let weak: Weak<Ras> = Rc::downgrade(ras);
+pub(crate) fn watch_bitmap_failures(channel: &Rc<ArrayChannel>, bm: &BitmapOwner) {
+    let weak: Weak<ArrayChannel> = Rc::downgrade(channel);
     bm.on_member_failed(move |h| {
-        let Some(ras) = weak.upgrade() else { return };
-        let slot = ras.shared.ctl().slots.iter().position(|s| s.handle.as_ref().is_some_and(|x| x.same(h)));
+        let Some(channel) = weak.upgrade() else { return };
+        let slot = channel.shared.control().slots.iter().position(|s| s.handle.as_ref().is_some_and(|x| x.same(h)));
         if let Some(slot) = slot {
-            tracing::error!(raid = %ras.shared.name, slot, "bitmap page write failed: marking the member failed");
-            ras.latch_failed(slot);
+            tracing::error!(raid = %channel.shared.name, slot, "bitmap page write failed: marking the member failed");
+            channel.latch_failed(slot);
         }
     });
 }
 
 /// Handles of the members that receive writes (the bitmap's member set).
-pub(crate) fn writable_handles(ras: &Ras) -> Vec<BdevHandle> {
-    sb_targets(ras).into_iter().map(|(_, h)| h).collect()
+pub(crate) fn writable_handles(channel: &ArrayChannel) -> Vec<BdevHandle> {
+    sb_targets(channel).into_iter().map(|(_, h)| h).collect()
 }
 
 /// Writes the superblock with every latched member failure, then marks
 /// those failures recorded (`ArrayShared::recorded_mask`), which releases
 /// the writes waiting for it. Owner reactor; a no-op without a superblock.
-pub(crate) fn record_failures(ras: &Rc<Ras>) {
-    let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone());
-    let shared = ras.shared.clone();
+pub(crate) fn record_failures(channel: &Rc<ArrayChannel>) {
+    let meta = channel.owner.as_ref().and_then(|o| o.meta.borrow().clone());
+    let shared = channel.shared.clone();
     let Some(meta) = meta else {
         // Nothing to record on disk: nobody needs to wait.
         let failed = shared.failed_mask.load(Ordering::Acquire);
@@ -414,7 +415,7 @@ pub(crate) fn record_failures(ras: &Rc<Ras>) {
     };
     let failed = shared.failed_mask.load(Ordering::Acquire);
     update(
-        ras,
+        channel,
         &meta,
         SbWrite::Dirty,
         Box::new(move |r| {

@@ -12,7 +12,7 @@
 //! control state, so every array-wide change has a single writer.
 
 use crate::array::ArrayShared;
-use crate::channel::{find_ras, on_grant_msg, ras_for, Ras};
+use crate::channel::{channel_for, find_channel, on_grant_msg, ArrayChannel};
 use crate::quiesce::{Coordinator, Drained, SuspendStep};
 use crate::range_table::{words, RangeTable};
 use crate::rebuild::Rebuild;
@@ -33,9 +33,9 @@ type Waiter = Box<dyn FnOnce(Result<(), BdevError>)>;
 /// A change that runs while the array is suspended. It gets the fence (or
 /// the reason the array cannot be suspended: it is gone) and ends the fence
 /// by dropping it or calling [`Fence::done`].
-pub(crate) type FencedOp = Box<dyn FnOnce(&Rc<Ras>, Result<Fence, BdevError>)>;
+pub(crate) type FencedOp = Box<dyn FnOnce(&Rc<ArrayChannel>, Result<Fence, BdevError>)>;
 
-/// The owner's part of its `Ras`.
+/// The owner's part of its `ArrayChannel`.
 pub(crate) struct OwnerPart {
     pub table: RefCell<RangeTable>,
     coord: RefCell<Coordinator>,
@@ -52,7 +52,7 @@ pub(crate) struct OwnerPart {
 
 impl OwnerPart {
     pub(crate) fn new(shared: &ArrayShared) -> Self {
-        let block_size = shared.ctl().block_size.max(512) as u64;
+        let block_size = shared.control().block_size.max(512) as u64;
         OwnerPart {
             table: RefCell::new(RangeTable::new((REGION_BYTES / block_size).max(1), BUCKETS, TABLE_CAPACITY)),
             coord: RefCell::new(Coordinator::new(reactor::count())),
@@ -68,10 +68,10 @@ impl OwnerPart {
     /// Ends a granted range and hands the grants it unblocked to their
     /// waiters: direct calls for the owner's own IO and the rebuild, a
     /// `send_raw` for other reactors.
-    pub(crate) fn release(&self, ras: &Ras, entry: u32) {
+    pub(crate) fn release(&self, channel: &ArrayChannel, entry: u32) {
         if !self.table.borrow_mut().release(entry) {
-            tracing::error!(raid = %ras.shared.name, entry, "release of a range that is not granted");
-            return ras.impossible("release of a range that is not granted");
+            tracing::error!(raid = %channel.shared.name, entry, "release of a range that is not granted");
+            return channel.impossible("release of a range that is not granted");
         }
         loop {
             let next = self.table.borrow_mut().pop_ready();
@@ -81,15 +81,15 @@ impl OwnerPart {
                 match rebuild {
                     Some(r) => r.on_granted(idx),
                     // The rebuild went away while queued: give the range back.
-                    None => self.release(ras, idx),
+                    None => self.release(channel, idx),
                 }
                 continue;
             }
             let (reactor, slot) = words::decode_waiter(waiter);
-            if reactor == ras.me {
-                ras.granted(slot, idx);
+            if reactor == channel.me {
+                channel.granted(slot, idx);
             } else {
-                let (a, b) = words::encode_grant(ras.shared.key, slot, idx);
+                let (a, b) = words::encode_grant(channel.shared.key, slot, idx);
                 reactor::send_raw(reactor, on_grant_msg, a, b);
             }
         }
@@ -99,44 +99,44 @@ impl OwnerPart {
 /// A held suspension for one fenced operation. Dropping it runs the next
 /// queued operation (still suspended) or resumes the array.
 pub(crate) struct Fence {
-    ras: Option<Rc<Ras>>,
+    channel: Option<Rc<ArrayChannel>>,
 }
 
 impl Fence {
     pub(crate) fn done(mut self) {
-        if let Some(ras) = self.ras.take() {
-            end_op(&ras);
+        if let Some(channel) = self.channel.take() {
+            end_op(&channel);
         }
     }
 }
 
 impl Drop for Fence {
     fn drop(&mut self) {
-        if let Some(ras) = self.ras.take() {
-            end_op(&ras);
+        if let Some(channel) = self.channel.take() {
+            end_op(&channel);
         }
     }
 }
 
-fn owner_of(ras: &Rc<Ras>) -> &OwnerPart {
-    ras.owner.as_ref().unwrap_or_else(|| unreachable!("fenced operations run on the owner"))
+fn owner_of(channel: &Rc<ArrayChannel>) -> &OwnerPart {
+    channel.owner.as_ref().unwrap_or_else(|| unreachable!("fenced operations run on the owner"))
 }
 
 /// Queues `op` to run fenced (owner reactor only).
-pub(crate) fn fenced(ras: &Rc<Ras>, op: FencedOp) {
-    owner_of(ras).ops.borrow_mut().push_back(op);
-    pump(ras);
+pub(crate) fn fenced(channel: &Rc<ArrayChannel>, op: FencedOp) {
+    owner_of(channel).ops.borrow_mut().push_back(op);
+    pump(channel);
 }
 
-fn pump(ras: &Rc<Ras>) {
-    let owner = owner_of(ras);
+fn pump(channel: &Rc<ArrayChannel>) {
+    let owner = owner_of(channel);
     if owner.op_running.get() || owner.ops.borrow().is_empty() {
         return;
     }
     owner.op_running.set(true);
-    let r2 = ras.clone();
+    let r2 = channel.clone();
     suspend_local(
-        ras,
+        channel,
         Box::new(move |res| {
             let op = owner_of(&r2).ops.borrow_mut().pop_front();
             let Some(op) = op else {
@@ -148,7 +148,7 @@ fn pump(ras: &Rc<Ras>) {
                 return;
             };
             match res {
-                Ok(()) => op(&r2, Ok(Fence { ras: Some(r2.clone()) })),
+                Ok(()) => op(&r2, Ok(Fence { channel: Some(r2.clone()) })),
                 Err(e) => {
                     op(&r2, Err(e));
                     owner_of(&r2).op_running.set(false);
@@ -159,36 +159,36 @@ fn pump(ras: &Rc<Ras>) {
     );
 }
 
-fn end_op(ras: &Rc<Ras>) {
-    let owner = owner_of(ras);
-    if ras.shared.torn_down.load(Ordering::Acquire) {
+fn end_op(channel: &Rc<ArrayChannel>) {
+    let owner = owner_of(channel);
+    if channel.shared.torn_down.load(Ordering::Acquire) {
         owner.op_running.set(false);
-        return fail_pending(ras);
+        return fail_pending(channel);
     }
     let next = owner.ops.borrow_mut().pop_front();
     match next {
         // Still suspended: run the next change under the same suspension.
-        Some(op) => op(ras, Ok(Fence { ras: Some(ras.clone()) })),
+        Some(op) => op(channel, Ok(Fence { channel: Some(channel.clone()) })),
         None => {
             owner.op_running.set(false);
-            resume_local(ras);
+            resume_local(channel);
         }
     }
 }
 
 /// Suspends the array (owner reactor only); `done` runs once no array IO is
 /// in flight on any reactor, or with an error if the array is gone.
-pub(crate) fn suspend_local(ras: &Rc<Ras>, done: Waiter) {
-    if ras.shared.torn_down.load(Ordering::Acquire) {
-        return done(Err(BdevError::NotFound(ras.shared.name.clone())));
+pub(crate) fn suspend_local(channel: &Rc<ArrayChannel>, done: Waiter) {
+    if channel.shared.torn_down.load(Ordering::Acquire) {
+        return done(Err(BdevError::NotFound(channel.shared.name.clone())));
     }
-    let owner = owner_of(ras);
+    let owner = owner_of(channel);
     let step = owner.coord.borrow_mut().suspend();
     match step {
         SuspendStep::Broadcast(epoch) => {
             owner.waiters.borrow_mut().push(done);
             for r in 0..reactor::count() {
-                let shared = ras.shared.clone();
+                let shared = channel.shared.clone();
                 reactor::send(r, move || on_suspend_msg(&shared, epoch));
             }
         }
@@ -198,13 +198,13 @@ pub(crate) fn suspend_local(ras: &Rc<Ras>, done: Waiter) {
 }
 
 /// Ends one suspender's hold (owner reactor only).
-pub(crate) fn resume_local(ras: &Rc<Ras>) {
-    if ras.shared.torn_down.load(Ordering::Acquire) {
+pub(crate) fn resume_local(channel: &Rc<ArrayChannel>) {
+    if channel.shared.torn_down.load(Ordering::Acquire) {
         return;
     }
-    let epoch = owner_of(ras).coord.borrow_mut().resume();
+    let epoch = owner_of(channel).coord.borrow_mut().resume();
     if let Some(epoch) = epoch {
-        broadcast_resume(&ras.shared, epoch);
+        broadcast_resume(&channel.shared, epoch);
     }
 }
 
@@ -219,11 +219,11 @@ fn broadcast_resume(shared: &Arc<ArrayShared>, epoch: u64) {
 fn on_suspend_msg(shared: &Arc<ArrayShared>, epoch: u64) {
     // Creates this reactor's state if it had none, so that a channel created
     // later on this reactor starts closed too.
-    let Some(ras) = ras_for(shared) else {
+    let Some(channel) = channel_for(shared) else {
         // Torn down: answer anyway so the owner never waits on us.
         return send_drained(shared, epoch);
     };
-    let ack = ras.gate.borrow_mut().on_suspend(epoch);
+    let ack = channel.gate.borrow_mut().on_suspend(epoch);
     if let Some(epoch) = ack {
         send_drained(shared, epoch);
     }
@@ -234,15 +234,15 @@ pub(crate) fn send_drained(shared: &Arc<ArrayShared>, epoch: u64) {
     let key = shared.key;
     let name = shared.name.clone();
     reactor::send(shared.owner, move || {
-        let Some(ras) = find_ras(key) else {
+        let Some(channel) = find_channel(key) else {
             tracing::debug!(raid = %name, "drain ack for an array that is gone");
             return;
         };
-        let owner = owner_of(&ras);
+        let owner = owner_of(&channel);
         let step = owner.coord.borrow_mut().on_drained(epoch);
         match step {
             Drained::Pending => {}
-            Drained::Resume(epoch) => broadcast_resume(&ras.shared, epoch),
+            Drained::Resume(epoch) => broadcast_resume(&channel.shared, epoch),
             Drained::Suspended => {
                 let waiters = std::mem::take(&mut *owner.waiters.borrow_mut());
                 for w in waiters {
@@ -255,14 +255,14 @@ pub(crate) fn send_drained(shared: &Arc<ArrayShared>, epoch: u64) {
 
 /// Any reactor: open this reactor's gate and resubmit what it held, in order.
 fn on_resume_msg(shared: &Arc<ArrayShared>, epoch: u64) {
-    let Some(ras) = find_ras(shared.key) else {
+    let Some(channel) = find_channel(shared.key) else {
         return;
     };
-    ras.refresh();
-    ras.gate.borrow_mut().on_resume(epoch);
+    channel.refresh();
+    channel.gate.borrow_mut().on_resume(epoch);
     loop {
         let next = {
-            let mut gate = ras.gate.borrow_mut();
+            let mut gate = channel.gate.borrow_mut();
             if gate.is_closed() {
                 // A newer suspend already closed it again (cannot happen
                 // within one message, but never resubmit into a closed gate).
@@ -272,20 +272,20 @@ fn on_resume_msg(shared: &Arc<ArrayShared>, epoch: u64) {
             }
         };
         let Some(io) = next else { break };
-        ras.submit(io);
+        channel.submit(io);
     }
 }
 
 /// Any reactor: fail the IO this reactor holds (the array is being deleted).
 pub(crate) fn fail_held(shared: &Arc<ArrayShared>) {
-    if let Some(ras) = find_ras(shared.key) {
-        fail_held_on(&ras);
+    if let Some(channel) = find_channel(shared.key) {
+        fail_held_on(&channel);
     }
 }
 
-pub(crate) fn fail_held_on(ras: &Ras) {
+pub(crate) fn fail_held_on(channel: &ArrayChannel) {
     loop {
-        let next = ras.gate.borrow_mut().pop_held();
+        let next = channel.gate.borrow_mut().pop_held();
         let Some(io) = next else { break };
         io.fail(IoError::NoDevice);
     }
@@ -296,21 +296,21 @@ pub(crate) fn fail_held_on(ras: &Ras) {
 pub(crate) fn member_failed(shared: &Arc<ArrayShared>, m: usize) {
     let key = shared.key;
     reactor::send(shared.owner, move || {
-        let Some(ras) = find_ras(key) else { return };
+        let Some(channel) = find_channel(key) else { return };
         // With a superblock the failure is recorded on the surviving members
         // at once, outside any fence: writes that succeeded only on the
         // others wait for it before they complete (a restart must not take
         // the failed copy for a good one), and a fence would wait for them.
-        crate::meta::record_failures(&ras);
+        crate::meta::record_failures(&channel);
         fenced(
-            &ras,
-            Box::new(move |ras, fence| {
+            &channel,
+            Box::new(move |channel, fence| {
                 let Ok(fence) = fence else { return };
-                crate::array::apply_member_failure(ras, m);
+                crate::array::apply_member_failure(channel, m);
                 // A resync that stopped for the failure goes on with the
                 // copies that remain.
-                let r2 = ras.clone();
-                crate::array::commit(ras, fence, move |_| crate::rebuild::start_next(&r2));
+                let r2 = channel.clone();
+                crate::array::commit(channel, fence, move |_| crate::rebuild::start_next(&r2));
             }),
         );
     });
@@ -320,8 +320,8 @@ pub(crate) fn member_failed(shared: &Arc<ArrayShared>, m: usize) {
 pub(crate) fn suspend_any(shared: &Arc<ArrayShared>, done: Box<dyn FnOnce(Result<(), BdevError>) + Send>) {
     let key = shared.key;
     let name = shared.name.clone();
-    reactor::send(shared.owner, move || match find_ras(key) {
-        Some(ras) => suspend_local(&ras, Box::new(done)),
+    reactor::send(shared.owner, move || match find_channel(key) {
+        Some(channel) => suspend_local(&channel, Box::new(done)),
         None => done(Err(BdevError::NotFound(name))),
     });
 }
@@ -330,16 +330,16 @@ pub(crate) fn suspend_any(shared: &Arc<ArrayShared>, done: Box<dyn FnOnce(Result
 pub(crate) fn resume_any(shared: &Arc<ArrayShared>) {
     let key = shared.key;
     reactor::send(shared.owner, move || {
-        if let Some(ras) = find_ras(key) {
-            resume_local(&ras);
+        if let Some(channel) = find_channel(key) {
+            resume_local(&channel);
         }
     });
 }
 
 /// Runs `f` on the owner reactor with its state (None: the array is gone).
-pub(crate) fn on_owner(shared: &Arc<ArrayShared>, f: impl FnOnce(Option<Rc<Ras>>) + Send + 'static) {
+pub(crate) fn on_owner(shared: &Arc<ArrayShared>, f: impl FnOnce(Option<Rc<ArrayChannel>>) + Send + 'static) {
     let key = shared.key;
-    reactor::send(shared.owner, move || f(find_ras(key)));
+    reactor::send(shared.owner, move || f(find_channel(key)));
 }
 
 /// Runs `change` on the array's owner reactor inside a fence (held IO,
@@ -348,15 +348,15 @@ pub(crate) fn on_owner(shared: &Arc<ArrayShared>, f: impl FnOnce(Option<Rc<Ras>>
 /// gone or being torn down).
 pub(crate) fn on_owner_fenced(
     shared: &Arc<ArrayShared>,
-    change: impl FnOnce(Result<(&Rc<Ras>, Fence), BdevError>) + Send + 'static,
+    change: impl FnOnce(Result<(&Rc<ArrayChannel>, Fence), BdevError>) + Send + 'static,
 ) {
     let name = shared.name.clone();
-    on_owner(shared, move |ras| match ras {
+    on_owner(shared, move |channel| match channel {
         None => change(Err(BdevError::NotFound(format!("raid bdev {name}")))),
-        Some(ras) => fenced(
-            &ras,
-            Box::new(move |ras, fence| match fence {
-                Ok(fence) => change(Ok((ras, fence))),
+        Some(channel) => fenced(
+            &channel,
+            Box::new(move |channel, fence| match fence {
+                Ok(fence) => change(Ok((channel, fence))),
                 Err(e) => change(Err(e)),
             }),
         ),
@@ -364,15 +364,15 @@ pub(crate) fn on_owner_fenced(
 }
 
 /// Fails every queued operation and suspend waiter (teardown finished).
-pub(crate) fn fail_pending(ras: &Rc<Ras>) {
-    let owner = owner_of(ras);
+pub(crate) fn fail_pending(channel: &Rc<ArrayChannel>) {
+    let owner = owner_of(channel);
     let waiters = std::mem::take(&mut *owner.waiters.borrow_mut());
     for w in waiters {
-        w(Err(BdevError::NotFound(ras.shared.name.clone())));
+        w(Err(BdevError::NotFound(channel.shared.name.clone())));
     }
     loop {
         let op = owner.ops.borrow_mut().pop_front();
         let Some(op) = op else { break };
-        op(ras, Err(BdevError::NotFound(ras.shared.name.clone())));
+        op(channel, Err(BdevError::NotFound(channel.shared.name.clone())));
     }
 }

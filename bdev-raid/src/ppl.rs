@@ -82,7 +82,7 @@
 //! entries until the next assembly wipes them); raid6 has no log (md has
 //! none either).
 
-use crate::channel::{find_ras, MemberCh, Ras};
+use crate::channel::{find_channel, ArrayChannel, MemberCh};
 use crate::map::{Geometry, MAX_MEMBERS};
 use crate::meta;
 use crate::superblock::PplLocation;
@@ -437,7 +437,7 @@ impl PplLog {
         self.reuse_blocked.store(false, Ordering::Release);
         let round = self.flush_rounds_started.fetch_add(1, Ordering::SeqCst) + 1;
         let cached = |m: usize| {
-            Ras::writable(members, failed, m)
+            ArrayChannel::writable(members, failed, m)
                 && members[m].ch.as_ref().is_some_and(|ch| {
                     let b = ch.handle().bdev();
                     b.has_write_cache() && b.io_type_supported(IoType::Flush)
@@ -473,14 +473,14 @@ impl PplLog {
         false
     }
 
-    /// One member flush of the running round is back (`ras`: the array on
+    /// One member flush of the running round is back (`channel`: the array on
     /// this reactor, None for one that could not be sent).
-    fn flush_back(&self, ras: Option<&Ras>, m: usize, ok: bool) {
-        match (ras, ok) {
+    fn flush_back(&self, channel: Option<&ArrayChannel>, m: usize, ok: bool) {
+        match (channel, ok) {
             (_, true) => {}
             // Its cache may have lost what the slots' writes put there: the
             // member fails, which leaves nothing on it to protect.
-            (Some(ras), false) => ras.latch_failed(m),
+            (Some(channel), false) => channel.latch_failed(m),
             (None, false) => self.round_short.store(true, Ordering::Release),
         }
         if self.flush_left.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -512,9 +512,9 @@ impl IoDone for LogFlushDone {
     fn io_done(&self, io: IoBox) {
         let (key, m, ok) = (io.tag as u32, io.tag2 as usize, io.status.is_ok());
         drop(io);
-        let Some(ras) = find_ras(key) else { return };
-        let Some(log) = ras.shared.ppl.get() else { return };
-        log.flush_back(Some(&ras), m, ok);
+        let Some(channel) = find_channel(key) else { return };
+        let Some(log) = channel.shared.ppl.get() else { return };
+        log.flush_back(Some(&channel), m, ok);
     }
 }
 

@@ -28,7 +28,7 @@
 //! way to a check, and ends without a fence (it changes no membership).
 
 use crate::array::{self, RaidModule};
-use crate::channel::Ras;
+use crate::channel::ArrayChannel;
 use crate::map::Loc;
 use crate::owner::{fenced, OwnerPart};
 use crate::range_table::{words, Acquired};
@@ -86,7 +86,7 @@ pub enum WindowJob {
 }
 
 pub(crate) struct Rebuild {
-    ras: Weak<Ras>,
+    channel: Weak<ArrayChannel>,
     weak: Weak<Rebuild>,
     /// Members written (bit per slot).
     dests: u32,
@@ -128,8 +128,8 @@ pub(crate) struct Rebuild {
     poller: RefCell<Option<PollerHandle>>,
 }
 
-fn owner_of(ras: &Ras) -> &OwnerPart {
-    ras.owner.as_ref().unwrap_or_else(|| unreachable!("rebuilds run on the owner"))
+fn owner_of(channel: &ArrayChannel) -> &OwnerPart {
+    channel.owner.as_ref().unwrap_or_else(|| unreachable!("rebuilds run on the owner"))
 }
 
 /// Sorted, coalesced ranges.
@@ -150,32 +150,32 @@ fn merge(mut v: Vec<Range<u64>>) -> Vec<Range<u64>> {
 /// everything) and, after an unclean shutdown, the dirty ranges onto every
 /// copy — one process at a time (owner, fenced: the first window starts
 /// after the resume).
-pub(crate) fn start_next(ras: &Rc<Ras>) {
-    let owner = owner_of(ras);
-    if owner.rebuild.borrow().is_some() || ras.shared.deleted.load(Ordering::Acquire) {
+pub(crate) fn start_next(channel: &Rc<ArrayChannel>) {
+    let owner = owner_of(channel);
+    if owner.rebuild.borrow().is_some() || channel.shared.deleted.load(Ordering::Acquire) {
         return;
     }
-    let Some(array_blocks) = ras.shared.geometry.get().map(|g| g.array_blocks()) else {
+    let Some(array_blocks) = channel.shared.geometry.get().map(|g| g.array_blocks()) else {
         return;
     };
     let (dests, ranges, resync, target, sync_pass, marks_synced) = {
-        let mut ctl = ras.shared.ctl();
+        let mut control = channel.shared.control();
         let rebuilding: Vec<usize> =
-            (0..ctl.slots.len()).filter(|&i| ctl.slots[i].role == array::Role::Rebuilding).collect();
+            (0..control.slots.len()).filter(|&i| control.slots[i].role == array::Role::Rebuilding).collect();
         // A bitmap that knows which chunks were written: never-written
         // chunks read as zeros at every redundant level (`level::stripe`,
         // `level::raid1`), so their members' contents need not agree.
-        let tracking = ctl.bitmap.clone().filter(|bm| bm.tracks_written());
+        let tracking = control.bitmap.clone().filter(|bm| bm.tracks_written());
         let mut ranges: Vec<Range<u64>> = Vec::new();
         let mut full = false;
         for &i in &rebuilding {
-            match &ctl.slots[i].partial {
+            match &control.slots[i].partial {
                 Some(p) => ranges.extend(p.iter().cloned()),
                 None => full = true,
             }
         }
-        let resync = ctl.dirty.is_some();
-        if let Some(d) = &ctl.dirty {
+        let resync = control.dirty.is_some();
+        if let Some(d) = &control.dirty {
             ranges.extend(d.iter().cloned());
         }
         let mut sync_pass = false;
@@ -183,7 +183,7 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
             // Nothing to repair: a sync pass over the chunks that need
             // sync, when every member is there to compute parity from.
             let Some(bm) = tracking.as_ref().filter(|bm| bm.first_write_needs_sync()) else { return };
-            if !array::in_sync(&ras.shared, &ctl) {
+            if !array::in_sync(&channel.shared, &control) {
                 return;
             }
             ranges = crate::examine::chunk_ranges(bm.geometry(), bm.needsync_chunks().into_iter());
@@ -194,15 +194,15 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         }
         // (A sync pass writes parity wherever it lies: every member.)
         let dests: u32 = if resync || sync_pass {
-            (0..ctl.slots.len()).fold(0, |m, i| m | 1 << i)
+            (0..control.slots.len()).fold(0, |m, i| m | 1 << i)
         } else {
             rebuilding.iter().fold(0, |m, &i| m | 1 << i)
         };
         // A full rebuild of a level whose member blocks are array blocks
         // (raid1) resumes where the superblock says it got to; the resync
         // ranges, if any, are copied too.
-        let resume = if full && ras.shared.level.array_offset_is_member_offset() {
-            rebuilding.iter().map(|&i| ctl.slots[i].recovered_blocks).min().unwrap_or(0).min(array_blocks)
+        let resume = if full && channel.shared.level.array_offset_is_member_offset() {
+            rebuilding.iter().map(|&i| control.slots[i].recovered_blocks).min().unwrap_or(0).min(array_blocks)
         } else {
             0
         };
@@ -225,24 +225,24 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
         // A parity level repairs whole stripes: each range widens to the
         // stripes it touches (copy levels: unchanged), so a stripe that two
         // dirty chunks share is repaired and counted once.
-        if let Some(g) = ras.shared.geometry.get() {
+        if let Some(g) = channel.shared.geometry.get() {
             for r in ranges.iter_mut().filter(|r| r.start < r.end) {
-                *r = ras.shared.level.lock_range(g, r.start, r.end - r.start);
+                *r = channel.shared.level.lock_range(g, r.start, r.end - r.start);
             }
         }
         let ranges = merge(ranges);
         let target = rebuilding.first().copied().unwrap_or(0);
-        ctl.process_target = Some(target);
-        ctl.process_kind = if rebuilding.is_empty() { "resync" } else { "rebuild" };
+        control.process_target = Some(target);
+        control.process_kind = if rebuilding.is_empty() { "resync" } else { "rebuild" };
         let marks_synced = rebuilding.is_empty() && tracking.as_ref().is_some_and(|bm| bm.first_write_needs_sync());
         (dests, ranges, resync, target, sync_pass, marks_synced)
     };
     // A resync or sync pass over every member (none rebuilding) computes
     // each window's parity from its data: its chunks are synced after it.
-    let rb = spawn(ras, dests, ranges, resync, None);
+    let rb = spawn(channel, dests, ranges, resync, None);
     rb.marks_synced.set(marks_synced);
     rb.sync_pass.set(sync_pass);
-    tracing::info!(raid = %ras.shared.name, slot = target, dests, resync, sync_pass, "rebuild started");
+    tracing::info!(raid = %channel.shared.name, slot = target, dests, resync, sync_pass, "rebuild started");
 }
 
 /// `bdev_raid_check`: reads every copy of every block, counts the blocks
@@ -250,26 +250,26 @@ pub(crate) fn start_next(ras: &Rc<Ras>) {
 /// active copy. One process at a time: refused while a rebuild runs; a
 /// sync pass gives way (it starts again after the check). With a bitmap
 /// that knows which chunks were written, only their stripes are checked.
-pub(crate) fn start_check(ras: &Rc<Ras>, repair: bool, done: CheckDone) {
-    let owner = owner_of(ras);
+pub(crate) fn start_check(channel: &Rc<ArrayChannel>, repair: bool, done: CheckDone) {
+    let owner = owner_of(channel);
     let running = owner.rebuild.borrow().clone();
     if let Some(rb) = running {
         if rb.sync_pass.get() && !rb.cancelled.get() {
-            let r2 = ras.clone();
-            return cancel_then(ras, move || start_check(&r2, repair, done));
+            let r2 = channel.clone();
+            return cancel_then(channel, move || start_check(&r2, repair, done));
         }
-        return done(Err(BdevError::Os(format!("{}: a rebuild, resync or check is running", ras.shared.name), 16)));
+        return done(Err(BdevError::Os(format!("{}: a rebuild, resync or check is running", channel.shared.name), 16)));
     }
-    if !ras.shared.level.is_redundant() {
-        return done(Err(BdevError::Invalid(format!("{} has no redundancy to check", ras.shared.name))));
+    if !channel.shared.level.is_redundant() {
+        return done(Err(BdevError::Invalid(format!("{} has no redundancy to check", channel.shared.name))));
     }
-    let Some(array_blocks) = ras.shared.geometry.get().map(|g| g.array_blocks()) else {
-        return done(Err(BdevError::Invalid(format!("{} is not online", ras.shared.name))));
+    let Some(array_blocks) = channel.shared.geometry.get().map(|g| g.array_blocks()) else {
+        return done(Err(BdevError::Invalid(format!("{} is not online", channel.shared.name))));
     };
     {
-        let mut ctl = ras.shared.ctl();
-        ctl.process_target = Some(0);
-        ctl.process_kind = "check";
+        let mut control = channel.shared.control();
+        control.process_target = Some(0);
+        control.process_kind = "check";
     }
     let check = CheckState {
         repair,
@@ -278,11 +278,11 @@ pub(crate) fn start_check(ras: &Rc<Ras>, repair: bool, done: CheckDone) {
         started_ns: reactor::now_ns(),
         done: RefCell::new(Some(done)),
     };
-    let ranges = match ras.shared.ctl().bitmap.clone().filter(|bm| bm.tracks_written()) {
-        Some(bm) => written_ranges(ras, &bm),
+    let ranges = match channel.shared.control().bitmap.clone().filter(|bm| bm.tracks_written()) {
+        Some(bm) => written_ranges(channel, &bm),
         None => std::iter::once(0..array_blocks).collect(),
     };
-    spawn(ras, u32::MAX, ranges, false, Some(check));
+    spawn(channel, u32::MAX, ranges, false, Some(check));
 }
 
 /// The parts of `ranges` (array blocks) in written chunks.
@@ -309,11 +309,11 @@ fn only_written(bm: &bitmap::Bitmap, ranges: Vec<Range<u64>>) -> Vec<Range<u64>>
 
 /// The array ranges of the written chunks, widened to what the level
 /// locks (whole stripes for a parity level) and merged.
-fn written_ranges(ras: &Ras, bm: &bitmap::Bitmap) -> Vec<Range<u64>> {
+fn written_ranges(channel: &ArrayChannel, bm: &bitmap::Bitmap) -> Vec<Range<u64>> {
     let mut ranges = crate::examine::chunk_ranges(bm.geometry(), bm.written_chunks().into_iter());
-    if let Some(g) = ras.shared.geometry.get() {
+    if let Some(g) = channel.shared.geometry.get() {
         for r in ranges.iter_mut().filter(|r| r.start < r.end) {
-            *r = ras.shared.level.lock_range(g, r.start, r.end - r.start);
+            *r = channel.shared.level.lock_range(g, r.start, r.end - r.start);
         }
     }
     merge(ranges)
@@ -327,8 +327,8 @@ pub(crate) const SYNC_PASS_DELAY: std::time::Duration = std::time::Duration::fro
 /// Has the owner's bitmap call `start_next` (`SYNC_PASS_DELAY` later, from
 /// a poller) when a batch left chunks needing sync, so the sync pass
 /// computes their parity.
-pub(crate) fn watch_needs_sync(ras: &Rc<Ras>, bm: &bitmap::BitmapOwner) {
-    let weak = Rc::downgrade(ras);
+pub(crate) fn watch_needs_sync(channel: &Rc<ArrayChannel>, bm: &bitmap::BitmapOwner) {
+    let weak = Rc::downgrade(channel);
     let armed = Rc::new(Cell::new(false));
     bm.on_needs_sync(move || {
         if armed.replace(true) {
@@ -337,22 +337,28 @@ pub(crate) fn watch_needs_sync(ras: &Rc<Ras>, bm: &bitmap::BitmapOwner) {
         let (weak, armed) = (weak.clone(), armed.clone());
         reactor::register_timed_poller("raid_sync_pass_start", SYNC_PASS_DELAY, move || {
             armed.set(false);
-            if let Some(ras) = weak.upgrade() {
-                start_next(&ras);
+            if let Some(channel) = weak.upgrade() {
+                start_next(&channel);
             }
             PollStatus::Done
         });
     });
 }
 
-fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check: Option<CheckState>) -> Rc<Rebuild> {
-    let owner = owner_of(ras);
+fn spawn(
+    channel: &Rc<ArrayChannel>,
+    dests: u32,
+    ranges: Vec<Range<u64>>,
+    resync: bool,
+    check: Option<CheckState>,
+) -> Rc<Rebuild> {
+    let owner = owner_of(channel);
     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-    ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
-    ras.shared.process_total.store(total, Ordering::Relaxed);
+    channel.shared.rebuild_blocks.store(0, Ordering::Relaxed);
+    channel.shared.process_total.store(total, Ordering::Relaxed);
     let first = ranges.first().map_or(0, |r| r.start);
     let rb = Rc::new_cyclic(|weak| Rebuild {
-        ras: Rc::downgrade(ras),
+        channel: Rc::downgrade(channel),
         weak: weak.clone(),
         dests,
         ranges,
@@ -386,25 +392,25 @@ fn spawn(ras: &Rc<Ras>, dests: u32, ranges: Vec<Range<u64>>, resync: bool, check
 
 /// Stops the running rebuild (owner). Between windows it stops at once;
 /// inside one (only outside fences) it stops when the window ends.
-pub(crate) fn cancel(ras: &Rc<Ras>) {
-    cancel_then(ras, || {});
+pub(crate) fn cancel(channel: &Rc<ArrayChannel>) {
+    cancel_then(channel, || {});
 }
 
 /// `cancel`, and `stopped` runs once no window of it is in flight any
 /// more (at once when it was between windows or none ran).
-pub(crate) fn cancel_then(ras: &Rc<Ras>, stopped: impl FnOnce() + 'static) {
-    let Some(owner) = &ras.owner else { return stopped() };
+pub(crate) fn cancel_then(channel: &Rc<ArrayChannel>, stopped: impl FnOnce() + 'static) {
+    let Some(owner) = &channel.owner else { return stopped() };
     let rb = owner.rebuild.borrow().clone();
     {
-        let mut ctl = ras.shared.ctl();
-        ctl.process_target = None;
+        let mut control = channel.shared.control();
+        control.process_target = None;
     }
-    ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
+    channel.shared.rebuild_blocks.store(0, Ordering::Relaxed);
     let Some(rb) = rb else { return stopped() };
     rb.cancelled.set(true);
     rb.on_stop.borrow_mut().push(Box::new(stopped));
     if rb.phase.get() == Phase::Idle {
-        rb.stop(ras);
+        rb.stop(channel);
     }
 }
 
@@ -413,36 +419,36 @@ impl Rebuild {
         self.weak.upgrade().unwrap_or_else(|| unreachable!("used through its Rc"))
     }
 
-    fn stop(&self, ras: &Ras) {
+    fn stop(&self, channel: &ArrayChannel) {
         self.phase.set(Phase::Stopped);
         if let Some(c) = &self.check {
             let done = c.done.borrow_mut().take();
             if let Some(done) = done {
-                ras.shared.ctl().process_target = None;
+                channel.shared.control().process_target = None;
                 let finished = self.range_idx.get() >= self.ranges.len();
                 // A whole-array check that left nothing wrong: redundancy
                 // is consistent everywhere (user writes keep it so).
                 let verified = finished && c.mismatched.get() == c.repaired.get();
-                let was = ras.shared.redundancy_verified.load(Ordering::Acquire);
+                let was = channel.shared.redundancy_verified.load(Ordering::Acquire);
                 if verified {
-                    ras.shared.redundancy_verified.store(true, Ordering::Release);
+                    channel.shared.redundancy_verified.store(true, Ordering::Release);
                 } else if c.mismatched.get() > c.repaired.get() {
                     // Wrong parity found and left: never update it in place.
-                    ras.shared.redundancy_verified.store(false, Ordering::Release);
+                    channel.shared.redundancy_verified.store(false, Ordering::Release);
                 }
                 // A level that trusts a verification keeps it in the
                 // superblock (`meta::next_info` writes the flag).
-                let now = ras.shared.redundancy_verified.load(Ordering::Acquire);
+                let now = channel.shared.redundancy_verified.load(Ordering::Acquire);
                 // (Not while deleting: the clean superblock written then carries it.)
-                let deleting = ras.shared.deleted.load(Ordering::Acquire);
-                if now != was && ras.shared.level.trusts_checked_redundancy() && !deleting {
-                    let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone());
+                let deleting = channel.shared.deleted.load(Ordering::Acquire);
+                if now != was && channel.shared.level.trusts_checked_redundancy() && !deleting {
+                    let meta = channel.owner.as_ref().and_then(|o| o.meta.borrow().clone());
                     if let Some(meta) = meta {
-                        crate::meta::update(&ras.rc(), &meta, crate::meta::SbWrite::Dirty, Box::new(|_| {}));
+                        crate::meta::update(&channel.rc(), &meta, crate::meta::SbWrite::Dirty, Box::new(|_| {}));
                     }
                 }
                 let r = json!({
-                    "name": ras.shared.name,
+                    "name": channel.shared.name,
                     "blocks_checked": self.done_blocks.get(),
                     "mismatched_blocks": c.mismatched.get(),
                     "repaired_blocks": c.repaired.get(),
@@ -450,16 +456,16 @@ impl Rebuild {
                     "completed": finished,
                     "duration_ms": (reactor::now_ns().saturating_sub(c.started_ns)) / 1_000_000,
                 });
-                *ras.shared.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
-                tracing::info!(raid = %ras.shared.name, result = %r, "check finished");
-                let stopped = || BdevError::Os(format!("{}: check stopped before the end", ras.shared.name), 125);
+                *channel.shared.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                tracing::info!(raid = %channel.shared.name, result = %r, "check finished");
+                let stopped = || BdevError::Os(format!("{}: check stopped before the end", channel.shared.name), 125);
                 done(if finished { Ok(r) } else { Err(stopped()) });
             }
         }
         if let Some(p) = self.poller.borrow_mut().take() {
             p.unregister();
         }
-        let owner = owner_of(ras);
+        let owner = owner_of(channel);
         let mine = owner.rebuild.borrow().as_ref().is_some_and(|r| std::ptr::eq(Rc::as_ptr(r), self));
         if mine {
             *owner.rebuild.borrow_mut() = None;
@@ -475,11 +481,11 @@ impl Rebuild {
         if self.phase.get() != Phase::Idle {
             return if self.phase.get() == Phase::Stopped { PollStatus::Done } else { PollStatus::Idle };
         }
-        let Some(ras) = self.ras.upgrade() else {
+        let Some(channel) = self.channel.upgrade() else {
             return PollStatus::Done;
         };
         if self.cancelled.get() {
-            self.stop(&ras);
+            self.stop(&channel);
             return PollStatus::Done;
         }
         let now = reactor::now_ns();
@@ -487,13 +493,13 @@ impl Rebuild {
             return PollStatus::Idle;
         }
         let Some(range) = self.ranges.get(self.range_idx.get()).cloned() else {
-            self.finish(&ras);
+            self.finish(&channel);
             return PollStatus::Busy;
         };
-        if !ras.gate.borrow_mut().try_enter() {
+        if !channel.gate.borrow_mut().try_enter() {
             return PollStatus::Idle;
         }
-        let bs = ras.block_size.get();
+        let bs = channel.block_size.get();
         let opts = RaidModule::get().options();
         let max_blocks = (DmaBuf::MAX_LEN as u64 / bs).max(1);
         let window_blocks = (opts.process_window_size_kb as u64 * 1024 / bs).clamp(1, max_blocks);
@@ -504,14 +510,14 @@ impl Rebuild {
         // stripe is rebuilt once and its rows fit the window's buffer.
         // (User writes lock whole stripes themselves, so a narrower window
         // would still never overlap one.)
-        let end = match ras.shared.geometry.get() {
-            Some(g) => ras.shared.level.lock_range(g, start, end - start).end.max(end),
+        let end = match channel.shared.geometry.get() {
+            Some(g) => channel.shared.level.lock_range(g, start, end - start).end.max(end),
             None => end,
         };
         self.window.set((start, end));
         self.window_started_ns.set(now);
         self.phase.set(Phase::Locking);
-        let r = owner_of(&ras).table.borrow_mut().acquire(start, end, words::REBUILD_WAITER);
+        let r = owner_of(&channel).table.borrow_mut().acquire(start, end, words::REBUILD_WAITER);
         match r {
             Acquired::Granted(e) => self.on_granted(e),
             Acquired::Waiting(e) => self.entry.set(e),
@@ -527,22 +533,22 @@ impl Rebuild {
 
     /// The level's plan for the current window (None: an extent to repair
     /// has no healthy copy).
-    fn plan(&self, ras: &Ras) -> Option<Vec<WindowCopy>> {
+    fn plan(&self, channel: &ArrayChannel) -> Option<Vec<WindowCopy>> {
         let (start, end) = self.window.get();
         let job = if self.check.is_some() { WindowJob::Check } else { WindowJob::Repair { dests: self.dests } };
-        ras.shared.level.plan_window(ras, start..end, job)
+        channel.shared.level.plan_window(channel, start..end, job)
     }
 
     fn start_reads(&self) {
-        let Some(ras) = self.ras.upgrade() else {
+        let Some(channel) = self.channel.upgrade() else {
             return;
         };
         if self.cancelled.get() {
-            return self.end_window(&ras, false);
+            return self.end_window(&channel, false);
         }
-        let Some(copies) = self.plan(&ras) else {
-            tracing::error!(raid = %ras.shared.name, "rebuild has no healthy source copy: stopping");
-            return self.end_window(&ras, false);
+        let Some(copies) = self.plan(&channel) else {
+            tracing::error!(raid = %channel.shared.name, "rebuild has no healthy source copy: stopping");
+            return self.end_window(&channel, false);
         };
         let count = if self.check.is_some() {
             copies.iter().map(|c| 1 + c.to.len() as u32 + c.xor.len() as u32).sum()
@@ -550,14 +556,14 @@ impl Rebuild {
             copies.iter().map(|c| 1 + c.xor.len() as u32).sum()
         };
         if count == 0 {
-            return self.end_window(&ras, true);
+            return self.end_window(&channel, true);
         }
         if (IoBox::available() as u64) < count as u64 {
             // Out of descriptors: give the window back and retry shortly.
             self.next_start_ns.set(reactor::now_ns() + 1_000_000);
-            return self.release_window(&ras);
+            return self.release_window(&channel);
         }
-        let bs = ras.block_size.get();
+        let bs = channel.block_size.get();
         let (start, end) = self.window.get();
         let len = ((end - start) * bs) as usize;
         if self.buf.borrow().as_ref().is_none_or(|b| b.len() < len) {
@@ -566,7 +572,7 @@ impl Rebuild {
         }
         let Some(buf) = self.buf.borrow().clone() else {
             self.next_start_ns.set(reactor::now_ns() + 1_000_000);
-            return self.release_window(&ras);
+            return self.release_window(&channel);
         };
         // Scrub: a buffer per other copy; parity rebuild: per XOR source.
         // (A parity scrub reads `from`, the parity, and XORs the data.)
@@ -586,7 +592,7 @@ impl Rebuild {
                     None => {
                         drop(cmp);
                         self.next_start_ns.set(reactor::now_ns() + 1_000_000);
-                        return self.release_window(&ras);
+                        return self.release_window(&channel);
                     }
                 }
             }
@@ -594,7 +600,7 @@ impl Rebuild {
         self.phase.set(Phase::Reading);
         self.failed.set(false);
         self.remaining.set(count);
-        let members = ras.members.borrow();
+        let members = channel.members.borrow();
         let cmp = self.cmp.borrow();
         for c in &copies {
             let (off, n) = ((c.buf_offset_blocks * bs) as usize, (c.num_blocks * bs) as usize);
@@ -615,10 +621,10 @@ impl Rebuild {
 
     /// Scrub: compares every copy with the first; mismatching blocks are
     /// counted and, with `repair`, their extents rewritten from the first.
-    fn compare(&self, ras: &Ras) {
+    fn compare(&self, channel: &ArrayChannel) {
         let Some(check) = &self.check else { return };
-        let (Some(buf), bs) = (self.buf.borrow().clone(), ras.block_size.get() as usize) else {
-            return self.end_window(ras, false);
+        let (Some(buf), bs) = (self.buf.borrow().clone(), channel.block_size.get() as usize) else {
+            return self.end_window(channel, false);
         };
         let copies = std::mem::take(&mut *self.current.borrow_mut());
         let cmp = self.cmp.borrow().clone();
@@ -634,14 +640,14 @@ impl Rebuild {
                 let t = c.to.len();
                 let sum = cmp[t].slice(off, n);
                 let sources: Vec<DmaBuf> = cmp[t..t + c.xor.len()].iter().map(|b| b.slice(off, n)).collect();
-                let combined = ras
+                let combined = channel
                     .shared
                     .geometry
                     .get()
-                    .is_some_and(|g| ras.shared.level.combine_window(g, c.from, &c.xor, &sources));
+                    .is_some_and(|g| channel.shared.level.combine_window(g, c.from, &c.xor, &sources));
                 if !combined {
-                    ras.impossible("parity check sources that do not give the parity");
-                    return self.end_window(ras, false);
+                    channel.impossible("parity check sources that do not give the parity");
+                    return self.end_window(channel, false);
                 }
                 let differ = buf.with(|a| {
                     sum.with(|b| a[off..off + n].chunks(bs).zip(b.chunks(bs)).filter(|(x, y)| x != y).count())
@@ -671,15 +677,15 @@ impl Rebuild {
             }
         }
         if repairs.is_empty() {
-            return self.end_window(ras, true);
+            return self.end_window(channel, true);
         }
         if (IoBox::available() as u64) < repairs.len() as u64 {
-            return self.end_window(ras, false);
+            return self.end_window(channel, false);
         }
         self.phase.set(Phase::Writing);
         self.failed.set(false);
         self.remaining.set(repairs.len() as u32);
-        let members = ras.members.borrow();
+        let members = channel.members.borrow();
         for (to, n, off, from_cmp) in repairs {
             let src = from_cmp.map_or(&buf, |k| &cmp[k]);
             let b = src.slice(off as usize * bs, n as usize * bs);
@@ -687,25 +693,25 @@ impl Rebuild {
         }
     }
 
-    fn start_writes(&self, ras: &Ras) {
+    fn start_writes(&self, channel: &ArrayChannel) {
         let Some(buf) = self.buf.borrow().clone() else {
-            return self.end_window(ras, false);
+            return self.end_window(channel, false);
         };
-        let Some(copies) = self.plan(ras) else {
-            return self.end_window(ras, false);
+        let Some(copies) = self.plan(channel) else {
+            return self.end_window(channel, false);
         };
         let writes: u32 = copies.iter().map(|c| c.to.len() as u32).sum();
         if (IoBox::available() as u64) < writes as u64 {
-            return self.end_window(ras, false);
+            return self.end_window(channel, false);
         }
         if writes == 0 {
-            return self.end_window(ras, true);
+            return self.end_window(channel, true);
         }
-        let bs = ras.block_size.get();
+        let bs = channel.block_size.get();
         self.phase.set(Phase::Writing);
         self.failed.set(false);
         self.remaining.set(writes);
-        let members = ras.members.borrow();
+        let members = channel.members.borrow();
         for c in &copies {
             for &to in &c.to {
                 let b = buf.slice((c.buf_offset_blocks * bs) as usize, (c.num_blocks * bs) as usize);
@@ -739,36 +745,36 @@ impl Rebuild {
     }
 
     /// Gives the window's range and gate slot back without progress.
-    fn release_window(&self, ras: &Ras) {
+    fn release_window(&self, channel: &ArrayChannel) {
         let entry = self.entry.replace(u32::MAX);
         if entry != u32::MAX {
-            owner_of(ras).release(ras, entry);
+            owner_of(channel).release(channel, entry);
         }
         self.phase.set(Phase::Idle);
-        ras.exit_gate();
+        channel.exit_gate();
     }
 
     /// Ends the current window: `ok` advances past it, otherwise the rebuild stops.
-    fn end_window(&self, ras: &Ras, ok: bool) {
+    fn end_window(&self, channel: &ArrayChannel, ok: bool) {
         let (start, end) = self.window.get();
-        self.release_window(ras);
+        self.release_window(channel);
         if !ok {
-            tracing::warn!(raid = %ras.shared.name, offset = start, "rebuild stopped");
-            ras.shared.ctl().process_target = None;
-            return self.stop(ras);
+            tracing::warn!(raid = %channel.shared.name, offset = start, "rebuild stopped");
+            channel.shared.control().process_target = None;
+            return self.stop(channel);
         }
         self.offset.set(end);
         self.done_blocks.set(self.done_blocks.get() + (end - start));
-        ras.shared.rebuild_blocks.store(self.done_blocks.get(), Ordering::Relaxed);
+        channel.shared.rebuild_blocks.store(self.done_blocks.get(), Ordering::Relaxed);
         if !self.sync_pass.get() {
             // (A sync pass copies nothing onto another member.)
-            ras.shared.copied_blocks.fetch_add(end - start, Ordering::Relaxed);
+            channel.shared.copied_blocks.fetch_add(end - start, Ordering::Relaxed);
         }
-        self.save_progress(ras, end);
+        self.save_progress(channel, end);
         let idx = self.range_idx.get();
         if let Some(r) = self.ranges.get(idx).filter(|r| end >= r.end) {
             if self.marks_synced.get() {
-                mark_synced(ras, r);
+                mark_synced(channel, r);
             }
             self.range_idx.set(idx + 1);
             if let Some(next) = self.ranges.get(idx + 1) {
@@ -777,25 +783,25 @@ impl Rebuild {
         }
         let bw_mib = RaidModule::get().options().process_max_bandwidth_mb_sec as u64;
         if bw_mib > 0 {
-            let bytes = (end - start) * ras.block_size.get();
+            let bytes = (end - start) * channel.block_size.get();
             let ns = bytes as u128 * 1_000_000_000 / (bw_mib as u128 * 1024 * 1024);
             self.next_start_ns.set(self.window_started_ns.get() + ns as u64);
         }
         if self.cancelled.get() {
-            self.stop(ras);
+            self.stop(channel);
         }
     }
 
     /// A full rebuild of a level whose member blocks are array blocks
     /// (raid1) records how far it got: in the slots at once, in the
     /// superblock at most once a second (any write of it carries it).
-    fn save_progress(&self, ras: &Ras, end: u64) {
-        if self.check.is_some() || self.resync || !ras.shared.level.array_offset_is_member_offset() {
+    fn save_progress(&self, channel: &ArrayChannel, end: u64) {
+        if self.check.is_some() || self.resync || !channel.shared.level.array_offset_is_member_offset() {
             return;
         }
         {
-            let mut ctl = ras.shared.ctl();
-            for (i, s) in ctl.slots.iter_mut().enumerate() {
+            let mut control = channel.shared.control();
+            for (i, s) in control.slots.iter_mut().enumerate() {
                 if self.dests & (1 << i) != 0 && s.role == array::Role::Rebuilding && s.partial.is_none() {
                     s.recovered_blocks = s.recovered_blocks.max(end);
                 }
@@ -806,41 +812,41 @@ impl Rebuild {
             return;
         }
         self.progress_saved_ns.set(now);
-        let ras = ras.rc();
-        let meta = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone());
+        let channel = channel.rc();
+        let meta = channel.owner.as_ref().and_then(|o| o.meta.borrow().clone());
         if let Some(meta) = meta {
-            crate::meta::update(&ras, &meta, crate::meta::SbWrite::Dirty, Box::new(|_| {}));
+            crate::meta::update(&channel, &meta, crate::meta::SbWrite::Dirty, Box::new(|_| {}));
         }
     }
 
     /// Every window copied: the repaired members become active (and the
     /// array in sync) under a fence.
-    fn finish(&self, ras: &Rc<Ras>) {
-        self.stop(ras);
+    fn finish(&self, channel: &Rc<ArrayChannel>) {
+        self.stop(channel);
         if self.sync_pass.get() {
             // No membership changed: no fence, no superblock. Chunks that
             // came to need sync meanwhile get the next pass.
-            ras.shared.ctl().process_target = None;
-            ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
-            ras.shared.process_total.store(0, Ordering::Relaxed);
-            return start_next(ras);
+            channel.shared.control().process_target = None;
+            channel.shared.rebuild_blocks.store(0, Ordering::Relaxed);
+            channel.shared.process_total.store(0, Ordering::Relaxed);
+            return start_next(channel);
         }
         if self.check.is_some() {
-            ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
-            ras.shared.process_total.store(0, Ordering::Relaxed);
+            channel.shared.rebuild_blocks.store(0, Ordering::Relaxed);
+            channel.shared.process_total.store(0, Ordering::Relaxed);
             // A member added while the scrub ran waited for it.
-            return start_next(ras);
+            return start_next(channel);
         }
         let (dests, resync) = (self.dests, self.resync);
         fenced(
-            ras,
-            Box::new(move |ras, fence| {
+            channel,
+            Box::new(move |channel, fence| {
                 let Ok(fence) = fence else { return };
-                array::rebuild_finished(ras, dests, resync);
-                ras.shared.rebuild_blocks.store(0, Ordering::Relaxed);
-                ras.shared.process_total.store(0, Ordering::Relaxed);
-                let r2 = ras.clone();
-                array::commit(ras, fence, move |_| start_next(&r2));
+                array::rebuild_finished(channel, dests, resync);
+                channel.shared.rebuild_blocks.store(0, Ordering::Relaxed);
+                channel.shared.process_total.store(0, Ordering::Relaxed);
+                let r2 = channel.clone();
+                array::commit(channel, fence, move |_| start_next(&r2));
             }),
         );
     }
@@ -848,8 +854,8 @@ impl Rebuild {
 
 /// The chunks lying wholly inside `range`, whose every stripe a window
 /// computed the parity of from its data, are synced.
-fn mark_synced(ras: &Ras, range: &Range<u64>) {
-    let Some(bm) = ras.shared.ctl().bitmap.clone() else { return };
+fn mark_synced(channel: &ArrayChannel, range: &Range<u64>) {
+    let Some(bm) = channel.shared.control().bitmap.clone() else { return };
     let g = bm.geometry();
     let first = range.start.div_ceil(g.chunk_size_blocks);
     // The last chunk may be short: it ends with the array.
@@ -861,13 +867,13 @@ fn mark_synced(ras: &Ras, range: &Range<u64>) {
 
 impl IoDone for Rebuild {
     fn io_done(&self, io: IoBox) {
-        let Some(ras) = self.ras.upgrade() else {
+        let Some(channel) = self.channel.upgrade() else {
             return;
         };
         if !io.status.is_ok() {
             // A failed source or target is latched failed like any member;
             // the owner then updates the membership.
-            ras.latch_failed((io.tag2 & 0xff) as usize);
+            channel.latch_failed((io.tag2 & 0xff) as usize);
             self.failed.set(true);
         }
         drop(io);
@@ -878,16 +884,16 @@ impl IoDone for Rebuild {
         }
         match (self.phase.get(), self.failed.get()) {
             // A source failed: read again from the copies still healthy.
-            (Phase::Reading, true) => self.start_reads_again(&ras),
-            (Phase::Reading, false) if self.check.is_some() => self.compare(&ras),
+            (Phase::Reading, true) => self.start_reads_again(&channel),
+            (Phase::Reading, false) if self.check.is_some() => self.compare(&channel),
             (Phase::Reading, false) => {
-                self.fold_xor(&ras);
+                self.fold_xor(&channel);
                 if self.failed.get() {
-                    return self.end_window(&ras, false);
+                    return self.end_window(&channel, false);
                 }
-                self.start_writes(&ras)
+                self.start_writes(&channel)
             }
-            (Phase::Writing, failed) => self.end_window(&ras, !failed),
+            (Phase::Writing, failed) => self.end_window(&channel, !failed),
             _ => {}
         }
     }
@@ -896,12 +902,12 @@ impl IoDone for Rebuild {
 impl Rebuild {
     /// Parity rebuild: each copy's target from what `from` and its other
     /// sources read (`combine_window`), into what `from` read.
-    fn fold_xor(&self, ras: &Ras) {
+    fn fold_xor(&self, channel: &ArrayChannel) {
         let copies = self.current.borrow();
         if copies.iter().all(|c| c.xor.is_empty()) {
             return;
         }
-        let (Some(buf), bs) = (self.buf.borrow().clone(), ras.block_size.get() as usize) else { return };
+        let (Some(buf), bs) = (self.buf.borrow().clone(), channel.block_size.get() as usize) else { return };
         let cmp = self.cmp.borrow();
         for c in copies.iter().filter(|c| !c.xor.is_empty()) {
             let (off, n) = (c.buf_offset_blocks as usize * bs, c.num_blocks as usize * bs);
@@ -909,21 +915,24 @@ impl Rebuild {
                 std::iter::once(buf.slice(off, n)).chain(cmp[..c.xor.len()].iter().map(|b| b.slice(off, n))).collect();
             let at: Vec<Loc> = std::iter::once(c.from).chain(c.xor.iter().copied()).collect();
             let target = c.to.first().copied().unwrap_or(c.from);
-            let combined =
-                ras.shared.geometry.get().is_some_and(|g| ras.shared.level.combine_window(g, target, &at, &sources));
+            let combined = channel
+                .shared
+                .geometry
+                .get()
+                .is_some_and(|g| channel.shared.level.combine_window(g, target, &at, &sources));
             if !combined {
                 // Slices of one length, of one stripe, by construction.
-                ras.impossible("parity rebuild sources that do not give the target");
+                channel.impossible("parity rebuild sources that do not give the target");
                 self.failed.set(true);
             }
         }
     }
 
-    fn start_reads_again(&self, ras: &Ras) {
+    fn start_reads_again(&self, channel: &ArrayChannel) {
         // Every member being repaired failed: nothing left to copy onto.
-        let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+        let failed = channel.shared.failed_mask.load(Ordering::Acquire);
         if self.cancelled.get() || self.dests & !failed == 0 {
-            return self.end_window(ras, false);
+            return self.end_window(channel, false);
         }
         self.phase.set(Phase::Locking);
         self.start_reads();

@@ -15,7 +15,7 @@
 //!   grow (logged). Other levels log and keep their size.
 
 use crate::array::{self, ArrayShared, Role};
-use crate::channel::Ras;
+use crate::channel::ArrayChannel;
 use crate::map::Geometry;
 use crate::owner;
 use bdev::{BdevEvent, BdevHandle};
@@ -45,9 +45,9 @@ pub(crate) fn watch(shared: &Arc<ArrayShared>, h: &BdevHandle) {
             }
             BdevEvent::Restored => return array::member_restored(&shared, bdev_id),
         };
-        owner::on_owner(&shared, move |ras| {
-            if let Some(ras) = ras {
-                member_resized(&ras, bdev_id, new_blocks);
+        owner::on_owner(&shared, move |channel| {
+            if let Some(channel) = channel {
+                member_resized(&channel, bdev_id, new_blocks);
             }
         });
     });
@@ -65,14 +65,13 @@ pub(crate) fn forget(shared: &ArrayShared, h: &BdevHandle) {
 }
 
 /// Owner reactor: member bdev `bdev_id` now has `new_blocks` blocks.
-fn member_resized(ras: &Rc<Ras>, bdev_id: u64, new_blocks: u64) {
-    let shared = &ras.shared;
+fn member_resized(channel: &Rc<ArrayChannel>, bdev_id: u64, new_blocks: u64) {
+    let shared = &channel.shared;
     let found = {
-        let ctl = shared.ctl();
-        ctl.slots
-            .iter()
-            .position(|s| s.handle.as_ref().is_some_and(|h| h.id() == bdev_id))
-            .map(|i| (i, ctl.slots[i].role, ctl.slots[i].data_offset_blocks + ctl.slots[i].data_size_blocks))
+        let control = shared.control();
+        control.slots.iter().position(|s| s.handle.as_ref().is_some_and(|h| h.id() == bdev_id)).map(|i| {
+            (i, control.slots[i].role, control.slots[i].data_offset_blocks + control.slots[i].data_size_blocks)
+        })
     };
     let Some((slot, role, used_blocks)) = found else { return };
     if shared.geometry.get().is_none() {
@@ -104,15 +103,15 @@ fn member_resized(ras: &Rc<Ras>, bdev_id: u64, new_blocks: u64) {
     }
     let shared2 = shared.clone();
     owner::on_owner_fenced(shared, move |fenced| {
-        let Ok((ras, fence)) = fenced else {
+        let Ok((channel, fence)) = fenced else {
             return tracing::warn!(raid = %shared2.name, "member grew; no fence for a grow");
         };
-        match grow_in_fence(ras) {
+        match grow_in_fence(channel) {
             Some(array_blocks) => {
-                let ras2 = ras.clone();
-                array::commit(ras, fence, move |r| match r {
-                    Ok(()) => announce(&ras2, array_blocks),
-                    Err(e) => tracing::error!(raid = %ras2.shared.name, "grown layout not recorded: {e}"),
+                let channel2 = channel.clone();
+                array::commit(channel, fence, move |r| match r {
+                    Ok(()) => announce(&channel2, array_blocks),
+                    Err(e) => tracing::error!(raid = %channel2.shared.name, "grown layout not recorded: {e}"),
                 });
             }
             None => fence.done(),
@@ -123,14 +122,14 @@ fn member_resized(ras: &Rc<Ras>, bdev_id: u64, new_blocks: u64) {
 /// Inside a fence: the larger layout, if every member allows one; its array
 /// size. The slots, the current geometry and the superblock template take
 /// it (the superblock is written by the commit that ends the fence).
-fn grow_in_fence(ras: &Rc<Ras>) -> Option<u64> {
-    let shared = &ras.shared;
+fn grow_in_fence(channel: &Rc<ArrayChannel>) -> Option<u64> {
+    let shared = &channel.shared;
     let old = shared.geometry.get()?.clone();
-    let mut ctl = shared.ctl();
-    if ctl.deleting {
+    let mut control = shared.control();
+    if control.deleting {
         return None;
     }
-    let sizes: Option<Vec<u64>> = ctl
+    let sizes: Option<Vec<u64>> = control
         .slots
         .iter()
         .map(|s| match (&s.handle, s.role) {
@@ -155,7 +154,7 @@ fn grow_in_fence(ras: &Rc<Ras>) -> Option<u64> {
         tracing::info!(raid = %shared.name, array_blocks = old_blocks, "member grew; the array keeps its size until every member has");
         return None;
     }
-    if let Some(bm) = &ctl.bitmap {
+    if let Some(bm) = &control.bitmap {
         let covered = bm.geometry().data_blocks;
         if covered < new_blocks {
             tracing::error!(
@@ -167,7 +166,7 @@ fn grow_in_fence(ras: &Rc<Ras>) -> Option<u64> {
             return None;
         }
     }
-    if ctl.process_target.is_some() || owner_busy(ras) {
+    if control.process_target.is_some() || owner_busy(channel) {
         tracing::warn!(raid = %shared.name, "members grew during a rebuild or resync: the array keeps its size");
         return None;
     }
@@ -180,10 +179,10 @@ fn grow_in_fence(ras: &Rc<Ras>) -> Option<u64> {
         );
         return None;
     }
-    for (i, s) in ctl.slots.iter_mut().enumerate() {
+    for (i, s) in control.slots.iter_mut().enumerate() {
         s.data_size_blocks = grown.member_data_blocks(i);
     }
-    if let Some(meta) = ras.owner.as_ref().and_then(|o| o.meta.borrow().clone()) {
+    if let Some(meta) = channel.owner.as_ref().and_then(|o| o.meta.borrow().clone()) {
         let mut sb = meta.sb.borrow_mut();
         sb.array_blocks = new_blocks;
         for (i, e) in sb.slots.iter_mut().enumerate() {
@@ -193,27 +192,27 @@ fn grow_in_fence(ras: &Rc<Ras>) -> Option<u64> {
     // The new blocks' copies hold whatever each member held there: resync
     // them before they count as redundant (md resyncs a grown area too).
     if shared.level.is_redundant() {
-        let mut ranges = ctl.dirty.as_deref().cloned().unwrap_or_default();
+        let mut ranges = control.dirty.as_deref().cloned().unwrap_or_default();
         ranges.push(old_blocks..new_blocks);
-        ctl.dirty = Some(Arc::new(ranges));
+        control.dirty = Some(Arc::new(ranges));
     }
     tracing::info!(raid = %shared.name, old_blocks, new_blocks, "array grows with its members");
     Some(new_blocks)
 }
 
-fn owner_busy(ras: &Ras) -> bool {
-    ras.owner.as_ref().is_some_and(|o| o.rebuild.borrow().is_some())
+fn owner_busy(channel: &ArrayChannel) -> bool {
+    channel.owner.as_ref().is_some_and(|o| o.rebuild.borrow().is_some())
 }
 
 /// After the fence: the array's bdev takes its new size (its holders hear
 /// of it: an NVMe-oF namespace tells its hosts), and the resync of the new
 /// blocks starts.
-fn announce(ras: &Rc<Ras>, array_blocks: u64) {
-    let handle = ras.shared.ctl().handle.clone();
+fn announce(channel: &Rc<ArrayChannel>, array_blocks: u64) {
+    let handle = channel.shared.control().handle.clone();
     if let Some(h) = handle {
         if let Err(e) = h.notify_blockcnt_change(array_blocks) {
-            tracing::error!(raid = %ras.shared.name, "array grew, its bdev did not: {e}");
+            tracing::error!(raid = %channel.shared.name, "array grew, its bdev did not: {e}");
         }
     }
-    crate::rebuild::start_next(ras);
+    crate::rebuild::start_next(channel);
 }

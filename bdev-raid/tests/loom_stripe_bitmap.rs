@@ -3,15 +3,15 @@
 //! `seq_flush + 1` and reaches no member, in any round, until that batch is
 //! persisted; its bits are released (`end_write`) only after its last
 //! round. The real `Bitmap` and `Planner` (the `bitmap` crate under
-//! `--cfg loom`), with the protocol `Ras` runs around them:
+//! `--cfg loom`), with the protocol `ArrayChannel` runs around them:
 //!
-//! - a reactor thread per write does what `Ras::mark` and the wait poller
+//! - a reactor thread per write does what `ArrayChannel::mark` and the wait poller
 //!   do: `start_write` on the write's array range; `Ready` goes on at once,
 //!   `Wait(batch)` parks until `is_released(batch)` (the poller re-checks on
 //!   each poll: here a yield loop);
 //! - then the stripe engine's rounds (`level/stripe.rs`): a partial-stripe
 //!   write reads the row it does not write (WRITE_READING), then writes
-//!   its data chunk and the parity (WRITE_WRITING); `Ras::finish` calls
+//!   its data chunk and the parity (WRITE_WRITING); `ArrayChannel::finish` calls
 //!   `end_write` after the last member write completed;
 //! - the owner reactor (the model's main thread) ticks the `Planner` with
 //!   `clear_after_ticks = 0` (every idle chunk is cleared at every tick, so
@@ -51,7 +51,7 @@ const OWNER_TICKS: usize = 2;
 /// What the model switches off (nothing in the real protocol).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Protocol {
-    /// As `Ras` does it.
+    /// As `ArrayChannel` does it.
     Real,
     /// `end_write` after the read round, before data and parity are written.
     ReleaseAfterFirstRound,
@@ -102,7 +102,7 @@ fn stripe_write(sh: &Shared, me: usize, stripe: u64, value: u64, protocol: Proto
     let block = stripe * STRIPE_BLOCKS;
     let chunk = block / CHUNK_BLOCKS;
     let st = &sh.stripes[stripe as usize];
-    // `Ras::mark`, then the wait poller.
+    // `ArrayChannel::mark`, then the wait poller.
     match sh.bm.start_write(block, 1).unwrap() {
         WriteTicket::Ready => {}
         WriteTicket::Wait(batch) => {
@@ -132,7 +132,7 @@ fn stripe_write(sh: &Shared, me: usize, stripe: u64, value: u64, protocol: Proto
     member_write(sh, &st.d0, value, chunk);
     member_write(sh, &st.p, value ^ other, chunk);
     sh.writing[chunk as usize].fetch_sub(1, Ordering::SeqCst);
-    // `Ras::finish`, after the last round.
+    // `ArrayChannel::finish`, after the last round.
     if protocol != Protocol::ReleaseAfterFirstRound {
         sh.bm.end_write(block, 1).unwrap();
     }

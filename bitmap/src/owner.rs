@@ -264,9 +264,9 @@ impl BitmapOwner {
         let g = owner.geometry;
         let state = &mut *st;
         for &slot in &plan.pages {
-            let pb = &state.pages[slot];
+            let page_buffers = &state.pages[slot];
             // Invariant 5 (docs/architecture.md): a buffer a member may still be reading is never rebuilt.
-            assert_eq!(pb.pins[sel], 0, "bitmap page slot {slot} buffer {sel} rebuilt while in flight");
+            assert_eq!(page_buffers.pins[sel], 0, "bitmap page slot {slot} buffer {sel} rebuilt while in flight");
             let words = state.planner.page_words(slot);
             let (plane, page) = state.planner.slot_page(slot);
             let kind = match (state.planner.legacy(), plane) {
@@ -274,7 +274,7 @@ impl BitmapOwner {
                 (false, Plane::Dirty) => PageKind::DIRTY,
                 (false, Plane::Written) => PageKind::WRITTEN,
             };
-            pb.bufs[sel].with_mut(|b| encode_page_as(&g, kind, page, events, words, b));
+            page_buffers.bufs[sel].with_mut(|b| encode_page_as(&g, kind, page, events, words, b));
         }
         let members = state.members.clone();
         let n = members.len();
@@ -628,8 +628,8 @@ impl BitmapOwner {
     /// A copy of page `page`'s buffer `sel` (tests of invariant 5, docs/architecture.md).
     pub fn page_buffer(&self, page: usize, sel: usize) -> Option<(Vec<u8>, u32)> {
         let st = self.0.st.borrow();
-        let pb = st.pages.get(page)?;
-        Some((pb.bufs.get(sel)?.to_vec(), pb.pins[sel & 1]))
+        let page_buffers = st.pages.get(page)?;
+        Some((page_buffers.bufs.get(sel)?.to_vec(), page_buffers.pins[sel & 1]))
     }
 
     #[cfg(test)]

@@ -6,12 +6,12 @@
 //! retries another on error, and a process window copies each extent from
 //! its first active copy onto the copies being repaired.
 //!
-//! Runs on the reactor that owns the `Ras`; allocation-free on the IO path
+//! Runs on the reactor that owns the `ArrayChannel`; allocation-free on the IO path
 //! (children from the reactor's pool, buffers sliced from the parent's,
 //! the scratch vector reused).
 
 use crate::array::Role;
-use crate::channel::{MemberCh, ParentArgs, Ras};
+use crate::channel::{ArrayChannel, MemberCh, ParentArgs};
 use crate::map::{Loc, Placement};
 use crate::rebuild::{WindowCopy, WindowJob};
 use bdev::{IoBox, IoError, IoStatus, IoType};
@@ -19,46 +19,46 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 /// `RaidLevel::submit_rw` of a copy level.
-pub(super) fn submit_rw(ras: &Ras, slot: u32) {
-    match ras.parent_args(slot) {
-        Some(args) if args.0 .0 == IoType::Read => read(ras, slot, args),
-        Some(args) => write(ras, slot, args),
-        None => ras.impossible("an IO to map onto members is not parked"),
+pub(super) fn submit_rw(channel: &ArrayChannel, slot: u32) {
+    match channel.parent_args(slot) {
+        Some(args) if args.0 .0 == IoType::Read => read(channel, slot, args),
+        Some(args) => write(channel, slot, args),
+        None => channel.impossible("an IO to map onto members is not parked"),
     }
 }
 
 /// A write to every copy that takes writes (active or being rebuilt, not
 /// failed). It fails if some extent has no active copy left.
-fn write(ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
-    let geo_ref = ras.geo.borrow();
+fn write(channel: &ArrayChannel, slot: u32, (op, off, n, buf): ParentArgs) {
+    let geo_ref = channel.geo.borrow();
     let Some(geo) = geo_ref.as_deref() else {
         drop(geo_ref);
-        return ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
+        return channel.finish(slot, IoStatus::Failed(IoError::NoDevice));
     };
-    let members = ras.members.borrow();
+    let members = channel.members.borrow();
     // One snapshot of the failure latches for the whole fan-out, so the
     // count and the children agree even if a member fails meanwhile.
-    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    let failed = channel.shared.failed_mask.load(Ordering::Acquire);
     let nm = members.len();
     // Build every child before submitting any, in one pass over the
     // extents (their count is the children built): a member may take
     // descriptors from this reactor's pool while it submits (a delay,
     // error or raid bdev below us), and a write that reached one mirror
     // but not the other would leave them different.
-    let bs = ras.block_size.get();
-    let mut children = ras.take_scratch();
+    let bs = channel.block_size.get();
+    let mut children = channel.take_scratch();
     let mut short = false;
     let mut lost = false;
     for e in geo.extents(off, n) {
         let mut survivors = false;
         for l in e.placement.copies(nm) {
             let m = l.member as usize;
-            survivors |= Ras::active(&members, failed, m);
-            if short || !Ras::writable(&members, failed, m) {
+            survivors |= ArrayChannel::active(&members, failed, m);
+            if short || !ArrayChannel::writable(&members, failed, m) {
                 continue;
             }
             let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
-            match Ras::make_child(&members, slot, op, (l, b), e.num_blocks, 0) {
+            match ArrayChannel::make_child(&members, slot, op, (l, b), e.num_blocks, 0) {
                 Some(c) => children.push(c),
                 None => short = true,
             }
@@ -70,45 +70,45 @@ fn write(ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
     }
     if lost || short {
         children.clear();
-        ras.put_scratch(children);
+        channel.put_scratch(children);
         drop((members, geo_ref));
         let e = if lost { IoError::NoDevice } else { IoError::NoMemory };
-        return ras.finish(slot, IoStatus::Failed(e));
+        return channel.finish(slot, IoStatus::Failed(e));
     }
     // A member latched failed but not yet recorded in the superblock gets
     // no copy of this write: like a write whose copy failed, it is
     // acknowledged only once the failure is on disk, or a restart could
     // take the stale copy for a good one.
-    let unrecorded = failed & !ras.shared.recorded_mask.load(Ordering::Acquire);
-    ras.expect_children(slot, children.len() as u32, unrecorded != 0 && geo.level().is_redundant());
+    let unrecorded = failed & !channel.shared.recorded_mask.load(Ordering::Acquire);
+    channel.expect_children(slot, children.len() as u32, unrecorded != 0 && geo.level().is_redundant());
     for child in children.drain(..) {
-        ras.send_child(&members, child);
+        channel.send_child(&members, child);
     }
-    ras.put_scratch(children);
+    channel.put_scratch(children);
 }
 
 /// The active copy with the fewest children in flight on this reactor
 /// (`first`: the lowest-numbered active copy), skipping members in `tried`.
 fn pick_copy(members: &[MemberCh], failed: u32, p: Placement, tried: u32, first: bool) -> Option<Loc> {
     p.copies(members.len())
-        .filter(|l| tried & (1 << l.member) == 0 && Ras::active(members, failed, l.member as usize))
+        .filter(|l| tried & (1 << l.member) == 0 && ArrayChannel::active(members, failed, l.member as usize))
         .min_by_key(|l| if first { l.member as u32 } else { members[l.member as usize].outstanding.get() })
 }
 
 /// A read: each extent from one active copy. Every child is built before
 /// any is sent (one pass over the extents), so a read short of
 /// descriptors fails whole without reaching a member.
-fn read(ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
-    let geo_ref = ras.geo.borrow();
+fn read(channel: &ArrayChannel, slot: u32, (op, off, n, buf): ParentArgs) {
+    let geo_ref = channel.geo.borrow();
     let Some(geo) = geo_ref.as_deref() else {
         drop(geo_ref);
-        return ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
+        return channel.finish(slot, IoStatus::Failed(IoError::NoDevice));
     };
-    let members = ras.members.borrow();
-    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
-    let first = ras.reads_prefer_first();
-    let bs = ras.block_size.get();
-    let mut children = ras.take_scratch();
+    let members = channel.members.borrow();
+    let failed = channel.shared.failed_mask.load(Ordering::Acquire);
+    let first = channel.reads_prefer_first();
+    let bs = channel.block_size.get();
+    let mut children = channel.take_scratch();
     let mut error = None;
     for e in geo.extents(off, n) {
         let Some(l) = pick_copy(&members, failed, e.placement, 0, first) else {
@@ -119,34 +119,34 @@ fn read(ras: &Ras, slot: u32, (op, off, n, buf): ParentArgs) {
             continue;
         }
         let b = buf.as_ref().map(|b| b.slice((e.buf_offset_blocks * bs) as usize, (e.num_blocks * bs) as usize));
-        match Ras::make_child(&members, slot, op, (l, b), e.num_blocks, 0) {
+        match ArrayChannel::make_child(&members, slot, op, (l, b), e.num_blocks, 0) {
             Some(c) => children.push(c),
             None => error = Some(IoError::NoMemory),
         }
     }
     if let Some(e) = error {
         children.clear();
-        ras.put_scratch(children);
+        channel.put_scratch(children);
         drop((members, geo_ref));
-        return ras.finish(slot, IoStatus::Failed(e));
+        return channel.finish(slot, IoStatus::Failed(e));
     }
-    ras.expect_children(slot, children.len() as u32, false);
+    channel.expect_children(slot, children.len() as u32, false);
     for child in children.drain(..) {
-        ras.send_child(&members, child);
+        channel.send_child(&members, child);
     }
-    ras.put_scratch(children);
+    channel.put_scratch(children);
 }
 
 /// `RaidLevel::retry_read` of a copy level: the next untried active copy.
-pub(super) fn retry_read(ras: &Ras, child: IoBox) -> Result<(), IoBox> {
-    let (m, tried) = Ras::child_member(&child);
+pub(super) fn retry_read(channel: &ArrayChannel, child: IoBox) -> Result<(), IoBox> {
+    let (m, tried) = ArrayChannel::child_member(&child);
     let tried = tried | 1 << m;
-    let geo_ref = ras.geo.borrow();
+    let geo_ref = channel.geo.borrow();
     let Some(geo) = geo_ref.as_deref() else {
         return Err(child);
     };
-    let members = ras.members.borrow();
-    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    let members = channel.members.borrow();
+    let failed = channel.shared.failed_mask.load(Ordering::Acquire);
     let Some(mc) = members.get(m) else {
         return Err(child);
     };
@@ -154,21 +154,21 @@ pub(super) fn retry_read(ras: &Ras, child: IoBox) -> Result<(), IoBox> {
     let Some(copies) = geo.copies_at(here) else {
         return Err(child);
     };
-    let Some(l) = pick_copy(&members, failed, copies, tried, ras.reads_prefer_first()) else {
+    let Some(l) = pick_copy(&members, failed, copies, tried, channel.reads_prefer_first()) else {
         return Err(child);
     };
-    ras.redirect_child(&members, child, l, tried)
+    channel.redirect_child(&members, child, l, tried)
 }
 
 /// `RaidLevel::plan_window` of a copy level: each extent of the window
 /// from its first active copy to its copies that `job` repairs (members
 /// being rebuilt or resynced that take writes) or compares (every other
 /// active copy). Extents with nothing to do are left out.
-pub(super) fn plan_window(ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
-    let geo_ref = ras.geo.borrow();
+pub(super) fn plan_window(channel: &ArrayChannel, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
+    let geo_ref = channel.geo.borrow();
     let geo = geo_ref.as_deref()?;
-    let members = ras.members.borrow();
-    let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    let members = channel.members.borrow();
+    let failed = channel.shared.failed_mask.load(Ordering::Acquire);
     let ok = |m: usize| members.get(m).is_some_and(|mc| mc.ch.is_some()) && failed & (1 << m) == 0;
     let active = |m: usize| ok(m) && members[m].role == Role::Active;
     let writable = |m: usize| ok(m) && matches!(members[m].role, Role::Active | Role::Rebuilding);

@@ -21,7 +21,7 @@ mod raid5;
 mod raid6;
 mod stripe;
 
-use crate::channel::Ras;
+use crate::channel::ArrayChannel;
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement};
 use crate::rebuild::{WindowCopy, WindowJob};
 use bdev::{DmaBuf, IoBox};
@@ -157,21 +157,21 @@ pub trait RaidLevel: Send + Sync + 'static {
     /// Maps the array IO parked in `slot` onto member IO (SPDK's
     /// `submit_rw_request`): a read, or a write-like IO (write, unmap, write
     /// zeroes) that is marked in the bitmap and holds its range. Every member
-    /// IO carries the parent's flags (`Ras::make_child`); the parent finishes
-    /// through `Ras::finish` or its children's completions.
-    fn submit_rw(&self, ras: &Ras, slot: u32) {
-        copies::submit_rw(ras, slot);
+    /// IO carries the parent's flags (`ArrayChannel::make_child`); the parent finishes
+    /// through `ArrayChannel::finish` or its children's completions.
+    fn submit_rw(&self, channel: &ArrayChannel, slot: u32) {
+        copies::submit_rw(channel, slot);
     }
 
     /// Flush and reset (SPDK's `submit_null_payload_request`).
-    fn submit_null_payload(&self, ras: &Ras, slot: u32) {
-        ras.dispatch_all(slot);
+    fn submit_null_payload(&self, channel: &ArrayChannel, slot: u32) {
+        channel.dispatch_all(slot);
     }
 
     /// A member read failed (its member is latched failed): reissue `child`
     /// where the data also lives, or hand it back to fail the parent.
-    fn retry_read(&self, ras: &Ras, child: IoBox) -> Result<(), IoBox> {
-        copies::retry_read(ras, child)
+    fn retry_read(&self, channel: &ArrayChannel, child: IoBox) -> Result<(), IoBox> {
+        copies::retry_read(channel, child)
     }
 
     // ---- processes (rebuild, resync, scrub) -----------------------------------
@@ -181,8 +181,8 @@ pub trait RaidLevel: Send + Sync + 'static {
     /// repaired, or what to compare for a scrub. The process engine holds
     /// the window's range, runs the plan and advances. None: some extent of
     /// the window has no healthy source.
-    fn plan_window(&self, ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
-        copies::plan_window(ras, window, job)
+    fn plan_window(&self, channel: &ArrayChannel, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
+        copies::plan_window(channel, window, job)
     }
 
     /// A parity window's result for `target` (a member being rebuilt, or a
@@ -207,9 +207,9 @@ pub trait RaidLevel: Send + Sync + 'static {
     /// Every child of the parent in `slot` has completed. A level whose IO
     /// runs in rounds (read the rest of a stripe, then write data and
     /// parity) submits the next round here and answers true (it set the
-    /// new child count with `Ras::expect_children`, or finished the parent
+    /// new child count with `ArrayChannel::expect_children`, or finished the parent
     /// itself); false lets the parent complete as its children came back.
-    fn children_done(&self, _ras: &Ras, _slot: u32) -> bool {
+    fn children_done(&self, _channel: &ArrayChannel, _slot: u32) -> bool {
         false
     }
 

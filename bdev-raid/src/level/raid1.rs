@@ -10,7 +10,7 @@
 //! copy it picks. (raid10 shares these hooks.)
 
 use super::{copies, stripe, RaidLevel};
-use crate::channel::Ras;
+use crate::channel::ArrayChannel;
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement};
 use bdev::{IoStatus, IoType};
 
@@ -60,33 +60,33 @@ impl RaidLevel for Raid1 {
         true
     }
 
-    fn submit_rw(&self, ras: &Ras, slot: u32) {
-        submit_rw_unwritten_as_zeros(ras, slot);
+    fn submit_rw(&self, channel: &ArrayChannel, slot: u32) {
+        submit_rw_unwritten_as_zeros(channel, slot);
     }
 
-    fn children_done(&self, ras: &Ras, slot: u32) -> bool {
-        read_done_unwritten_as_zeros(ras, slot)
+    fn children_done(&self, channel: &ArrayChannel, slot: u32) -> bool {
+        read_done_unwritten_as_zeros(channel, slot)
     }
 }
 
 /// `RaidLevel::submit_rw` of a mirror level: a read of never-written
 /// chunks only is zeros at once; everything else goes to the copies.
-pub(super) fn submit_rw_unwritten_as_zeros(ras: &Ras, slot: u32) {
-    if let Some(((IoType::Read, _), off, n, Some(data))) = ras.parent_args(slot) {
-        if ras.bitmap_ref().as_deref().is_some_and(|bm| bm.range_unwritten(off, n)) {
+pub(super) fn submit_rw_unwritten_as_zeros(channel: &ArrayChannel, slot: u32) {
+    if let Some(((IoType::Read, _), off, n, Some(data))) = channel.parent_args(slot) {
+        if channel.bitmap_ref().as_deref().is_some_and(|bm| bm.range_unwritten(off, n)) {
             data.fill(0);
-            return ras.finish(slot, IoStatus::Success);
+            return channel.finish(slot, IoStatus::Success);
         }
     }
-    copies::submit_rw(ras, slot);
+    copies::submit_rw(channel, slot);
 }
 
 /// `RaidLevel::children_done` of a mirror level: a read's blocks in
 /// never-written chunks become zeros (the read also covered written ones).
 /// The parent then completes (false).
-pub(super) fn read_done_unwritten_as_zeros(ras: &Ras, slot: u32) -> bool {
-    if matches!(ras.parent_args(slot), Some(((IoType::Read, _), ..))) {
-        stripe::zero_unwritten(ras, slot);
+pub(super) fn read_done_unwritten_as_zeros(channel: &ArrayChannel, slot: u32) -> bool {
+    if matches!(channel.parent_args(slot), Some(((IoType::Read, _), ..))) {
+        stripe::zero_unwritten(channel, slot);
     }
     false
 }

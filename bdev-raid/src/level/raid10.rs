@@ -7,7 +7,7 @@
 //! at raid1 (`raid1`'s hooks).
 
 use super::{raid1, RaidLevel};
-use crate::channel::Ras;
+use crate::channel::ArrayChannel;
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement};
 
 pub(super) struct Raid10;
@@ -82,11 +82,11 @@ impl RaidLevel for Raid10 {
         false
     }
 
-    fn submit_rw(&self, ras: &Ras, slot: u32) {
-        raid1::submit_rw_unwritten_as_zeros(ras, slot);
+    fn submit_rw(&self, channel: &ArrayChannel, slot: u32) {
+        raid1::submit_rw_unwritten_as_zeros(channel, slot);
     }
 
-    fn children_done(&self, ras: &Ras, slot: u32) -> bool {
-        raid1::read_done_unwritten_as_zeros(ras, slot)
+    fn children_done(&self, channel: &ArrayChannel, slot: u32) -> bool {
+        raid1::read_done_unwritten_as_zeros(channel, slot)
     }
 }

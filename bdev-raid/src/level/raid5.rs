@@ -33,7 +33,7 @@
 //!
 //! Each IO runs in rounds (`children_done`): reads, then writes. The
 //! stripe rows it computes on live in one DMA buffer per IO from the
-//! reactor's pool (`Ras::set_level_buf`), returned when it finishes; the
+//! reactor's pool (`ArrayChannel::set_level_buf`), returned when it finishes; the
 //! parity math is `parity::Parity` (SIMD). Nothing else is allocated per IO.
 //!
 //! A member added to a degraded array (`bdev_raid_add_base_bdev`) takes

@@ -15,7 +15,7 @@
 //! ([`solve`] fills the slots not read from the others).
 
 use super::{LevelOp, RaidLevel};
-use crate::channel::{MemberCh, Ras};
+use crate::channel::{ArrayChannel, MemberCh};
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement, MAX_MEMBERS};
 use crate::ppl::{self, PplLog, PplPiece};
 use crate::rebuild::{WindowCopy, WindowJob};
@@ -38,7 +38,7 @@ pub(super) struct ParityLevel {
     pub(super) parities: u8,
 }
 
-// Rounds of one array IO (`Ras::level_phase`).
+// Rounds of one array IO (`ArrayChannel::level_phase`).
 /// Not started (or restarted after a member failed mid-way).
 const START: u8 = 0;
 /// A write reads the stripe rows it does not write.
@@ -391,8 +391,8 @@ fn gen_parities(parity: &Parity, data: &[&[u8]], out: &mut [u8]) -> bool {
 /// Decided when the write is planned; a stripe never becomes untrusted
 /// while a write holds it (only the sync pass, holding the stripe, makes it
 /// trusted, and never while the write runs: it waits for the stripe).
-fn write_trusted(ras: &Ras, sh: Shape, geo: &Geometry, off: u64, n: u64, verified: bool) -> bool {
-    let bm = ras.bitmap_ref();
+fn write_trusted(channel: &ArrayChannel, sh: Shape, geo: &Geometry, off: u64, n: u64, verified: bool) -> bool {
+    let bm = channel.bitmap_ref();
     match bm.as_deref() {
         Some(bm) if bm.tracks_written() => {
             let sb = sh.stripe_blocks();
@@ -406,12 +406,12 @@ fn write_trusted(ras: &Ras, sh: Shape, geo: &Geometry, off: u64, n: u64, verifie
 
 /// The array's geometry, borrowed; or, without one, the IO in `slot`
 /// finishes (no device).
-fn geometry_or_finish(ras: &Ras, slot: u32) -> Option<Ref<'_, Geometry>> {
-    match Ref::filter_map(ras.geo.borrow(), |g| g.as_deref()) {
+fn geometry_or_finish(channel: &ArrayChannel, slot: u32) -> Option<Ref<'_, Geometry>> {
+    match Ref::filter_map(channel.geo.borrow(), |g| g.as_deref()) {
         Ok(geo) => Some(geo),
         Err(none) => {
             drop(none);
-            ras.finish(slot, IoStatus::Failed(IoError::NoDevice));
+            channel.finish(slot, IoStatus::Failed(IoError::NoDevice));
             None
         }
     }
@@ -442,35 +442,35 @@ struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     /// A context whose plan leaves out the members down now.
-    fn planned(geo: &Geometry, parities: u8, ras: &'a Ras) -> Ctx<'a> {
-        let members = ras.members.borrow();
-        let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+    fn planned(geo: &Geometry, parities: u8, channel: &'a ArrayChannel) -> Ctx<'a> {
+        let members = channel.members.borrow();
+        let failed = channel.shared.failed_mask.load(Ordering::Acquire);
         let (mut down_mask, mut no_write_mask) = (0u32, 0u32);
         for m in 0..geo.num_members() {
-            down_mask |= u32::from(!Ras::active(&members, failed, m)) << m;
-            no_write_mask |= u32::from(!Ras::writable(&members, failed, m)) << m;
+            down_mask |= u32::from(!ArrayChannel::active(&members, failed, m)) << m;
+            no_write_mask |= u32::from(!ArrayChannel::writable(&members, failed, m)) << m;
         }
-        let trusted = ras.shared.redundancy_verified.load(Ordering::Acquire);
+        let trusted = channel.shared.redundancy_verified.load(Ordering::Acquire);
         let sh = Shape::of(geo, parities);
-        Ctx { sh, members, failed, down_mask, no_write_mask, trusted, bs: ras.block_size.get() }
+        Ctx { sh, members, failed, down_mask, no_write_mask, trusted, bs: channel.block_size.get() }
     }
 
     /// A context planned now, its plan recorded for `slot`'s later rounds.
-    fn recorded(geo: &Geometry, parities: u8, ras: &'a Ras, slot: u32) -> Ctx<'a> {
-        let mut c = Ctx::planned(geo, parities, ras);
-        if let Some(((IoType::Write, _), off, n)) = ras.parent_range(slot) {
-            c.trusted = write_trusted(ras, c.sh, geo, off, n, c.trusted);
+    fn recorded(geo: &Geometry, parities: u8, channel: &'a ArrayChannel, slot: u32) -> Ctx<'a> {
+        let mut c = Ctx::planned(geo, parities, channel);
+        if let Some(((IoType::Write, _), off, n)) = channel.parent_range(slot) {
+            c.trusted = write_trusted(channel, c.sh, geo, off, n, c.trusted);
         }
-        ras.set_level_plan_masks(slot, (c.down_mask, c.no_write_mask));
-        ras.set_level_plan_trusted(slot, c.trusted);
+        channel.set_level_plan_masks(slot, (c.down_mask, c.no_write_mask));
+        channel.set_level_plan_trusted(slot, c.trusted);
         c
     }
 
     /// A context that follows the plan made for `slot`.
-    fn following(geo: &Geometry, parities: u8, ras: &'a Ras, slot: u32) -> Ctx<'a> {
-        let mut c = Ctx::planned(geo, parities, ras);
-        (c.down_mask, c.no_write_mask) = ras.level_plan_masks(slot);
-        c.trusted = ras.level_plan_trusted(slot);
+    fn following(geo: &Geometry, parities: u8, channel: &'a ArrayChannel, slot: u32) -> Ctx<'a> {
+        let mut c = Ctx::planned(geo, parities, channel);
+        (c.down_mask, c.no_write_mask) = channel.level_plan_masks(slot);
+        c.trusted = channel.level_plan_trusted(slot);
         c
     }
 
@@ -607,9 +607,9 @@ struct LogWait {
 const LOG_WAIT_PERIOD: Duration = Duration::from_micros(200);
 
 impl LogWait {
-    fn enqueue(ras: &Ras, slot: u32) {
+    fn enqueue(channel: &ArrayChannel, slot: u32) {
         let w = reactor::local::<LogWait>();
-        w.waiting.borrow_mut().push_back((ras.shared.key, slot));
+        w.waiting.borrow_mut().push_back((channel.shared.key, slot));
         if !w.armed.replace(true) {
             reactor::register_timed_poller("raid5_log_slot_wait", LOG_WAIT_PERIOD, LogWait::poll);
         }
@@ -620,10 +620,10 @@ impl LogWait {
         let n = w.waiting.borrow().len();
         for _ in 0..n {
             let Some((key, slot)) = w.waiting.borrow_mut().pop_front() else { break };
-            let Some(ras) = crate::channel::find_ras(key) else { continue };
+            let Some(channel) = crate::channel::find_channel(key) else { continue };
             // Only raid5 keeps a log (`keeps_partial_parity_log`).
             let level = ParityLevel { name: "", aliases: &[], superblock_code: 0, parities: 1 };
-            level.retry_log(&ras, slot);
+            level.retry_log(&channel, slot);
         }
         if w.waiting.borrow().is_empty() {
             w.armed.set(false);
@@ -640,16 +640,16 @@ impl ParityLevel {
 
     /// Starts (or restarts) a write: plan the reads, or go straight to the
     /// writes when every piece is full or lost its parities.
-    fn start_write(&self, ras: &Ras, slot: u32) {
-        let Some(((op, _), off, n)) = ras.parent_range(slot) else {
-            return ras.impossible("a parity-level write to map is not parked");
+    fn start_write(&self, channel: &ArrayChannel, slot: u32) {
+        let Some(((op, _), off, n)) = channel.parent_range(slot) else {
+            return channel.impossible("a parity-level write to map is not parked");
         };
         if op != IoType::Write {
             // Not advertised (`maps_unmap_to_members`); the bdev layer checks.
-            return ras.finish(slot, IoStatus::Failed(IoError::NotSupported));
+            return channel.finish(slot, IoStatus::Failed(IoError::NotSupported));
         }
-        let Some(geo_ref) = geometry_or_finish(ras, slot) else { return };
-        let c = Ctx::recorded(&geo_ref, self.parities, ras, slot);
+        let Some(geo_ref) = geometry_or_finish(channel, slot) else { return };
+        let c = Ctx::recorded(&geo_ref, self.parities, channel, slot);
         let end = off + n;
         let r = (|| {
             if c.too_many_down() {
@@ -661,7 +661,7 @@ impl ParityLevel {
                 piece_reads(c.sh, p, kind, off, end, scratch, |_, _, _, _| reads += 1);
                 scratch += size;
             });
-            if let Some(log) = self.log(ras) {
+            if let Some(log) = self.log(channel) {
                 for_each_stripe(&c, off, end, |_, pieces| scratch += log_area_blocks(&c, pieces, log));
             }
             let buf = if scratch > 0 {
@@ -682,23 +682,23 @@ impl ParityLevel {
             Ok(x) => x,
             Err(e) => {
                 drop((c, geo_ref));
-                return ras.finish(slot, IoStatus::Failed(e));
+                return channel.finish(slot, IoStatus::Failed(e));
             }
         };
-        ras.set_level_buf(slot, buf.clone());
+        channel.set_level_buf(slot, buf.clone());
         if reads == 0 {
             drop((c, geo_ref));
-            return self.write_data_and_parity(ras, slot);
+            return self.write_data_and_parity(channel, slot);
         }
-        ras.set_level_phase(slot, WRITE_READING);
+        channel.set_level_phase(slot, WRITE_READING);
         let Some(buf) = buf else {
             drop((c, geo_ref));
-            return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
+            return channel.finish(slot, IoStatus::Failed(IoError::NoMemory));
         };
-        ras.expect_children(slot, reads, false);
+        channel.expect_children(slot, reads, false);
         // Build every read before submitting any (a member may take
         // descriptors from this pool while it submits).
-        let mut children = ras.take_scratch();
+        let mut children = channel.take_scratch();
         let mut short = 0u32;
         let mut at = 0u64;
         for_each_piece(c.sh, off, end, |p| {
@@ -706,41 +706,48 @@ impl ParityLevel {
             piece_reads(c.sh, p, kind, off, end, at, |m, moff, nb, bo| {
                 let b = buf.slice((bo * c.bs) as usize, (nb * c.bs) as usize);
                 let l = Loc { member: m as u16, offset_blocks: moff };
-                match Ras::make_child(&c.members, slot, (IoType::Read, IoFlags::NONE), (l, Some(b)), nb, 0) {
+                match ArrayChannel::make_child(&c.members, slot, (IoType::Read, IoFlags::NONE), (l, Some(b)), nb, 0) {
                     Some(ch) => children.push(ch),
                     None => short += 1,
                 }
             });
             at += size;
         });
-        self.send_children(ras, slot, children, short, (c, geo_ref));
+        self.send_children(channel, slot, children, short, (c, geo_ref));
     }
 
     /// Sends the children built for `slot`, then counts out those that
     /// could not be built (like a child that failed to start: the parent
     /// fails once the others are back). `held`: the borrows to drop first.
-    fn send_children<H>(&self, ras: &Ras, slot: u32, mut children: Vec<IoBox>, short: u32, held: (Ctx<'_>, H)) {
+    fn send_children<H>(
+        &self,
+        channel: &ArrayChannel,
+        slot: u32,
+        mut children: Vec<IoBox>,
+        short: u32,
+        held: (Ctx<'_>, H),
+    ) {
         for child in children.drain(..) {
-            ras.send_child(&held.0.members, child);
+            channel.send_child(&held.0.members, child);
         }
-        ras.put_scratch(children);
+        channel.put_scratch(children);
         drop(held);
         for _ in 0..short {
-            ras.child_not_started(slot);
+            channel.child_not_started(slot);
         }
     }
 
     /// Computes each piece's parities in the stripe buffer, then writes
     /// the new data and the parities (every member write carries the
     /// parent's flags: FUA reaches data and parity alike).
-    fn write_data_and_parity(&self, ras: &Ras, slot: u32) {
-        let Some((_, off, n, Some(data))) = ras.parent_args(slot) else {
-            return ras.finish(slot, IoStatus::Failed(IoError::OutOfRange));
+    fn write_data_and_parity(&self, channel: &ArrayChannel, slot: u32) {
+        let Some((_, off, n, Some(data))) = channel.parent_args(slot) else {
+            return channel.finish(slot, IoStatus::Failed(IoError::OutOfRange));
         };
-        let Some(geo_ref) = geometry_or_finish(ras, slot) else { return };
-        let c = Ctx::following(&geo_ref, self.parities, ras, slot);
+        let Some(geo_ref) = geometry_or_finish(channel, slot) else { return };
+        let c = Ctx::following(&geo_ref, self.parities, channel, slot);
         let end = off + n;
-        let scratch = ras.level_buf(slot);
+        let scratch = channel.level_buf(slot);
         let parity = Parity::best();
         let bs = c.bs;
         let (dd, roles) = (c.sh.data, c.sh.roles());
@@ -857,103 +864,110 @@ impl ParityLevel {
         if !ok || writes == 0 {
             drop((c, geo_ref));
             let e = if ok { IoError::NoDevice } else { IoError::NoMemory };
-            return ras.finish(slot, IoStatus::Failed(e));
+            return channel.finish(slot, IoStatus::Failed(e));
         }
         if (IoBox::available() as u64) < writes as u64 {
             drop((c, geo_ref));
-            return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
+            return channel.finish(slot, IoStatus::Failed(IoError::NoMemory));
         }
         // `at` is now the end of the pieces' blocks: the log entries follow.
-        self.log_then_write(ras, slot, (c, geo_ref), at, writes);
+        self.log_then_write(channel, slot, (c, geo_ref), at, writes);
     }
 
     /// Sends `slot`'s log writes, or, with nothing to log, its member
     /// writes; waits for a log slot when its parity member has none free.
     fn log_then_write(
         &self,
-        ras: &Ras,
+        channel: &ArrayChannel,
         slot: u32,
         (c, geo_ref): (Ctx<'_>, Ref<'_, Geometry>),
         log_at: u64,
         writes: u32,
     ) {
-        let Some((_, off, n)) = ras.parent_range(slot) else {
+        let Some((_, off, n)) = channel.parent_range(slot) else {
             drop((c, geo_ref));
-            return ras.impossible("a parity-level write to log is not parked");
+            return channel.impossible("a parity-level write to log is not parked");
         };
-        let mut started = self.write_log(ras, slot, &c, (off, off + n), log_at);
+        let mut started = self.write_log(channel, slot, &c, (off, off + n), log_at);
         // Slots wait for a flush of the members' caches (`ppl`): none to
         // flush, and they are free now.
         if matches!(started, LogStart::NoSlot)
-            && self.log(ras).is_some_and(|l| l.flush_before_reuse(ras.shared.key, &c.members, c.failed))
+            && self.log(channel).is_some_and(|l| l.flush_before_reuse(channel.shared.key, &c.members, c.failed))
         {
-            started = self.write_log(ras, slot, &c, (off, off + n), log_at);
+            started = self.write_log(channel, slot, &c, (off, off + n), log_at);
         }
         match started {
-            LogStart::Nothing => self.write_members(ras, slot, (c, geo_ref), writes),
+            LogStart::Nothing => self.write_members(channel, slot, (c, geo_ref), writes),
             LogStart::Sent => {}
             LogStart::NoSlot => {
                 drop((c, geo_ref));
-                ras.set_level_phase(slot, WRITE_LOG_WAIT);
-                LogWait::enqueue(ras, slot);
+                channel.set_level_phase(slot, WRITE_LOG_WAIT);
+                LogWait::enqueue(channel, slot);
             }
             LogStart::Failed(e) => {
                 drop((c, geo_ref));
-                ras.finish(slot, IoStatus::Failed(e));
+                channel.finish(slot, IoStatus::Failed(e));
             }
         }
     }
 
     /// A write that waited for a log slot tries again (`LogWait`).
-    fn retry_log(&self, ras: &Ras, slot: u32) {
-        if ras.level_phase(slot) != WRITE_LOG_WAIT {
-            return ras.impossible("a write waiting for a log slot is not waiting");
+    fn retry_log(&self, channel: &ArrayChannel, slot: u32) {
+        if channel.level_phase(slot) != WRITE_LOG_WAIT {
+            return channel.impossible("a write waiting for a log slot is not waiting");
         }
-        let Some((_, off, n)) = ras.parent_range(slot) else {
-            return ras.impossible("a write waiting for a log slot is not parked");
+        let Some((_, off, n)) = channel.parent_range(slot) else {
+            return channel.impossible("a write waiting for a log slot is not parked");
         };
-        let Some(geo_ref) = geometry_or_finish(ras, slot) else { return };
-        let c = Ctx::following(&geo_ref, self.parities, ras, slot);
+        let Some(geo_ref) = geometry_or_finish(channel, slot) else { return };
+        let c = Ctx::following(&geo_ref, self.parities, channel, slot);
         let end = off + n;
         let mut log_at = 0u64;
         for_each_piece(c.sh, off, end, |p| log_at += c.kind_of(p, off, end).1);
         let writes = count_writes(&c, off, end);
-        self.log_then_write(ras, slot, (c, geo_ref), log_at, writes);
+        self.log_then_write(channel, slot, (c, geo_ref), log_at, writes);
     }
 
     /// The log entries are durable: the data and parity computed for
     /// `slot` go to the members.
-    fn resume_after_log(&self, ras: &Ras, slot: u32) {
-        let Some((_, off, n)) = ras.parent_range(slot) else {
-            return ras.impossible("a logged parity-level write is not parked");
+    fn resume_after_log(&self, channel: &ArrayChannel, slot: u32) {
+        let Some((_, off, n)) = channel.parent_range(slot) else {
+            return channel.impossible("a logged parity-level write is not parked");
         };
-        let Some(geo_ref) = geometry_or_finish(ras, slot) else { return };
-        let c = Ctx::following(&geo_ref, self.parities, ras, slot);
+        let Some(geo_ref) = geometry_or_finish(channel, slot) else { return };
+        let c = Ctx::following(&geo_ref, self.parities, channel, slot);
         let writes = count_writes(&c, off, off + n);
         if writes == 0 || (IoBox::available() as u64) < writes as u64 {
             drop((c, geo_ref));
-            self.release_log(ras, slot);
-            return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
+            self.release_log(channel, slot);
+            return channel.finish(slot, IoStatus::Failed(IoError::NoMemory));
         }
-        self.write_members(ras, slot, (c, geo_ref), writes);
+        self.write_members(channel, slot, (c, geo_ref), writes);
     }
 
     /// The log of the array (raid5 with a superblock), None without one.
-    fn log<'r>(&self, ras: &'r Ras) -> Option<&'r PplLog> {
-        if self.parities != 1 || ras.shared.ppl_off.load(Ordering::Relaxed) {
+    fn log<'r>(&self, channel: &'r ArrayChannel) -> Option<&'r PplLog> {
+        if self.parities != 1 || channel.shared.ppl_off.load(Ordering::Relaxed) {
             return None;
         }
-        ras.shared.ppl.get().map(|l| &**l)
+        channel.shared.ppl.get().map(|l| &**l)
     }
 
     /// Builds and sends the log writes of `slot`'s write (its pieces'
     /// parities are computed; `log_at`: the first block of the log area in
     /// its stripe buffer): an entry per stripe the write changes in part, a
     /// header wipe per whole stripe whose slot still holds an older entry.
-    fn write_log(&self, ras: &Ras, slot: u32, c: &Ctx<'_>, (off, end): (u64, u64), log_at: u64) -> LogStart {
-        let Some(log) = self.log(ras) else { return LogStart::Nothing };
-        let Some((_, _, _, Some(data))) = ras.parent_args(slot) else { return LogStart::Nothing };
-        let Some(sc) = ras.level_buf(slot) else { return LogStart::Nothing };
+    fn write_log(
+        &self,
+        channel: &ArrayChannel,
+        slot: u32,
+        c: &Ctx<'_>,
+        (off, end): (u64, u64),
+        log_at: u64,
+    ) -> LogStart {
+        let Some(log) = self.log(channel) else { return LogStart::Nothing };
+        let Some((_, _, _, Some(data))) = channel.parent_args(slot) else { return LogStart::Nothing };
+        let Some(sc) = channel.level_buf(slot) else { return LogStart::Nothing };
         let bs = c.bs;
         let (roles, hb) = (c.sh.roles(), log.header_blocks);
         // Planned while the log was switched off (`RaidArray::set_partial_parity_log`):
@@ -978,19 +992,19 @@ impl ParityLevel {
             }
         });
         if !taken_all {
-            self.release_log(ras, slot);
+            self.release_log(channel, slot);
             return LogStart::NoSlot;
         }
         if (IoBox::available() as u64) < u64::from(count) {
-            self.release_log(ras, slot);
+            self.release_log(channel, slot);
             return LogStart::Failed(IoError::NoMemory);
         }
         if count == 0 {
             return LogStart::Nothing;
         }
-        ras.set_level_phase(slot, WRITE_LOGGING);
-        ras.expect_children(slot, count, false);
-        let mut children = ras.take_scratch();
+        channel.set_level_phase(slot, WRITE_LOGGING);
+        channel.expect_children(slot, count, false);
+        let mut children = channel.take_scratch();
         let mut short = 0u32;
         let mut entry_at = log_at;
         for_each_stripe(c, off, end, |stripe, pieces| {
@@ -1052,7 +1066,7 @@ impl ParityLevel {
             };
             let b = sc.slice((at * bs) as usize, (nb * bs) as usize);
             let l = Loc { member: pm as u16, offset_blocks: 0 };
-            match Ras::make_child(&c.members, slot, (IoType::Write, IoFlags::FUA), (l, Some(b)), nb, 0) {
+            match ArrayChannel::make_child(&c.members, slot, (IoType::Write, IoFlags::FUA), (l, Some(b)), nb, 0) {
                 Some(mut ch) => {
                     // The log lies in the metadata area, before the data.
                     ch.offset_blocks = log.slot_offset(i);
@@ -1062,22 +1076,22 @@ impl ParityLevel {
             }
         });
         for child in children.drain(..) {
-            ras.send_child(&c.members, child);
+            channel.send_child(&c.members, child);
         }
-        ras.put_scratch(children);
+        channel.put_scratch(children);
         for _ in 0..short {
-            ras.child_not_started(slot);
+            channel.child_not_started(slot);
         }
         LogStart::Sent
     }
 
     /// Frees the log slots `slot`'s write holds (an entry stays on disk for
     /// a stripe it changed in part; a wiped slot holds nothing).
-    fn release_log(&self, ras: &Ras, slot: u32) {
+    fn release_log(&self, channel: &ArrayChannel, slot: u32) {
         // Whatever the switch says now: slots taken before are given back.
-        let Some(log) = ras.shared.ppl.get().filter(|_| self.parities == 1) else { return };
-        let Some((_, off, n)) = ras.parent_range(slot) else { return };
-        let geo_ref = ras.geo.borrow();
+        let Some(log) = channel.shared.ppl.get().filter(|_| self.parities == 1) else { return };
+        let Some((_, off, n)) = channel.parent_range(slot) else { return };
+        let geo_ref = channel.geo.borrow();
         let Some(geo) = geo_ref.as_deref() else { return };
         let sh = self.shape(geo);
         let sb = sh.stripe_blocks();
@@ -1088,28 +1102,34 @@ impl ParityLevel {
     }
 
     /// Sends the data and parity writes of `slot` (their count `writes`).
-    fn write_members(&self, ras: &Ras, slot: u32, (c, geo_ref): (Ctx<'_>, Ref<'_, Geometry>), writes: u32) {
-        let Some(((op, flags), off, n, Some(data))) = ras.parent_args(slot) else {
+    fn write_members(
+        &self,
+        channel: &ArrayChannel,
+        slot: u32,
+        (c, geo_ref): (Ctx<'_>, Ref<'_, Geometry>),
+        writes: u32,
+    ) {
+        let Some(((op, flags), off, n, Some(data))) = channel.parent_args(slot) else {
             drop((c, geo_ref));
-            return ras.finish(slot, IoStatus::Failed(IoError::OutOfRange));
+            return channel.finish(slot, IoStatus::Failed(IoError::OutOfRange));
         };
         let end = off + n;
-        let scratch = ras.level_buf(slot);
+        let scratch = channel.level_buf(slot);
         let bs = c.bs;
         let (dd, roles) = (c.sh.data, c.sh.roles());
-        ras.set_level_phase(slot, WRITE_WRITING);
+        channel.set_level_phase(slot, WRITE_WRITING);
         // A member latched failed but not yet recorded gets no write: the
         // IO is acknowledged once the failure is on disk (as copy levels do).
-        let unrecorded = c.failed & !ras.shared.recorded_mask.load(Ordering::Acquire);
-        ras.expect_children(slot, writes, unrecorded != 0);
-        let mut children = ras.take_scratch();
+        let unrecorded = c.failed & !channel.shared.recorded_mask.load(Ordering::Acquire);
+        channel.expect_children(slot, writes, unrecorded != 0);
+        let mut children = channel.take_scratch();
         let mut short = 0u32;
         let mut at = 0u64;
         for_each_piece(c.sh, off, end, |p| {
             let (kind, size) = c.kind_of(p, off, end);
             let rows = p.rows();
             let row0 = p.stripe * c.sh.chunk;
-            let mut push = |l: Loc, b: DmaBuf, nb: u64| match Ras::make_child(
+            let mut push = |l: Loc, b: DmaBuf, nb: u64| match ArrayChannel::make_child(
                 &c.members,
                 slot,
                 (op, flags),
@@ -1141,23 +1161,23 @@ impl ParityLevel {
             }
             at += size;
         });
-        self.send_children(ras, slot, children, short, (c, geo_ref));
+        self.send_children(channel, slot, children, short, (c, geo_ref));
     }
 
     /// A read: each extent from its data member, or, when that member is
     /// down, reconstructed from the same rows of the members not down.
-    fn start_read(&self, ras: &Ras, slot: u32) {
-        let Some((_, off, n, Some(data))) = ras.parent_args(slot) else {
-            return ras.finish(slot, IoStatus::Failed(IoError::OutOfRange));
+    fn start_read(&self, channel: &ArrayChannel, slot: u32) {
+        let Some((_, off, n, Some(data))) = channel.parent_args(slot) else {
+            return channel.finish(slot, IoStatus::Failed(IoError::OutOfRange));
         };
-        let locked = ras.holds_lock(slot);
-        if ras.bitmap_ref().as_deref().is_some_and(|bm| bm.range_unwritten(off, n)) {
+        let locked = channel.holds_lock(slot);
+        if channel.bitmap_ref().as_deref().is_some_and(|bm| bm.range_unwritten(off, n)) {
             // Never written: zeros, healthy or degraded, without member IO.
             data.fill(0);
-            return ras.finish(slot, IoStatus::Success);
+            return channel.finish(slot, IoStatus::Success);
         }
-        let Some(geo) = geometry_or_finish(ras, slot) else { return };
-        let c = Ctx::recorded(&geo, self.parities, ras, slot);
+        let Some(geo) = geometry_or_finish(channel, slot) else { return };
+        let c = Ctx::recorded(&geo, self.parities, channel, slot);
         let roles = c.sh.roles();
         let (mut count, mut scratch) = (0u32, 0u64);
         for e in geo.extents(off, n) {
@@ -1178,37 +1198,37 @@ impl ParityLevel {
         };
         if let Some(e) = err {
             drop((c, geo));
-            return ras.finish(slot, IoStatus::Failed(e));
+            return channel.finish(slot, IoStatus::Failed(e));
         }
-        if scratch > 0 && !locked && ras.shared.serialize.load(Ordering::Relaxed) {
+        if scratch > 0 && !locked && channel.shared.serialize.load(Ordering::Relaxed) {
             // Reconstruction reads a whole stripe row: hold the stripes, so no
             // write is half-way through them (then map again, `submit_rw`).
             drop((c, geo));
-            ras.set_level_phase(slot, READ_LOCKED);
-            return ras.serialize(slot);
+            channel.set_level_phase(slot, READ_LOCKED);
+            return channel.serialize(slot);
         }
         let buf = if scratch > 0 {
             match DmaBuf::alloc((scratch * c.bs) as usize).filter(|_| scratch * c.bs <= DmaBuf::MAX_LEN as u64) {
                 Some(b) => Some(b),
                 None => {
                     drop((c, geo));
-                    return ras.finish(slot, IoStatus::Failed(IoError::NoMemory));
+                    return channel.finish(slot, IoStatus::Failed(IoError::NoMemory));
                 }
             }
         } else {
             None
         };
-        ras.set_level_buf(slot, buf.clone());
-        ras.set_level_phase(slot, if scratch > 0 { READ_RECONSTRUCT } else { READ_DIRECT });
-        ras.expect_children(slot, count, false);
+        channel.set_level_buf(slot, buf.clone());
+        channel.set_level_phase(slot, if scratch > 0 { READ_RECONSTRUCT } else { READ_DIRECT });
+        channel.expect_children(slot, count, false);
         let bs = c.bs;
-        let mut children = ras.take_scratch();
+        let mut children = channel.take_scratch();
         let mut short = 0u32;
         let mut at = 0u64;
         for e in geo.extents(off, n) {
             let m = member_of(&e.placement);
             let Some(l) = e.placement.on_member(m) else { continue };
-            let mut push = |l: Loc, b: DmaBuf| match Ras::make_child(
+            let mut push = |l: Loc, b: DmaBuf| match ArrayChannel::make_child(
                 &c.members,
                 slot,
                 (IoType::Read, IoFlags::NONE),
@@ -1233,20 +1253,20 @@ impl ParityLevel {
             }
             at += roles * e.num_blocks;
         }
-        self.send_children(ras, slot, children, short, (c, geo));
+        self.send_children(channel, slot, children, short, (c, geo));
     }
 
     /// Gives back each extent of a lost member from the rows read of the
     /// others.
-    fn reconstruct_reads(&self, ras: &Ras, slot: u32) -> Result<(), IoError> {
-        let (_, off, n, data) = ras.parent_args(slot).ok_or(IoError::NoDevice)?;
+    fn reconstruct_reads(&self, channel: &ArrayChannel, slot: u32) -> Result<(), IoError> {
+        let (_, off, n, data) = channel.parent_args(slot).ok_or(IoError::NoDevice)?;
         let data = data.ok_or(IoError::OutOfRange)?;
-        let sc = ras.level_buf(slot).ok_or(IoError::NoMemory)?;
-        let geo_ref = ras.geo.borrow();
+        let sc = channel.level_buf(slot).ok_or(IoError::NoMemory)?;
+        let geo_ref = channel.geo.borrow();
         let geo = geo_ref.as_deref().ok_or(IoError::NoDevice)?;
         let sh = self.shape(geo);
-        let (down_mask, _) = ras.level_plan_masks(slot);
-        let bs = ras.block_size.get();
+        let (down_mask, _) = channel.level_plan_masks(slot);
+        let bs = channel.block_size.get();
         let parity = Parity::best();
         let mut at = 0u64;
         for e in geo.extents(off, n) {
@@ -1274,16 +1294,16 @@ impl ParityLevel {
     }
 
     /// The copies of one process window (see `RaidLevel::plan_window`).
-    fn window(&self, ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
-        let geo_ref = ras.geo.borrow();
+    fn window(&self, channel: &ArrayChannel, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
+        let geo_ref = channel.geo.borrow();
         let geo = geo_ref.as_deref()?;
         let sh = self.shape(geo);
-        let members = ras.members.borrow();
-        let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+        let members = channel.members.borrow();
+        let failed = channel.shared.failed_mask.load(Ordering::Acquire);
         let sb = sh.stripe_blocks();
         let first = window.start / sb;
         let stripes = first..window.end.div_ceil(sb);
-        let all_active = (0..members.len()).all(|m| Ras::active(&members, failed, m));
+        let all_active = (0..members.len()).all(|m| ArrayChannel::active(&members, failed, m));
         // Each stripe's copies, `per` chunks of the window buffer a stripe
         // (at most `parities`, and a stripe has at least that many data
         // chunks: they fit the window).
@@ -1323,7 +1343,9 @@ impl ParityLevel {
         // stripes) get their chunks from the others.
         let targets: Vec<usize> = (0..members.len())
             .filter(|&m| {
-                dests & (1 << m) != 0 && Ras::writable(&members, failed, m) && !Ras::active(&members, failed, m)
+                dests & (1 << m) != 0
+                    && ArrayChannel::writable(&members, failed, m)
+                    && !ArrayChannel::active(&members, failed, m)
             })
             .collect();
         let all = ((1u64 << members.len()) - 1) as u32;
@@ -1351,7 +1373,7 @@ impl ParityLevel {
         }
         // Every member still up is a source; the targets and any member
         // still missing are what the parities give back.
-        let sources: Vec<usize> = (0..members.len()).filter(|&m| Ras::active(&members, failed, m)).collect();
+        let sources: Vec<usize> = (0..members.len()).filter(|&m| ArrayChannel::active(&members, failed, m)).collect();
         if (sources.len() as u64) < sh.data || sources.is_empty() {
             return None;
         }
@@ -1410,13 +1432,13 @@ impl ParityLevel {
 /// them) all agree. Written bits are only ever set, so a chunk still
 /// unwritten now was unwritten when the read was planned; one written
 /// since raced the read, which then gets what the members gave.
-pub(super) fn zero_unwritten(ras: &Ras, slot: u32) {
-    let Some((_, off, n, Some(data))) = ras.parent_args(slot) else { return };
-    let bm = ras.bitmap_ref();
+pub(super) fn zero_unwritten(channel: &ArrayChannel, slot: u32) {
+    let Some((_, off, n, Some(data))) = channel.parent_args(slot) else { return };
+    let bm = channel.bitmap_ref();
     let Some(bm) = bm.as_deref().filter(|bm| bm.tracks_written()) else { return };
     let g = bm.geometry();
     let Ok(chunks) = g.chunk_range(off, n) else { return };
-    let bs = ras.block_size.get();
+    let bs = channel.block_size.get();
     for c in chunks.filter(|&c| !bm.is_written(c)) {
         let blocks = g.chunk_blocks(c);
         let (a, b) = (blocks.start.max(off), blocks.end.min(off + n));
@@ -1484,17 +1506,17 @@ impl RaidLevel for ParityLevel {
         false
     }
 
-    fn submit_rw(&self, ras: &Ras, slot: u32) {
-        match ras.parent_args(slot) {
-            Some(((IoType::Read, _), ..)) => self.start_read(ras, slot),
-            Some(_) => self.start_write(ras, slot),
-            None => ras.impossible("a parity-level IO to map is not parked"),
+    fn submit_rw(&self, channel: &ArrayChannel, slot: u32) {
+        match channel.parent_args(slot) {
+            Some(((IoType::Read, _), ..)) => self.start_read(channel, slot),
+            Some(_) => self.start_write(channel, slot),
+            None => channel.impossible("a parity-level IO to map is not parked"),
         }
     }
 
     /// A failed read child fails its round; `children_done` then maps the
     /// read again with the member down (reconstructing its extents).
-    fn retry_read(&self, _ras: &Ras, child: IoBox) -> Result<(), IoBox> {
+    fn retry_read(&self, _channel: &ArrayChannel, child: IoBox) -> Result<(), IoBox> {
         Err(child)
     }
 
@@ -1505,8 +1527,8 @@ impl RaidLevel for ParityLevel {
     /// Check (md's `check`/`repair`): each stripe's parities are read and
     /// compared with what its data gives; `repair` rewrites them. A
     /// degraded array has nothing to compare: None.
-    fn plan_window(&self, ras: &Ras, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
-        self.window(ras, window, job)
+    fn plan_window(&self, channel: &ArrayChannel, window: Range<u64>, job: WindowJob) -> Option<Vec<WindowCopy>> {
+        self.window(channel, window, job)
     }
 
     fn combine_window(&self, geo: &Geometry, target: Loc, at: &[Loc], sources: &[DmaBuf]) -> bool {
@@ -1521,23 +1543,23 @@ impl RaidLevel for ParityLevel {
         start..end.min(geo.array_blocks()).max(start + 1)
     }
 
-    fn children_done(&self, ras: &Ras, slot: u32) -> bool {
-        let (error, copy_failed) = ras.child_outcome(slot);
-        match ras.level_phase(slot) {
+    fn children_done(&self, channel: &ArrayChannel, slot: u32) -> bool {
+        let (error, copy_failed) = channel.child_outcome(slot);
+        match channel.level_phase(slot) {
             WRITE_READING => {
                 if copy_failed {
                     // A member failed under the reads (now latched): plan the
                     // write again around it, or fail if that leaves too few.
-                    ras.clear_child_error(slot);
-                    ras.set_level_phase(slot, START);
-                    ras.set_level_buf(slot, None);
-                    self.start_write(ras, slot);
+                    channel.clear_child_error(slot);
+                    channel.set_level_phase(slot, START);
+                    channel.set_level_buf(slot, None);
+                    self.start_write(channel, slot);
                     return true;
                 }
                 if error.is_some() {
                     return false;
                 }
-                self.write_data_and_parity(ras, slot);
+                self.write_data_and_parity(channel, slot);
                 true
             }
             WRITE_LOGGING => {
@@ -1545,49 +1567,49 @@ impl RaidLevel for ParityLevel {
                     // The parity member failed under its log write (now
                     // latched): plan again; the stripe then has no parity
                     // to log for.
-                    self.release_log(ras, slot);
-                    ras.clear_child_error(slot);
-                    ras.set_level_phase(slot, START);
-                    ras.set_level_buf(slot, None);
-                    self.start_write(ras, slot);
+                    self.release_log(channel, slot);
+                    channel.clear_child_error(slot);
+                    channel.set_level_phase(slot, START);
+                    channel.set_level_buf(slot, None);
+                    self.start_write(channel, slot);
                     return true;
                 }
                 if error.is_some() {
-                    self.release_log(ras, slot);
+                    self.release_log(channel, slot);
                     return false;
                 }
-                self.resume_after_log(ras, slot);
+                self.resume_after_log(channel, slot);
                 true
             }
             WRITE_WRITING => {
-                self.release_log(ras, slot);
+                self.release_log(channel, slot);
                 false
             }
             READ_DIRECT | READ_RECONSTRUCT if error.is_some() => {
                 // A member failed (the core latched it): read again around
                 // it (raid6 still has a parity for it after one loss). Out
                 // of descriptors, or too many failures: the read fails.
-                let failed = ras.shared.failed_mask.load(Ordering::Acquire);
+                let failed = channel.shared.failed_mask.load(Ordering::Acquire);
                 if matches!(error, Some(IoError::NoMemory | IoError::Aborted))
                     || failed.count_ones() > u32::from(self.parities)
                 {
                     return false;
                 }
-                ras.clear_child_error(slot);
-                ras.set_level_phase(slot, START);
-                ras.set_level_buf(slot, None);
-                self.start_read(ras, slot);
+                channel.clear_child_error(slot);
+                channel.set_level_phase(slot, START);
+                channel.set_level_buf(slot, None);
+                self.start_read(channel, slot);
                 true
             }
             READ_RECONSTRUCT => {
-                if let Err(e) = self.reconstruct_reads(ras, slot) {
-                    ras.set_child_error(slot, e);
+                if let Err(e) = self.reconstruct_reads(channel, slot) {
+                    channel.set_child_error(slot, e);
                 }
-                zero_unwritten(ras, slot);
+                zero_unwritten(channel, slot);
                 false
             }
             READ_DIRECT => {
-                zero_unwritten(ras, slot);
+                zero_unwritten(channel, slot);
                 false
             }
             _ => false,
