@@ -452,13 +452,15 @@ fn a_lun_reset_aborts_the_commands_of_other_sessions() {
     reset.set_u32(24, a.cmd_sn);
     reset.set_u32(28, a.exp_stat_sn);
     a.send(reset, &[]);
-    let r = a.recv().unwrap();
-    assert_eq!((r.bhs.opcode(), r.bhs.byte(2)), (op::TMF_RESP, 0), "LUN RESET: function complete");
     let (st, din, resp) = b.finish(held, None);
     assert_eq!(st, 0x40, "TASK ABORTED");
     assert!(din.is_empty());
     assert_eq!(resp.bhs.opcode(), op::SCSI_RESP);
     assert!(t0.elapsed() < std::time::Duration::from_millis(1500), "aborted, not served after the bdev's 2 s");
+    // B acknowledges the TASK ABORTED response; then A has its answer.
+    answer_ping(&mut b, None);
+    let r = a.recv().unwrap();
+    assert_eq!((r.bhs.opcode(), r.bhs.byte(2)), (op::TMF_RESP, 0), "LUN RESET: function complete");
     // B's next command reports the reset; A asked for it and sees none.
     let itt = b.scsi(&[0u8; 6], 0, None, 0);
     let (st, _, resp) = b.finish(itt, None);
@@ -495,6 +497,113 @@ fn a_lun_reset_aborts_the_commands_of_other_sessions() {
     let itt = a.scsi(&read10(16, 8), 4096, None, 0);
     let (st, din, _) = a.finish(itt, None);
     assert_eq!((st, din), (0, vec![0u8; 4096]), "nothing written");
+}
+
+/// Receives the target's NOP-In ping and answers it with ExpStatSN
+/// `exp_stat_sn` (default: everything received); returns the ping.
+fn answer_ping(c: &mut Ini, exp_stat_sn: Option<u32>) -> Pdu {
+    let ping = c.recv().expect("a NOP-In ping");
+    assert_eq!((ping.bhs.opcode(), ping.bhs.itt()), (op::NOP_IN, 0xffff_ffff), "a target ping");
+    let ttt = ping.bhs.u32_at(20);
+    assert_ne!(ttt, 0xffff_ffff, "the ping asks for an answer");
+    let mut nop = Bhs::new(op::NOP_OUT | 0x40);
+    nop.set_flags(0x80);
+    nop.set_u32(16, 0xffff_ffff);
+    nop.set_u32(20, ttt);
+    nop.set_u32(24, c.cmd_sn);
+    nop.set_u32(28, exp_stat_sn.unwrap_or(c.exp_stat_sn));
+    c.send(nop, &[]);
+    ping
+}
+
+/// Whether nothing arrives on `c` within `ms`.
+fn silent_for(c: &mut Ini, ms: u64) -> bool {
+    c.s.set_read_timeout(Some(std::time::Duration::from_millis(ms))).unwrap();
+    let mut byte = [0u8; 1];
+    let silent = std::io::Read::read(&mut c.s, &mut byte).is_err();
+    c.s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    silent
+}
+
+/// A LUN RESET that aborts another session's command is answered only once
+/// that session's initiator has acknowledged the responses its connection
+/// sent before (RFC 7143 4.2.3.3: the last-sent StatSN of every connection
+/// sharing the affected tasks): the other connection, on its own reactor,
+/// asks with a NOP-In, and an answer whose ExpStatSN falls short does not
+/// count; a session that had no task on the LUN is not waited for.
+#[test]
+fn a_lun_reset_waits_for_the_statsn_acknowledgement_of_other_sessions() {
+    let t = target_delayed(2_000_000);
+    let mut a = full_feature(&t);
+    let login = |isid: u8| {
+        let mut c = Ini::connect(t.addr);
+        c.isid = [0x80, 0, 0, 0, 0, isid];
+        let r = c.login(TARGET, &[]);
+        assert_eq!(r.bhs.byte(36), 0);
+        c.cmd_sn = r.bhs.u32_at(28);
+        c
+    };
+    let (mut b, mut idle) = (login(2), login(3));
+    for c in [&mut a, &mut b, &mut idle] {
+        loop {
+            let itt = c.scsi(&[0u8; 6], 0, None, 0);
+            if c.finish(itt, None).0 == 0 {
+                break;
+            }
+        }
+    }
+    // A's and B's connections are on different reactors (accepted round-robin).
+    let conns = t.set.call(0, || iscsi::IscsiState::get().connections_json());
+    let reactor_of = |tsih: u16| {
+        let c = conns.as_array().unwrap().iter().find(|c| c["tsih"] == serde_json::json!(tsih)).unwrap();
+        c["thread_name"].as_str().unwrap().to_string()
+    };
+    assert_ne!(reactor_of(a.tsih), reactor_of(b.tsih));
+    let held = b.scsi(&read10(0, 8), 4096, None, 0);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut reset = Bhs::new(op::TMF_REQ | 0x40);
+    reset.set_flags(0x80 | 5);
+    reset.set_u32(16, 0x7002);
+    reset.set_u32(20, 0xffff_ffff);
+    reset.set_u32(24, a.cmd_sn);
+    reset.set_u32(28, a.exp_stat_sn);
+    a.send(reset, &[]);
+    let acked_before = b.exp_stat_sn;
+    let (st, _, resp) = b.finish(held, None);
+    assert_eq!(st, 0x40, "TASK ABORTED");
+    let aborted_stat_sn = resp.bhs.u32_at(24);
+    // B is asked to acknowledge; an answer that does not reach the aborted
+    // command's response leaves the reset waiting, and B is asked again.
+    let ping = answer_ping(&mut b, Some(acked_before));
+    assert_eq!(ping.bhs.u32_at(24), aborted_stat_sn.wrapping_add(1), "the ping follows the response");
+    assert!(silent_for(&mut a, 300), "no TMF response before B's acknowledgement");
+    answer_ping(&mut b, None);
+    let r = a.recv().unwrap();
+    assert_eq!((r.bhs.opcode(), r.bhs.itt(), r.bhs.byte(2)), (op::TMF_RESP, 0x7002, 0), "LUN RESET complete");
+    assert!(silent_for(&mut idle, 100), "a session without aborted tasks is not pinged");
+    // Every session goes on.
+    for c in [&mut a, &mut b, &mut idle] {
+        let itt = c.scsi(&[0u8; 6], 0, None, 0);
+        let st = c.finish(itt, None).0;
+        assert!(st == 0 || st == 2, "status {st:#x}");
+    }
+    // An initiator that drops its connection instead of acknowledging does
+    // not hold the reset up.
+    let held = b.scsi(&read10(0, 8), 4096, None, 0);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut reset = Bhs::new(op::TMF_REQ | 0x40);
+    reset.set_flags(0x80 | 5);
+    reset.set_u32(16, 0x7003);
+    reset.set_u32(20, 0xffff_ffff);
+    reset.set_u32(24, a.cmd_sn);
+    reset.set_u32(28, a.exp_stat_sn);
+    a.send(reset, &[]);
+    assert_eq!(b.finish(held, None).0, 0x40, "TASK ABORTED");
+    assert!(silent_for(&mut a, 200), "waits for B");
+    drop(b);
+    let r = a.recv().expect("the reset is answered once B's connection is gone");
+    assert_eq!((r.bhs.opcode(), r.bhs.itt(), r.bhs.byte(2)), (op::TMF_RESP, 0x7003, 0));
+    assert_eq!(t.set.call(0, || iscsi::IscsiState::get().impossible_event_count()), 0);
 }
 
 #[test]

@@ -135,6 +135,9 @@ pub(crate) struct Inner {
     /// tasks it aborted on announcements that have not ended yet.
     aborts_seen: Cell<u64>,
     aborts_unsettled: Cell<u32>,
+    /// The newest announcement that aborted a task of this channel (its
+    /// transport then waits for the responses' acknowledgement).
+    aborts_affected: Cell<u64>,
     /// Looks for abort announcements while no command comes or completes.
     abort_poller: RefCell<Option<reactor::PollerHandle>>,
     /// Tasks waiting for a COMPARE AND WRITE range (or CAW waiting for
@@ -155,6 +158,7 @@ impl LunChannel {
         // Announcements before the channel existed cover none of its tasks.
         let seen = lun.abort_generation.load(Ordering::Acquire);
         writes.aborts_settled.store(seen, Ordering::Release);
+        writes.responses_acked.store(seen, Ordering::Release);
         lun.add_channel(&writes);
         let inner = Rc::new_cyclic(|me| Inner {
             me: me.clone(),
@@ -172,6 +176,7 @@ impl LunChannel {
             writes,
             aborts_seen: Cell::new(seen),
             aborts_unsettled: Cell::new(0),
+            aborts_affected: Cell::new(0),
             abort_poller: RefCell::new(None),
             parked: RefCell::new(Vec::with_capacity(QUEUE_DEPTH)),
             retry_poller: RefCell::new(None),
@@ -230,6 +235,28 @@ impl LunChannel {
 
     pub fn in_flight(&self) -> usize {
         self.inner.busy() + self.inner.held.borrow().len()
+    }
+
+    /// The abort announcement up to which this channel's aborted tasks have
+    /// ended and their answers have reached the transport (none waits for
+    /// delivery), or None while some answer is still queued here.
+    pub fn aborts_answered(&self) -> Option<u64> {
+        if !self.inner.ready.borrow().is_empty() {
+            return None;
+        }
+        Some(self.inner.writes.aborts_settled.load(Ordering::Acquire))
+    }
+
+    /// Whether an announcement newer than `gen` aborted a task of this channel.
+    pub fn aborted_tasks_after(&self, gen: u64) -> bool {
+        self.inner.aborts_affected.get() > gen
+    }
+
+    /// The transport has had every response to the tasks aborted up to
+    /// announcement `gen` acknowledged (`u64::MAX`: it has closed and never
+    /// will be): a reset waiting in [`Lun::aborts_acknowledged`] may answer.
+    pub fn responses_acknowledged(&self, gen: u64) {
+        self.inner.writes.responses_acked.fetch_max(gen, Ordering::AcqRel);
     }
 }
 
@@ -685,12 +712,13 @@ impl Inner {
         let covered: Vec<AbortOf> =
             self.lun.state().aborts.iter().filter(|(g, _)| *g > seen).map(|(_, a)| a.clone()).collect();
         let covers = |n: &Nexus| covered.iter().any(|a| a.covers(n));
-        self.abort_held_where(&|c| covers(&c.nexus));
+        let mut affected = self.abort_held_where(&|c| covers(&c.nexus)) > 0;
         let mut slots = Vec::new();
         {
             let mut tasks = self.tasks.borrow_mut();
             for (i, t) in tasks.iter_mut().enumerate() {
                 if t.busy && !t.abort_announced && t.nexus.as_ref().is_some_and(covers) {
+                    affected = true;
                     t.abort_announced = true;
                     self.aborts_unsettled.set(self.aborts_unsettled.get() + 1);
                     if !t.aborted {
@@ -698,6 +726,9 @@ impl Inner {
                     }
                 }
             }
+        }
+        if affected {
+            self.aborts_affected.set(gen);
         }
         if self.aborts_unsettled.get() == 0 {
             self.writes.aborts_settled.store(gen, Ordering::Release);

@@ -37,6 +37,13 @@ pub(crate) struct WriteCounters {
     /// The LUN's `abort_generation` up to which every task this channel
     /// aborted on an announcement has ended.
     pub(crate) aborts_settled: AtomicU64,
+    /// The LUN's `abort_generation` up to which the channel's transport has
+    /// had the responses sent for those tasks acknowledged by the initiator
+    /// (iSCSI: the ExpStatSN of the connection; RFC 7143 4.2.3.3), written
+    /// by the transport through [`LunChannel::responses_acknowledged`].
+    ///
+    /// [`LunChannel::responses_acknowledged`]: super::LunChannel::responses_acknowledged
+    pub(crate) responses_acked: AtomicU64,
 }
 
 /// Whose tasks an abort announcement ends.
@@ -236,6 +243,16 @@ impl Lun {
     pub fn aborts_settled(&self, gen: u64) -> bool {
         let st = self.state();
         st.channels.iter().filter_map(|w| w.upgrade()).all(|c| c.aborts_settled.load(Ordering::Acquire) >= gen)
+    }
+
+    /// Whether, beyond [`Lun::aborts_settled`], every channel's transport
+    /// has had the responses to the tasks that announcement `gen` (and every
+    /// earlier one) aborted acknowledged, or has closed.
+    pub fn aborts_acknowledged(&self, gen: u64) -> bool {
+        let st = self.state();
+        st.channels.iter().filter_map(|w| w.upgrade()).all(|c| {
+            c.aborts_settled.load(Ordering::Acquire) >= gen && c.responses_acked.load(Ordering::Acquire) >= gen
+        })
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, LunState> {

@@ -221,6 +221,7 @@ impl Conn {
         if self.tx.queued_bytes() < TX_HIGH_WATER && !self.close_after_flush {
             busy |= self.poll_rx(now);
         }
+        self.acknowledge_aborted_responses(now);
         if self.tmf.is_some() {
             self.finish_tmf();
         }
@@ -259,6 +260,11 @@ impl Conn {
         self.closing = true;
         self.close_deadline_ns = reactor::now_ns() + CLOSE_FLUSH_NS;
         self.info.exiting.store(true, Ordering::Release);
+        // No acknowledgement will come: a reset of another session waits
+        // for this connection's aborted tasks to end, not for its StatSN.
+        for l in &self.luns {
+            l.ch.responses_acknowledged(u64::MAX);
+        }
         // Tasks still gathering Data-Out never reached the SCSI layer.
         for i in 0..self.tasks.len() {
             if self.tasks[i].state == TaskState::DataOut {
@@ -693,7 +699,10 @@ impl Conn {
                 continue;
             }
             match crate::scsi::LunChannel::open(&lun, done.clone()) {
-                Ok(ch) => self.luns.push(LunSlot { id: lun.id(), lun, ch, gone: false }),
+                Ok(ch) => {
+                    let responses_acked = ch.aborts_answered().unwrap_or(0);
+                    self.luns.push(LunSlot { id: lun.id(), lun, ch, gone: false, responses_acked, ack_wait: None })
+                }
                 Err(e) => tracing::warn!(lun = lun.id(), "iSCSI: opening a channel to the LUN's bdev: {e}"),
             }
         }

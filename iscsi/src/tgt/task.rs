@@ -37,6 +37,12 @@ pub(crate) struct LunSlot {
     /// The LUN left the node (its bdev went away): new commands find no
     /// LUN; the slot stays so task indexes stay valid.
     pub(crate) gone: bool,
+    /// The LUN's abort announcement up to which this connection has had the
+    /// responses to its aborted tasks acknowledged (published to the LUN).
+    pub(crate) responses_acked: u64,
+    /// An announcement that aborted tasks here, and the last StatSN sent
+    /// once their responses were out: acknowledged when ExpStatSN passes it.
+    pub(crate) ack_wait: Option<(u64, u32)>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -638,7 +644,11 @@ impl Conn {
         if p.waiting > 0 {
             return;
         }
-        p.settle.retain(|(lun, gen)| !lun.aborts_settled(*gen));
+        // Every channel's aborted tasks have ended and, on every connection
+        // that had some, the responses sent are acknowledged (RFC 7143
+        // 4.2.3.3: the last-sent StatSN of each connection sharing the
+        // affected tasks; see `acknowledge_aborted_responses`).
+        p.settle.retain(|(lun, gen)| !lun.aborts_acknowledged(*gen));
         if !p.settle.is_empty() {
             return;
         }
@@ -657,6 +667,45 @@ impl Conn {
         self.send_tmf_response(itt, response);
         if let (true, Some(node)) = (cold, self.sess.as_ref().and_then(|s| s.node.clone())) {
             self.state.end_connections_to(&node);
+        }
+    }
+
+    /// For a reset or CLEAR TASK SET of another nexus that aborted tasks of
+    /// this connection: once their responses are out, notes the last StatSN
+    /// sent, asks for its acknowledgement with a NOP-In, and publishes to
+    /// the LUN when ExpStatSN passes it, so that the reset's response may go
+    /// (RFC 7143 4.2.3.3). A channel without such tasks publishes at once.
+    /// A RefCell and an atomic read per LUN when there is nothing new.
+    pub(super) fn acknowledge_aborted_responses(&mut self, now: u64) {
+        let mut ping = false;
+        for slot in self.luns.iter_mut() {
+            if let Some((gen, sn)) = slot.ack_wait {
+                if sn_lt(sn, self.exp_stat_sn) {
+                    slot.ack_wait = None;
+                    slot.responses_acked = gen;
+                    slot.ch.responses_acknowledged(gen);
+                } else {
+                    ping = true;
+                    continue;
+                }
+            }
+            let Some(answered) = slot.ch.aborts_answered() else {
+                continue;
+            };
+            if answered <= slot.responses_acked {
+                continue;
+            }
+            let last_sent = self.stat_sn.wrapping_sub(1);
+            if slot.ch.aborted_tasks_after(slot.responses_acked) && !sn_lt(last_sent, self.exp_stat_sn) {
+                slot.ack_wait = Some((answered, last_sent));
+                ping = true;
+            } else {
+                slot.responses_acked = answered;
+                slot.ch.responses_acknowledged(answered);
+            }
+        }
+        if ping {
+            self.send_ping(now);
         }
     }
 
