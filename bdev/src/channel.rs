@@ -146,6 +146,8 @@ pub struct ChannelStats {
     pub max_unmap_latency_ticks: Cell<u64>,
     pub min_unmap_latency_ticks: Cell<u64>,
     pub num_io_errors: Cell<u64>,
+    /// Failed IOs by SPDK's status (index: [`IoErrorCounts::slot`]).
+    pub io_errors: [Cell<u64>; IoErrorCounts::SLOTS],
     pub in_flight: Cell<u64>,
     /// Latency histogram while `bdev_enable_histogram` has it on.
     pub(crate) histogram: RefCell<Option<Histogram>>,
@@ -166,6 +168,9 @@ impl ChannelStats {
         }
         if io.status != IoStatus::Success {
             add(&self.num_io_errors, 1);
+            if let IoStatus::Failed(e) = io.status {
+                add(&self.io_errors[IoErrorCounts::slot(e)], 1);
+            }
             return;
         }
         let bytes = io.buf.as_ref().map_or(0, |b| b.len() as u64);
@@ -234,6 +239,9 @@ impl ChannelStats {
         acc.max_unmap_latency_ticks = acc.max_unmap_latency_ticks.max(self.max_unmap_latency_ticks.get());
         acc.min_unmap_latency_ticks = min(acc.min_unmap_latency_ticks, self.min_unmap_latency_ticks.get());
         acc.num_io_errors += self.num_io_errors.get();
+        for (a, c) in acc.io_error.0.iter_mut().zip(&self.io_errors) {
+            *a += c.get();
+        }
         acc.in_flight += self.in_flight.get();
     }
 }
@@ -261,8 +269,48 @@ pub struct IoStatTotals {
     pub max_unmap_latency_ticks: u64,
     pub min_unmap_latency_ticks: u64,
     pub num_io_errors: u64,
+    /// SPDK's `io_error`: failed IOs by status, the statuses seen only.
+    pub io_error: IoErrorCounts,
     #[serde(skip)]
     pub in_flight: u64,
+}
+
+/// Failed IOs counted by the SPDK bdev status each failure is (SPDK's
+/// `bdev_get_iostat` `io_error` object: a status appears once an IO ended
+/// with it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IoErrorCounts(pub [u64; IoErrorCounts::SLOTS]);
+
+impl IoErrorCounts {
+    pub const SLOTS: usize = 4;
+    /// SPDK's names of the statuses nvraid's IO errors are, by slot.
+    pub const NAMES: [&'static str; Self::SLOTS] = ["failed", "nvme_error", "nomem", "aborted"];
+
+    /// The slot of the SPDK status `e` is: an NVMe status passed through is
+    /// `nvme_error`, aborted and out-of-descriptors IOs are theirs, every
+    /// other failure is SPDK's generic `failed`.
+    pub fn slot(e: IoError) -> usize {
+        match e {
+            IoError::Nvme { .. } => 1,
+            IoError::NoMemory => 2,
+            IoError::Aborted => 3,
+            IoError::Media | IoError::NotSupported | IoError::OutOfRange | IoError::NoDevice => 0,
+        }
+    }
+}
+
+impl serde::Serialize for IoErrorCounts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let seen = self.0.iter().filter(|&&n| n > 0).count();
+        let mut m = s.serialize_map(Some(seen))?;
+        for (name, &n) in Self::NAMES.iter().zip(&self.0) {
+            if n > 0 {
+                m.serialize_entry(name, &n)?;
+            }
+        }
+        m.end()
+    }
 }
 
 /// A bdev's channel on this reactor, as users see it: checks each IO,

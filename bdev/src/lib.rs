@@ -23,7 +23,7 @@ pub mod tsc;
 pub mod uring;
 pub mod volatile_cache;
 
-pub use channel::{Bdev, BdevChannel, BdevProps, Channel, ChannelStats, IoStatTotals};
+pub use channel::{Bdev, BdevChannel, BdevProps, Channel, ChannelStats, IoErrorCounts, IoStatTotals};
 pub use dma::DmaBuf;
 pub use io::{drain_completions, BdevIo, IoBox, IoDone, IoError, IoFlags, IoSlab, IoStatus, IoType};
 pub use registry::{BdevEvent, BdevHandle, ExamineHold, ListenerId, Registry};

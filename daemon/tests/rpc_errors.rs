@@ -273,7 +273,7 @@ fn config_option_methods_are_skipped_by_name_or_applied() {
             "bdev_auto_examine": true, "iobuf_small_cache_size": 128, "iobuf_large_cache_size": 16}},
         {"method": "bdev_nvme_set_options", "params": {"action_on_timeout": "abort", "timeout_us": 5000000,
             "transport_retry_count": 3, "bdev_retry_count": 3, "keep_alive_timeout_ms": 10000}},
-        {"method": "bdev_nvme_set_hotplug", "params": {"enable": false, "period_us": 100000}},
+        {"method": "bdev_nvme_set_hotplug", "params": {"enable": true, "period_us": 200000}},
         {"method": "nvmf_set_config", "params": {"discovery_filter": "match_any"}},
     ]);
     let mut calls = skipped.as_array().unwrap().clone();
@@ -291,6 +291,10 @@ fn config_option_methods_are_skipped_by_name_or_applied() {
         let m = call["method"].as_str().unwrap();
         assert!(!warning.contains(m), "{m} was skipped: {warning}");
     }
+    // The hotplug monitor runs, and save_config writes it so.
+    let bdev = d.ok("framework_get_config", json!({"name": "bdev"}));
+    let hotplug = json!({"method": "bdev_nvme_set_hotplug", "params": {"enable": true, "period_us": 200000}});
+    assert!(bdev.as_array().unwrap().contains(&hotplug), "{bdev}");
     drop(d);
 
     // Applied, so refused when nvraid cannot do what it asks.
@@ -326,7 +330,7 @@ fn config_option_methods_are_skipped_by_name_or_applied() {
             json!({"method": "bdev_nvme_set_options", "params": {"action_on_timeout": "none", "timeout_us": 10}}),
             "action_on_timeout",
         ),
-        (json!({"method": "bdev_nvme_set_hotplug", "params": {"enable": true}}), "enable=true"),
+        (json!({"method": "bdev_nvme_set_hotplug", "params": {"enable": true, "period_us": 20000000}}), "period_us"),
         (json!({"method": "nvmf_set_config", "params": {"discovery_filter": "transport"}}), "discovery_filter"),
         (json!({"method": "nvmf_set_config", "params": {"dhchap_digests": ["md5"]}}), "unknown digest md5"),
     ] {

@@ -77,7 +77,6 @@ fn features_nvraid_lacks_are_refused_unless_at_spdk_defaults() {
         ("bdev_set_options", json!({"bdev_io_cache_size": 64}), "bdev_io_cache_size=64"),
         ("bdev_nvme_set_options", json!({"bdev_retry_count": -1}), "bdev_retry_count=-1"),
         ("bdev_nvme_set_options", json!({"action_on_timeout": "reset", "timeout_us": 1000}), "action_on_timeout"),
-        ("bdev_nvme_set_hotplug", json!({"enable": true}), "enable=true"),
     ];
     for (method, params, named) in refused {
         let e = t.call(method, params.clone()).expect_err(method);
@@ -131,6 +130,18 @@ fn option_methods_apply_or_refuse() {
     let e = t.call("bdev_nvme_set_options", json!({"transport_retry_count": 300})).unwrap_err();
     assert!(e.message.contains("transport_retry_count 300"), "{e:?}");
     assert_eq!(t.call("bdev_nvme_set_hotplug", json!({"enable": false, "period_us": 100000})).unwrap(), json!(true));
+    // The hotplug monitor: on with SPDK's default period for 0, off again;
+    // save_config writes its state; a period past SPDK's longest is refused.
+    let hotplug_config = |t: &Target| {
+        let bdev = t.call("framework_get_config", json!({"name": "bdev"})).unwrap();
+        bdev.as_array().unwrap().iter().find(|m| m["method"] == "bdev_nvme_set_hotplug").cloned().unwrap()
+    };
+    assert_eq!(t.call("bdev_nvme_set_hotplug", json!({"enable": true, "period_us": 0})).unwrap(), json!(true));
+    assert_eq!(hotplug_config(&t)["params"], json!({"enable": true, "period_us": 100000}));
+    assert_eq!(t.call("bdev_nvme_set_hotplug", json!({"enable": false})).unwrap(), json!(true));
+    assert_eq!(hotplug_config(&t)["params"], json!({"enable": false, "period_us": 100000}));
+    let e = t.call("bdev_nvme_set_hotplug", json!({"enable": true, "period_us": 10_000_001})).unwrap_err();
+    assert!(e.message.contains("period_us must be at most 10000000"), "{e:?}");
 
     let attach = json!({"name": "Sim0", "trtype": "SIM", "traddr": "sim", "sim_seed": 3, "num_io_queues": 1});
     assert_eq!(t.call("bdev_nvme_attach_controller", attach).unwrap(), json!(["Sim0n1"]));

@@ -14,6 +14,7 @@
 
 pub mod bdev;
 pub mod ctrlr;
+pub mod hotplug;
 pub mod mmio;
 pub mod prp;
 pub mod qpair;
@@ -98,11 +99,11 @@ struct Entry {
 }
 
 /// The attached controllers of one reactor set (`reactor::global`), and the
-/// names of those being attached.
+/// names (with the PCI address of a PCIe one) of those being attached.
 #[derive(Default)]
 pub struct Controllers {
     attached: Mutex<Vec<Entry>>,
-    attaching: Mutex<Vec<String>>,
+    attaching: Mutex<Vec<(String, Option<String>)>>,
 }
 
 impl Controllers {
@@ -120,6 +121,20 @@ impl Controllers {
 
     pub fn list(&self) -> Vec<Arc<Controller>> {
         self.lock().iter().map(|e| e.ctrlr.clone()).collect()
+    }
+
+    /// A controller of this name is attached or being attached.
+    pub fn name_in_use(&self, name: &str) -> bool {
+        self.lookup(name).is_some()
+            || self.attaching.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|(n, _)| n == name)
+    }
+
+    /// The PCI function `bdf` (canonical, as `vfio::parse_bdf` gives it) is
+    /// driven by an attached controller or one being attached.
+    pub fn pcie_address_in_use(&self, bdf: &str) -> bool {
+        let attached = self.lock().iter().any(|e| e.ctrlr.trid().trtype == "PCIe" && e.ctrlr.trid().traddr == bdf);
+        attached
+            || self.attaching.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|(_, a)| a.as_deref() == Some(bdf))
     }
 }
 
@@ -142,16 +157,22 @@ pub fn attach_controller(
         return done(Err(NvmeError::Invalid(format!("controller name '{name}' is not valid"))));
     }
     let table = Controllers::get();
+    // The address is reserved with the name, so the hotplug monitor leaves
+    // a function alone while an RPC brings it up.
+    let pcie_address = match &transport {
+        Transport::Pcie { traddr } => vfio::parse_bdf(traddr).ok(),
+        Transport::Sim(_) => None,
+    };
     {
         let mut attaching = table.attaching.lock().unwrap_or_else(|e| e.into_inner());
-        if table.lookup(name).is_some() || attaching.iter().any(|n| n == name) {
+        if table.lookup(name).is_some() || attaching.iter().any(|(n, _)| n == name) {
             return done(Err(NvmeError::Exists(name.to_string())));
         }
-        attaching.push(name.to_string());
+        attaching.push((name.to_string(), pcie_address));
     }
     let unreserve = {
         let (table, name) = (table.clone(), name.to_string());
-        move || table.attaching.lock().unwrap_or_else(|e| e.into_inner()).retain(|n| *n != name)
+        move || table.attaching.lock().unwrap_or_else(|e| e.into_inner()).retain(|(n, _)| *n != name)
     };
     let (target, pollers) = match transport {
         Transport::Pcie { traddr } => match vfio::VfioDevice::open(&traddr) {

@@ -148,6 +148,8 @@ pub fn subsystem_config() -> Vec<Value> {
     // After the controllers they belong to.
     out.extend(::nvmf::host::failover_paths_config());
     out.extend(::nvmf::host::multipath_policies_config());
+    // After every controller, as SPDK writes it: the monitor then finds them attached.
+    out.push(::nvme::hotplug::config_json());
     out.push(json!({"method": "bdev_wait_for_examine"}));
     // Rate limits and histograms, once every bdev (assembled arrays too) exists.
     out.extend(super::bdev_qos::subsystem_config());

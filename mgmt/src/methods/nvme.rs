@@ -22,6 +22,8 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("bdev_nvme_set_hotplug", bdev_nvme_set_hotplug),
     ("bdev_nvme_reset_controller", bdev_nvme_reset_controller),
     ("bdev_nvme_set_multipath_policy", bdev_nvme_set_multipath_policy),
+    ("bdev_nvme_get_io_paths", bdev_nvme_get_io_paths),
+    ("bdev_nvme_set_preferred_path", bdev_nvme_set_preferred_path),
 ];
 
 const NO_DHCHAP: &str = "DH-HMAC-CHAP authentication";
@@ -315,6 +317,56 @@ fn bdev_nvme_set_multipath_policy(_: &Arc<Ctx>, params: Option<Value>, reply: Re
     reply.send(host::set_multipath_policy(&p.name, policy).map(|()| Value::Bool(true)).map_err(bdev_error));
 }
 
+#[derive(Deserialize, Default)]
+struct GetIoPaths {
+    /// Only this namespace bdev's paths.
+    name: Option<String>,
+}
+
+/// SPDK's `bdev_nvme_get_io_paths`: for each reactor with NVMe/TCP IO
+/// queues (SPDK's NVMe poll groups; the reactor named as
+/// `thread_get_stats` names it), the paths of each namespace bdev channel
+/// there as that channel sees them now (`current`: the path it sends IO on).
+fn bdev_nvme_get_io_paths(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    let p: GetIoPaths = match decode(params, &reply) {
+        Ok(p) => p,
+        Err(e) => return reply.send(Err(e)),
+    };
+    let groups = Arc::new(Mutex::new(Vec::new()));
+    let collect = groups.clone();
+    reactor::for_each_reactor(
+        Arc::new(move || {
+            let Some(io_paths) = host::local_io_paths(p.name.as_deref()) else { return };
+            let id = reactor::current().unwrap_or(0);
+            let thread = if id == 0 { "app_thread".to_string() } else { format!("reactor_{id}") };
+            collect
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(serde_json::json!({"thread": thread, "io_paths": io_paths}));
+        }),
+        move || {
+            let poll_groups = std::mem::take(&mut *groups.lock().unwrap_or_else(|e| e.into_inner()));
+            reply.send(Ok(serde_json::json!({"poll_groups": poll_groups})))
+        },
+    );
+}
+
+#[derive(Deserialize)]
+struct SetPreferredPath {
+    /// The namespace bdev.
+    name: String,
+    cntlid: u16,
+}
+
+/// SPDK's `bdev_nvme_set_preferred_path`: the path to controller `cntlid`
+/// goes first in the namespace bdev's paths (active/passive uses it
+/// whenever it is as good as the best). Not in save_config, as in SPDK.
+fn bdev_nvme_set_preferred_path(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
+    sync_call(params, reply, |p: SetPreferredPath| {
+        host::set_preferred_path(&p.name, p.cntlid).map(|()| Value::Bool(true)).map_err(bdev_error)
+    });
+}
+
 fn nvme_error(e: ::nvme::NvmeError) -> RpcError {
     RpcError::errno(e.errno(), e.to_string())
 }
@@ -375,7 +427,11 @@ fn bdev_nvme_detach_controller(_: &Arc<Ctx>, params: Option<Value>, reply: Reply
         Ok(p) => p,
         Err(e) => return reply.send(Err(e)),
     };
-    if ::nvme::Controllers::get().lookup(&p.name).is_some() {
+    if let Some(c) = ::nvme::Controllers::get().lookup(&p.name) {
+        if c.trid().trtype == "PCIe" {
+            // As SPDK: the hotplug monitor does not attach it straight back.
+            ::nvme::hotplug::detached_by_user(&c.trid().traddr);
+        }
         return ::nvme::detach_controller(&p.name, move |r| {
             reply.send(r.map(|()| Value::Bool(true)).map_err(nvme_error))
         });
@@ -542,22 +598,37 @@ struct SetHotplug {
     period_us: Option<u64>,
 }
 
-/// `bdev_nvme_set_hotplug`: nvraid has no hotplug monitor; "off" (what
-/// SPDK's save_config writes by default) is its state, "on" is refused.
+/// `bdev_nvme_set_hotplug`: starts (or restarts with a new period) or stops
+/// the PCIe hotplug monitor, which attaches each NVMe controller newly bound
+/// to vfio-pci as `HotInNvme<N>` (see `nvme::hotplug`). Period 0 or absent
+/// is SPDK's default, 100 ms.
 fn bdev_nvme_set_hotplug(_: &Arc<Ctx>, params: Option<Value>, reply: Reply) {
     sync_call(params, reply, |p: SetHotplug| {
-        if p.period_us.is_some_and(|us| us > 10_000_000) {
+        let period_us = p.period_us.unwrap_or(0);
+        if period_us > ::nvme::hotplug::MAX_PERIOD_US {
             return Err(RpcError::invalid_params("period_us must be at most 10000000"));
         }
-        if p.enable {
-            return Err(RpcError::new(
-                INVALID_PARAMS,
-                "bdev_nvme_set_hotplug: enable=true is not supported (nvraid has no NVMe hotplug monitor); \
-                 attach controllers with bdev_nvme_attach_controller",
-            ));
+        if !p.enable {
+            ::nvme::hotplug::disable();
+            return Ok(Value::Bool(true));
         }
+        let config =
+            ::nvme::hotplug::HotplugConfig { sysfs_root: "/sys".into(), period_us, attach: Arc::new(hotplug_attach) };
+        ::nvme::hotplug::enable(config).map_err(nvme_error)?;
         Ok(Value::Bool(true))
     });
+}
+
+/// The monitor's attach: the RPC's PCIe attach with its defaults.
+fn hotplug_attach(name: &str, bdf: &str, done: ::nvme::hotplug::AttachDone) {
+    let p: Attach = match serde_json::from_value(serde_json::json!({"name": name, "trtype": "PCIe", "traddr": bdf})) {
+        Ok(p) => p,
+        Err(e) => return done(Err(::nvme::NvmeError::Invalid(e.to_string()))),
+    };
+    match local_transport(&p) {
+        Ok((transport, opts, config)) => ::nvme::attach_controller(name, transport, opts, Some(config), done),
+        Err(e) => done(Err(::nvme::NvmeError::Invalid(e.message))),
+    }
 }
 
 #[cfg(test)]

@@ -33,7 +33,8 @@ mod multipath;
 use keeper::Keeper;
 pub use keeper::{add_failover_path, reset_controller};
 pub use multipath::{
-    add_multipath_path, multipath_policies_config, multipath_policy, set_multipath_policy, Policy, Selector,
+    add_multipath_path, multipath_policies_config, multipath_policy, set_multipath_policy, set_preferred_path, Policy,
+    Selector,
 };
 use multipath::{ChanPath, Cursor, MpPolicy, PathGroup};
 
@@ -858,7 +859,35 @@ fn local_queue(ctrl: &Arc<RemoteCtrl>) -> Result<Rc<RefCell<Queue>>, BdevError> 
     Ok(q)
 }
 
+/// This reactor's namespace bdev channels, for `bdev_nvme_get_io_paths`.
+#[derive(Default)]
+struct LiveChannels(RefCell<Vec<std::rc::Weak<TcpNsChannel>>>);
+
+/// `bdev_nvme_get_io_paths` on this reactor: the paths of each namespace
+/// bdev channel here (of bdev `name` only, if given), as this reactor's
+/// channels see them now. None when the reactor has no NVMe/TCP IO queue
+/// (SPDK lists only the threads with an NVMe poll group).
+pub fn local_io_paths(name: Option<&str>) -> Option<Vec<Value>> {
+    if reactor::local::<LocalQueues>().0.borrow().is_empty() {
+        return None;
+    }
+    let live = reactor::local::<LiveChannels>();
+    let channels: Vec<Rc<TcpNsChannel>> = live.0.borrow().iter().filter_map(std::rc::Weak::upgrade).collect();
+    let mut out = Vec::new();
+    for ch in channels.iter().filter(|ch| name.is_none_or(|n| n == ch.bdev_name)) {
+        // As the channel's next IO would see them.
+        let gen = ch.group.gen.load(Ordering::Acquire);
+        if gen != ch.gen.get() {
+            ch.refresh(gen);
+        }
+        let Ok(paths) = ch.paths.try_borrow() else { continue };
+        out.extend(multipath::io_paths_json(&ch.bdev_name, &paths, ch.ns_index, ch.policy.get()));
+    }
+    Some(out)
+}
+
 struct TcpNsChannel {
+    bdev_name: String,
     group: Arc<PathGroup>,
     /// This reactor's queues of the group's paths, as of `gen`.
     paths: RefCell<Vec<ChanPath>>,
@@ -886,12 +915,13 @@ impl Bdev for TcpNsBdev {
     fn create_channel(&self) -> Result<Rc<dyn BdevChannel>, BdevError> {
         let group = self.ctrl.group.clone();
         let gen = group.gen.load(Ordering::Acquire);
-        let paths = multipath::chan_paths(&group);
+        let paths = multipath::chan_paths(&group, self.ns_index);
         if paths.is_empty() {
             // The first path's error (no queue for this reactor).
             local_queue(&self.ctrl)?;
         }
-        Ok(Rc::new(TcpNsChannel {
+        let ch = Rc::new(TcpNsChannel {
+            bdev_name: self.props.name.clone(),
             group,
             paths: RefCell::new(paths),
             gen: std::cell::Cell::new(gen),
@@ -902,7 +932,12 @@ impl Bdev for TcpNsBdev {
             block_size: self.props.block_size,
             max_io_blocks: self.props.max_io_blocks,
             io_count_slot: io_count_slot(),
-        }))
+        });
+        let live = reactor::local::<LiveChannels>();
+        let mut live = live.0.borrow_mut();
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Rc::downgrade(&ch));
+        Ok(ch)
     }
     fn config(&self) -> Option<Value> {
         // One attach call recreates every namespace: the first one says it.
@@ -1045,7 +1080,7 @@ impl TcpNsChannel {
     /// Takes the group's paths anew (they changed: a path was added or
     /// removed). Skipped while the list is in use (a later IO does it).
     fn refresh(&self, gen: u64) {
-        let paths = multipath::chan_paths(&self.group);
+        let paths = multipath::chan_paths(&self.group, self.ns_index);
         if let Ok(mut p) = self.paths.try_borrow_mut() {
             if !paths.is_empty() {
                 *p = paths;

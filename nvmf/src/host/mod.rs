@@ -49,8 +49,8 @@ mod qpair;
 
 pub use bdev_nvme::{
     add_failover_path, add_multipath_path, attach_controller, attach_controller_with, controllers_json,
-    detach_controller, failover_paths_config, multipath_policies_config, multipath_policy, reset_controller,
-    set_multipath_policy, AttachParams, Policy, ReconnectOpts, Selector,
+    detach_controller, failover_paths_config, local_io_paths, multipath_policies_config, multipath_policy,
+    reset_controller, set_multipath_policy, set_preferred_path, AttachParams, Policy, ReconnectOpts, Selector,
 };
 pub use ns_queue::MAX_QUEUED_IOS;
 pub use qpair::{AdminQpair, Completion, Data, HostError, HostQpair, QpairParts, SubmitError};

@@ -10,9 +10,11 @@
 # and lets the device go; IO goes on degraded, fio's verification passes, and
 # every pattern reads back, the unplugged member's strips reconstructed from
 # the other two. Then the controller returns (QMP blockdev-add + device_add
-# of its old image): nvraid attaches it, recognises the member by its
-# superblock and rebuilds it; the array is whole again, a parity check
-# finds no mismatch, and the data verifies once more.
+# of its old image) and is bound to vfio-pci: nvraid's hotplug monitor
+# (bdev_nvme_set_hotplug in the config, 200 ms period) attaches it as
+# HotInNvme0 with no RPC, the member is recognised by its superblock and
+# rebuilt; the array is whole again, a parity check finds no mismatch, and
+# the data verifies once more.
 set -eu
 # shellcheck source=../guest-lib.sh
 . /rig/guest-lib.sh
@@ -45,7 +47,8 @@ cat >/tmp/nvraid.json <<JSON
   {"method": "bdev_nvme_attach_controller", "params": {"name": "N1", "trtype": "PCIe", "traddr": "$BDF1"}},
   {"method": "bdev_nvme_attach_controller", "params": {"name": "N2", "trtype": "PCIe", "traddr": "$BDF2"}},
   {"method": "bdev_raid_create", "params": {"name": "R5", "raid_level": "raid5", "strip_size_kb": 64,
-    "base_bdevs": ["N0n1", "N1n1", "N2n1"], "superblock": true}}]},
+    "base_bdevs": ["N0n1", "N1n1", "N2n1"], "superblock": true}},
+  {"method": "bdev_nvme_set_hotplug", "params": {"enable": true, "period_us": 200000}}]},
  {"subsystem": "nvmf", "config": [
   {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
   {"method": "nvmf_create_subsystem", "params": {"nqn": "$NQN", "allow_any_host": true, "serial_number": "NVRAIDRAID5TEST1"}},
@@ -137,8 +140,9 @@ verify_after() {
   cat /tmp/fio2.txt
 }
 
-# The unplugged controller comes back on its old image, to vfio-pci and
-# nvraid; the superblock makes it a returning member, rebuilt in place.
+# The unplugged controller comes back on its old image, to vfio-pci, and
+# the hotplug monitor attaches it (no RPC); the superblock makes it a
+# returning member, rebuilt in place.
 controller_returns() {
   host_qmp '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "nvd2b",
     "file": {"driver": "file", "filename": "@IMAGE_DIR@/nvme2.img"}}}' || fail "blockdev-add refused"
@@ -148,7 +152,15 @@ controller_returns() {
   bdf=$(find_nvme_by_serial NVRAID2)
   echo "NVRAID2 back at $bdf"
   bind_vfio "$bdf" || return 1
-  $RPC bdev_nvme_attach_controller "{\"name\": \"N2\", \"trtype\": \"PCIe\", \"traddr\": \"$bdf\"}"
+  t0=$(uptime_s)
+  wait_until 30 hot_inserted "$bdf" || { $RPC bdev_nvme_get_controllers; fail "the hotplug monitor did not attach $bdf"; }
+  echo "HotInNvme0 attached $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s after the bind"
+  $RPC bdev_nvme_get_controllers '{"name": "HotInNvme0"}'
+}
+
+# hot_inserted BDF: the monitor's first controller drives BDF
+hot_inserted() {
+  $RPC bdev_nvme_get_controllers '{"name": "HotInNvme0"}' 2>/dev/null | grep -q "\"traddr\": \"$1\""
 }
 
 rebuilt() {
@@ -167,7 +179,7 @@ rebuilt() {
   done
   cat /tmp/raid3.json
   grep -q '"state": "online"' /tmp/raid3.json || fail "the array should be online"
-  grep "N2\|rebuil\|resync\|return" /tmp/rig/logs/tgt.log | tail -n 10
+  grep "N2\|HotInNvme\|hotplug\|rebuil\|resync\|return" /tmp/rig/logs/tgt.log | tail -n 10
 }
 
 parity_check() {

@@ -122,6 +122,11 @@ pub(super) struct PathGroup {
     pub(super) bdevs: Mutex<Vec<String>>,
     /// Each namespace bdev's policy (index as in `info.namespaces`).
     pub(super) policies: Vec<Arc<MpPolicy>>,
+    /// Each namespace bdev's preferred paths (`bdev_nvme_set_preferred_path`),
+    /// the one preferred last first: a channel orders its paths so, the
+    /// others after them in attach order. Path ids, so a preference holds
+    /// across reconnects (the controller ID may change then).
+    pub(super) preferred: Vec<Mutex<Vec<u64>>>,
 }
 
 impl PathGroup {
@@ -132,6 +137,7 @@ impl PathGroup {
             count: AtomicUsize::new(0),
             bdevs: Mutex::new(Vec::new()),
             policies: (0..namespaces).map(|_| Arc::new(MpPolicy::default())).collect(),
+            preferred: (0..namespaces).map(|_| Mutex::new(Vec::new())).collect(),
         })
     }
 
@@ -166,10 +172,18 @@ pub(super) struct ChanPath {
     pub(super) q: Rc<RefCell<Queue>>,
 }
 
-/// This reactor's queues of the group's paths (a path whose queue cannot
-/// be made here is left out).
-pub(super) fn chan_paths(group: &PathGroup) -> Vec<ChanPath> {
-    group.paths().into_iter().filter_map(|ctrl| local_queue(&ctrl).ok().map(|q| ChanPath { ctrl, q })).collect()
+/// This reactor's queues of the group's paths in namespace `ns`'s order
+/// (the preferred ones first; a path whose queue cannot be made here is
+/// left out).
+pub(super) fn chan_paths(group: &PathGroup, ns: usize) -> Vec<ChanPath> {
+    let mut paths: Vec<ChanPath> =
+        group.paths().into_iter().filter_map(|ctrl| local_queue(&ctrl).ok().map(|q| ChanPath { ctrl, q })).collect();
+    if let Some(preferred) = group.preferred.get(ns) {
+        let preferred = preferred.lock().unwrap_or_else(|e| e.into_inner());
+        // Stable: the paths not preferred keep their attach order.
+        paths.sort_by_key(|p| preferred.iter().position(|&id| id == p.ctrl.id).unwrap_or(usize::MAX));
+    }
+    paths
 }
 
 const OPTIMIZED: u8 = 0;
@@ -233,6 +247,23 @@ pub(super) fn pick(paths: &[ChanPath], ns: usize, policy: Policy, cur: &Cursor) 
     }
 }
 
+/// Whether the IO `pick` sends for namespace `ns` now goes on `paths[i]`,
+/// as `bdev_nvme_get_io_paths` says `current`: a usable path, and with
+/// active/passive the one chosen, with active/active one of those taking
+/// turns (optimized ones, or the non-optimized ones when none is).
+pub(super) fn is_current(paths: &[ChanPath], ns: usize, policy: Policy, i: usize) -> bool {
+    let connected = |p: &ChanPath| p.q.try_borrow().is_ok_and(|q| q.has_connection());
+    let ranks: Vec<u8> = paths.iter().map(|p| if connected(p) { rank(&p.ctrl, ns) } else { UNUSABLE }).collect();
+    let best = ranks.iter().copied().min().unwrap_or(UNUSABLE);
+    if ranks.get(i) != Some(&best) || best == UNUSABLE {
+        return false;
+    }
+    match policy {
+        Policy::ActivePassive => ranks.iter().position(|&r| r == best) == Some(i),
+        Policy::ActiveActive(_) => true,
+    }
+}
+
 /// The ANA state an ANA status says the namespace is in.
 fn state_of(s: Status) -> u8 {
     if s == Status::ANA_PERSISTENT_LOSS {
@@ -274,11 +305,18 @@ pub(super) fn reroute(ctrl: &Arc<RemoteCtrl>, from: &Rc<RefCell<Queue>>) {
     if now < from.borrow().reroute_at_ns {
         return;
     }
-    let paths = chan_paths(&ctrl.group);
+    // In the order of the namespace of the IO at hand (taken anew when
+    // the next IO is of another namespace).
+    let mut paths_ns = None;
+    let mut paths = Vec::new();
     let cur = Cursor::default();
     loop {
         let Some(mut r) = from.borrow_mut().take_rerouted() else { break };
         let ns = ctrl.ns_index(r.nsid).unwrap_or(0);
+        if paths_ns != Some(ns) {
+            paths = chan_paths(&ctrl.group, ns);
+            paths_ns = Some(ns);
+        }
         if let (Some(s), false) = (r.status, r.marked) {
             // What the status says holds until the ANA log is read again.
             r.marked = true;
@@ -451,4 +489,63 @@ pub fn multipath_policy(bdev: &str) -> Option<Policy> {
         let ns = c.info.namespaces.iter().position(|n| super::bdev_name(&c.params.name, n.nsid) == bdev)?;
         c.group.policies.get(ns).map(|p| p.get())
     })
+}
+
+/// `bdev_nvme_set_preferred_path`: the path of controller ID `cntlid` goes
+/// first in namespace bdev `bdev`'s order of paths: active/passive sends
+/// the IO there whenever it is as good as the best (optimized, or
+/// non-optimized with no optimized path). Its channels take the new order
+/// before their next IO. The preference stays with the path (across its
+/// reconnects) until another path is preferred or it is removed. Errors as
+/// SPDK's (ENODEV): no such NVMe/TCP namespace bdev, or no path of it with
+/// that controller ID.
+pub fn set_preferred_path(bdev: &str, cntlid: u16) -> Result<(), BdevError> {
+    let no_such = |what: String| Err(BdevError::Os(format!("No such device: {what}"), libc::ENODEV));
+    let list = ctrls().list.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let found = list.iter().find_map(|c| {
+        let ns = c.info.namespaces.iter().position(|n| super::bdev_name(&c.params.name, n.nsid) == bdev)?;
+        c.group.bdev_names().iter().any(|n| n == bdev).then_some((c.clone(), ns))
+    });
+    let Some((c, ns)) = found else {
+        return no_such(format!("bdev {bdev} is not a namespace bdev of an NVMe/TCP controller"));
+    };
+    let paths = c.group.paths();
+    let Some(path) = paths.iter().find(|p| p.cntlid.load(Ordering::Relaxed) == cntlid) else {
+        return no_such(format!("bdev {bdev} has no path to a controller with cntlid {cntlid}"));
+    };
+    let Some(order) = c.group.preferred.get(ns) else {
+        return no_such(format!("bdev {bdev} has no namespace {ns}"));
+    };
+    {
+        let mut order = order.lock().unwrap_or_else(|e| e.into_inner());
+        // Paths removed since leave the order (it holds the group's paths at most).
+        order.retain(|&id| id != path.id && paths.iter().any(|p| p.id == id));
+        order.insert(0, path.id);
+    }
+    // The channels take their paths anew, in the new order.
+    c.group.gen.fetch_add(1, Ordering::AcqRel);
+    Ok(())
+}
+
+/// One `bdev_nvme_get_io_paths` entry per path of a namespace bdev's
+/// channel on this reactor (`paths`, in the channel's order), SPDK's fields.
+pub(super) fn io_paths_json(bdev: &str, paths: &[ChanPath], ns: usize, policy: Policy) -> Vec<serde_json::Value> {
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let c = &p.ctrl;
+            let connected = c.state() == CtrlState::Enabled && p.q.try_borrow().is_ok_and(|q| q.has_connection());
+            let accessible = matches!(c.ana_state(ns), ana_state::OPTIMIZED | ana_state::NON_OPTIMIZED);
+            serde_json::json!({
+                "bdev_name": bdev,
+                "cntlid": c.cntlid.load(Ordering::Relaxed),
+                "current": is_current(paths, ns, policy, i),
+                "connected": connected,
+                "accessible": accessible,
+                "transport": {"trtype": "TCP", "traddr": c.params.traddr, "trsvcid": c.params.trsvcid,
+                              "adrfam": c.adrfam},
+            })
+        })
+        .collect()
 }
