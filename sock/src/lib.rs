@@ -20,4 +20,4 @@ mod tx;
 pub use accept::{accept_round_robin, when_drained};
 pub use rx::{read_into, RxBuf, RxFill};
 pub use tls::{connect as tls_connect, FindPsk, Handshake, HandshakeStep, Socket, Stream, TlsServer, TlsStream};
-pub use tx::TxQueue;
+pub use tx::{TxQueue, GATHER_MAX};

@@ -5,8 +5,12 @@ use bdev::DmaBuf;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
-/// Segments gathered into one `writev`.
-const IOV_MAX: usize = 16;
+/// Most segments gathered into one `writev`. A 4 KiB read's response is
+/// two or three segments (header, data, digest), so this lets one call
+/// carry a poll's worth of responses at queue depth 128 and beyond (Linux
+/// takes up to 1024); the slice array it sizes lives on the stack for the
+/// call only.
+pub const GATHER_MAX: usize = 128;
 
 /// One piece of output. Headers live inline so that queuing a PDU never
 /// allocates; the queue is sized once, so the variants' size gap costs
@@ -103,8 +107,7 @@ impl<const INLINE_LEN: usize> TxQueue<INLINE_LEN> {
     /// Writes as much as the socket takes. Ok(true) when everything went.
     pub fn flush(&mut self, stream: &mut impl Write) -> io::Result<bool> {
         while !self.segs.is_empty() {
-            let empty = [IoSlice::new(&[]); IOV_MAX];
-            let n = match gather_write(stream, &self.segs, 0, empty, 0) {
+            let n = match gather_write(stream, &self.segs, 0, None, 0) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed")),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -189,28 +192,45 @@ impl<const INLINE_LEN: usize> TxQueue<INLINE_LEN> {
     }
 }
 
-/// Gathers up to IOV_MAX segments into one vectored write. Each data
-/// buffer is borrowed through its scoped accessor, so the gather recurses
-/// one level per data segment, the slice array narrowing its lifetime.
+/// One gathered slice, linked to the ones before it. Each lives in the
+/// frame of the gather level that borrowed it, so that a data buffer's
+/// scoped borrow covers the write; shared links let every level narrow the
+/// lifetime without copying what was gathered so far.
+struct Gathered<'a> {
+    bytes: &'a [u8],
+    prev: Option<&'a Gathered<'a>>,
+}
+
+/// Gathers up to GATHER_MAX segments from `segs[i..]` after the `k` already
+/// linked into `prev`, then writes them all in one vectored write. Each
+/// data buffer is borrowed through its scoped accessor, so the gather
+/// recurses one level per segment.
 fn gather_write<'a, const INLINE_LEN: usize>(
     stream: &mut impl Write,
     segs: &'a VecDeque<TxSeg<INLINE_LEN>>,
     i: usize,
-    mut acc: [IoSlice<'a>; IOV_MAX],
+    prev: Option<&'a Gathered<'a>>,
     k: usize,
 ) -> io::Result<usize> {
-    if k == IOV_MAX || i == segs.len() {
-        return stream.write_vectored(&acc[..k]);
+    if k == GATHER_MAX || i == segs.len() {
+        let mut iov = [IoSlice::new(&[]); GATHER_MAX];
+        let mut link = prev;
+        let mut j = k;
+        while let Some(g) = link {
+            j -= 1;
+            iov[j] = IoSlice::new(g.bytes);
+            link = g.prev;
+        }
+        return stream.write_vectored(&iov[..k]);
     }
     match &segs[i] {
         TxSeg::Inline { bytes, len, pos } => {
-            acc[k] = IoSlice::new(&bytes[*pos as usize..*len as usize]);
-            gather_write(stream, segs, i + 1, acc, k + 1)
+            let g = Gathered { bytes: &bytes[*pos as usize..*len as usize], prev };
+            gather_write(stream, segs, i + 1, Some(&g), k + 1)
         }
         TxSeg::Data { buf, pos, .. } => buf.with(|b| {
-            let mut acc2: [IoSlice<'_>; IOV_MAX] = acc;
-            acc2[k] = IoSlice::new(&b[*pos..]);
-            gather_write(stream, segs, i + 1, acc2, k + 1)
+            let g = Gathered { bytes: &b[*pos..], prev };
+            gather_write(stream, segs, i + 1, Some(&g), k + 1)
         }),
     }
 }
