@@ -512,15 +512,20 @@ impl ArrayChannel {
             }
             _ => (start, num_blocks),
         };
-        self.ctx.borrow_mut()[slot as usize].wait = Wait::Lock;
         if let Some(owner) = &self.owner {
-            // On the owner: a direct call, no message.
+            // On the owner: a direct call, no message; a range granted at
+            // once goes on without the checks a grant from the queue needs.
             let r = owner.table.borrow_mut().acquire(start, start + num_blocks, words::waiter(self.me, slot));
-            if let Acquired::Granted(entry) = r {
-                self.granted(slot, entry);
+            match r {
+                Acquired::Granted(entry) => {
+                    self.ctx.borrow_mut()[slot as usize].lock = entry;
+                    self.level().submit_rw(self, slot);
+                }
+                Acquired::Waiting(_) => self.ctx.borrow_mut()[slot as usize].wait = Wait::Lock,
             }
             return;
         }
+        self.ctx.borrow_mut()[slot as usize].wait = Wait::Lock;
         match words::encode_acquire(self.shared.key, self.me, slot, start, num_blocks) {
             Some((a, b)) => reactor::send_raw(self.shared.owner, on_acquire_msg, a, b),
             None => self.finish(slot, IoStatus::Failed(IoError::NoMemory)),
@@ -618,7 +623,12 @@ impl ArrayChannel {
     }
 
     pub(crate) fn put_scratch(&self, children: Vec<IoBox>) {
-        *self.scratch.borrow_mut() = children;
+        let empty = std::mem::replace(&mut *self.scratch.borrow_mut(), children);
+        if empty.capacity() == 0 {
+            // What `take_scratch` left: nothing to free (skips the call that
+            // drops a vector of IOs).
+            std::mem::forget(empty);
+        }
     }
 
     /// The write-intent bitmap's shared half (arrays with one): a parity
@@ -910,47 +920,75 @@ impl IoDone for ArrayChannel {
             // The parent still completes below: only the balancing count is off.
             self.impossible("a member completion from a member slot the array does not have");
         }
-        let parent_type = self.parents.borrow().get(slot).map(|p| p.io_type);
-        let expected = self.ctx.borrow().get(slot as usize).is_some_and(|c| c.remaining > 0);
-        let Some(parent_type) = parent_type.filter(|_| expected) else {
-            // No parent, or one with no child in flight (it completes, or
-            // already did, on its own path): nothing here to answer.
-            drop(child);
-            return self.impossible("a member completion for a parent with no child in flight");
-        };
         if let IoStatus::Failed(err) = child.status {
-            let redundant = self.level().is_redundant();
-            match parent_type {
-                IoType::Read => {
-                    self.latch_failed(m);
-                    match self.level().retry_read(self, child) {
-                        Ok(()) => return,
-                        Err(_) => {
-                            self.ctx.borrow_mut()[slot as usize].error.get_or_insert(err);
-                        }
-                    }
-                }
-                // A member that lost a write, or its cache at a flush, no
-                // longer holds a current copy: it fails, and the IO succeeds
-                // if every extent kept a copy (see `complete_parent`).
-                t if (t.is_write_like() || t == IoType::Flush) && redundant => {
-                    self.latch_failed(m);
-                    self.ctx.borrow_mut()[slot as usize].copy_failed = true;
-                }
-                _ => {
-                    self.ctx.borrow_mut()[slot as usize].error.get_or_insert(err);
-                }
-            }
+            return self.child_failed(child, m, slot, err);
         }
+        drop(child);
+        self.count_out_child(slot);
+    }
+}
+
+impl ArrayChannel {
+    /// A child came back: one fewer in flight for the parent in `slot`,
+    /// which goes on once the last is back. A parent with children in
+    /// flight is parked (`finish` clears the count with the slot), so the
+    /// count alone says whether the completion was expected.
+    fn count_out_child(&self, slot: u32) {
         let done = {
             let mut ctx = self.ctx.borrow_mut();
-            let c = &mut ctx[slot as usize];
-            c.remaining -= 1;
-            c.remaining == 0
+            match ctx.get_mut(slot as usize) {
+                Some(c) if c.remaining > 0 => {
+                    c.remaining -= 1;
+                    c.remaining == 0
+                }
+                _ => {
+                    drop(ctx);
+                    // No parent, or one with no child in flight (it completes,
+                    // or already did, on its own path): nothing here to answer.
+                    return self.impossible("a member completion for a parent with no child in flight");
+                }
+            }
         };
         if done {
             self.children_done(slot);
         }
+    }
+
+    /// A child that failed on member `m`: a read tries another copy; a
+    /// redundant write or flush fails the member and keeps the IO if a copy
+    /// survives; anything else fails the parent. Then it counts out.
+    fn child_failed(&self, child: IoBox, m: usize, slot: u32, err: IoError) {
+        let expected = self.ctx.borrow().get(slot as usize).is_some_and(|c| c.remaining > 0);
+        let parent_type = if expected { self.parents.borrow().get(slot).map(|p| p.io_type) } else { None };
+        let Some(parent_type) = parent_type else {
+            drop(child);
+            return self.impossible("a member completion for a parent with no child in flight");
+        };
+        let redundant = self.level().is_redundant();
+        match parent_type {
+            IoType::Read => {
+                self.latch_failed(m);
+                match self.level().retry_read(self, child) {
+                    Ok(()) => return,
+                    Err(_) => {
+                        self.ctx.borrow_mut()[slot as usize].error.get_or_insert(err);
+                    }
+                }
+            }
+            // A member that lost a write, or its cache at a flush, no
+            // longer holds a current copy: it fails, and the IO succeeds
+            // if every extent kept a copy (see `complete_parent`).
+            t if (t.is_write_like() || t == IoType::Flush) && redundant => {
+                drop(child);
+                self.latch_failed(m);
+                self.ctx.borrow_mut()[slot as usize].copy_failed = true;
+            }
+            _ => {
+                drop(child);
+                self.ctx.borrow_mut()[slot as usize].error.get_or_insert(err);
+            }
+        }
+        self.count_out_child(slot);
     }
 }
 

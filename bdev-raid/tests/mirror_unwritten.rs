@@ -18,7 +18,7 @@ use common::*;
 use std::path::PathBuf;
 
 /// Member files of 16 MiB, file `i` full of byte `0xA0 + i`.
-fn garbage_files(tag: &str, n: usize) -> (PathBuf, Vec<PathBuf>) {
+fn garbage_files(tag: &str, n: usize) -> (TempDir, Vec<PathBuf>) {
     let dir = temp_dir(tag);
     let files = make_files(&dir, n, 16);
     for (i, f) in files.iter().enumerate() {

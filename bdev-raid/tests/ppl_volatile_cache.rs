@@ -14,10 +14,15 @@
 //! while the second entry (FUA) survives; its partial parity was computed
 //! over the first write's data, so the replay makes the parity agree with
 //! data the media never got, and chunk 2 reconstructs wrong.
+//!
+//! The same over mixed members, two of them write-through (no cache to
+//! report; every write they acknowledge is on their media): the round
+//! flushes only the cached members, the write-through ones receive no
+//! flush from it, and the stripe recovers all the same.
 
 mod common;
 use bdev::volatile_cache::VolatileCacheBdev;
-use bdev::{BdevProps, DmaBuf, IoBox, IoType, Registry};
+use bdev::{Bdev, BdevChannel, BdevProps, DmaBuf, IoBox, IoFlags, IoType, Registry};
 use bdev_raid::rpc::{bdev_raid_create_async, RaidCreateParams};
 use bdev_raid::{RaidArray, RaidState};
 use common::files::*;
@@ -45,16 +50,58 @@ fn data_member(s: u64, k: u64) -> usize {
     ((parity_member(s) as u64 + 1 + k) % N as u64) as usize
 }
 
-/// Cached members C0.. (no destager) and raid5 "R" over them with a
-/// superblock (so a partial parity log), online.
-fn cached_raid5(set: &Set) -> Vec<Arc<VolatileCacheBdev>> {
-    let members = set.call(0, || {
+/// A write-through member: it reports no volatile write cache, and every
+/// write it acknowledges is on its media (it goes to a `VolatileCacheBdev`
+/// with FUA). Flushes reach that bdev, which counts them.
+struct WriteThrough {
+    props: BdevProps,
+    media: Arc<VolatileCacheBdev>,
+}
+
+impl Bdev for WriteThrough {
+    fn props(&self) -> &BdevProps {
+        &self.props
+    }
+    fn module(&self) -> &'static str {
+        "write_through"
+    }
+    fn io_type_supported(&self, t: IoType) -> bool {
+        self.media.io_type_supported(t)
+    }
+    fn create_channel(&self) -> Result<Rc<dyn BdevChannel>, bdev::BdevError> {
+        Ok(Rc::new(WriteThroughChannel(self.media.create_channel()?)))
+    }
+}
+
+struct WriteThroughChannel(Rc<dyn BdevChannel>);
+
+impl BdevChannel for WriteThroughChannel {
+    fn submit(&self, mut io: IoBox) {
+        if matches!(io.io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap) {
+            io.flags.insert(IoFlags::FUA);
+        }
+        self.0.submit(io);
+    }
+}
+
+/// Members C0.. and raid5 "R" over them with a superblock (so a partial
+/// parity log), online. The members in `write_through` are write-through
+/// (`WriteThrough`), the others cached (no destager). Returns each
+/// member's media (a write-through member's too: its flush counter).
+fn cached_raid5(set: &Set, write_through: &'static [usize]) -> Vec<Arc<VolatileCacheBdev>> {
+    let members = set.call(0, move || {
         bdev_raid::init();
         (0..N)
             .map(|i| {
                 let props = BdevProps::new(&format!("C{i}"), "Volatile cache", BS as u32, MEMBER_BLOCKS, None);
-                let m = Arc::new(VolatileCacheBdev::new(props, i as u64, 0).unwrap());
-                Registry::get().register(m.clone()).unwrap();
+                let m = Arc::new(VolatileCacheBdev::new(props.clone(), i as u64, 0).unwrap());
+                if write_through.contains(&i) {
+                    let wt = WriteThrough { props, media: m.clone() };
+                    assert!(!wt.has_write_cache());
+                    Registry::get().register(Arc::new(wt)).unwrap();
+                } else {
+                    Registry::get().register(m.clone()).unwrap();
+                }
                 m
             })
             .collect::<Vec<_>>()
@@ -113,7 +160,7 @@ fn write_all(set: &Set, writes: Vec<(u64, u64, u64)>) {
 }
 
 /// The media of each member (what a power cut left) as files m0.img...
-fn media_files(members: &[Arc<VolatileCacheBdev>], tag: &str) -> (PathBuf, Vec<PathBuf>) {
+fn media_files(members: &[Arc<VolatileCacheBdev>], tag: &str) -> (TempDir, Vec<PathBuf>) {
     let dir = temp_dir(tag);
     let files = members
         .iter()
@@ -147,7 +194,7 @@ fn degraded_read(files: &[PathBuf], lost: usize, lba: u64, blocks: u64) -> Vec<u
 #[test]
 fn a_log_slot_is_reused_only_after_the_cached_members_flushed_so_a_power_cut_leaves_the_stripe_recoverable() {
     let set = start(1);
-    let members = cached_raid5(&set);
+    let members = cached_raid5(&set, &[]);
     let stripe = 2u64;
     let base = stripe * SB;
     // Durable: the whole stripe, then a flush.
@@ -187,7 +234,7 @@ fn a_log_slot_is_reused_only_after_the_cached_members_flushed_so_a_power_cut_lea
 #[test]
 fn writes_waiting_for_flushed_slots_share_one_flush_round() {
     let set = start(1);
-    let members = cached_raid5(&set);
+    let members = cached_raid5(&set, &[]);
     // `ppl::PPL_SLOTS`: slots per member.
     let slots = 16u64;
     // Stripes whose parity is on member 0: 3, 7, 11, ...
@@ -206,4 +253,54 @@ fn writes_waiting_for_flushed_slots_share_one_flush_round() {
         rounds.iter().all(|&r| (1..=2).contains(&r)),
         "{slots} writes waited for flushed slots: flushes per member {rounds:?} (one round covers them)"
     );
+}
+
+/// Mixed members: the flush before a slot is reused goes to the cached
+/// members only; the write-through ones get none from it, and the stripe
+/// recovers after a power cut as over cached members alone.
+#[test]
+fn a_log_slot_reuse_flushes_only_the_cached_members_of_a_mixed_array_and_the_stripe_recovers() {
+    let set = start(1);
+    let stripe = 2u64;
+    // Stripe 2: P on member 1, data chunks 0, 1, 2 on members 2, 3, 0.
+    assert_eq!((parity_member(stripe), data_member(stripe, 0)), (1, 2));
+    assert_eq!((data_member(stripe, 1), data_member(stripe, 2)), (3, 0));
+    // Write-through: the parity member and chunk 1's. Cached: chunk 0's
+    // (the first small write's data, which only the flush makes durable)
+    // and chunk 2's (lost for the read back).
+    const WRITE_THROUGH: [usize; 2] = [1, 3];
+    let write_through = &WRITE_THROUGH;
+    let members = cached_raid5(&set, write_through);
+    let base = stripe * SB;
+    raid_io(&set, IoType::Write, base, SB, Some(blocks_of(1, base, SB)));
+    raid_io(&set, IoType::Flush, 0, 0, None);
+    let flushes_before: Vec<u64> = members.iter().map(|m| m.counters().flushes).collect();
+    write_all(&set, vec![(base + 3, 2, 4)]);
+    assert!(members[2].cached_blocks() > 0, "the first small write's data waits in member 2's cache");
+    write_all(&set, vec![(base + STRIP + 3, 3, 4)]);
+    let flushed: Vec<u64> = members.iter().zip(&flushes_before).map(|(m, b)| m.counters().flushes - b).collect();
+    for (m, &f) in flushed.iter().enumerate() {
+        if write_through.contains(&m) {
+            assert_eq!(f, 0, "write-through member {m} got a flush from the slot reuse: {flushed:?}");
+            assert_eq!(members[m].cached_blocks(), 0, "write-through member {m} holds nothing in a cache");
+        } else {
+            assert!(f >= 1, "cached member {m} flushed before the slot was reused: {flushed:?}");
+        }
+    }
+    assert_eq!(members[2].cached_blocks(), 0, "the flush made the first write's data durable");
+    for m in &members {
+        m.power_cut();
+    }
+    drop(set);
+    let (dir, files) = media_files(&members, "ppl-mixed-cache");
+    let lost = data_member(stripe, 2);
+    let got = degraded_read(&files, lost, base + 2 * STRIP, STRIP);
+    let want = blocks_of(1, base + 2 * STRIP, STRIP);
+    let bad: Vec<u64> = (0..STRIP)
+        .filter(|&b| {
+            got[(b * BS) as usize..((b + 1) * BS) as usize] != want[(b * BS) as usize..((b + 1) * BS) as usize]
+        })
+        .collect();
+    assert!(bad.is_empty(), "chunk 2 (member {lost} lost) reconstructs wrong in rows {bad:?} after the power cut");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -88,7 +88,7 @@ fn find_entry(bytes: &[u8], ppl_offset_blocks: u64, ppl_blocks: u64) -> Option<u
 /// the member data offset and array size.
 struct Written {
     files: Vec<PathBuf>,
-    dir: PathBuf,
+    dir: TempDir,
     s0: Vec<Vec<u8>>,
     s1: Vec<Vec<u8>>,
     /// File byte range of the rows written, on the data member and on the

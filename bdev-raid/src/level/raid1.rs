@@ -72,9 +72,12 @@ impl RaidLevel for Raid1 {
 /// `RaidLevel::submit_rw` of a mirror level: a read of never-written
 /// chunks only is zeros at once; everything else goes to the copies.
 pub(super) fn submit_rw_unwritten_as_zeros(channel: &ArrayChannel, slot: u32) {
-    if let Some(((IoType::Read, _), off, n, Some(data))) = channel.parent_args(slot) {
+    // The range first: no reference on the buffer unless it is filled here.
+    if let Some(((IoType::Read, _), off, n)) = channel.parent_range(slot) {
         if channel.bitmap_ref().as_deref().is_some_and(|bm| bm.range_unwritten(off, n)) {
-            data.fill(0);
+            if let Some((.., Some(data))) = channel.parent_args(slot) {
+                data.fill(0);
+            }
             return channel.finish(slot, IoStatus::Success);
         }
     }
@@ -85,7 +88,9 @@ pub(super) fn submit_rw_unwritten_as_zeros(channel: &ArrayChannel, slot: u32) {
 /// never-written chunks become zeros (the read also covered written ones).
 /// The parent then completes (false).
 pub(super) fn read_done_unwritten_as_zeros(channel: &ArrayChannel, slot: u32) -> bool {
-    if matches!(channel.parent_args(slot), Some(((IoType::Read, _), ..))) {
+    // Only a bitmap that tracks written chunks can have any to zero.
+    let tracks = channel.bitmap_ref().as_deref().is_some_and(|bm| bm.tracks_written());
+    if tracks && matches!(channel.parent_range(slot), Some(((IoType::Read, _), ..))) {
         stripe::zero_unwritten(channel, slot);
     }
     false

@@ -16,11 +16,37 @@ use std::rc::Rc;
 /// Block size of the file members.
 pub const BS: u64 = 4096;
 
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A test's private directory of member files, removed with everything in
+/// it when the test lets go of it (the files are tens of MB); kept when the
+/// test fails, to look at.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn temp_dir(tag: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("nvraid-sb-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 /// `n` sparse member files of `mib` MiB.
