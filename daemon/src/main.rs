@@ -218,7 +218,19 @@ fn deliver_signal(sig: &str, events: &mpsc::Sender<Event>) {
 fn shutdown(set: &ReactorSet, rpc_running: &AtomicBool) {
     rpc_running.store(false, Ordering::Release);
     let (tx, rx) = mpsc::channel();
-    set.send(0, move || mgmt::methods::nvmf::shutdown(move || mgmt::methods::iscsi::shutdown(move || remove_all(tx))));
+    // Frontends first, then the bdevs (arrays write their clean state to
+    // their members), then the controllers under them.
+    set.send(0, move || {
+        mgmt::methods::nvmf::shutdown(move || {
+            mgmt::methods::iscsi::shutdown(move || {
+                remove_all(move || {
+                    mgmt::methods::nvme::shutdown(move || {
+                        let _ = tx.send(());
+                    })
+                })
+            })
+        })
+    });
     if rx.recv_timeout(Duration::from_secs(30)).is_err() {
         tracing::error!("bdevs did not finish within 30 s; stopping anyway");
     }
@@ -226,10 +238,9 @@ fn shutdown(set: &ReactorSet, rpc_running: &AtomicBool) {
     set.join();
 }
 
-fn remove_all(done: mpsc::Sender<()>) {
+fn remove_all(done: impl FnOnce() + Send + 'static) {
     let Some(h) = Registry::get().list().pop() else {
-        let _ = done.send(());
-        return;
+        return done();
     };
     let name = h.name().to_string();
     Registry::get().force_unregister(h, move |r| {

@@ -316,6 +316,21 @@ pattern_file() {
   yes "nvraid-rig ${3:-$RIG_NONCE} " | head -c "$2" >"$1"
 }
 
+# controllers_shut_down NAME...: the stopped target's log shows each local
+# NVMe controller NAME shut down (CC.SHN at the orderly shutdown) and no IO
+# queue memory left to a controller that might still use it.
+controllers_shut_down() {
+  for _c in "$@"; do
+    grep -Eq "NVMe controller shut down ctrlr=$_c( |\$)" /tmp/rig/logs/tgt.log ||
+      fail "controller $_c was not shut down at the target's stop"
+  done
+  if grep -q "IO queue memory leaked" /tmp/rig/logs/tgt.log; then
+    grep "IO queue memory leaked" /tmp/rig/logs/tgt.log
+    fail "IO queue memory was left to a controller"
+  fi
+  grep "NVMe controller shut down" /tmp/rig/logs/tgt.log
+}
+
 # host_request LINE...: one request to the host over the host link
 # ($RIG_HOSTLINK, the guest's /dev/ttyS1; run.sh's qmp-relay.py answers it):
 #   qmp JSON          a QMP command, e.g. '{"execute": "device_del", "arguments": {"id": "nvme1"}}'

@@ -367,6 +367,30 @@ fn bdev_nvme_set_preferred_path(_: &Arc<Ctx>, params: Option<Value>, reply: Repl
     });
 }
 
+/// The target's shutdown, after every bdev is gone: the hotplug monitor
+/// stops and each local controller is detached, so its IO queues are
+/// deleted and it gets the shutdown notification (CC.SHN), which tells it to
+/// make its volatile write cache durable, and its queue memory is released.
+/// Runs on a reactor; `done` runs on the reactor of the last detach.
+pub fn shutdown(done: impl FnOnce() + Send + 'static) {
+    ::nvme::hotplug::disable();
+    let names: Vec<String> = ::nvme::Controllers::get().list().iter().map(|c| c.name().to_string()).collect();
+    detach_each(names, Box::new(done));
+}
+
+fn detach_each(mut names: Vec<String>, done: Box<dyn FnOnce() + Send>) {
+    let Some(name) = names.pop() else { return done() };
+    let me = reactor::current().unwrap_or(0);
+    let detaching = name.clone();
+    ::nvme::detach_controller(&detaching, move |r| {
+        if let Err(e) = r {
+            tracing::warn!(name, "detaching the controller at shutdown: {e}");
+        }
+        // Back to the reactor the chain started on, for the next one.
+        reactor::send(me, move || detach_each(names, done));
+    });
+}
+
 fn nvme_error(e: ::nvme::NvmeError) -> RpcError {
     RpcError::errno(e.errno(), e.to_string())
 }

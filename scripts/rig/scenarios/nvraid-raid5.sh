@@ -206,3 +206,4 @@ step nvme-disconnect nvme disconnect -n "$NQN"
 stop_rc=0
 bg_stop tgt 30 || stop_rc=$?
 step target-stop test "$stop_rc" -eq 0
+step controllers-shut-down controllers_shut_down N0 N1 HotInNvme0
