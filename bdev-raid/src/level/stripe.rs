@@ -441,29 +441,18 @@ struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    /// A context with the given plan (member masks and trust).
-    fn with_plan(
-        geo: &Geometry,
-        parities: u8,
-        channel: &'a ArrayChannel,
-        (down_mask, no_write_mask): (u32, u32),
-        trusted: bool,
-    ) -> Ctx<'a> {
-        let members = channel.members.borrow();
-        let failed = channel.shared.failed_mask.load(Ordering::Acquire);
-        let sh = Shape::of(geo, parities);
-        Ctx { sh, members, failed, down_mask, no_write_mask, trusted, bs: channel.block_size.get() }
-    }
-
     /// A context whose plan leaves out the members down now.
     fn planned(geo: &Geometry, parities: u8, channel: &'a ArrayChannel) -> Ctx<'a> {
-        let trusted = channel.shared.redundancy_verified.load(Ordering::Acquire);
-        let mut c = Ctx::with_plan(geo, parities, channel, (0, 0), trusted);
+        let members = channel.members.borrow();
+        let failed = channel.shared.failed_mask.load(Ordering::Acquire);
+        let (mut down_mask, mut no_write_mask) = (0u32, 0u32);
         for m in 0..geo.num_members() {
-            c.down_mask |= u32::from(!ArrayChannel::active(&c.members, c.failed, m)) << m;
-            c.no_write_mask |= u32::from(!ArrayChannel::writable(&c.members, c.failed, m)) << m;
+            down_mask |= u32::from(!ArrayChannel::active(&members, failed, m)) << m;
+            no_write_mask |= u32::from(!ArrayChannel::writable(&members, failed, m)) << m;
         }
-        c
+        let trusted = channel.shared.redundancy_verified.load(Ordering::Acquire);
+        let sh = Shape::of(geo, parities);
+        Ctx { sh, members, failed, down_mask, no_write_mask, trusted, bs: channel.block_size.get() }
     }
 
     /// A context planned now, its plan recorded for `slot`'s later rounds.
@@ -479,8 +468,10 @@ impl<'a> Ctx<'a> {
 
     /// A context that follows the plan made for `slot`.
     fn following(geo: &Geometry, parities: u8, channel: &'a ArrayChannel, slot: u32) -> Ctx<'a> {
-        let (masks, trusted) = (channel.level_plan_masks(slot), channel.level_plan_trusted(slot));
-        Ctx::with_plan(geo, parities, channel, masks, trusted)
+        let mut c = Ctx::planned(geo, parities, channel);
+        (c.down_mask, c.no_write_mask) = channel.level_plan_masks(slot);
+        c.trusted = channel.level_plan_trusted(slot);
+        c
     }
 
     fn down(&self, m: usize) -> bool {
@@ -518,94 +509,23 @@ enum LogOp {
     Wipe,
 }
 
-/// A piece of a write as planned: its kind, and the block of the stripe
-/// buffer its area starts at and the blocks it takes there.
-#[derive(Clone, Copy)]
-struct PlannedPiece {
-    p: Piece,
-    kind: Kind,
-    at: u64,
-    size: u64,
-}
-
-/// Pieces a [`WritePlan`] keeps: every write within two stripes (up to
-/// 2 MiB with 4 members of 256 KiB chunks); a longer write's pieces are
-/// computed again on each pass over them.
-const PLAN_PIECES: usize = 4;
-
-/// A write's pieces, their kinds and stripe-buffer areas, and its member
-/// writes, computed once per round of the write (the rounds follow one
-/// plan: `Ctx::following`). No allocation.
-struct WritePlan {
-    off: u64,
-    end: u64,
-    pieces: [PlannedPiece; PLAN_PIECES],
-    /// Pieces in `pieces`: all of the write's, when `complete`.
-    kept: usize,
-    complete: bool,
-    /// Blocks of the stripe buffer the pieces take (the log area follows).
-    blocks: u64,
-    /// Data and parity member writes.
-    writes: u32,
-}
-
-impl WritePlan {
-    fn new(c: &Ctx<'_>, off: u64, end: u64) -> WritePlan {
-        let none = PlannedPiece { p: Piece { stripe: 0, lo: 0, hi: 0 }, kind: Kind::Full, at: 0, size: 0 };
-        let mut w = WritePlan { off, end, pieces: [none; PLAN_PIECES], kept: 0, complete: true, blocks: 0, writes: 0 };
-        for_each_piece(c.sh, off, end, |p| {
-            let (kind, size) = c.kind_of(p, off, end);
-            for k in 0..c.sh.data {
-                let (clo, chi) = p.covered(c.sh, off, end, k);
-                if clo < chi && c.can_write(c.sh.data_member(p.stripe, k)) {
-                    w.writes += 1;
-                }
-            }
-            if kind != Kind::LostParity {
-                w.writes +=
-                    (0..c.sh.parities).filter(|&j| c.can_write(c.sh.parity_j_member(p.stripe, j))).count() as u32;
-            }
-            if w.kept < PLAN_PIECES {
-                w.pieces[w.kept] = PlannedPiece { p, kind, at: w.blocks, size };
-                w.kept += 1;
-            } else {
-                w.complete = false;
-            }
-            w.blocks += size;
-        });
-        w
-    }
-
-    /// Calls `f` with each piece, in array order.
-    fn each(&self, c: &Ctx<'_>, mut f: impl FnMut(PlannedPiece)) {
-        if self.complete {
-            self.pieces[..self.kept].iter().for_each(|&x| f(x));
-            return;
-        }
-        let (off, end, mut at) = (self.off, self.end, 0u64);
-        for_each_piece(c.sh, off, end, |p| {
-            let (kind, size) = c.kind_of(p, off, end);
-            f(PlannedPiece { p, kind, at, size });
-            at += size;
-        });
-    }
-}
-
-/// Calls `f(stripe, pieces)` once per stripe of the write `plan` covers
-/// with its pieces (one, or two row ranges), each with its kind and the
-/// block of the stripe buffer its area starts at. No allocation.
-fn for_each_stripe(c: &Ctx<'_>, plan: &WritePlan, mut f: impl FnMut(u64, &[(Piece, Kind, u64)])) {
+/// Calls `f(stripe, pieces)` once per stripe of `[off, end)` with its
+/// pieces (one, or two row ranges), each with its kind and the block of
+/// the stripe buffer its area starts at. No allocation.
+fn for_each_stripe(c: &Ctx<'_>, off: u64, end: u64, mut f: impl FnMut(u64, &[(Piece, Kind, u64)])) {
     let none = (Piece { stripe: 0, lo: 0, hi: 0 }, Kind::Full, 0);
-    let (mut cur, mut n) = ([none; 2], 0usize);
-    plan.each(c, |x| {
-        if n > 0 && cur[0].0.stripe != x.p.stripe {
+    let (mut cur, mut n, mut at) = ([none; 2], 0usize, 0u64);
+    for_each_piece(c.sh, off, end, |p| {
+        let (kind, size) = c.kind_of(p, off, end);
+        if n > 0 && cur[0].0.stripe != p.stripe {
             f(cur[0].0.stripe, &cur[..n]);
             n = 0;
         }
         if n < cur.len() {
-            cur[n] = (x.p, x.kind, x.at);
+            cur[n] = (p, kind, at);
             n += 1;
         }
+        at += size;
     });
     if n > 0 {
         f(cur[0].0.stripe, &cur[..n]);
@@ -653,6 +573,24 @@ enum LogStart {
     /// A parity member had no free slot: the write waits (`LogWait`).
     NoSlot,
     Failed(IoError),
+}
+
+/// The data and parity member writes of a write (no allocation).
+fn count_writes(c: &Ctx<'_>, off: u64, end: u64) -> u32 {
+    let mut writes = 0u32;
+    for_each_piece(c.sh, off, end, |p| {
+        let (kind, _) = c.kind_of(p, off, end);
+        for k in 0..c.sh.data {
+            let (clo, chi) = p.covered(c.sh, off, end, k);
+            if clo < chi && c.can_write(c.sh.data_member(p.stripe, k)) {
+                writes += 1;
+            }
+        }
+        if kind != Kind::LostParity {
+            writes += (0..c.sh.parities).filter(|&j| c.can_write(c.sh.parity_j_member(p.stripe, j))).count() as u32;
+        }
+    });
+    writes
 }
 
 /// This reactor's writes waiting for a free log slot: (array key, parent
@@ -713,14 +651,18 @@ impl ParityLevel {
         let Some(geo_ref) = geometry_or_finish(channel, slot) else { return };
         let c = Ctx::recorded(&geo_ref, self.parities, channel, slot);
         let end = off + n;
-        let plan = WritePlan::new(&c, off, end);
         let r = (|| {
             if c.too_many_down() {
                 return Err(IoError::NoDevice);
             }
-            let mut scratch = plan.blocks;
+            let (mut scratch, mut reads) = (0u64, 0u32);
+            for_each_piece(c.sh, off, end, |p| {
+                let (kind, size) = c.kind_of(p, off, end);
+                piece_reads(c.sh, p, kind, off, end, scratch, |_, _, _, _| reads += 1);
+                scratch += size;
+            });
             if let Some(log) = self.log(channel) {
-                for_each_stripe(&c, &plan, |_, pieces| scratch += log_area_blocks(&c, pieces, log));
+                for_each_stripe(&c, off, end, |_, pieces| scratch += log_area_blocks(&c, pieces, log));
             }
             let buf = if scratch > 0 {
                 let len = scratch * c.bs;
@@ -731,47 +673,47 @@ impl ParityLevel {
             } else {
                 None
             };
-            Ok(buf)
+            if reads > 0 && (IoBox::available() as u64) < reads as u64 {
+                return Err(IoError::NoMemory);
+            }
+            Ok((buf, reads))
         })();
-        let buf = match r {
+        let (buf, reads) = match r {
             Ok(x) => x,
             Err(e) => {
                 drop((c, geo_ref));
                 return channel.finish(slot, IoStatus::Failed(e));
             }
         };
-        // Build every read before submitting any (a member may take
-        // descriptors from this pool while it submits); counted as built.
-        let mut children = channel.take_scratch();
-        let mut short = 0u32;
-        if let Some(buf) = buf.as_ref() {
-            plan.each(&c, |x| {
-                piece_reads(c.sh, x.p, x.kind, off, end, x.at, |m, moff, nb, bo| {
-                    let b = buf.slice((bo * c.bs) as usize, (nb * c.bs) as usize);
-                    let l = Loc { member: m as u16, offset_blocks: moff };
-                    let op = (IoType::Read, IoFlags::NONE);
-                    match ArrayChannel::make_child(&c.members, slot, op, (l, Some(b)), nb, 0) {
-                        Some(ch) => children.push(ch),
-                        None => short += 1,
-                    }
-                });
-            });
-        }
-        channel.set_level_buf(slot, buf);
-        if short > 0 {
-            // Out of descriptors: the write fails before any member IO.
-            children.clear();
-            channel.put_scratch(children);
+        channel.set_level_buf(slot, buf.clone());
+        if reads == 0 {
             drop((c, geo_ref));
-            return channel.finish(slot, IoStatus::Failed(IoError::NoMemory));
-        }
-        if children.is_empty() {
-            channel.put_scratch(children);
-            return self.compute_and_write(channel, slot, (c, geo_ref), &plan);
+            return self.write_data_and_parity(channel, slot);
         }
         channel.set_level_phase(slot, WRITE_READING);
-        channel.expect_children(slot, children.len() as u32, false);
-        self.send_children(channel, slot, children, 0, (c, geo_ref));
+        let Some(buf) = buf else {
+            drop((c, geo_ref));
+            return channel.finish(slot, IoStatus::Failed(IoError::NoMemory));
+        };
+        channel.expect_children(slot, reads, false);
+        // Build every read before submitting any (a member may take
+        // descriptors from this pool while it submits).
+        let mut children = channel.take_scratch();
+        let mut short = 0u32;
+        let mut at = 0u64;
+        for_each_piece(c.sh, off, end, |p| {
+            let (kind, size) = c.kind_of(p, off, end);
+            piece_reads(c.sh, p, kind, off, end, at, |m, moff, nb, bo| {
+                let b = buf.slice((bo * c.bs) as usize, (nb * c.bs) as usize);
+                let l = Loc { member: m as u16, offset_blocks: moff };
+                match ArrayChannel::make_child(&c.members, slot, (IoType::Read, IoFlags::NONE), (l, Some(b)), nb, 0) {
+                    Some(ch) => children.push(ch),
+                    None => short += 1,
+                }
+            });
+            at += size;
+        });
+        self.send_children(channel, slot, children, short, (c, geo_ref));
     }
 
     /// Sends the children built for `slot`, then counts out those that
@@ -795,43 +737,37 @@ impl ParityLevel {
         }
     }
 
-    /// The reads of a write are back: its plan for the next round.
+    /// Computes each piece's parities in the stripe buffer, then writes
+    /// the new data and the parities (every member write carries the
+    /// parent's flags: FUA reaches data and parity alike).
     fn write_data_and_parity(&self, channel: &ArrayChannel, slot: u32) {
-        let Some((_, off, n)) = channel.parent_range(slot) else {
+        let Some((_, off, n, Some(data))) = channel.parent_args(slot) else {
             return channel.finish(slot, IoStatus::Failed(IoError::OutOfRange));
         };
         let Some(geo_ref) = geometry_or_finish(channel, slot) else { return };
         let c = Ctx::following(&geo_ref, self.parities, channel, slot);
-        let plan = WritePlan::new(&c, off, off + n);
-        self.compute_and_write(channel, slot, (c, geo_ref), &plan);
-    }
-
-    /// Computes each piece's parities in the stripe buffer, then writes
-    /// the new data and the parities (every member write carries the
-    /// parent's flags: FUA reaches data and parity alike).
-    fn compute_and_write(
-        &self,
-        channel: &ArrayChannel,
-        slot: u32,
-        (c, geo_ref): (Ctx<'_>, Ref<'_, Geometry>),
-        plan: &WritePlan,
-    ) {
-        let Some((_, off, n, Some(data))) = channel.parent_args(slot) else {
-            drop((c, geo_ref));
-            return channel.finish(slot, IoStatus::Failed(IoError::OutOfRange));
-        };
         let end = off + n;
         let scratch = channel.level_buf(slot);
         let parity = Parity::best();
         let bs = c.bs;
         let (dd, roles) = (c.sh.data, c.sh.roles());
         let mut ok = true;
-        plan.each(&c, |PlannedPiece { p, kind, at, size }| {
+        let mut writes = 0u32;
+        let mut at = 0u64;
+        for_each_piece(c.sh, off, end, |p| {
+            let (kind, size) = c.kind_of(p, off, end);
             let rows = p.rows();
             let rb = (rows * bs) as usize;
+            for k in 0..dd {
+                let (clo, chi) = p.covered(c.sh, off, end, k);
+                if clo < chi && c.can_write(c.sh.data_member(p.stripe, k)) {
+                    writes += 1;
+                }
+            }
             if kind == Kind::LostParity {
                 return;
             }
+            writes += (0..c.sh.parities).filter(|&j| c.can_write(c.sh.parity_j_member(p.stripe, j))).count() as u32;
             let Some(sc) = scratch.as_ref() else {
                 ok = false;
                 return;
@@ -923,8 +859,8 @@ impl ParityLevel {
                 }
                 Kind::LostParity => {}
             }
+            at += size;
         });
-        let writes = plan.writes;
         if !ok || writes == 0 {
             drop((c, geo_ref));
             let e = if ok { IoError::NoDevice } else { IoError::NoMemory };
@@ -934,7 +870,8 @@ impl ParityLevel {
             drop((c, geo_ref));
             return channel.finish(slot, IoStatus::Failed(IoError::NoMemory));
         }
-        self.log_then_write(channel, slot, (c, geo_ref), plan);
+        // `at` is now the end of the pieces' blocks: the log entries follow.
+        self.log_then_write(channel, slot, (c, geo_ref), at, writes);
     }
 
     /// Sends `slot`'s log writes, or, with nothing to log, its member
@@ -944,18 +881,23 @@ impl ParityLevel {
         channel: &ArrayChannel,
         slot: u32,
         (c, geo_ref): (Ctx<'_>, Ref<'_, Geometry>),
-        plan: &WritePlan,
+        log_at: u64,
+        writes: u32,
     ) {
-        let mut started = self.write_log(channel, slot, &c, plan);
+        let Some((_, off, n)) = channel.parent_range(slot) else {
+            drop((c, geo_ref));
+            return channel.impossible("a parity-level write to log is not parked");
+        };
+        let mut started = self.write_log(channel, slot, &c, (off, off + n), log_at);
         // Slots wait for a flush of the members' caches (`ppl`): none to
         // flush, and they are free now.
         if matches!(started, LogStart::NoSlot)
             && self.log(channel).is_some_and(|l| l.flush_before_reuse(channel.shared.key, &c.members, c.failed))
         {
-            started = self.write_log(channel, slot, &c, plan);
+            started = self.write_log(channel, slot, &c, (off, off + n), log_at);
         }
         match started {
-            LogStart::Nothing => self.write_members(channel, slot, (c, geo_ref), plan),
+            LogStart::Nothing => self.write_members(channel, slot, (c, geo_ref), writes),
             LogStart::Sent => {}
             LogStart::NoSlot => {
                 drop((c, geo_ref));
@@ -979,8 +921,11 @@ impl ParityLevel {
         };
         let Some(geo_ref) = geometry_or_finish(channel, slot) else { return };
         let c = Ctx::following(&geo_ref, self.parities, channel, slot);
-        let plan = WritePlan::new(&c, off, off + n);
-        self.log_then_write(channel, slot, (c, geo_ref), &plan);
+        let end = off + n;
+        let mut log_at = 0u64;
+        for_each_piece(c.sh, off, end, |p| log_at += c.kind_of(p, off, end).1);
+        let writes = count_writes(&c, off, end);
+        self.log_then_write(channel, slot, (c, geo_ref), log_at, writes);
     }
 
     /// The log entries are durable: the data and parity computed for
@@ -991,13 +936,13 @@ impl ParityLevel {
         };
         let Some(geo_ref) = geometry_or_finish(channel, slot) else { return };
         let c = Ctx::following(&geo_ref, self.parities, channel, slot);
-        let plan = WritePlan::new(&c, off, off + n);
-        if plan.writes == 0 || (IoBox::available() as u64) < plan.writes as u64 {
+        let writes = count_writes(&c, off, off + n);
+        if writes == 0 || (IoBox::available() as u64) < writes as u64 {
             drop((c, geo_ref));
             self.release_log(channel, slot);
             return channel.finish(slot, IoStatus::Failed(IoError::NoMemory));
         }
-        self.write_members(channel, slot, (c, geo_ref), &plan);
+        self.write_members(channel, slot, (c, geo_ref), writes);
     }
 
     /// The log of the array (raid5 with a superblock), None without one.
@@ -1009,27 +954,33 @@ impl ParityLevel {
     }
 
     /// Builds and sends the log writes of `slot`'s write (its pieces'
-    /// parities are computed; the log area of its stripe buffer follows
-    /// the pieces' areas): an entry per stripe the write changes in part, a
+    /// parities are computed; `log_at`: the first block of the log area in
+    /// its stripe buffer): an entry per stripe the write changes in part, a
     /// header wipe per whole stripe whose slot still holds an older entry.
-    fn write_log(&self, channel: &ArrayChannel, slot: u32, c: &Ctx<'_>, plan: &WritePlan) -> LogStart {
+    fn write_log(
+        &self,
+        channel: &ArrayChannel,
+        slot: u32,
+        c: &Ctx<'_>,
+        (off, end): (u64, u64),
+        log_at: u64,
+    ) -> LogStart {
         let Some(log) = self.log(channel) else { return LogStart::Nothing };
         let Some((_, _, _, Some(data))) = channel.parent_args(slot) else { return LogStart::Nothing };
         let Some(sc) = channel.level_buf(slot) else { return LogStart::Nothing };
         let bs = c.bs;
-        let (off, end, log_at) = (plan.off, plan.end, plan.blocks);
         let (roles, hb) = (c.sh.roles(), log.header_blocks);
         // Planned while the log was switched off (`RaidArray::set_partial_parity_log`):
         // no room for entries, and none written.
         let mut room = 0u64;
-        for_each_stripe(c, plan, |_, pieces| room += log_area_blocks(c, pieces, log));
+        for_each_stripe(c, off, end, |_, pieces| room += log_area_blocks(c, pieces, log));
         if ((log_at + room) * bs) as usize > sc.len() {
             return LogStart::Nothing;
         }
         // Take every slot first; none free: the write fails (retryable)
         // before anything reached a member.
         let (mut count, mut taken_all) = (0u32, true);
-        for_each_stripe(c, plan, |stripe, pieces| {
+        for_each_stripe(c, off, end, |stripe, pieces| {
             let pm = c.sh.parity_member(stripe);
             match log_op(c, stripe, pieces, log) {
                 LogOp::None => {}
@@ -1056,7 +1007,7 @@ impl ParityLevel {
         let mut children = channel.take_scratch();
         let mut short = 0u32;
         let mut entry_at = log_at;
-        for_each_stripe(c, plan, |stripe, pieces| {
+        for_each_stripe(c, off, end, |stripe, pieces| {
             let reserved = log_area_blocks(c, pieces, log);
             let at = entry_at;
             entry_at += reserved;
@@ -1156,9 +1107,8 @@ impl ParityLevel {
         channel: &ArrayChannel,
         slot: u32,
         (c, geo_ref): (Ctx<'_>, Ref<'_, Geometry>),
-        plan: &WritePlan,
+        writes: u32,
     ) {
-        let writes = plan.writes;
         let Some(((op, flags), off, n, Some(data))) = channel.parent_args(slot) else {
             drop((c, geo_ref));
             return channel.finish(slot, IoStatus::Failed(IoError::OutOfRange));
@@ -1174,7 +1124,9 @@ impl ParityLevel {
         channel.expect_children(slot, writes, unrecorded != 0);
         let mut children = channel.take_scratch();
         let mut short = 0u32;
-        plan.each(&c, |PlannedPiece { p, kind, at, .. }| {
+        let mut at = 0u64;
+        for_each_piece(c.sh, off, end, |p| {
+            let (kind, size) = c.kind_of(p, off, end);
             let rows = p.rows();
             let row0 = p.stripe * c.sh.chunk;
             let mut push = |l: Loc, b: DmaBuf, nb: u64| match ArrayChannel::make_child(
@@ -1207,6 +1159,7 @@ impl ParityLevel {
                     }
                 }
             }
+            at += size;
         });
         self.send_children(channel, slot, children, short, (c, geo_ref));
     }
@@ -1227,19 +1180,13 @@ impl ParityLevel {
         let c = Ctx::recorded(&geo, self.parities, channel, slot);
         let roles = c.sh.roles();
         let (mut count, mut scratch) = (0u32, 0u64);
-        if c.down_mask == 0 {
-            // Every member readable: one read per chunk the IO touches
-            // (an extent never crosses a chunk).
-            count = (((off + n.max(1) - 1) >> c.sh.shift) - (off >> c.sh.shift) + 1) as u32;
-        } else {
-            for e in geo.extents(off, n) {
-                let m = member_of(&e.placement);
-                if let (true, Some(l)) = (c.down(m), e.placement.on_member(m)) {
-                    count += c.sh.read_roles(l.offset_blocks >> c.sh.shift, c.down_mask).count_ones();
-                    scratch += roles * e.num_blocks;
-                } else {
-                    count += 1;
-                }
+        for e in geo.extents(off, n) {
+            let m = member_of(&e.placement);
+            if let (true, Some(l)) = (c.down(m), e.placement.on_member(m)) {
+                count += c.sh.read_roles(l.offset_blocks >> c.sh.shift, c.down_mask).count_ones();
+                scratch += roles * e.num_blocks;
+            } else {
+                count += 1;
             }
         }
         let err = if c.too_many_down() {
@@ -1486,9 +1433,9 @@ impl ParityLevel {
 /// unwritten now was unwritten when the read was planned; one written
 /// since raced the read, which then gets what the members gave.
 pub(super) fn zero_unwritten(channel: &ArrayChannel, slot: u32) {
+    let Some((_, off, n, Some(data))) = channel.parent_args(slot) else { return };
     let bm = channel.bitmap_ref();
     let Some(bm) = bm.as_deref().filter(|bm| bm.tracks_written()) else { return };
-    let Some((_, off, n, Some(data))) = channel.parent_args(slot) else { return };
     let g = bm.geometry();
     let Ok(chunks) = g.chunk_range(off, n) else { return };
     let bs = channel.block_size.get();
