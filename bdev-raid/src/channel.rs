@@ -34,7 +34,7 @@ const TRIED_SHIFT: u32 = 8;
 
 /// A member as this reactor sees it (refreshed only while the array is
 /// suspended, so never while a child IO is in flight).
-pub(crate) struct MemberCh {
+pub(crate) struct MemberChannel {
     pub ch: Option<Rc<Channel>>,
     pub role: Role,
     pub data_offset_blocks: u64,
@@ -109,7 +109,7 @@ pub struct ArrayChannel {
     pub(crate) me: ReactorId,
     weak: Weak<ArrayChannel>,
     pub(crate) gate: RefCell<Gate<IoBox>>,
-    pub(crate) members: RefCell<Vec<MemberCh>>,
+    pub(crate) members: RefCell<Vec<MemberChannel>>,
     pub(crate) geo: RefCell<Option<Arc<Geometry>>>,
     pub(crate) block_size: Cell<u64>,
     parents: RefCell<IoSlab>,
@@ -224,7 +224,7 @@ impl ArrayChannel {
         };
         let members = slots
             .iter()
-            .map(|s| MemberCh {
+            .map(|s| MemberChannel {
                 ch: match s.role {
                     Role::Active | Role::Rebuilding => s.handle.as_ref().and_then(|h| h.channel().ok()),
                     _ => None,
@@ -577,13 +577,13 @@ impl ArrayChannel {
 
     /// Usable for reading and as a surviving copy: active, not failed.
     #[inline]
-    pub(crate) fn active(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
+    pub(crate) fn active(members: &[MemberChannel], failed_mask: u32, m: usize) -> bool {
         members.get(m).is_some_and(|mc| mc.role == Role::Active && mc.ch.is_some()) && failed_mask & (1 << m) == 0
     }
 
     /// Receives writes: active, or being rebuilt.
     #[inline]
-    pub(crate) fn writable(members: &[MemberCh], failed_mask: u32, m: usize) -> bool {
+    pub(crate) fn writable(members: &[MemberChannel], failed_mask: u32, m: usize) -> bool {
         members.get(m).is_some_and(|mc| matches!(mc.role, Role::Active | Role::Rebuilding) && mc.ch.is_some())
             && failed_mask & (1 << m) == 0
     }
@@ -677,7 +677,7 @@ impl ArrayChannel {
     /// Builds a child for `target` and sends it (see `make_child`).
     pub(crate) fn submit_child(
         &self,
-        members: &[MemberCh],
+        members: &[MemberChannel],
         slot: u32,
         op: (IoType, IoFlags),
         target: (Loc, Option<DmaBuf>),
@@ -694,7 +694,7 @@ impl ArrayChannel {
     /// carries the parent's flags: a FUA write is FUA on every member write
     /// it produces.
     pub(crate) fn make_child(
-        members: &[MemberCh],
+        members: &[MemberChannel],
         slot: u32,
         (t, flags): (IoType, IoFlags),
         (l, buf): (Loc, Option<DmaBuf>),
@@ -714,7 +714,7 @@ impl ArrayChannel {
     }
 
     /// Sends a child built by `make_child` to its member.
-    pub(crate) fn send_child(&self, members: &[MemberCh], mut child: IoBox) {
+    pub(crate) fn send_child(&self, members: &[MemberChannel], mut child: IoBox) {
         let mc = &members[(child.tag2 & MEMBER_MASK) as usize];
         let Some(ch) = mc.ch.as_ref() else {
             return self.child_failed_to_start(child.tag as u32, IoError::NoDevice);
@@ -729,7 +729,7 @@ impl ArrayChannel {
     /// members tried. Gives it back when `l` has no channel.
     pub(crate) fn redirect_child(
         &self,
-        members: &[MemberCh],
+        members: &[MemberChannel],
         mut child: IoBox,
         l: Loc,
         tried: u32,

@@ -82,7 +82,7 @@
 //! entries until the next assembly wipes them); raid6 has no log (md has
 //! none either).
 
-use crate::channel::{find_channel, ArrayChannel, MemberCh};
+use crate::channel::{find_channel, ArrayChannel, MemberChannel};
 use crate::map::{Geometry, MAX_MEMBERS};
 use crate::meta;
 use crate::superblock::PplLocation;
@@ -428,7 +428,7 @@ impl PplLog {
     /// array's `key`). True when the round completed at once (no member
     /// has a cache), so the write may try again now; otherwise the write
     /// waits and tries again later. No allocation; nothing blocks.
-    pub(crate) fn flush_before_reuse(&self, key: u32, members: &[MemberCh], failed: u32) -> bool {
+    pub(crate) fn flush_before_reuse(&self, key: u32, members: &[MemberChannel], failed: u32) -> bool {
         if !self.reuse_blocked.load(Ordering::Acquire)
             || self.flushing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err()
         {

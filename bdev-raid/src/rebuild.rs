@@ -720,7 +720,7 @@ impl Rebuild {
         }
     }
 
-    fn submit(&self, members: &[crate::channel::MemberCh], t: IoType, l: Loc, num_blocks: u64, buf: DmaBuf) {
+    fn submit(&self, members: &[crate::channel::MemberChannel], t: IoType, l: Loc, num_blocks: u64, buf: DmaBuf) {
         let mc = &members[l.member as usize];
         let io = mc.ch.as_ref().and_then(|ch| {
             IoBox::data(t, l.offset_blocks + mc.data_offset_blocks, num_blocks, Some(buf)).map(|io| (ch, io))

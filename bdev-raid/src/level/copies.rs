@@ -11,7 +11,7 @@
 //! the scratch vector reused).
 
 use crate::array::Role;
-use crate::channel::{ArrayChannel, MemberCh, ParentArgs};
+use crate::channel::{ArrayChannel, MemberChannel, ParentArgs};
 use crate::map::{Loc, Placement};
 use crate::rebuild::{WindowCopy, WindowJob};
 use bdev::{IoBox, IoError, IoStatus, IoType};
@@ -89,7 +89,7 @@ fn write(channel: &ArrayChannel, slot: u32, (op, off, n, buf): ParentArgs) {
 
 /// The active copy with the fewest children in flight on this reactor
 /// (`first`: the lowest-numbered active copy), skipping members in `tried`.
-fn pick_copy(members: &[MemberCh], failed: u32, p: Placement, tried: u32, first: bool) -> Option<Loc> {
+fn pick_copy(members: &[MemberChannel], failed: u32, p: Placement, tried: u32, first: bool) -> Option<Loc> {
     // A plain loop (the iterator chain cost about 200 instructions a read):
     // the first of the copies with the least key wins, as `min_by_key`.
     let mut best: Option<(u32, Loc)> = None;

@@ -15,7 +15,7 @@
 //! ([`solve`] fills the slots not read from the others).
 
 use super::{LevelOp, RaidLevel};
-use crate::channel::{ArrayChannel, MemberCh};
+use crate::channel::{ArrayChannel, MemberChannel};
 use crate::map::{DataLayout, Geometry, GeometryError, Loc, Placement, MAX_MEMBERS};
 use crate::ppl::{self, PplLog, PplPiece};
 use crate::rebuild::{WindowCopy, WindowJob};
@@ -420,7 +420,7 @@ fn geometry_or_finish(channel: &ArrayChannel, slot: u32) -> Option<Ref<'_, Geome
 /// Everything an IO round needs, borrowed once.
 struct Ctx<'a> {
     sh: Shape,
-    members: Ref<'a, Vec<MemberCh>>,
+    members: Ref<'a, Vec<MemberChannel>>,
     failed: u32,
     /// The members the IO's plan reads nothing from (bit per slot): failed,
     /// missing, or being rebuilt (their old contents are not there yet).
