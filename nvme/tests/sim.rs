@@ -762,6 +762,23 @@ fn namespace_changes_and_health_warnings_arrive_by_asynchronous_events() {
     assert!(r.nvme_pollers().is_empty());
 }
 
+/// 32 writes from both reactors, some in flight and some queued (`at`
+/// names the event they meet), and a flag the bdev's removal listeners set.
+fn writes_in_flight(r: &Rig, at: &str) -> (Vec<Done>, Arc<std::sync::atomic::AtomicBool>) {
+    let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t2 = told.clone();
+    r.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().on_remove(move || t2.store(true, Ordering::Relaxed)));
+    let mut ios = Vec::new();
+    for i in 0..32u64 {
+        let on = (i % 2) as usize;
+        let buf = r.m.on(on, || DmaBuf::alloc(4096).unwrap());
+        ios.push(r.submit(on, IoType::Write, i * 8, 8, Some(buf)));
+    }
+    assert!(r.run_until(1000, || r.sim.inflight_count() > 0));
+    assert!(ios.iter().any(|d| d.borrow().is_none()), "IO in flight and queued at the {at}");
+    (ios, told)
+}
+
 /// Surprise removal mid-IO: the admin poller notices the all-ones CSTS
 /// within its 10 ms check period, every IO in flight or queued completes
 /// with `NoDevice`, the bdev is hot-removed (its removal listeners told),
@@ -774,17 +791,7 @@ fn surprise_removal_fails_io_and_hot_removes_the_bdev() {
     let c = r.ctrlr();
     assert_eq!(r.write(0, 0, &pattern(512, 1)), IoStatus::Success);
     assert_eq!(r.write(1, 8, &pattern(512, 2)), IoStatus::Success);
-    let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let t2 = told.clone();
-    r.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().on_remove(move || t2.store(true, Ordering::Relaxed)));
-    let mut ios = Vec::new();
-    for i in 0..32u64 {
-        let on = (i % 2) as usize;
-        let buf = r.m.on(on, || DmaBuf::alloc(4096).unwrap());
-        ios.push(r.submit(on, IoType::Write, i * 8, 8, Some(buf)));
-    }
-    assert!(r.run_until(1000, || r.sim.inflight_count() > 0));
-    assert!(ios.iter().any(|d| d.borrow().is_none()), "IO in flight and queued at the removal");
+    let (ios, told) = writes_in_flight(&r, "removal");
     r.sim.surprise_remove();
     let t0 = r.m.now_ns();
     assert!(r.run_until(1000, || c.is_removed()), "the removal was noticed");
@@ -900,17 +907,7 @@ fn removal_request_fails_io_releases_the_device_and_hot_removes_the_bdev() {
     let r = Rig::new(SimConfig { max_delay_steps: 40, ..cfg(s) }, opts, 2);
     let c = r.ctrlr();
     assert_eq!(r.write(0, 0, &pattern(512, 1)), IoStatus::Success);
-    let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let t2 = told.clone();
-    r.m.on(0, || Registry::get().lookup("Nvme0n1").unwrap().on_remove(move || t2.store(true, Ordering::Relaxed)));
-    let mut ios = Vec::new();
-    for i in 0..32u64 {
-        let on = (i % 2) as usize;
-        let buf = r.m.on(on, || DmaBuf::alloc(4096).unwrap());
-        ios.push(r.submit(on, IoType::Write, i * 8, 8, Some(buf)));
-    }
-    assert!(r.run_until(1000, || r.sim.inflight_count() > 0));
-    assert!(ios.iter().any(|d| d.borrow().is_none()), "IO in flight and queued at the request");
+    let (ios, told) = writes_in_flight(&r, "request");
     r.sim.request_removal();
     let t0 = r.m.now_ns();
     assert!(r.run_until(1000, || c.is_removed()), "the request was noticed");
