@@ -316,6 +316,36 @@ pattern_file() {
   yes "nvraid-rig ${3:-$RIG_NONCE} " | head -c "$2" >"$1"
 }
 
+# unplug_under_fio ID BDF: fio runs $FIO_JOB (writes with verification) on
+# the device in /tmp/dev while QMP device_del removes controller ID (guest
+# PCI function BDF) under it. Passes when the guest lets go of BDF (vfio-pci
+# waits for nvraid to release it) while fio is still running and fio then
+# ends without an IO or verification error.
+unplug_under_fio() {
+  _dev=$(cat /tmp/dev)
+  # shellcheck disable=SC2086 # FIO_JOB is a word list
+  fio $FIO_JOB --filename="$_dev" --output=/tmp/fio.txt &
+  _fio=$!
+  # Unplug early in the run: the scenarios' fio jobs take 6-7 s on an idle
+  # host (7-9 MB/s under TCG), longer under load, so IO is still flowing
+  # when the guest lets go of the device.
+  sleep 1.5
+  kill -0 "$_fio" || fail "fio ended before the unplug"
+  _t0=$(uptime_s)
+  host_qmp "{\"execute\": \"device_del\", \"arguments\": {\"id\": \"$1\"}}" || fail "device_del refused"
+  pci_gone_within 60 "$2" ||
+    { dmesg | tail -n 20; fail "the guest still has $2: nvraid did not let go"; }
+  _gone_after=$(awk -v a="$_t0" -v b="$(uptime_s)" 'BEGIN { print b - a }')
+  _running=no
+  kill -0 "$_fio" 2>/dev/null && _running=yes
+  _rc=0
+  wait "$_fio" || _rc=$?
+  cat /tmp/fio.txt
+  echo "device_del to the guest letting go: $_gone_after s; fio still running then: $_running"
+  [ "$_rc" -eq 0 ] || fail "fio failed (status $_rc): IO or verification broke during the unplug"
+  [ "$_running" = yes ] || fail "fio ended before the unplug completed: rerun with more IO"
+}
+
 # controllers_shut_down NAME...: the stopped target's log shows each local
 # NVMe controller NAME shut down (CC.SHN at the orderly shutdown) and no IO
 # queue memory left to a controller that might still use it.

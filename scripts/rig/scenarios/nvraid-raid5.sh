@@ -101,30 +101,6 @@ P
   done
 }
 
-unplug_under_io() {
-  dev=$(cat /tmp/dev)
-  # shellcheck disable=SC2086 # FIO_JOB is a word list
-  fio $FIO_JOB --filename="$dev" --output=/tmp/fio.txt &
-  fio_pid=$!
-  # Unplug early in the run: 64 MiB takes fio about 7 s on an idle host
-  # (about 9 MB/s under TCG), longer under load, so IO is still flowing
-  # when the guest lets go of the device.
-  sleep 1.5
-  kill -0 "$fio_pid" || fail "fio ended before the unplug"
-  t0=$(uptime_s)
-  host_qmp '{"execute": "device_del", "arguments": {"id": "nvme2"}}' || fail "device_del refused"
-  pci_gone_within 60 "$BDF2" ||
-    { dmesg | tail -n 20; fail "the guest still has $BDF2: nvraid did not let go"; }
-  gone_after=$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }')
-  fio_running=no
-  kill -0 "$fio_pid" 2>/dev/null && fio_running=yes
-  rc=0
-  wait "$fio_pid" || rc=$?
-  cat /tmp/fio.txt
-  echo "device_del to the guest letting go: $gone_after s; fio still running then: $fio_running"
-  [ "$rc" -eq 0 ] || fail "fio failed (status $rc): IO or verification broke during the unplug"
-  [ "$fio_running" = yes ] || fail "fio ended before the unplug completed: rerun with more IO"
-}
 
 degraded() {
   host_device_removed nvme2 60 || fail "QEMU did not remove nvme2"
@@ -143,9 +119,14 @@ verify_after() {
 # The unplugged controller comes back on its old image, to vfio-pci, and
 # the hotplug monitor attaches it (no RPC); the superblock makes it a
 # returning member, rebuilt in place.
+# QEMU can keep the unplugged controller object (and its drive's image
+# lock) for over a minute after the unplug (DEVICE_DELETED comes only when
+# its last reference goes; see host_device_removed): the returning drive
+# opens the image without QEMU's file locking. The old object is off the
+# bus, so nothing reaches the image through it.
 controller_returns() {
   host_qmp '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "nvd2b",
-    "file": {"driver": "file", "filename": "@IMAGE_DIR@/nvme2.img"}}}' || fail "blockdev-add refused"
+    "file": {"driver": "file", "filename": "@IMAGE_DIR@/nvme2.img", "locking": "off"}}}' || fail "blockdev-add refused"
   host_qmp '{"execute": "device_add", "arguments": {"driver": "nvme", "id": "nvme2", "serial": "NVRAID2",
     "drive": "nvd2b", "bus": "rp2"}}' || fail "device_add refused"
   wait_until 30 nvme_ctrl_by_serial NVRAID2 >/dev/null || fail "the guest did not find NVRAID2 again"
@@ -193,7 +174,7 @@ step target-ready target_ready
 step nvme-connect connect
 step write-patterns write_patterns
 step read-patterns read_patterns
-step unplug-under-fio unplug_under_io
+step unplug-under-fio unplug_under_fio nvme2 "$BDF2"
 step degraded degraded
 step patterns-degraded read_patterns
 step fio-verify-degraded verify_after
